@@ -1,0 +1,5 @@
+import sys
+
+from bmclip.cli import main
+
+sys.exit(main())

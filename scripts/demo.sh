@@ -1,0 +1,6 @@
+#!/usr/bin/env bash
+# Quickstart command 1: set up (idempotent), then run bmclip's end-to-end demo on its built-in default.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+bash "$ROOT/scripts/setup_env.sh"
+exec "${BMCLIP_VENV:-$ROOT/.venv}/bin/bmclip" demo "$@"
