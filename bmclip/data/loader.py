@@ -1,0 +1,696 @@
+"""``ShardLoader``: webdataset tar shards -> batches of uint8 images + captions, decoded by ``bmclip._C``.
+
+Pipeline (one background producer thread per iteration, so batch n+1 is assembled and decoded while
+the consumer trains on batch n; the C++ decoder releases the GIL for the whole batch):
+
+1. **Shard order.** Each epoch the shard list is permuted by a generator seeded with (seed, epoch)
+   (identity when ``shuffle=False``) and split between the ``world_size * num_workers`` *splits*
+   (split = ``rank * num_workers + worker``; workers are DataLoader worker processes, detected with
+   ``torch.utils.data.get_worker_info`` or given explicitly): split s reads ``order[s::n_splits]``.
+   With fewer shards than splits, every split reads every shard and keeps the samples whose index in
+   the shard is ``= s (mod n_splits)``. Either way each sample is read by exactly one split per epoch.
+   Splits may get different sample counts (whole shards are dealt out); for DDP use equal-sized
+   shards or ``resampled=True``.
+2. **Resampled.** ``resampled=True`` draws shards with replacement forever (webdataset semantics),
+   from a generator seeded by (seed, epoch, split); there is no epoch end and no ``len()``.
+3. **Sample shuffle buffer.** A buffer of ``shuffle_buffer`` samples held as (shard, index)
+   references into the memory-mapped shards (the raw bytes are read zero-copy only when the sample
+   leaves the buffer); each output sample is a seeded random pick from the full buffer.
+4. **Sample filtering.** Image member: the first of ``jpg``, ``jpeg``, ``png``; caption: ``txt``
+   (UTF-8); ``json`` parsed when present. Missing/undecodable members are counted skips (``skipped``),
+   and the batch is refilled from the stream so batches stay full.
+5. **Decode.** ``bmclip._C.Decoder.decode_batch`` writes random-resized-crop (train) or
+   resize+centre-crop (eval) pixels into a preallocated ``[N, S, S, 3]`` uint8 ring buffer (optionally
+   pinned) that becomes ``batch["image"]`` through ``torch.from_numpy`` (no copy). A batch's image
+   tensor is overwritten ``prefetch + 1`` batches later: ``.clone()`` it (or move it to the GPU) if
+   you keep it longer.
+6. **Text.** With ``tokenizer`` (a callable ``list[str] -> LongTensor [N, L]``), captions are
+   tokenised in a second background thread while the images decode; ``batch["input_ids"]`` is ready
+   when the batch is handed out, so the consumer never waits on tokenisation.
+
+Resume: ``state_dict()`` describes the position *after the last batch handed to the consumer* (not
+the prefetched ones): epoch, shard cursor, position in the shard, the shuffle buffer as (shard,
+index) references and the generator states. ``load_state_dict`` on a new loader with the same urls,
+seed, rank and world size continues with exactly the next sample. After an epoch is exhausted the
+loader (and its state) moves on to the start of the next epoch; ``set_epoch`` overrides. With
+DataLoader worker processes the state lives in the workers' copies and cannot be saved exactly: use
+the loader directly (it is already multi-threaded) when exact resume is needed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import queue
+import threading
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+import torch
+
+from bmclip.data.shards import expand_urls, shard_order, split_shards
+from bmclip.errors import ConfigError, DataError
+
+__all__ = ["ShardLoader", "IMAGE_EXTS", "TEXT_EXTS"]
+
+IMAGE_EXTS = ("jpg", "jpeg", "png")
+TEXT_EXTS = ("txt",)
+AUGMENTS = ("random_resized_crop", "center")
+_STATE_VERSION = 1
+_MASK64 = (1 << 64) - 1
+# distinct reason strings kept verbatim in stats["skip_details"] (bounded so a bad shard can't grow it)
+_MAX_DETAILS = 200
+
+
+def _import_c():
+    """The compiled extension, or an ImportError that says how to build it."""
+    try:
+        from bmclip import _C
+    except ImportError as e:  # pragma: no cover - depends on the build
+        raise ImportError(
+            "bmclip._C (the C++ shard reader/decoder) is not built: run "
+            "`pip install --no-build-isolation -e .` in the bmclip checkout"
+        ) from e
+    return _C
+
+
+def _mix(*values: int) -> int:
+    """A 63-bit seed from integers (splitmix64 chain): decorrelates (seed, epoch, split, batch)."""
+    h = 0x9E3779B97F4A7C15
+    for v in values:
+        h = (h ^ (int(v) & _MASK64)) & _MASK64
+        h = (h + 0x9E3779B97F4A7C15) & _MASK64
+        h = ((h ^ (h >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+        h = ((h ^ (h >> 27)) * 0x94D049BB133111EB) & _MASK64
+        h ^= h >> 31
+    return h >> 1
+
+
+def _rng(*values: int) -> np.random.Generator:
+    return np.random.Generator(np.random.PCG64(_mix(*values)))
+
+
+def _new_counters() -> dict[str, Any]:
+    return {
+        "samples": 0,
+        "batches": 0,
+        "shards_opened": 0,
+        "skipped": {},
+        "skip_details": {},
+        "tar_errors": [],
+        "bad_json": 0,
+        "dropped_last": 0,
+    }
+
+
+class _Sample:
+    __slots__ = ("ref", "key", "image", "text", "json")
+
+    def __init__(self, ref, key, image, text, js):
+        self.ref, self.key, self.image, self.text, self.json = ref, key, image, text, js
+
+
+class _Stream:
+    """The sample stream of one split as an explicit, copyable cursor (for exact resume)."""
+
+    def __init__(self, loader: ShardLoader, split: int, n_splits: int, state: dict[str, Any]):
+        self.L = loader
+        self.split, self.n_splits = split, n_splits
+        self.st = state
+        self._index_cache: dict[int, Any] = {}
+        self._samples_cache: dict[int, list] = {}
+        self._epoch_plan: tuple[int, list[int], int, int] | None = None
+        self.rng = np.random.Generator(np.random.PCG64())
+        self.rng.bit_generator.state = state["rng"]
+        self.shard_rng = np.random.Generator(np.random.PCG64())
+        self.shard_rng.bit_generator.state = state["shard_rng"]
+
+    # -- shard access -------------------------------------------------------------------------
+    def plan(self) -> tuple[list[int], int, int]:
+        ep = self.st["epoch"]
+        if self._epoch_plan is None or self._epoch_plan[0] != ep:
+            order = shard_order(len(self.L.urls), self.L.seed, ep, self.L.shuffle)
+            shards, mod, rem = split_shards(order, self.split, self.n_splits)
+            self._epoch_plan = (ep, shards, mod, rem)
+        return self._epoch_plan[1], self._epoch_plan[2], self._epoch_plan[3]
+
+    def index(self, shard: int):
+        idx = self._index_cache.get(shard)
+        if idx is None:
+            idx = self.L._open_index(shard)
+            self._index_cache[shard] = idx
+            self._samples_cache[shard] = idx.samples() if idx is not None else []
+        return idx
+
+    def _evict(self) -> None:
+        live = {r[0] for r in self.st["buffer"]}
+        if self.st["shard"] is not None:
+            live.add(self.st["shard"])
+        for s in [s for s in self._index_cache if s not in live]:
+            del self._index_cache[s]
+            del self._samples_cache[s]
+
+    def _start_shard(self, shard: int) -> None:
+        st = self.st
+        st["shard"], st["sample_pos"] = shard, 0
+        self._evict()
+        idx = self.index(shard)
+        c = st["counters"]
+        if idx is None:
+            _count(c, "unreadable_shard", f"unreadable shard {self.L.urls[shard]}")
+            return
+        c["shards_opened"] += 1
+        if idx.truncated or idx.errors:
+            if idx.truncated:
+                _count(c, "truncated_tar", f"truncated tar {self.L.urls[shard]}")
+            if len(c["tar_errors"]) < _MAX_DETAILS:
+                c["tar_errors"].extend(f"{self.L.urls[shard]}: {e}" for e in list(idx.errors)[:8])
+
+    # -- the stream ---------------------------------------------------------------------------
+    def next_ref(self) -> tuple[int, int] | None:
+        """The next (shard, sample index) of this split in stream order, or None at epoch end."""
+        st = self.st
+        empty_draws = 0
+        while True:
+            if st["shard"] is None:
+                if self.L.resampled:
+                    shard = int(self.shard_rng.integers(len(self.L.urls)))
+                    st["shard_rng"] = self.shard_rng.bit_generator.state
+                else:
+                    shards, _, _ = self.plan()
+                    if st["shard_pos"] >= len(shards):
+                        return None
+                    shard = shards[st["shard_pos"]]
+                st["shard_pos"] += 1
+                self._start_shard(shard)
+            shard = st["shard"]
+            self.index(shard)
+            n = len(self._samples_cache[shard])
+            if self.L.resampled:
+                mod, rem = 1, 0
+            else:
+                _, mod, rem = self.plan()
+            i = st["sample_pos"] * mod + rem
+            if i < n:
+                st["sample_pos"] += 1
+                return shard, i
+            st["shard"] = None
+            if self.L.resampled:
+                empty_draws += 1
+                # every shard drawn many times in a row gave nothing: the data set has no samples
+                if empty_draws > 10 * len(self.L.urls) + 100:
+                    raise DataError(f"resampled ShardLoader: no samples in any of {len(self.L.urls)} shards")
+
+    def next_sample_ref(self) -> tuple[int, int] | None:
+        """Next reference after the shuffle buffer (seeded pick from a full buffer)."""
+        size = self.L.shuffle_buffer
+        buf = self.st["buffer"]
+        if size <= 1:
+            return self.next_ref()
+        while len(buf) < size:
+            r = self.next_ref()
+            if r is None:
+                break
+            buf.append(r)
+        if not buf:
+            return None
+        k = int(self.rng.integers(len(buf)))
+        buf[k], buf[-1] = buf[-1], buf[k]
+        self.st["rng"] = self.rng.bit_generator.state
+        return buf.pop()
+
+    def read(self, ref: tuple[int, int]) -> _Sample | None:
+        """Materialise a reference: zero-copy image bytes + caption; None (counted) when unusable."""
+        shard, i = ref
+        idx = self.index(shard)
+        c = self.st["counters"]
+        if idx is None:  # shard vanished between being buffered and read (counted when it was opened)
+            _count(c, "unreadable_shard", f"unreadable shard {self.L.urls[shard]}")
+            return None
+        key, members = self._samples_cache[shard][i]
+        img = next((members[e] for e in IMAGE_EXTS if e in members), None)
+        if img is None:
+            _count(c, "missing_image", f"no jpg/jpeg/png member: {key}")
+            return None
+        txt = next((members[e] for e in TEXT_EXTS if e in members), None)
+        if txt is None:
+            _count(c, "missing_caption", f"no txt member: {key}")
+            return None
+        try:
+            text = bytes(idx.read(*txt)).decode("utf-8").strip()
+        except UnicodeDecodeError:
+            _count(c, "bad_caption_encoding", f"caption is not UTF-8: {key}")
+            return None
+        if not text:
+            _count(c, "empty_caption", f"empty caption: {key}")
+            return None
+        js = None
+        if "json" in members:
+            try:
+                js = json.loads(bytes(idx.read(*members["json"])))
+                if not isinstance(js, dict):
+                    raise ValueError("not an object")
+            except (ValueError, UnicodeDecodeError):
+                c["bad_json"] += 1
+                js = {}
+        return _Sample(ref, key, idx.read(*img), text, js)
+
+
+def _count(counters: dict[str, Any], reason: str, detail: str) -> None:
+    sk = counters["skipped"]
+    sk[reason] = sk.get(reason, 0) + 1
+    det = counters["skip_details"]
+    if detail in det or len(det) < _MAX_DETAILS:
+        det[detail] = det.get(detail, 0) + 1
+
+
+def _copy_state(st: dict[str, Any]) -> dict[str, Any]:
+    out = dict(st)
+    out["buffer"] = [list(r) for r in st["buffer"]]
+    c = dict(st["counters"])
+    c["skipped"] = dict(c["skipped"])
+    c["skip_details"] = dict(c["skip_details"])
+    c["tar_errors"] = list(c["tar_errors"])
+    out["counters"] = c
+    out["rng"] = json.loads(json.dumps(st["rng"]))
+    out["shard_rng"] = json.loads(json.dumps(st["shard_rng"]))
+    return out
+
+
+_END = object()
+
+
+class _Pipe:
+    """Producer thread + bounded queue for one iteration; holds no reference to the iterator."""
+
+    def __init__(self, loader: ShardLoader, stream: _Stream, split: int):
+        self.L, self.stream, self.split = loader, stream, split
+        self.q: queue.Queue = queue.Queue(maxsize=loader.prefetch)
+        self.stop = threading.Event()
+        self.ring = loader._make_ring()
+        self.thread = threading.Thread(target=self._run, name="ShardLoader-producer", daemon=True)
+        self.thread.start()
+
+    def _put(self, item) -> bool:
+        while not self.stop.is_set():
+            try:
+                self.q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _run(self) -> None:
+        slot = 0
+        try:
+            while not self.stop.is_set():
+                out = self.ring[slot]
+                batch = self.L._produce(self.stream, self.split, out)
+                if batch is None:
+                    self._put((_END, self.L._end_of_epoch_state(self.stream.st)))
+                    return
+                if not self._put(batch):
+                    return
+                slot = (slot + 1) % len(self.ring)
+        except BaseException as e:  # surfaced in the consumer thread, never lost
+            self._put((e, None))
+
+    def close(self) -> None:
+        self.stop.set()
+        while True:  # unblock a producer waiting on a full queue
+            try:
+                self.q.get_nowait()
+            except queue.Empty:
+                break
+        if self.thread.is_alive() and threading.current_thread() is not self.thread:
+            self.thread.join(timeout=60)
+
+
+class _LoaderIter:
+    def __init__(self, loader: ShardLoader, pipe: _Pipe):
+        self.L, self.pipe = loader, pipe
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict[str, Any]:
+        if self.pipe is None or self.L._active is not self.pipe:
+            raise StopIteration
+        batch, state = self.pipe.q.get()
+        if batch is _END:
+            self.L._commit(state)
+            self.L.epoch = state["epoch"]
+            self.L._active = None
+            self.pipe.close()
+            self.pipe = None
+            raise StopIteration
+        if isinstance(batch, BaseException):
+            self.L._active = None
+            self.pipe.close()
+            self.pipe = None
+            raise batch
+        self.L._commit(state)
+        return batch
+
+    def close(self) -> None:
+        if self.pipe is not None:
+            if self.L._active is self.pipe:
+                self.L._active = None
+            self.pipe.close()
+            self.pipe = None
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
+class ShardLoader(torch.utils.data.IterableDataset):
+    """Batches ``{"image": uint8 [N,S,S,3], "text", "key", ["json"], ["input_ids"]}`` from tar shards."""
+
+    def __init__(
+        self,
+        urls: str | Sequence[str],
+        *,
+        batch_size: int,
+        image_size: int,
+        num_threads: int | None = None,
+        augment: str = "random_resized_crop",
+        shuffle: bool = True,
+        seed: int = 0,
+        epoch: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        resampled: bool = False,
+        shuffle_buffer: int = 1000,
+        drop_last: bool = False,
+        tokenizer: Callable[[list[str]], torch.Tensor] | None = None,
+        num_workers: int | None = None,
+        worker_id: int | None = None,
+        prefetch: int = 2,
+        pin_memory: bool = False,
+        scale: tuple[float, float] = (0.9, 1.0),
+        ratio: tuple[float, float] = (3 / 4, 4 / 3),
+    ):
+        super().__init__()
+        self.urls = expand_urls(urls)
+        missing = [u for u in self.urls if not os.path.isfile(u)]
+        if missing:
+            more = f" (and {len(missing) - 3} more)" if len(missing) > 3 else ""
+            raise DataError(f"{len(missing)} shard(s) not found: {', '.join(missing[:3])}{more}")
+        for name, v, lo in (("batch_size", batch_size, 1), ("image_size", image_size, 1),
+                            ("world_size", world_size, 1), ("prefetch", prefetch, 1)):
+            if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < lo:
+                raise ConfigError(f"{name} must be an integer >= {lo}, got {v!r}")
+        if not isinstance(rank, (int, np.integer)) or not 0 <= rank < world_size:
+            raise ConfigError(f"rank must be in [0, world_size={world_size}), got {rank!r}")
+        if augment not in AUGMENTS:
+            raise ConfigError(f"augment must be one of {AUGMENTS}, got {augment!r}")
+        if num_threads is None:
+            num_threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        if not isinstance(num_threads, int) or num_threads < 1:
+            raise ConfigError(f"num_threads must be an integer >= 1, got {num_threads!r}")
+        if not isinstance(shuffle_buffer, int) or shuffle_buffer < 0:
+            raise ConfigError(f"shuffle_buffer must be an integer >= 0, got {shuffle_buffer!r}")
+        if (num_workers is None) != (worker_id is None):
+            raise ConfigError("num_workers and worker_id are given together (or neither)")
+        if num_workers is not None and not 0 <= worker_id < num_workers:
+            raise ConfigError(f"worker_id must be in [0, num_workers={num_workers}), got {worker_id!r}")
+        if pin_memory and not torch.cuda.is_available():
+            raise ConfigError("pin_memory=True needs CUDA (torch.cuda.is_available() is False)")
+        if not (0 < scale[0] <= scale[1] <= 1.0):
+            raise ConfigError(f"scale must satisfy 0 < lo <= hi <= 1, got {scale!r}")
+        if not (0 < ratio[0] <= ratio[1]):
+            raise ConfigError(f"ratio must satisfy 0 < lo <= hi, got {ratio!r}")
+        if tokenizer is not None and not callable(tokenizer):
+            raise ConfigError("tokenizer must be a callable list[str] -> LongTensor")
+        self.batch_size, self.image_size = int(batch_size), int(image_size)
+        self.num_threads, self.augment = num_threads, augment
+        self.shuffle, self.seed, self.epoch = bool(shuffle), int(seed), int(epoch)
+        self.rank, self.world_size = int(rank), int(world_size)
+        self.resampled, self.drop_last = bool(resampled), bool(drop_last)
+        # shuffle=False means stream order: the buffer would reorder samples, so it is off
+        self.shuffle_buffer = int(shuffle_buffer) if self.shuffle else 0
+        self.tokenizer = tokenizer
+        self.num_workers, self.worker_id = num_workers, worker_id
+        self.prefetch, self.pin_memory = int(prefetch), bool(pin_memory)
+        self.scale = (float(scale[0]), float(scale[1]))
+        self.ratio = (float(ratio[0]), float(ratio[1]))
+        self._urls_digest = hashlib.sha1("\n".join(self.urls).encode()).hexdigest()
+        self._decoder = None
+        self._tok_pool: ThreadPoolExecutor | None = None
+        self._active: _Pipe | None = None
+        self._lock = threading.Lock()
+        self._state: dict[str, Any] = self._fresh_state(self.epoch, _new_counters())
+
+    # -- pickling (DataLoader workers): threads and the C++ decoder are recreated lazily -----------
+    def __getstate__(self):
+        d = dict(self.__dict__)
+        d["_decoder"] = None
+        d["_tok_pool"] = None
+        d["_active"] = None
+        d["_lock"] = None
+        return d
+
+    def __setstate__(self, d):
+        self.__dict__.update(d)
+        self._lock = threading.Lock()
+
+    # -- splits ----------------------------------------------------------------------------------
+    def _split(self) -> tuple[int, int]:
+        if self.num_workers is not None:
+            nw, wid = self.num_workers, self.worker_id
+        else:
+            info = torch.utils.data.get_worker_info()
+            nw, wid = (info.num_workers, info.id) if info is not None else (1, 0)
+        return self.rank * nw + wid, self.world_size * nw
+
+    # -- state -----------------------------------------------------------------------------------
+    def _fresh_state(self, epoch: int, counters: dict[str, Any]) -> dict[str, Any]:
+        split, n_splits = self._split_for_state()
+        return {
+            "version": _STATE_VERSION,
+            "urls_sha1": self._urls_digest,
+            "n_shards": len(self.urls),
+            "seed": self.seed,
+            "shuffle": self.shuffle,
+            "resampled": self.resampled,
+            "shuffle_buffer": self.shuffle_buffer,
+            "split": split,
+            "n_splits": n_splits,
+            "epoch": int(epoch),
+            "shard_pos": 0,
+            "shard": None,
+            "sample_pos": 0,
+            "buffer": [],
+            "rng": _rng(self.seed, epoch, split, 1).bit_generator.state,
+            "shard_rng": _rng(self.seed, epoch, split, 2).bit_generator.state,
+            "batch": 0,
+            "counters": counters,
+        }
+
+    def _split_for_state(self) -> tuple[int, int]:
+        if self.num_workers is None and torch.utils.data.get_worker_info() is None:
+            return self.rank, self.world_size
+        return self._split()
+
+    def _end_of_epoch_state(self, st: dict[str, Any]) -> dict[str, Any]:
+        nxt = self._fresh_state(st["epoch"] + 1, st["counters"])
+        nxt["split"], nxt["n_splits"] = st["split"], st["n_splits"]
+        nxt["rng"] = _rng(self.seed, st["epoch"] + 1, st["split"], 1).bit_generator.state
+        nxt["shard_rng"] = _rng(self.seed, st["epoch"] + 1, st["split"], 2).bit_generator.state
+        return _copy_state(nxt)
+
+    def _commit(self, state: dict[str, Any]) -> None:
+        self._state = state
+
+    def state_dict(self) -> dict[str, Any]:
+        """Position after the last batch handed out (JSON-serialisable; no sample bytes)."""
+        return _copy_state(self._state)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from ``state`` (from ``state_dict``) at exactly the next sample."""
+        if not isinstance(state, dict) or state.get("version") != _STATE_VERSION:
+            raise ConfigError(f"not a ShardLoader state (version {_STATE_VERSION}): {type(state).__name__}")
+        checks = {
+            "urls_sha1": self._urls_digest,
+            "seed": self.seed,
+            "shuffle": self.shuffle,
+            "resampled": self.resampled,
+            "shuffle_buffer": self.shuffle_buffer,
+        }
+        for k, mine in checks.items():
+            if state.get(k) != mine:
+                what = "shard list" if k == "urls_sha1" else k
+                raise ConfigError(
+                    f"ShardLoader state was saved with a different {what} ({state.get(k)!r} != {mine!r}); "
+                    "an exact resume needs the same value"
+                )
+        self._stop_active()
+        st = _copy_state(state)
+        st["buffer"] = [tuple(r) for r in st["buffer"]]
+        self._state = st
+        self.epoch = int(st["epoch"])
+
+    def set_epoch(self, epoch: int) -> None:
+        """Start the next iteration at the beginning of ``epoch`` (reshuffles shards and samples)."""
+        self._stop_active()
+        self.epoch = int(epoch)
+        self._state = self._fresh_state(self.epoch, self._state["counters"])
+
+    @property
+    def stats(self) -> dict[str, Any]:
+        """Counters up to the last batch handed out: samples, batches, skipped{reason: n}, tar errors."""
+        c = _copy_state(self._state)["counters"]
+        c["skipped_total"] = sum(c["skipped"].values())
+        return c
+
+    @property
+    def skipped(self) -> dict[str, int]:
+        """Skipped samples by reason (missing_image, missing_caption, corrupt_image, truncated_tar, ...)."""
+        return dict(self._state["counters"]["skipped"])
+
+    # -- length ----------------------------------------------------------------------------------
+    def __len__(self) -> int:
+        """Batches per epoch for this rank (all its workers), assuming no sample is skipped."""
+        if self.resampled:
+            raise TypeError("a resampled ShardLoader is infinite and has no len()")
+        if self.num_workers is not None:
+            workers = [(self.rank * self.num_workers + self.worker_id, self.world_size * self.num_workers)]
+        else:
+            info = torch.utils.data.get_worker_info()
+            nw = info.num_workers if info is not None else 1
+            workers = [(self.rank * nw + w, self.world_size * nw) for w in range(nw)]
+        order = shard_order(len(self.urls), self.seed, self.epoch, self.shuffle)
+        total = 0
+        for split, n_splits in workers:
+            shards, mod, rem = split_shards(order, split, n_splits)
+            n = 0
+            for s in shards:
+                idx = self._open_index(s)
+                k = len(idx) if idx is not None else 0
+                n += (k - rem + mod - 1) // mod if k > rem else 0
+            total += n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+        return total
+
+    # -- iteration -------------------------------------------------------------------------------
+    def _open_index(self, shard: int):
+        try:
+            return _import_c().TarIndex(self.urls[shard])
+        except OSError:
+            return None
+
+    def _make_ring(self) -> list[np.ndarray]:
+        shape = (self.batch_size, self.image_size, self.image_size, 3)
+        ring = []
+        # consumer holds 1, queue holds `prefetch`, producer fills 1
+        for _ in range(self.prefetch + 2):
+            t = torch.empty(shape, dtype=torch.uint8)
+            if self.pin_memory:
+                t = t.pin_memory()
+            ring.append(t.numpy())
+        return ring
+
+    def _stop_active(self) -> None:
+        pipe, self._active = self._active, None
+        if pipe is not None:
+            pipe.close()
+
+    def __iter__(self):
+        self._stop_active()
+        split, n_splits = self._split()
+        st = self._state
+        if st["split"] != split or st["n_splits"] != n_splits:
+            if st["shard"] is None and st["shard_pos"] == 0 and not st["buffer"]:
+                # untouched start-of-epoch state: just bind it to this split (e.g. inside a worker)
+                st = self._fresh_state(st["epoch"], st["counters"])
+                st["split"], st["n_splits"] = split, n_splits
+                st["rng"] = _rng(self.seed, st["epoch"], split, 1).bit_generator.state
+                st["shard_rng"] = _rng(self.seed, st["epoch"], split, 2).bit_generator.state
+            else:
+                raise ConfigError(
+                    f"ShardLoader state belongs to split {st['split']}/{st['n_splits']} (rank*workers+worker "
+                    f"of world_size*workers), this loader is split {split}/{n_splits}: resume each rank "
+                    "from its own state with the same world size"
+                )
+        if self._decoder is None:
+            self._decoder = _import_c().Decoder(self.num_threads)
+        if self.tokenizer is not None and self._tok_pool is None:
+            self._tok_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ShardLoader-tokenize")
+        stream = _Stream(self, split, n_splits, _copy_state(st))
+        stream.st["buffer"] = [tuple(r) for r in stream.st["buffer"]]
+        pipe = _Pipe(self, stream, split)
+        self._active = pipe
+        return _LoaderIter(self, pipe)
+
+    def _tokenize(self, texts: list[str]) -> Future | None:
+        if self.tokenizer is None:
+            return None
+        return self._tok_pool.submit(self.tokenizer, texts)
+
+    def _produce(self, stream: _Stream, split: int, out: np.ndarray):
+        """Assemble and decode one batch into ``out``; (batch dict, state after it) or None at end."""
+        st = stream.st
+        bs = self.batch_size
+        got: list[_Sample] = []
+        tok_parts: list[tuple[Future, np.ndarray]] = []
+        attempt = 0
+        exhausted = False
+        while len(got) < bs and not exhausted:
+            cand: list[_Sample] = []
+            while len(got) + len(cand) < bs:
+                ref = stream.next_sample_ref()
+                if ref is None:
+                    exhausted = True
+                    break
+                s = stream.read(ref)
+                if s is not None:
+                    cand.append(s)
+            if not cand:
+                break
+            fut = self._tokenize([s.text for s in cand])
+            lo = len(got)
+            dst = out[lo : lo + len(cand)]
+            seed = _mix(self.seed, st["epoch"], split, st["batch"], attempt)
+            reasons = self._decoder.decode_batch(
+                [s.image for s in cand], dst, augment=self.augment, seed=seed, scale=self.scale, ratio=self.ratio
+            )
+            ok = np.array([r is None for r in reasons], dtype=bool)
+            for r in reasons:
+                if r is not None:  # detail = the decoder's reason, so distinct details stay few
+                    _count(st["counters"], "corrupt_image", str(r))
+            if not ok.all():
+                # keep the decoded rows contiguous: move the good ones down over the failed slots
+                dst[: int(ok.sum())] = dst[ok]
+            got.extend(s for s, k in zip(cand, ok) if k)
+            if fut is not None:
+                tok_parts.append((fut, ok))
+            attempt += 1
+        n = len(got)
+        if n == 0 or (self.drop_last and n < bs):
+            st["counters"]["dropped_last"] += n
+            return None
+        c = st["counters"]
+        c["samples"] += n
+        c["batches"] += 1
+        st["batch"] += 1
+        batch: dict[str, Any] = {
+            "image": torch.from_numpy(out[:n]),
+            "text": [s.text for s in got],
+            "key": [s.key for s in got],
+        }
+        if any(s.json is not None for s in got):
+            batch["json"] = [s.json if s.json is not None else {} for s in got]
+        if tok_parts:
+            ids = []
+            for fut, ok in tok_parts:
+                t = fut.result()
+                if not isinstance(t, torch.Tensor) or t.dim() != 2 or t.shape[0] != len(ok):
+                    raise DataError(f"tokenizer must return a [N, L] tensor for N texts, got {type(t).__name__}")
+                ids.append(t[torch.from_numpy(ok)] if not ok.all() else t)
+            batch["input_ids"] = ids[0] if len(ids) == 1 else torch.cat(ids)
+        return batch, _copy_state(st)

@@ -1,0 +1,394 @@
+"""ShardLoader: splitting, shuffling, resume, skips, truncated tars, background tokenisation.
+
+Shards are written here with Python's tarfile; every sample's image is a flat colour that encodes its
+id, so after decoding we can check that each image row really belongs to the key next to it.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from bmclip.data.shards import braceexpand, expand_urls, shard_order, split_shards
+from bmclip.errors import ConfigError, DataError
+
+pytest.importorskip("bmclip._C", reason="bmclip._C (C++ extension) not built")
+
+from bmclip.data.loader import ShardLoader  # noqa: E402
+
+S = 16  # output image size used by most tests (small: the tests are about bookkeeping)
+
+
+def colour_of(uid: int) -> tuple[int, int, int]:
+    """A flat colour identifying sample uid (channels spaced 40 apart: JPEG error is ~2)."""
+    return (40 * (uid % 6) + 20, 40 * ((uid // 6) % 6) + 20, 40 * ((uid // 36) % 6) + 20)
+
+
+def uid_of_image(img: np.ndarray) -> int:
+    r, g, b = (int(round((float(img[..., c].mean()) - 20) / 40)) for c in range(3))
+    return r + 6 * g + 36 * b
+
+
+def jpeg_bytes(uid: int, size=(24, 20)) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", size, colour_of(uid)).save(buf, format="JPEG", quality=95)
+    return buf.getvalue()
+
+
+def add_member(tf: tarfile.TarFile, name: str, data: bytes) -> None:
+    ti = tarfile.TarInfo(name)
+    ti.size = len(data)
+    tf.addfile(ti, io.BytesIO(data))
+
+
+def write_shards(folder: Path, n_shards: int, per_shard: int, *, json_meta=True, uid0=0) -> list[str]:
+    """Shards shard-000000.tar ...; sample uid = global running index; key s{uid:05d}."""
+    paths, uid = [], uid0
+    for s in range(n_shards):
+        p = folder / f"shard-{s:06d}.tar"
+        with tarfile.open(p, "w", format=tarfile.USTAR_FORMAT) as tf:
+            for _ in range(per_shard):
+                key = f"s{uid:05d}"
+                add_member(tf, f"{key}.jpg", jpeg_bytes(uid))
+                add_member(tf, f"{key}.txt", f"caption of sample {uid}".encode())
+                if json_meta:
+                    add_member(tf, f"{key}.json", json.dumps({"uid": uid}).encode())
+                uid += 1
+        paths.append(str(p))
+    return paths
+
+
+def collect(loader, check_pixels=True) -> list[str]:
+    keys = []
+    for b in loader:
+        img = b["image"]
+        assert img.dtype == torch.uint8 and img.shape[1:] == (loader.image_size, loader.image_size, 3)
+        assert img.shape[0] == len(b["key"]) == len(b["text"])
+        if check_pixels:
+            for row, key, text in zip(img.numpy(), b["key"], b["text"]):
+                uid = int(key[1:])
+                assert uid_of_image(row) == uid, key
+                assert text == f"caption of sample {uid}"
+        keys.extend(b["key"])
+    return keys
+
+
+# ---------------------------------------------------------------------------------------------------
+def test_braceexpand():
+    assert braceexpand("a-{000..003}.tar") == [f"a-{i:03d}.tar" for i in range(4)]
+    assert braceexpand("a{1..3}") == ["a1", "a2", "a3"]
+    assert braceexpand("a{3..1}") == ["a3", "a2", "a1"]
+    assert braceexpand("x{0..10..5}") == ["x0", "x5", "x10"]
+    assert braceexpand("{train,val}-{0..1}") == ["train-0", "train-1", "val-0", "val-1"]
+    assert braceexpand("p{a,b{1,2}}q") == ["paq", "pb1q", "pb2q"]
+    assert braceexpand("{a..c}") == ["a", "b", "c"]
+    assert braceexpand("plain.tar") == ["plain.tar"]
+    assert braceexpand("d/{08..11}") == ["d/08", "d/09", "d/10", "d/11"]
+    assert expand_urls("a{0..1}::b{2..3}") == ["a0", "a1", "b2", "b3"]
+    assert expand_urls(["a{0..1}", Path("c")]) == ["a0", "a1", "c"]
+    for bad in ("a{1..3", "a}1{", "a{x}", "a{}", "{1..3..0}"):
+        with pytest.raises(ConfigError):
+            braceexpand(bad)
+    with pytest.raises(ConfigError):
+        expand_urls([])
+
+
+def test_split_shards_partition():
+    for n_shards in (1, 2, 5, 7):
+        order = shard_order(n_shards, seed=3, epoch=1, shuffle=True)
+        assert sorted(order) == list(range(n_shards))
+        for n_splits in (1, 2, 3, 6):
+            seen = []
+            for s in range(n_splits):
+                shards, mod, rem = split_shards(order, s, n_splits)
+                seen += [(sh, i) for sh in shards for i in range(20) if i % mod == rem]
+            assert sorted(seen) == [(sh, i) for sh in range(n_shards) for i in range(20)]
+    assert shard_order(5, 0, 0, shuffle=False) == [0, 1, 2, 3, 4]
+    assert shard_order(50, 0, 0, True) != shard_order(50, 0, 1, True)
+    assert shard_order(50, 0, 1, True) == shard_order(50, 0, 1, True)
+
+
+def test_missing_shard_and_bad_config(tmp_path):
+    urls = write_shards(tmp_path, 1, 2)
+    with pytest.raises(DataError, match="not found"):
+        ShardLoader(urls + [str(tmp_path / "nope.tar")], batch_size=2, image_size=S)
+    with pytest.raises(ConfigError):
+        ShardLoader(urls, batch_size=0, image_size=S)
+    with pytest.raises(ConfigError):
+        ShardLoader(urls, batch_size=2, image_size=S, rank=2, world_size=2)
+    with pytest.raises(ConfigError):
+        ShardLoader(urls, batch_size=2, image_size=S, augment="flip")
+
+
+@pytest.mark.parametrize("n_shards", [5, 2])
+@pytest.mark.parametrize("world_size", [1, 2, 3])
+@pytest.mark.parametrize("num_workers", [1, 2])
+def test_every_sample_once_per_epoch(tmp_path, n_shards, world_size, num_workers):
+    per_shard = 7
+    urls = write_shards(tmp_path, n_shards, per_shard)
+    everything = sorted(f"s{u:05d}" for u in range(n_shards * per_shard))
+    for epoch in (0, 1):
+        keys = []
+        for rank in range(world_size):
+            for w in range(num_workers):
+                ld = ShardLoader(urls, batch_size=4, image_size=S, seed=5, epoch=epoch, rank=rank,
+                                 world_size=world_size, num_workers=num_workers, worker_id=w,
+                                 shuffle_buffer=6, num_threads=1)
+                keys += collect(ld)
+        assert sorted(keys) == everything
+
+
+def test_dataloader_worker_processes(tmp_path):
+    urls = write_shards(tmp_path, 4, 5)
+    ld = ShardLoader(urls, batch_size=3, image_size=S, seed=1, num_threads=1, shuffle_buffer=4)
+    dl = torch.utils.data.DataLoader(ld, batch_size=None, num_workers=2)
+    keys = [k for b in dl for k in b["key"]]
+    assert sorted(keys) == sorted(f"s{u:05d}" for u in range(20))
+
+
+def test_order_depends_on_seed_and_epoch(tmp_path):
+    urls = write_shards(tmp_path, 6, 8)
+
+    def order(seed, epoch):
+        return collect(ShardLoader(urls, batch_size=5, image_size=S, seed=seed, epoch=epoch,
+                                   shuffle_buffer=10, num_threads=2), check_pixels=False)
+
+    a = order(0, 0)
+    assert a == order(0, 0)
+    assert sorted(a) == sorted(order(0, 1))
+    assert a != order(0, 1)
+    assert a != order(1, 0)
+    # without shuffling the stream is the shard order
+    plain = collect(ShardLoader(urls, batch_size=5, image_size=S, shuffle=False))
+    assert plain == [f"s{u:05d}" for u in range(48)]
+
+
+def test_iteration_advances_epoch_and_set_epoch(tmp_path):
+    urls = write_shards(tmp_path, 4, 5)
+    ld = ShardLoader(urls, batch_size=4, image_size=S, seed=2, shuffle_buffer=5)
+    e0 = collect(ld, check_pixels=False)
+    assert ld.epoch == 1 and ld.state_dict()["epoch"] == 1
+    e1 = collect(ld, check_pixels=False)
+    ld.set_epoch(0)
+    assert collect(ld, check_pixels=False) == e0
+    assert e1 == collect(ShardLoader(urls, batch_size=4, image_size=S, seed=2, epoch=1, shuffle_buffer=5),
+                         check_pixels=False)
+    assert ld.stats["samples"] == 60 and ld.stats["batches"] == 15
+
+
+@pytest.mark.parametrize("resampled", [False, True])
+@pytest.mark.parametrize("k", [0, 1, 3, 6])
+def test_resume_mid_epoch_exact(tmp_path, k, resampled):
+    urls = write_shards(tmp_path, 5, 9)
+    kw = dict(batch_size=4, image_size=S, seed=11, epoch=2, shuffle_buffer=7, num_threads=2,
+              resampled=resampled, augment="random_resized_crop")
+    n_batches = 12 if resampled else None
+
+    def run(loader, limit):
+        out = []
+        for i, b in enumerate(loader):
+            if limit is not None and i >= limit:
+                break
+            out.append((list(b["key"]), b["image"].clone()))
+        return out
+
+    full = run(ShardLoader(urls, **kw), n_batches)
+    first = ShardLoader(urls, **kw)
+    it = iter(first)
+    head = []
+    for _ in range(k):
+        b = next(it)
+        head.append((list(b["key"]), b["image"].clone()))
+    # the producer has prefetched beyond batch k; the state must still point right after batch k
+    state = json.loads(json.dumps(first.state_dict()))
+    del it
+    second = ShardLoader(urls, **kw)
+    second.load_state_dict(state)
+    tail = run(second, None if n_batches is None else n_batches - k)
+    got = head + tail
+    assert [g[0] for g in got] == [f[0] for f in full]
+    for (_, a), (_, b) in zip(got, full):
+        assert torch.equal(a, b)
+
+
+def test_resume_state_checks(tmp_path):
+    urls = write_shards(tmp_path, 3, 4)
+    a = ShardLoader(urls, batch_size=2, image_size=S, seed=1)
+    it = iter(a)
+    next(it)
+    st = a.state_dict()
+    with pytest.raises(ConfigError, match="seed"):
+        ShardLoader(urls, batch_size=2, image_size=S, seed=2).load_state_dict(st)
+    with pytest.raises(ConfigError, match="shard list"):
+        ShardLoader(urls[:2], batch_size=2, image_size=S, seed=1).load_state_dict(st)
+    other_rank = ShardLoader(urls, batch_size=2, image_size=S, seed=1, rank=1, world_size=2)
+    other_rank.load_state_dict(st)
+    with pytest.raises(ConfigError, match="split"):
+        iter(other_rank)
+
+
+def write_messy_shard(path: Path) -> dict[str, int]:
+    """A shard with good samples and each kind of bad one; returns the expected skip counts."""
+    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tf:
+        for uid in range(30):
+            key = f"s{uid:05d}"
+            kind = uid % 10
+            if kind == 1:  # garbage image bytes
+                add_member(tf, f"{key}.jpg", b"\xff\xd8\xff\xe0 this is not a jpeg" * 3)
+            elif kind == 3:  # truncated jpeg: header only
+                add_member(tf, f"{key}.jpg", jpeg_bytes(uid)[:60])
+            elif kind == 5:  # no image member
+                add_member(tf, f"{key}.cls", b"3")
+            else:
+                add_member(tf, f"{key}.jpg", jpeg_bytes(uid))
+            if kind == 7:
+                pass  # no caption
+            elif kind == 8:
+                add_member(tf, f"{key}.txt", b"caf\xe9 latin-1")
+            elif kind == 9:
+                add_member(tf, f"{key}.txt", b"  \n")
+            else:
+                add_member(tf, f"{key}.txt", f"caption of sample {uid}".encode())
+    return {"corrupt_image": 6, "missing_image": 3, "missing_caption": 3, "bad_caption_encoding": 3,
+            "empty_caption": 3}
+
+
+def test_corrupt_samples_skipped_and_counted(tmp_path):
+    p = tmp_path / "messy.tar"
+    expected = write_messy_shard(p)
+    ld = ShardLoader([str(p)], batch_size=4, image_size=S, seed=0, shuffle_buffer=5)
+    batches = list(ld)
+    keys = [k for b in batches for k in b["key"]]
+    good = [f"s{u:05d}" for u in range(30) if u % 10 in (0, 2, 4, 6)]
+    assert sorted(keys) == good
+    # refilling keeps every batch but the last full, and rows stay aligned with their keys
+    assert [len(b["key"]) for b in batches] == [4, 4, 4]
+    for b in batches:
+        for row, key in zip(b["image"].numpy(), b["key"]):
+            assert uid_of_image(row) == int(key[1:])
+    assert ld.skipped == expected
+    assert ld.stats["skipped_total"] == 18 and ld.stats["samples"] == 12
+
+
+def test_truncated_tar_not_fatal(tmp_path):
+    urls = write_shards(tmp_path, 2, 10)
+    data = Path(urls[1]).read_bytes()
+    with tarfile.open(urls[1]) as tf:
+        members = tf.getmembers()  # 3 per sample: jpg, txt, json
+    cuts = (members[21].offset_data + 5,  # inside sample 7's image data
+            members[15].offset,  # exactly at sample 5's first header (end-of-archive blocks missing)
+            members[28].offset + 100,  # inside sample 9's json header
+            1000)  # inside sample 0's image
+    for cut, complete in zip(cuts, (7, 5, 9, 0)):
+        Path(urls[1]).write_bytes(data[:cut])
+        ld = ShardLoader(urls, batch_size=3, image_size=S, shuffle=False)
+        keys = collect(ld)
+        n_good_second = sum(1 for k in keys if int(k[1:]) >= 10)
+        assert keys[:10] == [f"s{u:05d}" for u in range(10)]  # the intact shard is complete
+        # samples before the damage are kept in order
+        assert keys[10:] == [f"s{u:05d}" for u in range(10, 10 + n_good_second)]
+        assert complete <= n_good_second < 10  # every sample wholly before the cut survives
+        assert ld.skipped.get("truncated_tar") == 1
+        assert ld.stats["tar_errors"]
+    # garbage instead of a tar: nothing fatal either
+    Path(urls[1]).write_bytes(b"\x00garbage" * 300)
+    keys = collect(ShardLoader(urls, batch_size=3, image_size=S, shuffle=False))
+    assert keys == [f"s{u:05d}" for u in range(10)]
+
+
+def test_json_and_drop_last_and_len(tmp_path):
+    urls = write_shards(tmp_path, 3, 5)
+    ld = ShardLoader(urls, batch_size=4, image_size=S, seed=0)
+    assert len(ld) == 4
+    batches = list(ld)
+    assert len(batches) == 4 and [len(b["key"]) for b in batches] == [4, 4, 4, 3]
+    for b in batches:
+        assert [j["uid"] for j in b["json"]] == [int(k[1:]) for k in b["key"]]
+    ld = ShardLoader(urls, batch_size=4, image_size=S, seed=0, drop_last=True)
+    assert len(ld) == 3 and len(list(ld)) == 3 and ld.stats["dropped_last"] == 3
+    assert len(ShardLoader(urls, batch_size=4, image_size=S, rank=1, world_size=2)) == 2  # 1 shard
+    with pytest.raises(TypeError):
+        len(ShardLoader(urls, batch_size=4, image_size=S, resampled=True))
+    nojson = write_shards(tmp_path / "..", 1, 2, json_meta=False, uid0=100)
+    assert "json" not in next(iter(ShardLoader(nojson, batch_size=2, image_size=S)))
+
+
+def test_resampled_is_infinite_with_replacement(tmp_path):
+    urls = write_shards(tmp_path, 3, 4)
+    ld = ShardLoader(urls, batch_size=5, image_size=S, resampled=True, seed=4, shuffle_buffer=3)
+    keys = []
+    for i, b in enumerate(ld):
+        keys += b["key"]
+        if i == 20:
+            break
+    assert len(keys) == 105 and set(keys) == {f"s{u:05d}" for u in range(12)}
+
+
+def test_background_tokenisation_matches_direct(tmp_path):
+    tokenizers = pytest.importorskip("tokenizers")
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import Whitespace
+    from tokenizers.trainers import WordLevelTrainer
+
+    urls = write_shards(tmp_path, 3, 6)
+    tok = tokenizers.Tokenizer(WordLevel(unk_token="[UNK]"))
+    tok.pre_tokenizer = Whitespace()
+    tok.train_from_iterator([f"caption of sample {u}" for u in range(10)],
+                            WordLevelTrainer(special_tokens=["[PAD]", "[UNK]"]))
+    tok.enable_padding(pad_id=0, length=8)
+    tok.enable_truncation(8)
+    calls = []
+
+    def tokenize(texts):
+        import threading
+
+        calls.append(threading.current_thread().name)
+        return torch.tensor([e.ids for e in tok.encode_batch(texts)], dtype=torch.long)
+
+    ld = ShardLoader(urls, batch_size=4, image_size=S, seed=3, tokenizer=tokenize, shuffle_buffer=4)
+    n = 0
+    for b in ld:
+        assert b["input_ids"].dtype == torch.long
+        assert torch.equal(b["input_ids"], tokenize(b["text"]))
+        n += 1
+    assert n == 5 and any(c.startswith("ShardLoader-tokenize") for c in calls)
+
+    # refill after skipped samples: ids still line up with the surviving captions
+    p = tmp_path / "messy.tar"
+    write_messy_shard(p)
+    for b in ShardLoader([str(p)], batch_size=4, image_size=S, tokenizer=tokenize, shuffle_buffer=5):
+        assert torch.equal(b["input_ids"], tokenize(b["text"]))
+
+
+def test_real_pmc_figures(tmp_path, pmc_samples):
+    """Real PMC figure JPEGs through the loader, eval transform vs PIL's resize + centre crop."""
+    jpgs = sorted(pmc_samples.glob("elife-32671/*.jpg")) + sorted(pmc_samples.glob("PMC10802347/*.jpg"))
+    assert jpgs
+    p = tmp_path / "pmc-000000.tar"
+    with tarfile.open(p, "w") as tf:
+        for i, j in enumerate(jpgs):
+            add_member(tf, f"fig{i:03d}.jpg", j.read_bytes())
+            add_member(tf, f"fig{i:03d}.txt", f"figure {j.name}".encode())
+    size = 64
+    ld = ShardLoader(str(tmp_path / "pmc-{000000..000000}.tar"), batch_size=3, image_size=size,
+                     augment="center", shuffle=False)
+    for b in ld:
+        for row, key in zip(b["image"].numpy(), b["key"]):
+            src = jpgs[int(key[3:])]
+            im = Image.open(src).convert("RGB")
+            w, h = im.size
+            sc = size / min(w, h)
+            im = im.resize((max(size, round(w * sc)), max(size, round(h * sc))), Image.BICUBIC)
+            left, top = (im.size[0] - size) // 2, (im.size[1] - size) // 2
+            ref = np.asarray(im.crop((left, top, left + size, top + size)), dtype=np.float64)
+            mse = ((row.astype(np.float64) - ref) ** 2).mean()
+            psnr = 10 * np.log10(255.0**2 / max(mse, 1e-12))
+            assert psnr > 30, (src.name, psnr)
+    assert ld.stats["samples"] == len(jpgs)
