@@ -50,7 +50,7 @@ setup(
     + ["bmclip.kernels." + p for p in find_packages(where="kernels")],
     package_dir={"bmclip": "bmclip", "bmclip.kernels": "kernels"},
     package_data={"bmclip": ["assets/*", "assets/**/*"]},
-    ext_modules=[CMakeExtension("bmclip._C", ROOT)] if (ROOT / "CMakeLists.txt").exists() else [],
+    ext_modules=[CMakeExtension("bmclip._C", ROOT)],
     cmdclass={"build_ext": CMakeBuild},
     zip_safe=False,
 )
