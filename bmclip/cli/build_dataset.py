@@ -1,0 +1,136 @@
+"""``bmclip build-dataset``: PMC OA packages / article folders -> filtered, deduplicated, split shards.
+
+Forms::
+
+    bmclip build-dataset INPUT... --output DIR                    # stage + merge on this machine
+    bmclip build-dataset INPUT... --staging S --num-slices N --slice K   # one slice (e.g. a Slurm task)
+    bmclip build-dataset merge STAGING... --output DIR            # merge slices (also: --merge)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "build-dataset",
+        help="build PMC figure-caption webdataset shards from PMC OA packages",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help="package tarballs, article folders or trees of them")
+    p.add_argument("--output", "-o", help="output directory for shards, manifest.json, stats.json/png")
+    p.add_argument("--merge", action="store_true", help="INPUTs are staging dirs to merge (same as 'merge')")
+    p.add_argument("--staging", help="staging dir (default OUTPUT/_staging); required with --num-slices > 1")
+    p.add_argument("--keep-staging", action="store_true", help="keep the staging dir after a full build")
+    p.add_argument("--num-slices", type=int, default=1, help="split the packages into N disjoint slices")
+    p.add_argument("--slice", type=int, default=0, help="which slice (0-based) this run stages")
+    p.add_argument("--workers", "-j", type=int, default=None, help="worker processes (default: all cores)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g = p.add_argument_group("image and caption filters (stage time)")
+    g.add_argument("--max-side", type=int, default=512, help="resize so the longest side is at most this")
+    g.add_argument("--jpeg-quality", type=int, default=90)
+    g.add_argument("--min-side", type=int, default=64, help="drop images whose shorter side is smaller")
+    g.add_argument("--max-aspect", type=float, default=10.0, help="drop images with long/short side above")
+    g.add_argument("--max-pixels", type=int, default=89_478_485, help="decompression-bomb guard (w*h)")
+    g.add_argument("--min-caption-chars", type=int, default=10)
+    g.add_argument("--use-gif", action="store_true", help="accept .gif files (PMC ships them as thumbnails)")
+    g.add_argument("--no-subcaptions", action="store_true", help="do not split captions by panel labels")
+    g.add_argument("--chunk-size", type=int, default=16, help="packages per staging chunk (resume unit)")
+    m = p.add_argument_group("dedup, splits and shards (merge time)")
+    m.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
+    m.add_argument("--near-dup-threshold", type=int, default=3, help="dHash Hamming radius; -1 disables")
+    m.add_argument("--val-fraction", type=float, default=None, help="default: PMC-15M's 13.6k/15.28M")
+    m.add_argument("--test-fraction", type=float, default=None, help="default: PMC-15M's 725,739/15.28M")
+    m.add_argument("--seed", type=int, default=0, help="seed of the article -> split hash")
+    p.set_defaults(func=run)
+
+
+def _options(args):
+    from bmclip.data.pmc.build import BuildOptions
+
+    kw = dict(
+        max_side=args.max_side,
+        jpeg_quality=args.jpeg_quality,
+        min_side=args.min_side,
+        max_aspect=args.max_aspect,
+        max_pixels=args.max_pixels,
+        min_caption_chars=args.min_caption_chars,
+        chunk_size=args.chunk_size,
+        subcaptions=not args.no_subcaptions,
+        use_gif=args.use_gif,
+        shard_size=args.shard_size,
+        near_dup_threshold=args.near_dup_threshold,
+        seed=args.seed,
+    )
+    if args.val_fraction is not None:
+        kw["val_fraction"] = args.val_fraction
+    if args.test_fraction is not None:
+        kw["test_fraction"] = args.test_fraction
+    return BuildOptions.from_kwargs(**kw)
+
+
+def _summary(stats: dict) -> str:
+    skips = stats["skips"]
+    return json.dumps(
+        {
+            "pairs": stats["pairs"],
+            "articles": stats["articles"],
+            "figures": stats["figures"],
+            "skips": skips,
+        },
+        indent=1,
+    )
+
+
+def run(args) -> int:
+    from pathlib import Path
+
+    from bmclip.data.pmc.build import merge_staging, stage
+    from bmclip.errors import ConfigError
+
+    opts = _options(args)
+    progress = not args.no_progress
+    inputs = list(args.inputs)
+    merge_mode = args.merge
+    if inputs and inputs[0] == "merge" and not Path("merge").exists():
+        merge_mode, inputs = True, inputs[1:]
+    if merge_mode:
+        if not args.output:
+            raise ConfigError("merge needs --output DIR")
+        stats = merge_staging(inputs, args.output, opts, progress=progress)
+        print(_summary(stats))
+        print(f"wrote {args.output}/manifest.json and stats.json/png", file=sys.stderr)
+        return 0
+    if args.num_slices > 1 or (args.staging and not args.output):
+        if not args.staging:
+            raise ConfigError("--num-slices > 1 needs --staging DIR (one per slice)")
+        summary = stage(
+            inputs,
+            args.staging,
+            opts,
+            num_slices=args.num_slices,
+            slice_index=args.slice,
+            num_workers=args.workers,
+            progress=progress,
+        )
+        print(json.dumps(summary, indent=1))
+        print(
+            "staged; when every slice is done run: bmclip build-dataset merge STAGING... --output DIR",
+            file=sys.stderr,
+        )
+        return 0
+    if not args.output:
+        raise ConfigError("--output DIR is required")
+    staging = Path(args.staging) if args.staging else Path(args.output) / "_staging"
+    stage(inputs, staging, opts, num_workers=args.workers, progress=progress)
+    stats = merge_staging([staging], args.output, opts, progress=progress)
+    if not args.keep_staging:
+        import shutil
+
+        shutil.rmtree(staging)
+    print(_summary(stats))
+    return 0

@@ -1,0 +1,362 @@
+"""Safe JATS XML parsing: an article's figures (id, label, caption, graphic hrefs) and its identifiers.
+
+Security: parsing uses the stdlib expat binding directly, with
+
+- no DTD ever read (``SetParamEntityParsing(NEVER)``; ``UseForeignDTD`` only tells expat that an
+  external subset *exists*, so undeclared entities are "skipped" instead of fatal — nothing is fetched);
+- any ``<!ENTITY ...>`` declaration in the document refused (:class:`~bmclip.errors.DataError`): that
+  removes both XXE (external entities) and entity-expansion bombs ("billion laughs");
+- named entity references that the (unread) JATS DTD would define, e.g. ``&nbsp;``/``&alpha;``, replaced
+  by the character of the same HTML5/ISO name (``html.entities.html5``); an unknown name is a
+  DataError naming the file and the entity (we never guess text).
+
+Caption text rules (what ``Figure.caption`` holds):
+
+- all text inside the figure's ``<caption>``: the ``<title>`` and every paragraph, inline markup
+  (italic, bold, sub/sup, xref, named-content, styled-content, MathML tokens, ...) kept as plain text;
+- block elements (title, p, list-item, ...) are separated by one space, inline markup is joined as is
+  ("CO<sub>2</sub>" -> "CO2"); then whitespace runs collapse to one space and the ends are stripped;
+- inside ``<alternatives>`` only the first textual rendering is kept (MathML before TeX), and MathML
+  ``<annotation>`` (TeX source) is dropped, so a formula is not repeated;
+- the ``<label>`` of the figure is excluded (it is returned separately as ``Figure.label``).
+"""
+
+from __future__ import annotations
+
+import html.entities
+import os
+import re
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import BinaryIO
+from xml.parsers import expat
+
+from bmclip.errors import DataError
+
+__all__ = ["Article", "Figure", "NotJatsError", "parse_jats"]
+
+
+class NotJatsError(DataError):
+    """Well-formed XML whose root is not a JATS ``<article>`` or ``<pmc-articleset>``."""
+
+
+@dataclass
+class Figure:
+    """One ``<fig>``: id, label, caption text and its graphic hrefs (document order)."""
+
+    id: str | None
+    label: str | None
+    caption: str
+    graphics: list[str] = field(default_factory=list)
+
+    def __getitem__(self, key: str):
+        return getattr(self, key)
+
+    def to_dict(self) -> dict:
+        """Plain-dict view (JSON-serialisable)."""
+        return {"id": self.id, "label": self.label, "caption": self.caption, "graphics": list(self.graphics)}
+
+
+@dataclass
+class Article:
+    """One article: identifiers, licence and figures in document order."""
+
+    pmcid: str | None
+    pmid: str | None
+    doi: str | None
+    license: str | None
+    title: str | None
+    figures: list[Figure] = field(default_factory=list)
+
+    def __getitem__(self, key: str):
+        return getattr(self, key)
+
+    def to_dict(self) -> dict:
+        """Plain-dict view (JSON-serialisable)."""
+        return {
+            "pmcid": self.pmcid,
+            "pmid": self.pmid,
+            "doi": self.doi,
+            "license": self.license,
+            "title": self.title,
+            "figures": [f.to_dict() for f in self.figures],
+        }
+
+
+# Entities of the HTML5/ISO sets: the JATS DTD's named character entities are a subset of these.
+_ENTITIES = {k[:-1]: v for k, v in html.entities.html5.items() if k.endswith(";")}
+_WS = re.compile(r"\s+")
+
+# Elements whose text is a separate block: a space is inserted at their boundaries.
+_BLOCK = frozenset(
+    {
+        "title",
+        "p",
+        "list-item",
+        "list",
+        "def-item",
+        "def",
+        "term",
+        "disp-quote",
+        "disp-formula",
+        "attrib",
+        "table-wrap",
+        "tr",
+        "td",
+        "th",
+        "break",
+        "fn",
+        "sec",
+        "statement",
+        "preformat",
+        "caption",
+    }
+)
+# Never text: TeX annotations of MathML and object/permission metadata inside captions.
+_SKIP_TEXT = frozenset({"annotation", "annotation-xml", "object-id", "permissions"})
+
+
+def _local(tag: str) -> str:
+    """Local part of a possibly prefixed name: 'mml:math' -> 'math'."""
+    i = tag.rfind(":")
+    return tag[i + 1 :] if i >= 0 else tag
+
+
+def _href(el: ET.Element) -> str | None:
+    """The element's xlink:href (whatever the prefix is called), or None."""
+    for k, v in el.attrib.items():
+        if k == "href" or k.endswith(":href") or k.endswith("}href"):
+            return v
+    return None
+
+
+class _Builder:
+    """Expat handlers feeding an ElementTree TreeBuilder, with the entity policy described above."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self.tb = ET.TreeBuilder()
+
+    def start(self, tag, attrs):
+        self.tb.start(tag, attrs)
+
+    def end(self, tag):
+        self.tb.end(tag)
+
+    def data(self, text):
+        self.tb.data(text)
+
+    def entity_decl(self, entity_name, *args):
+        raise DataError(f"{self.name}: XML entity declaration '{entity_name}' refused (XXE/entity-bomb guard)")
+
+    def skipped(self, entity_name, is_parameter_entity):
+        if is_parameter_entity:
+            return  # parameter entities live in the DTD, which is never read
+        ch = _ENTITIES.get(entity_name)
+        if ch is None:
+            raise DataError(f"{self.name}: unknown XML entity '&{entity_name};'")
+        self.tb.data(ch)
+
+
+def _read_source(source) -> tuple[bytes, str]:
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        return bytes(source), "<bytes>"
+    if isinstance(source, (str, os.PathLike)):
+        p = Path(source)
+        try:
+            return p.read_bytes(), str(p)
+        except OSError as e:
+            raise DataError(f"{p}: cannot read: {e}") from e
+    if hasattr(source, "read"):
+        data = source.read()
+        if isinstance(data, str):
+            data = data.encode("utf-8")
+        return data, str(getattr(source, "name", "<stream>"))
+    raise TypeError(f"parse_jats: unsupported source type {type(source).__name__}")
+
+
+def parse_xml_safely(data: bytes, name: str = "<bytes>") -> ET.Element:
+    """Parse XML bytes into an ElementTree root with no DTD, no network and no entity expansion."""
+    b = _Builder(name)
+    p = expat.ParserCreate()
+    p.SetParamEntityParsing(expat.XML_PARAM_ENTITY_PARSING_NEVER)
+    p.UseForeignDTD(True)
+    p.buffer_text = True
+    p.StartElementHandler = b.start
+    p.EndElementHandler = b.end
+    p.CharacterDataHandler = b.data
+    p.EntityDeclHandler = b.entity_decl
+    p.UnparsedEntityDeclHandler = b.entity_decl
+    p.SkippedEntityHandler = b.skipped
+    # Returning 1 ("handled") without reading anything: no external entity or DTD is ever opened.
+    p.ExternalEntityRefHandler = lambda *a: 1
+    if not data.strip():
+        raise DataError(f"{name}: empty XML file")
+    try:
+        p.Parse(data, True)
+    except expat.ExpatError as e:
+        raise DataError(f"{name}: malformed XML: {e}") from e
+    try:
+        return b.tb.close()
+    except Exception as e:  # TreeBuilder raises on an unclosed document
+        raise DataError(f"{name}: malformed XML: {e}") from e
+
+
+def _text(el: ET.Element, parts: list[str]) -> None:
+    """Append the text of el (tail excluded) to parts following the caption rules."""
+    name = _local(el.tag)
+    if name in _SKIP_TEXT:
+        return
+    block = name in _BLOCK
+    if block:
+        parts.append(" ")
+    if el.text:
+        parts.append(el.text)
+    if name == "alternatives":
+        # One rendering only: MathML if present, else the first child that yields text.
+        kids = list(el)
+        kids.sort(key=lambda k: 0 if _local(k.tag) == "math" else 1)
+        for k in kids:
+            sub: list[str] = []
+            _text(k, sub)
+            if "".join(sub).strip():
+                parts.extend(sub)
+                break
+        # the tails of all alternatives' children are whitespace in practice; keep them anyway
+        for k in el:
+            if k.tail:
+                parts.append(k.tail)
+    else:
+        for k in el:
+            _text(k, parts)
+            if k.tail:
+                parts.append(k.tail)
+    if block:
+        parts.append(" ")
+
+
+def text_of(el: ET.Element | None) -> str:
+    """All text of an element by the caption rules, whitespace collapsed (str, '' for None)."""
+    if el is None:
+        return ""
+    parts: list[str] = []
+    _text(el, parts)
+    return _WS.sub(" ", "".join(parts)).strip()
+
+
+def _first_child(el: ET.Element, name: str) -> ET.Element | None:
+    for k in el:
+        if _local(k.tag) == name:
+            return k
+    return None
+
+
+def _collect_figures(root: ET.Element) -> list[Figure]:
+    """Every <fig> under root in document order; each graphic goes to its nearest <fig> ancestor."""
+    figs: list[Figure] = []
+
+    def walk(el: ET.Element, current: Figure | None) -> None:
+        for k in el:
+            n = _local(k.tag)
+            if n == "fig":
+                label_el = _first_child(k, "label")
+                cap_el = _first_child(k, "caption")
+                fig = Figure(
+                    id=k.get("id"),
+                    label=text_of(label_el) or None,
+                    caption=text_of(cap_el),
+                    graphics=[],
+                )
+                figs.append(fig)
+                walk(k, fig)
+            elif n == "graphic":
+                h = _href(k)
+                if current is not None and h:
+                    current.graphics.append(h.strip())
+                walk(k, current)
+            else:
+                walk(k, current)
+
+    walk(root, None)
+    return figs
+
+
+def _normalize_pmcid(v: str) -> str:
+    v = v.strip()
+    if v.upper().startswith("PMC"):
+        return "PMC" + v[3:]
+    return "PMC" + v if v.isdigit() else v
+
+
+def _find_meta(article: ET.Element) -> ET.Element | None:
+    """The article's own <article-meta> (front/article-meta), not those of sub-articles or refs."""
+    front = _first_child(article, "front")
+    if front is None:
+        return None
+    return _first_child(front, "article-meta")
+
+
+def _licence(meta: ET.Element | None) -> str | None:
+    if meta is None:
+        return None
+    perms = _first_child(meta, "permissions")
+    if perms is None:
+        return None
+    lic = _first_child(perms, "license")
+    if lic is None:
+        return None
+    h = _href(lic)
+    if h:
+        return h.strip()
+    for el in lic.iter():
+        if _local(el.tag) == "license_ref" and (el.text or "").strip():
+            return el.text.strip()
+    # Licence given only as prose: the Creative Commons URL it links to is the machine-readable part.
+    for el in lic.iter():
+        h = _href(el)
+        if h and "creativecommons.org" in h:
+            return h.strip()
+    t = text_of(lic)
+    if t:
+        return t
+    return lic.get("license-type")
+
+
+def _article(el: ET.Element) -> Article:
+    meta = _find_meta(el)
+    ids: dict[str, str] = {}
+    title = None
+    if meta is not None:
+        for k in meta:
+            if _local(k.tag) == "article-id" and (k.text or "").strip():
+                ids.setdefault((k.get("pub-id-type") or "").lower(), k.text.strip())
+        tg = _first_child(meta, "title-group")
+        if tg is not None:
+            title = text_of(_first_child(tg, "article-title")) or None
+    pmc = ids.get("pmcid") or ids.get("pmc")
+    return Article(
+        pmcid=_normalize_pmcid(pmc) if pmc else None,
+        pmid=ids.get("pmid"),
+        doi=ids.get("doi"),
+        license=_licence(meta),
+        title=title,
+        figures=_collect_figures(el),
+    )
+
+
+def parse_jats(source: str | os.PathLike | bytes | BinaryIO) -> Article | list[Article]:
+    """Parse one JATS XML document (path, bytes or binary file object) into its figures and identifiers.
+
+    Returns an :class:`Article` for an ``<article>`` root, or a ``list[Article]`` (document order) for
+    a ``<pmc-articleset>`` holding several articles. Raises DataError naming the file for malformed
+    XML, refused entities or unreadable input, and NotJatsError (a DataError) for other roots.
+    """
+    data, name = _read_source(source)
+    root = parse_xml_safely(data, name)
+    tag = _local(root.tag)
+    if tag == "article":
+        return _article(root)
+    if tag == "pmc-articleset":
+        return [_article(k) for k in root if _local(k.tag) == "article"]
+    raise NotJatsError(f"{name}: root element <{root.tag}> is not a JATS <article> or <pmc-articleset>")

@@ -1,0 +1,171 @@
+"""Figure media: graphic href -> media file, and decode / RGB / resize / JPEG encode with guards.
+
+Resolution rules for a ``<graphic xlink:href>``:
+
+- PLOS ``info:doi/10.1371/journal.pone.0056489.g001`` -> ``pone.0056489.g001`` (the part after the last
+  ``/`` with the ``journal.`` prefix dropped; both spellings are tried);
+- any directory part of the href is dropped (media are looked up by file name, case-insensitively);
+- an href with an image extension is tried as is, and every href is also tried as stem + extension;
+- candidates are ranked full-size formats first (``.jpg``, ``.jpeg``, ``.png``, ``.tif``, ``.tiff``,
+  ``.webp``, ``.bmp``) and ``.gif`` last, because PMC ships ``.gif`` files as thumbnails beside the
+  full-size image. Across a figure's graphics (e.g. both members of an ``<alternatives>`` pair) the
+  best-ranked existing file wins; ties go to document order.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import warnings
+from dataclasses import dataclass
+from pathlib import PurePosixPath
+
+import numpy as np
+from PIL import Image, ImageFile
+
+__all__ = ["ImageSkip", "ProcessedImage", "dhash64", "process_image", "resolve_graphics"]
+
+# Preference of source formats: full-size raster first, PMC's .gif thumbnails last.
+_EXT_RANK = {".jpg": 0, ".jpeg": 0, ".png": 1, ".tif": 2, ".tiff": 2, ".webp": 3, ".bmp": 4, ".gif": 9}
+
+
+class ImageSkip(Exception):
+    """An image refused by a filter or the decoder; ``reason`` is the counted skip reason."""
+
+    def __init__(self, reason: str, message: str = ""):
+        super().__init__(message or reason)
+        self.reason = reason
+
+
+def _href_stems(href: str) -> list[str]:
+    h = href.strip()
+    if h.lower().startswith("info:doi/"):
+        last = h.rsplit("/", 1)[-1]
+        out = [last]
+        if last.lower().startswith("journal."):
+            out.insert(0, last[len("journal.") :])
+        return out
+    return [PurePosixPath(h.replace("\\", "/")).name]
+
+
+def resolve_graphics(hrefs: list[str], media_names: dict[str, str]) -> list[str]:
+    """Existing media file names for a figure's hrefs, best first (list[str]; empty if none exists).
+
+    ``media_names`` maps lower-cased file name -> real file name.
+    """
+    cands: list[tuple[int, int, int, str]] = []
+    seen: set[str] = set()
+    for gi, href in enumerate(hrefs):
+        for stem in _href_stems(href):
+            names = []
+            suffix = PurePosixPath(stem).suffix.lower()
+            if suffix in _EXT_RANK:
+                names.append(stem)
+                base = stem[: -len(suffix)]
+            else:
+                base = stem
+            names.extend(base + e for e in _EXT_RANK)
+            for j, n in enumerate(names):
+                real = media_names.get(n.lower())
+                if real is not None and real not in seen:
+                    seen.add(real)
+                    rank = _EXT_RANK.get(PurePosixPath(real).suffix.lower(), 8)
+                    cands.append((rank, gi, j, real))
+    cands.sort()
+    return [c[3] for c in cands]
+
+
+@dataclass
+class ProcessedImage:
+    """A re-encoded figure: JPEG bytes, sizes (w, h) before/after resize, pixel sha (hex64), dHash."""
+
+    jpeg: bytes
+    orig_size: tuple[int, int]
+    size: tuple[int, int]
+    sha: str
+    dhash: int
+
+
+def dhash64(img: Image.Image) -> int:
+    """64-bit difference hash of an image (int): 9x8 grey thumbnail, 1 bit per horizontal gradient."""
+    g = np.asarray(img.convert("L").resize((9, 8), Image.Resampling.BILINEAR), dtype=np.int16)
+    bits = (g[:, 1:] > g[:, :-1]).reshape(-1)
+    return int(np.packbits(bits).view(">u8")[0])
+
+
+def _to_rgb(im: Image.Image) -> Image.Image:
+    mode = im.mode
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        # High bit depth (microscopy TIFFs): stretch the used range to 8 bits instead of clipping.
+        a = np.asarray(im, dtype=np.float64)
+        lo, hi = float(a.min()), float(a.max())
+        a = (a - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(a)
+        return Image.fromarray(np.clip(a + 0.5, 0, 255).astype(np.uint8), "L").convert("RGB")
+    if mode in ("RGBA", "LA", "PA") or (mode == "P" and "transparency" in im.info):
+        # Transparent figure backgrounds become white (as a page shows them), not black.
+        rgba = im.convert("RGBA")
+        bg = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(bg, rgba).convert("RGB")
+    if mode != "RGB":
+        return im.convert("RGB")
+    return im
+
+
+def process_image(
+    data: bytes | str,
+    *,
+    max_side: int = 512,
+    quality: int = 90,
+    max_pixels: int = 89_478_485,
+    min_side: int = 64,
+    max_aspect: float = 10.0,
+) -> ProcessedImage:
+    """Decode an image (bytes or path), check it, convert to RGB, shrink to max_side and encode JPEG.
+
+    Raises ImageSkip with reason ``empty_image``, ``too_many_pixels`` (decompression-bomb guard, checked
+    from the header before any pixel is decoded), ``small_image`` (shorter side < min_side),
+    ``extreme_aspect`` (long/short side > max_aspect) or ``undecodable_image``.
+    """
+    if isinstance(data, str):
+        try:
+            with open(data, "rb") as f:
+                data = f.read()
+        except OSError as e:
+            raise ImageSkip("undecodable_image", f"cannot read {data}: {e}") from e
+    if not data:
+        raise ImageSkip("empty_image")
+    # Truncated files must fail, not be padded with grey.
+    ImageFile.LOAD_TRUNCATED_IMAGES = False
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im = Image.open(io.BytesIO(data))
+            w, h = im.size
+            if w <= 0 or h <= 0:
+                raise ImageSkip("undecodable_image", "zero-sized image")
+            if w * h > max_pixels:
+                raise ImageSkip("too_many_pixels", f"{w}x{h} > {max_pixels} pixels")
+            if min(w, h) < min_side:
+                raise ImageSkip("small_image", f"{w}x{h}")
+            if max(w, h) > max_aspect * min(w, h):
+                raise ImageSkip("extreme_aspect", f"{w}x{h}")
+            scale = min(1.0, max_side / max(w, h))
+            tw, th = max(1, round(w * scale)), max(1, round(h * scale))
+            if im.format == "JPEG" and scale < 1.0:
+                # DCT-domain downscale by a power of two that stays >= the target: far less to decode.
+                im.draft("RGB", (tw, th))
+            im.load()
+            im = _to_rgb(im)
+            if im.size != (tw, th):
+                im = im.resize((tw, th), Image.Resampling.BICUBIC, reducing_gap=3.0)
+    except ImageSkip:
+        raise
+    except Image.DecompressionBombError as e:
+        raise ImageSkip("too_many_pixels", str(e)) from e
+    except (OSError, ValueError, SyntaxError, EOFError, Image.UnidentifiedImageError, MemoryError) as e:
+        raise ImageSkip("undecodable_image", f"{type(e).__name__}: {e}") from e
+    pix = im.tobytes()
+    sha = hashlib.sha256(b"%dx%d:" % im.size + pix).hexdigest()[:16]
+    buf = io.BytesIO()
+    im.save(buf, format="JPEG", quality=quality, optimize=False, progressive=False, subsampling="4:2:0")
+    return ProcessedImage(jpeg=buf.getvalue(), orig_size=(w, h), size=im.size, sha=sha, dhash=dhash64(im))
