@@ -1,0 +1,287 @@
+"""Dataset readers on generated files of every format, plus real DICOM/skimage images bundled in packages."""
+
+import io
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from bmclip.errors import ConfigError, DataError
+from bmclip.eval import readers
+from bmclip.eval.prompts import get_task
+
+PYDICOM_FILES = None
+try:
+    import pydicom
+
+    PYDICOM_FILES = Path(pydicom.__file__).parent / "data" / "test_files"
+except ImportError:  # pragma: no cover
+    pass
+
+
+def _png(path: Path, color, size=(20, 16)):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", size, color).save(path)
+    return path
+
+
+def make_dicom(path, arr, photometric="MONOCHROME2", wc=None, ww=None, slope=None, intercept=None, signed=False):
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID = SecondaryCaptureImageStorage
+    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    arr = np.asarray(arr)
+    if photometric == "RGB":
+        ds.SamplesPerPixel = 3
+        ds.PlanarConfiguration = 0
+        ds.BitsAllocated = ds.BitsStored = 8
+        ds.HighBit = 7
+        ds.Rows, ds.Columns = arr.shape[-3], arr.shape[-2]
+        arr = arr.astype(np.uint8)
+    else:
+        ds.SamplesPerPixel = 1
+        ds.BitsAllocated = ds.BitsStored = 16
+        ds.HighBit = 15
+        ds.Rows, ds.Columns = arr.shape[-2], arr.shape[-1]
+        arr = arr.astype(np.int16 if signed else np.uint16)
+    if (photometric == "RGB" and arr.ndim == 4) or (photometric != "RGB" and arr.ndim == 3):
+        ds.NumberOfFrames = arr.shape[0]
+    ds.PixelRepresentation = 1 if signed else 0
+    ds.PhotometricInterpretation = photometric
+    if wc is not None:
+        ds.WindowCenter, ds.WindowWidth = wc, ww
+    if slope is not None:
+        ds.RescaleSlope, ds.RescaleIntercept = slope, intercept
+    ds.PixelData = arr.tobytes()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+# ---------------------------------------------------------------- DICOM
+
+
+def test_dicom_window_hand_checked(tmp_path):
+    # Window C=100, W=51: x <= 74.5 -> 0, x > 124.5 -> 255, else ((x - 99.5) / 50 + 0.5) * 255.
+    arr = np.array([[74, 75, 100, 124, 125, 0]], dtype=np.uint16)
+    p = make_dicom(tmp_path / "w.dcm", arr, wc=100, ww=51)
+    g = np.asarray(readers.load_image(p))[:, :, 0]
+    assert g.tolist() == [[0, 3, 130, 252, 255, 0]]
+
+
+def test_dicom_rescale_then_window_and_monochrome1(tmp_path):
+    # Stored 600 * 2 - 1000 = 200 HU, window C=200 W=401 -> the centre maps to ~128.
+    arr = np.array([[0, 600, 2000]], dtype=np.uint16)  # -1000, 200, 3000 HU
+    p = make_dicom(tmp_path / "r.dcm", arr, wc=200, ww=401, slope=2, intercept=-1000)
+    g = np.asarray(readers.load_image(p))[:, :, 0]
+    assert g.tolist() == [[0, 128, 255]]
+    p1 = make_dicom(tmp_path / "m1.dcm", arr, photometric="MONOCHROME1", wc=200, ww=401, slope=2, intercept=-1000)
+    g1 = np.asarray(readers.load_image(p1))[:, :, 0]
+    assert g1.tolist() == [[255, 127, 0]]
+
+
+def test_dicom_minmax_without_window_and_multiframe(tmp_path):
+    frames = np.stack([np.full((4, 5), v, dtype=np.uint16) for v in (10, 20, 30)])
+    frames[:, 0, 0] = 0
+    frames[:, 3, 4] = 1000
+    p = make_dicom(tmp_path / "mf.dcm", frames)
+    mid = np.asarray(readers.dicom_to_pil(p, frame="middle"))[:, :, 0]
+    first = np.asarray(readers.dicom_to_pil(p, frame="first"))[:, :, 0]
+    assert mid[0, 0] == 0 and mid[3, 4] == 255
+    assert mid[1, 1] == round(20 / 1000 * 255)  # min 0, max 1000
+    assert first[1, 1] == round(10 / 1000 * 255)
+    with pytest.raises(ConfigError):
+        readers.dicom_to_pil(p, frame="last")
+
+
+def test_dicom_rgb_and_errors(tmp_path):
+    rgb = np.zeros((3, 4, 3), dtype=np.uint8)
+    rgb[..., 0] = 200
+    rgb[..., 2] = 17
+    p = make_dicom(tmp_path / "c.dcm", rgb, photometric="RGB")
+    out = np.asarray(readers.load_image(p))
+    assert out.shape == (3, 4, 3) and out[0, 0].tolist() == [200, 0, 17]
+    bad = tmp_path / "bad.dcm"
+    bad.write_bytes(b"not a dicom at all")
+    with pytest.raises(DataError, match="bad.dcm"):
+        readers.load_image(bad)
+
+
+@pytest.mark.skipif(PYDICOM_FILES is None, reason="pydicom not installed")
+def test_real_bundled_dicoms():
+    ct = readers.load_image(PYDICOM_FILES / "CT_small.dcm")
+    mr = readers.load_image(PYDICOM_FILES / "MR_small.dcm")  # has WindowCenter 600 / Width 1600
+    assert ct.size == (128, 128) and mr.size == (64, 64)
+    for im in (ct, mr):
+        a = np.asarray(im)
+        assert a.std() > 10  # real anatomy, not a constant image
+    pal = readers.load_image(PYDICOM_FILES / "examples_palette.dcm")
+    assert pal.mode == "RGB" and np.asarray(pal).std() > 1
+    with pytest.raises(DataError, match="no pixel data"):
+        readers.load_image(PYDICOM_FILES / "waveform_ecg.dcm")
+
+
+# ---------------------------------------------------------------- ImageFolder / CSV
+
+
+def test_image_folder_with_task_aliases(tmp_path):
+    for i in range(3):
+        _png(tmp_path / "colon_aca" / f"a{i}.png", (200, 0, 0))
+    _png(tmp_path / "colon_n" / "sub" / "n0.jpg", (0, 200, 0))
+    (tmp_path / "colon_n" / "notes.txt").write_text("ignored")
+    ds = readers.image_folder(tmp_path, get_task("lc25000_colon"))
+    assert ds.classes == ["colon adenocarcinomas", "normal colonic tissue"]
+    assert ds.labels().tolist() == [0, 0, 0, 1]
+    img, lab = ds[3]
+    assert lab == 1 and img.mode == "RGB" and np.asarray(img)[0, 0, 1] > 150
+    plain = readers.open_dataset(str(tmp_path))
+    assert plain.classes == ["colon_aca", "colon_n"]
+    with pytest.raises(ConfigError, match="not one of"):
+        readers.image_folder(tmp_path, get_task("pcam"))
+
+
+def test_builtin_lc25000_layout(tmp_path):
+    root = tmp_path / "lung_colon_image_set" / "lung_image_sets"
+    for c in ("lung_aca", "lung_n", "lung_scc"):
+        _png(root / c / f"{c}1.jpeg", (10, 20, 30))
+    ds = readers.open_dataset("lc25000_lung", data_root=tmp_path)
+    assert ds.labels().tolist() == [0, 1, 2]
+    with pytest.raises(ConfigError, match="data-root"):
+        readers.open_dataset("lc25000_lung")
+
+
+def test_csv_and_tsv(tmp_path):
+    _png(tmp_path / "img" / "x.png", (1, 2, 3))
+    _png(tmp_path / "img" / "y.png", (4, 5, 6))
+    (tmp_path / "l.csv").write_text("filename,label\nimg/x.png,tumor\nimg/y.png,normal\n")
+    ds = readers.open_dataset(str(tmp_path / "l.csv"))
+    assert ds.classes == ["normal", "tumor"] and ds.labels().tolist() == [1, 0]
+    (tmp_path / "l.tsv").write_text("img/x.png\t1\nimg/y.png\t0\n")  # no header, integer labels
+    ds2 = readers.open_dataset(str(tmp_path / "l.tsv"))
+    assert ds2.classes == ["0", "1"] and ds2.labels().tolist() == [1, 0]
+    ds3 = readers.csv_dataset(tmp_path / "l.csv", get_task("pcam"))
+    assert ds3.labels().tolist() == [1, 0]
+    (tmp_path / "bad.csv").write_text("a,b,c\n1,2,3\n")
+    with pytest.raises(DataError, match="header"):
+        readers.open_dataset(str(tmp_path / "bad.csv"))
+
+
+def test_iterate_batches_counts_skips_and_keeps_alignment(tmp_path):
+    _png(tmp_path / "a" / "0.png", (255, 0, 0), size=(40, 20))
+    (tmp_path / "a" / "1.png").write_bytes(b"\x89PNG corrupt")
+    _png(tmp_path / "b" / "2.png", (0, 0, 255), size=(10, 30))
+    ds = readers.open_dataset(str(tmp_path))
+    batches = list(readers.iterate_batches(ds, image_size=8, batch_size=2, workers=2))
+    imgs = np.concatenate([b["image"] for b in batches])
+    labs = np.concatenate([b["label"] for b in batches])
+    assert imgs.shape == (2, 8, 8, 3) and labs.tolist() == [0, 1]
+    assert imgs[0, 4, 4].tolist() == [255, 0, 0] and imgs[1, 4, 4].tolist() == [0, 0, 255]
+    assert len(ds.skipped) == 1 and "1.png" in ds.skipped[0][0]
+
+
+# ---------------------------------------------------------------- PCam
+
+
+def test_pcam_h5(tmp_path):
+    import h5py
+
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (5, 96, 96, 3), dtype=np.uint8)
+    y = np.array([0, 1, 1, 0, 1], dtype=np.uint8).reshape(5, 1, 1, 1)
+    pre = tmp_path / "camelyonpatch_level_2_split_test"
+    with h5py.File(str(pre) + "_x.h5", "w") as f:
+        f["x"] = x
+    with h5py.File(str(pre) + "_y.h5", "w") as f:
+        f["y"] = y
+    ds = readers.open_dataset("pcam", data_root=tmp_path, split="test")
+    assert len(ds) == 5 and ds.classes == ["normal lymph node", "lymph node metastasis"]
+    img, lab = ds[2]
+    assert lab == 1 and np.array_equal(np.asarray(img), x[2])
+    np.testing.assert_array_equal(ds.read_block(1, 4), x[1:4])
+    ds2 = readers.open_dataset(str(pre) + "_x.h5")
+    assert ds2.labels().tolist() == [0, 1, 1, 0, 1]
+    import pickle
+
+    ds3 = pickle.loads(pickle.dumps(ds))
+    assert np.array_equal(np.asarray(ds3[4][0]), x[4])
+    with pytest.raises(DataError, match="not found"):
+        readers.open_dataset("pcam", data_root=tmp_path, split="valid")
+
+
+# ---------------------------------------------------------------- shards
+
+
+def _tar(path: Path, samples):
+    with tarfile.open(path, "w") as tf:
+        for key, members in samples:
+            for ext, data in members.items():
+                ti = tarfile.TarInfo(f"{key}.{ext}")
+                ti.size = len(data)
+                tf.addfile(ti, io.BytesIO(data))
+
+
+def _png_bytes(color, size=(30, 20)):
+    b = io.BytesIO()
+    Image.new("RGB", size, color).save(b, format="PNG")
+    return b.getvalue()
+
+
+def test_shard_pairs_and_brace_expansion(tmp_path):
+    _tar(tmp_path / "s-000000.tar", [("a", {"png": _png_bytes((255, 0, 0)), "txt": b"red one"}),
+                                      ("b", {"png": _png_bytes((0, 255, 0)), "txt": "grün".encode()})])
+    _tar(tmp_path / "s-000001.tar", [("c", {"jpg": b"broken", "txt": b"bad"}),
+                                      ("d", {"png": _png_bytes((0, 0, 255))}),
+                                      ("dir/e", {"png": _png_bytes((9, 9, 9)), "txt": b"key with a folder"})])
+    urls = readers.expand_shards(str(tmp_path / "s-{000000..000001}.tar"))
+    assert [Path(u).name for u in urls] == ["s-000000.tar", "s-000001.tar"]
+    skipped = []
+    batches = list(readers.iter_shard_pairs(str(tmp_path / "s-{000000..000001}.tar"), 16, batch_size=2,
+                                            skipped=skipped))
+    keys = [k for b in batches for k in b["key"]]
+    texts = [t for b in batches for t in b["text"]]
+    assert keys == ["a", "b", "dir/e"] and texts == ["red one", "grün", "key with a folder"]
+    assert sorted(k for k, _ in skipped) == ["c", "d"]
+    assert batches[0]["image"].shape == (2, 16, 16, 3)
+    with pytest.raises(DataError):
+        list(readers.iter_shard_pairs(str(tmp_path / "s-000001.tar"), 16))
+    with pytest.raises(DataError, match="no shards"):
+        readers.expand_shards(str(tmp_path / "nothing-*.tar"))
+
+
+def test_truncated_shard_is_counted(tmp_path):
+    p = tmp_path / "t.tar"
+    _tar(p, [(f"k{i}", {"png": _png_bytes((i, i, i)), "txt": b"x"}) for i in range(4)])
+    data = p.read_bytes()
+    p.write_bytes(data[: len(data) // 2])
+    skipped = []
+    got = [k for b in readers.iter_shard_pairs(str(p), 8, skipped=skipped) for k in b["key"]]
+    assert 0 < len(got) < 4 and any("truncated" in r for _, r in skipped)
+
+
+def test_shard_classification(tmp_path):
+    _tar(tmp_path / "c.tar", [("a", {"png": _png_bytes((1, 1, 1)), "cls": b"1"}),
+                              ("b", {"png": _png_bytes((2, 2, 2)), "cls": b"0"}),
+                              ("c", {"png": _png_bytes((3, 3, 3))})])
+    ds = readers.open_dataset(str(tmp_path / "c.tar"))
+    assert ds.labels().tolist() == [1, 0] and ds.skipped == [("c", "no cls member")]
+
+
+def test_rsna_layout(tmp_path):
+    (tmp_path / "stage_2_train_images").mkdir()
+    for pid in ("p1", "p2"):
+        make_dicom(tmp_path / "stage_2_train_images" / f"{pid}.dcm", np.arange(16).reshape(4, 4))
+    (tmp_path / "stage_2_train_labels.csv").write_text(
+        "patientId,x,y,width,height,Target\np1,,,,,0\np2,1,2,3,4,1\np2,5,6,7,8,1\np3,,,,,0\n"
+    )
+    ds = readers.open_dataset("rsna_pneumonia", data_root=tmp_path)
+    assert ds.labels().tolist() == [0, 1] and ds.classes == ["normal lung", "pneumonia"]
+    assert len(ds.skipped) == 1 and "p3" in ds.skipped[0][0]

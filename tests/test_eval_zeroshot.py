@@ -1,0 +1,171 @@
+"""Zero-shot: metrics against brute-force references, prompt specs, and the full pipeline on a model
+whose answer is known by construction."""
+
+import types
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from bmclip.errors import ConfigError, DataError
+from bmclip.eval import prompts
+from bmclip.eval.zeroshot import (
+    auroc,
+    class_embeddings,
+    classification_metrics,
+    confusion_matrix,
+    save_confusion_png,
+    zeroshot_classify,
+)
+
+
+def brute_force_auc(y, s):
+    pos = s[y == 1]
+    neg = s[y == 0]
+    return np.mean([(p > n) + 0.5 * (p == n) for p in pos for n in neg])
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_auroc_matches_pair_count_with_ties(seed):
+    rng = np.random.default_rng(seed)
+    n = 200
+    y = (rng.random(n) < 0.3).astype(int)
+    s = np.round(rng.standard_normal(n) + y, 1)  # rounding creates many ties
+    assert auroc(y, s) == pytest.approx(brute_force_auc(y, s), abs=1e-12)
+
+
+def test_auroc_edge_cases():
+    assert auroc([0, 0, 1, 1], [0.1, 0.2, 0.3, 0.4]) == 1.0
+    assert auroc([0, 0, 1, 1], [0.4, 0.3, 0.2, 0.1]) == 0.0
+    assert auroc([0, 1], [0.5, 0.5]) == 0.5
+    assert np.isnan(auroc([1, 1], [0.1, 0.2]))
+
+
+def test_classification_metrics_hand_checked():
+    y = np.array([0, 0, 0, 0, 1, 1, 2])
+    pred = np.array([0, 0, 0, 1, 1, 2, 2])
+    scores = np.eye(3)[pred]
+    m = classification_metrics(y, scores, ["a", "b", "c"])
+    assert m["accuracy"] == pytest.approx(5 / 7)
+    assert m["per_class_recall"] == {"a": 0.75, "b": 0.5, "c": 1.0}
+    assert m["balanced_accuracy"] == pytest.approx((0.75 + 0.5 + 1.0) / 3)
+    assert m["confusion_matrix"] == [[3, 1, 0], [0, 1, 1], [0, 0, 1]]
+    assert m["majority_baseline"] == pytest.approx(4 / 7)
+    assert "auroc_ovr_macro" in m
+    # Absent class: recall None, excluded from balanced accuracy.
+    m2 = classification_metrics(np.array([0, 0, 1]), np.eye(3)[[0, 1, 1]], ["a", "b", "c"])
+    assert m2["per_class_recall"]["c"] is None
+    assert m2["balanced_accuracy"] == pytest.approx((0.5 + 1.0) / 2)
+    with pytest.raises(DataError):
+        confusion_matrix([0, 3], [0, 1], 3)
+
+
+def test_binary_auroc_uses_score_difference():
+    y = np.array([0, 1, 1, 0])
+    scores = np.array([[2.0, 1.0], [0.0, 3.0], [1.0, 1.5], [0.5, 0.6]])  # diffs -1, 3, .5, .1
+    assert classification_metrics(y, scores)["auroc"] == 1.0
+
+
+def test_confusion_png(tmp_path):
+    p = save_confusion_png(np.array([[5, 1], [2, 7]]), ["normal lymph node", "lymph node metastasis"],
+                           tmp_path / "cm.png", title="pcam")
+    im = Image.open(p)
+    assert im.format == "PNG" and im.size[0] > 100
+
+
+def test_builtin_prompts_are_the_papers():
+    t = prompts.get_task("pcam")
+    assert t.prompts(1) == ["this is an image of lymph node metastasis", "lymph node metastasis presented in image"]
+    assert prompts.get_task("tcga_til").metric == "auroc"
+    assert set(prompts.BUILTIN_TASKS) == {"pcam", "lc25000_lung", "lc25000_colon", "tcga_til", "rsna_pneumonia"}
+    assert prompts.get_task("lc25000_lung").class_index("lung_scc") == 2
+    with pytest.raises(ConfigError):
+        prompts.get_task("imagenet")
+
+
+def test_task_yaml(tmp_path):
+    (tmp_path / "t.yaml").write_text(
+        "classes: {ct: computed tomography, mr: magnetic resonance}\ntemplates: ['a {} scan', '{}']\ndata: imgs\n"
+    )
+    t = prompts.load_task_yaml(tmp_path / "t.yaml")
+    assert t.classes == ("computed tomography", "magnetic resonance")
+    assert t.class_index("mr") == 1 and t.data == str((tmp_path / "imgs").resolve())
+    (tmp_path / "bad.yaml").write_text("classes: [a, b]\ntemplates: ['no placeholder']\n")
+    with pytest.raises(ConfigError, match="exactly one"):
+        prompts.load_task_yaml(tmp_path / "bad.yaml")
+    (tmp_path / "bad2.yaml").write_text("classes: [a]\n")
+    with pytest.raises(ConfigError, match="at least 2"):
+        prompts.load_task_yaml(tmp_path / "bad2.yaml")
+
+
+# ---------------------------------------------------------------- the pipeline on a model with a known answer
+
+COLOURS = ["red", "green", "blue"]
+
+
+class ColourModel(torch.nn.Module):
+    """encode_image = mean RGB (after undoing normalisation); encode_text = counts of colour words.
+
+    A red image therefore matches "a photo of red" exactly, so zero-shot accuracy must be 1.
+    """
+
+    image_mean = (0.5, 0.5, 0.5)
+    image_std = (0.25, 0.25, 0.25)
+
+    def __init__(self):
+        super().__init__()
+        self.dummy = torch.nn.Parameter(torch.zeros(()))
+        self.config = types.SimpleNamespace(vision=types.SimpleNamespace(image_size=16))
+        self.logit_scale = torch.nn.Parameter(torch.tensor(np.log(10.0)))
+
+    def encode_image(self, x):
+        rgb = x * 0.25 + 0.5
+        return rgb.mean(dim=(2, 3)) + self.dummy
+
+    def encode_text(self, ids):
+        # ids: (B, 3) counts, built by the tokenizer below
+        return ids.float() + 0.01
+
+
+def colour_tokenizer(texts):
+    return torch.tensor([[t.split().count(c) for c in COLOURS] for t in texts], dtype=torch.long)
+
+
+def test_class_embeddings_are_normalised_template_means():
+    m = ColourModel()
+    w = class_embeddings(m, colour_tokenizer, COLOURS, ["a photo of {}", "{} red stripes"])
+    # Reference by hand: "green" gives (0,1,0)+.01 and "green red stripes" gives (1,1,0)+.01; each is
+    # normalised, averaged, renormalised.
+    a = torch.tensor([0.01, 1.01, 0.01])
+    b = torch.tensor([1.01, 1.01, 0.01])
+    ref = torch.nn.functional.normalize(a / a.norm() + b / b.norm(), dim=0)
+    torch.testing.assert_close(w[1], ref)
+    torch.testing.assert_close(w.norm(dim=1), torch.ones(3))
+
+
+def test_zeroshot_pipeline_on_known_answer_model():
+    rng = np.random.default_rng(0)
+    imgs, labels = [], []
+    for i in range(30):
+        k = i % 3
+        c = [40, 40, 40]
+        c[k] = 230
+        arr = np.clip(np.array(c) + rng.integers(-20, 20, (24, 32, 3)), 0, 255).astype(np.uint8)
+        imgs.append(Image.fromarray(arr))
+        labels.append(k)
+    out = zeroshot_classify(ColourModel(), colour_tokenizer, imgs, COLOURS, ["a photo of {}", "{}"],
+                            labels=labels, batch_size=7)
+    assert out["metrics"]["accuracy"] == 1.0
+    assert out["probs"].shape == (30, 3)
+    np.testing.assert_allclose(out["probs"].sum(1), 1.0)
+    # Loader input (dict batches with labels) gives the same scores.
+    from bmclip.eval.embed import resize_center_crop
+
+    arrs = np.stack([np.asarray(resize_center_crop(im, 16)) for im in imgs])
+    batches = [{"image": arrs[s : s + 8], "label": np.array(labels[s : s + 8])} for s in range(0, 30, 8)]
+    out2 = zeroshot_classify(ColourModel(), colour_tokenizer, batches, COLOURS, ["a photo of {}", "{}"])
+    np.testing.assert_allclose(out2["scores"], out["scores"], rtol=1e-6)
+    assert out2["metrics"]["accuracy"] == 1.0
+    with pytest.raises(DataError, match="labels"):
+        zeroshot_classify(ColourModel(), colour_tokenizer, imgs, COLOURS, labels=labels[:3])
