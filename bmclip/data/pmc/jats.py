@@ -16,6 +16,8 @@ Caption text rules (what ``Figure.caption`` holds):
   (italic, bold, sub/sup, xref, named-content, styled-content, MathML tokens, ...) kept as plain text;
 - block elements (title, p, list-item, ...) are separated by one space, inline markup is joined as is
   ("CO<sub>2</sub>" -> "CO2"); then whitespace runs collapse to one space and the ends are stripped;
+- MathML keeps the text of its token elements (``mi``, ``mn``, ``mo``, ``mtext``, ``ms``), one space
+  between tokens (``log CV = − 0.5 log Frequency + 2``);
 - inside ``<alternatives>`` only the first textual rendering is kept (MathML before TeX), and MathML
   ``<annotation>`` (TeX source) is dropped, so a formula is not repeated;
 - the ``<label>`` of the figure is excluded (it is returned separately as ``Figure.label``).
@@ -113,6 +115,8 @@ _BLOCK = frozenset(
         "caption",
     }
 )
+# MathML token elements: their text is kept, one space between tokens.
+_MATH_TOKENS = frozenset({"mi", "mn", "mo", "mtext", "ms"})
 # Never text: TeX annotations of MathML and object/permission metadata inside captions.
 _SKIP_TEXT = frozenset({"annotation", "annotation-xml", "object-id", "permissions"})
 
@@ -203,10 +207,29 @@ def parse_xml_safely(data: bytes, name: str = "<bytes>") -> ET.Element:
         raise DataError(f"{name}: malformed XML: {e}") from e
 
 
+def _math_tokens(el: ET.Element, out: list[str]) -> None:
+    for k in el:
+        n = _local(k.tag)
+        if n in _SKIP_TEXT:
+            continue
+        if n in _MATH_TOKENS:
+            t = "".join(k.itertext()).strip()
+            if t:
+                out.append(t)
+        else:
+            _math_tokens(k, out)
+
+
 def _text(el: ET.Element, parts: list[str]) -> None:
     """Append the text of el (tail excluded) to parts following the caption rules."""
     name = _local(el.tag)
     if name in _SKIP_TEXT:
+        return
+    if name == "math":
+        # MathML: token texts separated by single spaces ("log CV = − 0.5"), markup dropped.
+        toks: list[str] = []
+        _math_tokens(el, toks)
+        parts.append(" ".join(toks))
         return
     block = name in _BLOCK
     if block:
