@@ -294,7 +294,9 @@ def test_truncated_tar_not_fatal(tmp_path):
         assert keys[:10] == [f"s{u:05d}" for u in range(10)]  # the intact shard is complete
         # samples before the damage are kept in order
         assert keys[10:] == [f"s{u:05d}" for u in range(10, 10 + n_good_second)]
-        assert complete <= n_good_second < 10  # every sample wholly before the cut survives
+        # every sample wholly before the cut survives, except that the indexer may drop the last one
+        # (it cannot know whether more of its members were in the lost part)
+        assert max(complete - 1, 0) <= n_good_second < 10
         assert ld.skipped.get("truncated_tar") == 1
         assert ld.stats["tar_errors"]
     # garbage instead of a tar: nothing fatal either

@@ -24,6 +24,8 @@ the consumer trains on batch n; the C++ decoder releases the GIL for the whole b
    pinned) that becomes ``batch["image"]`` through ``torch.from_numpy`` (no copy). A batch's image
    tensor is overwritten ``prefetch + 1`` batches later: ``.clone()`` it (or move it to the GPU) if
    you keep it longer.
+   ``decode=False`` skips decoding and hands out ``batch["image_bytes"]`` (zero-copy uint8 views of
+   the encoded images, header-checked) for a DALI pipeline (``bmclip.data.dali``) to decode.
 6. **Text.** With ``tokenizer`` (a callable ``list[str] -> LongTensor [N, L]``), captions are
    tokenised in a second background thread while the images decode; ``batch["input_ids"]`` is ready
    when the batch is handed out, so the consumer never waits on tokenisation.
@@ -66,15 +68,10 @@ _MAX_DETAILS = 200
 
 
 def _import_c():
-    """The compiled extension, or an ImportError that says how to build it."""
-    try:
-        from bmclip import _C
-    except ImportError as e:  # pragma: no cover - depends on the build
-        raise ImportError(
-            "bmclip._C (the C++ shard reader/decoder) is not built: run "
-            "`pip install --no-build-isolation -e .` in the bmclip checkout"
-        ) from e
-    return _C
+    """The compiled extension (ImportError with build instructions when it is missing)."""
+    from bmclip._ext import load_ext
+
+    return load_ext()
 
 
 def _mix(*values: int) -> int:
@@ -166,6 +163,9 @@ class _Stream:
         if idx.truncated or idx.errors:
             if idx.truncated:
                 _count(c, "truncated_tar", f"truncated tar {self.L.urls[shard]}")
+            dropped = int(getattr(idx, "dropped", 0))
+            if dropped:  # samples the indexer could not keep (damaged at or inside them)
+                c["skipped"]["damaged_tar_sample"] = c["skipped"].get("damaged_tar_sample", 0) + dropped
             if len(c["tar_errors"]) < _MAX_DETAILS:
                 c["tar_errors"].extend(f"{self.L.urls[shard]}: {e}" for e in list(idx.errors)[:8])
 
@@ -395,6 +395,7 @@ class ShardLoader(torch.utils.data.IterableDataset):
         pin_memory: bool = False,
         scale: tuple[float, float] = (0.9, 1.0),
         ratio: tuple[float, float] = (3 / 4, 4 / 3),
+        decode: bool = True,
     ):
         super().__init__()
         self.urls = expand_urls(urls)
@@ -440,6 +441,7 @@ class ShardLoader(torch.utils.data.IterableDataset):
         self.prefetch, self.pin_memory = int(prefetch), bool(pin_memory)
         self.scale = (float(scale[0]), float(scale[1]))
         self.ratio = (float(ratio[0]), float(ratio[1]))
+        self.decode = bool(decode)
         self._urls_digest = hashlib.sha1("\n".join(self.urls).encode()).hexdigest()
         self._decoder = None
         self._tok_pool: ThreadPoolExecutor | None = None
@@ -585,6 +587,8 @@ class ShardLoader(torch.utils.data.IterableDataset):
             return None
 
     def _make_ring(self) -> list[np.ndarray]:
+        if not self.decode:
+            return [None]
         shape = (self.batch_size, self.image_size, self.image_size, 3)
         ring = []
         # consumer holds 1, queue holds `prefetch`, producer fills 1
@@ -627,6 +631,18 @@ class ShardLoader(torch.utils.data.IterableDataset):
         self._active = pipe
         return _LoaderIter(self, pipe)
 
+    def _header_check(self, buf) -> str | None:
+        """decode=False: reject what the C++ header parser cannot identify (None = looks decodable)."""
+        info = getattr(self._decoder, "image_info", None) or getattr(_import_c(), "image_info", None)
+        if info is None:
+            return None
+        try:
+            w, h = info(buf)[:2]
+        except Exception as e:  # the parser's message is the skip reason
+            return f"{type(e).__name__}: {e}"
+        return None if w > 0 and h > 0 else f"image header gives size {w}x{h}"
+
+
     def _tokenize(self, texts: list[str]) -> Future | None:
         if self.tokenizer is None:
             return None
@@ -653,17 +669,21 @@ class ShardLoader(torch.utils.data.IterableDataset):
             if not cand:
                 break
             fut = self._tokenize([s.text for s in cand])
-            lo = len(got)
-            dst = out[lo : lo + len(cand)]
-            seed = _mix(self.seed, st["epoch"], split, st["batch"], attempt)
-            reasons = self._decoder.decode_batch(
-                [s.image for s in cand], dst, augment=self.augment, seed=seed, scale=self.scale, ratio=self.ratio
-            )
+            if self.decode:
+                lo = len(got)
+                dst = out[lo : lo + len(cand)]
+                seed = _mix(self.seed, st["epoch"], split, st["batch"], attempt)
+                reasons = self._decoder.decode_batch(
+                    [s.image for s in cand], dst, augment=self.augment, seed=seed, scale=self.scale,
+                    ratio=self.ratio,
+                )
+            else:
+                reasons = [self._header_check(s.image) for s in cand]
             ok = np.array([r is None for r in reasons], dtype=bool)
             for r in reasons:
                 if r is not None:  # detail = the decoder's reason, so distinct details stay few
                     _count(st["counters"], "corrupt_image", str(r))
-            if not ok.all():
+            if self.decode and not ok.all():
                 # keep the decoded rows contiguous: move the good ones down over the failed slots
                 dst[: int(ok.sum())] = dst[ok]
             got.extend(s for s, k in zip(cand, ok) if k)
@@ -678,11 +698,11 @@ class ShardLoader(torch.utils.data.IterableDataset):
         c["samples"] += n
         c["batches"] += 1
         st["batch"] += 1
-        batch: dict[str, Any] = {
-            "image": torch.from_numpy(out[:n]),
-            "text": [s.text for s in got],
-            "key": [s.key for s in got],
-        }
+        batch: dict[str, Any] = {"text": [s.text for s in got], "key": [s.key for s in got]}
+        if self.decode:
+            batch["image"] = torch.from_numpy(out[:n])
+        else:  # zero-copy read-only views into the mapped shard (they keep the mapping alive)
+            batch["image_bytes"] = [s.image for s in got]
         if any(s.json is not None for s in got):
             batch["json"] = [s.json if s.json is not None else {} for s in got]
         if tok_parts:

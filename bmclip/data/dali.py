@@ -1,0 +1,210 @@
+"""Image augmentation + normalisation after ``ShardLoader``: NVIDIA DALI pipelines and a plain-torch path.
+
+Two ways to get from shards to the normalised float ``[N, 3, S, S]`` batch the model wants:
+
+1. **C++ loader + torch** (always available; the trainer's default): ``ShardLoader`` decodes and does
+   the random resized crop on the CPU in ``bmclip._C`` (libjpeg-turbo with DCT-domain downscaling and
+   cropped decoding), handing out uint8 NHWC; :func:`normalize_batch` then moves the uint8 batch to
+   the GPU (4x fewer bytes over PCIe than float32) and converts/normalises it there in one fused
+   elementwise pass.
+2. **DALI** (``pip install nvidia-dali-cuda130``): :func:`build_pipeline` with ``source="encoded"``
+   takes the raw JPEG/PNG bytes from ``ShardLoader(decode=False)`` via ``fn.external_source`` and does
+   decode (``mixed`` = nvJPEG on the GPU when ``device_id`` is set), random resized crop, optional
+   flip and normalisation in DALI, returning CUDA tensors. ``source="decoded"`` takes the loader's
+   uint8 NHWC batch and does flip + normalisation in DALI (useful only for the flip).
+   ``device_id=None`` builds the CPU-only form of the same graph (what CI tests).
+
+Which is preferred where (CPU numbers: ``benchmarks/bench_loader.py``; GPU numbers still to be measured
+on an H100 node and recorded in ``benchmarks/RESULTS.md``):
+
+- CPU-only machines, and GPU nodes with enough cores per GPU (the C++ loader reaches its throughput
+  target per core): path 1. It needs nothing beyond torch, its crop is bitwise deterministic per
+  (seed, epoch, batch) and resumable, and bad images are counted skips. DALI's CPU decoder is slower
+  per core than ours (full-size decode, no DCT-scaled ROI decode) - measured in the benchmark.
+- GPU nodes that are CPU-starved (few cores per H100 at ViT-B/16 speeds, >1,500 img/s/GPU needed):
+  path 2 with ``device_id`` set moves decoding to nvJPEG, leaving the CPU only tar reading. Its
+  caveat: a corrupt image that passes the loader's header check fails the whole DALI batch (DALI
+  raises), so shards should be validated (the dataset builder does) before using it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from bmclip.errors import ConfigError
+
+__all__ = ["normalize_batch", "dali_available", "build_pipeline", "DaliAugment", "IMAGE_MEAN", "IMAGE_STD"]
+
+# open_clip's OPENAI_DATASET_MEAN/STD, which BiomedCLIP uses (bmclip.model re-exports the same values;
+# kept here so this module does not import the model package)
+IMAGE_MEAN = (0.48145466, 0.4578275, 0.40821073)
+IMAGE_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def normalize_batch(
+    images: torch.Tensor,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
+    mean: Sequence[float] = IMAGE_MEAN,
+    std: Sequence[float] = IMAGE_STD,
+) -> torch.Tensor:
+    """uint8 NHWC ``[N, S, S, 3]`` -> ``dtype`` NCHW ``[N, 3, S, S]``, ``(x/255 - mean)/std``, on ``device``.
+
+    The uint8 batch is copied to ``device`` first (non-blocking when it is pinned), and the arithmetic
+    runs there in float32 before the cast to ``dtype``. The result is a channels_last-strided NCHW
+    tensor (a permuted view of NHWC), which convolutions and patch embeddings accept without a copy.
+    """
+    if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[-1] != 3:
+        raise ConfigError(f"normalize_batch expects uint8 [N, H, W, 3], got {images.dtype} {tuple(images.shape)}")
+    dev = torch.device(device) if device is not None else images.device
+    x = images.to(dev, non_blocking=True).permute(0, 3, 1, 2)
+    # (x/255 - mean)/std == x * (1/(255 std)) - mean/std: one multiply-add per element
+    scale = torch.tensor([1.0 / (255.0 * s) for s in std], device=dev, dtype=torch.float32).view(1, 3, 1, 1)
+    shift = torch.tensor([m / s for m, s in zip(mean, std)], device=dev, dtype=torch.float32).view(1, 3, 1, 1)
+    return torch.addcmul(-shift, x.float(), scale).to(dtype)
+
+
+def dali_available() -> bool:
+    """Whether ``nvidia.dali`` can be imported."""
+    try:
+        import nvidia.dali  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _dali():
+    try:
+        import nvidia.dali as dali
+        import nvidia.dali.fn as fn
+        import nvidia.dali.types as types
+    except ImportError as e:
+        raise ImportError(
+            "bmclip.data.dali needs NVIDIA DALI: pip install nvidia-dali-cuda130 (or use normalize_batch)"
+        ) from e
+    return dali, fn, types
+
+
+def build_pipeline(
+    *,
+    batch_size: int,
+    image_size: int,
+    source: str = "encoded",
+    augment: str = "random_resized_crop",
+    flip: bool = False,
+    device_id: int | None = None,
+    num_threads: int = 2,
+    seed: int = 0,
+    scale: tuple[float, float] = (0.9, 1.0),
+    ratio: tuple[float, float] = (3 / 4, 4 / 3),
+    mean: Sequence[float] = IMAGE_MEAN,
+    std: Sequence[float] = IMAGE_STD,
+    fp16: bool = False,
+    prefetch_queue_depth: int = 1,
+):
+    """A built DALI pipeline: external_source ``"images"`` -> float ``[N, 3, S, S]`` normalised output.
+
+    ``source="encoded"``: input is a list of uint8 1-D arrays (JPEG/PNG bytes); decode + (random resized
+    crop | resize shorter side + centre crop) with antialiased bicubic resampling, then optional flip
+    and normalisation. ``source="decoded"``: input is a uint8 ``[N, S, S, 3]`` batch (from ShardLoader);
+    optional flip + normalisation only. ``device_id=None`` is the CPU-only pipeline; otherwise the
+    decoder is ``mixed`` (nvJPEG) and the other operators run on GPU ``device_id``.
+    """
+    dali, fn, types = _dali()
+    if source not in ("encoded", "decoded"):
+        raise ConfigError(f"source must be 'encoded' or 'decoded', got {source!r}")
+    if augment not in ("random_resized_crop", "center"):
+        raise ConfigError(f"augment must be 'random_resized_crop' or 'center', got {augment!r}")
+    if batch_size < 1 or image_size < 1:
+        raise ConfigError(f"batch_size and image_size must be >= 1, got {batch_size}, {image_size}")
+    if device_id is not None and not torch.cuda.is_available():
+        raise ConfigError(f"device_id={device_id} needs CUDA; use device_id=None for the CPU pipeline")
+    gpu = device_id is not None
+    dev = "gpu" if gpu else "cpu"
+    S = int(image_size)
+    mean255 = [255.0 * m for m in mean]
+    std255 = [255.0 * s for s in std]
+    out_dtype = types.FLOAT16 if fp16 else types.FLOAT
+
+    pipe = dali.Pipeline(
+        batch_size=batch_size,
+        num_threads=num_threads,
+        device_id=device_id,
+        seed=seed,
+        prefetch_queue_depth=prefetch_queue_depth,
+        exec_dynamic=True,
+    )
+    with pipe:
+        if source == "encoded":
+            data = fn.external_source(name="images", dtype=types.UINT8, device="cpu")
+            dec_dev = "mixed" if gpu else "cpu"
+            if augment == "random_resized_crop":
+                # torchvision semantics: area fraction in `scale`, aspect in `ratio`, 10 attempts
+                imgs = fn.decoders.image_random_crop(
+                    data, device=dec_dev, output_type=types.RGB, random_area=list(scale),
+                    random_aspect_ratio=list(ratio), num_attempts=10,
+                )
+                imgs = fn.resize(imgs, device=dev, size=[S, S], interp_type=types.INTERP_CUBIC, antialias=True)
+                crop = None
+            else:
+                imgs = fn.decoders.image(data, device=dec_dev, output_type=types.RGB)
+                imgs = fn.resize(imgs, device=dev, resize_shorter=S, interp_type=types.INTERP_CUBIC,
+                                 antialias=True)
+                crop = [S, S]
+        else:
+            imgs = fn.external_source(name="images", dtype=types.UINT8, layout="HWC", device=dev)
+            crop = None
+        mirror = fn.random.coin_flip(probability=0.5) if flip else 0
+        kw: dict[str, Any] = {"crop": crop} if crop is not None else {}
+        out = fn.crop_mirror_normalize(
+            imgs, device=dev, dtype=out_dtype, output_layout="CHW", mean=mean255, std=std255, mirror=mirror, **kw
+        )
+        pipe.set_outputs(out)
+    pipe.build()
+    return pipe
+
+
+class DaliAugment:
+    """Runs a :func:`build_pipeline` pipeline on ShardLoader batches -> float ``[N, 3, S, S]`` torch tensor."""
+
+    def __init__(self, **pipeline_kwargs):
+        self.source = pipeline_kwargs.get("source", "encoded")
+        self.device_id = pipeline_kwargs.get("device_id")
+        self.fp16 = pipeline_kwargs.get("fp16", False)
+        self.max_batch = pipeline_kwargs["batch_size"]
+        self.pipe = build_pipeline(**pipeline_kwargs)
+
+    def __call__(self, batch: dict[str, Any] | Sequence[np.ndarray] | torch.Tensor) -> torch.Tensor:
+        """Augment one batch: a ShardLoader batch dict, a list of encoded images, or uint8 NHWC."""
+        if isinstance(batch, dict):
+            data = batch["image_bytes"] if self.source == "encoded" else batch["image"]
+        else:
+            data = batch
+        if self.source == "decoded":
+            data = data.numpy() if isinstance(data, torch.Tensor) else np.asarray(data)
+            n = data.shape[0]
+        else:
+            data = [np.asarray(b, dtype=np.uint8) for b in data]
+            n = len(data)
+        if not 0 < n <= self.max_batch:
+            raise ConfigError(f"batch of {n} does not fit the pipeline's batch_size {self.max_batch}")
+        self.pipe.feed_input("images", data)
+        (out,) = self.pipe.run()
+        return _to_torch(out, self.device_id, self.fp16)
+
+
+def _to_torch(out, device_id: int | None, fp16: bool) -> torch.Tensor:
+    dtype = torch.float16 if fp16 else torch.float32
+    if device_id is None:
+        return torch.from_numpy(np.ascontiguousarray(out.as_array()))
+    from nvidia.dali.plugin.pytorch import feed_ndarray
+
+    t = out.as_tensor()
+    res = torch.empty(tuple(t.shape()), dtype=dtype, device=torch.device("cuda", device_id))
+    # copy on torch's current stream, ordered after DALI's work (what DALIGenericIterator does)
+    feed_ndarray(t, res, cuda_stream=torch.cuda.current_stream(device_id))
+    return res

@@ -1,0 +1,197 @@
+"""Normalisation (torch path) and the DALI pipelines (CPU form in CI; GPU form with CUDA)."""
+
+from __future__ import annotations
+
+import io
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from bmclip.data.dali import IMAGE_MEAN, IMAGE_STD, normalize_batch
+from bmclip.errors import ConfigError
+
+S = 32
+
+
+def reference_normalise(x_uint8_nhwc: np.ndarray) -> np.ndarray:
+    """float64 (x/255 - mean)/std, NCHW."""
+    x = x_uint8_nhwc.astype(np.float64).transpose(0, 3, 1, 2) / 255.0
+    return (x - np.array(IMAGE_MEAN).reshape(1, 3, 1, 1)) / np.array(IMAGE_STD).reshape(1, 3, 1, 1)
+
+
+def smooth_image(w: int, h: int, phase: float) -> Image.Image:
+    """A smooth colour gradient (JPEG-friendly, so decoder differences stay small)."""
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float64)
+    r = 127 + 100 * np.sin(xx / w * 3.0 + phase)
+    g = 127 + 100 * np.cos(yy / h * 2.0 + phase)
+    b = 127 + 80 * np.sin((xx + yy) / (w + h) * 4.0)
+    return Image.fromarray(np.stack([r, g, b], -1).round().astype(np.uint8))
+
+
+def encode(im: Image.Image, fmt="JPEG") -> np.ndarray:
+    buf = io.BytesIO()
+    im.save(buf, format=fmt, **({"quality": 95} if fmt == "JPEG" else {}))
+    return np.frombuffer(buf.getvalue(), dtype=np.uint8)
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = ((a.astype(np.float64) - b.astype(np.float64)) ** 2).mean()
+    return 10 * np.log10(255.0**2 / max(mse, 1e-12))
+
+
+def test_mean_std_are_open_clips():
+    import importlib.util
+    from pathlib import Path
+
+    import bmclip.model
+
+    # open_clip/constants.py loaded by path: importing the open_clip package takes ~10 s (timm, hf)
+    spec = importlib.util.find_spec("open_clip")
+    if spec is None:
+        pytest.skip("open_clip not installed")
+    path = Path(spec.submodule_search_locations[0]) / "constants.py"
+    cspec = importlib.util.spec_from_file_location("_oc_constants", path)
+    consts = importlib.util.module_from_spec(cspec)
+    cspec.loader.exec_module(consts)
+    OPENAI_DATASET_MEAN, OPENAI_DATASET_STD = consts.OPENAI_DATASET_MEAN, consts.OPENAI_DATASET_STD
+
+    assert tuple(IMAGE_MEAN) == tuple(OPENAI_DATASET_MEAN) == tuple(bmclip.model.IMAGE_MEAN)
+    assert tuple(IMAGE_STD) == tuple(OPENAI_DATASET_STD) == tuple(bmclip.model.IMAGE_STD)
+
+
+def test_normalize_batch_matches_float64_reference():
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (3, 5, 7, 3), dtype=np.uint8)
+    ref = reference_normalise(x)
+    out = normalize_batch(torch.from_numpy(x), "cpu", torch.float32)
+    assert out.shape == (3, 3, 5, 7) and out.dtype == torch.float32
+    np.testing.assert_allclose(out.numpy(), ref, rtol=0, atol=2e-6)
+    bf = normalize_batch(torch.from_numpy(x), "cpu", torch.bfloat16)
+    assert bf.dtype == torch.bfloat16
+    np.testing.assert_allclose(bf.float().numpy(), ref, rtol=2**-8, atol=1e-6)
+    # matches torchvision's ToTensor + Normalize (what open_clip's transform does)
+    from torchvision.transforms import Normalize
+
+    tv = Normalize(IMAGE_MEAN, IMAGE_STD)(torch.from_numpy(x).permute(0, 3, 1, 2).double() / 255.0)
+    np.testing.assert_allclose(out.numpy(), tv.numpy(), rtol=0, atol=2e-6)
+    with pytest.raises(ConfigError):
+        normalize_batch(torch.zeros(2, 4, 4, 3), "cpu")
+    with pytest.raises(ConfigError):
+        normalize_batch(torch.zeros(2, 3, 4, 4, dtype=torch.uint8), "cpu")
+
+
+@pytest.mark.gpu
+def test_normalize_batch_cuda():
+    x = torch.randint(0, 256, (4, 8, 8, 3), dtype=torch.uint8).pin_memory()
+    out = normalize_batch(x, "cuda", torch.bfloat16)
+    assert out.is_cuda and out.dtype == torch.bfloat16
+    np.testing.assert_allclose(out.float().cpu().numpy(), reference_normalise(x.numpy()), rtol=2**-8, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------------
+dali = pytest.importorskip("nvidia.dali", reason="NVIDIA DALI not installed (pip install nvidia-dali-cuda130)")
+
+from bmclip.data.dali import DaliAugment, build_pipeline  # noqa: E402
+
+
+def test_dali_cpu_decoded_normalisation_exact():
+    rng = np.random.default_rng(1)
+    x = rng.integers(0, 256, (6, S, S, 3), dtype=np.uint8)
+    aug = DaliAugment(batch_size=8, image_size=S, source="decoded", device_id=None)
+    out = aug(torch.from_numpy(x))
+    assert out.shape == (6, 3, S, S) and out.dtype == torch.float32 and out.device.type == "cpu"
+    np.testing.assert_allclose(out.numpy(), reference_normalise(x), rtol=0, atol=1e-5)
+
+
+def test_dali_cpu_flip():
+    rng = np.random.default_rng(2)
+    x = rng.integers(0, 256, (16, S, S, 3), dtype=np.uint8)
+    out = DaliAugment(batch_size=16, image_size=S, source="decoded", flip=True, seed=3)(x).numpy()
+    ref = reference_normalise(x)
+    flipped = 0
+    for o, r in zip(out, ref):
+        if np.allclose(o, r, atol=1e-5):
+            continue
+        np.testing.assert_allclose(o, r[:, :, ::-1], atol=1e-5)  # otherwise exactly the mirror image
+        flipped += 1
+    assert 0 < flipped < 16
+
+
+def test_dali_cpu_encoded_center_matches_pil():
+    ims = [smooth_image(96, 64, 0.0), smooth_image(50, 120, 1.0), smooth_image(64, 64, 2.0)]
+    data = [encode(ims[0]), encode(ims[1], "PNG"), encode(ims[2])]
+    out = DaliAugment(batch_size=4, image_size=S, source="encoded", augment="center")(data).numpy()
+    assert out.shape == (3, 3, S, S)
+    mean = np.array(IMAGE_MEAN).reshape(3, 1, 1)
+    std = np.array(IMAGE_STD).reshape(3, 1, 1)
+    for o, im in zip(out, ims):
+        pix = ((o * std + mean) * 255.0).transpose(1, 2, 0)  # back to HWC 0..255
+        w, h = im.size
+        sc = S / min(w, h)
+        r = im.resize((max(S, round(w * sc)), max(S, round(h * sc))), Image.BICUBIC)
+        left, top = (r.size[0] - S) // 2, (r.size[1] - S) // 2
+        ref = np.asarray(r.crop((left, top, left + S, top + S)), dtype=np.float64)
+        assert psnr(pix, ref) > 30
+
+
+def test_dali_cpu_encoded_random_resized_crop():
+    ims = [smooth_image(120, 80, p) for p in range(5)]
+    pipe_kw = dict(batch_size=5, image_size=S, source="encoded", augment="random_resized_crop", seed=7)
+    out = DaliAugment(**pipe_kw)([encode(im) for im in ims]).numpy()
+    assert out.shape == (5, 3, S, S) and np.isfinite(out).all()
+    mean = np.array(IMAGE_MEAN).reshape(1, 3, 1, 1)
+    std = np.array(IMAGE_STD).reshape(1, 3, 1, 1)
+    pix = (out * std + mean) * 255.0
+    assert pix.min() > -3 and pix.max() < 258  # a resize of uint8 pixels, normalised
+    # scale (0.9, 1): the crop covers almost all of the image, so it is close to a plain resize
+    for p, im in zip(pix, ims):
+        ref = np.asarray(im.resize((S, S), Image.BICUBIC), dtype=np.float64)
+        assert psnr(p.transpose(1, 2, 0), ref) > 18
+
+
+def test_dali_fed_from_shardloader_raw_bytes(tmp_path):
+    pytest.importorskip("bmclip._C", reason="bmclip._C not built")
+    from bmclip.data.loader import ShardLoader
+
+    p = tmp_path / "s-000.tar"
+    with tarfile.open(p, "w") as tf:
+        for i in range(7):
+            for ext, data in (("jpg", encode(smooth_image(70 + i, 60, i)).tobytes()), ("txt", b"a caption")):
+                ti = tarfile.TarInfo(f"k{i}.{ext}")
+                ti.size = len(data)
+                tf.addfile(ti, io.BytesIO(data))
+    ld = ShardLoader([str(p)], batch_size=4, image_size=S, decode=False, seed=0)
+    aug = DaliAugment(batch_size=4, image_size=S, source="encoded", augment="center")
+    sizes = []
+    for b in ld:
+        assert "image" not in b and len(b["image_bytes"]) == len(b["key"])
+        out = aug(b)
+        assert out.shape == (len(b["key"]), 3, S, S)
+        sizes.append(out.shape[0])
+    assert sizes == [4, 3]
+
+
+def test_build_pipeline_rejects_bad_args():
+    with pytest.raises(ConfigError):
+        build_pipeline(batch_size=2, image_size=S, source="video")
+    with pytest.raises(ConfigError):
+        build_pipeline(batch_size=2, image_size=S, augment="flip")
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="CUDA"):
+            build_pipeline(batch_size=2, image_size=S, device_id=0)
+
+
+@pytest.mark.gpu
+def test_dali_gpu_matches_cpu_pipeline():
+    ims = [smooth_image(96, 64, p) for p in range(4)]
+    data = [encode(im) for im in ims]
+    kw = dict(batch_size=4, image_size=S, source="encoded", augment="center")
+    cpu = DaliAugment(**kw, device_id=None)(data)
+    gpu = DaliAugment(**kw, device_id=0)(data)
+    assert gpu.is_cuda and gpu.shape == cpu.shape
+    std = torch.tensor(IMAGE_STD).view(1, 3, 1, 1) * 255.0
+    diff = ((gpu.cpu() - cpu) * std).abs()  # in pixel units: nvJPEG vs libjpeg IDCT differ slightly
+    assert diff.mean() < 2.0
