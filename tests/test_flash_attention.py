@@ -1,0 +1,282 @@
+"""Flash attention (kernels/flash_attention.py) against a float64 reference, forward and all three gradients.
+
+Accuracy rule (flash-attn's): the kernel's max error vs float64 must be at most twice the error of a plain
+torch implementation run in the same precision as the kernel, plus a small absolute floor. The floor
+covers fp32 rounding noise: when both errors are ~1e-7 (a few ulps), "2x" is a coin toss, so we allow
+FLOOR_ULPS ulps of the reference's magnitude on top; a real bug (wrong mask, wrong block, wrong scale)
+gives errors of order 1e-2..1, orders of magnitude above it.
+
+On CPU the Triton kernels run under TRITON_INTERPRET=1 (set by conftest.py); sizes are chosen so the
+file takes well under a minute or two there while still covering lengths {1, 2, 17, 64, 100, 197, 256}
+in one varlen batch, padded batches, head dims 32/64/128 (and a non-power-of-two one), causal and not.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+import sys
+
+import pytest
+import torch
+
+# The package re-exports the function under the module's name, so fetch the module itself explicitly.
+fa = importlib.import_module("bmclip.kernels.flash_attention")
+flash_attention = fa.flash_attention
+
+LENGTHS = [1, 2, 17, 64, 100, 197, 256]
+FLOOR_ULPS = 64.0
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _cu(lengths, device="cpu"):
+    cu = [0]
+    for n in lengths:
+        cu.append(cu[-1] + n)
+    return torch.tensor(cu, dtype=torch.int32, device=device)
+
+
+def _attention_torch(q, k, v, cu, causal, scale):
+    """Plain torch attention per sequence, computed in the dtype of its inputs (varlen layout)."""
+    outs = []
+    for a, b in zip(cu[:-1].tolist(), cu[1:].tolist()):
+        qq, kk, vv = (t[a:b].transpose(0, 1) for t in (q, k, v))  # (H, L, D)
+        s = (qq @ kk.transpose(-1, -2)) * scale
+        if causal:
+            n = b - a
+            s = s.masked_fill(torch.ones(n, n, dtype=torch.bool, device=s.device).triu(1), float("-inf"))
+        outs.append((torch.softmax(s, dim=-1) @ vv).transpose(0, 1))
+    return torch.cat(outs, 0)
+
+
+def _run(fn, q, k, v, do):
+    """Output and (dq, dk, dv) of fn on fresh leaf copies of q, k, v."""
+    leaves = [t.detach().clone().requires_grad_(True) for t in (q, k, v)]
+    o = fn(*leaves)
+    o.backward(do)
+    return o.detach(), [t.grad for t in leaves]
+
+
+def _check_against_reference(q, k, v, cu, causal, kernel_fn, padded_shape=None):
+    """Assert flash-attn's 2x rule for O, dQ, dK, dV; q/k/v are varlen-shaped (T, H, D)."""
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    gen = torch.Generator(device="cpu").manual_seed(1234)
+    do = torch.randn(q.shape, generator=gen).to(q.device, q.dtype)
+
+    ref_o, ref_g = _run(lambda a, b, c: _attention_torch(a, b, c, cu, causal, scale),
+                        *(t.double() for t in (q, k, v)), do.double())
+    same_o, same_g = _run(lambda a, b, c: _attention_torch(a, b, c, cu, causal, scale), q, k, v, do)
+    if padded_shape is None:
+        ker_o, ker_g = _run(kernel_fn, q, k, v, do)
+    else:
+        ker_o, ker_g = _run(lambda a, b, c: kernel_fn(*(t.view(padded_shape) for t in (a, b, c))).flatten(0, 1),
+                            q, k, v, do)
+
+    eps = torch.finfo(q.dtype).eps
+    for name, ref, same, ker in zip(("out", "dq", "dk", "dv"), [ref_o, *ref_g], [same_o, *same_g], [ker_o, *ker_g]):
+        assert ker.shape == ref.shape and ker.dtype == q.dtype, name
+        assert torch.isfinite(ker).all(), f"{name}: non-finite values"
+        err_ker = (ker.double() - ref).abs().max().item()
+        err_same = (same.double() - ref).abs().max().item()
+        floor = FLOOR_ULPS * eps * max(1.0, ref.abs().max().item())
+        assert err_ker <= 2 * err_same + floor, (
+            f"{name}: kernel error {err_ker:.3e} > 2 x torch-{q.dtype} error {err_same:.3e} + floor {floor:.1e}"
+        )
+
+
+def _rand(shape, dtype, seed):
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    return [torch.randn(shape, generator=gen).to(DEVICE, dtype) for _ in range(3)]
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("head_dim", [32, 64, 128])
+def test_varlen_mixed_lengths_fp32(head_dim, causal):
+    cu = _cu(LENGTHS, DEVICE)
+    q, k, v = _rand((cu[-1].item(), 2, head_dim), torch.float32, seed=head_dim + causal)
+    _check_against_reference(
+        q, k, v, cu, causal,
+        lambda a, b, c: flash_attention(a, b, c, cu_seqlens=cu, max_seqlen=256, causal=causal, backend="triton"),
+    )
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_varlen_mixed_lengths_fp16(causal):
+    # fp16 is where the 2x rule has teeth: torch-fp16's own error is ~1e-3, the floor is negligible.
+    cu = _cu(LENGTHS, DEVICE)
+    q, k, v = _rand((cu[-1].item(), 2, 64), torch.float16, seed=7 + causal)
+    _check_against_reference(
+        q, k, v, cu, causal,
+        lambda a, b, c: flash_attention(a, b, c, cu_seqlens=cu, causal=causal, backend="triton"),
+    )
+
+
+@pytest.mark.parametrize(
+    "batch,seqlen,head_dim,causal",
+    [(2, 197, 64, False), (2, 197, 64, True), (3, 17, 32, True), (2, 1, 128, False), (2, 100, 40, False)],
+)
+def test_padded_layout(batch, seqlen, head_dim, causal):
+    q, k, v = _rand((batch * seqlen, 2, head_dim), torch.float32, seed=seqlen + head_dim)
+    cu = _cu([seqlen] * batch, DEVICE)
+    _check_against_reference(
+        q, k, v, cu, causal,
+        lambda a, b, c: flash_attention(a, b, c, causal=causal, backend="triton"),
+        padded_shape=(batch, seqlen, 2, head_dim),
+    )
+
+
+@pytest.mark.skipif(DEVICE == "cuda", reason="interpreter block sizes only apply to TRITON_INTERPRET runs")
+@pytest.mark.parametrize("blocks", [(16, 32), (32, 16)])
+@pytest.mark.parametrize("causal", [False, True])
+def test_small_unequal_blocks(monkeypatch, blocks, causal):
+    # Many partial blocks with BLOCK_M != BLOCK_N: exercises the causal start/stop arithmetic both ways.
+    monkeypatch.setattr(fa, "_INTERPRET_BLOCKS", {"fwd": blocks, "bwd_dkdv": blocks, "bwd_dq": blocks})
+    lengths = [1, 2, 17, 33, 50]
+    cu = _cu(lengths)
+    q, k, v = _rand((cu[-1].item(), 1, 32), torch.float32, seed=11)
+    _check_against_reference(
+        q, k, v, cu, causal,
+        lambda a, b, c: flash_attention(a, b, c, cu_seqlens=cu, causal=causal, backend="triton"),
+    )
+
+
+def test_fused_qkv_views_and_empty_sequence():
+    # Strided q/k/v views of one (T, 3, H, D) projection (how the model calls it), plus a zero-length
+    # sequence inside the batch, must give the same result as contiguous copies.
+    cu = _cu([5, 0, 19])
+    gen = torch.Generator().manual_seed(3)
+    qkv = torch.randn(24, 3, 2, 32, generator=gen).to(DEVICE)
+    q, k, v = qkv.unbind(1)
+    assert not q.is_contiguous()
+    got = flash_attention(q, k, v, cu_seqlens=cu.to(DEVICE), backend="triton")
+    want = _attention_torch(q.double(), k.double(), v.double(), cu, False, 1 / math.sqrt(32))
+    torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
+
+
+def test_softmax_scale_is_applied():
+    cu = _cu([9, 30])
+    q, k, v = _rand((39, 1, 32), torch.float32, seed=5)
+    got = flash_attention(q, k, v, cu_seqlens=cu.to(DEVICE), softmax_scale=0.5, backend="triton")
+    want = _attention_torch(q.double(), k.double(), v.double(), cu, False, 0.5)
+    torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_sdpa_backend_matches_reference(causal):
+    cu = _cu(LENGTHS)
+    q, k, v = _rand((cu[-1].item(), 2, 32), torch.float32, seed=21)
+    _check_against_reference(
+        q, k, v, cu, causal,
+        lambda a, b, c: flash_attention(a, b, c, cu_seqlens=cu.to(a.device), causal=causal, backend="sdpa"),
+    )
+    qp, kp, vp = (t[:3 * 17].view(3, 17, 2, 32) for t in (q, k, v))
+    got = flash_attention(qp, kp, vp, causal=causal, backend="sdpa")
+    want = _attention_torch(*(t.flatten(0, 1).double() for t in (qp, kp, vp)), _cu([17] * 3), causal,
+                            1 / math.sqrt(32))
+    torch.testing.assert_close(got.flatten(0, 1).double(), want, atol=1e-5, rtol=1e-5)
+
+
+def test_auto_picks_sdpa_on_cpu_and_triton_on_cuda():
+    assert fa.resolve_backend("auto", "cpu") == "sdpa"
+    assert fa.resolve_backend("auto", "cuda") == "triton"
+    assert fa.resolve_backend("xformers", "cpu") == "xformers"
+
+
+# --- errors: an explicit backend runs or raises, and bad input is refused clearly ------------------------
+
+
+def test_triton_without_cuda_or_interpreter_raises(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    q = torch.randn(1, 4, 1, 32)
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
+        flash_attention(q, q, q, backend="triton")
+
+
+def test_bf16_under_interpreter_raises(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    q = torch.randn(1, 4, 1, 32, dtype=torch.bfloat16)
+    with pytest.raises(RuntimeError, match="bfloat16"):
+        flash_attention(q, q, q, backend="triton")
+
+
+def test_xformers_missing_raises(monkeypatch):
+    monkeypatch.setitem(sys.modules, "xformers", None)  # makes `import xformers...` raise ImportError
+    monkeypatch.setitem(sys.modules, "xformers.ops", None)
+    q = torch.randn(1, 4, 1, 32)
+    with pytest.raises(RuntimeError, match="xformers is not installed"):
+        flash_attention(q, q, q, backend="xformers")
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(backend="flash"), "backend must be one of"),
+        (dict(cu_seqlens=torch.tensor([0, 4], dtype=torch.int64)), "int32"),
+        (dict(cu_seqlens=torch.tensor([0, 3], dtype=torch.int32)), "end at total_tokens=4"),
+        (dict(cu_seqlens=torch.tensor([0, 3, 2, 4], dtype=torch.int32)), "non-decreasing"),
+        (dict(cu_seqlens=torch.tensor([4], dtype=torch.int32)), "at least 2"),
+        (dict(cu_seqlens=torch.tensor([0, 4], dtype=torch.int32), max_seqlen=-1), "max_seqlen"),
+        (dict(cu_seqlens=torch.tensor([0, 4], dtype=torch.int32), softmax_scale=float("nan")), "softmax_scale"),
+    ],
+)
+def test_bad_varlen_arguments_raise(kwargs, match):
+    q = torch.randn(4, 1, 32)
+    with pytest.raises((ValueError, TypeError), match=match):
+        flash_attention(q, q, q, **kwargs)
+
+
+def test_bad_shapes_and_dtypes_raise():
+    q = torch.randn(2, 4, 1, 32)
+    with pytest.raises(ValueError, match="same shape"):
+        flash_attention(q, q, q[:, :3])
+    with pytest.raises(ValueError, match="share a dtype"):
+        flash_attention(q, q, q.double())
+    with pytest.raises(ValueError, match="float16, bfloat16 or float32"):
+        flash_attention(q.double(), q.double(), q.double())
+    with pytest.raises(ValueError, match=r"\(batch, seqlen, nheads, headdim\)"):
+        flash_attention(q[0], q[0], q[0])
+    with pytest.raises(ValueError, match="max_seqlen is only meaningful"):
+        flash_attention(q, q, q, max_seqlen=4)
+    with pytest.raises(TypeError, match="causal"):
+        flash_attention(q, q, q, causal=1)
+    big = torch.randn(1, 4, 1, 256)
+    with pytest.raises(ValueError, match="head dim 256"):
+        flash_attention(big, big, big, backend="triton")
+
+
+# --- GPU-only: fp16/bf16 at model-like sizes, the autotuned launch path, xformers when present -----------
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("head_dim", [32, 64, 128])
+def test_gpu_half_precision(dtype, causal, head_dim):
+    lengths = LENGTHS + [1000, 4096, 513]
+    cu = _cu(lengths, "cuda")
+    q, k, v = _rand((cu[-1].item(), 4, head_dim), dtype, seed=head_dim)
+    _check_against_reference(
+        q, k, v, cu, causal,
+        lambda a, b, c: flash_attention(a, b, c, cu_seqlens=cu, causal=causal, backend="triton"),
+    )
+
+
+@pytest.mark.gpu
+def test_gpu_vit_shape_padded_bf16():
+    q, k, v = _rand((8 * 197, 12, 64), torch.bfloat16, seed=0)
+    _check_against_reference(
+        q, k, v, _cu([197] * 8, "cuda"), False,
+        lambda a, b, c: flash_attention(a, b, c, backend="triton"), padded_shape=(8, 197, 12, 64),
+    )
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("causal", [False, True])
+def test_gpu_xformers_matches_triton(causal):
+    pytest.importorskip("xformers.ops")
+    cu = _cu(LENGTHS, "cuda")
+    q, k, v = _rand((cu[-1].item(), 4, 64), torch.float16, seed=1)
+    _check_against_reference(
+        q, k, v, cu, causal,
+        lambda a, b, c: flash_attention(a, b, c, cu_seqlens=cu, causal=causal, backend="xformers"),
+    )
