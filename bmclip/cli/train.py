@@ -1,0 +1,44 @@
+"""``bmclip train CONFIG [--key=value ...]``: train from a preset or a YAML config."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "train",
+        help="train a model (preset name or YAML config, with --key=value overrides)",
+        description=(
+            "Train a BiomedCLIP-style model. CONFIG is a preset (biomedclip, tiny-cpu) or a YAML file "
+            "(optionally with 'preset: NAME' at the top). Override any key with --section.key=value, e.g. "
+            "--optim.lr=1e-4 --data.batch_size=256 --steps=1000. Launch with torchrun for several "
+            "processes (see docs/training.md)."
+        ),
+    )
+    p.add_argument("config", help="preset name or YAML file")
+    p.add_argument("overrides", nargs=argparse.REMAINDER, help="--key=value overrides (nested keys with dots)")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    import json
+
+    from bmclip.train.config import load_config
+
+    overrides = list(args.overrides)
+    print_only = "--print-config" in overrides or args.print_config
+    overrides = [o for o in overrides if o != "--print-config"]
+    cfg = load_config(args.config, overrides)
+    if print_only:
+        import yaml
+
+        print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
+        return 0
+    from bmclip.train.trainer import train
+
+    summary = train(cfg)
+    if summary.get("out_dir") and int(__import__("os").environ.get("RANK", "0")) == 0:
+        print(json.dumps({k: v for k, v in summary.items() if k != "curves"}, indent=1, default=str))
+    return 0

@@ -1,0 +1,327 @@
+"""Atomic training checkpoints: write to a temp dir, fsync, write metadata last, rename; keep the last k.
+
+Layout of one checkpoint (a directory ``OUT/checkpoints/step_00001000/``)::
+
+    model.pt        {"model": state_dict (full, unwrapped), "model_config": ModelConfig.to_dict()}
+    train_state.pt  {"optimizer", "scheduler", "scaler", "step", "counters", "config"}
+    rank_00000.pt   per-rank {"rng": python/numpy/torch/cuda states, "loader": loader.state_dict()}
+    vocab.txt ...   the tokenizer (``Tokenizer.save``), so the checkpoint is self-contained
+    meta.json       {"format": "bmclip-checkpoint-v1", "step", "world_size", "files": {name: bytes}}
+
+``model.pt`` alone is what evaluation needs (``load_model_for_eval``): a state dict under ``"model"`` and
+the model config dict under ``"model_config"``, loadable with ``torch.load(weights_only=True)``.
+
+A checkpoint is valid only once ``meta.json`` exists and every file it lists has the recorded size; it is
+built as ``.step_XXXXXXXX.tmp`` and renamed into place after everything (metadata included) is fsynced,
+so a process killed mid-write leaves at most a stale temp dir, which is never picked up and is removed by
+the next save. All files contain only tensors and plain containers, so loading never unpickles code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from bmclip.errors import CheckpointError
+
+FORMAT = "bmclip-checkpoint-v1"
+_STEP_RE = re.compile(r"^step_(\d{8,})$")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Low-level atomic writes
+
+def fsync_dir(path: str | os.PathLike) -> None:
+    """fsync a directory so a rename inside it is durable (no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike) -> int:
+    """torch.save to ``path`` via temp file + fsync + os.replace; returns the file size in bytes."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return path.stat().st_size
+
+
+def atomic_write_text(text: str, path: str | os.PathLike) -> int:
+    """Write text via temp file + fsync + os.replace; returns the size in bytes."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return path.stat().st_size
+
+
+def safe_load(path: str | os.PathLike) -> Any:
+    """torch.load(weights_only=True) on CPU; unreadable/unsafe files raise CheckpointError."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: file not found") from None
+    except Exception as e:  # pickle refusing a global, truncated zip, ...
+        raise CheckpointError(f"{path}: cannot load checkpoint file ({type(e).__name__}: {e})") from None
+
+
+# ---------------------------------------------------------------------------------------------------
+# Plain-container conversion (numpy objects -> tensors) so weights_only loading works
+
+def to_safe(obj: Any) -> Any:
+    """Recursively convert numpy arrays/scalars to tensors/python scalars (tagged, reversible)."""
+    if isinstance(obj, np.ndarray):
+        return {"__ndarray__": torch.from_numpy(np.ascontiguousarray(obj)).clone(), "dtype": str(obj.dtype)}
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, dict):
+        return {k: to_safe(v) for k, v in obj.items()}
+    if isinstance(obj, tuple):
+        return tuple(to_safe(v) for v in obj)
+    if isinstance(obj, list):
+        return [to_safe(v) for v in obj]
+    return obj
+
+
+def from_safe(obj: Any) -> Any:
+    """Inverse of ``to_safe``."""
+    if isinstance(obj, dict):
+        if set(obj) == {"__ndarray__", "dtype"}:
+            return obj["__ndarray__"].numpy().astype(obj["dtype"], copy=True)
+        return {k: from_safe(v) for k, v in obj.items()}
+    if isinstance(obj, tuple):
+        return tuple(from_safe(v) for v in obj)
+    if isinstance(obj, list):
+        return [from_safe(v) for v in obj]
+    return obj
+
+
+# ---------------------------------------------------------------------------------------------------
+# RNG state
+
+def rng_state() -> dict:
+    """Python, numpy, torch CPU and (when present) CUDA generator states, as plain containers."""
+    state = {
+        "python": random.getstate(),
+        "numpy": to_safe(np.random.get_state()),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    """Restore what ``rng_state`` captured."""
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    np.random.set_state(from_safe(state["numpy"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ---------------------------------------------------------------------------------------------------
+# Checkpoint directories
+
+def step_dir_name(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def is_valid(ckpt: str | os.PathLike) -> bool:
+    """True when ``ckpt`` has a parseable meta.json and every listed file has the recorded size."""
+    ckpt = Path(ckpt)
+    try:
+        meta = json.loads((ckpt / "meta.json").read_text())
+        if meta.get("format") != FORMAT:
+            return False
+        return all((ckpt / n).is_file() and (ckpt / n).stat().st_size == s for n, s in meta["files"].items())
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return False
+
+
+def list_checkpoints(root: str | os.PathLike) -> list[tuple[int, Path]]:
+    """(step, dir) of every checkpoint-named dir under ``root`` (valid or not), oldest first."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    out = []
+    for p in root.iterdir():
+        m = _STEP_RE.match(p.name)
+        if m and p.is_dir():
+            out.append((int(m.group(1)), p))
+    return sorted(out)
+
+
+def latest_valid(root: str | os.PathLike) -> Path | None:
+    """Newest valid checkpoint dir under ``root`` (invalid/partial ones are skipped), or None."""
+    for _, p in reversed(list_checkpoints(root)):
+        if is_valid(p):
+            return p
+    return None
+
+
+def read_meta(ckpt: str | os.PathLike) -> dict:
+    """meta.json of a valid checkpoint; raises CheckpointError when it is missing or incomplete."""
+    ckpt = Path(ckpt)
+    if not is_valid(ckpt):
+        raise CheckpointError(f"{ckpt}: not a complete bmclip checkpoint (meta.json missing or files truncated)")
+    return json.loads((ckpt / "meta.json").read_text())
+
+
+class CheckpointWriter:
+    """Writes one checkpoint in phases so every rank can add its own file (see module docstring).
+
+    Usage (all ranks): ``w = CheckpointWriter(root, step, rank, world)``; rank 0 calls ``begin()``,
+    barrier; every rank ``write_rank(state)``; rank 0 ``write_main(...)``; barrier; rank 0 ``commit()``.
+    """
+
+    def __init__(self, root: str | os.PathLike, step: int, rank: int = 0, world_size: int = 1):
+        self.root = Path(root)
+        self.step, self.rank, self.world_size = step, rank, world_size
+        self.final = self.root / step_dir_name(step)
+        self.tmp = self.root / f".{step_dir_name(step)}.tmp"
+
+    def begin(self) -> None:
+        """Rank 0: create a fresh temp dir (removing a stale one from an interrupted save)."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        if self.tmp.exists():
+            shutil.rmtree(self.tmp)
+        self.tmp.mkdir()
+
+    def write_rank(self, state: dict) -> None:
+        """Every rank: its RNG + loader state as ``rank_XXXXX.pt``."""
+        atomic_torch_save(to_safe(state), self.tmp / f"rank_{self.rank:05d}.pt")
+
+    def write_main(self, model_state: dict, model_config: dict, train_state: dict, tokenizer=None) -> None:
+        """Rank 0: model.pt (eval-loadable), train_state.pt and the tokenizer files."""
+        atomic_torch_save({"model": model_state, "model_config": model_config}, self.tmp / "model.pt")
+        atomic_torch_save(to_safe(train_state), self.tmp / "train_state.pt")
+        if tokenizer is not None:
+            tokenizer.save(self.tmp)
+
+    def commit(self, extra_meta: dict | None = None) -> Path:
+        """Rank 0: write meta.json last, fsync, rename into place; returns the final dir."""
+        files = {}
+        for p in sorted(self.tmp.iterdir()):
+            if p.is_file() and not p.name.startswith("."):
+                with open(p, "rb") as f:
+                    os.fsync(f.fileno())
+                files[p.name] = p.stat().st_size
+        missing = [f"rank_{r:05d}.pt" for r in range(self.world_size) if f"rank_{r:05d}.pt" not in files]
+        if missing or "model.pt" not in files:
+            raise CheckpointError(
+                f"checkpoint {self.final}: incomplete before commit (missing {missing or 'model.pt'})")
+        meta = {"format": FORMAT, "step": self.step, "world_size": self.world_size, "files": files,
+                **(extra_meta or {})}
+        atomic_write_text(json.dumps(meta, indent=1, sort_keys=True), self.tmp / "meta.json")
+        fsync_dir(self.tmp)
+        if self.final.exists():
+            # Same step saved again (e.g. a rerun after a crash): move the old one aside first, because a
+            # directory cannot be renamed onto a non-empty one.
+            trash = self.root / f".{self.final.name}.old"
+            if trash.exists():
+                shutil.rmtree(trash)
+            os.rename(self.final, trash)
+            os.rename(self.tmp, self.final)
+            shutil.rmtree(trash)
+        else:
+            os.rename(self.tmp, self.final)
+        fsync_dir(self.root)
+        return self.final
+
+
+def prune(root: str | os.PathLike, keep_last: int) -> list[Path]:
+    """Delete all but the newest ``keep_last`` valid checkpoints (and older invalid ones); returns removed."""
+    ckpts = list_checkpoints(root)
+    valid = [p for _, p in ckpts if is_valid(p)]
+    keep = set(valid[-keep_last:]) if keep_last > 0 else set()
+    newest_kept = max((s for s, p in ckpts if p in keep), default=None)
+    removed = []
+    for s, p in ckpts:
+        if p in keep:
+            continue
+        # Only delete invalid dirs older than the newest kept one: a newer invalid dir may be another
+        # process's checkpoint that is being renamed right now (never true for ours: rename is last).
+        if p in valid or (newest_kept is not None and s < newest_kept):
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p)
+    return removed
+
+
+def load_checkpoint(ckpt: str | os.PathLike, rank: int = 0) -> dict:
+    """Load a valid checkpoint dir: {"meta", "model", "model_config", "train_state", "rank_state" | None}."""
+    ckpt = Path(ckpt)
+    meta = read_meta(ckpt)
+    m = safe_load(ckpt / "model.pt")
+    ts = from_safe(safe_load(ckpt / "train_state.pt")) if (ckpt / "train_state.pt").is_file() else None
+    rank_file = ckpt / f"rank_{rank:05d}.pt"
+    rs = from_safe(safe_load(rank_file)) if rank_file.is_file() else None
+    return {"meta": meta, "model": m["model"], "model_config": m.get("model_config"), "train_state": ts,
+            "rank_state": rs}
+
+
+def resolve_model_file(path: str | os.PathLike) -> Path:
+    """A checkpoint dir, a training output dir (newest valid checkpoint) or a model .pt file -> model file."""
+    path = Path(path)
+    if path.is_file():
+        return path
+    if (path / "model.pt").is_file():
+        if (path / "meta.json").exists() and not is_valid(path):
+            raise CheckpointError(f"{path}: checkpoint is incomplete (interrupted write)")
+        return path / "model.pt"
+    for root in (path / "checkpoints", path):
+        latest = latest_valid(root)
+        if latest is not None:
+            return latest / "model.pt"
+    raise CheckpointError(f"{path}: no bmclip checkpoint found (expected model.pt or checkpoints/step_*)")
+
+
+def load_model_for_eval(path: str | os.PathLike, device: str | torch.device = "cpu"):
+    """Build the model saved at ``path`` (checkpoint dir/file or run dir); returns (model.eval(), tokenizer|None).
+
+    The tokenizer comes from a ``vocab.txt`` beside ``model.pt`` when present.
+    """
+    from bmclip.model import create_model
+    from bmclip.model.config import ModelConfig
+
+    f = resolve_model_file(path)
+    blob = safe_load(f)
+    if not isinstance(blob, dict) or "model" not in blob or "model_config" not in blob:
+        raise CheckpointError(f"{f}: expected a dict with 'model' and 'model_config'")
+    try:
+        cfg = ModelConfig.from_dict(blob["model_config"])
+    except Exception as e:
+        raise CheckpointError(f"{f}: bad model_config ({e})") from None
+    model = create_model(cfg)
+    missing, unexpected = model.load_state_dict(blob["model"], strict=False)
+    if missing or unexpected:
+        raise CheckpointError(f"{f}: state dict mismatch: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    tok = None
+    if (f.parent / "vocab.txt").is_file():
+        from bmclip.tokenizer import Tokenizer
+
+        tok = Tokenizer.from_vocab(f.parent, context_length=cfg.text.context_length)
+    return model.to(device).eval(), tok

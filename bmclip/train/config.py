@@ -1,0 +1,346 @@
+"""Typed training configuration: dataclass sections, presets, YAML files and ``--key=value`` overrides.
+
+``load_config(spec, overrides)`` is what ``bmclip train CONFIG [--key=value ...]`` calls: ``spec`` is a
+preset name (``biomedclip``, ``tiny-cpu``) or a YAML file whose top level may name a ``preset`` to start
+from; overrides use dotted keys (``--optim.lr=1e-4``, ``--data.batch_size=256``). Every key is checked
+against the dataclass fields and every value is converted to the field's type, so a typo or a bad value
+is a :class:`~bmclip.errors.ConfigError` naming the key instead of a silently ignored setting.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bmclip.errors import ConfigError
+
+
+@dataclass
+class ModelSection:
+    """Which model to train: a ``bmclip.model`` preset plus the training-time switches."""
+
+    preset: str = "biomedclip-vit-b16-224"
+    patch_dropout: float = 0.0  # FLIP: fraction of image patches dropped in training (CLS kept)
+    grad_checkpointing: bool = False
+    attn_backend: str = "sdpa"
+    compile: bool = False  # torch.compile the model (GPU runs; adds start-up time)
+    init_checkpoint: str = ""  # start from these weights (bmclip checkpoint or open_clip folder)
+
+
+@dataclass
+class DataSection:
+    """Where batches come from: webdataset shards (``train``/``val``) or in-memory synthetic pairs."""
+
+    train: str = ""  # shard pattern, e.g. /data/pmc15m/train-{000000..001400}.tar
+    val: str = ""  # val shards for retrieval R@K every ``train.val_every`` steps
+    synthetic: bool = False  # learnable synthetic image/text pairs in memory (tests, benchmarks)
+    synthetic_size: int = 4096  # number of distinct synthetic pairs (one epoch)
+    synthetic_classes: int = 16
+    batch_size: int = 4096  # GLOBAL batch per optimizer step (all ranks, all accumulation chunks)
+    grad_accum: int = 1  # GradCache chunks per rank per step; the loss stays global over the batch
+    num_threads: int = 4  # decoder threads per rank
+    augment: str = "random_resized_crop"
+    shuffle_buffer: int = 2000
+    resampled: bool = True  # infinite shard resampling (webdataset semantics); False = epochs
+    tokenizer: str = ""  # vocab.txt / tokenizer dir; "" = bmclip's bundled default
+    use_dali: bool = False  # GPU augmentation through DALI when installed (explicit: errors if missing)
+    val_max_samples: int = 10000
+
+
+@dataclass
+class OptimSection:
+    """AdamW + cosine schedule with linear warm-up (open_clip / BiomedCLIP recipe)."""
+
+    lr: float = 5e-4
+    beta1: float = 0.9
+    beta2: float = 0.98
+    eps: float = 1e-6
+    weight_decay: float = 0.2
+    warmup_steps: int = 2000
+    min_lr: float = 0.0
+    grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
+    fused: bool = True  # fused AdamW kernel on CUDA (ignored on CPU)
+
+
+@dataclass
+class LossSection:
+    """Contrastive loss: CLIP InfoNCE (sharded, global) or SigLIP."""
+
+    kind: str = "clip"  # clip | siglip
+    backend: str = "auto"  # bmclip.kernels backend: auto | triton | torch
+    max_logit_scale: float = 100.0  # exp(logit_scale) is clamped to this (ln 100 on the log scale)
+
+
+@dataclass
+class FaultSection:
+    """Fault handling, and fault injection used by the tests (never set injection keys in real runs)."""
+
+    max_nonfinite: int = 10  # this many non-finite losses IN A ROW stop the run with an error
+    nan_at_steps: list[int] = field(default_factory=list)  # inject a NaN loss at these steps
+    kill_at_step: int = -1  # SIGKILL this process after finishing this step
+    kill_in_checkpoint_at_step: int = -1  # SIGKILL halfway through writing this step's checkpoint
+
+
+@dataclass
+class TrainConfig:
+    """A whole training run; sections are ``model``, ``data``, ``optim``, ``loss``, ``fault``."""
+
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    optim: OptimSection = field(default_factory=OptimSection)
+    loss: LossSection = field(default_factory=LossSection)
+    fault: FaultSection = field(default_factory=FaultSection)
+    steps: int = 1000  # optimizer steps in total
+    seed: int = 0
+    out_dir: str = "runs/bmclip"
+    precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32
+    device: str = "auto"  # auto | cpu | cuda
+    parallel: str = "ddp"  # ddp | fsdp (FSDP2 fully_shard)
+    log_every: int = 10
+    val_every: int = 0  # 0 = only at the end (when data.val is set)
+    ckpt_every: int = 1000
+    keep_last: int = 3
+    resume: str = "auto"  # auto (newest valid checkpoint in out_dir) | none | PATH
+    deterministic: bool = False  # torch.use_deterministic_algorithms + fixed threads (bitwise CPU resume)
+    num_threads: int = 0  # torch intra-op threads (0 = leave torch's default)
+    export_open_clip: bool = True  # write out_dir/open_clip/ at the end
+    progress: bool = True  # tqdm bar on the terminal (rank 0)
+    tensorboard: bool = True  # also log to TensorBoard when it is installed
+    peak_tflops: float = 0.0  # override the bf16 peak used for MFU (0 = from the device table)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain nested dict (JSON/YAML-safe)."""
+        return dataclasses.asdict(self)
+
+    def validate(self) -> TrainConfig:
+        """Check cross-field constraints; raises ConfigError naming the key."""
+        _check(self.steps >= 1, "steps", "must be >= 1")
+        _check(self.data.batch_size >= 1, "data.batch_size", "must be >= 1")
+        _check(self.data.grad_accum >= 1, "data.grad_accum", "must be >= 1")
+        _check(self.precision in ("auto", "bf16", "fp32"), "precision", "must be auto, bf16 or fp32")
+        _check(self.device in ("auto", "cpu", "cuda"), "device", "must be auto, cpu or cuda")
+        _check(self.parallel in ("ddp", "fsdp"), "parallel", "must be ddp or fsdp")
+        _check(self.loss.kind in ("clip", "siglip"), "loss.kind", "must be clip or siglip")
+        _check(self.loss.max_logit_scale > 0, "loss.max_logit_scale", "must be > 0")
+        _check(0.0 <= self.model.patch_dropout < 1.0, "model.patch_dropout", "must be in [0, 1)")
+        _check(self.optim.lr > 0, "optim.lr", "must be > 0")
+        _check(self.optim.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
+        _check(0 <= self.optim.beta1 < 1 and 0 <= self.optim.beta2 < 1, "optim.beta1", "betas in [0, 1)")
+        _check(self.optim.grad_clip >= 0, "optim.grad_clip", "must be >= 0 (0 disables)")
+        _check(self.log_every >= 1, "log_every", "must be >= 1")
+        _check(self.ckpt_every >= 0, "ckpt_every", "must be >= 0 (0 = only at the end)")
+        _check(self.keep_last >= 1, "keep_last", "must be >= 1")
+        _check(self.fault.max_nonfinite >= 1, "fault.max_nonfinite", "must be >= 1")
+        _check(self.data.synthetic or bool(self.data.train), "data.train",
+               "no training data: set data.train to a shard pattern (or data.synthetic=true)")
+        return self
+
+
+def _check(ok: bool, key: str, msg: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {msg}")
+
+
+def _preset_biomedclip() -> TrainConfig:
+    # BiomedCLIP (Zhang et al. 2023): ViT-B/16 224 + PubMedBERT, context 256, AdamW (0.9, 0.98, 1e-6,
+    # wd 0.2), peak lr 5e-4, cosine with 2,000 warm-up steps, global batch 4,096, 32 epochs of
+    # PMC-15M (15.28M pairs), bf16, gradient checkpointing, patch dropout.
+    cfg = TrainConfig()
+    cfg.model = ModelSection(preset="biomedclip-vit-b16-224", patch_dropout=0.5, grad_checkpointing=True)
+    cfg.data.batch_size = 4096
+    cfg.steps = math.ceil(32 * 15_280_000 / 4096)
+    cfg.optim = OptimSection(lr=5e-4, warmup_steps=2000)
+    cfg.ckpt_every = 2000
+    cfg.val_every = 2000
+    cfg.log_every = 20
+    cfg.out_dir = "runs/biomedclip"
+    return cfg
+
+
+def _preset_tiny_cpu() -> TrainConfig:
+    # The ``tiny`` model on synthetic pairs: a few CPU minutes; tests and the demo start from this.
+    cfg = TrainConfig()
+    cfg.model = ModelSection(preset="tiny")
+    cfg.data = DataSection(synthetic=True, synthetic_size=2048, batch_size=64, num_threads=2,
+                           resampled=False, shuffle_buffer=256, augment="random_resized_crop",
+                           val_max_samples=1000)
+    cfg.optim = OptimSection(lr=2e-3, warmup_steps=20, weight_decay=0.1, fused=False)
+    cfg.steps = 200
+    cfg.log_every = 10
+    cfg.ckpt_every = 100
+    cfg.keep_last = 2
+    cfg.out_dir = "runs/tiny-cpu"
+    cfg.device = "auto"
+    cfg.export_open_clip = False
+    return cfg
+
+
+PRESETS = {"biomedclip": _preset_biomedclip, "tiny-cpu": _preset_tiny_cpu}
+
+
+def list_presets() -> list[str]:
+    """Names accepted as ``bmclip train PRESET``."""
+    return sorted(PRESETS)
+
+
+def get_preset(name: str) -> TrainConfig:
+    """A fresh TrainConfig for a preset name; unknown names raise ConfigError."""
+    if name not in PRESETS:
+        raise ConfigError(f"unknown training preset {name!r}; choose one of {list_presets()} or a YAML file")
+    return PRESETS[name]()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Typed updates from dicts / strings
+
+def _field_types(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _convert(value: Any, tp: Any, key: str) -> Any:
+    """Convert ``value`` (from YAML or a command-line string) to the annotated type ``tp``."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            return None
+        return _convert(value, args[0], key)
+    if origin is list:
+        (elem,) = typing.get_args(tp)
+        if isinstance(value, str):
+            s = value.strip()
+            if s.startswith("[") and s.endswith("]"):
+                s = s[1:-1]
+            value = [v.strip() for v in s.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_convert(v, elem, f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on"):
+            return True
+        if isinstance(value, str) and value.lower() in ("0", "false", "no", "off"):
+            return False
+        if isinstance(value, int) and value in (0, 1):
+            return bool(value)
+        raise ConfigError(f"{key}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        try:
+            f = float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}") from None
+        if not math.isfinite(f) or f != int(f):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return int(f)
+    if tp is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        try:
+            f = float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key}: expected a number, got {value!r}") from None
+        if math.isnan(f):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return f
+    if tp is str:
+        if isinstance(value, (dict, list)):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return str(value)
+    raise ConfigError(f"{key}: unsupported field type {tp!r}")  # pragma: no cover - programming error
+
+
+def _set(obj: Any, dotted: str, value: Any, prefix: str = "") -> None:
+    head, _, rest = dotted.partition(".")
+    full = f"{prefix}{head}"
+    types_ = _field_types(type(obj))
+    if head not in types_:
+        raise ConfigError(f"unknown config key {full!r}; valid keys here: {sorted(types_)}")
+    tp = types_[head]
+    sub = getattr(obj, head)
+    if dataclasses.is_dataclass(sub):
+        if rest:
+            _set(sub, rest, value, f"{full}.")
+        elif isinstance(value, dict):
+            update_from_dict(sub, value, f"{full}.")
+        else:
+            raise ConfigError(f"{full}: is a section; give a mapping or a sub-key like {full}.<key>")
+        return
+    if rest:
+        raise ConfigError(f"unknown config key {prefix}{dotted!r}: {full!r} is not a section")
+    setattr(obj, head, _convert(value, tp, full))
+
+
+def update_from_dict(obj: Any, values: dict[str, Any], prefix: str = "") -> Any:
+    """Apply a nested dict of values onto a config dataclass in place (typed; unknown keys raise)."""
+    if not isinstance(values, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {values!r}")
+    for k, v in values.items():
+        _set(obj, str(k), v, prefix)
+    return obj
+
+
+def parse_overrides(args: list[str]) -> dict[str, str]:
+    """``["--optim.lr=1e-4", "--steps", "10"]`` -> ``{"optim.lr": "1e-4", "steps": "10"}``."""
+    out: dict[str, str] = {}
+    i = 0
+    while i < len(args):
+        a = args[i]
+        if not a.startswith("--") or len(a) == 2:
+            raise ConfigError(f"override {a!r}: expected --key=value (e.g. --optim.lr=1e-4)")
+        body = a[2:]
+        if "=" in body:
+            k, v = body.split("=", 1)
+        elif i + 1 < len(args) and not args[i + 1].startswith("--"):
+            k, v = body, args[i + 1]
+            i += 1
+        else:
+            raise ConfigError(f"override {a!r} has no value (use --{body}=VALUE)")
+        out[k.replace("-", "_")] = v
+        i += 1
+    return out
+
+
+def load_config(spec: str, overrides: dict[str, Any] | list[str] | None = None) -> TrainConfig:
+    """Preset name or YAML path (+ overrides) -> validated TrainConfig; mistakes raise ConfigError."""
+    if spec in PRESETS:
+        cfg = get_preset(spec)
+    else:
+        path = Path(spec)
+        if not path.is_file():
+            raise ConfigError(
+                f"config {spec!r} is neither a preset ({', '.join(list_presets())}) nor a YAML file")
+        import yaml
+
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config {spec}: invalid YAML: {e}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"config {spec}: top level must be a mapping")
+        data = dict(data)
+        base = data.pop("preset", None)
+        cfg = get_preset(str(base)) if base is not None else TrainConfig()
+        update_from_dict(cfg, data)
+    if overrides:
+        if isinstance(overrides, list):
+            overrides = parse_overrides(overrides)
+        for k, v in overrides.items():
+            _set(cfg, k, v)
+    return cfg.validate()
+
+
+def config_from_dict(d: dict[str, Any]) -> TrainConfig:
+    """Rebuild a TrainConfig from ``to_dict()`` output (checkpoint metadata)."""
+    return update_from_dict(TrainConfig(), copy.deepcopy(d))

@@ -1,0 +1,461 @@
+"""The training loop behind ``bmclip train``: one readable function, ``train(cfg)``.
+
+Per step: next batch -> normalise on device -> (GradCache) forward/backward with the global contrastive
+loss -> non-finite check (all ranks agree) -> grad-norm clip -> AdamW step -> clamp logit scale -> log,
+validate, checkpoint. Faults: a non-finite loss or grad norm skips the update (counted and logged);
+``fault.max_nonfinite`` in a row raises NonFiniteLossError; a checkpoint is never written from
+non-finite weights. Auto-resume (``resume=auto``) restarts from the newest valid checkpoint, which is
+also how ``torchrun --max-restarts`` recovers from a dead rank.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import random
+import resource
+import signal
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from bmclip.errors import BmclipError, CheckpointError, ConfigError
+from bmclip.train import checkpoint as ckpt_mod
+from bmclip.train.config import TrainConfig
+from bmclip.train.data import ShardSource, SyntheticSource, normalize_images, synthetic_eval_set
+from bmclip.train.distributed import (
+    DistInfo,
+    all_reduce_flag,
+    all_reduce_mean,
+    barrier,
+    full_state_dicts,
+    init_distributed,
+    load_full_state_dicts,
+    unwrap,
+    wrap_model,
+)
+from bmclip.train.gradcache import forward_backward
+from bmclip.train.metrics import MetricsLogger, peak_tflops_for, plot_curves, read_jsonl, train_step_flops
+from bmclip.train.optim import CosineSchedule, build_optimizer
+
+
+class NonFiniteLossError(BmclipError):
+    """The loss (or gradient norm) was non-finite for ``fault.max_nonfinite`` steps in a row."""
+
+
+# ---------------------------------------------------------------------------------------------------
+# Set-up helpers
+
+def _setup_determinism(cfg: TrainConfig) -> None:
+    if cfg.num_threads > 0:
+        torch.set_num_threads(cfg.num_threads)
+    if cfg.deterministic:
+        torch.use_deterministic_algorithms(True)
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.backends.cudnn.benchmark = False
+    elif torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+
+def _seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _build_model(cfg: TrainConfig, device: torch.device):
+    from bmclip.model import create_model
+    from bmclip.model.config import get_preset
+
+    mcfg = get_preset(cfg.model.preset)
+    overrides: dict = {"vision": {"patch_dropout": cfg.model.patch_dropout}, "attn_backend": cfg.model.attn_backend}
+    if cfg.loss.kind == "siglip" and mcfg.init_logit_bias is None:
+        # SigLIP needs a learnable bias; the SigLIP paper initialises t' = log 10 and b = -10.
+        overrides.update(init_logit_scale=math.log(10.0), init_logit_bias=-10.0)
+    model = create_model(mcfg, **overrides)
+    if cfg.model.init_checkpoint:
+        _load_init_weights(model, cfg.model.init_checkpoint)
+    if cfg.model.grad_checkpointing:
+        model.set_grad_checkpointing(True)
+    return model.to(device)
+
+
+def _load_init_weights(model, path: str) -> None:
+    p = Path(path)
+    if (p / "open_clip_config.json").is_file():
+        from bmclip.interop import load_open_clip
+
+        sd = load_open_clip(p).state_dict()
+    else:
+        sd = ckpt_mod.safe_load(ckpt_mod.resolve_model_file(p))["model"]
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    if missing or unexpected:
+        raise CheckpointError(f"model.init_checkpoint {path}: missing {missing[:5]}, unexpected {unexpected[:5]}")
+
+
+def _build_loss(cfg: TrainConfig, info: DistInfo):
+    """Callable (img, txt, scale, bias) -> scalar loss: the global loss, each rank holding its own rows."""
+    try:
+        from bmclip.kernels import ClipLoss, SigLipLoss
+    except ImportError as e:
+        raise ConfigError(f"loss: bmclip.kernels ClipLoss/SigLipLoss unavailable ({e})") from None
+    common = {"rank": info.rank, "world_size": info.world_size}
+    if cfg.loss.kind == "clip":
+        loss = ClipLoss(local_loss=True, gather_with_grad=True, **common, **_backend_kw(ClipLoss, cfg))
+        return lambda img, txt, scale, bias: loss(img, txt, scale)
+    loss = SigLipLoss(**common, **_backend_kw(SigLipLoss, cfg))
+    return lambda img, txt, scale, bias: loss(img, txt, scale, bias)
+
+
+def _backend_kw(cls, cfg: TrainConfig) -> dict:
+    import inspect
+
+    params = inspect.signature(cls.__init__).parameters
+    if "backend" in params:
+        return {"backend": cfg.loss.backend}
+    if cfg.loss.backend != "auto":
+        raise ConfigError(f"loss.backend: {cls.__name__} takes no backend argument (got {cfg.loss.backend!r})")
+    return {}
+
+
+def _load_tokenizer(cfg: TrainConfig, context_length: int):
+    from bmclip.tokenizer import Tokenizer, get_tokenizer
+
+    if cfg.data.tokenizer:
+        return Tokenizer.from_vocab(cfg.data.tokenizer, context_length=context_length)
+    return get_tokenizer(context_length=context_length)
+
+
+def _build_source(cfg: TrainConfig, info: DistInfo, mcfg, tokenizer):
+    b = cfg.data.batch_size
+    if b % (info.world_size * cfg.data.grad_accum):
+        raise ConfigError(f"data.batch_size {b} must be divisible by world_size*grad_accum "
+                          f"= {info.world_size}*{cfg.data.grad_accum}")
+    if cfg.data.synthetic:
+        return SyntheticSource(size=cfg.data.synthetic_size, global_batch=b, image_size=mcfg.vision.image_size,
+                               context_length=mcfg.text.context_length, seed=cfg.seed, rank=info.rank,
+                               world_size=info.world_size)
+    from bmclip.data import ShardLoader
+
+    loader = ShardLoader(cfg.data.train, batch_size=b // info.world_size, image_size=mcfg.vision.image_size,
+                         num_threads=cfg.data.num_threads, augment=cfg.data.augment, shuffle=True,
+                         seed=cfg.seed, rank=info.rank, world_size=info.world_size,
+                         resampled=cfg.data.resampled, shuffle_buffer=cfg.data.shuffle_buffer,
+                         drop_last=True, tokenizer=tokenizer, pin_memory=info.device.type == "cuda")
+    return ShardSource(loader)
+
+
+def _val_batches(cfg: TrainConfig, mcfg, tokenizer):
+    """Held-out batches for retrieval (same every call): synthetic set or the val shards in order."""
+    n_max = cfg.data.val_max_samples
+    if cfg.data.synthetic:
+        n = min(n_max, 512)
+        ev = synthetic_eval_set(n, mcfg.vision.image_size, mcfg.text.context_length, seed=cfg.seed + 1000)
+        for i in range(0, n, 128):
+            yield ev["image"][i:i + 128], ev["input_ids"][i:i + 128]
+        return
+    from bmclip.data import ShardLoader
+
+    loader = ShardLoader(cfg.data.val, batch_size=128, image_size=mcfg.vision.image_size,
+                         num_threads=cfg.data.num_threads, augment="center", shuffle=False,
+                         resampled=False, drop_last=False, tokenizer=tokenizer)
+    seen = 0
+    for batch in loader:
+        take = min(len(batch["image"]), n_max - seen)
+        yield batch["image"][:take], batch["input_ids"][:take]
+        seen += take
+        if seen >= n_max:
+            break
+
+
+@torch.no_grad()
+def validate(model, batches, device: torch.device, autocast) -> dict:
+    """Retrieval R@1/5/10 both directions on held-out (image, input_ids) batches (model in eval mode)."""
+    from bmclip.eval.retrieval import retrieval_metrics
+
+    was_training = model.training
+    model.eval()
+    imgs, txts = [], []
+    try:
+        for im_u8, ids in batches:
+            with autocast():
+                imgs.append(model.encode_image(normalize_images(im_u8, device)).float().cpu())
+                txts.append(model.encode_text(ids.to(device)).float().cpu())
+    finally:
+        model.train(was_training)
+    if not imgs:
+        return {}
+    return retrieval_metrics(torch.cat(imgs), torch.cat(txts))
+
+
+def _peak_memory_gb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB -> GiB (RSS)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Checkpointing
+
+def _save(cfg: TrainConfig, info: DistInfo, step: int, model, optimizer, sched, source, tokenizer,
+          counters: dict, kill_midway: bool = False) -> Path | None:
+    """Write checkpoint ``step`` (collective); never from non-finite weights."""
+    bare = unwrap(model)
+    model_sd, optim_sd = full_state_dicts(model, optimizer, cfg.parallel, info)
+    poisoned = info.is_main and not all(bool(torch.isfinite(v).all()) for v in model_sd.values()
+                                        if torch.is_tensor(v) and v.is_floating_point())
+    if all_reduce_flag(poisoned, info):
+        raise NonFiniteLossError(f"refusing to checkpoint step {step}: the weights contain NaN/Inf")
+    root = Path(cfg.out_dir) / "checkpoints"
+    w = ckpt_mod.CheckpointWriter(root, step, info.rank, info.world_size)
+    if info.is_main:
+        w.begin()
+    barrier(info)
+    w.write_rank({"rng": ckpt_mod.rng_state(), "loader": source.state_dict()})
+    final = None
+    if info.is_main:
+        w.write_main(model_sd, bare.config.to_dict(),
+                     {"optimizer": optim_sd, "scheduler": sched.state_dict(), "scaler": None, "step": step,
+                      "counters": dict(counters), "config": cfg.to_dict()},
+                     tokenizer=tokenizer)
+        if kill_midway:  # fault injection: die with the temp dir half-written (no meta.json yet)
+            os.kill(os.getpid(), signal.SIGKILL)
+    barrier(info)
+    if info.is_main:
+        final = w.commit({"train_config": cfg.to_dict()})
+        ckpt_mod.prune(root, cfg.keep_last)
+    barrier(info)
+    return final
+
+
+def _find_resume(cfg: TrainConfig) -> Path | None:
+    if cfg.resume == "none":
+        return None
+    if cfg.resume == "auto":
+        return ckpt_mod.latest_valid(Path(cfg.out_dir) / "checkpoints")
+    p = Path(cfg.resume)
+    if ckpt_mod.is_valid(p):
+        return p
+    latest = ckpt_mod.latest_valid(p / "checkpoints") or ckpt_mod.latest_valid(p)
+    if latest is None:
+        raise CheckpointError(f"resume: {cfg.resume} is not a valid checkpoint (or a dir containing one)")
+    return latest
+
+
+# ---------------------------------------------------------------------------------------------------
+# The loop
+
+def train(cfg: TrainConfig) -> dict:
+    """Run training as configured; returns a summary dict (steps, seconds, samples/s, last loss, ...)."""
+    cfg.validate()
+    _setup_determinism(cfg)
+    info = init_distributed(cfg.device)
+    try:
+        return _train(cfg, info)
+    finally:
+        if info.initialized:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
+def _train(cfg: TrainConfig, info: DistInfo) -> dict:
+    device = info.device
+    out = Path(cfg.out_dir)
+    if info.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+    use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
+    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if use_bf16 else contextlib.nullcontext
+
+    _seed_all(cfg.seed)  # same init on every rank (DDP also broadcasts rank 0's weights)
+    model = _build_model(cfg, device)
+    mcfg = model.config
+    tokenizer = None if cfg.data.synthetic else _load_tokenizer(cfg, mcfg.text.context_length)
+    if tokenizer is not None and tokenizer.vocab_size > mcfg.text.vocab_size:
+        raise ConfigError(f"data.tokenizer: vocabulary of {tokenizer.vocab_size} tokens exceeds the model's "
+                          f"text.vocab_size {mcfg.text.vocab_size}")
+    fwd_model = torch.compile(model) if cfg.model.compile else model
+    fwd_model = wrap_model(fwd_model, info, cfg.parallel, mixed_bf16=use_bf16)
+    optimizer = build_optimizer(model if cfg.parallel != "fsdp" else fwd_model, cfg.optim, device.type)
+    sched = CosineSchedule(optimizer, base_lr=cfg.optim.lr, warmup_steps=cfg.optim.warmup_steps,
+                           total_steps=cfg.steps, min_lr=cfg.optim.min_lr)
+    loss_fn = _build_loss(cfg, info)
+    source = _build_source(cfg, info, mcfg, tokenizer)
+    # Per-rank RNG stream for patch dropout / augmentation: distinct across ranks, fixed per seed.
+    _seed_all(cfg.seed * 1000 + 17 + info.rank)
+
+    step = 0
+    counters = {"nonfinite_skipped": 0, "samples": 0}
+    resume_from = _find_resume(cfg)
+    if resume_from is not None:
+        st = ckpt_mod.load_checkpoint(resume_from, info.rank)
+        ts = st["train_state"]
+        load_full_state_dicts(fwd_model, optimizer, st["model"], ts["optimizer"], cfg.parallel, info)
+        sched.load_state_dict(ts["scheduler"])
+        step = int(ts["step"])
+        counters.update(ts.get("counters", {}))
+        if st["rank_state"] is not None and st["meta"]["world_size"] == info.world_size:
+            ckpt_mod.set_rng_state(st["rank_state"]["rng"])
+            source.load_state_dict(st["rank_state"]["loader"])
+        elif info.is_main:
+            print(f"[bmclip] resume: world size changed ({st['meta']['world_size']} -> {info.world_size}); "
+                  "data order and RNG restart from the seed", flush=True)
+        if info.is_main:
+            print(f"[bmclip] resumed from {resume_from} at step {step}", flush=True)
+
+    logger = MetricsLogger(out, enabled=info.is_main, tensorboard=cfg.tensorboard)
+    peak = cfg.peak_tflops or (peak_tflops_for(torch.cuda.get_device_name(device)) if device.type == "cuda" else None)
+    pbar = None
+    if info.is_main and cfg.progress:
+        from tqdm import tqdm
+
+        pbar = tqdm(total=cfg.steps, initial=step, desc="train", dynamic_ncols=True)
+
+    pad_id = mcfg.text.pad_id
+    chunks = cfg.data.grad_accum
+    max_log_scale = math.log(cfg.loss.max_logit_scale)
+    consecutive_bad = 0
+    win = {"t0": time.perf_counter(), "data": 0.0, "loss": 0.0, "n": 0, "flops": 0.0, "samples": 0}
+    last_loss = float("nan")
+    t_start = time.perf_counter()
+    steps_run = 0
+    model.train()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+    while step < cfg.steps:
+        t_data = time.perf_counter()
+        batch = next(source)
+        ids_cpu = batch["input_ids"]
+        images = normalize_images(batch["image"], device)
+        input_ids = ids_cpu.to(device, non_blocking=True)
+        win["data"] += time.perf_counter() - t_data
+
+        lr = sched.set_step(step)
+        optimizer.zero_grad(set_to_none=True)
+        loss = forward_backward(fwd_model, images, input_ids, loss_fn, chunks=chunks, autocast=autocast,
+                                inject_nan=step in cfg.fault.nan_at_steps)
+        loss_val = float(loss)
+        bad = not math.isfinite(loss_val)
+        grad_norm = float("nan")
+        if not all_reduce_flag(bad, info):
+            params = [p for p in fwd_model.parameters() if p.grad is not None]
+            max_norm = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+            bad = not math.isfinite(grad_norm)
+        bad = all_reduce_flag(bad, info)
+        if bad:
+            optimizer.zero_grad(set_to_none=True)
+            counters["nonfinite_skipped"] += 1
+            consecutive_bad += 1
+            if info.is_main:
+                logger.log({"step": step + 1, "kind": "skip", "reason": "non-finite loss or grad norm",
+                            "loss": loss_val, "nonfinite_skipped": counters["nonfinite_skipped"]})
+            if consecutive_bad >= cfg.fault.max_nonfinite:
+                raise NonFiniteLossError(
+                    f"{consecutive_bad} non-finite losses in a row (step {step + 1}); stopping. Lower "
+                    f"optim.lr or check the data; the last good checkpoint is in {out / 'checkpoints'}")
+        else:
+            consecutive_bad = 0
+            optimizer.step()
+            with torch.no_grad():  # CLIP: clamp the learned temperature at 100 (ln 100 on the log scale)
+                unwrap(model).logit_scale.clamp_(0, max_log_scale)
+            last_loss = loss_val
+            win["loss"] += loss_val
+            win["n"] += 1
+        step += 1
+        steps_run += 1
+        counters["samples"] += cfg.data.batch_size
+        win["samples"] += cfg.data.batch_size
+        # Model FLOPs of this rank's rows (its text tokens, its image rows vs all columns of the logits).
+        counts = (ids_cpu != pad_id).sum(1).tolist()
+        win["flops"] += train_step_flops(mcfg, batch=len(counts), text_token_counts=counts,
+                                         patch_dropout=cfg.model.patch_dropout,
+                                         logit_columns=cfg.data.batch_size)
+        if pbar is not None:
+            pbar.update(1)
+            pbar.set_postfix(loss=f"{loss_val:.4f}", lr=f"{lr:.2e}")
+
+        if step % cfg.log_every == 0 or step == cfg.steps:
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            dt = time.perf_counter() - win["t0"]
+            mean_loss = all_reduce_mean(win["loss"] / max(win["n"], 1), info) if win["n"] else float("nan")
+            sps = win["samples"] / dt
+            rec = {"step": step, "kind": "train", "loss": mean_loss, "lr": lr,
+                   "logit_scale": float(unwrap(model).logit_scale.detach().exp()),
+                   "grad_norm": grad_norm, "samples_per_s": sps, "samples_per_s_per_gpu": sps / info.world_size,
+                   "data_wait_frac": win["data"] / dt, "peak_mem_gb": _peak_memory_gb(device),
+                   "tflops_per_gpu": win["flops"] / dt / 1e12,
+                   "mfu": (win["flops"] / dt / (peak * 1e12)) if peak else None,
+                   "nonfinite_skipped": counters["nonfinite_skipped"], "world_size": info.world_size}
+            logger.log(rec)
+            win = {"t0": time.perf_counter(), "data": 0.0, "loss": 0.0, "n": 0, "flops": 0.0, "samples": 0}
+
+        do_val = (cfg.data.synthetic or cfg.data.val) and (
+            (cfg.val_every and step % cfg.val_every == 0) or step == cfg.steps)
+        if do_val:
+            t_val = time.perf_counter()
+            metrics = _run_val(cfg, info, fwd_model, model, mcfg, tokenizer, device, autocast)
+            if info.is_main and metrics:
+                logger.log({"step": step, "kind": "val", **metrics})
+            win["t0"] += time.perf_counter() - t_val  # validation time is not training throughput
+
+        if cfg.fault.kill_at_step == step:
+            os.kill(os.getpid(), signal.SIGKILL)
+        if (cfg.ckpt_every and step % cfg.ckpt_every == 0) or step == cfg.steps:
+            t_ck = time.perf_counter()
+            _save(cfg, info, step, fwd_model, optimizer, sched, source, tokenizer, counters,
+                  kill_midway=cfg.fault.kill_in_checkpoint_at_step == step)
+            win["t0"] += time.perf_counter() - t_ck
+
+    seconds = time.perf_counter() - t_start
+    if pbar is not None:
+        pbar.close()
+    logger.close()
+    summary = {"steps": step, "steps_this_run": steps_run, "seconds": seconds,
+               "samples_per_s": steps_run * cfg.data.batch_size / seconds if seconds > 0 else None,
+               "last_loss": last_loss, "nonfinite_skipped": counters["nonfinite_skipped"],
+               "out_dir": str(out)}
+    if info.is_main:
+        records = read_jsonl(out / "metrics.jsonl") if (out / "metrics.jsonl").is_file() else []
+        summary["curves"] = [str(p) for p in plot_curves(records, out)]
+        vals = [r for r in records if r.get("kind") == "val"]
+        if vals:
+            summary["val"] = {k: v for k, v in vals[-1].items() if k not in ("kind",)}
+        if cfg.export_open_clip:
+            from bmclip.interop import export_open_clip
+
+            export_open_clip(unwrap(model) if cfg.parallel != "fsdp" else _gathered_copy(fwd_model, optimizer, cfg,
+                                                                                      info, mcfg),
+                             out / "open_clip", tokenizer=tokenizer)
+            summary["open_clip"] = str(out / "open_clip")
+    elif cfg.export_open_clip and cfg.parallel == "fsdp":
+        _gathered_copy(fwd_model, optimizer, cfg, info, mcfg)  # collective: every rank takes part
+    barrier(info)
+    return summary
+
+
+def _gathered_copy(fwd_model, optimizer, cfg, info, mcfg):
+    """Full (unsharded) CPU copy of an FSDP model for export (a collective: all ranks call it)."""
+    from bmclip.model import create_model
+
+    sd, _ = full_state_dicts(fwd_model, optimizer, cfg.parallel, info)
+    m = create_model(mcfg)
+    m.load_state_dict(sd)
+    return m
+
+
+def _run_val(cfg, info, fwd_model, model, mcfg, tokenizer, device, autocast) -> dict:
+    if cfg.parallel == "fsdp" and info.initialized:
+        # Sharded parameters: every rank runs the same forward (all-gathers are collective).
+        return validate(fwd_model, _val_batches(cfg, mcfg, tokenizer), device, autocast)
+    metrics = {}
+    if info.is_main:
+        metrics = validate(model, _val_batches(cfg, mcfg, tokenizer), device, autocast)
+    barrier(info)
+    return metrics
