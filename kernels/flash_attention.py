@@ -31,11 +31,15 @@ except ImportError:  # the sdpa/xformers paths still work; backend="triton" rais
     tl = None
     _HAS_TRITON = False
 
-__all__ = ["flash_attention"]
+__all__ = ["FlashAttentionUnavailable", "flash_attention"]
 
 _BACKENDS = ("auto", "triton", "sdpa", "xformers")
 _MAX_TRITON_HEADDIM = 128
 _LOG2E = 1.4426950408889634
+
+
+class FlashAttentionUnavailable(RuntimeError):
+    """An explicitly requested backend cannot run here (no Triton/CUDA/interpreter, no xformers, ...)."""
 
 
 def _interpreting() -> bool:
@@ -430,7 +434,7 @@ def _triton_unavailable_reason(q: torch.Tensor) -> str | None:
 def _flash_triton(q, k, v, cu_seqlens, max_seqlen, causal, scale):
     reason = _triton_unavailable_reason(q)
     if reason is not None:
-        raise RuntimeError(f"flash_attention(backend='triton') cannot run: {reason}")
+        raise FlashAttentionUnavailable(f"flash_attention(backend='triton') cannot run: {reason}")
     if q.shape[-1] > _MAX_TRITON_HEADDIM:
         raise ValueError(f"flash_attention(backend='triton'): head dim {q.shape[-1]} > {_MAX_TRITON_HEADDIM}")
     # The kernels index the head dim with unit stride; other strides are free (e.g. views of a fused qkv).
@@ -486,10 +490,11 @@ def _flash_xformers(q, k, v, cu_seqlens, max_seqlen, causal, scale):
         import xformers.ops as xops
         from xformers.ops import fmha
     except ImportError as e:
-        raise RuntimeError("flash_attention(backend='xformers') cannot run: xformers is not installed "
+        raise FlashAttentionUnavailable("flash_attention(backend='xformers') cannot run: xformers is not installed "
                            f"({e})") from e
     if not q.is_cuda:
-        raise RuntimeError("flash_attention(backend='xformers') cannot run: xformers' memory_efficient_attention "
+        raise FlashAttentionUnavailable("flash_attention(backend='xformers') cannot run: xformers' "
+                                        "memory_efficient_attention "
                            f"has no kernels for {q.device} tensors (needs CUDA)")
     if cu_seqlens is None:
         bias = fmha.attn_bias.LowerTriangularMask() if causal else None

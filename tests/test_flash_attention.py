@@ -188,14 +188,14 @@ def test_auto_picks_sdpa_on_cpu_and_triton_on_cuda():
 def test_triton_without_cuda_or_interpreter_raises(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     q = torch.randn(1, 4, 1, 32)
-    with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
+    with pytest.raises(fa.FlashAttentionUnavailable, match="TRITON_INTERPRET"):
         flash_attention(q, q, q, backend="triton")
 
 
 def test_bf16_under_interpreter_raises(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     q = torch.randn(1, 4, 1, 32, dtype=torch.bfloat16)
-    with pytest.raises(RuntimeError, match="bfloat16"):
+    with pytest.raises(fa.FlashAttentionUnavailable, match="bfloat16"):
         flash_attention(q, q, q, backend="triton")
 
 
@@ -203,7 +203,7 @@ def test_xformers_missing_raises(monkeypatch):
     monkeypatch.setitem(sys.modules, "xformers", None)  # makes `import xformers...` raise ImportError
     monkeypatch.setitem(sys.modules, "xformers.ops", None)
     q = torch.randn(1, 4, 1, 32)
-    with pytest.raises(RuntimeError, match="xformers is not installed"):
+    with pytest.raises(fa.FlashAttentionUnavailable, match="xformers is not installed"):
         flash_attention(q, q, q, backend="xformers")
 
 
