@@ -1,0 +1,516 @@
+"""bmclip build-dataset: real articles, generated edge-case packages, determinism, slices, kill-and-resume."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import json
+import os
+import shutil
+import signal
+import struct
+import subprocess
+import sys
+import tarfile
+import time
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from bmclip.data.pmc import build_dataset, parse_jats
+from bmclip.data.pmc.build import BuildOptions, merge_staging, split_of, stage
+from bmclip.data.pmc.dedup import Deduplicator
+from bmclip.data.pmc.media import ImageSkip, dhash64, process_image, resolve_graphics
+from bmclip.errors import ConfigError
+
+# ------------------------------------------------------------------------------------------ helpers
+
+
+def _read_shards(out: Path) -> dict[str, dict]:
+    """All samples of all shards: key -> {'jpg', 'json', 'txt', 'split', 'shard'}."""
+    samples: dict[str, dict] = {}
+    for shard in sorted(out.glob("*-*.tar")):
+        split = shard.name.split("-")[0]
+        with tarfile.open(shard) as tf:
+            for m in tf.getmembers():
+                key, ext = m.name.split(".", 1)
+                s = samples.setdefault(key, {"split": split, "shard": shard.name})
+                s[ext] = tf.extractfile(m).read()
+    return samples
+
+
+def _shard_bytes(out: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(out.iterdir()) if p.suffix in (".tar", ".idx")}
+
+
+def _noise_image(seed: int, size=(320, 240), mode="RGB") -> Image.Image:
+    rng = np.random.default_rng(seed)
+    # smooth random field (upsampled noise) so that resizing keeps it recognisable for dHash
+    small = rng.integers(0, 256, size=(size[1] // 16 + 1, size[0] // 16 + 1, 3), dtype=np.uint8)
+    im = Image.fromarray(small, "RGB").resize(size, Image.Resampling.BICUBIC)
+    return im.convert(mode)
+
+
+def _encode(im: Image.Image, fmt: str = "JPEG", **kw) -> bytes:
+    b = io.BytesIO()
+    im.save(b, format=fmt, **kw)
+    return b.getvalue()
+
+
+def _article_xml(
+    pmcid: str, figs: list[tuple[str, str, list[str]]], licence="http://creativecommons.org/licenses/by/4.0/"
+):
+    fx = "".join(
+        f'<fig id="{fid}"><label>Figure {i + 1}</label><caption><p>{cap}</p></caption>'
+        + "".join(f'<graphic xlink:href="{h}"/>' for h in hrefs)
+        + "</fig>"
+        for i, (fid, cap, hrefs) in enumerate(figs)
+    )
+    return (
+        '<?xml version="1.0"?><!DOCTYPE article PUBLIC "-//NLM//DTD JATS" "JATS-archivearticle1.dtd">'
+        '<article xmlns:xlink="http://www.w3.org/1999/xlink"><front><article-meta>'
+        f'<article-id pub-id-type="pmc">{pmcid[3:]}</article-id>'
+        f'<article-id pub-id-type="pmid">1{pmcid[3:]}</article-id>'
+        f'<article-id pub-id-type="doi">10.5555/{pmcid}</article-id>'
+        f'<permissions><license xlink:href="{licence}"/></permissions></article-meta></front>'
+        f"<body>{fx}</body></article>"
+    ).encode()
+
+
+def _write_tar(path: Path, members: list[tuple[str, bytes]], gz: bool = True) -> Path:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tf:
+        for name, data in members:
+            ti = tarfile.TarInfo(name)
+            ti.size = len(data)
+            tf.addfile(ti, io.BytesIO(data))
+    raw = buf.getvalue()
+    path.write_bytes(gzip.compress(raw, mtime=0) if gz else raw)
+    return path
+
+
+def _package(root: Path, pmcid: str, n_figs: int = 2, seed: int = 0, **kw) -> Path:
+    """A PMC OA-style package PMCxxx.tar.gz with n_figs JPEG figures (+ .gif thumbnails)."""
+    figs, members = [], []
+    for k in range(1, n_figs + 1):
+        stem = f"{pmcid.lower()}-f{k}"
+        figs.append((f"F{k}", f"Figure {k} of {pmcid}: a synthetic figure caption with enough words.", [stem]))
+        im = _noise_image(seed * 100 + k, **kw)
+        members.append((f"{pmcid}/{stem}.jpg", _encode(im, quality=95)))
+        members.append((f"{pmcid}/{stem}.gif", _encode(im.resize((100, 75)), "GIF")))
+    members.insert(0, (f"{pmcid}/{pmcid}.nxml", _article_xml(pmcid, figs)))
+    return _write_tar(root / f"{pmcid}.tar.gz", members)
+
+
+def _build(inputs, out, **kw):
+    kw.setdefault("num_workers", 0)
+    kw.setdefault("progress", False)
+    return build_dataset([str(i) for i in inputs], out, **kw)
+
+
+# ------------------------------------------------------------------------------------------ real articles
+
+
+def test_real_folders_one_sample_per_resolvable_figure(pmc_samples, tmp_path):
+    out = tmp_path / "out"
+    stats = _build(
+        [pmc_samples / "elife-32671", pmc_samples / "PMC10802347", pmc_samples / "pone.0056489"],
+        out,
+        val_fraction=0.0,
+        test_fraction=0.0,
+    )
+    samples = _read_shards(out)
+    by_article: dict[str, list[str]] = {}
+    for k, s in samples.items():
+        by_article.setdefault(json.loads(s["json"])["article_id"], []).append(k)
+    # elife-32671: 5 of 5; PMC10802347: 3 of 4 (f0001.jpg is missing, its .gif thumbnail is not used);
+    # pone.0056489: 3 figure TIFFs (the t00x.tif table images are not figures)
+    assert sorted(by_article["elife-32671"]) == [f"elife-32671_fig{i}" for i in range(1, 6)]
+    assert sorted(by_article["PMC10802347"]) == ["PMC10802347_F2", "PMC10802347_F3", "PMC10802347_F4"]
+    assert len(by_article["doi:10.1371/journal.pone.0056489"]) == 3
+    assert stats["pairs"] == {"train": 11, "val": 0, "test": 0}
+    assert stats["skips"]["figure"] == {"thumbnail_only": 1}
+    assert stats["figures"] == 12
+
+    # sample content against independent readings of the sources
+    art = parse_jats(pmc_samples / "PMC10802347" / "nihpp-2023.12.31.573776v1.nxml")
+    s = samples["PMC10802347_F3"]
+    assert s["txt"].decode() == art.figures[2].caption
+    meta = json.loads(s["json"])
+    assert meta["pmcid"] == "PMC10802347" and meta["pmid"] == "38260464"
+    assert meta["figure_id"] == "F3" and meta["label"] == "Figure 3."
+    assert meta["license"] == "https://creativecommons.org/licenses/by-nc-nd/4.0/"
+    assert meta["file"] == "nihpp-2023.12.31.573776v1-f0003.jpg"
+    src = Image.open(pmc_samples / "PMC10802347" / "nihpp-2023.12.31.573776v1-f0003.jpg")
+    assert meta["original_size"] == list(src.size) == [720, 541]
+    im = Image.open(io.BytesIO(s["jpg"]))
+    assert im.format == "JPEG" and im.mode == "RGB" and im.size == (512, 385)  # 541*512/720 = 384.7
+    ref = np.asarray(src.convert("RGB").resize((512, 385), Image.Resampling.BICUBIC), dtype=np.float64)
+    assert np.abs(np.asarray(im, dtype=np.float64) - ref).mean() < 6.0  # same picture, JPEG noise only
+    tif = json.loads(samples["10_1371_journal_pone_0056489_pone-0056489-g003"]["json"])
+    assert tif["file"] == "pone.0056489.g003.tif" and tif["href"] == "info:doi/10.1371/journal.pone.0056489.g003"
+
+
+def test_fixture_copies_in_ci(fixtures_dir, tmp_path):
+    out = tmp_path / "o"
+    stats = _build([fixtures_dir / "pmc"], out, val_fraction=0, test_fraction=0, shard_size=4)
+    # elife-32671 (5) + pone.0056489 (3); the XML-only fixtures have no images
+    assert stats["pairs"]["train"] == 8
+    assert stats["skips"]["package"] == {"non_jats_xml": 1}
+    assert stats["figures"] == stats["pairs_total"] + sum(stats["skips"]["figure"].values())
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert [sh["num_samples"] for sh in manifest["shards"]] == [4, 4]
+    assert manifest["splits"]["train"]["pattern"] == "train-{000000..000001}.tar"
+    for sh in manifest["shards"]:
+        data = (out / sh["name"]).read_bytes()
+        assert hashlib.sha256(data).hexdigest() == sh["sha256"] and len(data) == sh["bytes"]
+        _check_dali_index(out / sh["name"], out / sh["index"])
+    assert (out / "stats.png").stat().st_size > 1000
+    assert not (out / "_staging").exists()
+
+
+def _check_dali_index(tar_path: Path, idx_path: Path) -> None:
+    """The .idx matches the tar as read by tarfile: 'v1.2 N' then 'ext offset size name' groups."""
+    lines = idx_path.read_text().splitlines()
+    head = lines[0].split()
+    assert head[0] == "v1.2" and int(head[1]) == len(lines) - 1
+    data = tar_path.read_bytes()
+    with tarfile.open(tar_path) as tf:
+        members = {m.name: m for m in tf.getmembers()}
+    seen = 0
+    for line in lines[1:]:
+        toks = line.split(" ")
+        assert len(toks) == 12
+        for i in range(0, 12, 4):
+            ext, off, size, name = toks[i], int(toks[i + 1]), int(toks[i + 2]), toks[i + 3]
+            m = members[name]
+            assert name.endswith("." + ext) and m.offset_data == off and m.size == size
+            assert m.mtime == 0 and m.uid == 0 and m.gid == 0 and m.uname == "" and m.gname == ""
+            assert "." not in name[: -len(ext) - 1]
+            seen += 1
+            assert data[off : off + size] == tf_extract(tar_path, name)
+    assert seen == len(members)
+
+
+def tf_extract(tar_path: Path, name: str) -> bytes:
+    with tarfile.open(tar_path) as tf:
+        return tf.extractfile(name).read()
+
+
+# ------------------------------------------------------------------------------------------ unit pieces
+
+
+def test_resolve_graphics_rules():
+    media = {
+        n.lower(): n for n in ["a-f1.gif", "a-f1.JPG", "pone.0056489.g001.tif", "x.png", "x.jpg", "only.gif", "f2.tif"]
+    }
+    assert resolve_graphics(["a-f1"], media) == ["a-f1.JPG", "a-f1.gif"]
+    assert resolve_graphics(["info:doi/10.1371/journal.pone.0056489.g001"], media) == ["pone.0056489.g001.tif"]
+    assert resolve_graphics(["x.png"], media) == ["x.jpg", "x.png"]  # JPEG ranks first
+    assert resolve_graphics(["dir/sub/only"], media) == ["only.gif"]
+    assert resolve_graphics(["f2.gif", "f2.tif"], media) == ["f2.tif"]
+    assert resolve_graphics(["missing"], media) == []
+
+
+def test_process_image_modes_and_guards():
+    # 16-bit greyscale TIFF is stretched to 8 bits, not clipped
+    a = (np.arange(200 * 100, dtype=np.uint16).reshape(100, 200) * 3).astype(np.uint16)
+    r = process_image(_encode(Image.fromarray(a), "TIFF"), max_side=100, min_side=10)
+    im = Image.open(io.BytesIO(r.jpeg))
+    assert im.size == (100, 50) and r.orig_size == (200, 100)
+    px = np.asarray(im.convert("L"), dtype=np.float64)
+    assert px.min() < 10 and px.max() > 245
+    # transparent background -> white
+    rgba = Image.new("RGBA", (100, 100), (0, 0, 0, 0))
+    r = process_image(_encode(rgba, "PNG"), min_side=10)
+    assert np.asarray(Image.open(io.BytesIO(r.jpeg))).min() > 250
+    with pytest.raises(ImageSkip) as e:
+        process_image(b"")
+    assert e.value.reason == "empty_image"
+    with pytest.raises(ImageSkip) as e:
+        process_image(_encode(_noise_image(1))[:300])
+    assert e.value.reason == "undecodable_image"
+    with pytest.raises(ImageSkip) as e:
+        process_image(b"not an image at all")
+    assert e.value.reason == "undecodable_image"
+    with pytest.raises(ImageSkip) as e:
+        process_image(_encode(_noise_image(1, size=(80, 800))), max_aspect=5)
+    assert e.value.reason == "extreme_aspect"
+    with pytest.raises(ImageSkip) as e:
+        process_image(_encode(_noise_image(1, size=(50, 40))), min_side=64)
+    assert e.value.reason == "small_image"
+    with pytest.raises(ImageSkip) as e:
+        process_image(_png_bomb(100_000, 100_000))
+    assert e.value.reason == "too_many_pixels"
+    with pytest.raises(ImageSkip) as e:
+        process_image(_png_bomb(12_000, 9_000))  # above our limit, below PIL's own 2x error
+    assert e.value.reason == "too_many_pixels"
+
+
+def _png_bomb(w: int, h: int) -> bytes:
+    """A PNG header declaring w x h pixels with (almost) no data: decoding it would allocate w*h*3 bytes."""
+
+    def chunk(t: bytes, d: bytes) -> bytes:
+        return struct.pack(">I", len(d)) + t + d + struct.pack(">I", zlib.crc32(t + d) & 0xFFFFFFFF)
+
+    ihdr = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+
+
+def test_dedup_banding_finds_every_pair_within_radius():
+    rng = np.random.default_rng(0)
+    base = [int(x) for x in rng.integers(0, 2**63, size=300, dtype=np.int64)]
+    d = Deduplicator(near_threshold=3)
+    for i, h in enumerate(base):
+        assert d.check_and_add(f"{i:016x}", h) is None
+    for i, h in enumerate(base[:100]):
+        flips = rng.choice(64, size=i % 4, replace=False)
+        h2 = h
+        for b in flips:
+            h2 ^= 1 << int(b)
+        assert d.check_and_add(f"{i + 1000:016x}", h2) == "duplicate_near"
+    # 4+ bits away from everything (checked by brute force) is new
+    far = base[0] ^ 0b1111
+    if min((far ^ b).bit_count() for b in base) > 3:
+        assert d.check_and_add("ffff000000000000", far) is None
+    assert d.check_and_add(f"{5:016x}", 12345) == "duplicate_exact"
+    off = Deduplicator(near_threshold=-1)
+    assert off.check_and_add("01", 7) is None and off.check_and_add("02", 7) is None
+
+
+def test_dhash_stable_under_reencoding():
+    im = _noise_image(3, size=(400, 300))
+    h1 = dhash64(im)
+    h2 = dhash64(Image.open(io.BytesIO(_encode(im.resize((200, 150)), quality=60))))
+    assert (h1 ^ h2).bit_count() <= 3
+
+
+# ------------------------------------------------------------------------------------------ generated edge cases
+
+
+def test_generated_edge_cases(tmp_path):
+    src = tmp_path / "in"
+    src.mkdir()
+    _package(src, "PMC100", n_figs=3, seed=1)
+    # missing image: F2 has no file at all
+    figs = [("F1", "A caption that is long enough.", ["pmc101-f1"]), ("F2", "Another long caption.", ["pmc101-f2"])]
+    _write_tar(
+        src / "PMC101.tar.gz",
+        [
+            ("PMC101/PMC101.nxml", _article_xml("PMC101", figs)),
+            ("PMC101/pmc101-f1.jpg", _encode(_noise_image(11))),
+        ],
+    )
+    # malformed XML
+    _write_tar(src / "PMC102.tar.gz", [("PMC102/PMC102.nxml", b"<article><body><fig></article>")])
+    # traversal / absolute member names refused (and the image they carry is not used)
+    figs = [("F1", "Traversal caption long enough.", ["evil"]), ("F2", "Fine caption long enough.", ["ok"])]
+    _write_tar(
+        src / "PMC103.tar.gz",
+        [
+            ("PMC103/PMC103.nxml", _article_xml("PMC103", figs)),
+            ("../../evil.jpg", _encode(_noise_image(31))),
+            ("/etc/evil.jpg", _encode(_noise_image(32))),
+            ("PMC103/ok.jpg", _encode(_noise_image(33))),
+        ],
+    )
+    # truncated gzip
+    good = _package(tmp_path, "PMC104", n_figs=2, seed=4)
+    (src / "PMC104.tar.gz").write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    # zero-byte package; zero-byte image member; short caption; bomb
+    (src / "PMC105.tar.gz").write_bytes(b"")
+    figs = [
+        ("F1", "Zero-byte image caption.", ["z"]),
+        ("F2", "tiny", ["t"]),
+        ("F3", "A decompression bomb figure.", ["bomb"]),
+        ("F4", "", ["nocap"]),
+    ]
+    _write_tar(
+        src / "PMC106.tar.gz",
+        [
+            ("PMC106/PMC106.nxml", _article_xml("PMC106", figs)),
+            ("PMC106/z.jpg", b""),
+            ("PMC106/t.jpg", _encode(_noise_image(61))),
+            ("PMC106/bomb.png", _png_bomb(50_000, 50_000)),
+            ("PMC106/nocap.jpg", _encode(_noise_image(62))),
+        ],
+    )
+    # duplicates across articles: PMC107 repeats PMC100's F1 exactly and F2 re-encoded smaller (near dup)
+    with tarfile.open(src / "PMC100.tar.gz") as tf:
+        f1 = tf.extractfile("PMC100/pmc100-f1.jpg").read()
+        f2 = Image.open(io.BytesIO(tf.extractfile("PMC100/pmc100-f2.jpg").read()))
+    figs = [("F1", "Exact duplicate of another article.", ["d1"]), ("F2", "Near duplicate of another one.", ["d2"])]
+    _write_tar(
+        src / "PMC107.tar.gz",
+        [
+            ("PMC107/PMC107.nxml", _article_xml("PMC107", figs)),
+            ("PMC107/d1.jpg", f1),
+            ("PMC107/d2.jpg", _encode(f2.resize((300, 225)), quality=70)),
+        ],
+    )
+    out = tmp_path / "out"
+    stats = _build([src], out, val_fraction=0, test_fraction=0)
+    samples = _read_shards(out)
+    assert sorted(samples) == ["PMC100_F1", "PMC100_F2", "PMC100_F3", "PMC101_F1", "PMC103_F2"]
+    sk = stats["skips"]
+    assert sk["package"] == {"corrupt_package": 2, "unsafe_member": 2, "xml_error": 1}
+    assert sk["figure"] == {
+        "duplicate_exact": 1,
+        "duplicate_near": 1,
+        "empty_image": 1,
+        "missing_image": 2,
+        "no_caption": 1,
+        "short_caption": 1,
+        "too_many_pixels": 1,
+    }
+    assert stats["figures"] == stats["pairs_total"] + sum(sk["figure"].values())
+    assert any("PMC102" in e and "malformed XML" in e for e in stats["first_errors"])
+    assert stats["licenses"] == {"CC BY": 5}
+
+
+def test_pmc_cloud_layout_versions_and_retraction(tmp_path):
+    src = tmp_path / "cloud"
+    for ver, seed in ((1, 1), (2, 2)):
+        d = src / f"PMC555.{ver}"
+        d.mkdir(parents=True)
+        xml = _article_xml("PMC555", [("F1", f"Version {ver} caption, long enough.", ["media-g001.jpg"])], licence="")
+        xml = xml.replace(b'<permissions><license xlink:href=""/></permissions>', b"")
+        (d / f"PMC555.{ver}.xml").write_bytes(xml)
+        (d / f"PMC555.{ver}.txt").write_text("plain text")
+        (d / "media-g001.jpg").write_bytes(_encode(_noise_image(seed)))
+        meta = {"pmcid": "PMC555", "version": ver, "license_code": "CC BY", "is_retracted": False,
+                "xml_url": f"s3://pmc-oa-opendata/PMC555.{ver}/PMC555.{ver}.xml",
+                "media_urls": [f"s3://pmc-oa-opendata/PMC555.{ver}/media-g001.jpg"]}  # fmt: skip
+        (d / f"PMC555.{ver}.json").write_text(json.dumps(meta))
+    d = src / "PMC777.1"
+    d.mkdir()
+    (d / "PMC777.1.xml").write_bytes(_article_xml("PMC777", [("F1", "Retracted figure caption.", ["g1.jpg"])]))
+    (d / "PMC777.1.json").write_text(json.dumps({"pmcid": "PMC777", "version": 1, "is_retracted": True}))
+    (d / "g1.jpg").write_bytes(_encode(_noise_image(9)))
+    out = tmp_path / "out"
+    stats = _build([src], out, val_fraction=0, test_fraction=0)
+    samples = _read_shards(out)
+    assert list(samples) == ["PMC555_F1"]
+    assert samples["PMC555_F1"]["txt"] == b"Version 2 caption, long enough."
+    assert json.loads(samples["PMC555_F1"]["json"])["license"] == "CC BY"  # from the cloud JSON
+    assert stats["skips"]["package"] == {"superseded_version": 1}
+    assert stats["skips"]["article"] == {"retracted": 1}
+    assert stats["skips"]["figure"] == {"retracted": 1}
+
+
+def test_splits_by_article_and_duplicate_articles(tmp_path):
+    src = tmp_path / "in"
+    src.mkdir()
+    for i in range(40):
+        _package(src, f"PMC{2000 + i}", n_figs=2, seed=i, size=(96, 80))
+    # the same article again as an extracted folder: counted once
+    folder = tmp_path / "again" / "PMC2000"
+    folder.mkdir(parents=True)
+    with tarfile.open(src / "PMC2000.tar.gz") as tf:
+        for m in tf.getmembers():
+            (folder / Path(m.name).name).write_bytes(tf.extractfile(m).read())
+    out = tmp_path / "out"
+    stats = _build([src, tmp_path / "again"], out, val_fraction=0.2, test_fraction=0.3, seed=7, min_side=32)
+    samples = _read_shards(out)
+    assert stats["skips"]["article"] == {"duplicate_article": 1}
+    assert stats["skips"]["figure"] == {"duplicate_article": 2}
+    assert len(samples) == 80
+    per_article: dict[str, set] = {}
+    for s in samples.values():
+        m = json.loads(s["json"])
+        per_article.setdefault(m["pmcid"], set()).add(s["split"])
+        assert s["split"] == split_of(m["pmcid"], 7, 0.2, 0.3)
+    assert all(len(v) == 1 for v in per_article.values())
+    counts = {k: v for k, v in stats["articles_per_split"].items()}
+    assert sum(counts.values()) == 40 and min(counts.values()) > 0  # 40 articles hit all three splits
+    assert stats["pairs"] == {k: 2 * v for k, v in counts.items()}
+
+
+def test_determinism_workers_and_slices(tmp_path):
+    src = tmp_path / "in"
+    src.mkdir()
+    for i in range(12):
+        _package(src, f"PMC{3000 + i}", n_figs=2, seed=100 + i, size=(200, 150))
+    a, b = tmp_path / "a", tmp_path / "b"
+    _build([src], a, num_workers=0, chunk_size=1, val_fraction=0.1, test_fraction=0.2, shard_size=5)
+    _build([src], b, num_workers=2, chunk_size=5, val_fraction=0.1, test_fraction=0.2, shard_size=5)
+    assert _shard_bytes(a) == _shard_bytes(b) and len(_shard_bytes(a)) >= 4
+    # three slices staged separately (any order), then merged
+    opts = BuildOptions(chunk_size=2, val_fraction=0.1, test_fraction=0.2, shard_size=5)
+    for k in (2, 0, 1):
+        stage([src], tmp_path / f"s{k}", opts, num_slices=3, slice_index=k, num_workers=0, progress=False)
+    c = tmp_path / "c"
+    merge_staging([tmp_path / "s1", tmp_path / "s0", tmp_path / "s2"], c, opts, progress=False)
+    assert _shard_bytes(c) == _shard_bytes(a)
+    # the stage-time plan protects a staging dir from being mixed with other options
+    with pytest.raises(ConfigError, match="different run"):
+        stage([src], tmp_path / "s0", BuildOptions(max_side=256), num_slices=3, progress=False)
+    # merging an incomplete staging dir is refused
+    (tmp_path / "s2" / "complete.json").unlink()
+    with pytest.raises(Exception, match="not complete"):
+        merge_staging([tmp_path / "s2"], tmp_path / "d", opts, progress=False)
+
+
+def test_cli_build_and_merge(tmp_path, capsys):
+    from bmclip.cli import main
+
+    src = tmp_path / "in"
+    src.mkdir()
+    for i in range(4):
+        _package(src, f"PMC{4000 + i}", n_figs=1, seed=200 + i)
+    rc = main(["build-dataset", str(src), "--output", str(tmp_path / "o1"), "-j", "0", "--no-progress",
+               "--val-fraction", "0", "--test-fraction", "0"])  # fmt: skip
+    assert rc == 0
+    assert json.loads(capsys.readouterr().out)["pairs"]["train"] == 4
+    for k in range(2):
+        assert main(["build-dataset", str(src), "--staging", str(tmp_path / f"st{k}"), "--num-slices", "2",
+                     "--slice", str(k), "-j", "0", "--no-progress"]) == 0  # fmt: skip
+    capsys.readouterr()
+    argv = ["build-dataset", "merge", str(tmp_path / "st0"), str(tmp_path / "st1"), "--output", str(tmp_path / "o2")]
+    assert main([*argv, "--no-progress", "--val-fraction", "0", "--test-fraction", "0"]) == 0
+    assert _shard_bytes(tmp_path / "o1") == _shard_bytes(tmp_path / "o2")
+    assert main(["build-dataset", str(tmp_path / "nope"), "--output", str(tmp_path / "o3")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_kill_and_resume_is_byte_identical(tmp_path):
+    src = tmp_path / "in"
+    src.mkdir()
+    for i in range(16):
+        _package(src, f"PMC{5000 + i}", n_figs=3, seed=300 + i, size=(1200, 900))
+    ref = tmp_path / "ref"
+    _build([src], ref, chunk_size=1, shard_size=7, val_fraction=0.1, test_fraction=0.2)
+    out = tmp_path / "out"
+    code = (
+        "import sys; from bmclip.data.pmc import build_dataset\n"
+        f"build_dataset([{str(src)!r}], {str(out)!r}, num_workers=0, chunk_size=1, shard_size=7,"
+        " val_fraction=0.1, test_fraction=0.2, progress=False)\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code], start_new_session=True)
+    chunks = out / "_staging" / "chunks"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if chunks.is_dir() and len([p for p in chunks.iterdir() if p.suffix == ".bin"]) >= 3:
+            break
+        if proc.poll() is not None:
+            break
+        time.sleep(0.02)
+    assert proc.poll() is None, "builder finished before it could be killed; make the input larger"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done_at_kill = len([p for p in chunks.iterdir() if p.suffix == ".bin"])
+    assert 3 <= done_at_kill < 16
+    assert not (out / "manifest.json").exists()
+    stats = _build([src], out, chunk_size=1, shard_size=7, val_fraction=0.1, test_fraction=0.2)
+    assert _shard_bytes(out) == _shard_bytes(ref)
+    assert stats["pairs_total"] == 48
+    assert (
+        json.loads((out / "manifest.json").read_text())["shards"]
+        == json.loads((ref / "manifest.json").read_text())["shards"]
+    )
+    shutil.rmtree(src)
