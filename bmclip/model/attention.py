@@ -1,0 +1,76 @@
+"""The one attention switch both towers call: ``attention(q, k, v, backend=..., key_padding_mask=...)``.
+
+Backends are looked up by name in ``_BACKENDS``. Only ``"sdpa"`` (torch
+``scaled_dot_product_attention``) is implemented here; other backends (Triton flash attention,
+xformers) are added to the registry with ``register_backend``. Asking for a backend that is not
+registered raises ConfigError: there is no silent fallback.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from bmclip.errors import ConfigError
+
+# A backend computes softmax(q k^T / sqrt(dh) + mask) v on (B, H, L, dh) tensors.
+# key_padding_mask: bool (B, Lk), True where the key is a real token (attended), False for padding.
+AttentionFn = Callable[..., torch.Tensor]
+
+
+def _sdpa(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    key_padding_mask: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+) -> torch.Tensor:
+    mask = None
+    if key_padding_mask is not None:
+        # Boolean (B, 1, 1, Lk) mask broadcast over heads and queries: True = attend.
+        mask = key_padding_mask[:, None, None, :]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+
+
+_BACKENDS: dict[str, AttentionFn] = {"sdpa": _sdpa}
+
+
+def register_backend(name: str, fn: AttentionFn) -> None:
+    """Make ``fn(q, k, v, *, key_padding_mask=None, dropout_p=0.0)`` available as backend ``name``."""
+    _BACKENDS[name] = fn
+
+
+def available_backends() -> list[str]:
+    """Names of the attention backends registered in this process."""
+    return list(_BACKENDS)
+
+
+def check_backend(name: str) -> str:
+    """Return ``name`` if it is a registered backend, else raise ConfigError naming it."""
+    if name not in _BACKENDS:
+        raise ConfigError(f"attn_backend={name!r} is not available (registered: {', '.join(_BACKENDS)})")
+    return name
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    backend: str = "sdpa",
+    key_padding_mask: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+) -> torch.Tensor:
+    """Scaled dot-product attention on (B, H, L, dh) q/k/v -> (B, H, L, dh), via the named backend.
+
+    ``key_padding_mask`` is bool (B, Lk), True for keys that are attended (real tokens).
+    """
+    try:
+        fn = _BACKENDS[backend]
+    except KeyError:
+        check_backend(backend)  # raises ConfigError with the list of registered names
+        raise
+    return fn(q, k, v, key_padding_mask=key_padding_mask, dropout_p=dropout_p)

@@ -1,0 +1,112 @@
+"""The BiomedCLIP model: ViT image tower + BERT text tower + learnable logit scale (and optional bias)."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from bmclip.errors import ConfigError
+from bmclip.model.attention import check_backend
+from bmclip.model.bert import BertTextEncoder
+from bmclip.model.config import ModelConfig, TextConfig, VisionConfig, get_preset
+from bmclip.model.layers import SelfAttention
+from bmclip.model.vit import VisionTransformer
+
+
+class BiomedCLIP(nn.Module):
+    """BiomedCLIP: ``encode_image``/``encode_text`` as in open_clip; ``forward`` returns normalised features."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        config.validate()
+        self.config = config
+        self.visual = VisionTransformer(config.vision, config.embed_dim, config.attn_backend)
+        self.text = BertTextEncoder(config.text, config.embed_dim, config.attn_backend)
+        # Holds the LOG of the temperature scale, as open_clip does.
+        self.logit_scale = nn.Parameter(torch.tensor(float(config.init_logit_scale)))
+        if config.init_logit_bias is not None:
+            self.logit_bias = nn.Parameter(torch.tensor(float(config.init_logit_bias)))
+        else:
+            self.logit_bias = None
+        self.set_grad_checkpointing(config.grad_checkpointing)
+
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        """images float (B, 3, H, W), normalised with IMAGE_MEAN/IMAGE_STD -> (B, embed_dim) unnormalised."""
+        return self.visual(images)
+
+    def encode_text(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """input_ids int64 (B, L), 0 = padding -> (B, embed_dim) unnormalised."""
+        return self.text(input_ids)
+
+    def forward(self, images: torch.Tensor, input_ids: torch.Tensor) -> dict[str, Any]:
+        """-> dict(image_features (B, D) L2-normalised, text_features (B', D) L2-normalised,
+        logit_scale = exp(self.logit_scale) scalar, logit_bias scalar tensor or None)."""
+        return {
+            "image_features": F.normalize(self.encode_image(images), dim=-1),
+            "text_features": F.normalize(self.encode_text(input_ids), dim=-1),
+            "logit_scale": self.logit_scale.exp(),
+            "logit_bias": self.logit_bias,
+        }
+
+    def set_attn_backend(self, name: str) -> None:
+        """Route every attention layer of both towers through backend ``name`` (ConfigError if unknown)."""
+        check_backend(name)
+        for m in self.modules():
+            if isinstance(m, SelfAttention):
+                m.attn_backend = name
+        self.config.attn_backend = name
+
+    def set_grad_checkpointing(self, enabled: bool = True) -> None:
+        """Recompute each transformer block in backward (training only) to save activation memory."""
+        self.visual.grad_checkpointing = bool(enabled)
+        self.text.grad_checkpointing = bool(enabled)
+        self.config.grad_checkpointing = bool(enabled)
+
+    def num_params(self) -> int:
+        """Number of parameters (elements)."""
+        return sum(p.numel() for p in self.parameters())
+
+
+def _apply_overrides(cfg: ModelConfig, overrides: dict[str, Any]) -> ModelConfig:
+    for key, value in overrides.items():
+        if key in ("vision", "text") and isinstance(value, dict):
+            sub = getattr(cfg, key)
+            names = {f.name for f in dataclasses.fields(sub)}
+            for k in value:
+                if k not in names:
+                    raise ConfigError(f"unknown config key '{key}.{k}'")
+            setattr(cfg, key, dataclasses.replace(sub, **value))
+        elif key in ("vision", "text"):
+            want = VisionConfig if key == "vision" else TextConfig
+            if not isinstance(value, want):
+                raise ConfigError(f"{key} override must be a dict or {want.__name__}")
+            setattr(cfg, key, copy.deepcopy(value))
+        elif key in {f.name for f in dataclasses.fields(cfg)}:
+            setattr(cfg, key, value)
+        else:
+            raise ConfigError(f"unknown config key {key!r}")
+    return cfg
+
+
+def create_model(preset_or_config: str | ModelConfig | dict = "biomedclip-vit-b16-224", **overrides) -> BiomedCLIP:
+    """Build a freshly initialised BiomedCLIP from a preset name, a ModelConfig or a config dict.
+
+    ``overrides`` replace top-level ModelConfig fields; ``vision=``/``text=`` dicts update those
+    sub-configs key by key (e.g. ``vision={"patch_dropout": 0.5}``).
+    """
+    if isinstance(preset_or_config, str):
+        cfg = get_preset(preset_or_config)
+    elif isinstance(preset_or_config, ModelConfig):
+        cfg = copy.deepcopy(preset_or_config)
+    elif isinstance(preset_or_config, dict):
+        cfg = ModelConfig.from_dict(preset_or_config)
+    else:
+        raise ConfigError(f"expected a preset name, ModelConfig or dict, got {type(preset_or_config).__name__}")
+    cfg = _apply_overrides(cfg, overrides)
+    cfg.validate()
+    return BiomedCLIP(cfg)

@@ -1,0 +1,73 @@
+"""Building blocks shared by both towers: multi-head self-attention (fused qkv) and the 2-layer MLP."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from bmclip.model.attention import attention
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention: fused ``qkv`` Linear(W, 3W), the attention switch, ``out`` Linear(W, W).
+
+    The backend is a plain attribute (``attn_backend``) so switching it never changes parameter names.
+    """
+
+    def __init__(self, width: int, heads: int, backend: str = "sdpa", dropout: float = 0.0):
+        super().__init__()
+        self.heads = heads
+        self.head_dim = width // heads
+        self.qkv = nn.Linear(width, 3 * width)
+        self.out = nn.Linear(width, width)
+        self.attn_backend = backend
+        self.dropout = dropout
+
+    def split_heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(B, L, W) -> q, k, v each (B, H, L, dh) (views of one qkv projection)."""
+        b, n, _ = x.shape
+        qkv = self.qkv(x).view(b, n, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        return qkv[0], qkv[1], qkv[2]
+
+    def forward(self, x: torch.Tensor, key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, L, W) float, key_padding_mask bool (B, L) True = real token -> (B, L, W)."""
+        b, n, w = x.shape
+        q, k, v = self.split_heads(x)
+        o = attention(
+            q,
+            k,
+            v,
+            backend=self.attn_backend,
+            key_padding_mask=key_padding_mask,
+            dropout_p=self.dropout if self.training else 0.0,
+        )
+        return self.out(o.transpose(1, 2).reshape(b, n, w))
+
+
+class Mlp(nn.Module):
+    """fc1 -> exact (erf) GELU -> fc2, as in timm ViT and BERT."""
+
+    def __init__(self, width: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(width, hidden)
+        self.fc2 = nn.Linear(hidden, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(..., W) -> (..., W)."""
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
+def init_linear_(module: nn.Module, std: float = 0.02) -> None:
+    """Normal(0, std) weights and zero biases for every Linear/Conv2d, unit LayerNorms, below module.
+
+    Plain normal rather than torch's trunc_normal_, whose rejection loop takes seconds per tensor on CPU.
+    """
+    for m in module.modules():
+        if isinstance(m, (nn.Linear, nn.Conv2d)):
+            nn.init.normal_(m.weight, std=std)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)

@@ -1,0 +1,226 @@
+"""Native BiomedCLIP model: configs, shapes, padding invariance, gradients, checkpointing, patch dropout."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from bmclip.errors import ConfigError, DataError
+from bmclip.model import (
+    IMAGE_MEAN,
+    IMAGE_STD,
+    ModelConfig,
+    attention,
+    create_model,
+    get_preset,
+    list_presets,
+)
+
+
+def _tiny(**kw):
+    torch.manual_seed(0)
+    return create_model("tiny", **kw)
+
+
+def _batch(model, b=3, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    s = model.config.vision.image_size
+    images = torch.randn(b, 3, s, s, generator=g)
+    ctx = model.config.text.context_length
+    ids = torch.randint(5, model.config.text.vocab_size, (b, ctx), generator=g)
+    lengths = [ctx, 9, 17][:b] + [5] * max(0, b - 3)
+    for i, n in enumerate(lengths):
+        ids[i, n:] = 0
+    ids[:, 0] = 2  # a [CLS]-like first token
+    return images, ids
+
+
+def test_presets_and_roundtrip():
+    assert set(list_presets()) >= {
+        "biomedclip-vit-b16-224",
+        "biomedclip-vit-b16-384",
+        "biomedclip-vit-s16-224",
+        "biomedclip-vit-m16-224",
+        "tiny",
+    }
+    for name in list_presets():
+        cfg = get_preset(name)
+        assert ModelConfig.from_dict(cfg.to_dict()) == cfg
+    s = get_preset("biomedclip-vit-s16-224")
+    assert (s.vision.width, s.vision.heads) == (384, 6)
+    m = get_preset("biomedclip-vit-m16-224")
+    assert (m.vision.width, m.vision.heads) == (512, 8)
+    assert get_preset("biomedclip-vit-b16-384").vision.image_size == 384
+    b = get_preset("biomedclip-vit-b16-224")
+    assert b.text.context_length == 256 and b.text.proj_hidden == 640 and b.embed_dim == 512
+    assert math.isclose(b.init_logit_scale, math.log(1 / 0.07))
+
+
+def test_config_errors_name_the_key():
+    d = get_preset("tiny").to_dict()
+    d["vision"]["patch_sise"] = 8
+    with pytest.raises(ConfigError, match="vision.patch_sise"):
+        ModelConfig.from_dict(d)
+    d = get_preset("tiny").to_dict()
+    d["embed_dimm"] = 3
+    with pytest.raises(ConfigError, match="embed_dimm"):
+        ModelConfig.from_dict(d)
+    with pytest.raises(ConfigError, match="no-such"):
+        get_preset("no-such")
+    with pytest.raises(ConfigError, match="text.context_length"):
+        create_model("tiny", text={"context_length": 1000})
+    with pytest.raises(ConfigError, match="text.foo"):
+        create_model("tiny", text={"foo": 1})
+    with pytest.raises(ConfigError, match="attn_backend"):
+        create_model("tiny", attn_backend="no-such-backend")
+    with pytest.raises(ConfigError, match="vision.width"):
+        create_model("tiny", vision={"width": 130})
+
+
+def test_param_count_released_preset():
+    with torch.device("meta"):  # parameter shapes only: no memory, no init time
+        n = create_model("biomedclip-vit-b16-224").num_params()
+    # Issue 2: ~195.9M without the (unused) BERT pooler, 196.5M with its 768*768+768 parameters.
+    assert abs(n / 1e6 - 195.9) < 0.05
+    assert abs((n + 768 * 768 + 768) / 1e6 - 196.5) < 0.05
+
+
+def test_shapes_and_forward_dict():
+    model = _tiny(init_logit_bias=-10.0).eval()
+    images, ids = _batch(model)
+    with torch.no_grad():
+        img = model.encode_image(images)
+        txt = model.encode_text(ids)
+        out = model(images, ids)
+    d = model.config.embed_dim
+    assert img.shape == (3, d) and txt.shape == (3, d)
+    assert torch.allclose(out["image_features"], F.normalize(img, dim=-1))
+    assert torch.allclose(out["text_features"], F.normalize(txt, dim=-1))
+    assert torch.allclose(out["image_features"].norm(dim=-1), torch.ones(3))
+    assert out["logit_scale"].dim() == 0
+    assert math.isclose(out["logit_scale"].item(), 1 / 0.07, rel_tol=1e-5)
+    assert out["logit_bias"].item() == -10.0
+    assert model(images, ids)["logit_bias"] is model.logit_bias
+    assert len(IMAGE_MEAN) == 3 and len(IMAGE_STD) == 3
+
+
+def test_bad_inputs_raise():
+    model = _tiny().eval()
+    with pytest.raises(DataError, match="images"):
+        model.encode_image(torch.zeros(1, 3, 32, 32))
+    with pytest.raises(DataError, match="max_positions"):
+        model.encode_text(torch.ones(1, 1000, dtype=torch.long))
+    with pytest.raises(DataError):
+        model.encode_text(torch.ones(2, 3, 4, dtype=torch.long))
+
+
+@pytest.mark.parametrize("trim", [True, False])
+def test_padding_invariance(trim):
+    model = _tiny().eval()
+    model.text.trim_padding = trim
+    g = torch.Generator().manual_seed(3)
+    caps = [torch.randint(5, 4096, (n,), generator=g) for n in (7, 12, 30)]
+
+    def pad(lens_to):
+        ids = torch.zeros(len(caps), lens_to, dtype=torch.long)
+        for i, c in enumerate(caps):
+            ids[i, : len(c)] = c
+        return ids
+
+    with torch.no_grad():
+        ref = model.encode_text(pad(30))
+        for L in (31, 40, 64):
+            torch.testing.assert_close(model.encode_text(pad(L)), ref, atol=2e-5, rtol=1e-5)
+        # A caption alone equals the same caption inside a batch with longer ones.
+        alone = model.encode_text(pad(30)[:1, :7])
+        torch.testing.assert_close(alone, ref[:1], atol=2e-5, rtol=1e-5)
+        # An all-padding row gives finite features rather than NaN.
+        assert torch.isfinite(model.encode_text(torch.zeros(2, 8, dtype=torch.long))).all()
+
+
+def test_attention_matches_float64_reference():
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 9, 8, generator=g) for _ in range(3))
+    mask = torch.ones(2, 9, dtype=torch.bool)
+    mask[1, 4:] = False
+    out = attention(q, k, v, backend="sdpa", key_padding_mask=mask)
+    s = (q.double() @ k.double().transpose(-1, -2)) / math.sqrt(8)
+    s = s.masked_fill(~mask[:, None, None, :], float("-inf"))
+    ref = s.softmax(-1) @ v.double()
+    torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ConfigError, match="triton-nope"):
+        attention(q, k, v, backend="triton-nope")
+
+
+def _clip_loss(out):
+    logits = out["logit_scale"] * out["image_features"] @ out["text_features"].T
+    if out["logit_bias"] is not None:
+        logits = logits + out["logit_bias"]
+    labels = torch.arange(logits.shape[0])
+    return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+
+
+def test_gradient_flow_both_towers():
+    model = _tiny(init_logit_bias=-1.0).train()
+    images, ids = _batch(model)
+    _clip_loss(model(images, ids)).backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None, name
+        assert torch.isfinite(p.grad).all(), name
+        assert p.grad.abs().sum() > 0, name
+
+
+def test_grad_checkpointing_same_outputs_and_grads():
+    images, ids = _batch(_tiny())
+    results = []
+    for ckpt in (False, True):
+        model = _tiny().train()
+        model.set_grad_checkpointing(ckpt)
+        assert model.visual.grad_checkpointing is ckpt and model.text.grad_checkpointing is ckpt
+        out = model(images, ids)
+        _clip_loss(out).backward()
+        results.append((out, {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (o0, g0), (o1, g1) = results
+    torch.testing.assert_close(o0["image_features"], o1["image_features"])
+    torch.testing.assert_close(o0["text_features"], o1["text_features"])
+    for n in g0:
+        torch.testing.assert_close(g0[n], g1[n], atol=1e-6, rtol=1e-5, msg=n)
+
+
+def test_patch_dropout_only_in_training():
+    model = _tiny(vision={"patch_dropout": 0.5})
+    ref = _tiny()  # same seed -> same weights, no patch dropout
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), ref.state_dict().values()))
+    images, _ = _batch(model)
+    n = model.config.vision.num_patches
+    model.eval()
+    ref.eval()
+    with torch.no_grad():
+        assert model.visual.forward_tokens(images).shape[1] == n + 1
+        torch.testing.assert_close(model.encode_image(images), ref.encode_image(images))
+        model.train()
+        toks = model.visual.forward_tokens(images)
+        assert toks.shape[1] == 1 + n // 2
+        a, b = model.encode_image(images), model.encode_image(images)
+        assert not torch.allclose(a, b)  # a fresh random subset of patches each call
+
+
+def test_patch_dropout_keeps_cls_and_real_patches():
+    model = _tiny(vision={"patch_dropout": 0.75}).train()
+    x = torch.randn(2, 16, 8)
+    kept = model.visual.patch_dropout(x)
+    assert kept.shape == (2, 4, 8)
+    for bi in range(2):  # every kept token is one of that image's own patches, none repeated
+        rows = {tuple(r.tolist()) for r in kept[bi]}
+        assert len(rows) == 4 and rows <= {tuple(r.tolist()) for r in x[bi]}
+
+
+def test_set_attn_backend_keeps_parameter_names():
+    model = _tiny()
+    names = [n for n, _ in model.named_parameters()]
+    model.set_attn_backend("sdpa")
+    assert [n for n, _ in model.named_parameters()] == names
+    with pytest.raises(ConfigError, match="xyz"):
+        model.set_attn_backend("xyz")
+    assert model.config.attn_backend == "sdpa"
