@@ -47,13 +47,14 @@ import os
 import queue
 import threading
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from typing import Any
 
 import numpy as np
 import torch
 
 from bmclip.data.shards import expand_urls, shard_order, split_shards
+from bmclip.data.text import BackgroundTokenizer
 from bmclip.errors import ConfigError, DataError
 
 __all__ = ["ShardLoader", "IMAGE_EXTS", "TEXT_EXTS"]
@@ -174,11 +175,11 @@ class _Stream:
         """The next (shard, sample index) of this split in stream order, or None at epoch end."""
         st = self.st
         empty_draws = 0
+        mod, rem = (1, 0) if self.L.resampled else self.plan()[1:]
         while True:
             if st["shard"] is None:
                 if self.L.resampled:
                     shard = int(self.shard_rng.integers(len(self.L.urls)))
-                    st["shard_rng"] = self.shard_rng.bit_generator.state
                 else:
                     shards, _, _ = self.plan()
                     if st["shard_pos"] >= len(shards):
@@ -187,12 +188,11 @@ class _Stream:
                 st["shard_pos"] += 1
                 self._start_shard(shard)
             shard = st["shard"]
-            self.index(shard)
-            n = len(self._samples_cache[shard])
-            if self.L.resampled:
-                mod, rem = 1, 0
-            else:
-                _, mod, rem = self.plan()
+            samples = self._samples_cache.get(shard)
+            if samples is None:  # resumed inside a shard: open it again
+                self.index(shard)
+                samples = self._samples_cache[shard]
+            n = len(samples)
             i = st["sample_pos"] * mod + rem
             if i < n:
                 st["sample_pos"] += 1
@@ -219,8 +219,13 @@ class _Stream:
             return None
         k = int(self.rng.integers(len(buf)))
         buf[k], buf[-1] = buf[-1], buf[k]
-        self.st["rng"] = self.rng.bit_generator.state
         return buf.pop()
+
+    def snapshot(self) -> dict[str, Any]:
+        """A deep copy of the cursor with the generators' current states (taken per batch, not per pick)."""
+        self.st["rng"] = self.rng.bit_generator.state
+        self.st["shard_rng"] = self.shard_rng.bit_generator.state
+        return _copy_state(self.st)
 
     def read(self, ref: tuple[int, int]) -> _Sample | None:
         """Materialise a reference: zero-copy image bytes + caption; None (counted) when unusable."""
@@ -269,7 +274,7 @@ def _count(counters: dict[str, Any], reason: str, detail: str) -> None:
 
 def _copy_state(st: dict[str, Any]) -> dict[str, Any]:
     out = dict(st)
-    out["buffer"] = [list(r) for r in st["buffer"]]
+    out["buffer"] = list(st["buffer"])  # refs are immutable (shard, index) tuples
     c = dict(st["counters"])
     c["skipped"] = dict(c["skipped"])
     c["skip_details"] = dict(c["skip_details"])
@@ -310,7 +315,7 @@ class _Pipe:
                 out = self.ring[slot]
                 batch = self.L._produce(self.stream, self.split, out)
                 if batch is None:
-                    self._put((_END, self.L._end_of_epoch_state(self.stream.st)))
+                    self._put((_END, self.L._end_of_epoch_state(self.stream.snapshot())))
                     return
                 if not self._put(batch):
                     return
@@ -427,8 +432,6 @@ class ShardLoader(torch.utils.data.IterableDataset):
             raise ConfigError(f"scale must satisfy 0 < lo <= hi <= 1, got {scale!r}")
         if not (0 < ratio[0] <= ratio[1]):
             raise ConfigError(f"ratio must satisfy 0 < lo <= hi, got {ratio!r}")
-        if tokenizer is not None and not callable(tokenizer):
-            raise ConfigError("tokenizer must be a callable list[str] -> LongTensor")
         self.batch_size, self.image_size = int(batch_size), int(image_size)
         self.num_threads, self.augment = num_threads, augment
         self.shuffle, self.seed, self.epoch = bool(shuffle), int(seed), int(epoch)
@@ -437,6 +440,7 @@ class ShardLoader(torch.utils.data.IterableDataset):
         # shuffle=False means stream order: the buffer would reorder samples, so it is off
         self.shuffle_buffer = int(shuffle_buffer) if self.shuffle else 0
         self.tokenizer = tokenizer
+        self._tok = BackgroundTokenizer(tokenizer) if tokenizer is not None else None
         self.num_workers, self.worker_id = num_workers, worker_id
         self.prefetch, self.pin_memory = int(prefetch), bool(pin_memory)
         self.scale = (float(scale[0]), float(scale[1]))
@@ -444,7 +448,6 @@ class ShardLoader(torch.utils.data.IterableDataset):
         self.decode = bool(decode)
         self._urls_digest = hashlib.sha1("\n".join(self.urls).encode()).hexdigest()
         self._decoder = None
-        self._tok_pool: ThreadPoolExecutor | None = None
         self._active: _Pipe | None = None
         self._lock = threading.Lock()
         self._state: dict[str, Any] = self._fresh_state(self.epoch, _new_counters())
@@ -453,7 +456,6 @@ class ShardLoader(torch.utils.data.IterableDataset):
     def __getstate__(self):
         d = dict(self.__dict__)
         d["_decoder"] = None
-        d["_tok_pool"] = None
         d["_active"] = None
         d["_lock"] = None
         return d
@@ -623,8 +625,6 @@ class ShardLoader(torch.utils.data.IterableDataset):
                 )
         if self._decoder is None:
             self._decoder = _import_c().Decoder(self.num_threads)
-        if self.tokenizer is not None and self._tok_pool is None:
-            self._tok_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ShardLoader-tokenize")
         stream = _Stream(self, split, n_splits, _copy_state(st))
         stream.st["buffer"] = [tuple(r) for r in stream.st["buffer"]]
         pipe = _Pipe(self, stream, split)
@@ -644,9 +644,7 @@ class ShardLoader(torch.utils.data.IterableDataset):
 
 
     def _tokenize(self, texts: list[str]) -> Future | None:
-        if self.tokenizer is None:
-            return None
-        return self._tok_pool.submit(self.tokenizer, texts)
+        return self._tok.submit(texts) if self._tok is not None else None
 
     def _produce(self, stream: _Stream, split: int, out: np.ndarray):
         """Assemble and decode one batch into ``out``; (batch dict, state after it) or None at end."""
@@ -705,12 +703,14 @@ class ShardLoader(torch.utils.data.IterableDataset):
             batch["image_bytes"] = [s.image for s in got]
         if any(s.json is not None for s in got):
             batch["json"] = [s.json if s.json is not None else {} for s in got]
-        if tok_parts:
-            ids = []
-            for fut, ok in tok_parts:
-                t = fut.result()
-                if not isinstance(t, torch.Tensor) or t.dim() != 2 or t.shape[0] != len(ok):
-                    raise DataError(f"tokenizer must return a [N, L] tensor for N texts, got {type(t).__name__}")
-                ids.append(t[torch.from_numpy(ok)] if not ok.all() else t)
-            batch["input_ids"] = ids[0] if len(ids) == 1 else torch.cat(ids)
-        return batch, _copy_state(st)
+        if len(tok_parts) == 1:
+            fut, ok = tok_parts[0]
+            t = fut.result()  # shape-checked by BackgroundTokenizer
+            batch["input_ids"] = t if ok.all() else t[torch.from_numpy(ok)]
+        elif tok_parts:
+            # refilled batch (rare): tokenise the final captions in one call, so a tokenizer that pads
+            # to the longest caption of its call still gives one consistent [N, L]
+            for fut, _ in tok_parts:
+                fut.result()
+            batch["input_ids"] = self._tok.submit(batch["text"]).result()
+        return batch, stream.snapshot()
