@@ -16,6 +16,7 @@ from torch.utils.checkpoint import checkpoint
 from bmclip.errors import DataError
 from bmclip.model.config import TextConfig
 from bmclip.model.layers import Mlp, SelfAttention, init_linear_
+from bmclip.model.unpad import UNPADDED_BACKENDS, bert_tokens_unpadded, cls_of_packed
 
 
 class BertEmbeddings(nn.Module):
@@ -107,8 +108,7 @@ class BertTextEncoder(nn.Module):
             mask = None  # no padding left: lets SDPA pick its fastest (mask-free) kernel
         return input_ids, mask
 
-    def forward_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """(B, L) int64 -> last hidden states (B, L', W), L' <= L after trimming all-padding columns."""
+    def _check_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
         if input_ids.dim() != 2 or input_ids.dtype not in (torch.int64, torch.int32):
             raise DataError(
                 f"expected input_ids of shape (B, L) and integer dtype, got {tuple(input_ids.shape)} {input_ids.dtype}"
@@ -117,8 +117,11 @@ class BertTextEncoder(nn.Module):
             raise DataError(f"input_ids length {input_ids.shape[1]} exceeds max_positions={self.cfg.max_positions}")
         if input_ids.shape[1] == 0:
             raise DataError("input_ids has zero length (expected at least the [CLS] token)")
-        input_ids = input_ids.long()
-        input_ids, mask = self._mask_and_trim(input_ids)
+        return input_ids.long()
+
+    def forward_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """(B, L) int64 -> last hidden states (B, L', W), L' <= L after trimming all-padding columns."""
+        input_ids, mask = self._mask_and_trim(self._check_ids(input_ids))
         pos = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
         x = self.embeddings(input_ids, pos)
         for layer in self.layers:
@@ -130,4 +133,12 @@ class BertTextEncoder(nn.Module):
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         """(B, L) int64, pad_id = padding -> (B, embed_dim) unnormalised."""
+        backend = self.layers[0].attn.attn_backend if len(self.layers) else "sdpa"
+        if backend in UNPADDED_BACKENDS:
+            # Flash backends run unpadded: only real tokens are packed and computed, [CLS] read at the end.
+            input_ids = self._check_ids(input_ids)
+            mask = input_ids != self.cfg.pad_id
+            mask[:, 0] = True  # same rule as _mask_and_trim: [CLS] is always a real token
+            x, packed = bert_tokens_unpadded(self, input_ids, mask, backend)
+            return self.proj(cls_of_packed(x, packed))
         return self.proj(self.forward_tokens(input_ids)[:, 0])
