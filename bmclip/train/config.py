@@ -137,8 +137,6 @@ class TrainConfig:
         _check(self.ckpt_every >= 0, "ckpt_every", "must be >= 0 (0 = only at the end)")
         _check(self.keep_last >= 1, "keep_last", "must be >= 1")
         _check(self.fault.max_nonfinite >= 1, "fault.max_nonfinite", "must be >= 1")
-        _check(self.data.synthetic or bool(self.data.train), "data.train",
-               "no training data: set data.train to a shard pattern (or data.synthetic=true)")
         return self
 
 

@@ -139,6 +139,8 @@ def _build_source(cfg: TrainConfig, info: DistInfo, mcfg, tokenizer):
         return SyntheticSource(size=cfg.data.synthetic_size, global_batch=b, image_size=mcfg.vision.image_size,
                                context_length=mcfg.text.context_length, seed=cfg.seed, rank=info.rank,
                                world_size=info.world_size)
+    if not cfg.data.train:
+        raise ConfigError("data.train: no training data; set data.train to a shard pattern (or data.synthetic=true)")
     from bmclip.data import ShardLoader
 
     loader = ShardLoader(cfg.data.train, batch_size=b // info.world_size, image_size=mcfg.vision.image_size,

@@ -1,0 +1,112 @@
+"""Atomic checkpoints: validity rules, newest-valid selection, pruning, RNG/numpy state round trips."""
+
+import json
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from bmclip.errors import CheckpointError
+from bmclip.model import create_model
+from bmclip.train import checkpoint as C
+
+
+def _write(root, step, world=1, model=None, commit=True):
+    w = C.CheckpointWriter(root, step, 0, world)
+    w.begin()
+    for r in range(world):
+        C.CheckpointWriter(root, step, r, world).write_rank({"rng": C.rng_state(), "loader": {"pos": step}})
+    m = model or create_model("tiny")
+    w.write_main(m.state_dict(), m.config.to_dict(), {"step": step, "optimizer": {}, "scheduler": {}})
+    return w.commit() if commit else w.tmp
+
+
+def test_write_load_and_eval_loader(tmp_path):
+    torch.manual_seed(1)
+    m = create_model("tiny")
+    d = _write(tmp_path, 5, model=m)
+    assert d.name == "step_00000005" and C.is_valid(d)
+    meta = json.loads((d / "meta.json").read_text())
+    assert meta["step"] == 5 and set(meta["files"]) == {"model.pt", "train_state.pt", "rank_00000.pt"}
+    st = C.load_checkpoint(d)
+    assert st["train_state"]["step"] == 5 and st["rank_state"]["loader"] == {"pos": 5}
+    # model.pt alone is what evaluation needs, loadable with weights_only=True
+    blob = torch.load(d / "model.pt", weights_only=True)
+    assert set(blob) == {"model", "model_config"}
+    m2, tok = C.load_model_for_eval(d)
+    assert tok is None
+    x, ids = torch.randn(2, 3, 64, 64), torch.randint(1, 100, (2, 64))
+    m.eval()
+    torch.testing.assert_close(m2(x, ids)["image_features"], m(x, ids)["image_features"], rtol=0, atol=0)
+    # a run dir resolves to its newest valid checkpoint
+    assert C.resolve_model_file(tmp_path) == d / "model.pt"
+
+
+def test_partial_and_truncated_checkpoints_are_skipped(tmp_path):
+    good = _write(tmp_path, 2)
+    tmp = _write(tmp_path, 4, commit=False)  # killed before commit: only a temp dir
+    assert tmp.name.startswith(".") and C.latest_valid(tmp_path) == good
+    bad = _write(tmp_path, 6)
+    with open(bad / "model.pt", "r+b") as f:  # truncated after the fact
+        f.truncate(100)
+    assert not C.is_valid(bad) and C.latest_valid(tmp_path) == good
+    with pytest.raises(CheckpointError, match="incomplete"):
+        C.load_model_for_eval(bad)
+    (bad / "meta.json").unlink()
+    assert C.latest_valid(tmp_path) == good
+    with pytest.raises(CheckpointError):
+        C.read_meta(bad)
+    with pytest.raises(CheckpointError):  # a bare model.pt that is truncated is still refused clearly
+        C.load_model_for_eval(bad)
+
+
+def test_commit_requires_every_rank_file(tmp_path):
+    w = C.CheckpointWriter(tmp_path, 1, 0, 2)
+    w.begin()
+    w.write_rank({"rng": C.rng_state(), "loader": {}})
+    m = create_model("tiny")
+    w.write_main(m.state_dict(), m.config.to_dict(), {"step": 1})
+    with pytest.raises(CheckpointError, match="rank_00001"):
+        w.commit()
+    assert C.latest_valid(tmp_path) is None
+
+
+def test_prune_keeps_last_k_and_resave_same_step(tmp_path):
+    for s in (1, 2, 3, 4):
+        _write(tmp_path, s)
+    removed = C.prune(tmp_path, 2)
+    assert sorted(p.name for p in removed) == ["step_00000001", "step_00000002"]
+    assert [s for s, _ in C.list_checkpoints(tmp_path)] == [3, 4]
+    _write(tmp_path, 4)  # saving an existing step again replaces it atomically
+    assert C.is_valid(tmp_path / "step_00000004")
+
+
+def test_rng_state_round_trip_and_safe_containers(tmp_path):
+    random.seed(3)
+    np.random.seed(3)
+    torch.manual_seed(3)
+    st = C.rng_state()
+    a = (random.random(), np.random.rand(), torch.rand(1).item())
+    C.atomic_torch_save(C.to_safe(st), tmp_path / "rng.pt")
+    random.random(), np.random.rand(), torch.rand(1)
+    C.set_rng_state(C.from_safe(C.safe_load(tmp_path / "rng.pt")))
+    assert (random.random(), np.random.rand(), torch.rand(1).item()) == a
+    obj = {"a": np.arange(5, dtype=np.uint32), "b": (np.int64(3), [np.float32(1.5)])}
+    back = C.from_safe(C.to_safe(obj))
+    assert back["a"].dtype == np.uint32 and back["a"].tolist() == [0, 1, 2, 3, 4] and back["b"] == (3, [1.5])
+
+
+def test_unsafe_pickle_is_refused(tmp_path):
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    p = tmp_path / "evil.pt"
+    torch.save({"model": Evil()}, p)
+    marker.unlink(missing_ok=True)
+    with pytest.raises(CheckpointError):
+        C.safe_load(p)
+    assert not marker.exists()

@@ -1,0 +1,84 @@
+"""bmclip.train.config: presets, YAML, typed --key=value overrides, errors naming the key."""
+
+import subprocess
+import sys
+
+import pytest
+
+from bmclip.errors import ConfigError
+from bmclip.train.config import TrainConfig, config_from_dict, list_presets, load_config, parse_overrides
+
+
+def test_presets_biomedclip_recipe():
+    assert {"biomedclip", "tiny-cpu"} <= set(list_presets())
+    c = load_config("biomedclip")
+    assert (c.optim.lr, c.optim.beta1, c.optim.beta2, c.optim.eps, c.optim.weight_decay) == (5e-4, 0.9, 0.98, 1e-6, 0.2)
+    assert c.optim.warmup_steps == 2000 and c.data.batch_size == 4096
+    assert c.model.preset == "biomedclip-vit-b16-224" and c.model.grad_checkpointing
+    assert c.loss.max_logit_scale == 100.0
+    # 32 epochs of 15.28M pairs at 4,096 per step
+    assert c.steps == -(-32 * 15_280_000 // 4096)
+
+
+def test_nested_overrides_are_typed():
+    c = load_config("tiny-cpu", ["--optim.lr=1e-4", "--steps", "7", "--data.synthetic=false",
+                                 "--data.train=/x/{0..3}.tar", "--fault.nan_at_steps=[2,3]", "--model.compile=yes"])
+    assert c.optim.lr == 1e-4 and isinstance(c.optim.lr, float)
+    assert c.steps == 7 and isinstance(c.steps, int)
+    assert c.data.synthetic is False and c.data.train == "/x/{0..3}.tar"
+    assert c.fault.nan_at_steps == [2, 3]
+    assert c.model.compile is True
+
+
+@pytest.mark.parametrize("override, key", [
+    (["--optim.lrr=1"], "optim.lrr"),
+    (["--stepz=3"], "stepz"),
+    (["--steps=1.5"], "steps"),
+    (["--steps=abc"], "steps"),
+    (["--optim.lr=fast"], "optim.lr"),
+    (["--model.compile=maybe"], "model.compile"),
+    (["--optim=3"], "optim"),
+    (["--steps.x=3"], "steps"),
+    (["--precision=fp16"], "precision"),
+    (["--model.patch_dropout=1.5"], "model.patch_dropout"),
+    (["--data.batch_size=0"], "data.batch_size"),
+])
+def test_bad_overrides_name_the_key(override, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_config("tiny-cpu", override)
+
+
+def test_override_syntax_errors():
+    with pytest.raises(ConfigError):
+        parse_overrides(["steps=3"])
+    with pytest.raises(ConfigError, match="no value"):
+        parse_overrides(["--steps"])
+
+
+def test_yaml_file_with_preset_and_typo(tmp_path):
+    good = tmp_path / "run.yaml"
+    good.write_text("preset: tiny-cpu\nsteps: 12\noptim:\n  lr: 3.0e-4\ndata:\n  batch_size: 32\n")
+    c = load_config(str(good), ["--optim.lr=1e-3"])
+    assert (c.steps, c.optim.lr, c.data.batch_size, c.model.preset) == (12, 1e-3, 32, "tiny")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("preset: tiny-cpu\noptim:\n  learning_rate: 3.0e-4\n")
+    with pytest.raises(ConfigError, match=r"optim\.learning_rate"):
+        load_config(str(bad))
+    with pytest.raises(ConfigError, match="neither a preset"):
+        load_config(str(tmp_path / "missing.yaml"))
+    with pytest.raises(ConfigError, match="unknown training preset"):
+        bad.write_text("preset: nope\n")
+        load_config(str(bad))
+
+
+def test_round_trip_dict():
+    c = load_config("tiny-cpu", ["--optim.lr=0.01", "--fault.nan_at_steps=[4]"])
+    assert config_from_dict(c.to_dict()) == c
+    assert TrainConfig().to_dict()["optim"]["beta2"] == 0.98
+
+
+def test_cli_reports_config_typo_cleanly():
+    r = subprocess.run([sys.executable, "-m", "bmclip", "train", "tiny-cpu", "--optim.lrr=1"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2
+    assert "optim.lrr" in r.stderr and "Traceback" not in r.stderr
