@@ -280,3 +280,21 @@ def test_gpu_xformers_matches_triton(causal):
         q, k, v, cu, causal,
         lambda a, b, c: flash_attention(a, b, c, cu_seqlens=cu, causal=causal, backend="xformers"),
     )
+
+
+def test_bench_attention_quick_smoke(tmp_path):
+    # The GPU benchmark's CPU smoke mode runs end to end and writes its JSON (no timing is asserted).
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_attention.py"
+    spec = importlib.util.spec_from_file_location("bench_attention", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "bench.json"
+    assert bench.main(["--quick", "--sections", "vit,text_tower", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    methods = {(r["section"], r["method"]) for r in result["rows"] if "skipped" not in r}
+    assert {("vit", "triton"), ("text_tower", "triton_unpadded"), ("text_tower", "sdpa_padded_to_context")} <= methods
+    assert bench.attn_flops([3, 5], heads=2, head_dim=8) == 4 * 2 * 8 * (9 + 25)
