@@ -296,3 +296,19 @@ def test_importable_without_cxx_extension():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "fine"
+
+
+def test_fast_and_safe_parsers_agree(pmc, monkeypatch):
+    """The C-parser fast path (no <!ENTITY> in the file) gives exactly what the expat safe path gives."""
+    from bmclip.data.pmc import jats
+
+    files = sorted(pmc.glob("*/*.*xml"))
+    fast = {f: parse_jats(f).to_dict() for f in files if not f.name.startswith("manifest")}
+    monkeypatch.setattr(jats, "_parse_fast", lambda data: None)
+    safe = {f: parse_jats(f).to_dict() for f in fast}
+    assert fast == safe and len(fast) == 8
+    # a default namespace on the root is stripped in both paths
+    xml = b'<article xmlns="http://jats.nlm.nih.gov"><body><fig id="n"><caption><p>ns</p></caption></fig>'
+    xml += b"</body></article>"
+    monkeypatch.undo()
+    assert parse_jats(xml).figures[0].caption == "ns"

@@ -85,6 +85,7 @@ class BuildOptions:
     use_gif: bool = False  # PMC's .gif files are ~100 px thumbnails of the real figure
     # merge time
     shard_size: int = 1000
+    dedup: bool = True  # exact + near duplicate image removal
     near_dup_threshold: int = 3
     val_fraction: float = DEFAULT_VAL_FRACTION
     test_fraction: float = DEFAULT_TEST_FRACTION
@@ -199,19 +200,19 @@ def _fsync_write(path: Path, data: bytes) -> None:
 def _token_counter():
     """(label, fn(str) -> int) for the caption-length histogram: bmclip's tokenizer when available."""
     try:
-        from bmclip.tokenizer import get_tokenizer  # written by another task; optional here
+        from bmclip.tokenizer import get_tokenizer
 
         tok = get_tokenizer()
+        tok.tokenize("probe")
     except Exception as e:  # ImportError or missing vocabulary: fall back for the histogram only
         reason = f"{type(e).__name__}: {e}".splitlines()[0][:120]
         return f"whitespace words (fallback: bmclip.tokenizer unavailable: {reason})", lambda s: len(s.split())
 
     def count(s: str) -> int:
-        enc = tok.encode(s) if hasattr(tok, "encode") else tok(s)
-        ids = getattr(enc, "ids", enc)
-        return len(ids)
+        # Untruncated WordPiece count + [CLS] and [SEP], i.e. what the text tower sees before truncation.
+        return len(tok.tokenize(s)) + 2
 
-    return f"bmclip.tokenizer.get_tokenizer() ({type(tok).__name__})", count
+    return "bmclip.tokenizer.get_tokenizer() WordPiece tokens incl. [CLS]/[SEP], untruncated", count
 
 
 # --------------------------------------------------------------------------------------------------
@@ -625,7 +626,7 @@ def merge_staging(
             f.unlink()
     from bmclip.data.pmc.dedup import Deduplicator
 
-    dedup = Deduplicator(opts.near_dup_threshold)
+    dedup = Deduplicator(opts.near_dup_threshold) if opts.dedup else None
     writers = {s: _ShardWriter(out, s, opts.shard_size) for s in SPLITS}
     fig_skips: Counter = Counter()
     pkg_skips: Counter = Counter()
@@ -637,7 +638,7 @@ def merge_staging(
     articles_per_split: Counter = Counter()
     licences: Counter = Counter()
     tok_hist, side_hist = _Hist(8, 128), _Hist(128, 64)
-    n_packages = n_articles = n_figures = 0
+    n_packages = n_articles = n_figures = over_context = 0
     tok_label = None
     errors: list[str] = []
     streams = [_staging_stream(s) for s in stagings]
@@ -669,7 +670,7 @@ def merge_staging(
                 if m["article_id"] in dup_articles:
                     fig_skips["duplicate_article"] += 1
                     continue
-                reason = dedup.check_and_add(s["sha"], s["dhash"])
+                reason = dedup.check_and_add(s["sha"], s["dhash"]) if dedup is not None else None
                 if reason:
                     fig_skips[reason] += 1
                     continue
@@ -683,6 +684,7 @@ def merge_staging(
                     articles_per_split[split] += 1
                 licences[licence_code(m["license"])] += 1
                 tok_hist.add(int(s["tokens"]))
+                over_context += int(s["tokens"]) > 256
                 side_hist.add(max(m["original_size"]))
             if tok_label is None and rec["samples"]:
                 tok_label = rec.get("tokenizer")
@@ -710,7 +712,11 @@ def merge_staging(
             "package": dict(sorted(pkg_skips.items())),
         },
         "licenses": dict(sorted(licences.items(), key=lambda kv: (-kv[1], kv[0]))),
-        "caption_tokens": {"tokenizer": tok_label or "(no captions)", **tok_hist.as_dict()},
+        "caption_tokens": {
+            "tokenizer": tok_label or "(no captions)",
+            "over_256": over_context,  # captions a context-256 text tower truncates
+            **tok_hist.as_dict(),
+        },
         "image_long_side_original": side_hist.as_dict(),
         "options": asdict(opts),
         "first_errors": errors[:50],
@@ -740,12 +746,13 @@ def _pattern(w: _ShardWriter) -> str | None:
 
 
 def _write_plots(out: Path, stats: dict) -> None:
-    import matplotlib
+    # Figure + Agg canvas directly: no pyplot (global state, slow import), safe in any process.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(2, 2, figsize=(12, 8))
+    fig = Figure(figsize=(12, 8))
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(2, 2)
     ct = stats["caption_tokens"]
     ax = axes[0, 0]
     ax.bar(ct["bin_starts"], ct["counts"], width=ct["bin_width"], align="edge")
@@ -772,7 +779,6 @@ def _write_plots(out: Path, stats: dict) -> None:
     fig.tight_layout()
     tmp = out / f".stats.png.tmp-{os.getpid()}"
     fig.savefig(tmp, format="png", dpi=80, metadata={"Software": None})
-    plt.close(fig)
     os.replace(tmp, out / "stats.png")
 
 

@@ -122,7 +122,9 @@ _SKIP_TEXT = frozenset({"annotation", "annotation-xml", "object-id", "permission
 
 
 def _local(tag: str) -> str:
-    """Local part of a possibly prefixed name: 'mml:math' -> 'math'."""
+    """Local part of a prefixed or namespace-qualified name: 'mml:math' / '{uri}math' -> 'math'."""
+    if tag[:1] == "{":
+        return tag[tag.index("}") + 1 :]
     i = tag.rfind(":")
     return tag[i + 1 :] if i >= 0 else tag
 
@@ -180,8 +182,36 @@ def _read_source(source) -> tuple[bytes, str]:
     raise TypeError(f"parse_jats: unsupported source type {type(source).__name__}")
 
 
+def _parse_fast(data: bytes) -> ET.Element | None:
+    """The C ElementTree parser, for documents that declare no entities at all; None if it cannot be used.
+
+    Without any ``<!ENTITY`` declaration there is nothing to expand or fetch (expat never reads the
+    external DTD: no external-entity handler is installed), and the named character entities come from
+    the same HTML5 table as in the safe path. Anything unusual (undefined entity, unbound prefix,
+    malformed) returns None and the safe path parses the document and produces the error.
+    """
+    if b"<!ENTITY" in data:
+        return None
+    parser = ET.XMLParser()
+    parser.entity.update(_ENTITIES)
+    try:
+        parser.feed(data)
+        root = parser.close()
+    except ET.ParseError:
+        return None
+    if root.tag[:1] == "{":
+        # A default namespace on the root: strip namespaces so JATS names match as in the safe path.
+        for el in root.iter():
+            if el.tag[:1] == "{":
+                el.tag = el.tag[el.tag.index("}") + 1 :]
+    return root
+
+
 def parse_xml_safely(data: bytes, name: str = "<bytes>") -> ET.Element:
     """Parse XML bytes into an ElementTree root with no DTD, no network and no entity expansion."""
+    root = _parse_fast(data) if data.strip() else None
+    if root is not None:
+        return root
     b = _Builder(name)
     p = expat.ParserCreate()
     p.SetParamEntityParsing(expat.XML_PARAM_ENTITY_PARSING_NEVER)
@@ -278,30 +308,21 @@ def _first_child(el: ET.Element, name: str) -> ET.Element | None:
 def _collect_figures(root: ET.Element) -> list[Figure]:
     """Every <fig> under root in document order; each graphic goes to its nearest <fig> ancestor."""
     figs: list[Figure] = []
-
-    def walk(el: ET.Element, current: Figure | None) -> None:
-        for k in el:
-            n = _local(k.tag)
-            if n == "fig":
-                label_el = _first_child(k, "label")
-                cap_el = _first_child(k, "caption")
-                fig = Figure(
-                    id=k.get("id"),
-                    label=text_of(label_el) or None,
-                    caption=text_of(cap_el),
-                    graphics=[],
-                )
-                figs.append(fig)
-                walk(k, fig)
-            elif n == "graphic":
-                h = _href(k)
-                if current is not None and h:
-                    current.graphics.append(h.strip())
-                walk(k, current)
-            else:
-                walk(k, current)
-
-    walk(root, None)
+    for fe in root.iter("fig"):
+        graphics = list(fe.iter("graphic"))
+        nested = [f for f in fe.iter("fig") if f is not fe]
+        if nested:
+            inner = {id(g) for f in nested for g in f.iter("graphic")}
+            graphics = [g for g in graphics if id(g) not in inner]
+        hrefs = [h.strip() for h in (_href(g) for g in graphics) if h]
+        figs.append(
+            Figure(
+                id=fe.get("id"),
+                label=text_of(_first_child(fe, "label")) or None,
+                caption=text_of(_first_child(fe, "caption")),
+                graphics=hrefs,
+            )
+        )
     return figs
 
 
