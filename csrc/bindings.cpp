@@ -4,16 +4,27 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <algorithm>
+#include <cmath>
+#include <cstring>
 #include <memory>
+#include <stdexcept>
+#include <thread>
 #include <string>
 #include <vector>
 
+#include "image_decode.h"
 #include "tar_index.h"
+#include "thread_pool.h"
 
 namespace py = pybind11;
 using namespace bmclip;
 
 namespace {
+
+struct DecodeError : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
 
 class TarIndex {
  public:
@@ -111,6 +122,175 @@ py::array read_view(py::object owner, int64_t offset, int64_t size) {
   return arr;
 }
 
+// A bytes-like input pinned for the duration of a batch (buffer protocol, any contiguous 1-D view).
+struct InputBuf {
+  const uint8_t* ptr;
+  size_t size;
+};
+
+InputBuf as_input(const py::buffer_info& info, size_t i) {
+  if (info.ndim > 1 && info.size > 0) {
+    // Only C-contiguous views are accepted; check the strides.
+    py::ssize_t expect = info.itemsize;
+    for (py::ssize_t d = info.ndim - 1; d >= 0; --d) {
+      if (info.shape[d] != 1 && info.strides[d] != expect)
+        throw py::value_error("buffer " + std::to_string(i) + " is not contiguous");
+      expect *= info.shape[d];
+    }
+  } else if (info.ndim == 1 && info.size > 1 && info.strides[0] != info.itemsize) {
+    throw py::value_error("buffer " + std::to_string(i) + " is not contiguous");
+  }
+  return InputBuf{static_cast<const uint8_t*>(info.ptr), static_cast<size_t>(info.size * info.itemsize)};
+}
+
+Filter parse_filter(const std::string& s) {
+  if (s == "bicubic") return Filter::kBicubic;
+  if (s == "bilinear") return Filter::kBilinear;
+  throw py::value_error("interpolation must be 'bicubic' or 'bilinear', got '" + s + "'");
+}
+
+Augment parse_augment(const std::string& s) {
+  if (s == "random_resized_crop") return Augment::kRandomResizedCrop;
+  if (s == "center") return Augment::kCenter;
+  throw py::value_error("augment must be 'random_resized_crop' or 'center', got '" + s + "'");
+}
+
+uint64_t seed_bits(const py::int_& seed) {
+  // Any Python int; its low 64 bits (two's complement) seed the per-sample generators.
+  unsigned long long v = PyLong_AsUnsignedLongLongMask(seed.ptr());
+  if (v == static_cast<unsigned long long>(-1) && PyErr_Occurred()) throw py::error_already_set();
+  return static_cast<uint64_t>(v);
+}
+
+CropParams make_params(const std::string& augment, std::pair<double, double> scale,
+                       std::pair<double, double> ratio, const std::string& interpolation, bool dct_scaling,
+                       int64_t max_pixels, double dct_min_ratio = 2.0) {
+  CropParams p;
+  p.augment = parse_augment(augment);
+  if (!(scale.first > 0 && scale.first <= scale.second && scale.second <= 1.0))
+    throw py::value_error("scale must satisfy 0 < scale[0] <= scale[1] <= 1");
+  if (!(ratio.first > 0 && ratio.first <= ratio.second && std::isfinite(ratio.second)))
+    throw py::value_error("ratio must satisfy 0 < ratio[0] <= ratio[1] < inf");
+  p.scale_min = scale.first;
+  p.scale_max = scale.second;
+  p.ratio_min = ratio.first;
+  p.ratio_max = ratio.second;
+  p.filter = parse_filter(interpolation);
+  p.dct_scaling = dct_scaling;
+  if (!(dct_min_ratio >= 1.0 && std::isfinite(dct_min_ratio)))
+    throw py::value_error("dct_min_ratio must be >= 1");
+  p.dct_min_ratio = dct_min_ratio;
+  p.max_pixels = max_pixels;
+  return p;
+}
+
+class Decoder {
+ public:
+  Decoder(int num_threads, int64_t max_pixels) : max_pixels_(max_pixels) {
+    if (num_threads <= 0) num_threads = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+    if (num_threads > 256) throw py::value_error("num_threads must be <= 256");
+    if (max_pixels <= 0) throw py::value_error("max_pixels must be positive");
+    pool_ = std::make_unique<ThreadPool>(num_threads);
+  }
+
+  int num_threads() const { return pool_->num_threads(); }
+  int64_t max_pixels() const { return max_pixels_; }
+
+  py::list decode_batch(const py::sequence& buffers, py::array out, const std::string& augment,
+                        const py::int_& seed, std::pair<double, double> scale,
+                        std::pair<double, double> ratio, const std::string& interpolation,
+                        bool dct_scaling, double dct_min_ratio) {
+    CropParams p = make_params(augment, scale, ratio, interpolation, dct_scaling, max_pixels_, dct_min_ratio);
+    const size_t n = py::len(buffers);
+    if (!py::isinstance<py::array_t<uint8_t>>(out) || out.dtype().kind() != 'u' || out.itemsize() != 1)
+      throw py::type_error("out must be a numpy uint8 array");
+    if (out.ndim() != 4 || out.shape(3) != 3 || out.shape(1) != out.shape(2))
+      throw py::value_error("out must have shape [N, S, S, 3]");
+    if (!(out.flags() & py::array::c_style)) throw py::value_error("out must be C-contiguous");
+    if (!out.writeable()) throw py::value_error("out must be writeable");
+    if (static_cast<size_t>(out.shape(0)) < n)
+      throw py::value_error("out has room for " + std::to_string(out.shape(0)) + " images, got " +
+                            std::to_string(n) + " buffers");
+    const int S = static_cast<int>(out.shape(1));
+    if (S <= 0) throw py::value_error("output size must be positive");
+    uint8_t* base = static_cast<uint8_t*>(out.mutable_data());
+    const int64_t slot = static_cast<int64_t>(S) * S * 3;
+    const uint64_t sbits = seed_bits(seed);
+
+    std::vector<py::buffer_info> infos;
+    std::vector<InputBuf> inputs;
+    infos.reserve(n);
+    inputs.reserve(n);
+    for (size_t i = 0; i < n; ++i) {
+      py::object o = buffers[i];
+      if (!PyObject_CheckBuffer(o.ptr()))
+        throw py::type_error("buffer " + std::to_string(i) + " does not support the buffer protocol");
+      infos.push_back(py::reinterpret_borrow<py::buffer>(o).request());
+      inputs.push_back(as_input(infos.back(), i));
+    }
+    std::vector<std::string> reasons(n);
+    {
+      py::gil_scoped_release nogil;
+      pool_->parallel_for(n, [&](size_t i) {
+        SampleRng rng(sbits, i);
+        uint8_t* dst = base + static_cast<int64_t>(i) * slot;
+        std::string r = decode_crop_resize(inputs[i].ptr, inputs[i].size, S, p, &rng, dst, S * 3);
+        if (!r.empty()) std::memset(dst, 0, static_cast<size_t>(slot));
+        reasons[i] = std::move(r);
+      });
+    }
+    py::list result;
+    for (auto& r : reasons) {
+      if (r.empty()) result.append(py::none());
+      else result.append(py::str(r));
+    }
+    return result;
+  }
+
+  py::array decode_image(const py::buffer& buf) const {
+    py::buffer_info info = buf.request();
+    InputBuf in = as_input(info, 0);
+    auto pixels = std::make_unique<std::vector<uint8_t>>();
+    int w = 0, h = 0;
+    std::string r;
+    {
+      py::gil_scoped_release nogil;
+      r = decode_full(in.ptr, in.size, max_pixels_, pixels.get(), &w, &h);
+    }
+    if (!r.empty()) throw DecodeError(r);
+    std::vector<uint8_t>* raw = pixels.release();
+    py::capsule owner(raw, [](void* v) { delete static_cast<std::vector<uint8_t>*>(v); });
+    std::vector<py::ssize_t> shape{h, w, 3};
+    std::vector<py::ssize_t> strides{static_cast<py::ssize_t>(w) * 3, 3, 1};
+    return py::array(py::dtype::of<uint8_t>(), shape, strides, raw->data(), owner);
+  }
+
+ private:
+  int64_t max_pixels_;
+  std::unique_ptr<ThreadPool> pool_;
+};
+
+py::tuple image_info(const py::buffer& buf) {
+  py::buffer_info info = buf.request();
+  InputBuf in = as_input(info, 0);
+  int w = 0, h = 0;
+  ImageFormat fmt;
+  std::string r = probe_image(in.ptr, in.size, &w, &h, &fmt);
+  if (!r.empty()) throw DecodeError(r);
+  return py::make_tuple(w, h, format_name(fmt));
+}
+
+py::tuple crop_box(int width, int height, int size, const py::int_& seed, uint64_t index,
+                   const std::string& augment, std::pair<double, double> scale,
+                   std::pair<double, double> ratio) {
+  if (width <= 0 || height <= 0 || size <= 0) throw py::value_error("sizes must be positive");
+  CropParams p = make_params(augment, scale, ratio, "bicubic", false, 1);
+  SampleRng rng(seed_bits(seed), index);
+  CropBox b = choose_crop(width, height, size, p, &rng);
+  return py::make_tuple(py::make_tuple(b.win_x, b.win_y, b.win_x + b.win_w, b.win_y + b.win_h),
+                        py::make_tuple(b.full_w, b.full_h), py::make_tuple(b.off_x, b.off_y));
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -122,6 +302,14 @@ PYBIND11_MODULE(_C, m) {
     } catch (const FileError& e) {
       errno = e.err;
       PyErr_SetFromErrnoWithFilename(PyExc_OSError, e.path.c_str());
+    } catch (const DecodeError& e) {
+      // Raised as bmclip.errors.DataError (imported lazily: the package imports this module).
+      try {
+        py::object cls = py::module_::import("bmclip.errors").attr("DataError");
+        PyErr_SetString(cls.ptr(), e.what());
+      } catch (py::error_already_set&) {
+        PyErr_SetString(PyExc_ValueError, e.what());
+      }
     }
   });
 
@@ -153,4 +341,32 @@ PYBIND11_MODULE(_C, m) {
         return "<TarIndex " + self.path() + ": " + std::to_string(self.size()) + " samples" +
                (self.truncated() ? ", truncated" : "") + ">";
       });
+
+  py::class_<Decoder>(m, "Decoder", "Persistent C++ thread pool decoding JPEG/PNG into uint8 NHWC batches.")
+      .def(py::init<int, int64_t>(), py::arg("num_threads") = 1, py::arg("max_pixels") = 178956970,
+           "num_threads counts the calling thread (0 = all cores); images above max_pixels are refused.")
+      .def_property_readonly("num_threads", &Decoder::num_threads)
+      .def_property_readonly("max_pixels", &Decoder::max_pixels)
+      .def("decode_batch", &Decoder::decode_batch, py::arg("buffers"), py::arg("out"), py::kw_only(),
+           py::arg("augment") = "random_resized_crop", py::arg("seed") = 0,
+           py::arg("scale") = std::pair<double, double>(0.9, 1.0),
+           py::arg("ratio") = std::pair<double, double>(3.0 / 4.0, 4.0 / 3.0),
+           py::arg("interpolation") = "bicubic", py::arg("dct_scaling") = true,
+           py::arg("dct_min_ratio") = 2.0,
+           "Decode len(buffers) images into out[:len(buffers)] (uint8 [N, S, S, 3], C-contiguous) with "
+           "RandomResizedCrop or resize+centre-crop; returns list[str | None] (None = ok, else the skip "
+           "reason; failed slots are zeroed). The GIL is released for the whole batch; sample i's crop "
+           "depends only on (seed, i).")
+      .def("decode_image", &Decoder::decode_image, py::arg("buffer"),
+           "Full-size RGB decode: uint8 [H, W, 3]; raises bmclip.errors.DataError on a bad image.");
+
+  m.def("image_info", &image_info, py::arg("buffer"),
+        "Header-only probe: (width, height, format str); raises bmclip.errors.DataError.");
+  m.def("crop_box", &crop_box, py::arg("width"), py::arg("height"), py::arg("size"), py::arg("seed"),
+        py::arg("index"), py::arg("augment") = "random_resized_crop",
+        py::arg("scale") = std::pair<double, double>(0.9, 1.0),
+        py::arg("ratio") = std::pair<double, double>(3.0 / 4.0, 4.0 / 3.0),
+        "The crop decode_batch uses for sample `index`: (window (x0, y0, x1, y1), (resized_w, "
+        "resized_h), (off_x, off_y)): the output equals Pillow's "
+        "img.crop(window).resize(resized, resample)[off_y:off_y+S, off_x:off_x+S].");
 }
