@@ -396,3 +396,17 @@ def test_real_pmc_figures(tmp_path, pmc_samples):
             psnr = 10 * np.log10(255.0**2 / max(mse, 1e-12))
             assert psnr > 38, (src.name, psnr)  # measured 41-48 dB
     assert ld.stats["samples"] == len(jpgs)
+
+
+def test_decode_options_pass_through(tmp_path):
+    urls = write_shards(tmp_path, 1, 4)
+    with pytest.raises(ConfigError, match="seed"):
+        ShardLoader(urls, batch_size=2, image_size=S, decode_options={"seed": 1})
+    kw = dict(batch_size=4, image_size=S, shuffle=False, augment="center")
+    a = next(iter(ShardLoader(urls, **kw)))["image"].clone()
+    b = next(iter(ShardLoader(urls, **kw, decode_options={"interpolation": "bilinear"})))["image"]
+    assert a.shape == b.shape
+    for row, key in zip(b.numpy(), [f"s{u:05d}" for u in range(4)]):
+        assert uid_of_image(row) == int(key[1:])
+    with pytest.raises(TypeError):  # an option the extension does not know is its error, not ignored
+        next(iter(ShardLoader(urls, **kw, decode_options={"no_such_option": 1})))

@@ -401,6 +401,7 @@ class ShardLoader(torch.utils.data.IterableDataset):
         scale: tuple[float, float] = (0.9, 1.0),
         ratio: tuple[float, float] = (3 / 4, 4 / 3),
         decode: bool = True,
+        decode_options: dict[str, Any] | None = None,
     ):
         super().__init__()
         self.urls = expand_urls(urls)
@@ -446,6 +447,12 @@ class ShardLoader(torch.utils.data.IterableDataset):
         self.scale = (float(scale[0]), float(scale[1]))
         self.ratio = (float(ratio[0]), float(ratio[1]))
         self.decode = bool(decode)
+        # extra keyword arguments of bmclip._C.Decoder.decode_batch (e.g. interpolation, dct_min_ratio:
+        # the speed/fidelity trade-off of DCT-domain downscaling); checked by the extension on first use
+        self.decode_options = dict(decode_options or {})
+        clash = {"augment", "seed", "scale", "ratio"} & set(self.decode_options)
+        if clash:
+            raise ConfigError(f"decode_options may not set {sorted(clash)}: they are ShardLoader arguments")
         self._urls_digest = hashlib.sha1("\n".join(self.urls).encode()).hexdigest()
         self._decoder = None
         self._active: _Pipe | None = None
@@ -673,7 +680,7 @@ class ShardLoader(torch.utils.data.IterableDataset):
                 seed = _mix(self.seed, st["epoch"], split, st["batch"], attempt)
                 reasons = self._decoder.decode_batch(
                     [s.image for s in cand], dst, augment=self.augment, seed=seed, scale=self.scale,
-                    ratio=self.ratio,
+                    ratio=self.ratio, **self.decode_options,
                 )
             else:
                 reasons = [self._header_check(s.image) for s in cand]
