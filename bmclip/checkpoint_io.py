@@ -19,7 +19,7 @@ from typing import IO, Any
 
 from bmclip.errors import CheckpointError
 
-__all__ = ["atomic_writer", "load_state_dict", "safe_torch_load", "save_state_dict"]
+__all__ = ["atomic_writer", "load_model", "load_state_dict", "safe_torch_load", "save_model", "save_state_dict"]
 
 
 def _is_safetensors(path: Path) -> bool:
@@ -131,3 +131,69 @@ def save_state_dict(sd: dict[str, Any], path: str | os.PathLike) -> None:
     else:
         with atomic_writer(path) as f:
             torch.save(sd, f)
+
+
+def save_model(model, path: str | os.PathLike) -> None:
+    """Atomically write a native bmclip checkpoint: weights + the ModelConfig needed to rebuild them."""
+    path = Path(path)
+    config = model.config.to_dict()
+    if _is_safetensors(path):
+        import json
+
+        from safetensors.torch import save
+
+        sd = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
+        data = save(sd, metadata={"bmclip_model_config": json.dumps(config)})
+        with atomic_writer(path) as f:
+            f.write(data)
+    else:
+        import torch
+
+        sd = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+        with atomic_writer(path) as f:
+            torch.save({"model_config": config, "state_dict": sd}, f)
+
+
+def load_model(path: str | os.PathLike, map_location: Any = "cpu"):
+    """Rebuild a ``BiomedCLIP`` from a checkpoint written by ``save_model`` (or any checkpoint holding
+    ``model_config`` + ``state_dict``); key or shape mismatches raise CheckpointError."""
+    import json
+
+    import torch
+
+    from bmclip.model.clip import BiomedCLIP
+    from bmclip.model.config import ModelConfig
+
+    path = Path(path)
+    if _is_safetensors(path):
+        try:
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+            config = json.loads(meta["bmclip_model_config"])
+        except KeyError:
+            raise CheckpointError(f"{path} has no bmclip_model_config metadata (not a bmclip model file)") from None
+        except Exception as e:
+            raise CheckpointError(f"cannot read safetensors file {path}: {e}") from None
+        sd = load_state_dict(path, map_location)
+    else:
+        obj = safe_torch_load(path, map_location)
+        if not isinstance(obj, dict) or "model_config" not in obj or "state_dict" not in obj:
+            raise CheckpointError(f"{path} is not a bmclip model checkpoint (needs model_config and state_dict)")
+        config = obj["model_config"]
+        sd = _strip_prefix(_strip_prefix(obj["state_dict"], "module."), "_orig_mod.")
+    cfg = ModelConfig.from_dict(config)
+    with torch.device("meta"):
+        model = BiomedCLIP(cfg)
+    expected = model.state_dict()
+    for k in expected:
+        if k not in sd:
+            raise CheckpointError(f"{path}: missing key {k!r}")
+    for k, v in sd.items():
+        if k not in expected:
+            raise CheckpointError(f"{path}: unexpected key {k!r}")
+        if tuple(v.shape) != tuple(expected[k].shape):
+            raise CheckpointError(f"{path}: {k!r} has shape {tuple(v.shape)}, model expects {tuple(expected[k].shape)}")
+    model.load_state_dict(sd, strict=True, assign=True)
+    return model.eval()

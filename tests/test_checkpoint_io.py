@@ -90,3 +90,42 @@ def test_atomic_writer_leaves_old_file_on_failure(tmp_path):
         raise RuntimeError("crash mid-write")
     assert path.read_bytes() == b"old"
     assert [p.name for p in tmp_path.iterdir()] == ["f.bin"]
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
+def test_save_load_model(tmp_path, suffix):
+    from bmclip.checkpoint_io import load_model, save_model
+    from bmclip.model import create_model
+
+    torch.manual_seed(0)
+    model = create_model("tiny", init_logit_bias=-5.0)
+    save_model(model, tmp_path / f"m{suffix}")
+    back = load_model(tmp_path / f"m{suffix}")
+    assert back.config == model.config
+    sd0, sd1 = model.state_dict(), back.state_dict()
+    assert set(sd0) == set(sd1) and all(torch.equal(sd0[k], sd1[k]) for k in sd0)
+    assert all(p.requires_grad for p in back.parameters())
+    images, ids = torch.randn(2, 3, 64, 64), torch.randint(1, 100, (2, 10))
+    with torch.no_grad():
+        torch.testing.assert_close(
+            back.eval()(images, ids)["text_features"], model.eval()(images, ids)["text_features"]
+        )
+
+
+def test_load_model_key_errors(tmp_path):
+    from bmclip.checkpoint_io import load_model
+    from bmclip.model import create_model
+
+    model = create_model("tiny")
+    sd = model.state_dict()
+    cfg = model.config.to_dict()
+    torch.save({"model_config": cfg, "state_dict": {k: v for k, v in sd.items() if k != "visual.norm.bias"}},
+               tmp_path / "a.pt")  # fmt: skip
+    with pytest.raises(CheckpointError, match="visual.norm.bias"):
+        load_model(tmp_path / "a.pt")
+    torch.save({"model_config": cfg, "state_dict": {**sd, "extra.w": torch.ones(1)}}, tmp_path / "b.pt")
+    with pytest.raises(CheckpointError, match="extra.w"):
+        load_model(tmp_path / "b.pt")
+    torch.save(sd, tmp_path / "c.pt")
+    with pytest.raises(CheckpointError, match="not a bmclip model checkpoint"):
+        load_model(tmp_path / "c.pt")

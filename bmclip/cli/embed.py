@@ -1,0 +1,132 @@
+"""``bmclip embed``: embed images and captions with a model and print their similarity matrix.
+
+With no arguments it is the smallest real end-to-end run: the seeded ``tiny`` model, the bundled
+tokenizer, and the bundled sample figures and captions (real CC BY PMC figures, bmclip/assets/samples).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "embed",
+        help="embed images and captions and print their similarity matrix",
+        description="Embed images and captions and print image x caption cosine similarities and "
+        "softmax probabilities. Defaults: the seeded tiny model on the bundled sample figures.",
+    )
+    add_arguments(p)
+    p.set_defaults(func=run)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The embed options (shared with ``bmclip demo``)."""
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--preset", default="tiny", help="randomly initialised model preset (default: tiny)")
+    src.add_argument("--open-clip", metavar="DIR", help="released-layout open_clip folder (e.g. BiomedCLIP)")
+    src.add_argument("--checkpoint", metavar="FILE", help="bmclip model checkpoint (bmclip convert / train)")
+    p.add_argument("--vocab", metavar="PATH", help="vocab.txt or tokenizer folder (default: bundled, or DIR's)")
+    p.add_argument("--images", nargs="+", metavar="IMG", help="image files (default: bundled samples)")
+    p.add_argument("--captions", nargs="+", metavar="TEXT", help="captions (default: bundled sample captions)")
+    p.add_argument("--seed", type=int, default=0, help="seed for the randomly initialised preset")
+    p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+
+
+def bundled_samples() -> tuple[list, list[str]]:
+    """(image paths, captions) of the bundled sample figures."""
+    import csv
+    from pathlib import Path
+
+    folder = Path(__file__).resolve().parent.parent / "assets" / "samples"
+    with open(folder / "captions.tsv", encoding="utf-8", newline="") as f:
+        rows = list(csv.DictReader(f, delimiter="\t"))
+    return [folder / r["file"] for r in rows], [r["caption"] for r in rows]
+
+
+def _model_and_tokenizer(args):
+    from pathlib import Path
+
+    import torch
+
+    from bmclip.errors import ConfigError
+    from bmclip.tokenizer import get_tokenizer
+
+    if args.open_clip:
+        from bmclip.interop import load_open_clip
+
+        model = load_open_clip(args.open_clip)
+        vocab = args.vocab
+        if vocab is None:
+            folder = Path(args.open_clip)
+            folder = folder if folder.is_dir() else folder.parent
+            if not (folder / "vocab.txt").is_file():
+                raise ConfigError(
+                    f"no vocab.txt in {folder}: pass --vocab with the model's tokenizer (e.g. BiomedBERT's vocab.txt)"
+                )
+            vocab = folder
+    elif args.checkpoint:
+        from bmclip.checkpoint_io import load_model
+
+        model, vocab = load_model(args.checkpoint), args.vocab
+    else:
+        from bmclip.model import create_model
+
+        torch.manual_seed(args.seed)
+        model, vocab = create_model(args.preset), args.vocab
+    tok = get_tokenizer(vocab, context_length=model.config.text.context_length)
+    if tok.vocab_size > model.config.text.vocab_size:
+        raise ConfigError(
+            f"tokenizer has {tok.vocab_size} ids but the model's text.vocab_size is {model.config.text.vocab_size}"
+        )
+    return model.to(args.device).eval(), tok
+
+
+def embed(args) -> dict:
+    """Run the embedding; returns dict(images, captions, similarity (I, T) tensor, probs (I, T))."""
+    import torch
+    import torch.nn.functional as F
+
+    from bmclip.model.transforms import load_image
+
+    model, tok = _model_and_tokenizer(args)
+    default_images, default_caps = bundled_samples()
+    images = list(args.images or default_images)
+    captions = list(args.captions or default_caps)
+    size = model.config.vision.image_size
+    pixels = torch.stack([load_image(p, size) for p in images]).to(args.device)
+    ids = tok(captions).to(args.device)
+    with torch.no_grad():
+        out = model(pixels, ids)
+        sim = out["image_features"] @ out["text_features"].T
+        logits = out["logit_scale"] * sim
+        if out["logit_bias"] is not None:
+            logits = logits + out["logit_bias"]
+        probs = F.softmax(logits, dim=-1)
+    return {"images": images, "captions": captions, "similarity": sim.cpu(), "probs": probs.cpu(), "model": model}
+
+
+def print_matrix(res: dict) -> None:
+    """Print the similarity and probability matrices with short row/column labels."""
+    from pathlib import Path
+
+    model = res["model"]
+    cfg = model.config
+    print(
+        f"model: vision {cfg.vision.width}w x {cfg.vision.layers}L @ {cfg.vision.image_size}px, "
+        f"text {cfg.text.width}w x {cfg.text.layers}L, embed {cfg.embed_dim}, {model.num_params() / 1e6:.2f}M params"
+    )
+    for j, c in enumerate(res["captions"]):
+        print(f"  T{j}: {c[:100]}{'...' if len(c) > 100 else ''}")
+    header = "".join(f"{f'T{j}':>9}" for j in range(len(res["captions"])))
+    for title, mat in (("cosine similarity", res["similarity"]), ("P(caption | image)", res["probs"])):
+        print(f"{title}:")
+        print(f"{'':28}{header}")
+        for i, p in enumerate(res["images"]):
+            name = Path(p).name[:26]
+            print(f"  {name:26}" + "".join(f"{v:9.4f}" for v in mat[i].tolist()))
+
+
+def run(args: argparse.Namespace) -> int:
+    print_matrix(embed(args))
+    return 0

@@ -1,0 +1,259 @@
+"""open_clip interop at the released size: open_clip CustomTextCLIP (timm ViT-B/16 + HF BERT, built offline
+from a local BertConfig) <-> native bmclip model, both directions, fp32 max |diff| of L2-normalised
+embeddings <= 1e-4; plus key-checking errors on small state dicts."""
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from bmclip.checkpoint_io import save_state_dict
+from bmclip.errors import CheckpointError, ConfigError
+from bmclip.interop import (
+    BIOMEDBERT,
+    CONFIG_NAME,
+    WEIGHTS_NAME,
+    export_open_clip,
+    load_open_clip,
+    open_clip_state_dict,
+)
+from bmclip.model import create_model
+
+open_clip = pytest.importorskip("open_clip")
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("timm")
+
+# open_clip_config.json of the released microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224.
+RELEASED_CONFIG = {
+    "model_cfg": {
+        "embed_dim": 512,
+        "vision_cfg": {
+            "timm_model_name": "vit_base_patch16_224",
+            "timm_model_pretrained": False,
+            "timm_pool": "",
+            "timm_proj": "linear",
+            "image_size": 224,
+        },
+        "text_cfg": {
+            "hf_model_name": BIOMEDBERT,
+            "hf_tokenizer_name": BIOMEDBERT,
+            "hf_proj_type": "mlp",
+            "hf_pooler_type": "cls_last_hidden_state_pooler",
+            "context_length": 256,
+        },
+    },
+    "preprocess_cfg": {
+        "mean": [0.48145466, 0.4578275, 0.40821073],
+        "std": [0.26862954, 0.26130258, 0.27577711],
+    },
+}
+
+TOL = 1e-4
+
+
+def _bert_config():
+    # BiomedBERT-base (PubMedBERT) config.json values, built locally: no hub access.
+    return transformers.BertConfig(
+        vocab_size=30522,
+        hidden_size=768,
+        num_hidden_layers=12,
+        num_attention_heads=12,
+        intermediate_size=3072,
+        hidden_act="gelu",
+        max_position_embeddings=512,
+        type_vocab_size=2,
+        layer_norm_eps=1e-12,
+        pad_token_id=0,
+    )
+
+
+def _build_open_clip(model_cfg):
+    """open_clip CustomTextCLIP from an open_clip model_cfg, with AutoConfig answered locally."""
+    from open_clip import hf_model
+    from open_clip.model import CustomTextCLIP
+
+    cfg = json.loads(json.dumps(model_cfg))
+    cfg["text_cfg"]["hf_model_pretrained"] = False  # architecture only: never fetch weights
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(hf_model.AutoConfig, "from_pretrained", lambda *a, **k: _bert_config())
+        model = CustomTextCLIP(**cfg)
+    return model.eval()
+
+
+def _randomise_(module, seed):
+    """Every parameter random (LayerNorm scales around 1), so no weight can be silently ignored."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            r = torch.randn(p.shape, generator=g)
+            if "logit_scale" in name:
+                p.copy_(torch.tensor(2.5).reshape(p.shape))
+            elif "logit_bias" in name:
+                p.copy_(torch.tensor(-3.0).reshape(p.shape))
+            elif ("norm" in name.lower()) and name.endswith("weight"):
+                p.copy_(1.0 + 0.1 * r)
+            else:
+                p.copy_(0.02 * r)
+
+
+def _inputs(seed=0, b=3, image_size=224):
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randn(b, 3, image_size, image_size, generator=g)
+    ids = torch.zeros(b, 256, dtype=torch.long)
+    for i, n in enumerate((256, 40, 7)[:b]):
+        ids[i, :n] = torch.randint(5, 30522, (n,), generator=g)
+        ids[i, 0], ids[i, n - 1] = 2, 3  # [CLS] ... [SEP]
+    return images, ids
+
+
+def _assert_same(oc_model, ours, images, ids):
+    with torch.no_grad():
+        oi = F.normalize(oc_model.encode_image(images), dim=-1)
+        ot = F.normalize(oc_model.encode_text(ids), dim=-1)
+        bi = F.normalize(ours.encode_image(images), dim=-1)
+        bt = F.normalize(ours.encode_text(ids), dim=-1)
+    di, dt = (oi - bi).abs().max().item(), (ot - bt).abs().max().item()
+    assert di <= TOL and dt <= TOL, (di, dt)
+    assert torch.allclose(oc_model.logit_scale.detach().reshape(()), ours.logit_scale.detach())
+    return di, dt
+
+
+@pytest.fixture(scope="module")
+def oc_model():
+    return _build_open_clip(RELEASED_CONFIG["model_cfg"])
+
+
+@pytest.mark.slow
+def test_load_released_layout_matches_open_clip(oc_model, tmp_path):
+    _randomise_(oc_model, seed=1)
+    sd = oc_model.state_dict()
+    # The released file (older transformers) also carries the BERT pooler and the position_ids buffer.
+    sd["text.transformer.pooler.dense.weight"] = torch.randn(768, 768)
+    sd["text.transformer.pooler.dense.bias"] = torch.randn(768)
+    sd["text.transformer.embeddings.position_ids"] = torch.arange(512)[None]
+    folder = tmp_path / "biomedclip"
+    folder.mkdir()
+    torch.save(sd, folder / WEIGHTS_NAME)
+    (folder / CONFIG_NAME).write_text(json.dumps(RELEASED_CONFIG))
+    del sd
+    ours = load_open_clip(folder)
+    assert ours.config.vision.heads == 12 and ours.config.text.heads == 12
+    assert ours.config.text.context_length == 256
+    assert ours.num_params() == 195_902_721
+    di, dt = _assert_same(oc_model, ours, *_inputs(0))
+    print(f"load parity: max|diff| image {di:.2e} text {dt:.2e}")
+    # The .bin path alone works too (config found beside it).
+    ours2 = load_open_clip(folder / WEIGHTS_NAME)
+    assert all(torch.equal(a, b) for a, b in zip(ours.state_dict().values(), ours2.state_dict().values()))
+
+
+@pytest.mark.slow
+def test_export_loads_in_open_clip_and_round_trips(oc_model, tmp_path):
+    from open_clip.factory import load_checkpoint
+
+    torch.manual_seed(0)
+    ours = create_model("biomedclip-vit-b16-224").eval()
+    _randomise_(ours, seed=2)
+    folder = export_open_clip(ours, tmp_path / "export")
+    cfg = json.loads((folder / CONFIG_NAME).read_text())
+    assert cfg["model_cfg"]["vision_cfg"] == RELEASED_CONFIG["model_cfg"]["vision_cfg"]
+    assert cfg["preprocess_cfg"] == RELEASED_CONFIG["preprocess_cfg"]
+    assert cfg["model_cfg"]["text_cfg"] == {**RELEASED_CONFIG["model_cfg"]["text_cfg"], "hf_model_pretrained": False}
+    # open_clip's own strict loader accepts the file: exactly its key set and shapes. (The exported
+    # model_cfg equals the released one, so the module's open_clip model is that architecture.)
+    load_checkpoint(oc_model, str(folder / WEIGHTS_NAME), strict=True)
+    di, dt = _assert_same(oc_model, ours, *_inputs(1))
+    print(f"export parity: max|diff| image {di:.2e} text {dt:.2e}")
+    # And back into bmclip bit-exactly.
+    back = load_open_clip(folder)
+    sd0, sd1 = ours.state_dict(), back.state_dict()
+    assert set(sd0) == set(sd1)
+    assert all(torch.equal(sd0[k], sd1[k]) for k in sd0)
+
+
+def _tiny_oc_sd():
+    torch.manual_seed(0)
+    return open_clip_state_dict(create_model("tiny", text={"heads": 2}, vision={"heads": 2}))
+
+
+def test_missing_and_unknown_keys_named(tmp_path):
+    sd = _tiny_oc_sd()
+    path = tmp_path / "m.bin"
+    save_state_dict(sd, path)
+    model = load_open_clip(path)  # no config beside it: shapes define the model, heads = width // 64
+    ref = open_clip_state_dict(model)
+    assert all(torch.equal(ref[k], sd[k]) for k in sd)
+
+    bad = dict(sd)
+    del bad["text.transformer.encoder.layer.1.attention.self.key.bias"]
+    save_state_dict(bad, path)
+    with pytest.raises(CheckpointError, match="attention.self.key.bias"):
+        load_open_clip(path)
+
+    bad = dict(sd, **{"visual.trunk.blocks.0.attn.extra": torch.ones(1)})
+    save_state_dict(bad, path)
+    with pytest.raises(CheckpointError, match="visual.trunk.blocks.0.attn.extra"):
+        load_open_clip(path)
+
+    bad = dict(sd)
+    bad["visual.head.proj.weight"] = torch.ones(3, 7)
+    save_state_dict(bad, path)
+    with pytest.raises(CheckpointError):
+        load_open_clip(path)
+
+
+def test_pooler_and_position_ids_tolerated(tmp_path):
+    sd = _tiny_oc_sd()
+    w = sd["text.transformer.embeddings.word_embeddings.weight"].shape[1]
+    for extra in (
+        {},
+        {"text.transformer.pooler.dense.weight": torch.ones(w, w), "text.transformer.pooler.dense.bias": torch.ones(w)},
+        {"text.transformer.embeddings.position_ids": torch.arange(64)[None]},
+        {"text.transformer.embeddings.token_type_ids": torch.zeros(1, 64, dtype=torch.long)},
+    ):
+        save_state_dict({**sd, **extra}, tmp_path / "m.bin")
+        model = load_open_clip(tmp_path / "m.bin")
+        assert "text.transformer.pooler.dense.weight" not in model.state_dict()
+
+
+def test_logit_bias_and_scalar_shapes(tmp_path):
+    sd = _tiny_oc_sd()
+    sd["logit_scale"] = torch.tensor([3.0])  # open_clip nonscalar_logit_scale
+    sd["logit_bias"] = torch.tensor([-10.0])
+    save_state_dict(sd, tmp_path / "m.bin")
+    model = load_open_clip(tmp_path / "m.bin")
+    assert model.logit_scale.shape == () and model.logit_scale.item() == 3.0
+    assert model.logit_bias.item() == -10.0
+
+
+def test_unsupported_configs_refused(tmp_path):
+    save_state_dict(_tiny_oc_sd(), tmp_path / WEIGHTS_NAME)
+    for section, key, value in (
+        ("vision_cfg", "timm_pool", "avg"),
+        ("text_cfg", "hf_pooler_type", "mean_pooler"),
+        ("text_cfg", "hf_proj_type", "linear"),
+    ):
+        cfg = json.loads(json.dumps(RELEASED_CONFIG))
+        cfg["model_cfg"][section][key] = value
+        (tmp_path / CONFIG_NAME).write_text(json.dumps(cfg))
+        with pytest.raises(ConfigError, match=key):
+            load_open_clip(tmp_path)
+    with pytest.raises(CheckpointError, match="not found"):
+        load_open_clip(tmp_path / "nope")
+    with pytest.raises(ConfigError, match="timm"):
+        export_open_clip(create_model("tiny"), tmp_path / "tiny_export")
+    assert not (tmp_path / "tiny_export").exists()
+
+
+def test_loaded_checkpoint_is_safe(tmp_path):
+    import os
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {tmp_path / 'pwned'}",))
+
+    torch.save({"logit_scale": torch.ones(()), "x": Evil()}, tmp_path / WEIGHTS_NAME)
+    with pytest.raises(CheckpointError, match="refusing"):
+        load_open_clip(tmp_path)
+    assert not (tmp_path / "pwned").exists()
