@@ -410,3 +410,24 @@ def test_decode_options_pass_through(tmp_path):
         assert uid_of_image(row) == int(key[1:])
     with pytest.raises(TypeError):  # an option the extension does not know is its error, not ignored
         next(iter(ShardLoader(urls, **kw, decode_options={"no_such_option": 1})))
+
+
+@pytest.mark.parametrize("prefetch", [1, 2])
+def test_image_buffer_valid_until_batch_after_next(tmp_path, prefetch):
+    """Batch k's zero-copy image survives taking batch k+1 even when the producer is far ahead."""
+    import time
+
+    urls = write_shards(tmp_path, 2, 12)
+    ld = ShardLoader(urls, batch_size=2, image_size=S, prefetch=prefetch, shuffle=False)
+    it = iter(ld)
+    prev = next(it)
+    prev_copy = prev["image"].clone()
+    seen = 1
+    for cur in it:
+        time.sleep(0.05)  # let the producer run ahead and fill every free slot
+        assert torch.equal(prev["image"], prev_copy)  # not yet reused
+        for row, key in zip(cur["image"].numpy(), cur["key"]):
+            assert uid_of_image(row) == int(key[1:])
+        prev, prev_copy = cur, cur["image"].clone()
+        seen += 1
+    assert seen == 12

@@ -20,10 +20,11 @@ the consumer trains on batch n; the C++ decoder releases the GIL for the whole b
    (UTF-8); ``json`` parsed when present. Missing/undecodable members are counted skips (``skipped``),
    and the batch is refilled from the stream so batches stay full.
 5. **Decode.** ``bmclip._C.Decoder.decode_batch`` writes random-resized-crop (train) or
-   resize+centre-crop (eval) pixels into a preallocated ``[N, S, S, 3]`` uint8 ring buffer (optionally
-   pinned) that becomes ``batch["image"]`` through ``torch.from_numpy`` (no copy). A batch's image
-   tensor is overwritten ``prefetch + 1`` batches later: ``.clone()`` it (or move it to the GPU) if
-   you keep it longer.
+   resize+centre-crop (eval) pixels into a preallocated ``[N, S, S, 3]`` uint8 ring buffer (a torch
+   tensor, pinned with ``pin_memory=True``, written through its numpy view) that becomes
+   ``batch["image"]`` without a copy. The ring holds ``prefetch + 3`` batches, so batch k's buffer is
+   reused only once the consumer takes batch k+2: an asynchronous host-to-device copy of batch k has
+   the whole of step k+1 to finish. ``.clone()`` the images if you keep them longer.
    ``decode=False`` skips decoding and hands out ``batch["image_bytes"]`` (zero-copy uint8 views of
    the encoded images, header-checked) for a DALI pipeline (``bmclip.data.dali``) to decode.
 6. **Text.** With ``tokenizer`` (a callable ``list[str] -> LongTensor [N, L]``), captions are
@@ -312,8 +313,7 @@ class _Pipe:
         slot = 0
         try:
             while not self.stop.is_set():
-                out = self.ring[slot]
-                batch = self.L._produce(self.stream, self.split, out)
+                batch = self.L._produce(self.stream, self.split, self.ring[slot])
                 if batch is None:
                     self._put((_END, self.L._end_of_epoch_state(self.stream.snapshot())))
                     return
@@ -344,7 +344,16 @@ class _LoaderIter:
     def __next__(self) -> dict[str, Any]:
         if self.pipe is None or self.L._active is not self.pipe:
             raise StopIteration
-        batch, state = self.pipe.q.get()
+        while True:
+            try:
+                batch, state = self.pipe.q.get(timeout=1.0)
+                break
+            except queue.Empty:
+                if not self.pipe.thread.is_alive() and self.pipe.q.empty():
+                    # cannot happen by design (the producer always reports its end or its error); a
+                    # clear error beats waiting forever if it ever does
+                    self.close()
+                    raise DataError("ShardLoader producer thread ended without a result") from None
         if batch is _END:
             self.L._commit(state)
             self.L.epoch = state["epoch"]
@@ -595,17 +604,18 @@ class ShardLoader(torch.utils.data.IterableDataset):
         except OSError:
             return None
 
-    def _make_ring(self) -> list[np.ndarray]:
+    def _make_ring(self) -> list[tuple[torch.Tensor, np.ndarray] | None]:
         if not self.decode:
             return [None]
         shape = (self.batch_size, self.image_size, self.image_size, 3)
         ring = []
-        # consumer holds 1, queue holds `prefetch`, producer fills 1
-        for _ in range(self.prefetch + 2):
+        # consumer holds 2 (the current batch and the one whose device copy may still run), the queue
+        # holds `prefetch`, the producer fills 1
+        for _ in range(self.prefetch + 3):
             t = torch.empty(shape, dtype=torch.uint8)
             if self.pin_memory:
                 t = t.pin_memory()
-            ring.append(t.numpy())
+            ring.append((t, t.numpy()))
         return ring
 
     def _stop_active(self) -> None:
@@ -653,8 +663,9 @@ class ShardLoader(torch.utils.data.IterableDataset):
     def _tokenize(self, texts: list[str]) -> Future | None:
         return self._tok.submit(texts) if self._tok is not None else None
 
-    def _produce(self, stream: _Stream, split: int, out: np.ndarray):
-        """Assemble and decode one batch into ``out``; (batch dict, state after it) or None at end."""
+    def _produce(self, stream: _Stream, split: int, slot: tuple[torch.Tensor, np.ndarray] | None):
+        """Assemble and decode one batch into the ring ``slot``; (batch dict, state after it) or None at end."""
+        out_t, out = slot if slot is not None else (None, None)
         st = stream.st
         bs = self.batch_size
         got: list[_Sample] = []
@@ -705,7 +716,7 @@ class ShardLoader(torch.utils.data.IterableDataset):
         st["batch"] += 1
         batch: dict[str, Any] = {"text": [s.text for s in got], "key": [s.key for s in got]}
         if self.decode:
-            batch["image"] = torch.from_numpy(out[:n])
+            batch["image"] = out_t[:n]
         else:  # zero-copy read-only views into the mapped shard (they keep the mapping alive)
             batch["image_bytes"] = [s.image for s in got]
         if any(s.json is not None for s in got):
