@@ -77,12 +77,53 @@ if _HAS_TRITON:
         return start, seqlen
 
     @triton.jit
+    def _load_rows(ptrs, row_ok, d_ok, MASK_ROWS: tl.constexpr, PAD_D: tl.constexpr):
+        # Row masks only where a block can run past its sequence; a head-dim mask only if BLOCK_D > HEAD_DIM.
+        if MASK_ROWS:
+            return tl.load(ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+        elif PAD_D:
+            return tl.load(ptrs, mask=d_ok[None, :], other=0.0)
+        else:
+            return tl.load(ptrs)
+
+    @triton.jit
+    def _fwd_inner(
+        acc, l_i, m_i, q, K, V, start, h, stride_kt, stride_kh, stride_vt, stride_vh,
+        offs_m, offs_n, offs_d, d_valid, seqlen, lo, hi, qk_scale_log2,
+        BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, MASKED: tl.constexpr, PAD_D: tl.constexpr,
+        USE_INPUT_PRECISION: tl.constexpr,
+    ):
+        for start_n in range(lo, hi, BLOCK_N):
+            cols_i = start_n + offs_n
+            n_valid = cols_i < seqlen
+            cols = start + cols_i.to(tl.int64)
+            k = _load_rows(K + cols[:, None] * stride_kt + h * stride_kh + offs_d[None, :], n_valid, d_valid,
+                           MASKED, PAD_D)
+            qk = _dot(q, tl.trans(k), USE_INPUT_PRECISION) * qk_scale_log2
+            if MASKED:
+                valid = n_valid[None, :]
+                if CAUSAL:
+                    valid = valid & (cols_i[None, :] <= offs_m[:, None])
+                qk = tl.where(valid, qk, float("-inf"))
+            # The first key block always holds column 0, which every row may see (causal or not), so
+            # m_new is finite from the first iteration on and exp2(-inf - m_new) is a clean 0.
+            m_new = tl.maximum(m_i, tl.max(qk, 1))
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(qk - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            v = _load_rows(V + cols[:, None] * stride_vt + h * stride_vh + offs_d[None, :], n_valid, d_valid,
+                           MASKED, PAD_D)
+            acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, USE_INPUT_PRECISION)
+            m_i = m_new
+        return acc, l_i, m_i
+
+    @triton.jit
     def _attn_fwd_kernel(
         Q, K, V, O, LSE, CU,
         stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
         stride_lse_h, nheads, padded_seqlen, qk_scale_log2, max_seqlen_key,
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-        VARLEN: tl.constexpr, CAUSAL: tl.constexpr, USE_INPUT_PRECISION: tl.constexpr,
+        VARLEN: tl.constexpr, CAUSAL: tl.constexpr, PAD_D: tl.constexpr, USE_INPUT_PRECISION: tl.constexpr,
     ):
         pid_m = tl.program_id(0)
         pid_bh = tl.program_id(1)
@@ -104,30 +145,24 @@ if _HAS_TRITON:
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
+        # Key blocks [0, full_end) lie inside the sequence and (causal) entirely at or left of the block's
+        # first query row: no masks there. The rest, up to hi, is masked (sequence end and/or diagonal).
         if CAUSAL:
             hi = tl.minimum(seqlen, (pid_m + 1) * BLOCK_M)
+            full_end = tl.minimum(seqlen, pid_m * BLOCK_M + 1) // BLOCK_N * BLOCK_N
         else:
             hi = seqlen
-        for start_n in range(0, hi, BLOCK_N):
-            cols_i = start_n + offs_n
-            n_valid = cols_i < seqlen
-            cols = start + cols_i.to(tl.int64)
-            kv_mask = n_valid[:, None] & d_valid[None, :]
-            k = tl.load(K + cols[:, None] * stride_kt + h * stride_kh + offs_d[None, :], mask=kv_mask, other=0.0)
-            qk = _dot(q, tl.trans(k), USE_INPUT_PRECISION) * qk_scale_log2
-            valid = n_valid[None, :]
-            if CAUSAL:
-                valid = valid & (cols_i[None, :] <= offs_m[:, None])
-            qk = tl.where(valid, qk, float("-inf"))
-            # The first key block always holds column 0, which every row may see (causal or not), so
-            # m_new is finite from the first iteration on and exp2(-inf - m_new) is a clean 0.
-            m_new = tl.maximum(m_i, tl.max(qk, 1))
-            alpha = tl.exp2(m_i - m_new)
-            p = tl.exp2(qk - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
-            v = tl.load(V + cols[:, None] * stride_vt + h * stride_vh + offs_d[None, :], mask=kv_mask, other=0.0)
-            acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, USE_INPUT_PRECISION)
-            m_i = m_new
+            full_end = seqlen // BLOCK_N * BLOCK_N
+        acc, l_i, m_i = _fwd_inner(
+            acc, l_i, m_i, q, K, V, start, h, stride_kt, stride_kh, stride_vt, stride_vh,
+            offs_m, offs_n, offs_d, d_valid, seqlen, 0, full_end, qk_scale_log2,
+            BLOCK_N, CAUSAL, False, PAD_D, USE_INPUT_PRECISION,
+        )
+        acc, l_i, m_i = _fwd_inner(
+            acc, l_i, m_i, q, K, V, start, h, stride_kt, stride_kh, stride_vt, stride_vh,
+            offs_m, offs_n, offs_d, d_valid, seqlen, full_end, hi, qk_scale_log2,
+            BLOCK_N, CAUSAL, True, PAD_D, USE_INPUT_PRECISION,
+        )
 
         acc = acc / l_i[:, None]
         tl.store(O + rows[:, None] * stride_ot + h * stride_oh + offs_d[None, :], acc.to(O.dtype.element_ty),
@@ -156,7 +191,7 @@ if _HAS_TRITON:
         stride_dkt, stride_dkh, stride_dvt, stride_dvh,
         stride_lse_h, nheads, padded_seqlen, sm_scale, qk_scale_log2, max_seqlen_key,
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-        VARLEN: tl.constexpr, CAUSAL: tl.constexpr, USE_INPUT_PRECISION: tl.constexpr,
+        VARLEN: tl.constexpr, CAUSAL: tl.constexpr, PAD_D: tl.constexpr, USE_INPUT_PRECISION: tl.constexpr,
     ):
         pid_n = tl.program_id(0)
         pid_bh = tl.program_id(1)
@@ -182,6 +217,10 @@ if _HAS_TRITON:
             lo = (pid_n * BLOCK_N) // BLOCK_M * BLOCK_M
         else:
             lo = 0
+        # Why no sequence-end mask on P here: query rows past the end load q = dO = 0 and lse = delta = 0,
+        # so their P^T column is exp2(0) = 1 but they add 1 * dO = 0 to dV and P * (dO.V - delta) = 0 to dK;
+        # key rows past the end (k = v = 0) only produce dK/dV rows that are never stored. Only the causal
+        # mask changes real results.
         for start_m in range(lo, seqlen, BLOCK_M):
             rows_i = start_m + offs_m
             m_valid = rows_i < seqlen
@@ -194,11 +233,10 @@ if _HAS_TRITON:
             delta = tl.load(DELTA + h * stride_lse_h + rows, mask=m_valid, other=0.0)
             # Transposed scores (keys x queries) so the dK/dV products need no transposes of P.
             qk_t = _dot(k, tl.trans(q), USE_INPUT_PRECISION) * qk_scale_log2
-            valid = n_valid[:, None] & m_valid[None, :]
+            p_t = tl.exp2(qk_t - lse[None, :])
             if CAUSAL:
-                valid = valid & (offs_n[:, None] <= rows_i[None, :])
-            # where() (not a multiply) so that exp2 overflow in masked slots can never leak inf/nan.
-            p_t = tl.where(valid, tl.exp2(qk_t - lse[None, :]), 0.0)
+                # where() (not a multiply) so that exp2 overflow in masked slots can never leak inf/nan.
+                p_t = tl.where(offs_n[:, None] <= rows_i[None, :], p_t, 0.0)
             dv += _dot(p_t.to(do.dtype), do, USE_INPUT_PRECISION)
             dp_t = _dot(v, tl.trans(do), USE_INPUT_PRECISION)
             ds_t = p_t * (dp_t - delta[None, :])
@@ -211,13 +249,41 @@ if _HAS_TRITON:
                  mask=kv_mask)
 
     @triton.jit
+    def _dq_inner(
+        dq, q, do, lse, delta, K, V, start, h, stride_kt, stride_kh, stride_vt, stride_vh,
+        offs_m, offs_n, offs_d, d_valid, seqlen, lo, hi, qk_scale_log2,
+        BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, MASKED: tl.constexpr, PAD_D: tl.constexpr,
+        USE_INPUT_PRECISION: tl.constexpr,
+    ):
+        for start_n in range(lo, hi, BLOCK_N):
+            cols_i = start_n + offs_n
+            n_valid = cols_i < seqlen
+            cols = start + cols_i.to(tl.int64)
+            k = _load_rows(K + cols[:, None] * stride_kt + h * stride_kh + offs_d[None, :], n_valid, d_valid,
+                           MASKED, PAD_D)
+            v = _load_rows(V + cols[:, None] * stride_vt + h * stride_vh + offs_d[None, :], n_valid, d_valid,
+                           MASKED, PAD_D)
+            qk = _dot(q, tl.trans(k), USE_INPUT_PRECISION) * qk_scale_log2
+            p = tl.exp2(qk - lse[:, None])
+            if MASKED:
+                # Past-the-end keys (k = 0) give p = exp2(-lse), which can overflow: zero it with where().
+                valid = n_valid[None, :]
+                if CAUSAL:
+                    valid = valid & (cols_i[None, :] <= offs_m[:, None])
+                p = tl.where(valid, p, 0.0)
+            dp = _dot(do, tl.trans(v), USE_INPUT_PRECISION)
+            ds = p * (dp - delta[:, None])
+            dq += _dot(ds.to(k.dtype), k, USE_INPUT_PRECISION)
+        return dq
+
+    @triton.jit
     def _attn_bwd_dq_kernel(
         Q, K, V, DO, LSE, DELTA, DQ, CU,
         stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
         stride_dqt, stride_dqh,
         stride_lse_h, nheads, padded_seqlen, sm_scale, qk_scale_log2, max_seqlen_key,
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-        VARLEN: tl.constexpr, CAUSAL: tl.constexpr, USE_INPUT_PRECISION: tl.constexpr,
+        VARLEN: tl.constexpr, CAUSAL: tl.constexpr, PAD_D: tl.constexpr, USE_INPUT_PRECISION: tl.constexpr,
     ):
         pid_m = tl.program_id(0)
         pid_bh = tl.program_id(1)
@@ -239,25 +305,19 @@ if _HAS_TRITON:
         delta = tl.load(DELTA + h * stride_lse_h + rows, mask=m_valid, other=0.0)
         dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
+        # Same split as the forward pass: unmasked full key blocks, then the masked remainder.
         if CAUSAL:
             hi = tl.minimum(seqlen, (pid_m + 1) * BLOCK_M)
+            full_end = tl.minimum(seqlen, pid_m * BLOCK_M + 1) // BLOCK_N * BLOCK_N
         else:
             hi = seqlen
-        for start_n in range(0, hi, BLOCK_N):
-            cols_i = start_n + offs_n
-            n_valid = cols_i < seqlen
-            cols = start + cols_i.to(tl.int64)
-            kv_mask = n_valid[:, None] & d_valid[None, :]
-            k = tl.load(K + cols[:, None] * stride_kt + h * stride_kh + offs_d[None, :], mask=kv_mask, other=0.0)
-            v = tl.load(V + cols[:, None] * stride_vt + h * stride_vh + offs_d[None, :], mask=kv_mask, other=0.0)
-            qk = _dot(q, tl.trans(k), USE_INPUT_PRECISION) * qk_scale_log2
-            valid = m_valid[:, None] & n_valid[None, :]
-            if CAUSAL:
-                valid = valid & (cols_i[None, :] <= offs_m[:, None])
-            p = tl.where(valid, tl.exp2(qk - lse[:, None]), 0.0)
-            dp = _dot(do, tl.trans(v), USE_INPUT_PRECISION)
-            ds = p * (dp - delta[:, None])
-            dq += _dot(ds.to(k.dtype), k, USE_INPUT_PRECISION)
+            full_end = seqlen // BLOCK_N * BLOCK_N
+        dq = _dq_inner(dq, q, do, lse, delta, K, V, start, h, stride_kt, stride_kh, stride_vt, stride_vh,
+                       offs_m, offs_n, offs_d, d_valid, seqlen, 0, full_end, qk_scale_log2,
+                       BLOCK_N, CAUSAL, False, PAD_D, USE_INPUT_PRECISION)
+        dq = _dq_inner(dq, q, do, lse, delta, K, V, start, h, stride_kt, stride_kh, stride_vt, stride_vh,
+                       offs_m, offs_n, offs_d, d_valid, seqlen, full_end, hi, qk_scale_log2,
+                       BLOCK_N, CAUSAL, True, PAD_D, USE_INPUT_PRECISION)
 
         dq = dq * sm_scale
         tl.store(DQ + rows[:, None] * stride_dqt + h * stride_dqh + offs_d[None, :], dq.to(DQ.dtype.element_ty),
@@ -311,7 +371,7 @@ class _TritonFlashAttention(torch.autograd.Function):
         cu = cu_seqlens if varlen else q  # a dummy pointer when padded (never read: VARLEN is constexpr)
         block_d = max(16, triton.next_power_of_2(head_dim))
         consts = dict(HEAD_DIM=head_dim, BLOCK_D=block_d, VARLEN=varlen, CAUSAL=bool(causal),
-                      USE_INPUT_PRECISION=_DOT_HAS_INPUT_PRECISION)
+                      PAD_D=block_d != head_dim, USE_INPUT_PRECISION=_DOT_HAS_INPUT_PRECISION)
         if total > 0:
             args = (q, k, v, o, lse, cu,
                     q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
