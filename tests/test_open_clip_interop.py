@@ -257,3 +257,23 @@ def test_loaded_checkpoint_is_safe(tmp_path):
     with pytest.raises(CheckpointError, match="refusing"):
         load_open_clip(tmp_path)
     assert not (tmp_path / "pwned").exists()
+
+
+@pytest.mark.parametrize("name", ["elife32671-fig1.jpg", "pone0056489-g001.jpg"])
+def test_preprocess_matches_open_clip_val_transform(name):
+    from pathlib import Path
+
+    from PIL import Image
+
+    pytest.importorskip("torchvision")
+    from open_clip.transform import image_transform
+
+    from bmclip.model.transforms import preprocess_image
+
+    path = Path(__file__).resolve().parent.parent / "bmclip" / "assets" / "samples" / name
+    ref_tf = image_transform(224, is_train=False, mean=RELEASED_CONFIG["preprocess_cfg"]["mean"],
+                             std=RELEASED_CONFIG["preprocess_cfg"]["std"])  # fmt: skip
+    with Image.open(path) as im:
+        ours, ref = preprocess_image(im, 224), ref_tf(im)
+    assert ours.shape == ref.shape == (3, 224, 224)
+    torch.testing.assert_close(ours, ref, atol=1e-5, rtol=0)
