@@ -63,8 +63,22 @@ def _escape(s: str) -> str:
     return s.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
 
 
-def source_articles() -> list[tuple[str, list[tuple[str, bytes]]]]:
+def hires_articles() -> list[tuple[str, list[tuple[str, bytes]]]]:
+    """elife-32671's five ~1500 px figure JPEGs with their real captions, as a classic OA package."""
+    from bmclip.data.pmc import parse_jats
+
+    d = SAMPLES / "elife-32671"
+    art = parse_jats(d / "manuscript.xml")
+    figs = [(f.id, f.label or "", _escape(f.caption), Path(f.graphics[0]).stem) for f in art.figures]
+    files = [(f"{g[3]}.jpg", (d / f"{g[3]}.jpg").read_bytes()) for g in figs]
+    # PMC's own id of eLife 2018;7:e32671 is not in the sample; 5832671 is a stand-in number
+    return [("PMC5832671", [("PMC5832671.nxml", _nxml("PMC5832671", figs)), *files])]
+
+
+def source_articles(hires: bool = False) -> list[tuple[str, list[tuple[str, bytes]]]]:
     """(pmcid, [(file name, bytes)]) for each real article usable in the OA package layout."""
+    if hires:
+        return hires_articles()
     arts = []
     d = SAMPLES / "PMC10802347"
     arts.append(("PMC10802347", [(p.name, p.read_bytes()) for p in sorted(d.iterdir())]))
@@ -88,12 +102,12 @@ def source_articles() -> list[tuple[str, list[tuple[str, bytes]]]]:
     return arts
 
 
-def make_packages(dst: Path, repeat: int) -> list[Path]:
+def make_packages(dst: Path, repeat: int, hires: bool = False) -> list[Path]:
     """Write repeat x the real articles as PMCxxxx.tar.gz OA packages with distinct PMCIDs."""
     dst.mkdir(parents=True, exist_ok=True)
     out = []
     for r in range(repeat):
-        for pmcid, files in source_articles():
+        for pmcid, files in source_articles(hires):
             new = f"PMC{int(pmcid[3:]) * 100 + r}"
             buf = io.BytesIO()
             with tarfile.open(fileobj=buf, mode="w") as tf:
@@ -158,6 +172,49 @@ def _timed(fn, out: Path) -> tuple[float, float, int, int]:
     return dt, dc, n_art, n_pairs
 
 
+def _scenario(work: Path, args, hires: bool) -> None:
+    rep = args.repeat * (4 if hires else 1)  # the hi-res set is one article: repeat it more
+    small = make_packages(work / "small", rep, hires)
+    large = make_packages(work / "large", 2 * rep, hires)
+    mb = sum(p.stat().st_size for p in large) / 2**20
+    n_src = len(source_articles(hires))
+    title = "hi-res figures (elife-32671, ~1500 px JPEG)" if hires else "PMC OA packages (600-900 px JPEG + GIF)"
+    print(f"\n== {title}: runs of {len(small)} and {len(large)} packages ({mb:.1f} MiB), {n_src} real articles")
+    pipelines = {
+        "baseline": lambda pk: lambda o: run_baseline(pk, o),
+        "bmclip": lambda pk: lambda o: run_bmclip(pk, o, 0),
+    }
+    for mk in pipelines.values():  # warm-up: imports and first-use costs out of the timings
+        _timed(mk(small[:n_src]), work / "warm")
+    best: dict[tuple[str, str], tuple] = {}
+    for _ in range(args.trials):
+        for size, pk in (("small", small), ("large", large)):
+            for name, mk in pipelines.items():
+                r = _timed(mk(pk), work / f"out_{name}")
+                key = (name, size)
+                if key not in best or r[1] < best[key][1]:
+                    best[key] = r
+    print(
+        f"{'pipeline':<10}{'pkgs':>6}{'pairs':>7}{'wall s':>8}{'cpu s':>8}"
+        f"{'marginal art/s/core (cpu)':>27}{'h for 4.4M @64 cores':>22}"
+    )
+    rates = {}
+    for name in pipelines:
+        s_, l_ = best[(name, "small")], best[(name, "large")]
+        rate = (l_[2] - s_[2]) / max(l_[1] - s_[1], 1e-9)  # fixed costs (imports, plots, pool) cancel out
+        rates[name] = rate
+        hours = N_ARTICLES_PMC_OA / (rate * 64) / 3600
+        for size, r in (("small", s_), ("large", l_)):
+            extra = f"{rate:>27.1f}{hours:>22.2f}" if size == "large" else ""
+            print(f"{name:<10}{r[2]:>6}{r[3]:>7}{r[0]:>8.2f}{r[1]:>8.2f}{extra}")
+    print(f"bmclip / baseline marginal throughput per core: {rates['bmclip'] / rates['baseline']:.2f}x")
+    if args.workers > 1:
+        t0 = time.perf_counter()
+        n_art, _ = run_bmclip(large, work / "out_par", args.workers)
+        dt = time.perf_counter() - t0
+        print(f"bmclip, {args.workers} workers, {len(large)} packages: {dt:.2f} s wall, {n_art / dt:.1f} art/s")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repeat", type=int, default=4, help="copies of each real article in the small run")
@@ -169,45 +226,8 @@ def main() -> int:
         return 2
     work = Path(tempfile.mkdtemp(prefix="bench_build_"))
     try:
-        small = make_packages(work / "small", args.repeat)
-        large = make_packages(work / "large", 2 * args.repeat)
-        mb = sum(p.stat().st_size for p in large) / 2**20
-        n_src = len(source_articles())
-        print(f"runs of {len(small)} and {len(large)} packages ({mb:.1f} MiB) from {n_src} real PMC articles")
-        pipelines = {
-            "baseline": lambda pk: lambda o: run_baseline(pk, o),
-            "bmclip": lambda pk: lambda o: run_bmclip(pk, o, 0),
-        }
-        for mk in pipelines.values():  # warm-up: imports and first-use costs out of the timings
-            _timed(mk(small[:n_src]), work / "warm")
-        best: dict[tuple[str, str], tuple] = {}
-        for _ in range(args.trials):
-            for size, pk in (("small", small), ("large", large)):
-                for name, mk in pipelines.items():
-                    r = _timed(mk(pk), work / f"out_{name}")
-                    key = (name, size)
-                    if key not in best or r[1] < best[key][1]:
-                        best[key] = r
-        print(
-            f"{'pipeline':<10}{'pkgs':>6}{'pairs':>7}{'wall s':>8}{'cpu s':>8}"
-            f"{'marginal art/s/core (cpu)':>27}{'h for 4.4M @64 cores':>22}"
-        )
-        rates = {}
-        for name in pipelines:
-            s_, l_ = best[(name, "small")], best[(name, "large")]
-            d_art = l_[2] - s_[2]
-            rate = d_art / max(l_[1] - s_[1], 1e-9)  # fixed costs (imports, plots, pool) cancel out
-            rates[name] = rate
-            hours = N_ARTICLES_PMC_OA / (rate * 64) / 3600
-            for size, r in (("small", s_), ("large", l_)):
-                extra = f"{rate:>27.1f}{hours:>22.2f}" if size == "large" else ""
-                print(f"{name:<10}{r[2]:>6}{r[3]:>7}{r[0]:>8.2f}{r[1]:>8.2f}{extra}")
-        print(f"bmclip / baseline marginal throughput per core: {rates['bmclip'] / rates['baseline']:.2f}x")
-        if args.workers > 1:
-            t0 = time.perf_counter()
-            n_art, _ = run_bmclip(large, work / "out_par", args.workers)
-            dt = time.perf_counter() - t0
-            print(f"bmclip, {args.workers} workers, {len(large)} packages: {dt:.2f} s wall, {n_art / dt:.1f} art/s")
+        for hires in (False, True):
+            _scenario(work / ("hires" if hires else "oa"), args, hires)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return 0

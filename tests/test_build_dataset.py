@@ -514,3 +514,36 @@ def test_kill_and_resume_is_byte_identical(tmp_path):
         == json.loads((ref / "manifest.json").read_text())["shards"]
     )
     shutil.rmtree(src)
+
+
+def test_articleset_deep_nesting_and_internal_errors(tmp_path, monkeypatch):
+    src = tmp_path / "in"
+    src.mkdir()
+    # a <pmc-articleset> folder holding two articles that share the folder's media
+    a1 = _article_xml("PMC801", [("F1", "First article figure caption.", ["s1"])])
+    a2 = _article_xml("PMC802", [("F1", "Second article figure caption.", ["s2"])])
+    body = lambda x: x[x.index(b"<article ") :]  # noqa: E731
+    d = src / "set"
+    d.mkdir()
+    (d / "articleset.xml").write_bytes(b"<pmc-articleset>" + body(a1) + body(a2) + b"</pmc-articleset>")
+    (d / "s1.jpg").write_bytes(_encode(_noise_image(81)))
+    (d / "s2.jpg").write_bytes(_encode(_noise_image(82)))
+    # absurdly deep caption markup: refused as an XML error, not a crash
+    deep = b"<article><body><fig id='x'><caption>" + b"<bold>" * 5000 + b"t" + b"</bold>" * 5000
+    _write_tar(src / "PMC803.tar.gz", [("PMC803/PMC803.nxml", deep + b"</caption></fig></body></article>")])
+    # a package whose processing raises something unexpected: counted, the build goes on
+    _package(src, "PMC804", n_figs=1, seed=84)
+    from bmclip.data.pmc import jats
+
+    real = jats.parse_jats
+
+    def flaky(data):
+        if b"PMC804" in data[:2000]:
+            raise RuntimeError("simulated bug")
+        return real(data)
+
+    monkeypatch.setattr(jats, "parse_jats", flaky)
+    stats = _build([src], tmp_path / "out", val_fraction=0, test_fraction=0)
+    assert sorted(_read_shards(tmp_path / "out")) == ["PMC801_F1", "PMC802_F1"]
+    assert stats["skips"]["package"] == {"internal_error": 1, "xml_error": 1}
+    assert any("simulated bug" in e for e in stats["first_errors"])

@@ -259,7 +259,7 @@ def process_package(pkg, opts: BuildOptions, count_tokens) -> dict:
         except NotJatsError:
             pkg_skips["non_jats_xml"] += 1
             continue
-        except DataError as e:
+        except (DataError, RecursionError) as e:  # RecursionError: absurdly deep nesting
             pkg_skips["xml_error"] += 1
             errors.append(f"{pkg.key}/{name}: {str(e).replace('<bytes>: ', '')}")
             continue
@@ -351,6 +351,24 @@ def process_package(pkg, opts: BuildOptions, count_tokens) -> dict:
     return rec
 
 
+def _process_package_guarded(pkg, opts: BuildOptions, count_tokens) -> dict:
+    """process_package, with any unexpected exception turned into a counted package skip.
+
+    One pathological package must not stop a multi-day build: it is recorded as ``internal_error``
+    with its message in ``first_errors`` (and so can be reported and fixed), and the run goes on.
+    """
+    try:
+        return process_package(pkg, opts, count_tokens)
+    except Exception as e:
+        return {
+            "key": pkg.key,
+            "articles": [],
+            "samples": [],
+            "skips": {"package": {"internal_error": 1}, "article": {}, "figure": {}},
+            "errors": [f"{pkg.key}: internal error {type(e).__name__}: {e}"],
+        }
+
+
 def _encode_chunk(index: int, records: list[dict]) -> bytes:
     blobs: list[bytes] = []
     off = 0
@@ -385,7 +403,7 @@ def _chunk_task(args) -> tuple[int, int, dict]:
     if _WORKER_TOKENS is None:
         _WORKER_TOKENS = _token_counter()
     opts = BuildOptions(**opts_dict)
-    records = [process_package(p, opts, _WORKER_TOKENS[1]) for p in packages]
+    records = [_process_package_guarded(p, opts, _WORKER_TOKENS[1]) for p in packages]
     for r in records:
         r["tokenizer"] = _WORKER_TOKENS[0]
     n = sum(len(r["samples"]) for r in records)

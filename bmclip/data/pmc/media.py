@@ -166,7 +166,9 @@ def process_image(
         raise
     except Image.DecompressionBombError as e:
         raise ImageSkip("too_many_pixels", str(e)) from e
-    except (OSError, ValueError, SyntaxError, EOFError, Image.UnidentifiedImageError, MemoryError) as e:
+    except Exception as e:
+        # Malformed files make PIL's plugins raise almost anything (OSError, SyntaxError, struct.error,
+        # IndexError, ...): every one of them means "cannot decode this file", never a crashed build.
         raise ImageSkip("undecodable_image", f"{type(e).__name__}: {e}") from e
     buf = io.BytesIO()
     im.save(buf, format="JPEG", quality=quality, optimize=False, progressive=False, subsampling="4:2:0")
