@@ -251,7 +251,8 @@ def open_clip_state_dict(model) -> dict[str, Any]:
     sd = model.state_dict()
     out: dict[str, Any] = {}
     for oc_keys, key in _pairs(model.config):
-        t = sd[key].detach().cpu()
+        t = sd[key].detach()
+        t = t if t.is_meta else t.cpu()  # meta: shapes only (config inspection without weights)
         if len(oc_keys) == 1:
             out[oc_keys[0]] = t.clone()
         else:

@@ -91,6 +91,16 @@ class Tokenizer:
                     self._per_length[length] = hf
         return hf
 
+    def __getstate__(self):  # picklable for DataLoader workers: the lock and per-length cache are rebuilt
+        d = dict(self.__dict__)
+        d["_lock"] = None
+        d["_per_length"] = {}
+        return d
+
+    def __setstate__(self, d):
+        self.__dict__.update(d)
+        self._lock = threading.Lock()
+
     # ------------------------------------------------------------------------------------ construct
 
     @classmethod

@@ -277,3 +277,36 @@ def test_preprocess_matches_open_clip_val_transform(name):
         ours, ref = preprocess_image(im, 224), ref_tf(im)
     assert ours.shape == ref.shape == (3, 224, 224)
     torch.testing.assert_close(ours, ref, atol=1e-5, rtol=0)
+
+
+def test_export_config_per_preset():
+    from bmclip.interop import open_clip_config
+
+    names = {
+        "biomedclip-vit-b16-224": "vit_base_patch16_224",
+        "biomedclip-vit-b16-384": "vit_base_patch16_384",
+        "biomedclip-vit-s16-224": "vit_small_patch16_224",
+    }
+    for preset, timm_name in names.items():
+        with torch.device("meta"):
+            model = create_model(preset)
+        cfg = open_clip_config(model)
+        assert cfg["model_cfg"]["vision_cfg"]["timm_model_name"] == timm_name
+        assert cfg["model_cfg"]["vision_cfg"]["image_size"] == model.config.vision.image_size
+        assert cfg["bmclip"]["model_config"] == model.config.to_dict()
+    with torch.device("meta"):
+        vit_m = create_model("biomedclip-vit-m16-224")  # the paper's ViT-M/16 has no timm twin
+    with pytest.raises(ConfigError, match="timm"):
+        open_clip_config(vit_m)
+
+
+def test_timm_heads_used_without_bmclip_section():
+    from bmclip.interop import config_from_open_clip, open_clip_state_dict
+
+    with torch.device("meta"):
+        small = create_model("biomedclip-vit-s16-224")
+    sd = open_clip_state_dict(small)
+    oc = json.loads(json.dumps(RELEASED_CONFIG))
+    oc["model_cfg"]["vision_cfg"]["timm_model_name"] = "vit_small_patch16_224"
+    cfg = config_from_open_clip(sd, oc)
+    assert cfg == small.config

@@ -134,3 +134,13 @@ def test_bundled_vocab_fits_tiny_model():
 
     assert get_tokenizer().vocab_size <= get_preset("tiny").text.vocab_size
     assert get_tokenizer().context_length == 256
+
+
+def test_pickle_roundtrip():
+    import pickle
+
+    tok = get_tokenizer(context_length=24)
+    texts = ["Confocal image of the mouse retina.", "Western blot of p53"]
+    first = tok(texts)
+    back = pickle.loads(pickle.dumps(tok))
+    assert torch.equal(back(texts), first) and back.context_length == 24
