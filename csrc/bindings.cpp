@@ -26,6 +26,20 @@ struct DecodeError : std::runtime_error {
   using std::runtime_error::runtime_error;
 };
 
+// Member names are bytes; like tarfile, decode them as UTF-8 with surrogateescape so that any name
+// (and any error message quoting one) converts to str without raising.
+py::str to_str(const std::string& s) {
+  PyObject* o = PyUnicode_DecodeUTF8(s.data(), static_cast<Py_ssize_t>(s.size()), "surrogateescape");
+  if (!o) throw py::error_already_set();
+  return py::reinterpret_steal<py::str>(o);
+}
+
+py::list to_str_list(const std::vector<std::string>& v) {
+  py::list out;
+  for (const auto& s : v) out.append(to_str(s));
+  return out;
+}
+
 class TarIndex {
  public:
   explicit TarIndex(const std::string& path) : path_(path), file_(path) {
@@ -40,10 +54,9 @@ class TarIndex {
   size_t size() const { return samples_.size(); }
   const std::string& path() const { return path_; }
 
-  std::vector<std::string> keys() const {
-    std::vector<std::string> k;
-    k.reserve(samples_.size());
-    for (const auto& s : samples_) k.push_back(s.key);
+  py::list keys() const {
+    py::list k;
+    for (const auto& s : samples_) k.append(to_str(s.key));
     return k;
   }
 
@@ -56,13 +69,13 @@ class TarIndex {
 
   static py::dict members_dict(const TarSample& s) {
     py::dict d;
-    for (const auto& m : s.members) d[py::str(m.ext)] = py::make_tuple(m.offset, m.size);
+    for (const auto& m : s.members) d[to_str(m.ext)] = py::make_tuple(m.offset, m.size);
     return d;
   }
 
   py::list samples() const {
     py::list out;
-    for (const auto& s : samples_) out.append(py::make_tuple(s.key, members_dict(s)));
+    for (const auto& s : samples_) out.append(py::make_tuple(to_str(s.key), members_dict(s)));
     return out;
   }
 
@@ -81,7 +94,7 @@ class TarIndex {
         a(j) = static_cast<int64_t>(i);
         b(j) = static_cast<int64_t>(m.offset);
         c(j) = static_cast<int64_t>(m.size);
-        exts.append(m.ext);
+        exts.append(to_str(m.ext));
         ++j;
       }
     }
@@ -90,7 +103,7 @@ class TarIndex {
 
   const uint8_t* data() const { return file_.data(); }
   size_t file_size() const { return file_.size(); }
-  const std::vector<std::string>& errors() const { return errors_; }
+  py::list errors() const { return to_str_list(errors_); }
   bool truncated() const { return truncated_; }
   int64_t dropped() const { return dropped_; }
   int64_t skipped_members() const { return skipped_members_; }
@@ -321,7 +334,7 @@ PYBIND11_MODULE(_C, m) {
       .def(
           "sample", [](const TarIndex& self, py::ssize_t i) { return TarIndex::members_dict(self.at(i)); },
           py::arg("i"), "Members of sample i: dict[ext, (offset, size)].")
-      .def("key", [](const TarIndex& self, py::ssize_t i) { return self.at(i).key; }, py::arg("i"),
+      .def("key", [](const TarIndex& self, py::ssize_t i) { return to_str(self.at(i).key); }, py::arg("i"),
            "Key of sample i.")
       .def("samples", &TarIndex::samples, "All samples: list[(key, dict[ext, (offset, size)])].")
       .def("member_table", &TarIndex::member_table,

@@ -338,8 +338,8 @@ bool jpeg_run(JpegCtx& ctx) {
   else xoff = 0;
   const int rw = static_cast<int>(cinfo.output_width);
   ctx.resampler = std::make_unique<RowResampler>(&ctx.xs, &ctx.ys, static_cast<int>(xoff));
-  ctx.row.resize(static_cast<size_t>(rw) * comps);
-  if (cmyk) ctx.rgb.resize(static_cast<size_t>(rw) * 3);
+  ctx.row.resize(static_cast<size_t>(rw) * comps + kRowPad);
+  if (cmyk) ctx.rgb.resize(static_cast<size_t>(rw) * 3 + kRowPad);
   const JDIMENSION y0 = static_cast<JDIMENSION>(ctx.ys.need_min);
   const JDIMENSION y1 = static_cast<JDIMENSION>(ctx.ys.need_max);
   if (y0 > 0) jpeg_skip_scanlines(&cinfo, y0);
@@ -454,7 +454,7 @@ bool png_run(PngCtx& ctx) {
   if (ctx.mode == Mode::kFull || passes > 1) {
     // Interlaced images only have final rows after the last pass: decode the whole image.
     std::vector<uint8_t>& img = ctx.mode == Mode::kFull ? *ctx.full : ctx.image;
-    img.resize(W * H * 3);
+    img.resize(W * H * 3 + (ctx.mode == Mode::kFull ? 0 : kRowPad));
     ctx.rows.resize(H);
     for (size_t y = 0; y < H; ++y) ctx.rows[y] = img.data() + y * W * 3;
     png_read_image(png, ctx.rows.data());
@@ -473,7 +473,7 @@ bool png_run(PngCtx& ctx) {
       ctx.resampler->push_row(y, ctx.image.data() + static_cast<size_t>(y) * W * 3);
     return true;
   }
-  ctx.row.resize(W * 3);
+  ctx.row.resize(W * 3 + kRowPad);
   for (int y = 0; y < ctx.ys.need_max; ++y) {
     png_read_row(png, ctx.row.data(), nullptr);
     ctx.resampler->push_row(y, ctx.row.data());

@@ -2,7 +2,13 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <stdexcept>
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#define BMCLIP_X86 1
+#endif
 
 namespace bmclip {
 namespace {
@@ -83,23 +89,24 @@ AxisCoeffs compute_axis_coeffs(int in_size, float in0, float in1, int out_full, 
   return c;
 }
 
-RowResampler::RowResampler(const AxisCoeffs* xs, const AxisCoeffs* ys, int src_x0)
-    : xs_(xs), ys_(ys), src_x0_(src_x0) {
+RowResampler::RowResampler(const AxisCoeffs* xs, const AxisCoeffs* ys, int src_x0, bool use_simd)
+    : xs_(xs), ys_(ys), src_x0_(src_x0), use_simd_(use_simd) {
   size_t rows = static_cast<size_t>(ys->need_max - ys->need_min);
-  tmp_.assign(rows * xs->count * 3, 0);
+  tmp_.assign(rows * xs->count * 3 + kRowPad, 0);  // slack: SIMD stores write 4 bytes per pixel
   have_.assign(rows, 0);
 }
 
-void RowResampler::push_row(int y, const uint8_t* rgb) {
-  if (y < ys_->need_min || y >= ys_->need_max) return;
-  uint8_t* out = &tmp_[static_cast<size_t>(y - ys_->need_min) * xs_->count * 3];
-  const int ksize = xs_->ksize;
+namespace {
+
+// One output row of the horizontal pass (scalar; the reference for the SIMD version).
+void hpass_scalar(const uint8_t* rgb, int src_x0, const AxisCoeffs& xs, uint8_t* out) {
+  const int ksize = xs.ksize;
   const int32_t half = 1 << (kPrecisionBits - 1);
-  for (int xx = 0; xx < xs_->count; ++xx) {
-    const int xmin = xs_->bounds[2 * xx];
-    const int n = xs_->bounds[2 * xx + 1];
-    const int32_t* k = &xs_->k[static_cast<size_t>(xx) * ksize];
-    const uint8_t* p = rgb + static_cast<ptrdiff_t>(xmin - src_x0_) * 3;
+  for (int xx = 0; xx < xs.count; ++xx) {
+    const int xmin = xs.bounds[2 * xx];
+    const int n = xs.bounds[2 * xx + 1];
+    const int32_t* k = &xs.k[static_cast<size_t>(xx) * ksize];
+    const uint8_t* p = rgb + static_cast<ptrdiff_t>(xmin - src_x0) * 3;
     int32_t s0 = half, s1 = half, s2 = half;
     for (int x = 0; x < n; ++x) {
       s0 += p[3 * x] * k[x];
@@ -110,28 +117,133 @@ void RowResampler::push_row(int y, const uint8_t* rgb) {
     out[3 * xx + 1] = clip8(s1);
     out[3 * xx + 2] = clip8(s2);
   }
+}
+
+void vpass_scalar(const uint8_t* tmp, size_t row_len, int need_min, const AxisCoeffs& ys, int yy,
+                  int32_t* acc, uint8_t* o) {
+  const int32_t half = 1 << (kPrecisionBits - 1);
+  const int ymin = ys.bounds[2 * yy];
+  const int n = ys.bounds[2 * yy + 1];
+  const int32_t* k = &ys.k[static_cast<size_t>(yy) * ys.ksize];
+  std::fill(acc, acc + row_len, half);
+  for (int y = 0; y < n; ++y) {
+    const uint8_t* src = tmp + static_cast<size_t>(ymin + y - need_min) * row_len;
+    const int32_t ky = k[y];
+    for (size_t i = 0; i < row_len; ++i) acc[i] += src[i] * ky;
+  }
+  for (size_t i = 0; i < row_len; ++i) o[i] = clip8(acc[i]);
+}
+
+#ifdef BMCLIP_X86
+// Same integer arithmetic as the scalar code (exact 32-bit products and sums), two taps per step:
+// pixels x and x+1 are spread to [r g b 0 | r g b 0] int32 lanes and multiplied by [k k k k | k' k'
+// k' k']. Reads up to 8 bytes from the first byte of a pixel pair, so rows carry kRowPad slack.
+__attribute__((target("avx2"))) void hpass_avx2(const uint8_t* rgb, int src_x0, const AxisCoeffs& xs,
+                                                uint8_t* out) {
+  const int ksize = xs.ksize;
+  const __m128i spread = _mm_setr_epi8(0, 1, 2, -1, 3, 4, 5, -1, -1, -1, -1, -1, -1, -1, -1, -1);
+  const __m256i kperm = _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1);
+  const __m128i half = _mm_set1_epi32(1 << (kPrecisionBits - 1));
+  for (int xx = 0; xx < xs.count; ++xx) {
+    const int xmin = xs.bounds[2 * xx];
+    const int n = xs.bounds[2 * xx + 1];
+    const int32_t* k = &xs.k[static_cast<size_t>(xx) * ksize];
+    const uint8_t* p = rgb + static_cast<ptrdiff_t>(xmin - src_x0) * 3;
+    __m256i acc = _mm256_setzero_si256();
+    int x = 0;
+    for (; x + 1 < n; x += 2) {
+      __m128i px8 = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + 3 * x));
+      __m256i px = _mm256_cvtepu8_epi32(_mm_shuffle_epi8(px8, spread));
+      __m256i kk = _mm256_permutevar8x32_epi32(
+          _mm256_castsi128_si256(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(k + x))), kperm);
+      acc = _mm256_add_epi32(acc, _mm256_mullo_epi32(px, kk));
+    }
+    __m128i sum = _mm_add_epi32(_mm_add_epi32(_mm256_castsi256_si128(acc), _mm256_extracti128_si256(acc, 1)), half);
+    if (x < n) {
+      int32_t v;
+      memcpy(&v, p + 3 * x, 4);
+      __m128i px = _mm_cvtepu8_epi32(_mm_cvtsi32_si128(v));
+      sum = _mm_add_epi32(sum, _mm_mullo_epi32(px, _mm_set1_epi32(k[x])));
+    }
+    // >> 22 then saturate to 0..255, as clip8 does.
+    __m128i r = _mm_srai_epi32(sum, kPrecisionBits);
+    r = _mm_packus_epi16(_mm_packs_epi32(r, r), r);
+    int32_t bytes = _mm_cvtsi128_si32(r);
+    memcpy(out + 3 * xx, &bytes, 3);
+  }
+}
+
+__attribute__((target("avx2"))) void vpass_avx2(const uint8_t* tmp, size_t row_len, int need_min,
+                                                const AxisCoeffs& ys, int yy, int32_t* acc, uint8_t* o) {
+  const int ymin = ys.bounds[2 * yy];
+  const int n = ys.bounds[2 * yy + 1];
+  const int32_t* k = &ys.k[static_cast<size_t>(yy) * ys.ksize];
+  const __m256i half = _mm256_set1_epi32(1 << (kPrecisionBits - 1));
+  size_t i = 0;
+  for (; i + 16 <= row_len; i += 16) {
+    __m256i a0 = half, a1 = half;
+    for (int y = 0; y < n; ++y) {
+      const uint8_t* src = tmp + static_cast<size_t>(ymin + y - need_min) * row_len + i;
+      __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src));
+      __m256i ky = _mm256_set1_epi32(k[y]);
+      a0 = _mm256_add_epi32(a0, _mm256_mullo_epi32(_mm256_cvtepu8_epi32(b), ky));
+      a1 = _mm256_add_epi32(a1, _mm256_mullo_epi32(_mm256_cvtepu8_epi32(_mm_srli_si128(b, 8)), ky));
+    }
+    a0 = _mm256_srai_epi32(a0, kPrecisionBits);
+    a1 = _mm256_srai_epi32(a1, kPrecisionBits);
+    // packs/packus work within 128-bit lanes: reorder so the 16 bytes come out in order.
+    __m256i w = _mm256_permute4x64_epi64(_mm256_packs_epi32(a0, a1), 0xD8);
+    __m128i b16 = _mm_packus_epi16(_mm256_castsi256_si128(w), _mm256_extracti128_si256(w, 1));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(o + i), b16);
+  }
+  if (i < row_len) {
+    const int32_t h = 1 << (kPrecisionBits - 1);
+    for (size_t j = i; j < row_len; ++j) acc[j] = h;
+    for (int y = 0; y < n; ++y) {
+      const uint8_t* src = tmp + static_cast<size_t>(ymin + y - need_min) * row_len;
+      const int32_t ky = k[y];
+      for (size_t j = i; j < row_len; ++j) acc[j] += src[j] * ky;
+    }
+    for (size_t j = i; j < row_len; ++j) o[j] = clip8(acc[j]);
+  }
+}
+
+bool cpu_has_avx2() {
+  static const bool has = __builtin_cpu_supports("avx2");
+  return has;
+}
+#endif
+
+}  // namespace
+
+void RowResampler::push_row(int y, const uint8_t* rgb) {
+  if (y < ys_->need_min || y >= ys_->need_max) return;
+  uint8_t* out = &tmp_[static_cast<size_t>(y - ys_->need_min) * xs_->count * 3];
+#ifdef BMCLIP_X86
+  if (use_simd_ && cpu_has_avx2()) {
+    hpass_avx2(rgb, src_x0_, *xs_, out);
+    have_[y - ys_->need_min] = 1;
+    return;
+  }
+#endif
+  hpass_scalar(rgb, src_x0_, *xs_, out);
   have_[y - ys_->need_min] = 1;
 }
 
 bool RowResampler::finish(uint8_t* dst, int64_t dst_stride) {
   for (uint8_t h : have_)
     if (!h) return false;
-  const int ksize = ys_->ksize;
-  const int32_t half = 1 << (kPrecisionBits - 1);
   const size_t row_len = static_cast<size_t>(xs_->count) * 3;
   std::vector<int32_t> acc(row_len);
   for (int yy = 0; yy < ys_->count; ++yy) {
-    const int ymin = ys_->bounds[2 * yy];
-    const int n = ys_->bounds[2 * yy + 1];
-    const int32_t* k = &ys_->k[static_cast<size_t>(yy) * ksize];
-    std::fill(acc.begin(), acc.end(), half);
-    for (int y = 0; y < n; ++y) {
-      const uint8_t* src = &tmp_[static_cast<size_t>(ymin + y - ys_->need_min) * row_len];
-      const int32_t ky = k[y];
-      for (size_t i = 0; i < row_len; ++i) acc[i] += src[i] * ky;
-    }
     uint8_t* o = dst + yy * dst_stride;
-    for (size_t i = 0; i < row_len; ++i) o[i] = clip8(acc[i]);
+#ifdef BMCLIP_X86
+    if (use_simd_ && cpu_has_avx2()) {
+      vpass_avx2(tmp_.data(), row_len, ys_->need_min, *ys_, yy, acc.data(), o);
+      continue;
+    }
+#endif
+    vpass_scalar(tmp_.data(), row_len, ys_->need_min, *ys_, yy, acc.data(), o);
   }
   return true;
 }

@@ -10,6 +10,10 @@ namespace bmclip {
 
 enum class Filter { kBilinear, kBicubic };
 
+// Rows handed to RowResampler::push_row must stay readable for this many bytes past their last
+// pixel (the SIMD path loads 8 bytes at a time).
+constexpr int kRowPad = 16;
+
 // Taps for one axis: output pixel i reads input [bounds[2i], bounds[2i] + bounds[2i+1]) with the
 // fixed-point weights k[i*ksize ...].
 struct AxisCoeffs {
@@ -36,10 +40,10 @@ class RowResampler {
  public:
   // `src_x0` is the input x of the first pixel of every pushed row (decoders may deliver a
   // column window); rows must cover [xs.need_min, xs.need_max).
-  RowResampler(const AxisCoeffs* xs, const AxisCoeffs* ys, int src_x0);
+  RowResampler(const AxisCoeffs* xs, const AxisCoeffs* ys, int src_x0, bool use_simd = true);
   int first_row() const { return ys_->need_min; }
   int end_row() const { return ys_->need_max; }
-  // rgb: 3 bytes per pixel, starting at input x = src_x0.
+  // rgb: 3 bytes per pixel, starting at input x = src_x0, readable kRowPad bytes past the end.
   void push_row(int y, const uint8_t* rgb);
   // Writes count_y x count_x x 3 pixels to dst (row stride dst_stride bytes). Returns false if some
   // needed row was never pushed (decoder stopped early).
@@ -49,6 +53,7 @@ class RowResampler {
   const AxisCoeffs* xs_;
   const AxisCoeffs* ys_;
   int src_x0_;
+  bool use_simd_;
   std::vector<uint8_t> tmp_;   // (need_max - need_min) rows x count_x x 3
   std::vector<uint8_t> have_;  // which intermediate rows were filled
 };

@@ -244,3 +244,14 @@ def test_member_table(tmp_path):
     sid, off, size, exts = idx.member_table()
     assert sid.tolist() == [0, 0, 1] and size.tolist() == [1, 2, 3] and exts == ["jpg", "txt", "jpg"]
     assert [bytes(idx.read(o, s)) for o, s in zip(off, size)] == [b"1", b"22", b"333"]
+
+
+def test_non_utf8_names_use_surrogateescape(tmp_path):
+    # Raw (non-UTF-8) bytes in a GNU name: tarfile decodes them with surrogateescape; so do we.
+    data = make_tar([("caf\udce9.JPG", b"x"), ("caf\udce9.jpg", b"dup")], tarfile.GNU_FORMAT)
+    assert b"caf\xe9.JPG" in data
+    idx = _C.TarIndex(str(write(tmp_path, data)))
+    assert idx.keys() == ["caf\udce9"]
+    assert idx.samples() == [("caf\udce9", {"jpg": idx.sample(0)["jpg"]})]
+    assert any("duplicate" in e for e in idx.errors)
+    assert idx.keys() == [k for k, _ in reference_samples(data)]
