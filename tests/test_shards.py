@@ -1,0 +1,44 @@
+"""Shard patterns (brace expansion) and the per-(seed, epoch) shard split: pure Python, no extension."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from bmclip.data.shards import braceexpand, expand_urls, shard_order, split_shards
+from bmclip.errors import ConfigError
+
+
+def test_braceexpand():
+    assert braceexpand("a-{000..003}.tar") == [f"a-{i:03d}.tar" for i in range(4)]
+    assert braceexpand("a{1..3}") == ["a1", "a2", "a3"]
+    assert braceexpand("a{3..1}") == ["a3", "a2", "a1"]
+    assert braceexpand("x{0..10..5}") == ["x0", "x5", "x10"]
+    assert braceexpand("{train,val}-{0..1}") == ["train-0", "train-1", "val-0", "val-1"]
+    assert braceexpand("p{a,b{1,2}}q") == ["paq", "pb1q", "pb2q"]
+    assert braceexpand("{a..c}") == ["a", "b", "c"]
+    assert braceexpand("plain.tar") == ["plain.tar"]
+    assert braceexpand("d/{08..11}") == ["d/08", "d/09", "d/10", "d/11"]
+    assert expand_urls("a{0..1}::b{2..3}") == ["a0", "a1", "b2", "b3"]
+    assert expand_urls(["a{0..1}", Path("c")]) == ["a0", "a1", "c"]
+    for bad in ("a{1..3", "a}1{", "a{x}", "a{}", "{1..3..0}"):
+        with pytest.raises(ConfigError):
+            braceexpand(bad)
+    with pytest.raises(ConfigError):
+        expand_urls([])
+
+
+def test_split_shards_partition():
+    for n_shards in (1, 2, 5, 7):
+        order = shard_order(n_shards, seed=3, epoch=1, shuffle=True)
+        assert sorted(order) == list(range(n_shards))
+        for n_splits in (1, 2, 3, 6):
+            seen = []
+            for s in range(n_splits):
+                shards, mod, rem = split_shards(order, s, n_splits)
+                seen += [(sh, i) for sh in shards for i in range(20) if i % mod == rem]
+            assert sorted(seen) == [(sh, i) for sh in range(n_shards) for i in range(20)]
+    assert shard_order(5, 0, 0, shuffle=False) == [0, 1, 2, 3, 4]
+    assert shard_order(50, 0, 0, True) != shard_order(50, 0, 1, True)
+    assert shard_order(50, 0, 1, True) == shard_order(50, 0, 1, True)
