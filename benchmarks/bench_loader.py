@@ -158,18 +158,35 @@ def run_ours_batch(blobs: list[bytes], size: int, batch: int, dec) -> int:
     return len(arrs)
 
 
-def run_dali(path: Path, size: int, batch: int, threads: int, aug_cache: dict) -> int:
+def run_dali(path: Path, size: int, batch: int, threads: int, aug_cache: dict, device_id: int | None = None) -> int:
     from bmclip.data.dali import DaliAugment
     from bmclip.data.loader import ShardLoader
 
-    if threads not in aug_cache:  # pipeline construction is a one-off, not per-epoch cost
-        aug_cache[threads] = DaliAugment(batch_size=batch, image_size=size, source="encoded",
-                                         augment="random_resized_crop", num_threads=threads, device_id=None)
-    aug = aug_cache[threads]
+    key = (threads, device_id)
+    if key not in aug_cache:  # pipeline construction is a one-off, not per-epoch cost
+        aug_cache[key] = DaliAugment(batch_size=batch, image_size=size, source="encoded",
+                                     augment="random_resized_crop", num_threads=threads, device_id=device_id)
+    aug = aug_cache[key]
     ld = ShardLoader([str(path)], batch_size=batch, image_size=size, decode=False, seed=0, shuffle_buffer=64)
     n = 0
     for b in ld:
         n += aug(b).shape[0]
+    if device_id is not None:
+        torch.cuda.synchronize()
+    return n
+
+
+def run_ours_to_gpu(path: Path, size: int, batch: int, threads: int) -> int:
+    """The no-DALI training path: C++ loader (pinned ring) + uint8 H2D copy + normalize_batch on the GPU."""
+    from bmclip.data.dali import normalize_batch
+    from bmclip.data.loader import ShardLoader
+
+    ld = ShardLoader([str(path)], batch_size=batch, image_size=size, num_threads=threads, seed=0,
+                     shuffle_buffer=64, pin_memory=True)
+    n = 0
+    for b in ld:
+        n += normalize_batch(b["image"], "cuda", torch.bfloat16).shape[0]
+    torch.cuda.synchronize()
     return n
 
 
@@ -215,6 +232,9 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--only", default="", help="comma list of method names to run (default: all)")
     ap.add_argument("--out", type=Path, default=None, help="write results JSON here")
+    ap.add_argument("--gpu", action="store_true",
+                    help="also time the GPU paths (DALI mixed decode; C++ loader + normalize_batch), all cores; "
+                         "use --batch 256 on a GPU node")
     args = ap.parse_args(argv)
 
     jpegs = find_jpegs(args.data)
@@ -277,12 +297,20 @@ def main(argv=None) -> int:
             "ours_fast_1t": lambda: run_ours_loader(shard, S, B, 1, dct_min_ratio=1.0),
             "ours_fast_2t": lambda: run_ours_loader(shard, S, B, 2, dct_min_ratio=1.0),
         })
+    cache: dict = {}
     if have_dali:
-        cache: dict = {}
         methods.update({
             "dali_cpu_1t": lambda: run_dali(shard, S, B, 1, cache),
             "dali_cpu_2t": lambda: run_dali(shard, S, B, 2, cache),
         })
+    if args.gpu:
+        if not torch.cuda.is_available():
+            print("--gpu needs CUDA", file=sys.stderr)
+            return 2
+        threads = len(os.sched_getaffinity(0))
+        methods[f"ours_gpu_norm_{threads}t"] = lambda: run_ours_to_gpu(shard, S, B, threads)
+        if have_dali:
+            methods[f"dali_gpu_{threads}t"] = lambda: run_dali(shard, S, B, threads, cache, device_id=0)
     if not only or only & {"openclip", "pil_draft"}:
         _openclip_transform(S)  # import open_clip outside the timings
 
