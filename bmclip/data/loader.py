@@ -233,15 +233,16 @@ class _Stream:
         shard, i = ref
         idx = self.index(shard)
         c = self.st["counters"]
-        if idx is None:  # shard vanished between being buffered and read (counted when it was opened)
+        if idx is None:  # the shard could not be reopened for a buffered reference (resume after it vanished)
             _count(c, "unreadable_shard", f"unreadable shard {self.L.urls[shard]}")
             return None
         key, members = self._samples_cache[shard][i]
-        img = next((members[e] for e in IMAGE_EXTS if e in members), None)
+        # (offset, size) tuples are never falsy, so `or` picks the first member present (IMAGE_EXTS order)
+        img = members.get("jpg") or members.get("jpeg") or members.get("png")
         if img is None:
             _count(c, "missing_image", f"no jpg/jpeg/png member: {key}")
             return None
-        txt = next((members[e] for e in TEXT_EXTS if e in members), None)
+        txt = members.get("txt")  # TEXT_EXTS
         if txt is None:
             _count(c, "missing_caption", f"no txt member: {key}")
             return None
@@ -576,7 +577,12 @@ class ShardLoader(torch.utils.data.IterableDataset):
 
     # -- length ----------------------------------------------------------------------------------
     def __len__(self) -> int:
-        """Batches per epoch for this rank (all its workers), assuming no sample is skipped."""
+        """Batches per epoch for this rank, assuming no sample is skipped (skips only ever shorten it).
+
+        Counted for the worker split in effect (explicit ``num_workers``/``worker_id``, or the DataLoader
+        worker this runs in); called in the main process of a DataLoader with worker processes, it counts
+        one worker, while each worker ends on its own partial batch (up to ``num_workers - 1`` more).
+        """
         if self.resampled:
             raise TypeError("a resampled ShardLoader is infinite and has no len()")
         if self.num_workers is not None:
