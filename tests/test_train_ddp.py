@@ -44,3 +44,17 @@ def test_two_process_ddp_equals_single_process(tmp_path):
     assert (a["visual.proj.weight"] - init["visual.proj.weight"]).abs().max() > 1e-3
     logs = [line for line in (multi / "metrics.jsonl").read_text().splitlines() if '"kind": "train"' in line]
     assert len(logs) == STEPS and '"world_size": 2' in logs[-1]
+
+    # A rank dies (SIGKILL) under torchrun --max-restarts: every worker restarts and auto-resumes from the
+    # last checkpoint; the job finishes with the same weights as the run that never failed.
+    restarted = tmp_path / "restarted"
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        "--max-restarts=1", "-m", "bmclip", "train", "tiny-cpu", f"--out_dir={restarted}", *BASE,
+                        "--data.grad_accum=2", "--ckpt_every=1", "--fault.kill_at_step=2", "--fault.kill_rank=1"],
+                       capture_output=True, text=True, timeout=600, env=_env())
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (restarted / ".fault_killed_step2_rank1").exists()
+    assert "resumed from" in r.stdout + r.stderr
+    c = C.load_checkpoint(restarted / "checkpoints" / f"step_{STEPS:08d}")["model"]
+    for k in b:
+        assert torch.equal(c[k], b[k]), k

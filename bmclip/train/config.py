@@ -83,7 +83,8 @@ class FaultSection:
 
     max_nonfinite: int = 10  # this many non-finite losses IN A ROW stop the run with an error
     nan_at_steps: list[int] = field(default_factory=list)  # inject a NaN loss at these steps
-    kill_at_step: int = -1  # SIGKILL this process after finishing this step
+    kill_at_step: int = -1  # SIGKILL this process after finishing this step (once per out_dir)
+    kill_rank: int = -1  # which rank kill_at_step kills (-1 = every rank)
     kill_in_checkpoint_at_step: int = -1  # SIGKILL halfway through writing this step's checkpoint
 
 
@@ -97,6 +98,7 @@ class TrainConfig:
     loss: LossSection = field(default_factory=LossSection)
     fault: FaultSection = field(default_factory=FaultSection)
     steps: int = 1000  # optimizer steps in total
+    max_seconds: float = 0.0  # stop (with a checkpoint) after this much training wall time; 0 = no limit
     seed: int = 0
     out_dir: str = "runs/bmclip"
     precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32
@@ -121,6 +123,7 @@ class TrainConfig:
     def validate(self) -> TrainConfig:
         """Check cross-field constraints; raises ConfigError naming the key."""
         _check(self.steps >= 1, "steps", "must be >= 1")
+        _check(self.max_seconds >= 0, "max_seconds", "must be >= 0 (0 = no limit)")
         _check(self.data.batch_size >= 1, "data.batch_size", "must be >= 1")
         _check(self.data.grad_accum >= 1, "data.grad_accum", "must be >= 1")
         _check(self.precision in ("auto", "bf16", "fp32"), "precision", "must be auto, bf16 or fp32")

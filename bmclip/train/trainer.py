@@ -254,11 +254,16 @@ def _find_resume(cfg: TrainConfig) -> Path | None:
 def train(cfg: TrainConfig) -> dict:
     """Run training as configured; returns a summary dict (steps, seconds, samples/s, last loss, ...)."""
     cfg.validate()
+    # Process-wide torch settings are restored afterwards (train() is also called in-process by the demo
+    # and the tests).
+    saved = (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled())
     _setup_determinism(cfg)
     info = init_distributed(cfg.device)
     try:
         return _train(cfg, info)
     finally:
+        torch.set_num_threads(saved[0])
+        torch.use_deterministic_algorithms(saved[1])
         if info.initialized:
             import torch.distributed as dist
 
@@ -280,6 +285,14 @@ def _train(cfg: TrainConfig, info: DistInfo) -> dict:
     if tokenizer is not None and tokenizer.vocab_size > mcfg.text.vocab_size:
         raise ConfigError(f"data.tokenizer: vocabulary of {tokenizer.vocab_size} tokens exceeds the model's "
                           f"text.vocab_size {mcfg.text.vocab_size}")
+    if cfg.export_open_clip:
+        # Fail now, not after hours of training, when the architecture has no open_clip equivalent.
+        from bmclip.interop import open_clip_config
+
+        try:
+            open_clip_config(model)
+        except BmclipError as e:
+            raise ConfigError(f"export_open_clip: {e} (set --export_open_clip=false)") from None
     fwd_model = torch.compile(model) if cfg.model.compile else model
     fwd_model = wrap_model(fwd_model, info, cfg.parallel, mixed_bf16=use_bf16)
     optimizer = build_optimizer(model if cfg.parallel != "fsdp" else fwd_model, cfg.optim, device.type)
@@ -329,7 +342,8 @@ def _train(cfg: TrainConfig, info: DistInfo) -> dict:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
-    while step < cfg.steps:
+    stop_early = False
+    while step < cfg.steps and not stop_early:
         t_data = time.perf_counter()
         batch = next(source)
         ids_cpu = batch["input_ids"]
@@ -378,11 +392,16 @@ def _train(cfg: TrainConfig, info: DistInfo) -> dict:
         win["flops"] += train_step_flops(mcfg, batch=len(counts), text_token_counts=counts,
                                          patch_dropout=cfg.model.patch_dropout,
                                          logit_columns=cfg.data.batch_size)
+        # Wall-clock budget (e.g. a Slurm time limit or the demo's): every rank agrees, then this step
+        # becomes the last one (logged, validated and checkpointed like the final step).
+        if cfg.max_seconds:
+            stop_early = all_reduce_flag(time.perf_counter() - t_start > cfg.max_seconds, info)
+        final = step == cfg.steps or stop_early
         if pbar is not None:
             pbar.update(1)
             pbar.set_postfix(loss=f"{loss_val:.4f}", lr=f"{lr:.2e}")
 
-        if step % cfg.log_every == 0 or step == cfg.steps:
+        if step % cfg.log_every == 0 or final:
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             dt = time.perf_counter() - win["t0"]
@@ -399,7 +418,7 @@ def _train(cfg: TrainConfig, info: DistInfo) -> dict:
             win = {"t0": time.perf_counter(), "data": 0.0, "loss": 0.0, "n": 0, "flops": 0.0, "samples": 0}
 
         do_val = (cfg.data.synthetic or cfg.data.val) and (
-            (cfg.val_every and step % cfg.val_every == 0) or step == cfg.steps)
+            (cfg.val_every and step % cfg.val_every == 0) or final)
         if do_val:
             t_val = time.perf_counter()
             metrics = _run_val(cfg, info, fwd_model, model, mcfg, tokenizer, device, autocast)
@@ -407,9 +426,13 @@ def _train(cfg: TrainConfig, info: DistInfo) -> dict:
                 logger.log({"step": step, "kind": "val", **metrics})
             win["t0"] += time.perf_counter() - t_val  # validation time is not training throughput
 
-        if cfg.fault.kill_at_step == step:
-            os.kill(os.getpid(), signal.SIGKILL)
-        if (cfg.ckpt_every and step % cfg.ckpt_every == 0) or step == cfg.steps:
+        if cfg.fault.kill_at_step == step and cfg.fault.kill_rank in (-1, info.rank):
+            # One-shot: a marker in out_dir keeps a restarted job (torchrun --max-restarts) from dying again.
+            marker = out / f".fault_killed_step{step}_rank{info.rank}"
+            if not marker.exists():
+                marker.touch()
+                os.kill(os.getpid(), signal.SIGKILL)
+        if (cfg.ckpt_every and step % cfg.ckpt_every == 0) or final:
             t_ck = time.perf_counter()
             _save(cfg, info, step, fwd_model, optimizer, sched, source, tokenizer, counters,
                   kill_midway=cfg.fault.kill_in_checkpoint_at_step == step)
@@ -419,7 +442,7 @@ def _train(cfg: TrainConfig, info: DistInfo) -> dict:
     if pbar is not None:
         pbar.close()
     logger.close()
-    summary = {"steps": step, "steps_this_run": steps_run, "seconds": seconds,
+    summary = {"steps": step, "steps_this_run": steps_run, "seconds": seconds, "stopped_early": stop_early,
                "samples_per_s": steps_run * cfg.data.batch_size / seconds if seconds > 0 else None,
                "last_loss": last_loss, "nonfinite_skipped": counters["nonfinite_skipped"],
                "out_dir": str(out)}
