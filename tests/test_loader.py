@@ -427,3 +427,16 @@ def test_pinned_ring(tmp_path):
     dev = b["image"].to("cuda", non_blocking=True)
     torch.cuda.synchronize()
     assert torch.equal(dev.cpu(), b["image"])
+
+
+def test_resume_at_epoch_boundary(tmp_path):
+    urls = write_shards(tmp_path, 3, 5)
+    kw = dict(batch_size=4, image_size=S, seed=6, shuffle_buffer=5)
+    a = ShardLoader(urls, **kw)
+    collect(a, check_pixels=False)
+    st = a.state_dict()
+    assert st["epoch"] == 1 and st["shard_pos"] == 0 and not st["buffer"]
+    b = ShardLoader(urls, **kw)
+    b.load_state_dict(st)
+    assert collect(b, check_pixels=False) == collect(ShardLoader(urls, **kw, epoch=1), check_pixels=False)
+    assert b.stats["samples"] == 30  # counters carry over through the state

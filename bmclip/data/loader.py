@@ -37,7 +37,8 @@ index) references and the generator states. ``load_state_dict`` on a new loader 
 seed, rank and world size continues with exactly the next sample. After an epoch is exhausted the
 loader (and its state) moves on to the start of the next epoch; ``set_epoch`` overrides. With
 DataLoader worker processes the state lives in the workers' copies and cannot be saved exactly: use
-the loader directly (it is already multi-threaded) when exact resume is needed.
+the loader directly (it is already multi-threaded) when exact resume is needed; and since the
+workers' copies advance their epoch, not the main process's, call ``set_epoch(e)`` before each epoch.
 """
 
 from __future__ import annotations
