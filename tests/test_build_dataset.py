@@ -25,7 +25,7 @@ from bmclip.data.pmc import build_dataset, parse_jats
 from bmclip.data.pmc.build import BuildOptions, merge_staging, split_of, stage
 from bmclip.data.pmc.dedup import Deduplicator
 from bmclip.data.pmc.media import ImageSkip, dhash64, process_image, resolve_graphics
-from bmclip.errors import ConfigError
+from bmclip.errors import ConfigError, DataError
 
 # ------------------------------------------------------------------------------------------ helpers
 
@@ -547,3 +547,31 @@ def test_articleset_deep_nesting_and_internal_errors(tmp_path, monkeypatch):
     assert sorted(_read_shards(tmp_path / "out")) == ["PMC801_F1", "PMC802_F1"]
     assert stats["skips"]["package"] == {"internal_error": 1, "xml_error": 1}
     assert any("simulated bug" in e for e in stats["first_errors"])
+
+
+def _dies_on_chunk_3(args):
+    from bmclip.data.pmc.build import _chunk_task_impl
+
+    if args[0] == 3:
+        os._exit(1)  # what the OOM killer does to a worker
+    return _chunk_task_impl(args)
+
+
+def test_dead_worker_is_an_error_and_rerun_resumes(tmp_path, monkeypatch):
+    src = tmp_path / "in"
+    src.mkdir()
+    for i in range(6):
+        _package(src, f"PMC{6000 + i}", n_figs=1, seed=600 + i)
+    ref = tmp_path / "ref"
+    _build([src], ref, chunk_size=1)
+    from bmclip.data.pmc import build as build_mod
+
+    # the pool forks its workers, so they see the patched module attribute
+    monkeypatch.setattr(build_mod, "_chunk_task", _dies_on_chunk_3)
+    out = tmp_path / "out"
+    with pytest.raises(DataError, match="worker process died.*rerun"):
+        _build([src], out, chunk_size=1, num_workers=2)
+    assert not (out / "_staging" / "chunks" / "chunk-000003.bin").exists()
+    monkeypatch.undo()
+    _build([src], out, chunk_size=1, num_workers=2)
+    assert _shard_bytes(out) == _shard_bytes(ref)

@@ -45,7 +45,6 @@ from __future__ import annotations
 import hashlib
 import heapq
 import json
-import multiprocessing as mp
 import os
 import re
 import struct
@@ -398,6 +397,11 @@ _WORKER_TOKENS = None
 
 
 def _chunk_task(args) -> tuple[int, int, dict]:
+    """Process one chunk of packages and write its staging file (runs in a worker process)."""
+    return _chunk_task_impl(args)
+
+
+def _chunk_task_impl(args) -> tuple[int, int, dict]:
     index, packages, chunk_dir, opts_dict = args
     global _WORKER_TOKENS
     if _WORKER_TOKENS is None:
@@ -410,6 +414,38 @@ def _chunk_task(args) -> tuple[int, int, dict]:
     _fsync_write(Path(chunk_dir) / f"chunk-{index:06d}.bin", _encode_chunk(index, records))
     errors = [e for r in records for e in r.get("errors", ())]
     return index, n, {"packages": len(packages), "errors": errors[:5]}
+
+
+def _run_pool(tasks: list, workers: int, account) -> None:
+    """Run chunk tasks on a process pool, at most 4 per worker in flight (bounded memory).
+
+    ProcessPoolExecutor rather than multiprocessing.Pool: a worker killed by the OOM killer surfaces
+    as BrokenProcessPool (reported as a DataError telling the user to rerun and resume) instead of an
+    eternal hang.
+    """
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+    from concurrent.futures.process import BrokenProcessPool
+
+    pending = iter(tasks)
+    in_flight: set = set()
+    with ProcessPoolExecutor(workers) as ex:
+        try:
+            while True:
+                while len(in_flight) < 4 * workers:
+                    t = next(pending, None)
+                    if t is None:
+                        break
+                    in_flight.add(ex.submit(_chunk_task, t))
+                if not in_flight:
+                    break
+                done, in_flight = wait(in_flight, return_when=FIRST_COMPLETED)
+                for f in done:
+                    account(f.result())
+        except BrokenProcessPool as e:
+            raise DataError(
+                "a build worker process died (out of memory or killed); finished chunks are kept: "
+                "rerun the same command to resume"
+            ) from e
 
 
 def _plan_digest(keys: list[str]) -> str:
@@ -486,21 +522,21 @@ def stage(
     )
     samples = 0
     errors: list[str] = []
+
+    def account(result) -> None:
+        nonlocal samples
+        _i, n, info = result
+        samples += n
+        errors.extend(info["errors"])
+        bar.update(info["packages"])
+        bar.set_postfix(pairs=samples, refresh=False)
+
     try:
         if workers <= 1:
-            it = map(_chunk_task, tasks)
-            pool = None
+            for t in tasks:
+                account(_chunk_task(t))
         else:
-            pool = mp.get_context().Pool(workers, maxtasksperchild=200)
-            it = pool.imap_unordered(_chunk_task, tasks)
-        for _i, n, info in it:
-            samples += n
-            errors.extend(info["errors"])
-            bar.update(info["packages"])
-            bar.set_postfix(pairs=samples, refresh=False)
-        if pool is not None:
-            pool.close()
-            pool.join()
+            _run_pool(tasks, workers, account)
     finally:
         bar.close()
     summary = {
