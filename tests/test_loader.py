@@ -440,3 +440,38 @@ def test_resume_at_epoch_boundary(tmp_path):
     b.load_state_dict(st)
     assert collect(b, check_pixels=False) == collect(ShardLoader(urls, **kw, epoch=1), check_pixels=False)
     assert b.stats["samples"] == 30  # counters carry over through the state
+
+
+def test_random_resized_crop_matches_torchvision(tmp_path):
+    """Loader RRC = torchvision resized_crop of PIL's decode at the crop the C++ side reports for the
+    loader's (seed, epoch, split, batch) seed; and the crops change with the epoch."""
+    from bmclip._C import crop_box
+    from torchvision.transforms import functional as TF
+
+    from bmclip.data.loader import _mix
+
+    yy, xx = np.mgrid[0:90, 0:120]
+    p = tmp_path / "rrc-000.tar"
+    srcs = []
+    with tarfile.open(p, "w") as tf:
+        for i in range(4):
+            arr = np.stack([(xx * 2 + i * 30) % 256, (yy * 3) % 256, (xx + yy + 50 * i) % 256], -1).astype(np.uint8)
+            buf = io.BytesIO()
+            Image.fromarray(arr).save(buf, format="PNG")  # lossless: the reference decode is exact
+            srcs.append(Image.fromarray(arr))
+            add_member(tf, f"k{i}.png", buf.getvalue())
+            add_member(tf, f"k{i}.txt", b"c")
+    size = 40
+    epochs = []
+    for epoch in (0, 1):
+        ld = ShardLoader([str(p)], batch_size=4, image_size=size, shuffle=False, seed=5, epoch=epoch,
+                         decode_options={"dct_scaling": False})
+        b = next(iter(ld))
+        seed = _mix(5, epoch, 0, 0, 0)  # (seed, epoch, split, batch index, refill attempt)
+        for i, (row, key) in enumerate(zip(b["image"].numpy(), b["key"])):
+            (x0, y0, x1, y1), _, _ = crop_box(120, 90, size, seed, i)
+            ref = TF.resized_crop(srcs[int(key[1:])], y0, x0, y1 - y0, x1 - x0, [size, size],
+                                  interpolation=TF.InterpolationMode.BICUBIC)
+            assert np.abs(row.astype(int) - np.asarray(ref, dtype=int)).max() <= 1
+        epochs.append(b["image"].clone())
+    assert not torch.equal(epochs[0], epochs[1])
