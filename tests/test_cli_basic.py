@@ -1,4 +1,4 @@
-"""CLI: help for every subcommand, the embed/demo end-to-end run, tokenizer train/encode, convert."""
+"""CLI: help for every subcommand, the default embed end-to-end run, tokenizer train/encode, convert."""
 
 import io
 import re
@@ -35,8 +35,8 @@ def _matrix(out: str, title: str) -> torch.Tensor:
     return torch.tensor([[float(v) for v in re.findall(r"-?\d+\.\d{4}", ln)] for ln in block])
 
 
-def test_demo_matches_python_api(capsys):
-    assert main(["demo"]) == 0
+def test_embed_default_matches_python_api(capsys):
+    assert main(["embed"]) == 0
     out = capsys.readouterr().out
     sim, probs = _matrix(out, "cosine similarity"), _matrix(out, "P(caption | image)")
     assert sim.shape == (4, 4) and probs.shape == (4, 4)
@@ -109,6 +109,13 @@ def test_convert_from_open_clip_and_refusal(tmp_path, capsys):
         back = load_model(ckpt)
         sd0, sd1 = model.state_dict(), back.state_dict()
         assert set(sd0) == set(sd1) and all(torch.equal(sd0[k], sd1[k]) for k in sd0)
+    # embed runs on both kinds of checkpoint; an open_clip folder without vocab.txt needs --vocab.
+    from bmclip.tokenizer import bundled_vocab_path
+
+    assert main(["embed", "--checkpoint", str(tmp_path / "model.pt")]) == 0
+    assert main(["embed", "--open-clip", str(oc_dir)]) == 2
+    assert "--vocab" in capsys.readouterr().err
+    assert main(["embed", "--open-clip", str(oc_dir), "--vocab", str(bundled_vocab_path())]) == 0
     # The tiny ViT is no timm model: open_clip could not build it, so export refuses cleanly.
     capsys.readouterr()
     assert main(["convert", "--to-open-clip", str(tmp_path / "model.pt"), "--out", str(tmp_path / "x")]) == 2

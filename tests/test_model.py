@@ -224,3 +224,26 @@ def test_set_attn_backend_keeps_parameter_names():
     with pytest.raises(ConfigError, match="xyz"):
         model.set_attn_backend("xyz")
     assert model.config.attn_backend == "sdpa"
+
+
+def test_text_dropout_only_in_training():
+    model = _tiny(text={"dropout": 0.3})
+    ref = _tiny()
+    _, ids = _batch(model)
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model.encode_text(ids), ref.eval().encode_text(ids))
+        model.train()
+        assert not torch.allclose(model.encode_text(ids), model.encode_text(ids))
+
+
+def test_create_model_from_config_and_dict():
+    cfg = get_preset("tiny")
+    a = create_model(cfg, embed_dim=32)
+    assert a.config.embed_dim == 32 and cfg.embed_dim == 64  # the caller's config is not mutated
+    b = create_model(cfg.to_dict(), vision={"layers": 1})
+    assert len(b.visual.blocks) == 1 and b.config.vision.layers == 1
+    with pytest.raises(ConfigError, match="embed_dimm"):
+        create_model("tiny", embed_dimm=3)
+    with pytest.raises(ConfigError):
+        create_model(42)

@@ -98,7 +98,9 @@ class BertTextEncoder(nn.Module):
         # Position 0 ([CLS]) is always attended, so a row of pure padding yields finite features
         # instead of NaN from a fully masked softmax row.
         mask[:, 0] = True
-        if not self.trim_padding:
+        # Under torch.compile the data-dependent trim would break the graph and recompile for every new
+        # length, so compiled code keeps the full (masked) context instead.
+        if not self.trim_padding or torch.compiler.is_compiling():
             return input_ids, mask
         # One host sync: last column holding any real token, and whether there is padding at all.
         col_any = mask.any(dim=0)
