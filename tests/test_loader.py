@@ -283,7 +283,8 @@ def test_json_and_drop_last_and_len(tmp_path):
     assert len(ShardLoader(urls, batch_size=4, image_size=S, rank=1, world_size=2)) == 2  # 1 shard
     with pytest.raises(TypeError):
         len(ShardLoader(urls, batch_size=4, image_size=S, resampled=True))
-    nojson = write_shards(tmp_path / "..", 1, 2, json_meta=False, uid0=100)
+    (tmp_path / "nojson").mkdir()
+    nojson = write_shards(tmp_path / "nojson", 1, 2, json_meta=False, uid0=100)
     assert "json" not in next(iter(ShardLoader(nojson, batch_size=2, image_size=S)))
 
 
