@@ -575,3 +575,23 @@ def test_dead_worker_is_an_error_and_rerun_resumes(tmp_path, monkeypatch):
     monkeypatch.undo()
     _build([src], out, chunk_size=1, num_workers=2)
     assert _shard_bytes(out) == _shard_bytes(ref)
+
+
+def test_broken_best_file_falls_back_to_next_format(tmp_path):
+    src = tmp_path / "in"
+    src.mkdir()
+    figs = [("F1", "Broken JPEG but a good TIFF of the same figure.", ["p-f1"]), ("F2", "Only broken.", ["p-f2"])]
+    _write_tar(
+        src / "PMC901.tar.gz",
+        [
+            ("PMC901/PMC901.nxml", _article_xml("PMC901", figs)),
+            ("PMC901/p-f1.jpg", _encode(_noise_image(91))[:200]),
+            ("PMC901/p-f1.tif", _encode(_noise_image(91), "TIFF")),
+            ("PMC901/p-f2.jpg", b"\xff\xd8garbage"),
+        ],
+    )
+    stats = _build([src], tmp_path / "out", val_fraction=0, test_fraction=0)
+    samples = _read_shards(tmp_path / "out")
+    assert list(samples) == ["PMC901_F1"]
+    assert json.loads(samples["PMC901_F1"]["json"])["file"] == "p-f1.tif"
+    assert stats["skips"]["figure"] == {"undecodable_image": 1}

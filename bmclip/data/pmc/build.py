@@ -298,18 +298,24 @@ def process_package(pkg, opts: BuildOptions, count_tokens) -> dict:
                 if not files:
                     fig_skips["thumbnail_only"] += 1
                     continue
-            chosen = files[0]
-            try:
-                img = process_image(
-                    content.media[chosen],
-                    max_side=opts.max_side,
-                    quality=opts.jpeg_quality,
-                    max_pixels=opts.max_pixels,
-                    min_side=opts.min_side,
-                    max_aspect=opts.max_aspect,
-                )
-            except ImageSkip as e:
-                fig_skips[e.reason] += 1
+            img = first_skip = None
+            for chosen in files:
+                try:
+                    img = process_image(
+                        content.media[chosen],
+                        max_side=opts.max_side,
+                        quality=opts.jpeg_quality,
+                        max_pixels=opts.max_pixels,
+                        min_side=opts.min_side,
+                        max_aspect=opts.max_aspect,
+                    )
+                    break
+                except ImageSkip as e:
+                    first_skip = first_skip or e.reason
+                    if e.reason not in ("undecodable_image", "empty_image"):
+                        break  # size/aspect/bomb describe the figure: another format of it will not help
+            if img is None:
+                fig_skips[first_skip] += 1
                 continue
             fig_part = sanitize_key(fig.id or f"fig{fi + 1}", 40)
             key = f"{sanitize_key(aid.removeprefix('doi:'), 60)}_{fig_part}"
