@@ -247,3 +247,10 @@ def test_create_model_from_config_and_dict():
         create_model("tiny", embed_dimm=3)
     with pytest.raises(ConfigError):
         create_model(42)
+
+
+def test_empty_batch():
+    model = _tiny().eval()
+    with torch.no_grad():
+        assert model.encode_text(torch.zeros(0, 12, dtype=torch.long)).shape == (0, 64)
+        assert model.encode_image(torch.zeros(0, 3, 64, 64)).shape == (0, 64)

@@ -100,7 +100,7 @@ class BertTextEncoder(nn.Module):
         mask[:, 0] = True
         # Under torch.compile the data-dependent trim would break the graph and recompile for every new
         # length, so compiled code keeps the full (masked) context instead.
-        if not self.trim_padding or torch.compiler.is_compiling():
+        if not self.trim_padding or torch.compiler.is_compiling() or input_ids.shape[0] == 0:
             return input_ids, mask
         # One host sync: last column holding any real token, and whether there is padding at all.
         col_any = mask.any(dim=0)
