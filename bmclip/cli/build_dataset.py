@@ -15,6 +15,7 @@ import sys
 
 
 def register(subparsers) -> None:
+    """Add the ``build-dataset`` subcommand to the bmclip CLI."""
     p = subparsers.add_parser(
         "build-dataset",
         help="build PMC figure-caption webdataset shards from PMC OA packages",
@@ -89,6 +90,7 @@ def _summary(stats: dict) -> str:
 
 
 def run(args) -> int:
+    """Run ``bmclip build-dataset`` (build, one slice's stage, or merge); returns the exit code."""
     from pathlib import Path
 
     from bmclip.data.pmc.build import merge_staging, stage

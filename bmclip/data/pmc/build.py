@@ -395,8 +395,11 @@ def _read_chunk(path: Path) -> tuple[list[dict], bytes]:
     hlen, blen = struct.unpack("<QQ", data[8:24])
     if len(data) != 24 + hlen + blen:
         raise DataError(f"{path}: staging chunk has {len(data)} bytes, expected {24 + hlen + blen} (corrupt)")
-    header = json.loads(data[24 : 24 + hlen])
-    return header["packages"], data[24 + hlen :]
+    try:
+        header = json.loads(data[24 : 24 + hlen])
+        return header["packages"], data[24 + hlen :]
+    except (ValueError, KeyError) as e:
+        raise DataError(f"{path}: corrupt staging chunk header ({e}); delete it and rerun the stage") from e
 
 
 _WORKER_TOKENS = None
