@@ -69,6 +69,9 @@ def test_normalize_batch_matches_float64_reference():
     out = normalize_batch(torch.from_numpy(x), "cpu", torch.float32)
     assert out.shape == (3, 3, 5, 7) and out.dtype == torch.float32
     np.testing.assert_allclose(out.numpy(), ref, rtol=0, atol=2e-6)
+    assert out.is_contiguous()
+    cl = normalize_batch(torch.from_numpy(x), "cpu", channels_last=True)
+    assert cl.is_contiguous(memory_format=torch.channels_last) and torch.equal(cl, out)
     bf = normalize_batch(torch.from_numpy(x), "cpu", torch.bfloat16)
     assert bf.dtype == torch.bfloat16
     np.testing.assert_allclose(bf.float().numpy(), ref, rtol=2**-8, atol=1e-6)

@@ -52,12 +52,14 @@ def normalize_batch(
     dtype: torch.dtype = torch.float32,
     mean: Sequence[float] = IMAGE_MEAN,
     std: Sequence[float] = IMAGE_STD,
+    channels_last: bool = False,
 ) -> torch.Tensor:
     """uint8 NHWC ``[N, S, S, 3]`` -> ``dtype`` NCHW ``[N, 3, S, S]``, ``(x/255 - mean)/std``, on ``device``.
 
     The uint8 batch is copied to ``device`` first (non-blocking when it is pinned), and the arithmetic
-    runs there in float32 before the cast to ``dtype``. The result is a channels_last-strided NCHW
-    tensor (a permuted view of NHWC), which convolutions and patch embeddings accept without a copy.
+    runs there in float32 before the cast to ``dtype``, in one fused pass. The result is contiguous
+    NCHW, or with ``channels_last=True`` the channels_last-strided NCHW tensor the arithmetic produces
+    anyway (no extra copy; convolutions/patch embeddings accept it).
     """
     if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[-1] != 3:
         raise ConfigError(f"normalize_batch expects uint8 [N, H, W, 3], got {images.dtype} {tuple(images.shape)}")
@@ -66,7 +68,8 @@ def normalize_batch(
     # (x/255 - mean)/std == x * (1/(255 std)) - mean/std: one multiply-add per element
     scale = torch.tensor([1.0 / (255.0 * s) for s in std], device=dev, dtype=torch.float32).view(1, 3, 1, 1)
     shift = torch.tensor([m / s for m, s in zip(mean, std)], device=dev, dtype=torch.float32).view(1, 3, 1, 1)
-    return torch.addcmul(-shift, x.float(), scale).to(dtype)
+    out = torch.addcmul(-shift, x.float(), scale).to(dtype)
+    return out if channels_last else out.contiguous()
 
 
 def dali_available() -> bool:
