@@ -264,22 +264,28 @@ def _png_bomb(w: int, h: int) -> bytes:
 def test_dedup_banding_finds_every_pair_within_radius():
     rng = np.random.default_rng(0)
     base = [int(x) for x in rng.integers(0, 2**63, size=300, dtype=np.int64)]
-    d = Deduplicator(near_threshold=3)
+    thumbs = [rng.integers(0, 256, 256, dtype=np.uint8).tobytes() for _ in base]
+    d = Deduplicator(near_threshold=3, max_mad=2.5)
     for i, h in enumerate(base):
-        assert d.check_and_add(f"{i:016x}", h) is None
+        assert d.check_and_add(f"{i:016x}", h, thumbs[i]) is None
     for i, h in enumerate(base[:100]):
         flips = rng.choice(64, size=i % 4, replace=False)
         h2 = h
         for b in flips:
             h2 ^= 1 << int(b)
-        assert d.check_and_add(f"{i + 1000:016x}", h2) == "duplicate_near"
-    # 4+ bits away from everything (checked by brute force) is new
+        # same picture up to +-2 grey levels: verified near duplicate
+        t2 = np.clip(np.frombuffer(thumbs[i], np.uint8).astype(int) + rng.integers(-2, 3, 256), 0, 255)
+        assert d.check_and_add(f"{i + 1000:016x}", h2, t2.astype(np.uint8).tobytes()) == "duplicate_near"
+    # a dHash collision whose thumbnail differs (e.g. two different bar charts) is not a duplicate
+    other = rng.integers(0, 256, 256, dtype=np.uint8).tobytes()
+    assert d.check_and_add("aaaa000000000000", base[7], other) is None
+    # 4+ bits away from everything (checked by brute force) is new even with the same thumbnail
     far = base[0] ^ 0b1111
     if min((far ^ b).bit_count() for b in base) > 3:
-        assert d.check_and_add("ffff000000000000", far) is None
-    assert d.check_and_add(f"{5:016x}", 12345) == "duplicate_exact"
+        assert d.check_and_add("ffff000000000000", far, thumbs[0]) is None
+    assert d.check_and_add(f"{5:016x}", 12345, other) == "duplicate_exact"
     off = Deduplicator(near_threshold=-1)
-    assert off.check_and_add("01", 7) is None and off.check_and_add("02", 7) is None
+    assert off.check_and_add("01", 7, other) is None and off.check_and_add("02", 7, other) is None
 
 
 def test_dhash_stable_under_reencoding():

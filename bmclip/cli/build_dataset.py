@@ -44,6 +44,7 @@ def register(subparsers) -> None:
     m = p.add_argument_group("dedup, splits and shards (merge time)")
     m.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
     m.add_argument("--near-dup-threshold", type=int, default=3, help="dHash Hamming radius; -1 disables")
+    m.add_argument("--near-dup-max-mad", type=float, default=2.5, help="max 16x16 thumbnail mean abs difference")
     m.add_argument("--no-dedup", action="store_true", help="keep exact and near duplicate images")
     m.add_argument("--val-fraction", type=float, default=None, help="default: PMC-15M's 13.6k/15.28M")
     m.add_argument("--test-fraction", type=float, default=None, help="default: PMC-15M's 725,739/15.28M")
@@ -66,6 +67,7 @@ def _options(args):
         use_gif=args.use_gif,
         shard_size=args.shard_size,
         near_dup_threshold=args.near_dup_threshold,
+        near_dup_max_mad=args.near_dup_max_mad,
         dedup=not args.no_dedup,
         seed=args.seed,
     )

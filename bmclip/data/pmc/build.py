@@ -42,6 +42,7 @@ See ``docs/build_dataset.md``.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import heapq
 import json
@@ -85,7 +86,8 @@ class BuildOptions:
     # merge time
     shard_size: int = 1000
     dedup: bool = True  # exact + near duplicate image removal
-    near_dup_threshold: int = 3
+    near_dup_threshold: int = 3  # dHash Hamming radius of near-duplicate candidates
+    near_dup_max_mad: float = 2.5  # and their 16x16 thumbnails' mean abs difference (grey levels)
     val_fraction: float = DEFAULT_VAL_FRACTION
     test_fraction: float = DEFAULT_TEST_FRACTION
     seed: int = 0
@@ -346,6 +348,7 @@ def process_package(pkg, opts: BuildOptions, count_tokens) -> dict:
                     "caption": caption,
                     "sha": img.sha,
                     "dhash": img.dhash,
+                    "thumb": base64.b64encode(img.thumb).decode("ascii"),
                     "tokens": count_tokens(caption),
                     "_jpeg": img.jpeg,
                 }
@@ -689,7 +692,7 @@ def merge_staging(
             f.unlink()
     from bmclip.data.pmc.dedup import Deduplicator
 
-    dedup = Deduplicator(opts.near_dup_threshold) if opts.dedup else None
+    dedup = Deduplicator(opts.near_dup_threshold, opts.near_dup_max_mad) if opts.dedup else None
     writers = {s: _ShardWriter(out, s, opts.shard_size) for s in SPLITS}
     fig_skips: Counter = Counter()
     pkg_skips: Counter = Counter()
@@ -733,7 +736,9 @@ def merge_staging(
                 if m["article_id"] in dup_articles:
                     fig_skips["duplicate_article"] += 1
                     continue
-                reason = dedup.check_and_add(s["sha"], s["dhash"]) if dedup is not None else None
+                reason = None
+                if dedup is not None:
+                    reason = dedup.check_and_add(s["sha"], s["dhash"], base64.b64decode(s["thumb"]))
                 if reason:
                     fig_skips[reason] += 1
                     continue

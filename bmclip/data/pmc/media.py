@@ -23,7 +23,7 @@ from pathlib import PurePosixPath
 import numpy as np
 from PIL import Image, ImageFile
 
-__all__ = ["ImageSkip", "ProcessedImage", "dhash64", "process_image", "resolve_graphics"]
+__all__ = ["ImageSkip", "ProcessedImage", "dhash64", "process_image", "resolve_graphics", "thumb16"]
 
 # Preference of source formats: full-size raster first, PMC's .gif thumbnails last.
 _EXT_RANK = {".jpg": 0, ".jpeg": 0, ".png": 1, ".tif": 2, ".tiff": 2, ".webp": 3, ".bmp": 4, ".gif": 9}
@@ -77,13 +77,19 @@ def resolve_graphics(hrefs: list[str], media_names: dict[str, str]) -> list[str]
 
 @dataclass
 class ProcessedImage:
-    """A re-encoded figure: JPEG bytes, sizes (w, h) before/after resize, sha of the JPEG (hex64), dHash."""
+    """A re-encoded figure: JPEG bytes, sizes (w, h) before/after resize, sha of the JPEG, dHash, thumbnail."""
 
     jpeg: bytes
     orig_size: tuple[int, int]
     size: tuple[int, int]
     sha: str
     dhash: int
+    thumb: bytes  # 16x16 greyscale, box-averaged: the near-duplicate verification fingerprint
+
+
+def thumb16(img: Image.Image) -> bytes:
+    """16x16 8-bit greyscale, box-averaged thumbnail of an image (256 bytes, row-major)."""
+    return img.convert("L").resize((16, 16), Image.Resampling.BOX).tobytes()
 
 
 def dhash64(img: Image.Image) -> int:
@@ -176,4 +182,4 @@ def process_image(
     # The encoder is deterministic, so equal JPEG bytes <=> equal resized pixels: hash the (10x smaller)
     # JPEG instead of the raw pixels.
     sha = hashlib.sha256(jpeg).hexdigest()[:16]
-    return ProcessedImage(jpeg=jpeg, orig_size=(w, h), size=im.size, sha=sha, dhash=dhash64(im))
+    return ProcessedImage(jpeg=jpeg, orig_size=(w, h), size=im.size, sha=sha, dhash=dhash64(im), thumb=thumb16(im))
