@@ -470,3 +470,27 @@ def test_decode_from_tar_views(tmp_path, jpeg_cases):
     assert dec.decode_batch(views, out, seed=4) == [None] * 4
     dec.decode_batch([d for _, d in jpeg_cases[:4]], ref, seed=4)
     np.testing.assert_array_equal(out, ref)
+
+
+def test_decoder_survives_fork(jpeg_cases):
+    """A Decoder made before fork() (e.g. DataLoader workers) restarts its threads in the child."""
+    import multiprocessing as mp
+
+    global _FORK_DECODER
+    dec = _FORK_DECODER = _C.Decoder(3)
+    datas = [d for _, d in jpeg_cases] * 2
+    ref = np.zeros((len(datas), 24, 24, 3), np.uint8)
+    dec.decode_batch(datas, ref, seed=8)
+    ctx = mp.get_context("fork")
+    with ctx.Pool(1) as pool:
+        got = pool.apply_async(_decode_in_child, (datas,)).get(timeout=120)
+    np.testing.assert_array_equal(got, ref)
+
+
+_FORK_DECODER = None
+
+
+def _decode_in_child(datas):
+    out = np.zeros((len(datas), 24, 24, 3), np.uint8)
+    _FORK_DECODER.decode_batch(datas, out, seed=8)
+    return out
