@@ -1,0 +1,385 @@
+"""Medical VQA as closed-set answer classification (the BiomedCLIP paper's VQA-RAD / SLAKE protocol):
+image and question encoders (frozen or fine-tuned) + a small METER-style co-attention fusion module
++ an MLP over the answer vocabulary; accuracy on open, closed and all questions.
+
+Readers (local files only):
+
+- VQA-RAD, official release: ``VQA_RAD Dataset Public.json`` (records with ``qid``, ``image_name``,
+  ``question``, ``answer``, ``answer_type`` "OPEN"/"CLOSED", ``question_type``, ``phrase_type``, ...)
+  and the ``VQA_RAD Image Folder``. The official test split is the records whose ``phrase_type``
+  starts with ``test`` (``test_freeform``/``test_para``); all others are training. The common
+  pre-split layout (``trainset.json``/``testset.json`` or ``train.json``/``test.json`` with the same
+  fields, images in ``images/``) is read as is.
+- SLAKE 1.0: ``train.json``/``validation.json``/``test.json`` (records with ``img_name`` relative to
+  ``imgs/``, ``question``, ``answer``, ``answer_type``, ``q_lang``, ...); only ``q_lang == "en"`` is kept.
+
+Answers are normalised (lower case, whitespace collapsed, trailing period dropped). The answer vocabulary
+is the set of normalised *training* answers; a test question whose answer is outside it can never be
+answered and counts as wrong (their number is reported as ``test_answers_not_in_vocab``).
+
+Fusion (after METER, Dou et al. 2022): image tokens (ViT, CLS first) and question tokens (BERT, CLS
+first) are projected to ``hidden`` and pass ``layers`` co-attention layers; each layer does, per stream,
+self-attention, cross-attention to the other stream, and an MLP (pre-LayerNorm, residual). The two CLS
+outputs are concatenated and classified by an MLP.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bmclip.errors import ConfigError, DataError
+
+# ---------------------------------------------------------------- data
+
+
+@dataclass(frozen=True)
+class VQASample:
+    """One question: image file, question text, normalised answer, "OPEN" or "CLOSED", source id."""
+
+    image: Path
+    question: str
+    answer: str
+    answer_type: str
+    qid: str
+
+
+def normalise_answer(a: Any) -> str:
+    """Canonical answer string: str, lower case, whitespace collapsed, trailing period removed."""
+    s = re.sub(r"\s+", " ", str(a)).strip().lower()
+    return s[:-1].rstrip() if s.endswith(".") else s
+
+
+def _read_json_list(path: Path) -> list[dict[str, Any]]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise DataError(f"cannot read {path}: {e}") from e
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path} is not valid JSON: {e}") from e
+    if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
+        raise DataError(f"{path}: expected a JSON list of question records")
+    return data
+
+
+def _make_samples(records, image_dir: Path, image_key: str, skipped: list, lang_filter: bool = False):
+    out = []
+    for i, r in enumerate(records):
+        if lang_filter and r.get("q_lang", "en") != "en":
+            continue
+        missing = [k for k in (image_key, "question", "answer", "answer_type") if k not in r]
+        if missing:
+            skipped.append((str(r.get("qid", i)), f"missing fields {missing}"))
+            continue
+        at = str(r["answer_type"]).strip().upper()
+        if at not in ("OPEN", "CLOSED"):
+            skipped.append((str(r.get("qid", i)), f"answer_type {r['answer_type']!r} is not OPEN/CLOSED"))
+            continue
+        img = image_dir / str(r[image_key])
+        if not img.is_file():
+            skipped.append((str(r.get("qid", i)), f"image {img} not found"))
+            continue
+        out.append(VQASample(img, str(r["question"]).strip(), normalise_answer(r["answer"]), at,
+                             str(r.get("qid", i))))
+    return out
+
+
+def _first_dir(root: Path, names) -> Path:
+    for n in names:
+        if (root / n).is_dir():
+            return root / n
+    return root
+
+
+def read_vqa_rad(path: str | os.PathLike, split: str, skipped: list | None = None) -> list[VQASample]:
+    """VQA-RAD questions of ``split`` ("train" or "test") from the official JSON or a pre-split folder."""
+    if split not in ("train", "test"):
+        raise ConfigError(f"VQA-RAD split must be train or test, got {split!r}")
+    skipped = [] if skipped is None else skipped
+    p = Path(path)
+    official = p if p.is_file() else p / "VQA_RAD Dataset Public.json"
+    if official.is_file():
+        root = official.parent
+        recs = _read_json_list(official)
+        want_test = split == "test"
+        recs = [r for r in recs if str(r.get("phrase_type", "")).startswith("test") == want_test]
+    else:
+        root = p
+        names = ["trainset.json", "train.json"] if split == "train" else ["testset.json", "test.json"]
+        f = next((root / n for n in names if (root / n).is_file()), None)
+        if f is None:
+            raise DataError(f"{p}: no 'VQA_RAD Dataset Public.json' nor {' / '.join(names)}")
+        recs = _read_json_list(f)
+    img_dir = _first_dir(root, ["VQA_RAD Image Folder", "images", "imgs"])
+    out = _make_samples(recs, img_dir, "image_name", skipped)
+    if not out:
+        raise DataError(f"{p}: no usable VQA-RAD {split} questions ({len(skipped)} skipped)")
+    return out
+
+
+def read_slake(path: str | os.PathLike, split: str, skipped: list | None = None) -> list[VQASample]:
+    """English SLAKE questions of ``split`` ("train", "validation" or "test") from ``<path>/<split>.json``."""
+    if split not in ("train", "validation", "test"):
+        raise ConfigError(f"SLAKE split must be train, validation or test, got {split!r}")
+    skipped = [] if skipped is None else skipped
+    root = Path(path)
+    f = root / f"{split}.json"
+    if not f.is_file():
+        raise DataError(f"{root}: SLAKE {split}.json not found")
+    out = _make_samples(_read_json_list(f), _first_dir(root, ["imgs"]), "img_name", skipped, lang_filter=True)
+    if not out:
+        raise DataError(f"{root}: no usable English SLAKE {split} questions ({len(skipped)} skipped)")
+    return out
+
+
+def detect_format(path: str | os.PathLike) -> str:
+    """"vqa-rad" or "slake" from the files present (and the field names of the records)."""
+    p = Path(path)
+    if p.is_file() or (p / "VQA_RAD Dataset Public.json").is_file() or (p / "trainset.json").is_file():
+        return "vqa-rad"
+    f = p / "train.json"
+    if f.is_file():
+        recs = _read_json_list(f)
+        if recs and "img_name" in recs[0]:
+            return "slake"
+        if recs and "image_name" in recs[0]:
+            return "vqa-rad"
+    raise DataError(f"{p}: not a VQA-RAD or SLAKE dataset (see bmclip.eval.vqa docs for the layouts)")
+
+
+def load_vqa_splits(path: str | os.PathLike, fmt: str = "auto") -> dict[str, Any]:
+    """{"format", "train": [VQASample], "test": [...], "skipped": [(qid, reason)]} for a VQA dataset folder."""
+    fmt = detect_format(path) if fmt == "auto" else fmt
+    skipped: list = []
+    if fmt == "vqa-rad":
+        tr, te = read_vqa_rad(path, "train", skipped), read_vqa_rad(path, "test", skipped)
+    elif fmt == "slake":
+        tr, te = read_slake(path, "train", skipped), read_slake(path, "test", skipped)
+    else:
+        raise ConfigError(f"unknown VQA format {fmt!r} (auto, vqa-rad, slake)")
+    return {"format": fmt, "train": tr, "test": te, "skipped": skipped}
+
+
+# ---------------------------------------------------------------- model
+
+
+def _torch():
+    import torch
+
+    return torch
+
+
+def build_vqa_model(clip_model: Any, n_answers: int, hidden: int = 256, layers: int = 2, heads: int = 4,
+                    dropout: float = 0.1, features: str = "tokens"):
+    """A VQAModel (torch.nn.Module) on top of ``clip_model``: logits (B, n_answers) from (images, input_ids)."""
+    import torch
+    from torch import nn
+
+    class CoAttentionLayer(nn.Module):
+        """Self-attention, cross-attention to the other stream, MLP; for both streams (pre-LN, residual)."""
+
+        def __init__(self):
+            super().__init__()
+            mk = lambda: nn.MultiheadAttention(hidden, heads, dropout=dropout, batch_first=True)
+            self.self_v, self.self_t, self.cross_v, self.cross_t = mk(), mk(), mk(), mk()
+            self.ln = nn.ModuleList([nn.LayerNorm(hidden) for _ in range(6)])
+            mlp = lambda: nn.Sequential(nn.Linear(hidden, 4 * hidden), nn.GELU(), nn.Dropout(dropout),
+                                        nn.Linear(4 * hidden, hidden))
+            self.mlp_v, self.mlp_t = mlp(), mlp()
+
+        def forward(self, v, t, v_pad, t_pad):
+            a = self.ln[0](v)
+            v = v + self.self_v(a, a, a, key_padding_mask=v_pad, need_weights=False)[0]
+            b = self.ln[1](t)
+            t = t + self.self_t(b, b, b, key_padding_mask=t_pad, need_weights=False)[0]
+            a, b = self.ln[2](v), self.ln[3](t)
+            v2 = v + self.cross_v(a, b, b, key_padding_mask=t_pad, need_weights=False)[0]
+            t2 = t + self.cross_t(b, a, a, key_padding_mask=v_pad, need_weights=False)[0]
+            return v2 + self.mlp_v(self.ln[4](v2)), t2 + self.mlp_t(self.ln[5](t2))
+
+    class VQAModel(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.clip = clip_model
+            self.features = features
+            if features == "tokens":
+                if not (hasattr(clip_model, "visual") and hasattr(clip_model.visual, "forward_tokens")
+                        and hasattr(clip_model, "text") and hasattr(clip_model.text, "forward_tokens")):
+                    raise ConfigError("features='tokens' needs model.visual/text.forward_tokens; use 'pooled'")
+                wv = clip_model.config.vision.width
+                wt = clip_model.config.text.width
+            elif features == "pooled":
+                wv = wt = clip_model.config.embed_dim
+            else:
+                raise ConfigError(f"features must be 'tokens' or 'pooled', got {features!r}")
+            self.proj_v = nn.Linear(wv, hidden)
+            self.proj_t = nn.Linear(wt, hidden)
+            self.type_emb = nn.Parameter(torch.zeros(2, hidden))
+            self.fusion = nn.ModuleList([CoAttentionLayer() for _ in range(layers)])
+            self.ln_out = nn.LayerNorm(2 * hidden)
+            self.head = nn.Sequential(nn.Linear(2 * hidden, 2 * hidden), nn.GELU(), nn.LayerNorm(2 * hidden),
+                                      nn.Linear(2 * hidden, n_answers))
+
+        def encode_v(self, images):
+            """Image tokens (B, Nv, Wv), CLS first (``pooled``: the embedding as one token)."""
+            if self.features == "tokens":
+                return self.clip.visual.forward_tokens(images)
+            return self.clip.encode_image(images)[:, None]
+
+        def encode_t(self, input_ids):
+            """(question tokens (B, Nt, Wt), padding mask (B, Nt) True = pad)."""
+            if self.features == "tokens":
+                t = self.clip.text.forward_tokens(input_ids)
+                return t, input_ids[:, : t.shape[1]] == 0  # forward_tokens trims all-padding columns
+            t = self.clip.encode_text(input_ids)[:, None]
+            return t, torch.zeros(t.shape[:2], dtype=torch.bool, device=t.device)
+
+        def fuse(self, v, t, t_pad):
+            """Fusion + classifier on encoder features -> logits (B, n_answers)."""
+            v = self.proj_v(v.float()) + self.type_emb[0]
+            t = self.proj_t(t.float()) + self.type_emb[1]
+            for layer in self.fusion:
+                v, t = layer(v, t, None, t_pad)
+            return self.head(self.ln_out(torch.cat([v[:, 0], t[:, 0]], dim=-1)))
+
+        def forward(self, images, input_ids):
+            return self.fuse(self.encode_v(images), *self.encode_t(input_ids))
+
+    return VQAModel()
+
+
+# ---------------------------------------------------------------- training / evaluation
+
+
+def vqa_accuracy(pred: list[str], samples: list[VQASample]) -> dict[str, Any]:
+    """Exact-match accuracy (normalised answers) overall and for OPEN / CLOSED questions, with counts."""
+    if len(pred) != len(samples):
+        raise DataError(f"{len(pred)} predictions for {len(samples)} questions")
+    out: dict[str, Any] = {}
+    for name, keep in (("overall", None), ("open", "OPEN"), ("closed", "CLOSED")):
+        idx = [i for i, s in enumerate(samples) if keep is None or s.answer_type == keep]
+        out[f"{name}_n"] = len(idx)
+        out[f"{name}_accuracy"] = (float(np.mean([pred[i] == samples[i].answer for i in idx])) if idx
+                                   else float("nan"))
+    return out
+
+
+def _load_images(model: Any, paths: list[Path]):
+    from bmclip.eval.embed import to_model_input
+    from bmclip.eval.readers import load_image
+
+    return to_model_input([load_image(p) for p in paths], model, device="cpu")
+
+
+def train_vqa(
+    clip_model: Any,
+    tokenizer: Any,
+    train: list[VQASample],
+    test: list[VQASample],
+    epochs: int = 20,
+    batch_size: int = 32,
+    lr: float = 1e-4,
+    encoder_lr: float = 1e-5,
+    finetune_encoders: bool = False,
+    hidden: int = 256,
+    layers: int = 2,
+    heads: int = 4,
+    features: str = "tokens",
+    weight_decay: float = 0.01,
+    seed: int = 0,
+    device: str = "cpu",
+    log: Any = None,
+) -> dict[str, Any]:
+    """Train answer classification on ``train`` and score ``test``. Returns metrics, history, the model and vocab.
+
+    With frozen encoders the encoder features are computed once per distinct image / question and cached
+    (identical results, much faster); with ``finetune_encoders`` both towers train at ``encoder_lr``.
+    """
+    torch = _torch()
+    import torch.nn.functional as F
+
+    if not train or not test:
+        raise DataError("VQA needs non-empty train and test sets")
+    if epochs < 1 or batch_size < 1:
+        raise ConfigError("epochs and batch_size must be >= 1")
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    vocab = sorted({s.answer for s in train})
+    a2i = {a: i for i, a in enumerate(vocab)}
+    y_train = torch.tensor([a2i[s.answer] for s in train])
+    clip_model.to(device)
+    model = build_vqa_model(clip_model, len(vocab), hidden, layers, heads, features=features).to(device)
+    for p in clip_model.parameters():
+        p.requires_grad_(finetune_encoders)
+    fusion_params = [p for n, p in model.named_parameters() if not n.startswith("clip.")]
+    groups = [{"params": fusion_params, "lr": lr}]
+    if finetune_encoders:
+        groups.append({"params": list(clip_model.parameters()), "lr": encoder_lr})
+    opt = torch.optim.AdamW(groups, weight_decay=weight_decay)
+
+    img_paths = sorted({s.image for s in train + test})
+    img_index = {p: i for i, p in enumerate(img_paths)}
+    questions = sorted({s.question for s in train + test})
+    q_index = {q: i for i, q in enumerate(questions)}
+    pixels = torch.cat([_load_images(clip_model, img_paths[s : s + 64]) for s in range(0, len(img_paths), 64)])
+    ids = tokenizer(questions).long()
+
+    cache = None
+    if not finetune_encoders:
+        # Frozen towers: encode every distinct image and question once.
+        clip_model.eval()
+        with torch.no_grad():
+            vs = [model.encode_v(pixels[s : s + 64].to(device)).cpu() for s in range(0, len(pixels), 64)]
+            ts = [model.encode_t(ids[s : s + 256].to(device)) for s in range(0, len(ids), 256)]
+        width = max(t[0].shape[1] for t in ts)
+        t_feat = torch.cat([F.pad(t[0].cpu(), (0, 0, 0, width - t[0].shape[1])) for t in ts])
+        t_pad = torch.cat([F.pad(t[1].cpu(), (0, width - t[1].shape[1]), value=True) for t in ts])
+        cache = (torch.cat(vs), t_feat, t_pad)
+
+    def logits_for(batch: list[VQASample]):
+        ii = torch.tensor([img_index[s.image] for s in batch])
+        qi = torch.tensor([q_index[s.question] for s in batch])
+        if cache is not None:
+            return model.fuse(cache[0][ii].to(device), cache[1][qi].to(device), cache[2][qi].to(device))
+        return model(pixels[ii].to(device), ids[qi].to(device))
+
+    history = []
+    for ep in range(epochs):
+        model.train()
+        if cache is not None:
+            clip_model.eval()
+        order = rng.permutation(len(train))
+        tot, nb = 0.0, 0
+        for s in range(0, len(order), batch_size):
+            bi = order[s : s + batch_size]
+            loss = F.cross_entropy(logits_for([train[i] for i in bi]), y_train[bi].to(device))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            tot += float(loss.detach())
+            nb += 1
+        history.append({"epoch": ep + 1, "train_loss": tot / nb})
+        if log is not None:
+            log(f"epoch {ep + 1}/{epochs}: train loss {tot / nb:.4f}")
+
+    model.eval()
+    preds: list[str] = []
+    with torch.no_grad():
+        for s in range(0, len(test), 128):
+            preds += [vocab[int(k)] for k in logits_for(test[s : s + 128]).argmax(dim=1)]
+    metrics = vqa_accuracy(preds, test)
+    counts: dict[str, int] = {}
+    for s in train:
+        counts[s.answer] = counts.get(s.answer, 0) + 1
+    majority = max(counts, key=counts.get)
+    metrics["majority_answer"] = majority
+    metrics["majority_baseline"] = vqa_accuracy([majority] * len(test), test)["overall_accuracy"]
+    metrics["n_answers"] = len(vocab)
+    metrics["test_answers_not_in_vocab"] = sum(s.answer not in a2i for s in test)
+    return {"metrics": metrics, "history": history, "model": model, "vocab": vocab, "predictions": preds}
