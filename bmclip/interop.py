@@ -219,7 +219,9 @@ def _convert_in(sd: dict[str, Any], cfg) -> dict[str, Any]:
 
 def load_open_clip(path: str | os.PathLike):
     """Load open_clip BiomedCLIP weights (folder with open_clip_pytorch_model.bin + open_clip_config.json,
-    or the .bin itself) into a native ``BiomedCLIP`` with identical encode_image/encode_text outputs."""
+    or the .bin itself) into a native ``BiomedCLIP`` (eval mode) with identical encode_image/encode_text
+    outputs. Tolerates BERT pooler weights and position_ids buffers; any other unknown or missing key
+    raises CheckpointError naming it."""
     import torch
 
     from bmclip.checkpoint_io import load_state_dict
@@ -320,9 +322,12 @@ def export_open_clip(model, folder: str | os.PathLike, tokenizer=None) -> Path:
     config = open_clip_config(model)  # validates before anything is written
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    if tokenizer is not None:
+        # open_clip itself tokenizes with hf_tokenizer_name; the exact vocabulary used in training is
+        # kept beside the weights (and named in the config) so nothing depends on a hub download.
+        tokenizer.save(folder)
+        config["bmclip"]["tokenizer"] = {"vocab": "vocab.txt", "context_length": tokenizer.context_length}
     save_state_dict(open_clip_state_dict(model), folder / WEIGHTS_NAME)
     with atomic_writer(folder / CONFIG_NAME, "w") as f:
         json.dump(config, f, indent=2)
-    if tokenizer is not None:
-        tokenizer.save(folder)
     return folder

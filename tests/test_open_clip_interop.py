@@ -155,8 +155,12 @@ def test_export_loads_in_open_clip_and_round_trips(oc_model, tmp_path):
     torch.manual_seed(0)
     ours = create_model("biomedclip-vit-b16-224").eval()
     _randomise_(ours, seed=2)
-    folder = export_open_clip(ours, tmp_path / "export")
+    from bmclip.tokenizer import Tokenizer, get_tokenizer
+
+    folder = export_open_clip(ours, tmp_path / "export", tokenizer=get_tokenizer())
     cfg = json.loads((folder / CONFIG_NAME).read_text())
+    assert cfg["bmclip"]["tokenizer"] == {"vocab": "vocab.txt", "context_length": 256}
+    assert Tokenizer.from_vocab(folder).vocab == get_tokenizer().vocab
     assert cfg["model_cfg"]["vision_cfg"] == RELEASED_CONFIG["model_cfg"]["vision_cfg"]
     assert cfg["preprocess_cfg"] == RELEASED_CONFIG["preprocess_cfg"]
     assert cfg["model_cfg"]["text_cfg"] == {**RELEASED_CONFIG["model_cfg"]["text_cfg"], "hf_model_pretrained": False}
