@@ -112,3 +112,9 @@ def test_writer_abort_leaves_nothing(tmp_path):
     w.append(np.ones((2, 4)))
     w.abort()
     assert list(tmp_path.iterdir()) == []
+
+
+def test_inputs_requiring_grad_are_fine():
+    x = torch.randn(30, 8, requires_grad=True)
+    m = retrieval_metrics(x, x * 2, block=7)
+    assert m["image_to_text_R@1"] == 1.0

@@ -106,11 +106,13 @@ def retrieval_ranks(
     if device is None:
         device = str(image_emb.device) if isinstance(image_emb, torch.Tensor) else "cpu"
     dtype = compute_dtype or torch.float32
-    img = _load_normalised(image_emb, device, dtype)
-    txt = _load_normalised(text_emb, device, dtype)
-    # Ground-truth similarity s_ii, accumulated in float64 so the threshold itself is not noisier
-    # than the tile entries it is compared with.
-    diag = (img.double() * txt.double()).sum(dim=1).to(dtype) - tie_tol
+    with torch.no_grad():
+        img = _load_normalised(image_emb, device, dtype)
+        txt = _load_normalised(text_emb, device, dtype)
+        # Ground-truth similarity s_ii, accumulated in float64 (chunked: no N x D float64 copy) so the
+        # threshold itself is not noisier than the tile entries it is compared with.
+        diag = torch.cat([(img[s : s + block].double() * txt[s : s + block].double()).sum(dim=1)
+                          for s in range(0, n, block)]).to(dtype) - tie_tol
     i2t = torch.zeros(n, dtype=torch.int64, device=device)
     t2i = torch.zeros(n, dtype=torch.int64, device=device)
     with torch.no_grad():
