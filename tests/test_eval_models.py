@@ -46,14 +46,14 @@ def test_checkpoint_file_and_dir_roundtrip(tiny, tmp_path):
 
 @pytest.mark.slow
 def test_open_clip_folder(tmp_path):
-    """An exported open_clip folder (ViT-S/16 image tower, 1-layer text tower to keep it small) loads
+    """An exported open_clip folder (smallest exportable preset: ViT-S/16 + PubMedBERT-base) loads
     through ``load_model`` with identical outputs and its own vocab.txt."""
     from bmclip.interop import export_open_clip
     from bmclip.model import create_model
     from bmclip.tokenizer import get_tokenizer
 
     torch.manual_seed(0)
-    model = create_model("biomedclip-vit-s16-224", text={"layers": 1}).eval()
+    model = create_model("biomedclip-vit-s16-224").eval()
     tok = get_tokenizer(context_length=model.config.text.context_length)
     export_open_clip(model, tmp_path / "oc", tokenizer=tok)
     assert (tmp_path / "oc" / "open_clip_config.json").is_file()
