@@ -1,0 +1,246 @@
+#!/usr/bin/env python
+"""Contrastive-loss benchmark: forward+backward time and peak memory, bmclip vs open_clip vs plain torch.
+
+GPU (default): B ∈ {4k, 16k, 32k, 64k, 256k, 1M}, D=512, bf16 features, fp32 logit scale. All
+implementations run side by side in one process on the same inputs; a baseline that runs out of
+memory is recorded as "OOM" and skipped for larger B. The card's bf16 matmul peak is measured first
+(an 8192³ matmul) and the Triton kernels' achieved TFLOP/s is reported against it.
+
+``--quick``: tiny CPU run (torch backends, fp32) that only proves the script works (used by a test).
+
+Writes JSON and CSV (``--out`` prefix) and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))  # run from a checkout without installing: kernels/ imports standalone
+
+try:
+    from bmclip.kernels import clip_loss
+    from bmclip.kernels import contrastive as _contrastive
+except ImportError:  # not installed: the folder itself is importable (torch + triton only)
+    from kernels import clip_loss
+    from kernels import contrastive as _contrastive
+
+
+def _plain_torch_loss(I, T, s):
+    logits = s * I @ T.T
+    labels = torch.arange(I.shape[0], device=I.device)
+    return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+
+
+def _impls(include_torch_backend: bool):
+    impls = {"bmclip_triton": lambda I, T, s: clip_loss(I, T, s, backend="triton")}
+    if include_torch_backend:
+        impls["bmclip_torch"] = lambda I, T, s: clip_loss(I, T, s, backend="torch")
+    try:
+        from open_clip.loss import ClipLoss as OpenClipLoss
+
+        oc = OpenClipLoss()
+        impls["open_clip"] = lambda I, T, s: oc(I, T, s)
+    except ImportError:
+        print("open_clip not importable: skipping that baseline", file=sys.stderr)
+    impls["plain_torch"] = _plain_torch_loss
+    return impls
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_peak_tflops(device, dtype, n=8192, iters=20) -> float:
+    """Measured dense matmul throughput of this card (TFLOP/s) for an n³ product in ``dtype``."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    _sync(device)
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        a @ b
+    _sync(device)
+    dt = (time.perf_counter() - t0) / iters
+    del a, b
+    return 2 * n**3 / dt / 1e12
+
+
+def time_one(fn, B, D, dtype, device, warmup, iters, time_budget_s):
+    """(median seconds per fwd+bwd, peak extra bytes or None, loss value) for one implementation."""
+    g = torch.Generator(device="cpu").manual_seed(B)
+    I = F.normalize(torch.randn(B, D, generator=g), dim=-1).to(device=device, dtype=dtype).requires_grad_()
+    T = F.normalize(torch.randn(B, D, generator=g), dim=-1).to(device=device, dtype=dtype).requires_grad_()
+    s = torch.tensor(1 / 0.07, device=device, requires_grad=True)
+
+    def step():
+        I.grad = T.grad = s.grad = None
+        loss = fn(I, T, s)
+        loss.backward()
+        return loss
+
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        _sync(device)
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    t_start = time.perf_counter()
+    loss = step()  # first call: compile/autotune + the peak-memory measurement
+    _sync(device)
+    peak = (torch.cuda.max_memory_allocated(device) - base) if device.type == "cuda" else None
+    for _ in range(warmup):
+        step()
+    _sync(device)
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        step()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+        if time.perf_counter() - t_start > time_budget_s and len(times) >= 2:
+            break
+    times.sort()
+    value = float(loss.detach())
+    return times[len(times) // 2], peak, value
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sizes", default="4096,16384,32768,65536,262144,1048576", help="batch sizes B")
+    ap.add_argument("--dim", type=int, default=512)
+    ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--iters", type=int, default=10)
+    ap.add_argument("--time-budget", type=float, default=60.0, help="seconds per (impl, B) before stopping")
+    ap.add_argument("--torch-backend-max-b", type=int, default=65536,
+                    help="largest B for bmclip's torch backend on GPU (fp32 chunked GEMMs: slow)")
+    ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "bench_loss"),
+                    help="output prefix (.json and .csv are appended)")
+    ap.add_argument("--quick", action="store_true", help="tiny CPU smoke run (torch backends only)")
+    args = ap.parse_args(argv)
+
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
+    if args.quick:
+        device = torch.device("cpu")
+        sizes, D, dtype = [256, 640], 64, torch.float32
+        impls = _impls(True)
+        impls.pop("bmclip_triton")  # the interpreter is a correctness tool, not something to time
+        peak_tflops = None
+    else:
+        if not torch.cuda.is_available():
+            print("bench_loss: no CUDA device; use --quick for a CPU smoke run", file=sys.stderr)
+            return 2
+        device = torch.device("cuda")
+        sizes = [int(x) for x in args.sizes.split(",") if x]
+        D = args.dim
+        impls = _impls(True)
+        peak_tflops = matmul_peak_tflops(device, dtype)
+        print(f"{torch.cuda.get_device_name(device)}: measured {args.dtype} matmul peak {peak_tflops:.0f} TFLOP/s")
+
+    rows = []
+    dead = set()  # baselines that went OOM: larger B would too
+    for B in sizes:
+        for name, fn in impls.items():
+            rec = {"impl": name, "B": B, "D": D, "dtype": str(dtype).replace("torch.", ""), "status": "ok",
+                   "time_ms": None, "peak_mem_mb": None, "loss": None, "tflops": None, "pct_of_peak": None}
+            if name in dead:
+                rec["status"] = "skipped (OOM at smaller B)"
+            elif name == "bmclip_torch" and device.type == "cuda" and B > args.torch_backend_max_b:
+                rec["status"] = f"skipped (B > --torch-backend-max-b {args.torch_backend_max_b})"
+            else:
+                try:
+                    t, peak, val = time_one(fn, B, D, dtype, device, args.warmup, args.iters, args.time_budget)
+                    rec.update(time_ms=t * 1e3, loss=val, peak_mem_mb=None if peak is None else peak / 2**20)
+                    if name == "bmclip_triton":
+                        # executed GEMM-equivalents: forward 1 (2 when the column-partial buffer is too
+                        # big, see contrastive._COLPART_MAX_BYTES), backward 2 × (recompute + product)
+                        n_rb = math.ceil(B / _contrastive._FWD_BM)
+                        fwd = 1 if n_rb * B * 4 <= _contrastive._COLPART_MAX_BYTES else 2
+                        flops = (fwd + 4) * 2.0 * B * B * D
+                        rec["tflops"] = flops / t / 1e12
+                        if peak_tflops:
+                            rec["pct_of_peak"] = 100.0 * rec["tflops"] / peak_tflops
+                except torch.cuda.OutOfMemoryError:
+                    rec["status"] = "OOM"
+                    dead.add(name)
+                except RuntimeError as exc:
+                    if "out of memory" in str(exc).lower():
+                        rec["status"] = "OOM"
+                        dead.add(name)
+                    else:
+                        raise
+                finally:
+                    if device.type == "cuda":
+                        torch.cuda.empty_cache()
+            rows.append(rec)
+            shown = f"{rec['time_ms']:.2f} ms" if rec["time_ms"] is not None else rec["status"]
+            print(f"  B={B:>8} {name:<14} {shown}", flush=True)
+
+    # speed/memory relative to open_clip at the same B
+    ref = {(r["B"]): r for r in rows if r["impl"] == "open_clip" and r["time_ms"] is not None}
+    for r in rows:
+        o = ref.get(r["B"])
+        r["time_vs_open_clip"] = (r["time_ms"] / o["time_ms"]) if (o and r["time_ms"]) else None
+        r["mem_vs_open_clip"] = (r["peak_mem_mb"] / o["peak_mem_mb"]) if (
+            o and r["peak_mem_mb"] and o["peak_mem_mb"]) else None
+
+    meta = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "torch": torch.__version__,
+        "triton": getattr(sys.modules.get("triton"), "__version__", None),
+        "matmul_peak_tflops": peak_tflops,
+        "quick": args.quick,
+        "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    out = Path(args.out)
+    _atomic_write(out.with_suffix(".json"), json.dumps({"meta": meta, "rows": rows}, indent=1))
+    cols = ["impl", "B", "D", "dtype", "status", "time_ms", "peak_mem_mb", "loss", "tflops", "pct_of_peak",
+            "time_vs_open_clip", "mem_vs_open_clip"]
+    import io
+
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore")
+    w.writeheader()
+    w.writerows(rows)
+    _atomic_write(out.with_suffix(".csv"), buf.getvalue())
+
+    def fmt(v, f):
+        return "-" if v is None else format(v, f)
+
+    print(f"\n{meta['device']}  torch {meta['torch']}  triton {meta['triton']}  D={D} {rows[0]['dtype']}")
+    print(f"{'B':>8} {'impl':<14} {'time ms':>10} {'peak MB':>10} {'x open_clip':>12} {'mem x oc':>9} "
+          f"{'TFLOP/s':>8} {'%peak':>6}  status")
+    for r in rows:
+        print(f"{r['B']:>8} {r['impl']:<14} {fmt(r['time_ms'], '.2f'):>10} {fmt(r['peak_mem_mb'], '.1f'):>10} "
+              f"{fmt(r['time_vs_open_clip'], '.3f'):>12} {fmt(r['mem_vs_open_clip'], '.4f'):>9} "
+              f"{fmt(r['tflops'], '.1f'):>8} {fmt(r['pct_of_peak'], '.0f'):>6}  {r['status']}")
+    print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.csv')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,237 @@
+"""2-process gloo runs: bmclip's ClipLoss/SigLipLoss give the global loss and DDP-exact gradients.
+
+Two ranks each hold half of a batch produced by shared linear "towers" (the parameters DDP would
+average). The float64 single-process reference computes the loss of the concatenated batch; after
+DDP's averaging the ranks' parameter gradients must equal the reference ones, each rank's loss must
+be open_clip's value for that rank, and the feature gradients must equal open_clip's
+``gather_with_grad=True`` ones (world_size × the global-loss gradient, the DDP convention).
+"""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch.nn.functional as F
+from bmclip.kernels import contrastive as C
+from bmclip.kernels._triton_utils import HAS_TRITON, is_interpreted
+
+WORLD = 2
+LOCAL_B = 6
+DIN = 24
+D = 40
+W_RANK = (1.0, 3.0)  # per-rank upstream weights of the "weighted" case
+
+TRITON_OK = HAS_TRITON and (is_interpreted(C._fwd_kernel) or torch.cuda.is_available())
+
+_WORKER = textwrap.dedent("""
+    import sys
+    import torch
+    import torch.distributed as dist
+    from bmclip.kernels import ClipLoss, SigLipLoss
+
+    rank, world, init_file, data_file, out_file, triton_ok = sys.argv[1:7]
+    rank, world, triton_ok = int(rank), int(world), triton_ok == "1"
+    dist.init_process_group("gloo", init_method="file://" + init_file, rank=rank, world_size=world)
+    data = torch.load(data_file)
+    b = data["X_img"].shape[0] // world
+    rows = slice(rank * b, (rank + 1) * b)
+    w_rank = data["w_rank"]
+
+    def run(make_module, with_bias, weight=1.0, reduce="mean"):
+        Wi = data["W_img"].clone().requires_grad_()
+        Wt = data["W_txt"].clone().requires_grad_()
+        s = data["scale"].clone().requires_grad_()
+        bias = data["bias"].clone().requires_grad_() if with_bias else None
+        img = data["X_img"][rows] @ Wi
+        txt = data["X_txt"][rows] @ Wt
+        img.retain_grad()
+        txt.retain_grad()
+        loss = make_module()(img, txt, s, bias)
+        (weight * loss).backward()
+        params = {"W_img": Wi, "W_txt": Wt, "scale": s}
+        if with_bias:
+            params["bias"] = bias
+        out = {"loss": loss.item(), "g_img": img.grad.clone(), "g_txt": txt.grad.clone()}
+        for name, p in params.items():  # what DDP does to replicated parameters: all-reduce (mean)
+            g = p.grad.clone()
+            dist.all_reduce(g)
+            out[name] = g / world if reduce == "mean" else g
+        return out
+
+    res = {}
+    backends = ["torch"] + (["triton"] if triton_ok else [])
+    for be in backends:
+        res[f"clip_local_{be}"] = run(lambda: ClipLoss(local_loss=True, gather_with_grad=True, rank=rank,
+                                                       world_size=world, backend=be), with_bias=be == "triton")
+        res[f"clip_global_{be}"] = run(lambda: ClipLoss(local_loss=False, gather_with_grad=False, rank=rank,
+                                                        world_size=world, backend=be), with_bias=True)
+        res[f"clip_weighted_{be}"] = run(lambda: ClipLoss(local_loss=True, gather_with_grad=True, rank=rank,
+                                                          world_size=world, backend=be),
+                                         with_bias=False, weight=w_rank[rank], reduce="sum")
+        res[f"siglip_{be}"] = run(lambda: SigLipLoss(rank=rank, world_size=world, backend=be), with_bias=True)
+    try:
+        from open_clip.loss import ClipLoss as OCClip, SigLipLoss as OCSig
+    except ImportError:
+        pass
+    else:
+        res["oc_clip_local"] = run(lambda: OCClip(local_loss=True, gather_with_grad=True, rank=rank,
+                                                  world_size=world), with_bias=False)
+        res["oc_clip_local_bias"] = run(lambda: OCClip(local_loss=True, gather_with_grad=True, rank=rank,
+                                                       world_size=world), with_bias=True)
+        res["oc_siglip"] = run(lambda: OCSig(rank=rank, world_size=world), with_bias=True)
+    torch.save(res, out_file)
+    dist.barrier()
+    dist.destroy_process_group()
+""")
+
+
+@pytest.fixture(scope="module")
+def dist_results(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("dist_loss")
+    g = torch.Generator().manual_seed(1234)
+    B = WORLD * LOCAL_B
+    data = {
+        "X_img": torch.randn(B, DIN, generator=g),
+        "X_txt": torch.randn(B, DIN, generator=g),
+        "W_img": torch.randn(DIN, D, generator=g) / DIN**0.5,
+        "W_txt": torch.randn(DIN, D, generator=g) / DIN**0.5,
+        "scale": torch.tensor(2.5),
+        "bias": torch.tensor(-1.5),
+        "w_rank": W_RANK,
+    }
+    data["X_txt"] = data["X_txt"] + data["X_img"]  # positives correlate
+    torch.save(data, tmp / "data.pt")
+    (tmp / "worker.py").write_text(_WORKER)
+    procs = [
+        subprocess.Popen([sys.executable, str(tmp / "worker.py"), str(r), str(WORLD), str(tmp / "rdzv"),
+                          str(tmp / "data.pt"), str(tmp / f"rank{r}.pt"), "1" if TRITON_OK else "0"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=dict(os.environ))
+        for r in range(WORLD)
+    ]
+    errs = []
+    try:
+        for p in procs:
+            _, err = p.communicate(timeout=600)
+            errs.append(err)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    for r, p in enumerate(procs):
+        assert p.returncode == 0, f"rank {r} failed:\n{errs[r][-3000:]}"
+    return data, [torch.load(tmp / f"rank{r}.pt") for r in range(WORLD)]
+
+
+def _reference(data, loss_name, with_bias, weighted=False):
+    """float64 single-process loss of the concatenated batch and its gradients (or Σ_r w_r·ℓ_r)."""
+    Wi = data["W_img"].double().requires_grad_()
+    Wt = data["W_txt"].double().requires_grad_()
+    s = data["scale"].double().requires_grad_()
+    bias = data["bias"].double().requires_grad_() if with_bias else None
+    img = data["X_img"].double() @ Wi
+    txt = data["X_txt"].double() @ Wt
+    img.retain_grad()
+    txt.retain_grad()
+    x = s * img @ txt.T + (bias if with_bias else 0.0)
+    B = x.shape[0]
+    if loss_name == "clip":
+        lab = torch.arange(B)
+        loss = (F.cross_entropy(x, lab) + F.cross_entropy(x.T, lab)) / 2
+        if weighted:  # open_clip's per-rank local losses, weighted
+            per_row = torch.logsumexp(x, 1) - x.diagonal()
+            per_col = torch.logsumexp(x, 0) - x.diagonal()
+            locs = [(per_row[r * LOCAL_B:(r + 1) * LOCAL_B].sum() + per_col[r * LOCAL_B:(r + 1) * LOCAL_B].sum())
+                    * WORLD / (2 * B) for r in range(WORLD)]
+            loss = sum(w * lr for w, lr in zip(W_RANK, locs))
+    else:
+        z = 2 * torch.eye(B, dtype=x.dtype) - 1
+        loss = -F.logsigmoid(z * x).sum() / B
+    loss.backward()
+    out = {"loss": loss.item(), "g_img": img.grad, "g_txt": txt.grad, "W_img": Wi.grad, "W_txt": Wt.grad,
+           "scale": s.grad}
+    if with_bias:
+        out["bias"] = bias.grad
+    return out
+
+
+def _close(a, b, tol=2e-5):
+    a = torch.as_tensor(a).double()
+    b = torch.as_tensor(b).double()
+    return (a - b).abs().max().item() <= tol * max(1.0, b.abs().max().item())
+
+
+def _backends():
+    return ["torch", pytest.param("triton", marks=pytest.mark.skipif(not TRITON_OK, reason="no Triton here"))]
+
+
+@pytest.mark.parametrize("backend", _backends())
+def test_clip_local_loss_ddp_exact(dist_results, backend):
+    data, ranks = dist_results
+    key = f"clip_local_{backend}"
+    with_bias = backend == "triton"
+    ref = _reference(data, "clip", with_bias)
+    # the ranks' local losses average to the global loss of the concatenated batch
+    assert abs(sum(r[key]["loss"] for r in ranks) / WORLD - ref["loss"]) < 2e-5
+    # DDP-averaged parameter gradients == single-process gradients of the global loss
+    for name in ("W_img", "W_txt", "scale") + (("bias",) if with_bias else ()):
+        for r in ranks:
+            assert _close(r[key][name], ref[name]), (name, r[key][name], ref[name])
+    # each rank's own features receive world_size × dL/dfeat (never a wrong world-size scale)
+    for rk, r in enumerate(ranks):
+        rows = slice(rk * LOCAL_B, (rk + 1) * LOCAL_B)
+        assert _close(r[key]["g_img"], WORLD * ref["g_img"][rows])
+        assert _close(r[key]["g_txt"], WORLD * ref["g_txt"][rows])
+
+
+@pytest.mark.parametrize("backend", _backends())
+def test_clip_local_loss_matches_open_clip_per_rank(dist_results, backend):
+    pytest.importorskip("open_clip")
+    data, ranks = dist_results
+    key = f"clip_local_{backend}"
+    oc = "oc_clip_local_bias" if backend == "triton" else "oc_clip_local"
+    for r in ranks:
+        assert abs(r[key]["loss"] - r[oc]["loss"]) < 2e-5
+        assert _close(r[key]["g_img"], r[oc]["g_img"])
+        assert _close(r[key]["g_txt"], r[oc]["g_txt"])
+
+
+@pytest.mark.parametrize("backend", _backends())
+def test_clip_global_loss_every_rank(dist_results, backend):
+    data, ranks = dist_results
+    key = f"clip_global_{backend}"
+    ref = _reference(data, "clip", True)
+    for r in ranks:  # local_loss=False: every rank reports the global loss
+        assert abs(r[key]["loss"] - ref["loss"]) < 2e-5
+        for name in ("W_img", "W_txt", "scale", "bias"):
+            assert _close(r[key][name], ref[name]), name
+
+
+@pytest.mark.parametrize("backend", _backends())
+def test_clip_unequal_upstream_grads(dist_results, backend):
+    # rank r back-propagates w_r·ℓ_r: the summed gradients must be d(Σ_r w_r ℓ_r)/dθ exactly, which
+    # needs each column term weighted by its owner's upstream gradient
+    data, ranks = dist_results
+    key = f"clip_weighted_{backend}"
+    ref = _reference(data, "clip", False, weighted=True)
+    for name in ("W_img", "W_txt", "scale"):
+        for r in ranks:
+            assert _close(r[key][name], ref[name]), (name, r[key][name], ref[name])
+
+
+@pytest.mark.parametrize("backend", _backends())
+def test_siglip_ddp_exact_and_open_clip_parity(dist_results, backend):
+    data, ranks = dist_results
+    key = f"siglip_{backend}"
+    ref = _reference(data, "siglip", True)
+    assert abs(sum(r[key]["loss"] for r in ranks) / WORLD - ref["loss"]) < 2e-5 * max(1, ref["loss"])
+    for name in ("W_img", "W_txt", "scale", "bias"):
+        for r in ranks:
+            assert _close(r[key][name], ref[name]), name
+    if "oc_siglip" in ranks[0]:
+        for r in ranks:
+            assert abs(r[key]["loss"] - r["oc_siglip"]["loss"]) < 2e-5 * max(1, abs(r["oc_siglip"]["loss"]))
+            assert _close(r[key]["g_img"], r["oc_siglip"]["g_img"])
+            assert _close(r[key]["g_txt"], r["oc_siglip"]["g_txt"])
