@@ -601,3 +601,69 @@ def test_broken_best_file_falls_back_to_next_format(tmp_path):
     assert list(samples) == ["PMC901_F1"]
     assert json.loads(samples["PMC901_F1"]["json"])["file"] == "p-f1.tif"
     assert stats["skips"]["figure"] == {"undecodable_image": 1}
+
+
+def test_subcaptions_on_real_captions(fixtures_dir):
+    from bmclip.data.pmc.subcaptions import split_subcaptions
+
+    pmc = fixtures_dir / "pmc"
+    a = parse_jats(pmc / "PMC13173394" / "PMC13173394.xml")
+    r = split_subcaptions(a.figures[0].caption)
+    assert r["style"] == "prefix"
+    assert r["shared"] == (
+        "Positive ion mode MS analysis of PEG 3000 (1 mg/mL) using no added salt or sodium salt concentrations "
+        "of 100 mM."
+    )
+    assert [p["label"] for p in r["panels"]] == list("ABCDEFGH")
+    # "(B)" and "(C)" inside panel D's text are back references, not new panels
+    assert r["panels"][3]["text"] == (
+        "Extracted ion chromatogram for the doubly sodiated PEG ion at m/z 1462.85 using the same data as "
+        "Panel (B)/(C) with a data acquisition rate of 1 Hz."
+    )
+    p = parse_jats(pmc / "pone.0056489" / "pone.0056489.xml")
+    r = split_subcaptions(p.figures[0].caption)
+    assert r["style"] == "prefix" and [x["text"] for x in r["panels"]] == [
+        "seed length",
+        "seed weight of the eight sampled populations of Platycladus orientalis(mean ± S.E.).",
+    ]
+    r = split_subcaptions(p.figures[1].caption)  # "... alleles (A), Shannon's index (B), ... (D) in ..."
+    assert r["style"] == "postfix"
+    assert [x["text"] for x in r["panels"]][1:] == ["Shannon’s information index", "allele richness", "allele range"]
+    assert r["shared"] == "in artificial populations of Platycladus orientalis(mean ± S.E.)."
+    assert split_subcaptions(p.figures[2].caption) is None  # no panels
+    r = split_subcaptions("Overview. (A, B) Two panels at once. (C–E) Three more.")
+    assert [x["label"] for x in r["panels"]] == ["A-B", "C-E"]
+
+
+def test_licence_codes_keys_and_slices(tmp_path):
+    from bmclip.data.pmc.build import licence_code, sanitize_key
+    from bmclip.data.pmc.sources import discover_packages, slice_of
+
+    assert licence_code("http://creativecommons.org/licenses/by/2.0") == "CC BY"
+    assert licence_code("https://creativecommons.org/licenses/by-nc-nd/4.0/") == "CC BY-NC-ND"
+    assert licence_code("http://creativecommons.org/publicdomain/zero/1.0/") == "CC0"
+    assert licence_code("http://creativecommons.org/publicdomain/mark/1.0/") == "public domain"
+    assert licence_code("CC BY-NC") == "CC BY-NC"
+    assert licence_code("This is an open-access article distributed under the terms of the Creative Commons "
+                        "Attribution License, which permits unrestricted use") == "CC BY"  # fmt: skip
+    assert licence_code(None) == "unknown" and licence_code("All rights reserved") == "other"
+    assert sanitize_key("10.1371/journal.pone.0056489") == "10_1371_journal_pone_0056489"
+    long = sanitize_key("x" * 200)
+    assert len(long) == 80 and "." not in long and long != sanitize_key("x" * 201)
+    # nested trees: every package found once, sorted, and slices partition them
+    for i in range(9):
+        sub = tmp_path / "tree" / f"{i % 3:02d}"
+        sub.mkdir(parents=True, exist_ok=True)
+        (sub / f"PMC{i}.tar.gz").write_bytes(b"x")
+    (tmp_path / "tree" / "00" / "PMC100").mkdir()
+    (tmp_path / "tree" / "00" / "PMC100" / "a.nxml").write_bytes(b"<article/>")
+    (tmp_path / "tree" / "imgs").mkdir()
+    (tmp_path / "tree" / "imgs" / "x.jpg").write_bytes(b"x")
+    pkgs, skips = discover_packages([tmp_path / "tree"])
+    keys = [p.key for p in pkgs]
+    assert keys == sorted(keys) and len(keys) == 10 and "tree/00/PMC100" in keys
+    assert skips == {"no_xml": 1}
+    parts = [{k for k in keys if slice_of(k, 4) == s} for s in range(4)]
+    assert set().union(*parts) == set(keys) and sum(map(len, parts)) == len(keys)
+    with pytest.raises(ConfigError, match="not a package"):
+        discover_packages([tmp_path / "tree" / "imgs" / "x.jpg"])

@@ -5,6 +5,10 @@ A heuristic in the spirit of the PMC-Fine-Grained pipeline, without a model. Pan
 - parenthesised letters: ``(A)``, ``(b)``, and ranges/lists ``(A-C)``, ``(A–C)``, ``(A, B)``;
 - a capital letter opening a sentence followed by ``.``, ``:`` or ``)``: ``A. ...``, ``B: ...``.
 
+Labels usually open their panel's text ("prefix" style: ``(A) Western blot of ...``); when most labels
+are followed by ``,``/``;``/``and``/the end, they close it instead ("postfix" style: ``... alleles (A),
+richness (B) and range (C) in ...``) and the text after the last label is the shared part.
+
 Markers are accepted only while they continue the sequence a, b, c, ... (in one letter case, starting
 at ``a``/``A``; a range advances to its last letter), so back references such as "as in (A)" inside
 panel C's text are left in the text. Fewer than two accepted panels -> no split.
@@ -23,7 +27,7 @@ _MARK = re.compile(
 
 
 def split_subcaptions(caption: str) -> dict | None:
-    """Split a caption into its shared text and panels: {'shared': str, 'panels': [{'label', 'text'}]}.
+    """Split a caption into shared text and panels: {'shared', 'panels': [{'label', 'text'}], 'style'}.
 
     Returns None when fewer than two sequential panel markers are found.
     """
@@ -47,9 +51,30 @@ def split_subcaptions(caption: str) -> dict | None:
         expect = chr(ord(last.lower()) + 1)
     if len(accepted) < 2:
         return None
+    if _is_postfix(caption, accepted):
+        # "... alleles (A), Shannon's index (B) and allele range (C) in populations X": each label
+        # closes its panel's text; what follows the last label is shared context.
+        panels = []
+        prev = 0
+        for s0, e, label in accepted:
+            text = _AND.sub("", caption[prev:s0].strip(" ,;"))
+            panels.append({"label": label, "text": text})
+            prev = e
+        return {"shared": caption[prev:].strip(" ,;"), "panels": panels, "style": "postfix"}
     panels = []
     for i, (_s, e, label) in enumerate(accepted):
         end = accepted[i + 1][0] if i + 1 < len(accepted) else len(caption)
-        text = caption[e:end].strip(" ,;")
+        text = _TRAILING_AND.sub("", caption[e:end].strip(" ,;"))
         panels.append({"label": label, "text": text})
-    return {"shared": caption[: accepted[0][0]].strip(), "panels": panels}
+    return {"shared": caption[: accepted[0][0]].strip(), "panels": panels, "style": "prefix"}
+
+
+_AND = re.compile(r"^(?:and|&)\s+", re.I)
+_TRAILING_AND = re.compile(r"\s+(?:and|&)$", re.I)
+_AFTER_POSTFIX = re.compile(r"\s*(?:[,;]|and\b|&|$)")
+
+
+def _is_postfix(caption: str, accepted: list[tuple[int, int, str]]) -> bool:
+    """True when most labels are followed by ',', ';', 'and' or the end: labels close their panel."""
+    closing = sum(1 for _s, e, _l in accepted if _AFTER_POSTFIX.match(caption, e))
+    return closing * 2 > len(accepted)
