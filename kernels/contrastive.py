@@ -75,7 +75,8 @@ if HAS_TRITON:
         pid = tl.program_id(0)
         rows = pid * BM + tl.arange(0, BM)
         rmask = rows < M
-        a_rows = a_ptr + rows[:, None] * stride_a
+        # 64-bit row offsets: B·D passes 2^31 at B = 2M, D = 1024
+        a_rows = a_ptr + rows[:, None].to(tl.int64) * stride_a
         k_ar = tl.arange(0, BK)
         scale = tl.load(scale_ptr).to(tl.float32)
         if HAS_BIAS:
@@ -92,7 +93,7 @@ if HAS_TRITON:
             # transposed (BK, BN) through the pointers. Written inline (no nested jit helpers, no
             # tl.trans): both cost the interpreter dearly (numpy matmul on a transposed view is ~1000x
             # slower), and the compiled code is the same.
-            c_cols = c_ptr + cols[None, :] * stride_c
+            c_cols = c_ptr + cols[None, :].to(tl.int64) * stride_c
             s = tl.zeros((BM, BN), dtype=tl.float32)
             for k0 in range(0, D, BK):
                 ks = k0 + k_ar
@@ -117,7 +118,8 @@ if HAS_TRITON:
                     xc = tl.where(rmask[:, None], x2, NEG)
                     cm = tl.max(xc, axis=0)
                     cs = tl.sum(tl.exp2(xc - cm[None, :]), axis=0)
-                    tl.store(colpart_ptr + pid * N + cols, (cm + tl.log2(cs)) * 0.6931471805599453, mask=cmask)
+                    tl.store(colpart_ptr + pid.to(tl.int64) * N + cols,
+                             (cm + tl.log2(cs)) * 0.6931471805599453, mask=cmask)
             else:
                 z = tl.where(cols[None, :] == rows[:, None] + off, 1.0, -1.0)
                 t = -z * x
@@ -150,7 +152,8 @@ if HAS_TRITON:
         rmask = rows < M
         dcols = pid_d * BDO + tl.arange(0, BDO)
         dmask = dcols < D
-        a_rows = a_ptr + rows[:, None] * stride_a
+        # 64-bit row offsets: B·D passes 2^31 at B = 2M, D = 1024
+        a_rows = a_ptr + rows[:, None].to(tl.int64) * stride_a
         k_ar = tl.arange(0, BK)
         scale = tl.load(scale_ptr).to(tl.float32)
         if HAS_BIAS:
@@ -172,7 +175,7 @@ if HAS_TRITON:
             # transposed (BK, BN) through the pointers. Written inline (no nested jit helpers, no
             # tl.trans): both cost the interpreter dearly (numpy matmul on a transposed view is ~1000x
             # slower), and the compiled code is the same.
-            c_cols = c_ptr + cols[None, :] * stride_c
+            c_cols = c_ptr + cols[None, :].to(tl.int64) * stride_c
             s = tl.zeros((BM, BN), dtype=tl.float32)
             for k0 in range(0, D, BK):
                 ks = k0 + k_ar
@@ -203,7 +206,7 @@ if HAS_TRITON:
             if REDUCE:
                 red_s += tl.sum(e * s, axis=1)
                 red_b += tl.sum(e, axis=1)
-            cblk = tl.load(c_ptr + cols[:, None] * stride_c + dcols[None, :],
+            cblk = tl.load(c_ptr + cols[:, None].to(tl.int64) * stride_c + dcols[None, :],
                            mask=cmask[:, None] & dmask[None, :], other=0.0)
             if IEEE:
                 if USE_IP:
@@ -213,7 +216,7 @@ if HAS_TRITON:
             else:
                 acc = tl.dot(e.to(cblk.dtype), cblk, acc)
         om = tl.load(outmul_ptr).to(tl.float32)
-        tl.store(out_ptr + rows[:, None] * stride_o + dcols[None, :],
+        tl.store(out_ptr + rows[:, None].to(tl.int64) * stride_o + dcols[None, :],
                  (acc * om).to(out_ptr.dtype.element_ty), mask=rmask[:, None] & dmask[None, :])
         if REDUCE:
             first = pid_d == 0
