@@ -580,7 +580,8 @@ def flash_attention(q, k, v, *, cu_seqlens=None, max_seqlen=None, causal=False, 
 
     fp16/bf16/fp32; ``softmax_scale`` defaults to 1/sqrt(D); ``backend`` is "triton", "sdpa", "xformers"
     or "auto" (Triton on CUDA, SDPA otherwise). An explicit backend runs or raises, never falls back.
-    ``max_seqlen`` (varlen only) skips a host sync and the validation of ``cu_seqlens`` when given.
+    ``max_seqlen`` (varlen only) skips a host sync and the validation of ``cu_seqlens`` when given; it must
+    then be at least the longest sequence (as in flash-attn, rows beyond it are not computed).
     """
     max_seqlen = _check_inputs(q, k, v, cu_seqlens, max_seqlen, causal, softmax_scale, backend)
     scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
