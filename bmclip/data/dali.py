@@ -20,8 +20,8 @@ on an H100 node and recorded in ``benchmarks/RESULTS.md``):
 - CPU-only machines, and GPU nodes with enough cores per GPU (the C++ loader reaches its throughput
   target per core): path 1. It needs nothing beyond torch, its crop is bitwise deterministic per
   (seed, epoch, batch) and resumable, and bad images are counted skips. Measured on the 2-core dev box
-  (real PMC figures, 224 px, per CPU-second): DALI CPU pipeline 116 img/s vs ours 216 (324 with
-  ``decode_options={"dct_min_ratio": 1.0}``) vs open_clip's transform 104 - so never DALI on CPU.
+  (real PMC figures, 224 px, per CPU-second): DALI CPU pipeline 127 img/s vs ours 297 (432 with
+  ``decode_options={"dct_min_ratio": 1.0}``) vs open_clip's transform 101 - so never DALI on CPU.
 - GPU nodes that are CPU-starved (few cores per H100 at ViT-B/16 speeds, >1,500 img/s/GPU needed):
   path 2 with ``device_id`` set moves decoding to nvJPEG, leaving the CPU only tar reading. Its
   caveat: a corrupt image that passes the loader's header check fails the whole DALI batch (DALI
