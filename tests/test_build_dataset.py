@@ -667,3 +667,20 @@ def test_licence_codes_keys_and_slices(tmp_path):
     assert set().union(*parts) == set(keys) and sum(map(len, parts)) == len(keys)
     with pytest.raises(ConfigError, match="not a package"):
         discover_packages([tmp_path / "tree" / "imgs" / "x.jpg"])
+
+
+def test_real_package_tarball_equals_folder_and_gzip_bomb(pmc_samples, tmp_path):
+    # PMC10802347 as its OA package (PMC10802347/<files> in a .tar.gz, streamed) and as the folder
+    src = pmc_samples / "PMC10802347"
+    members = [(f"PMC10802347/{p.name}", p.read_bytes()) for p in sorted(src.iterdir())]
+    tdir = tmp_path / "tar"
+    tdir.mkdir()
+    _write_tar(tdir / "PMC10802347.tar.gz", members)
+    _build([tdir], tmp_path / "a", test_fraction=0, val_fraction=0)
+    _build([src], tmp_path / "b", test_fraction=0, val_fraction=0)
+    a, b = _read_shards(tmp_path / "a"), _read_shards(tmp_path / "b")
+    assert sorted(a) == ["PMC10802347_F2", "PMC10802347_F3", "PMC10802347_F4"]
+    assert a == b  # same JPEG, caption and metadata bytes whichever way the package arrives
+    # a member declaring more uncompressed bytes than allowed: refused before decompressing through it
+    stats = _build([tdir], tmp_path / "c", max_package_bytes=300_000)
+    assert stats["skips"]["package"] == {"package_too_large": 1} and stats["pairs_total"] == 0

@@ -80,6 +80,7 @@ class BuildOptions:
     max_pixels: int = 89_478_485
     min_caption_chars: int = 10
     max_member_bytes: int = 256 << 20
+    max_package_bytes: int = 16 << 30  # uncompressed; beyond it a package is refused (gzip bomb)
     chunk_size: int = 16
     subcaptions: bool = True
     use_gif: bool = False  # PMC's .gif files are ~100 px thumbnails of the real figure
@@ -100,6 +101,7 @@ class BuildOptions:
         "max_pixels",
         "min_caption_chars",
         "max_member_bytes",
+        "max_package_bytes",
         "chunk_size",
         "subcaptions",
         "use_gif",
@@ -245,7 +247,7 @@ def process_package(pkg, opts: BuildOptions, count_tokens) -> dict:
     art_skips: Counter = Counter()
     rec = {"key": pkg.key, "articles": [], "samples": []}
     try:
-        content = read_package(pkg, opts.max_member_bytes)
+        content = read_package(pkg, opts.max_member_bytes, opts.max_package_bytes)
     except PackageError as e:
         pkg_skips[e.reason] += 1
         rec["skips"] = {"package": dict(pkg_skips), "article": {}, "figure": {}}

@@ -5,8 +5,9 @@ Three input layouts are recognised, in any mix, given as files or as directory t
 - **OA package tarball** ``PMC1234567.tar.gz`` (also ``.tgz``/``.tar``): read as a stream
   (``tarfile`` mode ``r|*``), never extracted. Only the XML (``.nxml``/``.xml``) and image members are
   kept in memory; members with unsafe names (absolute, ``..``, drive letters), links and devices are
-  refused and counted; members above ``max_member_bytes`` are skipped and counted. A truncated gzip or
-  tar stream makes the whole package a counted ``corrupt_package`` skip (all or nothing, so that the
+  refused and counted; members above ``max_member_bytes`` are skipped and counted; a package whose
+  uncompressed stream exceeds ``max_package_bytes`` (a gzip bomb) is refused as ``package_too_large``.
+  A truncated gzip or tar stream makes the whole package a counted ``corrupt_package`` skip (all or nothing, so that the
   result never depends on where a file happens to be cut).
 - **Extracted article folder**: a directory holding the article XML and its media files (what an
   untarred OA package, eLife/PLOS bundles, Europe PMC ``fulltext.xml`` folders look like). If any
@@ -161,13 +162,16 @@ def _safe_member_name(name: str) -> str | None:
     return "/".join(parts)
 
 
-def _read_tar(path: str, max_member_bytes: int) -> PackageContent:
+def _read_tar(path: str, max_member_bytes: int, max_package_bytes: int) -> PackageContent:
     content = PackageContent(xml=[], media={})
     try:
         if os.path.getsize(path) == 0:
             raise PackageError("corrupt_package", f"{path}: zero-byte file")
         with tarfile.open(path, mode="r|*") as tf:
             for m in tf:
+                if m.offset_data + max(m.size, 0) > max_package_bytes:
+                    # gzip bomb guard: a stream can only be skipped by decompressing through it
+                    raise PackageError("package_too_large", f"{path}: more than {max_package_bytes} bytes uncompressed")
                 safe = _safe_member_name(m.name)
                 if safe is None or not (m.isfile() or m.isdir()):
                     # Links and devices are refused as well: a package never needs them.
@@ -236,8 +240,8 @@ def _read_folder(path: str, kind: str, max_member_bytes: int) -> PackageContent:
     return content
 
 
-def read_package(pkg: Package, max_member_bytes: int = 256 << 20) -> PackageContent:
+def read_package(pkg: Package, max_member_bytes: int = 256 << 20, max_package_bytes: int = 16 << 30) -> PackageContent:
     """Read one package's XML and media (raises PackageError with a reason when it is unusable)."""
     if pkg.kind == "tar":
-        return _read_tar(pkg.path, max_member_bytes)
+        return _read_tar(pkg.path, max_member_bytes, max_package_bytes)
     return _read_folder(pkg.path, pkg.kind, max_member_bytes)
