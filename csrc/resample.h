@@ -54,6 +54,8 @@ class RowResampler {
   const AxisCoeffs* ys_;
   int src_x0_;
   bool use_simd_;
+  std::vector<int16_t> khl_;  // split coefficients for the AVX2 horizontal pass
+  int groups_ = 0;
   std::vector<uint8_t> tmp_;   // (need_max - need_min) rows x count_x x 3
   std::vector<uint8_t> have_;  // which intermediate rows were filled
 };
