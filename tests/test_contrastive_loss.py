@@ -312,3 +312,20 @@ def test_torch_backend_memory_32k():
     # s = 1 and random unit features: logits in [-1, 1], so the loss is log(B) within ±1
     assert abs(out["loss"] - torch.log(torch.tensor(float(B))).item()) < 1.0
     assert out["gnorm"] > 0
+
+
+def test_bench_loss_quick_smoke(tmp_path):
+    # the benchmark's CPU smoke mode runs and writes consistent JSON/CSV (timings are not checked)
+    script = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "bench_loss.py")
+    res = subprocess.run([sys.executable, script, "--quick", "--out", str(tmp_path / "bl")], capture_output=True,
+                         text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    data = json.loads((tmp_path / "bl.json").read_text())
+    assert (tmp_path / "bl.csv").read_text().startswith("impl,B,D,")
+    rows = {(r["impl"], r["B"]): r for r in data["rows"]}
+    for B in (256, 640):
+        ours = rows[("bmclip_torch", B)]
+        assert ours["status"] == "ok" and ours["time_ms"] > 0
+        for other in ("plain_torch", "open_clip"):
+            if (other, B) in rows:  # same inputs, same loss
+                assert abs(rows[(other, B)]["loss"] - ours["loss"]) < 1e-4 * abs(ours["loss"])
