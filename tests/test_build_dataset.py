@@ -406,6 +406,13 @@ def test_pmc_cloud_layout_versions_and_retraction(tmp_path):
     assert stats["skips"]["package"] == {"superseded_version": 1}
     assert stats["skips"]["article"] == {"retracted": 1}
     assert stats["skips"]["figure"] == {"retracted": 1}
+    # staged in 3 slices and merged: the same counts (each slice counts only its own passed-over dirs)
+    opts = BuildOptions(val_fraction=0, test_fraction=0)
+    for k in range(3):
+        stage([src], tmp_path / f"s{k}", opts, num_slices=3, slice_index=k, num_workers=0, progress=False)
+    merged = merge_staging([tmp_path / f"s{k}" for k in range(3)], tmp_path / "m", opts, progress=False)
+    assert merged["skips"] == stats["skips"] and merged["pairs"] == stats["pairs"]
+    assert _shard_bytes(tmp_path / "m") == _shard_bytes(out)
 
 
 def test_splits_by_article_and_duplicate_articles(tmp_path):

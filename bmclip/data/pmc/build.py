@@ -488,9 +488,12 @@ def stage(
         raise ConfigError(f"slice must be in [0, {num_slices}), got {slice_index}")
     if not inputs:
         raise ConfigError("no inputs given")
-    packages, disc_skips = discover_packages(list(inputs))
+    passed_over: list[tuple[str, str]] = []
+    packages, _ = discover_packages(list(inputs), passed_over)
     if num_slices > 1:
         packages = [p for p in packages if slice_of(p.key, num_slices) == slice_index]
+        passed_over = [(r, k) for r, k in passed_over if slice_of(k, num_slices) == slice_index]
+    disc_skips = Counter(r for r, _k in passed_over)
     staging = Path(staging)
     chunk_dir = staging / "chunks"
     chunk_dir.mkdir(parents=True, exist_ok=True)

@@ -88,10 +88,17 @@ def _has_xml(names: list[str]) -> bool:
     return any(n.lower().endswith(XML_EXTS) for n in names)
 
 
-def discover_packages(inputs: list[str | os.PathLike]) -> tuple[list[Package], Counter]:
-    """All packages under the inputs, sorted by key, and counts of what was passed over (Counter)."""
+def discover_packages(
+    inputs: list[str | os.PathLike], passed_over: list[tuple[str, str]] | None = None
+) -> tuple[list[Package], Counter]:
+    """All packages under the inputs, sorted by key, and counts of what was passed over (Counter).
+
+    ``passed_over``, when given, receives ``(reason, key)`` for each of those (so that slices can
+    count only their own).
+    """
     found: list[Package] = []
     skips: Counter = Counter()
+    passed = passed_over if passed_over is not None else []
     for inp in inputs:
         root = Path(inp)
         if not root.exists():
@@ -117,6 +124,7 @@ def discover_packages(inputs: list[str | os.PathLike]) -> tuple[list[Package], C
                 continue
             if any(f.lower().endswith(IMAGE_EXTS) for f in filenames):
                 skips["no_xml"] += 1
+                passed.append(("no_xml", key_dir))
             for f in sorted(filenames):
                 if _is_tar(d / f):
                     found.append(Package(f"{key_dir}/{f}", "tar", str(d / f)))
@@ -138,6 +146,7 @@ def discover_packages(inputs: list[str | os.PathLike]) -> tuple[list[Package], C
             pmcid = _CLOUD_DIR.match(Path(p.path).name).group(1)
             if newest[pmcid][1] != p.key:
                 skips["superseded_version"] += 1
+                passed.append(("superseded_version", p.key))
                 continue
         kept.append(p)
     kept.sort(key=lambda p: p.key)
