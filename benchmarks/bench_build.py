@@ -224,6 +224,11 @@ def main() -> int:
     if not SAMPLES.is_dir():
         print(f"{SAMPLES} not found", file=sys.stderr)
         return 2
+    try:
+        import pubmed_parser  # noqa: F401  (the baseline's parser)
+    except ImportError:
+        print("the baseline needs pubmed_parser: pip install pubmed_parser", file=sys.stderr)
+        return 2
     work = Path(tempfile.mkdtemp(prefix="bench_build_"))
     try:
         for hires in (False, True):
