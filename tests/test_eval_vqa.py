@@ -170,3 +170,21 @@ def test_finetune_vqa_cli_writes_report_and_weights(vqa_rad_dir, tmp_path, one_t
     assert blob["answers"] == sorted(["red", "green", "blue", "yes", "no"])
     assert any(k.startswith("head.") for k in blob["fusion"]) and "encoders" not in blob
     assert "| closed |" in (out / "vqa.md").read_text()
+
+
+def test_finetune_encoders_updates_towers(vqa_rad_dir, one_thread):
+    from bmclip.model import create_model
+    from bmclip.tokenizer import get_tokenizer
+
+    torch.manual_seed(0)
+    clip = create_model("tiny")
+    before = {k: v.clone() for k, v in clip.state_dict().items()}
+    tok = get_tokenizer(context_length=clip.config.text.context_length)
+    data = load_vqa_splits(vqa_rad_dir)
+    res = train_vqa(clip, tok, data["train"][:64], data["test"][:16], epochs=1, batch_size=32, hidden=32,
+                    layers=1, finetune_encoders=True, encoder_lr=1e-3)
+    after = clip.state_dict()
+    assert not torch.equal(before["visual.patch_embed.weight"], after["visual.patch_embed.weight"])
+    changed_text = [k for k in after if k.startswith("text.") and not torch.equal(before[k], after[k])]
+    assert changed_text
+    assert res["metrics"]["overall_n"] == 16 and len(res["predictions"]) == 16
