@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "image_decode.h"
+#include "resample.h"
 #include "tar_index.h"
 #include "thread_pool.h"
 
@@ -373,6 +374,9 @@ PYBIND11_MODULE(_C, m) {
       .def("decode_image", &Decoder::decode_image, py::arg("buffer"),
            "Full-size RGB decode: uint8 [H, W, 3]; raises bmclip.errors.DataError on a bad image.");
 
+  m.def("_set_simd", &set_simd_enabled, py::arg("enabled"),
+        "Testing hook: use (True, default) or bypass (False) the AVX2 resampling passes.");
+  m.def("_simd", &simd_enabled, "Whether the AVX2 resampling passes may be used.");
   m.def("image_info", &image_info, py::arg("buffer"),
         "Header-only probe: (width, height, format str); raises bmclip.errors.DataError.");
   m.def("crop_box", &crop_box, py::arg("width"), py::arg("height"), py::arg("size"), py::arg("seed"),

@@ -1,6 +1,7 @@
 #include "resample.h"
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstring>
 #include <stdexcept>
@@ -35,6 +36,10 @@ inline uint8_t clip8(int32_t v) {
 }
 
 }  // namespace
+
+static std::atomic<bool> g_simd{true};
+void set_simd_enabled(bool on) { g_simd.store(on); }
+bool simd_enabled() { return g_simd.load(); }
 
 AxisCoeffs compute_axis_coeffs(int in_size, float in0, float in1, int out_full, int out_offset,
                                int count, Filter filter, int base) {

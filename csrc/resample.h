@@ -33,6 +33,10 @@ struct AxisCoeffs {
 AxisCoeffs compute_axis_coeffs(int in_size, float in0, float in1, int out_full, int out_offset,
                                int count, Filter filter, int base = 0);
 
+// Process-wide switch for the SIMD code paths (tests compare them with the scalar reference).
+void set_simd_enabled(bool on);
+bool simd_enabled();
+
 // Streams RGB rows of an input region through the horizontal pass (into a uint8 intermediate) and
 // then runs the vertical pass into the destination. Rows outside [ys.need_min, ys.need_max) are
 // not needed; `push_row` ignores them.
@@ -40,7 +44,7 @@ class RowResampler {
  public:
   // `src_x0` is the input x of the first pixel of every pushed row (decoders may deliver a
   // column window); rows must cover [xs.need_min, xs.need_max).
-  RowResampler(const AxisCoeffs* xs, const AxisCoeffs* ys, int src_x0, bool use_simd = true);
+  RowResampler(const AxisCoeffs* xs, const AxisCoeffs* ys, int src_x0, bool use_simd = simd_enabled());
   int first_row() const { return ys_->need_min; }
   int end_row() const { return ys_->need_max; }
   // rgb: 3 bytes per pixel, starting at input x = src_x0, readable kRowPad bytes past the end.

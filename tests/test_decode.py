@@ -215,8 +215,16 @@ def test_pillow_written_pngs(dec):
 # fused crop + resize
 
 
+@pytest.fixture(params=["simd", "scalar"])
+def simd_mode(request):
+    """Runs a test with the AVX2 resampling passes (where the CPU has them) and with the scalar ones."""
+    _C._set_simd(request.param == "simd")
+    yield request.param
+    _C._set_simd(True)
+
+
 @pytest.mark.parametrize("augment", [RRC, "center"])
-def test_crop_resize_bit_exact_without_dct_scaling(dec, jpeg_cases, augment):
+def test_crop_resize_bit_exact_without_dct_scaling(dec, jpeg_cases, augment, simd_mode):
     """Full-scale decode: output == open_clip's Pillow transform on the same crop, pixel for pixel."""
     size, n, seed = 64, 3, 11
     pngs = [(c[0], c[1], Image.fromarray(c[2])) for c in PNG_CASES[:8]]
@@ -229,7 +237,7 @@ def test_crop_resize_bit_exact_without_dct_scaling(dec, jpeg_cases, augment):
             np.testing.assert_array_equal(out[i], ref, err_msg=f"{name}[{i}]")
 
 
-def test_bilinear_and_custom_ranges(dec, jpeg_cases):
+def test_bilinear_and_custom_ranges(dec, jpeg_cases, simd_mode):
     data = dict(jpeg_cases)["baseline444"]
     im = pil_rgb(data)
     out = np.zeros((4, 48, 48, 3), np.uint8)
@@ -258,7 +266,7 @@ def test_matches_torchvision_open_clip_transforms(dec, jpeg_cases):
 
 
 @pytest.mark.parametrize("augment", [RRC, "center"])
-def test_dct_scaled_decode_psnr_on_real_figures(dec, augment):
+def test_dct_scaled_decode_psnr_on_real_figures(dec, augment, simd_mode):
     """DCT-reduced decode stays >= 40 dB from Pillow's full-resolution transform (real PMC JPEGs)."""
     size, n, seed = 224, 4, 1
     for path in sorted(FIX.glob("*.jpg")):
