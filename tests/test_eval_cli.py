@@ -111,3 +111,41 @@ def test_eval_linear_probe_cli(tmp_path):
     # Red vs blue images are linearly separable even in random-init ViT features.
     assert res["fractions"]["1"]["accuracy_mean"] >= 0.75
     assert "fraction" in (out / "linear_probe.md").read_text()
+
+
+def test_eval_zeroshot_predictions_csv_skips_and_unlabelled_dicom_folder(tmp_path):
+    import csv
+    import shutil
+    from pathlib import Path
+
+    pydicom = pytest.importorskip("pydicom")
+    _image_folder(tmp_path / "imgs", n_per=3)
+    (tmp_path / "imgs" / "red_things" / "broken.png").write_bytes(b"not a png")
+    out = tmp_path / "zs"
+    rc = main(["eval", "zeroshot", "tiny", "--dataset", str(tmp_path / "imgs"), "--out", str(out), "--device", "cpu"])
+    assert rc == 0
+    res = json.loads((out / "zeroshot.json").read_text())
+    assert res["metrics"]["n"] == 6 and res["skipped"]["count"] == 1
+    rows = list(csv.DictReader(open(out / "predictions.csv")))
+    assert len(rows) == 6 and not any("broken" in r["sample"] for r in rows)
+    assert {r["label"] for r in rows} == {"red_things", "blue_things"}  # labels stay aligned with files
+    assert all(r["label"] in r["sample"] for r in rows)
+
+    # A flat folder of real DICOM files: no labels, predictions only, classes from a YAML task.
+    base = Path(pydicom.__file__).parent / "data" / "test_files"
+    flat = tmp_path / "dicoms"
+    flat.mkdir()
+    for n in ("CT_small.dcm", "MR_small.dcm"):
+        shutil.copy(base / n, flat / n)
+    (tmp_path / "t.yaml").write_text("classes: [CT scan, MRI scan]\ntemplates: ['a {}']\n")
+    out2 = tmp_path / "zs2"
+    rc = main(["eval", "zeroshot", "tiny", "--dataset", str(flat), "--task", str(tmp_path / "t.yaml"),
+               "--out", str(out2), "--device", "cpu"])
+    assert rc == 0
+    res2 = json.loads((out2 / "zeroshot.json").read_text())
+    assert res2["n"] == 2 and "metrics" not in res2 and sum(res2["predicted_counts"].values()) == 2
+    rows2 = list(csv.DictReader(open(out2 / "predictions.csv")))
+    assert [Path(r["sample"]).name for r in rows2] == ["CT_small.dcm", "MR_small.dcm"]
+    assert all(r["label"] == "" and r["prediction"] in ("CT scan", "MRI scan") for r in rows2)
+    # Without classes an unlabelled folder is a clear error.
+    assert main(["eval", "zeroshot", "tiny", "--dataset", str(flat), "--device", "cpu", "--out", str(out2)]) == 2

@@ -172,17 +172,36 @@ def _resolve_task(args):
     return task, spec
 
 
+def _predictions_csv(ds, indices, res, classes) -> bytes:
+    import csv
+    import io
+
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["sample", "label", "prediction", *[f"p({c})" for c in classes]])
+    labels = ds.labels() if getattr(ds, "labelled", True) else None
+    for row, i in enumerate(indices):
+        lab = classes[int(labels[i])] if labels is not None else ""
+        w.writerow([ds.name_of(i), lab, classes[int(res["pred"][row])],
+                    *[f"{p:.6f}" for p in res["probs"][row]]])
+    return buf.getvalue().encode("utf-8")
+
+
 def run_zeroshot(args: argparse.Namespace) -> int:
     import numpy as np
 
+    from bmclip.errors import ConfigError
     from bmclip.eval.embed import model_image_size
     from bmclip.eval.readers import iterate_batches, open_dataset
-    from bmclip.eval.report import markdown_table, write_report
+    from bmclip.eval.report import atomic_write_bytes, markdown_table, write_report
     from bmclip.eval.zeroshot import save_confusion_png, zeroshot_classify
 
     task, spec = _resolve_task(args)
     ds = open_dataset(spec, data_root=args.data_root, split=args.split, task=task)
+    labelled = getattr(ds, "labelled", True)
     if task is None:
+        if not labelled:
+            raise ConfigError(f"{spec} has no class folders: give the classes with --task (YAML or built-in name)")
         from bmclip.eval.prompts import TaskSpec
 
         # No prompts given: the class (folder) names themselves are the prompts.
@@ -191,20 +210,42 @@ def run_zeroshot(args: argparse.Namespace) -> int:
     idx = range(len(ds))
     if args.max_samples is not None and args.max_samples < len(ds):
         idx = sorted(np.random.default_rng(0).choice(len(ds), args.max_samples, replace=False).tolist())
+    seen: list[int] = []
+
+    def tap(batches):
+        for b in batches:
+            seen.extend(int(i) for i in b["index"])
+            yield b
+
     batches = iterate_batches(ds, model_image_size(model), batch_size=args.batch_size, workers=args.workers,
                               indices=idx)
-    res = zeroshot_classify(model, tok, batches, list(task.classes), list(task.templates), amp=args.amp)
-    m = res["metrics"]
+    res = zeroshot_classify(model, tok, tap(batches), list(task.classes), list(task.templates), amp=args.amp)
     out = _out_dir(args, f"zeroshot_{task.name}")
-    png = save_confusion_png(np.array(m["confusion_matrix"]), list(task.classes), out / "confusion.png",
+    classes = list(task.classes)
+    pred_csv = atomic_write_bytes(out / "predictions.csv", _predictions_csv(ds, seen, res, classes))
+    result: dict[str, Any] = {"model": str(args.model), "task": task.name, "dataset": spec, "classes": classes,
+                              "templates": list(task.templates), "skipped": _skips_summary(ds.skipped),
+                              "predictions_csv": str(pred_csv)}
+    head = (f"# Zero-shot {task.name}: {args.model}\n\nDataset `{spec}`; templates: "
+            + "; ".join(f"`{t}`" for t in task.templates))
+    if not labelled:
+        counts = np.bincount(res["pred"], minlength=len(classes))
+        result.update(n=len(seen), predicted_counts=dict(zip(classes, counts.tolist())))
+        md = (head + f". Unlabelled data: predictions only ({len(seen)} images).\n\n"
+              + markdown_table([{"sample": Path(ds.name_of(i)).name, "prediction": classes[int(p)],
+                                 "probability": float(res["probs"][r].max())}
+                                for r, (i, p) in enumerate(zip(seen[:50], res["pred"][:50]))])
+              + (f"\n(first 50 of {len(seen)}; all in `predictions.csv`)\n" if len(seen) > 50 else ""))
+        paths = write_report(out, "zeroshot", result, md)
+        print(md)
+        print(f"wrote {paths['json']}, {paths['markdown']} and {pred_csv}", file=sys.stderr)
+        return 0
+    m = res["metrics"]
+    png = save_confusion_png(np.array(m["confusion_matrix"]), classes, out / "confusion.png",
                              title=f"{task.name} zero-shot")
-    result = {"model": str(args.model), "task": task.name, "dataset": spec, "classes": list(task.classes),
-              "templates": list(task.templates), "headline_metric": task.metric,
-              "headline": m.get(task.metric), "metrics": m, "skipped": _skips_summary(ds.skipped),
-              "confusion_png": png}
+    result.update(headline_metric=task.metric, headline=m.get(task.metric), metrics=m, confusion_png=png)
     keys = ["n", "accuracy", "balanced_accuracy", "auroc", "auroc_ovr_macro", "majority_baseline"]
-    md = (f"# Zero-shot {task.name}: {args.model}\n\nDataset `{spec}`; templates: "
-          + "; ".join(f"`{t}`" for t in task.templates) + f"; headline metric: {task.metric}.\n\n"
+    md = (head + f"; headline metric: {task.metric}.\n\n"
           + markdown_table([{k: m[k] for k in keys if k in m}])
           + "\nPer-class recall:\n\n"
           + markdown_table([{"class": c, "recall": r, "support": m["support"][c]}
@@ -212,7 +253,7 @@ def run_zeroshot(args: argparse.Namespace) -> int:
           + f"\nSkipped images: {len(ds.skipped)}. Confusion matrix: `{Path(png).name}`.\n")
     paths = write_report(out, "zeroshot", result, md)
     print(md)
-    print(f"wrote {paths['json']}, {paths['markdown']} and {png}", file=sys.stderr)
+    print(f"wrote {paths['json']}, {paths['markdown']}, {png} and {pred_csv}", file=sys.stderr)
     return 0
 
 

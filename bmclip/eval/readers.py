@@ -2,7 +2,8 @@
 and webdataset shards (a plain tarfile + PIL reader for evaluation; training uses ``bmclip.data.ShardLoader``).
 
 A classification dataset yields ``(PIL RGB image, int label)`` and has ``classes``. A dataset SPEC is
-resolved by ``open_dataset``: a folder (ImageFolder), a ``.csv``/``.tsv`` file, a PCam HDF5 folder or
+resolved by ``open_dataset``: a folder (ImageFolder; a flat folder of images/DICOM files or a single
+image file gives an unlabelled set, label -1, for predictions only), a ``.csv``/``.tsv`` file, a PCam HDF5 folder or
 ``..._split_<split>`` prefix, a DICOM file/folder, a shard pattern (``*.tar``, ``{000..009}``), or a
 built-in task name (``pcam``, ``lc25000_lung``, ``lc25000_colon``, ``tcga_til``, ``rsna_pneumonia``)
 with ``data_root``. Unreadable images are counted skips with a reason (``dataset.skipped``), never
@@ -200,12 +201,14 @@ def _natural_key(s: str):
 class FileListDataset(ImageDataset):
     """Images given as (path, label index) pairs."""
 
-    def __init__(self, items: list[tuple[Path, int]], classes: list[str], frame: str = "middle"):
+    def __init__(self, items: list[tuple[Path, int]], classes: list[str], frame: str = "middle",
+                 labelled: bool = True):
         if not items:
             raise DataError("dataset is empty")
         self.items = items
         self.classes = classes
         self.frame = frame
+        self.labelled = labelled
         self.skipped = []
 
     def __len__(self) -> int:
@@ -225,6 +228,15 @@ class FileListDataset(ImageDataset):
 def _is_image_file(p: Path) -> bool:
     s = p.suffix.lower()
     return s in IMAGE_EXTS or s in DICOM_EXTS or (s == "" and _looks_like_dicom(p))
+
+
+def unlabelled_images(path: str | os.PathLike) -> FileListDataset:
+    """Images (any PIL format or DICOM) directly in a folder, or one image file, without labels (label -1)."""
+    p = Path(path)
+    files = [p] if p.is_file() else sorted(q for q in p.iterdir() if q.is_file() and _is_image_file(q))
+    if not files:
+        raise DataError(f"{p}: no image or DICOM files")
+    return FileListDataset([(q, -1) for q in files], [], labelled=False)
 
 
 def image_folder(root: str | os.PathLike, task: Any = None) -> FileListDataset:
@@ -440,9 +452,11 @@ def open_dataset(spec: str, data_root: str | os.PathLike | None = None, split: s
     if p.is_dir():
         if Path(pcam_prefix(p, split) + "_x.h5").exists():
             return PCamDataset(pcam_prefix(p, split), task)
+        if not any(d.is_dir() and not d.name.startswith(".") for d in p.iterdir()):
+            return unlabelled_images(p)  # a flat folder of images / DICOM files: predictions only
         return image_folder(p, task)
-    if p.is_file():
-        raise DataError(f"{p}: a single file is not a dataset (use a folder, .csv/.tsv, PCam .h5 or shards)")
+    if p.is_file() and _is_image_file(p):
+        return unlabelled_images(p)
     raise DataError(f"dataset {spec!r} not found (not a path, and not one of {sorted(BUILTIN_TASKS)})")
 
 
@@ -655,8 +669,8 @@ def iterate_batches(dataset: ImageDataset, image_size: int, batch_size: int = 64
         for s in range(0, len(idx), batch_size):
             res = [r for r in pool.map(load, idx[s : s + batch_size]) if r is not None]
             if res:
-                yield {
-                    "index": np.array([r[0] for r in res], dtype=np.int64),
-                    "image": np.stack([r[1] for r in res]),
-                    "label": np.array([r[2] for r in res], dtype=np.int64),
-                }
+                batch = {"index": np.array([r[0] for r in res], dtype=np.int64),
+                         "image": np.stack([r[1] for r in res])}
+                if getattr(dataset, "labelled", True):
+                    batch["label"] = np.array([r[2] for r in res], dtype=np.int64)
+                yield batch
