@@ -285,3 +285,13 @@ def test_rsna_layout(tmp_path):
     ds = readers.open_dataset("rsna_pneumonia", data_root=tmp_path)
     assert ds.labels().tolist() == [0, 1] and ds.classes == ["normal lung", "pneumonia"]
     assert len(ds.skipped) == 1 and "p3" in ds.skipped[0][0]
+
+
+def test_voi_lut_functions_hand_checked():
+    x = np.array([0.0, 100.0, 150.0, 200.0])
+    # SIGMOID: 255 / (1 + exp(-4 (x - c) / w)), c=100, w=50 -> x=100: 127.5 -> 128; x=150: 255/(1+e^-4).
+    assert readers.window_to_uint8(x, 100, 50, "SIGMOID").tolist() == [0, 128, 250, 255]
+    # LINEAR_EXACT: ((x - c) / w + 0.5) * 255 -> x=100: 127.5 -> 128 (round half to even gives 128).
+    assert readers.window_to_uint8(x, 100, 100, "LINEAR_EXACT").tolist() == [0, 128, 255, 255]
+    with pytest.raises(DataError):
+        readers.window_to_uint8(x, 100, 50, "CUBIC")

@@ -76,9 +76,20 @@ def _minmax_to_uint8(arr: np.ndarray) -> np.ndarray:
     return np.clip(np.round((arr - lo) / (hi - lo) * 255.0), 0, 255).astype(np.uint8)
 
 
-def window_to_uint8(arr: np.ndarray, center: float, width: float) -> np.ndarray:
-    """DICOM linear VOI window (PS3.3 C.11.2.1.2.1) mapped to 0..255 uint8."""
+def window_to_uint8(arr: np.ndarray, center: float, width: float, function: str = "LINEAR") -> np.ndarray:
+    """DICOM VOI window (PS3.3 C.11.2.1.2: LINEAR, LINEAR_EXACT or SIGMOID) mapped to 0..255 uint8."""
     x = np.asarray(arr, dtype=np.float64)
+    function = (function or "LINEAR").upper()
+    if function == "SIGMOID":
+        if width <= 0:
+            raise DataError(f"DICOM window width must be > 0, got {width}")
+        return np.clip(np.round(255.0 / (1.0 + np.exp(-4.0 * (x - center) / width))), 0, 255).astype(np.uint8)
+    if function == "LINEAR_EXACT":
+        if width <= 0:
+            raise DataError(f"DICOM window width must be > 0, got {width}")
+        return np.clip(np.round(((x - center) / width + 0.5) * 255.0), 0, 255).astype(np.uint8)
+    if function != "LINEAR":
+        raise DataError(f"unknown DICOM VOILUTFunction {function!r}")
     if width < 1:
         raise DataError(f"DICOM window width must be >= 1, got {width}")
     if width == 1:
@@ -102,7 +113,8 @@ def dicom_to_pil(path: str | os.PathLike, frame: str = "middle"):
     """DICOM -> RGB PIL image.
 
     Greyscale: modality LUT (rescale slope/intercept), then the file's first VOI window (WindowCenter/
-    WindowWidth) if present, else min/max, to 8 bits; MONOCHROME1 is inverted so that higher values are
+    WindowWidth, with its VOILUTFunction; a VOI LUT Sequence is not applied) if present, else min/max,
+    to 8 bits; MONOCHROME1 is inverted so that higher values are
     brighter like MONOCHROME2. Colour (RGB/YBR, converted to RGB by pydicom) is kept; PALETTE COLOR
     goes through its lookup table. Multi-frame: ``frame="middle"`` (default; the central slice of a
     series/cine is usually the most representative) or ``"first"``.
@@ -144,7 +156,8 @@ def dicom_to_pil(path: str | os.PathLike, frame: str = "middle"):
     x = apply_rescale(arr, ds) if "RescaleSlope" in ds or "RescaleIntercept" in ds else arr
     x = np.asarray(x, dtype=np.float64)
     if "WindowCenter" in ds and "WindowWidth" in ds:
-        g = window_to_uint8(x, _first(ds.WindowCenter), _first(ds.WindowWidth))
+        g = window_to_uint8(x, _first(ds.WindowCenter), _first(ds.WindowWidth),
+                            str(ds.get("VOILUTFunction", "LINEAR") or "LINEAR"))
     else:
         g = _minmax_to_uint8(x)
     if photometric == "MONOCHROME1":
