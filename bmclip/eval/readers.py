@@ -575,7 +575,7 @@ def sample_text(sample: dict[str, Any]) -> str:
     if "txt" not in sample:
         raise DataError(f"sample {sample.get('key')} has no txt member")
     try:
-        return sample["txt"].decode("utf-8")
+        return sample["txt"].decode("utf-8").strip()  # as ShardLoader does
     except UnicodeDecodeError as e:
         raise DataError(f"sample {sample.get('key')}: caption is not UTF-8") from e
 
