@@ -93,18 +93,19 @@ def time_one(fn, B, D, dtype, device, warmup, iters, time_budget_s):
         loss.backward()
         return loss
 
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        _sync(device)
-        base = torch.cuda.memory_allocated(device)
-        torch.cuda.reset_peak_memory_stats(device)
     t_start = time.perf_counter()
-    loss = step()  # first call: compile/autotune + the peak-memory measurement
-    _sync(device)
-    peak = (torch.cuda.max_memory_allocated(device) - base) if device.type == "cuda" else None
+    step()  # first call compiles / autotunes (the autotuner's own buffers must not count as peak)
     for _ in range(warmup):
         step()
     _sync(device)
+    if device.type == "cuda":
+        I.grad = T.grad = s.grad = None
+        torch.cuda.empty_cache()
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    loss = step()  # peak extra memory of one fwd+bwd (includes the gradients it creates)
+    _sync(device)
+    peak = (torch.cuda.max_memory_allocated(device) - base) if device.type == "cuda" else None
     times = []
     for _ in range(iters):
         t0 = time.perf_counter()

@@ -248,7 +248,7 @@ if HAS_TRITON:
                 for bdo in (64, 128, 256):
                     if bm * bdo > 128 * 128:  # fp32 accumulator above 64 KiB spills registers
                         continue
-                    for warps, stages in ((4, 2), (8, 2), (8, 3)):
+                    for warps, stages in ((4, 2), (8, 3)):
                         out.append(triton.Config({"BM": bm, "BN": bn, "BK": bk, "BDO": bdo},
                                                  num_warps=warps, num_stages=stages))
         return out
