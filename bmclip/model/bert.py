@@ -102,11 +102,13 @@ class BertTextEncoder(nn.Module):
         # length, so compiled code keeps the full (masked) context instead.
         if not self.trim_padding or torch.compiler.is_compiling() or input_ids.shape[0] == 0:
             return input_ids, mask
-        # One host sync: last column holding any real token, and whether there is padding at all.
-        col_any = mask.any(dim=0)
-        last = int(torch.nonzero(col_any).max()) + 1
+        # One host sync for both facts: real tokens per row and which columns hold any real token.
+        b = input_ids.shape[0]
+        host = torch.cat([mask.sum(dim=1), mask.any(dim=0).long()]).tolist()
+        counts, col_any = host[:b], host[b:]
+        last = max(i for i, v in enumerate(col_any) if v) + 1
         input_ids, mask = input_ids[:, :last], mask[:, :last]
-        if bool(mask.all()):
+        if all(c == last for c in counts):
             mask = None  # no padding left: lets SDPA pick its fastest (mask-free) kernel
         return input_ids, mask
 
