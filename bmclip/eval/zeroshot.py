@@ -194,9 +194,13 @@ def zeroshot_classify(
 
     from bmclip.eval.embed import embed_image_batches
 
+    was_training = model.training
     model.eval()
-    w = class_embeddings(model, tokenizer, classnames, templates, amp=amp)
-    feats, batch_labels = embed_image_batches(model, _image_batches(images_or_loader, batch_size), amp=amp)
+    try:
+        w = class_embeddings(model, tokenizer, classnames, templates, amp=amp)
+        feats, batch_labels = embed_image_batches(model, _image_batches(images_or_loader, batch_size), amp=amp)
+    finally:
+        model.train(was_training)
     f = torch.nn.functional.normalize(torch.from_numpy(feats), dim=-1)
     cos = (f @ w.cpu().T).double().numpy()
     scores = cos * _logit_scale(model)
