@@ -490,8 +490,13 @@ def block_backward(A, C, scale, bias, off, loss, row_lse, col_lse, row_coef, col
 
 def positives(A, C, scale, bias, off):
     """Positive logits x_{i, i+off} (M,) in fp32 (C must hold rows off .. off+M−1)."""
-    M = A.shape[0]
-    x = (A.float() * C[off:off + M].float()).sum(dim=1) * scale.detach().reshape(()).float()
+    M, D = A.shape
+    x = torch.empty(M, dtype=torch.float32, device=A.device)
+    step = max(1, (1 << 22) // D)  # row chunks: fp32 temporaries stay at ~16 MB whatever B is
+    for r0 in range(0, M, step):
+        r1 = min(M, r0 + step)
+        x[r0:r1] = (A[r0:r1].float() * C[off + r0:off + r1].float()).sum(dim=1)
+    x = x * scale.detach().reshape(()).float()
     if bias is not None:
         x = x + bias.detach().reshape(()).float()
     return x
