@@ -181,10 +181,12 @@ def test_finetune_encoders_updates_towers(vqa_rad_dir, one_thread):
     before = {k: v.clone() for k, v in clip.state_dict().items()}
     tok = get_tokenizer(context_length=clip.config.text.context_length)
     data = load_vqa_splits(vqa_rad_dir)
-    res = train_vqa(clip, tok, data["train"][:64], data["test"][:16], epochs=1, batch_size=32, hidden=32,
-                    layers=1, finetune_encoders=True, encoder_lr=1e-3)
+    test = data["test"][:15] + [VQASample(data["test"][0].image, "What colour is the shape?", "purple", "OPEN", "x")]
+    res = train_vqa(clip, tok, data["train"][:64], test, epochs=1, batch_size=32, hidden=32,
+                    layers=1, finetune_encoders=True, encoder_lr=1e-3, answer_vocab="all")
     after = clip.state_dict()
     assert not torch.equal(before["visual.patch_embed.weight"], after["visual.patch_embed.weight"])
     changed_text = [k for k in after if k.startswith("text.") and not torch.equal(before[k], after[k])]
     assert changed_text
     assert res["metrics"]["overall_n"] == 16 and len(res["predictions"]) == 16
+    assert "purple" in res["vocab"] and res["metrics"]["test_answers_not_in_vocab"] == 0

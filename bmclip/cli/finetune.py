@@ -34,6 +34,8 @@ def register(subparsers: Any) -> None:
     v.add_argument("--hidden", type=int, default=256)
     v.add_argument("--layers", type=int, default=2)
     v.add_argument("--heads", type=int, default=4)
+    v.add_argument("--answer-vocab", choices=["train", "all"], default="train",
+                   help="label space: training answers only, or train+test answers as in METER-style set-ups")
     v.add_argument("--seed", type=int, default=0)
     v.add_argument("--device", default="auto")
     v.add_argument("--out", default=None, help="output folder (default eval_out/vqa_<format>)")
@@ -56,11 +58,12 @@ def run_vqa(args: argparse.Namespace) -> int:
     res = train_vqa(model, tok, data["train"], data["test"], epochs=args.epochs, batch_size=args.batch_size,
                     lr=args.lr, encoder_lr=args.encoder_lr, finetune_encoders=args.finetune_encoders,
                     hidden=args.hidden, layers=args.layers, heads=args.heads, features=args.features,
-                    seed=args.seed, device=dev, log=lambda s: print(s, file=sys.stderr))
+                    seed=args.seed, device=dev, log=lambda s: print(s, file=sys.stderr),
+                    answer_vocab=args.answer_vocab)
     m = res["metrics"]
     out = Path(args.out) if args.out else Path("eval_out") / f"vqa_{data['format']}"
     config = {k: getattr(args, k) for k in ("epochs", "batch_size", "lr", "encoder_lr", "finetune_encoders",
-                                            "features", "hidden", "layers", "heads", "seed")}
+                                            "features", "hidden", "layers", "heads", "seed", "answer_vocab")}
     vqa_model = res["model"]
     blob: dict[str, Any] = {
         "fusion": {k: v.detach().cpu() for k, v in vqa_model.state_dict().items() if not k.startswith("clip.")},

@@ -14,8 +14,10 @@ Readers (local files only):
   ``imgs/``, ``question``, ``answer``, ``answer_type``, ``q_lang``, ...); only ``q_lang == "en"`` is kept.
 
 Answers are normalised (lower case, whitespace collapsed, trailing period dropped). The answer vocabulary
-is the set of normalised *training* answers; a test question whose answer is outside it can never be
-answered and counts as wrong (their number is reported as ``test_answers_not_in_vocab``).
+is, by default, the set of normalised *training* answers; a test question whose answer is outside it can
+never be answered and counts as wrong (their number is reported as ``test_answers_not_in_vocab``).
+``answer_vocab="all"`` uses train + test answers as the label space instead, as the METER/PubMedCLIP-style
+set-ups behind the published VQA-RAD/SLAKE numbers do.
 
 Fusion (after METER, Dou et al. 2022): image tokens (ViT, CLS first) and question tokens (BERT, CLS
 first) are projected to ``hidden`` and pass ``layers`` co-attention layers; each layer does, per stream,
@@ -295,6 +297,7 @@ def train_vqa(
     seed: int = 0,
     device: str = "cpu",
     log: Any = None,
+    answer_vocab: str = "train",
 ) -> dict[str, Any]:
     """Train answer classification on ``train`` and score ``test``. Returns metrics, history, the model and vocab.
 
@@ -310,7 +313,11 @@ def train_vqa(
         raise ConfigError("epochs and batch_size must be >= 1")
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
-    vocab = sorted({s.answer for s in train})
+    if answer_vocab not in ("train", "all"):
+        raise ConfigError(f"answer_vocab must be 'train' or 'all', got {answer_vocab!r}")
+    # "all" = train + test answers as the label space (the usual VQA-RAD/SLAKE classification set-up in
+    # the METER / PubMedCLIP line of work; it reveals which answers exist in test, not which is right).
+    vocab = sorted({s.answer for s in (train + test if answer_vocab == "all" else train)})
     a2i = {a: i for i, a in enumerate(vocab)}
     y_train = torch.tensor([a2i[s.answer] for s in train])
     clip_model.to(device)
@@ -381,5 +388,6 @@ def train_vqa(
     metrics["majority_answer"] = majority
     metrics["majority_baseline"] = vqa_accuracy([majority] * len(test), test)["overall_accuracy"]
     metrics["n_answers"] = len(vocab)
+    metrics["answer_vocab"] = answer_vocab
     metrics["test_answers_not_in_vocab"] = sum(s.answer not in a2i for s in test)
     return {"metrics": metrics, "history": history, "model": model, "vocab": vocab, "predictions": preds}
