@@ -254,3 +254,24 @@ def test_empty_batch():
     with torch.no_grad():
         assert model.encode_text(torch.zeros(0, 12, dtype=torch.long)).shape == (0, 64)
         assert model.encode_image(torch.zeros(0, 3, 64, 64)).shape == (0, 64)
+
+
+def test_set_image_size_resamples_position_grid():
+    timm_layers = pytest.importorskip("timm.layers")
+    model = _tiny().eval()
+    old = model.visual.pos_embed.detach().clone()
+    model.set_image_size(64)  # same size: unchanged
+    assert torch.equal(model.visual.pos_embed, old)
+    for size in (96, 32):  # grow and shrink the 8x8 grid
+        m = _tiny().eval()
+        m.set_image_size(size)
+        g = size // 8
+        assert m.config.vision.image_size == size and m.visual.pos_embed.shape == (1, g * g + 1, 128)
+        # Independent reference: timm's resample_abs_pos_embed (bicubic, antialiased, CLS kept).
+        ref = timm_layers.resample_abs_pos_embed(old, [g, g], num_prefix_tokens=1)
+        torch.testing.assert_close(m.visual.pos_embed.detach(), ref)
+        with torch.no_grad():
+            assert m.encode_image(torch.randn(2, 3, size, size)).shape == (2, 64)
+        assert m.visual.pos_embed.requires_grad
+    with pytest.raises(ConfigError, match="image_size"):
+        model.set_image_size(70)

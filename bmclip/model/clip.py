@@ -53,6 +53,14 @@ class BiomedCLIP(nn.Module):
             "logit_bias": self.logit_bias,
         }
 
+    def set_image_size(self, image_size: int) -> None:
+        """Use the model at a new input resolution: resamples the ViT position grid, updates the config.
+
+        Replaces the ``visual.pos_embed`` Parameter: call it before building the optimizer.
+        """
+        self.visual.set_image_size(image_size)
+        self.config.vision.image_size = image_size
+
     def set_attn_backend(self, name: str) -> None:
         """Route every attention layer of both towers through backend ``name`` (ConfigError if unknown)."""
         check_backend(name)

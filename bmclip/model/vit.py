@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from bmclip.errors import DataError
+from bmclip.errors import ConfigError, DataError
 from bmclip.model.config import VisionConfig
 from bmclip.model.layers import Mlp, SelfAttention, init_linear_
 
@@ -48,6 +49,26 @@ class VisionTransformer(nn.Module):
         nn.init.normal_(self.pos_embed, std=0.02)
         nn.init.normal_(self.cls_token, std=1e-6)
         nn.init.normal_(self.proj.weight, std=self.cfg.width**-0.5)
+
+    @torch.no_grad()
+    def set_image_size(self, image_size: int) -> None:
+        """Resample the learned patch position grid (bicubic) for a new input size; CLS position kept.
+
+        This is how a 224-px model continues training or is evaluated at 384 px.
+        """
+        p = self.cfg.patch_size
+        if not isinstance(image_size, int) or image_size <= 0 or image_size % p:
+            raise ConfigError(f"vision.image_size={image_size!r} must be a positive multiple of patch_size={p}")
+        old, new = self.cfg.image_size // p, image_size // p
+        if new != old:
+            cls_pos, grid = self.pos_embed[:, :1], self.pos_embed[:, 1:]
+            w = grid.shape[-1]
+            grid = grid.float().reshape(1, old, old, w).permute(0, 3, 1, 2)
+            # antialias only acts when shrinking the grid; it avoids aliasing the learned pattern then.
+            grid = F.interpolate(grid, size=(new, new), mode="bicubic", align_corners=False, antialias=True)
+            grid = grid.permute(0, 2, 3, 1).reshape(1, new * new, w).to(self.pos_embed.dtype)
+            self.pos_embed = nn.Parameter(torch.cat([cls_pos, grid], dim=1), requires_grad=self.pos_embed.requires_grad)
+        self.cfg.image_size = image_size
 
     def patch_dropout(self, x: torch.Tensor) -> torch.Tensor:
         """Keep a random subset of the (B, N, W) patch tokens per image (training only, FLIP-style)."""
