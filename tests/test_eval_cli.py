@@ -149,3 +149,15 @@ def test_eval_zeroshot_predictions_csv_skips_and_unlabelled_dicom_folder(tmp_pat
     assert all(r["label"] == "" and r["prediction"] in ("CT scan", "MRI scan") for r in rows2)
     # Without classes an unlabelled folder is a clear error.
     assert main(["eval", "zeroshot", "tiny", "--dataset", str(flat), "--device", "cpu", "--out", str(out2)]) == 2
+
+
+def test_eval_retrieval_max_pairs_and_float32(tmp_path):
+    _shards(tmp_path, n=20)
+    out = tmp_path / "o"
+    rc = main(["eval", "retrieval", "tiny", "--shards", str(tmp_path / "shard-*.tar"), "--out", str(out),
+               "--batch-size", "6", "--max-pairs", "15", "--storage-dtype", "float32", "--ks", "1", "3",
+               "--reader", "python", "--device", "cpu"])
+    assert rc == 0
+    res = json.loads((out / "retrieval.json").read_text())
+    assert res["n"] == 15 and res["chance_R@3"] == pytest.approx(3 / 15) and "image_to_text_R@3" in res
+    assert np.load(out / "embeddings" / "text_emb.npy").dtype == np.float32
