@@ -104,21 +104,17 @@ RowResampler::RowResampler(const AxisCoeffs* xs, const AxisCoeffs* ys, int src_x
     : xs_(xs), ys_(ys), src_x0_(src_x0), use_simd_(use_simd) {
 #ifdef BMCLIP_X86
   if (use_simd_ && cpu_has_avx2()) {
-    // Coefficients for hpass_avx2_madd: per output pixel and group of 4 taps, 16 int16 high parts
-    // then 16 int16 low parts, laid out as the pixel shuffle expects (zeros past the last tap).
+    // Coefficients for hpass_avx2_madd: per output pixel and group of 4 taps, kh0..kh3 then kl0..kl3
+    // (int16; zeros past the last tap).
     groups_ = (xs->ksize + 3) / 4;
-    khl_.assign(static_cast<size_t>(xs->count) * groups_ * 32, 0);
+    khl_.assign(static_cast<size_t>(xs->count) * groups_ * 8, 0);
     for (int xx = 0; xx < xs->count; ++xx) {
       const int n = xs->bounds[2 * xx + 1];
       const int32_t* k = &xs->k[static_cast<size_t>(xx) * xs->ksize];
+      int16_t* dst = &khl_[static_cast<size_t>(xx) * groups_ * 8];
       for (int t = 0; t < n; ++t) {
-        const int32_t hi = k[t] >> 11, lo = k[t] & 2047;
-        int16_t* dst = &khl_[(static_cast<size_t>(xx) * groups_ + t / 4) * 32];
-        const int lane = (t % 4) / 2, slot = t % 2;  // taps 0,1 -> lane 0; taps 2,3 -> lane 1
-        for (int c = 0; c < 3; ++c) {
-          dst[lane * 8 + 2 * c + slot] = static_cast<int16_t>(hi);
-          dst[16 + lane * 8 + 2 * c + slot] = static_cast<int16_t>(lo);
-        }
+        dst[(t / 4) * 8 + t % 4] = static_cast<int16_t>(k[t] >> 11);
+        dst[(t / 4) * 8 + 4 + t % 4] = static_cast<int16_t>(k[t] & 2047);
       }
     }
   }
@@ -167,31 +163,33 @@ void vpass_scalar(const uint8_t* tmp, size_t row_len, int need_min, const AxisCo
 }
 
 #ifdef BMCLIP_X86
-// Exact AVX2 horizontal pass: each 22-bit coefficient k is split as k = kh * 2^11 + kl (0 <= kl < 2^11), so
-// both halves fit int16 and _mm256_madd_epi16 (16 products per instruction) can be used; the two
-// int32 sums recombine exactly to the sum of p * k. Four taps per step; the coefficients are
-// pre-arranged per output pixel to match the pixel shuffle: lane 0 [k0 k1 k0 k1 k0 k1 0 0], lane 1
-// [k2 k3 k2 k3 k2 k3 0 0].
+// Exact AVX2 horizontal pass: each 22-bit coefficient k is split as k = kh * 2^11 + kl (0 <= kl <
+// 2^11), so both halves fit int16 and _mm256_madd_epi16 can be used; the two int32 sums recombine
+// exactly to the sum of p * k. Four taps per step: pixels x..x+3 are spread to int16 lanes
+// [r0 r1 g0 g1 b0 b1 0 0 | r2 r3 g2 g3 b2 b3 0 0] and multiplied by the broadcast pairs
+// (kh0 kh1 | kh2 kh3), likewise for kl. The compact table (16 bytes per 4 taps: kh0..3, kl0..3)
+// stays in L1 for a whole row.
 __attribute__((target("avx2"))) void hpass_avx2_madd(const uint8_t* rgb, int src_x0, const AxisCoeffs& xs,
                                                      const std::vector<int16_t>& khl, int groups,
                                                      uint8_t* out) {
   const __m256i spread = _mm256_setr_epi8(0, -1, 3, -1, 1, -1, 4, -1, 2, -1, 5, -1, -1, -1, -1, -1,  //
                                           6, -1, 9, -1, 7, -1, 10, -1, 8, -1, 11, -1, -1, -1, -1, -1);
+  const __m256i sel_hi = _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1);
+  const __m256i sel_lo = _mm256_setr_epi32(2, 2, 2, 2, 3, 3, 3, 3);
   const __m128i half = _mm_set1_epi32(1 << (kPrecisionBits - 1));
   for (int xx = 0; xx < xs.count; ++xx) {
     const int xmin = xs.bounds[2 * xx];
     const int n = xs.bounds[2 * xx + 1];
-    const int16_t* k = &khl[static_cast<size_t>(xx) * groups * 32];
+    const int16_t* k = &khl[static_cast<size_t>(xx) * groups * 8];
     const uint8_t* p = rgb + static_cast<ptrdiff_t>(xmin - src_x0) * 3;
     __m256i acc_hi = _mm256_setzero_si256(), acc_lo = _mm256_setzero_si256();
     const int ng = (n + 3) / 4;
     for (int g = 0; g < ng; ++g) {
       __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 12 * g));
       __m256i px = _mm256_shuffle_epi8(_mm256_broadcastsi128_si256(raw), spread);
-      __m256i kh = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(k + 32 * g));
-      __m256i kl = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(k + 32 * g + 16));
-      acc_hi = _mm256_add_epi32(acc_hi, _mm256_madd_epi16(px, kh));
-      acc_lo = _mm256_add_epi32(acc_lo, _mm256_madd_epi16(px, kl));
+      __m256i kk = _mm256_castsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(k + 8 * g)));
+      acc_hi = _mm256_add_epi32(acc_hi, _mm256_madd_epi16(px, _mm256_permutevar8x32_epi32(kk, sel_hi)));
+      acc_lo = _mm256_add_epi32(acc_lo, _mm256_madd_epi16(px, _mm256_permutevar8x32_epi32(kk, sel_lo)));
     }
     __m256i acc = _mm256_add_epi32(_mm256_slli_epi32(acc_hi, 11), acc_lo);
     __m128i sum = _mm_add_epi32(_mm_add_epi32(_mm256_castsi256_si128(acc), _mm256_extracti128_si256(acc, 1)), half);
