@@ -76,7 +76,7 @@ def build_open_clip(mcfg):
     orig = hf_model.AutoConfig.from_pretrained
     hf_model.AutoConfig.from_pretrained = lambda *a, **k: bert
     try:
-        return CustomTextCLIP(**cfg)
+        return CustomTextCLIP(**cfg, output_dict=True)
     finally:
         hf_model.AutoConfig.from_pretrained = orig
 
