@@ -210,14 +210,16 @@ class Decoder {
   int num_threads() const { return pool_->num_threads(); }
   int64_t max_pixels() const { return max_pixels_; }
 
-  py::list decode_batch(const py::sequence& buffers, py::array out, const std::string& augment,
+  py::list decode_batch(const py::sequence& buffers, const py::object& out_obj, const std::string& augment,
                         const py::int_& seed, std::pair<double, double> scale,
                         std::pair<double, double> ratio, const std::string& interpolation,
                         bool dct_scaling, double dct_min_ratio) {
     CropParams p = make_params(augment, scale, ratio, interpolation, dct_scaling, max_pixels_, dct_min_ratio);
     const size_t n = py::len(buffers);
-    if (!py::isinstance<py::array_t<uint8_t>>(out) || out.dtype().kind() != 'u' || out.itemsize() != 1)
-      throw py::type_error("out must be a numpy uint8 array");
+    // No implicit conversion: writing into a converted temporary would silently lose the pixels.
+    if (!py::isinstance<py::array>(out_obj)) throw py::type_error("out must be a numpy.ndarray (uint8)");
+    py::array out = py::reinterpret_borrow<py::array>(out_obj);
+    if (out.dtype().kind() != 'u' || out.itemsize() != 1) throw py::type_error("out must be a numpy uint8 array");
     if (out.ndim() != 4 || out.shape(3) != 3 || out.shape(1) != out.shape(2))
       throw py::value_error("out must have shape [N, S, S, 3]");
     if (!(out.flags() & py::array::c_style)) throw py::value_error("out must be C-contiguous");

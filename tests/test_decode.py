@@ -453,6 +453,8 @@ def test_argument_validation(dec):
         dec.decode_batch([data], np.zeros((1, 8, 8, 3), np.uint8), scale=(0.5, 1.5))
     with pytest.raises(TypeError):
         dec.decode_batch([42], np.zeros((1, 8, 8, 3), np.uint8))
+    with pytest.raises(TypeError):  # a list would be converted to a temporary copy: refused
+        dec.decode_batch([data], np.zeros((1, 8, 8, 3), np.uint8).tolist())
     # any buffer: bytes, memoryview, bytearray, numpy views (e.g. TarIndex.read results)
     out = np.zeros((4, 8, 8, 3), np.uint8)
     bufs = [data, memoryview(data), bytearray(data), np.frombuffer(data, np.uint8)]
