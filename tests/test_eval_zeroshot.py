@@ -207,10 +207,10 @@ def test_zeroshot_on_real_bundled_images_matches_manual_reference(tmp_path):
     rows = []
     for i in range(len(ds)):
         im = load_image(ds.name_of(i))
-        w, h = im.size
-        s = size / min(w, h)
-        im = im.resize((max(size, round(w * s)), max(size, round(h * s))), Image.BICUBIC)
-        left, top = (im.size[0] - size) // 2, (im.size[1] - size) // 2
+        w, h = im.size  # torchvision Resize(size) + CenterCrop(size) arithmetic
+        nw, nh = (size, int(size * h / w)) if w <= h else (int(size * w / h), size)
+        im = im.resize((nw, nh), Image.BICUBIC)
+        left, top = int(round((nw - size) / 2)), int(round((nh - size) / 2))
         a = np.asarray(im.crop((left, top, left + size, top + size)), dtype=np.float64) / 255.0
         a = (a - np.array(IMAGE_MEAN)) / np.array(IMAGE_STD)
         rows.append(a.transpose(2, 0, 1))
@@ -222,3 +222,19 @@ def test_zeroshot_on_real_bundled_images_matches_manual_reference(tmp_path):
             cls.append(torch.nn.functional.normalize(e.mean(0), dim=0))
         ref = (f @ torch.stack(cls).T * model.logit_scale.exp()).numpy()
     np.testing.assert_allclose(out["scores"], ref, rtol=1e-4, atol=1e-4)
+
+
+def test_preprocessing_matches_open_clip_eval_transform():
+    """to_model_input(list of PIL) == open_clip's image_transform(is_train=False) for RGB images."""
+    transform_mod = pytest.importorskip("open_clip.transform")
+    from bmclip.eval.embed import to_model_input
+
+    model = ColourModel()
+    size = model.config.vision.image_size
+    t = transform_mod.image_transform(size, is_train=False, mean=model.image_mean, std=model.image_std)
+    rng = np.random.default_rng(0)
+    imgs = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+            for h, w in ((16, 16), (23, 57), (61, 18), (17, 40), (100, 33), (9, 12))]
+    ours = to_model_input(imgs, model)
+    ref = torch.stack([t(im) for im in imgs])
+    torch.testing.assert_close(ours, ref, rtol=0, atol=1e-5)

@@ -62,11 +62,15 @@ def resize_center_crop(img: Any, size: int):
     w, h = img.size
     if w < 1 or h < 1:
         raise DataError("empty image")
-    scale = size / min(w, h)
-    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+    # Same arithmetic as torchvision's Resize(size) + CenterCrop(size) in open_clip's eval transform
+    # (long side truncated, crop offset rounded), so BiomedCLIP sees exactly the pixels it was evaluated on.
+    if w <= h:
+        nw, nh = size, int(size * h / w)
+    else:
+        nw, nh = int(size * w / h), size
     if (nw, nh) != (w, h):
         img = img.resize((nw, nh), Image.BICUBIC)
-    left, top = (nw - size) // 2, (nh - size) // 2
+    left, top = int(round((nw - size) / 2.0)), int(round((nh - size) / 2.0))
     return img.crop((left, top, left + size, top + size))
 
 
