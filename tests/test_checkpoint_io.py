@@ -36,7 +36,7 @@ def test_malicious_raw_pickle_refused(tmp_path):
     marker = tmp_path / "pwned"
     path = tmp_path / "evil.pkl"
     with open(path, "wb") as f:
-        pickle.dump({"w": _Evil(marker)}, f)
+        pickle.dump({"w": _Evil(marker)}, f, protocol=2)
     with pytest.raises(CheckpointError):
         load_state_dict(path)
     assert not marker.exists()

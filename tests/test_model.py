@@ -275,3 +275,19 @@ def test_set_image_size_resamples_position_grid():
         assert m.visual.pos_embed.requires_grad
     with pytest.raises(ConfigError, match="image_size"):
         model.set_image_size(70)
+
+
+def test_bf16_autocast_with_checkpointing():
+    # The GPU recipe runs both towers under bf16 autocast; CPU autocast exercises the same dtype paths.
+    model = _tiny(grad_checkpointing=True).train()
+    images, ids = _batch(model)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(images, ids)
+    _clip_loss({k: (v.float() if v is not None else None) for k, v in out.items()}).backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+    model.eval()
+    with torch.no_grad():
+        ref = model.encode_text(ids)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = model.encode_text(ids).float()
+    assert F.cosine_similarity(ref, low).min() > 0.999
