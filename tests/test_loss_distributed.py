@@ -18,11 +18,10 @@ import torch.nn.functional as F
 from bmclip.kernels import contrastive as C
 from bmclip.kernels._triton_utils import HAS_TRITON, is_interpreted
 
-WORLD = 2
 LOCAL_B = 6
 DIN = 24
 D = 40
-W_RANK = (1.0, 3.0)  # per-rank upstream weights of the "weighted" case
+W_RANK = (1.0, 3.0, 0.5)  # per-rank upstream weights of the "weighted" case
 
 TRITON_OK = HAS_TRITON and (is_interpreted(C._fwd_kernel) or torch.cuda.is_available())
 
@@ -32,7 +31,7 @@ _WORKER = textwrap.dedent("""
     import torch.distributed as dist
     from bmclip.kernels import ClipLoss, SigLipLoss
 
-    rank, world, init_file, data_file, out_file, triton_ok = sys.argv[1:7]
+    rank, world, init_file, data_file, out_file, triton_ok = sys.argv[1:7]  # triton_ok: "1" adds Triton
     rank, world, triton_ok = int(rank), int(world), triton_ok == "1"
     dist.init_process_group("gloo", init_method="file://" + init_file, rank=rank, world_size=world)
     data = torch.load(data_file)
@@ -64,14 +63,16 @@ _WORKER = textwrap.dedent("""
     res = {}
     backends = ["torch"] + (["triton"] if triton_ok else [])
     for be in backends:
-        res[f"clip_local_{be}"] = run(lambda: ClipLoss(local_loss=True, gather_with_grad=True, rank=rank,
-                                                       world_size=world, backend=be), with_bias=be == "triton")
-        res[f"clip_global_{be}"] = run(lambda: ClipLoss(local_loss=False, gather_with_grad=False, rank=rank,
-                                                        world_size=world, backend=be), with_bias=True)
-        res[f"clip_weighted_{be}"] = run(lambda: ClipLoss(local_loss=True, gather_with_grad=True, rank=rank,
-                                                          world_size=world, backend=be),
-                                         with_bias=False, weight=w_rank[rank], reduce="sum")
-        res[f"siglip_{be}"] = run(lambda: SigLipLoss(rank=rank, world_size=world, backend=be), with_bias=True)
+        for ring in (False, True):
+            v = f"{be}{'_ring' if ring else ''}"
+            kw = dict(rank=rank, world_size=world, backend=be, ring=ring)
+            res[f"clip_local_{v}"] = run(lambda: ClipLoss(local_loss=True, gather_with_grad=True, **kw),
+                                         with_bias=be == "triton")
+            res[f"clip_global_{v}"] = run(lambda: ClipLoss(local_loss=False, gather_with_grad=False, **kw),
+                                          with_bias=True)
+            res[f"clip_weighted_{v}"] = run(lambda: ClipLoss(local_loss=True, gather_with_grad=True, **kw),
+                                            with_bias=False, weight=w_rank[rank], reduce="sum")
+            res[f"siglip_{v}"] = run(lambda: SigLipLoss(**kw), with_bias=True)
     try:
         from open_clip.loss import ClipLoss as OCClip, SigLipLoss as OCSig
     except ImportError:
@@ -88,11 +89,13 @@ _WORKER = textwrap.dedent("""
 """)
 
 
-@pytest.fixture(scope="module")
-def dist_results(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("dist_loss")
-    g = torch.Generator().manual_seed(1234)
-    B = WORLD * LOCAL_B
+@pytest.fixture(scope="module", params=[2, 3], ids=["world2", "world3"])
+def dist_results(request, tmp_path_factory):
+    # world 2: every variant on both backends; world 3 (a ring whose neighbours differ): torch backend
+    world = request.param
+    tmp = tmp_path_factory.mktemp(f"dist_loss_w{world}")
+    g = torch.Generator().manual_seed(1234 + world)
+    B = world * LOCAL_B
     data = {
         "X_img": torch.randn(B, DIN, generator=g),
         "X_txt": torch.randn(B, DIN, generator=g),
@@ -100,16 +103,16 @@ def dist_results(tmp_path_factory):
         "W_txt": torch.randn(DIN, D, generator=g) / DIN**0.5,
         "scale": torch.tensor(2.5),
         "bias": torch.tensor(-1.5),
-        "w_rank": W_RANK,
+        "w_rank": W_RANK[:world],
     }
     data["X_txt"] = data["X_txt"] + data["X_img"]  # positives correlate
     torch.save(data, tmp / "data.pt")
     (tmp / "worker.py").write_text(_WORKER)
     procs = [
-        subprocess.Popen([sys.executable, str(tmp / "worker.py"), str(r), str(WORLD), str(tmp / "rdzv"),
-                          str(tmp / "data.pt"), str(tmp / f"rank{r}.pt"), "1" if TRITON_OK else "0"],
+        subprocess.Popen([sys.executable, str(tmp / "worker.py"), str(r), str(world), str(tmp / "rdzv"),
+                          str(tmp / "data.pt"), str(tmp / f"rank{r}.pt"), "1" if (TRITON_OK and world == 2) else "0"],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=dict(os.environ))
-        for r in range(WORLD)
+        for r in range(world)
     ]
     errs = []
     try:
@@ -122,7 +125,7 @@ def dist_results(tmp_path_factory):
                 p.kill()
     for r, p in enumerate(procs):
         assert p.returncode == 0, f"rank {r} failed:\n{errs[r][-3000:]}"
-    return data, [torch.load(tmp / f"rank{r}.pt") for r in range(WORLD)]
+    return data, [torch.load(tmp / f"rank{r}.pt") for r in range(world)]
 
 
 def _reference(data, loss_name, with_bias, weighted=False):
@@ -137,15 +140,16 @@ def _reference(data, loss_name, with_bias, weighted=False):
     txt.retain_grad()
     x = s * img @ txt.T + (bias if with_bias else 0.0)
     B = x.shape[0]
+    world = B // LOCAL_B
     if loss_name == "clip":
         lab = torch.arange(B)
         loss = (F.cross_entropy(x, lab) + F.cross_entropy(x.T, lab)) / 2
         if weighted:  # open_clip's per-rank local losses, weighted
             per_row = torch.logsumexp(x, 1) - x.diagonal()
             per_col = torch.logsumexp(x, 0) - x.diagonal()
-            locs = [(per_row[r * LOCAL_B:(r + 1) * LOCAL_B].sum() + per_col[r * LOCAL_B:(r + 1) * LOCAL_B].sum())
-                    * WORLD / (2 * B) for r in range(WORLD)]
-            loss = sum(w * lr for w, lr in zip(W_RANK, locs))
+            rows = [slice(r * LOCAL_B, (r + 1) * LOCAL_B) for r in range(world)]
+            locs = [(per_row[sl].sum() + per_col[sl].sum()) * world / (2 * B) for sl in rows]
+            loss = sum(w * lr for w, lr in zip(data["w_rank"], locs))
     else:
         z = 2 * torch.eye(B, dtype=x.dtype) - 1
         loss = -F.logsigmoid(z * x).sum() / B
@@ -163,75 +167,84 @@ def _close(a, b, tol=2e-5):
     return (a - b).abs().max().item() <= tol * max(1.0, b.abs().max().item())
 
 
-def _backends():
-    return ["torch", pytest.param("triton", marks=pytest.mark.skipif(not TRITON_OK, reason="no Triton here"))]
+VARIANTS = ["torch", "torch_ring", "triton", "triton_ring"]
 
 
-@pytest.mark.parametrize("backend", _backends())
-def test_clip_local_loss_ddp_exact(dist_results, backend):
+def _get(ranks, prefix, variant):
+    key = f"{prefix}_{variant}"
+    if key not in ranks[0]:
+        pytest.skip(f"{key} not run here (Triton runs at world size 2, where Triton can run)")
+    return [r[key] for r in ranks]
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_clip_local_loss_ddp_exact(dist_results, variant):
     data, ranks = dist_results
-    key = f"clip_local_{backend}"
-    with_bias = backend == "triton"
+    world = len(ranks)
+    res = _get(ranks, "clip_local", variant)
+    with_bias = variant.startswith("triton")
     ref = _reference(data, "clip", with_bias)
     # the ranks' local losses average to the global loss of the concatenated batch
-    assert abs(sum(r[key]["loss"] for r in ranks) / WORLD - ref["loss"]) < 2e-5
+    assert abs(sum(r["loss"] for r in res) / world - ref["loss"]) < 2e-5
     # DDP-averaged parameter gradients == single-process gradients of the global loss
     for name in ("W_img", "W_txt", "scale") + (("bias",) if with_bias else ()):
-        for r in ranks:
-            assert _close(r[key][name], ref[name]), (name, r[key][name], ref[name])
+        for r in res:
+            assert _close(r[name], ref[name]), (name, r[name], ref[name])
     # each rank's own features receive world_size × dL/dfeat (never a wrong world-size scale)
-    for rk, r in enumerate(ranks):
+    for rk, r in enumerate(res):
         rows = slice(rk * LOCAL_B, (rk + 1) * LOCAL_B)
-        assert _close(r[key]["g_img"], WORLD * ref["g_img"][rows])
-        assert _close(r[key]["g_txt"], WORLD * ref["g_txt"][rows])
+        assert _close(r["g_img"], world * ref["g_img"][rows])
+        assert _close(r["g_txt"], world * ref["g_txt"][rows])
 
 
-@pytest.mark.parametrize("backend", _backends())
-def test_clip_local_loss_matches_open_clip_per_rank(dist_results, backend):
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_clip_local_loss_matches_open_clip_per_rank(dist_results, variant):
     pytest.importorskip("open_clip")
     data, ranks = dist_results
-    key = f"clip_local_{backend}"
-    oc = "oc_clip_local_bias" if backend == "triton" else "oc_clip_local"
-    for r in ranks:
-        assert abs(r[key]["loss"] - r[oc]["loss"]) < 2e-5
-        assert _close(r[key]["g_img"], r[oc]["g_img"])
-        assert _close(r[key]["g_txt"], r[oc]["g_txt"])
+    res = _get(ranks, "clip_local", variant)
+    oc = [r["oc_clip_local_bias" if variant.startswith("triton") else "oc_clip_local"] for r in ranks]
+    for r, o in zip(res, oc):
+        assert abs(r["loss"] - o["loss"]) < 2e-5
+        assert _close(r["g_img"], o["g_img"])
+        assert _close(r["g_txt"], o["g_txt"])
 
 
-@pytest.mark.parametrize("backend", _backends())
-def test_clip_global_loss_every_rank(dist_results, backend):
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_clip_global_loss_every_rank(dist_results, variant):
     data, ranks = dist_results
-    key = f"clip_global_{backend}"
+    res = _get(ranks, "clip_global", variant)
     ref = _reference(data, "clip", True)
-    for r in ranks:  # local_loss=False: every rank reports the global loss
-        assert abs(r[key]["loss"] - ref["loss"]) < 2e-5
+    for r in res:  # local_loss=False: every rank reports the global loss
+        assert abs(r["loss"] - ref["loss"]) < 2e-5
         for name in ("W_img", "W_txt", "scale", "bias"):
-            assert _close(r[key][name], ref[name]), name
+            assert _close(r[name], ref[name]), name
 
 
-@pytest.mark.parametrize("backend", _backends())
-def test_clip_unequal_upstream_grads(dist_results, backend):
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_clip_unequal_upstream_grads(dist_results, variant):
     # rank r back-propagates w_r·ℓ_r: the summed gradients must be d(Σ_r w_r ℓ_r)/dθ exactly, which
     # needs each column term weighted by its owner's upstream gradient
     data, ranks = dist_results
-    key = f"clip_weighted_{backend}"
+    res = _get(ranks, "clip_weighted", variant)
     ref = _reference(data, "clip", False, weighted=True)
     for name in ("W_img", "W_txt", "scale"):
-        for r in ranks:
-            assert _close(r[key][name], ref[name]), (name, r[key][name], ref[name])
+        for r in res:
+            assert _close(r[name], ref[name]), (name, r[name], ref[name])
 
 
-@pytest.mark.parametrize("backend", _backends())
-def test_siglip_ddp_exact_and_open_clip_parity(dist_results, backend):
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_siglip_ddp_exact_and_open_clip_parity(dist_results, variant):
     data, ranks = dist_results
-    key = f"siglip_{backend}"
+    world = len(ranks)
+    res = _get(ranks, "siglip", variant)
     ref = _reference(data, "siglip", True)
-    assert abs(sum(r[key]["loss"] for r in ranks) / WORLD - ref["loss"]) < 2e-5 * max(1, ref["loss"])
+    assert abs(sum(r["loss"] for r in res) / world - ref["loss"]) < 2e-5 * max(1, ref["loss"])
     for name in ("W_img", "W_txt", "scale", "bias"):
-        for r in ranks:
-            assert _close(r[key][name], ref[name]), name
+        for r in res:
+            assert _close(r[name], ref[name]), name
     if "oc_siglip" in ranks[0]:
-        for r in ranks:
-            assert abs(r[key]["loss"] - r["oc_siglip"]["loss"]) < 2e-5 * max(1, abs(r["oc_siglip"]["loss"]))
-            assert _close(r[key]["g_img"], r["oc_siglip"]["g_img"])
-            assert _close(r[key]["g_txt"], r["oc_siglip"]["g_txt"])
+        for r, rr in zip(res, ranks):
+            o = rr["oc_siglip"]
+            assert abs(r["loss"] - o["loss"]) < 2e-5 * max(1, abs(o["loss"]))
+            assert _close(r["g_img"], o["g_img"])
+            assert _close(r["g_txt"], o["g_txt"])
