@@ -65,18 +65,23 @@ def test_embed_errors_are_clean(tmp_path, capsys):
     assert "unknown model preset" in capsys.readouterr().err
 
 
+def _write_shard(path, captions):
+    with tarfile.open(path, "w") as tf:
+        for i, c in enumerate(captions):
+            for ext, data in (("txt", c.encode()), ("jpg", b"\xff\xd8not really")):
+                info = tarfile.TarInfo(f"s{i:04d}.{ext}")
+                info.size = len(data)
+                tf.addfile(info, io.BytesIO(data))
+
+
 def test_tokenizer_train_and_encode(tmp_path, capsys):
     caps = [f"Fluorescence micrograph of HeLa cells stained for tubulin, panel {i}." for i in range(50)]
     caps += ["Kaplan-Meier survival curves of patients with high and low expression."] * 20
     txt = tmp_path / "captions.txt"
     txt.write_text("\n".join(caps[:30]) + "\n\n")
-    shard = tmp_path / "shard-000.tar"
-    with tarfile.open(shard, "w") as tf:
-        for i, c in enumerate(caps[30:]):
-            for ext, data in (("txt", c.encode()), ("jpg", b"\xff\xd8not really")):
-                info = tarfile.TarInfo(f"s{i:04d}.{ext}")
-                info.size = len(data)
-                tf.addfile(info, io.BytesIO(data))
+    for k, part in enumerate((caps[30:50], caps[50:])):
+        _write_shard(tmp_path / f"shard-{k:03d}.tar", part)
+    shard = tmp_path / "shard-{000..001}.tar"  # a brace pattern, as in webdataset shard specs
     out = tmp_path / "tok"
     assert main(["tokenizer", "train", "--input", str(txt), str(shard), "--vocab-size", "300",
                  "--context-length", "32", "--out", str(out)]) == 0  # fmt: skip

@@ -17,7 +17,13 @@ def register(subparsers) -> None:
         description="Train a vocabulary from text files (one caption per line) and/or .tar shards "
         "(every .txt member is one caption). Writes DIR/vocab.txt and DIR/bmclip_tokenizer.json.",
     )
-    t.add_argument("--input", nargs="+", required=True, metavar="PATH", help="captions.txt files and/or .tar shards")
+    t.add_argument(
+        "--input",
+        nargs="+",
+        required=True,
+        metavar="PATH",
+        help="captions.txt files and/or .tar shards (brace patterns: shard-{000..009}.tar)",
+    )
     t.add_argument("--vocab-size", type=int, default=30522, help="upper bound on the vocabulary size")
     t.add_argument("--min-frequency", type=int, default=2, help="minimum pair frequency for a merge")
     t.add_argument("--context-length", type=int, default=256, help="context length stored with the tokenizer")
@@ -36,9 +42,11 @@ def iter_texts(paths: list[str], counts: dict[str, int]):
     import tarfile
     from pathlib import Path
 
+    from bmclip.data.shards import expand_urls
     from bmclip.errors import DataError
 
-    for p in map(Path, paths):
+    # Brace patterns and "::"-joined lists, as in webdataset shard specs: train-{000000..000099}.tar
+    for p in map(Path, expand_urls(paths)):
         if not p.is_file():
             raise DataError(f"input not found: {p}")
         if p.name.endswith(".tar") or tarfile.is_tarfile(p):
