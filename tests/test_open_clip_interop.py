@@ -186,6 +186,9 @@ def test_missing_and_unknown_keys_named(tmp_path):
     path = tmp_path / "m.bin"
     save_state_dict(sd, path)
     model = load_open_clip(path)  # no config beside it: shapes define the model, heads = width // 64
+    assert not model.training
+    for name, p in model.named_parameters():  # ready to fine-tune: real fp32 CPU leaf parameters
+        assert p.requires_grad and p.dtype == torch.float32 and p.device.type == "cpu", name
     ref = open_clip_state_dict(model)
     assert all(torch.equal(ref[k], sd[k]) for k in sd)
 
