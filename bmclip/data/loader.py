@@ -470,6 +470,11 @@ class ShardLoader(torch.utils.data.IterableDataset):
         self._lock = threading.Lock()
         self._state: dict[str, Any] = self._fresh_state(self.epoch, _new_counters())
 
+    def __repr__(self) -> str:
+        return (f"ShardLoader({len(self.urls)} shards, batch_size={self.batch_size}, image_size={self.image_size}, "
+                f"augment={self.augment!r}, epoch={self.epoch}, rank={self.rank}/{self.world_size}, "
+                f"resampled={self.resampled}, threads={self.num_threads})")
+
     # -- pickling (DataLoader workers): threads and the C++ decoder are recreated lazily -----------
     def __getstate__(self):
         d = dict(self.__dict__)
