@@ -474,22 +474,35 @@ def _resolve_backend(backend: str, *tensors: torch.Tensor) -> str:
     return "torch"
 
 
+def _no_autocast(t: torch.Tensor):
+    # The fp32 math here must not be re-cast by an enclosing torch.autocast region (a bf16 logit matmul
+    # in the torch backend would cost ~3 digits); inputs keep their own dtypes.
+    return torch.autocast(device_type=t.device.type, enabled=False)
+
+
 def block_forward(A, C, scale, bias, off, loss, need_col, backend):
     """Per-block forward stats: CLIP → (row LSE (M,), column LSE over these rows (N,)); SigLIP → (row sums, None)."""
-    if backend == "triton":
-        return _tri_forward(A, C, scale, bias, off, loss, need_col)
-    return _torch_forward(A, C, scale, bias, off, loss, need_col)
+    with _no_autocast(A):
+        if backend == "triton":
+            return _tri_forward(A, C, scale, bias, off, loss, need_col)
+        return _torch_forward(A, C, scale, bias, off, loss, need_col)
 
 
 def block_backward(A, C, scale, bias, off, loss, row_lse, col_lse, row_coef, col_coef, sig_coef, out_dtype,
                    backend):
     """Per-block gradients → (dA (M, D), dC (N, D), d scale (), d bias ()) given dL/dx coefficients."""
     fn = _tri_backward if backend == "triton" else _torch_backward
-    return fn(A, C, scale, bias, off, loss, row_lse, col_lse, row_coef, col_coef, sig_coef, out_dtype)
+    with _no_autocast(A):
+        return fn(A, C, scale, bias, off, loss, row_lse, col_lse, row_coef, col_coef, sig_coef, out_dtype)
 
 
 def positives(A, C, scale, bias, off):
     """Positive logits x_{i, i+off} (M,) in fp32 (C must hold rows off .. off+M−1)."""
+    with _no_autocast(A):
+        return _positives(A, C, scale, bias, off)
+
+
+def _positives(A, C, scale, bias, off):
     M, D = A.shape
     x = torch.empty(M, dtype=torch.float32, device=A.device)
     step = max(1, (1 << 22) // D)  # row chunks: fp32 temporaries stay at ~16 MB whatever B is

@@ -171,6 +171,21 @@ def test_backends_agree_and_python_float_scale():
     assert abs(c.item() - r.item()) < 1e-4
 
 
+@pytest.mark.parametrize("loss_name", ["clip", "siglip"])
+def test_torch_backend_ignores_enclosing_autocast(loss_name):
+    # a training step under torch.autocast(bf16) must not turn the fp32 logit math into bf16
+    fn = LOSSES[loss_name][0]
+    I, T, s, b = make_inputs(64, 96, torch.float32, 9, 14.3, -1.0)
+    plain = fn(I, T, s, b, backend="torch")
+    gi = torch.autograd.grad(plain, I)[0]
+    with torch.autocast(device_type=I.device.type, dtype=torch.bfloat16):
+        cast = fn(I, T, s, b, backend="torch")
+        gi_cast = torch.autograd.grad(cast, I)[0]
+    assert cast.dtype == torch.float32
+    assert abs(cast.item() - plain.item()) <= 1e-6 * abs(plain.item())
+    assert torch.allclose(gi_cast, gi, rtol=1e-5, atol=1e-8)
+
+
 # ---------------------------------------------------------------------------------------------------
 # parity with open_clip 3.3's modules (the drop-in claim)
 # ---------------------------------------------------------------------------------------------------
