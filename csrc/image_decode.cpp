@@ -80,6 +80,17 @@ int64_t SampleRng::randint(int64_t lo, int64_t hi) {
 
 CropBox choose_crop(int width, int height, int size, const CropParams& p, SampleRng* rng) {
   CropBox b{};
+  if (p.augment == Augment::kFit) {
+    b.win_x = 0;
+    b.win_y = 0;
+    b.win_w = width;
+    b.win_h = height;
+    b.full_w = p.fit_w;
+    b.full_h = p.fit_h;
+    b.off_x = 0;
+    b.off_y = 0;
+    return b;
+  }
   if (p.augment == Augment::kCenter) {
     // torchvision Resize(size) on the shorter side: long = int(size * long / short).
     bool w_short = width <= height;
@@ -209,6 +220,14 @@ void cmyk_to_rgb(const uint8_t* in, uint8_t* out, int n) {
 
 enum class Mode { kProbe, kFull, kCrop };
 
+// Output pixels per axis: size x size for the crops, the whole fitted image for Augment::kFit.
+int out_count_x(const CropBox& b, const CropParams& p, int out_size) {
+  return p.augment == Augment::kFit ? b.full_w : out_size;
+}
+int out_count_y(const CropBox& b, const CropParams& p, int out_size) {
+  return p.augment == Augment::kFit ? b.full_h : out_size;
+}
+
 struct JpegCtx {
   Mode mode;
   const uint8_t* data;
@@ -324,9 +343,9 @@ bool jpeg_run(JpegCtx& ctx) {
   // Crop mode: map the window into the DCT-scaled image (exactly s/8 of the original coordinates;
   // at s = 8 this is the identity and the result is bit-identical to Pillow).
   axis_coeffs_scaled(&ctx.xs, ow, ctx.box.win_x, ctx.box.win_w, ctx.dct_scale, ctx.box.full_w,
-                     ctx.box.off_x, ctx.out_size, ctx.params->filter);
+                     ctx.box.off_x, out_count_x(ctx.box, *ctx.params, ctx.out_size), ctx.params->filter);
   axis_coeffs_scaled(&ctx.ys, oh, ctx.box.win_y, ctx.box.win_h, ctx.dct_scale, ctx.box.full_h,
-                     ctx.box.off_y, ctx.out_size, ctx.params->filter);
+                     ctx.box.off_y, out_count_y(ctx.box, *ctx.params, ctx.out_size), ctx.params->filter);
   // Column crop: libjpeg treats the edges of a cropped region as image edges when it upsamples
   // chroma, so the region is padded by one iMCU on each side to keep the needed columns exact.
   const int imcu = cinfo.max_h_samp_factor * cinfo.min_DCT_scaled_size;
@@ -464,9 +483,9 @@ bool png_run(PngCtx& ctx) {
 
   ctx.box = choose_crop(ctx.width, ctx.height, ctx.out_size, *ctx.params, ctx.rng);
   axis_coeffs_scaled(&ctx.xs, ctx.width, ctx.box.win_x, ctx.box.win_w, 8, ctx.box.full_w, ctx.box.off_x,
-                     ctx.out_size, ctx.params->filter);
+                     out_count_x(ctx.box, *ctx.params, ctx.out_size), ctx.params->filter);
   axis_coeffs_scaled(&ctx.ys, ctx.height, ctx.box.win_y, ctx.box.win_h, 8, ctx.box.full_h, ctx.box.off_y,
-                     ctx.out_size, ctx.params->filter);
+                     out_count_y(ctx.box, *ctx.params, ctx.out_size), ctx.params->filter);
   ctx.resampler = std::make_unique<RowResampler>(&ctx.xs, &ctx.ys, 0);
   if (passes > 1) {
     for (int y = ctx.ys.need_min; y < ctx.ys.need_max; ++y)

@@ -19,7 +19,9 @@ const char* format_name(ImageFormat f);
 // Header-only probe. Returns "" on success, else the reason.
 std::string probe_image(const uint8_t* data, size_t size, int* width, int* height, ImageFormat* fmt);
 
-enum class Augment { kRandomResizedCrop, kCenter };
+// kFit: the whole image resized to exactly fit_w x fit_h (the caller keeps the aspect ratio); the
+// output is fit_h rows of fit_w pixels instead of size x size.
+enum class Augment { kRandomResizedCrop, kCenter, kFit };
 
 struct CropParams {
   Augment augment = Augment::kRandomResizedCrop;
@@ -31,6 +33,7 @@ struct CropParams {
   // The reduced scale must keep >= dct_min_ratio decoded pixels per output pixel across the crop,
   // so that the final antialiased resize (not the DCT's box-like reduction) sets the passband.
   double dct_min_ratio = 2.0;
+  int fit_w = 0, fit_h = 0;  // Augment::kFit output size
 };
 
 // A deterministic per-sample generator (splitmix64 stream).
