@@ -65,7 +65,7 @@ DEFAULT_VAL_FRACTION = 13_600 / PMC15M_PAIRS
 DEFAULT_TEST_FRACTION = 725_739 / PMC15M_PAIRS
 SPLITS = ("train", "val", "test")
 _CHUNK_MAGIC = b"BMCHUNK1"
-_STAGING_VERSION = 1
+_STAGING_VERSION = 2  # 2: JPEG pass-through, DCT-scale-exact resize box
 
 
 @dataclass

@@ -77,7 +77,11 @@ def resolve_graphics(hrefs: list[str], media_names: dict[str, str]) -> list[str]
 
 @dataclass
 class ProcessedImage:
-    """A re-encoded figure: JPEG bytes, sizes (w, h) before/after resize, sha of the JPEG, dHash, thumbnail."""
+    """A stored figure: JPEG bytes, sizes (w, h) before/after resize, sha of the JPEG, dHash, thumbnail.
+
+    ``passthrough`` is True when ``jpeg`` is the source file itself (a small enough JPEG, see
+    :func:`process_image`), False when it was decoded, resized and re-encoded.
+    """
 
     jpeg: bytes
     orig_size: tuple[int, int]
@@ -85,18 +89,22 @@ class ProcessedImage:
     sha: str
     dhash: int
     thumb: bytes  # 16x16 greyscale, box-averaged: the near-duplicate verification fingerprint
+    passthrough: bool = False
 
 
 def thumb16(img: Image.Image) -> bytes:
     """16x16 8-bit greyscale, box-averaged thumbnail of an image (256 bytes, row-major)."""
-    return img.convert("L").resize((16, 16), Image.Resampling.BOX).tobytes()
+    g = img if img.mode == "L" else img.convert("L")
+    return g.resize((16, 16), Image.Resampling.BOX).tobytes()
 
 
 def dhash64(img: Image.Image) -> int:
     """64-bit difference hash of an image (int): 9x8 grey thumbnail, 1 bit per horizontal gradient."""
     k = max(1, min(img.size) // 32)
     small = img.reduce(k) if k > 1 else img  # box-average first: the 9x8 result only needs coarse input
-    g = np.asarray(small.convert("L").resize((9, 8), Image.Resampling.BILINEAR), dtype=np.int16)
+    if small.mode != "L":
+        small = small.convert("L")
+    g = np.asarray(small.resize((9, 8), Image.Resampling.BILINEAR), dtype=np.int16)
     bits = (g[:, 1:] > g[:, :-1]).reshape(-1)
     return int(np.packbits(bits).view(">u8")[0])
 
@@ -119,6 +127,52 @@ def _to_rgb(im: Image.Image) -> Image.Image:
     return im
 
 
+_NATIVE = None  # bmclip._C.Decoder(1) when the extension offers decode_fit, else False (looked up once)
+
+
+def _native_decoder():
+    global _NATIVE
+    if _NATIVE is None:
+        try:
+            from bmclip import _C
+
+            _NATIVE = _C.Decoder(1) if hasattr(_C.Decoder, "decode_fit") else False
+        except ImportError:
+            _NATIVE = False
+    return _NATIVE or None
+
+
+# A passed-through JPEG may use at most this many bytes per pixel: figures re-encoded at q90 4:2:0 take
+# ~0.2-0.6; beyond 1.0 (q100, 4:4:4, embedded thumbnails/ICC) re-encoding makes a much smaller shard.
+PASSTHROUGH_MAX_BYTES_PER_PIXEL = 1.0
+
+
+def _decode_resize_jpeg(im: Image.Image, data: bytes, tw: int, th: int) -> Image.Image:
+    """RGB/greyscale JPEG -> RGB image of exactly (tw, th): DCT-scaled decode + antialiased bilinear resize.
+
+    Two implementations with bit-identical output (checked by tests/test_build_dataset.py): bmclip._C's
+    fused decode + AVX2 resampler (~4x faster resize than Pillow's) when built, else Pillow. The DCT
+    scale is the smallest of 1/2, 1/4, 1/8 still >= the target size (Pillow's ``draft`` rule), so the
+    resize always antialiases from at least the target resolution.
+    """
+    w, h = im.size
+    native = _native_decoder()
+    if native is not None:
+        try:
+            return Image.fromarray(native.decode_fit(data, tw, th, interpolation="bilinear", dct_min_ratio=1.0))
+        except Exception as e:
+            raise ImageSkip("undecodable_image", f"{type(e).__name__}: {e}") from e
+    im.draft(im.mode, (tw, th))
+    im.load()
+    s8 = round(8 * im.size[0] / w)  # the DCT scale Pillow picked, in eighths
+    if im.size != (tw, th):
+        # box = the original image in scaled coordinates (exactly s/8 of them, as libjpeg scales), which is
+        # what the native path maps; a greyscale image is resized as L (4x less work than RGBX) then
+        # expanded, which gives the same pixels as expanding first.
+        im = im.resize((tw, th), Image.Resampling.BILINEAR, box=(0, 0, w * s8 / 8, h * s8 / 8))
+    return im if im.mode == "RGB" else im.convert("RGB")
+
+
 def process_image(
     data: bytes | str,
     *,
@@ -127,8 +181,15 @@ def process_image(
     max_pixels: int = 89_478_485,
     min_side: int = 64,
     max_aspect: float = 10.0,
+    passthrough: bool = True,
 ) -> ProcessedImage:
     """Decode an image (bytes or path), check it, convert to RGB, shrink to max_side and encode JPEG.
+
+    A JPEG that already fits (longest side <= max_side), is RGB/YCbCr or greyscale (not CMYK/YCCK) and
+    takes <= PASSTHROUGH_MAX_BYTES_PER_PIXEL is stored as is (``passthrough=False`` disables this): no
+    generation loss, no encode. It is still fully decoded (luma only, which also gives the pixels for the
+    perceptual hash), so a truncated or corrupt file is refused as before. A greyscale
+    source stays a 1-channel JPEG then (decoders expand it to RGB).
 
     Raises ImageSkip with reason ``empty_image``, ``too_many_pixels`` (decompression-bomb guard, checked
     from the header before any pixel is decoded), ``small_image`` (shorter side < min_side),
@@ -159,15 +220,31 @@ def process_image(
                 raise ImageSkip("extreme_aspect", f"{w}x{h}")
             scale = min(1.0, max_side / max(w, h))
             tw, th = max(1, round(w * scale)), max(1, round(h * scale))
-            if im.format == "JPEG" and scale < 1.0:
-                # DCT-domain downscale by a power of two that stays >= the target: far less to decode.
-                im.draft("RGB", (tw, th))
-            im.load()
-            im = _to_rgb(im)
-            if im.size != (tw, th):
-                # Antialiased bilinear (triangle) filter, as torchvision's resize(antialias=True) uses at
-                # training time; reducing_gap=2 box-reduces by an integer factor first on big images.
-                im = im.resize((tw, th), Image.Resampling.BILINEAR, reducing_gap=2.0)
+            jpeg_ok = im.format == "JPEG" and im.mode in ("RGB", "L")
+            if passthrough and jpeg_ok and scale == 1.0 and len(data) <= PASSTHROUGH_MAX_BYTES_PER_PIXEL * w * h:
+                # Luma-only full-size decode: validates every scan and gives the fingerprints from the same
+                # pixels as a re-encoded figure's (a 1/8 DC-only decode is cheaper, but its thumbnails drift by
+                # up to ~7 grey levels on busy images, so a passed-through copy would miss near-duplicates).
+                im.draft("L", (w, h))
+                im.load()
+                g = im if im.mode == "L" else im.convert("L")
+                sha = hashlib.sha256(data).hexdigest()[:16]
+                return ProcessedImage(
+                    jpeg=bytes(data), orig_size=(w, h), size=(w, h), sha=sha, dhash=dhash64(g), thumb=thumb16(g),
+                    passthrough=True,
+                )  # fmt: skip
+            if jpeg_ok:
+                im = _decode_resize_jpeg(im, data, tw, th)
+            else:
+                im.load()
+                if im.mode in ("L", "RGB") and im.size != (tw, th):
+                    # Antialiased bilinear (triangle) filter, as torchvision's resize(antialias=True) uses at
+                    # training time; reducing_gap=2 box-reduces by an integer factor first on big images.
+                    # Greyscale is resized before the (pixel-identical) expansion to RGB: less work.
+                    im = im.resize((tw, th), Image.Resampling.BILINEAR, reducing_gap=2.0)
+                im = _to_rgb(im)
+                if im.size != (tw, th):
+                    im = im.resize((tw, th), Image.Resampling.BILINEAR, reducing_gap=2.0)
     except ImageSkip:
         raise
     except Image.DecompressionBombError as e:
@@ -182,4 +259,5 @@ def process_image(
     # The encoder is deterministic, so equal JPEG bytes <=> equal resized pixels: hash the (10x smaller)
     # JPEG instead of the raw pixels.
     sha = hashlib.sha256(jpeg).hexdigest()[:16]
-    return ProcessedImage(jpeg=jpeg, orig_size=(w, h), size=im.size, sha=sha, dhash=dhash64(im), thumb=thumb16(im))
+    g = im.convert("L")  # one greyscale copy for both fingerprints
+    return ProcessedImage(jpeg=jpeg, orig_size=(w, h), size=im.size, sha=sha, dhash=dhash64(g), thumb=thumb16(g))
