@@ -1,4 +1,4 @@
-"""2-process gloo DDP (torchrun, CPU) equals 1 process on the same global batch."""
+"""2-process gloo DDP and FSDP2 (torchrun, CPU) equal 1 process on the same global batch; dead-rank resume."""
 
 import os
 import subprocess
@@ -43,6 +43,16 @@ def test_two_process_ddp_equals_single_process(tmp_path):
     init = None
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=2e-5, msg=k)
+    # FSDP2 (parameters sharded per block/tower; the 0-dim logit scale replicated) gives the same weights
+    fsdp = tmp_path / "fsdp"
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        "-m", "bmclip", "train", "tiny-cpu", f"--out_dir={fsdp}", *BASE, "--parallel=fsdp"],
+                       capture_output=True, text=True, timeout=600, env=_env())
+    assert r.returncode == 0, _why(r)
+    f = C.load_checkpoint(fsdp / "checkpoints" / f"step_{STEPS:08d}")["model"]
+    assert f.keys() == a.keys()
+    for k in a:
+        torch.testing.assert_close(f[k], a[k], rtol=1e-4, atol=2e-5, msg=k)
     # the weights did move (so equality is not trivial)
     torch.manual_seed(0)
     from bmclip.model import create_model

@@ -95,12 +95,33 @@ def wrap_model(model: nn.Module, info: DistInfo, parallel: str = "ddp", mixed_bf
                 from None
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if mixed_bf16 else None
         kw = {"mp_policy": mp} if mp is not None else {}
-        # Shard each transformer block separately (so only one block is unsharded at a time), then the root.
+        # Shard each transformer block separately (so only one block is unsharded at a time), then each
+        # tower (so encode_image / encode_text, which bypass the root's forward, gather their own
+        # parameters), then the root (logit scale / bias).
         for block in transformer_blocks(model):
             fully_shard(block, **kw)
-        fully_shard(model, **kw)
+        for tower in ("visual", "text"):
+            if isinstance(getattr(model, tower, None), nn.Module):
+                fully_shard(getattr(model, tower), **kw)
+        # fully_shard cannot shard 0-dim parameters (logit_scale, logit_bias): they stay replicated
+        # plain tensors and ``sync_ignored_grads`` averages their gradients after each backward.
+        scalars = {p for p in model.parameters() if p.ndim == 0}
+        fully_shard(model, ignored_params=scalars or None, **kw)
+        model._bmclip_replicated_params = sorted(scalars, key=id)
         return model
     raise ConfigError(f"parallel: unknown mode {parallel!r} (ddp | fsdp)")
+
+
+def sync_ignored_grads(model: nn.Module, info: DistInfo) -> None:
+    """Average the gradients of parameters FSDP2 leaves replicated (0-dim ones) across ranks."""
+    params = getattr(model, "_bmclip_replicated_params", None)
+    if not params or not info.initialized:
+        return
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        dist.all_reduce(p.grad)
+        p.grad.div_(info.world_size)
 
 
 def transformer_blocks(model: nn.Module) -> list[nn.Module]:

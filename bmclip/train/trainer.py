@@ -34,6 +34,7 @@ from bmclip.train.distributed import (
     full_state_dicts,
     init_distributed,
     load_full_state_dicts,
+    sync_ignored_grads,
     unwrap,
     wrap_model,
 )
@@ -355,6 +356,7 @@ def _train(cfg: TrainConfig, info: DistInfo) -> dict:
         optimizer.zero_grad(set_to_none=True)
         loss = forward_backward(fwd_model, images, input_ids, loss_fn, chunks=chunks, autocast=autocast,
                                 inject_nan=step in cfg.fault.nan_at_steps)
+        sync_ignored_grads(fwd_model, info)  # FSDP2: replicated scalar params (no-op otherwise)
         loss_val = float(loss)
         bad = not math.isfinite(loss_val)
         grad_norm = float("nan")
