@@ -21,7 +21,9 @@ keeps the online row LSE plus per-row-block column partial LSEs (a (⌈M/128⌉,
 by a logsumexp; when that buffer would pass ``_COLPART_MAX_BYTES`` the column LSE is computed by a second,
 transposed launch instead, keeping memory O(B·D)). The backward runs the same kernel in both
 orientations: rows of A produce dA (recompute tile + dX·C) and rows of C produce dC (recompute tile +
-dXᵀ·A): 1 + 2 + 2 = 5 passes (6 above the buffer limit), no atomics, deterministic. Accumulation is
+dXᵀ·A): 1 + 2 + 2 = 5 passes (6 above the buffer limit) when one program covers all of D in its output
+block (autotuned against splitting D, which recomputes the tile once per D chunk), no atomics,
+deterministic. Accumulation is
 fp32 throughout; fp32 inputs use IEEE fp32 dots (never silent TF32); fp16/bf16 go to tensor cores.
 """
 
@@ -251,6 +253,14 @@ if HAS_TRITON:
                     for warps, stages in ((4, 2), (8, 3)):
                         out.append(triton.Config({"BM": bm, "BN": bn, "BK": bk, "BDO": bdo},
                                                  num_warps=warps, num_stages=stages))
+        # Whole-D output blocks for D <= 512: the logit tile is then recomputed once per orientation
+        # (4 backward passes in all) instead of once per D chunk, at the price of a large accumulator
+        # (small BM keeps it in registers); the autotuner weighs that against the recompute.
+        for bm, bn in ((64, 64), (32, 64), (64, 32)):
+            for bk in (32, 64):
+                for warps, stages in ((4, 2), (8, 2)):
+                    out.append(triton.Config({"BM": bm, "BN": bn, "BK": bk, "BDO": 512},
+                                             num_warps=warps, num_stages=stages))
         return out
 
     if is_interpreted(_fwd_kernel):
