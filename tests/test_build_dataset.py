@@ -691,3 +691,100 @@ def test_real_package_tarball_equals_folder_and_gzip_bomb(pmc_samples, tmp_path)
     # a member declaring more uncompressed bytes than allowed: refused before decompressing through it
     stats = _build([tdir], tmp_path / "c", max_package_bytes=300_000)
     assert stats["skips"]["package"] == {"package_too_large": 1} and stats["pairs_total"] == 0
+
+
+# ------------------------------------------------------------------------- fast paths (issue 6 speed)
+
+
+def _fit_size(w: int, h: int, max_side: int = 512) -> tuple[int, int]:
+    s = min(1.0, max_side / max(w, h))
+    return max(1, round(w * s)), max(1, round(h * s))
+
+
+@pytest.mark.parametrize(
+    ("size", "mode", "kw", "dct"),
+    [
+        ((900, 600), "RGB", {"quality": 90}, 8),  # typical PMC figure: no DCT scaling
+        ((601, 787), "L", {"quality": 85}, 8),  # greyscale, odd sizes
+        ((701, 1103), "L", {"quality": 85}, 4),  # 1103 // 512 = 2: DCT 1/2
+        ((901, 677), "RGB", {"quality": 92, "subsampling": 0, "progressive": True}, 8),  # 4:4:4, progressive
+        ((1500, 1401), "RGB", {"quality": 90}, 4),  # DCT 1/2
+        ((2100, 1301), "RGB", {"quality": 90}, 2),  # DCT 1/4, scaled size not a multiple of 8
+        ((4200, 803), "L", {"quality": 90}, 1),  # DCT 1/8
+    ],
+)
+def test_native_fit_decode_bit_identical_to_pillow(size, mode, kw, dct, monkeypatch):
+    from bmclip.data.pmc import media
+
+    native = media._native_decoder()
+    if native is None:
+        pytest.skip("bmclip._C is not built with Decoder.decode_fit")
+    data = _encode(_noise_image(size[0] + size[1], size=size, mode=mode), **kw)
+    tw, th = _fit_size(*size)
+    fast = np.asarray(media._decode_resize_jpeg(Image.open(io.BytesIO(data)), data, tw, th))
+    monkeypatch.setattr(media, "_NATIVE", False)  # force the Pillow implementation
+    assert media._native_decoder() is None
+    im = Image.open(io.BytesIO(data))
+    slow = np.asarray(media._decode_resize_jpeg(im, data, tw, th))
+    assert fast.shape == slow.shape == (th, tw, 3) and fast.dtype == np.uint8
+    assert np.array_equal(fast, slow)
+    # the DCT scale is the smallest that keeps >= the target size (Pillow's draft rule)
+    assert round(8 * im.size[0] / size[0]) == dct and im.size[0] >= tw and im.size[1] >= th
+    # independent reference: full-size decode + Pillow's antialiased bilinear resize
+    ref = Image.open(io.BytesIO(data)).convert("RGB").resize((tw, th), Image.Resampling.BILINEAR)
+    diff = fast.astype(np.float64) - np.asarray(ref, dtype=np.float64)
+    if dct == 8:
+        assert not diff.any()
+    else:
+        assert 10 * np.log10(255.0**2 / (diff**2).mean()) > 35.0  # DCT-domain pre-shrink: tiny deviation
+
+
+def test_native_fit_decode_errors():
+    from bmclip.data.pmc import media
+
+    native = media._native_decoder()
+    if native is None:
+        pytest.skip("bmclip._C is not built with Decoder.decode_fit")
+    data = _encode(_noise_image(5, size=(800, 600)), quality=90)
+    with pytest.raises(DataError, match="premature end"):
+        native.decode_fit(data[: len(data) // 2], 512, 384)
+    with pytest.raises(ValueError):
+        native.decode_fit(data, 0, 384)
+    # and through process_image: a truncated big JPEG is a counted undecodable image
+    with pytest.raises(ImageSkip) as e:
+        process_image(data[: len(data) // 2])
+    assert e.value.reason == "undecodable_image"
+
+
+def test_jpeg_passthrough_rules():
+    from bmclip.data.pmc.dedup import thumb_mad
+
+    # fits, RGB: stored byte-for-byte, fingerprints as if it had been re-encoded
+    data = _encode(_noise_image(3, size=(400, 300)), quality=90)
+    r = process_image(data)
+    assert r.passthrough and r.jpeg == data and r.size == r.orig_size == (400, 300)
+    assert r.sha == hashlib.sha256(data).hexdigest()[:16]
+    r2 = process_image(data, passthrough=False)
+    assert not r2.passthrough and r2.jpeg != data and r2.size == (400, 300)
+    assert (r.dhash ^ r2.dhash).bit_count() <= 2 and thumb_mad(r.thumb, r2.thumb) < 1.0
+    # greyscale stays a 1-channel JPEG
+    g = _encode(_noise_image(4, size=(300, 200), mode="L"), quality=90)
+    r = process_image(g)
+    assert r.passthrough and Image.open(io.BytesIO(r.jpeg)).mode == "L"
+    # CMYK is re-encoded as RGB
+    c = _encode(_noise_image(5, size=(300, 200), mode="CMYK"), quality=90)
+    r = process_image(c)
+    assert not r.passthrough and Image.open(io.BytesIO(r.jpeg)).mode == "RGB"
+    # too many bytes per pixel (q100 4:4:4 noise): re-encoded, much smaller
+    noisy = Image.fromarray(np.random.default_rng(0).integers(0, 256, (200, 300, 3), dtype=np.uint8))
+    big = _encode(noisy, quality=100, subsampling=0)
+    assert len(big) > 300 * 200
+    r = process_image(big)
+    assert not r.passthrough and len(r.jpeg) < len(big)
+    # larger than max_side: never passed through
+    r = process_image(data, max_side=256)
+    assert not r.passthrough and r.size == (256, 192)
+    # truncated small JPEG: still refused
+    with pytest.raises(ImageSkip) as e:
+        process_image(data[: len(data) * 2 // 3])
+    assert e.value.reason == "undecodable_image"
