@@ -788,3 +788,25 @@ def test_jpeg_passthrough_rules():
     with pytest.raises(ImageSkip) as e:
         process_image(data[: len(data) * 2 // 3])
     assert e.value.reason == "undecodable_image"
+
+
+def test_passthrough_in_build_and_cli_flag(fixtures_dir, tmp_path, capsys):
+    from bmclip.cli import main
+
+    src = fixtures_dir / "pmc" / "elife-32671"  # five real figure JPEGs, <= 360 px: they fit max_side 512
+    _build([src], tmp_path / "a", val_fraction=0, test_fraction=0)
+    kept = _read_shards(tmp_path / "a")
+    assert len(kept) == 5
+    for s in kept.values():
+        assert s["jpg"] == (src / json.loads(s["json"])["file"]).read_bytes()
+    rc = main(["build-dataset", str(src), "--output", str(tmp_path / "b"), "-j", "0", "--no-progress",
+               "--val-fraction", "0", "--test-fraction", "0", "--no-jpeg-passthrough"])  # fmt: skip
+    assert rc == 0
+    capsys.readouterr()
+    again = _read_shards(tmp_path / "b")
+    assert sorted(again) == sorted(kept)
+    for k, s in again.items():
+        meta = json.loads(s["json"])
+        assert s["jpg"] != kept[k]["jpg"] and meta["size"] == meta["original_size"]
+        ref = np.asarray(Image.open(src / meta["file"]).convert("RGB"), dtype=np.float64)
+        assert np.abs(np.asarray(Image.open(io.BytesIO(s["jpg"])), dtype=np.float64) - ref).mean() < 3.0

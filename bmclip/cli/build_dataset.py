@@ -34,6 +34,11 @@ def register(subparsers) -> None:
     g = p.add_argument_group("image and caption filters (stage time)")
     g.add_argument("--max-side", type=int, default=512, help="resize so the longest side is at most this")
     g.add_argument("--jpeg-quality", type=int, default=90)
+    g.add_argument(
+        "--no-jpeg-passthrough",
+        action="store_true",
+        help="re-encode every figure, also JPEGs that already fit --max-side (default: stored as is)",
+    )
     g.add_argument("--min-side", type=int, default=64, help="drop images whose shorter side is smaller")
     g.add_argument("--max-aspect", type=float, default=10.0, help="drop images with long/short side above")
     g.add_argument("--max-pixels", type=int, default=89_478_485, help="decompression-bomb guard (w*h)")
@@ -58,6 +63,7 @@ def _options(args):
     kw = dict(
         max_side=args.max_side,
         jpeg_quality=args.jpeg_quality,
+        jpeg_passthrough=not args.no_jpeg_passthrough,
         min_side=args.min_side,
         max_aspect=args.max_aspect,
         max_pixels=args.max_pixels,

@@ -23,10 +23,11 @@ Split fractions default to PMC-15M's (BiomedCLIP paper: 13.9M train / 13.6k val 
 725_739 / 15_282_336 ≈ 0.0475``.
 
 Shard sample members (sorted by extension, fixed mtime 0 / uid 0 / empty owner names, ``KEY`` without
-dots): ``KEY.jpg`` (RGB JPEG, longest side <= max_side), ``KEY.json`` (pmcid, pmid, doi, figure id and
-label, licence, original and stored image size, href and media file, subcaptions), ``KEY.txt`` (caption,
-UTF-8). DALI index format (``tools/wds2idx.py``, version ``v1.2``): first line ``v1.2 <num_samples>``,
-then one line per sample of ``<ext> <data offset> <size> <member name>`` groups separated by spaces.
+dots): ``KEY.jpg`` (JPEG, longest side <= max_side; RGB, or a passed-through greyscale source),
+``KEY.json`` (pmcid, pmid, doi, figure id and label, licence, original and stored image size, href and
+media file, subcaptions), ``KEY.txt`` (caption, UTF-8). DALI index format (``tools/wds2idx.py``,
+version ``v1.2``): first line ``v1.2 <num_samples>``, then one line per sample of ``<ext> <data offset>
+<size> <member name>`` groups separated by spaces.
 
 Slurm array example (4 machines/tasks, then one merge)::
 
@@ -75,6 +76,7 @@ class BuildOptions:
     # stage time (changing them requires a fresh staging dir)
     max_side: int = 512
     jpeg_quality: int = 90
+    jpeg_passthrough: bool = True  # JPEGs that already fit max_side are stored as is (media.process_image)
     min_side: int = 64
     max_aspect: float = 10.0
     max_pixels: int = 89_478_485
@@ -96,6 +98,7 @@ class BuildOptions:
     STAGE_KEYS = (
         "max_side",
         "jpeg_quality",
+        "jpeg_passthrough",
         "min_side",
         "max_aspect",
         "max_pixels",
@@ -312,6 +315,7 @@ def process_package(pkg, opts: BuildOptions, count_tokens) -> dict:
                         max_pixels=opts.max_pixels,
                         min_side=opts.min_side,
                         max_aspect=opts.max_aspect,
+                        passthrough=opts.jpeg_passthrough,
                     )
                     break
                 except ImageSkip as e:
