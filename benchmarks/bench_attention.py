@@ -284,7 +284,7 @@ def _cumsum(xs):
         yield t
 
 
-def bench_text_tower(rows, timer, device, dtype, n_captions, text_cfg, seed):
+def bench_text_tower(rows, timer, device, dtype, n_captions, text_cfg, seed, profile=False):
     from bmclip.model.bert import BertTextEncoder
 
     context = text_cfg.context_length
@@ -324,7 +324,28 @@ def bench_text_tower(rows, timer, device, dtype, n_captions, text_cfg, seed):
                      "captions_per_s": n_captions / (ms * 1e-3), **extra})
         print(f"  text_tower {name:24s} fwd+bwd {ms:9.2f} ms  {n_captions / (ms * 1e-3):10.1f} captions/s",
               flush=True)
+        if profile and backend == "triton":
+            _profile_step(step, device, rows, name)
     return results
+
+
+def _profile_step(step, device, rows, name, top=15):
+    """Where one unpadded tower step spends device time (decides whether fused LayerNorm/GELU would pay)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=acts) as prof:
+        step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    events = sorted(prof.key_averages(), key=lambda e: getattr(e, key, 0.0), reverse=True)
+    total = sum(getattr(e, key, 0.0) for e in events) or 1.0
+    table = [{"op": e.key, "share": getattr(e, key, 0.0) / total, "us": getattr(e, key, 0.0)} for e in events[:top]]
+    rows.append({"section": "text_tower_profile", "method": name, "top_ops": table})
+    print(f"  profile of {name} (self {'device' if device.type == 'cuda' else 'cpu'} time):")
+    for t in table:
+        print(f"    {100 * t['share']:5.1f}%  {t['op'][:90]}")
 
 
 # --------------------------------------------------------------------------------------------- main
@@ -363,6 +384,7 @@ def main(argv=None) -> int:
     ap.add_argument("--captions", type=int, default=256, help="captions per text batch")
     ap.add_argument("--sections", default="vit,text_attn,text_tower")
     ap.add_argument("--out", type=Path, help="write the JSON results here (atomically)")
+    ap.add_argument("--profile", action="store_true", help="also profile one unpadded text-tower step")
     ap.add_argument("--make-lengths", action="store_true", help=f"rebuild {LENGTHS_JSON.relative_to(REPO)}")
     ap.add_argument("--samples", type=Path, default=DEFAULT_SAMPLES, help="pmc_samples folder (--make-lengths)")
     ap.add_argument("--vocab", type=Path, help="WordPiece vocab.txt for --make-lengths (default: bundled)")
@@ -421,7 +443,7 @@ def main(argv=None) -> int:
     if "text_attn" in sections:
         bench_text_attention(rows, timer, device, dtype, n_caps, heads, head_dim, context, seed=0)
     if "text_tower" in sections:
-        bench_text_tower(rows, timer, device, dtype, n_caps, text_cfg, seed=0)
+        bench_text_tower(rows, timer, device, dtype, n_caps, text_cfg, seed=0, profile=args.profile)
     summary = _summary(rows)
     for k, v in summary.items():
         print(f"{k}: {v}")
