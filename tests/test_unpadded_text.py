@@ -194,3 +194,24 @@ def test_model_switch_runs_text_unpadded_and_keeps_checkpoints_interchangeable(m
     # A checkpoint saved under one backend loads into a model built for the other.
     fresh = create_model("tiny", attn_backend="triton", text={"context_length": CONTEXT, "max_positions": CONTEXT})
     fresh.load_state_dict(model.state_dict())
+
+
+@pytest.mark.gpu
+def test_gpu_bf16_unpadded_text_tower_as_accurate_as_padded_sdpa():
+    # Under bf16 autocast on a GPU, the unpadded Triton tower must be about as close to the fp32 padded
+    # SDPA tower as the bf16 padded SDPA tower is (flash-attn's 2x rule, applied to the whole tower).
+    torch.manual_seed(0)
+    cfg = _text_cfg(width=256, heads=4, mlp_dim=1024, layers=4, context_length=256, max_positions=256)
+    enc = BertTextEncoder(cfg, embed_dim=64).cuda().eval()
+    ids = _captions([1, 5, 37, 64, 99, 128, 200, 256] * 4, 256, 300, seed=3).cuda()
+    with torch.no_grad():
+        enc.trim_padding = False
+        ref = enc(ids).double()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            sdpa_bf16 = enc(ids).double()
+            for layer in enc.layers:
+                layer.attn.attn_backend = "triton"
+            triton_bf16 = enc(ids).double()
+    err_sdpa = (sdpa_bf16 - ref).abs().max().item()
+    err_triton = (triton_bf16 - ref).abs().max().item()
+    assert err_triton <= 2 * err_sdpa + 1e-3, (err_triton, err_sdpa)
