@@ -49,7 +49,6 @@ class DataSection:
     shuffle_buffer: int = 2000
     resampled: bool = True  # infinite shard resampling (webdataset semantics); False = epochs
     tokenizer: str = ""  # vocab.txt / tokenizer dir; "" = bmclip's bundled default
-    use_dali: bool = False  # GPU augmentation through DALI when installed (explicit: errors if missing)
     val_max_samples: int = 10000
 
 
