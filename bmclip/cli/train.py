@@ -24,6 +24,7 @@ def register(subparsers) -> None:
 
 def run(args) -> int:
     import json
+    import os
 
     from bmclip.train.config import load_config
 
@@ -39,6 +40,6 @@ def run(args) -> int:
     from bmclip.train.trainer import train
 
     summary = train(cfg)
-    if summary.get("out_dir") and int(__import__("os").environ.get("RANK", "0")) == 0:
+    if int(os.environ.get("RANK", "0")) == 0:  # one summary per job, not one per rank
         print(json.dumps({k: v for k, v in summary.items() if k != "curves"}, indent=1, default=str))
     return 0
