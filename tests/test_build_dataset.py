@@ -810,3 +810,14 @@ def test_passthrough_in_build_and_cli_flag(fixtures_dir, tmp_path, capsys):
         assert s["jpg"] != kept[k]["jpg"] and meta["size"] == meta["original_size"]
         ref = np.asarray(Image.open(src / meta["file"]).convert("RGB"), dtype=np.float64)
         assert np.abs(np.asarray(Image.open(io.BytesIO(s["jpg"])), dtype=np.float64) - ref).mean() < 3.0
+
+
+def test_ustar_header_identical_to_tarfile():
+    from bmclip.data.pmc.build import _ustar_header
+
+    for name in ["a.jpg", "PMC10802347_F3.json", "x" * 100, "é" * 40 + ".txt", "y" * 101 + "/z.jpg"]:
+        for size in [0, 1, 511, 512, 123_456_789, 8**11 - 1]:
+            ti = tarfile.TarInfo(name)
+            ti.size, ti.mtime, ti.mode, ti.uid, ti.gid, ti.uname, ti.gname = size, 0, 0o644, 0, 0, "", ""
+            ti.type = tarfile.REGTYPE
+            assert _ustar_header(name, size) == ti.tobuf(format=tarfile.USTAR_FORMAT, encoding="utf-8")
