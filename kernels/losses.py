@@ -16,7 +16,9 @@ recomputes the block, gives the complete gradient of the rank's image rows and a
 text row, and a reduce-scatter sums those partials onto the owners. Gradient convention: each rank's
 own features receive the gradient of the *sum of all ranks' losses*, i.e. ``world_size × dL/dfeat``
 for the global loss L — the convention of open_clip's ``gather_with_grad=True``, which DDP's gradient
-averaging turns into exactly the single-process gradient of the global batch (tested with 2 gloo ranks).
+averaging turns into exactly the single-process gradient of the global batch (tested with 2 and 3 gloo
+ranks). Upstream gradients may differ per rank (loss weighting): the backward gathers them and weights
+each column term by its owner's, so the summed gradients are exactly those of Σ_r g_r·loss_r.
 
 open_clip flag mapping (``ClipLoss``):
 
@@ -46,7 +48,7 @@ path (tested at 2 and 3 ranks); memory per rank O(b·D) instead of O(B·D), for 
 softplus(−z·x) / local_batch (mean over ranks = the single-process loss); gradients follow the same
 convention as above, which is what open_clip's neighbour-exchange-with-grad produces. ``dist_impl``
 ('bidir', 'shift', 'reduce', 'gather') is validated as in open_clip; all compute the same exact loss
-here through the gather path.
+here, through the gather path (or the ring with ``ring=True``).
 """
 
 from __future__ import annotations
