@@ -89,3 +89,15 @@ def test_poisoned_weights_are_never_checkpointed(tmp_path):
     with pytest.raises(NonFiniteLossError, match="NaN"):
         _save(cfg, DistInfo(), 2, m, opt, sched, src, None, {})
     assert C.latest_valid(tmp_path / "checkpoints").name == "step_00000001"
+
+
+def test_siglip_option_trains_bias_and_lowers_loss(tmp_path):
+    cfg = _cfg(tmp_path, "--loss.kind=siglip", "--steps=3", "--log_every=1", "--data.batch_size=16",
+               "--data.val_max_samples=32", "--optim.warmup_steps=1")
+    train(cfg)
+    losses = [r["loss"] for r in read_jsonl(tmp_path / "metrics.jsonl") if r["kind"] == "train"]
+    assert len(losses) == 3 and losses[-1] < losses[0]
+    sd = C.load_checkpoint(tmp_path / "checkpoints" / "step_00000003")["model"]
+    # SigLIP init (log 10, -10) and the bias is learned
+    assert "logit_bias" in sd and float(sd["logit_bias"]) != -10.0
+    assert abs(float(sd["logit_scale"].exp()) - 10.0) < 0.5
