@@ -51,6 +51,12 @@ def _interpreting() -> bool:
 # `allow_tf32`. Detected once so the kernels compile on the GPU box's triton 3.6 and on newer ones.
 _DOT_HAS_INPUT_PRECISION = bool(_HAS_TRITON and "input_precision" in inspect.signature(tl.dot).parameters)
 
+# How the backward pass computes dQ: "separate" (a dQ kernel over key blocks: deterministic, 7 matmuls per
+# block pair) or "atomic" (dQ accumulated with fp32 atomics inside the dK/dV kernel: 5 matmuls, summation
+# order not fixed). benchmarks/bench_attention.py times both; "separate" stays the default until a GPU
+# run shows the atomic one is faster.
+_BWD_DQ_MODE = "separate"
+
 # Block sizes used under the CPU interpreter (no autotuning there). Tests may lower them to force many
 # partial blocks; larger blocks mean fewer interpreted loop iterations, which is what costs time there.
 _INTERPRET_BLOCKS = {"fwd": (64, 64), "bwd_dkdv": (64, 64), "bwd_dq": (64, 64)}
@@ -186,12 +192,13 @@ if _HAS_TRITON:
 
     @triton.jit
     def _attn_bwd_dkdv_kernel(
-        Q, K, V, DO, LSE, DELTA, DK, DV, CU,
+        Q, K, V, DO, LSE, DELTA, DK, DV, DQ_ACC, CU,
         stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
-        stride_dkt, stride_dkh, stride_dvt, stride_dvh,
+        stride_dkt, stride_dkh, stride_dvt, stride_dvh, stride_dqt, stride_dqh,
         stride_lse_h, nheads, padded_seqlen, sm_scale, qk_scale_log2, max_seqlen_key,
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         VARLEN: tl.constexpr, CAUSAL: tl.constexpr, PAD_D: tl.constexpr, USE_INPUT_PRECISION: tl.constexpr,
+        ATOMIC_DQ: tl.constexpr,
     ):
         pid_n = tl.program_id(0)
         pid_bh = tl.program_id(1)
@@ -220,7 +227,8 @@ if _HAS_TRITON:
         # Why no sequence-end mask on P here: query rows past the end load q = dO = 0 and lse = delta = 0,
         # so their P^T column is exp2(0) = 1 but they add 1 * dO = 0 to dV and P * (dO.V - delta) = 0 to dK;
         # key rows past the end (k = v = 0) only produce dK/dV rows that are never stored. Only the causal
-        # mask changes real results.
+        # mask changes real results -- unless dQ is accumulated here too (ATOMIC_DQ): dQ sums over keys,
+        # so past-the-end keys (whose exp2(-lse) may overflow) must then be zeroed as well.
         for start_m in range(lo, seqlen, BLOCK_M):
             rows_i = start_m + offs_m
             m_valid = rows_i < seqlen
@@ -234,13 +242,21 @@ if _HAS_TRITON:
             # Transposed scores (keys x queries) so the dK/dV products need no transposes of P.
             qk_t = _dot(k, tl.trans(q), USE_INPUT_PRECISION) * qk_scale_log2
             p_t = tl.exp2(qk_t - lse[None, :])
+            # where() (not a multiply) so that exp2 overflow in masked slots can never leak inf/nan.
             if CAUSAL:
-                # where() (not a multiply) so that exp2 overflow in masked slots can never leak inf/nan.
                 p_t = tl.where(offs_n[:, None] <= rows_i[None, :], p_t, 0.0)
+            if ATOMIC_DQ:
+                p_t = tl.where(n_valid[:, None], p_t, 0.0)
             dv += _dot(p_t.to(do.dtype), do, USE_INPUT_PRECISION)
             dp_t = _dot(v, tl.trans(do), USE_INPUT_PRECISION)
             ds_t = p_t * (dp_t - delta[None, :])
             dk += _dot(ds_t.to(q.dtype), q, USE_INPUT_PRECISION)
+            if ATOMIC_DQ:
+                # FA2-style: this key block's share of dQ, added into an fp32 buffer (5 matmuls per block
+                # pair instead of 7 with the separate dQ kernel; summation order, hence bits, not fixed).
+                dq_part = _dot(tl.trans(ds_t).to(k.dtype), k, USE_INPUT_PRECISION) * sm_scale
+                tl.atomic_add(DQ_ACC + rows[:, None] * stride_dqt + h * stride_dqh + offs_d[None, :], dq_part,
+                              mask=q_mask)
 
         dk = dk * sm_scale
         tl.store(DK + cols[:, None] * stride_dkt + h * stride_dkh + offs_d[None, :], dk.to(DK.dtype.element_ty),
@@ -339,6 +355,11 @@ if _HAS_TRITON:
         configs=_configs([(32, 128), (64, 64), (32, 64), (64, 128)], [4, 8], [2, 3]),
         key=["HEAD_DIM", "CAUSAL", "max_seqlen_key"],
     )(_attn_bwd_dkdv_kernel)
+    # The autotuner re-runs a kernel while timing it: the atomic-dQ variant must start each run from zero.
+    _DKDV_ATOMIC_TUNED = triton.autotune(
+        configs=_configs([(32, 128), (64, 64), (32, 64), (64, 128)], [4, 8], [2, 3]),
+        key=["HEAD_DIM", "CAUSAL", "max_seqlen_key"], reset_to_zero=["DQ_ACC"],
+    )(_attn_bwd_dkdv_kernel)
     _DQ_TUNED = triton.autotune(
         configs=_configs([(128, 32), (64, 64), (64, 32), (128, 64)], [4, 8], [2, 3]),
         key=["HEAD_DIM", "CAUSAL", "max_seqlen_key"],
@@ -406,19 +427,26 @@ class _TritonFlashAttention(torch.autograd.Function):
         strides_in = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
                       do.stride(0), do.stride(1))
         interp = _interpreting()
+        if _BWD_DQ_MODE not in ("separate", "atomic"):
+            raise ValueError(f"flash_attention: _BWD_DQ_MODE must be 'separate' or 'atomic', got {_BWD_DQ_MODE!r}")
+        atomic = _BWD_DQ_MODE == "atomic"
+        dq_acc = torch.zeros((total, nheads, head_dim), device=q.device, dtype=torch.float32) if atomic else dq
         _launch(
-            _attn_bwd_dkdv_kernel, None if interp else _DKDV_TUNED, "bwd_dkdv",
+            _attn_bwd_dkdv_kernel, None if interp else (_DKDV_ATOMIC_TUNED if atomic else _DKDV_TUNED), "bwd_dkdv",
             lambda meta: (triton.cdiv(max_seqlen, meta["BLOCK_N"]), batch * nheads),
-            (q, k, v, do, lse, delta, dk, dv, cu, *strides_in,
-             dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), *common),
-            consts,
+            (q, k, v, do, lse, delta, dk, dv, dq_acc, cu, *strides_in,
+             dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), dq_acc.stride(0), dq_acc.stride(1), *common),
+            dict(consts, ATOMIC_DQ=atomic),
         )
-        _launch(
-            _attn_bwd_dq_kernel, None if interp else _DQ_TUNED, "bwd_dq",
-            lambda meta: (triton.cdiv(max_seqlen, meta["BLOCK_M"]), batch * nheads),
-            (q, k, v, do, lse, delta, dq, cu, *strides_in, dq.stride(0), dq.stride(1), *common),
-            consts,
-        )
+        if atomic:
+            dq.copy_(dq_acc)
+        else:
+            _launch(
+                _attn_bwd_dq_kernel, None if interp else _DQ_TUNED, "bwd_dq",
+                lambda meta: (triton.cdiv(max_seqlen, meta["BLOCK_M"]), batch * nheads),
+                (q, k, v, do, lse, delta, dq, cu, *strides_in, dq.stride(0), dq.stride(1), *common),
+                consts,
+            )
         return dq, dk, dv, None, None, None, None, None, None
 
 

@@ -127,14 +127,28 @@ def test_padded_layout(batch, seqlen, head_dim, causal):
 
 
 @pytest.mark.skipif(DEVICE == "cuda", reason="interpreter block sizes only apply to TRITON_INTERPRET runs")
+@pytest.mark.parametrize("dq_mode", ["separate", "atomic"])
 @pytest.mark.parametrize("blocks", [(16, 32), (32, 16)])
 @pytest.mark.parametrize("causal", [False, True])
-def test_small_unequal_blocks(monkeypatch, blocks, causal):
+def test_small_unequal_blocks(monkeypatch, blocks, causal, dq_mode):
     # Many partial blocks with BLOCK_M != BLOCK_N: exercises the causal start/stop arithmetic both ways.
     monkeypatch.setattr(fa, "_INTERPRET_BLOCKS", {"fwd": blocks, "bwd_dkdv": blocks, "bwd_dq": blocks})
+    monkeypatch.setattr(fa, "_BWD_DQ_MODE", dq_mode)
     lengths = [1, 2, 17, 33, 50]
     cu = _cu(lengths)
     q, k, v = _rand((cu[-1].item(), 1, 32), torch.float32, seed=11)
+    _check_against_reference(
+        q, k, v, cu, causal,
+        lambda a, b, c: flash_attention(a, b, c, cu_seqlens=cu, causal=causal, backend="triton"),
+    )
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_atomic_dq_backward_mode(monkeypatch, causal):
+    # The optional FA2-style backward (dQ accumulated with atomics in the dK/dV kernel) obeys the same rule.
+    monkeypatch.setattr(fa, "_BWD_DQ_MODE", "atomic")
+    cu = _cu(LENGTHS, DEVICE)
+    q, k, v = _rand((cu[-1].item(), 2, 32), torch.float32, seed=31 + causal)
     _check_against_reference(
         q, k, v, cu, causal,
         lambda a, b, c: flash_attention(a, b, c, cu_seqlens=cu, causal=causal, backend="triton"),
