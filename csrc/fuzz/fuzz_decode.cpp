@@ -17,10 +17,17 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   p.dct_scaling = (a & 4) != 0;
   p.dct_min_ratio = (a & 8) ? 1.0 : 2.0;
   p.max_pixels = 1 << 22;  // keeps iterations fast; the guard itself is exercised by large headers
-  const int out_size = 1 + (b & 63);
-  std::vector<uint8_t> out(static_cast<size_t>(out_size) * out_size * 3);
+  int out_size = 1 + (b & 63);
+  int out_w = out_size, out_h = out_size;
+  if (a & 16) {  // whole-image fit (Decoder.decode_fit): out_w x out_h instead of a square
+    p.augment = bmclip::Augment::kFit;
+    p.fit_w = out_w = 1 + (b & 31);
+    p.fit_h = out_h = 1 + ((b >> 2) & 31);
+    out_size = 0;
+  }
+  std::vector<uint8_t> out(static_cast<size_t>(out_w) * out_h * 3);
   bmclip::SampleRng rng(b, a);
-  std::string r = bmclip::decode_crop_resize(data, size, out_size, p, &rng, out.data(), out_size * 3);
+  std::string r = bmclip::decode_crop_resize(data, size, out_size, p, &rng, out.data(), out_w * 3);
   if (r.empty()) {
     volatile uint8_t sink = out.back();
     (void)sink;
