@@ -451,6 +451,13 @@ def test_argument_validation(dec):
         dec.decode_batch([data], np.zeros((1, 8, 8, 3), np.uint8), augment="flip")
     with pytest.raises(ValueError):
         dec.decode_batch([data], np.zeros((1, 8, 8, 3), np.uint8), scale=(0.5, 1.5))
+    for bad in [dict(ratio=(2.0, 1.0)), dict(dct_min_ratio=0.5), dict(interpolation="lanczos")]:
+        with pytest.raises(ValueError):
+            dec.decode_batch([data], np.zeros((1, 8, 8, 3), np.uint8), **bad)
+    with pytest.raises(ValueError):
+        _C.Decoder(1, max_pixels=0)
+    with pytest.raises(ValueError):
+        _C.crop_box(0, 10, 8, 0, 0)
     with pytest.raises(TypeError):
         dec.decode_batch([42], np.zeros((1, 8, 8, 3), np.uint8))
     with pytest.raises(TypeError):  # a list would be converted to a temporary copy: refused
