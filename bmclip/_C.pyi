@@ -62,7 +62,6 @@ class Decoder:
         interpolation: str = "bilinear",
         dct_scaling: bool = True,
         dct_min_ratio: float = 1.0,
-        rgbx: bool = False,
     ) -> npt.NDArray[np.uint8]: ...
     def decode_image(self, buffer: Buffer) -> npt.NDArray[np.uint8]: ...
 
