@@ -705,6 +705,7 @@ def _fit_size(w: int, h: int, max_side: int = 512) -> tuple[int, int]:
     ("size", "mode", "kw", "dct"),
     [
         ((900, 600), "RGB", {"quality": 90}, 8),  # typical PMC figure: no DCT scaling
+        ((480, 361), "RGB", {"quality": 95}, 8),  # already fits: identity "resize" (pass-through off)
         ((601, 787), "L", {"quality": 85}, 8),  # greyscale, odd sizes
         ((701, 1103), "L", {"quality": 85}, 4),  # 1103 // 512 = 2: DCT 1/2
         ((901, 677), "RGB", {"quality": 92, "subsampling": 0, "progressive": True}, 8),  # 4:4:4, progressive
