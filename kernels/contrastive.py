@@ -41,7 +41,14 @@ from ._triton_utils import (
 )
 
 if HAS_TRITON:
+    import warnings
+
     import triton.language as tl
+
+    # Block pointers are deprecated in newest Triton in favour of TMA tensor descriptors (which need
+    # 16-byte aligned strides and a device allocator); they work on every version we support (3.6+)
+    # and keep the kernels free of per-element address registers. Silence just that message.
+    warnings.filterwarnings("ignore", message="tl.make_block_ptr is deprecated", category=UserWarning)
 
 __all__ = ["clip_loss", "siglip_loss", "BACKENDS"]
 
@@ -77,9 +84,7 @@ if HAS_TRITON:
         pid = tl.program_id(0)
         rows = pid * BM + tl.arange(0, BM)
         rmask = rows < M
-        # 64-bit row offsets: B·D passes 2^31 at B = 2M, D = 1024
-        a_rows = a_ptr + rows[:, None].to(tl.int64) * stride_a
-        k_ar = tl.arange(0, BK)
+        pid_row0 = pid * BM
         scale = tl.load(scale_ptr).to(tl.float32)
         if HAS_BIAS:
             bias = tl.load(bias_ptr).to(tl.float32)
@@ -92,16 +97,19 @@ if HAS_TRITON:
             cols = n0 + tl.arange(0, BN)
             cmask = cols < N
             # logit tile A[rows]·C[cols]ᵀ in fp32, looping over D in BK chunks; C loaded already
-            # transposed (BK, BN) through the pointers. Written inline (no nested jit helpers, no
-            # tl.trans): both cost the interpreter dearly (numpy matmul on a transposed view is ~1000x
-            # slower), and the compiled code is the same.
-            c_cols = c_ptr + cols[None, :].to(tl.int64) * stride_c
+            # transposed (BK, BN) through a column-major block pointer. Written inline (no nested jit
+            # helpers, no tl.trans): both cost the interpreter dearly (numpy matmul on a transposed
+            # view is ~1000x slower), and the compiled code is the same.
+            # Block pointers: no per-element 64-bit address tensors (they cost the compiled kernel
+            # registers and spills); out-of-range rows/cols/features read as zero.
+            a_bp = tl.make_block_ptr(a_ptr, (M, D), (stride_a, 1), (pid_row0, 0), (BM, BK), (1, 0))
+            ct_bp = tl.make_block_ptr(c_ptr, (D, N), (1, stride_c), (0, n0), (BK, BN), (0, 1))
             s = tl.zeros((BM, BN), dtype=tl.float32)
-            for k0 in range(0, D, BK):
-                ks = k0 + k_ar
-                kmask = ks < D
-                a = tl.load(a_rows + ks[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
-                ct = tl.load(c_cols + ks[:, None], mask=kmask[:, None] & cmask[None, :], other=0.0)
+            for _k0 in range(0, D, BK):
+                a = tl.load(a_bp, boundary_check=(0, 1), padding_option="zero")
+                ct = tl.load(ct_bp, boundary_check=(0, 1), padding_option="zero")
+                a_bp = tl.advance(a_bp, (0, BK))
+                ct_bp = tl.advance(ct_bp, (BK, 0))
                 if IEEE:  # fp32 operands multiplied in true fp32 (TF32 would cost ~3 digits of logits)
                     if USE_IP:
                         s = tl.dot(a, ct, s, input_precision="ieee")
@@ -154,9 +162,7 @@ if HAS_TRITON:
         rmask = rows < M
         dcols = pid_d * BDO + tl.arange(0, BDO)
         dmask = dcols < D
-        # 64-bit row offsets: B·D passes 2^31 at B = 2M, D = 1024
-        a_rows = a_ptr + rows[:, None].to(tl.int64) * stride_a
-        k_ar = tl.arange(0, BK)
+        pid_row0 = pid_m * BM
         scale = tl.load(scale_ptr).to(tl.float32)
         if HAS_BIAS:
             bias = tl.load(bias_ptr).to(tl.float32)
@@ -174,16 +180,19 @@ if HAS_TRITON:
             valid = rmask[:, None] & cmask[None, :]
             diag = (cols[None, :] == rows[:, None] + off) & valid
             # logit tile A[rows]·C[cols]ᵀ in fp32, looping over D in BK chunks; C loaded already
-            # transposed (BK, BN) through the pointers. Written inline (no nested jit helpers, no
-            # tl.trans): both cost the interpreter dearly (numpy matmul on a transposed view is ~1000x
-            # slower), and the compiled code is the same.
-            c_cols = c_ptr + cols[None, :].to(tl.int64) * stride_c
+            # transposed (BK, BN) through a column-major block pointer. Written inline (no nested jit
+            # helpers, no tl.trans): both cost the interpreter dearly (numpy matmul on a transposed
+            # view is ~1000x slower), and the compiled code is the same.
+            # Block pointers: no per-element 64-bit address tensors (they cost the compiled kernel
+            # registers and spills); out-of-range rows/cols/features read as zero.
+            a_bp = tl.make_block_ptr(a_ptr, (M, D), (stride_a, 1), (pid_row0, 0), (BM, BK), (1, 0))
+            ct_bp = tl.make_block_ptr(c_ptr, (D, N), (1, stride_c), (0, n0), (BK, BN), (0, 1))
             s = tl.zeros((BM, BN), dtype=tl.float32)
-            for k0 in range(0, D, BK):
-                ks = k0 + k_ar
-                kmask = ks < D
-                a = tl.load(a_rows + ks[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
-                ct = tl.load(c_cols + ks[:, None], mask=kmask[:, None] & cmask[None, :], other=0.0)
+            for _k0 in range(0, D, BK):
+                a = tl.load(a_bp, boundary_check=(0, 1), padding_option="zero")
+                ct = tl.load(ct_bp, boundary_check=(0, 1), padding_option="zero")
+                a_bp = tl.advance(a_bp, (0, BK))
+                ct_bp = tl.advance(ct_bp, (BK, 0))
                 if IEEE:  # fp32 operands multiplied in true fp32 (TF32 would cost ~3 digits of logits)
                     if USE_IP:
                         s = tl.dot(a, ct, s, input_precision="ieee")
@@ -208,8 +217,8 @@ if HAS_TRITON:
             if REDUCE:
                 red_s += tl.sum(e * s, axis=1)
                 red_b += tl.sum(e, axis=1)
-            cblk = tl.load(c_ptr + cols[:, None].to(tl.int64) * stride_c + dcols[None, :],
-                           mask=cmask[:, None] & dmask[None, :], other=0.0)
+            c_bp = tl.make_block_ptr(c_ptr, (N, D), (stride_c, 1), (n0, pid_d * BDO), (BN, BDO), (1, 0))
+            cblk = tl.load(c_bp, boundary_check=(0, 1), padding_option="zero")
             if IEEE:
                 if USE_IP:
                     acc = tl.dot(e, cblk, acc, input_precision="ieee")
@@ -218,6 +227,7 @@ if HAS_TRITON:
             else:
                 acc = tl.dot(e.to(cblk.dtype), cblk, acc)
         om = tl.load(outmul_ptr).to(tl.float32)
+        # 64-bit row offsets: B·D passes 2^31 at B = 2M, D = 1024
         tl.store(out_ptr + rows[:, None].to(tl.int64) * stride_o + dcols[None, :],
                  (acc * om).to(out_ptr.dtype.element_ty), mask=rmask[:, None] & dmask[None, :])
         if REDUCE:
