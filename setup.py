@@ -26,9 +26,13 @@ class CMakeBuild(build_ext):
     def build_extension(self, ext: CMakeExtension) -> None:
         import pybind11
 
-        extdir = Path(self.get_ext_fullpath(ext.name)).parent.resolve()
+        dest = Path(self.get_ext_fullpath(ext.name)).resolve()
         build_temp = Path(self.build_temp) / ext.name
         build_temp.mkdir(parents=True, exist_ok=True)
+        # CMake links into a staging folder; the result is then renamed into place, so a process that
+        # has the old _C.so mapped (a test run during a rebuild) never sees a half-written library.
+        extdir = (build_temp / "out").resolve()
+        extdir.mkdir(exist_ok=True)
         cfg = os.environ.get("BMCLIP_BUILD_TYPE", "Release")
         args = [
             f"-DCMAKE_LIBRARY_OUTPUT_DIRECTORY={extdir}",
@@ -42,6 +46,24 @@ class CMakeBuild(build_ext):
         subprocess.run(["cmake", ext.sourcedir, *args], cwd=build_temp, check=True)
         jobs = str(os.cpu_count() or 2)
         subprocess.run(["cmake", "--build", ".", "--parallel", jobs], cwd=build_temp, check=True)
+        built = extdir / dest.name
+        if not built.exists():
+            raise RuntimeError(f"CMake did not produce {built}")
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        self._atomic_copy(built, dest)
+
+    @staticmethod
+    def _atomic_copy(src: Path, dst: Path) -> None:
+        tmp = dst.with_name(dst.name + f".tmp{os.getpid()}")
+        shutil.copy2(src, tmp)
+        os.replace(tmp, dst)
+
+    def copy_file(self, infile, outfile, *args, **kwargs):
+        # Editable installs copy the built library into the source tree: do that by rename as well.
+        if str(outfile).endswith((".so", ".pyd")):
+            self._atomic_copy(Path(infile), Path(outfile))
+            return outfile, 1
+        return super().copy_file(infile, outfile, *args, **kwargs)
 
 
 setup(

@@ -12,7 +12,8 @@ log() { echo "[setup] $*" >&2; }
 
 # 1. System packages: compiler toolchain, CMake, libjpeg-turbo and libpng headers.
 need_pkgs=()
-for p in g++ cmake libjpeg62-turbo-dev libturbojpeg0-dev libpng-dev python3-venv; do
+# libjpeg-dev is libjpeg-turbo's headers on Debian (libjpeg62-turbo-dev) and Ubuntu (libjpeg-turbo8-dev).
+for p in g++ cmake libjpeg-dev libpng-dev python3-venv; do
     dpkg -s "$p" >/dev/null 2>&1 || need_pkgs+=("$p")
 done
 if ((${#need_pkgs[@]})); then
