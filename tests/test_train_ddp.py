@@ -21,32 +21,41 @@ def _why(r):
     return "\n".join(keep[-40:]) + "\n----\n" + r.stderr[-1500:]
 
 
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "bmclip",
+            "train", "tiny-cpu"]
+
+
 def _env():
     return {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
-@pytest.mark.slow
-def test_two_process_ddp_equals_single_process(tmp_path):
-    single, multi = tmp_path / "single", tmp_path / "ddp"
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """One single-process run and one 2-process DDP run on the same global batch (shared by the tests)."""
+    tmp = tmp_path_factory.mktemp("ddp")
+    single, multi = tmp / "single", tmp / "ddp"
     r = subprocess.run([sys.executable, "-m", "bmclip", "train", "tiny-cpu", f"--out_dir={single}", *BASE],
                        capture_output=True, text=True, timeout=600, env=_env())
     assert r.returncode == 0, _why(r)
     # Each rank holds 8 of the 16 rows and splits them into 2 GradCache chunks: the loss stays global.
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                        "-m", "bmclip", "train", "tiny-cpu", f"--out_dir={multi}", *BASE, "--data.grad_accum=2"],
+    r = subprocess.run(TORCHRUN + [f"--out_dir={multi}", *BASE, "--data.grad_accum=2"],
                        capture_output=True, text=True, timeout=600, env=_env())
     assert r.returncode == 0, _why(r)
+    return single, multi
+
+
+@pytest.mark.slow
+def test_two_process_ddp_equals_single_process(runs, tmp_path):
+    single, multi = runs
     ck = multi / "checkpoints" / f"step_{STEPS:08d}"
     assert C.read_meta(ck)["world_size"] == 2 and (ck / "rank_00001.pt").is_file()
     a = C.load_checkpoint(single / "checkpoints" / f"step_{STEPS:08d}")["model"]
     b = C.load_checkpoint(ck)["model"]
-    init = None
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=2e-5, msg=k)
     # FSDP2 (parameters sharded per block/tower; the 0-dim logit scale replicated) gives the same weights
     fsdp = tmp_path / "fsdp"
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                        "-m", "bmclip", "train", "tiny-cpu", f"--out_dir={fsdp}", *BASE, "--parallel=fsdp"],
+    r = subprocess.run([*TORCHRUN, f"--out_dir={fsdp}", *BASE, "--parallel=fsdp"],
                        capture_output=True, text=True, timeout=600, env=_env())
     assert r.returncode == 0, _why(r)
     f = C.load_checkpoint(fsdp / "checkpoints" / f"step_{STEPS:08d}")["model"]
@@ -54,9 +63,9 @@ def test_two_process_ddp_equals_single_process(tmp_path):
     for k in a:
         torch.testing.assert_close(f[k], a[k], rtol=1e-4, atol=2e-5, msg=k)
     # the weights did move (so equality is not trivial)
-    torch.manual_seed(0)
     from bmclip.model import create_model
 
+    torch.manual_seed(0)
     init = create_model("tiny").state_dict()
     assert (a["visual.proj.weight"] - init["visual.proj.weight"]).abs().max() > 1e-3
     logs = [line for line in (multi / "metrics.jsonl").read_text().splitlines() if '"kind": "train"' in line]
@@ -64,15 +73,13 @@ def test_two_process_ddp_equals_single_process(tmp_path):
 
 
 @pytest.mark.slow
-def test_dead_rank_job_resumes_from_last_checkpoint(tmp_path):
+def test_dead_rank_job_resumes_from_last_checkpoint(runs, tmp_path):
     # What torchrun --max-restarts does after a rank dies is to start every worker again with the same
     # command; auto-resume must then continue from the last checkpoint and finish with the weights of a
-    # run that never failed. Here the two launches are explicit (the first one fails when rank 1 dies).
-    ref, restarted = tmp_path / "ref", tmp_path / "restarted"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "bmclip",
-           "train", "tiny-cpu", *BASE, "--data.grad_accum=2", "--ckpt_every=1"]
-    r = subprocess.run([*cmd, f"--out_dir={ref}"], capture_output=True, text=True, timeout=600, env=_env())
-    assert r.returncode == 0, _why(r)
+    # run that never failed (the DDP run above). Here the two launches are explicit (the first one fails
+    # when rank 1 dies).
+    ref, restarted = runs[1], tmp_path / "restarted"
+    cmd = [*TORCHRUN, *BASE, "--data.grad_accum=2", "--ckpt_every=1"]
     r = subprocess.run([*cmd, f"--out_dir={restarted}", "--fault.kill_at_step=2", "--fault.kill_rank=1"],
                        capture_output=True, text=True, timeout=600, env=_env())
     assert r.returncode != 0 and (restarted / ".fault_killed_step2_rank1").exists()
