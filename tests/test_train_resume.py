@@ -78,3 +78,44 @@ def test_kill_during_checkpoint_write_keeps_previous(reference, tmp_path):
     _run(tmp_path)
     assert not (ck / ".step_00000004.tmp").exists()  # the stale temp dir was replaced and renamed
     _assert_same_final(reference, tmp_path)
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    """Real webdataset shards (demo corpus -> PMC builder) and a tokenizer trained on their captions."""
+    from bmclip.data.pmc.build import build_dataset
+    from bmclip.demo_corpus import generate_corpus
+    from bmclip.tokenizer import Tokenizer
+    from bmclip.train.demo import _read_captions
+
+    root = tmp_path_factory.mktemp("shards")
+    pk = generate_corpus(root / "corpus", n_articles=24, seed=1)
+    build_dataset(pk, root / "shards", max_side=96, dedup=False, val_fraction=0.0, test_fraction=0.0,
+                  num_workers=1, progress=False)
+    urls = sorted(str(p) for p in (root / "shards").glob("train-*.tar"))
+    tok = Tokenizer.train(_read_captions(urls), vocab_size=1000, context_length=64)
+    tok.save(root / "tok")
+    return "::".join(urls), root / "tok"
+
+
+@pytest.mark.slow
+def test_sigkill_resume_bitwise_with_shard_loader(shards, tmp_path):
+    # The loader's position (epoch, shard cursor, shuffle buffer, augmentation RNG) is part of the
+    # checkpoint: 10 steps of 16 cross an epoch boundary of the ~50-60 training pairs.
+    urls, tok = shards
+    args = ["--steps=10", "--ckpt_every=3", "--data.synthetic=false", f"--data.train={urls}",
+            f"--data.tokenizer={tok}", "--data.num_threads=2", "--data.shuffle_buffer=40", "--data.resampled=false",
+            "--data.grad_accum=1"]
+    ref, killed = tmp_path / "ref", tmp_path / "killed"
+    _run(ref, *args)
+    k = random.Random().randint(4, 9)
+    print(f"killing at step {k}")
+    _run(killed, *args, f"--fault.kill_at_step={k}", expect_kill=True)
+    _run(killed, *args)
+    fa = C.load_checkpoint(ref / "checkpoints" / "step_00000010")
+    fb = C.load_checkpoint(killed / "checkpoints" / "step_00000010")
+    for name in fa["model"]:
+        assert torch.equal(fa["model"][name], fb["model"][name]), name
+    assert fa["rank_state"]["loader"] == fb["rank_state"]["loader"]
+    assert fa["rank_state"]["loader"]["loader"]["epoch"] >= 1  # the runs really crossed an epoch
+    assert (killed / "checkpoints" / "step_00000010" / "vocab.txt").is_file()  # tokenizer saved alongside
