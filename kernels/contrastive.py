@@ -29,6 +29,9 @@ fp32 throughout; fp32 inputs use IEEE fp32 dots (never silent TF32); fp16/bf16 g
 
 from __future__ import annotations
 
+import contextlib
+import warnings
+
 import torch
 
 from ._triton_utils import (
@@ -41,14 +44,8 @@ from ._triton_utils import (
 )
 
 if HAS_TRITON:
-    import warnings
-
     import triton.language as tl
 
-    # Block pointers are deprecated in newest Triton in favour of TMA tensor descriptors (which need
-    # 16-byte aligned strides and a device allocator); they work on every version we support (3.6+)
-    # and keep the kernels free of per-element address registers. Silence just that message.
-    warnings.filterwarnings("ignore", message="tl.make_block_ptr is deprecated", category=UserWarning)
 
 __all__ = ["clip_loss", "siglip_loss", "BACKENDS"]
 
@@ -245,32 +242,28 @@ if HAS_TRITON:
         kept = [c for c in configs if c.kwargs["BK"] <= max(16, d) and c.kwargs["BDO"] <= max(32, d)]
         return kept or configs[:1]
 
+    # Config lists pruned with ptxas (sm_90, Triton 3.8, bf16): configs that spilled registers are out
+    # (4 warps only survive on the smallest tiles). BM of the forward is fixed (_FWD_BM).
     def _fwd_configs():
         out = []
-        for bn in (64, 128):
-            for bk in (32, 64):
-                for warps, stages in ((4, 3), (8, 3), (8, 4)):
-                    out.append(triton.Config({"BN": bn, "BK": bk}, num_warps=warps, num_stages=stages))
+        for bn, bk, warps, stages in ((64, 32, 4, 3), (64, 32, 8, 3), (64, 32, 8, 4), (64, 64, 4, 3),
+                                      (64, 64, 8, 3), (64, 64, 8, 4), (128, 32, 8, 3), (128, 32, 8, 4),
+                                      (128, 64, 8, 3), (128, 64, 8, 4)):
+            out.append(triton.Config({"BN": bn, "BK": bk}, num_warps=warps, num_stages=stages))
         return out
 
     def _bwd_configs():
+        # BDO = 512 (whole D for D <= 512): the logit tile is recomputed once per orientation (4
+        # backward passes in all) instead of once per D chunk, at the price of a large accumulator
+        # (small BM/BN keep it in registers); the autotuner weighs that against the recompute.
         out = []
-        for bm, bn in ((64, 64), (128, 64), (64, 128)):
-            for bk in (32, 64):
-                for bdo in (64, 128, 256):
-                    if bm * bdo > 128 * 128:  # fp32 accumulator above 64 KiB spills registers
-                        continue
-                    for warps, stages in ((4, 2), (8, 3)):
-                        out.append(triton.Config({"BM": bm, "BN": bn, "BK": bk, "BDO": bdo},
-                                                 num_warps=warps, num_stages=stages))
-        # Whole-D output blocks for D <= 512: the logit tile is then recomputed once per orientation
-        # (4 backward passes in all) instead of once per D chunk, at the price of a large accumulator
-        # (small BM keeps it in registers); the autotuner weighs that against the recompute.
-        for bm, bn in ((64, 64), (32, 64), (64, 32)):
-            for bk in (32, 64):
-                for warps, stages in ((4, 2), (8, 2)):
-                    out.append(triton.Config({"BM": bm, "BN": bn, "BK": bk, "BDO": 512},
-                                             num_warps=warps, num_stages=stages))
+        for bk in (32, 64):
+            for bm, bn, bdo, warps, stages in ((64, 64, 64, 4, 2), (64, 64, 128, 4, 2), (64, 64, 64, 8, 3),
+                                               (64, 64, 128, 8, 3), (64, 64, 256, 8, 3), (128, 64, 64, 8, 3),
+                                               (128, 64, 128, 8, 3), (64, 128, 64, 8, 3), (64, 128, 128, 8, 3),
+                                               (32, 64, 512, 8, 2), (64, 32, 512, 8, 2)):
+                out.append(triton.Config({"BM": bm, "BN": bn, "BK": bk, "BDO": bdo}, num_warps=warps,
+                                         num_stages=stages))
         return out
 
     if is_interpreted(_fwd_kernel):
@@ -293,6 +286,17 @@ def _next_pow2(n: int) -> int:
 def _bucket(n: int) -> int:
     # Autotune key: next power of two, capped, so a new batch size only re-tunes across octaves.
     return min(1 << max(0, n - 1).bit_length(), 1 << 16)
+
+
+@contextlib.contextmanager
+def _quiet_block_ptr():
+    # Block pointers are deprecated in the newest Triton in favour of TMA tensor descriptors (which need
+    # 16-byte aligned strides and a device allocator); they work on every version we support (3.6+)
+    # and keep the kernels free of per-element address registers. Silence just that message, at the
+    # launches (compile time, or every launch under the interpreter).
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="tl.make_block_ptr is deprecated", category=UserWarning)
+        yield
 
 
 def _scalar_ptr(t: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
@@ -324,11 +328,12 @@ def _tri_forward(A, C, scale, bias, off, loss, need_col):
         meta = dict(LOSS=loss, HAS_BIAS=bias is not None, WRITE_COL=write_col, BM=bm, IEEE=ieee,
                     USE_IP=DOT_HAS_INPUT_PRECISION)
         grid = (triton.cdiv(m, bm),)
-        if _fwd_tuned is None:
-            kb = min(1024, max(16, _next_pow2(D)))
-            _fwd_kernel[grid](*args, **meta, BN=_INTERP_BN, BK=kb)
-        else:
-            _fwd_tuned[grid](*args, **meta)
+        with _quiet_block_ptr():
+            if _fwd_tuned is None:
+                kb = min(1024, max(16, _next_pow2(D)))
+                _fwd_kernel[grid](*args, **meta, BN=_INTERP_BN, BK=kb)
+            else:
+                _fwd_tuned[grid](*args, **meta)
 
     launch(A, C, row, colpart, M, N, off, single_pass)
     col = None
@@ -355,13 +360,14 @@ def _tri_backward_one(A, C, scale, bias, off, loss, lse_a, lse_c, coef_a, coef_c
             _bucket(M), _bucket(N))
     meta = dict(LOSS=loss, HAS_BIAS=bias is not None, REDUCE=reduce, IEEE=A.dtype == torch.float32,
                 USE_IP=DOT_HAS_INPUT_PRECISION)
-    if _bwd_tuned is None:
-        kb = min(1024, max(16, _next_pow2(D)))
-        grid = (triton.cdiv(M, _INTERP_BM), triton.cdiv(D, kb))
-        _bwd_kernel[grid](*args, **meta, BM=_INTERP_BM, BN=_INTERP_BN, BK=kb, BDO=kb)
-    else:
-        grid = lambda META: (triton.cdiv(M, META["BM"]), triton.cdiv(D, META["BDO"]))  # noqa: E731
-        _bwd_tuned[grid](*args, **meta)
+    with _quiet_block_ptr():
+        if _bwd_tuned is None:
+            kb = min(1024, max(16, _next_pow2(D)))
+            grid = (triton.cdiv(M, _INTERP_BM), triton.cdiv(D, kb))
+            _bwd_kernel[grid](*args, **meta, BM=_INTERP_BM, BN=_INTERP_BN, BK=kb, BDO=kb)
+        else:
+            grid = lambda META: (triton.cdiv(M, META["BM"]), triton.cdiv(D, META["BDO"]))  # noqa: E731
+            _bwd_tuned[grid](*args, **meta)
     return out, (red_s.sum() if reduce else None), (red_b.sum() if reduce else None)
 
 
