@@ -35,7 +35,8 @@ VPY="$VENV/bin/python"
 
 # 3. Python packages and the C++ extension; redone only when the build inputs change.
 stamp="$VENV/.bmclip-setup-stamp"
-hash=$(cat pyproject.toml setup.py CMakeLists.txt scripts/setup_env.sh csrc/* 2>/dev/null | sha256sum | cut -c1-16)
+hash=$( { cat pyproject.toml setup.py CMakeLists.txt scripts/setup_env.sh; find csrc -type f | LC_ALL=C sort | xargs cat; } \
+    | sha256sum | cut -c1-16)
 if [[ ! -f "$stamp" || "$(cat "$stamp")" != "$hash" ]] || ! "$VPY" -c "import bmclip._C" 2>/dev/null; then
     log "installing torch and build tools"
     # torch 2.14.1 + torchvision 0.29.1 are what open_clip/timm (test peers) run with here.
