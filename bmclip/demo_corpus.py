@@ -32,6 +32,16 @@ FIGURE_TYPES = [
     "flow diagram",
 ]
 
+# Names each figure type goes by in captions: zero-shot prompts average over them (a prompt ensemble).
+FIGURE_TYPE_NAMES = {
+    "bar chart": ["bar chart", "bar graph"],
+    "line chart": ["line chart", "line plot", "time course plot"],
+    "fluorescence microscopy": ["fluorescence micrograph", "immunofluorescence image", "confocal microscopy image"],
+    "radiograph": ["radiograph", "X-ray image", "plain radiograph"],
+    "gel electrophoresis": ["gel electrophoresis", "western blot", "agarose gel"],
+    "flow diagram": ["flow diagram", "flowchart", "schematic overview"],
+}
+
 _COLOURS = {
     "red": (214, 39, 40),
     "blue": (31, 119, 180),

@@ -144,6 +144,19 @@ def test_class_embeddings_are_normalised_template_means():
     torch.testing.assert_close(w.norm(dim=1), torch.ones(3))
 
 
+def test_class_embeddings_average_prompts_over_synonyms():
+    m = ColourModel()
+    w = class_embeddings(m, colour_tokenizer, COLOURS, ["{}"], synonyms={"green": ["green", "green blue"]})
+    # "green" -> (0,1,0)+.01, "green blue" -> (0,1,1)+.01: normalised, averaged over both names, renormalised;
+    # classes without synonyms keep their own name.
+    a = torch.tensor([0.01, 1.01, 0.01])
+    b = torch.tensor([0.01, 1.01, 1.01])
+    torch.testing.assert_close(w[1], torch.nn.functional.normalize(a / a.norm() + b / b.norm(), dim=0))
+    torch.testing.assert_close(w[0], torch.nn.functional.normalize(torch.tensor([1.01, 0.01, 0.01]), dim=0))
+    with pytest.raises(ConfigError, match="at least one name"):
+        class_embeddings(m, colour_tokenizer, COLOURS, ["{}"], synonyms={"red": []})
+
+
 def test_zeroshot_pipeline_on_known_answer_model():
     rng = np.random.default_rng(0)
     imgs, labels = [], []

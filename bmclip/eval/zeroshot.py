@@ -9,7 +9,7 @@ probabilities; the argmax, and hence accuracy, does not depend on the scale).
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -135,8 +135,12 @@ def save_confusion_png(cm: Any, class_names: Sequence[str], path: str | os.PathL
 
 
 def class_embeddings(model: Any, tokenizer: Any, classnames: Sequence[str], templates: Sequence[str],
-                     amp: bool = False):
-    """(C, D) float32 unit-norm class embeddings: per class, mean of normalised template embeddings, renormalised."""
+                     amp: bool = False, synonyms: Mapping[str, Sequence[str]] | None = None):
+    """(C, D) float32 unit-norm class embeddings: per class, mean of normalised prompt embeddings, renormalised.
+
+    A class's prompts are every template filled with each of its names: the class name itself, or the
+    list ``synonyms[classname]`` when given (a prompt ensemble over names, as CLIP-style evaluations do).
+    """
     import torch
 
     from bmclip.eval.embed import encode_texts
@@ -145,10 +149,18 @@ def class_embeddings(model: Any, tokenizer: Any, classnames: Sequence[str], temp
         raise ConfigError("zero-shot classification needs at least 2 classes")
     if not templates or any(t.count("{}") != 1 for t in templates):
         raise ConfigError("each template must contain exactly one '{}'")
-    texts = [t.format(c) for c in classnames for t in templates]
-    e = encode_texts(model, tokenizer, texts)
-    e = torch.nn.functional.normalize(e, dim=-1).view(len(classnames), len(templates), -1).mean(dim=1)
-    return torch.nn.functional.normalize(e, dim=-1)
+    synonyms = synonyms or {}
+    names = [list(synonyms.get(c, [c])) for c in classnames]
+    if any(not n for n in names):
+        raise ConfigError("every class needs at least one name in synonyms")
+    texts = [t.format(n) for ns in names for n in ns for t in templates]
+    e = torch.nn.functional.normalize(encode_texts(model, tokenizer, texts), dim=-1)
+    out, start = [], 0
+    for ns in names:
+        count = len(ns) * len(templates)
+        out.append(e[start : start + count].mean(dim=0))
+        start += count
+    return torch.nn.functional.normalize(torch.stack(out), dim=-1)
 
 
 def _logit_scale(model: Any) -> float:
@@ -183,12 +195,14 @@ def zeroshot_classify(
     labels: Any = None,
     batch_size: int = 64,
     amp: bool = False,
+    synonyms: Mapping[str, Sequence[str]] | None = None,
 ) -> dict[str, Any]:
     """Classify images zero-shot. Returns {"pred" (N,), "probs" (N, C), "scores" (N, C)} + metrics if labels given.
 
     ``images_or_loader``: a list of PIL images, a uint8 NHWC array at the model's size, or an iterable of
     batches (dicts with "image" and optional "label", e.g. ``readers.iterate_batches`` or ShardLoader).
-    Labels come from ``labels`` or from the batches' "label" entries.
+    Labels come from ``labels`` or from the batches' "label" entries. ``synonyms`` maps a class name to
+    several names whose prompts are averaged into that class's embedding (see ``class_embeddings``).
     """
     import torch
 
@@ -197,7 +211,7 @@ def zeroshot_classify(
     was_training = model.training
     model.eval()
     try:
-        w = class_embeddings(model, tokenizer, classnames, templates, amp=amp)
+        w = class_embeddings(model, tokenizer, classnames, templates, amp=amp, synonyms=synonyms)
         feats, batch_labels = embed_image_batches(model, _image_batches(images_or_loader, batch_size), amp=amp)
     finally:
         model.train(was_training)
