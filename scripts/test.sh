@@ -5,5 +5,5 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 bash scripts/setup_env.sh
 VENV="${BMCLIP_VENV:-$ROOT/.venv}"
-"$VENV/bin/ruff" check .
+"$VENV/bin/ruff" check --no-cache .
 exec "$VENV/bin/python" -m pytest "$@"

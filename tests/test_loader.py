@@ -446,9 +446,9 @@ def test_resume_at_epoch_boundary(tmp_path):
 def test_random_resized_crop_matches_torchvision(tmp_path):
     """Loader RRC = torchvision resized_crop of PIL's decode at the crop the C++ side reports for the
     loader's (seed, epoch, split, batch) seed; and the crops change with the epoch."""
-    from bmclip._C import crop_box
     from torchvision.transforms import functional as TF
 
+    from bmclip._C import crop_box
     from bmclip.data.loader import _mix
 
     yy, xx = np.mgrid[0:90, 0:120]
