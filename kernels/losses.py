@@ -121,10 +121,35 @@ def _check_dist(rank: int, world: int, group, img: torch.Tensor, who: str) -> No
                          "must hold the same (local_batch, D)")
 
 
+def _rank_loss(share, local_loss: bool, world: int, group):
+    """This rank's returned loss from its share of the global loss (open_clip's local_loss convention)."""
+    if local_loss:
+        return share * world
+    loss = share.clone()
+    _dist().all_reduce(loss, group=group)
+    return loss
+
+
+def _clip_grad_coefs(g, group, rank: int, world: int, b: int, local_loss: bool):
+    """Row coefficients (b,) for this rank's rows and column coefficients (world*b,) for every column.
+
+    Upstream grads of every rank are gathered: the column terms of rank k's loss are scaled by rank k's g.
+    """
+    B = world * b
+    gs = _all_gather_rows(g.detach().float().reshape(1, 1), group, world).reshape(world)
+    if local_loss:
+        rc = (gs[rank] * world / (2.0 * B)).expand(b).contiguous()
+        cc = (gs * world / (2.0 * B)).repeat_interleave(b).contiguous()
+    else:
+        tot = gs.sum() / (2.0 * B)
+        rc = tot.expand(b).contiguous()
+        cc = tot.expand(B).contiguous()
+    return rc, cc
+
+
 class _DistClipFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, img, txt, scale, bias, group, rank, world, local_loss, backend):
-        dist = _dist()
         b = img.shape[0]
         B = world * b
         off = rank * b
@@ -133,11 +158,7 @@ class _DistClipFn(torch.autograd.Function):
         col = _all_reduce_lse(colpart, group)
         pos = positives(img, txt_all, scale, bias, off)
         share = (row.sum() + col[off:off + b].sum() - 2.0 * pos.sum()) / (2.0 * B)
-        if local_loss:
-            loss = share * world
-        else:
-            loss = share.clone()
-            dist.all_reduce(loss, group=group)
+        loss = _rank_loss(share, local_loss, world, group)
         ctx.save_for_backward(img, txt_all, scale, bias if bias is not None else scale, row, col)
         ctx.has_bias = bias is not None
         ctx.cfg = (group, rank, world, local_loss, backend)
@@ -149,16 +170,7 @@ class _DistClipFn(torch.autograd.Function):
         bias = bias if ctx.has_bias else None
         group, rank, world, local_loss, backend = ctx.cfg
         b = img.shape[0]
-        B = world * b
-        # Upstream grads of every rank: the column terms of rank k's loss are scaled by rank k's g.
-        gs = _all_gather_rows(g.detach().float().reshape(1, 1), group, world).reshape(world)
-        if local_loss:
-            rc = (gs[rank] * world / (2.0 * B)).expand(b).contiguous()
-            cc = (gs * world / (2.0 * B)).repeat_interleave(b).contiguous()
-        else:
-            tot = gs.sum() / (2.0 * B)
-            rc = tot.expand(b).contiguous()
-            cc = tot.expand(B).contiguous()
+        rc, cc = _clip_grad_coefs(g, group, rank, world, b, local_loss)
         dI, dT_all, ds, db = block_backward(img, txt_all, scale, bias, rank * b, 0, row, col, rc, cc, None,
                                             torch.float32, backend)
         dT = _reduce_scatter_rows(dT_all, group, world)
@@ -226,7 +238,6 @@ class _RingClipFn(torch.autograd.Function):
     # complete. Backward: (text chunk, its column LSE) travel again with a dT accumulator.
     @staticmethod
     def forward(ctx, img, txt, scale, bias, group, rank, world, local_loss, backend):
-        dist = _dist()
         b = img.shape[0]
         B = world * b
         peers = _ring_peers(group, rank, world)
@@ -246,11 +257,7 @@ class _RingClipFn(torch.autograd.Function):
         col = acc_in  # own columns, merged over all ranks' rows
         pos = positives(img, txt, scale, bias, 0)
         share = (row.sum() + col.sum() - 2.0 * pos.sum()) / (2.0 * B)
-        if local_loss:
-            loss = share * world
-        else:
-            loss = share.clone()
-            dist.all_reduce(loss, group=group)
+        loss = _rank_loss(share, local_loss, world, group)
         ctx.save_for_backward(img, txt, scale, bias if bias is not None else scale, row, col)
         ctx.has_bias = bias is not None
         ctx.cfg = (group, rank, world, local_loss, backend)
@@ -262,16 +269,8 @@ class _RingClipFn(torch.autograd.Function):
         bias = bias if ctx.has_bias else None
         group, rank, world, local_loss, backend = ctx.cfg
         b = img.shape[0]
-        B = world * b
         peers = _ring_peers(group, rank, world)
-        gs = _all_gather_rows(g.detach().float().reshape(1, 1), group, world).reshape(world)
-        if local_loss:
-            rc = (gs[rank] * world / (2.0 * B)).expand(b).contiguous()
-            cc_all = (gs * world / (2.0 * B)).repeat_interleave(b)
-        else:
-            tot = gs.sum() / (2.0 * B)
-            rc = tot.expand(b).contiguous()
-            cc_all = tot.expand(B)
+        rc, cc_all = _clip_grad_coefs(g, group, rank, world, b, local_loss)
         dI = torch.zeros(img.shape, dtype=torch.float32, device=img.device)
         ds = torch.zeros((), dtype=torch.float32, device=img.device)
         db = torch.zeros((), dtype=torch.float32, device=img.device)
