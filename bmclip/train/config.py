@@ -46,6 +46,10 @@ class DataSection:
     grad_accum: int = 1  # GradCache chunks per rank per step; the loss stays global over the batch
     num_threads: int = 4  # decoder threads per rank
     augment: str = "random_resized_crop"
+    # who decodes + augments shard images: torch = bmclip's C++ loader (CPU threads) then normalisation in
+    # torch; dali = raw bytes -> NVIDIA DALI (nvJPEG on the GPU under CUDA, its CPU pipeline otherwise);
+    # auto = dali on CUDA when nvidia.dali imports, else torch
+    augment_backend: str = "auto"
     shuffle_buffer: int = 2000
     resampled: bool = True  # infinite shard resampling (webdataset semantics); False = epochs
     tokenizer: str = ""  # vocab.txt / tokenizer dir; "" = bmclip's bundled default
@@ -139,6 +143,12 @@ class TrainConfig:
         _check(self.ckpt_every >= 0, "ckpt_every", "must be >= 0 (0 = only at the end)")
         _check(self.keep_last >= 1, "keep_last", "must be >= 1")
         _check(self.fault.max_nonfinite >= 1, "fault.max_nonfinite", "must be >= 1")
+        _check(self.data.augment in ("random_resized_crop", "center"), "data.augment",
+               "must be random_resized_crop or center")
+        _check(self.data.augment_backend in ("auto", "torch", "dali"), "data.augment_backend",
+               "must be auto, torch or dali")
+        _check(not (self.data.synthetic and self.data.augment_backend == "dali"), "data.augment_backend",
+               "dali decodes shard images; data.synthetic pairs are generated decoded (use auto or torch)")
         return self
 
 

@@ -1,7 +1,9 @@
 """Batch sources for the trainer: webdataset shards through ``ShardLoader``, or synthetic pairs in memory.
 
-Both yield ``{"image": uint8 (B,S,S,3), "input_ids": int64 (B,L)}`` for THIS rank and expose
-``state_dict()/load_state_dict()`` so a resumed run continues at exactly the next batch.
+``SyntheticSource`` and ``ShardSource`` yield ``{"image": uint8 (B,S,S,3), "input_ids": int64 (B,L)}`` for
+THIS rank; ``DaliShardSource`` (``data.augment_backend=dali``) yields ``{"images": float32 (B,3,S,S)
+normalised, on the DALI device, "input_ids"}``. All expose ``state_dict()/load_state_dict()`` so a resumed
+run continues at exactly the next batch.
 
 Synthetic pairs are learnable: sample i has three attributes (top colour, bottom colour, stripe
 position; 8 values each, from a seeded RNG); the image draws them (plus per-sample noise) and the caption
@@ -13,6 +15,7 @@ run sees (what the DDP-equivalence test needs).
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -137,6 +140,92 @@ class ShardSource:
             raise DataError(f"loader state was saved from a different data source ({sd.get('kind')})")
         self._it = None
         self.loader.load_state_dict(sd["loader"])
+
+
+class DaliShardSource(ShardSource):
+    """``ShardLoader(decode=False)`` raw bytes -> DALI decode + augment -> normalised float batches.
+
+    Reproducible pixels: DALI's own generator is not used. Each batch's crop windows are drawn on the host
+    (:func:`bmclip.data.dali.random_resized_crop_windows`, from the images' header sizes) by a generator
+    seeded with ``(seed, rank, n)``, ``n`` = loader batches this source has drawn, and ``n`` is part of
+    ``state_dict``; so a resumed run gets bitwise the same sample order AND the same crop windows. (The
+    decoded pixels are then DALI's: the same on one machine; nvJPEG on the GPU and libjpeg on the CPU
+    differ by IDCT rounding, and neither equals the C++ loader's pixels.)
+
+    Bad images: the loader already skips what fails its header check. An image that passes it but
+    fails to decode makes DALI raise for the whole batch; that batch is skipped (counted in
+    ``bad_batches`` / ``bad_samples``, last reason in ``last_error``), the pipeline is rebuilt (an
+    operator error may leave a GPU pipeline unusable) and the next batch is drawn, so every step still
+    gets a full batch. ``max_bad_in_row`` failed batches in a row raise DataError (the shards are broken).
+    """
+
+    def __init__(self, loader, make_augment: Callable[[], object], *, seed: int, rank: int = 0,
+                 augment: str = "random_resized_crop", scale: tuple[float, float] = (0.9, 1.0),
+                 ratio: tuple[float, float] = (3 / 4, 4 / 3), max_bad_in_row: int = 20):
+        if loader.decode:
+            raise DataError("DaliShardSource needs a ShardLoader built with decode=False (raw image bytes)")
+        super().__init__(loader)
+        self._make_augment = make_augment
+        self.aug = make_augment()
+        self.seed, self.rank, self.augment = int(seed), int(rank), augment
+        self.scale, self.ratio = scale, ratio
+        self.max_bad_in_row = int(max_bad_in_row)
+        self.drawn = 0  # loader batches drawn (including skipped ones): the crop generator's counter
+        self.bad_batches = 0
+        self.bad_samples = 0
+        self.last_error = ""
+
+    def _windows(self, images: list, n: int) -> np.ndarray | None:
+        if self.augment != "random_resized_crop":
+            return None
+        from bmclip._C import image_info  # header-only probe (the loader ran it already, so it parses)
+        from bmclip.data.dali import random_resized_crop_windows
+
+        sizes = [image_info(b)[:2] for b in images]
+        rng = np.random.default_rng([self.seed, 29, self.rank, n])
+        return random_resized_crop_windows(sizes, rng, self.scale, self.ratio)
+
+    def __next__(self) -> dict:
+        for _ in range(self.max_bad_in_row):
+            batch = super().__next__()
+            n = self.drawn
+            self.drawn += 1
+            images = batch["image_bytes"]
+            try:
+                out = self.aug(images, windows=self._windows(images, n))
+            except RuntimeError as e:  # DALI reports an undecodable image as RuntimeError for the batch
+                self.bad_batches += 1
+                self.bad_samples += len(images)
+                self.last_error = _dali_reason(e)
+                # DALI: "Current pipeline object is no longer valid" after an operator error -> rebuild
+                self.aug = None
+                self.aug = self._make_augment()
+                continue
+            return {"images": out, "input_ids": batch["input_ids"]}
+        raise DataError(f"{self.max_bad_in_row} batches in a row failed to decode in DALI (last error: "
+                        f"{self.last_error}); validate the shards (bmclip build-dataset checks every image)")
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "augment": {"backend": "dali", "drawn": self.drawn,
+                                                    "bad_batches": self.bad_batches, "bad_samples": self.bad_samples}}
+
+    def load_state_dict(self, sd: dict) -> None:
+        super().load_state_dict(sd)
+        # a checkpoint of the torch path resumes here with exact sample order (crop counter from 0)
+        aug = sd.get("augment") or {}
+        self.drawn = int(aug.get("drawn", 0))
+        self.bad_batches = int(aug.get("bad_batches", 0))
+        self.bad_samples = int(aug.get("bad_samples", 0))
+
+
+def _dali_reason(e: Exception) -> str:
+    """The informative line of a DALI error (what follows "encountered:"), else its first line."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    if "encountered:" in lines:
+        rest = lines[lines.index("encountered:") + 1:]
+        if rest:
+            return rest[0][:300]
+    return lines[0][:300] if lines else type(e).__name__
 
 
 def normalize_images(images_u8: torch.Tensor, device: torch.device, dtype: torch.dtype = torch.float32) -> torch.Tensor:

@@ -16,6 +16,7 @@ import os
 import random
 import resource
 import signal
+import sys
 import time
 from pathlib import Path
 
@@ -25,7 +26,7 @@ import torch
 from bmclip.errors import BmclipError, CheckpointError, ConfigError
 from bmclip.train import checkpoint as ckpt_mod
 from bmclip.train.config import TrainConfig
-from bmclip.train.data import ShardSource, SyntheticSource, normalize_images, synthetic_eval_set
+from bmclip.train.data import DaliShardSource, ShardSource, SyntheticSource, normalize_images, synthetic_eval_set
 from bmclip.train.distributed import (
     DistInfo,
     all_reduce_flag,
@@ -131,6 +132,25 @@ def _load_tokenizer(cfg: TrainConfig, context_length: int):
     return get_tokenizer(context_length=context_length)
 
 
+def augment_backend(cfg: TrainConfig, device: torch.device) -> str:
+    """The data path ``data.augment_backend`` resolves to on ``device``: ``"torch"`` or ``"dali"``.
+
+    ``auto``: DALI on CUDA when ``nvidia.dali`` imports, else bmclip's C++ loader + torch (also for
+    synthetic data, which is generated decoded). An explicit ``dali`` without DALI is a ConfigError.
+    """
+    want = cfg.data.augment_backend
+    if cfg.data.synthetic or want == "torch":
+        return "torch"
+    from bmclip.data.dali import dali_available
+
+    if want == "auto":
+        return "dali" if device.type == "cuda" and dali_available() else "torch"
+    if not dali_available():
+        raise ConfigError("data.augment_backend=dali: NVIDIA DALI is not installed (pip install nvidia-dali-cuda130); "
+                          "use data.augment_backend=torch for bmclip's C++ loader")
+    return "dali"
+
+
 def _build_source(cfg: TrainConfig, info: DistInfo, mcfg, tokenizer):
     b = cfg.data.batch_size
     if b % (info.world_size * cfg.data.grad_accum):
@@ -144,12 +164,33 @@ def _build_source(cfg: TrainConfig, info: DistInfo, mcfg, tokenizer):
         raise ConfigError("data.train: no training data; set data.train to a shard pattern (or data.synthetic=true)")
     from bmclip.data import ShardLoader
 
-    loader = ShardLoader(cfg.data.train, batch_size=b // info.world_size, image_size=mcfg.vision.image_size,
+    dali = augment_backend(cfg, info.device) == "dali"
+    local, size = b // info.world_size, mcfg.vision.image_size
+    loader = ShardLoader(cfg.data.train, batch_size=local, image_size=size,
                          num_threads=cfg.data.num_threads, augment=cfg.data.augment, shuffle=True,
                          seed=cfg.seed, rank=info.rank, world_size=info.world_size,
                          resampled=cfg.data.resampled, shuffle_buffer=cfg.data.shuffle_buffer,
-                         drop_last=True, tokenizer=tokenizer, pin_memory=info.device.type == "cuda")
-    return ShardSource(loader)
+                         drop_last=True, tokenizer=tokenizer, pin_memory=info.device.type == "cuda" and not dali,
+                         decode=not dali)
+    if not dali:
+        return ShardSource(loader)
+    dev = info.device
+    device_id = (dev.index if dev.index is not None else torch.cuda.current_device()) if dev.type == "cuda" else None
+
+    def make_augment():
+        from bmclip.data.dali import DaliAugment
+
+        try:
+            # nvJPEG ("mixed") decode on this rank's GPU; the CPU-only graph without CUDA
+            return DaliAugment(batch_size=local, image_size=size, source="encoded", augment=cfg.data.augment,
+                               device_id=device_id, num_threads=cfg.data.num_threads, seed=cfg.seed,
+                               host_params=True)
+        except Exception as e:  # any build failure is a configuration problem of this key
+            raise ConfigError(f"data.augment_backend=dali: building the DALI pipeline failed "
+                              f"({type(e).__name__}: {str(e).strip()[:300]}); use data.augment_backend=torch") from e
+
+    return DaliShardSource(loader, make_augment, seed=cfg.seed, rank=info.rank, augment=cfg.data.augment,
+                           scale=loader.scale, ratio=loader.ratio)
 
 
 def _val_batches(cfg: TrainConfig, mcfg, tokenizer):
@@ -346,11 +387,22 @@ def _train(cfg: TrainConfig, info: DistInfo) -> dict:
     stop_early = False
     while step < cfg.steps and not stop_early:
         t_data = time.perf_counter()
+        bad_before = getattr(source, "bad_batches", 0)
         batch = next(source)
         ids_cpu = batch["input_ids"]
-        images = normalize_images(batch["image"], device)
+        if "images" in batch:  # DALI: already decoded, augmented and normalised (on this GPU under CUDA)
+            images = batch["images"].to(device, non_blocking=True)
+        else:
+            images = normalize_images(batch["image"], device)
         input_ids = ids_cpu.to(device, non_blocking=True)
         win["data"] += time.perf_counter() - t_data
+        if getattr(source, "bad_batches", 0) != bad_before:
+            # an image that passed the loader's header check failed to decode in DALI: its batch was
+            # skipped (and replaced by the next one); counted in the checkpointed source state
+            logger.log({"step": step + 1, "kind": "data_skip", "rank": info.rank, "reason": source.last_error,
+                        "bad_batches": source.bad_batches, "bad_samples": source.bad_samples})
+            print(f"[bmclip] rank {info.rank}: skipped an undecodable batch ({source.last_error}); "
+                  f"{source.bad_batches} so far", file=sys.stderr, flush=True)
 
         lr = sched.set_step(step)
         optimizer.zero_grad(set_to_none=True)
@@ -416,6 +468,8 @@ def _train(cfg: TrainConfig, info: DistInfo) -> dict:
                    "tflops_per_gpu": win["flops"] / dt / 1e12,
                    "mfu": (win["flops"] / dt / (peak * 1e12)) if peak else None,
                    "nonfinite_skipped": counters["nonfinite_skipped"], "world_size": info.world_size}
+            if isinstance(source, DaliShardSource):
+                rec["data_bad_batches"] = source.bad_batches  # rank 0's count (each rank skips its own)
             logger.log(rec)
             win = {"t0": time.perf_counter(), "data": 0.0, "loss": 0.0, "n": 0, "flops": 0.0, "samples": 0}
 
@@ -447,7 +501,8 @@ def _train(cfg: TrainConfig, info: DistInfo) -> dict:
     summary = {"steps": step, "steps_this_run": steps_run, "seconds": seconds, "stopped_early": stop_early,
                "samples_per_s": steps_run * cfg.data.batch_size / seconds if seconds > 0 else None,
                "last_loss": last_loss, "nonfinite_skipped": counters["nonfinite_skipped"],
-               "out_dir": str(out)}
+               "augment_backend": "dali" if isinstance(source, DaliShardSource) else "torch",
+               "data_bad_batches": getattr(source, "bad_batches", 0), "out_dir": str(out)}
     if info.is_main:
         records = read_jsonl(out / "metrics.jsonl") if (out / "metrics.jsonl").is_file() else []
         summary["curves"] = [str(p) for p in plot_curves(records, out)]
