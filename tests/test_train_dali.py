@@ -91,7 +91,7 @@ def _tok(texts):
     return get_tokenizer(context_length=64)(texts)
 
 
-def _source(url, *, batch=8, seed=0, augment="random_resized_crop", shuffle=True, max_bad_in_row=20):
+def _source(url, *, batch=8, seed=0, augment="random_resized_crop", shuffle=True, max_bad_in_row=20, prefetch=0):
     ld = ShardLoader(url, batch_size=batch, image_size=S, num_threads=1, augment=augment, shuffle=shuffle, seed=seed,
                      shuffle_buffer=16, drop_last=True, tokenizer=_tok, decode=False)
 
@@ -100,7 +100,7 @@ def _source(url, *, batch=8, seed=0, augment="random_resized_crop", shuffle=True
                            num_threads=1, seed=seed, host_params=True)
 
     return DaliShardSource(ld, make, seed=seed, augment=augment, scale=ld.scale, ratio=ld.ratio,
-                           max_bad_in_row=max_bad_in_row)
+                           max_bad_in_row=max_bad_in_row, prefetch=prefetch)
 
 
 def _unnormalise(x: torch.Tensor) -> np.ndarray:
@@ -261,6 +261,37 @@ def test_undecodable_image_skips_its_batch(bad_shard):
         next(only_bad)
 
 
+def test_prefetch_thread_gives_the_same_batches_and_states(shard, bad_shard):
+    url, _ = shard
+    sync, pre = _source(url, seed=2), _source(url, seed=2, prefetch=2)
+    try:
+        for _ in range(3):
+            a, b = next(sync), next(pre)
+            assert torch.equal(a["images"], b["images"]) and torch.equal(a["input_ids"], b["input_ids"])
+            # the thread is ahead, but the state is the one after the batch handed out
+            assert pre.state_dict() == sync.state_dict()
+        st = pre.state_dict()
+        pre.close()  # the loader is put back where the consumer is
+        assert pre.state_dict() == st
+        a, b = next(sync), next(pre)  # ... and continues from there (the thread restarts)
+        assert torch.equal(a["images"], b["images"])
+        resumed = _source(url, seed=2, prefetch=1)
+        resumed.load_state_dict(sync.state_dict())
+        assert torch.equal(next(resumed)["images"], next(sync)["images"])
+        resumed.close()
+    finally:
+        pre.close()
+    # counters follow the batches handed out, and errors from the thread reach the caller
+    bad = _source(bad_shard, shuffle=False, prefetch=1)
+    next(bad)
+    assert bad.bad_batches == 1 and bad.drawn == 2 and bad.state_dict()["augment"]["bad_batches"] == 1
+    bad.close()
+    only_bad = _source(bad_shard, shuffle=False, max_bad_in_row=1, prefetch=1)
+    with pytest.raises(DataError, match="failed to decode in DALI"):
+        next(only_bad)
+    assert only_bad._thread is None
+
+
 # ---------------------------------------------------------------------------------------------------
 # train() with the DALI path
 
@@ -293,6 +324,9 @@ def test_train_with_dali_runs_and_resumes_bitwise(shard, tmp_path):
         assert torch.equal(fa["model"][k], fb["model"][k]), k  # same samples, same crops, same weights
     assert fa["rank_state"]["loader"] == fb["rank_state"]["loader"]
     assert fa["rank_state"]["loader"]["augment"]["drawn"] == 4
+    import threading
+
+    assert not [t for t in threading.enumerate() if t.name == "bmclip-dali"]  # train() closed its prefetch thread
 
 
 def test_train_with_dali_counts_and_logs_bad_batches(bad_shard, tmp_path):

@@ -293,14 +293,29 @@ class DaliAugment:
         return _to_torch(out, self.device_id, self.fp16)
 
 
+_COPY_STREAMS: dict[int, Any] = {}
+
+
 def _to_torch(out, device_id: int | None, fp16: bool) -> torch.Tensor:
+    """DALI output TensorList -> torch tensor (CPU, or complete on GPU ``device_id`` for the caller's stream)."""
     dtype = torch.float16 if fp16 else torch.float32
     if device_id is None:
         return torch.from_numpy(np.ascontiguousarray(out.as_array()))
     from nvidia.dali.plugin.pytorch import feed_ndarray
 
     t = out.as_tensor()
-    res = torch.empty(tuple(t.shape()), dtype=dtype, device=torch.device("cuda", device_id))
-    # copy on torch's current stream, ordered after DALI's work (what DALIGenericIterator does)
-    feed_ndarray(t, res, cuda_stream=torch.cuda.current_stream(device_id))
+    dev = torch.device("cuda", device_id)
+    consumer = torch.cuda.current_stream(dev)
+    side = _COPY_STREAMS.get(device_id)
+    if side is None:
+        side = _COPY_STREAMS[device_id] = torch.cuda.Stream(dev)
+    with torch.cuda.stream(side):
+        res = torch.empty(tuple(t.shape()), dtype=dtype, device=dev)
+    feed_ndarray(t, res, cuda_stream=side)
+    # Wait (on the host, GIL released) for DALI's work and the copy: this may run in a prefetch thread
+    # while the consumer trains, and afterwards DALI may recycle its output buffer on the next run().
+    side.synchronize()
+    # `res` came from the side stream's pool and the consumer stream reads it: the caching allocator must
+    # not reuse the block for the side stream before the consumer's work on it has finished.
+    res.record_stream(consumer)
     return res

@@ -154,26 +154,41 @@ class DaliShardSource(ShardSource):
 
     Bad images: the loader already skips what fails its header check. An image that passes it but
     fails to decode makes DALI raise for the whole batch; that batch is skipped (counted in
-    ``bad_batches`` / ``bad_samples``, last reason in ``last_error``), the pipeline is rebuilt (an
-    operator error may leave a GPU pipeline unusable) and the next batch is drawn, so every step still
-    gets a full batch. ``max_bad_in_row`` failed batches in a row raise DataError (the shards are broken).
+    ``bad_batches`` / ``bad_samples``, last reason in ``last_error``), the pipeline is rebuilt (DALI
+    invalidates a pipeline after an operator error) and the next batch is drawn, so every step still gets
+    a full batch. ``max_bad_in_row`` failed batches in a row raise DataError (the shards are broken).
+
+    ``prefetch=k > 0`` runs the DALI step for the next ``k`` batches in a background thread while the
+    caller trains on the current one (DALI releases the GIL while it decodes). The batches, the counters
+    and ``state_dict`` are exactly those of ``prefetch=0``: each prefetched batch carries the state after
+    it, which becomes the source's state only when the batch is handed out. Call :meth:`close` when done.
     """
 
     def __init__(self, loader, make_augment: Callable[[], object], *, seed: int, rank: int = 0,
                  augment: str = "random_resized_crop", scale: tuple[float, float] = (0.9, 1.0),
-                 ratio: tuple[float, float] = (3 / 4, 4 / 3), max_bad_in_row: int = 20):
+                 ratio: tuple[float, float] = (3 / 4, 4 / 3), max_bad_in_row: int = 20, prefetch: int = 0):
         if loader.decode:
             raise DataError("DaliShardSource needs a ShardLoader built with decode=False (raw image bytes)")
+        if prefetch < 0:
+            raise DataError(f"prefetch must be >= 0, got {prefetch}")
         super().__init__(loader)
         self._make_augment = make_augment
         self.aug = make_augment()
         self.seed, self.rank, self.augment = int(seed), int(rank), augment
         self.scale, self.ratio = scale, ratio
         self.max_bad_in_row = int(max_bad_in_row)
+        self.prefetch = int(prefetch)
+        # producer-side counters (ahead of the consumer when prefetching)
+        self._p = {"drawn": 0, "bad_batches": 0, "bad_samples": 0, "last_error": ""}
+        # consumer-side view: the counters after the last batch handed out
         self.drawn = 0  # loader batches drawn (including skipped ones): the crop generator's counter
         self.bad_batches = 0
         self.bad_samples = 0
         self.last_error = ""
+        self._handed_loader_state: dict | None = None  # None: the loader's live state is the handed-out one
+        self._thread = None
+        self._queue = None
+        self._stop = None
 
     def _windows(self, images: list, n: int) -> np.ndarray | None:
         if self.augment != "random_resized_crop":
@@ -185,37 +200,118 @@ class DaliShardSource(ShardSource):
         rng = np.random.default_rng([self.seed, 29, self.rank, n])
         return random_resized_crop_windows(sizes, rng, self.scale, self.ratio)
 
-    def __next__(self) -> dict:
+    def _produce(self, snapshot: bool) -> tuple[dict, dict]:
+        """Next good batch and the producer state after it (loader state included when ``snapshot``)."""
+        p = self._p
         for _ in range(self.max_bad_in_row):
-            batch = super().__next__()
-            n = self.drawn
-            self.drawn += 1
+            batch = ShardSource.__next__(self)
+            n = p["drawn"]
+            p["drawn"] += 1
             images = batch["image_bytes"]
             try:
                 out = self.aug(images, windows=self._windows(images, n))
             except RuntimeError as e:  # DALI reports an undecodable image as RuntimeError for the batch
-                self.bad_batches += 1
-                self.bad_samples += len(images)
-                self.last_error = _dali_reason(e)
+                p["bad_batches"] += 1
+                p["bad_samples"] += len(images)
+                p["last_error"] = _dali_reason(e)
                 # DALI: "Current pipeline object is no longer valid" after an operator error -> rebuild
                 self.aug = None
                 self.aug = self._make_augment()
                 continue
-            return {"images": out, "input_ids": batch["input_ids"]}
+            snap = dict(p)
+            if snapshot:
+                snap["loader"] = self.loader.state_dict()
+            return {"images": out, "input_ids": batch["input_ids"]}, snap
         raise DataError(f"{self.max_bad_in_row} batches in a row failed to decode in DALI (last error: "
-                        f"{self.last_error}); validate the shards (bmclip build-dataset checks every image)")
+                        f"{p['last_error']}); validate the shards (bmclip build-dataset checks every image)")
+
+    @staticmethod
+    def _run_producer(ref, q, stop) -> None:
+        # Holds the source only through a weak reference between batches, so a source dropped without
+        # close() is collected and its __del__ stops this thread.
+        import queue
+
+        while not stop.is_set():
+            src = ref()
+            if src is None:
+                return
+            try:
+                item = src._produce(snapshot=True)
+            except BaseException as e:  # handed to the consumer, which raises it
+                item = e
+            del src
+            while not stop.is_set():
+                try:
+                    q.put(item, timeout=0.1)
+                    break
+                except queue.Full:
+                    continue
+            if isinstance(item, BaseException):
+                return
+
+    def __next__(self) -> dict:
+        if self.prefetch == 0:
+            batch, snap = self._produce(snapshot=False)
+        else:
+            if self._thread is None:
+                import queue
+                import threading
+                import weakref
+
+                self._queue, self._stop = queue.Queue(maxsize=self.prefetch), threading.Event()
+                self._thread = threading.Thread(target=DaliShardSource._run_producer,
+                                                args=(weakref.ref(self), self._queue, self._stop),
+                                                name="bmclip-dali", daemon=True)
+                self._thread.start()
+            item = self._queue.get()
+            if isinstance(item, BaseException):
+                self._thread.join()
+                self._thread = None
+                raise item
+            batch, snap = item
+            self._handed_loader_state = snap["loader"]
+        self.drawn, self.bad_batches = snap["drawn"], snap["bad_batches"]
+        self.bad_samples, self.last_error = snap["bad_samples"], snap["last_error"]
+        return batch
+
+    def close(self) -> None:
+        """Stop the prefetch thread (batches it prepared ahead are dropped; the state stays the handed-out one)."""
+        if self._thread is None:
+            return
+        self._stop.set()
+        self._thread.join()
+        self._thread = self._queue = self._stop = None
+        # the loader ran ahead: put it back where the consumer is, so a later __next__ continues from there
+        if self._handed_loader_state is not None:
+            ShardSource.load_state_dict(self, {"kind": "shards", "loader": self._handed_loader_state})
+        self._p = {"drawn": self.drawn, "bad_batches": self.bad_batches, "bad_samples": self.bad_samples,
+                   "last_error": self.last_error}
+
+    def __del__(self):
+        stop = getattr(self, "_stop", None)
+        if stop is not None:
+            stop.set()
 
     def state_dict(self) -> dict:
-        return {**super().state_dict(), "augment": {"backend": "dali", "drawn": self.drawn,
-                                                    "bad_batches": self.bad_batches, "bad_samples": self.bad_samples}}
+        # while prefetching, the loader is ahead of the consumer: the state is the one after the last
+        # batch handed out (a running thread implies one was: __next__ starts it and waits for a batch)
+        loader = self._handed_loader_state if self._thread is not None else self.loader.state_dict()
+        return {"kind": "shards", "loader": loader,
+                "augment": {"backend": "dali", "drawn": self.drawn, "bad_batches": self.bad_batches,
+                            "bad_samples": self.bad_samples}}
 
     def load_state_dict(self, sd: dict) -> None:
+        self.close()
         super().load_state_dict(sd)
         # a checkpoint of the torch path resumes here with exact sample order (crop counter from 0)
         aug = sd.get("augment") or {}
         self.drawn = int(aug.get("drawn", 0))
         self.bad_batches = int(aug.get("bad_batches", 0))
         self.bad_samples = int(aug.get("bad_samples", 0))
+        self.last_error = ""
+        self._handed_loader_state = None
+        self._p = {"drawn": self.drawn, "bad_batches": self.bad_batches, "bad_samples": self.bad_samples,
+                   "last_error": ""}
 
 
 def _dali_reason(e: Exception) -> str:

@@ -189,8 +189,10 @@ def _build_source(cfg: TrainConfig, info: DistInfo, mcfg, tokenizer):
             raise ConfigError(f"data.augment_backend=dali: building the DALI pipeline failed "
                               f"({type(e).__name__}: {str(e).strip()[:300]}); use data.augment_backend=torch") from e
 
+    # prefetch=1: DALI decodes batch n+1 in a background thread while step n trains (same batches, same
+    # checkpointed state as without prefetch)
     return DaliShardSource(loader, make_augment, seed=cfg.seed, rank=info.rank, augment=cfg.data.augment,
-                           scale=loader.scale, ratio=loader.ratio)
+                           scale=loader.scale, ratio=loader.ratio, prefetch=1)
 
 
 def _val_batches(cfg: TrainConfig, mcfg, tokenizer):
@@ -301,9 +303,12 @@ def train(cfg: TrainConfig) -> dict:
     saved = (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled())
     _setup_determinism(cfg)
     info = init_distributed(cfg.device)
+    cleanup: list = []  # closers registered by _train (the DALI prefetch thread), run however it ends
     try:
-        return _train(cfg, info)
+        return _train(cfg, info, cleanup)
     finally:
+        for close in cleanup:
+            close()
         torch.set_num_threads(saved[0])
         torch.use_deterministic_algorithms(saved[1])
         if info.initialized:
@@ -312,7 +317,7 @@ def train(cfg: TrainConfig) -> dict:
             dist.destroy_process_group()
 
 
-def _train(cfg: TrainConfig, info: DistInfo) -> dict:
+def _train(cfg: TrainConfig, info: DistInfo, cleanup: list) -> dict:
     device = info.device
     out = Path(cfg.out_dir)
     if info.is_main:
@@ -342,6 +347,8 @@ def _train(cfg: TrainConfig, info: DistInfo) -> dict:
                            total_steps=cfg.steps, min_lr=cfg.optim.min_lr)
     loss_fn = _build_loss(cfg, info)
     source = _build_source(cfg, info, mcfg, tokenizer)
+    if isinstance(source, DaliShardSource):
+        cleanup.append(source.close)
     # Per-rank RNG stream for patch dropout / augmentation: distinct across ranks, fixed per seed.
     _seed_all(cfg.seed * 1000 + 17 + info.rank)
 
