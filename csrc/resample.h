@@ -58,7 +58,13 @@ class RowResampler {
   const AxisCoeffs* ys_;
   int src_x0_;
   bool use_simd_;
-  std::vector<int16_t> khl_;  // split coefficients for the AVX2 horizontal pass
+  // AVX2 horizontal pass, 8 output pixels per step: per block of 8 outputs and tap t, the byte
+  // offsets of the 8 input pixels (clamped to a valid pixel where a pixel has fewer taps) and their
+  // coefficients (0 there), laid out [block][t][8]; taps_ = taps used by each block.
+  std::vector<int32_t> goff_, gk_;
+  std::vector<int> taps_;
+  // AVX2 horizontal pass across taps (long filters): split coefficients, groups_ > 0 when used.
+  std::vector<int16_t> khl_;
   int groups_ = 0;
   std::vector<uint8_t> tmp_;   // (need_max - need_min) rows x count_x x 3
   std::vector<uint8_t> have_;  // which intermediate rows were filled

@@ -248,6 +248,28 @@ def test_bilinear_and_custom_ranges(dec, jpeg_cases, simd_mode):
         np.testing.assert_array_equal(out[i], np.asarray(im.crop(window).resize((48, 48), Image.BILINEAR)))
 
 
+@pytest.mark.parametrize("interpolation", ["bilinear", "bicubic"])
+def test_fit_resize_every_filter_length_matches_pillow(dec, interpolation, simd_mode):
+    """decode_fit == Pillow's resize from the full decode, for outputs from 1.6x up to 1/12 of the input.
+
+    Spans both AVX2 horizontal-pass forms (gather across output pixels for filters of <= 12 taps, madd
+    across taps for longer ones) and odd output widths (partial 8-pixel blocks at the row end).
+    """
+    rng = np.random.default_rng(5)
+    w, h = 203, 157
+    # smooth gradients + noise: every channel and position differs, values cover 0..255
+    yy, xx = np.mgrid[0:h, 0:w]
+    base = np.stack([xx * 255 // w, yy * 255 // h, (xx + yy) * 255 // (w + h)], -1)
+    arr = np.clip(base + rng.integers(-40, 41, base.shape), 0, 255).astype(np.uint8)
+    data = encode(Image.fromarray(arr), "PNG")
+    im = Image.fromarray(arr)
+    filt = Image.Resampling.BILINEAR if interpolation == "bilinear" else Image.Resampling.BICUBIC
+    for tw in (325, 203, 141, 101, 77, 51, 37, 23, 17):
+        th = max(1, round(h * tw / w))
+        out = dec.decode_fit(data, tw, th, interpolation=interpolation)
+        np.testing.assert_array_equal(out, np.asarray(im.resize((tw, th), filt)), err_msg=f"{tw}x{th}")
+
+
 def test_matches_torchvision_open_clip_transforms(dec, jpeg_cases):
     """The reference itself: torchvision's functional ops, as open_clip's transforms call them."""
     tvf = pytest.importorskip("torchvision.transforms.functional")
