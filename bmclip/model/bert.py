@@ -15,7 +15,7 @@ from torch.utils.checkpoint import checkpoint
 
 from bmclip.errors import DataError
 from bmclip.model.config import TextConfig
-from bmclip.model.layers import Mlp, SelfAttention, init_linear_
+from bmclip.model.layers import Mlp, SelfAttention, fused_layer_norm, init_linear_
 from bmclip.model.unpad import UNPADDED_BACKENDS, bert_tokens_unpadded, cls_of_packed
 
 
@@ -29,17 +29,23 @@ class BertEmbeddings(nn.Module):
         self.token_type = nn.Embedding(cfg.type_vocab_size, cfg.width)
         self.norm = nn.LayerNorm(cfg.width, eps=cfg.ln_eps)
         self.dropout = nn.Dropout(cfg.dropout)
+        self.fused_ops = False  # plain attribute: the position add + norm as one Triton LayerNorm
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
         """input_ids and position_ids int64 of the same shape (...) -> (..., W)."""
         # Same summation order as HF BERT ((word + type) + position) so fp32 results agree closely.
         x = self.word(input_ids) + self.token_type.weight[0]
+        if self.fused_ops:
+            return self.dropout(fused_layer_norm(self.norm, x, residual=self.position(position_ids))[0])
         x = x + self.position(position_ids)
         return self.dropout(self.norm(x))
 
 
 class BertLayer(nn.Module):
-    """Post-norm layer: x = norm1(x + attn(x)); x = norm2(x + mlp(x))."""
+    """Post-norm layer: x = norm1(x + attn(x)); x = norm2(x + mlp(x)).
+
+    ``fused_ops`` (plain attribute): both residual adds fused into Triton LayerNorms.
+    """
 
     def __init__(self, cfg: TextConfig, backend: str):
         super().__init__()
@@ -48,10 +54,23 @@ class BertLayer(nn.Module):
         self.mlp = Mlp(cfg.width, cfg.mlp_dim)
         self.norm2 = nn.LayerNorm(cfg.width, eps=cfg.ln_eps)
         self.dropout = nn.Dropout(cfg.dropout)
+        self.fused_ops = False
 
     def forward(self, x: torch.Tensor, key_padding_mask: torch.Tensor | None) -> torch.Tensor:
         """x (B, L, W), key_padding_mask bool (B, L) True = real token, or None -> (B, L, W)."""
-        x = self.norm1(x + self.dropout(self.attn(x, key_padding_mask)))
+        return self.finish(x, self.attn(x, key_padding_mask))
+
+    def finish(self, x: torch.Tensor, attn_out: torch.Tensor) -> torch.Tensor:
+        """Everything after the attention: x and attn_out (..., W) -> norm2(h + mlp(h)), h = norm1(x + attn_out).
+
+        Acts on the last dim only, so the packed (unpadded) tower runs it on (total_tokens, W) as well.
+        """
+        if self.fused_ops:
+            # The stream is passed as x so the outputs keep the stream's dtype (fp32 under autocast, as
+            # torch's autocast LayerNorm gives); the returned sums are not needed in a post-norm layer.
+            x = fused_layer_norm(self.norm1, x, residual=self.dropout(attn_out))[0]
+            return fused_layer_norm(self.norm2, x, residual=self.dropout(self.mlp(x)))[0]
+        x = self.norm1(x + self.dropout(attn_out))
         return self.norm2(x + self.dropout(self.mlp(x)))
 
 

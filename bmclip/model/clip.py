@@ -12,10 +12,13 @@ import torch.nn.functional as F
 
 from bmclip.errors import ConfigError
 from bmclip.model.attention import check_backend
-from bmclip.model.bert import BertTextEncoder
+from bmclip.model.bert import BertEmbeddings, BertLayer, BertTextEncoder
 from bmclip.model.config import ModelConfig, TextConfig, VisionConfig, get_preset
-from bmclip.model.layers import SelfAttention
-from bmclip.model.vit import VisionTransformer
+from bmclip.model.layers import Mlp, SelfAttention
+from bmclip.model.vit import VisionTransformer, ViTBlock
+
+# Modules with a ``fused_ops`` attribute (Triton LayerNorm / bias-GELU); set_fused_ops flips them all.
+_FUSED_OPS_MODULES = (ViTBlock, VisionTransformer, BertEmbeddings, BertLayer, Mlp)
 
 
 class BiomedCLIP(nn.Module):
@@ -34,6 +37,7 @@ class BiomedCLIP(nn.Module):
         else:
             self.logit_bias = None
         self.set_grad_checkpointing(config.grad_checkpointing)
+        self.set_fused_ops(config.fused_ops)
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         """images float (B, 3, H, W), normalised with IMAGE_MEAN/IMAGE_STD -> (B, embed_dim) unnormalised."""
@@ -68,6 +72,16 @@ class BiomedCLIP(nn.Module):
             if isinstance(m, SelfAttention):
                 m.attn_backend = name
         self.config.attn_backend = name
+
+    def set_fused_ops(self, enabled: bool = True) -> None:
+        """Run every LayerNorm (fused with its residual add) and MLP bias+GELU of both towers through the
+        Triton kernels (bmclip.kernels.fused_ops), or back through torch. Parameter names never change;
+        with ``enabled`` a forward pass raises ConfigError where Triton cannot run (CPU without
+        TRITON_INTERPRET=1)."""
+        for m in self.modules():
+            if isinstance(m, _FUSED_OPS_MODULES):
+                m.fused_ops = bool(enabled)
+        self.config.fused_ops = bool(enabled)
 
     def set_grad_checkpointing(self, enabled: bool = True) -> None:
         """Recompute each transformer block in backward (training only) to save activation memory."""

@@ -107,6 +107,9 @@ class ModelConfig:
     init_logit_bias: float | None = None
     attn_backend: str = DEFAULT_ATTN_BACKEND
     grad_checkpointing: bool = False
+    # Triton LayerNorm (fused with the residual adds) and fc1 bias + GELU in both towers
+    # (bmclip.kernels.fused_ops); parameter names and checkpoints are the same either way.
+    fused_ops: bool = False
 
     def validate(self) -> None:
         """Raise ConfigError naming the first invalid key."""
@@ -115,6 +118,8 @@ class ModelConfig:
         if not isinstance(self.text, TextConfig):
             raise ConfigError(f"text must be a TextConfig, got {type(self.text).__name__}")
         _positive(self, "", ("embed_dim",))
+        if not isinstance(self.fused_ops, bool):
+            raise ConfigError(f"fused_ops={self.fused_ops!r} must be a bool")
         self.vision.validate()
         self.text.validate()
         from bmclip.model.attention import check_backend

@@ -6,6 +6,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from bmclip.errors import ConfigError
 from bmclip.model.attention import attention
 
 
@@ -45,16 +46,45 @@ class SelfAttention(nn.Module):
         return self.out(o.transpose(1, 2).reshape(b, n, w))
 
 
+def _fused_ops():
+    # Imported on first use: the model builds (and runs unfused) without Triton installed.
+    from bmclip.kernels import fused_ops
+
+    return fused_ops
+
+
+def fused_layer_norm(norm: nn.LayerNorm, x: torch.Tensor, residual: torch.Tensor | None = None):
+    """``norm``'s parameters through the Triton LayerNorm: x (..., W) -> (..., W) in x's dtype, or with
+    ``residual`` (same shape) -> (norm(x + residual), x + residual). ConfigError if Triton cannot run here."""
+    fo = _fused_ops()
+    try:
+        return fo.layer_norm(x, norm.weight, norm.bias, norm.eps, residual=residual, backend="triton")
+    except fo.FusedOpsUnavailable as e:
+        raise ConfigError(f"fused_ops=True: {e}") from e
+
+
 class Mlp(nn.Module):
-    """fc1 -> exact (erf) GELU -> fc2, as in timm ViT and BERT."""
+    """fc1 -> exact (erf) GELU -> fc2, as in timm ViT and BERT.
+
+    ``fused_ops`` (plain attribute, parameter names unchanged): fc1 without its bias, then the Triton
+    bias + GELU kernel (the bias gradient is reduced in the GELU backward pass instead of a separate one).
+    """
 
     def __init__(self, width: int, hidden: int):
         super().__init__()
         self.fc1 = nn.Linear(width, hidden)
         self.fc2 = nn.Linear(hidden, width)
+        self.fused_ops = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(..., W) -> (..., W)."""
+        if self.fused_ops:
+            fo = _fused_ops()
+            try:
+                h = fo.bias_gelu(F.linear(x, self.fc1.weight), self.fc1.bias, backend="triton")
+            except fo.FusedOpsUnavailable as e:
+                raise ConfigError(f"fused_ops=True: {e}") from e
+            return self.fc2(h)
         return self.fc2(F.gelu(self.fc1(x)))
 
 

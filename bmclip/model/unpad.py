@@ -105,8 +105,7 @@ def packed_self_attention(attn, x: torch.Tensor, packed: PackedBatch, backend: s
 
 def packed_bert_layer(layer, x: torch.Tensor, packed: PackedBatch, backend: str) -> torch.Tensor:
     """``BertLayer`` ``layer`` (post-norm) on packed tokens: x (total_tokens, W) -> (total_tokens, W)."""
-    x = layer.norm1(x + layer.dropout(packed_self_attention(layer.attn, x, packed, backend)))
-    return layer.norm2(x + layer.dropout(layer.mlp(x)))
+    return layer.finish(x, packed_self_attention(layer.attn, x, packed, backend))
 
 
 def bert_tokens_unpadded(encoder, input_ids: torch.Tensor, mask: torch.Tensor,

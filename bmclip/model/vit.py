@@ -9,11 +9,14 @@ from torch.utils.checkpoint import checkpoint
 
 from bmclip.errors import ConfigError, DataError
 from bmclip.model.config import VisionConfig
-from bmclip.model.layers import Mlp, SelfAttention, init_linear_
+from bmclip.model.layers import Mlp, SelfAttention, fused_layer_norm, init_linear_
 
 
 class ViTBlock(nn.Module):
-    """Pre-norm transformer block: x + attn(norm1(x)), then x + mlp(norm2(x))."""
+    """Pre-norm transformer block: x + attn(norm1(x)), then x + mlp(norm2(x)).
+
+    ``fused_ops`` (plain attribute): Triton LayerNorms, the second one fused with the residual add.
+    """
 
     def __init__(self, cfg: VisionConfig, backend: str):
         super().__init__()
@@ -21,9 +24,15 @@ class ViTBlock(nn.Module):
         self.attn = SelfAttention(cfg.width, cfg.heads, backend)
         self.norm2 = nn.LayerNorm(cfg.width, eps=cfg.ln_eps)
         self.mlp = Mlp(cfg.width, cfg.mlp_dim)
+        self.fused_ops = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, L, W) -> (B, L, W)."""
+        if self.fused_ops:
+            # norm2 gets the attention output as x, so its output has the attention's dtype (bf16 under
+            # autocast, what fc1 consumes) while the sum keeps the stream's dtype.
+            h, x = fused_layer_norm(self.norm2, self.attn(fused_layer_norm(self.norm1, x)), residual=x)
+            return x + self.mlp(h)
         x = x + self.attn(self.norm1(x))
         return x + self.mlp(self.norm2(x))
 
@@ -41,6 +50,7 @@ class VisionTransformer(nn.Module):
         self.norm = nn.LayerNorm(cfg.width, eps=cfg.ln_eps)
         self.proj = nn.Linear(cfg.width, embed_dim, bias=False)
         self.grad_checkpointing = False
+        self.fused_ops = False  # the final norm through the Triton LayerNorm (blocks have their own flag)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -95,7 +105,7 @@ class VisionTransformer(nn.Module):
                 x = checkpoint(blk, x, use_reentrant=False)
             else:
                 x = blk(x)
-        return self.norm(x)
+        return fused_layer_norm(self.norm, x) if self.fused_ops else self.norm(x)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) float normalised -> (B, embed_dim) unnormalised."""
