@@ -344,7 +344,7 @@ def test_train_with_dali_counts_and_logs_bad_batches(bad_shard, tmp_path):
 # Configuration
 
 
-def test_config_errors_name_the_key(shard, tmp_path, monkeypatch):
+def test_config_errors_name_the_key(shard, tmp_path, monkeypatch, capsys):
     url, _ = shard
     with pytest.raises(ConfigError, match="data.augment_backend"):
         load_config("tiny-cpu", ["--data.augment_backend=nvjpeg"])
@@ -374,3 +374,18 @@ def test_config_errors_name_the_key(shard, tmp_path, monkeypatch):
     monkeypatch.setattr(D, "DaliAugment", Broken)
     with pytest.raises(ConfigError, match="data.augment_backend=dali: building the DALI pipeline failed.*nvJPEG"):
         train(_cfg(tmp_path / "broken", url, "--steps=1"))
+    # auto that picked DALI (a CUDA box) but cannot build it: the C++ loader, with a message saying so
+    import bmclip.train.trainer as T
+    from bmclip.model.config import get_preset
+    from bmclip.train.data import ShardSource
+    from bmclip.train.distributed import DistInfo
+
+    monkeypatch.setattr(T, "augment_backend", lambda cfg, device: "dali")
+    cfg = _cfg(tmp_path, url, "--data.augment_backend=auto")
+    src = T._build_source(cfg, DistInfo(), get_preset("tiny"), _tok)
+    assert type(src) is ShardSource and src.loader.decode
+    assert "decoding with bmclip's C++ loader instead" in capsys.readouterr().err
+    assert next(src)["image"].shape == (8, S, S, 3)
+    cfg.data.augment_backend = "dali"
+    with pytest.raises(ConfigError, match="building the DALI pipeline failed"):
+        T._build_source(cfg, DistInfo(), get_preset("tiny"), _tok)

@@ -84,7 +84,7 @@ def dali_available() -> bool:
     """Whether ``nvidia.dali`` can be imported."""
     try:
         import nvidia.dali  # noqa: F401
-    except ImportError:
+    except (ImportError, OSError):  # OSError: the wheel is there but its CUDA libraries do not load
         return False
     return True
 

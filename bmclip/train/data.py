@@ -166,14 +166,15 @@ class DaliShardSource(ShardSource):
 
     def __init__(self, loader, make_augment: Callable[[], object], *, seed: int, rank: int = 0,
                  augment: str = "random_resized_crop", scale: tuple[float, float] = (0.9, 1.0),
-                 ratio: tuple[float, float] = (3 / 4, 4 / 3), max_bad_in_row: int = 20, prefetch: int = 0):
+                 ratio: tuple[float, float] = (3 / 4, 4 / 3), max_bad_in_row: int = 20, prefetch: int = 0,
+                 aug=None):
         if loader.decode:
             raise DataError("DaliShardSource needs a ShardLoader built with decode=False (raw image bytes)")
         if prefetch < 0:
             raise DataError(f"prefetch must be >= 0, got {prefetch}")
         super().__init__(loader)
         self._make_augment = make_augment
-        self.aug = make_augment()
+        self.aug = aug if aug is not None else make_augment()  # ``aug``: one the caller built already
         self.seed, self.rank, self.augment = int(seed), int(rank), augment
         self.scale, self.ratio = scale, ratio
         self.max_bad_in_row = int(max_bad_in_row)

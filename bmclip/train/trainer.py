@@ -164,35 +164,46 @@ def _build_source(cfg: TrainConfig, info: DistInfo, mcfg, tokenizer):
         raise ConfigError("data.train: no training data; set data.train to a shard pattern (or data.synthetic=true)")
     from bmclip.data import ShardLoader
 
-    dali = augment_backend(cfg, info.device) == "dali"
     local, size = b // info.world_size, mcfg.vision.image_size
+    dev = info.device
+    dali = augment_backend(cfg, dev) == "dali"
+    if dali:
+        device_id = (dev.index if dev.index is not None else torch.cuda.current_device()) if dev.type == "cuda" \
+            else None
+
+        def make_augment():
+            from bmclip.data.dali import DaliAugment
+
+            try:
+                # nvJPEG ("mixed") decode on this rank's GPU; the CPU-only graph without CUDA
+                return DaliAugment(batch_size=local, image_size=size, source="encoded", augment=cfg.data.augment,
+                                   device_id=device_id, num_threads=cfg.data.num_threads, seed=cfg.seed,
+                                   host_params=True)
+            except Exception as e:  # any build failure is a configuration problem of this key
+                raise ConfigError(f"data.augment_backend=dali: building the DALI pipeline failed ({type(e).__name__}: "
+                                  f"{str(e).strip()[:300]}); use data.augment_backend=torch") from e
+
+        try:
+            first = make_augment()
+        except ConfigError as e:
+            if cfg.data.augment_backend == "dali":
+                raise
+            # auto chooses: DALI imports but cannot run here (e.g. no CUDA 13 driver) -> the C++ loader, said aloud
+            print(f"[bmclip] rank {info.rank}: data.augment_backend=auto: {e}; decoding with bmclip's C++ loader "
+                  "instead", file=sys.stderr, flush=True)
+            dali = False
     loader = ShardLoader(cfg.data.train, batch_size=local, image_size=size,
                          num_threads=cfg.data.num_threads, augment=cfg.data.augment, shuffle=True,
                          seed=cfg.seed, rank=info.rank, world_size=info.world_size,
                          resampled=cfg.data.resampled, shuffle_buffer=cfg.data.shuffle_buffer,
-                         drop_last=True, tokenizer=tokenizer, pin_memory=info.device.type == "cuda" and not dali,
+                         drop_last=True, tokenizer=tokenizer, pin_memory=dev.type == "cuda" and not dali,
                          decode=not dali)
     if not dali:
         return ShardSource(loader)
-    dev = info.device
-    device_id = (dev.index if dev.index is not None else torch.cuda.current_device()) if dev.type == "cuda" else None
-
-    def make_augment():
-        from bmclip.data.dali import DaliAugment
-
-        try:
-            # nvJPEG ("mixed") decode on this rank's GPU; the CPU-only graph without CUDA
-            return DaliAugment(batch_size=local, image_size=size, source="encoded", augment=cfg.data.augment,
-                               device_id=device_id, num_threads=cfg.data.num_threads, seed=cfg.seed,
-                               host_params=True)
-        except Exception as e:  # any build failure is a configuration problem of this key
-            raise ConfigError(f"data.augment_backend=dali: building the DALI pipeline failed "
-                              f"({type(e).__name__}: {str(e).strip()[:300]}); use data.augment_backend=torch") from e
-
     # prefetch=1: DALI decodes batch n+1 in a background thread while step n trains (same batches, same
     # checkpointed state as without prefetch)
     return DaliShardSource(loader, make_augment, seed=cfg.seed, rank=info.rank, augment=cfg.data.augment,
-                           scale=loader.scale, ratio=loader.ratio, prefetch=1)
+                           scale=loader.scale, ratio=loader.ratio, prefetch=1, aug=first)
 
 
 def _val_batches(cfg: TrainConfig, mcfg, tokenizer):
