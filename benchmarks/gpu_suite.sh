@@ -51,14 +51,18 @@ else
 fi
 
 # 1. Correctness on the GPU (bf16/fp16 kernels, unpadded tower, DALI/loader GPU paths where installed).
-step gpu_tests 100 "$PY" -m pytest -q -x -m gpu -p no:cacheprovider \
-    tests/test_contrastive_loss.py tests/test_flash_attention.py tests/test_unpadded_text.py
+step gpu_tests 120 "$PY" -m pytest -q -x -m gpu -p no:cacheprovider \
+    tests/test_contrastive_loss.py tests/test_flash_attention.py tests/test_unpadded_text.py tests/test_fused_ops.py
 
 # 2. Contrastive loss vs open_clip ClipLoss and plain torch (time + peak memory; 1M rows for ours).
 step bench_loss 90 "$PY" benchmarks/bench_loss.py --time-budget 15 --out "$OUT/bench_loss"
 
 # 3. Attention: ViT-B shape and varlen text vs every SDPA backend (+ xformers if present); text tower.
 step bench_attention 80 "$PY" benchmarks/bench_attention.py --reps 10 --out "$OUT/bench_attention.json"
+
+# 3b. Fused LayerNorm / add+LayerNorm / bias-GELU vs torch eager (then torch.compile while the budget lasts).
+step bench_fused_ops 30 "$PY" benchmarks/bench_fused_ops.py --reps 10 --time-budget 12 \
+    --out "$OUT/bench_fused_ops.json"
 
 # 4. Training step: bmclip vs open_clip 3.3 on biomedclip-vit-b16-224, bf16, synthetic data.
 step bench_train 120 "$PY" benchmarks/bench_train.py --batch 256 512 --iters 6 --warmup 2 \

@@ -366,3 +366,18 @@ def test_gpu_fp32_gelu_pointwise_accuracy_compiled():
     """libdevice erff on the GPU: the compiled kernel meets the same few-ulp bound as the interpreter."""
     test_gelu_pointwise_accuracy_fp32("none")
     test_gelu_pointwise_accuracy_fp32("tanh")
+
+
+def test_bench_refuses_to_run_without_cuda(capsys):
+    """benchmarks/bench_fused_ops.py never times the interpreter: without CUDA it exits 2 and says why."""
+    if torch.cuda.is_available():
+        pytest.skip("CUDA present: the benchmark would really run")
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_fused_ops.py"
+    spec = importlib.util.spec_from_file_location("bench_fused_ops", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.main(["--shapes", "vit"]) == 2
+    assert "needs a CUDA device" in capsys.readouterr().err
