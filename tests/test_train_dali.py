@@ -329,10 +329,25 @@ def test_train_with_dali_runs_and_resumes_bitwise(shard, tmp_path):
     assert not [t for t in threading.enumerate() if t.name == "bmclip-dali"]  # train() closed its prefetch thread
 
 
-def test_train_with_dali_counts_and_logs_bad_batches(bad_shard, tmp_path):
+def test_train_with_dali_counts_and_logs_bad_batches(bad_shard, tmp_path, monkeypatch):
+    seen = []
+    orig = DaliShardSource.__next__
+
+    def spy(self):
+        b = orig(self)
+        seen.append(b["images"].clone())
+        return b
+
+    monkeypatch.setattr(DaliShardSource, "__next__", spy)
     # 24 samples / 8 = 3 batches per epoch, one holds the corrupt image: 3 steps must meet it
     s = train(_cfg(tmp_path, bad_shard, "--steps=3", "--ckpt_every=0"))
     assert s["steps"] == 3 and s["data_bad_batches"] >= 1
+    # what the model was fed: 3 full batches of normalised float32 NCHW images
+    assert len(seen) == 3
+    for x in seen:
+        assert x.shape == (8, 3, S, S) and x.dtype == torch.float32
+        pix = _unnormalise(x)
+        assert pix.min() > -0.01 and pix.max() < 255.01 and pix.std() > 20
     recs = read_jsonl(tmp_path / "metrics.jsonl")
     skips = [r for r in recs if r["kind"] == "data_skip"]
     assert len(skips) == s["data_bad_batches"] and skips[-1]["bad_samples"] == 8 * len(skips)
