@@ -188,6 +188,10 @@ class Tokenizer:
         encs = self._for_length(length).encode_batch(list(texts))
         return [sum(e.attention_mask) for e in encs]
 
+    def count_tokens(self, text: str) -> int:
+        """Number of WordPiece tokens of one text, without special tokens or truncation (== len(tokenize(text)))."""
+        return len(self._base.encode(text, add_special_tokens=False))
+
     def tokenize(self, text: str) -> list[str]:
         """WordPiece tokens of one text, without special tokens or truncation."""
         return self._base.encode(text, add_special_tokens=False).tokens

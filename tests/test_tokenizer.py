@@ -85,6 +85,15 @@ def test_matches_slow_python_bert_tokenizer():
     assert torch.equal(tok(texts), _hf_ids(slow, texts, 64))
 
 
+def test_count_tokens_equals_slow_tokenizer_piece_count():
+    # count_tokens (the dataset builder's caption-length statistic) == the pure-Python BertTokenizer's pieces
+    slow = _slow(bundled_vocab_path())
+    tok = get_tokenizer()
+    texts = [t for t in EDGE_TEXTS if "\x00" not in t] + ["word " * 400]
+    assert [tok.count_tokens(t) for t in texts] == [len(slow.tokenize(t)) for t in texts]
+    assert tok.count_tokens("word " * 400) == len(tok.tokenize("word " * 400)) > tok.context_length  # untruncated
+
+
 def test_truncation_padding_and_lengths():
     tok = get_tokenizer(context_length=10)
     ids = tok(["word " * 50, "cells", ""])

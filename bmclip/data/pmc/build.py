@@ -209,14 +209,15 @@ def _token_counter():
         from bmclip.tokenizer import get_tokenizer
 
         tok = get_tokenizer()
-        tok.tokenize("probe")
+        count_pieces = tok.count_tokens
+        count_pieces("probe")
     except Exception as e:  # ImportError or missing vocabulary: fall back for the histogram only
         reason = f"{type(e).__name__}: {e}".splitlines()[0][:120]
         return f"whitespace words (fallback: bmclip.tokenizer unavailable: {reason})", lambda s: len(s.split())
 
     def count(s: str) -> int:
         # Untruncated WordPiece count + [CLS] and [SEP], i.e. what the text tower sees before truncation.
-        return len(tok.tokenize(s)) + 2
+        return count_pieces(s) + 2
 
     return "bmclip.tokenizer.get_tokenizer() WordPiece tokens incl. [CLS]/[SEP], untruncated", count
 
