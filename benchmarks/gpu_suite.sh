@@ -52,7 +52,8 @@ fi
 
 # 1. Correctness on the GPU (bf16/fp16 kernels, unpadded tower, DALI/loader GPU paths where installed).
 step gpu_tests 120 "$PY" -m pytest -q -x -m gpu -p no:cacheprovider \
-    tests/test_contrastive_loss.py tests/test_flash_attention.py tests/test_unpadded_text.py tests/test_fused_ops.py
+    tests/test_contrastive_loss.py tests/test_flash_attention.py tests/test_unpadded_text.py tests/test_fused_ops.py \
+    tests/test_xformers_wrapper.py
 
 # 2. Contrastive loss vs open_clip ClipLoss and plain torch (time + peak memory; 1M rows for ours).
 step bench_loss 90 "$PY" benchmarks/bench_loss.py --time-budget 15 --out "$OUT/bench_loss"

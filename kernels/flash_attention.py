@@ -584,14 +584,23 @@ def _flash_xformers(q, k, v, cu_seqlens, max_seqlen, causal, scale):
         raise FlashAttentionUnavailable("flash_attention(backend='xformers') cannot run: xformers' "
                                         "memory_efficient_attention "
                            f"has no kernels for {q.device} tensors (needs CUDA)")
+    return _xformers_call(xops.memory_efficient_attention, fmha.attn_bias, q, k, v, cu_seqlens, causal, scale)
+
+
+def _xformers_call(mea, attn_bias, q, k, v, cu_seqlens, causal, scale):
+    """Our layouts as one ``memory_efficient_attention`` call (``mea``; ``attn_bias``: xformers.ops.fmha.attn_bias).
+
+    xformers takes ``[B, M, H, K]`` (= our padded layout) and a bias object: ``LowerTriangularMask`` for causal;
+    varlen goes in as batch 1 with the sequences concatenated and a block-diagonal (causal) mask built from
+    the sequence lengths. Split out so tests can check this mapping without CUDA kernels.
+    """
     if cu_seqlens is None:
-        bias = fmha.attn_bias.LowerTriangularMask() if causal else None
-        return xops.memory_efficient_attention(q, k, v, attn_bias=bias, scale=scale)
+        bias = attn_bias.LowerTriangularMask() if causal else None
+        return mea(q, k, v, attn_bias=bias, scale=scale)
     seqlens = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
-    mask_cls = fmha.attn_bias.BlockDiagonalCausalMask if causal else fmha.attn_bias.BlockDiagonalMask
+    mask_cls = attn_bias.BlockDiagonalCausalMask if causal else attn_bias.BlockDiagonalMask
     bias = mask_cls.from_seqlens(seqlens)
-    o = xops.memory_efficient_attention(q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), attn_bias=bias,
-                                        scale=scale)
+    o = mea(q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), attn_bias=bias, scale=scale)
     return o.squeeze(0)
 
 
