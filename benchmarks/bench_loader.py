@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import fnmatch
 import io
 import json
 import os
@@ -45,11 +46,16 @@ import torch
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_DATA = Path(os.environ.get("BMCLIP_SHARED", REPO.parent / "shared")) / "data" / "pmc_samples"
+# CC BY figures kept in the repo (elife-32671, 1500 px): used where the shared samples are absent, e.g. on a
+# GPU box that receives only the checkout
+FIXTURE_DATA = REPO / "tests" / "fixtures"
 
 
 def find_jpegs(root: Path) -> list[Path]:
     files = sorted(root.glob("elife-32671/*.jpg")) + sorted(root.glob("PMC10802347/*.jpg"))
     files += sorted(root.glob("images_only/**/*.jpg"))
+    # the repo's fixtures (FIXTURE_DATA): two full-size eLife figures + five small ones, mean ~0.6 MP
+    files += sorted(root.glob("images/*.jpg")) + sorted(root.glob("pmc/elife-32671/*.jpg"))
     return files
 
 
@@ -230,7 +236,8 @@ def main(argv=None) -> int:
     ap.add_argument("--size", type=int, default=224)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--only", default="", help="comma list of method names to run (default: all)")
+    ap.add_argument("--only", default="",
+                    help="comma list of method names or fnmatch patterns, e.g. 'ours_1t,dali_gpu_*' (default: all)")
     ap.add_argument("--out", type=Path, default=None, help="write results JSON here")
     ap.add_argument("--gpu", action="store_true",
                     help="also time the GPU paths (DALI mixed decode; C++ loader + normalize_batch), all cores; "
@@ -238,6 +245,10 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     jpegs = find_jpegs(args.data)
+    if not jpegs and args.data == DEFAULT_DATA:
+        print(f"no JPEGs under {args.data}: using the repo's fixtures {FIXTURE_DATA}", file=sys.stderr)
+        args.data = FIXTURE_DATA
+        jpegs = find_jpegs(args.data)
     if not jpegs:
         print(f"no JPEGs under {args.data}", file=sys.stderr)
         return 2
@@ -257,6 +268,7 @@ def main(argv=None) -> int:
         "date_utc": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M"),
         "python": platform.python_version(),
         "torch": torch.__version__,
+        "data": str(args.data),
         "images": args.n,
         "distinct_jpegs": len(jpegs),
         "mean_jpeg_kb": round(sum(len(b) for b in blobs) / len(blobs) / 1024, 1),
@@ -314,7 +326,7 @@ def main(argv=None) -> int:
     if not only or only & {"openclip", "pil_draft"}:
         _openclip_transform(S)  # import open_clip outside the timings
 
-    methods = {k: v for k, v in methods.items() if not only or k in only}
+    methods = {k: v for k, v in methods.items() if not only or any(fnmatch.fnmatchcase(k, o) for o in only)}
     for name, fn in methods.items():
         fn()  # warm-up: page cache, lazy imports, thread pools, DALI pipeline build
         print(f"  warmed up {name}", flush=True)

@@ -71,8 +71,8 @@ step bench_train 120 "$PY" benchmarks/bench_train.py --batch 256 512 --iters 6 -
 
 # 5. Loader to GPU (C++ decode + torch normalisation on the GPU; DALI if installed).
 if "$PY" -c "import bmclip._C" 2>/dev/null; then
-    step bench_loader_gpu 40 "$PY" benchmarks/bench_loader.py --gpu --n 256 --repeats 2 \
-        --out "$OUT/bench_loader_gpu.json"
+    step bench_loader_gpu 60 "$PY" benchmarks/bench_loader.py --gpu --n 2048 --batch 256 --repeats 2 \
+        --only 'ours_gpu_norm_*,dali_gpu_*' --out "$OUT/bench_loader_gpu.json"
 fi
 
 log "done"
