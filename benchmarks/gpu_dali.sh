@@ -3,19 +3,13 @@
 # install DALI to /tmp/site_dali (no network, no root) and time the loader's GPU paths at batch 256:
 # DALI `mixed` (nvJPEG) decode + crop + normalise vs the C++ loader + normalize_batch on the GPU.
 # Results: $OUT/bench_loader_dali_gpu.json (and the table in the log).
-set -uo pipefail
-ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-cd "$ROOT"
-OUT="${OUT:-$ROOT/gpu_suite_out}"
-mkdir -p "$OUT"
-PY="${PYTHON:-python3}"
+source "$(dirname "${BASH_SOURCE[0]}")/gpu_env.sh"
 work=/tmp/dali_wheels
 rm -rf "$work" && mkdir -p "$work"
 cat .dali/part-* | tar xf - -C "$work" || { echo "parts missing or damaged: $(ls .dali)"; exit 2; }
 (cd "$work" && sha256sum -c --quiet SHA256SUMS) || { echo "checksum mismatch: a part is missing"; exit 2; }
 "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site_dali "$work"/*.whl || exit 2
-export PYTHONPATH="$ROOT:/tmp/site_dali${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
-unset TRITON_INTERPRET
+export PYTHONPATH="$PYTHONPATH:/tmp/site_dali"
 "$PY" -c "import nvidia.dali as d; print('DALI', d.__version__)" || exit 2
 if ! "$PY" -c "import bmclip._C" 2>/dev/null; then
     "$PY" setup.py build_ext --inplace >"$OUT/build_ext.log" 2>&1 || echo "C++ loader not built (see build_ext.log)"

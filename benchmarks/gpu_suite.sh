@@ -12,14 +12,7 @@
 #
 # Prepare the wheels once on a machine with pip (not committed):
 #   python3 -m pip download --no-deps --only-binary=:all: -d .whl open_clip_torch==3.3.0 ftfy wcwidth
-set -uo pipefail
-ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-cd "$ROOT"
-OUT="${OUT:-$ROOT/gpu_suite_out}"
-mkdir -p "$OUT"
-PY="${PYTHON:-python3}"
-export PYTHONUNBUFFERED=1 PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
-unset TRITON_INTERPRET
+source "$(dirname "${BASH_SOURCE[0]}")/gpu_env.sh"
 
 log() { echo "[gpu_suite $(date +%H:%M:%S)] $*" | tee -a "$OUT/suite.log"; }
 step() {  # step NAME TIMEOUT_S CMD... : run with a time limit, log to $OUT/NAME.log, record status
