@@ -501,6 +501,56 @@ bool png_run(PngCtx& ctx) {
   return true;
 }
 
+// The steps every entry point takes with either decoder, written once for both context types.
+int used_dct_scale(const JpegCtx& c) { return c.dct_scale; }
+int used_dct_scale(const PngCtx&) { return 8; }
+
+template <class Ctx>
+void init_ctx(Ctx& ctx, Mode mode, const uint8_t* data, size_t size, int64_t max_pixels) {
+  ctx.mode = mode;
+  ctx.data = data;
+  ctx.size = size;
+  ctx.max_pixels = max_pixels;
+}
+
+template <class Ctx>
+std::string probe_with(bool (*run)(Ctx&), const uint8_t* data, size_t size, int* width, int* height) {
+  Ctx ctx{};
+  init_ctx(ctx, Mode::kProbe, data, size, 0);
+  if (!run(ctx)) return ctx.reason;
+  *width = ctx.width;
+  *height = ctx.height;
+  return "";
+}
+
+template <class Ctx>
+std::string crop_with(bool (*run)(Ctx&), const char* name, const uint8_t* data, size_t size, int out_size,
+                      const CropParams& p, SampleRng* rng, uint8_t* dst, int64_t dst_stride, CropBox* used_box,
+                      int* dct_scale) {
+  Ctx ctx{};
+  init_ctx(ctx, Mode::kCrop, data, size, p.max_pixels);
+  ctx.out_size = out_size;
+  ctx.params = &p;
+  ctx.rng = rng;
+  if (!run(ctx)) return ctx.reason;
+  if (!ctx.resampler->finish(dst, dst_stride)) return std::string(name) + ": image data ended early";
+  if (used_box) *used_box = ctx.box;
+  if (dct_scale) *dct_scale = used_dct_scale(ctx);
+  return "";
+}
+
+template <class Ctx>
+std::string full_with(bool (*run)(Ctx&), const uint8_t* data, size_t size, int64_t max_pixels,
+                      std::vector<uint8_t>* out, int* width, int* height) {
+  Ctx ctx{};
+  init_ctx(ctx, Mode::kFull, data, size, max_pixels);
+  ctx.full = out;
+  if (!run(ctx)) return ctx.reason;
+  *width = ctx.width;
+  *height = ctx.height;
+  return "";
+}
+
 }  // namespace
 
 // ----------------------------------------------------------------------------------------------
@@ -508,26 +558,8 @@ bool png_run(PngCtx& ctx) {
 
 std::string probe_image(const uint8_t* data, size_t size, int* width, int* height, ImageFormat* fmt) {
   *fmt = sniff_format(data, size);
-  if (*fmt == ImageFormat::kJpeg) {
-    JpegCtx ctx{};
-    ctx.mode = Mode::kProbe;
-    ctx.data = data;
-    ctx.size = size;
-    if (!jpeg_run(ctx)) return ctx.reason;
-    *width = ctx.width;
-    *height = ctx.height;
-    return "";
-  }
-  if (*fmt == ImageFormat::kPng) {
-    PngCtx ctx{};
-    ctx.mode = Mode::kProbe;
-    ctx.data = data;
-    ctx.size = size;
-    if (!png_run(ctx)) return ctx.reason;
-    *width = ctx.width;
-    *height = ctx.height;
-    return "";
-  }
+  if (*fmt == ImageFormat::kJpeg) return probe_with<JpegCtx>(jpeg_run, data, size, width, height);
+  if (*fmt == ImageFormat::kPng) return probe_with<PngCtx>(png_run, data, size, width, height);
   return unsupported(*fmt);
 }
 
@@ -536,36 +568,10 @@ std::string decode_crop_resize(const uint8_t* data, size_t size, int out_size, c
                                int* dct_scale) {
   try {
     ImageFormat fmt = sniff_format(data, size);
-    if (fmt == ImageFormat::kJpeg) {
-      JpegCtx ctx{};
-      ctx.mode = Mode::kCrop;
-      ctx.data = data;
-      ctx.size = size;
-      ctx.max_pixels = p.max_pixels;
-      ctx.out_size = out_size;
-      ctx.params = &p;
-      ctx.rng = rng;
-      if (!jpeg_run(ctx)) return ctx.reason;
-      if (!ctx.resampler->finish(dst, dst_stride)) return "jpeg: image data ended early";
-      if (used_box) *used_box = ctx.box;
-      if (dct_scale) *dct_scale = ctx.dct_scale;
-      return "";
-    }
-    if (fmt == ImageFormat::kPng) {
-      PngCtx ctx{};
-      ctx.mode = Mode::kCrop;
-      ctx.data = data;
-      ctx.size = size;
-      ctx.max_pixels = p.max_pixels;
-      ctx.out_size = out_size;
-      ctx.params = &p;
-      ctx.rng = rng;
-      if (!png_run(ctx)) return ctx.reason;
-      if (!ctx.resampler->finish(dst, dst_stride)) return "png: image data ended early";
-      if (used_box) *used_box = ctx.box;
-      if (dct_scale) *dct_scale = 8;
-      return "";
-    }
+    if (fmt == ImageFormat::kJpeg)
+      return crop_with<JpegCtx>(jpeg_run, "jpeg", data, size, out_size, p, rng, dst, dst_stride, used_box, dct_scale);
+    if (fmt == ImageFormat::kPng)
+      return crop_with<PngCtx>(png_run, "png", data, size, out_size, p, rng, dst, dst_stride, used_box, dct_scale);
     return unsupported(fmt);
   } catch (const std::bad_alloc&) {
     return "out of memory";
@@ -578,30 +584,8 @@ std::string decode_full(const uint8_t* data, size_t size, int64_t max_pixels, st
                         int* width, int* height) {
   try {
     ImageFormat fmt = sniff_format(data, size);
-    if (fmt == ImageFormat::kJpeg) {
-      JpegCtx ctx{};
-      ctx.mode = Mode::kFull;
-      ctx.data = data;
-      ctx.size = size;
-      ctx.max_pixels = max_pixels;
-      ctx.full = out;
-      if (!jpeg_run(ctx)) return ctx.reason;
-      *width = ctx.width;
-      *height = ctx.height;
-      return "";
-    }
-    if (fmt == ImageFormat::kPng) {
-      PngCtx ctx{};
-      ctx.mode = Mode::kFull;
-      ctx.data = data;
-      ctx.size = size;
-      ctx.max_pixels = max_pixels;
-      ctx.full = out;
-      if (!png_run(ctx)) return ctx.reason;
-      *width = ctx.width;
-      *height = ctx.height;
-      return "";
-    }
+    if (fmt == ImageFormat::kJpeg) return full_with<JpegCtx>(jpeg_run, data, size, max_pixels, out, width, height);
+    if (fmt == ImageFormat::kPng) return full_with<PngCtx>(png_run, data, size, max_pixels, out, width, height);
     return unsupported(fmt);
   } catch (const std::bad_alloc&) {
     return "out of memory";
