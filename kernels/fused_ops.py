@@ -42,11 +42,15 @@ _GELU_APPROX = ("none", "tanh")
 MAX_LN_WIDTH = 8192
 
 # GPU launch shapes (fixed heuristics, not autotuned: tuning ~10 kernel variants would cost tens of seconds
-# on the first training step). A program covers about _BLOCK_ELEMS elements: several rows of a narrow
-# LayerNorm (4 rows of 768), one row of a wide one.
-_BLOCK_ELEMS = 4096
+# on the first training step). Chosen from ptxas register counts for sm_90 (Triton 3.8): registers grow by
+# ~5 (forward) and ~9 (backward) per element a thread holds, so the forward gives each thread 8 elements
+# (a 16-byte bf16 load; ~40 registers, ~48 resident warps per SM) and the backward 4 (~46 registers); a
+# program covers _FWD/_BWD_BLOCK_ELEMS elements: 2 rows of 768 forward, one row backward.
+_FWD_BLOCK_ELEMS, _FWD_ELEMS_PER_THREAD = 2048, 8
+_BWD_BLOCK_ELEMS, _BWD_ELEMS_PER_THREAD = 1024, 4
 _GELU_BLOCK_N = 1024
-# Backward programs per SM: each program loops over row blocks and keeps one dW/dB partial row.
+# Persistent backward programs per SM, each looping over row blocks with one dW/dB partial row; 4 x 8 warps
+# stay resident together at the register counts above, so all programs run in one wave.
 _BWD_PROGRAMS_PER_SM = 4
 # Under TRITON_INTERPRET=1: big blocks (fewer interpreted programs is what saves time there) and two
 # backward programs, so the loop over row blocks and the partial-sum reduction are still exercised.
@@ -235,12 +239,18 @@ def _sm_count(device: torch.device) -> int:
     return _SM_COUNT[idx]
 
 
-def _row_blocks(M: int, block_n: int, interp: bool) -> tuple[int, int]:
+def _row_blocks(M: int, block_n: int, interp: bool, backward: bool) -> tuple[int, int]:
     """(BLOCK_M, num_warps) for a row-wise kernel whose rows are block_n wide."""
-    target = _INTERPRET_BLOCK_ELEMS if interp else _BLOCK_ELEMS
+    if interp:
+        target, per_thread = _INTERPRET_BLOCK_ELEMS, 1
+    elif backward:
+        target, per_thread = _BWD_BLOCK_ELEMS, _BWD_ELEMS_PER_THREAD
+    else:
+        target, per_thread = _FWD_BLOCK_ELEMS, _FWD_ELEMS_PER_THREAD
     block_m = max(1, min(target // block_n, _pow2(M)))
-    # About 16 fp32 values per thread: 4 warps for 2K elements, 8 for 4K, 16 for an 8K-wide row.
-    num_warps = max(4, min(16, (block_m * block_n) // 512))
+    # Powers of two throughout, so num_warps is one too; more than 16 warps is not allowed (wide rows then
+    # hold more elements per thread: 16 at N = 8192 forward).
+    num_warps = max(1, min(16, (block_m * block_n) // (32 * per_thread)))
     return block_m, num_warps
 
 
@@ -268,7 +278,7 @@ def _ln_fwd_triton(x2, r2, weight, bias, eps, s_dtype):
     rstd = torch.empty(M, dtype=torch.float32, device=dev)
     if M > 0:
         block_n = max(16, _pow2(N))
-        block_m, warps = _row_blocks(M, block_n, _interpreting(_ln_fwd_kernel))
+        block_m, warps = _row_blocks(M, block_n, _interpreting(_ln_fwd_kernel), backward=False)
         _ln_fwd_kernel[(triton.cdiv(M, block_m),)](
             x2, r2 if r2 is not None else x2, weight if weight is not None else x2, bias if bias is not None else x2,
             y, s if s is not None else y, mean, rstd, M, N,
@@ -289,7 +299,7 @@ def _ln_bwd_triton(dy2, ds2, s2, weight, mean, rstd, x_dtype, r_dtype, need_dw, 
     dr = torch.empty((M, N), dtype=r_dtype, device=dev) if r_dtype is not None else None
     interp = _interpreting(_ln_bwd_kernel)
     block_n = max(16, _pow2(N))
-    block_m, warps = _row_blocks(M, block_n, interp)
+    block_m, warps = _row_blocks(M, block_n, interp, backward=True)
     nprog = _bwd_programs(triton.cdiv(M, block_m), 1, dev, interp) if M > 0 else 0
     dw_part = torch.empty((nprog, N), dtype=torch.float32, device=dev) if need_dw else None
     db_part = torch.empty((nprog, N), dtype=torch.float32, device=dev) if need_db else None
@@ -421,10 +431,10 @@ def layer_norm(x, weight, bias, eps=1e-5, *, residual=None, backend="auto"):
 # ----------------------------------------------------------------------------------------------------
 # bias + GELU
 # ----------------------------------------------------------------------------------------------------
-def _gelu_blocks(M: int, N: int, interp: bool) -> tuple[int, int, int]:
+def _gelu_blocks(M: int, N: int, interp: bool, backward: bool) -> tuple[int, int, int]:
     # The interpreter takes whole rows (fewest programs); the GPU splits wide rows into column blocks.
     block_n = max(16, _pow2(N)) if interp else max(16, min(_pow2(N), _GELU_BLOCK_N))
-    block_m, warps = _row_blocks(M, block_n, interp)
+    block_m, warps = _row_blocks(M, block_n, interp, backward)
     return block_m, block_n, warps
 
 
@@ -436,7 +446,7 @@ class _BiasGeluFn(torch.autograd.Function):
         M, N = x2.shape
         y = torch.empty((M, N), dtype=x.dtype, device=x.device)
         if M > 0:
-            block_m, block_n, warps = _gelu_blocks(M, N, _interpreting(_bias_gelu_fwd_kernel))
+            block_m, block_n, warps = _gelu_blocks(M, N, _interpreting(_bias_gelu_fwd_kernel), backward=False)
             _bias_gelu_fwd_kernel[(triton.cdiv(M, block_m), triton.cdiv(N, block_n))](
                 x2, bias, y, M, N, x2.stride(0), y.stride(0),
                 BLOCK_M=block_m, BLOCK_N=block_n, APPROX_TANH=approx_tanh, num_warps=warps,
@@ -454,7 +464,7 @@ class _BiasGeluFn(torch.autograd.Function):
         dy2 = _rows2d(dy)
         dx = torch.empty((M, N), dtype=x2.dtype, device=x2.device)
         interp = _interpreting(_bias_gelu_bwd_kernel)
-        block_m, block_n, warps = _gelu_blocks(M, N, interp)
+        block_m, block_n, warps = _gelu_blocks(M, N, interp, backward=True)
         col_blocks = triton.cdiv(N, block_n)
         nprog = _bwd_programs(triton.cdiv(M, block_m), col_blocks, x2.device, interp) if M > 0 else 0
         db_part = torch.empty((nprog, N), dtype=torch.float32, device=x2.device) if need_db else None
