@@ -26,6 +26,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 from ._triton_utils import HAS_TRITON, is_interpreted, triton, triton_available_for
 
@@ -335,6 +336,7 @@ class _LayerNormFn(torch.autograd.Function):
         return y.view(shape), s.view(shape)
 
     @staticmethod
+    @once_differentiable  # the kernels' gradients are not differentiable again: raise, never silently wrong
     def backward(ctx, dy, ds=None):
         s2, weight, mean, rstd = ctx.saved_tensors
         shape, x_dtype, r_dtype, b_dtype = ctx.meta
@@ -456,6 +458,7 @@ class _BiasGeluFn(torch.autograd.Function):
         return y.view(shape)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dy):
         x2, bias = ctx.saved_tensors
         shape, approx_tanh = ctx.meta

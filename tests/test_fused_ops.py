@@ -189,6 +189,16 @@ def test_residual_grads_do_not_alias_across_backward_calls():
         torch.testing.assert_close(c, a, rtol=1e-5, atol=1e-5)
 
 
+def test_double_backward_raises():
+    """The kernels' backward is not itself differentiable: create_graph + a second grad must raise."""
+    x = torch.randn(3, 16, device=DEVICE, requires_grad=True)
+    w = torch.ones(16, device=DEVICE, requires_grad=True)
+    for y in (fo.layer_norm(x, w, None, backend="triton"), fo.bias_gelu(x, w, backend="triton")):
+        (g,) = torch.autograd.grad(y.square().sum(), x, create_graph=True)
+        with pytest.raises(RuntimeError):
+            g.sum().backward()
+
+
 def test_shapes_strides_and_empty():
     g = torch.Generator().manual_seed(5)
     base = torch.randn(64, 3, 48, generator=g).to(DEVICE)
