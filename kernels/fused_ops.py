@@ -353,6 +353,11 @@ class _LayerNormFn(torch.autograd.Function):
         return dx, dr, dw, db, None
 
 
+# torch.compile: dynamo cannot trace these launches (it fails inside Triton's launcher / interpreter), so the
+# Triton path is an explicit graph break that runs eagerly; the torch backend stays traceable.
+_ln_apply = torch.compiler.disable(_LayerNormFn.apply)
+
+
 def _ln_torch(x, weight, bias, eps, residual):
     s = x + residual if residual is not None else x
     n = (x.shape[-1],)
@@ -427,7 +432,7 @@ def layer_norm(x, weight, bias, eps=1e-5, *, residual=None, backend="auto"):
     be = _resolve(backend, _ln_fwd_kernel if HAS_TRITON else None, tensors, fn, n, MAX_LN_WIDTH)
     if be == "torch":
         return _ln_torch(x, weight, bias, float(eps), residual)
-    return _LayerNormFn.apply(x, residual, weight, bias, float(eps))
+    return _ln_apply(x, residual, weight, bias, float(eps))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -480,6 +485,9 @@ class _BiasGeluFn(torch.autograd.Function):
         return dx.view(shape), db, None
 
 
+_bias_gelu_apply = torch.compiler.disable(_BiasGeluFn.apply)  # see _ln_apply
+
+
 def bias_gelu(x, bias, *, approximate="none", backend="auto"):
     """GELU(x + bias): x (..., N) fp32/fp16/bf16, bias (N,) -> (..., N) in x's dtype, computed in fp32.
 
@@ -500,4 +508,4 @@ def bias_gelu(x, bias, *, approximate="none", backend="auto"):
     be = _resolve(backend, _bias_gelu_fwd_kernel if HAS_TRITON else None, (x, bias), fn, x.shape[-1], None)
     if be == "torch":
         return F.gelu(x + bias, approximate=approximate).to(x.dtype)
-    return _BiasGeluFn.apply(x, bias, approximate == "tanh")
+    return _bias_gelu_apply(x, bias, approximate == "tanh")

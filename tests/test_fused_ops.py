@@ -199,6 +199,21 @@ def test_double_backward_raises():
             g.sum().backward()
 
 
+def test_torch_compile_graph_breaks_around_the_kernels():
+    """Inside torch.compile the Triton path runs eagerly (a graph break), with the same values and grads."""
+    inputs, douts = _ln_inputs(5, 64, torch.float32, True, seed=4)
+
+    def f(x, r, w, b):
+        y, s = fo.layer_norm(x, w, b, residual=r, backend="triton")
+        return fo.bias_gelu(2 * y, b, backend="triton"), s
+
+    torch._dynamo.reset()
+    compiled = _run(torch.compile(f, backend="aot_eager"), inputs, douts)
+    plain = _run(f, inputs, douts)
+    for a, c in zip(compiled[0] + compiled[1], plain[0] + plain[1]):
+        assert torch.equal(a, c)
+
+
 def test_shapes_strides_and_empty():
     g = torch.Generator().manual_seed(5)
     base = torch.randn(64, 3, 48, generator=g).to(DEVICE)
