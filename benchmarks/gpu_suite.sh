@@ -55,7 +55,7 @@ step bench_loss 90 "$PY" benchmarks/bench_loss.py --time-budget 15 --out "$OUT/b
 step bench_attention 80 "$PY" benchmarks/bench_attention.py --reps 10 --out "$OUT/bench_attention.json"
 
 # 3b. Fused LayerNorm / add+LayerNorm / bias-GELU vs torch eager (then torch.compile while the budget lasts).
-step bench_fused_ops 30 "$PY" benchmarks/bench_fused_ops.py --reps 10 --time-budget 12 \
+step bench_fused_ops 35 "$PY" benchmarks/bench_fused_ops.py --reps 10 --time-budget 18 \
     --out "$OUT/bench_fused_ops.json"
 
 # 4. Training step: bmclip vs open_clip 3.3 on biomedclip-vit-b16-224, bf16, synthetic data.
