@@ -287,6 +287,26 @@ class Decoder {
     return out;
   }
 
+  // Dataset-builder transcode (see transcode_jpeg): (jpeg bytes, luma uint8 [height, width]) or None when
+  // the source is not a YCbCr/greyscale JPEG.
+  py::object transcode_jpeg(const py::buffer& buf, int width, int height, int quality) const {
+    if (width <= 0 || height <= 0) throw py::value_error("width and height must be positive");
+    if (quality < 1 || quality > 100) throw py::value_error("quality must be in 1..100");
+    py::buffer_info info = buf.request();
+    InputBuf in = as_input(info, 0);
+    Transcoded t;
+    std::string r;
+    {
+      py::gil_scoped_release nogil;
+      r = bmclip::transcode_jpeg(in.ptr, in.size, width, height, quality, max_pixels_, &t);
+    }
+    if (r == kTranscodeUnsupported) return py::none();
+    if (!r.empty()) throw DecodeError(r);
+    py::array_t<uint8_t> luma({static_cast<py::ssize_t>(height), static_cast<py::ssize_t>(width)});
+    memcpy(luma.mutable_data(), t.luma.data(), t.luma.size());
+    return py::make_tuple(py::bytes(t.jpeg), luma);
+  }
+
   py::array decode_image(const py::buffer& buf) const {
     py::buffer_info info = buf.request();
     InputBuf in = as_input(info, 0);
@@ -404,6 +424,12 @@ PYBIND11_MODULE(_C, m) {
            "filter, bit-exact at full DCT scale): uint8 [height, width, 3]; raises bmclip.errors.DataError. "
            "dct_scaling decodes JPEGs at the smallest 1/2, 1/4 or 1/8 scale keeping >= dct_min_ratio "
            "decoded pixels per output pixel.")
+      .def("transcode_jpeg", &Decoder::transcode_jpeg, py::arg("buffer"), py::arg("width"), py::arg("height"),
+           py::kw_only(), py::arg("quality") = 90,
+           "Dataset builder: a YCbCr or greyscale JPEG -> (JPEG bytes of the image resized to width x height, "
+           "baseline 4:2:0 at `quality`; its luma plane uint8 [height, width]), working on the decoded planes "
+           "(DCT-scaled decode, no colour conversion, Pillow's antialiased bilinear filter per plane). None for "
+           "other JPEGs (CMYK/YCCK) and non-JPEG input; raises bmclip.errors.DataError on a bad image.")
       .def("decode_image", &Decoder::decode_image, py::arg("buffer"),
            "Full-size RGB decode: uint8 [H, W, 3]; raises bmclip.errors.DataError on a bad image.");
 

@@ -501,6 +501,219 @@ bool png_run(PngCtx& ctx) {
   return true;
 }
 
+// ----------------------------------------------------------------------------------------------
+// Planar JPEG -> JPEG transcode (dataset builder)
+
+// One 8-bit plane with padding: `stride` >= the encoder's block-padded width, `rows` >= padded height.
+// The storage is kept between calls (the planes are thread_local in transcode_run) and not zeroed:
+// every byte a reader uses is written first (libjpeg fills the decoded planes, pad_edges the padding
+// of the resized ones; taps past a pixel's count read padding with coefficient 0).
+struct Plane {
+  int w = 0, h = 0, stride = 0, rows = 0;
+  std::unique_ptr<uint8_t[]> buf;
+  size_t cap = 0;
+  void alloc(int width, int height, int stride_, int rows_) {
+    w = width;
+    h = height;
+    stride = stride_;
+    rows = rows_;
+    const size_t need = static_cast<size_t>(stride) * rows + kRowPad;
+    if (need > cap) {
+      buf.reset(new uint8_t[need]);
+      cap = need;
+    }
+  }
+  // Release storage far above what this call needs (one huge image must not pin memory forever).
+  void trim(size_t keep) {
+    if (cap > keep) {
+      buf.reset();
+      cap = 0;
+    }
+  }
+  uint8_t* data() { return buf.get(); }
+  uint8_t* row(int y) { return buf.get() + static_cast<size_t>(y) * stride; }
+  void fill(uint8_t v) { memset(buf.get(), v, static_cast<size_t>(stride) * rows); }
+  // Replicate the last column and row into the padding (what libjpeg's own encoder does at edges).
+  void pad_edges() {
+    for (int y = 0; y < h; ++y) {
+      uint8_t* r = row(y);
+      std::fill(r + w, r + stride, r[w - 1]);
+    }
+    for (int y = h; y < rows; ++y) memcpy(row(y), row(h - 1), static_cast<size_t>(stride));
+  }
+};
+
+inline int round_up(int v, int m) { return (v + m - 1) / m * m; }
+
+// Resize plane `src` (of which the first src_span_x x src_span_y input units map onto the output)
+// into `dst` (dst->w x dst->h).
+void resize_plane(Plane& src, double span_x, double span_y, Plane* dst) {
+  AxisCoeffs xs = compute_axis_coeffs(src.w, 0.f, static_cast<float>(span_x), dst->w, 0, dst->w, Filter::kBilinear);
+  AxisCoeffs ys = compute_axis_coeffs(src.h, 0.f, static_cast<float>(span_y), dst->h, 0, dst->h, Filter::kBilinear);
+  RowResampler rs(&xs, &ys, 0, simd_enabled(), 1);
+  for (int y = rs.first_row(); y < rs.end_row(); ++y) rs.push_row(y, src.row(y));
+  rs.finish(dst->data(), dst->stride);
+}
+
+struct JpegDest {
+  unsigned char* buf = nullptr;
+  unsigned long size = 0;
+  ~JpegDest() { free(buf); }
+};
+
+std::string transcode_run(const uint8_t* data, size_t size, int tw, int th, int quality, int64_t max_pixels,
+                          Transcoded* out) {
+  jpeg_decompress_struct cinfo;
+  jpeg_compress_struct cc;
+  JpegErr err;
+  JpegProgress prog;
+  JpegDest dest;
+  // Everything with a destructor lives above setjmp, so that a libjpeg error (longjmp) skips none.
+  // The planes are reused by this thread's next call (no allocation, no page faults per image).
+  thread_local Plane src[3], dst[3];
+  constexpr size_t kKeepBytes = size_t{64} << 20;
+  for (int i = 0; i < 3; ++i) {
+    src[i].trim(kKeepBytes);
+    dst[i].trim(kKeepBytes);
+  }
+  std::vector<JSAMPROW> ptrs[3];
+  bool have_d = false, have_c = false;
+  memset(&cinfo, 0, sizeof(cinfo));
+  memset(&cc, 0, sizeof(cc));
+  err.msg[0] = 0;
+  if (setjmp(err.jb)) {
+    if (have_d) jpeg_destroy_decompress(&cinfo);
+    if (have_c) jpeg_destroy_compress(&cc);
+    return std::string("jpeg: ") + err.msg;
+  }
+  cinfo.err = jpeg_std_error(&err.pub);
+  err.pub.error_exit = jpeg_on_error;
+  err.pub.emit_message = jpeg_on_message;
+  err.pub.output_message = jpeg_silent;
+  prog.pub.progress_monitor = jpeg_on_progress;
+  prog.err = &err;
+  jpeg_create_decompress(&cinfo);
+  have_d = true;
+  cinfo.progress = &prog.pub;
+  jpeg_mem_src(&cinfo, data, static_cast<unsigned long>(size));
+  jpeg_read_header(&cinfo, TRUE);
+  const int W = static_cast<int>(cinfo.image_width), H = static_cast<int>(cinfo.image_height);
+  out->width = W;
+  out->height = H;
+  if (static_cast<int64_t>(W) * H > max_pixels) {
+    jpeg_destroy_decompress(&cinfo);
+    return "image too large: " + std::to_string(W) + "x" + std::to_string(H) + " pixels > limit " +
+           std::to_string(max_pixels);
+  }
+  const int nc = cinfo.num_components;
+  const bool ycc = nc == 3 && cinfo.jpeg_color_space == JCS_YCbCr;
+  const bool grey = nc == 1 && cinfo.jpeg_color_space == JCS_GRAYSCALE;
+  if (!ycc && !grey) {
+    jpeg_destroy_decompress(&cinfo);
+    return kTranscodeUnsupported;
+  }
+  int s = 8;  // smallest DCT scale whose image still covers the target (decode_fit's rule, ratio 1)
+  for (int c = 1; c <= 8; c *= 2) {
+    if (W * c / 8.0 >= tw && H * c / 8.0 >= th) {
+      s = c;
+      break;
+    }
+  }
+  out->dct_scale = s;
+  cinfo.scale_num = static_cast<unsigned>(s);
+  cinfo.scale_denom = 8;
+  cinfo.raw_data_out = TRUE;
+  cinfo.dct_method = JDCT_ISLOW;
+  jpeg_start_decompress(&cinfo);
+  // Decode every component plane whole (iMCU row by iMCU row).
+  const int lines = cinfo.max_v_samp_factor * cinfo.min_DCT_scaled_size;
+  for (int ci = 0; ci < nc; ++ci) {
+    jpeg_component_info* comp = &cinfo.comp_info[ci];
+    const int ds = comp->DCT_scaled_size;
+    src[ci].alloc(static_cast<int>(comp->downsampled_width), static_cast<int>(comp->downsampled_height),
+                  static_cast<int>(comp->width_in_blocks + cinfo.max_h_samp_factor) * ds,
+                  static_cast<int>(cinfo.total_iMCU_rows) * comp->v_samp_factor * ds);
+  }
+  JSAMPARRAY arrays[3];
+  for (JDIMENSION imcu = 0; cinfo.output_scanline < cinfo.output_height; ++imcu) {
+    for (int ci = 0; ci < nc; ++ci) {
+      const int per = cinfo.comp_info[ci].v_samp_factor * cinfo.comp_info[ci].DCT_scaled_size;
+      ptrs[ci].resize(per);
+      for (int k = 0; k < per; ++k) ptrs[ci][k] = src[ci].row(static_cast<int>(imcu) * per + k);
+      arrays[ci] = ptrs[ci].data();
+    }
+    if (jpeg_read_raw_data(&cinfo, arrays, static_cast<JDIMENSION>(lines)) == 0) {
+      jpeg_destroy_decompress(&cinfo);
+      have_d = false;
+      return "jpeg: image data ended early";
+    }
+  }
+  // The part of each plane that holds the image, in (fractional) samples: downsampled_width before its
+  // ceil. Chroma may be decoded at a larger DCT size than luma (libjpeg scales it up in the IDCT).
+  double span_x[3], span_y[3];
+  for (int ci = 0; ci < nc; ++ci) {
+    const jpeg_component_info* comp = &cinfo.comp_info[ci];
+    span_x[ci] = static_cast<double>(W) * comp->h_samp_factor * comp->DCT_scaled_size / (cinfo.max_h_samp_factor * 8.0);
+    span_y[ci] = static_cast<double>(H) * comp->v_samp_factor * comp->DCT_scaled_size / (cinfo.max_v_samp_factor * 8.0);
+  }
+  jpeg_finish_decompress(&cinfo);
+  jpeg_destroy_decompress(&cinfo);
+  have_d = false;
+
+  // Resize into the encoder's 4:2:0 layout: luma tw x th, chroma ceil(tw/2) x ceil(th/2); strides and
+  // rows padded to whole MCUs (16 x 16 luma, 8 x 8 chroma).
+  const int ctw = (tw + 1) / 2, cth = (th + 1) / 2;
+  const int ystride = round_up(tw, 16), yrows = round_up(th, 16);
+  dst[0].alloc(tw, th, ystride, yrows);
+  resize_plane(src[0], span_x[0], span_y[0], &dst[0]);
+  for (int ci = 1; ci < 3; ++ci) {
+    dst[ci].alloc(ctw, cth, ystride / 2, yrows / 2);
+    if (grey) {
+      dst[ci].fill(128);
+      continue;
+    }
+    // Output chroma pixel j covers target luma [2j, 2j + 2): the ctw pixels span 2 ctw / tw of the image.
+    resize_plane(src[ci], span_x[ci] * (2.0 * ctw / tw), span_y[ci] * (2.0 * cth / th), &dst[ci]);
+  }
+  out->luma.resize(static_cast<size_t>(tw) * th);
+  for (int y = 0; y < th; ++y) memcpy(&out->luma[static_cast<size_t>(y) * tw], dst[0].row(y), tw);
+  for (auto& d : dst) d.pad_edges();
+
+  cc.err = jpeg_std_error(&err.pub);
+  err.pub.error_exit = jpeg_on_error;
+  err.pub.emit_message = jpeg_on_message;
+  err.pub.output_message = jpeg_silent;
+  jpeg_create_compress(&cc);
+  have_c = true;
+  jpeg_mem_dest(&cc, &dest.buf, &dest.size);
+  cc.image_width = static_cast<JDIMENSION>(tw);
+  cc.image_height = static_cast<JDIMENSION>(th);
+  cc.input_components = 3;
+  cc.in_color_space = JCS_YCbCr;
+  jpeg_set_defaults(&cc);  // YCbCr, 2x2 / 1x1 / 1x1 sampling, baseline
+  jpeg_set_quality(&cc, quality, TRUE);
+  cc.dct_method = JDCT_ISLOW;
+  cc.optimize_coding = FALSE;
+  cc.raw_data_in = TRUE;
+  jpeg_start_compress(&cc, TRUE);
+  JSAMPROW yr[16], cbr[8], crr[8];
+  JSAMPARRAY planes[3] = {yr, cbr, crr};
+  while (cc.next_scanline < cc.image_height) {
+    const int y0 = static_cast<int>(cc.next_scanline);
+    for (int k = 0; k < 16; ++k) yr[k] = dst[0].row(y0 + k);
+    for (int k = 0; k < 8; ++k) {
+      cbr[k] = dst[1].row(y0 / 2 + k);
+      crr[k] = dst[2].row(y0 / 2 + k);
+    }
+    jpeg_write_raw_data(&cc, planes, 16);
+  }
+  jpeg_finish_compress(&cc);
+  jpeg_destroy_compress(&cc);
+  have_c = false;
+  out->jpeg.assign(reinterpret_cast<const char*>(dest.buf), dest.size);
+  return "";
+}
+
 // The steps every entry point takes with either decoder, written once for both context types.
 int used_dct_scale(const JpegCtx& c) { return c.dct_scale; }
 int used_dct_scale(const PngCtx&) { return 8; }
@@ -577,6 +790,22 @@ std::string decode_crop_resize(const uint8_t* data, size_t size, int out_size, c
     return "out of memory";
   } catch (const std::exception& e) {
     return std::string("decode failed: ") + e.what();
+  }
+}
+
+const char* const kTranscodeUnsupported = "unsupported for planar transcode";
+
+std::string transcode_jpeg(const uint8_t* data, size_t size, int tw, int th, int quality, int64_t max_pixels,
+                           Transcoded* out) {
+  try {
+    if (tw <= 0 || th <= 0) return "target size must be positive";
+    if (quality < 1 || quality > 100) return "quality must be in 1..100";
+    if (sniff_format(data, size) != ImageFormat::kJpeg) return kTranscodeUnsupported;
+    return transcode_run(data, size, tw, th, quality, max_pixels, out);
+  } catch (const std::bad_alloc&) {
+    return "out of memory";
+  } catch (const std::exception& e) {
+    return std::string("transcode failed: ") + e.what();
   }
 }
 

@@ -64,6 +64,23 @@ std::string decode_crop_resize(const uint8_t* data, size_t size, int out_size, c
                                SampleRng* rng, uint8_t* dst, int64_t dst_stride,
                                CropBox* used_box = nullptr, int* dct_scale = nullptr);
 
+// Dataset-builder transcode of a YCbCr (any chroma sampling) or greyscale JPEG to a tw x th JPEG:
+// decoded as planes at the smallest 1/8, 2/8, 4/8 or 8/8 DCT scale still >= the target (no colour
+// conversion, chroma never upsampled), each plane resized with Pillow's antialiased bilinear filter
+// (the luma plane to tw x th, chroma straight to the 4:2:0 grid), then encoded from the planes
+// (baseline, 4:2:0, `quality`, no optimised Huffman tables). `luma` receives the resized luma plane
+// (th x tw), i.e. the stored image's greyscale for fingerprints. Returns "" on success, a reason on a
+// bad image, or kTranscodeUnsupported for sources it does not handle (CMYK/YCCK, other component
+// counts): those take the RGB path.
+struct Transcoded {
+  std::string jpeg;
+  std::vector<uint8_t> luma;
+  int width = 0, height = 0, dct_scale = 8;
+};
+extern const char* const kTranscodeUnsupported;
+std::string transcode_jpeg(const uint8_t* data, size_t size, int tw, int th, int quality, int64_t max_pixels,
+                           Transcoded* out);
+
 // Full-size RGB decode into `out` (height * width * 3).
 std::string decode_full(const uint8_t* data, size_t size, int64_t max_pixels, std::vector<uint8_t>* out,
                         int* width, int* height);

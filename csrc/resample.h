@@ -44,12 +44,14 @@ class RowResampler {
  public:
   // `src_x0` is the input x of the first pixel of every pushed row (decoders may deliver a
   // column window); rows must cover [xs.need_min, xs.need_max).
-  RowResampler(const AxisCoeffs* xs, const AxisCoeffs* ys, int src_x0, bool use_simd = simd_enabled());
+  // `channels`: 3 (RGB rows) or 1 (one 8-bit plane, e.g. a JPEG's Y or Cb plane).
+  RowResampler(const AxisCoeffs* xs, const AxisCoeffs* ys, int src_x0, bool use_simd = simd_enabled(),
+               int channels = 3);
   int first_row() const { return ys_->need_min; }
   int end_row() const { return ys_->need_max; }
-  // rgb: 3 bytes per pixel, starting at input x = src_x0, readable kRowPad bytes past the end.
+  // rgb: `channels` bytes per pixel, starting at input x = src_x0, readable kRowPad bytes past the end.
   void push_row(int y, const uint8_t* rgb);
-  // Writes count_y x count_x x 3 pixels to dst (row stride dst_stride bytes). Returns false if some
+  // Writes count_y x count_x x channels bytes to dst (row stride dst_stride bytes). Returns false if some
   // needed row was never pushed (decoder stopped early).
   bool finish(uint8_t* dst, int64_t dst_stride);
 
@@ -58,6 +60,7 @@ class RowResampler {
   const AxisCoeffs* ys_;
   int src_x0_;
   bool use_simd_;
+  int channels_;
   // AVX2 horizontal pass, 8 output pixels per step: per block of 8 outputs and tap t, the byte
   // offsets of the 8 input pixels (clamped to a valid pixel where a pixel has fewer taps) and their
   // coefficients (0 there), laid out [block][t][8]; taps_ = taps used by each block.

