@@ -805,8 +805,16 @@ def test_native_planar_transcode_matches_rgb_reference(size, mode, kw):
     if mode == "L":  # neutral chroma: the stored colour image is grey
         rgb = ours_px.astype(np.int16)
         assert np.abs(rgb[..., 0] - rgb[..., 1]).max() <= 2 and np.abs(rgb[..., 2] - rgb[..., 1]).max() <= 2
-    # deterministic
+    # deterministic, and the AVX2 plane resampler equals the scalar one bit for bit
     assert native.transcode_jpeg(data, tw, th, quality=90)[0] == jpeg
+    from bmclip import _C
+
+    _C._set_simd(False)
+    try:
+        jpeg_scalar, luma_scalar = native.transcode_jpeg(data, tw, th, quality=90)
+    finally:
+        _C._set_simd(True)
+    assert jpeg_scalar == jpeg and np.array_equal(luma_scalar, luma)
 
 
 def test_native_planar_transcode_refusals_and_errors():
