@@ -82,3 +82,18 @@ def test_cli_reports_config_typo_cleanly():
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2
     assert "optim.lrr" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_fused_ops_switch_reaches_the_model():
+    import torch
+
+    from bmclip.train.trainer import _build_model
+
+    c = load_config("tiny-cpu", ["--model.fused_ops=true"])
+    assert c.model.fused_ops is True
+    model = _build_model(c, torch.device("cpu"))
+    assert model.config.fused_ops is True
+    off = _build_model(load_config("tiny-cpu"), torch.device("cpu"))
+    assert off.config.fused_ops is False
+    # same parameters either way (checkpoints interchangeable)
+    assert [n for n, _ in model.named_parameters()] == [n for n, _ in off.named_parameters()]

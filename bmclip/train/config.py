@@ -29,6 +29,7 @@ class ModelSection:
     patch_dropout: float = 0.0  # FLIP: fraction of image patches dropped in training (CLS kept)
     grad_checkpointing: bool = False
     attn_backend: str = "sdpa"
+    fused_ops: bool = False  # Triton LayerNorm(+residual) and bias-GELU kernels (CUDA); same parameters
     compile: bool = False  # torch.compile the model (GPU runs; adds start-up time)
     init_checkpoint: str = ""  # start from these weights (bmclip checkpoint or open_clip folder)
 

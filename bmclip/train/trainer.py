@@ -74,7 +74,11 @@ def _build_model(cfg: TrainConfig, device: torch.device):
     from bmclip.model.config import get_preset
 
     mcfg = get_preset(cfg.model.preset)
-    overrides: dict = {"vision": {"patch_dropout": cfg.model.patch_dropout}, "attn_backend": cfg.model.attn_backend}
+    overrides: dict = {
+        "vision": {"patch_dropout": cfg.model.patch_dropout},
+        "attn_backend": cfg.model.attn_backend,
+        "fused_ops": cfg.model.fused_ops,
+    }
     if cfg.loss.kind == "siglip" and mcfg.init_logit_bias is None:
         # SigLIP needs a learnable bias; the SigLIP paper initialises t' = log 10 and b = -10.
         overrides.update(init_logit_scale=math.log(10.0), init_logit_bias=-10.0)
