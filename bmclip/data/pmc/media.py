@@ -165,6 +165,7 @@ def _transcode_native(data: bytes, tw: int, th: int, quality: int) -> tuple[byte
 def _decode_resize_jpeg(im: Image.Image, data: bytes, tw: int, th: int) -> Image.Image:
     """RGB/greyscale JPEG -> RGB image of exactly (tw, th): DCT-scaled decode + antialiased bilinear resize.
 
+    (The RGB route; YCbCr/greyscale JPEGs normally take :func:`_transcode_native` instead.)
     Two implementations with bit-identical output (checked by tests/test_build_dataset.py): bmclip._C's
     fused decode + AVX2 resampler (~4x faster resize than Pillow's) when built, else Pillow. The DCT
     scale is the smallest of 1/2, 1/4, 1/8 still >= the target size (Pillow's ``draft`` rule), so the
