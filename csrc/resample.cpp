@@ -112,27 +112,17 @@ RowResampler::RowResampler(const AxisCoeffs* xs, const AxisCoeffs* ys, int src_x
   if (channels != 1 && channels != 3) throw std::invalid_argument("RowResampler: channels must be 1 or 3");
 #ifdef BMCLIP_X86
   if (use_simd_ && cpu_has_avx2() && channels == 1) {
-    // Coefficients for hpass1_madd (split kh / kl, int16, 0 past the last tap). Filters of <= 8 taps: per
-    // pair of outputs (A, B) 32 values [khA khB klA klB] (8 each, one 256-bit load per half); longer:
-    // per output and group of 8 taps, kh0..kh7 then kl0..kl7.
+    // Coefficients for hpass1_madd (split kh / kl, int16, 0 past the last tap): per pair of outputs
+    // (A, B) and group of 8 taps, 32 values [khA khB klA klB] (8 each).
     groups_ = (xs->ksize + 7) / 8;
-    const size_t per = groups_ == 1 ? 16 : static_cast<size_t>(groups_) * 16;
-    khl_.assign((static_cast<size_t>(xs->count) + 1) * per, 0);
+    khl_.assign((static_cast<size_t>(xs->count) / 2 + 1) * groups_ * 32, 0);
     for (int xx = 0; xx < xs->count; ++xx) {
       const int n = xs->bounds[2 * xx + 1];
       const int32_t* k = &xs->k[static_cast<size_t>(xx) * xs->ksize];
+      int16_t* base = &khl_[static_cast<size_t>(xx / 2) * groups_ * 32 + 8 * (xx % 2)];
       for (int t = 0; t < n; ++t) {
-        int16_t* h;
-        int16_t* l;
-        if (groups_ == 1) {
-          h = &khl_[32 * static_cast<size_t>(xx / 2) + 8 * (xx % 2) + t];
-          l = h + 16;
-        } else {
-          h = &khl_[(static_cast<size_t>(xx) * groups_ + t / 8) * 16 + t % 8];
-          l = h + 8;
-        }
-        *h = static_cast<int16_t>(k[t] >> 11);
-        *l = static_cast<int16_t>(k[t] & 2047);
+        base[32 * (t / 8) + t % 8] = static_cast<int16_t>(k[t] >> 11);
+        base[32 * (t / 8) + 16 + t % 8] = static_cast<int16_t>(k[t] & 2047);
       }
     }
   } else if (use_simd_ && cpu_has_avx2() && channels == 3 && xs->ksize > kGatherMaxTaps) {
@@ -368,64 +358,57 @@ __attribute__((target("avx2"))) void vpass_avx2(const uint8_t* tmp, size_t row_l
 // Single-plane horizontal pass: taps are contiguous bytes, so 8 of them are one 8-byte load widened to
 // int16 and multiplied by the split coefficients (k = kh * 2^11 + kl, as in hpass_avx2_madd) with two
 // madds; exact like the scalar pass. (No gathers: they are slow on CPUs with the GDS mitigation.)
-// Filters of <= 8 taps: 8 outputs per step, two per 256-bit register, reduced together with three
-// hadds; longer filters: one output at a time over groups of 8 taps. Reads up to 7 bytes past a
-// pixel's last tap: rows are kRowPad-padded.
+// Two outputs share a 256-bit register (A's 8 taps | B's 8 taps); 8 outputs are reduced together with
+// three hadds. Table: per pair of outputs and group of 8 taps, 32 int16 [khA khB klA klB]. Reads up
+// to 7 bytes past a pixel's last tap: rows are kRowPad-padded.
 __attribute__((target("avx2"))) inline __m256i hpass1_pair(const uint8_t* row, int src_x0, const AxisCoeffs& xs,
-                                                           const int16_t* k, int xx) {
-  const __m128i a = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + (xs.bounds[2 * xx] - src_x0)));
-  const __m128i ab = _mm_castpd_si128(_mm_loadh_pd(_mm_castsi128_pd(a),
-                                                   reinterpret_cast<const double*>(row + (xs.bounds[2 * xx + 2] - src_x0))));
-  const __m256i px = _mm256_cvtepu8_epi16(ab);  // [A taps 0..7 | B taps 0..7]
-  const __m256i kh = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(k + 16 * xx));
-  const __m256i kl = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(k + 16 * xx + 16));
-  return _mm256_add_epi32(_mm256_slli_epi32(_mm256_madd_epi16(px, kh), 11), _mm256_madd_epi16(px, kl));
+                                                           const int16_t* k, int groups, int xx) {
+  const uint8_t* pa = row + (xs.bounds[2 * xx] - src_x0);
+  const uint8_t* pb = row + (xs.bounds[2 * xx + 2] - src_x0);
+  const int16_t* kp = k + static_cast<size_t>(xx / 2) * groups * 32;
+  __m256i acc = _mm256_setzero_si256();
+  for (int g = 0; g < groups; ++g) {
+    const __m128i a = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(pa + 8 * g));
+    const __m128i ab = _mm_castpd_si128(_mm_loadh_pd(_mm_castsi128_pd(a), reinterpret_cast<const double*>(pb + 8 * g)));
+    const __m256i px = _mm256_cvtepu8_epi16(ab);  // [A taps 8g..8g+7 | B taps 8g..8g+7]
+    const __m256i kh = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(kp + 32 * g));
+    const __m256i kl = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(kp + 32 * g + 16));
+    acc = _mm256_add_epi32(acc, _mm256_add_epi32(_mm256_slli_epi32(_mm256_madd_epi16(px, kh), 11),
+                                                 _mm256_madd_epi16(px, kl)));
+  }
+  return acc;
 }
 
 __attribute__((target("avx2"))) void hpass1_madd(const uint8_t* row, int src_x0, const AxisCoeffs& xs,
                                                  const std::vector<int16_t>& khl, int groups, uint8_t* out) {
+  const int16_t* k = khl.data();
+  const __m256i half = _mm256_set1_epi32(1 << (kPrecisionBits - 1));
+  const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
   int xx = 0;
-  if (groups == 1) {
-    // table layout for pairs: output 2m and 2m+1 share 32 int16: [khA | khB] then [klA | klB]
-    const int16_t* k = khl.data();
-    const __m256i half = _mm256_set1_epi32(1 << (kPrecisionBits - 1));
-    const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
-    for (; xx + 8 <= xs.count; xx += 8) {
-      const __m256i v0 = hpass1_pair(row, src_x0, xs, k, xx);
-      const __m256i v1 = hpass1_pair(row, src_x0, xs, k, xx + 2);
-      const __m256i v2 = hpass1_pair(row, src_x0, xs, k, xx + 4);
-      const __m256i v3 = hpass1_pair(row, src_x0, xs, k, xx + 6);
-      // [A C E G | B D F H] -> [A B C D E F G H]
-      __m256i sum = _mm256_hadd_epi32(_mm256_hadd_epi32(v0, v1), _mm256_hadd_epi32(v2, v3));
-      sum = _mm256_permutevar8x32_epi32(sum, order);
-      sum = _mm256_srai_epi32(_mm256_add_epi32(sum, half), kPrecisionBits);
-      const __m256i w = _mm256_permute4x64_epi64(_mm256_packs_epi32(sum, sum), 0xD8);
-      const __m128i b8 = _mm_packus_epi16(_mm256_castsi256_si128(w), _mm256_castsi256_si128(w));
-      _mm_storel_epi64(reinterpret_cast<__m128i*>(out + xx), b8);
-    }
+  for (; xx + 8 <= xs.count; xx += 8) {
+    const __m256i v0 = hpass1_pair(row, src_x0, xs, k, groups, xx);
+    const __m256i v1 = hpass1_pair(row, src_x0, xs, k, groups, xx + 2);
+    const __m256i v2 = hpass1_pair(row, src_x0, xs, k, groups, xx + 4);
+    const __m256i v3 = hpass1_pair(row, src_x0, xs, k, groups, xx + 6);
+    // [A C E G | B D F H] -> [A B C D E F G H]
+    __m256i sum = _mm256_hadd_epi32(_mm256_hadd_epi32(v0, v1), _mm256_hadd_epi32(v2, v3));
+    sum = _mm256_permutevar8x32_epi32(sum, order);
+    sum = _mm256_srai_epi32(_mm256_add_epi32(sum, half), kPrecisionBits);
+    const __m256i w = _mm256_permute4x64_epi64(_mm256_packs_epi32(sum, sum), 0xD8);
+    const __m128i b8 = _mm_packus_epi16(_mm256_castsi256_si128(w), _mm256_castsi256_si128(w));
+    _mm_storel_epi64(reinterpret_cast<__m128i*>(out + xx), b8);
   }
-  // the rest (and every output of longer filters): one output at a time; table row = groups * 16 int16
-  // (for groups == 1 the pair layout above puts output xx's kh at 16 xx + 8 (xx odd) ... see the constructor)
-  for (; xx < xs.count; ++xx) {
+  for (; xx < xs.count; ++xx) {  // the last < 8 outputs: one at a time (its pair's half of the table)
     const int n = xs.bounds[2 * xx + 1];
     const uint8_t* p = row + (xs.bounds[2 * xx] - src_x0);
-    __m128i acc_h = _mm_setzero_si128(), acc_l = _mm_setzero_si128();
+    const int16_t* kp = k + static_cast<size_t>(xx / 2) * groups * 32 + 8 * (xx % 2);
+    __m128i acc = _mm_setzero_si128();
     for (int g = 0; g < (n + 7) / 8; ++g) {
-      const int16_t* kh;
-      const int16_t* kl;
-      if (groups == 1) {
-        const int16_t* base = khl.data() + 32 * (xx / 2) + 8 * (xx % 2);
-        kh = base;
-        kl = base + 16;
-      } else {
-        kh = khl.data() + (static_cast<size_t>(xx) * groups + g) * 16;
-        kl = kh + 8;
-      }
       const __m128i px = _mm_cvtepu8_epi16(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + 8 * g)));
-      acc_h = _mm_add_epi32(acc_h, _mm_madd_epi16(px, _mm_loadu_si128(reinterpret_cast<const __m128i*>(kh))));
-      acc_l = _mm_add_epi32(acc_l, _mm_madd_epi16(px, _mm_loadu_si128(reinterpret_cast<const __m128i*>(kl))));
+      const __m128i kh = _mm_loadu_si128(reinterpret_cast<const __m128i*>(kp + 32 * g));
+      const __m128i kl = _mm_loadu_si128(reinterpret_cast<const __m128i*>(kp + 32 * g + 16));
+      acc = _mm_add_epi32(acc, _mm_add_epi32(_mm_slli_epi32(_mm_madd_epi16(px, kh), 11), _mm_madd_epi16(px, kl)));
     }
-    __m128i acc = _mm_add_epi32(_mm_slli_epi32(acc_h, 11), acc_l);
     acc = _mm_add_epi32(acc, _mm_shuffle_epi32(acc, 0x4E));
     acc = _mm_add_epi32(acc, _mm_shuffle_epi32(acc, 0xB1));
     out[xx] = clip8(_mm_cvtsi128_si32(acc) + (1 << (kPrecisionBits - 1)));

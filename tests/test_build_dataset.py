@@ -772,6 +772,7 @@ _TRANSCODE_CASES = [
     ((2100, 1301), "RGB", {"quality": 90, "subsampling": 0}),  # DCT 1/4, 4:4:4
     ((4200, 803), "L", {"quality": 90}),  # DCT 1/8, greyscale
     ((37, 1201), "RGB", {"quality": 90}),  # narrower than one MCU after the resize
+    ((999, 1013), "RGB", {"quality": 90, "subsampling": 0}),  # odd output widths, 16-tap chroma filters
 ]
 
 
