@@ -27,6 +27,7 @@ __all__ = [
     "HAS_TRITON",
     "DOT_HAS_INPUT_PRECISION",
     "interpret_env",
+    "interpreter_problem",
     "is_interpreted",
     "require_triton",
     "triton_available_for",
@@ -64,6 +65,48 @@ def _dot_has_input_precision() -> bool:
 DOT_HAS_INPUT_PRECISION: bool = _dot_has_input_precision()
 
 
+if HAS_TRITON:
+
+    @triton.jit
+    def _interpreter_probe_kernel(out_ptr, n):
+        # A loop bound that is a runtime scalar argument: every kernel here has one (range(0, N, BN)).
+        acc = tl.zeros((1,), dtype=tl.int32)
+        for _i in range(0, n):
+            acc += 1
+        tl.store(out_ptr + tl.arange(0, 1), acc)
+
+
+_INTERPRETER_PROBLEM: list[str | None] = []  # computed once per process
+
+
+def interpreter_problem() -> str | None:
+    """Why Triton's CPU interpreter cannot run our kernels here, or None if it can (checked once, on CPU).
+
+    Triton 3.6's interpreter turns a scalar kernel argument used as a loop bound into a 1-element array and
+    calls int() on it, which NumPy >= 2.4 refuses (Triton 3.8 squeezes it first); such a launch would fail deep
+    inside the interpreter. A tiny probe kernel finds out (feature detection, not a version table).
+    """
+    if not _INTERPRETER_PROBLEM:
+        problem = None
+        if not HAS_TRITON:
+            problem = f"Triton is not importable ({TRITON_IMPORT_ERROR})"
+        elif is_interpreted(_interpreter_probe_kernel):
+            out = torch.zeros(1, dtype=torch.int32)
+            try:
+                _interpreter_probe_kernel[(1,)](out, 3)
+                if int(out[0]) != 3:
+                    problem = f"a probe loop of 3 iterations counted {int(out[0])}"
+            except Exception as exc:  # InterpreterError wrapping numpy's TypeError, or anything else
+                problem = f"{type(exc).__name__}: {exc}"
+            if problem is not None:
+                import numpy
+
+                problem = (f"Triton {triton.__version__}'s CPU interpreter cannot run with NumPy {numpy.__version__} "
+                           f"({problem}); use NumPy < 2.4 with this Triton, or a newer Triton (3.8 works)")
+        _INTERPRETER_PROBLEM.append(problem)
+    return _INTERPRETER_PROBLEM[0]
+
+
 def triton_available_for(kernel, *tensors: torch.Tensor) -> tuple[bool, str]:
     """Whether ``kernel`` can run on ``tensors`` here; returns (ok, reason-if-not)."""
     if not HAS_TRITON:
@@ -78,6 +121,9 @@ def triton_available_for(kernel, *tensors: torch.Tensor) -> tuple[bool, str]:
                 "Triton kernels were compiled in interpreter mode (TRITON_INTERPRET=1 at import); "
                 f"the interpreter runs on CPU tensors, got tensors on {device}"
             )
+        problem = interpreter_problem()
+        if problem is not None:
+            return False, problem
         return True, ""
     if device.type != "cuda":
         return False, (

@@ -515,7 +515,9 @@ def _triton_unavailable_reason(q: torch.Tensor) -> str | None:
     if q.device.type == "cpu" and _interpreting():
         if q.dtype == torch.bfloat16:
             return "bfloat16 tl.dot is not reliable under the Triton CPU interpreter (use fp16/fp32, or a GPU)"
-        return None
+        from ._triton_utils import interpreter_problem  # e.g. Triton 3.6's interpreter with NumPy >= 2.4
+
+        return interpreter_problem()
     return f"tensors are on {q.device} and TRITON_INTERPRET=1 is not set (Triton needs CUDA or its interpreter)"
 
 
