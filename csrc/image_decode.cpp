@@ -577,7 +577,8 @@ std::string transcode_run(const uint8_t* data, size_t size, int tw, int th, int 
     dst[i].trim(kKeepBytes);
   }
   std::vector<JSAMPROW> ptrs[3];
-  bool have_d = false, have_c = false;
+  // volatile: written after setjmp and read after a longjmp back to it
+  volatile bool have_d = false, have_c = false;
   memset(&cinfo, 0, sizeof(cinfo));
   memset(&cc, 0, sizeof(cc));
   err.msg[0] = 0;

@@ -51,6 +51,14 @@ def fuzz_decode(data: bytes) -> None:
         assert w > 0 and h > 0 and fmt in ("jpeg", "png")
     except DataError:
         pass
+    tw, th = 1 + b % 64, 1 + (a >> 2) % 64
+    try:
+        t = _DEC.transcode_jpeg(img, tw, th, quality=1 + a % 100)
+        if t is not None:
+            jpeg, luma = t
+            assert luma.shape == (th, tw) and jpeg[:2] == b"\xff\xd8"
+    except DataError:
+        pass
 
 
 def fuzz_tar(data: bytes) -> None:

@@ -1,5 +1,5 @@
-// libFuzzer target for the JPEG/PNG decoders and the fused crop+resize. The first two bytes pick
-// the parameters (augment, filter, DCT scaling, output size); the rest is the image.
+// libFuzzer target for the JPEG/PNG decoders, the fused crop+resize and the planar JPEG transcode. The
+// first two bytes pick the parameters (augment, filter, DCT scaling, output size); the rest is the image.
 #include <cstdint>
 #include <cstdlib>
 #include <vector>
@@ -40,5 +40,10 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   int fw = 0, fh = 0;
   std::string rf = bmclip::decode_full(data, size, 1 << 22, &full, &fw, &fh);
   if (rf.empty() && full.size() != static_cast<size_t>(fw) * fh * 3) abort();
+  // the dataset builder's planar transcode (any target size, 1..64 x 1..64)
+  bmclip::Transcoded t;
+  const int tw = 1 + (b & 63), th = 1 + ((a >> 2) & 63);
+  std::string rt = bmclip::transcode_jpeg(data, size, tw, th, 1 + (a % 100), 1 << 22, &t);
+  if (rt.empty() && (t.luma.size() != static_cast<size_t>(tw) * th || t.jpeg.size() < 4)) abort();
   return 0;
 }
