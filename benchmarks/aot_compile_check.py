@@ -14,7 +14,7 @@ Prints a table kernel x case x config -> ok / ERROR (with the shared memory each
 than the card's per-block maximum is an error, as the launch would fail) and exits 1 on any error, 0 if all
 compiled, 77 if this Triton cannot compile for the target here (reason printed). Works with Triton 3.6 and 3.8.
 
-    python benchmarks/aot_compile_check.py                  # default matrix (see --help), every config
+    python benchmarks/aot_compile_check.py                  # default matrix (~500 compiles, see --configs)
     python benchmarks/aot_compile_check.py --quick          # one small case per kernel (the CPU test)
     python benchmarks/aot_compile_check.py --only flash --dtypes bf16 --configs all --jobs 2
 """
@@ -45,6 +45,9 @@ sys.path.insert(0, str(REPO))  # a bare checkout works: bmclip resolves bmclip.k
 EXIT_CANNOT_RUN = 77  # "skip": this Triton/machine cannot AOT-compile for the target (reason printed)
 H100_MAX_SHARED = 232448  # bytes of shared memory one block may use on sm_90 (227 KiB)
 DTYPES = ("bf16", "fp16", "fp32")
+# fp32 attention only when asked for (--dtypes ... fp32): training runs it in bf16 under autocast, and with IEEE
+# fp32 dots at head dim 128 a single config takes minutes to compile (Triton 3.6) and spills ~100 KB/thread.
+FLASH_DEFAULT_DTYPES = ("bf16", "fp16")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -53,8 +56,9 @@ DTYPES = ("bf16", "fp16", "fp32")
 class Launch:
     """One intercepted kernel launch: the JIT function, its arguments and the configs to compile it with."""
 
-    def __init__(self, case, fn, args, kwargs, configs):
+    def __init__(self, case, fn, args, kwargs, configs, primary=True):
         self.case = case
+        self.primary = primary  # a case of the training setup: every autotune config by default
         self.fn = fn
         self.args = args
         self.kwargs = kwargs  # launch kwargs (constexprs, num_warps, ...) without grid/warmup
@@ -62,13 +66,13 @@ class Launch:
 
 
 @contextlib.contextmanager
-def capture_launches(case: str, out: list):
+def capture_launches(case: str, out: list, primary: bool = True):
     """Within the block, ``kernel[grid](...)`` records a Launch instead of compiling and running."""
     from triton.runtime.autotuner import Autotuner
     from triton.runtime.jit import JITFunction
 
     def jit_run(self, *args, grid, warmup, **kwargs):
-        out.append(Launch(case, self, args, dict(kwargs), [("-", {})]))
+        out.append(Launch(case, self, args, dict(kwargs), [("-", {})], primary))
         return None
 
     def tuned_run(self, *args, **kwargs):
@@ -82,7 +86,7 @@ def capture_launches(case: str, out: list):
         while not isinstance(fn, JITFunction):  # nested wrappers (heuristics) end in the JIT function
             fn = fn.fn
         labelled = [(_config_label(c), c.all_kwargs()) for c in configs]
-        out.append(Launch(case, fn, args, launch_kwargs, labelled))
+        out.append(Launch(case, fn, args, launch_kwargs, labelled, primary))
         return None
 
     saved = (JITFunction.run, Autotuner.run)
@@ -132,9 +136,10 @@ def _grad_of(t):
 
 
 def contrastive_cases(quick: bool, dtypes):
-    """(name, callable) pairs: CLIP and SigLIP forward+backward through the public functions."""
+    """(name, callable, primary) triples: CLIP and SigLIP forward+backward through the public functions."""
     import torch
 
+    dtypes = dtypes or DTYPES
     C = _kmod("contrastive")
     _kmod("losses")  # imported so that a broken losses module shows up here
 
@@ -153,7 +158,7 @@ def contrastive_cases(quick: bool, dtypes):
                     else:
                         out = C.siglip_loss(I, T, s, b, backend="triton")
                     out.backward()
-                cases.append((f"{loss} {dt} B{B} D{D}", run))
+                cases.append((f"{loss} {dt} B{B} D{D}", run, dt == "bf16" and D == 512))
         if not quick:
             # Above _COLPART_MAX_BYTES (B > ~65k) the column LSEs come from a second, transposed launch.
             def run_two_pass(dt=dt):
@@ -161,7 +166,7 @@ def contrastive_cases(quick: bool, dtypes):
                 T = torch.empty(4096, 512, dtype=_torch_dtype(dt)).normal_().requires_grad_()
                 with _patched(C, "_COLPART_MAX_BYTES", 0):
                     C.clip_loss(I, T, torch.tensor(14.3), backend="triton").backward()
-            cases.append((f"clip {dt} two-pass columns", run_two_pass))
+            cases.append((f"clip {dt} two-pass columns", run_two_pass, False))
             # A rank's block under torch.distributed: local rows against the gathered batch, offset positives.
             def run_block(dt=dt):
                 A = torch.empty(1024, 512, dtype=_torch_dtype(dt)).normal_()
@@ -171,13 +176,15 @@ def contrastive_cases(quick: bool, dtypes):
                 coef = torch.full((1024,), 1e-4)
                 C.block_backward(A, Cm, s, None, 1024, 0, row, col, coef, torch.full((4096,), 1e-4), None,
                                  A.dtype, "triton")
-            cases.append((f"clip {dt} rank block 1024x4096", run_block))
+            cases.append((f"clip {dt} rank block 1024x4096", run_block, False))
     return cases
 
 
 def flash_cases(quick: bool, dtypes):
     import torch
 
+    if dtypes is None:
+        dtypes = FLASH_DEFAULT_DTYPES
     FA = _kmod("flash_attention")
     if quick:
         combos = [(64, False, "padded"), (64, False, "varlen")]
@@ -204,16 +211,19 @@ def flash_cases(quick: bool, dtypes):
                     o = FA.flash_attention(q, k, v, causal=causal, backend="triton", **extra)
                     o.backward(_grad_of(o))
             tag = "causal" if causal else "full"
-            cases.append((f"attn {dt} hd{hd} {layout} {tag}", run))
+            # ViT-B/16 and PubMedBERT: head dim 64, bidirectional, bf16 autocast
+            primary = dt == "bf16" and hd == 64 and not causal
+            cases.append((f"attn {dt} hd{hd} {layout} {tag}", run, primary))
             if not quick and hd == 64 and not causal:
                 cases.append((f"attn {dt} hd{hd} {layout} {tag} atomic-dQ",
-                              lambda hd=hd, layout=layout, dt=dt: run(hd, False, layout, dt, True)))
+                              lambda hd=hd, layout=layout, dt=dt: run(hd, False, layout, dt, True), primary))
     return cases
 
 
 def fused_cases(quick: bool, dtypes):
     import torch
 
+    dtypes = dtypes or DTYPES
     F = _kmod("fused_ops")
     widths = [768] if quick else [768, 512, 1024]
     cases = []
@@ -232,7 +242,7 @@ def fused_cases(quick: bool, dtypes):
                         (out[0].float().sum() + out[1].float().sum()).backward()
                     else:
                         out.backward(_grad_of(out))
-                cases.append((f"layernorm {dt} N{N}{' +residual' if residual else ''}", run_ln))
+                cases.append((f"layernorm {dt} N{N}{' +residual' if residual else ''}", run_ln, True))
         hidden = [3072] if quick else [3072, 2048]
         for N in hidden:
             for approx in (("none",) if quick else ("none", "tanh")):
@@ -241,7 +251,7 @@ def fused_cases(quick: bool, dtypes):
                     b = torch.zeros(N, dtype=tdt, requires_grad=True)
                     y = F.bias_gelu(x, b, approximate=approx, backend="triton")
                     y.backward(_grad_of(y))
-                cases.append((f"bias_gelu {dt} N{N} {approx}", run_gelu))
+                cases.append((f"bias_gelu {dt} N{N} {approx}", run_gelu, True))
     return cases
 
 
@@ -267,11 +277,11 @@ def collect(groups, quick: bool, dtypes, sm_count: int, case_filter: str | None)
     launches, errors = [], []
     with _gpu_launch_paths(sm_count):
         for g in groups:
-            for name, run in GROUPS[g](quick, dtypes):
+            for name, run, primary in GROUPS[g](quick, dtypes):
                 if case_filter and not re.search(case_filter, name):
                     continue
                 try:
-                    with capture_launches(name, launches):
+                    with capture_launches(name, launches, primary):
                         run()
                 except Exception as exc:  # a launcher that cannot even be called is a finding too
                     errors.append((name, f"{type(exc).__name__}: {exc}"))
@@ -324,6 +334,7 @@ def _ptxas_stats(ptx: str, arch: str) -> str:
         res = subprocess.run([ptxas, "-v", f"--gpu-name={arch}", str(p), "-o", str(Path(d, "k.cubin"))],
                              capture_output=True, text=True, timeout=600)
     log = res.stderr + res.stdout
+    log = log[log.find("Compiling entry function"):]  # the kernel's own figures, not a callee's
     regs = re.search(r"Used (\d+) registers", log)
     spill = re.search(r"(\d+) bytes spill stores", log)
     return f"{regs.group(1) if regs else '?'} regs, {spill.group(1) if spill else '?'} B spill"
@@ -439,10 +450,11 @@ def main(argv=None) -> int:
     ap.add_argument("--only", nargs="+", choices=sorted(GROUPS), default=sorted(GROUPS),
                     help="kernel groups (default: all)")
     ap.add_argument("--dtypes", nargs="+", choices=DTYPES, default=None,
-                    help="input dtypes (default: bf16 fp16 fp32; --quick: bf16)")
-    ap.add_argument("--configs", choices=("all", "first"), default=None,
-                    help="autotuned launches: every (pruned) config the autotuner would time (default), or only "
-                         "its first one (default with --quick)")
+                    help="input dtypes (default: bf16 fp16 fp32, attention bf16 fp16; --quick: bf16)")
+    ap.add_argument("--configs", choices=("auto", "all", "first"), default=None,
+                    help="autotuned launches: every (pruned) config the autotuner would time ('all'), only its "
+                         "first one ('first', default with --quick), or 'auto' (default): every config for the "
+                         "training setup (bf16, head dim 64 bidirectional, D=512 loss), the first one elsewhere")
     ap.add_argument("--quick", action="store_true", help="one small case per kernel, bf16, first config")
     ap.add_argument("--cases", default=None, help="regex on case names (e.g. 'hd64 varlen')")
     ap.add_argument("--arch", type=int, default=90, help="CUDA compute capability x10 (default 90: H100/H200)")
@@ -454,8 +466,8 @@ def main(argv=None) -> int:
                     help="use Triton's normal cache (default: a fresh one, so that everything really compiles)")
     ap.add_argument("--json", default=None, help="also write the results as JSON here")
     args = ap.parse_args(argv)
-    dtypes = args.dtypes or (["bf16"] if args.quick else list(DTYPES))
-    configs_mode = args.configs or ("first" if args.quick else "all")
+    dtypes = args.dtypes or (["bf16"] if args.quick else None)  # None: each group's defaults
+    configs_mode = args.configs or ("first" if args.quick else "auto")
     target = ("cuda", args.arch, 32)
 
     reason = _can_compile_here(target)
@@ -478,7 +490,8 @@ def main(argv=None) -> int:
         launches, case_errors = collect(args.only, args.quick, dtypes, args.sm_count, args.cases)
         jobs = []
         for la in launches:
-            cfgs = la.configs[:1] if configs_mode == "first" else la.configs
+            every = configs_mode == "all" or (configs_mode == "auto" and la.primary)
+            cfgs = la.configs if every else la.configs[:1]
             for label, extra in cfgs:
                 jobs.append((la, label, extra, target, ptx_only, args.ptxas_stats, H100_MAX_SHARED))
         jobs = _dedupe(jobs, target)
