@@ -14,7 +14,8 @@ JPEG encode -> write samples into tar shards.
   with PIL, ``convert('RGB')``, ``thumbnail((512, 512))``, JPEG q90, written to a tar shard with the
   caption; temp dir removed.
 - **bmclip**: ``build_dataset`` (stage + merge, dedup off so both write the same pairs), one worker;
-  JPEGs are decoded + resized by ``bmclip._C.Decoder.decode_fit`` when the extension has it.
+  YCbCr/greyscale JPEGs are transcoded as planes by ``bmclip._C.Decoder.transcode_jpeg`` (other JPEGs:
+  ``Decoder.decode_fit`` + Pillow encode) when the extension has them.
 - **bmclip-pil**: the same with the extension's fast path switched off (Pillow decode + resize; the
   stored pixels are bit-identical), to show what the native path contributes.
 
@@ -218,7 +219,13 @@ def _scenario(work: Path, args, hires: bool) -> None:
     from bmclip.data.pmc import media
 
     media._NATIVE = None
-    path = "bmclip._C.Decoder.decode_fit" if media._native_decoder() is not None else "Pillow (no native decode_fit)"
+    nat = media._native_decoder()
+    if nat is None:
+        path = "Pillow (no native extension)"
+    elif hasattr(nat, "transcode_jpeg"):
+        path = "bmclip._C.Decoder.transcode_jpeg (planar)"
+    else:
+        path = "bmclip._C.Decoder.decode_fit"
     print(f"bmclip / baseline marginal throughput per core: {rates['bmclip'] / rates['baseline']:.2f}x ({path})")
     print(f"bmclip-pil / baseline: {rates['bmclip-pil'] / rates['baseline']:.2f}x")
     if args.workers > 1:
