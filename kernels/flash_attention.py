@@ -339,6 +339,15 @@ if _HAS_TRITON:
         tl.store(DQ + rows[:, None] * stride_dqt + h * stride_dqh + offs_d[None, :], dq.to(DQ.dtype.element_ty),
                  mask=q_mask)
 
+    def _prune_fp32_configs(configs, named_args, **kwargs):
+        """fp32 inputs: only tiles of <= 64 x 32 and 2 stages (fp32 tiles are twice the registers and shared
+        memory; at head dim 128 a 128 x 64 tile spilled ~100 KB per thread and took minutes to compile)."""
+        q = named_args.get("Q")
+        if q is None or getattr(q, "element_size", lambda: 2)() < 4:
+            return configs
+        small = [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 32 and c.num_stages <= 2]
+        return small or configs[-1:]
+
     def _configs(block_pairs, warps, stages):
         return [
             triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
@@ -346,23 +355,25 @@ if _HAS_TRITON:
         ]
 
     # GPU only (autotune cannot run under the interpreter). Keyed on the head dim, causality and the
-    # max sequence length rounded up to a power of two, so varlen batches re-tune only per length bucket.
+    # max sequence length rounded up to a power of two, so varlen batches re-tune only per length bucket
+    # (the autotuner adds the tensors' dtypes to the key itself).
+    _prune = {"early_config_prune": _prune_fp32_configs}
     _FWD_TUNED = triton.autotune(
         configs=_configs([(128, 64), (128, 32), (64, 64), (64, 32)], [4, 8], [2, 3]),
-        key=["HEAD_DIM", "CAUSAL", "max_seqlen_key"],
+        key=["HEAD_DIM", "CAUSAL", "max_seqlen_key"], prune_configs_by=_prune,
     )(_attn_fwd_kernel)
     _DKDV_TUNED = triton.autotune(
         configs=_configs([(32, 128), (64, 64), (32, 64), (64, 128)], [4, 8], [2, 3]),
-        key=["HEAD_DIM", "CAUSAL", "max_seqlen_key"],
+        key=["HEAD_DIM", "CAUSAL", "max_seqlen_key"], prune_configs_by=_prune,
     )(_attn_bwd_dkdv_kernel)
     # The autotuner re-runs a kernel while timing it: the atomic-dQ variant must start each run from zero.
     _DKDV_ATOMIC_TUNED = triton.autotune(
         configs=_configs([(32, 128), (64, 64), (32, 64), (64, 128)], [4, 8], [2, 3]),
-        key=["HEAD_DIM", "CAUSAL", "max_seqlen_key"], reset_to_zero=["DQ_ACC"],
+        key=["HEAD_DIM", "CAUSAL", "max_seqlen_key"], reset_to_zero=["DQ_ACC"], prune_configs_by=_prune,
     )(_attn_bwd_dkdv_kernel)
     _DQ_TUNED = triton.autotune(
         configs=_configs([(128, 32), (64, 64), (64, 32), (128, 64)], [4, 8], [2, 3]),
-        key=["HEAD_DIM", "CAUSAL", "max_seqlen_key"],
+        key=["HEAD_DIM", "CAUSAL", "max_seqlen_key"], prune_configs_by=_prune,
     )(_attn_bwd_dq_kernel)
 
 

@@ -313,3 +313,16 @@ def test_bench_attention_quick_smoke(tmp_path):
     methods = {(r["section"], r["method"]) for r in result["rows"] if "skipped" not in r}
     assert {("vit", "triton"), ("text_tower", "triton_unpadded"), ("text_tower", "sdpa_padded_to_context")} <= methods
     assert bench.attn_flops([3, 5], heads=2, head_dim=8) == 4 * 2 * 8 * (9 + 25)
+
+
+def test_fp32_autotune_keeps_small_tiles_only():
+    """fp32 launches on a GPU tune over <= 64x32 tiles, 2 stages; half precision keeps every config."""
+    fa = pytest.importorskip("bmclip.kernels.flash_attention")
+    if not hasattr(fa, "_prune_fp32_configs"):
+        pytest.skip("Triton is not importable here")
+    for tuned in (fa._FWD_TUNED, fa._DKDV_TUNED, fa._DKDV_ATOMIC_TUNED, fa._DQ_TUNED):
+        cfgs = tuned.configs
+        assert fa._prune_fp32_configs(cfgs, {"Q": torch.empty(1, dtype=torch.bfloat16)}) == cfgs
+        assert fa._prune_fp32_configs(cfgs, {"Q": torch.empty(1, dtype=torch.float16)}) == cfgs
+        small = fa._prune_fp32_configs(cfgs, {"Q": torch.empty(1, dtype=torch.float32)})
+        assert small and all(c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 2048 and c.num_stages <= 2 for c in small)
