@@ -35,11 +35,12 @@ import random
 import re
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch
+from bench_common import write_json_atomic  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 LENGTHS_JSON = REPO / "benchmarks" / "data" / "caption_lengths.json"
@@ -101,19 +102,8 @@ def make_lengths(samples: Path, out: Path, vocab: Path | None) -> dict:
         "lengths": lengths,
     }
     out.parent.mkdir(parents=True, exist_ok=True)
-    _write_json_atomic(out, data)
+    write_json_atomic(out, data)
     return data
-
-
-def _write_json_atomic(path: Path, data) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=1)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def draw_lengths(n: int, seed: int, context: int) -> list[int]:
@@ -467,7 +457,7 @@ def main(argv=None) -> int:
         print(f"{k}: {v}")
     result = {"env": env, "rows": rows, "summary": summary}
     if args.out:
-        _write_json_atomic(args.out, result)
+        write_json_atomic(args.out, result)
     else:
         print(json.dumps(result, indent=1))
     return 0

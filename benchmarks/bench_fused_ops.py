@@ -33,16 +33,16 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import json
-import os
 import random
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch
 import torch.nn.functional as F
+from bench_common import write_json_atomic  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 LENGTHS_JSON = REPO / "benchmarks" / "data" / "caption_lengths.json"
@@ -51,17 +51,6 @@ WIDTH, HIDDEN = 768, 3072
 
 class _OutOfTime(Exception):
     pass
-
-
-def _write_json_atomic(path: Path, data) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=1)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def shape_tokens(name: str, captions: int = 256, seed: int = 0) -> int:
@@ -298,7 +287,7 @@ def main(argv=None) -> int:
     for k, v in result["summary"].items():
         print(f"{k}: {v}")
     if args.out:
-        _write_json_atomic(args.out, result)
+        write_json_atomic(args.out, result)
     return 130 if interrupted else 0
 
 

@@ -17,10 +17,8 @@ import argparse
 import csv
 import json
 import math
-import os
 import platform
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -29,6 +27,8 @@ import torch.nn.functional as F
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # run from a checkout without installing: kernels/ imports standalone
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_common import atomic_write_text  # noqa: E402
 
 try:
     from bmclip.kernels import clip_loss
@@ -117,16 +117,6 @@ def time_one(fn, B, D, dtype, device, warmup, iters, time_budget_s):
     times.sort()
     value = float(loss.detach())
     return times[len(times) // 2], peak, value
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def main(argv=None) -> int:
@@ -218,7 +208,7 @@ def main(argv=None) -> int:
         "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     out = Path(args.out)
-    _atomic_write(out.with_suffix(".json"), json.dumps({"meta": meta, "rows": rows}, indent=1))
+    atomic_write_text(out.with_suffix(".json"), json.dumps({"meta": meta, "rows": rows}, indent=1))
     cols = ["impl", "B", "D", "dtype", "status", "time_ms", "peak_mem_mb", "loss", "tflops", "pct_of_peak",
             "time_vs_open_clip", "mem_vs_open_clip"]
     import io
@@ -227,7 +217,7 @@ def main(argv=None) -> int:
     w = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore")
     w.writeheader()
     w.writerows(rows)
-    _atomic_write(out.with_suffix(".csv"), buf.getvalue())
+    atomic_write_text(out.with_suffix(".csv"), buf.getvalue())
 
     def fmt(v, f):
         return "-" if v is None else format(v, f)
