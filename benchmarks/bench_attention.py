@@ -35,12 +35,11 @@ import random
 import re
 import statistics
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch
-from bench_common import write_json_atomic  # noqa: E402
+from bench_common import median_ms, write_json_atomic  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 LENGTHS_JSON = REPO / "benchmarks" / "data" / "caption_lengths.json"
@@ -118,22 +117,7 @@ def draw_lengths(n: int, seed: int, context: int) -> list[int]:
 def _timer(device: torch.device, warmup: int, reps: int):
     def run(fn) -> float:
         """Median milliseconds of fn() over reps (after warmup), synchronised per call."""
-        for _ in range(warmup):
-            fn()
-        times = []
-        for _ in range(reps):
-            if device.type == "cuda":
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                fn()
-                end.record()
-                torch.cuda.synchronize()
-                times.append(start.elapsed_time(end))
-            else:
-                t0 = time.perf_counter()
-                fn()
-                times.append((time.perf_counter() - t0) * 1e3)
-        return statistics.median(times)
+        return median_ms(fn, warmup, reps, cuda=device.type == "cuda")
 
     return run
 

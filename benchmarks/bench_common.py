@@ -21,3 +21,29 @@ def atomic_write_text(path: Path, text: str) -> None:
 def write_json_atomic(path: Path, data) -> None:
     """``data`` as indented JSON (one trailing newline), written atomically."""
     atomic_write_text(path, json.dumps(data, indent=1) + "\n")
+
+
+def median_ms(fn, warmup: int, reps: int, cuda: bool) -> float:
+    """Median milliseconds of ``fn()`` over ``reps`` calls after ``warmup``: CUDA events (synchronised per
+    call) when ``cuda``, else wall time."""
+    import statistics
+    import time
+
+    import torch
+
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        if cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)

@@ -34,7 +34,6 @@ import argparse
 import datetime as _dt
 import json
 import random
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -42,7 +41,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch
 import torch.nn.functional as F
-from bench_common import write_json_atomic  # noqa: E402
+from bench_common import median_ms, write_json_atomic  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 LENGTHS_JSON = REPO / "benchmarks" / "data" / "caption_lengths.json"
@@ -67,17 +66,7 @@ def _timer(warmup: int, reps: int, deadline: float):
         """Median ms of fn() over reps after warmup (CUDA events); _OutOfTime past the deadline."""
         if time.monotonic() > deadline:
             raise _OutOfTime("time budget used up")
-        for _ in range(warmup):
-            fn()
-        times = []
-        for _ in range(reps):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
-        return statistics.median(times)
+        return median_ms(fn, warmup, reps, cuda=True)
 
     return run
 
