@@ -68,12 +68,9 @@ def _ln_fn(backend, eps=1e-5):
     return fn
 
 
-@pytest.mark.parametrize("residual", [False, True])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("rows", ROWS)
-@pytest.mark.parametrize("width", WIDTHS)
-def test_layer_norm_matches_float64(width, rows, dtype, residual):
-    inputs, douts = _ln_inputs(rows, width, dtype, residual, seed=width * 1000 + rows)
+def _check_layer_norm(inputs, douts, dtype, residual):
+    """Triton layer_norm vs float64 torch (flash-attn's 2x rule against same-precision torch); outputs of
+    the kernel and of same-precision torch."""
     ref_o, ref_g = _run(_ln_fn("torch"), [t.double() if t is not None else None for t in inputs],
                         [d.double() if d is not None else None for d in douts])
     same_o, same_g = _run(_ln_fn("torch"), inputs, douts)
@@ -81,6 +78,16 @@ def test_layer_norm_matches_float64(width, rows, dtype, residual):
     names = ["y"] + (["s"] if residual else []) + ["dx"] + (["dres"] if residual else []) + ["dw", "db"]
     pick = lambda o, g: o + [t for t in g if t is not None]
     _check(names, pick(ref_o, ref_g), pick(same_o, same_g), pick(ker_o, ker_g), [dtype] * len(names))
+    return ker_o, same_o
+
+
+@pytest.mark.parametrize("residual", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("rows", ROWS)
+@pytest.mark.parametrize("width", WIDTHS)
+def test_layer_norm_matches_float64(width, rows, dtype, residual):
+    inputs, douts = _ln_inputs(rows, width, dtype, residual, seed=width * 1000 + rows)
+    ker_o, same_o = _check_layer_norm(inputs, douts, dtype, residual)
     if residual:  # the sum is the rounded x + r, exactly as torch computes it
         assert torch.equal(ker_o[1], same_o[1])
 
@@ -461,13 +468,7 @@ def test_kernels_compile_for_sm90():
 @pytest.mark.parametrize("width", [768, 1000, 8192])
 def test_gpu_bf16_layer_norm(width, residual):
     inputs, douts = _ln_inputs(2048, width, torch.bfloat16, residual, seed=width)
-    ref_o, ref_g = _run(_ln_fn("torch"), [t.double() if t is not None else None for t in inputs],
-                        [d.double() if d is not None else None for d in douts])
-    same_o, same_g = _run(_ln_fn("torch"), inputs, douts)
-    ker_o, ker_g = _run(_ln_fn("triton"), inputs, douts)
-    names = ["y"] + (["s"] if residual else []) + ["dx"] + (["dres"] if residual else []) + ["dw", "db"]
-    pick = lambda o, g: o + [t for t in g if t is not None]
-    _check(names, pick(ref_o, ref_g), pick(same_o, same_g), pick(ker_o, ker_g), [torch.bfloat16] * len(names))
+    _check_layer_norm(inputs, douts, torch.bfloat16, residual)
 
 
 @pytest.mark.gpu
