@@ -585,6 +585,26 @@ def _grad_like(g: torch.Tensor | None, ref: torch.Tensor | None, needed: bool):
     return g.reshape(ref.shape).to(ref.dtype)
 
 
+# The loss autograd functions all take (img, txt, scale, bias, ...) with an optional bias; these keep the
+# save / restore / gradient bookkeeping for that signature in one place.
+def _save_inputs(ctx, img, txt, scale, bias, *extra) -> None:
+    """save_for_backward(img, txt, scale, bias, *extra), a placeholder standing in for an absent bias."""
+    ctx.save_for_backward(img, txt, scale, bias if bias is not None else scale, *extra)
+    ctx.has_bias = bias is not None
+
+
+def _saved_inputs(ctx) -> tuple:
+    """What _save_inputs stored: (img, txt, scale, bias or None, *extra)."""
+    img, txt, scale, bias, *extra = ctx.saved_tensors
+    return (img, txt, scale, bias if ctx.has_bias else None, *extra)
+
+
+def _scale_bias_grads(ctx, ds, db, scale, bias) -> tuple:
+    """Gradients for the scale and bias inputs (positions 2 and 3), None where not needed."""
+    return (_grad_like(ds, scale, ctx.needs_input_grad[2]),
+            _grad_like(db, bias, ctx.has_bias and ctx.needs_input_grad[3]))
+
+
 # ----------------------------------------------------------------------------------------------------
 # Autograd functions (single device)
 # ----------------------------------------------------------------------------------------------------
@@ -595,22 +615,19 @@ class _ClipLossFn(torch.autograd.Function):
         row, col = block_forward(img, txt, scale, bias, 0, 0, True, backend)
         pos = positives(img, txt, scale, bias, 0)
         loss = (row.sum() + col.sum() - 2.0 * pos.sum()) / (2.0 * B)
-        ctx.save_for_backward(img, txt, scale, bias if bias is not None else scale, row, col)
-        ctx.has_bias = bias is not None
+        _save_inputs(ctx, img, txt, scale, bias, row, col)
         ctx.backend = backend
         return loss
 
     @staticmethod
     def backward(ctx, g):
-        img, txt, scale, bias, row, col = ctx.saved_tensors
-        bias = bias if ctx.has_bias else None
+        img, txt, scale, bias, row, col = _saved_inputs(ctx)
         B = img.shape[0]
         coef = (g.detach().float().reshape(1) / (2.0 * B)).expand(B).contiguous()
         dI, dT, ds, db = block_backward(img, txt, scale, bias, 0, 0, row, col, coef, coef, None, img.dtype,
                                         ctx.backend)
         return (dI if ctx.needs_input_grad[0] else None, dT if ctx.needs_input_grad[1] else None,
-                _grad_like(ds, scale, ctx.needs_input_grad[2]),
-                _grad_like(db, bias, ctx.has_bias and ctx.needs_input_grad[3]), None)
+                *_scale_bias_grads(ctx, ds, db, scale, bias), None)
 
 
 class _SigLipLossFn(torch.autograd.Function):
@@ -618,22 +635,19 @@ class _SigLipLossFn(torch.autograd.Function):
     def forward(ctx, img, txt, scale, bias, backend):
         B = img.shape[0]
         row, _ = block_forward(img, txt, scale, bias, 0, 1, False, backend)
-        ctx.save_for_backward(img, txt, scale, bias if bias is not None else scale)
-        ctx.has_bias = bias is not None
+        _save_inputs(ctx, img, txt, scale, bias)
         ctx.backend = backend
         return row.sum() / B
 
     @staticmethod
     def backward(ctx, g):
-        img, txt, scale, bias = ctx.saved_tensors
-        bias = bias if ctx.has_bias else None
+        img, txt, scale, bias = _saved_inputs(ctx)
         B = img.shape[0]
         coef = g.detach().float().reshape(()) / B
         dI, dT, ds, db = block_backward(img, txt, scale, bias, 0, 1, None, None, None, None, coef, img.dtype,
                                         ctx.backend)
         return (dI if ctx.needs_input_grad[0] else None, dT if ctx.needs_input_grad[1] else None,
-                _grad_like(ds, scale, ctx.needs_input_grad[2]),
-                _grad_like(db, bias, ctx.has_bias and ctx.needs_input_grad[3]), None)
+                *_scale_bias_grads(ctx, ds, db, scale, bias), None)
 
 
 def clip_loss(image_features, text_features, logit_scale, logit_bias=None, *, backend="auto"):

@@ -57,8 +57,10 @@ import torch
 import torch.nn as nn
 
 from .contrastive import (
-    _grad_like,
     _resolve_backend,
+    _save_inputs,
+    _saved_inputs,
+    _scale_bias_grads,
     as_scalar_tensor,
     block_backward,
     block_forward,
@@ -159,23 +161,21 @@ class _DistClipFn(torch.autograd.Function):
         pos = positives(img, txt_all, scale, bias, off)
         share = (row.sum() + col[off:off + b].sum() - 2.0 * pos.sum()) / (2.0 * B)
         loss = _rank_loss(share, local_loss, world, group)
-        ctx.save_for_backward(img, txt_all, scale, bias if bias is not None else scale, row, col)
-        ctx.has_bias = bias is not None
+        _save_inputs(ctx, img, txt_all, scale, bias, row, col)
         ctx.cfg = (group, rank, world, local_loss, backend)
         return loss
 
     @staticmethod
     def backward(ctx, g):
-        img, txt_all, scale, bias, row, col = ctx.saved_tensors
-        bias = bias if ctx.has_bias else None
+        img, txt_all, scale, bias, row, col = _saved_inputs(ctx)
         group, rank, world, local_loss, backend = ctx.cfg
         b = img.shape[0]
         rc, cc = _clip_grad_coefs(g, group, rank, world, b, local_loss)
         dI, dT_all, ds, db = block_backward(img, txt_all, scale, bias, rank * b, 0, row, col, rc, cc, None,
                                             torch.float32, backend)
         dT = _reduce_scatter_rows(dT_all, group, world)
-        return (dI.to(img.dtype), dT.to(img.dtype), _grad_like(ds, scale, ctx.needs_input_grad[2]),
-                _grad_like(db, bias, ctx.has_bias and ctx.needs_input_grad[3]), None, None, None, None, None)
+        return (dI.to(img.dtype), dT.to(img.dtype),
+                *_scale_bias_grads(ctx, ds, db, scale, bias), None, None, None, None, None)
 
 
 class _DistSigLipFn(torch.autograd.Function):
@@ -184,23 +184,21 @@ class _DistSigLipFn(torch.autograd.Function):
         b = img.shape[0]
         txt_all = _all_gather_rows(txt, group, world)
         row, _ = block_forward(img, txt_all, scale, bias, rank * b, 1, False, backend)
-        ctx.save_for_backward(img, txt_all, scale, bias if bias is not None else scale)
-        ctx.has_bias = bias is not None
+        _save_inputs(ctx, img, txt_all, scale, bias)
         ctx.cfg = (group, rank, world, backend)
         return row.sum() / b
 
     @staticmethod
     def backward(ctx, g):
-        img, txt_all, scale, bias = ctx.saved_tensors
-        bias = bias if ctx.has_bias else None
+        img, txt_all, scale, bias = _saved_inputs(ctx)
         group, rank, world, backend = ctx.cfg
         b = img.shape[0]
         coef = g.detach().float().reshape(()) / b
         dI, dT_all, ds, db = block_backward(img, txt_all, scale, bias, rank * b, 1, None, None, None, None, coef,
                                             torch.float32, backend)
         dT = _reduce_scatter_rows(dT_all, group, world)
-        return (dI.to(img.dtype), dT.to(img.dtype), _grad_like(ds, scale, ctx.needs_input_grad[2]),
-                _grad_like(db, bias, ctx.has_bias and ctx.needs_input_grad[3]), None, None, None, None)
+        return (dI.to(img.dtype), dT.to(img.dtype),
+                *_scale_bias_grads(ctx, ds, db, scale, bias), None, None, None, None)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -258,15 +256,13 @@ class _RingClipFn(torch.autograd.Function):
         pos = positives(img, txt, scale, bias, 0)
         share = (row.sum() + col.sum() - 2.0 * pos.sum()) / (2.0 * B)
         loss = _rank_loss(share, local_loss, world, group)
-        ctx.save_for_backward(img, txt, scale, bias if bias is not None else scale, row, col)
-        ctx.has_bias = bias is not None
+        _save_inputs(ctx, img, txt, scale, bias, row, col)
         ctx.cfg = (group, rank, world, local_loss, backend)
         return loss
 
     @staticmethod
     def backward(ctx, g):
-        img, txt, scale, bias, row, col = ctx.saved_tensors
-        bias = bias if ctx.has_bias else None
+        img, txt, scale, bias, row, col = _saved_inputs(ctx)
         group, rank, world, local_loss, backend = ctx.cfg
         b = img.shape[0]
         peers = _ring_peers(group, rank, world)
@@ -290,8 +286,8 @@ class _RingClipFn(torch.autograd.Function):
             if hop is not None:
                 _ring_wait(hop[0])
                 chunk, lse_k = hop[1]
-        return (dI.to(img.dtype), acc_in.to(img.dtype), _grad_like(ds, scale, ctx.needs_input_grad[2]),
-                _grad_like(db, bias, ctx.has_bias and ctx.needs_input_grad[3]), None, None, None, None, None)
+        return (dI.to(img.dtype), acc_in.to(img.dtype),
+                *_scale_bias_grads(ctx, ds, db, scale, bias), None, None, None, None, None)
 
 
 class _RingSigLipFn(torch.autograd.Function):
@@ -309,15 +305,13 @@ class _RingSigLipFn(torch.autograd.Function):
             if hop is not None:
                 _ring_wait(hop[0])
                 chunk = hop[1][0]
-        ctx.save_for_backward(img, txt, scale, bias if bias is not None else scale)
-        ctx.has_bias = bias is not None
+        _save_inputs(ctx, img, txt, scale, bias)
         ctx.cfg = (group, rank, world, backend)
         return total / b
 
     @staticmethod
     def backward(ctx, g):
-        img, txt, scale, bias = ctx.saved_tensors
-        bias = bias if ctx.has_bias else None
+        img, txt, scale, bias = _saved_inputs(ctx)
         group, rank, world, backend = ctx.cfg
         b = img.shape[0]
         peers = _ring_peers(group, rank, world)
@@ -340,8 +334,8 @@ class _RingSigLipFn(torch.autograd.Function):
             if hop is not None:
                 _ring_wait(hop[0])
                 chunk = hop[1][0]
-        return (dI.to(img.dtype), acc_in.to(img.dtype), _grad_like(ds, scale, ctx.needs_input_grad[2]),
-                _grad_like(db, bias, ctx.has_bias and ctx.needs_input_grad[3]), None, None, None, None)
+        return (dI.to(img.dtype), acc_in.to(img.dtype),
+                *_scale_bias_grads(ctx, ds, db, scale, bias), None, None, None, None)
 
 
 class ClipLoss(nn.Module):
