@@ -100,6 +100,13 @@ def run_side(name, model, step_fn, device, warmup, iters):
     return {"step_s": dt, "peak_mem_gib": mem}
 
 
+def _free_memory(device) -> None:
+    """Give the side just measured's memory back before the other side runs (no cross-side OOM)."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
 def bench_batch(args, b, device, mcfg, peak):
     from bmclip.kernels import ClipLoss
 
@@ -141,9 +148,7 @@ def bench_batch(args, b, device, mcfg, peak):
         res["bmclip"] = "oom"
     finally:
         model = fwd = opt = None
-        gc.collect()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+        _free_memory(device)
 
     # --- open_clip (same architecture, same batch, padded text as open_clip trains)
     if not args.no_open_clip:
@@ -171,9 +176,7 @@ def bench_batch(args, b, device, mcfg, peak):
             res["open_clip"] = "oom"
         finally:
             oc = ocf = oc_opt = None
-            gc.collect()
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+            _free_memory(device)
         if isinstance(res.get("bmclip"), dict) and isinstance(res.get("open_clip"), dict):
             res["speedup"] = res["bmclip"]["samples_per_s"] / res["open_clip"]["samples_per_s"]
     return res
