@@ -202,6 +202,19 @@ void jpeg_on_progress(j_common_ptr c) {
   }
 }
 
+// The error and progress managers of every libjpeg object here: errors longjmp to err->jb with the message
+// in err->msg, a truncated file is an error, a runaway progressive file is refused.
+jpeg_error_mgr* init_jpeg_errors(JpegErr* err, JpegProgress* prog) {
+  jpeg_std_error(&err->pub);
+  err->pub.error_exit = jpeg_on_error;
+  err->pub.emit_message = jpeg_on_message;
+  err->pub.output_message = jpeg_silent;
+  err->msg[0] = 0;
+  prog->pub.progress_monitor = jpeg_on_progress;
+  prog->err = err;
+  return &err->pub;
+}
+
 inline uint8_t muldiv255(int a, int b) {
   int t = a * b + 128;
   return static_cast<uint8_t>(((t >> 8) + t) >> 8);
@@ -289,13 +302,7 @@ bool jpeg_run(JpegCtx& ctx) {
   JpegErr err;
   JpegProgress prog;
   memset(&cinfo, 0, sizeof(cinfo));
-  cinfo.err = jpeg_std_error(&err.pub);
-  err.pub.error_exit = jpeg_on_error;
-  err.pub.emit_message = jpeg_on_message;
-  err.pub.output_message = jpeg_silent;
-  err.msg[0] = 0;
-  prog.pub.progress_monitor = jpeg_on_progress;
-  prog.err = &err;
+  cinfo.err = init_jpeg_errors(&err, &prog);
   if (setjmp(err.jb)) {
     jpeg_destroy_decompress(&cinfo);
     ctx.reason = std::string("jpeg: ") + err.msg;
@@ -581,18 +588,12 @@ std::string transcode_run(const uint8_t* data, size_t size, int tw, int th, int 
   volatile bool have_d = false, have_c = false;
   memset(&cinfo, 0, sizeof(cinfo));
   memset(&cc, 0, sizeof(cc));
-  err.msg[0] = 0;
+  cinfo.err = init_jpeg_errors(&err, &prog);
   if (setjmp(err.jb)) {
     if (have_d) jpeg_destroy_decompress(&cinfo);
     if (have_c) jpeg_destroy_compress(&cc);
     return std::string("jpeg: ") + err.msg;
   }
-  cinfo.err = jpeg_std_error(&err.pub);
-  err.pub.error_exit = jpeg_on_error;
-  err.pub.emit_message = jpeg_on_message;
-  err.pub.output_message = jpeg_silent;
-  prog.pub.progress_monitor = jpeg_on_progress;
-  prog.err = &err;
   jpeg_create_decompress(&cinfo);
   have_d = true;
   cinfo.progress = &prog.pub;
@@ -680,10 +681,7 @@ std::string transcode_run(const uint8_t* data, size_t size, int tw, int th, int 
   for (int y = 0; y < th; ++y) memcpy(&out->luma[static_cast<size_t>(y) * tw], dst[0].row(y), tw);
   for (auto& d : dst) d.pad_edges();
 
-  cc.err = jpeg_std_error(&err.pub);
-  err.pub.error_exit = jpeg_on_error;
-  err.pub.emit_message = jpeg_on_message;
-  err.pub.output_message = jpeg_silent;
+  cc.err = &err.pub;  // the same managers: an encoder error longjmps to the same frame
   jpeg_create_compress(&cc);
   have_c = true;
   jpeg_mem_dest(&cc, &dest.buf, &dest.size);
