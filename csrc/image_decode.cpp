@@ -241,7 +241,9 @@ int out_count_y(const CropBox& b, const CropParams& p, int out_size) {
   return p.augment == Augment::kFit ? b.full_h : out_size;
 }
 
-struct JpegCtx {
+// What both decoders are asked to do and what they report back (init_ctx / probe_with / crop_with /
+// full_with fill and read these fields for either format).
+struct DecodeCtx {
   Mode mode;
   const uint8_t* data;
   size_t size;
@@ -250,17 +252,18 @@ struct JpegCtx {
   int out_size = 0;
   const CropParams* params = nullptr;
   SampleRng* rng = nullptr;
-  uint8_t* dst = nullptr;
-  int64_t dst_stride = 0;
   // results / owned buffers
   int width = 0, height = 0;
   CropBox box{};
-  int dct_scale = 8;
   AxisCoeffs xs, ys;
   std::unique_ptr<RowResampler> resampler;
-  std::vector<uint8_t> row, rgb;
-  std::vector<uint8_t>* full = nullptr;
+  std::vector<uint8_t>* full = nullptr;  // full mode: the RGB image
   std::string reason;
+};
+
+struct JpegCtx : DecodeCtx {
+  int dct_scale = 8;
+  std::vector<uint8_t> row, rgb;
 };
 
 void prepare_crop(JpegCtx& ctx, jpeg_decompress_struct& cinfo) {
@@ -387,26 +390,11 @@ bool jpeg_run(JpegCtx& ctx) {
 // ----------------------------------------------------------------------------------------------
 // PNG
 
-struct PngCtx {
-  Mode mode;
-  const uint8_t* data;
-  size_t size;
-  size_t pos = 0;
-  int64_t max_pixels;
-  int out_size = 0;
-  const CropParams* params = nullptr;
-  SampleRng* rng = nullptr;
-  uint8_t* dst = nullptr;
-  int64_t dst_stride = 0;
-  int width = 0, height = 0;
-  CropBox box{};
-  AxisCoeffs xs, ys;
-  std::unique_ptr<RowResampler> resampler;
+struct PngCtx : DecodeCtx {
+  size_t pos = 0;  // read position in data
   std::vector<uint8_t> row, image;
   std::vector<png_bytep> rows;
-  std::vector<uint8_t>* full = nullptr;
   char msg[256] = {0};
-  std::string reason;
 };
 
 void png_on_error(png_structp png, png_const_charp m) {
