@@ -102,3 +102,19 @@ def test_siglip_option_trains_bias_and_lowers_loss(tmp_path):
     # SigLIP init (log 10, -10) and the bias is learned
     assert "logit_bias" in sd and float(sd["logit_bias"]) != -10.0
     assert abs(float(sd["logit_scale"].exp()) - 10.0) < 0.5
+
+
+@pytest.mark.slow  # torch.compile (inductor, CPU C++ codegen) of both towers: ~60-80 s on 2 cores
+def test_compiled_model_trains_like_eager(tmp_path):
+    # model.compile=true is what the GPU recipe turns on; on the CPU inductor compiles the same graph, and
+    # three fp32 steps must give the losses of the eager run (same data, same init)
+    runs = {}
+    for flag in ("false", "true"):
+        out = tmp_path / flag
+        cfg = load_config("tiny-cpu", [f"--out_dir={out}", "--progress=false", "--data.batch_size=16",
+                                       "--data.val_max_samples=32", "--steps=3", "--log_every=1",
+                                       "--optim.warmup_steps=1", f"--model.compile={flag}"])
+        train(cfg)
+        runs[flag] = [r["loss"] for r in read_jsonl(out / "metrics.jsonl") if r["kind"] == "train"]
+    assert len(runs["true"]) == 3
+    assert runs["true"] == pytest.approx(runs["false"], rel=1e-4, abs=1e-5)
