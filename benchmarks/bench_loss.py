@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import json
 import math
 import platform
@@ -81,7 +82,10 @@ def matmul_peak_tflops(device, dtype, n=8192, iters=20) -> float:
 
 
 def time_one(fn, B, D, dtype, device, warmup, iters, time_budget_s):
-    """(median seconds per fwd+bwd, peak extra bytes or None, loss value) for one implementation."""
+    """(median seconds per fwd+bwd, peak extra bytes or None, loss value) for one implementation.
+
+    Stops warming up and timing once ``time_budget_s`` has passed after the first call (at least one timed
+    step: the peak-memory step, which runs after the first call and any warm-ups)."""
     g = torch.Generator(device="cpu").manual_seed(B)
     I = F.normalize(torch.randn(B, D, generator=g), dim=-1).to(device=device, dtype=dtype).requires_grad_()
     T = F.normalize(torch.randn(B, D, generator=g), dim=-1).to(device=device, dtype=dtype).requires_grad_()
@@ -93,9 +97,17 @@ def time_one(fn, B, D, dtype, device, warmup, iters, time_budget_s):
         loss.backward()
         return loss
 
-    t_start = time.perf_counter()
+    t0 = time.perf_counter()
     step()  # first call compiles / autotunes (the autotuner's own buffers must not count as peak)
-    for _ in range(warmup):
+    _sync(device)
+    first_s = time.perf_counter() - t0
+    # The budget starts after the first call (compiles and autotuning are not timed) and covers the warm-ups:
+    # at B = 1M one fwd+bwd takes seconds, so a first call longer than half the budget means no warm-up (the
+    # kernels are compiled and tuned by then) and the peak step is the one timed step.
+    t_start = time.perf_counter()
+    for _ in range(warmup if first_s <= time_budget_s / 2 else 0):
+        if time.perf_counter() - t_start > time_budget_s:
+            break
         step()
     _sync(device)
     if device.type == "cuda":
@@ -103,20 +115,77 @@ def time_one(fn, B, D, dtype, device, warmup, iters, time_budget_s):
         torch.cuda.empty_cache()
         base = torch.cuda.memory_allocated(device)
         torch.cuda.reset_peak_memory_stats(device)
-    loss = step()  # peak extra memory of one fwd+bwd (includes the gradients it creates)
+    t0 = time.perf_counter()
+    loss = step()  # peak extra memory of one fwd+bwd (includes the gradients it creates); also a timed step
     _sync(device)
+    times = [time.perf_counter() - t0]
     peak = (torch.cuda.max_memory_allocated(device) - base) if device.type == "cuda" else None
-    times = []
-    for _ in range(iters):
+    for _ in range(iters - 1):
+        if time.perf_counter() - t_start > time_budget_s:
+            break
         t0 = time.perf_counter()
         step()
         _sync(device)
         times.append(time.perf_counter() - t0)
-        if time.perf_counter() - t_start > time_budget_s and len(times) >= 2:
-            break
     times.sort()
     value = float(loss.detach())
     return times[len(times) // 2], peak, value
+
+
+def _measure_row(name, fn, B, D, dtype, device, args, dead, peak_tflops) -> dict:
+    """One result row: time/memory of ``name`` at batch ``B`` (or why it was skipped / ran out of memory)."""
+    rec = {"impl": name, "B": B, "D": D, "dtype": str(dtype).replace("torch.", ""), "status": "ok",
+           "time_ms": None, "peak_mem_mb": None, "loss": None, "tflops": None, "pct_of_peak": None}
+    if name in dead:
+        rec["status"] = "skipped (OOM at smaller B)"
+        return rec
+    if name == "bmclip_torch" and device.type == "cuda" and B > args.torch_backend_max_b:
+        rec["status"] = f"skipped (B > --torch-backend-max-b {args.torch_backend_max_b})"
+        return rec
+    try:
+        t, peak, val = time_one(fn, B, D, dtype, device, args.warmup, args.iters, args.time_budget)
+        rec.update(time_ms=t * 1e3, loss=val, peak_mem_mb=None if peak is None else peak / 2**20)
+        if name == "bmclip_triton":
+            # executed GEMM-equivalents: forward 1 (2 when the column-partial buffer is too
+            # big, see contrastive._COLPART_MAX_BYTES), backward 2 × (recompute + product)
+            n_rb = math.ceil(B / _contrastive._FWD_BM)
+            fwd = 1 if n_rb * B * 4 <= _contrastive._COLPART_MAX_BYTES else 2
+            flops = (fwd + 4) * 2.0 * B * B * D
+            rec["tflops"] = flops / t / 1e12
+            if peak_tflops:
+                rec["pct_of_peak"] = 100.0 * rec["tflops"] / peak_tflops
+    except torch.cuda.OutOfMemoryError:
+        rec["status"] = "OOM"
+        dead.add(name)
+    except RuntimeError as exc:
+        if "out of memory" not in str(exc).lower():
+            raise
+        rec["status"] = "OOM"
+        dead.add(name)
+    finally:
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return rec
+
+
+_CSV_COLS = ["impl", "B", "D", "dtype", "status", "time_ms", "peak_mem_mb", "loss", "tflops", "pct_of_peak",
+             "time_vs_open_clip", "mem_vs_open_clip"]
+
+
+def write_results(out: Path, meta: dict, rows: list[dict]) -> None:
+    """Fill the vs-open_clip columns and write ``out``.json / .csv atomically (called after every row)."""
+    ref = {r["B"]: r for r in rows if r["impl"] == "open_clip" and r["time_ms"] is not None}
+    for r in rows:
+        o = ref.get(r["B"])
+        r["time_vs_open_clip"] = (r["time_ms"] / o["time_ms"]) if (o and r["time_ms"]) else None
+        r["mem_vs_open_clip"] = (r["peak_mem_mb"] / o["peak_mem_mb"]) if (
+            o and r["peak_mem_mb"] and o["peak_mem_mb"]) else None
+    atomic_write_text(out.with_suffix(".json"), json.dumps({"meta": meta, "rows": rows}, indent=1))
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=_CSV_COLS, extrasaction="ignore")
+    w.writeheader()
+    w.writerows(rows)
+    atomic_write_text(out.with_suffix(".csv"), buf.getvalue())
 
 
 def main(argv=None) -> int:
@@ -152,53 +221,6 @@ def main(argv=None) -> int:
         peak_tflops = matmul_peak_tflops(device, dtype)
         print(f"{torch.cuda.get_device_name(device)}: measured {args.dtype} matmul peak {peak_tflops:.0f} TFLOP/s")
 
-    rows = []
-    dead = set()  # baselines that went OOM: larger B would too
-    for B in sizes:
-        for name, fn in impls.items():
-            rec = {"impl": name, "B": B, "D": D, "dtype": str(dtype).replace("torch.", ""), "status": "ok",
-                   "time_ms": None, "peak_mem_mb": None, "loss": None, "tflops": None, "pct_of_peak": None}
-            if name in dead:
-                rec["status"] = "skipped (OOM at smaller B)"
-            elif name == "bmclip_torch" and device.type == "cuda" and B > args.torch_backend_max_b:
-                rec["status"] = f"skipped (B > --torch-backend-max-b {args.torch_backend_max_b})"
-            else:
-                try:
-                    t, peak, val = time_one(fn, B, D, dtype, device, args.warmup, args.iters, args.time_budget)
-                    rec.update(time_ms=t * 1e3, loss=val, peak_mem_mb=None if peak is None else peak / 2**20)
-                    if name == "bmclip_triton":
-                        # executed GEMM-equivalents: forward 1 (2 when the column-partial buffer is too
-                        # big, see contrastive._COLPART_MAX_BYTES), backward 2 × (recompute + product)
-                        n_rb = math.ceil(B / _contrastive._FWD_BM)
-                        fwd = 1 if n_rb * B * 4 <= _contrastive._COLPART_MAX_BYTES else 2
-                        flops = (fwd + 4) * 2.0 * B * B * D
-                        rec["tflops"] = flops / t / 1e12
-                        if peak_tflops:
-                            rec["pct_of_peak"] = 100.0 * rec["tflops"] / peak_tflops
-                except torch.cuda.OutOfMemoryError:
-                    rec["status"] = "OOM"
-                    dead.add(name)
-                except RuntimeError as exc:
-                    if "out of memory" in str(exc).lower():
-                        rec["status"] = "OOM"
-                        dead.add(name)
-                    else:
-                        raise
-                finally:
-                    if device.type == "cuda":
-                        torch.cuda.empty_cache()
-            rows.append(rec)
-            shown = f"{rec['time_ms']:.2f} ms" if rec["time_ms"] is not None else rec["status"]
-            print(f"  B={B:>8} {name:<14} {shown}", flush=True)
-
-    # speed/memory relative to open_clip at the same B
-    ref = {(r["B"]): r for r in rows if r["impl"] == "open_clip" and r["time_ms"] is not None}
-    for r in rows:
-        o = ref.get(r["B"])
-        r["time_vs_open_clip"] = (r["time_ms"] / o["time_ms"]) if (o and r["time_ms"]) else None
-        r["mem_vs_open_clip"] = (r["peak_mem_mb"] / o["peak_mem_mb"]) if (
-            o and r["peak_mem_mb"] and o["peak_mem_mb"]) else None
-
     meta = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "torch": torch.__version__,
@@ -206,23 +228,29 @@ def main(argv=None) -> int:
         "matmul_peak_tflops": peak_tflops,
         "quick": args.quick,
         "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "interrupted": False,
     }
     out = Path(args.out)
-    atomic_write_text(out.with_suffix(".json"), json.dumps({"meta": meta, "rows": rows}, indent=1))
-    cols = ["impl", "B", "D", "dtype", "status", "time_ms", "peak_mem_mb", "loss", "tflops", "pct_of_peak",
-            "time_vs_open_clip", "mem_vs_open_clip"]
-    import io
-
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore")
-    w.writeheader()
-    w.writerows(rows)
-    atomic_write_text(out.with_suffix(".csv"), buf.getvalue())
+    rows = []
+    dead = set()  # baselines that went OOM: larger B would too
+    try:
+        for B in sizes:
+            for name, fn in impls.items():
+                rows.append(_measure_row(name, fn, B, D, dtype, device, args, dead, peak_tflops))
+                r = rows[-1]
+                shown = f"{r['time_ms']:.2f} ms" if r["time_ms"] is not None else r["status"]
+                print(f"  B={B:>8} {name:<14} {shown}", flush=True)
+                # after every row: the GPU suite stops this step with SIGINT and later ones may never come
+                write_results(out, meta, rows)
+    except KeyboardInterrupt:
+        meta["interrupted"] = True
+        print("bench_loss: interrupted; writing the rows measured so far", file=sys.stderr, flush=True)
+    write_results(out, meta, rows)
 
     def fmt(v, f):
         return "-" if v is None else format(v, f)
 
-    print(f"\n{meta['device']}  torch {meta['torch']}  triton {meta['triton']}  D={D} {rows[0]['dtype']}")
+    print(f"\n{meta['device']}  torch {meta['torch']}  triton {meta['triton']}  D={D} {str(dtype)[6:]}")
     print(f"{'B':>8} {'impl':<14} {'time ms':>10} {'peak MB':>10} {'x open_clip':>12} {'mem x oc':>9} "
           f"{'TFLOP/s':>8} {'%peak':>6}  status")
     for r in rows:
@@ -230,7 +258,7 @@ def main(argv=None) -> int:
               f"{fmt(r['time_vs_open_clip'], '.3f'):>12} {fmt(r['mem_vs_open_clip'], '.4f'):>9} "
               f"{fmt(r['tflops'], '.1f'):>8} {fmt(r['pct_of_peak'], '.0f'):>6}  {r['status']}")
     print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.csv')}")
-    return 0
+    return 130 if meta["interrupted"] else 0
 
 
 if __name__ == "__main__":
