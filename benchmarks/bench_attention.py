@@ -168,6 +168,18 @@ def _measure_atomic_dq(timer, fwd, inputs):
         fa._BWD_DQ_MODE = saved
 
 
+class _SavingRows(list):
+    """The result rows; every append rewrites the JSON (the GPU suite may stop this step with SIGINT)."""
+
+    def __init__(self, save):
+        super().__init__()
+        self._save = save
+
+    def append(self, row) -> None:
+        super().append(row)
+        self._save(list(self))
+
+
 def _row(rows, section, method, ms_f, ms_fb, flops_f, extra=None):
     row = {"section": section, "method": method, "fwd_ms": ms_f, "fwd_bwd_ms": ms_fb,
            "fwd_tflops": flops_f / (ms_f * 1e-3) / 1e12 if ms_f else None,
@@ -187,7 +199,8 @@ def _skip(rows, section, method, err):
 # --------------------------------------------------------------------------------------------- sections
 
 
-def bench_vit(rows, timer, device, dtype, shape):
+def bench_vit(rows, timer, device, dtype, shape, atomic_dq_only=False):
+    """ViT-shape rows; ``atomic_dq_only`` runs just the Triton atomic-dQ variant (timed last: its own compiles)."""
     from bmclip.kernels.flash_attention import flash_attention
 
     b, s, h, d = shape
@@ -210,7 +223,8 @@ def bench_vit(rows, timer, device, dtype, shape):
 
         methods[f"sdpa_{name}"] = run
     methods["xformers"] = lambda q, k, v: flash_attention(q, k, v, backend="xformers")
-    methods["triton_atomic_dq"] = methods["triton"]
+    if atomic_dq_only:
+        methods = {"triton_atomic_dq": methods["triton"]}
     for name, fn in methods.items():
         try:
             measure = _measure_atomic_dq if name == "triton_atomic_dq" else _measure_pair
@@ -221,7 +235,9 @@ def bench_vit(rows, timer, device, dtype, shape):
         _row(rows, "vit", name, ms_f, ms_fb, flops, {"shape": list(shape)})
 
 
-def bench_text_attention(rows, timer, device, dtype, n_captions, heads, head_dim, context, seed):
+def bench_text_attention(rows, timer, device, dtype, n_captions, heads, head_dim, context, seed,
+                         atomic_dq_only=False):
+    """Varlen text-attention rows; ``atomic_dq_only`` as in ``bench_vit``."""
     from bmclip.kernels.flash_attention import flash_attention
 
     lengths = draw_lengths(n_captions, seed, context)
@@ -257,7 +273,8 @@ def bench_text_attention(rows, timer, device, dtype, n_captions, heads, head_dim
         methods.append((f"sdpa_{name}_pad{context}", run, (pq, pk, pv)))
     methods.append(("xformers_varlen", lambda q, k, v: flash_attention(q, k, v, cu_seqlens=cu, max_seqlen=max_len,
                                                                      backend="xformers"), (q, k, v)))
-    methods.append(("triton_varlen_atomic_dq", methods[0][1], (q, k, v)))
+    if atomic_dq_only:
+        methods = [("triton_varlen_atomic_dq", methods[0][1], (q, k, v))]
     for name, fn, inputs in methods:
         try:
             measure = _measure_atomic_dq if name.endswith("_atomic_dq") else _measure_pair
@@ -429,22 +446,39 @@ def main(argv=None) -> int:
         env["xformers"] = None
     print(f"bench_attention on {env['device']} ({env['dtype']}), torch {env['torch']}, triton {env['triton']}",
           flush=True)
-    rows: list[dict] = []
-    if "vit" in sections:
-        bench_vit(rows, timer, device, dtype, vit_shape)
-    if "text_attn" in sections:
-        bench_text_attention(rows, timer, device, dtype, n_caps, heads, head_dim, context, seed=0)
-    if "text_tower" in sections:
-        bench_text_tower(rows, timer, device, dtype, n_caps, text_cfg, seed=0, profile=args.profile)
+    env["interrupted"] = False
+
+    def save(rows):
+        if args.out:
+            write_json_atomic(args.out, {"env": env, "rows": rows, "summary": _summary(rows)})
+
+    rows = _SavingRows(save)
+    try:
+        # The targets' rows first; the atomic-dQ variants (a second set of backward compiles) last, so a step
+        # limit that cuts this run short drops them rather than a comparison.
+        if "vit" in sections:
+            bench_vit(rows, timer, device, dtype, vit_shape)
+        if "text_attn" in sections:
+            bench_text_attention(rows, timer, device, dtype, n_caps, heads, head_dim, context, seed=0)
+        if "text_tower" in sections:
+            bench_text_tower(rows, timer, device, dtype, n_caps, text_cfg, seed=0, profile=args.profile)
+        if "vit" in sections:
+            bench_vit(rows, timer, device, dtype, vit_shape, atomic_dq_only=True)
+        if "text_attn" in sections:
+            bench_text_attention(rows, timer, device, dtype, n_caps, heads, head_dim, context, seed=0,
+                                 atomic_dq_only=True)
+    except KeyboardInterrupt:  # the GPU suite's timeout sends SIGINT: keep what was measured
+        env["interrupted"] = True
+        print("bench_attention: interrupted; writing the rows measured so far", file=sys.stderr, flush=True)
     summary = _summary(rows)
     for k, v in summary.items():
         print(f"{k}: {v}")
-    result = {"env": env, "rows": rows, "summary": summary}
+    result = {"env": env, "rows": list(rows), "summary": summary}
     if args.out:
         write_json_atomic(args.out, result)
     else:
         print(json.dumps(result, indent=1))
-    return 0
+    return 130 if env["interrupted"] else 0
 
 
 if __name__ == "__main__":
