@@ -29,6 +29,9 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_common import write_json_atomic  # noqa: E402
+
 
 def caption_lengths(n: int, context: int, median: float, seed: int = 0) -> torch.Tensor:
     """Real token counts (incl. [CLS]/[SEP]) per caption: log-normal around ``median``, clipped to [8, context]."""
@@ -100,6 +103,14 @@ def run_side(name, model, step_fn, device, warmup, iters):
     return {"step_s": dt, "peak_mem_gib": mem}
 
 
+def _error(e: BaseException) -> str:
+    """A side's result when it raised: the traceback goes to stderr, the first line into the JSON."""
+    import traceback
+
+    traceback.print_exc()
+    return f"error: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+
+
 def _free_memory(device) -> None:
     """Give the side just measured's memory back before the other side runs (no cross-side OOM)."""
     gc.collect()
@@ -107,7 +118,9 @@ def _free_memory(device) -> None:
         torch.cuda.empty_cache()
 
 
-def bench_batch(args, b, device, mcfg, peak):
+def bench_batch(args, b, device, mcfg, peak, rows=None):
+    """One batch size, bmclip then open_clip; its row is appended to ``rows`` first, so an interrupt keeps a side
+    already measured."""
     from bmclip.kernels import ClipLoss
 
     from bmclip.model import create_model
@@ -123,6 +136,8 @@ def bench_batch(args, b, device, mcfg, peak):
     flops = train_step_flops(mcfg, batch=b, text_token_counts=lengths.tolist())
     res = {"batch": b, "model_tflop_per_step": flops / 1e12,
            "mean_tokens": float(lengths.float().mean()), "context": mcfg.text.context_length}
+    if rows is not None:
+        rows.append(res)
 
     def finish(side, r):
         r["samples_per_s"] = b / r["step_s"]
@@ -146,6 +161,8 @@ def bench_batch(args, b, device, mcfg, peak):
         finish("bmclip", run_side("bmclip", model, ours, device, args.warmup, args.iters))
     except torch.OutOfMemoryError:
         res["bmclip"] = "oom"
+    except Exception as e:  # recorded with its traceback, and the baseline still runs (one GPU call)
+        res["bmclip"] = _error(e)
     finally:
         model = fwd = opt = None
         _free_memory(device)
@@ -174,6 +191,8 @@ def bench_batch(args, b, device, mcfg, peak):
             finish("open_clip", run_side("open_clip", oc, theirs, device, args.warmup, args.iters))
         except torch.OutOfMemoryError:
             res["open_clip"] = "oom"
+        except Exception as e:
+            res["open_clip"] = _error(e)
         finally:
             oc = ocf = oc_opt = None
             _free_memory(device)
@@ -216,12 +235,22 @@ def main(argv=None) -> int:
             "attn_backend": args.attn_backend, "grad_checkpointing": args.grad_checkpointing,
             "compile": args.compile, "precision": "bf16" if device.type == "cuda" else "fp32",
             "median_tokens": args.median_tokens, "iters": args.iters}
+    meta["interrupted"] = False
     print(json.dumps(meta))
+
+    def save():
+        if args.out:  # after every batch size: the GPU suite stops this step with SIGINT at its limit
+            write_json_atomic(Path(args.out), json.loads(json.dumps({"meta": meta, "rows": rows}, default=str)))
+
     rows = []
-    for b in args.batch:
-        r = bench_batch(args, b, device, mcfg, peak)
-        rows.append(r)
-        print(json.dumps(r, default=str), flush=True)
+    try:
+        for b in args.batch:
+            r = bench_batch(args, b, device, mcfg, peak, rows)
+            print(json.dumps(r, default=str), flush=True)
+            save()
+    except KeyboardInterrupt:
+        meta["interrupted"] = True
+        print("bench_train: interrupted; writing the batch sizes measured so far", file=sys.stderr, flush=True)
     print(f"\n{'batch':>6} {'bmclip samples/s':>17} {'MFU':>6} {'mem GiB':>8} | {'open_clip samples/s':>19} "
           f"{'MFU':>6} {'mem GiB':>8} | speedup")
     def cells(r, side):
@@ -235,9 +264,8 @@ def main(argv=None) -> int:
     for r in rows:
         sp = f"{r['speedup']:.2f}x" if "speedup" in r else "-"
         print(f"{r['batch']:>6} {cells(r, 'bmclip')} | {cells(r, 'open_clip'):>36} | {sp}")
-    if args.out:
-        Path(args.out).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1, default=str))
-    return 0
+    save()
+    return 130 if meta["interrupted"] else 0
 
 
 if __name__ == "__main__":
