@@ -24,8 +24,10 @@ except Exception as exc:  # ImportError, or a broken install raising at import
     TRITON_IMPORT_ERROR = f"{type(exc).__name__}: {exc}"
 
 __all__ = [
+    "AUTOTUNE_MAX_CONFIGS_ENV",
     "HAS_TRITON",
     "DOT_HAS_INPUT_PRECISION",
+    "autotune_limit",
     "interpret_env",
     "interpreter_problem",
     "is_interpreted",
@@ -49,6 +51,26 @@ def is_interpreted(kernel) -> bool:
     while hasattr(fn, "fn") and type(fn).__name__ == "Autotuner":
         fn = fn.fn
     return type(fn).__name__ == "InterpretedFunction"
+
+
+AUTOTUNE_MAX_CONFIGS_ENV = "BMCLIP_AUTOTUNE_MAX_CONFIGS"
+
+
+def autotune_limit(configs: list) -> list:
+    """The first N of an (already pruned) autotune config list when BMCLIP_AUTOTUNE_MAX_CONFIGS=N, else all.
+
+    Triton's autotuner compiles every config serially on the first call per key (~1 s each; a flash-attention
+    case has 48), so a GPU correctness run that only checks numerics sets N=1 and compiles one config per
+    kernel and specialisation. Unset (the default) tunes over the full list. A value that is not a positive
+    integer raises ValueError rather than being ignored.
+    """
+    raw = os.environ.get(AUTOTUNE_MAX_CONFIGS_ENV, "").strip()
+    if not raw:
+        return configs
+    n = int(raw) if raw.isdigit() else 0
+    if n < 1:
+        raise ValueError(f"{AUTOTUNE_MAX_CONFIGS_ENV} must be a positive integer, got {raw!r}")
+    return configs[:n]
 
 
 def _dot_has_input_precision() -> bool:

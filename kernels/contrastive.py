@@ -37,6 +37,7 @@ import torch
 from ._triton_utils import (
     DOT_HAS_INPUT_PRECISION,
     HAS_TRITON,
+    autotune_limit,
     is_interpreted,
     require_triton,
     triton,
@@ -235,12 +236,12 @@ if HAS_TRITON:
     def _prune_fwd(configs, named_args, **kwargs):
         d = _next_pow2(named_args["D"])
         kept = [c for c in configs if c.kwargs["BK"] <= max(16, d)]
-        return kept or configs[:1]
+        return autotune_limit(kept or configs[:1])
 
     def _prune_bwd(configs, named_args, **kwargs):
         d = _next_pow2(named_args["D"])
         kept = [c for c in configs if c.kwargs["BK"] <= max(16, d) and c.kwargs["BDO"] <= max(32, d)]
-        return kept or configs[:1]
+        return autotune_limit(kept or configs[:1])
 
     # Config lists pruned with ptxas (sm_90, Triton 3.8, bf16): configs that spilled registers are out
     # (4 warps only survive on the smallest tiles). BM of the forward is fixed (_FWD_BM).

@@ -21,6 +21,8 @@ import os
 import torch
 import torch.nn.functional as F
 
+from ._triton_utils import autotune_limit
+
 try:
     import triton
     import triton.language as tl
@@ -344,9 +346,9 @@ if _HAS_TRITON:
         memory; at head dim 128 a 128 x 64 tile spilled ~100 KB per thread and took minutes to compile)."""
         q = named_args.get("Q")
         if q is None or getattr(q, "element_size", lambda: 2)() < 4:
-            return configs
+            return autotune_limit(configs)
         small = [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 32 and c.num_stages <= 2]
-        return small or configs[-1:]
+        return autotune_limit(small or configs[-1:])
 
     def _configs(block_pairs, warps, stages):
         return [
