@@ -94,6 +94,31 @@ def test_bench_loss_time_one_budget_covers_warmup():
     fn, calls = _count_calls()
     bl.time_one(fn, 8, 4, torch.float32, torch.device("cpu"), warmup=2, iters=10, time_budget_s=1e9)
     assert len(calls) == 1 + 2 + 10  # first call, warm-ups, timed steps (the peak step is the first of them)
+    fn, calls = _count_calls()
+    bl.time_one(fn, 8, 4, torch.float32, torch.device("cpu"), warmup=2, iters=10, time_budget_s=0.0,
+                first_call=False)
+    assert len(calls) == 1  # already compiled and tuned (B = 1M after 256k): the peak step only
+
+
+def test_bench_loss_skips_first_call_only_when_tuned_at_a_big_batch(monkeypatch):
+    bl = _load("bench_loss")
+    seen = []
+
+    def fake_time_one(fn, B, *args, first_call=True):
+        seen.append((B, first_call))
+        return 1e-3, None, 0.0
+
+    monkeypatch.setattr(bl, "time_one", fake_time_one)
+
+    class Args:
+        warmup, iters, time_budget, torch_backend_max_b = 0, 1, 1.0, 1 << 30
+
+    warm = set()
+    for B in (4096, 65536, 262144, 1 << 20):
+        bl._measure_row("bmclip_triton", None, B, 512, torch.bfloat16, torch.device("cpu"), Args, set(), None, warm)
+        bl._measure_row("open_clip", None, B, 512, torch.bfloat16, torch.device("cpu"), Args, set(), None, warm)
+    assert [f for _, f in seen[0::2]] == [True, True, True, False]  # 256k compiles the two-pass forward; 1M reuses it
+    assert all(f for _, f in seen[1::2])  # baselines always get their first call
 
 
 def test_bench_loss_interrupt_keeps_rows(tmp_path, monkeypatch):
