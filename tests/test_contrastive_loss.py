@@ -297,8 +297,15 @@ def test_triton_backend_without_gpu_or_interpreter_raises():
 # memory: the torch backend at B=32768, D=512 (the full fp32 logit matrix alone is 4.3 GB)
 # ---------------------------------------------------------------------------------------------------
 _MEM_SCRIPT = textwrap.dedent("""
-    import json, math, resource, sys
+    import json, sys
     import torch
+
+    def hwm():
+        # this process's own peak RSS (VmHWM, per address space). Not getrusage's ru_maxrss: Linux carries
+        # that across exec, so a child of a big pytest process would report the parent's peak.
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+
     from bmclip.kernels import clip_loss
     torch.set_num_threads(2)
     B, D = int(sys.argv[1]), int(sys.argv[2])
@@ -308,10 +315,10 @@ _MEM_SCRIPT = textwrap.dedent("""
     s = torch.tensor(1.0, requires_grad=True)
     clip_loss(I[:64], T[:64], s, backend="torch").backward()  # lazy initialisation out of the way
     I.grad = T.grad = s.grad = None
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    before = hwm()
     loss = clip_loss(I, T, s, backend="torch")
     loss.backward()
-    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    after = hwm()
     print(json.dumps({"loss": loss.item(), "growth": after - before, "peak": after,
                       "finite": bool(torch.isfinite(I.grad).all() and torch.isfinite(T.grad).all()),
                       "gnorm": float(I.grad.norm()), "ds": float(s.grad)}))
