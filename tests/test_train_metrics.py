@@ -88,3 +88,20 @@ def test_jsonl_and_curves(tmp_path):
     pngs = plot_curves(recs, tmp_path)
     assert [p.name for p in pngs] == ["loss.png", "recall.png"]
     assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)
+
+
+def test_cpu_peak_memory_is_this_process_not_its_parent():
+    # A trainer started by a bigger process (torchrun's agent, pytest) must report its own peak RSS: Linux
+    # carries getrusage's ru_maxrss across exec, so the child would have reported this process's 3 GB.
+    import subprocess
+    import sys
+
+    import torch
+
+    big = torch.ones(3 * 2**30, dtype=torch.uint8)  # touched: 3 GiB resident in this process
+    code = "import torch; from bmclip.train.trainer import _peak_memory_gb; print(_peak_memory_gb(torch.device('cpu')))"
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    child_gb = float(res.stdout.strip().splitlines()[-1])
+    assert 0.05 < child_gb < 2.5, child_gb  # torch's import alone is well under 2.5 GiB
+    assert int(big[-1]) == 1

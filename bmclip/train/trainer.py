@@ -254,9 +254,19 @@ def validate(model, batches, device: torch.device, autocast) -> dict:
 
 
 def _peak_memory_gb(device: torch.device) -> float:
+    """Peak memory in GiB: CUDA allocator peak on a GPU, else this process's peak RSS."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB -> GiB (RSS)
+    # VmHWM belongs to this address space; ru_maxrss survives exec on Linux, so a process started by a
+    # bigger one (torchrun's agent, pytest) would report its parent's peak when that was higher.
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 2**20  # KiB -> GiB
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB -> GiB
 
 
 # ---------------------------------------------------------------------------------------------------
