@@ -338,10 +338,23 @@ def test_background_tokenisation_matches_direct(tmp_path):
         assert torch.equal(b["input_ids"], tokenize(b["text"]))
 
 
-def test_real_pmc_figures(tmp_path, pmc_samples):
+@pytest.fixture(params=["fixtures", "shared"])
+def real_figure_jpgs(request, fixtures_dir):
+    """Real PMC figure JPEGs: the five CC BY eLife figures in tests/fixtures (always there, so CI runs this) and
+    the ../shared sample set (skipped where this checkout has none)."""
+    if request.param == "fixtures":
+        jpgs = sorted((fixtures_dir / "pmc").glob("elife-32671/*.jpg"))
+        assert len(jpgs) == 5
+        return jpgs
+    root = request.getfixturevalue("pmc_samples")
+    jpgs = sorted(root.glob("elife-32671/*.jpg")) + sorted(root.glob("PMC10802347/*.jpg"))
+    assert len(jpgs) >= 5
+    return jpgs
+
+
+def test_real_pmc_figures(tmp_path, real_figure_jpgs):
     """Real PMC figure JPEGs through the loader: eval transform vs torchvision's on PIL's decode."""
-    jpgs = sorted(pmc_samples.glob("elife-32671/*.jpg")) + sorted(pmc_samples.glob("PMC10802347/*.jpg"))
-    assert jpgs
+    jpgs = real_figure_jpgs
     p = tmp_path / "pmc-000000.tar"
     with tarfile.open(p, "w") as tf:
         for i, j in enumerate(jpgs):
