@@ -676,20 +676,29 @@ def test_licence_codes_keys_and_slices(tmp_path):
         discover_packages([tmp_path / "tree" / "imgs" / "x.jpg"])
 
 
-def test_real_package_tarball_equals_folder_and_gzip_bomb(pmc_samples, tmp_path):
-    # PMC10802347 as its OA package (PMC10802347/<files> in a .tar.gz, streamed) and as the folder
-    src = pmc_samples / "PMC10802347"
-    members = [(f"PMC10802347/{p.name}", p.read_bytes()) for p in sorted(src.iterdir())]
+@pytest.mark.parametrize(
+    ("source", "name", "keys"),
+    [
+        # the CC BY PLOS fixture (in the repo: runs in CI): three figure TIFFs, identified by its DOI
+        ("fixtures", "pone.0056489", [f"10_1371_journal_pone_0056489_pone-0056489-g00{i}" for i in (1, 2, 3)]),
+        ("shared", "PMC10802347", ["PMC10802347_F2", "PMC10802347_F3", "PMC10802347_F4"]),
+    ],
+)
+def test_real_package_tarball_equals_folder_and_gzip_bomb(request, fixtures_dir, tmp_path, source, name, keys):
+    # a real article as an OA package (<name>/<files> in a .tar.gz, streamed) and as the folder
+    root = fixtures_dir / "pmc" if source == "fixtures" else request.getfixturevalue("pmc_samples")
+    src = root / name
+    members = [(f"{name}/{p.name}", p.read_bytes()) for p in sorted(src.iterdir())]
     tdir = tmp_path / "tar"
     tdir.mkdir()
-    _write_tar(tdir / "PMC10802347.tar.gz", members)
+    _write_tar(tdir / f"{name}.tar.gz", members)
     _build([tdir], tmp_path / "a", test_fraction=0, val_fraction=0)
     _build([src], tmp_path / "b", test_fraction=0, val_fraction=0)
     a, b = _read_shards(tmp_path / "a"), _read_shards(tmp_path / "b")
-    assert sorted(a) == ["PMC10802347_F2", "PMC10802347_F3", "PMC10802347_F4"]
+    assert sorted(a) == keys
     assert a == b  # same JPEG, caption and metadata bytes whichever way the package arrives
     # a member declaring more uncompressed bytes than allowed: refused before decompressing through it
-    stats = _build([tdir], tmp_path / "c", max_package_bytes=300_000)
+    stats = _build([tdir], tmp_path / "c", max_package_bytes=sum(len(d) for _, d in members) // 2)
     assert stats["skips"]["package"] == {"package_too_large": 1} and stats["pairs_total"] == 0
 
 
