@@ -108,14 +108,24 @@ def test_siglip_option_trains_bias_and_lowers_loss(tmp_path):
 def test_compiled_model_trains_like_eager(tmp_path):
     # model.compile=true is what the GPU recipe turns on; on the CPU inductor compiles the same graph, and
     # three fp32 steps must give the losses of the eager run (same data, same init)
-    runs = {}
+    # (equal losses alone would also pass if the flag were ignored: dynamo's counters show that the compile=true
+    # run really traced graphs and the eager run traced none; they count traces, warm inductor caches or not)
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    runs, graphs = {}, {}
     for flag in ("false", "true"):
         out = tmp_path / flag
         cfg = load_config("tiny-cpu", [f"--out_dir={out}", "--progress=false", "--data.batch_size=16",
                                        "--data.val_max_samples=32", "--steps=3", "--log_every=1",
                                        "--optim.warmup_steps=1", f"--model.compile={flag}"])
+        torch._dynamo.reset()
+        counters.clear()
         train(cfg)
+        graphs[flag] = counters["stats"]["unique_graphs"]
         runs[flag] = [r["loss"] for r in read_jsonl(out / "metrics.jsonl") if r["kind"] == "train"]
+    torch._dynamo.reset()
+    assert graphs["false"] == 0 and graphs["true"] > 0, graphs
     assert len(runs["true"]) == 3
     assert runs["true"] == pytest.approx(runs["false"], rel=1e-4, abs=1e-5)
 
