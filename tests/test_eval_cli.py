@@ -18,15 +18,19 @@ def _png_bytes(color, size=(40, 30)):
 
 
 def _shards(tmp_path, n=24, per_shard=10):
+    """Shards of n (flat-colour PNG, caption) pairs; returns [(colour, caption)] in shard order."""
     rng = np.random.default_rng(0)
+    pairs = []
     for s in range(0, n, per_shard):
         with tarfile.open(tmp_path / f"shard-{s // per_shard:06d}.tar", "w") as tf:
             for i in range(s, min(n, s + per_shard)):
                 c = tuple(int(v) for v in rng.integers(0, 256, 3))
-                for ext, data in (("png", _png_bytes(c)), ("txt", f"figure {i} colour {c}".encode())):
+                pairs.append((c, f"figure {i} colour {c}"))
+                for ext, data in (("png", _png_bytes(c)), ("txt", pairs[-1][1].encode())):
                     ti = tarfile.TarInfo(f"k{i:04d}.{ext}")
                     ti.size = len(data)
                     tf.addfile(ti, io.BytesIO(data))
+    return pairs
 
 
 def _ext_loads():
@@ -43,8 +47,11 @@ def _ext_loads():
 def test_eval_retrieval_cli(tmp_path, reader, capsys):
     if reader == "loader" and not _ext_loads():
         pytest.skip("bmclip._C not built")
-    _shards(tmp_path)
+    import torch
+
+    pairs = _shards(tmp_path)
     out = tmp_path / "out"
+    torch.manual_seed(0)  # the preset's random init, rebuilt below for the reference
     rc = main(["eval", "retrieval", "tiny", "--shards", str(tmp_path / "shard-{000000..000002}.tar"),
                "--out", str(out), "--batch-size", "8", "--block", "5", "--reader", reader, "--device", "cpu"])
     assert rc == 0
@@ -61,6 +68,23 @@ def test_eval_retrieval_cli(tmp_path, reader, capsys):
     ref = retrieval_metrics(img, txt)
     assert ref["image_to_text_R@5"] == res["image_to_text_R@5"]
     assert "| chance |" in (out / "retrieval.md").read_text()
+    # Row i of each file is pair i's own embedding, whatever the reader: the same model on caption i and on
+    # image i (a flat colour, which resizing and cropping leave exact), in shard order. (The metrics alone
+    # cannot tell: a random-init model scores near chance whether or not images and captions line up.)
+    from bmclip.eval.models import load_model
+    from bmclip.model import IMAGE_MEAN, IMAGE_STD
+
+    torch.manual_seed(0)
+    model, tok = load_model("tiny")
+    s = model.config.vision.image_size
+    colours = torch.tensor([c for c, _ in pairs], dtype=torch.float64) / 255.0
+    x = (colours - torch.tensor(IMAGE_MEAN, dtype=torch.float64)) / torch.tensor(IMAGE_STD, dtype=torch.float64)
+    x = x.float()[:, :, None, None].expand(-1, -1, s, s).contiguous()
+    with torch.no_grad():
+        want_img = model.encode_image(x).numpy()
+        want_txt = model.encode_text(tok([t for _, t in pairs])).numpy()
+    for got, want in ((img, want_img), (txt, want_txt)):
+        np.testing.assert_allclose(got.astype(np.float32), want, rtol=0, atol=2e-3 * np.abs(want).max())
 
 
 def _image_folder(root, n_per=6):
