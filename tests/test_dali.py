@@ -10,10 +10,13 @@ import pytest
 import torch
 from PIL import Image
 
-from bmclip.data.dali import IMAGE_MEAN, IMAGE_STD, normalize_batch
+from bmclip.data.dali import IMAGE_MEAN, IMAGE_STD, DaliAugment, build_pipeline, dali_available, normalize_batch
 from bmclip.errors import ConfigError
 
 S = 32
+# Per test, not a module-level importorskip: that skipped the DALI-free normalisation tests above as well.
+needs_dali = pytest.mark.skipif(not dali_available(),
+                                reason="NVIDIA DALI not installed (pip install nvidia-dali-cuda130)")
 
 
 def reference_normalise(x_uint8_nhwc: np.ndarray) -> np.ndarray:
@@ -95,11 +98,9 @@ def test_normalize_batch_cuda():
 
 
 # ---------------------------------------------------------------------------------------------------
-dali = pytest.importorskip("nvidia.dali", reason="NVIDIA DALI not installed (pip install nvidia-dali-cuda130)")
+# DALI pipelines
 
-from bmclip.data.dali import DaliAugment, build_pipeline  # noqa: E402
-
-
+@needs_dali
 def test_dali_cpu_decoded_normalisation_exact():
     rng = np.random.default_rng(1)
     x = rng.integers(0, 256, (6, S, S, 3), dtype=np.uint8)
@@ -109,6 +110,7 @@ def test_dali_cpu_decoded_normalisation_exact():
     np.testing.assert_allclose(out.numpy(), reference_normalise(x), rtol=0, atol=1e-5)
 
 
+@needs_dali
 def test_dali_cpu_flip():
     rng = np.random.default_rng(2)
     x = rng.integers(0, 256, (16, S, S, 3), dtype=np.uint8)
@@ -123,6 +125,7 @@ def test_dali_cpu_flip():
     assert 0 < flipped < 16
 
 
+@needs_dali
 def test_dali_cpu_encoded_center_matches_pil():
     ims = [smooth_image(96, 64, 0.0), smooth_image(50, 120, 1.0), smooth_image(64, 64, 2.0)]
     data = [encode(ims[0]), encode(ims[1], "PNG"), encode(ims[2])]
@@ -140,6 +143,7 @@ def test_dali_cpu_encoded_center_matches_pil():
         assert psnr(pix, ref) > 30
 
 
+@needs_dali
 def test_dali_cpu_encoded_random_resized_crop():
     ims = [smooth_image(120, 80, p) for p in range(5)]
     pipe_kw = dict(batch_size=5, image_size=S, source="encoded", augment="random_resized_crop", seed=7)
@@ -155,6 +159,7 @@ def test_dali_cpu_encoded_random_resized_crop():
         assert psnr(p.transpose(1, 2, 0), ref) > 18
 
 
+@needs_dali
 def test_dali_fed_from_shardloader_raw_bytes(tmp_path):
     pytest.importorskip("bmclip._C", reason="bmclip._C not built")
     from bmclip.data.loader import ShardLoader
@@ -177,6 +182,7 @@ def test_dali_fed_from_shardloader_raw_bytes(tmp_path):
     assert sizes == [4, 3]
 
 
+@needs_dali
 def test_build_pipeline_rejects_bad_args():
     with pytest.raises(ConfigError):
         build_pipeline(batch_size=2, image_size=S, source="video")
@@ -187,6 +193,7 @@ def test_build_pipeline_rejects_bad_args():
             build_pipeline(batch_size=2, image_size=S, device_id=0)
 
 
+@needs_dali
 @pytest.mark.gpu
 def test_dali_gpu_matches_cpu_pipeline():
     ims = [smooth_image(96, 64, p) for p in range(4)]
