@@ -464,7 +464,7 @@ def test_determinism_workers_and_slices(tmp_path):
         stage([src], tmp_path / "s0", BuildOptions(max_side=256), num_slices=3, progress=False)
     # merging an incomplete staging dir is refused
     (tmp_path / "s2" / "complete.json").unlink()
-    with pytest.raises(Exception, match="not complete"):
+    with pytest.raises(DataError, match="not complete"):
         merge_staging([tmp_path / "s2"], tmp_path / "d", opts, progress=False)
 
 
