@@ -291,7 +291,9 @@ def test_matches_torchvision_open_clip_transforms(dec, jpeg_cases):
 def test_dct_scaled_decode_psnr_on_real_figures(dec, augment, simd_mode):
     """DCT-reduced decode stays >= 40 dB from Pillow's full-resolution transform (real PMC JPEGs)."""
     size, n, seed = 224, 4, 1
-    for path in sorted(FIX.glob("*.jpg")):
+    paths = sorted(FIX.glob("*.jpg"))
+    assert len(paths) == 2  # the two full-size eLife figures (an empty glob would pass vacuously)
+    for path in paths:
         data = path.read_bytes()
         im = pil_rgb(data)
         out = np.zeros((n, size, size, 3), np.uint8)
@@ -301,9 +303,20 @@ def test_dct_scaled_decode_psnr_on_real_figures(dec, augment, simd_mode):
             assert psnr(out[i], ref) >= 40.0, (path.name, i)
 
 
-def test_dct_scaled_decode_psnr_all_shared_jpegs(dec, pmc_samples):
-    files = sorted(pmc_samples.rglob("*.jpg"))
+@pytest.fixture(params=["fixtures", "shared"])
+def every_real_jpeg(request):
+    """Every real JPEG of the repo's fixtures (7, always there) or of ../shared (skipped where absent)."""
+    if request.param == "fixtures":
+        files = sorted(FIX.parent.rglob("*.jpg"))
+        assert len(files) == 7
+        return files
+    files = sorted(request.getfixturevalue("pmc_samples").rglob("*.jpg"))
     assert files
+    return files
+
+
+def test_dct_scaled_decode_psnr_all_real_jpegs(dec, every_real_jpeg):
+    files = every_real_jpeg
     for path in files:
         data = path.read_bytes()
         im = pil_rgb(data)
