@@ -53,16 +53,18 @@ def reference(tmp_path_factory):
 
 @pytest.mark.slow
 def test_sigkill_at_random_step_then_resume_is_bitwise(reference, tmp_path):
-    k = random.Random().randint(1, STEPS - 1)
+    # k >= 3: a checkpoint exists before the kill. (Killed at step 1 or 2, the rerun starts from scratch and
+    # equals the reference whether or not resuming works: such a k tested nothing.)
+    k = random.Random().randint(3, STEPS - 1)
     print(f"killing at step {k}")
     _run(tmp_path, f"--fault.kill_at_step={k}", expect_kill=True)
     latest = C.latest_valid(tmp_path / "checkpoints")
     # the kill comes before step k's own checkpoint: the newest valid one is the last even step < k
     expect = ((k - 1) // 2) * 2
-    assert (latest is None) if expect == 0 else (C.read_meta(latest)["step"] == expect)
+    assert C.read_meta(latest)["step"] == expect
     r = _run(tmp_path)  # same command again: auto-resume from the newest valid checkpoint
-    if latest is not None:
-        assert "resumed from" in r.stdout + r.stderr
+    assert f"resumed from {latest} at step {expect}" in r.stdout + r.stderr
+    assert f'"steps_this_run": {STEPS - expect},' in r.stdout  # the run summary: only the remaining steps ran
     _assert_same_final(reference, tmp_path)
 
 
@@ -75,7 +77,8 @@ def test_kill_during_checkpoint_write_keeps_previous(reference, tmp_path):
     assert latest == ck / "step_00000002"
     model, _ = C.load_model_for_eval(tmp_path)  # the previous checkpoint is loadable
     assert model.config.vision.image_size == 64
-    _run(tmp_path)
+    r = _run(tmp_path)
+    assert f"resumed from {latest} at step 2" in r.stdout and f'"steps_this_run": {STEPS - 2},' in r.stdout
     assert not (ck / ".step_00000004.tmp").exists()  # the stale temp dir was replaced and renamed
     _assert_same_final(reference, tmp_path)
 
@@ -111,7 +114,11 @@ def test_sigkill_resume_bitwise_with_shard_loader(shards, tmp_path):
     k = random.Random().randint(4, 9)
     print(f"killing at step {k}")
     _run(killed, *args, f"--fault.kill_at_step={k}", expect_kill=True)
-    _run(killed, *args)
+    expect = ((k - 1) // 3) * 3  # the newest checkpoint before the kill (every 3 steps)
+    # a rerun that started from scratch would also end equal to the reference: it must say it resumed
+    r = _run(killed, *args)
+    assert f"at step {expect}" in r.stdout + r.stderr and "resumed from" in r.stdout + r.stderr
+    assert f'"steps_this_run": {10 - expect},' in r.stdout
     fa = C.load_checkpoint(ref / "checkpoints" / "step_00000010")
     fb = C.load_checkpoint(killed / "checkpoints" / "step_00000010")
     for name in fa["model"]:
