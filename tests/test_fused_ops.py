@@ -202,7 +202,7 @@ def test_double_backward_raises():
     w = torch.ones(16, device=DEVICE, requires_grad=True)
     for y in (fo.layer_norm(x, w, None, backend="triton"), fo.bias_gelu(x, w, backend="triton")):
         (g,) = torch.autograd.grad(y.square().sum(), x, create_graph=True)
-        with pytest.raises(RuntimeError):
+        with pytest.raises(RuntimeError, match="differentiate twice"):
             g.sum().backward()
 
 
