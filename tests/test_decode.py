@@ -469,34 +469,37 @@ def test_decompression_bomb_guard(jpeg_cases):
 
 
 def test_argument_validation(dec):
+    # each refusal names its own reason: a bare ValueError/TypeError would also accept an unrelated error
     data = PNG_CASES[0][1]
-    with pytest.raises(TypeError):
+    out1 = lambda: np.zeros((1, 8, 8, 3), np.uint8)  # noqa: E731
+    with pytest.raises(TypeError, match="numpy uint8 array"):
         dec.decode_batch([data], np.zeros((1, 8, 8, 3), np.float32))
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"shape \[N, S, S, 3\]"):
         dec.decode_batch([data], np.zeros((1, 8, 9, 3), np.uint8))
-    with pytest.raises(ValueError):
-        dec.decode_batch([data], np.zeros((1, 8, 8, 3), np.uint8)[:, ::-1])
-    with pytest.raises(ValueError):
-        dec.decode_batch([data, data], np.zeros((1, 8, 8, 3), np.uint8))
-    ro = np.zeros((1, 8, 8, 3), np.uint8)
+    with pytest.raises(ValueError, match="C-contiguous"):
+        dec.decode_batch([data], out1()[:, ::-1])
+    with pytest.raises(ValueError, match="room for 1 images, got 2"):
+        dec.decode_batch([data, data], out1())
+    ro = out1()
     ro.setflags(write=False)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="writeable"):
         dec.decode_batch([data], ro)
-    with pytest.raises(ValueError):
-        dec.decode_batch([data], np.zeros((1, 8, 8, 3), np.uint8), augment="flip")
-    with pytest.raises(ValueError):
-        dec.decode_batch([data], np.zeros((1, 8, 8, 3), np.uint8), scale=(0.5, 1.5))
-    for bad in [dict(ratio=(2.0, 1.0)), dict(dct_min_ratio=0.5), dict(interpolation="lanczos")]:
-        with pytest.raises(ValueError):
-            dec.decode_batch([data], np.zeros((1, 8, 8, 3), np.uint8), **bad)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="augment must be"):
+        dec.decode_batch([data], out1(), augment="flip")
+    with pytest.raises(ValueError, match="scale must satisfy"):
+        dec.decode_batch([data], out1(), scale=(0.5, 1.5))
+    for bad, msg in [(dict(ratio=(2.0, 1.0)), "ratio must satisfy"), (dict(dct_min_ratio=0.5), "dct_min_ratio"),
+                     (dict(interpolation="lanczos"), "interpolation must be")]:
+        with pytest.raises(ValueError, match=msg):
+            dec.decode_batch([data], out1(), **bad)
+    with pytest.raises(ValueError, match="max_pixels must be positive"):
         _C.Decoder(1, max_pixels=0)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="sizes must be positive"):
         _C.crop_box(0, 10, 8, 0, 0)
-    with pytest.raises(TypeError):
-        dec.decode_batch([42], np.zeros((1, 8, 8, 3), np.uint8))
-    with pytest.raises(TypeError):  # a list would be converted to a temporary copy: refused
-        dec.decode_batch([data], np.zeros((1, 8, 8, 3), np.uint8).tolist())
+    with pytest.raises(TypeError, match="buffer protocol"):
+        dec.decode_batch([42], out1())
+    with pytest.raises(TypeError, match="numpy.ndarray"):  # a list would be converted to a temporary copy: refused
+        dec.decode_batch([data], out1().tolist())
     # any buffer: bytes, memoryview, bytearray, numpy views (e.g. TarIndex.read results)
     out = np.zeros((4, 8, 8, 3), np.uint8)
     bufs = [data, memoryview(data), bytearray(data), np.frombuffer(data, np.uint8)]
