@@ -61,14 +61,29 @@ def make_inputs(B, D, dtype, seed, s_val, b_val, device=DEV):
     return I, T, s, b
 
 
+def _count_backend_paths(mp):
+    """Record which per-block implementations run: the Triton launchers or the torch chunked code."""
+    calls = []
+    for name in ("_tri_forward", "_tri_backward", "_torch_forward", "_torch_backward"):
+        real = getattr(C, name)
+        mp.setattr(C, name, lambda *a, _real=real, _name=name, **k: calls.append(_name) or _real(*a, **k))
+    return calls
+
+
 def run_and_compare(loss_name, B, D, dtype, with_bias, backend, seed=0, s_val=None, b_val=None):
     fn, ref, s_def, b_def = LOSSES[loss_name]
     s_val = s_def if s_val is None else s_val
     b_val = (b_def if b_val is None else b_val) if with_bias else None
     I, T, s, b = make_inputs(B, D, dtype, seed, s_val, b_val)
-    loss = fn(I, T, s, b, backend=backend)
-    assert loss.dtype == torch.float32 and loss.dim() == 0
-    loss.backward()
+    with pytest.MonkeyPatch.context() as mp:
+        calls = _count_backend_paths(mp)
+        loss = fn(I, T, s, b, backend=backend)
+        assert loss.dtype == torch.float32 and loss.dim() == 0
+        loss.backward()
+    # the requested backend did the work (the torch backend also meets these tolerances: a Triton request
+    # that ran the torch code would pass every comparison below)
+    assert {c.split("_")[1] for c in calls} == {"tri" if backend == "triton" else "torch"}, calls
+    assert {c.rsplit("_", 1)[1] for c in calls} == {"forward", "backward"}, calls
 
     I64 = I.detach().double().requires_grad_()
     T64 = T.detach().double().requires_grad_()
