@@ -48,6 +48,19 @@ def _captions(lengths, context, vocab, seed=0):
     return ids
 
 
+@pytest.fixture
+def triton_runs(monkeypatch):
+    """Runs of the Triton flash-attention autograd Function, appended as they happen. The SDPA path gives the
+    same numbers, so without this count an attn_backend="triton" that quietly ran SDPA would pass every check."""
+    import importlib
+
+    fa = importlib.import_module("bmclip.kernels.flash_attention")
+    calls = []
+    real = fa._TritonFlashAttention.apply
+    monkeypatch.setattr(fa._TritonFlashAttention, "apply", staticmethod(lambda *a: calls.append(1) or real(*a)))
+    return calls
+
+
 def _grads(module):
     return {n: p.grad.detach().clone() for n, p in module.named_parameters() if p.grad is not None}
 
@@ -73,7 +86,7 @@ def test_pack_padding_mask_and_unpack_roundtrip():
 
 
 @pytest.mark.parametrize("grad_checkpointing", [False, True])
-def test_unpadded_triton_text_tower_equals_padded_sdpa(grad_checkpointing):
+def test_unpadded_triton_text_tower_equals_padded_sdpa(grad_checkpointing, triton_runs):
     torch.manual_seed(0)
     enc = BertTextEncoder(_text_cfg(), embed_dim=32, backend="sdpa").train()  # dropout 0: train == eval
     enc.grad_checkpointing = grad_checkpointing
@@ -82,6 +95,7 @@ def test_unpadded_triton_text_tower_equals_padded_sdpa(grad_checkpointing):
     ref = enc(ids)
     ref.square().sum().backward()
     ref_grads = _grads(enc)
+    assert triton_runs == []
 
     enc_t = copy.deepcopy(enc)
     enc_t.zero_grad(set_to_none=True)
@@ -91,12 +105,13 @@ def test_unpadded_triton_text_tower_equals_padded_sdpa(grad_checkpointing):
     assert x.shape == (sum(CAPTION_LENGTHS), 64)  # no padding token was computed
     out = enc_t.proj(cls_of_packed(x, packed))
     out.square().sum().backward()
+    assert len(triton_runs) >= 2  # both layers (checkpointing re-runs them in backward)
 
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-4)
     _assert_same_grads(_grads(enc_t), ref_grads)
 
 
-def test_unpadded_tokens_equal_padded_real_rows():
+def test_unpadded_tokens_equal_padded_real_rows(triton_runs):
     # Every real token's hidden state (not only [CLS]) matches the padded tower, including a caption with a
     # pad id in the middle (packing follows the mask, positions stay the original columns).
     torch.manual_seed(1)
@@ -110,10 +125,11 @@ def test_unpadded_tokens_equal_padded_real_rows():
         mask[:, 0] = True
         x, packed = bert_tokens_unpadded(enc, ids, mask, "triton")
     got = unpack(x, packed)
+    assert len(triton_runs) == 1
     torch.testing.assert_close(got[mask], ref[mask], atol=1e-5, rtol=1e-4)
 
 
-def test_switch_with_padding_mask_matches_sdpa_on_real_rows():
+def test_switch_with_padding_mask_matches_sdpa_on_real_rows(triton_runs):
     gen = torch.Generator().manual_seed(4)
     q, k, v = (torch.randn(3, 2, 21, 32, generator=gen, requires_grad=True) for _ in range(3))
     mask = torch.ones(3, 21, dtype=torch.bool)
@@ -121,6 +137,7 @@ def test_switch_with_padding_mask_matches_sdpa_on_real_rows():
     mask[2, 17:] = False
     ref = attention(q, k, v, backend="sdpa", key_padding_mask=mask)
     got = attention(q, k, v, backend="triton", key_padding_mask=mask)
+    assert len(triton_runs) == 1
     real = mask[:, None, :, None].expand_as(ref)
     torch.testing.assert_close(got[real], ref[real], atol=1e-5, rtol=1e-5)
     assert (got[~real] == 0).all()
@@ -131,7 +148,7 @@ def _vit_cfg() -> VisionConfig:
     return VisionConfig(image_size=32, patch_size=8, width=64, layers=2, heads=2, mlp_dim=128)
 
 
-def test_vit_triton_equals_vit_sdpa():
+def test_vit_triton_equals_vit_sdpa(triton_runs):
     torch.manual_seed(0)
     vit = VisionTransformer(_vit_cfg(), embed_dim=32, backend="sdpa")
     images = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(5))
@@ -143,8 +160,10 @@ def test_vit_triton_equals_vit_sdpa():
     vit_t.zero_grad(set_to_none=True)
     for blk in vit_t.blocks:
         blk.attn.attn_backend = "triton"
+    assert triton_runs == []
     out = vit_t(images)
     out.square().sum().backward()
+    assert len(triton_runs) == 2  # one per block
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-4)
     _assert_same_grads(_grads(vit_t), ref_grads)
     assert list(dict(vit_t.named_parameters())) == list(dict(vit.named_parameters()))
@@ -165,7 +184,7 @@ def test_flash_backends_refuse_attention_dropout_and_unavailable_xformers(monkey
         attention(q, q, q, backend="triton")
 
 
-def test_model_switch_runs_text_unpadded_and_keeps_checkpoints_interchangeable(monkeypatch):
+def test_model_switch_runs_text_unpadded_and_keeps_checkpoints_interchangeable(monkeypatch, triton_runs):
     # Through the public model API: set_attn_backend("triton") must (a) keep every parameter name, (b) make
     # encode_text run the packed path, (c) give the padded SDPA model's features and gradients.
     from bmclip.model import create_model
@@ -186,9 +205,10 @@ def test_model_switch_runs_text_unpadded_and_keeps_checkpoints_interchangeable(m
     real = unpad_mod.bert_tokens_unpadded
     monkeypatch.setattr("bmclip.model.bert.bert_tokens_unpadded",
                         lambda *a, **k: calls.append(a[-1]) or real(*a, **k))
+    assert triton_runs == []
     out = model_t.encode_text(ids)
     out.sum().backward()
-    assert calls == ["triton"]
+    assert calls == ["triton"] and len(triton_runs) == model_t.config.text.layers
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-4)
     _assert_same_grads(_grads(model_t.text), ref_grads)
     # A checkpoint saved under one backend loads into a model built for the other.
