@@ -11,6 +11,7 @@ On CPU the kernels run under TRITON_INTERPRET=1 (tests/conftest.py). Also: the f
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 
 import pytest
@@ -319,6 +320,22 @@ def test_backend_selection_and_errors():
 # ----------------------------------------------------------------------------------------------- model
 
 
+@contextlib.contextmanager
+def _count_kernel_calls():
+    """{fo function name: calls} of the two autograd Functions that launch the fused Triton kernels."""
+    calls = {"_ln_apply": 0, "_bias_gelu_apply": 0}
+    with pytest.MonkeyPatch.context() as mp:
+        for name in calls:
+            real = getattr(fo, name)
+
+            def spy(*a, _real=real, _name=name):
+                calls[_name] += 1
+                return _real(*a)
+
+            mp.setattr(fo, name, spy)
+        yield calls
+
+
 def _tiny_batch():
     g = torch.Generator().manual_seed(0)
     images = torch.randn(2, 3, 64, 64, generator=g)
@@ -350,7 +367,10 @@ def test_model_fused_ops_equal_unfused(attn_backend):
     for fused in (False, True):
         model.set_fused_ops(fused)
         model.zero_grad(set_to_none=True)
-        out = model(images, ids)
+        with _count_kernel_calls() as calls:
+            out = model(images, ids)
+        # equal outputs alone would also hold if the switch were ignored: the kernels ran iff fused
+        assert (calls["_ln_apply"] > 0 and calls["_bias_gelu_apply"] > 0) if fused else not any(calls.values()), calls
         (out["image_features"].square().sum() + (out["image_features"] @ out["text_features"].T).sum()
          + out["text_features"].sum()).backward()
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
@@ -389,7 +409,9 @@ def test_model_fused_ops_under_bf16_autocast_as_accurate_as_unfused():
     errs = {}
     for fused in (False, True):
         model.set_fused_ops(fused)
-        out, g = _model_step(model, images, ids, autocast=True)
+        with _count_kernel_calls() as calls:
+            out, g = _model_step(model, images, ids, autocast=True)
+        assert (calls["_ln_apply"] > 0 and calls["_bias_gelu_apply"] > 0) if fused else not any(calls.values()), calls
         errs[fused] = ((out - ref_out).abs().max().item(), ((g - ref_g).norm() / ref_g.norm()).item())
     assert errs[False][0] > 0  # autocast really ran in bf16
     assert errs[True][0] <= 2 * errs[False][0] + 1e-3, errs
