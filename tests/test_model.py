@@ -171,14 +171,24 @@ def test_gradient_flow_both_towers():
         assert p.grad.abs().sum() > 0, name
 
 
-def test_grad_checkpointing_same_outputs_and_grads():
+def test_grad_checkpointing_same_outputs_and_grads(monkeypatch):
+    import bmclip.model.bert as bert_mod
+    import bmclip.model.vit as vit_mod
+
+    # equal outputs and grads alone would also hold if the flag were ignored: count the checkpointed blocks
+    calls = []
+    for mod in (vit_mod, bert_mod):
+        real = mod.checkpoint
+        monkeypatch.setattr(mod, "checkpoint", lambda *a, _real=real, **k: calls.append(1) or _real(*a, **k))
     images, ids = _batch(_tiny())
     results = []
     for ckpt in (False, True):
         model = _tiny().train()
         model.set_grad_checkpointing(ckpt)
         assert model.visual.grad_checkpointing is ckpt and model.text.grad_checkpointing is ckpt
+        calls.clear()
         out = model(images, ids)
+        assert len(calls) == (model.config.vision.layers + model.config.text.layers if ckpt else 0)
         _clip_loss(out).backward()
         results.append((out, {n: p.grad.clone() for n, p in model.named_parameters()}))
     (o0, g0), (o1, g1) = results
