@@ -29,7 +29,12 @@ _WORKER = textwrap.dedent("""
     import sys
     import torch
     import torch.distributed as dist
+    import bmclip.kernels.losses as L
     from bmclip.kernels import ClipLoss, SigLipLoss
+
+    hops = [0]  # P2P ring steps started: the ring and gather paths give the same numbers, so count which ran
+    _ring_start = L._ring_start
+    L._ring_start = lambda *a, **k: hops.__setitem__(0, hops[0] + 1) or _ring_start(*a, **k)
 
     rank, world, init_file, data_file, out_file, triton_ok = sys.argv[1:7]  # triton_ok: "1" adds Triton
     rank, world, triton_ok = int(rank), int(world), triton_ok == "1"
@@ -48,12 +53,13 @@ _WORKER = textwrap.dedent("""
         txt = data["X_txt"][rows] @ Wt
         img.retain_grad()
         txt.retain_grad()
+        hops0 = hops[0]
         loss = make_module()(img, txt, s, bias)
         (weight * loss).backward()
         params = {"W_img": Wi, "W_txt": Wt, "scale": s}
         if with_bias:
             params["bias"] = bias
-        out = {"loss": loss.item(), "g_img": img.grad.clone(), "g_txt": txt.grad.clone()}
+        out = {"loss": loss.item(), "g_img": img.grad.clone(), "g_txt": txt.grad.clone(), "ring_hops": hops[0] - hops0}
         for name, p in params.items():  # what DDP does to replicated parameters: all-reduce (mean)
             g = p.grad.clone()
             dist.all_reduce(g)
@@ -174,6 +180,9 @@ def _get(ranks, prefix, variant):
     key = f"{prefix}_{variant}"
     if key not in ranks[0]:
         pytest.skip(f"{key} not run here (Triton runs at world size 2, where Triton can run)")
+    # ring variants really passed chunks rank to rank (forward and backward); the others never did
+    hops = [r[key]["ring_hops"] for r in ranks]
+    assert all(h >= 2 for h in hops) if variant.endswith("ring") else not any(hops), (key, hops)
     return [r[key] for r in ranks]
 
 
