@@ -27,6 +27,14 @@ def _grads(m):
     return {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
 
 
+def _forward_batch_sizes(m):
+    """List filled with the batch size of every model forward (the chunked path must really run in chunks:
+    a full-batch forward gives the same loss and gradients, so equality alone cannot tell)."""
+    sizes = []
+    m.register_forward_pre_hook(lambda mod, args: sizes.append(args[0].shape[0]))
+    return sizes
+
+
 def _loss_fn(kind):
     if kind == "clip":
         lf = ClipLoss()
@@ -41,11 +49,15 @@ def test_gradcache_equals_full_batch(kind):
     x, ids = _batch()
     loss_fn = _loss_fn(kind)
     m = _model(bias=-10.0 if kind == "siglip" else None)
+    sizes = _forward_batch_sizes(m)
     full = forward_backward(m, x, ids, loss_fn, chunks=1)
     g_full = _grads(m)
     m.zero_grad(set_to_none=True)
+    assert sizes == [8]
+    sizes.clear()
     cached = forward_backward(m, x, ids, loss_fn, chunks=4)
     g_cached = _grads(m)
+    assert sizes == [2] * 8  # 4 chunks without grad, then each replayed with grad
     torch.testing.assert_close(cached, full, rtol=1e-10, atol=1e-12)
     assert set(g_cached) == set(g_full) and "logit_scale" in g_full
     if kind == "siglip":
@@ -76,7 +88,9 @@ def test_gradcache_replays_patch_dropout_rng():
     after_ref = torch.rand(1)
     m.zero_grad(set_to_none=True)
     torch.manual_seed(123)
+    sizes = _forward_batch_sizes(m)
     loss = forward_backward(m, x, ids, loss_fn, chunks=2)
+    assert sizes == [4] * 4
     assert torch.rand(1) == after_ref  # the RNG stream advanced exactly as in the reference
     torch.testing.assert_close(loss, ref_loss.detach(), rtol=1e-10, atol=1e-12)
     for n in g_ref:
