@@ -144,3 +144,23 @@ def test_bf16_autocast_path_on_cpu(tmp_path):
     assert len(runs["bf16"]) == 3 and all(torch.isfinite(torch.tensor(runs["bf16"])))
     assert runs["bf16"] == pytest.approx(runs["fp32"], rel=2e-2)
     assert runs["bf16"] != runs["fp32"]  # autocast really ran in bf16
+
+
+def test_grad_accum_runs_gradcache_chunks_with_the_full_batch_losses(tmp_path, monkeypatch):
+    # data.grad_accum=2 must reach GradCache (2 chunks per step) and, the loss staying global, train with the
+    # losses of grad_accum=1. (Equal losses alone would also hold if the option were ignored.)
+    import bmclip.train.trainer as T
+
+    seen = []
+    real = T.forward_backward
+    monkeypatch.setattr(T, "forward_backward", lambda *a, **k: seen.append(k["chunks"]) or real(*a, **k))
+    runs = {}
+    for accum in (1, 2):
+        out = tmp_path / str(accum)
+        seen.clear()
+        train(load_config("tiny-cpu", [f"--out_dir={out}", "--progress=false", "--data.batch_size=16",
+                                       "--data.val_max_samples=32", "--steps=2", "--log_every=1", "--ckpt_every=0",
+                                       "--optim.warmup_steps=1", f"--data.grad_accum={accum}", "--num_threads=1"]))
+        assert seen == [accum, accum]
+        runs[accum] = [r["loss"] for r in read_jsonl(out / "metrics.jsonl") if r["kind"] == "train"]
+    assert len(runs[2]) == 2 and runs[2] == pytest.approx(runs[1], rel=1e-5)
