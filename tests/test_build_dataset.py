@@ -129,7 +129,9 @@ def test_real_folders_one_sample_per_resolvable_figure(pmc_samples, tmp_path):
         by_article.setdefault(json.loads(s["json"])["article_id"], []).append(k)
     # elife-32671: 5 of 5; PMC10802347: 3 of 4 (f0001.jpg is missing, its .gif thumbnail is not used);
     # pone.0056489: 3 figure TIFFs (the t00x.tif table images are not figures)
-    assert sorted(by_article["elife-32671"]) == [f"elife-32671_fig{i}" for i in range(1, 6)]
+    # elife-32671 has no PMCID/DOI/PMID of its own: its ID is the hash of its XML
+    eid = "xml:" + hashlib.sha256((pmc_samples / "elife-32671" / "manuscript.xml").read_bytes()).hexdigest()[:16]
+    assert sorted(by_article[eid]) == [f"{eid.replace(':', '_')}_fig{i}" for i in range(1, 6)]
     assert sorted(by_article["PMC10802347"]) == ["PMC10802347_F2", "PMC10802347_F3", "PMC10802347_F4"]
     assert len(by_article["doi:10.1371/journal.pone.0056489"]) == 3
     assert stats["pairs"] == {"train": 11, "val": 0, "test": 0}
@@ -682,12 +684,18 @@ def test_licence_codes_keys_and_slices(tmp_path):
         # the CC BY PLOS fixture (in the repo: runs in CI): three figure TIFFs, identified by its DOI
         ("fixtures", "pone.0056489", [f"10_1371_journal_pone_0056489_pone-0056489-g00{i}" for i in (1, 2, 3)]),
         ("shared", "PMC10802347", ["PMC10802347_F2", "PMC10802347_F3", "PMC10802347_F4"]),
+        # an eLife reviewed preprint with no PMCID, DOI or PMID in its metadata: identified by its XML's hash,
+        # not by where it came from (a path-based ID split one article into two "different" ones)
+        ("fixtures", "elife-32671", "manuscript.xml"),
     ],
 )
 def test_real_package_tarball_equals_folder_and_gzip_bomb(request, fixtures_dir, tmp_path, source, name, keys):
     # a real article as an OA package (<name>/<files> in a .tar.gz, streamed) and as the folder
     root = fixtures_dir / "pmc" if source == "fixtures" else request.getfixturevalue("pmc_samples")
     src = root / name
+    if isinstance(keys, str):
+        sha = hashlib.sha256((src / keys).read_bytes()).hexdigest()[:16]
+        keys = [f"xml_{sha}_fig{i}" for i in range(1, 6)]
     members = [(f"{name}/{p.name}", p.read_bytes()) for p in sorted(src.iterdir())]
     tdir = tmp_path / "tar"
     tdir.mkdir()

@@ -66,7 +66,7 @@ DEFAULT_VAL_FRACTION = 13_600 / PMC15M_PAIRS
 DEFAULT_TEST_FRACTION = 725_739 / PMC15M_PAIRS
 SPLITS = ("train", "val", "test")
 _CHUNK_MAGIC = b"BMCHUNK1"
-_STAGING_VERSION = 2  # 2: JPEG pass-through, DCT-scale-exact resize box
+_STAGING_VERSION = 3  # 2: JPEG pass-through, DCT-scale-exact resize box; 3: content-derived fallback article IDs
 
 
 @dataclass
@@ -226,12 +226,17 @@ def _token_counter():
 # stage: per-package processing (runs in worker processes)
 
 
-def _article_id(art, pkg_key: str, index: int, n_articles: int) -> str:
+def _article_id(art, xml_sha: str, index: int, n_articles: int) -> str:
+    """The article's identity for splitting and article-level dedup: PMCID, else DOI, else PMID, else a hash of
+    its XML file (``xml:<16 hex>``, ``#i`` for the i-th article of an articleset). Never the package's path, so
+    the same article given as a folder, a tarball or in PMC Cloud layout gets one ID (one split, one copy)."""
     if art.pmcid:
         return art.pmcid
     if art.doi:
         return "doi:" + art.doi.lower()
-    return pkg_key if n_articles == 1 else f"{pkg_key}#{index}"
+    if art.pmid:
+        return "pmid:" + art.pmid
+    return f"xml:{xml_sha}" if n_articles == 1 else f"xml:{xml_sha}#{index}"
 
 
 def process_package(pkg, opts: BuildOptions, count_tokens) -> dict:
@@ -259,7 +264,7 @@ def process_package(pkg, opts: BuildOptions, count_tokens) -> dict:
         return rec
     pkg_skips.update(content.skips)
     errors: list[str] = []
-    articles = []
+    articles = []  # (article, sha of its XML file, index in that file, articles in that file)
     for name, data in content.xml:
         try:
             parsed = parse_jats(data)
@@ -270,13 +275,15 @@ def process_package(pkg, opts: BuildOptions, count_tokens) -> dict:
             pkg_skips["xml_error"] += 1
             errors.append(f"{pkg.key}/{name}: {str(e).replace('<bytes>: ', '')}")
             continue
-        articles.extend(parsed if isinstance(parsed, list) else [parsed])
+        parsed = parsed if isinstance(parsed, list) else [parsed]
+        xml_sha = hashlib.sha256(data).hexdigest()[:16]
+        articles.extend((art, xml_sha, i, len(parsed)) for i, art in enumerate(parsed))
     if not content.xml:
         pkg_skips["no_xml"] += 1
     media_names = {n.lower(): n for n in content.media}
     meta = content.meta or {}
-    for ai, art in enumerate(articles):
-        aid = _article_id(art, pkg.key, ai, len(articles))
+    for art, xml_sha, ai, n_in_file in articles:
+        aid = _article_id(art, xml_sha, ai, n_in_file)
         licence = art.license or meta.get("license_code") or meta.get("license")
         arec = {"id": aid, "figures": len(art.figures)}
         rec["articles"].append(arec)
