@@ -1,6 +1,7 @@
 """2-process gloo DDP and FSDP2 (torchrun, CPU) equal 1 process on the same global batch; dead-rank resume."""
 
 import os
+import re
 import subprocess
 import sys
 
@@ -41,6 +42,7 @@ def runs(tmp_path_factory):
     r = subprocess.run(TORCHRUN + [f"--out_dir={multi}", *BASE, "--data.grad_accum=2"],
                        capture_output=True, text=True, timeout=600, env=_env())
     assert r.returncode == 0, _why(r)
+    assert "parallel over 2 ranks: ddp" in r.stdout, r.stdout[-2000:]
     return single, multi
 
 
@@ -58,6 +60,9 @@ def test_two_process_ddp_equals_single_process(runs, tmp_path):
     r = subprocess.run([*TORCHRUN, f"--out_dir={fsdp}", *BASE, "--parallel=fsdp"],
                        capture_output=True, text=True, timeout=600, env=_env())
     assert r.returncode == 0, _why(r)
+    # FSDP2 really sharded (an fsdp run that fell back to DDP would give the same weights)
+    m = re.search(r"parallel over 2 ranks: fsdp: (\d+) of (\d+) parameters sharded", r.stdout)
+    assert m and 0 < int(m[1]) < int(m[2]), r.stdout[-2000:]  # all but the 0-dim logit scale
     f = C.load_checkpoint(fsdp / "checkpoints" / f"step_{STEPS:08d}")["model"]
     assert f.keys() == a.keys()
     for k in a:

@@ -112,6 +112,21 @@ def wrap_model(model: nn.Module, info: DistInfo, parallel: str = "ddp", mixed_bf
     raise ConfigError(f"parallel: unknown mode {parallel!r} (ddp | fsdp)")
 
 
+def parallel_summary(model: nn.Module) -> str:
+    """What wrapping actually happened, from the module itself: 'ddp', 'fsdp: K of N parameters sharded' or 'none'."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    if isinstance(model, DDP):
+        return "ddp"
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch without DTensor cannot have FSDP2-sharded parameters
+        return "none"
+    params = list(model.parameters())
+    sharded = sum(isinstance(p, DTensor) for p in params)
+    return f"fsdp: {sharded} of {len(params)} parameters sharded" if sharded else "none"
+
+
 def sync_ignored_grads(model: nn.Module, info: DistInfo) -> None:
     """Average the gradients of parameters FSDP2 leaves replicated (0-dim ones) across ranks."""
     params = getattr(model, "_bmclip_replicated_params", None)

@@ -35,6 +35,7 @@ from bmclip.train.distributed import (
     full_state_dicts,
     init_distributed,
     load_full_state_dicts,
+    parallel_summary,
     sync_ignored_grads,
     unwrap,
     wrap_model,
@@ -367,6 +368,8 @@ def _train(cfg: TrainConfig, info: DistInfo, cleanup: list) -> dict:
             raise ConfigError(f"export_open_clip: {e} (set --export_open_clip=false)") from None
     fwd_model = torch.compile(model) if cfg.model.compile else model
     fwd_model = wrap_model(fwd_model, info, cfg.parallel, mixed_bf16=use_bf16)
+    if info.initialized and info.is_main:
+        print(f"[bmclip] parallel over {info.world_size} ranks: {parallel_summary(fwd_model)}", flush=True)
     optimizer = build_optimizer(model if cfg.parallel != "fsdp" else fwd_model, cfg.optim, device.type)
     sched = CosineSchedule(optimizer, base_lr=cfg.optim.lr, warmup_steps=cfg.optim.warmup_steps,
                            total_steps=cfg.steps, min_lr=cfg.optim.min_lr)
