@@ -62,18 +62,31 @@ def _ln_inputs(rows, width, dtype, residual, seed=0):
     return [cast(x), cast(r), cast(w), cast(b)], [cast(dy), cast(ds)]
 
 
+@contextlib.contextmanager
+def _count_kernel_calls():
+    """{fo function name: calls} of the two autograd Functions that launch the fused Triton kernels."""
+    calls = {"_ln_apply": 0, "_bias_gelu_apply": 0}
+    with pytest.MonkeyPatch.context() as mp:
+        for name in calls:
+            real = getattr(fo, name)
+
+            def spy(*a, _real=real, _name=name):
+                calls[_name] += 1
+                return _real(*a)
+
+            mp.setattr(fo, name, spy)
+        yield calls
+
+
 def _kernel_path_runs(backend, name):
     """Calls fo.layer_norm / fo.bias_gelu through ``call()``, asserting that the autograd Function launching the
     Triton kernels (fo.<name>) ran iff backend is "triton": the torch backend also meets the 2x rule, so a
     Triton request that quietly computed with torch would pass every comparison."""
 
     def run(call):
-        calls = []
-        real = getattr(fo, name)
-        with pytest.MonkeyPatch.context() as mp:
-            mp.setattr(fo, name, lambda *a, **k: calls.append(name) or real(*a, **k))
+        with _count_kernel_calls() as calls:
             out = call()
-        assert len(calls) == (1 if backend == "triton" else 0), (backend, name, calls)
+        assert calls[name] == (1 if backend == "triton" else 0), (backend, name, calls)
         return out
 
     return run
@@ -318,22 +331,6 @@ def test_backend_selection_and_errors():
 
 
 # ----------------------------------------------------------------------------------------------- model
-
-
-@contextlib.contextmanager
-def _count_kernel_calls():
-    """{fo function name: calls} of the two autograd Functions that launch the fused Triton kernels."""
-    calls = {"_ln_apply": 0, "_bias_gelu_apply": 0}
-    with pytest.MonkeyPatch.context() as mp:
-        for name in calls:
-            real = getattr(fo, name)
-
-            def spy(*a, _real=real, _name=name):
-                calls[_name] += 1
-                return _real(*a)
-
-            mp.setattr(fo, name, spy)
-        yield calls
 
 
 def _tiny_batch():
