@@ -39,7 +39,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch
-from bench_common import median_ms, write_json_atomic  # noqa: E402
+from bench_common import keep_results_on_sigint, median_ms, write_json_atomic  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 LENGTHS_JSON = REPO / "benchmarks" / "data" / "caption_lengths.json"
@@ -446,14 +446,13 @@ def main(argv=None) -> int:
         env["xformers"] = None
     print(f"bench_attention on {env['device']} ({env['dtype']}), torch {env['torch']}, triton {env['triton']}",
           flush=True)
-    env["interrupted"] = False
 
     def save(rows):
         if args.out:
             write_json_atomic(args.out, {"env": env, "rows": rows, "summary": _summary(rows)})
 
     rows = _SavingRows(save)
-    try:
+    with keep_results_on_sigint("bench_attention", env):
         # The targets' rows first; the atomic-dQ variants (a second set of backward compiles) last, so a step
         # limit that cuts this run short drops them rather than a comparison.
         if "vit" in sections:
@@ -467,9 +466,6 @@ def main(argv=None) -> int:
         if "text_attn" in sections:
             bench_text_attention(rows, timer, device, dtype, n_caps, heads, head_dim, context, seed=0,
                                  atomic_dq_only=True)
-    except KeyboardInterrupt:  # the GPU suite's timeout sends SIGINT: keep what was measured
-        env["interrupted"] = True
-        print("bench_attention: interrupted; writing the rows measured so far", file=sys.stderr, flush=True)
     summary = _summary(rows)
     for k, v in summary.items():
         print(f"{k}: {v}")

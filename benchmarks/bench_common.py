@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -21,6 +22,19 @@ def atomic_write_text(path: Path, text: str) -> None:
 def write_json_atomic(path: Path, data) -> None:
     """``data`` as indented JSON (one trailing newline), written atomically."""
     atomic_write_text(path, json.dumps(data, indent=1) + "\n")
+
+
+@contextlib.contextmanager
+def keep_results_on_sigint(name: str, record: dict):
+    """Run the body; a KeyboardInterrupt (the GPU suite's step limit sends SIGINT) ends the body instead of the
+    script, and ``record["interrupted"]`` (set False on entry) says whether it came, so the caller still writes the
+    rows measured so far."""
+    record["interrupted"] = False
+    try:
+        yield
+    except KeyboardInterrupt:
+        record["interrupted"] = True
+        print(f"{name}: interrupted; writing the rows measured so far", file=sys.stderr, flush=True)
 
 
 def median_ms(fn, warmup: int, reps: int, cuda: bool) -> float:

@@ -41,7 +41,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch
 import torch.nn.functional as F
-from bench_common import median_ms, write_json_atomic  # noqa: E402
+from bench_common import keep_results_on_sigint, median_ms, write_json_atomic  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 LENGTHS_JSON = REPO / "benchmarks" / "data" / "caption_lengths.json"
@@ -260,8 +260,8 @@ def main(argv=None) -> int:
     timer = _timer(args.warmup, args.reps, time.monotonic() + args.time_budget)
     rows: list[dict] = []
     op_cases = [c for c in cases if c != "vit_block"]
-    interrupted = False
-    try:
+    status: dict = {}
+    with keep_results_on_sigint("bench_fused_ops", status):
         # Fused and eager for every case first, the (slow to compile) torch.compile baseline last, so a tight
         # --time-budget drops compile rows rather than the comparison itself.
         bench_ops(rows, timer, device, dtype, shapes, op_cases, ("fused", "eager"))
@@ -269,15 +269,12 @@ def main(argv=None) -> int:
             bench_vit_block(rows, timer, device, dtype)
         if not args.no_compile:
             bench_ops(rows, timer, device, dtype, shapes, op_cases, ("compile",))
-    except KeyboardInterrupt:  # the GPU suite's timeout sends SIGINT: keep what was measured
-        interrupted = True
-        print("bench_fused_ops: interrupted; writing the rows measured so far", file=sys.stderr)
-    result = {"env": env, "rows": rows, "summary": summary(rows), "interrupted": interrupted}
+    result = {"env": env, "rows": rows, "summary": summary(rows), "interrupted": status["interrupted"]}
     for k, v in result["summary"].items():
         print(f"{k}: {v}")
     if args.out:
         write_json_atomic(args.out, result)
-    return 130 if interrupted else 0
+    return 130 if status["interrupted"] else 0
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # run from a checkout without installing: kernels/ imports standalone
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_common import atomic_write_text  # noqa: E402
+from bench_common import atomic_write_text, keep_results_on_sigint  # noqa: E402
 
 try:
     from bmclip.kernels import clip_loss
@@ -239,13 +239,12 @@ def main(argv=None) -> int:
         "matmul_peak_tflops": peak_tflops,
         "quick": args.quick,
         "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "interrupted": False,
     }
     out = Path(args.out)
     rows = []
     dead = set()  # baselines that went OOM: larger B would too
     warm_big = set()  # implementations already compiled and tuned for B > 65536
-    try:
+    with keep_results_on_sigint("bench_loss", meta):
         for B in sizes:
             for name, fn in impls.items():
                 rows.append(_measure_row(name, fn, B, D, dtype, device, args, dead, peak_tflops, warm_big))
@@ -254,9 +253,6 @@ def main(argv=None) -> int:
                 print(f"  B={B:>8} {name:<14} {shown}", flush=True)
                 # after every row: the GPU suite stops this step with SIGINT and later ones may never come
                 write_results(out, meta, rows)
-    except KeyboardInterrupt:
-        meta["interrupted"] = True
-        print("bench_loss: interrupted; writing the rows measured so far", file=sys.stderr, flush=True)
     write_results(out, meta, rows)
 
     def fmt(v, f):

@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_common import write_json_atomic  # noqa: E402
+from bench_common import keep_results_on_sigint, write_json_atomic  # noqa: E402
 
 
 def caption_lengths(n: int, context: int, median: float, seed: int = 0) -> torch.Tensor:
@@ -235,7 +235,6 @@ def main(argv=None) -> int:
             "attn_backend": args.attn_backend, "grad_checkpointing": args.grad_checkpointing,
             "compile": args.compile, "precision": "bf16" if device.type == "cuda" else "fp32",
             "median_tokens": args.median_tokens, "iters": args.iters}
-    meta["interrupted"] = False
     print(json.dumps(meta))
 
     def save():
@@ -243,14 +242,11 @@ def main(argv=None) -> int:
             write_json_atomic(Path(args.out), json.loads(json.dumps({"meta": meta, "rows": rows}, default=str)))
 
     rows = []
-    try:
+    with keep_results_on_sigint("bench_train", meta):
         for b in args.batch:
             r = bench_batch(args, b, device, mcfg, peak, rows)
             print(json.dumps(r, default=str), flush=True)
             save()
-    except KeyboardInterrupt:
-        meta["interrupted"] = True
-        print("bench_train: interrupted; writing the batch sizes measured so far", file=sys.stderr, flush=True)
     print(f"\n{'batch':>6} {'bmclip samples/s':>17} {'MFU':>6} {'mem GiB':>8} | {'open_clip samples/s':>19} "
           f"{'MFU':>6} {'mem GiB':>8} | speedup")
     def cells(r, side):
