@@ -25,6 +25,7 @@ except Exception as exc:  # ImportError, or a broken install raising at import
 
 __all__ = [
     "AUTOTUNE_MAX_CONFIGS_ENV",
+    "BackendUnavailable",
     "HAS_TRITON",
     "DOT_HAS_INPUT_PRECISION",
     "autotune_limit",
@@ -34,6 +35,13 @@ __all__ = [
     "require_triton",
     "triton_available_for",
 ]
+
+
+class BackendUnavailable(RuntimeError):
+    """An explicitly requested backend (``backend="triton"``, ``"xformers"``, ...) cannot run here.
+
+    The one exception type every kernel family raises for that (never a silent fallback); the message says why.
+    """
 
 
 def interpret_env() -> bool:
@@ -158,7 +166,7 @@ def triton_available_for(kernel, *tensors: torch.Tensor) -> tuple[bool, str]:
 
 
 def require_triton(kernel, *tensors: torch.Tensor, what: str = "backend='triton'") -> None:
-    """Raise RuntimeError saying why, if ``kernel`` cannot run on ``tensors`` (never falls back)."""
+    """Raise BackendUnavailable saying why, if ``kernel`` cannot run on ``tensors`` (never falls back)."""
     ok, reason = triton_available_for(kernel, *tensors)
     if not ok:
-        raise RuntimeError(f"{what} cannot run here: {reason}")
+        raise BackendUnavailable(f"{what} cannot run here: {reason}")

@@ -21,7 +21,7 @@ import os
 import torch
 import torch.nn.functional as F
 
-from ._triton_utils import autotune_limit
+from ._triton_utils import BackendUnavailable, autotune_limit
 
 try:
     import triton
@@ -40,8 +40,9 @@ _MAX_TRITON_HEADDIM = 128
 _LOG2E = 1.4426950408889634
 
 
-class FlashAttentionUnavailable(RuntimeError):
-    """An explicitly requested backend cannot run here (no Triton/CUDA/interpreter, no xformers, ...)."""
+# An explicitly requested backend cannot run here (no Triton/CUDA/interpreter, no xformers, ...): the one
+# exception type of bmclip.kernels, under the name this module has always exported.
+FlashAttentionUnavailable = BackendUnavailable
 
 
 def _interpreting() -> bool:

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from ._triton_utils import HAS_TRITON, is_interpreted, triton, triton_available_for
+from ._triton_utils import HAS_TRITON, BackendUnavailable, is_interpreted, triton, triton_available_for
 
 if HAS_TRITON:
     import triton.language as tl
@@ -60,8 +60,9 @@ _INTERPRET_BLOCK_ELEMS = 1 << 16
 _INTERPRET_BWD_PROGRAMS = 2
 
 
-class FusedOpsUnavailable(RuntimeError):
-    """backend='triton' was asked for but cannot run here (no Triton, no CUDA and no interpreter, ...)."""
+# backend='triton' was asked for but cannot run here: the one exception type of bmclip.kernels, under the name
+# this module has always exported.
+FusedOpsUnavailable = BackendUnavailable
 
 
 # ----------------------------------------------------------------------------------------------------
