@@ -50,6 +50,9 @@ class TarIndex {
     truncated_ = r.truncated;
     dropped_ = r.dropped;
     skipped_members_ = r.skipped_members;
+    damage_ = r.damage;
+    lost_tail_bytes_ = r.lost_tail_bytes;
+    lost_tail_samples_ = r.lost_tail_samples;
   }
 
   size_t size() const { return samples_.size(); }
@@ -108,6 +111,9 @@ class TarIndex {
   bool truncated() const { return truncated_; }
   int64_t dropped() const { return dropped_; }
   int64_t skipped_members() const { return skipped_members_; }
+  const std::string& damage() const { return damage_; }
+  uint64_t lost_tail_bytes() const { return lost_tail_bytes_; }
+  int64_t lost_tail_samples() const { return lost_tail_samples_; }
 
  private:
   std::string path_;
@@ -117,6 +123,9 @@ class TarIndex {
   bool truncated_ = false;
   int64_t dropped_ = 0;
   int64_t skipped_members_ = 0;
+  std::string damage_;
+  uint64_t lost_tail_bytes_ = 0;
+  int64_t lost_tail_samples_ = 0;
 };
 
 // Read-only uint8 view into the mapping; `owner` (the TarIndex) stays alive while the view exists.
@@ -395,6 +404,12 @@ PYBIND11_MODULE(_C, m) {
                              "Samples dropped because the archive is damaged at or inside them.")
       .def_property_readonly("skipped_members", &TarIndex::skipped_members,
                              "Non-regular members and names without a key.ext split.")
+      .def_property_readonly("damage", &TarIndex::damage,
+                             "Why parsing stopped early: '' (clean end), 'empty', 'truncated' or 'bad_header'.")
+      .def_property_readonly("lost_tail_bytes", &TarIndex::lost_tail_bytes,
+                             "Bytes from the point where parsing stopped to the end of the file.")
+      .def_property_readonly("lost_tail_samples", &TarIndex::lost_tail_samples,
+                             "Samples whose headers appear after a bad header (not read; 0 for a cut-off file).")
       .def_property_readonly("path", &TarIndex::path, "The shard path.")
       .def_property_readonly("file_size", &TarIndex::file_size, "Size of the file in bytes.")
       .def("__repr__", [](const TarIndex& self) {

@@ -173,6 +173,23 @@ struct JpegErr {
   longjmp(e->jb, 1);
 }
 
+// libjpeg warnings that mean the pixel data is damaged: libjpeg goes on and fills the rest of the
+// scan with grey (a marker inside the entropy-coded data) or with blocks decoded out of step (a bad
+// code, bytes left over before a marker, a missing restart marker). Pillow ignores these and hands out
+// the garbage; a training sample built from it is worse than a counted skip.
+bool jpeg_warning_is_corrupt_data(int code) {
+  switch (code) {
+    case JWRN_HIT_MARKER:
+    case JWRN_HUFF_BAD_CODE:
+    case JWRN_ARITH_BAD_CODE:
+    case JWRN_EXTRANEOUS_DATA:
+    case JWRN_MUST_RESYNC:
+      return true;
+    default:  // JWRN_ADOBE_XFORM, JWRN_JFIF_MAJOR, JWRN_BOGUS_ICC, JWRN_NOT_SEQUENTIAL, ...: pixels intact
+      return false;
+  }
+}
+
 void jpeg_on_message(j_common_ptr c, int level) {
   if (level >= 0) return;  // trace messages
   JpegErr* e = reinterpret_cast<JpegErr*>(c->err);
@@ -182,7 +199,13 @@ void jpeg_on_message(j_common_ptr c, int level) {
     snprintf(e->msg, sizeof(e->msg), "premature end of data");
     longjmp(e->jb, 1);
   }
-  c->err->num_warnings++;  // other corrupt-data warnings: decode what is there, like Pillow
+  if (jpeg_warning_is_corrupt_data(c->err->msg_code)) {
+    char buf[JMSG_LENGTH_MAX];
+    (*c->err->format_message)(c, buf);  // "Corrupt JPEG data: ..."
+    snprintf(e->msg, sizeof(e->msg), "%s", buf);
+    longjmp(e->jb, 1);
+  }
+  c->err->num_warnings++;  // benign warnings (metadata): decode what is there, like Pillow
 }
 
 void jpeg_silent(j_common_ptr) {}
@@ -383,7 +406,18 @@ bool jpeg_run(JpegCtx& ctx) {
       ctx.resampler->push_row(y, ctx.row.data());
     }
   }
-  jpeg_destroy_decompress(&cinfo);  // rows past the crop are never decoded
+  // The rest of the stream is still read, so that damage or truncation anywhere in the file fails the
+  // sample whatever the crop (a verdict that does not depend on the random crop). Rows past the crop
+  // are only entropy-decoded: skipping to the very bottom would not read them at all (libjpeg marks
+  // the input finished), so skip to the last row and read that one.
+  const JDIMENSION last = cinfo.output_height - 1;
+  if (cinfo.output_scanline < last) jpeg_skip_scanlines(&cinfo, last - cinfo.output_scanline);
+  if (cinfo.output_scanline < cinfo.output_height) {
+    JSAMPROW rp = ctx.row.data();
+    jpeg_read_scanlines(&cinfo, &rp, 1);
+  }
+  jpeg_finish_decompress(&cinfo);  // reads up to EOI: markers after the last scan are checked too
+  jpeg_destroy_decompress(&cinfo);
   return true;
 }
 
@@ -403,7 +437,23 @@ void png_on_error(png_structp png, png_const_charp m) {
   png_longjmp(png, 1);
 }
 
-void png_on_warning(png_structp, png_const_charp) {}
+// libpng warnings that mean damaged data: a chunk whose CRC does not match (libpng only warns for
+// ancillary chunks) and zlib failures it reports as benign (e.g. the Adler-32 check at the end of
+// the image data). Pillow refuses both. Other warnings (e.g. a known-incorrect sRGB profile, extra
+// compressed data after the image) leave the pixels intact and are ignored, as Pillow does.
+bool png_warning_is_corrupt_data(const char* m) {
+  return strstr(m, "CRC error") != nullptr || strstr(m, "incorrect data check") != nullptr ||
+         strstr(m, "invalid distance") != nullptr || strstr(m, "invalid code") != nullptr ||
+         strstr(m, "invalid block type") != nullptr || strstr(m, "invalid stored block") != nullptr ||
+         strstr(m, "invalid literal") != nullptr || strstr(m, "Not enough image data") != nullptr;
+}
+
+void png_on_warning(png_structp png, png_const_charp m) {
+  if (!png_warning_is_corrupt_data(m)) return;
+  PngCtx* ctx = static_cast<PngCtx*>(png_get_error_ptr(png));
+  snprintf(ctx->msg, sizeof(ctx->msg), "%s", m);
+  png_longjmp(png, 1);
+}
 
 void png_read_mem(png_structp png, png_bytep out, size_t n) {
   PngCtx* ctx = static_cast<PngCtx*>(png_get_io_ptr(png));
@@ -492,7 +542,10 @@ bool png_run(PngCtx& ctx) {
     png_read_row(png, ctx.row.data(), nullptr);
     ctx.resampler->push_row(y, ctx.row.data());
   }
-  png_destroy_read_struct(&png, &info, nullptr);  // rows past the crop are never decoded
+  // The remaining rows are read (not resampled) so that damage anywhere in the image data, including
+  // the zlib checksum after the last row, fails the sample whatever the crop.
+  for (int y = ctx.ys.need_max; y < ctx.height; ++y) png_read_row(png, ctx.row.data(), nullptr);
+  png_destroy_read_struct(&png, &info, nullptr);
   return true;
 }
 

@@ -112,6 +112,35 @@ bool parse_pax(const uint8_t* p, size_t n, std::string* path, bool* has_path, ui
 
 }  // namespace
 
+// Samples whose member headers appear in data[from:size]: 512-byte aligned blocks with a valid
+// header checksum and a regular member name with a key; consecutive members with the same key are
+// one sample, and members of `open_key` (the sample already counted as dropped) are not counted.
+// A header's data is jumped over when its size field parses and fits, else the scan moves on by one
+// block.
+static int64_t count_samples_after(const uint8_t* data, size_t size, uint64_t from,
+                                   const std::string& open_key) {
+  int64_t n = 0;
+  std::string last = open_key;
+  for (uint64_t pos = from; pos + kBlock <= size;) {
+    const uint8_t* h = data + pos;
+    uint64_t msize;
+    if (is_zero_block(h) || !checksum_ok(h) || !parse_number(h + 124, 12, &msize)) {
+      pos += kBlock;
+      continue;
+    }
+    char type = static_cast<char>(h[156]);
+    std::string key, ext;
+    if ((type == '0' || type == '\0' || type == '7') && split_key_ext(field_str(h, 100), &key, &ext) &&
+        key != last) {
+      ++n;
+      last = key;
+    }
+    uint64_t next = pos + kBlock + round_up(msize);
+    pos = (next > pos && next <= size) ? next : pos + kBlock;
+  }
+  return n;
+}
+
 bool split_key_ext(const std::string& path, std::string* key, std::string* ext) {
   size_t slash = path.rfind('/');
   size_t base = slash == std::string::npos ? 0 : slash + 1;
@@ -138,13 +167,15 @@ TarParseResult parse_tar(const uint8_t* data, size_t size) {
   bool has_pax_size = false;
   bool clean_end = false;
 
-  auto fail = [&](const std::string& msg) {
+  auto fail = [&](const std::string& msg, const char* kind = "truncated") {
     r.errors.push_back(msg);
     r.truncated = true;
+    r.damage = kind;
+    r.lost_tail_bytes = size - std::min<uint64_t>(pos, size);
   };
 
   if (size == 0) {
-    fail("empty tar file");
+    fail("empty tar file", "empty");
     return r;
   }
   while (true) {
@@ -162,12 +193,12 @@ TarParseResult parse_tar(const uint8_t* data, size_t size) {
       break;
     }
     if (!checksum_ok(h)) {
-      fail("bad header checksum at offset " + std::to_string(pos));
+      fail("bad header checksum at offset " + std::to_string(pos), "bad_header");
       break;
     }
     uint64_t msize;
     if (!parse_number(h + 124, 12, &msize)) {
-      fail("bad size field at offset " + std::to_string(pos));
+      fail("bad size field at offset " + std::to_string(pos), "bad_header");
       break;
     }
     char type = static_cast<char>(h[156]);
@@ -197,7 +228,7 @@ TarParseResult parse_tar(const uint8_t* data, size_t size) {
       } else if (type == 'x' || type == 'X') {
         if (!parse_pax(data + data_off, static_cast<size_t>(msize), &pax_path, &has_pax_path,
                        &pax_size, &has_pax_size)) {
-          fail("bad pax header at offset " + std::to_string(pos));
+          fail("bad pax header at offset " + std::to_string(pos), "bad_header");
           break;
         }
       }
@@ -260,6 +291,8 @@ TarParseResult parse_tar(const uint8_t* data, size_t size) {
     }
     current.members.push_back(TarMember{ext, data_off, msize});
   }
+  if (r.damage == "bad_header") r.lost_tail_samples = count_samples_after(data, size, pos + kBlock,
+                                                                         have_current ? current.key : "");
   if (have_current) {
     if (clean_end) {
       r.samples.push_back(std::move(current));

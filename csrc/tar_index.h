@@ -45,6 +45,13 @@ struct TarParseResult {
   bool truncated = false;    // parsing stopped before a clean end-of-archive marker
   int64_t dropped = 0;       // samples dropped because of damage or duplicate members
   int64_t skipped_members = 0;  // non-regular members and regular ones without a key/ext split
+  // Where parsing stopped when it did not reach a clean end: the kind of damage ("" when none,
+  // "empty", "truncated" or "bad_header"), the bytes from the stop point to the end of the file,
+  // and the samples whose headers still appear in those bytes (found by scanning for valid headers;
+  // they are not read, since parsing stops at the first damage).
+  std::string damage;
+  uint64_t lost_tail_bytes = 0;
+  int64_t lost_tail_samples = 0;
 };
 TarParseResult parse_tar(const uint8_t* data, size_t size);
 

@@ -103,7 +103,20 @@ def _new_counters() -> dict[str, Any]:
         "tar_errors": [],
         "bad_json": 0,
         "dropped_last": 0,
+        "tar_damaged_shards": 0,
+        "lost_tail_bytes": 0,
+        "example_error": None,
     }
+
+
+# Skip reasons that count shards, not samples (kept in ``skipped`` for history; not in samples_skipped)
+_SHARD_REASONS = ("truncated_tar", "unreadable_shard")
+
+
+def _new_pass() -> dict[str, Any]:
+    """Tallies of the current pass over the data (reset each epoch), for the no-valid-sample diagnosis."""
+    return {"good": 0, "tried": 0, "reasons": {}, "example": None, "tar_samples": 0, "shards_seen": 0,
+            "damage": {}}
 
 
 class _Sample:
@@ -127,6 +140,13 @@ class _Stream:
         self.rng.bit_generator.state = state["rng"]
         self.shard_rng = np.random.Generator(np.random.PCG64())
         self.shard_rng.bit_generator.state = state["shard_rng"]
+        state.setdefault("pass", _new_pass())
+        # resampled: which samples of which shard failed since the last valid one (1 byte per sample);
+        # when every sample of every shard has failed, a whole pass yielded nothing valid
+        self._failed: dict[int, np.ndarray] = {}
+        self._n_failed = 0
+        self._sizes: dict[int, int] = {}
+        self._seen: set[int] = set()  # shards already tallied in st["pass"]
 
     # -- shard access -------------------------------------------------------------------------
     def plan(self) -> tuple[list[int], int, int]:
@@ -159,18 +179,80 @@ class _Stream:
         self._evict()
         idx = self.index(shard)
         c = st["counters"]
+        url = self.L.urls[shard]
         if idx is None:
-            _count(c, "unreadable_shard", f"unreadable shard {self.L.urls[shard]}")
+            _count(c, "unreadable_shard", f"unreadable shard {url}")
+            c["tar_damaged_shards"] += 1
+            self._note_shard(shard, "unreadable", 0, f"cannot open {url}")
+            self._sizes[shard] = 0
             return
         c["shards_opened"] += 1
+        n = len(self._samples_cache[shard])
+        damage = str(getattr(idx, "damage", "truncated" if idx.truncated else ""))
+        self._note_shard(shard, damage, n, f"{url}: {list(idx.errors)[0]}" if idx.errors else url)
+        mod, rem = (1, 0) if self.L.resampled else self.plan()[1:]
+        self._sizes[shard] = (n - rem + mod - 1) // mod if n > rem else 0
         if idx.truncated or idx.errors:
             if idx.truncated:
-                _count(c, "truncated_tar", f"truncated tar {self.L.urls[shard]}")
+                _count(c, "truncated_tar", f"truncated tar {url}")
+                c["tar_damaged_shards"] += 1
+                c["lost_tail_bytes"] += int(getattr(idx, "lost_tail_bytes", 0))
             dropped = int(getattr(idx, "dropped", 0))
             if dropped:  # samples the indexer could not keep (damaged at or inside them)
                 c["skipped"]["damaged_tar_sample"] = c["skipped"].get("damaged_tar_sample", 0) + dropped
+            lost = int(getattr(idx, "lost_tail_samples", 0))
+            if lost:  # complete samples after a bad header: never read, since parsing stops there
+                c["skipped"]["tar_lost_tail"] = c["skipped"].get("tar_lost_tail", 0) + lost
             if len(c["tar_errors"]) < _MAX_DETAILS:
-                c["tar_errors"].extend(f"{self.L.urls[shard]}: {e}" for e in list(idx.errors)[:8])
+                c["tar_errors"].extend(f"{url}: {e}" for e in list(idx.errors)[:8])
+
+    # -- pass bookkeeping ----------------------------------------------------------------------
+    def _note_shard(self, shard: int, damage: str, n: int, detail: str) -> None:
+        if shard in self._seen:
+            return
+        self._seen.add(shard)
+        p = self.st["pass"]
+        p["shards_seen"] += 1
+        p["tar_samples"] += n
+        if damage:
+            d = p["damage"].setdefault(damage, [0, detail])
+            d[0] += 1
+
+    def note_good(self) -> None:
+        p = self.st["pass"]
+        p["good"] += 1
+        if self.L.resampled and p["tried"]:  # resampled: the tallies describe the failures since the last valid one
+            p["tried"], p["reasons"], p["example"] = 0, {}, None
+        if self._n_failed:
+            self._failed.clear()
+            self._n_failed = 0
+
+    def note_failed(self, ref: tuple[int, int], reason: str, detail: str) -> None:
+        p = self.st["pass"]
+        p["tried"] += 1
+        p["reasons"][reason] = p["reasons"].get(reason, 0) + 1
+        if p["example"] is None:
+            p["example"] = detail
+        c = self.st["counters"]
+        if c.get("example_error") is None:
+            c["example_error"] = detail
+        if self.L.resampled:
+            shard, i = ref
+            arr = self._failed.get(shard)
+            if arr is None:
+                arr = self._failed[shard] = np.zeros(max(self._sizes.get(shard, 0), i + 1), dtype=bool)
+            elif i >= len(arr):
+                arr = self._failed[shard] = np.concatenate([arr, np.zeros(i + 1 - len(arr), dtype=bool)])
+            if not arr[i]:
+                arr[i] = True
+                self._n_failed += 1
+
+    def check_resampled_pass(self) -> None:
+        """Resampled: raise once every sample of every shard has failed since the last valid sample."""
+        if len(self._sizes) < len(self.L.urls):
+            return
+        if self._n_failed >= sum(self._sizes.values()):
+            raise DataError(_no_valid_message(self.L, self.st, resampled=True, distinct=self._n_failed))
 
     # -- the stream ---------------------------------------------------------------------------
     def next_ref(self) -> tuple[int, int] | None:
@@ -202,9 +284,9 @@ class _Stream:
             st["shard"] = None
             if self.L.resampled:
                 empty_draws += 1
-                # every shard drawn many times in a row gave nothing: the data set has no samples
-                if empty_draws > 10 * len(self.L.urls) + 100:
-                    raise DataError(f"resampled ShardLoader: no samples in any of {len(self.L.urls)} shards")
+                # every shard opened and none had a sample left to try: no pass can yield anything
+                if empty_draws % (len(self.L.urls) + 1) == 0:
+                    self.check_resampled_pass()
 
     def next_sample_ref(self) -> tuple[int, int] | None:
         """Next reference after the shuffle buffer (seeded pick from a full buffer)."""
@@ -236,24 +318,30 @@ class _Stream:
         c = self.st["counters"]
         if idx is None:  # the shard could not be reopened for a buffered reference (resume after it vanished)
             _count(c, "unreadable_shard", f"unreadable shard {self.L.urls[shard]}")
+            self.note_failed(ref, "unreadable_shard", f"cannot open {self.L.urls[shard]}")
             return None
         key, members = self._samples_cache[shard][i]
+
+        def skip(reason: str, detail: str) -> None:
+            _count(c, reason, detail)
+            self.note_failed(ref, reason, detail)
+
         # (offset, size) tuples are never falsy, so `or` picks the first member present (IMAGE_EXTS order)
         img = members.get("jpg") or members.get("jpeg") or members.get("png")
         if img is None:
-            _count(c, "missing_image", f"no jpg/jpeg/png member: {key}")
+            skip("missing_image", f"no jpg/jpeg/png member: {key}")
             return None
         txt = members.get("txt")  # TEXT_EXTS
         if txt is None:
-            _count(c, "missing_caption", f"no txt member: {key}")
+            skip("missing_caption", f"no txt member: {key}")
             return None
         try:
             text = bytes(idx.read(*txt)).decode("utf-8").strip()
         except UnicodeDecodeError:
-            _count(c, "bad_caption_encoding", f"caption is not UTF-8: {key}")
+            skip("bad_caption_encoding", f"caption is not UTF-8: {key}")
             return None
         if not text:
-            _count(c, "empty_caption", f"empty caption: {key}")
+            skip("empty_caption", f"empty caption: {key}")
             return None
         js = None
         if "json" in members:
@@ -275,6 +363,45 @@ def _count(counters: dict[str, Any], reason: str, detail: str) -> None:
         det[detail] = det.get(detail, 0) + 1
 
 
+def _no_valid_message(loader: ShardLoader, st: dict[str, Any], *, resampled: bool, distinct: int = 0) -> str:
+    """Why a whole pass over the data gave no valid sample, with the counts (one cause per message)."""
+    p = st.get("pass") or _new_pass()
+    n_urls = len(loader.urls)
+    where = f"{n_urls} shard{'s' if n_urls != 1 else ''} ({loader.urls[0]}{', ...' if n_urls > 1 else ''})"
+    what = "a whole pass over the data (resampled)" if resampled else "a whole epoch"
+    if st.get("n_splits", 1) > 1 and not resampled:
+        what += f" of split {st['split']}/{st['n_splits']}"
+    if p["tried"] == 0 and p["tar_samples"] == 0:
+        kinds = p["damage"]
+        seen = p["shards_seen"]
+        if set(kinds) == {"empty"} and kinds["empty"][0] == seen:
+            return f"no samples: {where}: every shard is an empty tar file (0 bytes)"
+        if "bad_header" in kinds:
+            n, err = kinds["bad_header"]
+            return f"no samples: bad tar header in {n} of {seen} shard(s) of {where} ({err}); is it a tar file?"
+        if set(kinds) == {"unreadable"}:
+            return f"no samples: {where}: no shard could be opened ({kinds['unreadable'][1]})"
+        if "truncated" in kinds:
+            return (f"no samples: {where}: the tar data ends before the first complete sample "
+                    f"({kinds['truncated'][1]})")
+        if "empty" in kinds:
+            return (f"no samples: {where}: {kinds['empty'][0]} of {seen} shard(s) are empty tar files, "
+                    "the rest hold none")
+        return (f"no samples: {where} hold no webdataset members (files named <key>.<ext>, e.g. "
+                "0001.jpg + 0001.txt)")
+    if p["tried"] == 0:
+        return f"no samples in {what} over {where}"
+    reasons = p["reasons"]
+    total = distinct or p["tried"]
+    tries = f" ({p['tried']} tries)" if distinct and p["tried"] != distinct else ""
+    listed = ", ".join(f"{k}: {v}" for k, v in sorted(reasons.items(), key=lambda kv: -kv[1]))
+    if set(reasons) == {"corrupt_image"}:
+        head = f"all {total} images in {what}{tries} are undecodable"
+    else:
+        head = f"all {total} samples in {what}{tries} were skipped ({listed})"
+    return f"no valid sample: {head} in {where}; e.g. {p['example']}"
+
+
 def _copy_state(st: dict[str, Any]) -> dict[str, Any]:
     out = dict(st)
     out["buffer"] = list(st["buffer"])  # refs are immutable (shard, index) tuples
@@ -283,12 +410,18 @@ def _copy_state(st: dict[str, Any]) -> dict[str, Any]:
     c["skip_details"] = dict(c["skip_details"])
     c["tar_errors"] = list(c["tar_errors"])
     out["counters"] = c
+    if "pass" in st:
+        out["pass"] = json.loads(json.dumps(st["pass"]))
     out["rng"] = json.loads(json.dumps(st["rng"]))
     out["shard_rng"] = json.loads(json.dumps(st["shard_rng"]))
     return out
 
 
 _END = object()
+
+
+class _Stopped(Exception):
+    """The consumer closed the pipe while the producer was assembling a batch."""
 
 
 class _Pipe:
@@ -315,15 +448,22 @@ class _Pipe:
         slot = 0
         try:
             while not self.stop.is_set():
-                batch = self.L._produce(self.stream, self.split, self.ring[slot])
+                batch = self.L._produce(self.stream, self.split, self.ring[slot], self.stop)
                 if batch is None:
-                    self._put((_END, self.L._end_of_epoch_state(self.stream.snapshot())))
+                    snap = self.stream.snapshot()
+                    self._put((_END, (self.L._end_of_epoch_state(snap), snap["pass"])))
                     return
                 if not self._put(batch):
                     return
                 slot = (slot + 1) % len(self.ring)
+        except _Stopped:
+            return
         except BaseException as e:  # surfaced in the consumer thread, never lost
-            self._put((e, None))
+            try:  # the skips that led to it, for stats()
+                counters = _copy_state(self.stream.st)["counters"]
+            except Exception:
+                counters = None
+            self._put((e, counters))
 
     def close(self) -> None:
         self.stop.set()
@@ -357,6 +497,7 @@ class _LoaderIter:
                     self.close()
                     raise DataError("ShardLoader producer thread ended without a result") from None
         if batch is _END:
+            state, self.L.last_pass = state
             self.L._commit(state)
             self.L.epoch = state["epoch"]
             self.L._active = None
@@ -364,6 +505,8 @@ class _LoaderIter:
             self.pipe = None
             raise StopIteration
         if isinstance(batch, BaseException):
+            if state is not None:  # counters of the failed pass (the position stays after the last batch)
+                self.L._state["counters"] = state
             self.L._active = None
             self.pipe.close()
             self.pipe = None
@@ -466,6 +609,8 @@ class ShardLoader(torch.utils.data.IterableDataset):
             raise ConfigError(f"decode_options may not set {sorted(clash)}: they are ShardLoader arguments")
         self._urls_digest = hashlib.sha1("\n".join(self.urls).encode()).hexdigest()
         self._decoder = None
+        # tallies of the last finished epoch: valid samples ("good"), failed ones, reasons
+        self.last_pass: dict[str, Any] | None = None
         self._active: _Pipe | None = None
         self._lock = threading.Lock()
         self._state: dict[str, Any] = self._fresh_state(self.epoch, _new_counters())
@@ -518,6 +663,7 @@ class ShardLoader(torch.utils.data.IterableDataset):
             "shard_rng": _rng(self.seed, epoch, split, 2).bit_generator.state,
             "batch": 0,
             "counters": counters,
+            "pass": _new_pass(),
         }
 
     def _split_for_state(self) -> tuple[int, int]:
@@ -571,9 +717,23 @@ class ShardLoader(torch.utils.data.IterableDataset):
 
     @property
     def stats(self) -> dict[str, Any]:
-        """Counters up to the last batch handed out: samples, batches, skipped{reason: n}, tar errors."""
+        """Counters up to the last batch handed out.
+
+        ``samples`` (handed out in batches), ``batches``, ``shards_opened``, ``skipped`` {reason: n}
+        (sample reasons: missing_image, missing_caption, bad_caption_encoding, empty_caption,
+        corrupt_image (decoder reason in ``skip_details``), damaged_tar_sample (the sample open where a
+        tar is damaged), tar_lost_tail (complete samples after a bad tar header, never read); shard
+        reasons: truncated_tar, unreadable_shard), ``skipped_total`` (all of ``skipped``),
+        ``samples_skipped`` (the sample reasons only), ``tar_errors`` (messages), ``tar_damaged_shards``
+        (shard reads that hit damage or could not open), ``lost_tail_bytes`` (bytes after the damage
+        point of damaged shards), ``example_error`` (the first skip, "key: reason"), ``bad_json``,
+        ``dropped_last``.
+        """
         c = _copy_state(self._state)["counters"]
+        for k, v in _new_counters().items():
+            c.setdefault(k, v)
         c["skipped_total"] = sum(c["skipped"].values())
+        c["samples_skipped"] = sum(v for k, v in c["skipped"].items() if k not in _SHARD_REASONS)
         return c
 
     @property
@@ -675,16 +835,23 @@ class ShardLoader(torch.utils.data.IterableDataset):
     def _tokenize(self, texts: list[str]) -> Future | None:
         return self._tok.submit(texts) if self._tok is not None else None
 
-    def _produce(self, stream: _Stream, split: int, slot: tuple[torch.Tensor, np.ndarray] | None):
-        """Assemble and decode one batch into the ring ``slot``; (batch dict, state after it) or None at end."""
+    def _produce(self, stream: _Stream, split: int, slot: tuple[torch.Tensor, np.ndarray] | None,
+                 stop: threading.Event | None = None):
+        """Assemble and decode one batch into the ring ``slot``; (batch dict, state after it) or None at end.
+
+        Raises DataError when a whole pass over the data (the epoch, or with ``resampled`` every sample
+        of every shard) gives no valid sample, and ``_Stopped`` as soon as ``stop`` is set.
+        """
         out_t, out = slot if slot is not None else (None, None)
         st = stream.st
         bs = self.batch_size
         got: list[_Sample] = []
-        tok_parts: list[tuple[Future, np.ndarray]] = []
+        first_tok: tuple[Future, np.ndarray] | None = None
         attempt = 0
         exhausted = False
         while len(got) < bs and not exhausted:
+            if stop is not None and stop.is_set():
+                raise _Stopped
             cand: list[_Sample] = []
             while len(got) + len(cand) < bs:
                 ref = stream.next_sample_ref()
@@ -694,9 +861,15 @@ class ShardLoader(torch.utils.data.IterableDataset):
                 s = stream.read(ref)
                 if s is not None:
                     cand.append(s)
+                elif self.resampled:
+                    stream.check_resampled_pass()
+                if stop is not None and stop.is_set():
+                    raise _Stopped
             if not cand:
                 break
-            fut = self._tokenize([s.text for s in cand])
+            # the captions of the first attempt are tokenised while it decodes; a refilled batch is
+            # tokenised once at the end (so failed attempts hold no tokenised tensors)
+            fut = self._tokenize([s.text for s in cand]) if attempt == 0 else None
             if self.decode:
                 lo = len(got)
                 dst = out[lo : lo + len(cand)]
@@ -708,17 +881,24 @@ class ShardLoader(torch.utils.data.IterableDataset):
             else:
                 reasons = [self._header_check(s.image) for s in cand]
             ok = np.array([r is None for r in reasons], dtype=bool)
-            for r in reasons:
+            for s, r in zip(cand, reasons):
                 if r is not None:  # detail = the decoder's reason, so distinct details stay few
                     _count(st["counters"], "corrupt_image", str(r))
+                    stream.note_failed(s.ref, "corrupt_image", f"{s.key}: {r}")
+                else:
+                    stream.note_good()
             if self.decode and not ok.all():
                 # keep the decoded rows contiguous: move the good ones down over the failed slots
                 dst[: int(ok.sum())] = dst[ok]
             got.extend(s for s, k in zip(cand, ok) if k)
             if fut is not None:
-                tok_parts.append((fut, ok))
+                first_tok = (fut, ok)
+            if self.resampled and not ok.any():
+                stream.check_resampled_pass()
             attempt += 1
         n = len(got)
+        if n == 0 and exhausted and st["pass"]["good"] == 0:
+            self._check_empty_pass(stream)
         if n == 0 or (self.drop_last and n < bs):
             st["counters"]["dropped_last"] += n
             return None
@@ -733,14 +913,24 @@ class ShardLoader(torch.utils.data.IterableDataset):
             batch["image_bytes"] = [s.image for s in got]
         if any(s.json is not None for s in got):
             batch["json"] = [s.json if s.json is not None else {} for s in got]
-        if len(tok_parts) == 1:
-            fut, ok = tok_parts[0]
+        if first_tok is not None and attempt == 1:
+            fut, ok = first_tok
             t = fut.result()  # shape-checked by BackgroundTokenizer
             batch["input_ids"] = t if ok.all() else t[torch.from_numpy(ok)]
-        elif tok_parts:
+        elif self._tok is not None:
             # refilled batch (rare): tokenise the final captions in one call, so a tokenizer that pads
             # to the longest caption of its call still gives one consistent [N, L]
-            for fut, _ in tok_parts:
-                fut.result()
+            if first_tok is not None:
+                first_tok[0].result()
             batch["input_ids"] = self._tok.submit(batch["text"]).result()
         return batch, stream.snapshot()
+
+    def _check_empty_pass(self, stream: _Stream) -> None:
+        """End of an epoch without a single valid sample: raise DataError naming the cause.
+
+        A split that tried no sample while its shards hold some (more splits than samples) just ends.
+        """
+        p = stream.st["pass"]
+        if p["tried"] > 0 or p["tar_samples"] == 0:
+            raise DataError(_no_valid_message(self, stream.st, resampled=False))
+

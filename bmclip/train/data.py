@@ -59,6 +59,11 @@ def synthetic_input_ids(attrs: np.ndarray, indices: np.ndarray, context_length: 
     return ids
 
 
+def _zero_stats() -> dict:
+    return {"samples_read": 0, "samples_skipped": 0, "skipped_by_reason": {}, "tar_errors": 0,
+            "example_error": None}
+
+
 class SyntheticSource:
     """Seeded epochs over ``size`` synthetic pairs; yields this rank's share of each global batch."""
 
@@ -93,6 +98,10 @@ class SyntheticSource:
     def state_dict(self) -> dict:
         return {"kind": "synthetic", "epoch": self.epoch, "pos": self.pos, "seed": self.seed, "size": self.size}
 
+    def data_stats(self) -> dict:
+        """Same keys as ShardSource.data_stats(); synthetic pairs are never skipped (all zeros)."""
+        return _zero_stats()
+
     def load_state_dict(self, sd: dict) -> None:
         if sd.get("kind") != "synthetic" or sd.get("seed") != self.seed or sd.get("size") != self.size:
             raise DataError(f"loader state does not match this synthetic source: {sd}")
@@ -118,6 +127,9 @@ class ShardSource:
         return self
 
     def __next__(self) -> dict:
+        # The loader itself raises DataError naming the cause when a whole pass gives no valid sample
+        # (empty tar, bad tar header, every image undecodable); an epoch that ends without a batch
+        # although it had valid samples means the batch is larger than the data.
         for _ in range(2):
             if self._it is None:
                 self._it = iter(self.loader)
@@ -130,7 +142,39 @@ class ShardSource:
             if "input_ids" not in batch:
                 raise DataError("the shard loader was built without a tokenizer (no input_ids)")
             return batch
-        raise DataError("the training shards yielded no batch in a whole epoch (all samples skipped?)")
+        raise DataError(self._no_batch_message())
+
+    def _no_batch_message(self) -> str:
+        ld = self.loader
+        last = getattr(ld, "last_pass", None) or {}
+        good = int(last.get("good", 0))
+        world = int(getattr(ld, "world_size", 1))
+        per = "" if world == 1 else f" on rank {ld.rank} (of {world})"
+        if good > 0:
+            rank_part = f" ({ld.batch_size} per rank)" if world > 1 else ""
+            return (f"the training data has only {good} valid sample{'s' if good != 1 else ''} per epoch{per}, "
+                    f"fewer than the batch size {ld.batch_size * world}{rank_part}; use a smaller "
+                    f"--data.batch_size (at most {good * world}) or more data")
+        st = ld.stats
+        return (f"the training data yielded no batch in a whole epoch{per}: {len(ld.urls)} shard(s), "
+                f"{st['samples_skipped']} samples skipped ({st['skipped']}); with several ranks or workers, "
+                "each needs shards of its own (or use --data.resampled=true)")
+
+    def data_stats(self) -> dict:
+        """Data counters for the trainer's logs, up to the last batch handed out.
+
+        ``samples_read``: samples taken from the shards (valid + skipped); ``samples_skipped``: those
+        skipped (so the skip rate is ``samples_skipped / samples_read``); ``skipped_by_reason``:
+        {reason: n} over sample reasons (see ``ShardLoader.stats``); ``tar_errors``: shard reads that
+        hit tar damage or could not open; ``example_error``: the first skip as "key: reason" (None if
+        none). Also ``lost_tail_bytes`` (bytes of damaged shards after the damage point).
+        """
+        st = self.loader.stats
+        by_reason = {k: int(v) for k, v in st["skipped"].items() if k not in ("truncated_tar", "unreadable_shard")}
+        skipped = sum(by_reason.values())
+        return {"samples_read": int(st["samples"]) + int(st["dropped_last"]) + skipped, "samples_skipped": skipped,
+                "skipped_by_reason": by_reason, "tar_errors": int(st["tar_damaged_shards"]),
+                "example_error": st["example_error"], "lost_tail_bytes": int(st["lost_tail_bytes"])}
 
     def state_dict(self) -> dict:
         return {"kind": "shards", "loader": self.loader.state_dict()}
@@ -292,6 +336,18 @@ class DaliShardSource(ShardSource):
         stop = getattr(self, "_stop", None)
         if stop is not None:
             stop.set()
+
+    def data_stats(self) -> dict:
+        """``ShardSource.data_stats`` plus the samples of batches DALI failed to decode
+        (``skipped_by_reason["dali_decode_error"]``; the loader's counters run up to ``prefetch``
+        batches ahead while prefetching)."""
+        d = ShardSource.data_stats(self)
+        if self.bad_samples:
+            d["skipped_by_reason"]["dali_decode_error"] = int(self.bad_samples)
+            d["samples_skipped"] += int(self.bad_samples)
+            if d["example_error"] is None:
+                d["example_error"] = self.last_error or None
+        return d
 
     def state_dict(self) -> dict:
         # while prefetching, the loader is ahead of the consumer: the state is the one after the last
