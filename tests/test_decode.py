@@ -549,3 +549,168 @@ def _decode_in_child(datas):
     out = np.zeros((len(datas), 24, 24, 3), np.uint8)
     _FORK_DECODER.decode_batch(datas, out, seed=8)
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# damaged real images: the verdict matches Pillow's refusals and does not depend on the crop
+
+
+def _entropy_start(data: bytes) -> int:
+    """Offset of the first byte after the first SOS segment (start of the entropy-coded data)."""
+    i = 2
+    while True:
+        marker, length = data[i + 1], int.from_bytes(data[i + 2 : i + 4], "big")
+        if marker == 0xDA:
+            return i + 2 + length
+        i += 2 + length
+
+
+def _jpeg_damages(data: bytes, seed: int) -> list[tuple[str, bytes]]:
+    import random
+
+    rng = random.Random(seed)
+    s = _entropy_start(data)
+    out = []
+    for k in range(10):
+        b = bytearray(data)
+        pos = rng.randrange(s, len(data) - 80)
+        kind = ("random16", "zero64", "delete", "marker")[k % 4]
+        if kind == "random16":
+            b[pos : pos + 16] = bytes(rng.randrange(256) for _ in range(16))
+        elif kind == "zero64":
+            b[pos : pos + 64] = bytes(64)
+        elif kind == "delete":
+            del b[pos : pos + rng.randrange(1, 5)]
+        else:  # a byte pair that reads as an unknown marker inside the scan
+            b[pos : pos + 2] = b"\xff\xc8"
+        out.append((f"{kind}@{pos}", bytes(b)))
+    for frac in (0.5, 0.9, 0.99):
+        out.append((f"cut@{frac}", data[: int(len(data) * frac)]))
+    return out
+
+
+def _pillow_refuses(data: bytes) -> bool:
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            im.load()
+    except (OSError, SyntaxError, ValueError):
+        return True
+    return False
+
+
+def _our_verdicts(dec, data: bytes) -> list[str | None]:
+    """The reason (None = decoded) of the fused crop (two seeds), the eval transform and the full decode."""
+    out = np.zeros((1, 64, 64, 3), np.uint8)
+    verdicts = [dec.decode_batch([data], out, augment=RRC, seed=s)[0] for s in (0, 7)]
+    verdicts.append(dec.decode_batch([data], out, augment="center", seed=0)[0])
+    try:
+        dec.decode_image(data)
+        verdicts.append(None)
+    except DataError as e:
+        verdicts.append(str(e))
+    return verdicts
+
+
+def test_damaged_real_jpegs_fail_where_pillow_refuses(dec):
+    """Real figures damaged in the entropy-coded data or cut short: every file Pillow refuses fails
+    here too, whatever the crop; a file refused only here is one libjpeg reported as corrupt data
+    (Pillow ignores those warnings and hands out grey/garbage blocks)."""
+    files = sorted(FIX.parent.rglob("*.jpg"))
+    assert len(files) == 7
+    tallies = {"pillow_refuses": 0, "corrupt_warning_only": 0, "both_accept": 0}
+    for fi, path in enumerate(files):
+        for name, data in _jpeg_damages(path.read_bytes(), fi):
+            v = _our_verdicts(dec, data)
+            ours_fail = [r is not None for r in v]
+            assert len(set(ours_fail)) == 1, (path.name, name, v)  # the crop does not change the verdict
+            if _pillow_refuses(data):
+                tallies["pillow_refuses"] += 1
+                assert ours_fail[0], (path.name, name)
+            elif ours_fail[0]:
+                tallies["corrupt_warning_only"] += 1
+                assert "Corrupt JPEG data" in v[0], (path.name, name, v[0])
+            else:
+                tallies["both_accept"] += 1
+    # both rules were exercised (truncations and in-scan markers: Pillow refuses; a desynchronised scan
+    # that libjpeg only warns about: refused here alone)
+    assert tallies["pillow_refuses"] >= 21 and tallies["corrupt_warning_only"] >= 5, tallies
+
+
+def test_every_real_jpeg_still_decodes_in_every_mode(dec, every_real_jpeg):
+    for path in every_real_jpeg:
+        assert _our_verdicts(dec, path.read_bytes()) == [None] * 4, str(path)
+
+
+def _png_chunks(data: bytes) -> list[tuple[bytes, int, int]]:
+    """(type, offset of the length field, data length) of every chunk."""
+    i, out = 8, []
+    while i < len(data):
+        n = struct.unpack(">I", data[i : i + 4])[0]
+        out.append((data[i + 4 : i + 8], i, n))
+        i += 12 + n
+    return out
+
+
+def _chunk_bytes(tag: bytes, payload: bytes, crc_ok: bool = True) -> bytes:
+    crc = zlib.crc32(tag + payload) ^ (0 if crc_ok else 1)
+    return struct.pack(">I", len(payload)) + tag + payload + struct.pack(">I", crc & 0xFFFFFFFF)
+
+
+def _png_damages(data: bytes, seed: int) -> list[tuple[str, bytes]]:
+    import random
+
+    rng = random.Random(seed)
+    chunks = _png_chunks(data)
+    idats = [c for c in chunks if c[0] == b"IDAT"]
+    first_idat = idats[0][1]
+    iend = [c for c in chunks if c[0] == b"IEND"][0][1]
+    out = []
+    for k in range(3):  # a flipped byte in the compressed data, CRC recomputed (only zlib can notice)
+        _, off, n = rng.choice(idats)
+        b = bytearray(data)
+        b[off + 8 + rng.randrange(n)] ^= 0xFF
+        b[off + 8 + n : off + 12 + n] = struct.pack(">I", zlib.crc32(bytes(b[off + 4 : off + 8 + n])))
+        out.append((f"idat-byte-{k}", bytes(b)))
+    _, off, n = idats[-1]  # the Adler-32 checksum after the last row
+    b = bytearray(data)
+    b[off + 8 + n - 1] ^= 0x01
+    b[off + 8 + n : off + 12 + n] = struct.pack(">I", zlib.crc32(bytes(b[off + 4 : off + 8 + n])))
+    out.append(("adler32", bytes(b)))
+    b = bytearray(data)  # IDAT CRC wrong (Pillow does not check it; libpng does: corrupt data)
+    b[off + 8 + n + 3] ^= 0x01
+    out.append(("idat-crc", bytes(b)))
+    text = _chunk_bytes(b"tEXt", b"Comment\x00damaged", crc_ok=False)
+    out.append(("text-crc-before-idat", data[:first_idat] + text + data[first_idat:]))
+    out.append(("text-crc-after-idat", data[:iend] + text + data[iend:]))
+    b = bytearray(data)
+    b[-1] ^= 0x01
+    out.append(("iend-crc", bytes(b)))
+    for frac in (0.3, 0.8, 0.98):
+        out.append((f"cut@{frac}", data[: int(len(data) * frac)]))
+    return out
+
+
+@pytest.mark.parametrize("interlace", [False, True])
+def test_damaged_real_pngs_fail_where_pillow_refuses(dec, interlace):
+    """A real figure as PNG, damaged: every file Pillow refuses fails here too, whatever the crop;
+    damage Pillow ignores (a bad CRC on a chunk after the image data or on IEND) does not reject it,
+    and one refused only here is a CRC failure of the image data (libpng checks IDAT CRCs, Pillow not)."""
+    im = Image.open(FIX / "elife-32671-fig5.jpg").convert("RGB")
+    im = im.resize((im.width // 4, im.height // 4))
+    buf = io.BytesIO()
+    im.save(buf, "PNG", interlace=interlace)
+    data = buf.getvalue()
+    assert _our_verdicts(dec, data) == [None] * 4
+    refused = accepted = 0
+    for name, bad in _png_damages(data, int(interlace)):
+        v = _our_verdicts(dec, bad)
+        ours_fail = [r is not None for r in v]
+        assert len(set(ours_fail)) == 1, (name, v)
+        if _pillow_refuses(bad):
+            refused += 1
+            assert ours_fail[0], name
+        elif ours_fail[0]:
+            assert name == "idat-crc" and "CRC error" in v[0], (name, v)
+        else:
+            accepted += 1
+    assert refused >= 7 and accepted >= 2, (refused, accepted)

@@ -43,11 +43,13 @@ workers' copies advance their epoch, not the main process's, call ``set_epoch(e)
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import json
 import os
 import queue
 import threading
+import weakref
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from typing import Any
@@ -424,6 +426,18 @@ class _Stopped(Exception):
     """The consumer closed the pipe while the producer was assembling a batch."""
 
 
+# Producers still running when the interpreter exits (e.g. after Ctrl-C) are stopped and joined by an
+# atexit handler: a daemon thread left inside the C++ decoder would be ended by the finalizing
+# interpreter (pthread_exit) when it takes the GIL back, which aborts the process.
+_LIVE_PIPES: weakref.WeakSet = weakref.WeakSet()
+
+
+@atexit.register
+def _close_live_pipes() -> None:
+    for pipe in list(_LIVE_PIPES):
+        pipe.close(timeout=30)
+
+
 class _Pipe:
     """Producer thread + bounded queue for one iteration; holds no reference to the iterator."""
 
@@ -433,6 +447,7 @@ class _Pipe:
         self.stop = threading.Event()
         self.ring = loader._make_ring()
         self.thread = threading.Thread(target=self._run, name="ShardLoader-producer", daemon=True)
+        _LIVE_PIPES.add(self)
         self.thread.start()
 
     def _put(self, item) -> bool:
@@ -465,7 +480,8 @@ class _Pipe:
                 counters = None
             self._put((e, counters))
 
-    def close(self) -> None:
+    def close(self, timeout: float = 60) -> None:
+        """Stop the producer (it checks between samples and after each decode call) and join it."""
         self.stop.set()
         while True:  # unblock a producer waiting on a full queue
             try:
@@ -473,7 +489,8 @@ class _Pipe:
             except queue.Empty:
                 break
         if self.thread.is_alive() and threading.current_thread() is not self.thread:
-            self.thread.join(timeout=60)
+            self.thread.join(timeout=timeout)
+        _LIVE_PIPES.discard(self)
 
 
 class _LoaderIter:

@@ -505,13 +505,53 @@ def _split_key(name: str) -> tuple[str, str]:
     return (os.path.join(d, stem) if d else stem), ext.lower()
 
 
+def _open_shard(url: str) -> tarfile.TarFile:
+    try:
+        if os.path.getsize(url) == 0:
+            raise DataError(f"cannot open shard {url}: empty tar file (0 bytes)")
+        return tarfile.open(url, "r:*")
+    except tarfile.ReadError as e:
+        raise DataError(f"cannot open shard {url}: bad tar header, not a tar file ({e})") from e
+    except (OSError, tarfile.TarError) as e:
+        raise DataError(f"cannot open shard {url}: {e}") from e
+
+
+def _samples_after(url: str, offset: int) -> int:
+    """Samples whose member headers still appear in ``url`` from ``offset`` on (512-byte aligned blocks
+    that parse as tar headers with a valid checksum); they are lost when reading stops at damage."""
+    n, last = 0, None
+    try:
+        with open(url, "rb") as f:
+            pos = offset - offset % tarfile.BLOCKSIZE
+            while True:
+                f.seek(pos)
+                block = f.read(tarfile.BLOCKSIZE)
+                if len(block) < tarfile.BLOCKSIZE:
+                    return n
+                try:
+                    ti = tarfile.TarInfo.frombuf(block, tarfile.ENCODING, "surrogateescape")
+                except tarfile.HeaderError:
+                    pos += tarfile.BLOCKSIZE
+                    continue
+                if ti.isfile():
+                    key, ext = _split_key(ti.name)
+                    if ext and key != last:
+                        n, last = n + 1, key
+                    pos += tarfile.BLOCKSIZE + -(-ti.size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
+                else:
+                    pos += tarfile.BLOCKSIZE
+    except OSError:
+        return n
+
+
 def iter_shard_samples(urls: Sequence[str], skipped: list | None = None) -> Iterator[dict[str, Any]]:
-    """Yield {"key", "__shard__", <ext>: bytes...} per sample from tar shards (members grouped by key, in order)."""
+    """Yield {"key", "__shard__", <ext>: bytes...} per sample from tar shards (members grouped by key, in order).
+
+    With ``skipped`` (a list), tar damage is recorded there as (url, reason) instead of raised: the
+    sample open at the damage, and the samples whose headers still appear after it ("lost tail").
+    """
     for url in urls:
-        try:
-            tf = tarfile.open(url, "r:*")
-        except (OSError, tarfile.TarError) as e:
-            raise DataError(f"cannot open shard {url}: {e}") from e
+        tf = _open_shard(url)
         with tf:
             cur: dict[str, Any] | None = None
             broken = False
@@ -539,6 +579,12 @@ def iter_shard_samples(urls: Sequence[str], skipped: list | None = None) -> Iter
                 if skipped is None:
                     raise DataError(msg)
                 skipped.append((url, "truncated: " + msg))
+                broken = True
+            if broken and skipped is not None:
+                lost = _samples_after(url, tf.offset + tarfile.BLOCKSIZE)
+                if lost:
+                    skipped.append((url, f"tar_lost_tail: {lost} sample(s) after the damage at byte {tf.offset} "
+                                         "not read"))
 
 
 def _ended_cleanly(tf: tarfile.TarFile) -> bool:
@@ -609,11 +655,34 @@ def iter_shard_pairs(pattern: str, image_size: int, batch_size: int = 64, skippe
         if buf:
             yield buf
 
-    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+    n_samples = n_good = 0
+    pool = ThreadPoolExecutor(max_workers=max(1, workers))
+    try:
         for chunk in chunks():
+            n_samples += len(chunk)
             res = [r for r in pool.map(decode, chunk) if r is not None]
             if res:
+                n_good += len(res)
                 yield {"key": [r[0] for r in res], "image": np.stack([r[1] for r in res]), "text": [r[2] for r in res]}
+    finally:  # Ctrl-C / an abandoned generator: queued decodes are dropped, not waited for
+        pool.shutdown(wait=True, cancel_futures=True)
+    if n_good == 0:
+        raise DataError(_no_valid_samples(pattern, urls, n_samples, skipped))
+
+
+def _no_valid_samples(pattern: str, urls: Sequence[str], n_samples: int, skipped: list | None) -> str:
+    """The cause when a whole pass over shards gave no usable sample (with counts and one example)."""
+    where = f"{len(urls)} shard(s) {pattern!r}"
+    tar_problems = [r for _, r in (skipped or []) if r.startswith(("truncated", "tar_lost_tail"))]
+    if n_samples == 0:
+        if tar_problems:
+            return f"no samples in {where}: {tar_problems[0]}"
+        return f"no samples in {where}: the tar files hold no webdataset members (<key>.<ext>)"
+    sample_skips = [(k, r) for k, r in (skipped or []) if not r.startswith(("truncated", "tar_lost_tail"))]
+    example = f"; e.g. {sample_skips[0][0]}: {sample_skips[0][1]}" if sample_skips else ""
+    if sample_skips and all("corrupt" in r for _, r in sample_skips):
+        return f"no valid sample in {where}: all {n_samples} images are undecodable{example}"
+    return f"no valid sample in {where}: all {n_samples} samples were skipped{example}"
 
 
 class ShardClassificationDataset(ImageDataset):
@@ -636,7 +705,11 @@ class ShardClassificationDataset(ImageDataset):
                 continue
             self.samples.append((s, lab))
         if not self.samples:
-            raise DataError(f"no labelled samples (image + cls) in {pattern}")
+            if self.skipped:
+                why = f": {len(self.skipped)} skipped, e.g. {self.skipped[0][0]}: {self.skipped[0][1]}"
+            else:
+                why = ": the tar files hold no samples"
+            raise DataError(f"no labelled samples (image + cls) in {pattern}{why}")
         n_cls = max(lab for _, lab in self.samples) + 1
         self.classes = list(task.classes) if task is not None else [str(i) for i in range(n_cls)]
         if n_cls > len(self.classes):
@@ -678,12 +751,20 @@ def iterate_batches(dataset: ImageDataset, image_size: int, batch_size: int = 64
             dataset.skipped.append((dataset.name_of(i), str(e)))
             return None
 
-    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+    n_good = 0
+    pool = ThreadPoolExecutor(max_workers=max(1, workers))
+    try:
         for s in range(0, len(idx), batch_size):
             res = [r for r in pool.map(load, idx[s : s + batch_size]) if r is not None]
             if res:
+                n_good += len(res)
                 batch = {"index": np.array([r[0] for r in res], dtype=np.int64),
                          "image": np.stack([r[1] for r in res])}
                 if getattr(dataset, "labelled", True):
                     batch["label"] = np.array([r[2] for r in res], dtype=np.int64)
                 yield batch
+    finally:  # Ctrl-C / an abandoned generator: queued loads are dropped, not waited for
+        pool.shutdown(wait=True, cancel_futures=True)
+    if idx and n_good == 0:
+        ex = f"; e.g. {dataset.skipped[-1][0]}: {dataset.skipped[-1][1]}" if dataset.skipped else ""
+        raise DataError(f"none of the {len(idx)} images could be read{ex}")

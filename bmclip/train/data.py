@@ -176,6 +176,11 @@ class ShardSource:
                 "skipped_by_reason": by_reason, "tar_errors": int(st["tar_damaged_shards"]),
                 "example_error": st["example_error"], "lost_tail_bytes": int(st["lost_tail_bytes"])}
 
+    def close(self) -> None:
+        """Stop the loader's background producer (a later ``next`` starts it again where it was)."""
+        self._it = None
+        self.loader._stop_active()
+
     def state_dict(self) -> dict:
         return {"kind": "shards", "loader": self.loader.state_dict()}
 
