@@ -262,6 +262,29 @@ def test_undecodable_image_skips_its_batch(bad_shard):
         next(only_bad)
 
 
+def test_dali_source_data_stats_and_no_valid_sample(bad_shard, tmp_path):
+    src = _source(bad_shard, shuffle=False)
+    next(src)
+    d = src.data_stats()
+    assert d["skipped_by_reason"] == {"dali_decode_error": 8} and d["samples_skipped"] == 8
+    assert d["example_error"] == src.last_error and d["tar_errors"] == 0
+    # nothing passes the loader's header check: the loader's DataError names the cause, resampled or not
+    p = tmp_path / "garbage.tar"
+    with tarfile.open(p, "w") as tf:
+        for i in range(6):
+            for ext, blob in (("jpg", b"\xff\xd8\xff\xe0 not a jpeg" * 4), ("txt", b"a caption")):
+                ti = tarfile.TarInfo(f"g{i:04d}.{ext}")
+                ti.size = len(blob)
+                tf.addfile(ti, io.BytesIO(blob))
+    for resampled in (False, True):
+        ld = ShardLoader(str(p), batch_size=4, image_size=S, num_threads=1, resampled=resampled, drop_last=True,
+                         tokenizer=_tok, decode=False)
+        src = DaliShardSource(ld, lambda: None, seed=0, prefetch=1)
+        with pytest.raises(DataError, match=r"all 6 images .*are undecodable .*e\.g\. g000\d: "):
+            next(src)
+        src.close()
+
+
 def test_prefetch_thread_gives_the_same_batches_and_states(shard, bad_shard):
     url, _ = shard
     sync, pre = _source(url, seed=2), _source(url, seed=2, prefetch=2)

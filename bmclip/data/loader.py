@@ -18,7 +18,11 @@ the consumer trains on batch n; the C++ decoder releases the GIL for the whole b
    leaves the buffer); each output sample is a seeded random pick from the full buffer.
 4. **Sample filtering.** Image member: the first of ``jpg``, ``jpeg``, ``png``; caption: ``txt``
    (UTF-8); ``json`` parsed when present. Missing/undecodable members are counted skips (``skipped``),
-   and the batch is refilled from the stream so batches stay full.
+   and the batch is refilled from the stream so batches stay full. A whole pass that yields no valid
+   sample (an epoch; with ``resampled``, every sample of every shard failed since the last valid one)
+   raises ``DataError`` naming the cause (empty tar, bad tar header, undecodable images with an
+   example reason, ...) instead of looping. Closing the iterator (or interpreter exit) stops the
+   producer between samples.
 5. **Decode.** ``bmclip._C.Decoder.decode_batch`` writes random-resized-crop (train) or
    resize+centre-crop (eval) pixels into a preallocated ``[N, S, S, 3]`` uint8 ring buffer (a torch
    tensor, pinned with ``pin_memory=True``, written through its numpy view) that becomes
