@@ -330,7 +330,7 @@ def test_sigint_stops_a_busy_all_bad_pass_within_seconds(tmp_path, where):
     took = child.wait(timeout=30)
     assert child.rc == 130 and "interrupted" in child.text, child.text[-2000:]
     assert "Traceback" not in child.text, child.text[-3000:]
-    assert took < 8, took
+    assert took < 10, took
     assert child.maxrss_mb < 2500, child.maxrss_mb
 
 
@@ -362,4 +362,4 @@ def test_sigint_while_consumer_waits_on_a_busy_producer(tmp_path):
     os.kill(child.p.pid, signal.SIGINT)
     took = child.wait(timeout=30)
     assert child.rc == 130 and "interrupted" in child.text, child.text[-2000:]
-    assert took < 8, took
+    assert took < 10, took

@@ -255,3 +255,29 @@ def test_non_utf8_names_use_surrogateescape(tmp_path):
     assert idx.samples() == [("caf\udce9", {"jpg": idx.sample(0)["jpg"]})]
     assert any("duplicate" in e for e in idx.errors)
     assert idx.keys() == [k for k, _ in reference_samples(data)]
+
+
+def test_damage_kind_and_lost_tail(tmp_path):
+    """What stopped the parse, and what lies after it: nothing for a clean file, the bytes after the
+    cut for a truncated one, and the samples a scan still finds after a bad header."""
+    members = [(f"k{i:03d}.{ext}", bytes([i]) * 700) for i in range(6) for ext in ("jpg", "txt")]
+    data = make_tar(members, fmt=tarfile.USTAR_FORMAT)
+    cases = {"clean": data, "empty": b""}
+    cases["truncated"] = data[: 512 * 9 + 100]  # inside k001.txt's data (members are 512 + 1024 bytes)
+    bad = bytearray(data)
+    bad[1536 * 4 : 1536 * 4 + 512] = b"\x01" * 512  # k002.jpg's header
+    cases["bad_header"] = bytes(bad)
+    expect = {  # damage, samples kept, dropped, lost_tail_bytes, lost_tail_samples
+        "clean": ("", 6, 0, 0, 0),
+        "empty": ("empty", 0, 0, 0, 0),
+        "truncated": ("truncated", 1, 1, 512 * 9 + 100 - 1536 * 3, 0),
+        # k001 is dropped (more of its members might have followed), k002 (its txt) .. k005 are the lost tail
+        "bad_header": ("bad_header", 1, 1, len(data) - 1536 * 4, 4),
+    }
+    for name, blob in cases.items():
+        p = tmp_path / f"{name}.tar"
+        p.write_bytes(blob)
+        idx = _C.TarIndex(str(p))
+        got = (idx.damage, len(idx), idx.dropped, idx.lost_tail_bytes, idx.lost_tail_samples)
+        assert got == expect[name], (name, got)
+        assert idx.truncated == (name != "clean")
