@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -87,6 +88,28 @@ def drain(loader, limit=50):
     return n
 
 
+def raises_within(fn, exc_type, pattern: str, limit_s: float = 30.0):
+    """``fn()`` must raise ``exc_type`` matching ``pattern`` within ``limit_s`` (run in a thread, so that a
+    loader that loops forever fails the test instead of hanging it)."""
+    box: dict = {}
+
+    def run():
+        try:
+            box["ret"] = fn()
+        except BaseException as e:  # noqa: BLE001 - handed to the test thread
+            box["exc"] = e
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    t.join(limit_s)
+    if t.is_alive():
+        pytest.fail(f"no {exc_type.__name__} within {limit_s} s (still running)")
+    e = box.get("exc")
+    assert isinstance(e, exc_type), f"expected {exc_type.__name__}, got {box}"
+    assert re.search(pattern, str(e)), str(e)
+    return e
+
+
 # ---------------------------------------------------------------------------------------------------
 # one message per cause
 
@@ -105,8 +128,7 @@ def test_loader_names_the_cause_of_an_empty_pass(tmp_path, cause, resampled):
     url = make(tmp_path / f"{cause}.tar")
     ld = ShardLoader([url], batch_size=4, image_size=S, resampled=resampled, shuffle_buffer=10, num_threads=1)
     t0 = time.perf_counter()
-    with pytest.raises(DataError, match=pattern):
-        drain(ld)
+    raises_within(lambda: drain(ld, limit=10**9), DataError, pattern)
     assert time.perf_counter() - t0 < 10
     if cause == "undecodable":  # the skips of the failed pass are in stats()
         st = ld.stats
@@ -119,17 +141,15 @@ def test_shard_source_names_the_cause(tmp_path, cause):
     url = make(tmp_path / f"{cause}.tar")
     src = ShardSource(ShardLoader([url], batch_size=4, image_size=S, drop_last=True, tokenizer=tokenize,
                                   num_threads=1))
-    with pytest.raises(DataError, match=pattern):
-        next(src)
+    raises_within(lambda: next(src), DataError, pattern)
 
 
 def test_batch_larger_than_the_data_says_both_numbers(tmp_path):
     url = good_tar(tmp_path / "three.tar", 3)
     src = ShardSource(ShardLoader([url], batch_size=4, image_size=S, drop_last=True, tokenizer=tokenize,
                                   num_threads=1))
-    with pytest.raises(DataError, match=r"only 3 valid samples per epoch, fewer than the batch size 4; use a "
-                                         r"smaller --data\.batch_size \(at most 3\)"):
-        next(src)
+    raises_within(lambda: next(src), DataError, r"only 3 valid samples per epoch, fewer than the batch size 4; use a "
+                                                r"smaller --data\.batch_size \(at most 3\)")
 
 
 def test_mixed_bad_and_good_keeps_training_and_counts(tmp_path):

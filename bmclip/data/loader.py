@@ -726,6 +726,8 @@ class ShardLoader(torch.utils.data.IterableDataset):
                 )
         self._stop_active()
         st = _copy_state(state)
+        if "pass" not in st:  # saved before the pass tallies existed: assume the epoch so far had valid samples
+            st["pass"] = {**_new_pass(), "good": 1}
         st["buffer"] = [tuple(r) for r in st["buffer"]]
         self._state = st
         self.epoch = int(st["epoch"])
