@@ -627,7 +627,7 @@ def main(argv=None) -> int:
         if _known(name):
             bases = [device_from(name)]
         elif mt is not None and bw is not None:
-            bases = [Device(name or "measured", mt, bw, "measured")]
+            bases = [Device(name or "this card", mt, bw, "measured")]
         else:
             bases = list(DEVICES.values())
         where = f"measured{' on ' + name if name else ''}" + ("" if (mt and bw) else "; the other from the datasheet")
