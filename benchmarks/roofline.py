@@ -338,13 +338,14 @@ def floors_report(device: Device, *, loss_b: int = 32768, loss_d: int = 512, big
                  f">= {open_clip_loss_min_memory_bytes(big_b) / 2**40:.1f} TiB)")
     b, s, h, d = vit_shape
     vit = attention_floor([s] * b, h, d, device, name="vit")
-    lines.append(f"attention ViT {b}x{s} tokens, {h} heads x {d}: fwd {attention_fwd_flops([s] * b, h, d) / 1e9:.1f}"
-                 f" GFLOP, fwd+bwd floor {vit.floor_s * ms:.4f} ms ({vit.bound})")
+    lines.append(f"attention ViT {b}x{s} tokens, {h} heads x {d}, fwd+bwd: {vit.flops / 1e9:.1f} GFLOP, "
+                 f"{vit.bytes / 1e6:.0f} MB, floor {vit.floor_s * ms:.4f} ms ({vit.bound})")
     un = attention_floor(expected_lengths(captions), h, d, device, name="text")
     pad = attention_floor(expected_lengths(captions, padded_to=context), h, d, device, name="text padded")
     m1, m2 = length_moments(caption_lengths())
-    lines.append(f"attention text layer, {captions} captions (E[n]={m1:.1f}, E[n^2]={m2:.0f}): fwd+bwd floor "
-                 f"unpadded {un.floor_s * ms:.4f} ms, padded to {context} {pad.floor_s * ms:.4f} ms "
+    lines.append(f"attention text layer, {captions} captions (E[n]={m1:.1f}, E[n^2]={m2:.0f}), fwd+bwd: unpadded "
+                 f"{un.flops / 1e9:.1f} GFLOP, {un.bytes / 1e6:.0f} MB, floor {un.floor_s * ms:.4f} ms; padded to "
+                 f"{context} {pad.flops / 1e9:.1f} GFLOP, {pad.bytes / 1e6:.0f} MB, floor {pad.floor_s * ms:.4f} ms "
                  f"({pad.floor_s / un.floor_s:.2f}x)")
     cfg = _preset()
     tun = 3 * captions * text_forward_flops(cfg, m1, m2)["total"]
