@@ -35,15 +35,20 @@
 #                    FLOPs (roofline.py), so tuning them buys nothing measurable and costs ~100 configs;
 #                    ~6 compiles x 1.4 s + imports (open_clip/timm/transformers) ~15 s + 4 model builds ~12 s +
 #                    B=512 rows (no checkpointing, then checkpointing), 8 steps of <= 0.5 s per side + profile.
-#   loss      105 s  full tuning of the bf16 kernels at B=32k (the loss branch's config lists; 54 configs
-#                    x 1.4 s = 76 s here today) + 4 implementations at <= 5 s each; then B=64k (re-timed, not
-#                    recompiled: ~10 s) so that B=1M reuses its tuning (one step of ~6 s).
-#   attention  95 s  full tuning of the ViT shape (48 configs x 1.4 s = 67 s) + SDPA backends + text layer +
-#                    text tower; the atomic-dQ variants come last and are the first to be cut.
+#   loss      105 s  full tuning of the bf16 kernels at B=32k (54 configs x 1.4 s = 76 s with today's config
+#                    lists; the loss branch's may be shorter) + the autotuner's timing + 4 implementations at
+#                    <= 5 s each: the B=32k rows land at ~100 s; then B=64k (re-timed, not recompiled: ~10 s)
+#                    so that B=1M reuses its tuning (one step of ~7 s): on a box this slow the 1M row needs
+#                    time left over by earlier steps.
+#   attention  95 s  full tuning of the ViT shape (48 configs x 1.4 s = 67 s), SDPA backends, then the varlen
+#                    text shape tunes again (another 48: the cu_seqlens tensor's dtype is part of Triton's
+#                    autotune key) before the text layer and text-tower rows: ~150 s on a box this slow, so
+#                    those rows need left-over time or fewer configs; ~60 s at 0.5 s per compile. The atomic-dQ
+#                    variants come last and are the first to be cut.
 #   fused ops  25 s  fused / eager first, torch.compile baselines while the budget lasts.
 #   build_ext  40 s  only when the loader step can run (pybind11 + libjpeg/libpng headers).
 #   loader     25 s  C++ decode + GPU normalisation.
-#   summary    10 s  roofline.py --summary (no torch).
+#   summary    10 s  roofline.py --summary (reads the JSONs; one torch import for the model config).
 # No step autotunes an fp32 loss: bench_train feeds the loss bf16 features; bench_loss runs --dtype bf16; the
 # fp32 loss checks of the correctness pass compile one config each (BMCLIP_AUTOTUNE_MAX_CONFIGS=1).
 # Works from a plain source checkout: bmclip on PYTHONPATH (gpu_env.sh), bmclip.kernels from the repo.
