@@ -472,6 +472,10 @@ def _summary_train(run, dev, sheet, out, targets):
                        f"{_fmt(st, '.4f')} s / floor {_fmt(floor, '.4f')} s = {_fmt(ratio)}x  (MFU "
                        f"{_fmt(100 / ratio if ratio else None, '.1f')}% at the floors' rate, "
                        f"{_fmt(100 * sheet_mfu if sheet_mfu else None, '.1f')}% of the datasheet's)")
+            prof = v.get("profile")
+            if isinstance(prof, dict) and prof.get("attention"):
+                kern = ", ".join(f"{a.get('name', '?')[:60]} x{a.get('calls')}" for a in prof["attention"][:4])
+                out.append(f"      attention that ran ({prof.get('timer')} time): {kern}")
         sp = _num(r.get("speedup"))
         out.append(f"  B={b} {ck:7s} speedup bmclip / open_clip: {_fmt(sp) + 'x' if sp else 'n/a'}")
         if first and not r.get("grad_checkpointing"):

@@ -193,7 +193,7 @@ def test_bench_train_interrupt_keeps_rows(tmp_path, monkeypatch):
     assert data["rows"][1]["bmclip"]["samples_per_s"] == 1.0 and "open_clip" not in data["rows"][1]
 
 
-def test_bench_train_row_plan_and_no_checkpointing_default(monkeypatch):
+def test_bench_train_row_plan_and_no_checkpointing_default(tmp_path, monkeypatch):
     bt = _load("bench_train")
     seen = []
 
@@ -208,7 +208,7 @@ def test_bench_train_row_plan_and_no_checkpointing_default(monkeypatch):
     assert seen == [(8, False, True), (16, False, False)]  # no checkpointing unless asked; one profiled row
     seen.clear()
     # what the suite runs: B=512 without checkpointing first, then the one checkpointing row
-    assert bt.main(_suite_invocation("bench_train.py")[1]) == 0
+    assert bt.main(_suite_invocation("bench_train.py", tmp_path)[1]) == 0
     assert seen == [(512, False, True), (512, True, False)]
     assert os.environ["BMCLIP_AUTOTUNE_MAX_CONFIGS"] == "1"
     assert bt.row_plan([256, 1024], [512], False) == [(256, False), (512, True), (1024, False)]
@@ -300,9 +300,10 @@ def _invocations(text: str):
     return found
 
 
-def _suite_invocation(script: str):
+def _suite_invocation(script: str, run: Path | str = "$RUN"):
+    """The suite's call of ``script``: (script, tokens with $RUN replaced by ``run``, guards)."""
     (inv,) = [i for i in _invocations(_joined(SUITE)) if i[0] == script]
-    return inv[0], [t.replace("$RUN", "/nonexistent-run") for t in inv[1]], inv[2]
+    return inv[0], [t.replace("$RUN", str(run)) for t in inv[1]], inv[2]
 
 
 @cache
