@@ -106,7 +106,7 @@ has_flag() {  # has_flag SCRIPT FLAG: the benchmark's --help lists FLAG (flags o
     # each script's --help runs once (it imports torch: seconds), inside the current step's deadline
     local cache="$RUN/help_${1%.py}.txt"
     [[ -f "$cache" ]] || timeout 30 "$PY" "benchmarks/$1" --help >"$cache" 2>/dev/null
-    grep -q -- "$2\b" "$cache"
+    grep -qE -- "$2([^[:alnum:]_-]|\$)" "$cache"
 }
 
 # --- 1. wheels the box lacks (carried in .whl by gpu_prepare.sh)

@@ -220,13 +220,6 @@ def attention_floor(lengths, heads: int, head_dim: int, device: Device, *, elem_
     return phases(f"{name} fwd+bwd", [fwd, bwd])
 
 
-def attention_fwd_floor(lengths, heads: int, head_dim: int, device: Device, *, elem_bytes: int = 2,
-                        name: str = "attention") -> Floor:
-    tokens = float(sum(lengths))
-    return Floor(f"{name} fwd", attention_fwd_flops(lengths, heads, head_dim),
-                 4 * tokens * heads * head_dim * elem_bytes + tokens * heads * 4.0, device)
-
-
 def caption_lengths(path: Path = LENGTHS_JSON) -> list[int]:
     """Token counts ([CLS] and [SEP] included, truncated at the 256 context) of the real figure captions."""
     return [int(n) for n in json.loads(Path(path).read_text())["lengths"]]
