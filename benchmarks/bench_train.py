@@ -82,13 +82,15 @@ def make_batch(b: int, image_size: int, context: int, vocab: int, median: float,
     return images.to(device), ids.to(device), lengths
 
 
-def build_open_clip(mcfg):
-    """open_clip CustomTextCLIP with the same architecture, built offline (local BertConfig, no hub)."""
+def build_open_clip(mcfg, timm_model: str | None = None):
+    """open_clip CustomTextCLIP with the same architecture, built offline (local BertConfig, no hub).
+
+    ``timm_model`` replaces the ViT-B/16 image tower by another timm model (tests build small ones)."""
     import transformers
     from open_clip import hf_model
     from open_clip.model import CustomTextCLIP
 
-    if (mcfg.vision.width, mcfg.vision.layers, mcfg.vision.patch_size) != (768, 12, 16):
+    if timm_model is None and (mcfg.vision.width, mcfg.vision.layers, mcfg.vision.patch_size) != (768, 12, 16):
         raise SystemExit("the open_clip baseline is built for ViT-B/16 presets only")
     bert = transformers.BertConfig(vocab_size=mcfg.text.vocab_size, hidden_size=mcfg.text.width,
                                    num_hidden_layers=mcfg.text.layers, num_attention_heads=mcfg.text.heads,
@@ -98,7 +100,7 @@ def build_open_clip(mcfg):
     name = "microsoft/BiomedNLP-BiomedBERT-base-uncased-abstract"
     cfg = {
         "embed_dim": mcfg.embed_dim,
-        "vision_cfg": {"timm_model_name": f"vit_base_patch16_{mcfg.vision.image_size}",
+        "vision_cfg": {"timm_model_name": timm_model or f"vit_base_patch16_{mcfg.vision.image_size}",
                        "timm_model_pretrained": False, "timm_pool": "", "timm_proj": "linear",
                        "image_size": mcfg.vision.image_size, "patch_dropout": 0.0},
         "text_cfg": {"hf_model_name": name, "hf_tokenizer_name": name, "hf_proj_type": "mlp",
@@ -184,6 +186,42 @@ def tower_backends(model) -> dict:
     return out
 
 
+def checkpointing_state(model) -> dict:
+    """Whether each tower really recomputes activations in backward: bmclip's towers (``grad_checkpointing``),
+    open_clip's timm trunk (``grad_checkpointing``) and HF text transformer (``is_gradient_checkpointing``);
+    None where the model has no such switch."""
+    out = {}
+    for tower in ("visual", "text"):
+        mod = getattr(model, tower, None)
+        state = None
+        for obj in (mod, getattr(mod, "trunk", None), getattr(mod, "transformer", None)):
+            if obj is None:
+                continue
+            hf = next((n for n in ("is_activation_checkpointing", "is_gradient_checkpointing")
+                       if isinstance(getattr(type(obj), n, None), property)), None)
+            if hf is not None:
+                state = bool(getattr(obj, hf))
+            elif isinstance(getattr(obj, "grad_checkpointing", None), bool):
+                state = state or obj.grad_checkpointing
+        out[tower] = state
+    return out
+
+
+def set_checkpointing(model, enable: bool) -> dict:
+    """Switch gradient checkpointing of both towers to ``enable`` and check that it took: open_clip's HF text
+    tower turns checkpointing ON for ``set_grad_checkpointing(False)`` too (open_clip 3.3 ignores the flag
+    there), so it is only ever called to enable. Raises RuntimeError when a tower ends up otherwise."""
+    if enable:
+        model.set_grad_checkpointing(True)
+    elif hasattr(model, "config") and hasattr(model, "set_attn_backend"):  # bmclip: an explicit off is safe
+        model.set_grad_checkpointing(False)
+    state = checkpointing_state(model)
+    wrong = {k: v for k, v in state.items() if v is not None and v != enable}
+    if wrong:
+        raise RuntimeError(f"gradient checkpointing {'on' if enable else 'off'} asked, towers report {state}")
+    return state
+
+
 def _error(e: BaseException) -> str:
     """A side's result when it raised: the traceback goes to stderr, the first line into the JSON."""
     import traceback
@@ -242,7 +280,7 @@ def bench_batch(args, b, device, mcfg, peak, rows=None, *, grad_checkpointing=Fa
         if args.fused_ops is not None:
             overrides["fused_ops"] = args.fused_ops
         model = create_model(mcfg, **overrides).to(device).train()
-        model.set_grad_checkpointing(grad_checkpointing)
+        ckpt_state = set_checkpointing(model, grad_checkpointing)
         backends = tower_backends(model)
         fwd = torch.compile(model) if args.compile else model
         opt = build_optimizer(model, OptimSection(), device.type)
@@ -262,7 +300,7 @@ def bench_batch(args, b, device, mcfg, peak, rows=None, *, grad_checkpointing=Fa
             opt.step()
 
         r = run_side("bmclip", model, ours, device, args.warmup, args.iters)
-        r.update(attn_backends=backends, fused_ops=bool(model.config.fused_ops), **seen)
+        r.update(attn_backends=backends, fused_ops=bool(model.config.fused_ops), checkpointing=ckpt_state, **seen)
         finish("bmclip", r)
         if profile:
             r["profile"] = _profile_or_error(ours, device)
@@ -282,7 +320,7 @@ def bench_batch(args, b, device, mcfg, peak, rows=None, *, grad_checkpointing=Fa
 
             torch.manual_seed(0)
             oc = build_open_clip(mcfg).to(device).train()
-            oc.set_grad_checkpointing(grad_checkpointing)
+            oc_ckpt = set_checkpointing(oc, grad_checkpointing)
             ocf = torch.compile(oc) if args.compile else oc
             kw = {"fused": True} if device.type == "cuda" else {}
             oc_opt = torch.optim.AdamW(oc.parameters(), lr=5e-4, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.2, **kw)
@@ -297,6 +335,7 @@ def bench_batch(args, b, device, mcfg, peak, rows=None, *, grad_checkpointing=Fa
                 oc_opt.step()
 
             r = run_side("open_clip", oc, theirs, device, args.warmup, args.iters)
+            r["checkpointing"] = oc_ckpt
             finish("open_clip", r)
             if profile:
                 r["profile"] = _profile_or_error(theirs, device)
