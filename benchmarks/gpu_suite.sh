@@ -166,12 +166,12 @@ run_step bench_loss "$PY" benchmarks/bench_loss.py "${loss_args[@]}"
 # --- 6. attention: ViT-B shape and varlen text vs every SDPA backend; the text tower unpadded vs padded.
 plan bench_attention 95
 attn_args=(--reps 10 --out "$RUN/bench_attention.json")
-has_flag bench_attention.py --time-budget && attn_args+=(--time-budget "$((STEP_LIMIT - 10))")
+has_flag bench_attention.py --time-budget && attn_args+=(--time-budget "$((DEADLINE - SECONDS - 10))")
 run_step bench_attention "$PY" benchmarks/bench_attention.py "${attn_args[@]}"
 
 # --- 7. fused LayerNorm / add+LayerNorm / bias-GELU vs torch eager (then torch.compile while the budget lasts).
 plan bench_fused_ops 25
-fused_args=(--reps 10 --time-budget "$((STEP_LIMIT - 8))" --out "$RUN/bench_fused_ops.json")
+fused_args=(--reps 10 --time-budget "$((DEADLINE - SECONDS - 8))" --out "$RUN/bench_fused_ops.json")
 run_step bench_fused_ops "$PY" benchmarks/bench_fused_ops.py "${fused_args[@]}"
 
 # --- 8. loader to GPU (C++ decode + torch normalisation on the GPU): the C++ extension is built only here.
