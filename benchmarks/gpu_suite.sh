@@ -29,8 +29,9 @@
 #   device      5 s  nvidia-smi.
 #   peak       20 s  torch import + CUDA init (~8 s), 13 matmuls of 8192^3 bf16 and 13 copies of 2 GiB (<1 s).
 #   gpu_tests  65 s  BMCLIP_AUTOTUNE_MAX_CONFIGS=1: ~145 kernel specialisations at their first config
-#                    (aot_compile_check --configs first: 138 for bf16+fp16, + fp32 loss checks) over 12 xdist
-#                    workers: 145 x 1.4 s / 12 = 17 s, + worker start-up ~10 s, + the tests ~10 s.
+#                    (aot_compile_check --configs first --dtypes bf16 fp16: 138 compiles in 258 s in one process
+#                    here, 1.9 s each; + the fp32 loss checks) over 12 xdist workers: 145 x 1.9 s / 12 = 23 s,
+#                    + worker start-up ~10 s, + the tests ~10 s.
 #   train      85 s  --autotune-max-configs 1: the loss and the text tower's attention are < 3% of the step's
 #                    FLOPs (roofline.py), so tuning them buys nothing measurable and costs ~100 configs;
 #                    ~6 compiles x 1.4 s + imports (open_clip/timm/transformers) ~15 s + 4 model builds ~12 s +
