@@ -382,8 +382,8 @@ def _prune_fp32_configs(configs, named_args, **kwargs):
 # on the first call), every bf16 entry checked to compile for sm_90 to wgmma (warpgroup MMA) with no register
 # spills and within the shared-memory limit, at head dim 64 (Triton 3.6 and 3.9). The <= 64 x 32, 2-stage
 # entries are the ones fp32 inputs tune over.
-FWD_CONFIGS = [(128, 64, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (64, 32, 4, 2), (64, 16, 4, 2)]
-DKDV_CONFIGS = [(64, 128, 8, 2), (32, 128, 4, 3), (64, 64, 4, 3), (32, 64, 4, 2)]
+FWD_CONFIGS = [(128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 2), (64, 16, 4, 2)]
+DKDV_CONFIGS = [(64, 128, 8, 2), (64, 128, 8, 3), (64, 64, 4, 3), (32, 64, 4, 2)]
 DQ_CONFIGS = [(128, 64, 8, 2), (64, 64, 4, 3), (128, 32, 4, 2), (64, 32, 4, 2)]
 
 if HAS_TRITON:

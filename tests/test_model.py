@@ -1,5 +1,6 @@
 """Native BiomedCLIP model: configs, shapes, padding invariance, gradients, checkpointing, patch dropout."""
 
+import importlib
 import math
 
 import pytest
@@ -309,9 +310,7 @@ def test_bf16_autocast_with_checkpointing():
 @pytest.fixture
 def attn_paths(monkeypatch):
     """Counts of what really ran: SDPA switch calls, Triton flash-attention launches, unpadded text-tower runs."""
-    import importlib
-
-    import bmclip.model.attention as attn_mod
+    attn_mod = importlib.import_module("bmclip.model.attention")  # the package re-exports a function of that name
     import bmclip.model.bert as bert_mod
 
     fa = importlib.import_module("bmclip.kernels.flash_attention")
@@ -336,7 +335,7 @@ def attn_paths(monkeypatch):
 
 
 def test_auto_resolves_per_tower_and_device(monkeypatch):
-    import bmclip.model.attention as attn_mod
+    attn_mod = importlib.import_module("bmclip.model.attention")  # the package re-exports a function of that name
 
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     # The CUDA decision without a GPU: whether compiled Triton can run is the one fact that is patched.
@@ -369,7 +368,7 @@ def test_auto_default_runs_sdpa_in_both_towers_on_cpu(attn_paths):
 def test_auto_cuda_choice_runs_vit_on_sdpa_and_text_unpadded_on_triton(monkeypatch, attn_paths):
     # What "auto" does on a CUDA machine, run on CPU: the towers follow resolve_backend's per-tower answer
     # (Triton runs here under the interpreter, in fp32).
-    import bmclip.model.attention as attn_mod
+    attn_mod = importlib.import_module("bmclip.model.attention")  # the package re-exports a function of that name
 
     monkeypatch.setattr(attn_mod, "_auto_text_triton", lambda d: True)
     model = _tiny().train()
