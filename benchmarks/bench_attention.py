@@ -407,8 +407,8 @@ def _print_vs_sdpa(rows) -> None:
     for sec, methods in vs_sdpa(rows).items():
         print(f"{sec}: speed relative to each SDPA row (SDPA ms / row ms, fwd | fwd+bwd)")
         for method, cmp in methods.items():
-            cells = [f"{b} {c.get('fwd', float('nan')):.2f}|{c.get('fwd_bwd', float('nan')):.2f}"
-                     for b, c in cmp.items()]
+            fmt = lambda x: "-" if x is None else f"{x:.2f}"  # noqa: E731
+            cells = [f"{b} {fmt(c.get('fwd'))}|{fmt(c.get('fwd_bwd'))}" for b, c in cmp.items()]
             print(f"  {method:26s} " + "  ".join(cells), flush=True)
 
 
