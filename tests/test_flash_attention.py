@@ -376,6 +376,23 @@ def test_gpu_vit_shape_padded_bf16():
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("layout", ["padded", "varlen"])
+def test_gpu_atomic_dq_bf16(monkeypatch, layout):
+    # The 5-matmul backward, compiled, at the ViT shape (padded 197) and on captions around block boundaries.
+    monkeypatch.setattr(fa, "_BWD_DQ_MODE", "atomic")
+    if layout == "padded":
+        q, k, v = _rand((8 * 197, 12, 64), torch.bfloat16, seed=2)
+        _check_against_reference(q, k, v, _cu([197] * 8, "cuda"), False,
+                                 lambda a, b, c: flash_attention(a, b, c, backend="triton"),
+                                 padded_shape=(8, 197, 12, 64))
+    else:
+        cu = _cu(BOUNDARY_LENGTHS * 3, "cuda")
+        q, k, v = _rand((cu[-1].item(), 12, 64), torch.bfloat16, seed=3)
+        _check_against_reference(q, k, v, cu, False,
+                                 lambda a, b, c: flash_attention(a, b, c, cu_seqlens=cu, backend="triton"))
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("causal", [False, True])
 def test_gpu_xformers_matches_triton(causal):
     pytest.importorskip("xformers.ops")
