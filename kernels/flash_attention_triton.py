@@ -385,20 +385,41 @@ def _prune_fp32_configs(configs, named_args, **kwargs):
 FWD_CONFIGS = [(128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 2), (64, 16, 4, 2)]
 DKDV_CONFIGS = [(64, 128, 8, 2), (64, 128, 8, 3), (64, 64, 4, 3), (32, 64, 4, 2)]
 DQ_CONFIGS = [(128, 64, 8, 2), (64, 64, 4, 3), (128, 32, 4, 2), (64, 32, 4, 2)]
+# Backward configs that spill registers (ptxas, sm_90) at head dims above 64: tuned for head dims <= 64 only.
+_HD64_ONLY = {"dkdv": {(64, 128, 8, 2), (64, 128, 8, 3), (64, 64, 4, 3)}, "dq": {(128, 32, 4, 2)}}
+
+
+def _entry(config) -> tuple:
+    return (config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.num_warps, config.num_stages)
+
+
+def _prune_for(kernel: str):
+    """The autotuner's early prune for ``kernel``: the fp32 rule, then the head-dim rule of ``_HD64_ONLY``."""
+    hd64_only = _HD64_ONLY.get(kernel, set())
+
+    def prune(configs, named_args, **kwargs):
+        head_dim = kwargs.get("HEAD_DIM", named_args.get("HEAD_DIM"))
+        if head_dim is not None and head_dim > 64 and hd64_only:
+            configs = [c for c in configs if _entry(c) not in hd64_only] or configs[-1:]
+        return _prune_fp32_configs(configs, named_args)
+
+    return prune
 
 if HAS_TRITON:
     # Keyed on the head dim, causality, the layout and the max sequence length rounded up to a power of two
     # (one key per length octave, so varlen batches re-tune only per bucket); the autotuner adds the
     # tensors' dtypes to the key itself.
     _KEY = ["HEAD_DIM", "CAUSAL", "VARLEN", "max_seqlen_key"]
-    _prune = {"early_config_prune": _prune_fp32_configs}
-    _FWD_TUNED = triton.autotune(configs=_configs(FWD_CONFIGS), key=_KEY, prune_configs_by=_prune)(_attn_fwd_kernel)
+    _FWD_TUNED = triton.autotune(configs=_configs(FWD_CONFIGS), key=_KEY,
+                                 prune_configs_by={"early_config_prune": _prune_for("fwd")})(_attn_fwd_kernel)
     _DKDV_TUNED = triton.autotune(configs=_configs(DKDV_CONFIGS), key=_KEY,
-                                  prune_configs_by=_prune)(_attn_bwd_dkdv_kernel)
+                                  prune_configs_by={"early_config_prune": _prune_for("dkdv")})(_attn_bwd_dkdv_kernel)
     # The autotuner re-runs a kernel while timing it: the atomic-dQ variant must start each run from zero.
     _DKDV_ATOMIC_TUNED = triton.autotune(configs=_configs(DKDV_CONFIGS), key=_KEY, reset_to_zero=["DQ_ACC"],
-                                         prune_configs_by=_prune)(_attn_bwd_dkdv_kernel)
-    _DQ_TUNED = triton.autotune(configs=_configs(DQ_CONFIGS), key=_KEY, prune_configs_by=_prune)(_attn_bwd_dq_kernel)
+                                         prune_configs_by={"early_config_prune": _prune_for("dkdv")}
+                                         )(_attn_bwd_dkdv_kernel)
+    _DQ_TUNED = triton.autotune(configs=_configs(DQ_CONFIGS), key=_KEY,
+                                prune_configs_by={"early_config_prune": _prune_for("dq")})(_attn_bwd_dq_kernel)
 
 
 # ---------------------------------------------------------------------------------------------------

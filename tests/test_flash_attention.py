@@ -433,3 +433,15 @@ def test_fp32_autotune_keeps_small_tiles_only():
         assert fat._prune_fp32_configs(cfgs, {"Q": torch.empty(1, dtype=torch.float16)}) == cfgs
         small = fat._prune_fp32_configs(cfgs, {"Q": torch.empty(1, dtype=torch.float32)})
         assert small and all(c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 2048 and c.num_stages <= 2 for c in small)
+
+
+def test_backward_autotune_drops_spilling_configs_above_head_dim_64():
+    """Configs that spill registers at head dim 128 (sm_90 ptxas) are tuned for head dims <= 64 only."""
+    if not hasattr(fat, "_DKDV_TUNED"):
+        pytest.skip("Triton is not importable here")
+    bf16 = {"Q": torch.empty(1, dtype=torch.bfloat16)}
+    for kernel, tuned in (("dkdv", fat._DKDV_TUNED), ("dkdv", fat._DKDV_ATOMIC_TUNED), ("dq", fat._DQ_TUNED)):
+        prune = tuned.early_config_prune
+        assert prune(tuned.configs, bf16, HEAD_DIM=64) == tuned.configs
+        kept = [fat._entry(c) for c in prune(tuned.configs, bf16, HEAD_DIM=128)]
+        assert kept and not set(kept) & fat._HD64_ONLY[kernel]
