@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from . import flash_attention_triton as _fat
 from ._triton_utils import HAS_TRITON, BackendUnavailable, is_interpreted, triton_available_for
 
-__all__ = ["BWD_DQ_MODES", "FlashAttentionUnavailable", "flash_attention", "resolve_backend"]
+__all__ = ["BWD_DQ_MODES", "FlashAttentionUnavailable", "flash_attention", "resolve_backend", "triton_usable_on"]
 
 _BACKENDS = ("auto", "triton", "sdpa", "xformers")
 BWD_DQ_MODES = _fat.BWD_DQ_MODES
