@@ -186,22 +186,23 @@ def flash_cases(quick: bool, dtypes):
     if dtypes is None:
         dtypes = FLASH_DEFAULT_DTYPES
     FA = _kmod("flash_attention")
-    if quick:
-        combos = [(64, False, "padded"), (64, False, "varlen")]
+    if quick:  # one case per kernel: the padded one with the separate dQ kernel, the varlen one atomic
+        combos = [(64, False, "padded", False), (64, False, "varlen", True)]
     else:
-        combos = [(hd, causal, layout) for hd in (32, 64, 128) for causal in (False, True)
+        combos = [(hd, causal, layout, False) for hd in (32, 64, 128) for causal in (False, True)
                   for layout in ("padded", "varlen")]
     cases = []
     for dt in dtypes:
-        for hd, causal, layout in combos:
-            def run(hd=hd, causal=causal, layout=layout, dt=dt, atomic=False):
+        for hd, causal, layout, quick_atomic in combos:
+            def run(hd=hd, causal=causal, layout=layout, dt=dt, atomic=quick_atomic):
                 H = 768 // hd if hd <= 64 else 8  # ViT-B / BERT-base width split in heads
                 kw = dict(dtype=_torch_dtype(dt))
-                if layout == "padded":  # the ViT: 197 tokens (196 patches + CLS)
+                if layout == "padded":  # the ViT: 197 tokens (196 patches + CLS); one key loop
                     shape = (2, 197, H, hd)
                     extra = {}
                 else:  # the unpadded text tower: captions of uneven length, flattened
-                    lens = [256, 99, 17, 140]
+                    # causal: one sequence past ONE_LOOP_MAX_SEQLEN, so the split (unmasked + tail) loops compile
+                    lens = [256, 99, 17, 140] + ([300] if causal else [])
                     shape = (sum(lens), H, hd)
                     cu = torch.tensor([0] + list(torch.tensor(lens).cumsum(0)), dtype=torch.int32)
                     extra = dict(cu_seqlens=cu, max_seqlen=max(lens))
@@ -210,7 +211,7 @@ def flash_cases(quick: bool, dtypes):
                 with _patched(FA, "_BWD_DQ_MODE", mode):
                     o = FA.flash_attention(q, k, v, causal=causal, backend="triton", **extra)
                     o.backward(_grad_of(o))
-            tag = "causal" if causal else "full"
+            tag = ("causal" if causal else "full") + (" atomic-dQ" if quick_atomic else "")
             # ViT-B/16 and PubMedBERT: head dim 64, bidirectional, bf16 autocast
             primary = dt == "bf16" and hd == 64 and not causal
             cases.append((f"attn {dt} hd{hd} {layout} {tag}", run, primary))
@@ -262,13 +263,13 @@ GROUPS = {"contrastive": contrastive_cases, "flash": flash_cases, "fused": fused
 def _gpu_launch_paths(sm_count: int):
     """Let backend='triton' launchers run on CPU tensors (their kernels are intercepted, never executed)."""
     C, FA, F = _kmod("contrastive"), _kmod("flash_attention"), _kmod("fused_ops")
+    FT = _kmod("fused_ops_triton")
     with contextlib.ExitStack() as stack:
         stack.enter_context(_patched(C, "require_triton", lambda *a, **k: None))
         stack.enter_context(_patched(FA, "_triton_unavailable_reason", lambda q: None))
-        if hasattr(F, "triton_available_for"):
-            stack.enter_context(_patched(F, "triton_available_for", lambda *a, **k: (True, "")))
-        if hasattr(F, "_sm_count"):  # persistent backward grids are sized from the SM count
-            stack.enter_context(_patched(F, "_sm_count", lambda device: sm_count))
+        stack.enter_context(_patched(F, "triton_available_for", lambda *a, **k: (True, "")))
+        # persistent backward grids are sized from the SM count
+        stack.enter_context(_patched(FT, "_sm_count", lambda device: sm_count))
         yield
 
 

@@ -15,10 +15,18 @@ padded baselines are credited with the *useful* FLOPs only):
    backward under bf16 autocast, captions/s: unpadded Triton vs padded-to-256 SDPA (``trim_padding=False``)
    and, for honesty, SDPA with the tower's default trimming of all-padding columns.
 
-Targets (issue 4, H100/H200): vit fwd+bwd Triton >= 1.0x the fastest SDPA backend; text tower captions/s
+Rows run in this order: ``text_tower``, ``vit``, ``text_attn`` with the Triton backward in the first
+``--bwd-mode`` ("separate": a dQ kernel, 7 matmuls per block pair; "atomic": dQ accumulated with fp32 atomics
+inside the dK/dV kernel, 5 matmuls), then the Triton rows of the other mode (``*_atomic_dq``), so a run cut
+short keeps the comparisons; the autotune lists are short, so few configs compile before the first row. After
+the rows every non-SDPA row is printed against every SDPA row of its section (time ratios: > 1 = faster
+than that SDPA backend), and the same ratios go into the JSON summary (``vs_sdpa``).
+
+Targets (H100/H200): vit fwd+bwd Triton >= 1.0x the fastest SDPA backend; text tower captions/s
 unpadded Triton >= 2x padded-to-256 SDPA.
 
     python benchmarks/bench_attention.py --out benchmarks/results/attention_h100.json
+    python benchmarks/bench_attention.py --reps 10 --bwd-mode atomic --sections vit
     python benchmarks/bench_attention.py --quick           # CPU smoke run (Triton interpreter, tiny shapes)
     python benchmarks/bench_attention.py --make-lengths    # rebuild benchmarks/data/caption_lengths.json
 """
@@ -26,6 +34,7 @@ unpadded Triton >= 2x padded-to-256 SDPA.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as _dt
 import json
 import math
@@ -155,17 +164,24 @@ def _measure_pair(timer, fwd, inputs):
     return timer(f), timer(fb)
 
 
-def _measure_atomic_dq(timer, fwd, inputs):
-    """_measure_pair with the Triton backward's optional atomic-dQ mode switched on (restored after)."""
+@contextlib.contextmanager
+def bwd_mode(mode: str):
+    """The Triton backward's dQ mode ("separate" or "atomic") inside the block, restored after."""
     import importlib
 
     fa = importlib.import_module("bmclip.kernels.flash_attention")
+    if mode not in fa.BWD_DQ_MODES:
+        raise ValueError(f"bwd mode must be one of {fa.BWD_DQ_MODES}, got {mode!r}")
     saved = fa._BWD_DQ_MODE
-    fa._BWD_DQ_MODE = "atomic"
+    fa._BWD_DQ_MODE = mode
     try:
-        return _measure_pair(timer, fwd, inputs)
+        yield
     finally:
         fa._BWD_DQ_MODE = saved
+
+
+def _mode_suffix(mode: str) -> str:
+    return "" if mode == "separate" else "_atomic_dq"
 
 
 class _SavingRows(list):
@@ -199,45 +215,45 @@ def _skip(rows, section, method, err):
 # --------------------------------------------------------------------------------------------- sections
 
 
-def bench_vit(rows, timer, device, dtype, shape, atomic_dq_only=False):
-    """ViT-shape rows; ``atomic_dq_only`` runs just the Triton atomic-dQ variant (timed last: its own compiles)."""
+def bench_vit(rows, timer, device, dtype, shape, mode="separate", baselines=True):
+    """ViT-shape rows: Triton with the backward in ``mode``, and (``baselines``) every SDPA backend and xformers."""
     from bmclip.kernels.flash_attention import flash_attention
 
     b, s, h, d = shape
     gen = torch.Generator(device="cpu").manual_seed(0)
     q, k, v = (torch.randn(shape, generator=gen).to(device, dtype).requires_grad_() for _ in range(3))
     flops = attn_flops([s] * b, h, d)
-    methods = {"triton": lambda q, k, v: flash_attention(q, k, v, backend="triton")}
+    methods = {"triton" + _mode_suffix(mode): lambda q, k, v: flash_attention(q, k, v, backend="triton")}
 
     def sdpa(q, k, v):
         return torch.nn.functional.scaled_dot_product_attention(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
 
-    for name, (ctx, be) in _sdpa_backends().items():
-        if name == "math" and device.type == "cuda":
-            continue  # the unfused reference: orders of magnitude off, and memory-hungry at this shape
+    if baselines:
+        for name, (ctx, be) in _sdpa_backends().items():
+            if name == "math" and device.type == "cuda":
+                continue  # the unfused reference: orders of magnitude off, and memory-hungry at this shape
 
-        def run(q, k, v, ctx=ctx, be=be):
-            with ctx(be):
-                return sdpa(q, k, v)
+            def run(q, k, v, ctx=ctx, be=be):
+                with ctx(be):
+                    return sdpa(q, k, v)
 
-        methods[f"sdpa_{name}"] = run
-    methods["xformers"] = lambda q, k, v: flash_attention(q, k, v, backend="xformers")
-    if atomic_dq_only:
-        methods = {"triton_atomic_dq": methods["triton"]}
+            methods[f"sdpa_{name}"] = run
+        methods["sdpa"] = sdpa  # torch's own choice (what attn_backend="auto" runs for the ViT)
+        methods["xformers"] = lambda q, k, v: flash_attention(q, k, v, backend="xformers")
     for name, fn in methods.items():
         try:
-            measure = _measure_atomic_dq if name == "triton_atomic_dq" else _measure_pair
-            ms_f, ms_fb = measure(timer, fn, (q, k, v))
+            with bwd_mode(mode):
+                ms_f, ms_fb = _measure_pair(timer, fn, (q, k, v))
         except Exception as e:  # a backend this card/build lacks: reported, not fatal
             _skip(rows, "vit", name, e)
             continue
-        _row(rows, "vit", name, ms_f, ms_fb, flops, {"shape": list(shape)})
+        _row(rows, "vit", name, ms_f, ms_fb, flops, {"shape": list(shape), "bwd_mode": mode})
 
 
-def bench_text_attention(rows, timer, device, dtype, n_captions, heads, head_dim, context, seed,
-                         atomic_dq_only=False):
-    """Varlen text-attention rows; ``atomic_dq_only`` as in ``bench_vit``."""
+def bench_text_attention(rows, timer, device, dtype, n_captions, heads, head_dim, context, seed, mode="separate",
+                         baselines=True):
+    """Varlen text-attention rows; ``mode`` and ``baselines`` as in ``bench_vit``."""
     from bmclip.kernels.flash_attention import flash_attention
 
     lengths = draw_lengths(n_captions, seed, context)
@@ -260,9 +276,10 @@ def bench_text_attention(rows, timer, device, dtype, n_captions, heads, head_dim
                   .index_copy(0, idx, t.detach()).view(n_captions, context, heads, head_dim).transpose(1, 2)
                   .requires_grad_() for t in (q, k, v))
 
-    methods = [("triton_varlen", lambda q, k, v: flash_attention(q, k, v, cu_seqlens=cu, max_seqlen=max_len,
-                                                                backend="triton"), (q, k, v))]
-    for name, (ctx, be) in _sdpa_backends().items():
+    methods = [("triton_varlen" + _mode_suffix(mode),
+                lambda q, k, v: flash_attention(q, k, v, cu_seqlens=cu, max_seqlen=max_len, backend="triton"),
+                (q, k, v))]
+    for name, (ctx, be) in (_sdpa_backends().items() if baselines else ()):
         if name == "math" and device.type == "cuda":
             continue
 
@@ -271,18 +288,18 @@ def bench_text_attention(rows, timer, device, dtype, n_captions, heads, head_dim
                 return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=key_mask)
 
         methods.append((f"sdpa_{name}_pad{context}", run, (pq, pk, pv)))
-    methods.append(("xformers_varlen", lambda q, k, v: flash_attention(q, k, v, cu_seqlens=cu, max_seqlen=max_len,
-                                                                     backend="xformers"), (q, k, v)))
-    if atomic_dq_only:
-        methods = [("triton_varlen_atomic_dq", methods[0][1], (q, k, v))]
+    if baselines:
+        methods.append(("xformers_varlen", lambda q, k, v: flash_attention(q, k, v, cu_seqlens=cu,
+                                                                         max_seqlen=max_len, backend="xformers"),
+                        (q, k, v)))
     for name, fn, inputs in methods:
         try:
-            measure = _measure_atomic_dq if name.endswith("_atomic_dq") else _measure_pair
-            ms_f, ms_fb = measure(timer, fn, inputs)
+            with bwd_mode(mode):
+                ms_f, ms_fb = _measure_pair(timer, fn, inputs)
         except Exception as e:
             _skip(rows, "text_attn", name, e)
             continue
-        _row(rows, "text_attn", name, ms_f, ms_fb, flops, extra)
+        _row(rows, "text_attn", name, ms_f, ms_fb, flops, {**extra, "bwd_mode": mode})
 
 
 def _cumsum(xs):
@@ -292,7 +309,10 @@ def _cumsum(xs):
         yield t
 
 
-def bench_text_tower(rows, timer, device, dtype, n_captions, text_cfg, seed, profile=False):
+def bench_text_tower(rows, timer, device, dtype, n_captions, text_cfg, seed, profile=False, mode="separate",
+                     baselines=True):
+    """Whole-tower rows: unpadded Triton (backward in ``mode``) and (``baselines``) padded SDPA, torch's choice
+    and each SDPA backend, trimmed SDPA, unpadded xformers."""
     from bmclip.model.bert import BertTextEncoder
 
     context = text_cfg.context_length
@@ -318,18 +338,24 @@ def bench_text_tower(rows, timer, device, dtype, n_captions, text_cfg, seed, pro
             out = enc(ids)
         out.float().square().mean().backward()
 
+    cases = [("triton_unpadded" + _mode_suffix(mode), "triton", False, None)]
+    if baselines:
+        cases += [("sdpa_padded_to_context", "sdpa", False, None), ("sdpa_trimmed", "sdpa", True, None)]
+        cases += [(f"sdpa_{be}_padded_to_context", "sdpa", False, ctx_be) for be, ctx_be in _sdpa_backends().items()
+                  if not (be == "math" and device.type == "cuda")]
+        cases += [("xformers_unpadded", "xformers", False, None)]
     results = {}
-    for name, backend, trim in (("sdpa_padded_to_context", "sdpa", False), ("sdpa_trimmed", "sdpa", True),
-                                ("triton_unpadded", "triton", False), ("xformers_unpadded", "xformers", False)):
+    for name, backend, trim, ctx_be in cases:
         setup(backend, trim)
         try:
-            ms = timer(step)
+            with bwd_mode(mode), (ctx_be[0](ctx_be[1]) if ctx_be else contextlib.nullcontext()):
+                ms = timer(step)
         except Exception as e:
             _skip(rows, "text_tower", name, e)
             continue
         results[name] = ms
         rows.append({"section": "text_tower", "method": name, "fwd_bwd_ms": ms,
-                     "captions_per_s": n_captions / (ms * 1e-3), **extra})
+                     "captions_per_s": n_captions / (ms * 1e-3), **extra, "bwd_mode": mode})
         print(f"  text_tower {name:24s} fwd+bwd {ms:9.2f} ms  {n_captions / (ms * 1e-3):10.1f} captions/s",
               flush=True)
         if profile and backend == "triton":
@@ -359,6 +385,33 @@ def _profile_step(step, device, rows, name, top=15):
 # --------------------------------------------------------------------------------------------- main
 
 
+def vs_sdpa(rows) -> dict:
+    """{section: {method: {sdpa method: {"fwd": ratio, "fwd_bwd": ratio}}}}: each non-SDPA row's speed relative
+    to every SDPA row of its section (SDPA ms / row ms; > 1 means the row is faster)."""
+    out: dict = {}
+    for sec in dict.fromkeys(r["section"] for r in rows):
+        timed = [r for r in rows if r["section"] == sec and "fwd_bwd_ms" in r]
+        base = [r for r in timed if r["method"].startswith("sdpa")]
+        for r in timed:
+            if r["method"].startswith("sdpa") or not base:
+                continue
+            cmp = {}
+            for b in base:
+                ratios = {key: b[key] / r[key] for key in ("fwd_ms", "fwd_bwd_ms") if r.get(key) and b.get(key)}
+                cmp[b["method"]] = {k.replace("_ms", ""): v for k, v in ratios.items()}
+            out.setdefault(sec, {})[r["method"]] = cmp
+    return out
+
+
+def _print_vs_sdpa(rows) -> None:
+    for sec, methods in vs_sdpa(rows).items():
+        print(f"{sec}: speed relative to each SDPA row (SDPA ms / row ms, fwd | fwd+bwd)")
+        for method, cmp in methods.items():
+            fmt = lambda x: "-" if x is None else f"{x:.2f}"  # noqa: E731
+            cells = [f"{b} {fmt(c.get('fwd'))}|{fmt(c.get('fwd_bwd'))}" for b, c in cmp.items()]
+            print(f"  {method:26s} " + "  ".join(cells), flush=True)
+
+
 def _summary(rows) -> dict:
     def get(section, method, key):
         for r in rows:
@@ -366,7 +419,7 @@ def _summary(rows) -> dict:
                 return r[key]
         return None
 
-    out = {}
+    out = {"vs_sdpa": vs_sdpa(rows)}
     sdpa = [(r["fwd_bwd_ms"], r["method"]) for r in rows
             if r["section"] == "vit" and r["method"].startswith("sdpa_") and "fwd_bwd_ms" in r]
     for variant in ("triton", "triton_atomic_dq"):
@@ -391,9 +444,12 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", choices=["bf16", "fp16"], default="bf16")
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--captions", type=int, default=256, help="captions per text batch")
-    ap.add_argument("--sections", default="vit,text_attn,text_tower")
+    ap.add_argument("--sections", default="text_tower,vit,text_attn")
     ap.add_argument("--out", type=Path, help="write the JSON results here (atomically)")
     ap.add_argument("--profile", action="store_true", help="also profile one unpadded text-tower step")
+    ap.add_argument("--bwd-mode", choices=["separate", "atomic", "both"], default="both",
+                    help="Triton backward dQ mode(s) to time: 'both' (default) runs every comparison with "
+                         "'separate' first, then the 'atomic' (5-matmul) Triton rows")
     ap.add_argument("--make-lengths", action="store_true", help=f"rebuild {LENGTHS_JSON.relative_to(REPO)}")
     ap.add_argument("--samples", type=Path, default=DEFAULT_SAMPLES, help="pmc_samples folder (--make-lengths)")
     ap.add_argument("--vocab", type=Path, help="WordPiece vocab.txt for --make-lengths (default: bundled)")
@@ -453,22 +509,24 @@ def main(argv=None) -> int:
 
     rows = _SavingRows(save)
     with keep_results_on_sigint("bench_attention", env):
-        # The targets' rows first; the atomic-dQ variants (a second set of backward compiles) last, so a step
-        # limit that cuts this run short drops them rather than a comparison.
-        if "vit" in sections:
-            bench_vit(rows, timer, device, dtype, vit_shape)
-        if "text_attn" in sections:
-            bench_text_attention(rows, timer, device, dtype, n_caps, heads, head_dim, context, seed=0)
-        if "text_tower" in sections:
-            bench_text_tower(rows, timer, device, dtype, n_caps, text_cfg, seed=0, profile=args.profile)
-        if "vit" in sections:
-            bench_vit(rows, timer, device, dtype, vit_shape, atomic_dq_only=True)
-        if "text_attn" in sections:
-            bench_text_attention(rows, timer, device, dtype, n_caps, heads, head_dim, context, seed=0,
-                                 atomic_dq_only=True)
+        # The text tower and ViT rows first (the targets), the other backward mode's Triton rows last, so that a
+        # step limit cutting this run short drops those rather than a comparison.
+        modes = ["separate", "atomic"] if args.bwd_mode == "both" else [args.bwd_mode]
+        for i, mode in enumerate(modes):
+            base = i == 0
+            if "text_tower" in sections:
+                bench_text_tower(rows, timer, device, dtype, n_caps, text_cfg, seed=0,
+                                 profile=args.profile and base, mode=mode, baselines=base)
+            if "vit" in sections:
+                bench_vit(rows, timer, device, dtype, vit_shape, mode=mode, baselines=base)
+            if "text_attn" in sections:
+                bench_text_attention(rows, timer, device, dtype, n_caps, heads, head_dim, context, seed=0, mode=mode,
+                                     baselines=base)
+    _print_vs_sdpa(rows)
     summary = _summary(rows)
     for k, v in summary.items():
-        print(f"{k}: {v}")
+        if k != "vs_sdpa":
+            print(f"{k}: {v}")
     result = {"env": env, "rows": list(rows), "summary": summary}
     if args.out:
         write_json_atomic(args.out, result)

@@ -22,6 +22,7 @@ import torch
 
 # The package re-exports the function under the module's name, so fetch the module itself explicitly.
 fa = importlib.import_module("bmclip.kernels.flash_attention")
+fat = importlib.import_module("bmclip.kernels.flash_attention_triton")  # kernels, configs, launchers
 flash_attention = fa.flash_attention
 
 LENGTHS = [1, 2, 17, 64, 100, 197, 256]
@@ -144,7 +145,7 @@ def test_padded_layout(batch, seqlen, head_dim, causal):
 @pytest.mark.parametrize("causal", [False, True])
 def test_small_unequal_blocks(monkeypatch, blocks, causal, dq_mode):
     # Many partial blocks with BLOCK_M != BLOCK_N: exercises the causal start/stop arithmetic both ways.
-    monkeypatch.setattr(fa, "_INTERPRET_BLOCKS", {"fwd": blocks, "bwd_dkdv": blocks, "bwd_dq": blocks})
+    monkeypatch.setattr(fat, "_INTERPRET_BLOCKS", {"fwd": blocks, "bwd_dkdv": blocks, "bwd_dq": blocks})
     monkeypatch.setattr(fa, "_BWD_DQ_MODE", dq_mode)
     lengths = [1, 2, 17, 33, 50]
     cu = _cu(lengths)
@@ -165,6 +166,70 @@ def test_atomic_dq_backward_mode(monkeypatch, causal):
         q, k, v, cu, causal,
         lambda a, b, c: flash_attention(a, b, c, cu_seqlens=cu, causal=causal, backend="triton"),
     )
+
+
+BOUNDARY_LENGTHS = [1, 63, 64, 65, 197, 256, 257]  # around the interpreter's 64-token blocks and the 256 cut
+
+
+def _record_launches(monkeypatch):
+    """(which, constexprs) of every flash-attention kernel launch made through the launcher."""
+    seen = []
+    real = fat._launch
+
+    def spy(kernel_plain, kernel_tuned, which, grid_fn, args, constexprs):
+        seen.append((which, dict(constexprs)))
+        return real(kernel_plain, kernel_tuned, which, grid_fn, args, constexprs)
+
+    monkeypatch.setattr(fat, "_launch", spy)
+    return seen
+
+
+@pytest.mark.parametrize(
+    "causal,one_loop_max,dq_mode",
+    [(False, 256, "separate"), (False, 256, "atomic"), (True, 256, "separate"), (True, 256, "atomic"),
+     (True, 1024, "separate")],
+)
+def test_block_boundary_lengths_one_loop_and_split_loops(monkeypatch, causal, one_loop_max, dq_mode):
+    # Non-causal attention and causal sequences up to ONE_LOOP_MAX_SEQLEN run one masked key loop; longer causal
+    # ones an unmasked loop plus a masked tail. Both, at lengths around block boundaries, in both dQ modes.
+    monkeypatch.setattr(fat, "ONE_LOOP_MAX_SEQLEN", one_loop_max)
+    monkeypatch.setattr(fa, "_BWD_DQ_MODE", dq_mode)
+    launches = _record_launches(monkeypatch)
+    cu = _cu(BOUNDARY_LENGTHS, DEVICE)
+    q, k, v = _rand((cu[-1].item(), 1, 32), torch.float32, seed=41 + causal)
+    _check_against_reference(
+        q, k, v, cu, causal,
+        lambda a, b, c: flash_attention(a, b, c, cu_seqlens=cu, causal=causal, backend="triton"),
+    )
+    want_one_loop = (not causal) or max(BOUNDARY_LENGTHS) <= one_loop_max
+    fwd = [c for which, c in launches if which == "fwd"]
+    assert fwd and all(c["ONE_LOOP"] is want_one_loop for c in fwd)
+    dkdv = [c for which, c in launches if which == "bwd_dkdv"]
+    assert dkdv and all(c["ATOMIC_DQ"] is (dq_mode == "atomic") for c in dkdv)
+    dq = [c for which, c in launches if which == "bwd_dq"]
+    assert (dq == []) if dq_mode == "atomic" else (dq and all(c["ONE_LOOP"] is want_one_loop for c in dq))
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("seqlen", [1, 65, 197])
+def test_padded_atomic_dq_fp16(monkeypatch, seqlen, causal):
+    # The 5-matmul backward on the padded (ViT) layout in fp16, where the 2x rule has teeth.
+    monkeypatch.setattr(fa, "_BWD_DQ_MODE", "atomic")
+    batch, head_dim = 2, 64
+    q, k, v = _rand((batch * seqlen, 2, head_dim), torch.float16, seed=seqlen + 3 * causal)
+    _check_against_reference(
+        q, k, v, _cu([seqlen] * batch, DEVICE), causal,
+        lambda a, b, c: flash_attention(a, b, c, causal=causal, backend="triton"),
+        padded_shape=(batch, seqlen, 2, head_dim),
+    )
+
+
+def test_bad_backward_mode_raises(monkeypatch):
+    monkeypatch.setattr(fa, "_BWD_DQ_MODE", "fused")
+    q = torch.randn(1, 4, 1, 16, device=DEVICE, requires_grad=True)
+    out = flash_attention(q, q, q, backend="triton")
+    with pytest.raises(ValueError, match="dQ mode"):
+        out.sum().backward()
 
 
 def test_fused_qkv_views_and_empty_sequence():
@@ -207,7 +272,13 @@ def test_sdpa_backend_matches_reference(causal):
     torch.testing.assert_close(got.flatten(0, 1).double(), want, atol=1e-5, rtol=1e-5)
 
 
-def test_auto_picks_sdpa_on_cpu_and_triton_on_cuda():
+def test_auto_picks_sdpa_on_cpu_and_triton_on_cuda(monkeypatch):
+    if not fa.HAS_TRITON:
+        pytest.skip("Triton is not importable here")
+    # Kernels decorated in interpreter mode (this CPU run) cannot take CUDA tensors: auto must not pick them.
+    monkeypatch.setattr(fa, "is_interpreted", lambda kernel: True)
+    assert fa.resolve_backend("auto", "cuda") == "sdpa"
+    monkeypatch.setattr(fa, "is_interpreted", lambda kernel: False)  # compiled kernels, as on a GPU machine
     assert fa.resolve_backend("auto", "cpu") == "sdpa"
     assert fa.resolve_backend("auto", "cuda") == "triton"
     assert fa.resolve_backend("xformers", "cpu") == "xformers"
@@ -217,7 +288,10 @@ def test_auto_picks_sdpa_on_cpu_and_triton_on_cuda():
 
 
 def test_triton_without_cuda_or_interpreter_raises(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    # Kernels compiled for the GPU (not decorated in interpreter mode) cannot take CPU tensors.
+    from bmclip.kernels import _triton_utils as TU
+
+    monkeypatch.setattr(TU, "is_interpreted", lambda kernel: False)
     q = torch.randn(1, 4, 1, 32)
     with pytest.raises(fa.FlashAttentionUnavailable, match="TRITON_INTERPRET"):
         flash_attention(q, q, q, backend="triton")
@@ -302,6 +376,23 @@ def test_gpu_vit_shape_padded_bf16():
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("layout", ["padded", "varlen"])
+def test_gpu_atomic_dq_bf16(monkeypatch, layout):
+    # The 5-matmul backward, compiled, at the ViT shape (padded 197) and on captions around block boundaries.
+    monkeypatch.setattr(fa, "_BWD_DQ_MODE", "atomic")
+    if layout == "padded":
+        q, k, v = _rand((8 * 197, 12, 64), torch.bfloat16, seed=2)
+        _check_against_reference(q, k, v, _cu([197] * 8, "cuda"), False,
+                                 lambda a, b, c: flash_attention(a, b, c, backend="triton"),
+                                 padded_shape=(8, 197, 12, 64))
+    else:
+        cu = _cu(BOUNDARY_LENGTHS * 3, "cuda")
+        q, k, v = _rand((cu[-1].item(), 12, 64), torch.bfloat16, seed=3)
+        _check_against_reference(q, k, v, cu, False,
+                                 lambda a, b, c: flash_attention(a, b, c, cu_seqlens=cu, backend="triton"))
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("causal", [False, True])
 def test_gpu_xformers_matches_triton(causal):
     pytest.importorskip("xformers.ops")
@@ -334,12 +425,23 @@ def test_bench_attention_quick_smoke(tmp_path):
 
 def test_fp32_autotune_keeps_small_tiles_only():
     """fp32 launches on a GPU tune over <= 64x32 tiles, 2 stages; half precision keeps every config."""
-    fa = pytest.importorskip("bmclip.kernels.flash_attention")
-    if not hasattr(fa, "_prune_fp32_configs"):
+    if not hasattr(fat, "_FWD_TUNED"):
         pytest.skip("Triton is not importable here")
-    for tuned in (fa._FWD_TUNED, fa._DKDV_TUNED, fa._DKDV_ATOMIC_TUNED, fa._DQ_TUNED):
+    for tuned in (fat._FWD_TUNED, fat._DKDV_TUNED, fat._DKDV_ATOMIC_TUNED, fat._DQ_TUNED):
         cfgs = tuned.configs
-        assert fa._prune_fp32_configs(cfgs, {"Q": torch.empty(1, dtype=torch.bfloat16)}) == cfgs
-        assert fa._prune_fp32_configs(cfgs, {"Q": torch.empty(1, dtype=torch.float16)}) == cfgs
-        small = fa._prune_fp32_configs(cfgs, {"Q": torch.empty(1, dtype=torch.float32)})
+        assert fat._prune_fp32_configs(cfgs, {"Q": torch.empty(1, dtype=torch.bfloat16)}) == cfgs
+        assert fat._prune_fp32_configs(cfgs, {"Q": torch.empty(1, dtype=torch.float16)}) == cfgs
+        small = fat._prune_fp32_configs(cfgs, {"Q": torch.empty(1, dtype=torch.float32)})
         assert small and all(c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 2048 and c.num_stages <= 2 for c in small)
+
+
+def test_backward_autotune_drops_spilling_configs_above_head_dim_64():
+    """Configs that spill registers at head dim 128 (sm_90 ptxas) are tuned for head dims <= 64 only."""
+    if not hasattr(fat, "_DKDV_TUNED"):
+        pytest.skip("Triton is not importable here")
+    bf16 = {"Q": torch.empty(1, dtype=torch.bfloat16)}
+    for kernel, tuned in (("dkdv", fat._DKDV_TUNED), ("dkdv", fat._DKDV_ATOMIC_TUNED), ("dq", fat._DQ_TUNED)):
+        prune = tuned.early_config_prune
+        assert prune(tuned.configs, bf16, HEAD_DIM=64) == tuned.configs
+        kept = [fat._entry(c) for c in prune(tuned.configs, bf16, HEAD_DIM=128)]
+        assert kept and not set(kept) & fat._HD64_ONLY[kernel]

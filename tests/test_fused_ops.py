@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 fo = importlib.import_module("bmclip.kernels.fused_ops")
+fot = importlib.import_module("bmclip.kernels.fused_ops_triton")  # kernels, launch shapes
 
 WIDTHS = [1, 7, 64, 768, 1000]
 ROWS = [1, 3, 129]
@@ -174,8 +175,8 @@ def test_gelu_pointwise_accuracy_fp32(approximate):
 
 def test_many_blocks_and_partial_sums(monkeypatch):
     """Tiny blocks: 129 row blocks, 3 backward programs each walking many of them, partial sums reduced."""
-    monkeypatch.setattr(fo, "_INTERPRET_BLOCK_ELEMS", 64)
-    monkeypatch.setattr(fo, "_INTERPRET_BWD_PROGRAMS", 3)
+    monkeypatch.setattr(fot, "_INTERPRET_BLOCK_ELEMS", 64)
+    monkeypatch.setattr(fot, "_INTERPRET_BWD_PROGRAMS", 3)
     inputs, douts = _ln_inputs(129, 100, torch.float32, True, seed=7)
     ref = _run(_ln_fn("torch"), [t.double() for t in inputs], [d.double() for d in douts])
     same = _run(_ln_fn("torch"), inputs, douts)
@@ -443,7 +444,7 @@ try:
 except ImportError as exc:
     print("SKIP", exc)
     sys.exit(0)
-from bmclip.kernels import fused_ops as fo
+from bmclip.kernels import fused_ops_triton as fo
 
 def build(fn, types, consts, warps):
     sig = {a: ("constexpr" if a in consts else types[a]) for a in fn.arg_names}

@@ -65,7 +65,7 @@ def test_kernel_prune_functions_honour_the_limit(monkeypatch):
 
     if not HAS_TRITON:
         pytest.skip("Triton is not importable here")
-    fa = importlib.import_module("bmclip.kernels.flash_attention")  # the package re-exports a function of that name
+    fa = importlib.import_module("bmclip.kernels.flash_attention_triton")  # the kernels and their autotuners
     fwd, bwd = C._fwd_configs(), C._bwd_configs()
     monkeypatch.delenv(AUTOTUNE_MAX_CONFIGS_ENV, raising=False)
     full_fwd = C._prune_fwd(fwd, {"D": 512})

@@ -1,5 +1,6 @@
 """Native BiomedCLIP model: configs, shapes, padding invariance, gradients, checkpointing, patch dropout."""
 
+import importlib
 import math
 
 import pytest
@@ -301,3 +302,175 @@ def test_bf16_autocast_with_checkpointing():
         with torch.autocast("cpu", dtype=torch.bfloat16):
             low = model.encode_text(ids).float()
     assert F.cosine_similarity(ref, low).min() > 0.999
+
+
+# --- attention routing: "auto" per tower and device, per-tower overrides -------------------------------------
+
+
+@pytest.fixture
+def attn_paths(monkeypatch):
+    """Counts of what really ran: SDPA switch calls, Triton flash-attention launches, unpadded text-tower runs."""
+    attn_mod = importlib.import_module("bmclip.model.attention")  # the package re-exports a function of that name
+    import bmclip.model.bert as bert_mod
+
+    fa = importlib.import_module("bmclip.kernels.flash_attention")
+    runs = {"sdpa": 0, "triton": 0, "unpadded": []}
+    real_sdpa = attn_mod._BACKENDS["sdpa"]
+    real_apply = fa._TritonFlashAttention.apply
+    real_unpadded = bert_mod.bert_tokens_unpadded
+
+    def sdpa(*a, **k):
+        runs["sdpa"] += 1
+        return real_sdpa(*a, **k)
+
+    def apply(*a):
+        runs["triton"] += 1
+        return real_apply(*a)
+
+    monkeypatch.setitem(attn_mod._BACKENDS, "sdpa", sdpa)
+    monkeypatch.setattr(fa._TritonFlashAttention, "apply", staticmethod(apply))
+    monkeypatch.setattr(bert_mod, "bert_tokens_unpadded", lambda *a, **k: runs["unpadded"].append(a[-1])
+                        or real_unpadded(*a, **k))
+    return runs
+
+
+def test_auto_resolves_per_tower_and_device(monkeypatch):
+    attn_mod = importlib.import_module("bmclip.model.attention")  # the package re-exports a function of that name
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    # The CUDA decision without a GPU: whether compiled Triton can run is the one fact that is patched.
+    monkeypatch.setattr(attn_mod, "_auto_text_triton", lambda d: d.type == "cuda")
+    assert attn_mod.resolve_backend("auto", "image", cuda) == "sdpa"
+    assert attn_mod.resolve_backend("auto", "text", cuda) == "triton"
+    assert attn_mod.resolve_backend("auto", "image", cpu) == "sdpa"
+    assert attn_mod.resolve_backend("auto", "text", cpu) == "sdpa"
+    monkeypatch.setattr(attn_mod, "_auto_text_triton", lambda d: False)  # e.g. Triton not installed
+    assert attn_mod.resolve_backend("auto", "text", cuda) == "sdpa"
+    # Explicit names are taken as they are, whatever the device.
+    assert attn_mod.resolve_backend("triton", "image", cpu) == "triton"
+    assert attn_mod.resolve_backend("xformers", "text", cpu) == "xformers"
+    with pytest.raises(ConfigError, match="flash2"):
+        attn_mod.resolve_backend("flash2", "image", cpu)
+    with pytest.raises(ConfigError, match="tower"):
+        attn_mod.resolve_backend("auto", "audio", cpu)
+
+
+def test_auto_default_runs_sdpa_in_both_towers_on_cpu(attn_paths):
+    model = _tiny().train()
+    assert model.config.attn_backend == "auto"
+    assert model.attn_backends() == {"image": "sdpa", "text": "sdpa"}
+    images, ids = _batch(model)
+    _clip_loss(model(images, ids)).backward()
+    cfg = model.config
+    assert attn_paths == {"sdpa": cfg.vision.layers + cfg.text.layers, "triton": 0, "unpadded": []}
+
+
+def test_auto_cuda_choice_runs_vit_on_sdpa_and_text_unpadded_on_triton(monkeypatch, attn_paths):
+    # What "auto" does on a CUDA machine, run on CPU: the towers follow resolve_backend's per-tower answer
+    # (Triton runs here under the interpreter, in fp32).
+    attn_mod = importlib.import_module("bmclip.model.attention")  # the package re-exports a function of that name
+
+    monkeypatch.setattr(attn_mod, "_auto_text_triton", lambda d: True)
+    model = _tiny().train()
+    assert model.attn_backends() == {"image": "sdpa", "text": "triton"}
+    images, ids = _batch(model)
+    ref = _tiny().train()
+    monkeypatch.setattr(attn_mod, "_auto_text_triton", lambda d: False)
+    want = ref(images, ids)
+    assert attn_paths["triton"] == 0
+    attn_paths["sdpa"] = 0
+    monkeypatch.setattr(attn_mod, "_auto_text_triton", lambda d: True)
+    out = model(images, ids)
+    _clip_loss(out).backward()
+    cfg = model.config
+    assert attn_paths == {"sdpa": cfg.vision.layers, "triton": cfg.text.layers, "unpadded": ["triton"]}
+    torch.testing.assert_close(out["text_features"], want["text_features"], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(out["image_features"], want["image_features"])
+
+
+@pytest.mark.parametrize("tower", ["image", "text"])
+def test_per_tower_override_runs_only_that_tower_on_triton(tower, attn_paths):
+    model = _tiny(attn_backend="sdpa", **{f"{tower}_attn_backend": "triton"}).train()
+    names = [n for n, _ in _tiny().named_parameters()]
+    assert [n for n, _ in model.named_parameters()] == names  # checkpoints do not depend on the routing
+    other = "text" if tower == "image" else "image"
+    assert model.attn_backends() == {tower: "triton", other: "sdpa"}
+    images, ids = _batch(model)
+    _clip_loss(model(images, ids)).backward()
+    cfg = model.config
+    n_tower = cfg.vision.layers if tower == "image" else cfg.text.layers
+    n_other = cfg.text.layers if tower == "image" else cfg.vision.layers
+    assert attn_paths["triton"] == n_tower and attn_paths["sdpa"] == n_other
+    assert attn_paths["unpadded"] == (["triton"] if tower == "text" else [])
+
+
+def test_set_attn_backend_per_tower_and_both(attn_paths):
+    model = _tiny()
+    model.set_attn_backend("triton", tower="image")
+    assert (model.config.attn_backend, model.config.image_attn_backend, model.config.text_attn_backend) == \
+        ("auto", "triton", None)
+    assert all(b.attn.attn_backend == "triton" for b in model.visual.blocks)
+    assert all(la.attn.attn_backend == "auto" for la in model.text.layers)
+    with torch.no_grad():
+        model.encode_image(_batch(model)[0])
+    assert attn_paths["triton"] == model.config.vision.layers and attn_paths["sdpa"] == 0
+    # Setting both towers clears the overrides; the config rebuilds the same routing.
+    model.set_attn_backend("sdpa")
+    assert (model.config.attn_backend, model.config.image_attn_backend) == ("sdpa", None)
+    assert model.attn_backends() == {"image": "sdpa", "text": "sdpa"}
+    rebuilt = create_model(model.config)
+    assert rebuilt.attn_backends() == model.attn_backends()
+    with pytest.raises(ConfigError, match="tower"):
+        model.set_attn_backend("sdpa", tower="audio")
+    with pytest.raises(ConfigError, match="nope"):
+        model.set_attn_backend("nope", tower="text")
+    assert model.config.text_attn_backend is None
+
+
+def test_bad_tower_backend_names_are_refused():
+    with pytest.raises(ConfigError, match="image_attn_backend.*flash3"):
+        create_model("tiny", image_attn_backend="flash3")
+    with pytest.raises(ConfigError, match="text_attn_backend"):
+        create_model("tiny", text_attn_backend="")
+    d = get_preset("tiny").to_dict()
+    d["text_attn_backend"] = "triton"
+    assert ModelConfig.from_dict(d).tower_attn_backend("text") == "triton"
+    old = get_preset("tiny").to_dict()
+    del old["image_attn_backend"], old["text_attn_backend"]  # a config saved before the per-tower keys
+    assert ModelConfig.from_dict(old).tower_attn_backend("image") == "auto"
+
+
+@pytest.mark.gpu
+def test_gpu_auto_routes_vit_to_sdpa_and_text_to_triton(attn_paths):
+    model = _tiny().cuda().train()
+    assert model.attn_backends() == {"image": "sdpa", "text": "triton"}
+    images, ids = _batch(model)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out = model(images.cuda(), ids.cuda())
+    _clip_loss({k: (v.float() if v is not None else None) for k, v in out.items()}).backward()
+    cfg = model.config
+    assert attn_paths == {"sdpa": cfg.vision.layers, "triton": cfg.text.layers, "unpadded": ["triton"]}
+
+
+def test_split_heads_backward_has_no_select():
+    # q, k, v come from one unbind: its backward stacks the three gradients, with no zero-filled
+    # select_backward buffers and in-place adds (what qkv[0], qkv[1], qkv[2] would give).
+    from bmclip.model.layers import SelfAttention
+
+    torch.manual_seed(0)
+    attn = SelfAttention(16, 2)
+    x = torch.randn(2, 5, 16, requires_grad=True)
+    q, k, v = attn.split_heads(x)
+    ref = attn.qkv(x).view(2, 5, 3, 2, 8)
+    for i, t in enumerate((q, k, v)):
+        assert torch.equal(t, ref[:, :, i].transpose(1, 2))
+    seen, stack = set(), [(q * 1 + k * 2 + v * 3).sum().grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        stack.extend(fn for fn, _ in node.next_functions)
+    names = {type(n).__name__ for n in seen}
+    assert "UnbindBackward0" in names, names
+    assert not any("Select" in n for n in names), names

@@ -97,3 +97,24 @@ def test_fused_ops_switch_reaches_the_model():
     assert off.config.fused_ops is False
     # same parameters either way (checkpoints interchangeable)
     assert [n for n, _ in model.named_parameters()] == [n for n, _ in off.named_parameters()]
+
+
+def test_attn_backend_switches_reach_the_model():
+    import torch
+
+    from bmclip.train.trainer import _build_model
+
+    default = load_config("tiny-cpu")
+    assert default.model.attn_backend == "auto" and default.model.image_attn_backend is None
+    c = load_config("tiny-cpu", ["--model.attn_backend=sdpa", "--model.text_attn_backend=triton"])
+    model = _build_model(c, torch.device("cpu"))
+    assert (model.config.attn_backend, model.config.image_attn_backend, model.config.text_attn_backend) == \
+        ("sdpa", None, "triton")
+    assert {layer.attn.attn_backend for layer in model.text.layers} == {"triton"}
+    assert {blk.attn.attn_backend for blk in model.visual.blocks} == {"sdpa"}
+    c = load_config("tiny-cpu", ["--model.image_attn_backend=xformers", "--model.text_attn_backend=none"])
+    assert (c.model.image_attn_backend, c.model.text_attn_backend) == ("xformers", None)
+    with pytest.raises(ConfigError, match=r"model\.image_attn_backend"):
+        load_config("tiny-cpu", ["--model.image_attn_backend=flash"])
+    with pytest.raises(ConfigError, match=r"model\.attn_backend"):
+        load_config("tiny-cpu", ["--model.attn_backend=cudnn"])

@@ -179,7 +179,9 @@ def test_flash_backends_refuse_attention_dropout_and_unavailable_xformers(monkey
     monkeypatch.setitem(sys.modules, "xformers.ops", None)
     with pytest.raises(ConfigError, match="xformers"):
         attention(q, q, q, backend="xformers")
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    from bmclip.kernels import _triton_utils as TU
+
+    monkeypatch.setattr(TU, "is_interpreted", lambda kernel: False)  # GPU-compiled kernels, CPU tensors
     with pytest.raises(ConfigError, match="triton"):
         attention(q, q, q, backend="triton")
 

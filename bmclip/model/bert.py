@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from bmclip.errors import DataError
+from bmclip.model.attention import resolve_backend
 from bmclip.model.config import TextConfig
 from bmclip.model.layers import Mlp, SelfAttention, fused_layer_norm, init_linear_
 from bmclip.model.unpad import UNPADDED_BACKENDS, bert_tokens_unpadded, cls_of_packed
@@ -49,7 +50,7 @@ class BertLayer(nn.Module):
 
     def __init__(self, cfg: TextConfig, backend: str):
         super().__init__()
-        self.attn = SelfAttention(cfg.width, cfg.heads, backend)
+        self.attn = SelfAttention(cfg.width, cfg.heads, backend, tower="text")
         self.norm1 = nn.LayerNorm(cfg.width, eps=cfg.ln_eps)
         self.mlp = Mlp(cfg.width, cfg.mlp_dim)
         self.norm2 = nn.LayerNorm(cfg.width, eps=cfg.ln_eps)
@@ -154,9 +155,14 @@ class BertTextEncoder(nn.Module):
                 x = layer(x, mask)
         return x
 
+    def attn_backend_for(self, device: torch.device | str) -> str:
+        """The attention backend this tower runs on ``device`` (its setting, "auto" resolved)."""
+        setting = self.layers[0].attn.attn_backend if len(self.layers) else "sdpa"
+        return resolve_backend(setting, "text", device)
+
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         """(B, L) int64, pad_id = padding -> (B, embed_dim) unnormalised."""
-        backend = self.layers[0].attn.attn_backend if len(self.layers) else "sdpa"
+        backend = self.attn_backend_for(input_ids.device)
         if backend in UNPADDED_BACKENDS:
             # Flash backends run unpadded: only real tokens are packed and computed, [CLS] read at the end.
             input_ids = self._check_ids(input_ids)

@@ -28,8 +28,8 @@ class BiomedCLIP(nn.Module):
         super().__init__()
         config.validate()
         self.config = config
-        self.visual = VisionTransformer(config.vision, config.embed_dim, config.attn_backend)
-        self.text = BertTextEncoder(config.text, config.embed_dim, config.attn_backend)
+        self.visual = VisionTransformer(config.vision, config.embed_dim, config.tower_attn_backend("image"))
+        self.text = BertTextEncoder(config.text, config.embed_dim, config.tower_attn_backend("text"))
         # Holds the LOG of the temperature scale, as open_clip does.
         self.logit_scale = nn.Parameter(torch.tensor(float(config.init_logit_scale)))
         if config.init_logit_bias is not None:
@@ -65,13 +65,30 @@ class BiomedCLIP(nn.Module):
         self.visual.set_image_size(image_size)
         self.config.vision.image_size = image_size
 
-    def set_attn_backend(self, name: str) -> None:
-        """Route every attention layer of both towers through backend ``name`` (ConfigError if unknown)."""
+    def set_attn_backend(self, name: str, tower: str | None = None) -> None:
+        """Route attention through backend ``name`` ("auto" or a registered name; ConfigError if unknown).
+
+        ``tower=None`` sets both towers (``config.attn_backend``, clearing the per-tower overrides);
+        ``tower="image"`` or ``"text"`` sets only that tower's override. Parameter names never change.
+        """
         check_backend(name)
-        for m in self.modules():
+        if tower is None:
+            modules, self.config.image_attn_backend, self.config.text_attn_backend = self, None, None
+            self.config.attn_backend = name
+        elif tower in ("image", "text"):
+            modules = self.visual if tower == "image" else self.text
+            setattr(self.config, f"{tower}_attn_backend", name)
+        else:
+            raise ConfigError(f"tower must be None, 'image' or 'text', got {tower!r}")
+        for m in modules.modules():
             if isinstance(m, SelfAttention):
                 m.attn_backend = name
-        self.config.attn_backend = name
+
+    def attn_backends(self, device: torch.device | str | None = None) -> dict[str, str]:
+        """{"image": backend, "text": backend} that the towers run on ``device`` (default: the parameters')."""
+        if device is None:
+            device = self.logit_scale.device
+        return {"image": self.visual.attn_backend_for(device), "text": self.text.attn_backend_for(device)}
 
     def set_fused_ops(self, enabled: bool = True) -> None:
         """Run every LayerNorm (fused with its residual add) and MLP bias+GELU of both towers through the

@@ -10,9 +10,10 @@ from typing import Any
 
 from bmclip.errors import ConfigError
 
-# Attention backends the model accepts by name. Only "sdpa" is implemented here; the attention issue
-# registers more in bmclip.model.attention (which owns the authoritative list).
-DEFAULT_ATTN_BACKEND = "sdpa"
+# Attention backend of both towers unless a tower sets its own: "auto" (per tower and device, see
+# bmclip.model.attention.resolve_backend) or a name registered in bmclip.model.attention ("sdpa", "triton",
+# "xformers").
+DEFAULT_ATTN_BACKEND = "auto"
 
 
 @dataclass
@@ -106,6 +107,10 @@ class ModelConfig:
     init_logit_scale: float = math.log(1 / 0.07)
     init_logit_bias: float | None = None
     attn_backend: str = DEFAULT_ATTN_BACKEND
+    # Per-tower overrides of attn_backend (None: use attn_backend); attention backends never change parameter
+    # names, so checkpoints load whatever these say.
+    image_attn_backend: str | None = None
+    text_attn_backend: str | None = None
     grad_checkpointing: bool = False
     # Triton LayerNorm (fused with the residual adds) and fc1 bias + GELU in both towers
     # (bmclip.kernels.fused_ops); parameter names and checkpoints are the same either way.
@@ -125,6 +130,20 @@ class ModelConfig:
         from bmclip.model.attention import check_backend
 
         check_backend(self.attn_backend)
+        for key in ("image_attn_backend", "text_attn_backend"):
+            name = getattr(self, key)
+            if name is not None:
+                try:
+                    check_backend(name)
+                except ConfigError as e:
+                    raise ConfigError(f"{key}: {e}") from None
+
+    def tower_attn_backend(self, tower: str) -> str:
+        """The attention setting of tower "image" or "text": its override, else ``attn_backend``."""
+        if tower not in ("image", "text"):
+            raise ConfigError(f"tower must be 'image' or 'text', got {tower!r}")
+        override = self.image_attn_backend if tower == "image" else self.text_attn_backend
+        return self.attn_backend if override is None else override
 
     def to_dict(self) -> dict[str, Any]:
         """A plain nested dict (JSON-serialisable) that ``from_dict`` turns back into an equal config."""

@@ -13,23 +13,29 @@ from bmclip.model.attention import attention
 class SelfAttention(nn.Module):
     """Multi-head self-attention: fused ``qkv`` Linear(W, 3W), the attention switch, ``out`` Linear(W, W).
 
-    The backend is a plain attribute (``attn_backend``) so switching it never changes parameter names.
+    The backend is a plain attribute (``attn_backend``: a registered name or "auto") so switching it never
+    changes parameter names; ``tower`` ("image" or "text") is what "auto" decides for.
     """
 
-    def __init__(self, width: int, heads: int, backend: str = "sdpa", dropout: float = 0.0):
+    def __init__(self, width: int, heads: int, backend: str = "sdpa", dropout: float = 0.0, tower: str = "image"):
         super().__init__()
         self.heads = heads
         self.head_dim = width // heads
         self.qkv = nn.Linear(width, 3 * width)
         self.out = nn.Linear(width, width)
         self.attn_backend = backend
+        self.tower = tower
         self.dropout = dropout
 
     def split_heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(B, L, W) -> q, k, v each (B, H, L, dh) (views of one qkv projection)."""
+        """(B, L, W) -> q, k, v each (B, H, L, dh) (views of one qkv projection).
+
+        ``unbind`` rather than three indexings: its backward stacks the three gradients in one op, where
+        ``qkv[i]`` would give three zero-filled ``select_backward`` buffers and two in-place adds per layer.
+        """
         b, n, _ = x.shape
-        qkv = self.qkv(x).view(b, n, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        return qkv[0], qkv[1], qkv[2]
+        q, k, v = self.qkv(x).view(b, n, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        return q, k, v
 
     def forward(self, x: torch.Tensor, key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
         """x (B, L, W) float, key_padding_mask bool (B, L) True = real token -> (B, L, W)."""
@@ -42,6 +48,7 @@ class SelfAttention(nn.Module):
             backend=self.attn_backend,
             key_padding_mask=key_padding_mask,
             dropout_p=self.dropout if self.training else 0.0,
+            tower=self.tower,
         )
         return self.out(o.transpose(1, 2).reshape(b, n, w))
 

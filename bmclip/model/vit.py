@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from bmclip.errors import ConfigError, DataError
+from bmclip.model.attention import resolve_backend
 from bmclip.model.config import VisionConfig
 from bmclip.model.layers import Mlp, SelfAttention, fused_layer_norm, init_linear_
 
@@ -21,7 +22,7 @@ class ViTBlock(nn.Module):
     def __init__(self, cfg: VisionConfig, backend: str):
         super().__init__()
         self.norm1 = nn.LayerNorm(cfg.width, eps=cfg.ln_eps)
-        self.attn = SelfAttention(cfg.width, cfg.heads, backend)
+        self.attn = SelfAttention(cfg.width, cfg.heads, backend, tower="image")
         self.norm2 = nn.LayerNorm(cfg.width, eps=cfg.ln_eps)
         self.mlp = Mlp(cfg.width, cfg.mlp_dim)
         self.fused_ops = False
@@ -106,6 +107,11 @@ class VisionTransformer(nn.Module):
             else:
                 x = blk(x)
         return fused_layer_norm(self.norm, x) if self.fused_ops else self.norm(x)
+
+    def attn_backend_for(self, device: torch.device | str) -> str:
+        """The attention backend this tower runs on ``device`` (its setting, "auto" resolved)."""
+        setting = self.blocks[0].attn.attn_backend if len(self.blocks) else "sdpa"
+        return resolve_backend(setting, "image", device)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) float normalised -> (B, embed_dim) unnormalised."""

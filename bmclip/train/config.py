@@ -28,7 +28,11 @@ class ModelSection:
     preset: str = "biomedclip-vit-b16-224"
     patch_dropout: float = 0.0  # FLIP: fraction of image patches dropped in training (CLS kept)
     grad_checkpointing: bool = False
-    attn_backend: str = "sdpa"
+    # Attention backend of both towers: auto (CUDA: SDPA for the ViT, Triton varlen for the unpadded text tower
+    # when Triton can run; elsewhere SDPA) | sdpa | triton | xformers. The per-tower keys override it (None: same).
+    attn_backend: str = "auto"
+    image_attn_backend: str | None = None
+    text_attn_backend: str | None = None
     fused_ops: bool = False  # Triton LayerNorm(+residual) and bias-GELU kernels (CUDA); same parameters
     compile: bool = False  # torch.compile the model (GPU runs; adds start-up time)
     init_checkpoint: str = ""  # start from these weights (bmclip checkpoint or open_clip folder)
@@ -136,6 +140,14 @@ class TrainConfig:
         _check(self.loss.kind in ("clip", "siglip"), "loss.kind", "must be clip or siglip")
         _check(self.loss.max_logit_scale > 0, "loss.max_logit_scale", "must be > 0")
         _check(0.0 <= self.model.patch_dropout < 1.0, "model.patch_dropout", "must be in [0, 1)")
+        from bmclip.model import available_backends
+
+        names = ["auto", *available_backends()]
+        for key in ("attn_backend", "image_attn_backend", "text_attn_backend"):
+            value = getattr(self.model, key)
+            if key != "attn_backend" and value is None:
+                continue
+            _check(value in names, f"model.{key}", f"must be one of {', '.join(names)} (got {value!r})")
         _check(self.optim.lr > 0, "optim.lr", "must be > 0")
         _check(self.optim.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
         _check(0 <= self.optim.beta1 < 1 and 0 <= self.optim.beta2 < 1, "optim.beta1", "betas in [0, 1)")

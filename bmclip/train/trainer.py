@@ -78,6 +78,8 @@ def _build_model(cfg: TrainConfig, device: torch.device):
     overrides: dict = {
         "vision": {"patch_dropout": cfg.model.patch_dropout},
         "attn_backend": cfg.model.attn_backend,
+        "image_attn_backend": cfg.model.image_attn_backend,
+        "text_attn_backend": cfg.model.text_attn_backend,
         "fused_ops": cfg.model.fused_ops,
     }
     if cfg.loss.kind == "siglip" and mcfg.init_logit_bias is None:
