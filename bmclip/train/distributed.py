@@ -68,6 +68,24 @@ def all_reduce_flag(flag: bool, info: DistInfo) -> bool:
     return bool(t.item() > 0)
 
 
+def all_reduce_flags(flags: list[bool], info: DistInfo) -> list[bool]:
+    """Element-wise logical OR of several per-rank flags in one collective."""
+    if not info.initialized:
+        return [bool(f) for f in flags]
+    t = torch.tensor([1.0 if f else 0.0 for f in flags], device=info.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return [bool(v > 0) for v in t.tolist()]
+
+
+def all_gather_objects(obj, info: DistInfo) -> list:
+    """Every rank's ``obj`` (picklable), in rank order; ``[obj]`` in one process."""
+    if not info.initialized:
+        return [obj]
+    out = [None] * info.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def all_reduce_mean(value: float, info: DistInfo) -> float:
     """Mean of a float over ranks."""
     if not info.initialized:
