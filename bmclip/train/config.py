@@ -94,6 +94,7 @@ class FaultSection:
     kill_at_step: int = -1  # SIGKILL this process after finishing this step (once per out_dir)
     kill_rank: int = -1  # which rank kill_at_step kills (-1 = every rank)
     kill_in_checkpoint_at_step: int = -1  # SIGKILL halfway through writing this step's checkpoint
+    step_sleep_s: float = 0.0  # sleep this long after every step (gives signal tests a window; numerics unchanged)
 
 
 @dataclass
@@ -152,6 +153,7 @@ class TrainConfig:
         _check(self.ckpt_every >= 0, "ckpt_every", "must be >= 0 (0 = only at the end)")
         _check(self.keep_last >= 1, "keep_last", "must be >= 1")
         _check(self.fault.max_nonfinite >= 1, "fault.max_nonfinite", "must be >= 1")
+        _check(self.fault.step_sleep_s >= 0, "fault.step_sleep_s", "must be >= 0")
         _check(self.data.augment in ("random_resized_crop", "center"), "data.augment",
                "must be random_resized_crop or center")
         _check(self.on_usr1 in ("checkpoint", "stop"), "on_usr1", "must be checkpoint or stop")

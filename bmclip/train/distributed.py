@@ -68,13 +68,13 @@ def all_reduce_flag(flag: bool, info: DistInfo) -> bool:
     return bool(t.item() > 0)
 
 
-def all_reduce_flags(flags: list[bool], info: DistInfo) -> list[bool]:
-    """Element-wise logical OR of several per-rank flags in one collective."""
+def all_reduce_max(values: list[float], info: DistInfo) -> list[float]:
+    """Element-wise maximum over ranks of several small numbers (flags as 0/1, signal numbers) in one collective."""
     if not info.initialized:
-        return [bool(f) for f in flags]
-    t = torch.tensor([1.0 if f else 0.0 for f in flags], device=info.device)
+        return [float(v) for v in values]
+    t = torch.tensor([float(v) for v in values], device=info.device, dtype=torch.float64)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return [bool(v > 0) for v in t.tolist()]
+    return t.tolist()
 
 
 def all_gather_objects(obj, info: DistInfo) -> list:

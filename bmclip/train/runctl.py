@@ -70,6 +70,10 @@ class StopSignals:
             signal.signal(sig, old)
         self._old.clear()
 
+    def stop_signum(self) -> int:
+        """The number of the signal that asked to stop, 0 when none did."""
+        return int(getattr(signal, self.stop)) if self.stop else 0
+
     def take_checkpoint_request(self) -> bool:
         """The pending SIGUSR1 checkpoint request (cleared by reading it)."""
         want, self.checkpoint = self.checkpoint, False

@@ -31,7 +31,7 @@ from bmclip.train.distributed import (
     DistInfo,
     all_gather_objects,
     all_reduce_flag,
-    all_reduce_flags,
+    all_reduce_max,
     all_reduce_mean,
     barrier,
     full_state_dicts,
@@ -576,6 +576,7 @@ def _train(cfg: TrainConfig, info: DistInfo, cleanup: list) -> dict:
         torch.cuda.reset_peak_memory_stats(device)
 
     stop_early = stop_signal = False
+    stop_signum = 0
     data_stats = None
     skip_warned = False
     while step < cfg.steps and not (stop_early or stop_signal):
@@ -645,12 +646,15 @@ def _train(cfg: TrainConfig, info: DistInfo, cleanup: list) -> dict:
         win["flops"] += train_step_flops(mcfg, batch=len(counts), text_token_counts=counts,
                                          patch_dropout=cfg.model.patch_dropout,
                                          logit_columns=cfg.data.batch_size)
+        if cfg.fault.step_sleep_s:
+            time.sleep(cfg.fault.step_sleep_s)
         # Step boundary: every rank agrees (one collective) on the wall-clock budget (e.g. the demo's),
         # a stop signal (SIGTERM / SIGINT / SIGUSR1=stop) and a SIGUSR1 checkpoint request received by any
         # rank, so all ranks stop or checkpoint at this same step.
         over_budget = bool(cfg.max_seconds) and time.perf_counter() - t_start > cfg.max_seconds
-        stop_early, stop_signal, ckpt_request = all_reduce_flags(
-            [over_budget, signals.stop is not None, signals.take_checkpoint_request()], info)
+        over_budget, stop_signum, ckpt_request = all_reduce_max(
+            [over_budget, signals.stop_signum(), signals.take_checkpoint_request()], info)
+        stop_early, stop_signal, ckpt_request = over_budget > 0, stop_signum > 0, ckpt_request > 0
         final = step == cfg.steps or stop_early or stop_signal
         console.update(1, loss=f"{loss_val:.4f}", lr=f"{lr:.2e}")
 
@@ -720,8 +724,8 @@ def _train(cfg: TrainConfig, info: DistInfo, cleanup: list) -> dict:
     if data_stats is not None:
         summary["data"] = {**data_stats, "skip_rate_exceeded": data_stats["skip_rate"] > cfg.data.max_skip_rate}
     if stop_signal:
-        # the signal's name where this rank received it; another rank's otherwise
-        summary["stopped_by_signal"] = signals.stop or "signal (another rank)"
+        # the signal received (by any rank: the highest number when ranks got different ones)
+        summary["stopped_by_signal"] = signal.Signals(int(stop_signum)).name
         if info.is_main:
             print(f"[bmclip] stopped by {summary['stopped_by_signal']} at step {step} of {cfg.steps}; checkpoint "
                   f"{out / 'checkpoints' / ckpt_mod.step_dir_name(step)}; rerun the same command to resume",
