@@ -211,15 +211,25 @@ def _worker_pids(agent_pid: int, timeout=TIMEOUT) -> dict[int, int]:
     raise AssertionError("torchrun workers not found")
 
 
-@pytest.mark.slow
-def test_torchrun_sigterm_to_one_rank_stops_both_at_one_step(tmp_path):
-    ref, cut = tmp_path / "ref", tmp_path / "cut"
+@pytest.fixture(scope="module")
+def ddp_reference(tmp_path_factory):
+    ref = tmp_path_factory.mktemp("ddp_ref")
     _run([*TORCHRUN, f"--out_dir={ref}", *DDP_ARGS])
+    return ref
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("target", ["rank1", "torchrun"])
+def test_torchrun_sigterm_stops_both_ranks_at_one_step(ddp_reference, tmp_path, target):
+    # rank1: only rank 1 receives SIGTERM; rank 0 learns of it at the step boundary.
+    # torchrun: the agent receives it (Ctrl-C, scancel) and forwards it to its workers.
+    cut = tmp_path / "cut"
     live = _Live([*TORCHRUN, f"--out_dir={cut}", *DDP_ARGS, "--fault.step_sleep_s=0.5"])
     workers = _worker_pids(live.p.pid)
     live.wait_for("[bmclip] step 3/")
-    os.kill(workers[1], signal.SIGTERM)  # only rank 1 receives it; rank 0 learns of it at the step boundary
+    os.kill(workers[1] if target == "rank1" else live.p.pid, signal.SIGTERM)
     rc, out, err = live.finish()
+    assert rc != 0  # the job did not finish
     k = _stopped_step(cut)
     assert 3 <= k < STEPS, (k, err[-2000:])
     files = C.read_meta(cut / "checkpoints" / f"step_{k:08d}")["files"]
@@ -227,5 +237,5 @@ def test_torchrun_sigterm_to_one_rank_stops_both_at_one_step(tmp_path):
     assert f"stopped by SIGTERM at step {k} of {STEPS}" in err
     r = _run([*TORCHRUN, f"--out_dir={cut}", *DDP_ARGS])
     assert f"at step {k}" in r.stdout and "resumed from" in r.stdout
-    _assert_same_final(ref, cut, ranks=(0, 1))
+    _assert_same_final(ddp_reference, cut, ranks=(0, 1))
     assert _train_steps(cut) == list(range(1, STEPS + 1))

@@ -714,6 +714,7 @@ def _train(cfg: TrainConfig, info: DistInfo, cleanup: list) -> dict:
             win["t0"] += time.perf_counter() - t_ck
 
     seconds = time.perf_counter() - t_start
+    stop_signal = stop_signal and step < cfg.steps  # a signal at the very last step: the run is complete
     console.close()
     logger.close()
     summary = {"steps": step, "steps_this_run": steps_run, "seconds": seconds, "stopped_early": stop_early,
