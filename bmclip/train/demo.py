@@ -39,13 +39,13 @@ class DemoSize:
     vocab_size: int = 2048
 
 
-# Training throughput of the tiny model at batch 32 on 2 cores that other work kept busy (load ~3.5):
-# 45 samples/s (measured with ``bmclip demo``); the step counts below keep training near 3.5 minutes
-# there, and the budgets are safety nets several times above that.
+# Training throughput of the tiny model at batch 32 on a 2-core machine that other work kept busy:
+# 45-49 samples/s (``bmclip demo``, load 3.5 and 12). The ``small`` run measured there: 300 steps in 195 s,
+# the whole demo 4 min 16 s wall (75 CPU-seconds). The budgets are safety nets several times above.
 MEASURED_SAMPLES_PER_S = 45.0
 
 SIZES = {
-    # The README's command: ~3.5 min of training + ~30 s of corpus, shards and evaluation on 2 cores.
+    # The README's command: ~3.5 min of training + ~1 min of corpus, shards and evaluation on 2 busy cores.
     "small": DemoSize(articles=400, steps=300, batch_size=32, max_train_seconds=1800.0),
     # The test suite's.
     "ci": DemoSize(articles=70, steps=180, batch_size=32, max_train_seconds=900.0),
@@ -145,7 +145,14 @@ def run_demo(out_dir: str | os.PathLike = "bmclip-demo", size: str = "small", se
         "num_threads": 1, "deterministic": True,
     })
     t = time.perf_counter()
-    summary = train(cfg)
+    if quiet:  # the trainer's banner and progress lines (its warnings and errors still go to stderr)
+        import contextlib
+        import io
+
+        with contextlib.redirect_stdout(io.StringIO()):
+            summary = train(cfg)
+    else:
+        summary = train(cfg)
     timings["train_s"] = time.perf_counter() - t
     _log(f"trained {summary['steps']} steps in {summary['seconds']:.1f}s "
          f"({summary['samples_per_s']:.0f} samples/s)", quiet)
