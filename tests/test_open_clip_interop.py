@@ -159,7 +159,7 @@ def test_export_loads_in_open_clip_and_round_trips(oc_model, tmp_path):
 
     folder = export_open_clip(ours, tmp_path / "export", tokenizer=get_tokenizer())
     cfg = json.loads((folder / CONFIG_NAME).read_text())
-    assert cfg["bmclip"]["tokenizer"] == {"vocab": "vocab.txt", "context_length": 256}
+    assert cfg["bmclip"]["tokenizer"] == {"vocab": "vocab.txt", "context_length": 256, "vocab_size": 4096}
     assert Tokenizer.from_vocab(folder).vocab == get_tokenizer().vocab
     assert cfg["model_cfg"]["vision_cfg"] == RELEASED_CONFIG["model_cfg"]["vision_cfg"]
     assert cfg["preprocess_cfg"] == RELEASED_CONFIG["preprocess_cfg"]
