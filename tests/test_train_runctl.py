@@ -235,3 +235,34 @@ def test_progress_bar_on_a_terminal_and_errors_on_their_own_line(tmp_path):
     i = text.index("bmclip train: error: ")
     assert text[i - 1] == "\n", repr(text[max(0, i - 80):i + 40])  # not glued to the bar's line
     assert "non-finite" in text[i:]
+
+
+def test_signal_handler_requests_and_the_third_sigint_aborts(capfd):
+    # Real signals to this process: requests are recorded (the loop acts on them at a step boundary); repeated
+    # stop signals do not interrupt, the third SIGINT does (KeyboardInterrupt); handlers are restored afterwards.
+    import signal
+
+    from bmclip.train.runctl import StopSignals
+
+    before = signal.getsignal(signal.SIGINT)
+    s = StopSignals("checkpoint")
+    assert s.install()
+    try:
+        os.kill(os.getpid(), signal.SIGUSR1)
+        time.sleep(0.05)
+        assert s.take_checkpoint_request() and not s.take_checkpoint_request() and s.stop is None
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.05)
+        assert s.stop == "SIGINT" and s.stop_signum() == signal.SIGINT
+        os.kill(os.getpid(), signal.SIGTERM)  # noted, ignored
+        os.kill(os.getpid(), signal.SIGINT)  # noted, ignored
+        time.sleep(0.05)
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.5)
+    finally:
+        s.restore()
+    assert signal.getsignal(signal.SIGINT) is before
+    err = capfd.readouterr().err
+    assert "SIGTERM again: already stopping (SIGINT)" in err and "1 more SIGINT aborts" in err
+    assert "aborting without a checkpoint" in err

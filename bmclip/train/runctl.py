@@ -43,6 +43,7 @@ class StopSignals:
     """Records SIGTERM / SIGINT / SIGUSR1 for the training loop (install in the main thread only)."""
 
     HANDLED = ("SIGTERM", "SIGINT", "SIGUSR1")
+    ABORT_AFTER_SIGINTS = 3  # the third SIGINT aborts at once (KeyboardInterrupt)
 
     def __init__(self, on_usr1: str = "checkpoint", rank: int = 0):
         if on_usr1 not in ("checkpoint", "stop"):
@@ -52,7 +53,8 @@ class StopSignals:
         self.stop: str | None = None  # name of the first signal that asked to stop
         self.checkpoint = False  # a SIGUSR1 checkpoint request not yet acted on
         self.step = 0  # the last finished step (for the messages)
-        self.repeats = 0
+        self.repeats = 0  # stop signals after the first
+        self.sigints = 0  # SIGINTs among all stop signals (the first included)
         self._old: dict[int, object] = {}
 
     def install(self) -> bool:
@@ -87,16 +89,21 @@ class StopSignals:
             _raw_write(2, f"\n{who}SIGUSR1: writing a checkpoint after step {self.step + 1}, then continuing\n")
             return
         if self.stop is None:
+            self.sigints += name == "SIGINT"
             self.stop = name
             _raw_write(2, f"\n{who}{name}: stopping after step {self.step + 1} with a checkpoint "
                           "(rerun the same command to resume)\n")
             return
         self.repeats += 1
-        if name == "SIGINT" and self.repeats >= 2:
-            _raw_write(2, f"\n{who}{name} again: aborting without a checkpoint (the newest complete one is kept)\n")
-            raise KeyboardInterrupt
+        if name == "SIGINT":
+            self.sigints += 1
+            if self.sigints >= self.ABORT_AFTER_SIGINTS:
+                _raw_write(2, f"\n{who}SIGINT again: aborting without a checkpoint (the newest complete one is "
+                              "kept)\n")
+                raise KeyboardInterrupt
+        left = self.ABORT_AFTER_SIGINTS - self.sigints
         _raw_write(2, f"\n{who}{name} again: already stopping ({self.stop}); the checkpoint is being written "
-                      "(interrupt twice more to abort without it)\n")
+                      f"({left} more SIGINT{'s' if left > 1 else ''} abort{'' if left > 1 else 's'} without it)\n")
 
 
 # ---------------------------------------------------------------------------------------------------
