@@ -114,6 +114,10 @@ def test_rerun_with_other_data_is_one_line(finished_run):
     r = _train(finished_run, "--data.synthetic_size=512", "--steps=3", "--resume=none")
     assert r.returncode == 0, r.stderr[-2000:]
     assert "fresh start at step 0" in r.stdout
+    # the earlier run's checkpoint (step 2) was moved aside, not mixed with (or pruned against) the new run's
+    (aside,) = finished_run.glob("checkpoints.replaced-*")
+    assert [p.name for p in aside.iterdir()] == ["step_00000002"]
+    assert [p.name for p in (finished_run / "checkpoints").iterdir()] == ["step_00000003"]
     steps = [x["step"] for x in read_jsonl(finished_run / "metrics.jsonl") if x.get("kind") == "train"]
     assert steps == [1, 2, 3]  # the earlier run's rows were replaced, not duplicated
 

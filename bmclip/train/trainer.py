@@ -347,8 +347,8 @@ def _check_resume_compatible(cfg: TrainConfig, st: dict, model, resume_from: Pat
     step = st["meta"].get("step", "?")
     where = (f"out_dir {cfg.out_dir} holds a checkpoint (step {step})" if cfg.resume == "auto"
              else f"resume checkpoint {resume_from} (step {step})")
-    hint = ("use --resume=none to start afresh in this out_dir (its checkpoints are replaced as the new run "
-            "saves) or another --out_dir")
+    hint = ("use --resume=none to start afresh in this out_dir (its checkpoints are moved aside to "
+            "checkpoints.replaced-*) or another --out_dir")
     theirs = {k: tuple(v.shape) for k, v in st["model"].items() if torch.is_tensor(v)}
     ours = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     if theirs != ours:
@@ -482,6 +482,12 @@ def _train(cfg: TrainConfig, info: DistInfo, cleanup: list) -> dict:
             lock_error = e
     if all_reduce_flag(lock_error is not None, info):
         raise lock_error or ConfigError(f"out_dir {out}: rank 0 could not lock it (its message says why)")
+    if info.is_main and cfg.resume == "none" and ckpt_mod.list_checkpoints(out / "checkpoints"):
+        # A fresh start must not mix with an earlier run's checkpoints (auto-resume and pruning go by step
+        # number, so the old run's higher steps would win): they are kept, renamed aside.
+        aside = out / time.strftime("checkpoints.replaced-%Y%m%dT%H%M%S", time.gmtime())
+        os.rename(out / "checkpoints", aside)
+        print(f"[bmclip] resume=none: moved the earlier run's checkpoints to {aside}", file=sys.stderr, flush=True)
     signals = StopSignals(cfg.on_usr1, info.rank)
     if signals.install():
         cleanup.append(signals.restore)
