@@ -132,6 +132,10 @@ def run_demo(out_dir: str | os.PathLike = "bmclip-demo", size: str = "small", se
     from bmclip.train.trainer import train
 
     run_dir = out / "train"
+    # the demo owns this folder: a rerun replaces the previous demo's checkpoints instead of keeping them aside
+    import shutil
+
+    shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
     cfg = load_config("tiny-cpu", {
         "out_dir": str(run_dir), "seed": seed, "steps": sz.steps, "max_seconds": sz.max_train_seconds,
         "data.synthetic": False, "data.train": train_pat, "data.val": val_pat, "data.tokenizer": str(tok_dir),
