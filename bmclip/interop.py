@@ -315,18 +315,27 @@ def open_clip_config(model) -> dict[str, Any]:
 
 
 def export_open_clip(model, folder: str | os.PathLike, tokenizer=None) -> Path:
-    """Write ``open_clip_pytorch_model.bin`` + ``open_clip_config.json`` (and the tokenizer's vocab.txt
-    if given) into ``folder`` so that open_clip loads this model with identical outputs."""
+    """Write ``open_clip_pytorch_model.bin`` + ``open_clip_config.json`` into ``folder`` so that open_clip
+    loads this model with identical outputs.
+
+    With ``tokenizer`` (the vocabulary the model was trained with) the folder also holds that tokenizer:
+    ``vocab.txt`` + ``bmclip_tokenizer.json`` + the Hugging Face files that make the folder itself a BERT
+    tokenizer, and the config's ``text_cfg.hf_tokenizer_name`` names this folder, so
+    ``open_clip.get_tokenizer("local-dir:FOLDER")`` tokenizes with the shipped vocabulary. Without one
+    (weights converted from the released BiomedCLIP) the config names BiomedBERT's hub tokenizer, the
+    vocabulary those weights were trained with."""
     from bmclip.checkpoint_io import atomic_writer, save_state_dict
 
     config = open_clip_config(model)  # validates before anything is written
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     if tokenizer is not None:
-        # open_clip itself tokenizes with hf_tokenizer_name; the exact vocabulary used in training is
-        # kept beside the weights (and named in the config) so nothing depends on a hub download.
         tokenizer.save(folder)
-        config["bmclip"]["tokenizer"] = {"vocab": "vocab.txt", "context_length": tokenizer.context_length}
+        tokenizer.save_hf_files(folder)
+        text_cfg = config["model_cfg"]["text_cfg"]
+        text_cfg["hf_tokenizer_name"] = str(folder.resolve())
+        config["bmclip"]["tokenizer"] = {"vocab": "vocab.txt", "context_length": tokenizer.context_length,
+                                         "vocab_size": tokenizer.vocab_size}
     save_state_dict(open_clip_state_dict(model), folder / WEIGHTS_NAME)
     with atomic_writer(folder / CONFIG_NAME, "w") as f:
         json.dump(config, f, indent=2)

@@ -235,6 +235,24 @@ class Tokenizer:
         with atomic_writer(folder / CONFIG_NAME, "w") as f:
             json.dump(meta, f, indent=2)
 
+    def save_hf_files(self, folder: str | os.PathLike) -> None:
+        """Write ``tokenizer_config.json`` + ``special_tokens_map.json`` beside ``vocab.txt`` (call ``save`` too),
+        so ``transformers.AutoTokenizer.from_pretrained(folder)`` builds this tokenizer (uncased BERT WordPiece)
+        from the folder alone, e.g. for open_clip's ``get_tokenizer("local-dir:FOLDER")``."""
+        from bmclip.checkpoint_io import atomic_writer
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        special = {"unk_token": "[UNK]", "sep_token": "[SEP]", "pad_token": "[PAD]", "cls_token": "[CLS]"}
+        if "[MASK]" in self.vocab:
+            special["mask_token"] = "[MASK]"
+        config = {"tokenizer_class": "BertTokenizer", "do_lower_case": True, "tokenize_chinese_chars": True,
+                  "strip_accents": None, "model_max_length": self.context_length, **special}
+        with atomic_writer(folder / "tokenizer_config.json", "w") as f:
+            json.dump(config, f, indent=2)
+        with atomic_writer(folder / "special_tokens_map.json", "w") as f:
+            json.dump(special, f, indent=2)
+
 
 def bundled_vocab_path() -> Path:
     """The vocab-*.txt shipped in bmclip/assets (trained from CC BY/CC0 PMC text; see its README)."""

@@ -944,3 +944,37 @@ def test_ustar_header_identical_to_tarfile():
             ti.size, ti.mtime, ti.mode, ti.uid, ti.gid, ti.uname, ti.gname = size, 0, 0o644, 0, 0, "", ""
             ti.type = tarfile.REGTYPE
             assert _ustar_header(name, size) == ti.tobuf(format=tarfile.USTAR_FORMAT, encoding="utf-8")
+
+
+def test_cli_summary_warnings_and_exit_status(tmp_path, capsys):
+    # The operator sees pairs per split and the top skip reasons on stderr; an empty split whose fraction is
+    # > 0 is a warning; a build that wrote no pairs exits 1 (0 pairs is never a success).
+    from bmclip.cli import main
+
+    src = tmp_path / "in"
+    src.mkdir()
+    ids = [f"PMC{5000 + i}" for i in range(4)]
+    for i, pmcid in enumerate(ids):
+        _package(src, pmcid, n_figs=1, seed=300 + i)
+    rc = main(["build-dataset", str(src), "--output", str(tmp_path / "ok"), "-j", "0", "--no-progress",
+               "--val-fraction", "0.05", "--test-fraction", "0.05"])  # fmt: skip
+    assert rc == 0
+    cap = capsys.readouterr()
+    assert json.loads(cap.out)["pairs"]["train"] >= 1  # the JSON on stdout is unchanged
+    per_split = {s: sum(split_of(a, 0, 0.05, 0.05) == s for a in ids) for s in ("train", "val", "test")}
+    assert (f"build-dataset: pairs: 4 (train {per_split['train']}, val {per_split['val']}, "
+            f"test {per_split['test']}) from 4 articles") in cap.err
+    assert "build-dataset: nothing skipped" in cap.err
+    for s in ("val", "test"):
+        assert (f"warning: the {s} split is empty" in cap.err) == (per_split[s] == 0), cap.err
+    assert per_split["val"] == 0 or per_split["test"] == 0  # the warning path really ran for these ids
+
+    rc = main(["build-dataset", str(src), "--output", str(tmp_path / "none"), "-j", "0", "--no-progress",
+               "--min-caption-chars", "100000"])  # fmt: skip
+    assert rc == 1
+    err = capsys.readouterr().err
+    stats = json.loads((tmp_path / "none" / "stats.json").read_text())
+    (reason, n), = [(r, n) for r, n in stats["skips"]["figure"].items() if n]
+    assert f"top skip reasons: figure:{reason} {n}" in err and n == 4
+    assert "warning: no figure-caption pairs were written" in err
+    assert "error: no pairs written" in err

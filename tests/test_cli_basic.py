@@ -131,3 +131,12 @@ def test_console_entry_point_runs():
     r = subprocess.run([sys.executable, "-m", "bmclip", "--help"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and "embed" in r.stdout
     assert build_parser() is not None
+
+
+def test_version_flag(capsys):
+    from bmclip import __version__
+
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0
+    assert capsys.readouterr().out.strip() == f"bmclip {__version__}"

@@ -35,6 +35,8 @@ def test_demo_ci_learns_for_real(tmp_path):
         assert ret[f"{d}_mean_rank"] < 0.35 * n, ret  # chance: (n + 1) / 2
     assert zs["chance"] == pytest.approx(1 / 6) and zs["accuracy"] > max(2 * zs["chance"], zs["majority_baseline"]), zs
     assert tr["steps"] > 0 and tr["samples_per_s"] > 0
+    # a fixed number of steps, not whatever a wall-clock budget allowed on this machine
+    assert tr["steps"] == tr["planned_steps"] and not tr["stopped_early"], tr
     assert (out / "train" / "loss.png").is_file() and (out / "train" / "recall.png").is_file()
     assert {p.split("/")[-1] for p in rep["curves"]} == {"loss.png", "recall.png"}
 
@@ -43,3 +45,15 @@ def test_demo_rejects_unknown_size():
     r = subprocess.run([sys.executable, "-m", "bmclip", "demo", "--size", "huge"], capture_output=True, text=True,
                        timeout=120)
     assert r.returncode != 0 and "huge" in r.stderr
+
+
+def test_demo_sizes_run_fixed_steps_with_the_budget_only_a_safety_net():
+    # The numbers of a demo report must not depend on the machine's speed: every size trains its fixed step
+    # count, and the wall-clock budget sits far above the time those steps take at the throughput measured
+    # on 2 busy cores; the README's size still fits in 5 minutes there (plus ~30 s outside training).
+    from bmclip.train.demo import MEASURED_SAMPLES_PER_S, SIZES
+
+    for name, sz in SIZES.items():
+        expected_s = sz.steps * sz.batch_size / MEASURED_SAMPLES_PER_S
+        assert sz.max_train_seconds >= 4 * expected_s, (name, sz, expected_s)
+    assert SIZES["small"].steps * SIZES["small"].batch_size / MEASURED_SAMPLES_PER_S + 30 <= 270

@@ -159,11 +159,13 @@ def test_export_loads_in_open_clip_and_round_trips(oc_model, tmp_path):
 
     folder = export_open_clip(ours, tmp_path / "export", tokenizer=get_tokenizer())
     cfg = json.loads((folder / CONFIG_NAME).read_text())
-    assert cfg["bmclip"]["tokenizer"] == {"vocab": "vocab.txt", "context_length": 256}
+    assert cfg["bmclip"]["tokenizer"] == {"vocab": "vocab.txt", "context_length": 256, "vocab_size": 4096}
     assert Tokenizer.from_vocab(folder).vocab == get_tokenizer().vocab
     assert cfg["model_cfg"]["vision_cfg"] == RELEASED_CONFIG["model_cfg"]["vision_cfg"]
     assert cfg["preprocess_cfg"] == RELEASED_CONFIG["preprocess_cfg"]
-    assert cfg["model_cfg"]["text_cfg"] == {**RELEASED_CONFIG["model_cfg"]["text_cfg"], "hf_model_pretrained": False}
+    # the shipped (bundled) vocabulary is the one named, not BiomedBERT's hub tokenizer
+    assert cfg["model_cfg"]["text_cfg"] == {**RELEASED_CONFIG["model_cfg"]["text_cfg"], "hf_model_pretrained": False,
+                                            "hf_tokenizer_name": str(folder.resolve())}
     # open_clip's own strict loader accepts the file: exactly its key set and shapes. (The exported
     # model_cfg equals the released one, so the module's open_clip model is that architecture.)
     load_checkpoint(oc_model, str(folder / WEIGHTS_NAME), strict=True)
@@ -317,3 +319,32 @@ def test_timm_heads_used_without_bmclip_section():
     oc["model_cfg"]["vision_cfg"]["timm_model_name"] = "vit_small_patch16_224"
     cfg = config_from_open_clip(sd, oc)
     assert cfg == small.config
+
+
+def test_export_ships_the_training_vocabulary_and_names_it(tmp_path):
+    # A model trained with its own vocabulary must not be exported under BiomedBERT's tokenizer name: the
+    # folder carries that vocabulary, the config names the folder, and open_clip's own tokenizer loader
+    # (local-dir) produces exactly the ids the model was trained on.
+    import open_clip
+
+    from bmclip.tokenizer import Tokenizer
+
+    captions = ["chest x-ray showing a left lower lobe consolidation", "H&E stained liver section, 40x",
+                "axial T2-weighted MRI of the brain with a ring-enhancing lesion", "kaplan-meier survival curves"]
+    tok = Tokenizer.train(captions * 10, vocab_size=300, min_frequency=1, context_length=256)
+    torch.manual_seed(0)
+    model = create_model("biomedclip-vit-s16-224").eval()
+    folder = export_open_clip(model, tmp_path / "export", tokenizer=tok)
+    cfg = json.loads((folder / CONFIG_NAME).read_text())
+    text_cfg = cfg["model_cfg"]["text_cfg"]
+    assert text_cfg["hf_tokenizer_name"] == str(folder.resolve()) != BIOMEDBERT
+    assert text_cfg["hf_model_name"] == BIOMEDBERT  # the architecture is still BiomedBERT-base
+    assert cfg["bmclip"]["tokenizer"] == {"vocab": "vocab.txt", "context_length": 256, "vocab_size": tok.vocab_size}
+    assert Tokenizer.from_vocab(folder).vocab == tok.vocab
+    oc_tok = open_clip.get_tokenizer(f"local-dir:{folder}")
+    texts = ["A chest X-ray with consolidation.", "Survival curves (Kaplan-Meier) of 2 groups", "zebrafish"]
+    assert torch.equal(oc_tok(texts), tok(texts))
+
+    bare = export_open_clip(model, tmp_path / "released", tokenizer=None)  # converted released weights
+    assert json.loads((bare / CONFIG_NAME).read_text())["model_cfg"]["text_cfg"]["hf_tokenizer_name"] == BIOMEDBERT
+    assert not (bare / "vocab.txt").exists()

@@ -24,11 +24,24 @@ SUBCOMMAND_MODULES = (
 )
 
 
+def _version() -> str:
+    """The installed distribution's version, else the package's own ``__version__`` (a source checkout)."""
+    try:
+        from importlib.metadata import PackageNotFoundError, version
+
+        return version("bmclip")
+    except (ImportError, PackageNotFoundError):
+        from bmclip import __version__
+
+        return __version__
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="bmclip",
         description="bmclip: train, evaluate and build data for BiomedCLIP-style models.",
     )
+    parser.add_argument("--version", action="version", version=f"bmclip {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for name in SUBCOMMAND_MODULES:

@@ -116,7 +116,7 @@ def run(args) -> int:
         stats = merge_staging(inputs, args.output, opts, progress=progress)
         print(_summary(stats))
         print(f"wrote {args.output}/manifest.json and stats.json/png", file=sys.stderr)
-        return 0
+        return _report(stats, args.output)
     if args.num_slices > 1 or (args.staging and not args.output):
         if not args.staging:
             raise ConfigError("--num-slices > 1 needs --staging DIR (one per slice)")
@@ -145,4 +145,19 @@ def run(args) -> int:
 
         shutil.rmtree(staging)
     print(_summary(stats))
+    return _report(stats, args.output)
+
+
+def _report(stats: dict, output: str) -> int:
+    """Print the human summary and warnings on stderr; exit status 1 when no pair was written."""
+    from bmclip.data.pmc.build import summary_lines
+
+    lines, warnings = summary_lines(stats)
+    for ln in lines:
+        print(f"build-dataset: {ln}", file=sys.stderr)
+    for w in warnings:
+        print(f"build-dataset: warning: {w}", file=sys.stderr)
+    if stats["pairs_total"] == 0:
+        print(f"build-dataset: error: no pairs written to {output} (details in its stats.json)", file=sys.stderr)
+        return 1
     return 0

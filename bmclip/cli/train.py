@@ -42,4 +42,16 @@ def run(args) -> int:
     summary = train(cfg)
     if int(os.environ.get("RANK", "0")) == 0:  # one summary per job, not one per rank
         print(json.dumps({k: v for k, v in summary.items() if k != "curves"}, indent=1, default=str))
-    return 0
+    return exit_code(summary)
+
+
+def exit_code(summary: dict) -> int:
+    """0 for a finished run (or one stopped by SIGUSR1 with on_usr1=stop, or by max_seconds); 128 + the
+    signal number for a run stopped by SIGINT / SIGTERM (after its checkpoint), as a shell reports it."""
+    import signal
+
+    name = summary.get("stopped_by_signal")
+    if not name or name == "SIGUSR1":
+        return 0
+    sig = getattr(signal, str(name), None)
+    return 128 + int(sig) if sig is not None else 1

@@ -57,8 +57,12 @@ class DataSection:
     augment_backend: str = "auto"
     shuffle_buffer: int = 2000
     resampled: bool = True  # infinite shard resampling (webdataset semantics); False = epochs
-    tokenizer: str = ""  # vocab.txt / tokenizer dir; "" = bmclip's bundled default
+    # vocab.txt / tokenizer dir; "" = bmclip's bundled default (a 4,096-id vocabulary that fits small
+    # models only: models with a larger text vocabulary, e.g. the biomedclip preset, require this key)
+    tokenizer: str = ""
     val_max_samples: int = 10000
+    # warn (stderr + metrics) when the loader skips more than this fraction of the samples it reads
+    max_skip_rate: float = 0.01
 
 
 @dataclass
@@ -94,6 +98,7 @@ class FaultSection:
     kill_at_step: int = -1  # SIGKILL this process after finishing this step (once per out_dir)
     kill_rank: int = -1  # which rank kill_at_step kills (-1 = every rank)
     kill_in_checkpoint_at_step: int = -1  # SIGKILL halfway through writing this step's checkpoint
+    step_sleep_s: float = 0.0  # sleep this long after every step (gives signal tests a window; numerics unchanged)
 
 
 @dataclass
@@ -123,6 +128,10 @@ class TrainConfig:
     progress: bool = True  # tqdm bar on the terminal (rank 0)
     tensorboard: bool = True  # also log to TensorBoard when it is installed
     peak_tflops: float = 0.0  # override the bf16 peak used for MFU (0 = from the device table)
+    # SIGUSR1: "checkpoint" = write a checkpoint at the next step boundary and continue; "stop" = checkpoint
+    # and exit like SIGTERM (SIGTERM and SIGINT always checkpoint and stop)
+    on_usr1: str = "checkpoint"
+    break_lock: bool = False  # take over out_dir's lock even if held by another host / a live process
 
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict (JSON/YAML-safe)."""
@@ -156,8 +165,11 @@ class TrainConfig:
         _check(self.ckpt_every >= 0, "ckpt_every", "must be >= 0 (0 = only at the end)")
         _check(self.keep_last >= 1, "keep_last", "must be >= 1")
         _check(self.fault.max_nonfinite >= 1, "fault.max_nonfinite", "must be >= 1")
+        _check(self.fault.step_sleep_s >= 0, "fault.step_sleep_s", "must be >= 0")
         _check(self.data.augment in ("random_resized_crop", "center"), "data.augment",
                "must be random_resized_crop or center")
+        _check(self.on_usr1 in ("checkpoint", "stop"), "on_usr1", "must be checkpoint or stop")
+        _check(0.0 <= self.data.max_skip_rate <= 1.0, "data.max_skip_rate", "must be in [0, 1]")
         _check(self.data.augment_backend in ("auto", "torch", "dali"), "data.augment_backend",
                "must be auto, torch or dali")
         _check(not (self.data.synthetic and self.data.augment_backend == "dali"), "data.augment_backend",

@@ -68,6 +68,24 @@ def all_reduce_flag(flag: bool, info: DistInfo) -> bool:
     return bool(t.item() > 0)
 
 
+def all_reduce_max(values: list[float], info: DistInfo) -> list[float]:
+    """Element-wise maximum over ranks of several small numbers (flags as 0/1, signal numbers) in one collective."""
+    if not info.initialized:
+        return [float(v) for v in values]
+    t = torch.tensor([float(v) for v in values], device=info.device, dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.tolist()
+
+
+def all_gather_objects(obj, info: DistInfo) -> list:
+    """Every rank's ``obj`` (picklable), in rank order; ``[obj]`` in one process."""
+    if not info.initialized:
+        return [obj]
+    out = [None] * info.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def all_reduce_mean(value: float, info: DistInfo) -> float:
     """Mean of a float over ranks."""
     if not info.initialized:

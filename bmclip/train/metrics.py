@@ -127,7 +127,8 @@ class MetricsLogger:
                     self._tb.add_scalar(f"{record.get('kind', 'train')}/{k}", v, step)
 
     def close(self) -> None:
-        if not self.enabled:
+        """Close the files (idempotent)."""
+        if not self.enabled or self._f.closed:
             return
         self._f.close()
         if self._tb is not None:

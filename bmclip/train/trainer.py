@@ -29,7 +29,9 @@ from bmclip.train.config import TrainConfig
 from bmclip.train.data import DaliShardSource, ShardSource, SyntheticSource, normalize_images, synthetic_eval_set
 from bmclip.train.distributed import (
     DistInfo,
+    all_gather_objects,
     all_reduce_flag,
+    all_reduce_max,
     all_reduce_mean,
     barrier,
     full_state_dicts,
@@ -43,6 +45,7 @@ from bmclip.train.distributed import (
 from bmclip.train.gradcache import forward_backward
 from bmclip.train.metrics import MetricsLogger, peak_tflops_for, plot_curves, read_jsonl, train_step_flops
 from bmclip.train.optim import CosineSchedule, build_optimizer
+from bmclip.train.runctl import Console, OutDirLock, StopSignals
 
 
 class NonFiniteLossError(BmclipError):
@@ -129,6 +132,25 @@ def _backend_kw(cls, cfg: TrainConfig) -> dict:
     if cfg.loss.backend != "auto":
         raise ConfigError(f"loss.backend: {cls.__name__} takes no backend argument (got {cfg.loss.backend!r})")
     return {}
+
+
+def _check_tokenizer_choice(cfg: TrainConfig) -> None:
+    """Refuse the bundled small vocabulary for a model whose text tower expects a larger one."""
+    if cfg.data.synthetic or cfg.data.tokenizer:
+        return
+    from bmclip.model.config import get_preset
+    from bmclip.tokenizer import bundled_vocab_path, get_tokenizer
+
+    want = get_preset(cfg.model.preset).text.vocab_size
+    have = get_tokenizer().vocab_size
+    if want > have:
+        raise ConfigError(
+            f"data.tokenizer: not set, and bmclip's bundled vocabulary ({bundled_vocab_path().name}, {have} tokens) "
+            f"does not fit model {cfg.model.preset!r} ({want}-token text vocabulary, PubMedBERT's). Set "
+            "--data.tokenizer to PubMedBERT's vocab.txt, e.g. the folder of the released BiomedCLIP model "
+            "(microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224) or of "
+            "microsoft/BiomedNLP-BiomedBERT-base-uncased-abstract, or to a vocabulary trained with "
+            "`bmclip tokenizer train`")
 
 
 def _load_tokenizer(cfg: TrainConfig, context_length: int):
@@ -320,6 +342,104 @@ def _find_resume(cfg: TrainConfig) -> Path | None:
     return latest
 
 
+def _check_resume_compatible(cfg: TrainConfig, st: dict, model, resume_from: Path) -> None:
+    """One-line ConfigError when the checkpoint is of another model or was trained on other data."""
+    ts = st.get("train_state") or {}
+    saved = ts.get("config") or st["meta"].get("train_config") or {}
+    step = st["meta"].get("step", "?")
+    where = (f"out_dir {cfg.out_dir} holds a checkpoint (step {step})" if cfg.resume == "auto"
+             else f"resume checkpoint {resume_from} (step {step})")
+    hint = ("use --resume=none to start afresh in this out_dir (its checkpoints are moved aside to "
+            "checkpoints.replaced-*) or another --out_dir")
+    theirs = {k: tuple(v.shape) for k, v in st["model"].items() if torch.is_tensor(v)}
+    ours = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    if theirs != ours:
+        old_preset = (saved.get("model") or {}).get("preset", "?")
+        diff = sorted(set(theirs) ^ set(ours)) or sorted(k for k in ours if theirs[k] != ours[k])
+        k = diff[0]
+        detail = (f"{k}: {theirs.get(k, 'absent')} there, {ours.get(k, 'absent')} here")
+        raise ConfigError(f"{where} of a different model (model.preset {old_preset!r} there, {cfg.model.preset!r} "
+                          f"here; {detail}); {hint}")
+    old_data = saved.get("data") or {}
+    new_data = cfg.to_dict()["data"]
+    keys = ["synthetic"] + (["synthetic_size"] if cfg.data.synthetic else ["train"])
+    diffs = [f"data.{k} {old_data[k]!r} there, {new_data[k]!r} here" for k in keys
+             if k in old_data and old_data[k] != new_data[k]]
+    if diffs:
+        raise ConfigError(f"{where} trained on different data ({'; '.join(diffs)}); {hint}")
+
+
+def _trim_metrics(path: Path, step: int) -> int:
+    """Drop metrics.jsonl rows past ``step`` (they belong to steps this run replays); returns rows dropped."""
+    if not path.is_file():
+        return 0
+    rows = read_jsonl(path)
+    keep = [r for r in rows if not isinstance(r.get("step"), (int, float)) or r["step"] <= step]
+    with open(path, "rb") as f:
+        torn = not f.read().endswith(b"\n") and path.stat().st_size > 0
+    if len(keep) == len(rows) and not torn:
+        return 0
+    import json
+
+    ckpt_mod.atomic_write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in keep), path)
+    return len(rows) - len(keep)
+
+
+def _merge_data_stats(parts: list) -> dict | None:
+    """Sum the per-rank ``data_stats()`` dicts (None where a source has none)."""
+    parts = [p for p in parts if isinstance(p, dict)]
+    if not parts:
+        return None
+    out = {"samples_read": 0, "samples_skipped": 0, "skipped_by_reason": {}, "tar_errors": 0, "example_error": None}
+    for p in parts:
+        for k in ("samples_read", "samples_skipped", "tar_errors"):
+            out[k] += int(p.get(k) or 0)
+        for r, n in (p.get("skipped_by_reason") or {}).items():
+            out["skipped_by_reason"][r] = out["skipped_by_reason"].get(r, 0) + int(n)
+        if out["example_error"] is None and p.get("example_error"):
+            out["example_error"] = str(p["example_error"])
+    seen = out["samples_read"] + out["samples_skipped"]
+    out["skip_rate"] = out["samples_skipped"] / seen if seen else 0.0
+    return out
+
+
+def _data_stats(source, info: DistInfo) -> dict | None:
+    """The loader's counters summed over ranks (a collective when the source has ``data_stats``)."""
+    fn = getattr(source, "data_stats", None)
+    if not callable(fn):
+        return None
+    return _merge_data_stats(all_gather_objects(fn(), info))
+
+
+def _skip_warning(ds: dict, limit: float) -> str:
+    top = sorted(ds["skipped_by_reason"].items(), key=lambda kv: -kv[1])[:3]
+    why = ", ".join(f"{r} {n}" for r, n in top) or "reasons not reported"
+    ex = f"; e.g. {ds['example_error']}" if ds.get("example_error") else ""
+    return (f"[bmclip] WARNING: the data loader skipped {100 * ds['skip_rate']:.1f}% of the samples it read "
+            f"({ds['samples_skipped']} of {ds['samples_read'] + ds['samples_skipped']}; data.max_skip_rate "
+            f"{100 * limit:g}%): {why}{ex}")
+
+
+def _banner(cfg: TrainConfig, info: DistInfo, mcfg, n_params: int, step: int, resume_from, use_bf16: bool) -> str:
+    if cfg.data.synthetic:
+        data = f"synthetic ({cfg.data.synthetic_size} pairs)"
+    else:
+        shown = cfg.data.train if len(cfg.data.train) <= 120 else cfg.data.train[:117] + "..."
+        data = f"{shown} (tokenizer {cfg.data.tokenizer or 'bundled'})"
+    dev = info.device
+    dev_name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
+    start = f"resuming from {resume_from} at step {step}" if resume_from is not None else "fresh start at step 0"
+    return "\n".join([
+        f"[bmclip] train: model {cfg.model.preset} ({n_params / 1e6:.2f}M parameters, image "
+        f"{mcfg.vision.image_size}px, context {mcfg.text.context_length}), loss {cfg.loss.kind}",
+        f"[bmclip] data: {data}; global batch {cfg.data.batch_size}"
+        + (f" in {cfg.data.grad_accum} GradCache chunks" if cfg.data.grad_accum > 1 else ""),
+        f"[bmclip] device {dev_name} ({dev.type}), world size {info.world_size}"
+        + (f" ({cfg.parallel})" if info.world_size > 1 else "") + f", precision {'bf16' if use_bf16 else 'fp32'}",
+        f"[bmclip] out_dir {cfg.out_dir} (config.yaml, metrics.jsonl, checkpoints/); {start}; {cfg.steps} steps",
+    ])
+
+
 # ---------------------------------------------------------------------------------------------------
 # The loop
 
@@ -331,11 +451,13 @@ def train(cfg: TrainConfig) -> dict:
     saved = (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled())
     _setup_determinism(cfg)
     info = init_distributed(cfg.device)
-    cleanup: list = []  # closers registered by _train (the DALI prefetch thread), run however it ends
+    # closers registered by _train (progress bar, signal handlers, out_dir lock, DALI prefetch thread),
+    # run in reverse order however it ends
+    cleanup: list = []
     try:
         return _train(cfg, info, cleanup)
     finally:
-        for close in cleanup:
+        for close in reversed(cleanup):
             close()
         torch.set_num_threads(saved[0])
         torch.use_deterministic_algorithms(saved[1])
@@ -348,14 +470,36 @@ def train(cfg: TrainConfig) -> dict:
 def _train(cfg: TrainConfig, info: DistInfo, cleanup: list) -> dict:
     device = info.device
     out = Path(cfg.out_dir)
+    _check_tokenizer_choice(cfg)
+    lock_error = None
     if info.is_main:
         out.mkdir(parents=True, exist_ok=True)
+        lock = OutDirLock(out, break_lock=cfg.break_lock)
+        try:
+            lock.acquire()
+            cleanup.append(lock.release)
+            if lock.note:
+                print(f"[bmclip] out_dir lock: {lock.note}", file=sys.stderr, flush=True)
+        except ConfigError as e:
+            lock_error = e
+    if all_reduce_flag(lock_error is not None, info):
+        raise lock_error or ConfigError(f"out_dir {out}: rank 0 could not lock it (its message says why)")
+    if info.is_main and cfg.resume == "none" and ckpt_mod.list_checkpoints(out / "checkpoints"):
+        # A fresh start must not mix with an earlier run's checkpoints (auto-resume and pruning go by step
+        # number, so the old run's higher steps would win): they are kept, renamed aside.
+        aside = out / time.strftime("checkpoints.replaced-%Y%m%dT%H%M%S", time.gmtime())
+        os.rename(out / "checkpoints", aside)
+        print(f"[bmclip] resume=none: moved the earlier run's checkpoints to {aside}", file=sys.stderr, flush=True)
+    signals = StopSignals(cfg.on_usr1, info.rank)
+    if signals.install():
+        cleanup.append(signals.restore)
     use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if use_bf16 else contextlib.nullcontext
 
     _seed_all(cfg.seed)  # same init on every rank (DDP also broadcasts rank 0's weights)
     model = _build_model(cfg, device)
     mcfg = model.config
+    n_params = sum(p.numel() for p in model.parameters())
     tokenizer = None if cfg.data.synthetic else _load_tokenizer(cfg, mcfg.text.context_length)
     if tokenizer is not None and tokenizer.vocab_size > mcfg.text.vocab_size:
         raise ConfigError(f"data.tokenizer: vocabulary of {tokenizer.vocab_size} tokens exceeds the model's "
@@ -368,6 +512,15 @@ def _train(cfg: TrainConfig, info: DistInfo, cleanup: list) -> dict:
             open_clip_config(model)
         except BmclipError as e:
             raise ConfigError(f"export_open_clip: {e} (set --export_open_clip=false)") from None
+    # Read (and check) the checkpoint before anything is wrapped: a checkpoint of another model or other
+    # data is a one-line error, not a state-dict traceback.
+    step = 0
+    counters = {"nonfinite_skipped": 0, "samples": 0}
+    resume_from = _find_resume(cfg)
+    st = None
+    if resume_from is not None:
+        st = ckpt_mod.load_checkpoint(resume_from, info.rank)
+        _check_resume_compatible(cfg, st, model, resume_from)
     fwd_model = torch.compile(model) if cfg.model.compile else model
     fwd_model = wrap_model(fwd_model, info, cfg.parallel, mixed_bf16=use_bf16)
     if info.initialized and info.is_main:
@@ -382,11 +535,7 @@ def _train(cfg: TrainConfig, info: DistInfo, cleanup: list) -> dict:
     # Per-rank RNG stream for patch dropout / augmentation: distinct across ranks, fixed per seed.
     _seed_all(cfg.seed * 1000 + 17 + info.rank)
 
-    step = 0
-    counters = {"nonfinite_skipped": 0, "samples": 0}
-    resume_from = _find_resume(cfg)
-    if resume_from is not None:
-        st = ckpt_mod.load_checkpoint(resume_from, info.rank)
+    if st is not None:
         ts = st["train_state"]
         load_full_state_dicts(fwd_model, optimizer, st["model"], ts["optimizer"], cfg.parallel, info)
         sched.load_state_dict(ts["scheduler"])
@@ -394,20 +543,33 @@ def _train(cfg: TrainConfig, info: DistInfo, cleanup: list) -> dict:
         counters.update(ts.get("counters", {}))
         if st["rank_state"] is not None and st["meta"]["world_size"] == info.world_size:
             ckpt_mod.set_rng_state(st["rank_state"]["rng"])
-            source.load_state_dict(st["rank_state"]["loader"])
+            try:
+                source.load_state_dict(st["rank_state"]["loader"])
+            except (KeyError, ValueError, TypeError, IndexError, BmclipError) as e:
+                raise ConfigError(
+                    f"resume from {resume_from}: its data-loader position does not fit this run's data "
+                    f"({type(e).__name__}: {str(e)[:160]}); use --resume=none or another --out_dir") from None
         elif info.is_main:
             print(f"[bmclip] resume: world size changed ({st['meta']['world_size']} -> {info.world_size}); "
                   "data order and RNG restart from the seed", flush=True)
         if info.is_main:
             print(f"[bmclip] resumed from {resume_from} at step {step}", flush=True)
+        del st
 
+    if info.is_main:
+        dropped = _trim_metrics(out / "metrics.jsonl", step)
+        if dropped:
+            print(f"[bmclip] metrics.jsonl: dropped {dropped} rows past step {step} (replayed by this run)",
+                  flush=True)
+        import yaml
+
+        ckpt_mod.atomic_write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), out / "config.yaml")
+        print(_banner(cfg, info, mcfg, n_params, step, resume_from, use_bf16), flush=True)
     logger = MetricsLogger(out, enabled=info.is_main, tensorboard=cfg.tensorboard)
+    cleanup.append(logger.close)
     peak = cfg.peak_tflops or (peak_tflops_for(torch.cuda.get_device_name(device)) if device.type == "cuda" else None)
-    pbar = None
-    if info.is_main and cfg.progress:
-        from tqdm import tqdm
-
-        pbar = tqdm(total=cfg.steps, initial=step, desc="train", dynamic_ncols=True)
+    console = Console(info.is_main, cfg.progress, total=cfg.steps, initial=step)
+    cleanup.append(console.close)
 
     pad_id = mcfg.text.pad_id
     chunks = cfg.data.grad_accum
@@ -421,8 +583,12 @@ def _train(cfg: TrainConfig, info: DistInfo, cleanup: list) -> dict:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
-    stop_early = False
-    while step < cfg.steps and not stop_early:
+    stop_early = stop_signal = False
+    stop_signum = 0
+    data_stats = None
+    skip_warned = False
+    while step < cfg.steps and not (stop_early or stop_signal):
+        signals.step = step
         t_data = time.perf_counter()
         bad_before = getattr(source, "bad_batches", 0)
         batch = next(source)
@@ -438,8 +604,12 @@ def _train(cfg: TrainConfig, info: DistInfo, cleanup: list) -> dict:
             # skipped (and replaced by the next one); counted in the checkpointed source state
             logger.log({"step": step + 1, "kind": "data_skip", "rank": info.rank, "reason": source.last_error,
                         "bad_batches": source.bad_batches, "bad_samples": source.bad_samples})
-            print(f"[bmclip] rank {info.rank}: skipped an undecodable batch ({source.last_error}); "
-                  f"{source.bad_batches} so far", file=sys.stderr, flush=True)
+            msg = (f"[bmclip] rank {info.rank}: skipped an undecodable batch ({source.last_error}); "
+                   f"{source.bad_batches} so far")
+            if info.is_main:
+                console.say(msg, err=True)
+            else:
+                print(msg, file=sys.stderr, flush=True)
 
         lr = sched.set_step(step)
         optimizer.zero_grad(set_to_none=True)
@@ -476,6 +646,7 @@ def _train(cfg: TrainConfig, info: DistInfo, cleanup: list) -> dict:
             win["n"] += 1
         step += 1
         steps_run += 1
+        signals.step = step
         counters["samples"] += cfg.data.batch_size
         win["samples"] += cfg.data.batch_size
         # Model FLOPs of this rank's rows (its text tokens, its image rows vs all columns of the logits).
@@ -483,14 +654,17 @@ def _train(cfg: TrainConfig, info: DistInfo, cleanup: list) -> dict:
         win["flops"] += train_step_flops(mcfg, batch=len(counts), text_token_counts=counts,
                                          patch_dropout=cfg.model.patch_dropout,
                                          logit_columns=cfg.data.batch_size)
-        # Wall-clock budget (e.g. a Slurm time limit or the demo's): every rank agrees, then this step
-        # becomes the last one (logged, validated and checkpointed like the final step).
-        if cfg.max_seconds:
-            stop_early = all_reduce_flag(time.perf_counter() - t_start > cfg.max_seconds, info)
-        final = step == cfg.steps or stop_early
-        if pbar is not None:
-            pbar.update(1)
-            pbar.set_postfix(loss=f"{loss_val:.4f}", lr=f"{lr:.2e}")
+        if cfg.fault.step_sleep_s:
+            time.sleep(cfg.fault.step_sleep_s)
+        # Step boundary: every rank agrees (one collective) on the wall-clock budget (e.g. the demo's),
+        # a stop signal (SIGTERM / SIGINT / SIGUSR1=stop) and a SIGUSR1 checkpoint request received by any
+        # rank, so all ranks stop or checkpoint at this same step.
+        over_budget = bool(cfg.max_seconds) and time.perf_counter() - t_start > cfg.max_seconds
+        over_budget, stop_signum, ckpt_request = all_reduce_max(
+            [over_budget, signals.stop_signum(), signals.take_checkpoint_request()], info)
+        stop_early, stop_signal, ckpt_request = over_budget > 0, stop_signum > 0, ckpt_request > 0
+        final = step == cfg.steps or stop_early or stop_signal
+        console.update(1, loss=f"{loss_val:.4f}", lr=f"{lr:.2e}")
 
         if step % cfg.log_every == 0 or final:
             if device.type == "cuda":
@@ -507,10 +681,24 @@ def _train(cfg: TrainConfig, info: DistInfo, cleanup: list) -> dict:
                    "nonfinite_skipped": counters["nonfinite_skipped"], "world_size": info.world_size}
             if isinstance(source, DaliShardSource):
                 rec["data_bad_batches"] = source.bad_batches  # rank 0's count (each rank skips its own)
+            data_stats = _data_stats(source, info)
+            if data_stats is not None:
+                over = data_stats["skip_rate"] > cfg.data.max_skip_rate
+                rec.update({"data_samples_read": data_stats["samples_read"],
+                            "data_samples_skipped": data_stats["samples_skipped"],
+                            "data_skip_rate": data_stats["skip_rate"], "data_tar_errors": data_stats["tar_errors"],
+                            "data_skipped_by_reason": data_stats["skipped_by_reason"],
+                            "data_skip_rate_exceeded": over})
+                if over and not skip_warned and info.is_main:
+                    console.say(_skip_warning(data_stats, cfg.data.max_skip_rate), err=True)
+                    skip_warned = True
             logger.log(rec)
+            elapsed = time.perf_counter() - t_start
+            console.step_line(step, mean_loss, lr, sps, (cfg.steps - step) * elapsed / max(steps_run, 1))
             win = {"t0": time.perf_counter(), "data": 0.0, "loss": 0.0, "n": 0, "flops": 0.0, "samples": 0}
 
-        do_val = (cfg.data.synthetic or cfg.data.val) and (
+        # A signal stop skips validation (a scheduler's grace period is for the checkpoint).
+        do_val = (cfg.data.synthetic or cfg.data.val) and not (stop_signal and step < cfg.steps) and (
             (cfg.val_every and step % cfg.val_every == 0) or final)
         if do_val:
             t_val = time.perf_counter()
@@ -525,36 +713,49 @@ def _train(cfg: TrainConfig, info: DistInfo, cleanup: list) -> dict:
             if not marker.exists():
                 marker.touch()
                 os.kill(os.getpid(), signal.SIGKILL)
-        if (cfg.ckpt_every and step % cfg.ckpt_every == 0) or final:
+        if (cfg.ckpt_every and step % cfg.ckpt_every == 0) or final or ckpt_request:
             t_ck = time.perf_counter()
-            _save(cfg, info, step, fwd_model, optimizer, sched, source, tokenizer, counters,
-                  kill_midway=cfg.fault.kill_in_checkpoint_at_step == step)
+            path = _save(cfg, info, step, fwd_model, optimizer, sched, source, tokenizer, counters,
+                         kill_midway=cfg.fault.kill_in_checkpoint_at_step == step)
+            if ckpt_request and info.is_main:
+                console.say(f"[bmclip] SIGUSR1: checkpoint {path} written; continuing", err=True)
             win["t0"] += time.perf_counter() - t_ck
 
     seconds = time.perf_counter() - t_start
-    if pbar is not None:
-        pbar.close()
+    stop_signal = stop_signal and step < cfg.steps  # a signal at the very last step: the run is complete
+    console.close()
     logger.close()
     summary = {"steps": step, "steps_this_run": steps_run, "seconds": seconds, "stopped_early": stop_early,
                "samples_per_s": steps_run * cfg.data.batch_size / seconds if seconds > 0 else None,
                "last_loss": last_loss, "nonfinite_skipped": counters["nonfinite_skipped"],
                "augment_backend": "dali" if isinstance(source, DaliShardSource) else "torch",
                "data_bad_batches": getattr(source, "bad_batches", 0), "out_dir": str(out)}
+    if data_stats is not None:
+        summary["data"] = {**data_stats, "skip_rate_exceeded": data_stats["skip_rate"] > cfg.data.max_skip_rate}
+    if stop_signal:
+        # the signal received (by any rank: the highest number when ranks got different ones)
+        summary["stopped_by_signal"] = signal.Signals(int(stop_signum)).name
+        if info.is_main:
+            print(f"[bmclip] stopped by {summary['stopped_by_signal']} at step {step} of {cfg.steps}; checkpoint "
+                  f"{out / 'checkpoints' / ckpt_mod.step_dir_name(step)}; rerun the same command to resume",
+                  file=sys.stderr, flush=True)
     if info.is_main:
         records = read_jsonl(out / "metrics.jsonl") if (out / "metrics.jsonl").is_file() else []
         summary["curves"] = [str(p) for p in plot_curves(records, out)]
         vals = [r for r in records if r.get("kind") == "val"]
         if vals:
             summary["val"] = {k: v for k, v in vals[-1].items() if k not in ("kind",)}
-        if cfg.export_open_clip:
+    # An interrupted run is not finished: no open_clip export (the checkpoint has everything).
+    if cfg.export_open_clip and not stop_signal:
+        if info.is_main:
             from bmclip.interop import export_open_clip
 
             export_open_clip(unwrap(model) if cfg.parallel != "fsdp" else _gathered_copy(fwd_model, optimizer, cfg,
                                                                                       info, mcfg),
                              out / "open_clip", tokenizer=tokenizer)
             summary["open_clip"] = str(out / "open_clip")
-    elif cfg.export_open_clip and cfg.parallel == "fsdp":
-        _gathered_copy(fwd_model, optimizer, cfg, info, mcfg)  # collective: every rank takes part
+        elif cfg.parallel == "fsdp":
+            _gathered_copy(fwd_model, optimizer, cfg, info, mcfg)  # collective: every rank takes part
     barrier(info)
     return summary
 

@@ -855,6 +855,37 @@ def merge_staging(
     return stats
 
 
+def summary_lines(stats: dict, top: int = 5) -> tuple[list[str], list[str]]:
+    """(summary lines, warning lines) for people: pairs per split, the most frequent skip reasons, and a
+    warning for every split that came out empty although its fraction is > 0 (or for no pairs at all)."""
+    pairs = stats["pairs"]
+    lines = [
+        f"pairs: {stats['pairs_total']} ("
+        + ", ".join(f"{s} {pairs[s]}" for s in SPLITS)
+        + f") from {stats['articles']} articles, {stats['figures']} figures, {stats['packages']} packages"
+    ]
+    reasons = [(f"{level}:{r}", n) for level in ("figure", "article", "package")
+               for r, n in stats["skips"][level].items() if n]
+    reasons.sort(key=lambda kv: (-kv[1], kv[0]))
+    if reasons:
+        lines.append("top skip reasons: " + ", ".join(f"{r} {n}" for r, n in reasons[:top])
+                     + (f" (+{len(reasons) - top} more in stats.json)" if len(reasons) > top else ""))
+    else:
+        lines.append("nothing skipped")
+    warnings = []
+    if stats["pairs_total"] == 0:
+        warnings.append("no figure-caption pairs were written"
+                        + ("; see the skip reasons above" if reasons else "; were any packages found?"))
+    else:
+        opts = stats.get("options", {})
+        for split in ("val", "test"):
+            frac = float(opts.get(f"{split}_fraction", 0) or 0)
+            if pairs[split] == 0 and frac > 0:
+                warnings.append(f"the {split} split is empty ({split}_fraction {frac:g} of "
+                                f"{stats['articles']} articles drew none); use more articles or a larger fraction")
+    return lines, warnings
+
+
 def _pattern(w: _ShardWriter) -> str | None:
     n = len(w.shards)
     if n == 0:
