@@ -147,7 +147,8 @@ class _CountingSource:
 
     def __next__(self):
         b = next(self.inner)
-        self.read += len(b["input_ids"])
+        # samples_read counts valid and skipped samples alike (the data_stats contract of bmclip.train.data)
+        self.read += len(b["input_ids"]) + self.skipped_per_batch
         self.skipped += self.skipped_per_batch
         return b
 
@@ -175,12 +176,13 @@ def test_loader_counters_in_metrics_summary_and_skip_warning(tmp_path, monkeypat
     summary = trainer.train(cfg)
     err = capsys.readouterr().err
     rows = [r for r in read_jsonl(tmp_path / "metrics.jsonl") if r.get("kind") == "train"]
-    assert [r["data_samples_read"] for r in rows] == [16, 32, 48]
+    assert [r["data_samples_read"] for r in rows] == [(16 + skipped_per_batch) * i for i in (1, 2, 3)]
     assert [r["data_samples_skipped"] for r in rows] == [skipped_per_batch * i for i in (1, 2, 3)]
     rate = 2 / 18 if skipped_per_batch else 0.0
     assert rows[-1]["data_skip_rate"] == pytest.approx(rate)
     assert rows[-1]["data_skip_rate_exceeded"] is bool(skipped_per_batch)
-    assert summary["data"]["samples_read"] == 48 and summary["data"]["samples_skipped"] == 3 * skipped_per_batch
+    assert summary["data"]["samples_read"] == 3 * (16 + skipped_per_batch)
+    assert summary["data"]["samples_skipped"] == 3 * skipped_per_batch
     warnings = [ln for ln in err.splitlines() if "WARNING: the data loader skipped" in ln]
     if skipped_per_batch:
         assert len(warnings) == 1  # once, not every log line

@@ -398,7 +398,8 @@ def _merge_data_stats(parts: list) -> dict | None:
             out["skipped_by_reason"][r] = out["skipped_by_reason"].get(r, 0) + int(n)
         if out["example_error"] is None and p.get("example_error"):
             out["example_error"] = str(p["example_error"])
-    seen = out["samples_read"] + out["samples_skipped"]
+    # samples_read counts every sample taken from the shards, valid or skipped (the sources' data_stats contract)
+    seen = out["samples_read"]
     out["skip_rate"] = out["samples_skipped"] / seen if seen else 0.0
     return out
 
@@ -416,7 +417,7 @@ def _skip_warning(ds: dict, limit: float) -> str:
     why = ", ".join(f"{r} {n}" for r, n in top) or "reasons not reported"
     ex = f"; e.g. {ds['example_error']}" if ds.get("example_error") else ""
     return (f"[bmclip] WARNING: the data loader skipped {100 * ds['skip_rate']:.1f}% of the samples it read "
-            f"({ds['samples_skipped']} of {ds['samples_read'] + ds['samples_skipped']}; data.max_skip_rate "
+            f"({ds['samples_skipped']} of {ds['samples_read']}; data.max_skip_rate "
             f"{100 * limit:g}%): {why}{ex}")
 
 
