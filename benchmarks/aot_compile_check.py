@@ -501,12 +501,12 @@ def facts_violations(facts: dict, max_shared: int = H100_MAX_SHARED) -> list[str
     out = []
     if facts.get("has_dot"):
         if facts.get("mma_sync") or facts.get("sass_hmma"):
-            out.append(f"tl.dot as mma.sync ({facts.get('mma_sync')} in PTX), not wgmma")
-        if not facts.get("wgmma"):
+            where = "beside wgmma" if facts.get("wgmma") else "not wgmma"
+            out.append(f"tl.dot as mma.sync ({facts.get('mma_sync')} in PTX), {where}")
+        elif not facts.get("wgmma"):  # no tensor-core instruction at all: the dot runs as fp32 FMAs
             fma = facts.get("loop_ffma", facts.get("fma_f32"))
-            out.append(f"tl.dot without wgmma (kind {facts.get('kind')}; {fma} FFMA"
-                       f"{' in loops' if 'loop_ffma' in facts else ' in PTX'})")
-        elif "sass_hgmma" in facts and not facts["sass_hgmma"]:
+            out.append(f"tl.dot without wgmma or mma.sync ({fma} FFMA{' in loops' if 'loop_ffma' in facts else ''})")
+        if facts.get("wgmma") and "sass_hgmma" in facts and not facts["sass_hgmma"]:
             out.append("PTX wgmma but no HGMMA in the SASS")
     spills = [facts.get("spill_stores"), facts.get("spill_loads")]
     if any(v is None for v in spills):
@@ -519,6 +519,11 @@ def facts_violations(facts: dict, max_shared: int = H100_MAX_SHARED) -> list[str
     elif shared > max_shared:
         out.append(f"shared memory {shared} B > {max_shared} B per block")
     return out
+
+
+def _spec_string(launch, extra) -> str:
+    """The launch's own kwargs (constexprs, num_warps, ...) that the autotune config does not set."""
+    return " ".join(f"{k}={int(v) if isinstance(v, bool) else v}" for k, v in launch.kwargs.items() if k not in extra)
 
 
 _JOBS: list = []  # set before forking workers: jobs hold JIT functions and tensors, which do not pickle
@@ -538,8 +543,7 @@ def compile_one(job):
     from triton.compiler.compiler import make_backend
 
     target = GPUTarget(*target_spec)
-    spec = " ".join(f"{k}={int(v) if isinstance(v, bool) else v}" for k, v in launch.kwargs.items()
-                    if k not in extra)
+    spec = _spec_string(launch, extra)
     res = {"kernel": launch.fn.__name__, "module": _kernel_module(launch.fn), "case": launch.case, "spec": spec,
            "config": label, "status": "ok", "shared": None, "stats": "", "seconds": 0.0, "error": ""}
     t0 = time.perf_counter()
@@ -707,6 +711,8 @@ def main(argv=None) -> int:
             cfgs = la.configs if every else la.configs[:1]
             for label, extra in cfgs:
                 jobs.append((la, label, extra, target, ptx_only, args.ptxas_stats, H100_MAX_SHARED, want_facts))
+        captured = [{"kernel": j[0].fn.__name__, "module": _kernel_module(j[0].fn), "case": j[0].case,
+                     "spec": _spec_string(j[0], j[2]), "config": j[1]} for j in jobs]
         jobs = _dedupe(jobs, target)
         stage = "ptx" if ptx_only else "cubin"
         print(f"triton {triton.__version__}, torch {torch.__version__}, python {sys.version.split()[0]}: "
@@ -751,7 +757,7 @@ def main(argv=None) -> int:
         data = {"triton": triton.__version__, "torch": torch.__version__, "arch": args.arch, "stage": stage,
                 "selection": "training" if args.training else "quick" if args.quick else "default",
                 "configs": configs_mode, "wall_s": round(wall, 1), "results": results, "case_errors": case_errors,
-                "never_compiled": never, "max_shared": H100_MAX_SHARED}
+                "never_compiled": never, "max_shared": H100_MAX_SHARED, "launches": captured}
         tmp = Path(args.json + ".tmp")
         tmp.write_text(json.dumps(data, indent=1))
         os.replace(tmp, args.json)
