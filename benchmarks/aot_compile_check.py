@@ -12,11 +12,22 @@ launches over the autotuner's (pruned) config list, and compiles each with ``tri
 
 Prints a table kernel x case x config -> ok / ERROR (with the shared memory each compiled kernel asks for; more
 than the card's per-block maximum is an error, as the launch would fail) and exits 1 on any error, 0 if all
-compiled, 77 if this Triton cannot compile for the target here (reason printed). Works with Triton 3.6 and 3.8.
+compiled, 77 if this Triton cannot compile for the target here (reason printed). Works with Triton 3.6 to 3.9.
+
+``--facts`` adds what the artifacts say about speed on the target, per compiled kernel: registers and spill bytes
+(the ptxas -v log of triton.compile's own ptxas run), shared memory (metadata), whether the kernel has a ``tl.dot``
+(TTIR), its tensor-core instruction kind from the PTX (``wgmma`` = Hopper wgmma.mma_async, ``mma.sync``, both,
+or ``none``) with the fp32 FMA count, and the SASS HGMMA/HMMA/FFMA counts (in all and inside loops) from the
+bundled nvdisasm; then the violations (facts_violations): a ``tl.dot`` kernel not on wgmma or with any mma.sync,
+spill bytes, shared memory over the per-block limit, a compile error, a kernel of the package that no case
+compiled. ``--require`` makes violations fail the run (exit 1). ``--training`` selects the cases each group marks
+as the training setup, in bf16, with every kept autotune config (what the CI test and scripts/ci_triton_versions.sh
+check).
 
     python benchmarks/aot_compile_check.py                  # default matrix (~500 compiles, see --configs)
     python benchmarks/aot_compile_check.py --quick          # one small case per kernel (the CPU test)
     python benchmarks/aot_compile_check.py --only flash --dtypes bf16 --configs all --jobs 2
+    python benchmarks/aot_compile_check.py --training --require --jobs 2   # ~250 compiles: facts of training
 """
 
 from __future__ import annotations
