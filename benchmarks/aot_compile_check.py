@@ -611,12 +611,19 @@ def compile_one(job):
 
 
 def _dedupe(jobs, target):
-    # Several launches share one specialisation (e.g. the backward's two orientations): compile it once.
+    """The jobs with one compile per distinct specialisation (see _dedupe_with_cases)."""
+    return _dedupe_with_cases(jobs, target)[0]
+
+
+def _dedupe_with_cases(jobs, target):
+    """(jobs, cases): several launches share one specialisation (e.g. the backward's two orientations, or a
+    runtime size that changes no constexpr): each is compiled once; ``cases[i]`` names every case whose launch
+    the i-th kept job stands for (its own first)."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler.compiler import make_backend
 
     backend = make_backend(GPUTarget(*target))
-    seen, out = set(), []
+    seen, out, cases = {}, [], []
     for job in jobs:
         launch, label, extra = job[:3]
         try:
@@ -627,9 +634,12 @@ def _dedupe(jobs, target):
         except Exception:  # let compile_one report it
             key = (id(job),)
         if key not in seen:
-            seen.add(key)
+            seen[key] = len(out)
             out.append(job)
-    return out
+            cases.append([launch.case])
+        elif launch.case not in cases[seen[key]]:
+            cases[seen[key]].append(launch.case)
+    return out, cases
 
 
 def _can_compile_here(target) -> str | None:
@@ -724,7 +734,7 @@ def main(argv=None) -> int:
                 jobs.append((la, label, extra, target, ptx_only, args.ptxas_stats, H100_MAX_SHARED, want_facts))
         captured = [{"kernel": j[0].fn.__name__, "module": _kernel_module(j[0].fn), "case": j[0].case,
                      "spec": _spec_string(j[0], j[2]), "config": j[1]} for j in jobs]
-        jobs = _dedupe(jobs, target)
+        jobs, job_cases = _dedupe_with_cases(jobs, target)
         stage = "ptx" if ptx_only else "cubin"
         print(f"triton {triton.__version__}, torch {torch.__version__}, python {sys.version.split()[0]}: "
               f"{len(jobs)} compiles for sm_{args.arch} up to {stage} ({configs_mode} configs, "
@@ -740,6 +750,8 @@ def main(argv=None) -> int:
         else:
             results = [_progress(compile_one(j), i, len(jobs), t0) for i, j in enumerate(jobs)]
         wall = time.perf_counter() - t0
+        for r, names in zip(results, job_cases):
+            r["cases"] = names  # every case this one compile stands for
     finally:
         if cache is not None:
             shutil.rmtree(cache, ignore_errors=True)
@@ -817,7 +829,8 @@ def facts_table(results) -> str:
     for r in results:
         f = r.get("facts") or {}
         sass = "/".join(_fmt(f.get(k)) for k in ("sass_hgmma", "sass_hmma", "sass_ffma")) if "sass_hgmma" in f else "-"
-        rows.append((r["kernel"], r["case"], r["config"], _fmt(f.get("regs")),
+        more = len(r.get("cases") or [r["case"]]) - 1
+        rows.append((r["kernel"], r["case"] + (f" (+{more})" if more else ""), r["config"], _fmt(f.get("regs")),
                      f"{_fmt(f.get('spill_stores'))}/{_fmt(f.get('spill_loads'))}", _fmt(r.get("shared")),
                      "yes" if f.get("has_dot") else "no", f.get("kind", "-"), sass, _fmt(f.get("loop_ffma")),
                      _fmt(f.get("fma_f32")), "; ".join(r.get("violations") or []) or "-"))
