@@ -14,7 +14,8 @@
 # Time, measured on the 2-core development machine while ~5 other jobs shared it (load average ~9; an upper
 # figure): --training is 250 compiles per version, 904 s wall with triton 3.6.0 and 591 s with 3.9.0 (where the
 # contrastive kernels failed early), 25 min for the whole script including the pip install (~11 s per version);
-# the CPU time of the whole script was ~8 min, so on an otherwise idle 2-core CI machine expect ~5 min per version.
+# the CPU time of the whole script was ~8 min (user+sys, ptxas included), i.e. some 2-3 min wall per version with
+# --jobs 2 on an idle 2-core machine (an estimate, not measured idle).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
