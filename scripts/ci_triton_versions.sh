@@ -34,10 +34,11 @@ install_triton() {  # idempotent: a finished install leaves .complete; a partial
         return 0
     fi
     echo "[triton-ci] installing triton==$ver into .triton/$ver" >&2
-    rm -rf "$dest" "$dest.partial"
-    "$PY" -m pip install --quiet --no-deps --disable-pip-version-check --target "$dest.partial" "triton==$ver"
-    touch "$dest.partial/.complete"
-    mv "$dest.partial" "$dest"
+    # (called in an if: set -e is off in here, so each step checks its own status)
+    rm -rf "$dest" "$dest.partial" || return 1
+    "$PY" -m pip install --quiet --no-deps --disable-pip-version-check --target "$dest.partial" "triton==$ver" \
+        || return 1
+    touch "$dest.partial/.complete" && mv "$dest.partial" "$dest"
 }
 
 status=0
