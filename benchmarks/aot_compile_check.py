@@ -12,11 +12,22 @@ launches over the autotuner's (pruned) config list, and compiles each with ``tri
 
 Prints a table kernel x case x config -> ok / ERROR (with the shared memory each compiled kernel asks for; more
 than the card's per-block maximum is an error, as the launch would fail) and exits 1 on any error, 0 if all
-compiled, 77 if this Triton cannot compile for the target here (reason printed). Works with Triton 3.6 and 3.8.
+compiled, 77 if this Triton cannot compile for the target here (reason printed). Works with Triton 3.6 to 3.9.
+
+``--facts`` adds what the artifacts say about speed on the target, per compiled kernel: registers and spill bytes
+(the ptxas -v log of triton.compile's own ptxas run), shared memory (metadata), whether the kernel has a ``tl.dot``
+(TTIR), its tensor-core instruction kind from the PTX (``wgmma`` = Hopper wgmma.mma_async, ``mma.sync``, both,
+or ``none``) with the fp32 FMA count, and the SASS HGMMA/HMMA/FFMA counts (in all and inside loops) from the
+bundled nvdisasm; then the violations (facts_violations): a ``tl.dot`` kernel not on wgmma or with any mma.sync,
+spill bytes, shared memory over the per-block limit, a compile error, a kernel of the package that no case
+compiled. ``--require`` makes violations fail the run (exit 1). ``--training`` selects the cases each group marks
+as the training setup, in bf16, with every kept autotune config (what the CI test and scripts/ci_triton_versions.sh
+check).
 
     python benchmarks/aot_compile_check.py                  # default matrix (~500 compiles, see --configs)
     python benchmarks/aot_compile_check.py --quick          # one small case per kernel (the CPU test)
     python benchmarks/aot_compile_check.py --only flash --dtypes bf16 --configs all --jobs 2
+    python benchmarks/aot_compile_check.py --training --require --jobs 2   # ~250 compiles: facts of training
 """
 
 from __future__ import annotations
@@ -143,7 +154,8 @@ def contrastive_cases(quick: bool, dtypes):
     C = _kmod("contrastive")
     _kmod("losses")  # imported so that a broken losses module shows up here
 
-    shapes = [(512, 512)] if quick else [(4096, 512), (3001, 768)]
+    # the training batch (B >= 4096) at both embedding widths, and a batch that no block size divides
+    shapes = [(512, 512)] if quick else [(4096, 512), (4096, 768), (3001, 768)]
     cases = []
     for dt in dtypes:
         for B, D in shapes:
@@ -158,7 +170,7 @@ def contrastive_cases(quick: bool, dtypes):
                     else:
                         out = C.siglip_loss(I, T, s, b, backend="triton")
                     out.backward()
-                cases.append((f"{loss} {dt} B{B} D{D}", run, dt == "bf16" and D == 512))
+                cases.append((f"{loss} {dt} B{B} D{D}", run, dt == "bf16" and B >= 4096))
         if not quick:
             # Above _COLPART_MAX_BYTES (B > ~65k) the column LSEs come from a second, transposed launch.
             def run_two_pass(dt=dt):
@@ -273,13 +285,17 @@ def _gpu_launch_paths(sm_count: int):
         yield
 
 
-def collect(groups, quick: bool, dtypes, sm_count: int, case_filter: str | None):
-    """Run every case under capture; returns (launches, errors of cases whose launcher itself failed)."""
+def collect(groups, quick: bool, dtypes, sm_count: int, case_filter: str | None, training_only: bool = False):
+    """Run every case under capture; returns (launches, errors of cases whose launcher itself failed).
+
+    ``training_only``: only the cases each group marks as the training setup (its ``primary`` cases)."""
     launches, errors = [], []
     with _gpu_launch_paths(sm_count):
         for g in groups:
             for name, run, primary in GROUPS[g](quick, dtypes):
                 if case_filter and not re.search(case_filter, name):
+                    continue
+                if training_only and not primary:
                     continue
                 try:
                     with capture_launches(name, launches, primary):
@@ -287,6 +303,41 @@ def collect(groups, quick: bool, dtypes, sm_count: int, case_filter: str | None)
                 except Exception as exc:  # a launcher that cannot even be called is a finding too
                     errors.append((name, f"{type(exc).__name__}: {exc}"))
     return launches, errors
+
+
+# Module-level ``*_kernel`` JIT functions that no public launcher runs on the GPU: the interpreter probe (a
+# one-element launch that checks the CPU interpreter itself).
+NOT_LAUNCHED = frozenset({"_interpreter_probe_kernel"})
+
+
+def _kernel_module(fn) -> str:
+    """The module that defines a JIT kernel (JITFunction, InterpretedFunction or autotuner wrapper)."""
+    while hasattr(fn, "fn"):
+        fn = fn.fn
+    return getattr(fn, "__module__", "") or ""
+
+
+def discover_kernels(package: str = "bmclip.kernels") -> dict[str, object]:
+    """``"module:name" -> kernel`` for every module-level ``@triton.jit`` function named ``*_kernel`` that a
+    module of ``package`` defines (every module, found with pkgutil; re-exports count once, where defined).
+
+    Works with and without TRITON_INTERPRET (under it, @triton.jit gives InterpretedFunction objects)."""
+    import importlib
+    import pkgutil
+
+    pkg = importlib.import_module(package)
+    found = {}
+    for info in pkgutil.iter_modules(pkg.__path__, prefix=f"{package}."):
+        mod = importlib.import_module(info.name)
+        for name, obj in vars(mod).items():
+            if not name.endswith("_kernel") or name in NOT_LAUNCHED:
+                continue
+            if type(obj).__name__ not in ("JITFunction", "InterpretedFunction"):
+                continue
+            where = _kernel_module(obj)
+            if where == mod.__name__:
+                found[f"{where}:{name}"] = obj
+    return found
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -324,8 +375,12 @@ def _compile_ptx_only(src, target, options):
     return {"ptx": module}, metadata.get("shared")
 
 
-def _ptxas_stats(ptx: str, arch: str) -> str:
-    """'R regs, S B spill' from ptxas -v on the PTX (Triton's bundled ptxas)."""
+# ---------------------------------------------------------------------------------------------------
+# Compile facts: what the compiled artifacts say about a kernel's speed on the target
+# ---------------------------------------------------------------------------------------------------
+def _run_ptxas_v(ptx: str, arch: str) -> str:
+    """The log of ``ptxas -v`` on the PTX (Triton's bundled ptxas): used when triton.compile's own ptxas run
+    left no log (a cache hit under --keep-cache)."""
     from triton import knobs
 
     ptxas = knobs.nvidia.ptxas.path
@@ -334,11 +389,153 @@ def _ptxas_stats(ptx: str, arch: str) -> str:
         p.write_text(ptx)
         res = subprocess.run([ptxas, "-v", f"--gpu-name={arch}", str(p), "-o", str(Path(d, "k.cubin"))],
                              capture_output=True, text=True, timeout=600)
-    log = res.stderr + res.stdout
-    log = log[log.find("Compiling entry function"):]  # the kernel's own figures, not a callee's
-    regs = re.search(r"Used (\d+) registers", log)
-    spill = re.search(r"(\d+) bytes spill stores", log)
-    return f"{regs.group(1) if regs else '?'} regs, {spill.group(1) if spill else '?'} B spill"
+    return res.stderr + res.stdout
+
+
+def parse_ptxas_log(log: str, kernel: str | None = None) -> dict:
+    """Registers, spill and stack bytes of the entry function from a ``ptxas -v`` log (None where absent)."""
+    start = -1
+    if kernel:
+        start = log.find(f"Compiling entry function '{kernel}'")
+    if start < 0:
+        start = log.find("Compiling entry function")
+    out = {"regs": None, "spill_stores": None, "spill_loads": None, "stack": None}
+    if start < 0:
+        return out
+    log = log[start:]  # the kernel's own figures, not a callee's
+    nxt = log.find("Compiling entry function", 1)
+    if nxt > 0:
+        log = log[:nxt]
+    for key, pat in (("regs", r"Used (\d+) registers"), ("spill_stores", r"(\d+) bytes spill stores"),
+                     ("spill_loads", r"(\d+) bytes spill loads"), ("stack", r"(\d+) bytes stack frame")):
+        m = re.search(pat, log)
+        out[key] = int(m.group(1)) if m else None
+    return out
+
+
+# PTX: Hopper warp-group MMA, the pre-Hopper warp-level MMA, and scalar fp32 FMAs (a dot lowered to FMAs).
+_PTX_WGMMA = re.compile(r"\bwgmma\.mma_async\b")
+_PTX_MMA_SYNC = re.compile(r"\bmma\.sync\b")
+_PTX_FMA_F32 = re.compile(r"\bfma\.rn(?:\.ftz)?\.f32\b")
+# SASS opcodes (nvdisasm): HGMMA = wgmma, HMMA = mma.sync on the tensor cores, FFMA = fp32 FMA on the CUDA cores.
+_SASS_OPS = ("HGMMA", "HMMA", "FFMA")
+_SASS_INSN = re.compile(r"/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)(?:\.[\w.]+)?\b")
+_SASS_LABEL = re.compile(r"^\s*(\.L_x_\d+):")
+_SASS_BRA = re.compile(r"\bBRA\b[^`;]*`\((\.L_x_\d+)\)")
+
+
+def ptx_counts(ptx: str) -> dict:
+    return {"wgmma": len(_PTX_WGMMA.findall(ptx)), "mma_sync": len(_PTX_MMA_SYNC.findall(ptx)),
+            "fma_f32": len(_PTX_FMA_F32.findall(ptx))}
+
+
+def _nvdisasm_path() -> str | None:
+    try:
+        from triton import knobs
+
+        path = knobs.nvidia.nvdisasm.path
+        return path if path and os.path.exists(path) else None
+    except Exception:
+        return shutil.which("nvdisasm")
+
+
+def sass_counts(cubin: bytes) -> dict | None:
+    """HGMMA / HMMA / FFMA counts in the cubin's SASS, in all and inside loops (code between a backward
+    branch and its target: the K loop of a dot kernel), from the bundled nvdisasm; None without it."""
+    tool = _nvdisasm_path()
+    if tool is None or not cubin:
+        return None
+    with tempfile.TemporaryDirectory() as d:
+        p = Path(d, "k.cubin")
+        p.write_bytes(cubin)
+        res = subprocess.run([tool, "-c", str(p)], capture_output=True, text=True, timeout=600)
+    if res.returncode != 0:
+        return None
+    lines = res.stdout.splitlines()
+    ops, labels, branches = [], {}, []
+    for line in lines:
+        m = _SASS_LABEL.match(line)
+        if m:
+            labels[m.group(1)] = len(ops)
+            continue
+        m = _SASS_INSN.search(line)
+        if not m:
+            continue
+        b = _SASS_BRA.search(line)
+        if b:
+            branches.append((len(ops), b.group(1)))
+        ops.append(m.group(1))
+    in_loop = [False] * len(ops)
+    for at, label in branches:
+        target = labels.get(label)
+        if target is not None and target <= at:  # a backward branch closes a loop
+            for i in range(target, at + 1):
+                in_loop[i] = True
+    out = {"sass_" + op.lower(): sum(o == op for o in ops) for op in _SASS_OPS}
+    out.update({"loop_" + op.lower(): sum(o == op and lp for o, lp in zip(ops, in_loop)) for op in _SASS_OPS})
+    out["loops"] = sum(1 for at, label in branches if labels.get(label, at + 1) <= at)
+    return out
+
+
+def instruction_kind(wgmma: int, mma_sync: int) -> str:
+    """'wgmma', 'mma.sync', 'wgmma+mma.sync' (both: part of the kernel fell back) or 'none'."""
+    if wgmma and mma_sync:
+        return "wgmma+mma.sync"
+    if wgmma:
+        return "wgmma"
+    if mma_sync:
+        return "mma.sync"
+    return "none"
+
+
+def compile_facts(asm: dict, shared: int | None, ptxas_log: str | None, kernel: str) -> dict:
+    """The facts of one compiled kernel from its artifacts (ttir, ptx, optional cubin and ptxas -v log)."""
+    ptx = asm.get("ptx") or ""
+    ttir = str(asm.get("ttir") or "")
+    facts = {"shared": shared, "has_dot": bool(re.search(r"\btt\.dot(?:_scaled)?\b", ttir))}
+    facts.update(ptx_counts(ptx))
+    facts["kind"] = instruction_kind(facts["wgmma"], facts["mma_sync"])
+    facts.update(parse_ptxas_log(ptxas_log or "", kernel))
+    sass = sass_counts(asm.get("cubin") or b"")
+    if sass is not None:
+        facts.update(sass)
+        # A tensor-core kind read from the SASS too: ptxas keeps PTX wgmma as HGMMA (a mismatch is a finding).
+        facts["sass_kind"] = instruction_kind(facts["sass_hgmma"], facts["sass_hmma"])
+    return facts
+
+
+def facts_violations(facts: dict, max_shared: int = H100_MAX_SHARED) -> list[str]:
+    """What keeps a compiled kernel from the fast path on Hopper (empty: it complies).
+
+    A kernel with a ``tl.dot`` must run it as Hopper warp-group MMA (``wgmma``) with no ``mma.sync`` fallback
+    and no fp32 FMA lowering; no kernel may spill registers; shared memory within the per-block limit.
+    """
+    out = []
+    if facts.get("has_dot"):
+        if facts.get("mma_sync") or facts.get("sass_hmma"):
+            where = "beside wgmma" if facts.get("wgmma") else "not wgmma"
+            out.append(f"tl.dot as mma.sync ({facts.get('mma_sync')} in PTX), {where}")
+        elif not facts.get("wgmma"):  # no tensor-core instruction at all: the dot runs as fp32 FMAs
+            fma = facts.get("loop_ffma", facts.get("fma_f32"))
+            out.append(f"tl.dot without wgmma or mma.sync ({fma} FFMA{' in loops' if 'loop_ffma' in facts else ''})")
+        if facts.get("wgmma") and "sass_hgmma" in facts and not facts["sass_hgmma"]:
+            out.append("PTX wgmma but no HGMMA in the SASS")
+    spills = [facts.get("spill_stores"), facts.get("spill_loads")]
+    if any(v is None for v in spills):
+        out.append("spills unknown (no ptxas log)")
+    elif any(spills):
+        out.append(f"spills {spills[0]} B stores / {spills[1]} B loads")
+    shared = facts.get("shared")
+    if shared is None:
+        out.append("shared memory unknown")
+    elif shared > max_shared:
+        out.append(f"shared memory {shared} B > {max_shared} B per block")
+    return out
+
+
+def _spec_string(launch, extra) -> str:
+    """The launch's own kwargs (constexprs, num_warps, ...) that the autotune config does not set."""
+    return " ".join(f"{k}={int(v) if isinstance(v, bool) else v}" for k, v in launch.kwargs.items() if k not in extra)
 
 
 _JOBS: list = []  # set before forking workers: jobs hold JIT functions and tensors, which do not pickle
@@ -350,25 +547,27 @@ def _compile_index(i: int):
 
 def compile_one(job):
     """Compile one (launch, config); returns a result dict (never raises)."""
-    launch, label, extra, target_spec, ptx_only, want_stats, max_shared = job
+    launch, label, extra, target_spec, ptx_only, want_stats, max_shared = job[:7]
+    want_facts = job[7] if len(job) > 7 else False
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
     from triton.compiler.compiler import make_backend
 
     target = GPUTarget(*target_spec)
-    spec = " ".join(f"{k}={int(v) if isinstance(v, bool) else v}" for k, v in launch.kwargs.items()
-                    if k not in extra)
-    res = {"kernel": launch.fn.__name__, "case": launch.case, "spec": spec, "config": label, "status": "ok",
-           "shared": None,
-           "stats": "", "seconds": 0.0, "error": ""}
+    spec = _spec_string(launch, extra)
+    res = {"kernel": launch.fn.__name__, "module": _kernel_module(launch.fn), "case": launch.case, "spec": spec,
+           "config": label, "status": "ok", "shared": None, "stats": "", "seconds": 0.0, "error": ""}
     t0 = time.perf_counter()
     sink = io.StringIO()
+    saved_dump = os.environ.get("TRITON_DUMP_PTXAS_LOG")
     try:
         backend = make_backend(target)
         options, signature, constexprs, attrs = specialise(launch.fn, launch.args, {**launch.kwargs, **extra},
                                                            backend)
         src = ASTSource(launch.fn, signature, constexprs, attrs)
+        # triton.compile runs ptxas -v once; with this set it prints that log (to the sink below).
+        os.environ["TRITON_DUMP_PTXAS_LOG"] = "1"
         with contextlib.redirect_stdout(sink), warnings.catch_warnings():  # a ptxas failure prints the whole PTX
             # Triton 3.8 deprecates block pointers (the contrastive kernels use them on purpose; see there).
             warnings.filterwarnings("ignore", message="tl.make_block_ptr is deprecated")
@@ -385,24 +584,47 @@ def compile_one(job):
         if shared is not None and shared > max_shared:
             res["status"] = "ERROR"
             res["error"] = f"needs {shared} B of shared memory per block > {max_shared} B on this target"
-        if want_stats:
-            arch = re.search(r"^\.target\s+(\S+)", asm["ptx"], re.M)
-            res["stats"] = _ptxas_stats(asm["ptx"], arch.group(1) if arch else f"sm_{target.arch}")
+        if want_stats or want_facts:
+            log = None if ptx_only else sink.getvalue()
+            if log is not None and "Compiling entry function" not in log:  # cache hit: no ptxas ran
+                arch = re.search(r"^\.target\s+(\S+)", asm["ptx"], re.M)
+                log = _run_ptxas_v(asm["ptx"], arch.group(1) if arch else f"sm_{target.arch}")
+            facts = compile_facts(asm, shared, log, launch.fn.__name__)
+            if want_facts:
+                res["facts"] = facts
+                res["violations"] = facts_violations(facts, max_shared)
+            if want_stats and facts["regs"] is not None:
+                res["stats"] = f"{facts['regs']} regs, {facts['spill_stores']} B spill"
     except Exception as exc:
         res["status"] = "ERROR"
         tb = traceback.format_exception_only(type(exc), exc)
-        res["error"] = ("".join(tb).strip() + ("\n" + sink.getvalue()[-2000:] if sink.getvalue() else ""))[:4000]
+        out = sink.getvalue()
+        res["error"] = ("".join(tb).strip() + ("\n" + out[-2000:] if out else ""))[:4000]
+        if want_facts:
+            res["violations"] = ["does not compile"]
+    finally:
+        if saved_dump is None:
+            os.environ.pop("TRITON_DUMP_PTXAS_LOG", None)
+        else:
+            os.environ["TRITON_DUMP_PTXAS_LOG"] = saved_dump
     res["seconds"] = time.perf_counter() - t0
     return res
 
 
 def _dedupe(jobs, target):
-    # Several launches share one specialisation (e.g. the backward's two orientations): compile it once.
+    """The jobs with one compile per distinct specialisation (see _dedupe_with_cases)."""
+    return _dedupe_with_cases(jobs, target)[0]
+
+
+def _dedupe_with_cases(jobs, target):
+    """(jobs, cases): several launches share one specialisation (e.g. the backward's two orientations, or a
+    runtime size that changes no constexpr): each is compiled once; ``cases[i]`` names every case whose launch
+    the i-th kept job stands for (its own first)."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler.compiler import make_backend
 
     backend = make_backend(GPUTarget(*target))
-    seen, out = set(), []
+    seen, out, cases = {}, [], []
     for job in jobs:
         launch, label, extra = job[:3]
         try:
@@ -413,9 +635,12 @@ def _dedupe(jobs, target):
         except Exception:  # let compile_one report it
             key = (id(job),)
         if key not in seen:
-            seen.add(key)
+            seen[key] = len(out)
             out.append(job)
-    return out
+            cases.append([launch.case])
+        elif launch.case not in cases[seen[key]]:
+            cases[seen[key]].append(launch.case)
+    return out, cases
 
 
 def _can_compile_here(target) -> str | None:
@@ -451,24 +676,36 @@ def main(argv=None) -> int:
     ap.add_argument("--only", nargs="+", choices=sorted(GROUPS), default=sorted(GROUPS),
                     help="kernel groups (default: all)")
     ap.add_argument("--dtypes", nargs="+", choices=DTYPES, default=None,
-                    help="input dtypes (default: bf16 fp16 fp32, attention bf16 fp16; --quick: bf16)")
+                    help="input dtypes (default: bf16 fp16 fp32, attention bf16 fp16; --quick, --training: bf16)")
     ap.add_argument("--configs", choices=("auto", "all", "first"), default=None,
-                    help="autotuned launches: every (pruned) config the autotuner would time ('all'), only its "
-                         "first one ('first', default with --quick), or 'auto' (default): every config for the "
-                         "training setup (bf16, head dim 64 bidirectional, D=512 loss), the first one elsewhere")
+                    help="autotuned launches: every (pruned) config the autotuner would time ('all', default with "
+                         "--training), only its first one ('first', default with --quick), or 'auto' (default): "
+                         "every config for the training setup (bf16, head dim 64 bidirectional, D=512 loss), the "
+                         "first one elsewhere")
     ap.add_argument("--quick", action="store_true", help="one small case per kernel, bf16, first config")
+    ap.add_argument("--training", action="store_true",
+                    help="only the training-setup cases of each group (bf16), every kept autotune config")
     ap.add_argument("--cases", default=None, help="regex on case names (e.g. 'hd64 varlen')")
     ap.add_argument("--arch", type=int, default=90, help="CUDA compute capability x10 (default 90: H100/H200)")
     ap.add_argument("--sm-count", type=int, default=132, help="SMs of the target card (sizes persistent grids)")
     ap.add_argument("--ptx-only", action="store_true", help="stop at PTX (automatic when ptxas is missing)")
-    ap.add_argument("--ptxas-stats", action="store_true", help="also run ptxas -v: registers and spill bytes")
+    ap.add_argument("--ptxas-stats", action="store_true", help="also show registers and spill bytes (ptxas -v)")
+    ap.add_argument("--facts", action="store_true",
+                    help="compile facts per kernel/case/config: registers, spill bytes, shared memory, tensor-core "
+                         "instruction kind (PTX wgmma / mma.sync / none, SASS HGMMA/HMMA/FFMA) and violations")
+    ap.add_argument("--require", action="store_true",
+                    help="with --facts (implied): exit 1 on any violation (a tl.dot kernel not on wgmma or with "
+                         "mma.sync, spill bytes, shared memory over the per-block limit, a kernel never compiled)")
     ap.add_argument("--jobs", type=int, default=1, help="compile in N processes (fork)")
     ap.add_argument("--keep-cache", action="store_true",
                     help="use Triton's normal cache (default: a fresh one, so that everything really compiles)")
     ap.add_argument("--json", default=None, help="also write the results as JSON here")
     args = ap.parse_args(argv)
-    dtypes = args.dtypes or (["bf16"] if args.quick else None)  # None: each group's defaults
-    configs_mode = args.configs or ("first" if args.quick else "auto")
+    if args.quick and args.training:
+        ap.error("--quick and --training select different cases; pick one")
+    want_facts = args.facts or args.require
+    dtypes = args.dtypes or (["bf16"] if args.quick or args.training else None)  # None: each group's defaults
+    configs_mode = args.configs or ("first" if args.quick else "all" if args.training else "auto")
     target = ("cuda", args.arch, 32)
 
     reason = _can_compile_here(target)
@@ -488,14 +725,17 @@ def main(argv=None) -> int:
         import torch
         import triton
 
-        launches, case_errors = collect(args.only, args.quick, dtypes, args.sm_count, args.cases)
+        launches, case_errors = collect(args.only, args.quick, dtypes, args.sm_count, args.cases,
+                                        training_only=args.training)
         jobs = []
         for la in launches:
             every = configs_mode == "all" or (configs_mode == "auto" and la.primary)
             cfgs = la.configs if every else la.configs[:1]
             for label, extra in cfgs:
-                jobs.append((la, label, extra, target, ptx_only, args.ptxas_stats, H100_MAX_SHARED))
-        jobs = _dedupe(jobs, target)
+                jobs.append((la, label, extra, target, ptx_only, args.ptxas_stats, H100_MAX_SHARED, want_facts))
+        captured = [{"kernel": j[0].fn.__name__, "module": _kernel_module(j[0].fn), "case": j[0].case,
+                     "spec": _spec_string(j[0], j[2]), "config": j[1]} for j in jobs]
+        jobs, job_cases = _dedupe_with_cases(jobs, target)
         stage = "ptx" if ptx_only else "cubin"
         print(f"triton {triton.__version__}, torch {torch.__version__}, python {sys.version.split()[0]}: "
               f"{len(jobs)} compiles for sm_{args.arch} up to {stage} ({configs_mode} configs, "
@@ -511,18 +751,41 @@ def main(argv=None) -> int:
         else:
             results = [_progress(compile_one(j), i, len(jobs), t0) for i, j in enumerate(jobs)]
         wall = time.perf_counter() - t0
+        for r, names in zip(results, job_cases):
+            r["cases"] = names  # every case this one compile stands for
     finally:
         if cache is not None:
             shutil.rmtree(cache, ignore_errors=True)
 
     _print_table(results, case_errors)
     n_err = sum(r["status"] != "ok" for r in results) + len(case_errors)
+    # Kernels of the package that no selected case compiled (a launcher that stopped using a kernel, or a new
+    # kernel without a case): with every group and case selected, a violation.
+    compiled = {f"{r['module']}:{r['kernel']}" for r in results}
+    never = sorted(set(discover_kernels()) - compiled)
+    complete = sorted(args.only) == sorted(GROUPS) and not args.cases
+    n_viol = 0
+    if want_facts:
+        print()
+        print_facts_table(results)
+        n_viol = sum(bool(r.get("violations")) for r in results)
+        if complete and never:
+            n_viol += len(never)
+            print(f"\nVIOLATION: kernels never compiled by these cases: {', '.join(never)}")
+        print(f"\n{n_viol} violation(s) in {len(results)} compiled kernel(s)"
+              + ("" if args.require else " (not enforced without --require)"))
+    elif never and complete:
+        print(f"\nnote: kernels never compiled by these cases: {', '.join(never)}")
     print(f"\n{len(results)} compiled, {n_err} error(s), {wall:.0f} s wall")
     if args.json:
-        Path(args.json).write_text(json.dumps({"triton": triton.__version__, "torch": torch.__version__,
-                                               "arch": args.arch, "stage": stage, "results": results,
-                                               "case_errors": case_errors}, indent=1))
-    return 1 if n_err else 0
+        data = {"triton": triton.__version__, "torch": torch.__version__, "arch": args.arch, "stage": stage,
+                "selection": "training" if args.training else "quick" if args.quick else "default",
+                "configs": configs_mode, "wall_s": round(wall, 1), "results": results, "case_errors": case_errors,
+                "never_compiled": never, "max_shared": H100_MAX_SHARED, "launches": captured}
+        tmp = Path(args.json + ".tmp")
+        tmp.write_text(json.dumps(data, indent=1))
+        os.replace(tmp, args.json)
+    return 1 if n_err or (args.require and n_viol) else 0
 
 
 def _progress(res, i, n, t0):
@@ -535,21 +798,48 @@ def _progress(res, i, n, t0):
     return res
 
 
+def _table(head, rows) -> str:
+    widths = [max(len(h), *(len(row[i]) for row in rows)) if rows else len(h) for i, h in enumerate(head)]
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+    lines = [fmt.format(*head), fmt.format(*("-" * w for w in widths))]
+    lines += [fmt.format(*row).rstrip() for row in rows]
+    return "\n".join(lines)
+
+
 def _print_table(results, case_errors):
     rows = [(r["kernel"], r["case"], r["spec"], r["config"], r["status"],
              "" if r["shared"] is None else str(r["shared"]), r["stats"], f"{r['seconds']:.1f}") for r in results]
     head = ("kernel", "case", "launch kwargs", "config", "status", "shared B", "ptxas", "s")
-    widths = [max(len(h), *(len(row[i]) for row in rows)) if rows else len(h) for i, h in enumerate(head)]
-    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
-    print(fmt.format(*head))
-    print(fmt.format(*("-" * w for w in widths)))
-    for row in rows:
-        print(fmt.format(*row))
+    print(_table(head, rows))
     for r in results:
         if r["status"] != "ok":
             print(f"\nERROR {r['kernel']} [{r['case']}] {r['config']}:\n{r['error']}")
     for name, err in case_errors:
         print(f"\nERROR launcher [{name}]: {err}")
+
+
+def _fmt(v) -> str:
+    return "?" if v is None else str(v)
+
+
+def facts_table(results) -> str:
+    """kernel x case x config -> regs, spills, smem, instruction kind, FMA counts, violations (text)."""
+    head = ("kernel", "case", "config", "regs", "spill B st/ld", "smem B", "dot", "kind", "SASS HGMMA/HMMA/FFMA",
+            "loop FFMA", "PTX fma.f32", "violations")
+    rows = []
+    for r in results:
+        f = r.get("facts") or {}
+        sass = "/".join(_fmt(f.get(k)) for k in ("sass_hgmma", "sass_hmma", "sass_ffma")) if "sass_hgmma" in f else "-"
+        more = len(r.get("cases") or [r["case"]]) - 1
+        rows.append((r["kernel"], r["case"] + (f" (+{more})" if more else ""), r["config"], _fmt(f.get("regs")),
+                     f"{_fmt(f.get('spill_stores'))}/{_fmt(f.get('spill_loads'))}", _fmt(r.get("shared")),
+                     "yes" if f.get("has_dot") else "no", f.get("kind", "-"), sass, _fmt(f.get("loop_ffma")),
+                     _fmt(f.get("fma_f32")), "; ".join(r.get("violations") or []) or "-"))
+    return _table(head, rows)
+
+
+def print_facts_table(results):
+    print(facts_table(results))
 
 
 if __name__ == "__main__":
