@@ -393,14 +393,25 @@ def _entry(config) -> tuple:
     return (config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.num_warps, config.num_stages)
 
 
+# The atomic-dQ variant also multiplies dS (BLOCK_M x BLOCK_N) by K inside the dK/dV kernel: with 16-bit inputs a
+# BLOCK_M below 64 (the warpgroup MMA minimum) compiles that product to mma.sync, so such tiles are not tuned there.
+_ATOMIC_MIN_BLOCK_M = 64
+
+
 def _prune_for(kernel: str):
-    """The autotuner's early prune for ``kernel``: the fp32 rule, then the head-dim rule of ``_HD64_ONLY``."""
-    hd64_only = _HD64_ONLY.get(kernel, set())
+    """The autotuner's early prune for ``kernel``: the head-dim rule of ``_HD64_ONLY``, the atomic-dQ rule, then
+    the fp32 rule."""
+    base = kernel.removesuffix("_atomic")
+    hd64_only = _HD64_ONLY.get(base, set())
 
     def prune(configs, named_args, **kwargs):
         head_dim = kwargs.get("HEAD_DIM", named_args.get("HEAD_DIM"))
         if head_dim is not None and head_dim > 64 and hd64_only:
             configs = [c for c in configs if _entry(c) not in hd64_only] or configs[-1:]
+        q = named_args.get("Q")
+        sixteen_bit = q is not None and getattr(q, "element_size", lambda: 2)() < 4
+        if kernel.endswith("_atomic") and sixteen_bit:
+            configs = [c for c in configs if c.kwargs["BLOCK_M"] >= _ATOMIC_MIN_BLOCK_M] or configs[:1]
         return _prune_fp32_configs(configs, named_args)
 
     return prune
@@ -416,7 +427,7 @@ if HAS_TRITON:
                                   prune_configs_by={"early_config_prune": _prune_for("dkdv")})(_attn_bwd_dkdv_kernel)
     # The autotuner re-runs a kernel while timing it: the atomic-dQ variant must start each run from zero.
     _DKDV_ATOMIC_TUNED = triton.autotune(configs=_configs(DKDV_CONFIGS), key=_KEY, reset_to_zero=["DQ_ACC"],
-                                         prune_configs_by={"early_config_prune": _prune_for("dkdv")}
+                                         prune_configs_by={"early_config_prune": _prune_for("dkdv_atomic")}
                                          )(_attn_bwd_dkdv_kernel)
     _DQ_TUNED = triton.autotune(configs=_configs(DQ_CONFIGS), key=_KEY,
                                 prune_configs_by={"early_config_prune": _prune_for("dq")})(_attn_bwd_dq_kernel)

@@ -435,6 +435,24 @@ def test_fp32_autotune_keeps_small_tiles_only():
         assert small and all(c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 2048 and c.num_stages <= 2 for c in small)
 
 
+def test_atomic_dq_autotune_keeps_warpgroup_tiles_for_16_bit_inputs():
+    """The atomic-dQ dK/dV kernel multiplies dS (BLOCK_M rows) by K: 16-bit inputs tune only BLOCK_M >= 64 (a
+    32-row product compiles to mma.sync on sm_90), fp32 inputs keep their small tiles."""
+    if not hasattr(fat, "_DKDV_ATOMIC_TUNED"):
+        pytest.skip("Triton is not importable here")
+    tuned = fat._DKDV_ATOMIC_TUNED
+    assert any(c.kwargs["BLOCK_M"] < 64 for c in tuned.configs)  # the list itself is shared with the separate mode
+    for dt in (torch.bfloat16, torch.float16):
+        kept = tuned.early_config_prune(tuned.configs, {"Q": torch.empty(1, dtype=dt)}, HEAD_DIM=64)
+        assert kept and all(c.kwargs["BLOCK_M"] >= 64 for c in kept)
+    fp32 = tuned.early_config_prune(tuned.configs, {"Q": torch.empty(1, dtype=torch.float32)}, HEAD_DIM=64)
+    assert fp32 and all(c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 2048 for c in fp32)
+    # the separate mode's dK/dV kernel has no dQ product there: it keeps the 32-row tile
+    sep = fat._DKDV_TUNED.early_config_prune(fat._DKDV_TUNED.configs, {"Q": torch.empty(1, dtype=torch.bfloat16)},
+                                             HEAD_DIM=64)
+    assert any(c.kwargs["BLOCK_M"] < 64 for c in sep)
+
+
 def test_backward_autotune_drops_spilling_configs_above_head_dim_64():
     """Configs that spill registers at head dim 128 (sm_90 ptxas) are tuned for head dims <= 64 only."""
     if not hasattr(fat, "_DKDV_TUNED"):
@@ -442,6 +460,8 @@ def test_backward_autotune_drops_spilling_configs_above_head_dim_64():
     bf16 = {"Q": torch.empty(1, dtype=torch.bfloat16)}
     for kernel, tuned in (("dkdv", fat._DKDV_TUNED), ("dkdv", fat._DKDV_ATOMIC_TUNED), ("dq", fat._DQ_TUNED)):
         prune = tuned.early_config_prune
-        assert prune(tuned.configs, bf16, HEAD_DIM=64) == tuned.configs
+        at64 = tuned.configs if tuned is not fat._DKDV_ATOMIC_TUNED else \
+            [c for c in tuned.configs if c.kwargs["BLOCK_M"] >= 64]
+        assert prune(tuned.configs, bf16, HEAD_DIM=64) == at64
         kept = [fat._entry(c) for c in prune(tuned.configs, bf16, HEAD_DIM=128)]
         assert kept and not set(kept) & fat._HD64_ONLY[kernel]
