@@ -141,7 +141,8 @@ def contrastive_cases(quick: bool, dtypes):
 
     dtypes = dtypes or DTYPES
     C = _kmod("contrastive")
-    _kmod("losses")  # imported so that a broken losses module shows up here
+    CT = _kmod("contrastive_triton")
+    _kmod("losses")  # imported so that a broken losses / contrastive_dist module shows up here
 
     shapes = [(512, 512)] if quick else [(4096, 512), (3001, 768)]
     cases = []
@@ -164,7 +165,7 @@ def contrastive_cases(quick: bool, dtypes):
             def run_two_pass(dt=dt):
                 I = torch.empty(4096, 512, dtype=_torch_dtype(dt)).normal_().requires_grad_()
                 T = torch.empty(4096, 512, dtype=_torch_dtype(dt)).normal_().requires_grad_()
-                with _patched(C, "_COLPART_MAX_BYTES", 0):
+                with _patched(CT, "_COLPART_MAX_BYTES", 0):
                     C.clip_loss(I, T, torch.tensor(14.3), backend="triton").backward()
             cases.append((f"clip {dt} two-pass columns", run_two_pass, False))
             # A rank's block under torch.distributed: local rows against the gathered batch, offset positives.
@@ -172,9 +173,9 @@ def contrastive_cases(quick: bool, dtypes):
                 A = torch.empty(1024, 512, dtype=_torch_dtype(dt)).normal_()
                 Cm = torch.empty(4096, 512, dtype=_torch_dtype(dt)).normal_()
                 s = torch.tensor(14.3)
-                row, col = C.block_forward(A, Cm, s, None, 1024, 0, True, "triton")
+                row, col = C.block_forward(A, Cm, s, None, 1024, C.CLIP, True, "triton")
                 coef = torch.full((1024,), 1e-4)
-                C.block_backward(A, Cm, s, None, 1024, 0, row, col, coef, torch.full((4096,), 1e-4), None,
+                C.block_backward(A, Cm, s, None, 1024, C.CLIP, row, col, coef, torch.full((4096,), 1e-4), None,
                                  A.dtype, "triton")
             cases.append((f"clip {dt} rank block 1024x4096", run_block, False))
     return cases
