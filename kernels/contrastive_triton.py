@@ -342,7 +342,7 @@ _FWD_CONFIGS = {
 }
 _BWD_CONFIGS = {
     # BM = 64 (one wgmma M), 8 warps: the 64×512 fp32 accumulator is 128 registers a thread
-    "w512": ((64, 64, 8, 2), (64, 32, 8, 3), (64, 32, 8, 2), (64, 16, 8, 3)),
+    "w512": ((64, 32, 8, 2), (64, 16, 8, 2), (64, 64, 8, 1), (64, 32, 8, 1)),
 }
 
 
