@@ -203,7 +203,7 @@ def _picked_configs(D: int, dtype):
     out = []
     for kind in ("fwd", "bwd"):
         bd0, bd1 = _ct._plan(kind, D, False, False)
-        tuner = _ct._TUNERS.get((kind, _ct._wclass(bd0 + bd1)))
+        tuner = _ct._TUNERS.get((kind, _ct._wclass(bd0 + bd1, kind == "fwd" or D <= bd0 + bd1)))
         out.append(getattr(tuner, "best_config", None))
     return tuple(out)
 
@@ -221,7 +221,7 @@ def work_model_table(sizes, D: int, dtype) -> list[dict]:
     b0, b1 = _ct._plan("bwd", D, False, False)
     for B in sizes:
         for fc in _ct.fwd_configs(f0 + f1):
-            for bc in _ct.bwd_configs(b0 + b1):
+            for bc in _ct.bwd_configs(b0 + b1, D <= b0 + b1):
                 w = _ct.loss_work(B, D, dtype, fc, bc, interpreted=False)
                 rows.append(dict(B=B, fwd=_cfg_label(w["fwd_config"]), bwd=_cfg_label(w["bwd_config"]),
                                  passes=w["passes"], operand_mb=w["operand_bytes"] / 2**20))

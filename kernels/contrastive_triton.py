@@ -13,11 +13,13 @@ A *block* is rows ``A`` (M, D) against columns ``C`` (N, D), logits ``x_ij = s·
                  d scale / d bias sums. No atomics: deterministic.
 
 Features are split into D chunks of width KC = BD0 + BD1 (two power-of-two pieces, so D = 768 is 512 + 256
-without padding). With one chunk (``RESIDENT``) a program loads its BM×D rows of A once, before the N loop,
-and each BN×D tile of C, loaded once per N step, feeds both the logits (A·Cᵀ) and the product E·C: the
+without padding; the backward's chunks are at most 512 wide, 256 when D needs several, see the configs).
+With one chunk (``RESIDENT``) a program loads its BM×D rows of A once, before the N loop, and each BN×D
+tile of C, loaded once per (pipelined) N step, feeds both the logits (A·Cᵀ) and the product E·C: the
 forward is 1 GEMM-equivalent pass over B×B×D and each backward orientation 2 (recompute + product), 5 in
-all. With S > 1 chunks the backward grid has S programs per row block, each recomputing the logits over all
-of D: S + 1 passes per orientation. ``loss_work`` states this from the same geometry functions the
+all (D ≤ 512 backward, D ≤ 768 forward). With S > 1 chunks the backward grid has S programs per row
+block, each recomputing the logits over all of D: S + 1 passes per orientation (D = 768: 3 chunks, 9 in
+all). ``loss_work`` states this from the same geometry functions the
 launchers use to size their grids.
 
 Accumulation is fp32 throughout. fp16/bf16 operands go to tensor cores (wgmma on sm_90); fp32 operands use
@@ -48,6 +50,7 @@ _FWD_BM = 64
 # must fit the register file without spills: 64 × 512 fp32 over 8 warps = 128 registers a thread).
 _MAXW_FWD = 768
 _MAXW_BWD = 512
+_MAXW_BWD_SPLIT = 256  # when D needs several chunks: narrower ones (less register pressure in the K loop)
 _MAXW_FP32 = 128
 # The fixed fp32 config (CUDA): small tiles, IEEE dots on CUDA cores.
 _FP32_BLOCK = dict(BM=32, BN=32, num_warps=4, num_stages=2)
@@ -83,12 +86,14 @@ def chunk_plan(D: int, maxw: int) -> tuple[int, int]:
     return bd0, bd1
 
 
-def _maxw(kind: str, ieee: bool, interpreted: bool) -> int:
+def _maxw(kind: str, D: int, ieee: bool, interpreted: bool) -> int:
     if interpreted:
         return _INTERP_MAXW
     if ieee:
         return _MAXW_FP32
-    return _MAXW_FWD if kind == "fwd" else _MAXW_BWD
+    if kind == "fwd":
+        return _MAXW_FWD
+    return _MAXW_BWD if D <= _MAXW_BWD else _MAXW_BWD_SPLIT
 
 
 def fwd_geometry(M: int, N: int, D: int, BM: int, BN: int, BD0: int, BD1: int) -> dict:
@@ -341,12 +346,20 @@ _FWD_CONFIGS = {
     "w768": ((32, 4, 2), (32, 8, 2), (64, 8, 1), (16, 4, 3)),
 }
 _BWD_CONFIGS = {
-    # BM = 64 (one wgmma M), 8 warps: the 64×512 fp32 accumulator is 128 registers a thread
-    "w512": ((64, 32, 8, 2), (64, 16, 8, 2), (64, 64, 8, 1), (64, 32, 8, 1)),
+    # BM = 64 (one wgmma M), 8 warps: the 64×512 fp32 accumulator is 128 registers a thread. ptxas (sm_90,
+    # Triton 3.6 and 3.9) put BN = 64 and every num_stages = 1 or 3 variant at 255 registers with spills, and
+    # 16 warps (D = 768 in one chunk) spills 0.5-1 KB a thread: those are out.
+    "w512": ((64, 32, 8, 2), (64, 16, 8, 2)),
+    # several D chunks of ≤ 256 (D > 512, e.g. 768 = 3 × 256: 1 + 2 × 4 = 9 passes). Chunks of 384 (7 passes)
+    # were measured too: with the K loop's operand loads they sit at 255 registers and spill 12 B on Triton 3.6
+    # in every BN; at 256 wide BN = 16/32/64 are spill-free on 3.6 and 3.9.
+    "split": ((64, 16, 8, 2), (64, 32, 8, 2), (64, 64, 8, 2)),
 }
 
 
-def _wclass(kc: int) -> str:
+def _wclass(kc: int, resident: bool = True) -> str:
+    if not resident:
+        return "split"
     return "w512" if kc <= 512 else "w768"
 
 
@@ -356,21 +369,22 @@ if HAS_TRITON:
         """The forward's autotune configs for D chunks of width ``kc`` (16-bit operands)."""
         return [triton.Config({"BN": bn}, num_warps=w, num_stages=st) for bn, w, st in _FWD_CONFIGS[_wclass(kc)]]
 
-    def bwd_configs(kc: int = 512) -> list:
-        """The backward's autotune configs for D chunks of width ``kc`` (16-bit operands)."""
+    def bwd_configs(kc: int = 512, resident: bool = True) -> list:
+        """The backward's autotune configs for D chunks of width ``kc``, one chunk (resident) or several."""
         return [triton.Config({"BM": bm, "BN": bn}, num_warps=w, num_stages=st)
-                for bm, bn, w, st in _BWD_CONFIGS[_wclass(kc)]]
+                for bm, bn, w, st in _BWD_CONFIGS[_wclass(kc, resident)]]
 
     def _prune(configs, named_args, **kwargs):
         return autotune_limit(configs)
 
     _TUNERS: dict = {}
 
-    def _tuner(kind: str, kc: int):
-        """The autotuner of ``kind`` ("fwd"/"bwd") for chunk width class of ``kc``, made once."""
-        key = (kind, _wclass(kc))
+    def _tuner(kind: str, kc: int, resident: bool):
+        """The autotuner of ``kind`` ("fwd"/"bwd") for the config class of chunk width ``kc``, made once."""
+        key = (kind, _wclass(kc, resident or kind == "fwd"))
         if key not in _TUNERS:
-            kern, cfgs = (_fwd_kernel, fwd_configs(kc)) if kind == "fwd" else (_bwd_kernel, bwd_configs(kc))
+            kern, cfgs = ((_fwd_kernel, fwd_configs(kc)) if kind == "fwd" else
+                          (_bwd_kernel, bwd_configs(kc, resident)))
             # autotuning runs the kernels on a GPU; both kernels are idempotent (no atomics), so that is safe
             _TUNERS[key] = triton.autotune(cfgs, key=["M_BKT", "N_BKT", "D"],
                                            prune_configs_by={"early_config_prune": _prune})(kern)
@@ -379,7 +393,7 @@ else:  # pragma: no cover
     def fwd_configs(kc: int = 512) -> list:
         return []
 
-    def bwd_configs(kc: int = 512) -> list:
+    def bwd_configs(kc: int = 512, resident: bool = True) -> list:
         return []
 
 
@@ -405,7 +419,7 @@ def _fixed_block(interp: bool) -> dict:
 
 
 def _plan(kind: str, D: int, ieee: bool, interp: bool) -> tuple[int, int]:
-    return chunk_plan(D, _maxw(kind, ieee, interp))
+    return chunk_plan(D, _maxw(kind, D, ieee, interp))
 
 
 def _fwd_bm(tuned: bool, interp: bool) -> int:
@@ -449,7 +463,7 @@ def tri_forward(A, C, scale, bias, off, loss, need_col):
                     RESIDENT=len(range(0, D, bd0 + bd1)) == 1, IEEE=ieee, USE_IP=DOT_HAS_INPUT_PRECISION)
         if tuned:
             grid = lambda META: fwd_geometry(m, n, D, bm, META["BN"], bd0, bd1)["grid"]  # noqa: E731
-            _launch(_tuner("fwd", bd0 + bd1), grid, args, meta)
+            _launch(_tuner("fwd", bd0 + bd1, meta["RESIDENT"]), grid, args, meta)
         else:
             blk = _fixed_block(interp)
             grid = fwd_geometry(m, n, D, bm, blk["BN"], bd0, bd1)["grid"]
@@ -486,7 +500,7 @@ def _tri_backward_one(A, C, scale, bias, off, loss, lse_a, lse_c, coef_a, coef_c
                 RESIDENT=len(range(0, D, bd0 + bd1)) == 1, IEEE=ieee, USE_IP=DOT_HAS_INPUT_PRECISION)
     if tuned:
         grid = lambda META: bwd_geometry(M, N, D, META["BM"], META["BN"], bd0, bd1)["grid"]  # noqa: E731
-        _launch(_tuner("bwd", bd0 + bd1), grid, args, meta)
+        _launch(_tuner("bwd", bd0 + bd1, meta["RESIDENT"]), grid, args, meta)
     else:
         blk = _fixed_block(interp)
         grid = bwd_geometry(M, N, D, blk["BM"], blk["BN"], bd0, bd1)["grid"]
@@ -519,11 +533,11 @@ def tri_backward(A, C, scale, bias, off, loss, row_lse, col_lse, row_coef, col_c
 # ----------------------------------------------------------------------------------------------------
 # Work model
 # ----------------------------------------------------------------------------------------------------
-def _cfg_dict(cfg, kind: str, kc: int, tuned: bool, interp: bool) -> dict:
+def _cfg_dict(cfg, kind: str, kc: int, resident: bool, tuned: bool, interp: bool) -> dict:
     if cfg is None:
         if not tuned:
             return _fixed_block(interp)
-        cfg = (_FWD_CONFIGS if kind == "fwd" else _BWD_CONFIGS)[_wclass(kc)][0]
+        cfg = (_FWD_CONFIGS if kind == "fwd" else _BWD_CONFIGS)[_wclass(kc, resident or kind == "fwd")][0]
         keys = ("BN", "num_warps", "num_stages") if kind == "fwd" else ("BM", "BN", "num_warps", "num_stages")
         return dict(zip(keys, cfg))
     if isinstance(cfg, dict):
@@ -550,8 +564,8 @@ def loss_work(B: int, D: int, dtype: torch.dtype = torch.bfloat16, fwd_config=No
     elem = torch.empty((), dtype=dtype).element_size()
     f0, f1 = _plan("fwd", D, ieee, interp)
     b0, b1 = _plan("bwd", D, ieee, interp)
-    fc = _cfg_dict(fwd_config, "fwd", f0 + f1, tuned, interp)
-    bc = _cfg_dict(bwd_config, "bwd", b0 + b1, tuned, interp)
+    fc = _cfg_dict(fwd_config, "fwd", f0 + f1, True, tuned, interp)
+    bc = _cfg_dict(bwd_config, "bwd", b0 + b1, D <= b0 + b1, tuned, interp)
     bm_f = _fwd_bm(tuned, interp)
     launches = []
 

@@ -29,7 +29,7 @@ def _launched_kernels() -> set[str]:
     from triton.runtime.jit import JITFunction
 
     names = set()
-    for mod in ("contrastive", "flash_attention", "fused_ops"):
+    for mod in ("contrastive_triton", "flash_attention", "fused_ops"):
         m = importlib.import_module(f"bmclip.kernels.{mod}")
         for name, obj in vars(m).items():
             # under TRITON_INTERPRET=1 (CPU test runs) @triton.jit gives InterpretedFunction objects

@@ -488,7 +488,7 @@ def test_work_model_passes_of_every_kept_config(loss):
     # D = 512: the row block and the accumulator hold all of D → 1 forward + 2 × 2 backward passes, exactly.
     B = 4096
     f512, b512 = _kept_configs(512)
-    assert 1 <= len(f512) <= 4 and 1 <= len(b512) <= 6
+    assert 1 <= len(f512) <= 4 and 1 <= len(b512) <= 4
     for fc in f512:
         for bc in b512:
             w = CT.loss_work(B, 512, torch.bfloat16, fc, bc, loss=loss, interpreted=False)
@@ -496,9 +496,12 @@ def test_work_model_passes_of_every_kept_config(loss):
             assert w["bwd_chunks"] == (512, 0) and all(x["k_trips"] == 1 for x in w["launches"])
     # D = 768: the true count of the plan the launcher uses — S backward D chunks cost S recomputes + 1 product
     # per orientation (S = 1: resident, 5 passes).
-    bd0, bd1 = CT.chunk_plan(768, CT._MAXW_BWD)
+    bd0, bd1 = CT._plan("bwd", 768, False, False)
     S = -(-768 // (bd0 + bd1))
-    f768, b768 = _kept_configs(max(bd0 + bd1, 513))
+    assert S > 1  # no spill-free one-chunk backward at D = 768 (see the config notes)
+    f0, f1 = CT._plan("fwd", 768, False, False)
+    f768, b768 = CT.fwd_configs(f0 + f1), CT.bwd_configs(bd0 + bd1, S == 1)
+    assert 1 <= len(f768) <= 4 and 1 <= len(b768) <= 4
     for fc in f768:
         for bc in b768:
             w = CT.loss_work(B, 768, torch.bfloat16, fc, bc, loss=loss, interpreted=False)
@@ -550,3 +553,29 @@ def test_work_model_matches_the_launches(D, monkeypatch):
         assert all(x["resident"] == (x["k_trips"] == 1) for x in seen)
         if D == 768:  # the multi-chunk backward really ran: 2 D chunks per row block
             assert {x["grid"][1] for x in seen if x["kernel"] == "_bwd_kernel"} == {2}
+
+
+@pytest.mark.slow  # ~30 compiles with ptxas: a few minutes on 2 shared cores
+def test_every_kept_config_compiles_for_sm90(tmp_path):
+    # Every autotune config the launchers can pick (both D-chunk classes, both losses, both backward
+    # orientations) is built for sm_90 down to a cubin, within the card's shared memory.
+    if not HAS_TRITON:
+        pytest.skip("triton is not installed")
+    script = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "aot_compile_check.py")
+    out = tmp_path / "aot.json"
+    res = subprocess.run([sys.executable, script, "--quick", "--only", "contrastive", "--configs", "all", "--json",
+                          str(out)], capture_output=True, text=True, timeout=1800)
+    if res.returncode == 77:
+        pytest.skip(f"Triton cannot compile for sm_90 here: {res.stdout.strip()[-500:]}")
+    assert res.returncode == 0, res.stdout[-6000:] + res.stderr[-3000:]
+    data = json.loads(out.read_text())
+    assert data["case_errors"] == [] and all(r["status"] == "ok" for r in data["results"])
+    assert all(0 <= r["shared"] <= 232448 for r in data["results"])
+    built = {(r["kernel"], r["config"]) for r in data["results"]}
+
+    def label(c):
+        return " ".join(f"{k}={v}" for k, v in c.kwargs.items()) + f" w{c.num_warps} s{c.num_stages}"
+
+    kept = {("_fwd_kernel", label(c)) for kc in (512, 768) for c in CT.fwd_configs(kc)}
+    kept |= {("_bwd_kernel", label(c)) for c in CT.bwd_configs(512) + CT.bwd_configs(256, resident=False)}
+    assert kept <= built, kept - built
