@@ -152,10 +152,12 @@ def contrastive_cases(quick: bool, dtypes):
 
     dtypes = dtypes or DTYPES
     C = _kmod("contrastive")
-    _kmod("losses")  # imported so that a broken losses module shows up here
+    CT = _kmod("contrastive_triton")
+    _kmod("losses")  # imported so that a broken losses / contrastive_dist module shows up here
 
-    # the training batch (B >= 4096) at both embedding widths, and a batch that no block size divides
-    shapes = [(512, 512)] if quick else [(4096, 512), (4096, 768), (3001, 768)]
+    # training shapes (bf16, B >= 4096, D = 512 / 768: every autotune config) and an unaligned batch
+    # --quick: one shape per D-chunk config class (D = 512: one resident chunk; 768: two chunks / 512 + 256)
+    shapes = [(512, 512), (512, 768)] if quick else [(4096, 512), (4096, 768), (3001, 768)]
     cases = []
     for dt in dtypes:
         for B, D in shapes:
@@ -176,7 +178,7 @@ def contrastive_cases(quick: bool, dtypes):
             def run_two_pass(dt=dt):
                 I = torch.empty(4096, 512, dtype=_torch_dtype(dt)).normal_().requires_grad_()
                 T = torch.empty(4096, 512, dtype=_torch_dtype(dt)).normal_().requires_grad_()
-                with _patched(C, "_COLPART_MAX_BYTES", 0):
+                with _patched(CT, "_COLPART_MAX_BYTES", 0):
                     C.clip_loss(I, T, torch.tensor(14.3), backend="triton").backward()
             cases.append((f"clip {dt} two-pass columns", run_two_pass, False))
             # A rank's block under torch.distributed: local rows against the gathered batch, offset positives.
@@ -184,9 +186,9 @@ def contrastive_cases(quick: bool, dtypes):
                 A = torch.empty(1024, 512, dtype=_torch_dtype(dt)).normal_()
                 Cm = torch.empty(4096, 512, dtype=_torch_dtype(dt)).normal_()
                 s = torch.tensor(14.3)
-                row, col = C.block_forward(A, Cm, s, None, 1024, 0, True, "triton")
+                row, col = C.block_forward(A, Cm, s, None, 1024, C.CLIP, True, "triton")
                 coef = torch.full((1024,), 1e-4)
-                C.block_backward(A, Cm, s, None, 1024, 0, row, col, coef, torch.full((4096,), 1e-4), None,
+                C.block_backward(A, Cm, s, None, 1024, C.CLIP, row, col, coef, torch.full((4096,), 1e-4), None,
                                  A.dtype, "triton")
             cases.append((f"clip {dt} rank block 1024x4096", run_block, False))
     return cases

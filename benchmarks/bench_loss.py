@@ -1,10 +1,16 @@
 #!/usr/bin/env python
 """Contrastive-loss benchmark: forward+backward time and peak memory, bmclip vs open_clip vs plain torch.
 
-GPU (default): B ∈ {4k, 16k, 32k, 64k, 256k, 1M}, D=512, bf16 features, fp32 logit scale. All
+GPU (default): B ∈ {4k, 16k, 32k, 64k, 256k, 1M}, D=512, bf16 features (what a bf16-autocast trainer
+hands the loss), fp32 logit scale. All
 implementations run side by side in one process on the same inputs; a baseline that runs out of
 memory is recorded as "OOM" and skipped for larger B. The card's bf16 matmul peak is measured first
 (an 8192³ matmul) and the Triton kernels' achieved TFLOP/s is reported against it.
+
+For the Triton rows the work model (``contrastive_triton.loss_work``) gives the GEMM-equivalent passes over
+B×B×D and the operand bytes the programs load, for the configs the autotuner picked; ``meta["work_model"]``
+lists both for every kept config at every B. fp32 (``--dtype fp32``) runs the one fixed fp32 config (never
+autotuned). Above B = 65536 the autotune key is the 64k one, so B = 256k and 1M reuse its tuning.
 
 ``--quick``: tiny CPU run (torch backends, fp32) that only proves the script works (used by a test).
 
@@ -33,10 +39,10 @@ from bench_common import atomic_write_text, keep_results_on_sigint  # noqa: E402
 
 try:
     from bmclip.kernels import clip_loss
-    from bmclip.kernels import contrastive as _contrastive
+    from bmclip.kernels import contrastive_triton as _ct
 except ImportError:  # not installed: the folder itself is importable (torch + triton only)
     from kernels import clip_loss
-    from kernels import contrastive as _contrastive
+    from kernels import contrastive_triton as _ct
 
 
 def _plain_torch_loss(I, T, s):
@@ -138,7 +144,8 @@ def time_one(fn, B, D, dtype, device, warmup, iters, time_budget_s, first_call=T
 def _measure_row(name, fn, B, D, dtype, device, args, dead, peak_tflops, warm_big) -> dict:
     """One result row: time/memory of ``name`` at batch ``B`` (or why it was skipped / ran out of memory)."""
     rec = {"impl": name, "B": B, "D": D, "dtype": str(dtype).replace("torch.", ""), "status": "ok",
-           "time_ms": None, "peak_mem_mb": None, "loss": None, "tflops": None, "pct_of_peak": None}
+           "time_ms": None, "peak_mem_mb": None, "loss": None, "tflops": None, "pct_of_peak": None,
+           "passes": None, "operand_mb": None, "fwd_config": None, "bwd_config": None}
     if name in dead:
         rec["status"] = "skipped (OOM at smaller B)"
         return rec
@@ -148,20 +155,22 @@ def _measure_row(name, fn, B, D, dtype, device, args, dead, peak_tflops, warm_bi
     try:
         # Triton at B > 64k: one autotune key (batch buckets cap at 65536) and the two-pass forward, both
         # compiled and tuned by the first such B, so at the next (1M: ~15 s per step) the first call is skipped.
-        n_rb = math.ceil(B / _contrastive._FWD_BM)
-        big = (name == "bmclip_triton" and _contrastive._bucket(B) == _contrastive._bucket(1 << 40)
-               and n_rb * B * 4 > _contrastive._COLPART_MAX_BYTES)
+        n_rb = math.ceil(B / _ct._FWD_BM)
+        big = (name == "bmclip_triton" and _ct._bucket(B) == _ct._bucket(1 << 40)
+               and n_rb * B * 4 > _ct._COLPART_MAX_BYTES)
         t, peak, val = time_one(fn, B, D, dtype, device, args.warmup, args.iters, args.time_budget,
                                 first_call=not (big and name in warm_big))
         if big:
             warm_big.add(name)
         rec.update(time_ms=t * 1e3, loss=val, peak_mem_mb=None if peak is None else peak / 2**20)
         if name == "bmclip_triton":
-            # executed GEMM-equivalents: forward 1 (2 when the column-partial buffer is too
-            # big, see contrastive._COLPART_MAX_BYTES), backward 2 × (recompute + product)
-            n_rb = math.ceil(B / _contrastive._FWD_BM)
-            fwd = 1 if n_rb * B * 4 <= _contrastive._COLPART_MAX_BYTES else 2
-            flops = (fwd + 4) * 2.0 * B * B * D
+            # executed tensor-op work of the configs the autotuner picked (the work model shares the launchers'
+            # grid and loop geometry); fp32 runs the fixed config
+            fc, bc = _picked_configs(D, dtype)
+            w = _ct.loss_work(B, D, dtype, fc, bc, interpreted=False)
+            rec.update(passes=w["passes"], operand_mb=w["operand_bytes"] / 2**20,
+                       fwd_config=_cfg_label(w["fwd_config"]), bwd_config=_cfg_label(w["bwd_config"]))
+            flops = w["flops"]
             rec["tflops"] = flops / t / 1e12
             if peak_tflops:
                 rec["pct_of_peak"] = 100.0 * rec["tflops"] / peak_tflops
@@ -180,7 +189,43 @@ def _measure_row(name, fn, B, D, dtype, device, args, dead, peak_tflops, warm_bi
 
 
 _CSV_COLS = ["impl", "B", "D", "dtype", "status", "time_ms", "peak_mem_mb", "loss", "tflops", "pct_of_peak",
-             "time_vs_open_clip", "mem_vs_open_clip"]
+             "passes", "operand_mb", "fwd_config", "bwd_config", "time_vs_open_clip", "mem_vs_open_clip"]
+
+
+def _cfg_label(cfg: dict) -> str:
+    return " ".join(f"{k}={v}" for k, v in cfg.items())
+
+
+def _picked_configs(D: int, dtype):
+    """(fwd, bwd) configs the autotuners last picked for this D's chunk class (None: the default/fixed one)."""
+    if dtype == torch.float32 or not getattr(_ct, "_TUNERS", None):
+        return None, None
+    out = []
+    for kind in ("fwd", "bwd"):
+        bd0, bd1 = _ct._plan(kind, D, False, False)
+        tuner = _ct._TUNERS.get((kind, _ct._wclass(bd0 + bd1, kind == "fwd" or D <= bd0 + bd1)))
+        out.append(getattr(tuner, "best_config", None))
+    return tuple(out)
+
+
+def work_model_table(sizes, D: int, dtype) -> list[dict]:
+    """Passes and operand bytes of every kept config at every B (pure Python: what the launches would do)."""
+    rows = []
+    if dtype == torch.float32:
+        for B in sizes:
+            w = _ct.loss_work(B, D, dtype, interpreted=False)
+            rows.append(dict(B=B, fwd=_cfg_label(w["fwd_config"]), bwd=_cfg_label(w["bwd_config"]),
+                             passes=w["passes"], operand_mb=w["operand_bytes"] / 2**20))
+        return rows
+    f0, f1 = _ct._plan("fwd", D, False, False)
+    b0, b1 = _ct._plan("bwd", D, False, False)
+    for B in sizes:
+        for fc in _ct.fwd_configs(f0 + f1):
+            for bc in _ct.bwd_configs(b0 + b1, D <= b0 + b1):
+                w = _ct.loss_work(B, D, dtype, fc, bc, interpreted=False)
+                rows.append(dict(B=B, fwd=_cfg_label(w["fwd_config"]), bwd=_cfg_label(w["bwd_config"]),
+                                 passes=w["passes"], operand_mb=w["operand_bytes"] / 2**20))
+    return rows
 
 
 def write_results(out: Path, meta: dict, rows: list[dict]) -> None:
@@ -238,6 +283,7 @@ def main(argv=None) -> int:
         "triton": getattr(sys.modules.get("triton"), "__version__", None),
         "matmul_peak_tflops": peak_tflops,
         "quick": args.quick,
+        "work_model": [] if args.quick else work_model_table(sizes, D, dtype),
         "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     out = Path(args.out)
@@ -260,11 +306,12 @@ def main(argv=None) -> int:
 
     print(f"\n{meta['device']}  torch {meta['torch']}  triton {meta['triton']}  D={D} {str(dtype)[6:]}")
     print(f"{'B':>8} {'impl':<14} {'time ms':>10} {'peak MB':>10} {'x open_clip':>12} {'mem x oc':>9} "
-          f"{'TFLOP/s':>8} {'%peak':>6}  status")
+          f"{'TFLOP/s':>8} {'%peak':>6} {'passes':>6}  status")
     for r in rows:
         print(f"{r['B']:>8} {r['impl']:<14} {fmt(r['time_ms'], '.2f'):>10} {fmt(r['peak_mem_mb'], '.1f'):>10} "
               f"{fmt(r['time_vs_open_clip'], '.3f'):>12} {fmt(r['mem_vs_open_clip'], '.4f'):>9} "
-              f"{fmt(r['tflops'], '.1f'):>8} {fmt(r['pct_of_peak'], '.0f'):>6}  {r['status']}")
+              f"{fmt(r['tflops'], '.1f'):>8} {fmt(r['pct_of_peak'], '.0f'):>6} {fmt(r['passes'], '.2f'):>6}  "
+              f"{r['status']}")
     print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.csv')}")
     return 130 if meta["interrupted"] else 0
 

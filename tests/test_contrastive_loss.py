@@ -14,9 +14,11 @@ import torch
 import torch.nn.functional as F
 from bmclip.kernels import ClipLoss, SigLipLoss, clip_loss, siglip_loss
 from bmclip.kernels import contrastive as C
+from bmclip.kernels import contrastive_torch as CTorch
+from bmclip.kernels import contrastive_triton as CT
 from bmclip.kernels._triton_utils import HAS_TRITON, is_interpreted
 
-INTERP = HAS_TRITON and is_interpreted(C._fwd_kernel)
+INTERP = HAS_TRITON and is_interpreted(C._triton_probe_kernel)
 needs_triton_here = pytest.mark.skipif(
     not (INTERP or torch.cuda.is_available()) or not HAS_TRITON,
     reason="Triton needs a GPU or TRITON_INTERPRET=1",
@@ -136,7 +138,7 @@ def test_triton_large_scale_and_two_pass_columns(loss_name, monkeypatch):
     # logit_scale 100 (open_clip's clamp) stresses the online max/sum; a zero buffer limit forces the
     # transposed second forward launch for column LSEs (the path B=256k+ takes on a GPU).
     run_and_compare(loss_name, 333, 64, torch.float32, True, "triton", seed=5, s_val=100.0)
-    monkeypatch.setattr(C, "_COLPART_MAX_BYTES", 0)
+    monkeypatch.setattr(CT, "_COLPART_MAX_BYTES", 0)
     run_and_compare(loss_name, 333, 64, torch.float32, True, "triton", seed=6)
     run_and_compare(loss_name, 7, 512, torch.float16, False, "triton", seed=7)
 
@@ -168,7 +170,7 @@ def test_torch_vs_float64(loss_name, B, dtype):
 @pytest.mark.parametrize("loss_name", ["clip", "siglip"])
 def test_torch_many_chunks(loss_name, monkeypatch):
     # 333 rows against 333 columns in chunks of 3 rows: chunk edges, partial last chunk, running col LSE
-    monkeypatch.setattr(C, "_TORCH_CHUNK_ELEMS", 1000)
+    monkeypatch.setattr(CTorch, "_TORCH_CHUNK_ELEMS", 1000)
     run_and_compare(loss_name, 333, 64, torch.float32, True, "torch", seed=11, s_val=100.0)
 
 
@@ -372,3 +374,208 @@ def test_bench_loss_quick_smoke(tmp_path):
         for other in ("plain_torch", "open_clip"):
             if (other, B) in rows:  # same inputs, same loss
                 assert abs(rows[(other, B)]["loss"] - ours["loss"]) < 1e-4 * abs(ours["loss"])
+
+
+# ---------------------------------------------------------------------------------------------------
+# Half-precision accuracy rule (flash-attention's): the loss and its gradients from fp16/bf16 features are
+# within 2x the error of a torch reference computed the way an autocast training step computes it (the
+# logit GEMM and its gradient GEMMs in the half dtype with fp32 accumulation, the loss math in fp32), both
+# measured against float64, plus a few ulps.
+# ---------------------------------------------------------------------------------------------------
+class _Round(torch.autograd.Function):
+    """Rounds to ``dtype`` in the forward and the gradient to ``dtype`` in the backward (an autocast cast)."""
+
+    @staticmethod
+    def forward(ctx, x, dtype):
+        ctx.dtype = dtype
+        return x.to(dtype).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g.to(ctx.dtype).to(g.dtype), None
+
+
+def _autocast_reference(loss_name, I, T, s, b, dtype):
+    """open_clip under autocast, emulated in float64 with half-precision roundings where autocast has them.
+
+    Features are half leaves (gradients rounded to the half dtype); ``s·I`` is a half product; the logit GEMM
+    output is half; the loss math is fp32-or-better (here float64); its gradient reaches the GEMM as half.
+    """
+    I64 = I.detach().double().requires_grad_()
+    T64 = T.detach().double().requires_grad_()
+    s64 = s.detach().double().requires_grad_()
+    b64 = None if b is None else b.detach().double().requires_grad_()
+    Ih, Th = _Round.apply(I64, dtype), _Round.apply(T64, dtype)
+    sI = _Round.apply(_Round.apply(s64, dtype) * Ih, dtype)
+    x = _Round.apply(sI @ Th.T, dtype)
+    if b64 is not None:
+        x = x + b64
+    loss = _loss_of_logits(loss_name, x)
+    loss.backward()
+    rnd = lambda g: g.to(dtype).double()  # noqa: E731  (leaf grads come back in the half dtype)
+    return loss.detach(), rnd(I64.grad), rnd(T64.grad), s64.grad, (None if b64 is None else b64.grad)
+
+
+def _loss_of_logits(loss_name, x):
+    lab = torch.arange(x.shape[0], device=x.device)
+    if loss_name == "clip":
+        return (F.cross_entropy(x, lab) + F.cross_entropy(x.T, lab)) / 2
+    z = 2 * torch.eye(x.shape[0], dtype=x.dtype, device=x.device) - 1
+    return -F.logsigmoid(z * x).sum() / x.shape[0]
+
+
+def _float64_truth(loss_name, I, T, s, b):
+    ref = LOSSES[loss_name][1]
+    I64 = I.detach().double().requires_grad_()
+    T64 = T.detach().double().requires_grad_()
+    s64 = s.detach().double().requires_grad_()
+    b64 = None if b is None else b.detach().double().requires_grad_()
+    loss = ref(I64, T64, s64, b64)
+    loss.backward()
+    return loss.detach(), I64.grad, T64.grad, s64.grad, (None if b64 is None else b64.grad)
+
+
+def check_half_accuracy(loss_name, B, D, dtype, seed):
+    fn, _, s_val, b_val = LOSSES[loss_name]
+    I, T, s, b = make_inputs(B, D, dtype, seed, s_val, b_val)
+    with pytest.MonkeyPatch.context() as mp:
+        calls = _count_backend_paths(mp)
+        loss = fn(I, T, s, b, backend="triton")
+        loss.backward()
+    assert set(calls) == {"_tri_forward", "_tri_backward"}, calls
+    assert loss.dtype == torch.float32 and I.grad.dtype == dtype and T.grad.dtype == dtype
+    truth = _float64_truth(loss_name, I, T, s, b)
+    ref = _autocast_reference(loss_name, I, T, s, b, dtype)
+    ours = (loss.detach().double(), I.grad.double(), T.grad.double(), s.grad.double(), b.grad.double())
+    eps = {torch.float16: 2.0 ** -10, torch.bfloat16: 2.0 ** -7}[dtype]
+    ulps = (4 * 2.0 ** -23 * max(1.0, abs(truth[0].item())), None, None, 1e-6, 1e-6)
+    for k, name in enumerate(("loss", "dI", "dT", "ds", "db")):
+        t, r, o = truth[k], ref[k], ours[k]
+        err_ref = (r - t).abs().max().item()
+        err = (o - t).abs().max().item()
+        slack = ulps[k] if ulps[k] is not None else 4 * eps * t.abs().max().item()
+        if k in (3, 4):  # the scalar grads: fp32 reductions, relative to the size of the sum
+            slack *= max(1.0, abs(t.item()))
+        assert err <= 2 * err_ref + slack, f"{name}: err {err:.3e} vs reference err {err_ref:.3e} (+{slack:.1e})"
+
+
+@needs_triton_here
+@pytest.mark.parametrize("loss_name", ["clip", "siglip"])
+@pytest.mark.parametrize("D", [512, 768])
+@pytest.mark.parametrize("B", [1, 333, pytest.param(4096, marks=pytest.mark.slow)])
+def test_fp16_accuracy_rule(loss_name, B, D):
+    check_half_accuracy(loss_name, B, D, torch.float16, seed=B + D)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("loss_name", ["clip", "siglip"])
+@pytest.mark.parametrize("D", [512, 768])
+@pytest.mark.parametrize("B", [1, 333, 4096, 32768])
+def test_bf16_accuracy_rule_gpu(loss_name, B, D):
+    check_half_accuracy(loss_name, B, D, torch.bfloat16, seed=B + D)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The work model (contrastive_triton.loss_work) and what the launchers really launch
+# ---------------------------------------------------------------------------------------------------
+def _kept_configs(kc):
+    return CT.fwd_configs(kc), CT.bwd_configs(kc)
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+@pytest.mark.parametrize("loss", [CT.CLIP, CT.SIGLIP])
+def test_work_model_passes_of_every_kept_config(loss):
+    # D = 512: the row block and the accumulator hold all of D → 1 forward + 2 × 2 backward passes, exactly.
+    B = 4096
+    f512, b512 = _kept_configs(512)
+    assert 1 <= len(f512) <= 4 and 1 <= len(b512) <= 4
+    for fc in f512:
+        for bc in b512:
+            w = CT.loss_work(B, 512, torch.bfloat16, fc, bc, loss=loss, interpreted=False)
+            assert w["passes"] == 5.0, (fc, bc, w["passes"])
+            assert w["bwd_chunks"] == (512, 0) and all(x["k_trips"] == 1 for x in w["launches"])
+    # D = 768: the true count of the plan the launcher uses — S backward D chunks cost S recomputes + 1 product
+    # per orientation (S = 1: resident, 5 passes).
+    bd0, bd1 = CT._plan("bwd", 768, False, False)
+    S = -(-768 // (bd0 + bd1))
+    assert S > 1  # no spill-free one-chunk backward at D = 768 (see the config notes)
+    f0, f1 = CT._plan("fwd", 768, False, False)
+    f768, b768 = CT.fwd_configs(f0 + f1), CT.bwd_configs(bd0 + bd1, S == 1)
+    assert 1 <= len(f768) <= 4 and 1 <= len(b768) <= 4
+    for fc in f768:
+        for bc in b768:
+            w = CT.loss_work(B, 768, torch.bfloat16, fc, bc, loss=loss, interpreted=False)
+            assert w["passes"] == 1 + 2 * (S + 1), (fc, bc, w["passes"], S)
+    # above the column-partial buffer limit the CLIP forward takes a second, transposed launch
+    big = CT.loss_work(1 << 20, 512, torch.bfloat16, interpreted=False, loss=loss)
+    assert big["passes"] == (6.0 if loss == CT.CLIP else 5.0)
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+def test_fp32_is_never_autotuned():
+    assert CT._mode(torch.float32, False) == (True, False)  # IEEE dots, fixed block
+    assert CT._mode(torch.bfloat16, False) == (False, True)
+    w = CT.loss_work(4096, 512, torch.float32, interpreted=False)
+    assert w["fwd_config"] == CT._FP32_BLOCK and w["bwd_config"] == CT._FP32_BLOCK
+
+
+@needs_triton_here
+@pytest.mark.parametrize("D", [512, 768])
+def test_work_model_matches_the_launches(D, monkeypatch):
+    # Run the GPU tiling (BM = BN = 64, D chunks ≤ 512 wide: D = 768 takes two chunks of 256 + 128 and the
+    # non-resident path) under the interpreter, record every launch, and count its work from the grid and
+    # the kernel's own loop bounds (range(0, N, BN) × range(0, D, KC)): it must be what loss_work says.
+    if not INTERP:
+        pytest.skip("the launch interception runs the fixed-block (interpreter) path")
+    monkeypatch.setattr(CT, "_INTERP_BLOCK", dict(BM=64, BN=64, num_warps=8, num_stages=2))
+    monkeypatch.setattr(CT, "_INTERP_MAXW", 512)
+    seen = []
+    real = CT._launch
+
+    def spy(kernel, grid, args, meta):
+        names = kernel.arg_names if hasattr(kernel, "arg_names") else kernel.fn.arg_names
+        a = dict(zip(names, args))
+        seen.append(dict(kernel="_bwd_kernel" if "REDUCE" in meta else "_fwd_kernel", grid=tuple(grid),
+                         n_trips=len(range(0, a["N"], meta["BN"])),
+                         k_trips=len(range(0, a["D"], meta["BD0"] + meta["BD1"])), rows=a["M"],
+                         resident=meta["RESIDENT"]))
+        return real(kernel, grid, args, meta)
+
+    monkeypatch.setattr(CT, "_launch", spy)
+    B = 200
+    for loss_name, loss in (("clip", CT.CLIP), ("siglip", CT.SIGLIP)):
+        seen.clear()
+        run_and_compare(loss_name, B, D, torch.float16, True, "triton", seed=D)
+        w = CT.loss_work(B, D, torch.float16, loss=loss)
+        model = [{k: x[k] for k in ("kernel", "grid", "n_trips", "k_trips", "rows")} for x in w["launches"]]
+        got = [{k: x[k] for k in ("kernel", "grid", "n_trips", "k_trips", "rows")} for x in seen]
+        assert got == model
+        assert all(x["resident"] == (x["k_trips"] == 1) for x in seen)
+        if D == 768:  # the multi-chunk backward really ran: 2 D chunks per row block
+            assert {x["grid"][1] for x in seen if x["kernel"] == "_bwd_kernel"} == {2}
+
+
+@pytest.mark.slow  # ~30 compiles with ptxas: a few minutes on 2 shared cores
+def test_every_kept_config_compiles_for_sm90(tmp_path):
+    # Every autotune config the launchers can pick (both D-chunk classes, both losses, both backward
+    # orientations) is built for sm_90 down to a cubin, within the card's shared memory.
+    if not HAS_TRITON:
+        pytest.skip("triton is not installed")
+    script = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "aot_compile_check.py")
+    out = tmp_path / "aot.json"
+    res = subprocess.run([sys.executable, script, "--quick", "--only", "contrastive", "--configs", "all", "--json",
+                          str(out)], capture_output=True, text=True, timeout=1800)
+    if res.returncode == 77:
+        pytest.skip(f"Triton cannot compile for sm_90 here: {res.stdout.strip()[-500:]}")
+    assert res.returncode == 0, res.stdout[-6000:] + res.stderr[-3000:]
+    data = json.loads(out.read_text())
+    assert data["case_errors"] == [] and all(r["status"] == "ok" for r in data["results"])
+    assert all(0 <= r["shared"] <= 232448 for r in data["results"])
+    built = {(r["kernel"], r["config"]) for r in data["results"]}
+
+    def label(c):
+        return " ".join(f"{k}={v}" for k, v in c.kwargs.items()) + f" w{c.num_warps} s{c.num_stages}"
+
+    kept = {("_fwd_kernel", label(c)) for kc in (512, 768) for c in CT.fwd_configs(kc)}
+    kept |= {("_bwd_kernel", label(c)) for c in CT.bwd_configs(512) + CT.bwd_configs(256, resident=False)}
+    assert kept <= built, kept - built

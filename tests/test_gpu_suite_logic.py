@@ -60,7 +60,7 @@ def test_autotune_limit_env(monkeypatch):
 
 def test_kernel_prune_functions_honour_the_limit(monkeypatch):
     # The autotuners call these on the GPU; with the limit set each keeps its first (pruned) config only.
-    from bmclip.kernels import contrastive as C
+    from bmclip.kernels import contrastive_triton as C
     from bmclip.kernels._triton_utils import AUTOTUNE_MAX_CONFIGS_ENV, HAS_TRITON
 
     if not HAS_TRITON:

@@ -23,13 +23,13 @@ DIN = 24
 D = 40
 W_RANK = (1.0, 3.0, 0.5)  # per-rank upstream weights of the "weighted" case
 
-TRITON_OK = HAS_TRITON and (is_interpreted(C._fwd_kernel) or torch.cuda.is_available())
+TRITON_OK = HAS_TRITON and (is_interpreted(C._triton_probe_kernel) or torch.cuda.is_available())
 
 _WORKER = textwrap.dedent("""
     import sys
     import torch
     import torch.distributed as dist
-    import bmclip.kernels.losses as L
+    import bmclip.kernels.contrastive_dist as L
     from bmclip.kernels import ClipLoss, SigLipLoss
 
     hops = [0]  # P2P ring steps started: the ring and gather paths give the same numbers, so count which ran

@@ -104,3 +104,34 @@ def test_nan_injection_and_chunk_divisibility():
     assert torch.isnan(loss)
     with pytest.raises(ValueError, match="divisible"):
         forward_backward(m, x, ids, _loss_fn("clip"), chunks=4)
+
+
+@pytest.mark.parametrize("chunks", [1, 2])
+def test_features_reach_the_loss_in_the_autocast_dtype(chunks):
+    # Under bf16 autocast the loss gets bf16 features (its GEMMs then run on tensor cores, as open_clip's do
+    # under autocast) and an fp32 logit scale/bias; without autocast it gets fp32. Both paths of
+    # forward_backward, and the bf16 step really trains (finite, close to the fp32 step's loss and gradients).
+    x, ids = _batch()
+    x = x.float()
+    seen = []
+    lf = SigLipLoss(backend="torch")
+
+    def loss_fn(i, t, s, b):
+        seen.append((i.dtype, t.dtype, s.dtype, None if b is None else b.dtype))
+        return lf(i, t, s, b)
+
+    results = {}
+    for name, autocast in (("fp32", None), ("bf16", lambda: torch.autocast("cpu", dtype=torch.bfloat16))):
+        m = _model(bias=-10.0).float()
+        seen.clear()
+        kw = {} if autocast is None else {"autocast": autocast}
+        loss = forward_backward(m, x, ids, loss_fn, chunks=chunks, **kw)
+        want = torch.float32 if name == "fp32" else torch.bfloat16
+        assert seen == [(want, want, torch.float32, torch.float32)]
+        assert loss.dtype == torch.float32 and torch.isfinite(loss)
+        results[name] = (loss, _grads(m))
+    (l32, g32), (l16, g16) = results["fp32"], results["bf16"]
+    assert l16.item() == pytest.approx(l32.item(), rel=3e-2)
+    w32, w16 = g32["visual.proj.weight"], g16["visual.proj.weight"]
+    assert w16.dtype == torch.float32 and torch.isfinite(w16).all()
+    assert (w16 - w32).norm() <= 0.1 * w32.norm()

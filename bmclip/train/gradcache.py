@@ -72,7 +72,8 @@ def forward_backward(model: nn.Module, images: torch.Tensor, input_ids: torch.Te
     if chunks <= 1:
         with autocast():
             out = model(images, input_ids)
-        loss = loss_fn(out["image_features"].float(), out["text_features"].float(),
+            feat_dtype = _loss_feature_dtype(images.device)
+        loss = loss_fn(out["image_features"].to(feat_dtype), out["text_features"].to(feat_dtype),
                        out["logit_scale"].float(), _opt_float(out.get("logit_bias")))
         if inject_nan:
             loss = _nan_like(loss)
@@ -93,8 +94,9 @@ def forward_backward(model: nn.Module, images: torch.Tensor, input_ids: torch.Te
             states.append(_rng_capture(device))
             with autocast():
                 out = model(im, ids)
-            feats_i.append(out["image_features"].float())
-            feats_t.append(out["text_features"].float())
+                feat_dtype = _loss_feature_dtype(device)
+            feats_i.append(out["image_features"].to(feat_dtype))
+            feats_t.append(out["text_features"].to(feat_dtype))
             scale, bias = out["logit_scale"], out.get("logit_bias")
 
     # 2) the global loss on leaf copies -> gradients w.r.t. features, scale and bias.
@@ -119,7 +121,8 @@ def forward_backward(model: nn.Module, images: torch.Tensor, input_ids: torch.Te
         with _no_sync(model, last):
             with autocast():
                 out = model(im, ids)
-            sur = (out["image_features"].float() * g_img[c]).sum() + (out["text_features"].float() * g_txt[c]).sum()
+            sur = ((out["image_features"].float() * g_img[c].float()).sum()
+                   + (out["text_features"].float() * g_txt[c].float()).sum())
             if last:
                 sur = sur + (out["logit_scale"].float() * g_scale).sum()
                 if g_bias is not None and out.get("logit_bias") is not None:
@@ -127,6 +130,21 @@ def forward_backward(model: nn.Module, images: torch.Tensor, input_ids: torch.Te
             sur.backward()
     _rng_restore(end_state, device)
     return loss.detach()
+
+
+def _loss_feature_dtype(device: torch.device) -> torch.dtype:
+    """The dtype the features reach the loss in, decided inside the model's autocast region.
+
+    Under autocast (bf16 training) the features go to the loss in the autocast dtype, as open_clip's loss
+    GEMMs run under autocast: the Triton loss then multiplies on tensor cores with fp32 accumulation and
+    returns an fp32 loss and gradients in that dtype. Without autocast: fp32 (the exact path; fp64 test models
+    are cast down as before). The logit scale and bias always stay fp32.
+    """
+    if torch.is_autocast_enabled(device.type):
+        dt = torch.get_autocast_dtype(device.type)
+        if dt in (torch.float16, torch.bfloat16):
+            return dt
+    return torch.float32
 
 
 def _opt_float(t: torch.Tensor | None) -> torch.Tensor | None:
