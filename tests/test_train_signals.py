@@ -147,6 +147,29 @@ def test_stop_signal_checkpoints_and_resume_is_bitwise(reference, tmp_path, sig)
 
 
 @pytest.mark.slow
+def test_sigint_while_waiting_for_data_checkpoints_at_once_and_resume_is_bitwise(reference, tmp_path):
+    """A loader that takes seconds per batch (a damaged data set being searched): SIGINT during that wait stops
+    the run at once with the checkpoint of the last finished step, not after the next batch arrives."""
+    live = _Live(_cmd(tmp_path, "--fault.data_sleep_s=8"))
+    live.wait_for("[bmclip] step 3/")
+    time.sleep(0.5)  # inside the next 8 s data wait
+    t0 = time.time()
+    os.kill(live.p.pid, signal.SIGINT)
+    rc, out, err = live.finish()
+    took = time.time() - t0
+    assert rc == 130, (rc, err[-2000:])
+    assert "SIGINT while waiting for data: stopping at step" in err, err[-2000:]
+    assert took < 6, took  # did not wait out the 8 s batch (the checkpoint write and exit take well under 6 s)
+    k = _stopped_step(tmp_path)
+    assert 3 <= k < STEPS
+    assert f"stopped by SIGINT at step {k} of {STEPS}" in err
+    r = _run(_cmd(tmp_path))
+    assert f"resumed from {tmp_path / 'checkpoints' / f'step_{k:08d}'} at step {k}" in r.stdout
+    _assert_same_final(reference, tmp_path)
+    assert _train_steps(tmp_path) == list(range(1, STEPS + 1))
+
+
+@pytest.mark.slow
 def test_usr1_checkpoints_and_continues(reference, tmp_path):
     live = _Live(_cmd(tmp_path, "--fault.step_sleep_s=0.3", "--keep_last=10"))
     live.wait_for("[bmclip] step 3/")

@@ -99,6 +99,7 @@ class FaultSection:
     kill_rank: int = -1  # which rank kill_at_step kills (-1 = every rank)
     kill_in_checkpoint_at_step: int = -1  # SIGKILL halfway through writing this step's checkpoint
     step_sleep_s: float = 0.0  # sleep this long after every step (gives signal tests a window; numerics unchanged)
+    data_sleep_s: float = 0.0  # sleep this long in every wait for a batch (a slow loader, for signal tests)
 
 
 @dataclass
@@ -166,6 +167,7 @@ class TrainConfig:
         _check(self.keep_last >= 1, "keep_last", "must be >= 1")
         _check(self.fault.max_nonfinite >= 1, "fault.max_nonfinite", "must be >= 1")
         _check(self.fault.step_sleep_s >= 0, "fault.step_sleep_s", "must be >= 0")
+        _check(self.fault.data_sleep_s >= 0, "fault.data_sleep_s", "must be >= 0")
         _check(self.data.augment in ("random_resized_crop", "center"), "data.augment",
                "must be random_resized_crop or center")
         _check(self.on_usr1 in ("checkpoint", "stop"), "on_usr1", "must be checkpoint or stop")

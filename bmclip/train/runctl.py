@@ -16,6 +16,7 @@ naming the host unless ``break_lock=true``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -39,8 +40,18 @@ def _raw_write(fd: int, msg: str) -> None:
         pass
 
 
+class DataWaitInterrupted(Exception):
+    """A stop signal arrived while a single-process run waited for its next batch (see StopSignals.data_wait)."""
+
+
 class StopSignals:
-    """Records SIGTERM / SIGINT / SIGUSR1 for the training loop (install in the main thread only)."""
+    """Records SIGTERM / SIGINT / SIGUSR1 for the training loop (install in the main thread only).
+
+    A stop signal normally takes effect at the next step boundary. While the loop waits for data inside
+    ``data_wait()`` (a loader searching a damaged data set can take minutes to hand out a batch) a single-process
+    run is interrupted at once: the handler raises DataWaitInterrupted there, and the trainer checkpoints the last
+    finished step. Several ranks keep the step-boundary rule (every rank must stop at the same step).
+    """
 
     HANDLED = ("SIGTERM", "SIGINT", "SIGUSR1")
     ABORT_AFTER_SIGINTS = 3  # the third SIGINT aborts at once (KeyboardInterrupt)
@@ -55,7 +66,20 @@ class StopSignals:
         self.step = 0  # the last finished step (for the messages)
         self.repeats = 0  # stop signals after the first
         self.sigints = 0  # SIGINTs among all stop signals (the first included)
+        self.interrupt_data_wait = False  # set by a single-process trainer: stop signals end a data wait at once
+        self._in_data_wait = False
         self._old: dict[int, object] = {}
+
+    @contextlib.contextmanager
+    def data_wait(self):
+        """The loop waits for its next batch in this block (a stop signal may raise DataWaitInterrupted)."""
+        self._in_data_wait = True
+        try:
+            if self.stop is not None and self.interrupt_data_wait:
+                raise DataWaitInterrupted(self.stop)
+            yield
+        finally:
+            self._in_data_wait = False
 
     def install(self) -> bool:
         """Install the handlers; False (nothing installed) outside the main thread."""
@@ -91,6 +115,11 @@ class StopSignals:
         if self.stop is None:
             self.sigints += name == "SIGINT"
             self.stop = name
+            if self._in_data_wait and self.interrupt_data_wait:
+                _raw_write(2, f"\n{who}{name} while waiting for data: stopping at step {self.step} with a "
+                              "checkpoint (rerun the same command to resume)\n")
+                self._in_data_wait = False
+                raise DataWaitInterrupted(name)
             _raw_write(2, f"\n{who}{name}: stopping after step {self.step + 1} with a checkpoint "
                           "(rerun the same command to resume)\n")
             return

@@ -45,7 +45,7 @@ from bmclip.train.distributed import (
 from bmclip.train.gradcache import forward_backward
 from bmclip.train.metrics import MetricsLogger, peak_tflops_for, plot_curves, read_jsonl, train_step_flops
 from bmclip.train.optim import CosineSchedule, build_optimizer
-from bmclip.train.runctl import Console, OutDirLock, StopSignals
+from bmclip.train.runctl import Console, DataWaitInterrupted, OutDirLock, StopSignals
 
 
 class NonFiniteLossError(BmclipError):
@@ -492,6 +492,7 @@ def _train(cfg: TrainConfig, info: DistInfo, cleanup: list) -> dict:
         os.rename(out / "checkpoints", aside)
         print(f"[bmclip] resume=none: moved the earlier run's checkpoints to {aside}", file=sys.stderr, flush=True)
     signals = StopSignals(cfg.on_usr1, info.rank)
+    signals.interrupt_data_wait = info.world_size == 1
     if signals.install():
         cleanup.append(signals.restore)
     use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
@@ -586,13 +587,25 @@ def _train(cfg: TrainConfig, info: DistInfo, cleanup: list) -> dict:
 
     stop_early = stop_signal = False
     stop_signum = 0
+    last_saved = step  # the step of the newest checkpoint (the resume point, or 0: nothing to save yet)
     data_stats = None
     skip_warned = False
     while step < cfg.steps and not (stop_early or stop_signal):
         signals.step = step
         t_data = time.perf_counter()
         bad_before = getattr(source, "bad_batches", 0)
-        batch = next(source)
+        try:
+            with signals.data_wait():
+                if cfg.fault.data_sleep_s:
+                    time.sleep(cfg.fault.data_sleep_s)
+                batch = next(source)
+        except DataWaitInterrupted:
+            # A single-process run stopped while waiting for data: checkpoint the last finished step (the
+            # source's state is that of the batches it handed out) unless it is already saved.
+            stop_signal, stop_signum = True, signals.stop_signum()
+            if step > last_saved:
+                _save(cfg, info, step, fwd_model, optimizer, sched, source, tokenizer, counters)
+            break
         ids_cpu = batch["input_ids"]
         if "images" in batch:  # DALI: already decoded, augmented and normalised (on this GPU under CUDA)
             images = batch["images"].to(device, non_blocking=True)
@@ -718,6 +731,7 @@ def _train(cfg: TrainConfig, info: DistInfo, cleanup: list) -> dict:
             t_ck = time.perf_counter()
             path = _save(cfg, info, step, fwd_model, optimizer, sched, source, tokenizer, counters,
                          kill_midway=cfg.fault.kill_in_checkpoint_at_step == step)
+            last_saved = step
             if ckpt_request and info.is_main:
                 console.say(f"[bmclip] SIGUSR1: checkpoint {path} written; continuing", err=True)
             win["t0"] += time.perf_counter() - t_ck
@@ -737,9 +751,10 @@ def _train(cfg: TrainConfig, info: DistInfo, cleanup: list) -> dict:
         # the signal received (by any rank: the highest number when ranks got different ones)
         summary["stopped_by_signal"] = signal.Signals(int(stop_signum)).name
         if info.is_main:
-            print(f"[bmclip] stopped by {summary['stopped_by_signal']} at step {step} of {cfg.steps}; checkpoint "
-                  f"{out / 'checkpoints' / ckpt_mod.step_dir_name(step)}; rerun the same command to resume",
-                  file=sys.stderr, flush=True)
+            where = (f"checkpoint {out / 'checkpoints' / ckpt_mod.step_dir_name(step)}" if step else
+                     "no step had finished, nothing to checkpoint")
+            print(f"[bmclip] stopped by {summary['stopped_by_signal']} at step {step} of {cfg.steps}; {where}; "
+                  "rerun the same command to resume", file=sys.stderr, flush=True)
     if info.is_main:
         records = read_jsonl(out / "metrics.jsonl") if (out / "metrics.jsonl").is_file() else []
         summary["curves"] = [str(p) for p in plot_curves(records, out)]
