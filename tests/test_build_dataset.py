@@ -1053,3 +1053,32 @@ def test_shards_sorted_by_key_and_open_clip_reads_sizes_json(tmp_path):
     assert json.loads((out / "sizes.json").read_text()) == {"train-000000.tar": 17} == {
         p.name: stats2["pairs"]["train"] for p in out.glob("*.tar")
     }
+
+
+def test_interrupted_merge_leaves_no_stale_sample_counts(tmp_path, monkeypatch):
+    # A merge that dies while writing shards must not leave an earlier build's sizes.json / manifest.json
+    # describing the folder (open_clip would train on the wrong sample count); rerunning completes it.
+    from bmclip.data.pmc import build as build_mod
+
+    src = tmp_path / "in"
+    src.mkdir()
+    for i in range(3):
+        _package(src, f"PMC{6100 + i}", n_figs=2, seed=500 + i, size=(200, 150))
+    out = tmp_path / "o"
+    _build([src], out, shard_size=2, val_fraction=0, test_fraction=0, keep_staging=True)
+    assert json.loads((out / "sizes.json").read_text()) == {f"train-00000{i}.tar": 2 for i in range(3)}
+
+    def boom(self):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(build_mod._ShardWriter, "close_shard", boom)
+    with pytest.raises(OSError, match="disk full"):
+        merge_staging([out / "_staging"], out, BuildOptions(shard_size=4, val_fraction=0, test_fraction=0),
+                      progress=False)  # fmt: skip
+    assert not (out / "sizes.json").exists() and not (out / "manifest.json").exists()
+    monkeypatch.undo()
+    merge_staging([out / "_staging"], out, BuildOptions(shard_size=4, val_fraction=0, test_fraction=0),
+                  progress=False)  # fmt: skip
+    assert json.loads((out / "sizes.json").read_text()) == {"train-000000.tar": 4, "train-000001.tar": 2}
+    assert sorted(p.name for p in out.glob("*.tar")) == ["train-000000.tar", "train-000001.tar"]
+    assert not [p for p in out.iterdir() if ".tmp-" in p.name]

@@ -870,7 +870,7 @@ def merge_staging(
     }
     _fsync_write(out / "stats.json", json.dumps(stats, indent=1, ensure_ascii=False).encode("utf-8"))
     _write_plots(out, stats)
-    # open_clip_train (get_dataset_size) and webdataset tooling read the sample count of each shard from
+    # open_clip_train (get_dataset_size) reads the sample count of each shard from
     # sizes.json beside the shards: shard file name -> samples.
     sizes = {sh["name"]: sh["num_samples"] for sh in sorted(shards, key=lambda sh: sh["name"])}
     _fsync_write(out / "sizes.json", json.dumps(sizes, indent=1).encode("utf-8"))
