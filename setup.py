@@ -1,7 +1,8 @@
 """Build bmclip's C++ extension (bmclip._C) from csrc/ through CMake.
 
 Package data: the top-level ``kernels/`` folder ships as ``bmclip.kernels`` so that the Triton
-kernels stay importable with only torch and triton, and other projects can lift the folder as is.
+kernels stay importable with only torch and triton, and other projects can lift the folder as is;
+``bmclip/assets/`` (vocabulary, sample figures) ships as data packages.
 """
 
 import os
@@ -10,10 +11,26 @@ import subprocess
 import sys
 from pathlib import Path
 
+import setuptools
 from setuptools import Extension, find_packages, setup
 from setuptools.command.build_ext import build_ext
 
 ROOT = Path(__file__).resolve().parent
+
+# pyproject.toml's SPDX `license` string needs setuptools >= 77; older ones fail with a schema dump.
+if int(setuptools.__version__.split(".")[0]) < 77:
+    sys.exit(
+        f"bmclip needs setuptools>=77,<85 to build (this Python has setuptools {setuptools.__version__}): "
+        f"{sys.executable} -m pip install 'setuptools>=77,<85'"
+    )
+
+# Data folders inside the package (the tokenizer vocabulary, sample figures) are declared as packages of
+# their own so that setuptools ships their files (package_data) instead of warning about them.
+ASSET_PACKAGES = ["bmclip.assets"] + [
+    "bmclip.assets." + ".".join(p.relative_to(ROOT / "bmclip" / "assets").parts)
+    for p in sorted((ROOT / "bmclip" / "assets").rglob("*"))
+    if p.is_dir() and "__pycache__" not in p.parts
+]
 
 
 class CMakeExtension(Extension):
@@ -68,10 +85,11 @@ class CMakeBuild(build_ext):
 
 setup(
     packages=find_packages(include=["bmclip", "bmclip.*"])
+    + ASSET_PACKAGES
     + ["bmclip.kernels"]
     + ["bmclip.kernels." + p for p in find_packages(where="kernels")],
     package_dir={"bmclip": "bmclip", "bmclip.kernels": "kernels"},
-    package_data={"bmclip": ["assets/*", "assets/**/*"]},
+    package_data={p: ["*"] for p in ASSET_PACKAGES},
     ext_modules=[CMakeExtension("bmclip._C", ROOT)],
     cmdclass={"build_ext": CMakeBuild},
     zip_safe=False,

@@ -71,6 +71,10 @@ _FILLER = [
     "Images were acquired with identical exposure settings.",
     "Source data are provided in the Supplementary Information.",
 ]
+# Figure titles (the caption's bold first sentence in PMC) name what the experiment is about, as real ones
+# do; the caption body then describes what is drawn.
+_FIG_HEADINGS = ["Effect of treatment on", "Changes in", "Characterisation of", "Dose dependence of",
+                 "Validation of", "Comparison of", "Overview of", "Assessment of"]
 _TITLE_WORDS = ["Regulation", "Characterisation", "Analysis", "Role", "Dynamics", "Mapping"]
 _TOPICS = ["kinase signalling", "immune infiltration", "mitochondrial stress", "bone remodelling",
            "bacterial persistence", "neuronal development", "tumour metabolism", "lung fibrosis"]
@@ -251,7 +255,7 @@ def _gel(rng):
     kind = _pick(rng, ["Western blot", "agarose gel", "SDS-PAGE gel", "PCR product gel"])
     look = "bright bands on a dark background" if inverted else "dark bands on a light background"
     caption = _pick(rng, [
-        f"{kind} with {_num(n_lanes)} lanes; {look}.",
+        f"{kind[0].upper() + kind[1:]} with {_num(n_lanes)} lanes; {look}.",
         f"Gel electrophoresis ({kind.lower()}) of {_num(n_lanes)} samples, showing {look}.",
         f"Representative {kind.lower()} image: {_num(n_lanes)} lanes with {look}.",
     ])
@@ -402,14 +406,15 @@ def generate_corpus(
         pmcid = f"PMC{first_pmcid + a}"
         n_figs = int(rng.integers(lo, hi + 1))
         figs, members = [], []
+        title_rng = np.random.default_rng([seed, a, 1])  # its own stream: figures and bodies do not depend on it
         for k in range(1, n_figs + 1):
             fig_type = FIGURE_TYPES[int(rng.integers(len(FIGURE_TYPES)))]
             img, caption, _attrs = render_figure(fig_type, int(rng.integers(2**31)))
             extra = " ".join(rng.permutation(_FILLER)[: int(rng.integers(0, 3))])
             stem = f"{pmcid.lower()}-fig{k}"
             fmt = _FORMAT.get(fig_type, "jpg")
-            figs.append(dict(id=f"F{k}", n=k, href=stem, title=caption.split(".")[0].split(":")[0] + ".",
-                             caption=(caption + " " + extra).strip()))
+            fig_title = f"{_pick(title_rng, _FIG_HEADINGS)} {_pick(title_rng, _TOPICS)}."
+            figs.append(dict(id=f"F{k}", n=k, href=stem, title=fig_title, caption=(caption + " " + extra).strip()))
             members.append((f"{pmcid}/{stem}.{fmt}", _encode(img, fmt)))
             thumb = img.copy()
             thumb.thumbnail((80, 80))

@@ -40,9 +40,11 @@ hash=$( { cat pyproject.toml setup.py CMakeLists.txt scripts/setup_env.sh; find 
 if [[ ! -f "$stamp" || "$(cat "$stamp")" != "$hash" ]] || ! "$VPY" -c "import bmclip._C" 2>/dev/null; then
     log "installing torch and build tools"
     # torch 2.14.1 + torchvision 0.29.1 are what open_clip/timm (test peers) run with here.
+    # The build tools: the same ranges as pyproject.toml's [build-system] requires (the install below uses
+    # --no-build-isolation, so these are what builds bmclip; a venv's bundled setuptools is too old).
     "$VPY" -m pip install -q --upgrade pip >/dev/null
     "$VPY" -m pip install -q "torch==${BMCLIP_TORCH_VERSION:-2.14.1}" "torchvision==${BMCLIP_TORCHVISION_VERSION:-0.29.1}" \
-        setuptools wheel "pybind11>=2.12" ninja
+        "setuptools>=77,<85" "pybind11>=2.12,<4" "ninja>=1.11"
     log "installing bmclip (editable, dev extras) and building the C++ extension"
     "$VPY" -m pip install -q --no-build-isolation -e ".[dev]"
     echo "$hash" > "$stamp"

@@ -528,6 +528,9 @@ def test_kill_and_resume_is_byte_identical(tmp_path):
         json.loads((out / "manifest.json").read_text())["shards"]
         == json.loads((ref / "manifest.json").read_text())["shards"]
     )
+    sizes = json.loads((out / "sizes.json").read_text())
+    assert sizes == json.loads((ref / "sizes.json").read_text())
+    assert sum(sizes.values()) == 48 and set(sizes) == {p.name for p in out.glob("*.tar")}
     shutil.rmtree(src)
 
 
@@ -978,3 +981,104 @@ def test_cli_summary_warnings_and_exit_status(tmp_path, capsys):
     assert f"top skip reasons: figure:{reason} {n}" in err and n == 4
     assert "warning: no figure-caption pairs were written" in err
     assert "error: no pairs written" in err
+
+
+def _open_clip_get_dataset_size():
+    """open_clip_train's own ``get_dataset_size`` (how ``open_clip_train.main`` finds the sample count when
+    ``--train-num-samples`` is not given), and whether it takes a brace pattern.
+
+    open_clip_train.data imports webdataset, braceexpand and pandas at module level; where those are not
+    installed, the function is taken from the installed module's source as is, with its ``expand_urls``
+    given a list of shard paths (what open_clip's ``expand_urls`` returns for a list)."""
+    try:
+        from open_clip_train.data import get_dataset_size
+
+        return get_dataset_size, True
+    except ImportError:
+        pass
+    import ast
+    import importlib.util
+
+    spec = importlib.util.find_spec("open_clip_train")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("open_clip_train is not installed")
+    src_path = Path(next(iter(spec.submodule_search_locations))) / "data.py"
+    tree = ast.parse(src_path.read_text())
+    (fn,) = [n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "get_dataset_size"]
+    ns = {"os": os, "json": json, "ast": ast, "expand_urls": lambda urls, weights=None: (list(urls), None)}
+    exec(compile(ast.Module(body=[fn], type_ignores=[]), str(src_path), "exec"), ns)
+    return ns["get_dataset_size"], False
+
+
+def test_shards_sorted_by_key_and_open_clip_reads_sizes_json(tmp_path):
+    # open_clip_train counts samples from sizes.json beside the shards (no --train-num-samples needed), and
+    # each shard's samples are in sorted key order: PMC6000's figures F1..F11 arrive in document order
+    # (F1, F2, ..., F10, F11) and the packages in file-name order, which is not the PMCIDs' order.
+    src = tmp_path / "in"
+    src.mkdir()
+    _package(src, "PMC6000", n_figs=11, seed=400, size=(200, 150)).rename(src / "b.tar.gz")
+    _package(src, "PMC5999", n_figs=3, seed=401, size=(200, 150)).rename(src / "c.tar.gz")
+    _package(src, "PMC6001", n_figs=3, seed=402, size=(200, 150)).rename(src / "a.tar.gz")
+    out = tmp_path / "o"
+    stats = _build([src], out, shard_size=8, val_fraction=0.3, test_fraction=0.3, seed=1)
+    assert stats["pairs_total"] == 17
+    shard_keys: dict[str, list[str]] = {}
+    for shard in sorted(out.glob("*.tar")):
+        with tarfile.open(shard) as tf:
+            names = [m.name for m in tf.getmembers()]
+        keys = [n.split(".", 1)[0] for n in names[::3]]
+        assert names == [f"{k}.{e}" for k in keys for e in ("jpg", "json", "txt")]
+        assert keys == sorted(keys) and len(set(keys)) == len(keys)
+        shard_keys[shard.name] = keys
+        _check_dali_index(shard, shard.with_suffix(".idx"))
+    all_keys = [k for ks in shard_keys.values() for k in ks]
+    assert "PMC6000_F10" in all_keys and len(all_keys) == 17
+    # the F1..F11 article fills at least one whole shard, where document order != key order
+    assert any(len(ks) == 8 and ks[0].startswith("PMC6000") and ks[-1].startswith("PMC6000")
+               for ks in shard_keys.values())  # fmt: skip
+    sizes = json.loads((out / "sizes.json").read_text())
+    assert sizes == {name: len(ks) for name, ks in shard_keys.items()}
+    manifest = json.loads((out / "manifest.json").read_text())
+    get_dataset_size, takes_pattern = _open_clip_get_dataset_size()
+    for split in ("train", "val", "test"):
+        info = manifest["splits"][split]
+        if not info["num_samples"]:
+            continue
+        names = sorted(n for n in shard_keys if n.startswith(split + "-"))
+        shards = str(out / info["pattern"]) if takes_pattern else [str(out / n) for n in names]
+        assert get_dataset_size(shards) == (stats["pairs"][split], len(names))
+    assert sum(bool(manifest["splits"][s]["num_samples"]) for s in ("train", "val", "test")) >= 2
+    # a smaller rebuild into the same folder: sizes.json lists exactly the shards that are there
+    stats2 = _build([src], out, shard_size=100, val_fraction=0, test_fraction=0)
+    assert json.loads((out / "sizes.json").read_text()) == {"train-000000.tar": 17} == {
+        p.name: stats2["pairs"]["train"] for p in out.glob("*.tar")
+    }
+
+
+def test_interrupted_merge_leaves_no_stale_sample_counts(tmp_path, monkeypatch):
+    # A merge that dies while writing shards must not leave an earlier build's sizes.json / manifest.json
+    # describing the folder (open_clip would train on the wrong sample count); rerunning completes it.
+    from bmclip.data.pmc import build as build_mod
+
+    src = tmp_path / "in"
+    src.mkdir()
+    for i in range(3):
+        _package(src, f"PMC{6100 + i}", n_figs=2, seed=500 + i, size=(200, 150))
+    out = tmp_path / "o"
+    _build([src], out, shard_size=2, val_fraction=0, test_fraction=0, keep_staging=True)
+    assert json.loads((out / "sizes.json").read_text()) == {f"train-00000{i}.tar": 2 for i in range(3)}
+
+    def boom(self):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(build_mod._ShardWriter, "close_shard", boom)
+    with pytest.raises(OSError, match="disk full"):
+        merge_staging([out / "_staging"], out, BuildOptions(shard_size=4, val_fraction=0, test_fraction=0),
+                      progress=False)  # fmt: skip
+    assert not (out / "sizes.json").exists() and not (out / "manifest.json").exists()
+    monkeypatch.undo()
+    merge_staging([out / "_staging"], out, BuildOptions(shard_size=4, val_fraction=0, test_fraction=0),
+                  progress=False)  # fmt: skip
+    assert json.loads((out / "sizes.json").read_text()) == {"train-000000.tar": 4, "train-000001.tar": 2}
+    assert sorted(p.name for p in out.glob("*.tar")) == ["train-000000.tar", "train-000001.tar"]
+    assert not [p for p in out.iterdir() if ".tmp-" in p.name]

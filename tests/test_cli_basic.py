@@ -140,3 +140,52 @@ def test_version_flag(capsys):
         main(["--version"])
     assert e.value.code == 0
     assert capsys.readouterr().out.strip() == f"bmclip {__version__}"
+
+
+def _command_paths(parser, prefix=()):
+    """Every (sub)command path of the CLI, nested ones included: ('eval', 'retrieval'), ..."""
+    import argparse
+
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield (*prefix, name)
+                yield from _command_paths(sub, (*prefix, name))
+
+
+def test_every_help_text_is_plain_text(capsys):
+    # The help texts come from the modules' reStructuredText docstrings: what the terminal shows carries no
+    # ``literal`` quotes and no "Label::" literal-block markers.
+    paths = sorted(_command_paths(build_parser()))
+    assert ("build-dataset",) in paths and ("eval", "retrieval") in paths and len(paths) >= 12
+    for path in [(), *paths]:
+        with pytest.raises(SystemExit) as e:
+            main([*path, "--help"])
+        assert e.value.code == 0
+        out = capsys.readouterr().out
+        assert out.startswith("usage: bmclip"), path
+        assert "``" not in out and "::" not in out, (path, out)
+    with pytest.raises(SystemExit):
+        main(["build-dataset", "--help"])
+    out = capsys.readouterr().out
+    assert "bmclip build-dataset: PMC OA packages" in out and "Forms:\n" in out
+    assert "    bmclip build-dataset merge STAGING... --output DIR" in out  # the indented block is kept
+
+
+def test_plain_help_rules():
+    from bmclip.cli._text import plain_help
+
+    doc = '''``bmclip x``: see :mod:`~bmclip.data.pmc` and :func:`bmclip.cli.main`.
+
+Forms::
+
+    bmclip x A::B   # an indented "::" inside an example stays
+Paragraph ending in a lone marker ::
+
+    code
+'''
+    assert plain_help(doc) == (
+        "bmclip x: see bmclip.data.pmc and bmclip.cli.main.\n\nForms:\n\n"
+        "    bmclip x A::B   # an indented \"::\" inside an example stays\n"
+        "Paragraph ending in a lone marker\n\n    code"
+    )

@@ -74,3 +74,33 @@ def test_bad_arguments_raise(tmp_path):
         generate_corpus(tmp_path, n_articles=0)
     with pytest.raises(ValueError):
         render_figure("pie chart", 0)
+
+
+def _sentences(text):
+    import re
+
+    # "mean ± s.d. of three experiments." is one sentence
+    return [s for s in re.split(r"(?<!s\.d\.)(?<=[.!?])\s+", text.strip()) if s]
+
+
+def test_captions_do_not_start_with_a_doubled_sentence(tmp_path):
+    # The caption the builder stores is the figure title plus the body (bmclip.data.pmc.parse_jats); PMC
+    # titles are a heading of their own, so the stored caption must not open with its first sentence twice
+    # ("Bar chart of X. Bar chart of X. The bars ...") nor with the title repeated as the body's start.
+    from bmclip.data.pmc import parse_jats
+
+    paths = generate_corpus(tmp_path, n_articles=40, seed=0)
+    captions = []
+    for path in paths:
+        pmcid = path.name.split(".")[0]
+        with tarfile.open(path, "r:gz") as tar:
+            art = parse_jats(tar.extractfile(f"{pmcid}/{pmcid}.nxml").read())
+        captions += [(fig.caption, fig.caption.split(". ", 1)[0]) for fig in art.figures]
+    assert len(captions) >= 80
+    for caption, _ in captions:
+        first, second, *_ = _sentences(caption) + [""]
+        stem = first.rstrip(".").split(":")[0].strip().lower()
+        assert stem and not second.lower().startswith(stem), caption
+        assert first.lower() != second.lower(), caption
+    assert not [s for c, _ in captions for s in _sentences(c) if s[0].islower()]  # sentences start capitalised
+    assert len({t for _, t in captions}) >= 10  # titles vary: not one fixed heading

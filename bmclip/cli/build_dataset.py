@@ -13,13 +13,15 @@ import argparse
 import json
 import sys
 
+from bmclip.cli._text import plain_help
+
 
 def register(subparsers) -> None:
     """Add the ``build-dataset`` subcommand to the bmclip CLI."""
     p = subparsers.add_parser(
         "build-dataset",
         help="build PMC figure-caption webdataset shards from PMC OA packages",
-        description=__doc__,
+        description=plain_help(__doc__),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="package tarballs, article folders or trees of them")

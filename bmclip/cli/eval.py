@@ -10,6 +10,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from bmclip.cli._text import plain_help
+
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", metavar="MODEL",
@@ -23,7 +25,7 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 def register(subparsers: Any) -> None:
     ev = subparsers.add_parser("eval", help="evaluate a model: retrieval, zero-shot, linear probe",
-                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+                               description=plain_help(__doc__), formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ev.add_subparsers(dest="eval_command", metavar="TASK")
     sub.required = True
 

@@ -12,10 +12,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from bmclip.cli._text import plain_help
+
 
 def register(subparsers: Any) -> None:
     ft = subparsers.add_parser("finetune", help="fine-tune a model on a downstream task (vqa)",
-                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+                               description=plain_help(__doc__), formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ft.add_subparsers(dest="finetune_command", metavar="TASK")
     sub.required = True
     v = sub.add_parser("vqa", help="VQA-RAD / SLAKE answer classification with co-attention fusion")

@@ -15,19 +15,20 @@ Pipeline
    merge), so the output does not depend on the number of workers or slices: duplicate articles (same
    PMCID/DOI in two packages) keep the first, exact and near-duplicate images keep the first
    (:mod:`~bmclip.data.pmc.dedup`), each article goes to one split by ``sha256(seed:PMCID)``, and
-   samples are appended to ``{split}-{000000..}.tar`` webdataset shards of ``shard_size`` samples with
-   DALI ``.idx`` files beside them, then ``manifest.json`` and ``stats.json`` (+ PNG plots).
+   samples go to ``{split}-{000000..}.tar`` webdataset shards of ``shard_size`` samples (each shard's
+   samples in sorted key order) with DALI ``.idx`` files beside them, then ``stats.json`` (+ PNG plots),
+   ``sizes.json`` (shard name -> samples, what open_clip_train reads) and ``manifest.json``.
 
 Split fractions default to PMC-15M's (BiomedCLIP paper: 13.9M train / 13.6k val / 725,739 test of
 15,282,336 pairs): ``val_fraction = 13_600 / 15_282_336 ≈ 0.00089``, ``test_fraction =
 725_739 / 15_282_336 ≈ 0.0475``.
 
-Shard sample members (sorted by extension, fixed mtime 0 / uid 0 / empty owner names, ``KEY`` without
-dots): ``KEY.jpg`` (JPEG, longest side <= max_side; RGB, or a passed-through greyscale source),
-``KEY.json`` (pmcid, pmid, doi, figure id and label, licence, original and stored image size, href and
-media file, subcaptions), ``KEY.txt`` (caption, UTF-8). DALI index format (``tools/wds2idx.py``,
-version ``v1.2``): first line ``v1.2 <num_samples>``, then one line per sample of ``<ext> <data offset>
-<size> <member name>`` groups separated by spaces.
+Shard samples are in sorted key order, each sample's members sorted by extension (fixed mtime 0 / uid 0 /
+empty owner names, ``KEY`` without dots): ``KEY.jpg`` (JPEG, longest side <= max_side; RGB, or a
+passed-through greyscale source), ``KEY.json`` (pmcid, pmid, doi, figure id and label, licence, original
+and stored image size, href and media file, subcaptions), ``KEY.txt`` (caption, UTF-8).
+DALI index format (``tools/wds2idx.py``, version ``v1.2``): first line ``v1.2 <num_samples>``, then one line
+per sample of ``<ext> <data offset> <size> <member name>`` groups separated by spaces.
 
 Slurm array example (4 machines/tasks, then one merge)::
 
@@ -620,71 +621,85 @@ _USTAR_TEMPLATE = _make_ustar_template()
 
 
 class _ShardWriter:
-    """Writes {split}-NNNNNN.tar (+ .idx) deterministically, shard_size samples per shard."""
+    """Writes {split}-NNNNNN.tar (+ .idx) deterministically, shard_size samples per shard.
+
+    A shard's samples are the next ``shard_size`` of the merge stream, stored in sorted key order: they
+    are spooled to a temp file as they arrive (memory holds only their keys and offsets) and copied into
+    the tar sorted when the shard is full or the merge ends.
+    """
 
     def __init__(self, out: Path, split: str, shard_size: int):
         self.out, self.split, self.shard_size = out, split, shard_size
         self.index = 0
-        self.count = 0
-        self.f = None
+        self.spool = None
         self.shards: list[dict] = []
 
     def _open(self):
         self.name = f"{self.split}-{self.index:06d}.tar"
-        self.tmp = self.out / f".{self.name}.tmp-{os.getpid()}"
-        self.f = open(self.tmp, "wb")
-        self.pos = 0
-        self.sha = hashlib.sha256()
-        self.idx_lines: list[str] = []
-
-    def _write(self, b: bytes):
-        self.f.write(b)
-        self.sha.update(b)
-        self.pos += len(b)
-
-    def _member(self, name: str, data: bytes) -> tuple[int, int]:
-        self._write(_ustar_header(name, len(data)))
-        off = self.pos
-        self._write(data)
-        pad = (-len(data)) % 512
-        if pad:
-            self._write(b"\0" * pad)
-        return off, len(data)
+        self.spool_path = self.out / f".{self.name}.spool.tmp-{os.getpid()}"
+        self.spool = open(self.spool_path, "w+b")
+        self.spool_pos = 0
+        self.entries: list[tuple[str, int, int, int, int]] = []  # key, spool offset, member sizes
 
     def add(self, key: str, jpg: bytes, js: bytes, txt: bytes) -> None:
-        if self.f is None:
+        if self.spool is None:
             self._open()
-        parts = []
-        for ext, data in (("jpg", jpg), ("json", js), ("txt", txt)):
-            off, size = self._member(f"{key}.{ext}", data)
-            parts.append(f"{ext} {off} {size} {key}.{ext}")
-        self.idx_lines.append(" ".join(parts))
-        self.count += 1
-        if self.count == self.shard_size:
+        self.spool.write(jpg)
+        self.spool.write(js)
+        self.spool.write(txt)
+        self.entries.append((key, self.spool_pos, len(jpg), len(js), len(txt)))
+        self.spool_pos += len(jpg) + len(js) + len(txt)
+        if len(self.entries) == self.shard_size:
             self.close_shard()
 
     def close_shard(self) -> None:
-        if self.f is None:
+        if self.spool is None:
             return
-        self._write(b"\0" * 1024)  # end-of-archive marker
-        self.f.flush()
-        os.fsync(self.f.fileno())
-        self.f.close()
-        os.replace(self.tmp, self.out / self.name)
+        tmp = self.out / f".{self.name}.tmp-{os.getpid()}"
+        sha = hashlib.sha256()
+        pos = 0
+        idx_lines: list[str] = []
+        with open(tmp, "wb") as f:
+
+            def write(b: bytes) -> None:
+                nonlocal pos
+                f.write(b)
+                sha.update(b)
+                pos += len(b)
+
+            self.spool.flush()
+            for key, off, *sizes in sorted(self.entries):
+                self.spool.seek(off)
+                parts = []
+                for ext, size in zip(("jpg", "json", "txt"), sizes):
+                    data = self.spool.read(size)
+                    write(_ustar_header(f"{key}.{ext}", size))
+                    parts.append(f"{ext} {pos} {size} {key}.{ext}")
+                    write(data)
+                    if size % 512:
+                        write(b"\0" * (512 - size % 512))
+                idx_lines.append(" ".join(parts))
+            write(b"\0" * 1024)  # end-of-archive marker
+            f.flush()
+            os.fsync(f.fileno())
+        self.spool.close()
+        self.spool_path.unlink()
+        self.spool = None
+        os.replace(tmp, self.out / self.name)
         idx_name = self.name[: -len(".tar")] + ".idx"
-        _fsync_write(self.out / idx_name, (f"v1.2 {self.count}\n" + "\n".join(self.idx_lines) + "\n").encode())
+        count = len(self.entries)
+        _fsync_write(self.out / idx_name, (f"v1.2 {count}\n" + "\n".join(idx_lines) + "\n").encode())
         self.shards.append(
             {
                 "name": self.name,
                 "index": idx_name,
                 "split": self.split,
-                "num_samples": self.count,
-                "bytes": self.pos,
-                "sha256": self.sha.hexdigest(),
+                "num_samples": count,
+                "bytes": pos,
+                "sha256": sha.hexdigest(),
             }
         )
-        self.f = None
-        self.count = 0
+        self.entries = []
         self.index += 1
 
 
@@ -739,6 +754,10 @@ def merge_staging(
     for f in out.iterdir():
         if ".tmp-" in f.name:
             f.unlink()
+    for name in ("sizes.json", "manifest.json"):
+        # An earlier build's sample counts would describe shards this merge is about to replace: until it
+        # finishes, the folder has none (a killed merge leaves no counts that disagree with its shards).
+        (out / name).unlink(missing_ok=True)
     from bmclip.data.pmc.dedup import Deduplicator
 
     dedup = Deduplicator(opts.near_dup_threshold, opts.near_dup_max_mad) if opts.dedup else None
@@ -851,6 +870,10 @@ def merge_staging(
     }
     _fsync_write(out / "stats.json", json.dumps(stats, indent=1, ensure_ascii=False).encode("utf-8"))
     _write_plots(out, stats)
+    # open_clip_train (get_dataset_size) reads the sample count of each shard from
+    # sizes.json beside the shards: shard file name -> samples.
+    sizes = {sh["name"]: sh["num_samples"] for sh in sorted(shards, key=lambda sh: sh["name"])}
+    _fsync_write(out / "sizes.json", json.dumps(sizes, indent=1).encode("utf-8"))
     _fsync_write(out / "manifest.json", json.dumps(manifest, indent=1).encode("utf-8"))
     return stats
 
