@@ -87,14 +87,34 @@ def _refuse_float64_dist(img, name):
                         "path accumulates in float32); cast them to float32")
 
 
+class _AllGatherWithGrad(torch.autograd.Function):
+    """All ranks' rows concatenated; the backward sums every rank's gradient of the whole and returns this
+    rank's rows of it (the gradient paths through the other ranks' copies included)."""
+
+    @staticmethod
+    def forward(ctx, t, group, world_size, rank):
+        import torch.distributed as dist
+
+        parts = [torch.empty_like(t) for _ in range(world_size)]
+        dist.all_gather(parts, t.contiguous(), group=group)
+        ctx.group, ctx.rank, ctx.rows = group, rank, t.shape[0]
+        return torch.cat(parts, dim=0)
+
+    @staticmethod
+    def backward(ctx, g):
+        import torch.distributed as dist
+
+        g = g.contiguous().clone()
+        dist.all_reduce(g, group=ctx.group)
+        return g[ctx.rank * ctx.rows:(ctx.rank + 1) * ctx.rows], None, None, None
+
+
 def _gather(t, group, world_size, rank, with_grad, keep_local):
     """All ranks' (b, D) rows concatenated in rank order (open_clip's gather_features, one tensor)."""
     import torch.distributed as dist
 
     if with_grad:
-        import torch.distributed.nn.functional as dist_fn
-
-        return torch.cat(dist_fn.all_gather(t, group=group), dim=0)
+        return _AllGatherWithGrad.apply(t, group, world_size, rank)
     parts = [torch.zeros_like(t) for _ in range(world_size)]
     dist.all_gather(parts, t.contiguous(), group=group)
     if keep_local:  # gradient for this rank's own rows when the gathered copies carry none
@@ -147,7 +167,10 @@ class ClipLoss(nn.Module):
         """(logits_per_image, logits_per_text), open_clip's: ``logit_scale·I·Tᵀ (+ logit_bias)`` and
         ``logit_scale·T·Iᵀ (+ logit_bias)`` in the features' dtype, with autograd. Materialises the logit
         matrices by definition (B×B single process; under torch.distributed, features of all ranks are
-        gathered: (b, B) with ``local_loss``, else (B, B))."""
+        gathered: (b, B) with ``local_loss``, else (B, B)). One difference: with world_size > 1 and
+        ``local_loss=False`` open_clip 3.3 adds ``logit_bias`` twice (its logits_per_text is a view of
+        logits_per_image and both are shifted in place); here it is added once. The cross-entropies do
+        not change under that constant shift, so the losses agree."""
         if self.world_size > 1:
             keep = not self.local_loss
             all_img = _gather(image_features, self.group, self.world_size, self.rank, self.gather_with_grad, keep)

@@ -720,3 +720,69 @@ def test_subclass_overriding_get_logits_is_honoured_by_forward(loss_name):
     if loss_name == "siglip":
         with pytest.raises(NotImplementedError, match="world_size"):
             Ours(rank=0, world_size=2)(I, T, s, b)
+
+
+_GET_LOGITS_WORKER = textwrap.dedent("""
+    import sys
+    import torch
+    import torch.distributed as dist
+    from open_clip.loss import ClipLoss as OCClip
+    from bmclip.kernels import ClipLoss
+
+    rank, world, init_file = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+    dist.init_process_group("gloo", init_method="file://" + init_file, rank=rank, world_size=world)
+    g = torch.Generator().manual_seed(7)
+    b, d = 5, 12
+    X_img = torch.randn(world * b, d, generator=g, dtype=torch.float64)
+    X_txt = torch.randn(world * b, d, generator=g, dtype=torch.float64)
+    R = torch.randn(world * b, world * b, generator=g, dtype=torch.float64)  # a fixed upstream weighting
+    rows = slice(rank * b, (rank + 1) * b)
+    checked = 0
+    for local_loss in (False, True):
+        for with_grad in (False, True):
+            kw = dict(local_loss=local_loss, gather_with_grad=with_grad, rank=rank, world_size=world)
+            outs = []
+            for cls in (ClipLoss, OCClip):
+                img = X_img[rows].clone().requires_grad_()
+                txt = X_txt[rows].clone().requires_grad_()
+                s = torch.tensor(3.0, requires_grad=True)
+                m = cls(**kw)
+                lpi, lpt = m.get_logits(img, txt, s, torch.tensor(-1.0))
+                if cls is OCClip and not local_loss:
+                    # open_clip 3.3 adds the bias twice here (logits_per_text is a view of logits_per_image
+                    # and both get += bias in place); bmclip adds it once. Cross-entropy rows/columns are
+                    # invariant to that constant shift, so open_clip's loss is unaffected.
+                    lpi, lpt = lpi + 1.0, lpt + 1.0
+                (lpi * R[: lpi.shape[0], : lpi.shape[1]]).sum().backward(retain_graph=True)
+                (lpt * R[: lpt.shape[1], : lpt.shape[0]].T).sum().backward()
+                labels = m.get_ground_truth(img.device, lpi.shape[0])
+                outs.append((lpi.detach(), lpt.detach(), labels, img.grad, txt.grad, s.grad))
+            for a, t in zip(*outs):
+                assert a.dtype == t.dtype and a.shape == t.shape, (kw, a.shape, t.shape)
+                assert torch.allclose(a, t, rtol=1e-12, atol=1e-12), (kw, (a - t).abs().max())
+            checked += 1
+    assert checked == 4
+    dist.barrier()
+    dist.destroy_process_group()
+    print("OK", rank)
+""")
+
+
+def test_get_logits_distributed_matches_open_clip(tmp_path):
+    # Two gloo ranks: get_logits gathers like open_clip's gather_features for every local_loss /
+    # gather_with_grad combination — same logits, labels and gradients reaching each rank's own features.
+    pytest.importorskip("open_clip.loss")
+    (tmp_path / "worker.py").write_text(_GET_LOGITS_WORKER)
+    procs = [subprocess.Popen([sys.executable, str(tmp_path / "worker.py"), str(r), "2", str(tmp_path / "rdzv")],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=dict(os.environ))
+             for r in range(2)]
+    outs = []
+    try:
+        for p in procs:
+            outs.append(p.communicate(timeout=300))
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    for r, (p, (out, err)) in enumerate(zip(procs, outs)):
+        assert p.returncode == 0 and f"OK {r}" in out, f"rank {r}:\n{err[-3000:]}"
