@@ -323,12 +323,22 @@ def export_open_clip(model, folder: str | os.PathLike, tokenizer=None) -> Path:
     tokenizer, and the config's ``text_cfg.hf_tokenizer_name`` names this folder, so
     ``open_clip.get_tokenizer("local-dir:FOLDER")`` tokenizes with the shipped vocabulary. Without one
     (weights converted from the released BiomedCLIP) the config names BiomedBERT's hub tokenizer, the
-    vocabulary those weights were trained with."""
+    vocabulary those weights were trained with.
+
+    open_clip's tokenizer always applies its text cleaning (ftfy, HTML unescape, whitespace); a tokenizer
+    with ``clean=False`` is exported with a warning, since open_clip's ids then differ on text that cleaning
+    changes (curly quotes, HTML entities, unusual whitespace)."""
+    import warnings
+
     from bmclip.checkpoint_io import atomic_writer, save_state_dict
 
     config = open_clip_config(model)  # validates before anything is written
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    if tokenizer is not None and not getattr(tokenizer, "clean", True):
+        warnings.warn("export_open_clip: the tokenizer has clean=False but open_clip's tokenizer always cleans "
+                      "text (ftfy, HTML unescape, whitespace): ids differ on text that cleaning changes",
+                      stacklevel=2)
     if tokenizer is not None:
         tokenizer.save(folder)
         tokenizer.save_hf_files(folder)

@@ -1,12 +1,24 @@
 """BERT WordPiece tokenizer (lower-case, ``[CLS] ... [SEP]``, pad id 0) on the HF ``tokenizers`` library.
 
 Loads a ``vocab.txt`` (e.g. the released PubMedBERT/BiomedBERT files) or trains a domain vocabulary from
-captions, as PubMedBERT did for PubMed. Output matches ``transformers.BertTokenizerFast`` built from the
-same ``vocab.txt`` with ``padding="max_length", truncation=True, max_length=context_length``.
+captions, as PubMedBERT did for PubMed.
+
+Text cleaning (``clean=True``, the default): every text first goes through ``clean_text`` — ftfy's
+``fix_text`` (curly quotes to straight ones, mojibake repaired, NFC, ...), HTML entities unescaped twice
+(``&amp;lt;`` -> ``<``), whitespace runs (NBSP included) collapsed to one space, ends stripped. That is the
+cleaning open_clip's ``HFTokenizer`` applies by default (``clean="whitespace"``), which is the tokenizer
+open_clip builds for BiomedCLIP and for any folder written by ``bmclip.interop.export_open_clip``, so with
+cleaning on the ids equal open_clip's ``get_tokenizer(...)`` ids for the same vocabulary, and a caption
+embeds the same in both. It is on for every vocabulary (the bundled one, PubMedBERT's, trained ones —
+training cleans its texts too), because open_clip cleans whatever vocabulary an exported folder names.
+``clean=False`` gives the raw WordPiece ids, equal to ``transformers.BertTokenizerFast`` built from the
+same ``vocab.txt`` with ``padding="max_length", truncation=True, max_length=context_length``; with cleaning
+on they equal that tokenizer applied to ``clean_text(text)``. The choice is saved by ``save``.
 """
 
 from __future__ import annotations
 
+import html
 import json
 import os
 import threading
@@ -15,13 +27,25 @@ from pathlib import Path
 
 from bmclip.errors import ConfigError
 
-__all__ = ["SPECIAL_TOKENS", "Tokenizer", "get_tokenizer"]
+__all__ = ["SPECIAL_TOKENS", "Tokenizer", "clean_text", "get_tokenizer"]
 
 # Order matters for trained vocabularies: ids 0..4 as in BERT/PubMedBERT ([PAD] = 0 is the model's pad id).
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 CONFIG_NAME = "bmclip_tokenizer.json"
 DEFAULT_CONTEXT_LENGTH = 256
 ASSETS = Path(__file__).resolve().parent / "assets"
+
+
+def clean_text(text: str) -> str:
+    """open_clip's HF-tokenizer text cleaning: ftfy.fix_text, HTML-unescape twice, collapse whitespace, strip.
+
+    ``str.split()`` splits on every Unicode whitespace character (NBSP, thin spaces, line separators);
+    zero-width characters are not whitespace and are left to the BERT normalizer.
+    """
+    import ftfy
+
+    text = html.unescape(html.unescape(ftfy.fix_text(text)))
+    return " ".join(text.split())
 
 
 def _read_vocab(path: Path) -> dict[str, int]:
@@ -40,7 +64,9 @@ def _read_vocab(path: Path) -> dict[str, int]:
 class Tokenizer:
     """Callable: ``tok(texts) -> LongTensor (B, context_length)`` of WordPiece ids, 0-padded."""
 
-    def __init__(self, vocab: dict[str, int], context_length: int = DEFAULT_CONTEXT_LENGTH):
+    def __init__(self, vocab: dict[str, int], context_length: int = DEFAULT_CONTEXT_LENGTH, clean: bool = True):
+        if not isinstance(clean, bool):
+            raise ConfigError(f"clean={clean!r} must be True or False")
         if not isinstance(context_length, int) or context_length < 2:
             raise ConfigError(f"context_length={context_length!r} must be an integer >= 2 ([CLS] and [SEP])")
         for t in ("[PAD]", "[UNK]", "[CLS]", "[SEP]"):
@@ -50,6 +76,7 @@ class Tokenizer:
             raise ConfigError(f"vocabulary has [PAD] at id {vocab['[PAD]']}; bmclip models pad with id 0")
         self.vocab = dict(vocab)
         self.context_length = context_length
+        self.clean = clean
         self.pad_id = 0
         self.cls_id = vocab["[CLS]"]
         self.sep_id = vocab["[SEP]"]
@@ -91,6 +118,9 @@ class Tokenizer:
                     self._per_length[length] = hf
         return hf
 
+    def _prepare(self, texts: list[str]) -> list[str]:
+        return [clean_text(t) for t in texts] if self.clean else texts
+
     def __getstate__(self):  # picklable for DataLoader workers: the lock and per-length cache are rebuilt
         d = dict(self.__dict__)
         d["_lock"] = None
@@ -98,31 +128,37 @@ class Tokenizer:
         return d
 
     def __setstate__(self, d):
+        d.setdefault("clean", False)  # pickled before cleaning existed: those tokenizers did not clean
         self.__dict__.update(d)
         self._lock = threading.Lock()
 
     # ------------------------------------------------------------------------------------ construct
 
     @classmethod
-    def from_vocab(cls, path: str | os.PathLike, context_length: int | None = None) -> Tokenizer:
+    def from_vocab(cls, path: str | os.PathLike, context_length: int | None = None,
+                   clean: bool | None = None) -> Tokenizer:
         """Load ``vocab.txt`` (or a folder holding it, e.g. a released HF tokenizer or ``save`` output).
 
-        ``context_length`` defaults to the saved one (folders written by ``save``), else 256.
+        ``context_length`` defaults to the saved one (folders written by ``save``), else 256; ``clean``
+        (text cleaning, see the module docstring) to the saved one, else True.
         """
         path = Path(path)
-        saved_ctx = None
+        saved = {}
         if path.is_dir():
             cfg = path / CONFIG_NAME
             if cfg.is_file():
                 try:
-                    saved_ctx = json.loads(cfg.read_text(encoding="utf-8")).get("context_length")
-                except (OSError, ValueError, AttributeError) as e:
+                    saved = json.loads(cfg.read_text(encoding="utf-8"))
+                    if not isinstance(saved, dict):
+                        raise ValueError("not a JSON object")
+                except (OSError, ValueError) as e:
                     raise ConfigError(f"cannot read {cfg}: {e}") from None
             path = path / "vocab.txt"
         if not path.is_file():
             raise ConfigError(f"vocabulary file not found: {path}")
-        ctx = context_length if context_length is not None else (saved_ctx or DEFAULT_CONTEXT_LENGTH)
-        return cls(_read_vocab(path), ctx)
+        ctx = context_length if context_length is not None else (saved.get("context_length") or DEFAULT_CONTEXT_LENGTH)
+        cl = clean if clean is not None else saved.get("clean", True)
+        return cls(_read_vocab(path), ctx, clean=cl)
 
     @classmethod
     def train(
@@ -131,8 +167,10 @@ class Tokenizer:
         vocab_size: int = 30522,
         context_length: int = DEFAULT_CONTEXT_LENGTH,
         min_frequency: int = 2,
+        clean: bool = True,
     ) -> Tokenizer:
-        """Train an uncased WordPiece vocabulary (at most ``vocab_size`` tokens) from an iterable of texts."""
+        """Train an uncased WordPiece vocabulary (at most ``vocab_size`` tokens) from an iterable of texts
+        (cleaned with ``clean_text`` first when ``clean``, as the returned tokenizer will clean its input)."""
         from tokenizers import Tokenizer as HFTokenizer
         from tokenizers import models, normalizers, pre_tokenizers, trainers
 
@@ -150,11 +188,14 @@ class Tokenizer:
             continuing_subword_prefix="##",
             show_progress=False,
         )
-        hf.train_from_iterator((t for t in texts if isinstance(t, str) and t.strip()), trainer)
+        strs = (t for t in texts if isinstance(t, str))
+        if clean:
+            strs = (clean_text(t) for t in strs)
+        hf.train_from_iterator((t for t in strs if t.strip()), trainer)
         vocab = hf.get_vocab()
         if len(vocab) <= len(SPECIAL_TOKENS):
             raise ConfigError("tokenizer training saw no text")
-        return cls(vocab, context_length)
+        return cls(vocab, context_length, clean=clean)
 
     # ------------------------------------------------------------------------------------ use
 
@@ -164,7 +205,8 @@ class Tokenizer:
         return max(self.vocab.values()) + 1
 
     def __call__(self, texts: str | list[str], context_length: int | None = None):
-        """texts -> torch.LongTensor (B, L), L = context_length: [CLS] ids [SEP] then 0-padding."""
+        """texts -> torch.LongTensor (B, L), L = context_length: [CLS] ids [SEP] then 0-padding (texts cleaned
+        first when ``self.clean``)."""
         import numpy as np
         import torch
 
@@ -179,22 +221,22 @@ class Tokenizer:
             raise ConfigError(f"context_length={length} must be >= 2")
         if not texts:
             return torch.zeros(0, length, dtype=torch.long)
-        encs = self._for_length(length).encode_batch(texts)
+        encs = self._for_length(length).encode_batch(self._prepare(texts))
         return torch.from_numpy(np.array([e.ids for e in encs], dtype=np.int64))
 
     def encode_batch_lengths(self, texts: list[str], context_length: int | None = None) -> list[int]:
         """Unpadded token counts (with [CLS]/[SEP], after truncation to the context length)."""
         length = self.context_length if context_length is None else int(context_length)
-        encs = self._for_length(length).encode_batch(list(texts))
+        encs = self._for_length(length).encode_batch(self._prepare(list(texts)))
         return [sum(e.attention_mask) for e in encs]
 
     def count_tokens(self, text: str) -> int:
         """Number of WordPiece tokens of one text, without special tokens or truncation (== len(tokenize(text)))."""
-        return len(self._base.encode(text, add_special_tokens=False))
+        return len(self._base.encode(self._prepare([text])[0], add_special_tokens=False))
 
     def tokenize(self, text: str) -> list[str]:
         """WordPiece tokens of one text, without special tokens or truncation."""
-        return self._base.encode(text, add_special_tokens=False).tokens
+        return self._base.encode(self._prepare([text])[0], add_special_tokens=False).tokens
 
     def decode(self, ids) -> str:
         """Ids (list or 1-D tensor) -> text, special tokens dropped, word pieces joined."""
@@ -219,7 +261,7 @@ class Tokenizer:
             f.write("".join(t + "\n" for t in self.vocab_lines()))
 
     def save(self, folder: str | os.PathLike) -> None:
-        """Write ``vocab.txt`` and ``bmclip_tokenizer.json`` (context length, casing) into ``folder``."""
+        """Write ``vocab.txt`` and ``bmclip_tokenizer.json`` (context length, casing, cleaning) into ``folder``."""
         from bmclip.checkpoint_io import atomic_writer
 
         folder = Path(folder)
@@ -230,6 +272,7 @@ class Tokenizer:
             "context_length": self.context_length,
             "vocab_size": self.vocab_size,
             "lowercase": True,
+            "clean": self.clean,
             "special_tokens": list(SPECIAL_TOKENS),
         }
         with atomic_writer(folder / CONFIG_NAME, "w") as f:
@@ -262,6 +305,11 @@ def bundled_vocab_path() -> Path:
     return found[0]
 
 
-def get_tokenizer(path: str | os.PathLike | None = None, context_length: int | None = None) -> Tokenizer:
-    """Tokenizer from ``path`` (vocab.txt or folder) or, when None, the bundled default vocabulary."""
-    return Tokenizer.from_vocab(bundled_vocab_path() if path is None else path, context_length)
+def get_tokenizer(path: str | os.PathLike | None = None, context_length: int | None = None,
+                  clean: bool | None = None) -> Tokenizer:
+    """Tokenizer from ``path`` (vocab.txt or folder) or, when None, the bundled default vocabulary.
+
+    ``clean``: open_clip's text cleaning before WordPiece (see the module docstring); None = the folder's
+    saved choice, else True.
+    """
+    return Tokenizer.from_vocab(bundled_vocab_path() if path is None else path, context_length, clean=clean)

@@ -20,14 +20,16 @@ Backends: ``contrastive_triton.py`` (Triton kernels: 5 GEMM-equivalent passes ov
 backward where one program holds all of D, see there and ``loss_work``) and ``contrastive_torch.py``
 (chunked torch). Dtypes: fp32 features use exact fp32 math (IEEE dots); fp16/bf16 features (what a
 bf16-autocast trainer hands over) are multiplied on tensor cores with fp32 accumulation. The loss is
-fp32 and the feature gradients come back in the features' dtype.
+fp32 and the feature gradients come back in the features' dtype. float64 features (single device only)
+run on the torch backend in float64 math and give a float64 loss, as open_clip's losses do: ``"auto"``
+picks torch for them and an explicit ``"triton"`` raises ``BackendUnavailable`` (the kernels are fp32/16-bit).
 """
 
 from __future__ import annotations
 
 import torch
 
-from ._triton_utils import HAS_TRITON, is_interpreted, require_triton, triton_available_for
+from ._triton_utils import HAS_TRITON, BackendUnavailable, is_interpreted, require_triton, triton_available_for
 from .contrastive_torch import CLIP, SIGLIP, positives_fp32
 from .contrastive_torch import torch_backward as _torch_backward
 from .contrastive_torch import torch_forward as _torch_forward
@@ -38,7 +40,8 @@ from .contrastive_triton import tri_forward as _tri_forward
 __all__ = ["clip_loss", "siglip_loss", "BACKENDS", "CLIP", "SIGLIP", "block_forward", "block_backward", "positives"]
 
 BACKENDS = ("auto", "triton", "torch")
-_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+_TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def _resolve_backend(backend: str, *tensors: torch.Tensor) -> str:
@@ -47,9 +50,16 @@ def _resolve_backend(backend: str, *tensors: torch.Tensor) -> str:
     if backend == "torch":
         return "torch"
     if backend == "triton":
+        bad = sorted({str(t.dtype) for t in tensors if t.dtype not in _TRITON_DTYPES})
+        if bad:
+            raise BackendUnavailable(f"contrastive loss backend='triton' cannot run here: its kernels take "
+                                     f"float32/float16/bfloat16 features, got {', '.join(bad)}; use "
+                                     "backend='torch' (or 'auto') for float64")
         require_triton(_triton_probe_kernel, *tensors, what="contrastive loss backend='triton'")
         return "triton"
-    # auto: Triton on CUDA (compiled, not interpreted), torch otherwise
+    # auto: Triton on CUDA (compiled, not interpreted) for the dtypes it takes, torch otherwise
+    if any(t.dtype not in _TRITON_DTYPES for t in tensors):
+        return "torch"
     if all(t.device.type == "cuda" for t in tensors) and HAS_TRITON and not is_interpreted(_triton_probe_kernel):
         ok, _ = triton_available_for(_triton_probe_kernel, *tensors)
         if ok:
@@ -86,14 +96,14 @@ def positives(A, C, scale, bias, off):
 
 
 def check_features(image_features, text_features, name="clip_loss"):
-    """Validate (B, D) feature pairs; return them cast to one common float dtype."""
+    """Validate (B, D) feature pairs (float32/float16/bfloat16/float64); return them cast to one common dtype."""
     for nm, t in (("image_features", image_features), ("text_features", text_features)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name}: {nm} must be a torch.Tensor, got {type(t).__name__}")
         if t.dim() != 2:
             raise ValueError(f"{name}: {nm} must be 2-D (B, D), got shape {tuple(t.shape)}")
         if t.dtype not in _DTYPES:
-            raise TypeError(f"{name}: {nm} dtype must be float32/float16/bfloat16, got {t.dtype}")
+            raise TypeError(f"{name}: {nm} dtype must be float32/float16/bfloat16/float64, got {t.dtype}")
     if image_features.shape != text_features.shape:
         raise ValueError(f"{name}: image_features {tuple(image_features.shape)} and text_features "
                          f"{tuple(text_features.shape)} must have the same (B, D)")
@@ -167,7 +177,7 @@ class _ClipLossFn(torch.autograd.Function):
     def backward(ctx, g):
         img, txt, scale, bias, row, col = _saved_inputs(ctx)
         B = img.shape[0]
-        coef = (g.detach().float().reshape(1) / (2.0 * B)).expand(B).contiguous()
+        coef = (g.detach().to(row.dtype).reshape(1) / (2.0 * B)).expand(B).contiguous()
         dI, dT, ds, db = block_backward(img, txt, scale, bias, 0, CLIP, row, col, coef, coef, None, img.dtype,
                                         ctx.backend)
         return (dI if ctx.needs_input_grad[0] else None, dT if ctx.needs_input_grad[1] else None,
@@ -187,7 +197,7 @@ class _SigLipLossFn(torch.autograd.Function):
     def backward(ctx, g):
         img, txt, scale, bias = _saved_inputs(ctx)
         B = img.shape[0]
-        coef = g.detach().float().reshape(()) / B
+        coef = g.detach().to(torch.float64 if img.dtype == torch.float64 else torch.float32).reshape(()) / B
         dI, dT, ds, db = block_backward(img, txt, scale, bias, 0, SIGLIP, None, None, None, None, coef, img.dtype,
                                         ctx.backend)
         return (dI if ctx.needs_input_grad[0] else None, dT if ctx.needs_input_grad[1] else None,
@@ -195,7 +205,8 @@ class _SigLipLossFn(torch.autograd.Function):
 
 
 def clip_loss(image_features, text_features, logit_scale, logit_bias=None, *, backend="auto"):
-    """Symmetric CLIP InfoNCE loss (fp32 scalar) of (B, D) fp32/fp16/bf16 features, never forming B×B.
+    """Symmetric CLIP InfoNCE loss of (B, D) features, never forming B×B: an fp32 scalar for fp32/fp16/bf16
+    features, a float64 one for float64 features (torch backend).
 
     Mean of the image→text and text→image cross-entropies of ``logit_scale·I·Tᵀ (+ logit_bias)`` with
     positives on the diagonal; ``logit_scale`` is the already-exponentiated scale (tensor or float).
@@ -212,7 +223,8 @@ def clip_loss(image_features, text_features, logit_scale, logit_bias=None, *, ba
 def siglip_loss(image_features, text_features, logit_scale, logit_bias, *, backend="auto"):
     """Sigmoid (SigLIP) loss (fp32 scalar): Σ_ij −logσ(z_ij·(s·I_i·T_j + b)) / B, z = +1 on the diagonal.
 
-    (B, D) fp32/fp16/bf16 features; ``logit_bias`` may be None (no bias). Same backends as ``clip_loss``.
+    (B, D) fp32/fp16/bf16 features (fp32 loss) or float64 ones (float64 loss); ``logit_bias`` may be None (no
+    bias). Same backends and dtypes as ``clip_loss``.
     """
     img, txt = check_features(image_features, text_features, "siglip_loss")
     scale = as_scalar_tensor(logit_scale, img, "logit_scale")

@@ -1,6 +1,7 @@
 """Chunked torch reference blocks of the contrastive losses: O(chunk·N) memory, recompute in the backward.
 
-The same block primitives as the Triton kernels (``contrastive_triton.py``), in plain torch with fp32 math:
+The same block primitives as the Triton kernels (``contrastive_triton.py``), in plain torch with fp32 math
+(float64 math for float64 features, which only this backend takes):
 rows ``A`` (M, D) against columns ``C`` (N, D), logits ``x_ij = s·A_i·C_j + b``, positives at ``j = i + off``.
 Rows are processed in chunks of ``_chunk_rows(N)`` so a chunk's fp32 logits take 64 MiB whatever B is.
 Imports only torch.
@@ -24,6 +25,11 @@ def _chunk_rows(N: int) -> int:
     return max(1, _TORCH_CHUNK_ELEMS // max(1, N))
 
 
+def acc_dtype(A: torch.Tensor) -> torch.dtype:
+    """Math/accumulation dtype: float64 for float64 features, fp32 for fp32/fp16/bf16."""
+    return torch.float64 if A.dtype == torch.float64 else torch.float32
+
+
 def _diag_index(r0: int, r1: int, off: int, N: int, device):
     """(local row idx, col idx) of the positives j = i + off that fall in rows [r0, r1) and cols [0, N)."""
     lo = max(r0, -off)
@@ -38,15 +44,16 @@ def torch_forward(A, C, scale, bias, off, loss, need_col):
     """CLIP → (row LSE (M,), column LSE over these rows (N,) or None); SigLIP → (row softplus sums, None)."""
     M = A.shape[0]
     N = C.shape[0]
-    s = scale.detach().reshape(()).float()
-    b = bias.detach().reshape(()).float() if bias is not None else None
-    Cf = C.float()
-    row = torch.empty(M, dtype=torch.float32, device=A.device)
-    col = torch.full((N,), float("-inf"), device=A.device) if (loss == CLIP and need_col) else None
+    acc = acc_dtype(A)
+    s = scale.detach().reshape(()).to(acc)
+    b = bias.detach().reshape(()).to(acc) if bias is not None else None
+    Cf = C.to(acc)
+    row = torch.empty(M, dtype=acc, device=A.device)
+    col = torch.full((N,), float("-inf"), dtype=acc, device=A.device) if (loss == CLIP and need_col) else None
     step = _chunk_rows(N)
     for r0 in range(0, M, step):
         r1 = min(M, r0 + step)
-        x = A[r0:r1].float() @ Cf.T
+        x = A[r0:r1].to(acc) @ Cf.T
         x.mul_(s)
         if b is not None:
             x.add_(b)
@@ -67,17 +74,18 @@ def torch_backward(A, C, scale, bias, off, loss, row_lse, col_lse, row_coef, col
     """(dA (M, D), dC (N, D), d scale (), d bias ()) from the dL/dx coefficients (see ``contrastive.py``)."""
     M, D = A.shape
     N = C.shape[0]
-    s = scale.detach().reshape(()).float()
-    b = bias.detach().reshape(()).float() if bias is not None else None
-    Cf = C.float()
+    acc = acc_dtype(A)
+    s = scale.detach().reshape(()).to(acc)
+    b = bias.detach().reshape(()).to(acc) if bias is not None else None
+    Cf = C.to(acc)
     dA = torch.empty((M, D), dtype=out_dtype, device=A.device)
-    dC = torch.zeros((N, D), dtype=torch.float32, device=A.device)
-    ds = torch.zeros((), dtype=torch.float32, device=A.device)
-    db = torch.zeros((), dtype=torch.float32, device=A.device)
+    dC = torch.zeros((N, D), dtype=acc, device=A.device)
+    ds = torch.zeros((), dtype=acc, device=A.device)
+    db = torch.zeros((), dtype=acc, device=A.device)
     step = _chunk_rows(N)
     for r0 in range(0, M, step):
         r1 = min(M, r0 + step)
-        Af = A[r0:r1].float()
+        Af = A[r0:r1].to(acc)
         raw = Af @ Cf.T
         x = raw * s
         if b is not None:
@@ -97,7 +105,7 @@ def torch_backward(A, C, scale, bias, off, loss, row_lse, col_lse, row_coef, col
             x.sigmoid_()
             if di is not None:
                 x[di] = -x[di]
-            x.mul_(sig_coef.reshape(()).float())
+            x.mul_(sig_coef.reshape(()).to(acc))
         ds += torch.dot(x.view(-1), raw.view(-1))
         db += x.sum()
         del raw
@@ -109,14 +117,15 @@ def torch_backward(A, C, scale, bias, off, loss, row_lse, col_lse, row_coef, col
 
 
 def positives_fp32(A, C, scale, bias, off):
-    """Positive logits x_{i, i+off} (M,) in fp32 (C must hold rows off .. off+M−1)."""
+    """Positive logits x_{i, i+off} (M,) in fp32 (float64 for float64 features; C must hold rows off .. off+M−1)."""
     M, D = A.shape
-    x = torch.empty(M, dtype=torch.float32, device=A.device)
+    acc = acc_dtype(A)
+    x = torch.empty(M, dtype=acc, device=A.device)
     step = max(1, (1 << 22) // D)  # row chunks: fp32 temporaries stay at ~16 MB whatever B is
     for r0 in range(0, M, step):
         r1 = min(M, r0 + step)
-        x[r0:r1] = (A[r0:r1].float() * C[off + r0:off + r1].float()).sum(dim=1)
-    x = x * scale.detach().reshape(()).float()
+        x[r0:r1] = (A[r0:r1].to(acc) * C[off + r0:off + r1].to(acc)).sum(dim=1)
+    x = x * scale.detach().reshape(()).to(acc)
     if bias is not None:
-        x = x + bias.detach().reshape(()).float()
+        x = x + bias.detach().reshape(()).to(acc)
     return x

@@ -579,3 +579,210 @@ def test_every_kept_config_compiles_for_sm90(tmp_path):
     kept = {("_fwd_kernel", label(c)) for kc in (512, 768) for c in CT.fwd_configs(kc)}
     kept |= {("_bwd_kernel", label(c)) for c in CT.bwd_configs(512) + CT.bwd_configs(256, resident=False)}
     assert kept <= built, kept - built
+
+
+# ---------------------------------------------------------------------------------------------------
+# open_clip's extension points (get_logits / get_ground_truth), subclasses, float64 features
+# ---------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16], ids=["fp32", "fp64", "fp16"])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_get_logits_and_ground_truth_match_open_clip(dtype, with_bias):
+    open_clip_loss = pytest.importorskip("open_clip.loss")
+    I, T, s, b = make_inputs(37, 48, dtype, 31, 14.3, -2.0 if with_bias else None)
+    for ours, theirs in ((ClipLoss(), open_clip_loss.ClipLoss()), (SigLipLoss(), open_clip_loss.SigLipLoss())):
+        got, want = ours.get_logits(I, T, s, b), theirs.get_logits(I, T, s, b)
+        got, want = (got, want) if isinstance(want, tuple) else ((got,), (want,))
+        assert len(got) == len(want)
+        for g, w in zip(got, want):
+            assert g.dtype == w.dtype and g.shape == w.shape == (37, 37)
+            torch.testing.assert_close(g, w, rtol=0, atol=0)
+            assert g.requires_grad  # differentiable, as subclasses rely on
+    oc, ours = open_clip_loss.ClipLoss(), ClipLoss()
+    got, want = ours.get_ground_truth(I.device, 37), oc.get_ground_truth(I.device, 37)
+    assert got.dtype == want.dtype == torch.long and torch.equal(got, want)
+    for neg in (False, True):
+        got = SigLipLoss().get_ground_truth(I.device, dtype, 5, negative_only=neg)
+        want = open_clip_loss.SigLipLoss().get_ground_truth(I.device, dtype, 5, negative_only=neg)
+        assert got.dtype == want.dtype == dtype and torch.equal(got, want)
+
+
+def test_ground_truth_cache_and_local_loss_offset_as_open_clip():
+    open_clip_loss = pytest.importorskip("open_clip.loss")
+    for kw in ({"cache_labels": True}, {"cache_labels": False},
+               {"cache_labels": True, "local_loss": True, "rank": 2, "world_size": 3}):
+        ours, theirs = ClipLoss(**kw), open_clip_loss.ClipLoss(**kw)
+        for n in (4, 4, 6):
+            a, b = ours.get_ground_truth(torch.device("cpu"), n), theirs.get_ground_truth(torch.device("cpu"), n)
+            assert torch.equal(a, b)
+            assert (a is ours.get_ground_truth(torch.device("cpu"), n)) == kw["cache_labels"]
+        assert ours.prev_num_logits == theirs.prev_num_logits
+
+
+def _float64_case(loss_name):
+    open_clip_loss = pytest.importorskip("open_clip.loss")
+    if loss_name == "clip":
+        return ClipLoss, open_clip_loss.ClipLoss, 14.3, 0.5
+    return SigLipLoss, open_clip_loss.SigLipLoss, 10.0, -10.0
+
+
+@pytest.mark.parametrize("scale_dtype", [torch.float32, torch.float64], ids=["scale32", "scale64"])
+@pytest.mark.parametrize("loss_name", ["clip", "siglip"])
+def test_float64_loss_and_grads_match_open_clip(loss_name, scale_dtype):
+    ours_cls, theirs_cls, s_val, b_val = _float64_case(loss_name)
+    I, T, s, b = make_inputs(150, 96, torch.float64, 41, s_val, b_val)
+    s = s.detach().to(scale_dtype).requires_grad_()  # e.g. a model's fp32 logit_scale with fp64 features
+    b = b.detach().to(scale_dtype).requires_grad_()
+    with pytest.MonkeyPatch.context() as mp:
+        calls = _count_backend_paths(mp)
+        ours = _grads_of(ours_cls(backend="auto"), I, T, s, b)
+    assert sorted(set(calls)) == ["_torch_backward", "_torch_forward"]  # auto → torch for float64
+    theirs = _grads_of(theirs_cls(), I, T, s, b)
+    loss = ours_cls()(I, T, s, b)
+    assert loss.dtype == theirs_cls()(I, T, s, b).dtype == torch.float64
+    assert abs(ours[0] - theirs[0]) <= 1e-12 * max(1.0, abs(theirs[0])), (ours[0], theirs[0])
+    for name, a, t in zip(("dI", "dT", "ds", "db"), ours[1:], theirs[1:]):
+        assert a.dtype == t.dtype and a.shape == t.shape, name
+        # float64 math: agreement far beyond fp32 (the fp32 path only reaches ~1e-6)
+        tol = 1e-10 if t.dtype == torch.float64 else 1e-6
+        assert torch.allclose(a, t, rtol=tol, atol=tol * max(1.0, t.abs().max().item())), (name, (a - t).abs().max())
+
+
+def test_float64_backend_rules():
+    from bmclip.kernels._triton_utils import BackendUnavailable
+
+    x = torch.randn(6, 8, dtype=torch.float64)
+    assert C._resolve_backend("auto", x, x) == "torch"
+    assert C._resolve_backend("torch", x, x) == "torch"
+    with pytest.raises(BackendUnavailable, match="float64"):
+        clip_loss(x, x, 1.0, backend="triton")  # never falls back to torch silently
+    with pytest.raises(BackendUnavailable, match="float64"):
+        SigLipLoss(backend="triton")(x, x, 1.0, 0.0)
+    # mixed fp64/fp32 features promote to float64
+    assert clip_loss(x, x.float(), 2.0).dtype == torch.float64
+    # the distributed path accumulates in fp32: float64 is refused clearly there
+    with pytest.raises(TypeError, match="float64"):
+        ClipLoss(rank=0, world_size=2, backend="torch")(x, x, 1.0)
+    with pytest.raises(TypeError, match="float64"):
+        SigLipLoss(rank=0, world_size=2, backend="torch")(x, x, 1.0, 0.0)
+
+
+def test_distill_clip_loss_forward_on_our_get_logits_matches_open_clip():
+    # open_clip's own DistillClipLoss.forward (it calls self.get_logits / self.get_ground_truth / self.dist_loss)
+    # run on our ClipLoss equals open_clip's DistillClipLoss: values and gradients.
+    open_clip_loss = pytest.importorskip("open_clip.loss")
+
+    class OurDistill(ClipLoss):
+        forward = open_clip_loss.DistillClipLoss.forward
+        dist_loss = open_clip_loss.DistillClipLoss.dist_loss
+
+    I, T, s, _ = make_inputs(40, 64, torch.float32, 51, 14.3, None)
+    tI, tT, ts, _ = make_inputs(40, 64, torch.float32, 52, 20.0, None)
+
+    def run(module):
+        ins = [t.detach().clone().requires_grad_() for t in (I, T, s)]
+        out = module(*ins, tI.detach(), tT.detach(), ts.detach(), output_dict=True)
+        (out["contrastive_loss"] + out["distill_loss"]).backward()
+        return [out["contrastive_loss"], out["distill_loss"]] + [t.grad for t in ins]
+
+    for a, t in zip(run(OurDistill()), run(open_clip_loss.DistillClipLoss())):
+        torch.testing.assert_close(a, t, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("loss_name", ["clip", "siglip"])
+def test_subclass_overriding_get_logits_is_honoured_by_forward(loss_name):
+    # A subclass that reshapes the logits (here: an additive margin on the positives) changes forward exactly
+    # as in open_clip, whose forward calls get_logits; a subclass that overrides nothing keeps the fused path.
+    open_clip_loss = pytest.importorskip("open_clip.loss")
+    ours_base, theirs_base = (ClipLoss, open_clip_loss.ClipLoss) if loss_name == "clip" else (
+        SigLipLoss, open_clip_loss.SigLipLoss)
+
+    def margin_logits(self, image_features, text_features, logit_scale, logit_bias=None):
+        out = super(type(self), self).get_logits(image_features, text_features, logit_scale, logit_bias)
+        eye = torch.eye(image_features.shape[0], dtype=image_features.dtype)
+        return tuple(x - 3.0 * eye for x in out) if isinstance(out, tuple) else out - 3.0 * eye
+
+    Ours = type("OursMargin", (ours_base,), {"get_logits": margin_logits})
+    Theirs = type("TheirsMargin", (theirs_base,), {"get_logits": margin_logits})
+    Plain = type("OursPlain", (ours_base,), {"extra": lambda self: None})
+    I, T, s, b = make_inputs(30, 48, torch.float32, 61, 10.0, -5.0)
+    with pytest.MonkeyPatch.context() as mp:
+        calls = _count_backend_paths(mp)
+        got = _grads_of(Ours(), I, T, s, b)
+        assert calls == []  # the materialised formulation ran, not the fused kernels
+        plain = _grads_of(Plain(), I, T, s, b)
+        assert calls  # no override: fused
+    want = _grads_of(Theirs(), I, T, s, b)
+    base = _grads_of(theirs_base(), I, T, s, b)
+    assert abs(got[0] - want[0]) <= 1e-5 * abs(want[0]) and abs(got[0] - base[0]) > 1e-2  # the margin counts
+    assert abs(plain[0] - base[0]) <= 1e-5 * abs(base[0])
+    for a, t in zip(got[1:], want[1:]):
+        torch.testing.assert_close(a, t, rtol=1e-5, atol=1e-7)
+    if loss_name == "siglip":
+        with pytest.raises(NotImplementedError, match="world_size"):
+            Ours(rank=0, world_size=2)(I, T, s, b)
+
+
+_GET_LOGITS_WORKER = textwrap.dedent("""
+    import sys
+    import torch
+    import torch.distributed as dist
+    from open_clip.loss import ClipLoss as OCClip
+    from bmclip.kernels import ClipLoss
+
+    rank, world, init_file = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+    dist.init_process_group("gloo", init_method="file://" + init_file, rank=rank, world_size=world)
+    g = torch.Generator().manual_seed(7)
+    b, d = 5, 12
+    X_img = torch.randn(world * b, d, generator=g, dtype=torch.float64)
+    X_txt = torch.randn(world * b, d, generator=g, dtype=torch.float64)
+    R = torch.randn(world * b, world * b, generator=g, dtype=torch.float64)  # a fixed upstream weighting
+    rows = slice(rank * b, (rank + 1) * b)
+    checked = 0
+    for local_loss in (False, True):
+        for with_grad in (False, True):
+            kw = dict(local_loss=local_loss, gather_with_grad=with_grad, rank=rank, world_size=world)
+            outs = []
+            for cls in (ClipLoss, OCClip):
+                img = X_img[rows].clone().requires_grad_()
+                txt = X_txt[rows].clone().requires_grad_()
+                s = torch.tensor(3.0, requires_grad=True)
+                m = cls(**kw)
+                lpi, lpt = m.get_logits(img, txt, s, torch.tensor(-1.0))
+                if cls is OCClip and not local_loss:
+                    # open_clip 3.3 adds the bias twice here (logits_per_text is a view of logits_per_image
+                    # and both get += bias in place); bmclip adds it once. Cross-entropy rows/columns are
+                    # invariant to that constant shift, so open_clip's loss is unaffected.
+                    lpi, lpt = lpi + 1.0, lpt + 1.0
+                (lpi * R[: lpi.shape[0], : lpi.shape[1]]).sum().backward(retain_graph=True)
+                (lpt * R[: lpt.shape[1], : lpt.shape[0]].T).sum().backward()
+                labels = m.get_ground_truth(img.device, lpi.shape[0])
+                outs.append((lpi.detach(), lpt.detach(), labels, img.grad, txt.grad, s.grad))
+            for a, t in zip(*outs):
+                assert a.dtype == t.dtype and a.shape == t.shape, (kw, a.shape, t.shape)
+                assert torch.allclose(a, t, rtol=1e-12, atol=1e-12), (kw, (a - t).abs().max())
+            checked += 1
+    assert checked == 4
+    dist.barrier()
+    dist.destroy_process_group()
+    print("OK", rank)
+""")
+
+
+def test_get_logits_distributed_matches_open_clip(tmp_path):
+    # Two gloo ranks: get_logits gathers like open_clip's gather_features for every local_loss /
+    # gather_with_grad combination — same logits, labels and gradients reaching each rank's own features.
+    pytest.importorskip("open_clip.loss")
+    (tmp_path / "worker.py").write_text(_GET_LOGITS_WORKER)
+    procs = [subprocess.Popen([sys.executable, str(tmp_path / "worker.py"), str(r), "2", str(tmp_path / "rdzv")],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=dict(os.environ))
+             for r in range(2)]
+    outs = []
+    try:
+        for p in procs:
+            outs.append(p.communicate(timeout=300))
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    for r, (p, (out, err)) in enumerate(zip(procs, outs)):
+        assert p.returncode == 0 and f"OK {r}" in out, f"rank {r}:\n{err[-3000:]}"

@@ -3,10 +3,12 @@ from a local BertConfig) <-> native bmclip model, both directions, fp32 max |dif
 embeddings <= 1e-4; plus key-checking errors on small state dicts."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from test_tokenizer import ADVERSARIAL_TEXTS, _pmc_captions
 
 from bmclip.checkpoint_io import save_state_dict
 from bmclip.errors import CheckpointError, ConfigError
@@ -344,7 +346,47 @@ def test_export_ships_the_training_vocabulary_and_names_it(tmp_path):
     oc_tok = open_clip.get_tokenizer(f"local-dir:{folder}")
     texts = ["A chest X-ray with consolidation.", "Survival curves (Kaplan-Meier) of 2 groups", "zebrafish"]
     assert torch.equal(oc_tok(texts), tok(texts))
+    # Real captions and the strings open_clip's text cleaning changes: same ids through the exported folder.
+    texts += ADVERSARIAL_TEXTS + _pmc_captions(Path(__file__).resolve().parent / "fixtures" / "pmc")
+    assert len(texts) > 100
+    ours, ref = tok(texts), oc_tok(texts)
+    assert ref.shape == ours.shape == (len(texts), 256)
+    assert [t[:60] for t, a, b in zip(texts, ours, ref) if not torch.equal(a, b)] == []
+    # A tokenizer that does not clean is still exported, with a warning that open_clip's ids differ.
+    raw_tok = Tokenizer.from_vocab(folder, clean=False)
+    with pytest.warns(UserWarning, match="clean=False"):
+        raw_folder = export_open_clip(model, tmp_path / "export_raw", tokenizer=raw_tok)
+    assert not Tokenizer.from_vocab(raw_folder).clean
 
     bare = export_open_clip(model, tmp_path / "released", tokenizer=None)  # converted released weights
     assert json.loads((bare / CONFIG_NAME).read_text())["model_cfg"]["text_cfg"]["hf_tokenizer_name"] == BIOMEDBERT
     assert not (bare / "vocab.txt").exists()
+
+
+@pytest.mark.slow
+def test_exported_model_embeds_captions_like_open_clip(tmp_path, fixtures_dir):
+    # End to end through open_clip's own loaders: captions tokenized by open_clip.get_tokenizer("local-dir:...")
+    # and embedded by open_clip's model holding the exported weights == bmclip's tokenizer + model.
+    import open_clip
+    from open_clip.factory import load_checkpoint
+
+    from bmclip.tokenizer import get_tokenizer
+
+    torch.manual_seed(0)
+    ours = create_model("biomedclip-vit-s16-224").eval()
+    _randomise_(ours, seed=3)
+    tok = get_tokenizer()
+    folder = export_open_clip(ours, tmp_path / "export", tokenizer=tok)
+    oc_model = _build_open_clip(json.loads((folder / CONFIG_NAME).read_text())["model_cfg"])
+    load_checkpoint(oc_model, str(folder / WEIGHTS_NAME), strict=True)
+    oc_tok = open_clip.get_tokenizer(f"local-dir:{folder}")
+    captions = [ADVERSARIAL_TEXTS[2], ADVERSARIAL_TEXTS[4], ADVERSARIAL_TEXTS[9],
+                *_pmc_captions(fixtures_dir / "pmc", limit=2)]
+    ids = oc_tok(captions)
+    assert torch.equal(ids, tok(captions))
+    assert not torch.equal(ids, get_tokenizer(clean=False)(captions))  # the cleaning matters for these
+    with torch.no_grad():
+        ot = F.normalize(oc_model.encode_text(ids), dim=-1)
+        bt = F.normalize(ours.encode_text(tok(captions)), dim=-1)
+    dt = (ot - bt).abs().max().item()
+    assert dt <= TOL, dt

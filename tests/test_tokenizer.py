@@ -1,4 +1,6 @@
-"""Tokenizer: identical ids to transformers' BertTokenizerFast / BertTokenizer on the same vocab.txt."""
+"""Tokenizer: with clean=False identical ids to transformers' BertTokenizerFast / BertTokenizer on the same
+vocab.txt; by default (clean=True) identical ids to open_clip's HFTokenizer, the tokenizer open_clip builds
+for BiomedCLIP."""
 
 import shutil
 import xml.etree.ElementTree as ET
@@ -7,7 +9,7 @@ import pytest
 import torch
 
 from bmclip.errors import ConfigError
-from bmclip.tokenizer import SPECIAL_TOKENS, Tokenizer, bundled_vocab_path, get_tokenizer
+from bmclip.tokenizer import SPECIAL_TOKENS, Tokenizer, bundled_vocab_path, clean_text, get_tokenizer
 
 transformers = pytest.importorskip("transformers")
 
@@ -25,6 +27,27 @@ EDGE_TEXTS = [
     "word " * 400,  # far longer than any context length: truncated, [SEP] kept
     "😀 emoji and ∑ math ≤ ≥",
     "a literal [MASK] and [CLS] inside text",
+]
+
+# Text that open_clip's cleaning (ftfy + HTML unescape x2 + whitespace collapse) changes, or that tests it.
+ADVERSARIAL_TEXTS = [
+    "",
+    " \u00a0 ",
+    "Tukey\u2019s multiple comparisons test; Shannon\u2019s diversity index",
+    "\u201cquoted\u201d and \u2018single\u2019 quotes, \u00abguillemets\u00bb",
+    "&amp;lt;b&amp;gt;bold&amp;lt;/b&amp;gt; &amp;amp; more",
+    "p &lt; 0.05 &amp; n &gt; 3; 5&nbsp;\u00b5m &#x3B1;-SMA &#946;",
+    "<i>E. coli</i> &amp; <sub>2</sub>",
+    "scale\u00a0bar\u00a0=\u00a050\u2009\u00b5m\u202fand\u2002spaces\u3000here\u2028line",
+    "zero\u200bwidth\u200cjoiners\u200d and \ufeffBOM \u2060word-joiner \u00adsoft\u00adhyphen",
+    "don\u00e2\u20ac\u2122t, caf\u00c3\u00a9, \u00e2\u20ac\u0153mojibake\u00e2\u20ac\u009d",
+    "e\u0301cole, nai\u0308ve, A\u030angstro\u0308m (combining accents)",
+    "\u03b1\u03b2 T-cells, IL-1\u03b2, TNF-\u03b1, \u0394\u03c8m, \u03a3\u03c9\u03ba\u03c1\u03ac\u03c4\u03b7\u03c2",
+    "\ufb01brosis \ufb02uorescence (ligatures), \uff21\uff22\uff23\uff11\uff12 (full width)",
+    "tabs\tand\nnewlines\r\n  and   runs    of spaces  ",
+    "\x1b[31mANSI\x1b[0m escape and \x07bell",
+    "Tukey\u2019s " * 300,  # far over 256 tokens: truncation after cleaning, [SEP] kept
+    "&amp;lt; " * 300,
 ]
 
 
@@ -78,7 +101,7 @@ def _hf_ids(hf, texts, length):
 def test_bundled_vocab_matches_bert_tokenizer_fast(length, caption_root, tmp_path):
     hf = _fast(bundled_vocab_path(), tmp_path)
     assert len(hf) == get_tokenizer().vocab_size
-    tok = get_tokenizer(context_length=length)
+    tok = get_tokenizer(context_length=length, clean=False)
     texts = EDGE_TEXTS + _pmc_captions(caption_root)
     assert len(texts) > 100  # fixtures: 93 captions of 8 articles
     ours = tok(texts)
@@ -89,7 +112,7 @@ def test_bundled_vocab_matches_bert_tokenizer_fast(length, caption_root, tmp_pat
 def test_matches_slow_python_bert_tokenizer():
     # BertTokenizer is a pure-Python implementation: an independent reference for the Rust pipeline.
     slow = _slow(bundled_vocab_path())
-    tok = get_tokenizer(context_length=64)
+    tok = get_tokenizer(context_length=64, clean=False)
     texts = [t for t in EDGE_TEXTS if "\x00" not in t]
     assert torch.equal(tok(texts), _hf_ids(slow, texts, 64))
 
@@ -97,7 +120,7 @@ def test_matches_slow_python_bert_tokenizer():
 def test_count_tokens_equals_slow_tokenizer_piece_count():
     # count_tokens (the dataset builder's caption-length statistic) == the pure-Python BertTokenizer's pieces
     slow = _slow(bundled_vocab_path())
-    tok = get_tokenizer()
+    tok = get_tokenizer(clean=False)
     texts = [t for t in EDGE_TEXTS if "\x00" not in t] + ["word " * 400]
     assert [tok.count_tokens(t) for t in texts] == [len(slow.tokenize(t)) for t in texts]
     assert tok.count_tokens("word " * 400) == len(tok.tokenize("word " * 400)) > tok.context_length  # untruncated
@@ -128,8 +151,10 @@ def test_train_save_load_roundtrip(tmp_path, caption_root):
     back = Tokenizer.from_vocab(tmp_path / "tok")
     assert back.context_length == 32 and back.vocab_size == tok.vocab_size
     assert torch.equal(back(texts), tok(texts))
+    assert back.clean and tok.clean  # cleaning is the default and is saved
     hf = _fast(tmp_path / "tok" / "vocab.txt", tmp_path)
-    assert torch.equal(tok(texts + EDGE_TEXTS), _hf_ids(hf, texts + EDGE_TEXTS, 32))
+    all_texts = texts + EDGE_TEXTS + ADVERSARIAL_TEXTS
+    assert torch.equal(tok(all_texts), _hf_ids(hf, [clean_text(t) for t in all_texts], 32))
     # A trained vocabulary actually learned the domain: frequent caption words are single tokens.
     assert len(tok.tokenize("cells")) == 1
 
@@ -163,3 +188,79 @@ def test_pickle_roundtrip():
     first = tok(texts)
     back = pickle.loads(pickle.dumps(tok))
     assert torch.equal(back(texts), first) and back.context_length == 24
+
+
+# ------------------------------------------------------------------------------------------------ open_clip
+
+
+def _open_clip_hf_tokenizer(vocab_txt, tmp_path, context_length):
+    """open_clip 3.3's HFTokenizer with its defaults (clean="whitespace"), as ``open_clip.get_tokenizer`` builds it
+    for BiomedCLIP, but offline: instead of the hub name "microsoft/BiomedNLP-BiomedBERT-base-uncased-abstract"
+    it gets a local folder holding ``vocab.txt`` and a hand-written ``tokenizer_config.json`` (uncased
+    BertTokenizer, as the released tokenizer's), which ``AutoTokenizer.from_pretrained`` turns into the same
+    BertTokenizerFast pipeline. PubMedBERT's own vocab.txt is not available offline, so the vocabulary here
+    is bmclip's bundled one; the cleaning under test does not depend on the vocabulary."""
+    import json
+
+    open_clip_tokenizer = pytest.importorskip("open_clip.tokenizer")
+    folder = tmp_path / "oc_tok"
+    folder.mkdir(exist_ok=True)
+    shutil.copy(vocab_txt, folder / "vocab.txt")
+    (folder / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "BertTokenizer",
+                                                              "do_lower_case": True}))
+    return open_clip_tokenizer.HFTokenizer(str(folder), context_length=context_length)
+
+
+@pytest.mark.parametrize("length", [16, 256])
+def test_ids_equal_open_clip_hf_tokenizer(length, caption_root, tmp_path):
+    oc = _open_clip_hf_tokenizer(bundled_vocab_path(), tmp_path, length)
+    assert oc.clean_fn.__name__ == "_clean_whitespace"  # open_clip's default cleaning, the one mirrored
+    tok = get_tokenizer(context_length=length)
+    assert tok.clean
+    texts = ADVERSARIAL_TEXTS + EDGE_TEXTS + _pmc_captions(caption_root)
+    ours, ref = tok(texts), oc(texts)
+    assert ref.shape == ours.shape == (len(texts), length)
+    bad = [t[:60] for t, a, b in zip(texts, ours, ref) if not torch.equal(a, b)]
+    assert not bad, bad
+    assert [clean_text(t) for t in texts] == [oc.clean_fn(t) for t in texts]
+    # The strings are adversarial for real: raw WordPiece ids differ from open_clip's on these.
+    raw = get_tokenizer(context_length=length, clean=False)(ADVERSARIAL_TEXTS)
+    assert sum(not torch.equal(a, b) for a, b in zip(raw, ref[: len(ADVERSARIAL_TEXTS)])) >= 8
+    # Over-long captions are truncated identically: [CLS] ... [SEP] filling the context.
+    long_row = ours[ADVERSARIAL_TEXTS.index("Tukey\u2019s " * 300)]
+    assert long_row[-1] == tok.sep_id and (long_row != 0).all()
+
+
+def test_clean_switch_and_persistence(tmp_path):
+    text = "Shannon\u2019s index &amp;lt; 2"
+    on, off = get_tokenizer(), get_tokenizer(clean=False)
+    assert on.clean and not off.clean
+    assert "\u2019" in off.tokenize(text) and "\u2019" not in on.tokenize(text)
+    assert on.tokenize(text) == off.tokenize("Shannon's index < 2")
+    assert on.count_tokens(text) == len(on.tokenize(text))
+    assert on.encode_batch_lengths([text]) == [on.count_tokens(text) + 2]
+    off.save(tmp_path / "off")
+    assert not Tokenizer.from_vocab(tmp_path / "off").clean  # the saved choice is kept
+    assert Tokenizer.from_vocab(tmp_path / "off", clean=True).clean  # and an explicit one wins
+    assert get_tokenizer(tmp_path / "off" / "vocab.txt").clean  # a bare vocab.txt: the default, on
+    with pytest.raises(ConfigError, match="clean"):
+        Tokenizer(get_tokenizer().vocab, clean="yes")
+    import pickle
+
+    assert not pickle.loads(pickle.dumps(off)).clean
+
+
+def test_train_config_tokenizer_clean_reaches_the_tokenizer(tmp_path):
+    from bmclip.train.config import TrainConfig
+    from bmclip.train.trainer import _load_tokenizer
+
+    cfg = TrainConfig()
+    assert cfg.data.tokenizer_clean is True
+    assert _load_tokenizer(cfg, 32).clean
+    cfg.data.tokenizer_clean = False
+    assert not _load_tokenizer(cfg, 32).clean
+    get_tokenizer().save(tmp_path / "tok")
+    cfg.data.tokenizer = str(tmp_path / "tok")
+    assert not _load_tokenizer(cfg, 32).clean
+    cfg.data.tokenizer_clean = True
+    assert _load_tokenizer(cfg, 32).clean

@@ -60,6 +60,7 @@ class DataSection:
     # vocab.txt / tokenizer dir; "" = bmclip's bundled default (a 4,096-id vocabulary that fits small
     # models only: models with a larger text vocabulary, e.g. the biomedclip preset, require this key)
     tokenizer: str = ""
+    tokenizer_clean: bool = True  # open_clip's text cleaning (ftfy, HTML unescape, whitespace) before WordPiece
     val_max_samples: int = 10000
     # warn (stderr + metrics) when the loader skips more than this fraction of the samples it reads
     max_skip_rate: float = 0.01

@@ -157,8 +157,8 @@ def _load_tokenizer(cfg: TrainConfig, context_length: int):
     from bmclip.tokenizer import Tokenizer, get_tokenizer
 
     if cfg.data.tokenizer:
-        return Tokenizer.from_vocab(cfg.data.tokenizer, context_length=context_length)
-    return get_tokenizer(context_length=context_length)
+        return Tokenizer.from_vocab(cfg.data.tokenizer, context_length=context_length, clean=cfg.data.tokenizer_clean)
+    return get_tokenizer(context_length=context_length, clean=cfg.data.tokenizer_clean)
 
 
 def augment_backend(cfg: TrainConfig, device: torch.device) -> str:
