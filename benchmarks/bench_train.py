@@ -176,8 +176,13 @@ def _profile_or_error(step_fn, device):
         return _error(e)
 
 
-def tower_backends(model) -> dict:
-    """The attention backend every attention module of each tower is configured with (bmclip model)."""
+def tower_backends(model, device=None) -> dict:
+    """The attention backend each tower of a bmclip model runs on ``device`` (``auto`` resolved by the model:
+    SDPA for the ViT and Triton for the unpadded text tower on CUDA), else the configured names."""
+    resolve = getattr(model, "attn_backends", None)
+    if callable(resolve):
+        ran = resolve(device)
+        return {"visual": [ran["image"]], "text": [ran["text"]]}
     out = {}
     for tower in ("visual", "text"):
         mod = getattr(model, tower, None)
@@ -281,7 +286,7 @@ def bench_batch(args, b, device, mcfg, peak, rows=None, *, grad_checkpointing=Fa
             overrides["fused_ops"] = args.fused_ops
         model = create_model(mcfg, **overrides).to(device).train()
         ckpt_state = set_checkpointing(model, grad_checkpointing)
-        backends = tower_backends(model)
+        backends = tower_backends(model, device)
         fwd = torch.compile(model) if args.compile else model
         opt = build_optimizer(model, OptimSection(), device.type)
         lf = ClipLoss()

@@ -80,8 +80,8 @@ def torch_backward(A, C, scale, bias, off, loss, row_lse, col_lse, row_coef, col
     Cf = C.to(acc)
     dA = torch.empty((M, D), dtype=out_dtype, device=A.device)
     dC = torch.zeros((N, D), dtype=acc, device=A.device)
-    ds = torch.zeros((), dtype=acc, device=A.device)
-    db = torch.zeros((), dtype=acc, device=A.device)
+    ds = torch.zeros((), dtype=torch.float64, device=A.device)  # float64 sums, returned in ``acc``
+    db = torch.zeros((), dtype=torch.float64, device=A.device)
     step = _chunk_rows(N)
     for r0 in range(0, M, step):
         r1 = min(M, r0 + step)
@@ -106,14 +106,17 @@ def torch_backward(A, C, scale, bias, off, loss, row_lse, col_lse, row_coef, col
             if di is not None:
                 x[di] = -x[di]
             x.mul_(sig_coef.reshape(()).to(acc))
-        ds += torch.dot(x.view(-1), raw.view(-1))
-        db += x.sum()
+        # d scale / d bias sum B×B terms of both signs that cancel heavily: one dot product per row (no
+        # temporary of the chunk's size), then the rows summed in float64, so that the result does not depend
+        # on how a single B×B-long fp32 reduction is split over threads.
+        ds += torch.bmm(x.unsqueeze(1), raw.unsqueeze(2)).reshape(-1).sum(dtype=torch.float64)
+        db += x.sum(dim=1).sum(dtype=torch.float64)
         del raw
         dA[r0:r1] = (x @ Cf).mul_(s).to(out_dtype)
         dC.addmm_(x.T, Af)
         del x, Af
     dC.mul_(s)
-    return dA, dC.to(out_dtype), ds, db
+    return dA, dC.to(out_dtype), ds.to(acc), db.to(acc)
 
 
 def positives_fp32(A, C, scale, bias, off):
