@@ -51,6 +51,22 @@ _FWD_BM = 64
 _MAXW_FWD = 768
 _MAXW_BWD = 512
 _MAXW_BWD_SPLIT = 256  # when D needs several chunks: narrower ones (less register pressure in the K loop)
+
+
+def _triton_version() -> tuple[int, int]:
+    if not HAS_TRITON:
+        return (0, 0)
+    parts = triton.__version__.split(".")
+    try:
+        return int(parts[0]), int(parts[1])
+    except (IndexError, ValueError):
+        return (0, 0)
+
+
+# The one-chunk (resident, 5-pass) backward at D ≤ 512 compiles spill-free on Triton 3.6-3.8, but Triton 3.9's
+# register allocation spills 8-120 B a thread in every one of its configs (ptxas, sm_90, the CI compile-facts
+# check). There the backward takes chunks of 256 instead: spill-free, 1 + 2 × 3 = 7 passes at D = 512.
+_RESIDENT_BWD = _triton_version() < (3, 9)
 _MAXW_FP32 = 128
 # The fixed fp32 config (CUDA): small tiles, IEEE dots on CUDA cores.
 _FP32_BLOCK = dict(BM=32, BN=32, num_warps=4, num_stages=2)
@@ -93,7 +109,7 @@ def _maxw(kind: str, D: int, ieee: bool, interpreted: bool) -> int:
         return _MAXW_FP32
     if kind == "fwd":
         return _MAXW_FWD
-    return _MAXW_BWD if D <= _MAXW_BWD else _MAXW_BWD_SPLIT
+    return _MAXW_BWD if (D <= _MAXW_BWD and _RESIDENT_BWD) else _MAXW_BWD_SPLIT
 
 
 def fwd_geometry(M: int, N: int, D: int, BM: int, BN: int, BD0: int, BD1: int) -> dict:

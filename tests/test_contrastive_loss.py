@@ -16,7 +16,7 @@ from bmclip.kernels import ClipLoss, SigLipLoss, clip_loss, siglip_loss
 from bmclip.kernels import contrastive as C
 from bmclip.kernels import contrastive_torch as CTorch
 from bmclip.kernels import contrastive_triton as CT
-from bmclip.kernels._triton_utils import HAS_TRITON, is_interpreted
+from bmclip.kernels._triton_utils import HAS_TRITON, is_interpreted, triton
 
 INTERP = HAS_TRITON and is_interpreted(C._triton_probe_kernel)
 needs_triton_here = pytest.mark.skipif(
@@ -485,15 +485,24 @@ def _kept_configs(kc):
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 @pytest.mark.parametrize("loss", [CT.CLIP, CT.SIGLIP])
 def test_work_model_passes_of_every_kept_config(loss):
-    # D = 512: the row block and the accumulator hold all of D → 1 forward + 2 × 2 backward passes, exactly.
+    # D = 512: the row block and the accumulator hold all of D → 1 forward + 2 × 2 backward passes, exactly
+    # (Triton 3.6-3.8). On Triton >= 3.9 that backward spills, so it runs 2 chunks of 256: 1 + 2 × 3 = 7.
     B = 4096
-    f512, b512 = _kept_configs(512)
+    if CT._RESIDENT_BWD:
+        f512, b512 = _kept_configs(512)
+        want, chunks = 5.0, (512, 0)
+    else:
+        f512, b512 = CT.fwd_configs(512), CT.bwd_configs(256, False)
+        want, chunks = 7.0, (256, 0)
+    assert CT._RESIDENT_BWD == (tuple(int(x) for x in triton.__version__.split(".")[:2]) < (3, 9))
     assert 1 <= len(f512) <= 4 and 1 <= len(b512) <= 4
     for fc in f512:
         for bc in b512:
             w = CT.loss_work(B, 512, torch.bfloat16, fc, bc, loss=loss, interpreted=False)
-            assert w["passes"] == 5.0, (fc, bc, w["passes"])
-            assert w["bwd_chunks"] == (512, 0) and all(x["k_trips"] == 1 for x in w["launches"])
+            assert w["passes"] == want, (fc, bc, w["passes"])
+            assert w["bwd_chunks"] == chunks
+            if CT._RESIDENT_BWD:
+                assert all(x["k_trips"] == 1 for x in w["launches"])
     # D = 768: the true count of the plan the launcher uses — S backward D chunks cost S recomputes + 1 product
     # per orientation (S = 1: resident, 5 passes).
     bd0, bd1 = CT._plan("bwd", 768, False, False)
@@ -508,7 +517,7 @@ def test_work_model_passes_of_every_kept_config(loss):
             assert w["passes"] == 1 + 2 * (S + 1), (fc, bc, w["passes"], S)
     # above the column-partial buffer limit the CLIP forward takes a second, transposed launch
     big = CT.loss_work(1 << 20, 512, torch.bfloat16, interpreted=False, loss=loss)
-    assert big["passes"] == (6.0 if loss == CT.CLIP else 5.0)
+    assert big["passes"] == want + (1.0 if loss == CT.CLIP else 0.0)
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
