@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from bmclip.data.pmc import build_dataset, parse_jats
@@ -1053,6 +1054,40 @@ def test_shards_sorted_by_key_and_open_clip_reads_sizes_json(tmp_path):
     assert json.loads((out / "sizes.json").read_text()) == {"train-000000.tar": 17} == {
         p.name: stats2["pairs"]["train"] for p in out.glob("*.tar")
     }
+
+
+def test_open_clip_train_get_wds_dataset_trains_on_bmclip_shards_without_num_samples(tmp_path):
+    """open_clip_train's own training loader (``get_wds_dataset``, train split, no ``--train-num-samples``) on a
+    bmclip build: it finds the sample count in sizes.json and yields every training pair once per epoch."""
+    ocd = pytest.importorskip("open_clip_train.data", reason="open_clip_train needs webdataset, braceexpand, pandas")
+    from types import SimpleNamespace
+
+    src = tmp_path / "in"
+    src.mkdir()
+    _package(src, "PMC7000", n_figs=5, seed=410, size=(120, 90))
+    _package(src, "PMC7001", n_figs=4, seed=411, size=(120, 90))
+    out = tmp_path / "o"
+    stats = _build([src], out, shard_size=3, val_fraction=0, test_fraction=0, seed=1)
+    n = stats["pairs"]["train"]
+    assert n == 9
+    pattern = str(out / json.loads((out / "manifest.json").read_text())["splits"]["train"]["pattern"])
+    args = SimpleNamespace(train_data=pattern, train_num_samples=None, train_data_upsampling_factors=None,
+                           val_data=None, val_num_samples=None, seed=0, workers=0, batch_size=3, world_size=1)
+
+    def preprocess(img):  # PIL image -> (3, 32, 32) float tensor, as any open_clip preprocess returns
+        return torch.from_numpy(np.asarray(img.convert("RGB").resize((32, 32)), dtype=np.float32)).permute(2, 0, 1)
+
+    def tokenizer(text):  # open_clip tokenizers take a list of texts -> (n, context) ids
+        return torch.tensor([[len(t) for t in ([text] if isinstance(text, str) else text)]])
+
+    info = ocd.get_wds_dataset(args, preprocess, is_train=True, tokenizer=tokenizer)
+    loader = info.dataloader
+    assert loader.num_samples == n and loader.num_batches == 3
+    seen = 0
+    for images, texts in loader:
+        assert images.shape[1:] == (3, 32, 32) and len(texts) == len(images)
+        seen += len(images)
+    assert seen == n
 
 
 def test_interrupted_merge_leaves_no_stale_sample_counts(tmp_path, monkeypatch):
