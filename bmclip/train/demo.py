@@ -3,8 +3,8 @@
 1. generate a corpus of PMC-style article packages (JATS XML + rendered figures of six figure types,
    captions that describe what is drawn) with ``bmclip.demo_corpus``;
 2. build webdataset shards with the PMC builder (train / val / test split by article);
-3. train a WordPiece tokenizer on the TRAIN captions only, then train the ``tiny`` model with the real
-   trainer (shard loader, global contrastive loss, checkpoints, metrics);
+3. train the ``tiny`` model with the real trainer (bundled PMC WordPiece vocabulary, shard loader, global
+   contrastive loss, checkpoints, metrics);
 4. evaluate on the held-out TEST articles: image<->text retrieval R@1/5/10 and zero-shot figure-type
    classification with prompts built from the six class names and their synonyms;
 5. write ``OUT/report.json`` and PNG curves, and print a short summary.
@@ -36,7 +36,6 @@ class DemoSize:
     steps: int
     batch_size: int
     max_train_seconds: float
-    vocab_size: int = 2048
 
 
 # Training throughput of the tiny model at batch 32 on a 2-core machine that other work kept busy:
@@ -118,13 +117,14 @@ def run_demo(out_dir: str | os.PathLike = "bmclip-demo", size: str = "small", se
     _log(f"built shards {stats['pairs']} in {timings['build_s']:.1f}s -> {shards}", quiet)
     train_pat, val_pat, test_pat = (_shard_pattern(shards, s) for s in ("train", "val", "test"))
 
-    # 3) tokenizer from the training captions only, then training
+    # 3) the bundled PMC vocabulary (not one trained here: the WordPiece trainer of `tokenizers` breaks ties in
+    #    hash order, so two trainings on the same captions give different vocabularies and the report would not
+    #    be the same from run to run), then training
     from bmclip.model.config import get_preset
-    from bmclip.tokenizer import Tokenizer
+    from bmclip.tokenizer import get_tokenizer
 
     mcfg = get_preset("tiny")
-    tok = Tokenizer.train(_read_captions(_urls(train_pat)), vocab_size=min(sz.vocab_size, mcfg.text.vocab_size),
-                          context_length=mcfg.text.context_length)
+    tok = get_tokenizer(None, context_length=mcfg.text.context_length)
     tok_dir = out / "tokenizer"
     tok.save(tok_dir)
 
