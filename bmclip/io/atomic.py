@@ -1,0 +1,72 @@
+"""Atomic file writes: a temporary file beside the target, fsynced, renamed over it, the folder fsynced.
+
+A process killed at any point leaves either the old file or the new one, never a half-written file; the
+temporary name starts with a dot and ends in ``.tmp`` so readers and globbing skip it, and it is removed
+when the write fails.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO, Any
+
+__all__ = ["atomic_torch_save", "atomic_write_bytes", "atomic_write_text", "atomic_writer", "fsync_dir"]
+
+
+def fsync_dir(path: str | os.PathLike) -> None:
+    """fsync a directory so a rename inside it is durable (a no-op where directories cannot be opened)."""
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_writer(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
+    """Open a temporary file beside ``path`` (``mode`` "wb" or "w"); on success fsync it and rename it to ``path``.
+
+    An exception inside the ``with`` block removes the temporary file and leaves ``path`` untouched.
+    """
+    if mode not in ("wb", "w"):
+        raise ValueError(f"atomic_writer mode must be 'wb' or 'w', not {mode!r}")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    fsync_dir(path.parent)
+
+
+def atomic_write_bytes(data: bytes, path: str | os.PathLike) -> int:
+    """Atomically write ``data`` to ``path``; returns the number of bytes written."""
+    with atomic_writer(path, "wb") as f:
+        f.write(data)
+    return len(data)
+
+
+def atomic_write_text(text: str, path: str | os.PathLike) -> int:
+    """Atomically write ``text`` (UTF-8) to ``path``; returns the file size in bytes."""
+    return atomic_write_bytes(text.encode("utf-8"), path)
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike) -> int:
+    """``torch.save(obj)`` to ``path`` atomically; returns the file size in bytes."""
+    import torch  # bmclip.io is imported by torch-free tools (the dataset builder's workers)
+
+    with atomic_writer(path, "wb") as f:
+        torch.save(obj, f)
+    return Path(path).stat().st_size

@@ -1,0 +1,59 @@
+"""bmclip.io.atomic: a write either lands whole or leaves the old file as it was."""
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from bmclip.io import atomic_torch_save, atomic_write_bytes, atomic_write_text, atomic_writer
+
+
+def test_writes_land_whole(tmp_path):
+    assert atomic_write_bytes(b"abc", tmp_path / "sub" / "a.bin") == 3
+    assert (tmp_path / "sub" / "a.bin").read_bytes() == b"abc"
+    atomic_write_text("héllo", tmp_path / "t.txt")
+    assert (tmp_path / "t.txt").read_text(encoding="utf-8") == "héllo"
+    n = atomic_torch_save({"w": torch.arange(5)}, tmp_path / "m.pt")
+    assert n == (tmp_path / "m.pt").stat().st_size
+    assert torch.equal(torch.load(tmp_path / "m.pt", weights_only=True)["w"], torch.arange(5))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.pt", "sub", "t.txt"]
+
+
+def test_failure_keeps_old_file_and_leaves_no_temp(tmp_path):
+    target = tmp_path / "a.txt"
+    target.write_text("old")
+    with pytest.raises(KeyError), atomic_writer(target, "w") as f:
+        f.write("new, half")
+        raise KeyError("boom")
+    assert target.read_text() == "old"
+    assert os.listdir(tmp_path) == ["a.txt"]
+    with pytest.raises(ValueError, match="mode"), atomic_writer(target, "ab"):
+        pass
+
+
+def test_killed_writer_leaves_old_file(tmp_path):
+    target = tmp_path / "a.bin"
+    target.write_bytes(b"old")
+    code = textwrap.dedent(f"""
+        import sys, time
+        from bmclip.io import atomic_writer
+        with atomic_writer({str(target)!r}) as f:
+            f.write(b"x" * 1000)
+            f.flush()
+            print("writing", flush=True)
+            time.sleep(60)
+    """)
+    p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert p.stdout.readline().strip() == "writing"
+        p.send_signal(signal.SIGKILL)
+        p.wait(timeout=30)
+    finally:
+        p.kill()
+    assert target.read_bytes() == b"old"
+    leftovers = [n for n in os.listdir(tmp_path) if n != "a.bin"]
+    assert all(n.startswith(".a.bin.") and n.endswith(".tmp") for n in leftovers)
