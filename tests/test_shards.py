@@ -42,3 +42,15 @@ def test_split_shards_partition():
     assert shard_order(5, 0, 0, shuffle=False) == [0, 1, 2, 3, 4]
     assert shard_order(50, 0, 0, True) != shard_order(50, 0, 1, True)
     assert shard_order(50, 0, 1, True) == shard_order(50, 0, 1, True)
+
+
+def test_expand_urls_globs_local_paths_sorted(tmp_path):
+    for name in ["b-1.tar", "a-2.tar", "a-1.tar", "c.txt"]:
+        (tmp_path / name).write_bytes(b"")
+    got = expand_urls(f"{tmp_path}/a-*.tar::{tmp_path}/{{b,a}}-?.tar")
+    a1, a2, b1 = (f"{tmp_path}/{n}" for n in ["a-1.tar", "a-2.tar", "b-1.tar"])
+    assert got == [a1, a2, b1, a1, a2]
+    with pytest.raises(ConfigError, match="no shards match"):
+        expand_urls(f"{tmp_path}/z-*.tar")
+    # URLs are passed through: globbing them is the remote filesystem's business.
+    assert expand_urls("s3://bucket/x-*.tar") == ["s3://bucket/x-*.tar"]

@@ -1,13 +1,15 @@
 """Shard lists: brace expansion of shard patterns and the per-(seed, epoch, rank, worker) shard split.
 
-Pattern syntax is the one webdataset users write (bash brace expansion, no globbing):
+Pattern syntax is the one webdataset users write (bash brace expansion), plus globs on local paths:
 
 - ``pmc-{000000..000099}.tar``: numeric range, inclusive; zero-padded to the widest endpoint when
   either endpoint has a leading zero (bash rule); an optional step ``{0..10..2}``;
 - ``{a..e}``: single-letter range;
 - ``{train,val}-{0..3}.tar``: alternatives, nested and combined freely (cartesian product, left to
   right, so the order is the order a reader expects);
-- several patterns in one string separated by ``::`` (webdataset's convention), or a list of them.
+- several patterns in one string separated by ``::`` (webdataset's convention), or a list of them;
+- ``shards/pmc-*.tar``: after brace expansion, a local path holding ``*``, ``?`` or ``[`` is a glob, sorted;
+  a glob that matches nothing is an error.
 
 Braces that do not form a valid group (unbalanced, ``{x}`` with neither ``,`` nor ``..``) are an error,
 not a literal, so that a typo never silently names a single non-existent shard.
@@ -15,6 +17,7 @@ not a literal, so that a typo never silently names a single non-existent shard.
 
 from __future__ import annotations
 
+import glob
 import re
 from collections.abc import Iterable, Sequence
 
@@ -110,6 +113,19 @@ def braceexpand(pattern: str) -> list[str]:
     return [head + item + t for item in items for t in tails]
 
 
+def _is_url(s: str) -> bool:
+    return "://" in s or s.startswith("pipe:")
+
+
+def _glob(path: str) -> list[str]:
+    if _is_url(path) or not any(ch in path for ch in "*?["):
+        return [path]
+    hits = sorted(glob.glob(path))
+    if not hits:
+        raise ConfigError(f"no shards match {path!r}")
+    return hits
+
+
 def expand_urls(urls: str | Sequence[str] | Iterable[str]) -> list[str]:
     """Shard paths from a brace pattern, a ``::``-joined string of patterns, or a list of either."""
     if isinstance(urls, (str, bytes)) or hasattr(urls, "__fspath__"):
@@ -124,7 +140,7 @@ def expand_urls(urls: str | Sequence[str] | Iterable[str]) -> list[str]:
             raise ConfigError(f"shard url must be a str or path, got {type(u).__name__}")
         for part in u.split("::"):
             if part:
-                out.extend(braceexpand(part))
+                out.extend(x for b in braceexpand(part) for x in _glob(b))
     if not out:
         raise ConfigError("no shards: the url list / pattern expands to nothing")
     return out
