@@ -569,7 +569,7 @@ def test_articleset_deep_nesting_and_internal_errors(tmp_path, monkeypatch):
 
 
 def _dies_on_chunk_3(args):
-    from bmclip.data.pmc.build import _chunk_task_impl
+    from bmclip.data.pmc.stage import _chunk_task_impl
 
     if args[0] == 3:
         os._exit(1)  # what the OOM killer does to a worker
@@ -583,10 +583,10 @@ def test_dead_worker_is_an_error_and_rerun_resumes(tmp_path, monkeypatch):
         _package(src, f"PMC{6000 + i}", n_figs=1, seed=600 + i)
     ref = tmp_path / "ref"
     _build([src], ref, chunk_size=1)
-    from bmclip.data.pmc import build as build_mod
+    from bmclip.data.pmc import stage as stage_mod
 
     # the pool forks its workers, so they see the patched module attribute
-    monkeypatch.setattr(build_mod, "_chunk_task", _dies_on_chunk_3)
+    monkeypatch.setattr(stage_mod, "_chunk_task", _dies_on_chunk_3)
     out = tmp_path / "out"
     with pytest.raises(DataError, match="worker process died.*rerun"):
         _build([src], out, chunk_size=1, num_workers=2)
@@ -940,14 +940,14 @@ def test_passthrough_in_build_and_cli_flag(fixtures_dir, tmp_path, capsys):
 
 
 def test_ustar_header_identical_to_tarfile():
-    from bmclip.data.pmc.build import _ustar_header
+    from bmclip.data.pmc.shard_writer import ustar_header
 
     for name in ["a.jpg", "PMC10802347_F3.json", "x" * 100, "é" * 40 + ".txt", "y" * 101 + "/z.jpg"]:
         for size in [0, 1, 511, 512, 123_456_789, 8**11 - 1]:
             ti = tarfile.TarInfo(name)
             ti.size, ti.mtime, ti.mode, ti.uid, ti.gid, ti.uname, ti.gname = size, 0, 0o644, 0, 0, "", ""
             ti.type = tarfile.REGTYPE
-            assert _ustar_header(name, size) == ti.tobuf(format=tarfile.USTAR_FORMAT, encoding="utf-8")
+            assert ustar_header(name, size) == ti.tobuf(format=tarfile.USTAR_FORMAT, encoding="utf-8")
 
 
 def test_cli_summary_warnings_and_exit_status(tmp_path, capsys):
@@ -1093,7 +1093,7 @@ def test_open_clip_train_get_wds_dataset_trains_on_bmclip_shards_without_num_sam
 def test_interrupted_merge_leaves_no_stale_sample_counts(tmp_path, monkeypatch):
     # A merge that dies while writing shards must not leave an earlier build's sizes.json / manifest.json
     # describing the folder (open_clip would train on the wrong sample count); rerunning completes it.
-    from bmclip.data.pmc import build as build_mod
+    from bmclip.data.pmc.shard_writer import ShardWriter
 
     src = tmp_path / "in"
     src.mkdir()
@@ -1106,14 +1106,63 @@ def test_interrupted_merge_leaves_no_stale_sample_counts(tmp_path, monkeypatch):
     def boom(self):
         raise OSError("disk full")
 
-    monkeypatch.setattr(build_mod._ShardWriter, "close_shard", boom)
+    monkeypatch.setattr(ShardWriter, "close_shard", boom)
     with pytest.raises(OSError, match="disk full"):
         merge_staging([out / "_staging"], out, BuildOptions(shard_size=4, val_fraction=0, test_fraction=0),
                       progress=False)  # fmt: skip
     assert not (out / "sizes.json").exists() and not (out / "manifest.json").exists()
     monkeypatch.undo()
+    # what a merge killed inside a write leaves: temporary files beside the targets (never under a final name)
+    (out / ".train-000001.tar.k3j2x9.tmp").write_bytes(b"half a shard")
+    (out / ".stats.json.tmp-4242").write_bytes(b"{")
     merge_staging([out / "_staging"], out, BuildOptions(shard_size=4, val_fraction=0, test_fraction=0),
                   progress=False)  # fmt: skip
     assert json.loads((out / "sizes.json").read_text()) == {"train-000000.tar": 4, "train-000001.tar": 2}
     assert sorted(p.name for p in out.glob("*.tar")) == ["train-000000.tar", "train-000001.tar"]
     assert not [p for p in out.iterdir() if ".tmp-" in p.name]
+    assert not [p for p in out.iterdir() if p.name.startswith(".") or p.name.endswith(".tmp")]
+
+
+def test_stage_rerun_replaces_partial_chunks(tmp_path):
+    # A stage killed while writing a chunk leaves a temporary file and no chunk-N.bin: the rerun removes the
+    # temporary file, redoes only that chunk (same bytes) and reports the others as resumed.
+    src = tmp_path / "in"
+    src.mkdir()
+    for i in range(4):
+        _package(src, f"PMC{6200 + i}", n_figs=1, seed=520 + i, size=(200, 150))
+    staging = tmp_path / "st"
+    opts = BuildOptions(chunk_size=1)
+    first = stage([src], staging, opts, num_workers=0, progress=False)
+    assert first["chunks"] == 4 and first["chunks_resumed"] == 0 and first["samples_staged_now"] == 4
+    chunks = staging / "chunks"
+    before = {p.name: p.read_bytes() for p in chunks.iterdir()}
+    assert sorted(before) == [f"chunk-{i:06d}.bin" for i in range(4)]
+    (chunks / "chunk-000002.bin").unlink()
+    (chunks / ".chunk-000002.bin.a8f3k1.tmp").write_bytes(before["chunk-000002.bin"][:100])
+    (chunks / ".chunk-000003.bin.tmp-31337").write_bytes(b"BMCHUNK1")
+    again = stage([src], staging, opts, num_workers=0, progress=False)
+    assert again["chunks_resumed"] == 3 and again["samples_staged_now"] == 1
+    assert {p.name: p.read_bytes() for p in chunks.iterdir()} == before
+
+
+def test_builder_runs_without_torch_and_cxx_extension(fixtures_dir, tmp_path):
+    # The builder (and its workers) is pure Python: with torch and bmclip._C unimportable a build still
+    # writes every pair, counts caption tokens with bmclip's tokenizer and resizes with Pillow.
+    out = tmp_path / "o"
+    code = (
+        "import json, sys\n"
+        "sys.modules['torch'] = None\n"
+        "sys.modules['bmclip._C'] = None\n"
+        "from bmclip.data.pmc import build_dataset, media\n"
+        f"s = build_dataset([{str(fixtures_dir / 'pmc')!r}], {str(out)!r}, num_workers=0, val_fraction=0,"
+        " test_fraction=0, progress=False)\n"
+        "print(json.dumps({'pairs': s['pairs'], 'tokenizer': s['caption_tokens']['tokenizer'],"
+        " 'native': media._native_decoder() is not None}))\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    got = json.loads(r.stdout.strip().splitlines()[-1])
+    assert got["native"] is False
+    assert got["pairs"] == {"train": 8, "val": 0, "test": 0}  # as test_fixture_copies_in_ci, in process
+    assert got["tokenizer"].startswith("bmclip.tokenizer.get_tokenizer() WordPiece")
+    assert len(_read_shards(out)) == 8

@@ -1,0 +1,150 @@
+"""Merge: complete staging dirs -> deduplicated, split webdataset shards, stats, sizes and manifest.
+
+One or many staging dirs (slices) are read as one stream in global package-key order (k-way merge), so the
+output does not depend on the number of workers or slices: duplicate articles (same PMCID/DOI in two
+packages) keep the first, exact and near-duplicate images keep the first (:mod:`~bmclip.data.pmc.dedup`),
+each article goes to one split by ``sha256(seed:PMCID)``, and samples go to ``{split}-{000000..}.tar``
+webdataset shards of ``shard_size`` samples (:mod:`~bmclip.data.pmc.shard_writer`), then ``stats.json``
+(+ ``stats.png``), ``sizes.json`` (shard name -> samples, what open_clip_train reads) and ``manifest.json``.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import heapq
+import json
+import os
+import re
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+from tqdm import tqdm
+
+from bmclip.data.pmc.dedup import Deduplicator
+from bmclip.data.pmc.options import SPLITS, BuildOptions
+from bmclip.data.pmc.shard_writer import SAMPLE_MEMBERS, ShardWriter
+from bmclip.data.pmc.stage import remove_partial_files, staging_stream
+from bmclip.data.pmc.stats import STATS_FORMAT, BuildStats, write_plots
+from bmclip.errors import ConfigError, DataError
+from bmclip.io import atomic_write_bytes
+
+__all__ = ["merge_staging", "split_of"]
+
+_SHARD_FILE = re.compile(r"^(train|val|test)-\d{6}\.(tar|idx)$")
+
+
+def split_of(article_id: str, seed: int, val_fraction: float, test_fraction: float) -> str:
+    """Split of an article from sha256(f'{seed}:{article_id}') mapped to [0, 1): test, then val, then train."""
+    h = hashlib.sha256(f"{seed}:{article_id}".encode()).digest()
+    u = int.from_bytes(h[:8], "big") / 2.0**64
+    if u < test_fraction:
+        return "test"
+    if u < test_fraction + val_fraction:
+        return "val"
+    return "train"
+
+
+def _read_plans(stagings: list[Path]) -> list[dict]:
+    plans = []
+    for s in stagings:
+        if not (s / "plan.json").is_file():
+            raise DataError(f"{s} is not a staging dir (no plan.json)")
+        plans.append(json.loads((s / "plan.json").read_text()))
+    if len({json.dumps(p["options"], sort_keys=True) for p in plans}) > 1:
+        raise ConfigError("staging dirs were made with different stage options; they cannot be merged")
+    return plans
+
+
+def merge_staging(
+    stagings: list[str | os.PathLike],
+    output: str | os.PathLike,
+    options: BuildOptions | None = None,
+    *,
+    progress: bool = True,
+) -> dict:
+    """Merge complete staging dirs into deduplicated, split webdataset shards + manifest + stats; returns stats."""
+    opts = options or BuildOptions()
+    opts.validate()
+    if not stagings:
+        raise ConfigError("merge needs at least one staging dir")
+    stagings = [Path(s) for s in stagings]
+    plans = _read_plans(stagings)
+    out = Path(output)
+    out.mkdir(parents=True, exist_ok=True)
+    remove_partial_files(out)
+    for name in ("sizes.json", "manifest.json"):
+        # An earlier build's sample counts would describe shards this merge is about to replace: until it
+        # finishes, the folder has none (a killed merge leaves no counts that disagree with its shards).
+        (out / name).unlink(missing_ok=True)
+    dedup = Deduplicator(opts.near_dup_threshold, opts.near_dup_max_mad) if opts.dedup else None
+    writers = {s: ShardWriter(out, s, opts.shard_size) for s in SPLITS}
+    stats = BuildStats()
+    for p in plans:
+        for reason, n in p.get("discovery_skips", {}).items():
+            stats.skip("package", reason, n)
+    seen_articles: set[str] = set()
+    merged = heapq.merge(*(staging_stream(s) for s in stagings), key=lambda rb: rb[0]["key"])
+    bar = tqdm(unit="pkg", desc="merge", file=sys.stderr, disable=not progress, dynamic_ncols=True)
+    try:
+        for rec, blob in merged:
+            bar.update(1)
+            stats.add_package(rec)
+            dup_articles = set()
+            for a in rec["articles"]:
+                stats.articles += 1
+                stats.figures += a["figures"]
+                if a["id"] in seen_articles:
+                    dup_articles.add(a["id"])
+                    stats.skip("article", "duplicate_article")
+                    continue
+                seen_articles.add(a["id"])
+            split_seen = set()
+            for s in rec["samples"]:
+                m = s["meta"]
+                if m["article_id"] in dup_articles:
+                    stats.skip("figure", "duplicate_article")
+                    continue
+                reason = None
+                if dedup is not None:
+                    reason = dedup.check_and_add(s["sha"], s["dhash"], base64.b64decode(s["thumb"]))
+                if reason:
+                    stats.skip("figure", reason)
+                    continue
+                split = split_of(m["article_id"], opts.seed, opts.val_fraction, opts.test_fraction)
+                jpg = blob[s["offset"] : s["offset"] + s["length"]]
+                js = json.dumps(m, sort_keys=True, ensure_ascii=False).encode("utf-8")
+                writers[split].add(m["key"], jpg, js, s["caption"].encode("utf-8"))
+                first = (m["article_id"], split) not in split_seen
+                split_seen.add((m["article_id"], split))
+                stats.add_pair(split, s, first_of_article=first)
+        for w in writers.values():
+            w.close_shard()
+    finally:
+        bar.close()
+    shards = [sh for s in SPLITS for sh in writers[s].shards]
+    keep = {sh["name"] for sh in shards} | {sh["index"] for sh in shards}
+    for f in out.iterdir():
+        if _SHARD_FILE.match(f.name) and f.name not in keep:
+            f.unlink()  # left by an earlier, larger build into the same dir
+    stats_dict = stats.as_dict(opts)
+    manifest = {
+        "format": STATS_FORMAT,
+        "shards": shards,
+        "splits": {
+            s: {"num_shards": len(writers[s].shards), "num_samples": stats.pairs[s], "pattern": writers[s].pattern()}
+            for s in SPLITS
+        },
+        "sample_members": list(SAMPLE_MEMBERS),
+        "options": asdict(opts),
+        "stagings": [str(s) for s in stagings],
+    }
+    atomic_write_bytes(json.dumps(stats_dict, indent=1, ensure_ascii=False).encode("utf-8"), out / "stats.json")
+    write_plots(out / "stats.png", stats_dict)
+    # open_clip_train (get_dataset_size) reads the sample count of each shard from
+    # sizes.json beside the shards: shard file name -> samples.
+    sizes = {sh["name"]: sh["num_samples"] for sh in sorted(shards, key=lambda sh: sh["name"])}
+    atomic_write_bytes(json.dumps(sizes, indent=1).encode("utf-8"), out / "sizes.json")
+    atomic_write_bytes(json.dumps(manifest, indent=1).encode("utf-8"), out / "manifest.json")
+    return stats_dict

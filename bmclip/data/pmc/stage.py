@@ -1,0 +1,463 @@
+"""Staging: article packages -> figure-caption samples, written as resumable chunk files.
+
+The packages (found by :mod:`bmclip.data.pmc.sources`, sorted by key) are cut into chunks of
+``chunk_size`` in key order. A process pool handles one chunk per task: read package -> parse JATS -> per
+figure: caption filters -> resolve graphic -> decode / filter / resize / encode
+(:mod:`~bmclip.data.pmc.media`). Each chunk's result is written atomically to
+``STAGING/chunks/chunk-NNNNNN.bin``: the file's existence is the completion journal, so a killed run rerun
+with the same command redoes only the missing chunks and never duplicates or loses a pair. Memory is
+bounded by ``workers x chunk`` (resized JPEGs only). ``plan.json`` records the inputs' package keys and the
+stage-time options (a rerun with different ones is refused); ``complete.json`` marks a finished stage.
+
+Chunk file: ``BMCHUNK1``, two little-endian u64 (header length, blob length), a UTF-8 JSON header
+``{"version", "chunk", "packages": [record, ...]}``, then the samples' JPEG bytes back to back (each
+sample's ``offset``/``length`` point into that blob).
+
+Everything here is pure Python (no torch, no compiled extension needed): it runs in the worker processes.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import re
+import struct
+import sys
+from collections import Counter
+from collections.abc import Callable, Iterator
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import asdict
+from pathlib import Path
+
+from tqdm import tqdm
+
+from bmclip.data.pmc import jats
+from bmclip.data.pmc.media import ImageSkip, process_image, resolve_graphics
+from bmclip.data.pmc.options import BuildOptions
+from bmclip.data.pmc.sources import Package, PackageError, discover_packages, read_package, slice_of
+from bmclip.data.pmc.subcaptions import split_subcaptions
+from bmclip.errors import ConfigError, DataError
+from bmclip.io import atomic_write_bytes
+from bmclip.tokenizer import get_tokenizer
+
+__all__ = ["process_package", "remove_partial_files", "sanitize_key", "stage", "staging_stream"]
+
+_CHUNK_MAGIC = b"BMCHUNK1"
+_STAGING_VERSION = 3  # 2: JPEG pass-through, DCT-scale-exact resize box; 3: content-derived fallback article IDs
+
+
+def chunk_path(staging: Path, index: int) -> Path:
+    """The file of staging chunk ``index``."""
+    return staging / "chunks" / f"chunk-{index:06d}.bin"
+
+
+def remove_partial_files(folder: Path) -> None:
+    """Delete the temporary files an interrupted atomic write left in ``folder``.
+
+    Those are ``.NAME.*.tmp`` (:func:`bmclip.io.atomic_writer`) and ``.NAME.tmp-PID`` (what earlier
+    builder versions wrote); a finished file never starts with a dot.
+    """
+    for f in folder.iterdir():
+        if f.name.startswith(".") and (f.name.endswith(".tmp") or ".tmp-" in f.name):
+            f.unlink()
+
+
+_KEY_BAD = re.compile(r"[^A-Za-z0-9_-]+")
+
+
+def sanitize_key(s: str, limit: int = 80) -> str:
+    """A webdataset key part: only [A-Za-z0-9_-] (no dots), at most ``limit`` chars (hash-suffixed)."""
+    k = _KEY_BAD.sub("_", s).strip("_") or "x"
+    if len(k) > limit:
+        k = k[: limit - 13] + "_" + hashlib.sha256(s.encode()).hexdigest()[:12]
+    return k
+
+
+def _token_counter() -> tuple[str, Callable[[str], int]]:
+    """(label, fn(str) -> int) for the caption-length histogram: bmclip's tokenizer when available."""
+    try:
+        tok = get_tokenizer()
+        count_pieces = tok.count_tokens
+        count_pieces("probe")
+    except Exception as e:  # ImportError or missing vocabulary: fall back for the histogram only
+        reason = f"{type(e).__name__}: {e}".splitlines()[0][:120]
+        return f"whitespace words (fallback: bmclip.tokenizer unavailable: {reason})", lambda s: len(s.split())
+
+    def count(s: str) -> int:
+        # Untruncated WordPiece count + [CLS] and [SEP], i.e. what the text tower sees before truncation.
+        return count_pieces(s) + 2
+
+    return "bmclip.tokenizer.get_tokenizer() WordPiece tokens incl. [CLS]/[SEP], untruncated", count
+
+
+# --------------------------------------------------------------------------------------------------
+# per-package processing (runs in worker processes)
+
+
+def _article_id(art: jats.Article, xml_sha: str, index: int, n_articles: int) -> str:
+    """The article's identity for splitting and article-level dedup: PMCID, else DOI, else PMID, else a hash of
+    its XML file (``xml:<16 hex>``, ``#i`` for the i-th article of an articleset). Never the package's path, so
+    the same article given as a folder, a tarball or in PMC Cloud layout gets one ID (one split, one copy)."""
+    if art.pmcid:
+        return art.pmcid
+    if art.doi:
+        return "doi:" + art.doi.lower()
+    if art.pmid:
+        return "pmid:" + art.pmid
+    return f"xml:{xml_sha}" if n_articles == 1 else f"xml:{xml_sha}#{index}"
+
+
+def process_package(pkg: Package, opts: BuildOptions, count_tokens: Callable[[str], int]) -> dict:
+    """Process one package into a staging record: {'key', 'skips', 'articles', 'samples'}.
+
+    Every figure ends as one sample or one counted reason in ``skips['figure']``; package-level and
+    article-level problems go to ``skips['package']`` / ``skips['article']``. Samples carry the JPEG
+    bytes under ``'_jpeg'``.
+    """
+    fig_skips: Counter = Counter()
+    pkg_skips: Counter = Counter()
+    art_skips: Counter = Counter()
+    rec = {"key": pkg.key, "articles": [], "samples": []}
+    try:
+        content = read_package(pkg, opts.max_member_bytes, opts.max_package_bytes)
+    except PackageError as e:
+        pkg_skips[e.reason] += 1
+        rec["skips"] = {"package": dict(pkg_skips), "article": {}, "figure": {}}
+        rec["errors"] = [str(e)]
+        return rec
+    pkg_skips.update(content.skips)
+    errors: list[str] = []
+    articles = []  # (article, sha of its XML file, index in that file, articles in that file)
+    for name, data in content.xml:
+        try:
+            parsed = jats.parse_jats(data)
+        except jats.NotJatsError:
+            pkg_skips["non_jats_xml"] += 1
+            continue
+        except (DataError, RecursionError) as e:  # RecursionError: absurdly deep nesting
+            pkg_skips["xml_error"] += 1
+            errors.append(f"{pkg.key}/{name}: {str(e).replace('<bytes>: ', '')}")
+            continue
+        parsed = parsed if isinstance(parsed, list) else [parsed]
+        xml_sha = hashlib.sha256(data).hexdigest()[:16]
+        articles.extend((art, xml_sha, i, len(parsed)) for i, art in enumerate(parsed))
+    if not content.xml:
+        pkg_skips["no_xml"] += 1
+    media_names = {n.lower(): n for n in content.media}
+    meta = content.meta or {}
+    for art, xml_sha, ai, n_in_file in articles:
+        aid = _article_id(art, xml_sha, ai, n_in_file)
+        licence = art.license or meta.get("license_code") or meta.get("license")
+        arec = {"id": aid, "figures": len(art.figures)}
+        rec["articles"].append(arec)
+        if meta.get("is_retracted") is True:
+            art_skips["retracted"] += 1
+            fig_skips["retracted"] += len(art.figures)
+            arec["retracted"] = True
+            continue
+        used_keys: set[str] = set()
+        for fi, fig in enumerate(art.figures):
+            if not fig.graphics:
+                fig_skips["no_graphic"] += 1
+                continue
+            caption = fig.caption
+            if not caption:
+                fig_skips["no_caption"] += 1
+                continue
+            if len(caption) < opts.min_caption_chars:
+                fig_skips["short_caption"] += 1
+                continue
+            files = resolve_graphics(fig.graphics, media_names)
+            if not files:
+                fig_skips["missing_image"] += 1
+                continue
+            if not opts.use_gif:
+                files = [f for f in files if not f.lower().endswith(".gif")]
+                if not files:
+                    fig_skips["thumbnail_only"] += 1
+                    continue
+            img = first_skip = None
+            for chosen in files:
+                try:
+                    img = process_image(
+                        content.media[chosen],
+                        max_side=opts.max_side,
+                        quality=opts.jpeg_quality,
+                        max_pixels=opts.max_pixels,
+                        min_side=opts.min_side,
+                        max_aspect=opts.max_aspect,
+                        passthrough=opts.jpeg_passthrough,
+                    )
+                    break
+                except ImageSkip as e:
+                    first_skip = first_skip or e.reason
+                    if e.reason not in ("undecodable_image", "empty_image"):
+                        break  # size/aspect/bomb describe the figure: another format of it will not help
+            if img is None:
+                fig_skips[first_skip] += 1
+                continue
+            fig_part = sanitize_key(fig.id or f"fig{fi + 1}", 40)
+            key = f"{sanitize_key(aid.removeprefix('doi:'), 60)}_{fig_part}"
+            if key in used_keys:
+                key = f"{key}_{fi + 1}"
+            used_keys.add(key)
+            meta_out = {
+                "key": key,
+                "article_id": aid,
+                "pmcid": art.pmcid,
+                "pmid": art.pmid,
+                "doi": art.doi,
+                "figure_id": fig.id,
+                "label": fig.label,
+                "license": licence,
+                "href": fig.graphics[0] if len(fig.graphics) == 1 else fig.graphics,
+                "file": chosen,
+                "original_size": list(img.orig_size),
+                "size": list(img.size),
+            }
+            if opts.subcaptions:
+                sub = split_subcaptions(caption)
+                if sub is not None:
+                    meta_out["subcaptions"] = sub
+            rec["samples"].append(
+                {
+                    "meta": meta_out,
+                    "caption": caption,
+                    "sha": img.sha,
+                    "dhash": img.dhash,
+                    "thumb": base64.b64encode(img.thumb).decode("ascii"),
+                    "tokens": count_tokens(caption),
+                    "_jpeg": img.jpeg,
+                }
+            )
+    rec["skips"] = {"package": dict(pkg_skips), "article": dict(art_skips), "figure": dict(fig_skips)}
+    if errors:
+        rec["errors"] = errors
+    return rec
+
+
+def _process_package_guarded(pkg: Package, opts: BuildOptions, count_tokens: Callable[[str], int]) -> dict:
+    """process_package, with any unexpected exception turned into a counted package skip.
+
+    One pathological package must not stop a multi-day build: it is recorded as ``internal_error``
+    with its message in ``first_errors`` (and so can be reported and fixed), and the run goes on.
+    """
+    try:
+        return process_package(pkg, opts, count_tokens)
+    except Exception as e:
+        return {
+            "key": pkg.key,
+            "articles": [],
+            "samples": [],
+            "skips": {"package": {"internal_error": 1}, "article": {}, "figure": {}},
+            "errors": [f"{pkg.key}: internal error {type(e).__name__}: {e}"],
+        }
+
+
+# --------------------------------------------------------------------------------------------------
+# chunk files
+
+
+def _encode_chunk(index: int, records: list[dict]) -> bytes:
+    blobs: list[bytes] = []
+    off = 0
+    for r in records:
+        for s in r["samples"]:
+            jpg = s.pop("_jpeg")
+            s["offset"], s["length"] = off, len(jpg)
+            off += len(jpg)
+            blobs.append(jpg)
+    header = json.dumps({"version": _STAGING_VERSION, "chunk": index, "packages": records}, sort_keys=True)
+    hb = header.encode("utf-8")
+    return b"".join([_CHUNK_MAGIC, struct.pack("<QQ", len(hb), off), hb, *blobs])
+
+
+def _read_chunk(path: Path) -> tuple[list[dict], bytes]:
+    data = path.read_bytes()
+    if len(data) < 24 or data[:8] != _CHUNK_MAGIC:
+        raise DataError(f"{path}: not a bmclip staging chunk")
+    hlen, blen = struct.unpack("<QQ", data[8:24])
+    if len(data) != 24 + hlen + blen:
+        raise DataError(f"{path}: staging chunk has {len(data)} bytes, expected {24 + hlen + blen} (corrupt)")
+    try:
+        header = json.loads(data[24 : 24 + hlen])
+        return header["packages"], data[24 + hlen :]
+    except (ValueError, KeyError) as e:
+        raise DataError(f"{path}: corrupt staging chunk header ({e}); delete it and rerun the stage") from e
+
+
+def staging_stream(staging: Path) -> Iterator[tuple[dict, bytes]]:
+    """The package records of a complete staging dir in package-key order, each with its chunk's JPEG blob."""
+    complete = staging / "complete.json"
+    if not complete.is_file():
+        raise DataError(f"staging dir {staging} is not complete (no complete.json): rerun its stage command")
+    n = json.loads(complete.read_text())["chunks"]
+    for i in range(n):
+        p = chunk_path(staging, i)
+        if not p.is_file():
+            raise DataError(f"staging dir {staging} lacks {p.name}: rerun its stage command")
+        records, blob = _read_chunk(p)
+        for r in records:
+            yield r, blob
+
+
+# --------------------------------------------------------------------------------------------------
+# the stage: plan, chunk tasks, process pool
+
+_WORKER_TOKENS = None  # (label, counter) of this process, made on its first chunk
+
+
+def _chunk_task(args) -> tuple[int, int, dict]:
+    """Process one chunk of packages and write its staging file (runs in a worker process)."""
+    return _chunk_task_impl(args)
+
+
+def _chunk_task_impl(args) -> tuple[int, int, dict]:
+    index, packages, staging, opts_dict = args
+    global _WORKER_TOKENS
+    if _WORKER_TOKENS is None:
+        _WORKER_TOKENS = _token_counter()
+    opts = BuildOptions(**opts_dict)
+    records = [_process_package_guarded(p, opts, _WORKER_TOKENS[1]) for p in packages]
+    for r in records:
+        r["tokenizer"] = _WORKER_TOKENS[0]
+    n = sum(len(r["samples"]) for r in records)
+    atomic_write_bytes(_encode_chunk(index, records), chunk_path(Path(staging), index))
+    errors = [e for r in records for e in r.get("errors", ())]
+    return index, n, {"packages": len(packages), "errors": errors[:5]}
+
+
+def _run_pool(tasks: list, workers: int, account: Callable[[tuple], None]) -> None:
+    """Run chunk tasks on a process pool, at most 4 per worker in flight (bounded memory).
+
+    ProcessPoolExecutor rather than multiprocessing.Pool: a worker killed by the OOM killer surfaces
+    as BrokenProcessPool (reported as a DataError telling the user to rerun and resume) instead of an
+    eternal hang.
+    """
+    pending = iter(tasks)
+    in_flight: set = set()
+    with ProcessPoolExecutor(workers) as ex:
+        try:
+            while True:
+                while len(in_flight) < 4 * workers:
+                    t = next(pending, None)
+                    if t is None:
+                        break
+                    in_flight.add(ex.submit(_chunk_task, t))
+                if not in_flight:
+                    break
+                done, in_flight = wait(in_flight, return_when=FIRST_COMPLETED)
+                for f in done:
+                    account(f.result())
+        except BrokenProcessPool as e:
+            raise DataError(
+                "a build worker process died (out of memory or killed); finished chunks are kept: "
+                "rerun the same command to resume"
+            ) from e
+
+
+def _plan_digest(keys: list[str]) -> str:
+    h = hashlib.sha256()
+    for k in keys:
+        h.update(k.encode("utf-8") + b"\n")
+    return h.hexdigest()
+
+
+def stage(
+    inputs: list[str | os.PathLike],
+    staging: str | os.PathLike,
+    options: BuildOptions | None = None,
+    *,
+    num_slices: int = 1,
+    slice_index: int = 0,
+    num_workers: int | None = None,
+    progress: bool = True,
+) -> dict:
+    """Process the inputs' packages (one slice of them) into resumable staging chunks; returns a summary dict.
+
+    ``num_slices``/``slice_index`` keep the packages whose ``sha256(key) % num_slices == slice_index``.
+    """
+    opts = options or BuildOptions()
+    opts.validate()
+    if num_slices < 1 or not 0 <= slice_index < num_slices:
+        raise ConfigError(f"slice must be in [0, {num_slices}), got {slice_index}")
+    if not inputs:
+        raise ConfigError("no inputs given")
+    passed_over: list[tuple[str, str]] = []
+    packages, _ = discover_packages(list(inputs), passed_over)
+    if num_slices > 1:
+        packages = [p for p in packages if slice_of(p.key, num_slices) == slice_index]
+        passed_over = [(r, k) for r, k in passed_over if slice_of(k, num_slices) == slice_index]
+    disc_skips = Counter(r for r, _k in passed_over)
+    staging = Path(staging)
+    chunk_dir = staging / "chunks"
+    chunk_dir.mkdir(parents=True, exist_ok=True)
+    plan = {
+        "version": _STAGING_VERSION,
+        "options": opts.stage_dict(),
+        "num_slices": num_slices,
+        "slice": slice_index,
+        "num_packages": len(packages),
+        "packages_sha256": _plan_digest([p.key for p in packages]),
+        "discovery_skips": dict(sorted(disc_skips.items())),
+    }
+    plan_path = staging / "plan.json"
+    if plan_path.exists():
+        old = json.loads(plan_path.read_text())
+        if old != plan:
+            diff = sorted(k for k in plan if old.get(k) != plan[k])
+            raise ConfigError(
+                f"staging dir {staging} was made by a different run (differs in: {', '.join(diff)}); "
+                "rerun with the same inputs/options, or use an empty staging dir"
+            )
+    else:
+        atomic_write_bytes(json.dumps(plan, indent=1, sort_keys=True).encode(), plan_path)
+    remove_partial_files(chunk_dir)  # a killed run's half-written chunk
+    cs = opts.chunk_size
+    chunks = [packages[i : i + cs] for i in range(0, len(packages), cs)]
+    pending = [i for i in range(len(chunks)) if not chunk_path(staging, i).exists()]
+    done_before = len(chunks) - len(pending)
+    tasks = [(i, chunks[i], str(staging), asdict(opts)) for i in pending]
+    workers = num_workers if num_workers is not None else (os.cpu_count() or 1)
+    workers = max(0, min(workers, len(tasks)))
+    bar = tqdm(
+        total=sum(len(chunks[i]) for i in pending),
+        unit="pkg",
+        desc=f"stage {staging.name}",
+        file=sys.stderr,
+        disable=not progress,
+        dynamic_ncols=True,
+    )
+    samples = 0
+    errors: list[str] = []
+
+    def account(result: tuple[int, int, dict]) -> None:
+        nonlocal samples
+        _i, n, info = result
+        samples += n
+        errors.extend(info["errors"])
+        bar.update(info["packages"])
+        bar.set_postfix(pairs=samples, refresh=False)
+
+    try:
+        if workers <= 1:
+            for t in tasks:
+                account(_chunk_task(t))
+        else:
+            _run_pool(tasks, workers, account)
+    finally:
+        bar.close()
+    summary = {
+        "staging": str(staging),
+        "packages": len(packages),
+        "chunks": len(chunks),
+        "chunks_resumed": done_before,
+        "samples_staged_now": samples,
+        "first_errors": errors[:20],
+    }
+    complete = json.dumps({"chunks": len(chunks), **plan}, sort_keys=True).encode()
+    atomic_write_bytes(complete, staging / "complete.json")
+    return summary
