@@ -12,8 +12,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from bmclip.cli._text import plain_help
+from bmclip.errors import ConfigError
 
 
 def register(subparsers) -> None:
@@ -60,7 +62,8 @@ def register(subparsers) -> None:
 
 
 def _options(args):
-    from bmclip.data.pmc.build import BuildOptions
+    # The builder (PIL, numpy, tqdm) is imported when the command runs, not when `bmclip --help` lists it.
+    from bmclip.data.pmc.options import BuildOptions
 
     kw = dict(
         max_side=args.max_side,
@@ -101,10 +104,8 @@ def _summary(stats: dict) -> str:
 
 def run(args) -> int:
     """Run ``bmclip build-dataset`` (build, one slice's stage, or merge); returns the exit code."""
-    from pathlib import Path
-
-    from bmclip.data.pmc.build import merge_staging, stage
-    from bmclip.errors import ConfigError
+    # The builder (PIL, numpy, tqdm) is imported when the command runs, not when `bmclip --help` lists it.
+    from bmclip.data.pmc.build import build, merge_staging, stage
 
     opts = _options(args)
     progress = not args.no_progress
@@ -139,20 +140,15 @@ def run(args) -> int:
         return 0
     if not args.output:
         raise ConfigError("--output DIR is required")
-    staging = Path(args.staging) if args.staging else Path(args.output) / "_staging"
-    stage(inputs, staging, opts, num_workers=args.workers, progress=progress)
-    stats = merge_staging([staging], args.output, opts, progress=progress)
-    if not args.keep_staging:
-        import shutil
-
-        shutil.rmtree(staging)
+    stats = build(inputs, args.output, opts, staging=args.staging, keep_staging=args.keep_staging,
+                  num_workers=args.workers, progress=progress)
     print(_summary(stats))
     return _report(stats, args.output)
 
 
 def _report(stats: dict, output: str) -> int:
     """Print the human summary and warnings on stderr; exit status 1 when no pair was written."""
-    from bmclip.data.pmc.build import summary_lines
+    from bmclip.data.pmc.stats import summary_lines  # see run()
 
     lines, warnings = summary_lines(stats)
     for ln in lines:
