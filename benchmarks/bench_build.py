@@ -42,6 +42,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from PIL import Image
+
+from bmclip.data.pmc import build_dataset, media, parse_jats
+
 REPO = Path(__file__).resolve().parent.parent
 SAMPLES = Path(os.environ.get("BMCLIP_SHARED", REPO.parent / "shared")) / "data" / "pmc_samples"
 N_ARTICLES_PMC_OA = 4_400_000
@@ -70,8 +74,6 @@ def _escape(s: str) -> str:
 
 def hires_articles() -> list[tuple[str, list[tuple[str, bytes]]]]:
     """elife-32671's five ~1500 px figure JPEGs with their real captions, as a classic OA package."""
-    from bmclip.data.pmc import parse_jats
-
     d = SAMPLES / "elife-32671"
     art = parse_jats(d / "manuscript.xml")
     figs = [(f.id, f.label or "", _escape(f.caption), Path(f.graphics[0]).stem) for f in art.figures]
@@ -130,8 +132,7 @@ def make_packages(dst: Path, repeat: int, hires: bool = False) -> list[Path]:
 
 def run_baseline(packages: list[Path], out_dir: Path, max_side: int = 512) -> tuple[int, int]:
     """Untar to disk + pubmed_parser + PIL resize + tar write; returns (articles, pairs)."""
-    import pubmed_parser as pp
-    from PIL import Image
+    import pubmed_parser as pp  # optional: only the baseline needs it (main() checks for it)
 
     out_dir.mkdir(parents=True, exist_ok=True)
     pairs = 0
@@ -160,8 +161,6 @@ def run_baseline(packages: list[Path], out_dir: Path, max_side: int = 512) -> tu
 
 
 def run_bmclip(packages: list[Path], out_dir: Path, workers: int, native: bool = True) -> tuple[int, int]:
-    from bmclip.data.pmc import build_dataset, media
-
     media._NATIVE = None if native else False  # None: look the extension up again; False: Pillow only
     stats = build_dataset(
         [str(p) for p in packages], out_dir, num_workers=workers, progress=False, dedup=False, chunk_size=16
@@ -216,8 +215,6 @@ def _scenario(work: Path, args, hires: bool) -> None:
         for size, r in (("small", s_), ("large", l_)):
             extra = f"{rate:>27.1f}{hours:>22.2f}" if size == "large" else ""
             print(f"{name:<11}{r[2]:>6}{r[3]:>7}{r[0]:>8.2f}{r[1]:>8.2f}{extra}")
-    from bmclip.data.pmc import media
-
     media._NATIVE = None
     nat = media._native_decoder()
     if nat is None:
