@@ -134,7 +134,7 @@ def _native_decoder():
     global _NATIVE
     if _NATIVE is None:
         try:
-            from bmclip import _C
+            from bmclip import _C  # optional compiled extension: the builder works without it (Pillow route)
 
             _NATIVE = _C.Decoder(1) if hasattr(_C.Decoder, "decode_fit") else False
         except ImportError:
