@@ -173,7 +173,7 @@ def test_zeroshot_pipeline_on_known_answer_model():
     assert out["probs"].shape == (30, 3)
     np.testing.assert_allclose(out["probs"].sum(1), 1.0)
     # Loader input (dict batches with labels) gives the same scores.
-    from bmclip.eval.embed import resize_center_crop
+    from bmclip.model.transforms import resize_center_crop
 
     arrs = np.stack([np.asarray(resize_center_crop(im, 16)) for im in imgs])
     batches = [{"image": arrs[s : s + 8], "label": np.array(labels[s : s + 8])} for s in range(0, 30, 8)]
@@ -192,7 +192,8 @@ def test_zeroshot_on_real_bundled_images_matches_manual_reference(tmp_path):
 
     pydicom = pytest.importorskip("pydicom")
     skdata = pytest.importorskip("skimage.data")
-    from bmclip.eval.readers import iterate_batches, open_dataset
+    from bmclip.eval.batching import iterate_batches
+    from bmclip.eval.datasets import open_dataset
     from bmclip.model import IMAGE_MEAN, IMAGE_STD, create_model
     from bmclip.tokenizer import get_tokenizer
 
@@ -215,7 +216,7 @@ def test_zeroshot_on_real_bundled_images_matches_manual_reference(tmp_path):
     assert out["metrics"]["n"] == 4 and ds.skipped == []
 
     # Reference: PIL resize/crop by hand, numpy normalisation, per-template normalised text means.
-    from bmclip.eval.readers import load_image
+    from bmclip.eval.images import load_image
 
     rows = []
     for i in range(len(ds)):
