@@ -162,21 +162,6 @@ def retrieval_metrics(
     return out
 
 
-def dense_retrieval_ranks(image_emb: np.ndarray, text_emb: np.ndarray, tie_tol: float = 1e-5):
-    """Reference ranks from the full (N, N) float64 similarity matrix; for tests and small N only."""
-    a = np.asarray(image_emb, dtype=np.float64)
-    b = np.asarray(text_emb, dtype=np.float64)
-    a = a / np.linalg.norm(a, axis=1, keepdims=True)
-    b = b / np.linalg.norm(b, axis=1, keepdims=True)
-    s = a @ b.T
-    d = np.diag(s).copy()
-    ge_rows = s >= (d[:, None] - tie_tol)
-    ge_cols = s >= (d[None, :] - tie_tol)
-    np.fill_diagonal(ge_rows, False)
-    np.fill_diagonal(ge_cols, False)
-    return ge_rows.sum(axis=1), ge_cols.sum(axis=0)
-
-
 def evaluate_retrieval(
     model: Any,
     tokenizer: Any,
