@@ -60,16 +60,6 @@ class ImageDataset:
         """A human-readable id of sample ``i`` (its path, or index)."""
         return str(i)
 
-    def describe(self) -> dict[str, Any]:
-        """Summary: kind, size, classes, per-class counts."""
-        lab = self.labels()
-        return {
-            "kind": type(self).__name__,
-            "n": len(self),
-            "classes": list(self.classes),
-            "counts": {c: int((lab == i).sum()) for i, c in enumerate(self.classes)},
-        }
-
 
 def _label_mapper(task: Any, found: Sequence[str]) -> tuple[list[str], Callable[[str], int]]:
     """(class list, name -> index) for found label names, through a task's class list/aliases if given."""
@@ -293,7 +283,6 @@ def _find_dir(root: Path, names: Sequence[str], must_contain: Sequence[str]) -> 
         if all((cand / m).is_dir() for m in must_contain):
             return cand
     raise DataError(f"{root}: no folder containing {list(must_contain)} (looked in {[root, *names]})")
-
 
 
 class ShardClassificationDataset(ImageDataset):
