@@ -252,3 +252,17 @@ def test_preprocessing_matches_open_clip_eval_transform():
     ours = to_model_input(imgs, model)
     ref = torch.stack([t(im) for im in imgs])
     torch.testing.assert_close(ours, ref, rtol=0, atol=1e-5)
+
+
+def test_eval_batches_and_preprocess_image_are_one_transform():
+    """Evaluation's batched input and bmclip.model.transforms.preprocess_image (bmclip embed) give the same
+    tensor bit for bit: one transform, not two copies."""
+    from bmclip.eval.embed import to_model_input
+    from bmclip.model.transforms import preprocess_image
+
+    model = ColourModel()
+    size = model.config.vision.image_size
+    rng = np.random.default_rng(1)
+    imgs = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for h, w in ((23, 57), (61, 18))]
+    ref = torch.stack([preprocess_image(im, size, model.image_mean, model.image_std) for im in imgs])
+    assert torch.equal(to_model_input(imgs, model), ref)

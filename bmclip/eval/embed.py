@@ -2,8 +2,9 @@
 
 The model contract (``bmclip.model``): ``encode_image(float NCHW normalised) -> (B, D)``,
 ``encode_text(LongTensor (B, L), pad 0) -> (B, D)`` (both unnormalised), ``config.vision.image_size``.
-Images are preprocessed like BiomedCLIP's open_clip transform: RGB, resize the shorter side to the
-model's image size (bicubic), centre crop, scale to [0, 1], normalise with the model's mean/std.
+Images are preprocessed by ``bmclip.model.transforms`` (BiomedCLIP's open_clip val transform): RGB, resize
+the shorter side to the model's image size (bicubic), centre crop, scale to [0, 1], normalise with the
+model's mean/std.
 """
 
 from __future__ import annotations
