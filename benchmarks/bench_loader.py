@@ -184,14 +184,14 @@ def run_dali(path: Path, size: int, batch: int, threads: int, aug_cache: dict, d
 
 def run_ours_to_gpu(path: Path, size: int, batch: int, threads: int) -> int:
     """The no-DALI training path: C++ loader (pinned ring) + uint8 H2D copy + normalize_batch on the GPU."""
-    from bmclip.data.dali import normalize_batch
     from bmclip.data.loader import ShardLoader
+    from bmclip.data.normalize import normalize_images
 
     ld = ShardLoader([str(path)], batch_size=batch, image_size=size, num_threads=threads, seed=0,
                      shuffle_buffer=64, pin_memory=True)
     n = 0
     for b in ld:
-        n += normalize_batch(b["image"], "cuda", torch.bfloat16).shape[0]
+        n += normalize_images(b["image"], "cuda", torch.bfloat16).shape[0]
     torch.cuda.synchronize()
     return n
 
