@@ -24,6 +24,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
+from bmclip.data.cursor import SHARD_REASONS
 from bmclip.data.dali import random_resized_crop_windows
 from bmclip.errors import DataError
 
@@ -177,7 +178,7 @@ class ShardSource:
         none). Also ``lost_tail_bytes`` (bytes of damaged shards after the damage point).
         """
         st = self.loader.stats
-        by_reason = {k: int(v) for k, v in st["skipped"].items() if k not in ("truncated_tar", "unreadable_shard")}
+        by_reason = {k: int(v) for k, v in st["skipped"].items() if k not in SHARD_REASONS}
         skipped = sum(by_reason.values())
         return {"samples_read": int(st["samples"]) + int(st["dropped_last"]) + skipped, "samples_skipped": skipped,
                 "skipped_by_reason": by_reason, "tar_errors": int(st["tar_damaged_shards"]),
