@@ -319,6 +319,29 @@ def test_resume_from_a_state_saved_by_the_dict_based_loader(tmp_path, monkeypatc
         assert next(iter(ld))["key"] == fx["next_epoch"]
 
 
+def test_cursor_state_copies_share_nothing(tmp_path):
+    """The state handed out with each batch is a deep copy: advancing the stream afterwards (the producer
+    runs ahead) must not move it. Also: the dict form is the checkpoint format and parses back equal."""
+    from bmclip.data.cursor import CursorState
+
+    urls = write_shards(tmp_path, 2, 6)
+    ld = ShardLoader(urls, batch_size=2, image_size=S, seed=3, shuffle_buffer=4)
+    it = iter(ld)
+    next(it)
+    st = ld._state
+    saved = st.to_dict()
+    cp = st.copy()
+    cp.buffer.append((9, 9))
+    cp.counters.count("missing_image", "x")
+    cp.tally.reasons["missing_image"] = 1
+    cp.rng["state"]["state"] += 1
+    cp.epoch += 1
+    assert st.to_dict() == saved and cp.to_dict() != saved
+    back = CursorState.from_dict(json.loads(json.dumps(saved)))
+    assert back == st and back.to_dict() == saved
+    del it
+
+
 def test_truncated_tar_not_fatal(tmp_path):
     urls = write_shards(tmp_path, 2, 10)
     data = Path(urls[1]).read_bytes()

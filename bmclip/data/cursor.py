@@ -218,7 +218,7 @@ class CursorState:
             kw["tally"] = PassTally.from_dict(d["pass"]) if "pass" in d else PassTally(good=1)
             kw["rng"], kw["shard_rng"] = copy.deepcopy(d["rng"]), copy.deepcopy(d["shard_rng"])
             return cls(**kw)
-        except (KeyError, TypeError, ValueError) as e:
+        except (AttributeError, KeyError, TypeError, ValueError) as e:
             raise ConfigError(f"damaged ShardLoader state ({type(e).__name__}: {e})") from e
 
 
