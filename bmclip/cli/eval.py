@@ -121,7 +121,7 @@ def run_retrieval(args: argparse.Namespace) -> int:
     skipped: list = []
     loader = None
     if reader == "loader":
-        from bmclip.data import ShardLoader
+        from bmclip.data.loader import ShardLoader
 
         loader = ShardLoader(args.shards, batch_size=args.batch_size, image_size=size, augment="center",
                              shuffle=False, num_threads=args.workers)
