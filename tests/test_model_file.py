@@ -6,8 +6,9 @@ import pickle
 import pytest
 import torch
 
-from bmclip.checkpoint_io import atomic_writer, load_state_dict, safe_torch_load, save_state_dict
 from bmclip.errors import CheckpointError
+from bmclip.io import atomic_writer
+from bmclip.io.model_file import load_state_dict, safe_torch_load, save_state_dict
 
 
 class _Evil:
@@ -94,7 +95,7 @@ def test_atomic_writer_leaves_old_file_on_failure(tmp_path):
 
 @pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
 def test_save_load_model(tmp_path, suffix):
-    from bmclip.checkpoint_io import load_model, save_model
+    from bmclip.io.model_file import load_model, save_model
     from bmclip.model import create_model
 
     torch.manual_seed(0)
@@ -113,7 +114,7 @@ def test_save_load_model(tmp_path, suffix):
 
 
 def test_load_model_key_errors(tmp_path):
-    from bmclip.checkpoint_io import load_model
+    from bmclip.io.model_file import load_model
     from bmclip.model import create_model
 
     model = create_model("tiny")
