@@ -22,7 +22,7 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
-    from bmclip.train.demo import format_summary, run_demo
+    from bmclip.demo import format_summary, run_demo
 
     report = run_demo(args.out, size=args.size, seed=args.seed, quiet=args.quiet, progress=not args.quiet)
     if args.quiet:
