@@ -105,7 +105,7 @@ def save_confusion_png(cm: Any, class_names: Sequence[str], path: str | os.PathL
     matplotlib.use("Agg")
     from matplotlib.figure import Figure
 
-    from bmclip.eval.report import atomic_write_bytes
+    from bmclip.io import atomic_write_bytes
 
     cm = np.asarray(cm)
     c = len(class_names)
@@ -128,7 +128,8 @@ def save_confusion_png(cm: Any, class_names: Sequence[str], path: str | os.PathL
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
-    return str(atomic_write_bytes(path, buf.getvalue()))
+    atomic_write_bytes(buf.getvalue(), path)
+    return str(path)
 
 
 # ---------------------------------------------------------------- zero-shot with a model
