@@ -308,6 +308,9 @@ def test_wrong_model_argument_is_a_clear_checkpoint_error(trained, tmp_path, cap
     broken.mkdir(parents=True)
     (broken / "model.pt").write_bytes((trained["ckpt"] / "model.pt").read_bytes()[:1000])
     (broken / "meta.json").write_text((trained["ckpt"] / "meta.json").read_text())
+    no_model = tmp_path / "no_model"
+    no_model.mkdir()
+    (no_model / "meta.json").write_text((trained["ckpt"] / "meta.json").read_text())
     cases = [
         (["eval", "retrieval", str(plain), "--shards", trained["shards"]],
          [str(plain), "not a bmclip model checkpoint", "'model'", "'model_config'", "found a dict with keys"]),
@@ -319,10 +322,11 @@ def test_wrong_model_argument_is_a_clear_checkpoint_error(trained, tmp_path, cap
         (["eval", "retrieval", str(broken.parent.parent), "--shards", trained["shards"]],
          [str(broken.parent.parent), "none of its 1 checkpoint dir(s) is complete"]),
         (["embed", "--checkpoint", str(broken)], [str(broken), "incomplete"]),
+        (["embed", "--checkpoint", str(no_model)], [str(no_model), "incomplete", "no model.pt"]),
         (["train", "tiny-cpu", f"--out_dir={tmp_path / 'r1'}", f"--model.init_checkpoint={plain}", *TRAIN_SMALL],
-         ["model.init_checkpoint=", str(plain), "not a bmclip model checkpoint"]),
+         ["model.init_checkpoint: ", str(plain), "not a bmclip model checkpoint"]),
         (["train", "tiny-cpu", f"--out_dir={tmp_path / 'r2'}", f"--model.init_checkpoint={other}", *TRAIN_SMALL],
-         ["model.init_checkpoint=", str(other), "does not fit the model", "has shape"]),
+         ["model.init_checkpoint: ", str(other), "does not fit the model", "has shape"]),
     ]
     for argv, needles in cases:
         capsys.readouterr()

@@ -33,7 +33,6 @@ from bmclip.model.clip import BiomedCLIP
 
 __all__ = ["ModelSource", "ResolvedModel", "load_weights_into", "locate_model", "resolve_model"]
 
-KINDS = ("model file", "checkpoint", "open_clip")
 _EXPECTED = (
     "expected a model file (.pt/.safetensors from bmclip train or bmclip convert), a training checkpoint dir "
     "(checkpoints/step_XXXXXXXX/ with model.pt and meta.json), a training run dir (holding checkpoints/step_*) "
@@ -45,7 +44,7 @@ _EXPECTED = (
 class ModelSource:
     """Where a model argument points, before anything is loaded."""
 
-    kind: str  # one of KINDS
+    kind: str  # "model file", "checkpoint" or "open_clip"
     path: Path  # the file that is read (model file, model.pt), or the open_clip folder / weights file
     tokenizer_dir: Path | None  # a folder with the vocab.txt shipped with the model, if any
     description: str  # one line for logs and reports, e.g. "checkpoint OUT/checkpoints/step_00000100 (step 100)"
@@ -79,6 +78,12 @@ def _step(ckpt: Path) -> str:
 
 
 def _checkpoint(ckpt: Path, how: str = "checkpoint") -> ModelSource:
+    """The model of the checkpoint dir ``ckpt`` (one with a meta.json); refused when it is incomplete."""
+    if not (ckpt / MODEL_FILE).is_file():
+        raise CheckpointError(f"{ckpt}: checkpoint is incomplete: it has a meta.json but no {MODEL_FILE}")
+    if not is_valid(ckpt):
+        raise CheckpointError(f"{ckpt}: checkpoint is incomplete (interrupted write): meta.json is missing files "
+                              "or lists sizes that differ; use another checkpoint")
     return ModelSource("checkpoint", ckpt / MODEL_FILE, _vocab_dir(ckpt), f"{how} {ckpt}{_step(ckpt)}")
 
 
@@ -96,21 +101,15 @@ def locate_model(path: str | os.PathLike) -> ModelSource:
         if p.name in (WEIGHTS_NAME, SAFETENSORS_WEIGHTS_NAME):
             return ModelSource("open_clip", p, _vocab_dir(folder), f"open_clip weights {p}")
         if p.name == MODEL_FILE and (folder / "meta.json").exists():
-            if not is_valid(folder):
-                raise CheckpointError(f"{folder}: checkpoint is incomplete (interrupted write): meta.json is "
-                                      "missing files or lists sizes that differ; use another checkpoint")
             return _checkpoint(folder)
         return ModelSource("model file", p, _vocab_dir(folder), f"model file {p}")
     if not p.is_dir():
         raise CheckpointError(f"{p} is neither a file nor a folder ({_EXPECTED})")
     if _is_open_clip_dir(p):
         return ModelSource("open_clip", p, _vocab_dir(p), f"open_clip folder {p}")
+    if (p / "meta.json").exists():
+        return _checkpoint(p)
     if (p / MODEL_FILE).is_file():
-        if (p / "meta.json").exists():
-            if not is_valid(p):
-                raise CheckpointError(f"{p}: checkpoint is incomplete (interrupted write): meta.json is missing "
-                                      "files or lists sizes that differ; use another checkpoint")
-            return _checkpoint(p)
         return ModelSource("model file", p / MODEL_FILE, _vocab_dir(p), f"model file {p / MODEL_FILE}")
     for root in (p / "checkpoints", p):
         latest = latest_valid(root)

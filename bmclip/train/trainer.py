@@ -102,7 +102,7 @@ def _load_init_weights(model, path: str) -> None:
     try:
         load_weights_into(model, path)
     except CheckpointError as e:
-        raise CheckpointError(f"model.init_checkpoint={path}: {e}") from None
+        raise CheckpointError(f"model.init_checkpoint: {e}") from None
 
 
 def _build_loss(cfg: TrainConfig, info: DistInfo):
