@@ -22,6 +22,7 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
+    # Imported here, not at the top: ``bmclip --help`` must not pay for torch and the trainer.
     from bmclip.demo import format_summary, run_demo
 
     report = run_demo(args.out, size=args.size, seed=args.seed, quiet=args.quiet, progress=not args.quiet)
