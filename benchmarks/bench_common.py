@@ -11,12 +11,12 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:  # a plain checkout works without installing bmclip
     sys.path.insert(0, str(REPO))
 
-from bmclip.eval.report import atomic_write_bytes  # noqa: E402
+from bmclip.io import atomic_write_text as _atomic_write_text  # noqa: E402
 
 
 def atomic_write_text(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` so that a reader never sees a half-written file."""
-    atomic_write_bytes(path, text.encode("utf-8"))
+    _atomic_write_text(text, path)
 
 
 def write_json_atomic(path: Path, data) -> None:

@@ -26,6 +26,7 @@ import torch
 from bmclip.data.normalize import normalize_images
 from bmclip.data.sources import DaliShardSource, ShardSource, SyntheticSource, synthetic_eval_set
 from bmclip.errors import BmclipError, CheckpointError, ConfigError
+from bmclip.io.resolve import load_weights_into
 from bmclip.train import checkpoint as ckpt_mod
 from bmclip.train.config import TrainConfig
 from bmclip.train.distributed import (
@@ -98,16 +99,11 @@ def _build_model(cfg: TrainConfig, device: torch.device):
 
 
 def _load_init_weights(model, path: str) -> None:
-    p = Path(path)
-    if (p / "open_clip_config.json").is_file():
-        from bmclip.interop import load_open_clip
-
-        sd = load_open_clip(p).state_dict()
-    else:
-        sd = ckpt_mod.safe_load(ckpt_mod.resolve_model_file(p))["model"]
-    missing, unexpected = model.load_state_dict(sd, strict=False)
-    if missing or unexpected:
-        raise CheckpointError(f"model.init_checkpoint {path}: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    """Weights from a model file, checkpoint dir, run dir or open_clip folder (``bmclip.io.resolve``)."""
+    try:
+        load_weights_into(model, path)
+    except CheckpointError as e:
+        raise CheckpointError(f"model.init_checkpoint: {e}") from None
 
 
 def _build_loss(cfg: TrainConfig, info: DistInfo):
