@@ -39,7 +39,7 @@ def register(subparsers: Any) -> None:
     r.add_argument("--storage-dtype", choices=["float16", "float32"], default="float16",
                    help="dtype of the embeddings streamed to <out>/embeddings [float16]")
     r.add_argument("--reader", choices=["auto", "loader", "python"], default="auto",
-                   help="loader = bmclip.data.ShardLoader (C++), python = tarfile+PIL reader; auto = loader if built")
+                   help="loader = the C++ ShardLoader, python = bmclip.data.tario + PIL; auto = loader if built")
     r.set_defaults(func=run_retrieval)
 
     z = sub.add_parser("zeroshot", help="zero-shot classification with class-name prompts")
