@@ -61,6 +61,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from bmclip.data import remote
 from bmclip.data.shards import expand_urls, shard_order, split_shards
 from bmclip.data.text import BackgroundTokenizer
 from bmclip.errors import ConfigError, DataError
@@ -116,7 +117,7 @@ def _new_counters() -> dict[str, Any]:
 
 
 # Skip reasons that count shards, not samples (kept in ``skipped`` for history; not in samples_skipped)
-_SHARD_REASONS = ("truncated_tar", "unreadable_shard")
+_SHARD_REASONS = ("truncated_tar", "unreadable_shard", "shard_fetch_failed")
 
 
 def _new_pass() -> dict[str, Any]:
@@ -166,10 +167,26 @@ class _Stream:
     def index(self, shard: int):
         idx = self._index_cache.get(shard)
         if idx is None:
-            idx = self.L._open_index(shard)
+            idx = self.L._open_index(shard, self.ahead() if self.L._remote else ())
             self._index_cache[shard] = idx
             self._samples_cache[shard] = idx.samples() if idx is not None else []
         return idx
+
+    def ahead(self) -> list[int]:
+        """The shards this split opens next, in order: those the buffer references but has not open (after a
+        resume), then the cursor's next ones (into the next epoch; resampled: the next draws)."""
+        k = self.L.prefetch_shards
+        out = [s for s in dict.fromkeys(r[0] for r in self.st["buffer"]) if s not in self._index_cache]
+        if self.L.resampled:
+            g = np.random.Generator(np.random.PCG64())
+            g.bit_generator.state = self.shard_rng.bit_generator.state
+            out += [int(g.integers(len(self.L.urls))) for _ in range(k)]
+        else:
+            out += self.plan()[0][self.st["shard_pos"]:][:k]
+            if len(out) < k:
+                order = shard_order(len(self.L.urls), self.L.seed, self.st["epoch"] + 1, self.L.shuffle)
+                out += split_shards(order, self.split, self.n_splits)[0][:k]
+        return out[:k]
 
     def _evict(self) -> None:
         live = {r[0] for r in self.st["buffer"]}
@@ -187,9 +204,14 @@ class _Stream:
         c = st["counters"]
         url = self.L.urls[shard]
         if idx is None:
-            _count(c, "unreadable_shard", f"unreadable shard {url}")
+            failed = self.L._cache.failure(shard) if self.L._cache is not None else None
+            if failed:  # a remote shard whose download failed within its attempts (logged by the cache)
+                _count(c, "shard_fetch_failed", f"{url}: {failed}")
+                self._note_shard(shard, "fetch_failed", 0, f"{url}: {failed}")
+            else:
+                _count(c, "unreadable_shard", f"unreadable shard {url}")
+                self._note_shard(shard, "unreadable", 0, f"cannot open {url}")
             c["tar_damaged_shards"] += 1
-            self._note_shard(shard, "unreadable", 0, f"cannot open {url}")
             self._sizes[shard] = 0
             return
         c["shards_opened"] += 1
@@ -387,6 +409,9 @@ def _no_valid_message(loader: ShardLoader, st: dict[str, Any], *, resampled: boo
             return f"no samples: bad tar header in {n} of {seen} shard(s) of {where} ({err}); is it a tar file?"
         if set(kinds) == {"unreadable"}:
             return f"no samples: {where}: no shard could be opened ({kinds['unreadable'][1]})"
+        if "fetch_failed" in kinds and set(kinds) <= {"fetch_failed", "unreadable"}:
+            n, err = kinds["fetch_failed"]
+            return f"no samples: {where}: {n} of {seen} shard(s) could not be downloaded ({err})"
         if "truncated" in kinds:
             return (f"no samples: {where}: the tar data ends before the first complete sample "
                     f"({kinds['truncated'][1]})")
@@ -577,10 +602,15 @@ class ShardLoader(torch.utils.data.IterableDataset):
         ratio: tuple[float, float] = (3 / 4, 4 / 3),
         decode: bool = True,
         decode_options: dict[str, Any] | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        cache_bytes: int = remote.DEFAULT_CACHE_BYTES,
+        prefetch_shards: int = remote.DEFAULT_PREFETCH_SHARDS,
+        storage_options: dict[str, Any] | None = None,
+        fetch_options: remote.FetchOptions | dict[str, Any] | None = None,
     ):
         super().__init__()
         self.urls = expand_urls(urls)
-        missing = [u for u in self.urls if not os.path.isfile(u)]
+        missing = [u for u in self.urls if not remote.is_remote(u) and not os.path.isfile(u)]
         if missing:
             more = f" (and {len(missing) - 3} more)" if len(missing) > 3 else ""
             raise DataError(f"{len(missing)} shard(s) not found: {', '.join(missing[:3])}{more}")
@@ -629,6 +659,16 @@ class ShardLoader(torch.utils.data.IterableDataset):
         if clash:
             raise ConfigError(f"decode_options may not set {sorted(clash)}: they are ShardLoader arguments")
         self._urls_digest = hashlib.sha1("\n".join(self.urls).encode()).hexdigest()
+        # remote shards (URLs, pipe:) are downloaded ahead into a bounded cache (bmclip.data.remote)
+        self._remote = any(remote.is_remote(u) for u in self.urls)
+        self.prefetch_shards = prefetch_shards
+        self._cache_args = dict(cache_dir=cache_dir, cache_bytes=cache_bytes, prefetch_shards=prefetch_shards,
+                                fetch_options=remote.FetchOptions.coerce(fetch_options),
+                                storage_options=dict(storage_options or {}))
+        if self._remote:
+            remote.ShardCache.check_args(cache_bytes, prefetch_shards)
+            remote.check_remote_urls(self.urls, storage_options, self._cache_args["fetch_options"])
+        self._cache: remote.ShardCache | None = None
         self._decoder = None
         # tallies of the last finished epoch: valid samples ("good"), failed ones, reasons
         self.last_pass: dict[str, Any] | None = None
@@ -645,6 +685,7 @@ class ShardLoader(torch.utils.data.IterableDataset):
     def __getstate__(self):
         d = dict(self.__dict__)
         d["_decoder"] = None
+        d["_cache"] = None
         d["_active"] = None
         d["_lock"] = None
         return d
@@ -750,11 +791,17 @@ class ShardLoader(torch.utils.data.IterableDataset):
         ``samples_skipped`` (the sample reasons only), ``tar_errors`` (messages), ``tar_damaged_shards``
         (shard reads that hit damage or could not open), ``lost_tail_bytes`` (bytes after the damage
         point of damaged shards), ``example_error`` (the first skip, "key: reason"), ``bad_json``,
-        ``dropped_last``.
+        ``dropped_last``. Remote shards: ``shard_fetch_failed`` (shard reason: downloads that failed within
+        their attempts), and since the loader was made: ``fetch_wait_s`` (time spent waiting for shard
+        downloads), ``bytes_fetched``, ``shards_fetched``, ``fetch_retries``, ``fetch_failures`` (zeros
+        for local shards).
         """
         c = _copy_state(self._state)["counters"]
         for k, v in _new_counters().items():
             c.setdefault(k, v)
+        fetched = self._cache.stats() if self._cache is not None else {}
+        for k in ("fetch_wait_s", "bytes_fetched", "shards_fetched", "fetch_retries", "fetch_failures"):
+            c[k] = fetched.get(k, 0.0 if k == "fetch_wait_s" else 0)
         c["skipped_total"] = sum(c["skipped"].values())
         c["samples_skipped"] = sum(v for k, v in c["skipped"].items() if k not in _SHARD_REASONS)
         return c
@@ -774,6 +821,9 @@ class ShardLoader(torch.utils.data.IterableDataset):
         """
         if self.resampled:
             raise TypeError("a resampled ShardLoader is infinite and has no len()")
+        if self._remote:
+            raise TypeError("len() of a ShardLoader over remote shards would download every shard to count "
+                            "its samples")
         if self.num_workers is not None:
             workers = [(self.rank * self.num_workers + self.worker_id, self.world_size * self.num_workers)]
         else:
@@ -793,9 +843,14 @@ class ShardLoader(torch.utils.data.IterableDataset):
         return total
 
     # -- iteration -------------------------------------------------------------------------------
-    def _open_index(self, shard: int):
+    def _open_index(self, shard: int, ahead: Sequence[int] = ()):
         try:
-            return _import_c().TarIndex(self.urls[shard])
+            if not remote.is_remote(self.urls[shard]):
+                return _import_c().TarIndex(self.urls[shard])
+            if self._cache is None:
+                split, n_splits = self._split()
+                self._cache = remote.ShardCache(self.urls, name=f"{split}of{n_splits}", **self._cache_args)
+            return self._cache.open(shard, ahead, _import_c().TarIndex)
         except OSError:
             return None
 

@@ -170,7 +170,8 @@ class ShardSource:
         none). Also ``lost_tail_bytes`` (bytes of damaged shards after the damage point).
         """
         st = self.loader.stats
-        by_reason = {k: int(v) for k, v in st["skipped"].items() if k not in ("truncated_tar", "unreadable_shard")}
+        shard_reasons = ("truncated_tar", "unreadable_shard", "shard_fetch_failed")  # whole shards, not samples
+        by_reason = {k: int(v) for k, v in st["skipped"].items() if k not in shard_reasons}
         skipped = sum(by_reason.values())
         return {"samples_read": int(st["samples"]) + int(st["dropped_last"]) + skipped, "samples_skipped": skipped,
                 "skipped_by_reason": by_reason, "tar_errors": int(st["tar_damaged_shards"]),
