@@ -35,6 +35,11 @@ the consumer trains on batch n; the C++ decoder releases the GIL for the whole b
    tokenised in a second background thread while the images decode; ``batch["input_ids"]`` is ready
    when the batch is handed out, so the consumer never waits on tokenisation.
 
+Remote shards (``s3://``, ``gs://``, ``http(s)://``, ``file://``, ``pipe:CMD``; ``bmclip.data.remote``):
+each split downloads the next ``prefetch_shards`` shards of its order into a bounded local cache
+(``cache_dir``, ``cache_bytes``) while the current one is decoded, and opens the local copy like a local
+shard; a shard whose download fails within its retries is a counted ``shard_fetch_failed`` skip.
+
 Resume: ``state_dict()`` describes the position *after the last batch handed to the consumer* (not
 the prefetched ones): epoch, shard cursor, position in the shard, the shuffle buffer as (shard,
 index) references and the generator states. ``load_state_dict`` on a new loader with the same urls,
@@ -665,8 +670,8 @@ class ShardLoader(torch.utils.data.IterableDataset):
         self._cache_args = dict(cache_dir=cache_dir, cache_bytes=cache_bytes, prefetch_shards=prefetch_shards,
                                 fetch_options=remote.FetchOptions.coerce(fetch_options),
                                 storage_options=dict(storage_options or {}))
+        remote.ShardCache.check_args(cache_bytes, prefetch_shards)
         if self._remote:
-            remote.ShardCache.check_args(cache_bytes, prefetch_shards)
             remote.check_remote_urls(self.urls, storage_options, self._cache_args["fetch_options"])
         self._cache: remote.ShardCache | None = None
         self._decoder = None
@@ -847,7 +852,7 @@ class ShardLoader(torch.utils.data.IterableDataset):
         try:
             if not remote.is_remote(self.urls[shard]):
                 return _import_c().TarIndex(self.urls[shard])
-            if self._cache is None:
+            if self._cache is None or not self._cache.usable():  # first remote shard, or a forked worker
                 split, n_splits = self._split()
                 self._cache = remote.ShardCache(self.urls, name=f"{split}of{n_splits}", **self._cache_args)
             return self._cache.open(shard, ahead, _import_c().TarIndex)

@@ -396,14 +396,13 @@ class _Entry:
         self.error: str | None = None
 
 
-def _shutdown(stop: threading.Event, cv: threading.Condition, folder: Path, lock_fd: int,
-              thread_box: list) -> None:
+def _shutdown(stop: threading.Event, folder: Path, lock_fd: int, pid: int) -> None:
+    # Runs wherever the cache is collected (possibly fsspec's event-loop thread): it must not block, so the
+    # prefetch thread is only told to stop (it polls; a download in progress is cancelled between chunks).
+    # A forked child (DataLoader worker) holding a copy of the cache leaves the parent's folder alone.
+    if os.getpid() != pid:
+        return
     stop.set()
-    with cv:
-        cv.notify_all()
-    t = thread_box[0] if thread_box else None
-    if t is not None and t is not threading.current_thread():
-        t.join(timeout=5)
     shutil.rmtree(folder, ignore_errors=True)
     with contextlib.suppress(OSError):
         os.close(lock_fd)
@@ -475,11 +474,11 @@ class ShardCache:
         self._released: deque = deque()  # (shard, entry) appended by finalizers (any thread, lock-free)
         self._failures: dict[int, str] = {}
         self._stop = threading.Event()
-        self._thread_box: list[threading.Thread] = []
+        self._thread: threading.Thread | None = None
         self._stats = {"fetch_wait_s": 0.0, "bytes_fetched": 0, "shards_fetched": 0, "fetch_retries": 0,
                        "fetch_failures": 0}
-        self._finalizer = weakref.finalize(self, _shutdown, self._stop, self._cv, self.dir, lock_fd,
-                                           self._thread_box)
+        self._pid = os.getpid()
+        self._finalizer = weakref.finalize(self, _shutdown, self._stop, self.dir, lock_fd, self._pid)
 
     @staticmethod
     def check_args(cache_bytes: int, prefetch_shards: int) -> None:
@@ -548,6 +547,10 @@ class ShardCache:
             self._released.append((shard, e))
         return obj
 
+    def usable(self) -> bool:
+        """False in a forked child (its copy has no prefetch thread and shares the parent's folder) or when closed."""
+        return self._pid == os.getpid() and not self._stop.is_set()
+
     def failure(self, shard: int) -> str | None:
         """Why the last :meth:`open` of ``shard`` returned None (None after a successful open)."""
         with self._cv:
@@ -572,11 +575,11 @@ class ShardCache:
         return self.dir / f"{shard:07d}-{base}"
 
     def _start_thread(self) -> None:
-        if self._thread_box or self.prefetch_shards == 0:
+        if self._thread is not None or self.prefetch_shards == 0:
             return
         t = threading.Thread(target=_prefetch_loop, args=(weakref.ref(self), self._stop, self._cv),
                              name="ShardCache-prefetch", daemon=True)
-        self._thread_box.append(t)
+        self._thread = t
         t.start()
 
     def _used(self) -> int:
@@ -612,6 +615,8 @@ class ShardCache:
                 return None
             used = self._used()
             n = self._stats["shards_fetched"]
+            if n == 0 and any(e.state == "fetching" for e in self._entries.values()):
+                return None  # no size estimate yet: one download at a time until the first completes
             est = self._stats["bytes_fetched"] // n if n else 0
             for s in self._ahead:
                 if s in self._entries:
