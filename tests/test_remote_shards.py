@@ -23,6 +23,7 @@ from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+import torch
 
 from bmclip.errors import DataError
 
@@ -174,6 +175,9 @@ def test_http_epoch_matches_local_and_cache_is_emptied(shards, http, tmp_path):
             folder = ld._cache.dir
             del ld
             gc.collect()
+            deadline = time.monotonic() + 10  # a download ahead in flight stops at its next chunk
+            while folder.exists() and time.monotonic() < deadline:
+                time.sleep(0.05)
             assert not folder.exists()
         assert sorted(everything) == sorted(f"s{u:05d}" for u in range(30))
     assert list(cache.iterdir()) == []
@@ -193,8 +197,6 @@ def test_http_bytes_fetched_and_evicted_after_use(shards, http, tmp_path):
 
 
 def test_dataloader_worker_processes_fetch_their_own_shards(shards, http, tmp_path):
-    import torch
-
     cache = tmp_path / "cache"
     ld = loader(http.urls(shards), cache)
     first = collect(ld)  # the parent's cache exists when the workers fork
@@ -315,24 +317,27 @@ def test_http_resume_mid_epoch_on_a_throttled_link(shards, tmp_path, resampled):
     try:
         urls = srv.urls(shards)
         n_batches = 6
-        full = []
+
+        def take(it, n):  # keys and a copy of the pixels (the ring buffer is reused)
+            return [(b["key"], b["image"].clone()) for b in (next(it) for _ in range(n))]
+
         it = iter(loader(urls, tmp_path / "a", resampled=resampled))
-        for _ in range(n_batches):
-            full.append(next(it)["key"])
+        full = take(it, n_batches)
         it.close()
         for k in (1, 3):
             ld = loader(urls, tmp_path / "b", resampled=resampled)
             it = iter(ld)
-            got = [next(it)["key"] for _ in range(k)]
+            got = take(it, k)
             state = json.loads(json.dumps(ld.state_dict()))
             it.close()
             del it, ld
             ld2 = loader(urls, tmp_path / "c", resampled=resampled)
             ld2.load_state_dict(state)
             it2 = iter(ld2)
-            got += [next(it2)["key"] for _ in range(n_batches - k)]
+            got += take(it2, n_batches - k)
             it2.close()
-            assert got == full
+            assert [g[0] for g in got] == [f[0] for f in full]
+            assert all(torch.equal(g[1], f[1]) for g, f in zip(got, full))  # bitwise the same crops
             assert ld2.stats["fetch_wait_s"] > 0  # the first shard after a resume is waited for
     finally:
         srv.close()
@@ -488,3 +493,29 @@ def test_s3_endpoint_from_the_environment(s3_server, s3_env, shards, tmp_path, m
     # a distinct option keeps fsspec from reusing a filesystem made before the variable was set
     ld = loader(urls, tmp_path / "c", storage_options={"default_block_size": 1 << 20})
     assert sorted(collect(ld)) == [f"s{u:05d}" for u in range(12)]
+
+
+# ---------------------------------------------------------------------------------------------------
+def test_trainer_builds_the_loader_from_the_data_cache_keys(shards, http, tmp_path):
+    import bmclip.train.trainer as T
+    from bmclip.errors import ConfigError
+    from bmclip.model.config import get_preset
+    from bmclip.train.config import load_config
+    from bmclip.train.distributed import DistInfo
+
+    cache = tmp_path / "trainer-cache"
+    pattern = f"{http.base}/shard-{{000000..000004}}.tar"
+    cfg = load_config("tiny-cpu", [f"--data.train={pattern}", "--data.synthetic=false", "--data.batch_size=4",
+                                   "--data.augment_backend=torch", f"--data.cache_dir={cache}",
+                                   "--data.cache_bytes=1000000", "--data.prefetch_shards=1"])
+    src = T._build_source(cfg, DistInfo(), get_preset("tiny"),
+                          lambda texts: torch.ones(len(texts), 8, dtype=torch.long))
+    ld = src.loader
+    assert ld.urls == http.urls(shards) and ld.prefetch_shards == 1
+    assert ld._cache_args["cache_bytes"] == 1_000_000
+    assert next(src)["image"].shape[0] == 4
+    assert ld._cache.dir.parent == cache and ld._cache.prefetch_shards == 1
+    src.close()
+    for bad in ("--data.cache_bytes=-1", "--data.prefetch_shards=-2"):
+        with pytest.raises(ConfigError, match=bad.split("=")[0][2:]):
+            load_config("tiny-cpu", [bad])

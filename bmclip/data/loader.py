@@ -849,12 +849,18 @@ class ShardLoader(torch.utils.data.IterableDataset):
 
     # -- iteration -------------------------------------------------------------------------------
     def _open_index(self, shard: int, ahead: Sequence[int] = ()):
-        try:
-            if not remote.is_remote(self.urls[shard]):
+        if not remote.is_remote(self.urls[shard]):
+            try:
                 return _import_c().TarIndex(self.urls[shard])
-            if self._cache is None or not self._cache.usable():  # first remote shard, or a forked worker
-                split, n_splits = self._split()
+            except OSError:
+                return None
+        if self._cache is None or not self._cache.usable():  # first remote shard, or a forked worker
+            split, n_splits = self._split()
+            try:
                 self._cache = remote.ShardCache(self.urls, name=f"{split}of{n_splits}", **self._cache_args)
+            except OSError as e:
+                raise ConfigError(f"cache_dir: cannot make the remote shard cache ({e})") from e
+        try:
             return self._cache.open(shard, ahead, _import_c().TarIndex)
         except OSError:
             return None

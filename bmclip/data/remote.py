@@ -340,6 +340,8 @@ def fetch_shard(url: str, dest: str | os.PathLike, *, fetch_options: FetchOption
     last: BaseException | None = None
     attempt = 0
     for attempt in range(1, opts.attempts + 1):
+        if cancelled():
+            raise _Cancelled(url)
         try:
             return _download(url, Path(dest), opts, storage_options, cancelled), attempt
         except (_Cancelled, ImportError):
@@ -408,7 +410,15 @@ def _shutdown(stop: threading.Event, folder: Path, lock_fd: int, pid: int) -> No
         os.close(lock_fd)
 
 
-def _prefetch_loop(ref: weakref.ref, stop: threading.Event, cv: threading.Condition) -> None:
+def _prefetch_loop(ref: weakref.ref, stop: threading.Event, cv: threading.Condition, folder: Path) -> None:
+    try:
+        _prefetch(ref, stop, cv)
+    finally:
+        if stop.is_set() or ref() is None:  # a download cancelled at shutdown may have made the folder again
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _prefetch(ref: weakref.ref, stop: threading.Event, cv: threading.Condition) -> None:
     rng = random.Random()
     while not stop.is_set():
         cache = ref()
@@ -503,8 +513,8 @@ class ShardCache:
                 self._cv.notify_all()
                 return None
             own = e is None
-            if own:
-                e = self._entries[shard] = _Entry(self._path(shard), 0)
+            if own:  # fetched here, now; its expected size counts against what may be fetched ahead
+                e = self._entries[shard] = _Entry(self._path(shard), self._estimate())
             e.refs += 1  # pinned while waiting and opening
             ready = e.state == "ready"
             self._start_thread()
@@ -577,10 +587,15 @@ class ShardCache:
     def _start_thread(self) -> None:
         if self._thread is not None or self.prefetch_shards == 0:
             return
-        t = threading.Thread(target=_prefetch_loop, args=(weakref.ref(self), self._stop, self._cv),
+        t = threading.Thread(target=_prefetch_loop, args=(weakref.ref(self), self._stop, self._cv, self.dir),
                              name="ShardCache-prefetch", daemon=True)
         self._thread = t
         t.start()
+
+    def _estimate(self) -> int:
+        """Expected size of a shard not yet fetched: the mean of those fetched so far."""
+        n = self._stats["shards_fetched"]
+        return self._stats["bytes_fetched"] // n if n else 0
 
     def _used(self) -> int:
         return sum(e.size if e.state == "ready" else e.reserved for e in self._entries.values())
@@ -614,10 +629,9 @@ class ShardCache:
             if self._stop.is_set():
                 return None
             used = self._used()
-            n = self._stats["shards_fetched"]
-            if n == 0 and any(e.state == "fetching" for e in self._entries.values()):
+            if self._stats["shards_fetched"] == 0 and any(e.state == "fetching" for e in self._entries.values()):
                 return None  # no size estimate yet: one download at a time until the first completes
-            est = self._stats["bytes_fetched"] // n if n else 0
+            est = self._estimate()
             for s in self._ahead:
                 if s in self._entries:
                     continue
