@@ -525,8 +525,13 @@ class ShardCache:
                                           storage_options=self.storage_options, cancelled=self._stop.is_set)
             except _Cancelled:
                 result = OSError("the shard cache was closed")
-            except BaseException as err:
+            except Exception as err:  # a failed download: reported, counted by the loader
                 result = err
+            except BaseException as err:  # KeyboardInterrupt etc.: settle the entry (no waiter hangs), re-raise
+                self._finish(shard, e, err)
+                with self._cv:
+                    self._unpin(shard, e)
+                raise
             self._finish(shard, e, result)
             if isinstance(result, ImportError):
                 with self._cv:
@@ -656,7 +661,7 @@ class ShardCache:
                 if isinstance(result, ShardFetchError):
                     self._stats["fetch_retries"] += result.attempts - 1
                 self._stats["fetch_failures"] += 1
-                _log.warning("shard %s skipped: %s", self.urls[shard], e.error)
+                _log.warning("shard %s could not be downloaded (the loader skips it): %s", self.urls[shard], e.error)
             e.done.set()
             self._evict()
             self._cv.notify_all()
