@@ -527,3 +527,31 @@ def test_trainer_builds_the_loader_from_the_data_cache_keys(shards, http, tmp_pa
     for bad in ("--data.cache_bytes=-1", "--data.prefetch_shards=-2"):
         with pytest.raises(ConfigError, match=bad.split("=")[0][2:]):
             load_config("tiny-cpu", [bad])
+
+
+def test_missing_fsspec_or_backend_names_the_extra(shards, tmp_path, monkeypatch):
+    import importlib.util
+
+    if importlib.util.find_spec("gcsfs") is None:  # gs:// without its backend
+        with pytest.raises(ImportError, match=r"pip install 'bmclip\[cloud\]'"):
+            loader(["gs://bucket/shard-000000.tar"], tmp_path)
+    monkeypatch.setitem(sys.modules, "fsspec", None)  # fsspec itself not installed
+    with pytest.raises(ImportError, match=r"need fsspec: pip install 'bmclip\[cloud\]'"):
+        loader(["http://127.0.0.1:9/shard-000000.tar"], tmp_path)
+    # pipe: and local shards need no fsspec; local shards in the list are read in place, never fetched
+    ld = loader([f"pipe:cat {shards[0]}", shards[1], shards[2]], tmp_path / "c", shuffle=False)
+    assert collect(ld) == [f"s{u:05d}" for u in range(18)]
+    assert ld.stats["shards_fetched"] == 1 and ld.stats["fetch_failures"] == 0
+
+
+def test_backoff_grows_exponentially_with_bounded_jitter():
+    import random
+
+    from bmclip.data.remote import FetchOptions
+
+    opts = FetchOptions(backoff_s=0.5, backoff_max_s=6.0)
+    rng = random.Random(0)
+    for attempt, cap in ((1, 0.5), (2, 1.0), (3, 2.0), (4, 4.0), (5, 6.0), (9, 6.0)):
+        ds = [opts.delay(attempt, rng) for _ in range(200)]
+        assert all(0.5 * cap <= d <= cap for d in ds)
+        assert max(ds) - min(ds) > 0.3 * cap  # jittered, not a fixed delay

@@ -504,7 +504,8 @@ class ShardCache:
         t0 = time.perf_counter()
         with self._cv:
             self._drain_released()
-            self._ahead = [s for s in dict.fromkeys(int(s) for s in ahead) if s != shard][: self.prefetch_shards]
+            self._ahead = [s for s in dict.fromkeys(int(s) for s in ahead)
+                           if s != shard and is_remote(self.urls[s])][: self.prefetch_shards]
             e = self._entries.get(shard)
             if e is not None and e.state == "failed":  # a download ahead already spent its attempts
                 del self._entries[shard]
