@@ -178,7 +178,7 @@ class _Stream:
         return idx
 
     def ahead(self) -> list[int]:
-        """The shards this split opens next, in order: those the buffer references but has not open (after a
+        """The shards this split opens next, in order: those the buffer references but has not opened (after a
         resume), then the cursor's next ones (into the next epoch; resampled: the next draws)."""
         k = self.L.prefetch_shards
         out = [s for s in dict.fromkeys(r[0] for r in self.st["buffer"]) if s not in self._index_cache]
