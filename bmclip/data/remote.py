@@ -11,13 +11,14 @@ shard i (:meth:`ShardCache.open`) together with the shards it will open next, in
 order; a background thread downloads those next shards while the decoder works on the current one.
 Files are written through :func:`bmclip.io.atomic_writer` (a temporary name renamed when complete, so a
 killed download leaves a ``.tmp`` file that is never opened) into a private folder under ``cache_dir``
-(default: ``<tmp>/bmclip-shard-cache``; a RAM-backed folder such as ``/dev/shm/...`` keeps the cache in
-memory). A shard's file is deleted once the loader has dropped every reference to it (its index and
+(default: ``<tmp>/bmclip-shard-cache-<uid>``; a RAM-backed folder such as ``/dev/shm/...`` keeps the
+cache in memory). A shard's file is deleted once the loader has dropped every reference to it (its index and
 every zero-copy view of its bytes) and it is not among the next shards. ``cache_bytes`` bounds
 prefetching: a download ahead starts only while the files held plus the expected size of the next one
 fit; the shard the loader needs now is always fetched, and shards still in use are kept.
 
-Failures: each download attempt has a connect and a read (stall) timeout; a failed attempt is retried
+Failures: each download attempt has a connect and a read (stall) timeout (fsspec's asynchronous backends:
+http(s), s3, gs, ...; and ``pipe:``; a blocking fsspec backend relies on its own); a failed attempt is retried
 after an exponential backoff with jitter, up to ``FetchOptions.attempts`` attempts per shard (a missing
 object or a refused permission is not retried). A shard that still fails is reported to the loader,
 which counts it as a ``shard_fetch_failed`` skip and logs it on the ``bmclip.data.remote`` logger. The
@@ -387,6 +388,12 @@ def _remove_stale(root: Path, min_age_s: float = 60.0) -> None:
         os.close(fd)
 
 
+def _default_root() -> Path:
+    """``<tmp>/bmclip-shard-cache-<uid>``: one per user, so users of a shared machine do not collide."""
+    uid = os.getuid() if hasattr(os, "getuid") else 0
+    return Path(tempfile.gettempdir()) / f"bmclip-shard-cache-{uid}"
+
+
 class _Entry:
     __slots__ = ("state", "path", "size", "reserved", "refs", "done", "error")
 
@@ -472,7 +479,7 @@ class ShardCache:
         self.cache_bytes, self.prefetch_shards = int(cache_bytes), int(prefetch_shards)
         self.fetch_options = FetchOptions.coerce(fetch_options)
         self.storage_options = dict(storage_options or {})
-        root = Path(cache_dir) if cache_dir else Path(tempfile.gettempdir()) / "bmclip-shard-cache"
+        root = Path(cache_dir) if cache_dir else _default_root()
         root.mkdir(parents=True, exist_ok=True)
         _remove_stale(root)
         self.dir = Path(tempfile.mkdtemp(prefix=f"{_DIR_PREFIX}{name}-{os.getpid()}-", dir=root))
