@@ -38,7 +38,7 @@ __all__ = ["Counters", "Cursor", "CursorState", "PassTally", "Sample", "SHARD_RE
 STATE_VERSION = 1
 TEXT_EXTENSIONS = ("txt",)
 # Skip reasons that count shards, not samples (kept in ``skipped`` for history; not in samples_skipped)
-SHARD_REASONS = ("truncated_tar", "unreadable_shard")
+SHARD_REASONS = ("truncated_tar", "unreadable_shard", "shard_fetch_failed")
 # distinct reason strings kept verbatim in skip_details / tar_errors (bounded so a bad shard can't grow them)
 MAX_DETAILS = 200
 _MASK64 = (1 << 64) - 1
@@ -245,14 +245,20 @@ _UNDECODED = tuple(e for e in IMAGE_EXTENSIONS if e not in DECODED_EXTENSIONS)
 class Cursor:
     """Walks a :class:`CursorState` forward through the samples of its split.
 
-    ``open_index(shard)`` returns the shard's ``bmclip._C.TarIndex`` or None when it cannot be opened
-    (a counted skip). The state is the cursor's own (mutated in place); :meth:`snapshot` copies it.
+    ``open_index(shard, ahead)`` returns the shard's ``bmclip._C.TarIndex`` or None when it cannot be opened
+    (a counted skip); ``ahead`` lists the ``prefetch_shards`` shards this split opens next (for a download
+    cache; empty when ``prefetch_shards`` is 0). ``fetch_failure(shard)`` says why a shard that could not be
+    opened failed to download (None: it was not a download failure). The state is the cursor's own (mutated
+    in place); :meth:`snapshot` copies it.
     """
 
-    def __init__(self, state: CursorState, urls: Sequence[str], open_index: Callable[[int], Any]):
+    def __init__(self, state: CursorState, urls: Sequence[str], open_index: Callable[[int, Sequence[int]], Any],
+                 *, prefetch_shards: int = 0, fetch_failure: Callable[[int], str | None] | None = None):
         self.st = state
         self.urls = urls
         self._open_index = open_index
+        self.prefetch_shards = prefetch_shards
+        self._fetch_failure = fetch_failure
         self._index_cache: dict[int, Any] = {}
         self._samples_cache: dict[int, list] = {}
         self._epoch_plan: tuple[int, list[int], int, int] | None = None
@@ -281,10 +287,26 @@ class Cursor:
     def index(self, shard: int):
         idx = self._index_cache.get(shard)
         if idx is None:
-            idx = self._open_index(shard)
+            idx = self._open_index(shard, self.ahead() if self.prefetch_shards else ())
             self._index_cache[shard] = idx
             self._samples_cache[shard] = idx.samples() if idx is not None else []
         return idx
+
+    def ahead(self) -> list[int]:
+        """The ``prefetch_shards`` shards this split opens next, in order: those the shuffle buffer references but
+        has not opened (after a resume), then the plan's next ones (into the next epoch; resampled: the next
+        draws of a copy of the shard generator, which is left untouched)."""
+        k, st = self.prefetch_shards, self.st
+        out = [s for s in dict.fromkeys(r[0] for r in st.buffer) if s not in self._index_cache]
+        if st.resampled:
+            g = _generator(self.shard_rng.bit_generator.state)
+            out += [int(g.integers(len(self.urls))) for _ in range(k)]
+        else:
+            out += self.plan()[0][st.shard_pos:][:k]
+            if len(out) < k:
+                order = shard_order(st.n_shards, st.seed, st.epoch + 1, st.shuffle)
+                out += split_shards(order, st.split, st.n_splits)[0][:k]
+        return out[:k]
 
     def _evict(self) -> None:
         live = {r[0] for r in self.st.buffer}
@@ -302,9 +324,14 @@ class Cursor:
         c = st.counters
         url = self.urls[shard]
         if idx is None:
-            c.count("unreadable_shard", f"unreadable shard {url}")
+            failed = self._fetch_failure(shard) if self._fetch_failure is not None else None
+            if failed:  # a remote shard whose download failed within its attempts (logged by the cache)
+                c.count("shard_fetch_failed", f"{url}: {failed}")
+                self._note_shard(shard, "fetch_failed", 0, f"{url}: {failed}")
+            else:
+                c.count("unreadable_shard", f"unreadable shard {url}")
+                self._note_shard(shard, "unreadable", 0, f"cannot open {url}")
             c.tar_damaged_shards += 1
-            self._note_shard(shard, "unreadable", 0, f"cannot open {url}")
             self._sizes[shard] = 0
             return
         c.shards_opened += 1
@@ -505,6 +532,9 @@ def no_valid_message(urls: Sequence[str], st: CursorState, *, resampled: bool, d
             return f"no samples: bad tar header in {n} of {seen} shard(s) of {where} ({err}); is it a tar file?"
         if set(kinds) == {"unreadable"}:
             return f"no samples: {where}: no shard could be opened ({kinds['unreadable'][1]})"
+        if "fetch_failed" in kinds and set(kinds) <= {"fetch_failed", "unreadable"}:
+            n, err = kinds["fetch_failed"]
+            return f"no samples: {where}: {n} of {seen} shard(s) could not be downloaded ({err})"
         if "truncated" in kinds:
             return (f"no samples: {where}: the tar data ends before the first complete sample "
                     f"({kinds['truncated'][1]})")

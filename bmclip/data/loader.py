@@ -40,6 +40,11 @@ the consumer trains on batch n; the C++ decoder releases the GIL for the whole b
 Modules: the cursor and its state (``bmclip.data.cursor``: steps 1-4), the producer thread, ring and
 batch assembly (``bmclip.data.producer``: steps 5-6), and this façade (options, splits, state, length).
 
+Remote shards (``s3://``, ``gs://``, ``http(s)://``, ``file://``, ``pipe:CMD``; ``bmclip.data.remote``):
+each split downloads the next ``prefetch_shards`` shards of its order into a bounded local cache
+(``cache_dir``, ``cache_bytes``) while the current one is decoded, and opens the local copy like a local
+shard; a shard whose download fails within its retries is a counted ``shard_fetch_failed`` skip.
+
 Resume: ``state_dict()`` describes the position *after the last batch handed to the consumer* (not
 the prefetched ones): epoch, shard cursor, position in the shard, the shuffle buffer as (shard,
 index) references and the generator states. ``load_state_dict`` on a new loader with the same urls,
@@ -63,6 +68,7 @@ import numpy as np
 import torch
 
 from bmclip._ext import load_ext
+from bmclip.data import remote
 from bmclip.data.cursor import SHARD_REASONS, Counters, Cursor, CursorState
 from bmclip.data.producer import END, BatchAssembler, Pipe, make_ring
 from bmclip.data.shards import expand_urls, shard_order, split_shards
@@ -108,6 +114,13 @@ class LoaderOptions:
     # extra keyword arguments of bmclip._C.Decoder.decode_batch (e.g. interpolation, dct_min_ratio: the
     # speed/fidelity trade-off of DCT-domain downscaling); checked by the extension on first use
     decode_options: dict[str, Any] = field(default_factory=dict)
+    # remote shards (bmclip.data.remote): the download cache's folder, byte limit and look-ahead, the
+    # fsspec storage options (endpoint, credentials) and the retry/timeout policy
+    cache_dir: str | os.PathLike | None = None
+    cache_bytes: int = remote.DEFAULT_CACHE_BYTES
+    prefetch_shards: int = remote.DEFAULT_PREFETCH_SHARDS
+    storage_options: dict[str, Any] = field(default_factory=dict)
+    fetch_options: remote.FetchOptions | dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "image_size", "world_size", "prefetch"):
@@ -146,6 +159,9 @@ class LoaderOptions:
         self.shuffle_buffer = int(self.shuffle_buffer) if self.shuffle else 0
         self.scale = (float(self.scale[0]), float(self.scale[1]))
         self.ratio = (float(self.ratio[0]), float(self.ratio[1]))
+        remote.ShardCache.check_args(self.cache_bytes, self.prefetch_shards)
+        self.storage_options = dict(self.storage_options or {})
+        self.fetch_options = remote.FetchOptions.coerce(self.fetch_options)
 
 
 class ShardLoader(torch.utils.data.IterableDataset):
@@ -180,6 +196,11 @@ class ShardLoader(torch.utils.data.IterableDataset):
         ratio: tuple[float, float] = (3 / 4, 4 / 3),
         decode: bool = True,
         decode_options: dict[str, Any] | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        cache_bytes: int = remote.DEFAULT_CACHE_BYTES,
+        prefetch_shards: int = remote.DEFAULT_PREFETCH_SHARDS,
+        storage_options: dict[str, Any] | None = None,
+        fetch_options: remote.FetchOptions | dict[str, Any] | None = None,
     ):
         super().__init__()
         self.urls = expand_urls(urls)
@@ -189,12 +210,18 @@ class ShardLoader(torch.utils.data.IterableDataset):
             seed=seed, epoch=epoch, rank=rank, world_size=world_size, resampled=resampled,
             shuffle_buffer=shuffle_buffer, drop_last=drop_last, num_workers=num_workers, worker_id=worker_id,
             prefetch=prefetch, pin_memory=pin_memory, scale=scale, ratio=ratio, decode=decode,
-            decode_options=decode_options or {})
+            decode_options=decode_options or {}, cache_dir=cache_dir, cache_bytes=cache_bytes,
+            prefetch_shards=prefetch_shards, storage_options=storage_options or {}, fetch_options=fetch_options)
         # every option is also a plain attribute (ld.batch_size, ld.scale, ld.epoch, ...), as LoaderOptions holds it
         vars(self).update(vars(o))
         self.tokenizer = tokenizer
         self._tok = BackgroundTokenizer(tokenizer) if tokenizer is not None else None
         self._urls_digest = hashlib.sha1("\n".join(self.urls).encode()).hexdigest()
+        # remote shards (URLs, pipe:) are downloaded ahead into a bounded cache, made on first use per split
+        self._remote = any(remote.is_remote(u) for u in self.urls)
+        if self._remote:
+            remote.check_remote_urls(self.urls, self.storage_options, self.fetch_options)
+        self._cache: remote.ShardCache | None = None
         self._decoder = None
         # tallies of the last finished epoch: valid samples ("good"), failed ones, reasons
         self.last_pass: dict[str, Any] | None = None
@@ -210,23 +237,45 @@ class ShardLoader(torch.utils.data.IterableDataset):
     def __getstate__(self):
         d = dict(self.__dict__)
         d["_decoder"] = None
+        d["_cache"] = None
         d["_active"] = None
         return d
 
     # -- shards ----------------------------------------------------------------------------------
     def _check_shards(self) -> None:
         """DataError naming the shards that do not exist (checked once, when the loader is built)."""
-        missing = [u for u in self.urls if not os.path.isfile(u)]
+        missing = [u for u in self.urls if not remote.is_remote(u) and not os.path.isfile(u)]
         if missing:
             more = f" (and {len(missing) - 3} more)" if len(missing) > 3 else ""
             raise DataError(f"{len(missing)} shard(s) not found: {', '.join(missing[:3])}{more}")
 
-    def _open_index(self, shard: int):
-        """The tar index of shard ``shard`` (``bmclip._C.TarIndex``, memory-mapped), None if it cannot open."""
+    def _open_index(self, shard: int, ahead: Sequence[int] = ()):
+        """The tar index of shard ``shard`` (``bmclip._C.TarIndex``, memory-mapped), None if it cannot open.
+
+        A remote shard is opened from its local copy in the split's download cache, which also starts
+        fetching the shards listed in ``ahead``.
+        """
+        if not remote.is_remote(self.urls[shard]):
+            try:
+                return load_ext().TarIndex(self.urls[shard])
+            except OSError:
+                return None
+        if self._cache is None or not self._cache.usable():  # first remote shard, or a forked worker
+            split, n_splits = self._split()
+            try:
+                self._cache = remote.ShardCache(
+                    self.urls, name=f"{split}of{n_splits}", cache_dir=self.cache_dir, cache_bytes=self.cache_bytes,
+                    prefetch_shards=self.prefetch_shards, fetch_options=self.fetch_options,
+                    storage_options=self.storage_options)
+            except OSError as e:
+                raise ConfigError(f"cache_dir: cannot make the remote shard cache ({e})") from e
         try:
-            return load_ext().TarIndex(self.urls[shard])
+            return self._cache.open(shard, ahead, load_ext().TarIndex)
         except OSError:
             return None
+
+    def _fetch_failure(self, shard: int) -> str | None:
+        return self._cache.failure(shard) if self._cache is not None else None
 
     # -- splits ----------------------------------------------------------------------------------
     def _split(self) -> tuple[int, int]:
@@ -287,9 +336,15 @@ class ShardLoader(torch.utils.data.IterableDataset):
         unreadable_shard), ``skipped_total`` (all of ``skipped``), ``samples_skipped`` (the sample
         reasons only), ``tar_errors`` (messages), ``tar_damaged_shards`` (shard reads that hit damage
         or could not open), ``lost_tail_bytes`` (bytes after the damage point of damaged shards),
-        ``example_error`` (the first skip, "key: reason"), ``bad_json``, ``dropped_last``.
+        ``example_error`` (the first skip, "key: reason"), ``bad_json``, ``dropped_last``. Remote shards:
+        ``shard_fetch_failed`` (shard reason: downloads that failed within their attempts), and since the
+        loader was made: ``fetch_wait_s`` (time spent waiting for shard downloads), ``bytes_fetched``,
+        ``shards_fetched``, ``fetch_retries``, ``fetch_failures`` (zeros for local shards).
         """
         c = self._state.counters.to_dict()
+        fetched = self._cache.stats() if self._cache is not None else {}
+        for k in ("fetch_wait_s", "bytes_fetched", "shards_fetched", "fetch_retries", "fetch_failures"):
+            c[k] = fetched.get(k, 0.0 if k == "fetch_wait_s" else 0)
         c["skipped_total"] = sum(c["skipped"].values())
         c["samples_skipped"] = sum(v for k, v in c["skipped"].items() if k not in SHARD_REASONS)
         return c
@@ -309,6 +364,9 @@ class ShardLoader(torch.utils.data.IterableDataset):
         """
         if self.resampled:
             raise TypeError("a resampled ShardLoader is infinite and has no len()")
+        if self._remote:
+            raise TypeError("len() of a ShardLoader over remote shards would download every shard to count "
+                            "its samples")
         if self.num_workers is not None:
             workers = [(self.rank * self.num_workers + self.worker_id, self.world_size * self.num_workers)]
         else:
@@ -351,8 +409,9 @@ class ShardLoader(torch.utils.data.IterableDataset):
             self._decoder = ext.Decoder(self.num_threads)
         image_info = getattr(self._decoder, "image_info", None) or getattr(ext, "image_info", None)
         assembler = BatchAssembler(self.options, self._decoder, image_info, self._tok)
-        pipe = Pipe(assembler, Cursor(st.copy(), self.urls, self._open_index), make_ring(self.options),
-                    self.prefetch)
+        cursor = Cursor(st.copy(), self.urls, self._open_index, prefetch_shards=self.prefetch_shards if self._remote
+                        else 0, fetch_failure=self._fetch_failure)
+        pipe = Pipe(assembler, cursor, make_ring(self.options), self.prefetch)
         self._active = pipe
         return _LoaderIter(self, pipe)
 

@@ -64,6 +64,11 @@ class DataSection:
     val_max_samples: int = 10000
     # warn (stderr + metrics) when the loader skips more than this fraction of the samples it reads
     max_skip_rate: float = 0.01
+    # remote shards (s3://, gs://, http(s)://, file://, pipe:CMD): local cache folder ("" = a temp folder),
+    # its byte limit for shards fetched ahead, and how many shards each rank fetches ahead of the decoder
+    cache_dir: str = ""
+    cache_bytes: int = 4 << 30
+    prefetch_shards: int = 2
 
 
 @dataclass
@@ -173,6 +178,8 @@ class TrainConfig:
                "must be random_resized_crop or center")
         _check(self.on_usr1 in ("checkpoint", "stop"), "on_usr1", "must be checkpoint or stop")
         _check(0.0 <= self.data.max_skip_rate <= 1.0, "data.max_skip_rate", "must be in [0, 1]")
+        _check(self.data.cache_bytes >= 0, "data.cache_bytes", "must be >= 0")
+        _check(self.data.prefetch_shards >= 0, "data.prefetch_shards", "must be >= 0 (0 = fetch on demand)")
         _check(self.data.augment_backend in ("auto", "torch", "dali"), "data.augment_backend",
                "must be auto, torch or dali")
         _check(not (self.data.synthetic and self.data.augment_backend == "dali"), "data.augment_backend",

@@ -223,7 +223,8 @@ def _build_source(cfg: TrainConfig, info: DistInfo, mcfg, tokenizer):
                          seed=cfg.seed, rank=info.rank, world_size=info.world_size,
                          resampled=cfg.data.resampled, shuffle_buffer=cfg.data.shuffle_buffer,
                          drop_last=True, tokenizer=tokenizer, pin_memory=dev.type == "cuda" and not dali,
-                         decode=not dali)
+                         decode=not dali, cache_dir=cfg.data.cache_dir or None, cache_bytes=cfg.data.cache_bytes,
+                         prefetch_shards=cfg.data.prefetch_shards)
     if not dali:
         return ShardSource(loader)
     # prefetch=1: DALI decodes batch n+1 in a background thread while step n trains (same batches, same
@@ -245,7 +246,8 @@ def _val_batches(cfg: TrainConfig, mcfg, tokenizer):
 
     loader = ShardLoader(cfg.data.val, batch_size=128, image_size=mcfg.vision.image_size,
                          num_threads=cfg.data.num_threads, augment="center", shuffle=False,
-                         resampled=False, drop_last=False, tokenizer=tokenizer)
+                         resampled=False, drop_last=False, tokenizer=tokenizer,
+                         cache_dir=cfg.data.cache_dir or None, prefetch_shards=cfg.data.prefetch_shards)
     seen = 0
     for batch in loader:
         take = min(len(batch["image"]), n_max - seen)
