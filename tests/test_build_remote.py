@@ -7,7 +7,9 @@ subprocess killed while it uploads.
 
 from __future__ import annotations
 
+import functools
 import gzip
+import http.server
 import io
 import json
 import os
@@ -17,6 +19,7 @@ import socket
 import subprocess
 import sys
 import tarfile
+import threading
 import time
 from pathlib import Path
 
@@ -359,6 +362,26 @@ def test_remote_read_faults_retried_or_stop_the_stage(env, monkeypatch):
     assert failures["left"] == 0
     assert _local_files(remote_st / "chunks") == _local_files(local_st / "chunks")
     assert json.loads((remote_st / "complete.json").read_text()) == json.loads((local_st / "complete.json").read_text())
+
+
+def test_build_from_http_tarball_equals_local(env, tmp_path):
+    # an http(s) input is one package tarball, streamed from a plain HTTP server (no Range support needed)
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(env["local_in"]))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_port}/pone.0056489.tar.gz"
+        kw = dict(num_workers=0, progress=False, val_fraction=0, test_fraction=0)
+        a = build_dataset([url], tmp_path / "a", **kw)
+        with pytest.raises(ConfigError, match="does not exist"):
+            build_dataset([url.replace("pone", "nope")], tmp_path / "c", **kw)
+    finally:
+        server.shutdown()
+        server.server_close()
+    b = build_dataset([env["local_in"] / "pone.0056489.tar.gz"], tmp_path / "b", **kw)
+    assert a["pairs"] == b["pairs"] == {"train": 3, "val": 0, "test": 0}
+    shards = {k: v for k, v in _local_files(tmp_path / "a").items() if k.endswith((".tar", ".idx", "sizes.json"))}
+    assert len(shards) == 3 and shards == {k: v for k, v in _local_files(tmp_path / "b").items() if k in shards}
 
 
 @pytest.mark.slow

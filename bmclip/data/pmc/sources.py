@@ -380,7 +380,9 @@ def _read_tar(path: str, max_member_bytes: int, max_package_bytes: int,
         def read_once() -> PackageContent:
             fs, p = filesystem(path, storage_options)
             # Streamed: fsspec fetches the object in blocks as tarfile reads on; nothing is written to disk.
-            with fs.open(p, "rb") as raw:
+            # Over HTTP as one sequential response (block_size 0), which needs no Range support.
+            http = path.split("::")[-1].startswith(("http://", "https://"))
+            with fs.open(p, "rb", **({"block_size": 0} if http else {})) as raw:
                 if getattr(raw, "size", None) == 0:
                     raise PackageError("corrupt_package", f"{path}: zero-byte file")
                 return _read_tar_stream(_TaggedStream(raw), path, max_member_bytes, max_package_bytes)

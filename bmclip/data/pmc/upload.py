@@ -60,8 +60,8 @@ def _transient(e: BaseException) -> bool:
 class RemoteOutput:
     """Uploads files to ``url`` (a prefix): :meth:`put` now, or :meth:`submit` in the background."""
 
-    def __init__(self, url: str, storage_options: dict | None = None, *, threads: int = UPLOAD_THREADS,
-                 max_pending: int = MAX_PENDING):
+    def __init__(self, url: str, storage_options: dict | None = None, *, threads: int | None = None,
+                 max_pending: int | None = None):
         self.url = url.rstrip("/")
         self.fs, root = filesystem(self.url, storage_options)
         self.root = root.rstrip("/")
@@ -69,7 +69,8 @@ class RemoteOutput:
         if "file" in protocols or "local" in protocols:
             raise ConfigError(f"{url}: a local output is a path or file:// URL, not a remote output")
         self.atomic_put = any(p in _ATOMIC_PUT for p in protocols)
-        self.max_pending = max(1, max_pending)
+        self.max_pending = max(1, MAX_PENDING if max_pending is None else max_pending)
+        threads = UPLOAD_THREADS if threads is None else threads
         self._pool = ThreadPoolExecutor(max(1, threads), thread_name_prefix="bmclip-upload")
         self._pending: deque[Future] = deque()
         self._closing = threading.Event()
