@@ -29,7 +29,7 @@ from bmclip.errors import DataError
 pytest.importorskip("bmclip._C", reason="bmclip._C (C++ extension) not built")
 
 from bmclip.data.loader import ShardLoader  # noqa: E402
-from bmclip.train.data import ShardSource, SyntheticSource  # noqa: E402
+from bmclip.data.sources import ShardSource, SyntheticSource  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 S = 16
@@ -212,11 +212,11 @@ def test_tar_lost_tail_is_counted(tmp_path):
     st = ld.stats
     assert st["skipped"]["tar_lost_tail"] == 6 and st["skipped"]["damaged_tar_sample"] == 1
     assert st["lost_tail_bytes"] == len(data) - off and st["tar_damaged_shards"] == 1
-    # the plain-tarfile evaluation reader reports the same tail
-    from bmclip.eval import readers
+    # the Python shard reader (evaluation's) reports the same tail
+    from bmclip.data import tario
 
     skipped: list = []
-    assert len(list(readers.iter_shard_samples([str(p)], skipped))) >= 3
+    assert len(list(tario.iter_shard_samples([str(p)], skipped))) >= 3
     assert any("tar_lost_tail: 6 sample(s)" in r for _, r in skipped), skipped
 
 
@@ -225,18 +225,18 @@ def test_tar_lost_tail_is_counted(tmp_path):
 
 
 def test_eval_shard_reader_names_the_cause(tmp_path):
-    from bmclip.eval import readers
+    from bmclip.eval import batching, datasets
 
     bad = undecodable_tar(tmp_path / "bad.tar", 5)
     with pytest.raises(DataError, match=r"all 5 images are undecodable; e\.g\. s0000\d: "):
-        list(readers.iter_shard_pairs(bad, 16, batch_size=4, skipped=[]))
+        list(batching.iter_shard_pairs(bad, 16, batch_size=4, skipped=[]))
     with pytest.raises(DataError, match="empty tar file"):
-        list(readers.iter_shard_pairs(empty_tar(tmp_path / "e.tar"), 16, skipped=[]))
+        list(batching.iter_shard_pairs(empty_tar(tmp_path / "e.tar"), 16, skipped=[]))
     with pytest.raises(DataError, match="bad tar header"):
-        list(readers.iter_shard_pairs(garbage_tar(tmp_path / "g.tar"), 16, skipped=[]))
-    ds = readers.FileListDataset([(tmp_path / "nope.png", 0), (tmp_path / "nada.png", 0)], ["a"])
+        list(batching.iter_shard_pairs(garbage_tar(tmp_path / "g.tar"), 16, skipped=[]))
+    ds = datasets.FileListDataset([(tmp_path / "nope.png", 0), (tmp_path / "nada.png", 0)], ["a"])
     with pytest.raises(DataError, match=r"none of the 2 images could be read; e\.g\. .*n[oa]"):
-        list(readers.iterate_batches(ds, 16, batch_size=4, workers=1))
+        list(batching.iterate_batches(ds, 16, batch_size=4, workers=1))
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -89,7 +89,7 @@ def test_probe_errors():
 
 def _real_bundled_images():
     """(name, RGB uint8 array) of real biomedical images shipped inside installed packages."""
-    from bmclip.eval.readers import load_image
+    from bmclip.eval.images import load_image
 
     out = []
     try:
@@ -114,8 +114,9 @@ def test_real_image_probe_with_tiny_model():
     (random-init) tiny bmclip model; the probe must tell the sources apart far above chance (0.2)."""
     from PIL import Image
 
-    from bmclip.eval.embed import embed_image_batches, resize_center_crop
+    from bmclip.eval.embed import embed_image_batches
     from bmclip.model import create_model
+    from bmclip.model.transforms import resize_center_crop
 
     imgs = _real_bundled_images()
     if len(imgs) < 4:

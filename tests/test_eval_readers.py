@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from bmclip.data.shards import expand_urls
 from bmclip.errors import ConfigError, DataError
-from bmclip.eval import readers
+from bmclip.eval import batching, datasets, images
 from bmclip.eval.prompts import get_task
 
 PYDICOM_FILES = None
@@ -74,7 +75,7 @@ def test_dicom_window_hand_checked(tmp_path):
     # Window C=100, W=51: x <= 74.5 -> 0, x > 124.5 -> 255, else ((x - 99.5) / 50 + 0.5) * 255.
     arr = np.array([[74, 75, 100, 124, 125, 0]], dtype=np.uint16)
     p = make_dicom(tmp_path / "w.dcm", arr, wc=100, ww=51)
-    g = np.asarray(readers.load_image(p))[:, :, 0]
+    g = np.asarray(images.load_image(p))[:, :, 0]
     assert g.tolist() == [[0, 3, 130, 252, 255, 0]]
 
 
@@ -82,10 +83,10 @@ def test_dicom_rescale_then_window_and_monochrome1(tmp_path):
     # Stored 600 * 2 - 1000 = 200 HU, window C=200 W=401 -> the centre maps to ~128.
     arr = np.array([[0, 600, 2000]], dtype=np.uint16)  # -1000, 200, 3000 HU
     p = make_dicom(tmp_path / "r.dcm", arr, wc=200, ww=401, slope=2, intercept=-1000)
-    g = np.asarray(readers.load_image(p))[:, :, 0]
+    g = np.asarray(images.load_image(p))[:, :, 0]
     assert g.tolist() == [[0, 128, 255]]
     p1 = make_dicom(tmp_path / "m1.dcm", arr, photometric="MONOCHROME1", wc=200, ww=401, slope=2, intercept=-1000)
-    g1 = np.asarray(readers.load_image(p1))[:, :, 0]
+    g1 = np.asarray(images.load_image(p1))[:, :, 0]
     assert g1.tolist() == [[255, 127, 0]]
 
 
@@ -94,13 +95,13 @@ def test_dicom_minmax_without_window_and_multiframe(tmp_path):
     frames[:, 0, 0] = 0
     frames[:, 3, 4] = 1000
     p = make_dicom(tmp_path / "mf.dcm", frames)
-    mid = np.asarray(readers.dicom_to_pil(p, frame="middle"))[:, :, 0]
-    first = np.asarray(readers.dicom_to_pil(p, frame="first"))[:, :, 0]
+    mid = np.asarray(images.dicom_to_pil(p, frame="middle"))[:, :, 0]
+    first = np.asarray(images.dicom_to_pil(p, frame="first"))[:, :, 0]
     assert mid[0, 0] == 0 and mid[3, 4] == 255
     assert mid[1, 1] == round(20 / 1000 * 255)  # min 0, max 1000
     assert first[1, 1] == round(10 / 1000 * 255)
     with pytest.raises(ConfigError):
-        readers.dicom_to_pil(p, frame="last")
+        images.dicom_to_pil(p, frame="last")
 
 
 def test_dicom_rgb_and_errors(tmp_path):
@@ -108,26 +109,26 @@ def test_dicom_rgb_and_errors(tmp_path):
     rgb[..., 0] = 200
     rgb[..., 2] = 17
     p = make_dicom(tmp_path / "c.dcm", rgb, photometric="RGB")
-    out = np.asarray(readers.load_image(p))
+    out = np.asarray(images.load_image(p))
     assert out.shape == (3, 4, 3) and out[0, 0].tolist() == [200, 0, 17]
     bad = tmp_path / "bad.dcm"
     bad.write_bytes(b"not a dicom at all")
     with pytest.raises(DataError, match="bad.dcm"):
-        readers.load_image(bad)
+        images.load_image(bad)
 
 
 @pytest.mark.skipif(PYDICOM_FILES is None, reason="pydicom not installed")
 def test_real_bundled_dicoms():
-    ct = readers.load_image(PYDICOM_FILES / "CT_small.dcm")
-    mr = readers.load_image(PYDICOM_FILES / "MR_small.dcm")  # has WindowCenter 600 / Width 1600
+    ct = images.load_image(PYDICOM_FILES / "CT_small.dcm")
+    mr = images.load_image(PYDICOM_FILES / "MR_small.dcm")  # has WindowCenter 600 / Width 1600
     assert ct.size == (128, 128) and mr.size == (64, 64)
     for im in (ct, mr):
         a = np.asarray(im)
         assert a.std() > 10  # real anatomy, not a constant image
-    pal = readers.load_image(PYDICOM_FILES / "examples_palette.dcm")
+    pal = images.load_image(PYDICOM_FILES / "examples_palette.dcm")
     assert pal.mode == "RGB" and np.asarray(pal).std() > 1
     with pytest.raises(DataError, match="no pixel data"):
-        readers.load_image(PYDICOM_FILES / "waveform_ecg.dcm")
+        images.load_image(PYDICOM_FILES / "waveform_ecg.dcm")
 
 
 # ---------------------------------------------------------------- ImageFolder / CSV
@@ -138,49 +139,49 @@ def test_image_folder_with_task_aliases(tmp_path):
         _png(tmp_path / "colon_aca" / f"a{i}.png", (200, 0, 0))
     _png(tmp_path / "colon_n" / "sub" / "n0.jpg", (0, 200, 0))
     (tmp_path / "colon_n" / "notes.txt").write_text("ignored")
-    ds = readers.image_folder(tmp_path, get_task("lc25000_colon"))
+    ds = datasets.image_folder(tmp_path, get_task("lc25000_colon"))
     assert ds.classes == ["colon adenocarcinomas", "normal colonic tissue"]
     assert ds.labels().tolist() == [0, 0, 0, 1]
     img, lab = ds[3]
     assert lab == 1 and img.mode == "RGB" and np.asarray(img)[0, 0, 1] > 150
-    plain = readers.open_dataset(str(tmp_path))
+    plain = datasets.open_dataset(str(tmp_path))
     assert plain.classes == ["colon_aca", "colon_n"]
     with pytest.raises(ConfigError, match="not one of"):
-        readers.image_folder(tmp_path, get_task("pcam"))
+        datasets.image_folder(tmp_path, get_task("pcam"))
 
 
 def test_builtin_lc25000_layout(tmp_path):
     root = tmp_path / "lung_colon_image_set" / "lung_image_sets"
     for c in ("lung_aca", "lung_n", "lung_scc"):
         _png(root / c / f"{c}1.jpeg", (10, 20, 30))
-    ds = readers.open_dataset("lc25000_lung", data_root=tmp_path)
+    ds = datasets.open_dataset("lc25000_lung", data_root=tmp_path)
     assert ds.labels().tolist() == [0, 1, 2]
     with pytest.raises(ConfigError, match="data-root"):
-        readers.open_dataset("lc25000_lung")
+        datasets.open_dataset("lc25000_lung")
 
 
 def test_csv_and_tsv(tmp_path):
     _png(tmp_path / "img" / "x.png", (1, 2, 3))
     _png(tmp_path / "img" / "y.png", (4, 5, 6))
     (tmp_path / "l.csv").write_text("filename,label\nimg/x.png,tumor\nimg/y.png,normal\n")
-    ds = readers.open_dataset(str(tmp_path / "l.csv"))
+    ds = datasets.open_dataset(str(tmp_path / "l.csv"))
     assert ds.classes == ["normal", "tumor"] and ds.labels().tolist() == [1, 0]
     (tmp_path / "l.tsv").write_text("img/x.png\t1\nimg/y.png\t0\n")  # no header, integer labels
-    ds2 = readers.open_dataset(str(tmp_path / "l.tsv"))
+    ds2 = datasets.open_dataset(str(tmp_path / "l.tsv"))
     assert ds2.classes == ["0", "1"] and ds2.labels().tolist() == [1, 0]
-    ds3 = readers.csv_dataset(tmp_path / "l.csv", get_task("pcam"))
+    ds3 = datasets.csv_dataset(tmp_path / "l.csv", get_task("pcam"))
     assert ds3.labels().tolist() == [1, 0]
     (tmp_path / "bad.csv").write_text("a,b,c\n1,2,3\n")
     with pytest.raises(DataError, match="header"):
-        readers.open_dataset(str(tmp_path / "bad.csv"))
+        datasets.open_dataset(str(tmp_path / "bad.csv"))
 
 
 def test_iterate_batches_counts_skips_and_keeps_alignment(tmp_path):
     _png(tmp_path / "a" / "0.png", (255, 0, 0), size=(40, 20))
     (tmp_path / "a" / "1.png").write_bytes(b"\x89PNG corrupt")
     _png(tmp_path / "b" / "2.png", (0, 0, 255), size=(10, 30))
-    ds = readers.open_dataset(str(tmp_path))
-    batches = list(readers.iterate_batches(ds, image_size=8, batch_size=2, workers=2))
+    ds = datasets.open_dataset(str(tmp_path))
+    batches = list(batching.iterate_batches(ds, image_size=8, batch_size=2, workers=2))
     imgs = np.concatenate([b["image"] for b in batches])
     labs = np.concatenate([b["label"] for b in batches])
     assert imgs.shape == (2, 8, 8, 3) and labs.tolist() == [0, 1]
@@ -202,19 +203,19 @@ def test_pcam_h5(tmp_path):
         f["x"] = x
     with h5py.File(str(pre) + "_y.h5", "w") as f:
         f["y"] = y
-    ds = readers.open_dataset("pcam", data_root=tmp_path, split="test")
+    ds = datasets.open_dataset("pcam", data_root=tmp_path, split="test")
     assert len(ds) == 5 and ds.classes == ["normal lymph node", "lymph node metastasis"]
     img, lab = ds[2]
     assert lab == 1 and np.array_equal(np.asarray(img), x[2])
     np.testing.assert_array_equal(ds.read_block(1, 4), x[1:4])
-    ds2 = readers.open_dataset(str(pre) + "_x.h5")
+    ds2 = datasets.open_dataset(str(pre) + "_x.h5")
     assert ds2.labels().tolist() == [0, 1, 1, 0, 1]
     import pickle
 
     ds3 = pickle.loads(pickle.dumps(ds))
     assert np.array_equal(np.asarray(ds3[4][0]), x[4])
     with pytest.raises(DataError, match="not found"):
-        readers.open_dataset("pcam", data_root=tmp_path, split="valid")
+        datasets.open_dataset("pcam", data_root=tmp_path, split="valid")
 
 
 # ---------------------------------------------------------------- shards
@@ -241,10 +242,10 @@ def test_shard_pairs_and_brace_expansion(tmp_path):
     _tar(tmp_path / "s-000001.tar", [("c", {"jpg": b"broken", "txt": b"bad"}),
                                       ("d", {"png": _png_bytes((0, 0, 255))}),
                                       ("dir/e", {"png": _png_bytes((9, 9, 9)), "txt": b"key with a folder"})])
-    urls = readers.expand_shards(str(tmp_path / "s-{000000..000001}.tar"))
+    urls = expand_urls(str(tmp_path / "s-{000000..000001}.tar"))
     assert [Path(u).name for u in urls] == ["s-000000.tar", "s-000001.tar"]
     skipped = []
-    batches = list(readers.iter_shard_pairs(str(tmp_path / "s-{000000..000001}.tar"), 16, batch_size=2,
+    batches = list(batching.iter_shard_pairs(str(tmp_path / "s-{000000..000001}.tar"), 16, batch_size=2,
                                             skipped=skipped))
     keys = [k for b in batches for k in b["key"]]
     texts = [t for b in batches for t in b["text"]]
@@ -252,9 +253,9 @@ def test_shard_pairs_and_brace_expansion(tmp_path):
     assert sorted(k for k, _ in skipped) == ["c", "d"]
     assert batches[0]["image"].shape == (2, 16, 16, 3)
     with pytest.raises(DataError):
-        list(readers.iter_shard_pairs(str(tmp_path / "s-000001.tar"), 16))
-    with pytest.raises(DataError, match="no shards"):
-        readers.expand_shards(str(tmp_path / "nothing-*.tar"))
+        list(batching.iter_shard_pairs(str(tmp_path / "s-000001.tar"), 16))
+    with pytest.raises(ConfigError, match="no shards"):
+        expand_urls(str(tmp_path / "nothing-*.tar"))
 
 
 def test_truncated_shard_is_counted(tmp_path):
@@ -263,7 +264,7 @@ def test_truncated_shard_is_counted(tmp_path):
     data = p.read_bytes()
     p.write_bytes(data[: len(data) // 2])
     skipped = []
-    got = [k for b in readers.iter_shard_pairs(str(p), 8, skipped=skipped) for k in b["key"]]
+    got = [k for b in batching.iter_shard_pairs(str(p), 8, skipped=skipped) for k in b["key"]]
     assert 0 < len(got) < 4 and any("truncated" in r for _, r in skipped)
 
 
@@ -271,7 +272,7 @@ def test_shard_classification(tmp_path):
     _tar(tmp_path / "c.tar", [("a", {"png": _png_bytes((1, 1, 1)), "cls": b"1"}),
                               ("b", {"png": _png_bytes((2, 2, 2)), "cls": b"0"}),
                               ("c", {"png": _png_bytes((3, 3, 3))})])
-    ds = readers.open_dataset(str(tmp_path / "c.tar"))
+    ds = datasets.open_dataset(str(tmp_path / "c.tar"))
     assert ds.labels().tolist() == [1, 0] and ds.skipped == [("c", "no cls member")]
 
 
@@ -282,7 +283,7 @@ def test_rsna_layout(tmp_path):
     (tmp_path / "stage_2_train_labels.csv").write_text(
         "patientId,x,y,width,height,Target\np1,,,,,0\np2,1,2,3,4,1\np2,5,6,7,8,1\np3,,,,,0\n"
     )
-    ds = readers.open_dataset("rsna_pneumonia", data_root=tmp_path)
+    ds = datasets.open_dataset("rsna_pneumonia", data_root=tmp_path)
     assert ds.labels().tolist() == [0, 1] and ds.classes == ["normal lung", "pneumonia"]
     assert len(ds.skipped) == 1 and "p3" in ds.skipped[0][0]
 
@@ -290,11 +291,11 @@ def test_rsna_layout(tmp_path):
 def test_voi_lut_functions_hand_checked():
     x = np.array([0.0, 100.0, 150.0, 200.0])
     # SIGMOID: 255 / (1 + exp(-4 (x - c) / w)), c=100, w=50 -> x=100: 127.5 -> 128; x=150: 255/(1+e^-4).
-    assert readers.window_to_uint8(x, 100, 50, "SIGMOID").tolist() == [0, 128, 250, 255]
+    assert images.window_to_uint8(x, 100, 50, "SIGMOID").tolist() == [0, 128, 250, 255]
     # LINEAR_EXACT: ((x - c) / w + 0.5) * 255 -> x=100: 127.5 -> 128 (round half to even gives 128).
-    assert readers.window_to_uint8(x, 100, 100, "LINEAR_EXACT").tolist() == [0, 128, 255, 255]
+    assert images.window_to_uint8(x, 100, 100, "LINEAR_EXACT").tolist() == [0, 128, 255, 255]
     with pytest.raises(DataError):
-        readers.window_to_uint8(x, 100, 50, "CUBIC")
+        images.window_to_uint8(x, 100, 50, "CUBIC")
 
 
 def test_python_shard_reader_agrees_with_shard_loader(tmp_path):
@@ -306,7 +307,7 @@ def test_python_shard_reader_agrees_with_shard_loader(tmp_path):
         load_ext()
     except ImportError:
         pytest.skip("bmclip._C not built")
-    from bmclip.data import ShardLoader
+    from bmclip.data.loader import ShardLoader
 
     rng = np.random.default_rng(3)
     samples = []
@@ -318,7 +319,7 @@ def test_python_shard_reader_agrees_with_shard_loader(tmp_path):
         Image.fromarray(arr).save(b, format="PNG")
         samples.append((f"s{i:03d}", {"png": b.getvalue(), "txt": f" caption {i}\n".encode()}))
     _tar(tmp_path / "a.tar", samples)
-    ours = list(readers.iter_shard_pairs(str(tmp_path / "a.tar"), 32, batch_size=5))
+    ours = list(batching.iter_shard_pairs(str(tmp_path / "a.tar"), 32, batch_size=5))
     theirs = list(ShardLoader(str(tmp_path / "a.tar"), batch_size=5, image_size=32, augment="center",
                               shuffle=False, num_threads=1))
     assert [k for b in ours for k in b["key"]] == [k for b in theirs for k in b["key"]]
@@ -327,3 +328,51 @@ def test_python_shard_reader_agrees_with_shard_loader(tmp_path):
     c = np.concatenate([np.asarray(b["image"]) for b in theirs]).astype(np.float64)
     assert a.shape == c.shape
     assert np.abs(a - c).mean() < 3.0
+
+
+def test_shard_members_in_every_pil_format_and_dicom_are_read(tmp_path):
+    """Evaluation decodes every IMAGE_EXTENSIONS format with PIL (WebP, TIFF, BMP, GIF: formats training
+    counts as skipped) and DICOM members; an undecodable member is a counted skip with its reason."""
+    from bmclip.data.images import DECODED_EXTENSIONS, IMAGE_EXTENSIONS
+
+    rng = np.random.default_rng(5)
+    arr = rng.integers(0, 256, (12, 12, 3), dtype=np.uint8)
+    samples, expect = [], {}
+    for ext in IMAGE_EXTENSIONS:
+        b = io.BytesIO()
+        fmt = {"jpg": "JPEG", "jpeg": "JPEG", "tif": "TIFF"}.get(ext, ext.upper())
+        Image.fromarray(arr).save(b, format=fmt, **({"lossless": True} if ext == "webp" else {}))
+        samples.append((f"k_{ext}", {ext: b.getvalue(), "txt": ext.encode()}))
+        with Image.open(io.BytesIO(b.getvalue())) as ref:  # the independent reference: PIL on the same bytes
+            expect[ext] = np.asarray(ref.convert("RGB"))
+    dcm = make_dicom(tmp_path / "m.dcm", np.arange(144).reshape(12, 12))
+    samples.append(("k_dcm", {"dcm": dcm.read_bytes(), "txt": b"dcm"}))
+    samples.append(("k_badbmp", {"bmp": b"BM not really", "txt": b"bad"}))
+    _tar(tmp_path / "all.tar", samples)
+    skipped: list = []
+    got = {t: img for b in batching.iter_shard_pairs(str(tmp_path / "all.tar"), 12, batch_size=4, skipped=skipped)
+           for t, img in zip(b["text"], b["image"])}
+    assert set(got) == set(IMAGE_EXTENSIONS) | {"dcm"}
+    assert set(IMAGE_EXTENSIONS) - set(DECODED_EXTENSIONS) >= {"webp", "tif", "tiff", "bmp", "gif"}
+    for ext in IMAGE_EXTENSIONS:
+        np.testing.assert_array_equal(got[ext], expect[ext], err_msg=ext)
+    np.testing.assert_array_equal(got["dcm"][:, :, 0], np.asarray(images.load_image(dcm))[:, :, 0])
+    assert len(skipped) == 1 and skipped[0][0] == "k_badbmp" and "corrupt bmp" in skipped[0][1]
+
+
+def test_dataset_registry():
+    from bmclip.eval.prompts import BUILTIN_TASKS
+
+    assert set(datasets.BUILTIN_DATASETS) <= set(BUILTIN_TASKS)  # every layout reader belongs to a task
+    assert [name for name, _, _ in datasets.DATASET_FORMATS] == [
+        "webdataset shards", "CSV/TSV", "PCam HDF5", "ImageFolder", "unlabelled images"]
+
+
+def test_builtin_task_without_layout_reader_reads_its_root_by_format(tmp_path):
+    _png(tmp_path / "til_negative" / "a.png", (10, 10, 10))
+    _png(tmp_path / "til_positive" / "b.png", (200, 200, 200))
+    _png(tmp_path / "til_positive" / "c.png", (190, 190, 190))
+    ds = datasets.open_dataset("tcga_til", data_root=tmp_path)
+    assert ds.classes == ["none", "tumor infiltrating lymphocytes"] and ds.labels().tolist() == [0, 1, 1]
+    with pytest.raises(DataError, match="not found"):
+        datasets.open_dataset(str(tmp_path / "missing"))

@@ -7,11 +7,25 @@ import torch
 from bmclip.errors import DataError
 from bmclip.eval.embed import NpyStreamWriter
 from bmclip.eval.retrieval import (
-    dense_retrieval_ranks,
     metrics_from_ranks,
     retrieval_metrics,
     retrieval_ranks,
 )
+
+
+def dense_retrieval_ranks(image_emb: np.ndarray, text_emb: np.ndarray, tie_tol: float = 1e-5):
+    """Reference ranks from the full (N, N) float64 similarity matrix (the definition, without blocks)."""
+    a = np.asarray(image_emb, dtype=np.float64)
+    b = np.asarray(text_emb, dtype=np.float64)
+    a = a / np.linalg.norm(a, axis=1, keepdims=True)
+    b = b / np.linalg.norm(b, axis=1, keepdims=True)
+    s = a @ b.T
+    d = np.diag(s).copy()
+    ge_rows = s >= (d[:, None] - tie_tol)
+    ge_cols = s >= (d[None, :] - tie_tol)
+    np.fill_diagonal(ge_rows, False)
+    np.fill_diagonal(ge_cols, False)
+    return ge_rows.sum(axis=1), ge_cols.sum(axis=0)
 
 
 def test_identity_embeddings_give_perfect_recall():
@@ -87,7 +101,7 @@ def test_torch_float16_memmap_inputs(tmp_path):
     mm = np.load(path, mmap_mode="r")
     assert mm.shape == (300, 24) and mm.dtype == np.float16
     np.testing.assert_array_equal(np.asarray(mm), x.astype(np.float16))
-    assert not list(tmp_path.glob(".*partial"))
+    assert [q.name for q in tmp_path.iterdir()] == ["e.npy"]  # no temporary file left beside it
     m = retrieval_metrics(mm, torch.from_numpy(x), block=50)
     assert m["image_to_text_R@1"] == 1.0
 

@@ -173,7 +173,7 @@ def test_zeroshot_pipeline_on_known_answer_model():
     assert out["probs"].shape == (30, 3)
     np.testing.assert_allclose(out["probs"].sum(1), 1.0)
     # Loader input (dict batches with labels) gives the same scores.
-    from bmclip.eval.embed import resize_center_crop
+    from bmclip.model.transforms import resize_center_crop
 
     arrs = np.stack([np.asarray(resize_center_crop(im, 16)) for im in imgs])
     batches = [{"image": arrs[s : s + 8], "label": np.array(labels[s : s + 8])} for s in range(0, 30, 8)]
@@ -192,7 +192,8 @@ def test_zeroshot_on_real_bundled_images_matches_manual_reference(tmp_path):
 
     pydicom = pytest.importorskip("pydicom")
     skdata = pytest.importorskip("skimage.data")
-    from bmclip.eval.readers import iterate_batches, open_dataset
+    from bmclip.eval.batching import iterate_batches
+    from bmclip.eval.datasets import open_dataset
     from bmclip.model import IMAGE_MEAN, IMAGE_STD, create_model
     from bmclip.tokenizer import get_tokenizer
 
@@ -215,7 +216,7 @@ def test_zeroshot_on_real_bundled_images_matches_manual_reference(tmp_path):
     assert out["metrics"]["n"] == 4 and ds.skipped == []
 
     # Reference: PIL resize/crop by hand, numpy normalisation, per-template normalised text means.
-    from bmclip.eval.readers import load_image
+    from bmclip.eval.images import load_image
 
     rows = []
     for i in range(len(ds)):
@@ -251,3 +252,17 @@ def test_preprocessing_matches_open_clip_eval_transform():
     ours = to_model_input(imgs, model)
     ref = torch.stack([t(im) for im in imgs])
     torch.testing.assert_close(ours, ref, rtol=0, atol=1e-5)
+
+
+def test_eval_batches_and_preprocess_image_are_one_transform():
+    """Evaluation's batched input and bmclip.model.transforms.preprocess_image (bmclip embed) give the same
+    tensor bit for bit: one transform, not two copies."""
+    from bmclip.eval.embed import to_model_input
+    from bmclip.model.transforms import preprocess_image
+
+    model = ColourModel()
+    size = model.config.vision.image_size
+    rng = np.random.default_rng(1)
+    imgs = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for h, w in ((23, 57), (61, 18))]
+    ref = torch.stack([preprocess_image(im, size, model.image_mean, model.image_std) for im in imgs])
+    assert torch.equal(to_model_input(imgs, model), ref)

@@ -101,8 +101,8 @@ def _skips_summary(skipped: list) -> dict[str, Any]:
 
 
 def run_retrieval(args: argparse.Namespace) -> int:
+    from bmclip.eval.batching import iter_shard_pairs
     from bmclip.eval.embed import model_image_size
-    from bmclip.eval.readers import iter_shard_pairs
     from bmclip.eval.report import markdown_table, write_report
     from bmclip.eval.retrieval import evaluate_retrieval
 
@@ -121,7 +121,7 @@ def run_retrieval(args: argparse.Namespace) -> int:
     skipped: list = []
     loader = None
     if reader == "loader":
-        from bmclip.data import ShardLoader
+        from bmclip.data.loader import ShardLoader
 
         loader = ShardLoader(args.shards, batch_size=args.batch_size, image_size=size, augment="center",
                              shuffle=False, num_threads=args.workers)
@@ -193,8 +193,9 @@ def run_zeroshot(args: argparse.Namespace) -> int:
     import numpy as np
 
     from bmclip.errors import ConfigError
+    from bmclip.eval.batching import iterate_batches
+    from bmclip.eval.datasets import open_dataset
     from bmclip.eval.embed import model_image_size
-    from bmclip.eval.readers import iterate_batches, open_dataset
     from bmclip.eval.report import atomic_write_bytes, markdown_table, write_report
     from bmclip.eval.zeroshot import save_confusion_png, zeroshot_classify
 
@@ -264,9 +265,10 @@ def run_zeroshot(args: argparse.Namespace) -> int:
 
 def run_linear_probe(args: argparse.Namespace) -> int:
     from bmclip.errors import DataError
+    from bmclip.eval.batching import iterate_batches
+    from bmclip.eval.datasets import open_dataset
     from bmclip.eval.embed import embed_image_batches, model_image_size
     from bmclip.eval.linear_probe import DEFAULT_L2_GRID, linear_probe
-    from bmclip.eval.readers import iterate_batches, open_dataset
     from bmclip.eval.report import markdown_table, write_report
 
     train = open_dataset(args.train, data_root=args.data_root, split="train")

@@ -2,12 +2,14 @@
 
 The model contract (``bmclip.model``): ``encode_image(float NCHW normalised) -> (B, D)``,
 ``encode_text(LongTensor (B, L), pad 0) -> (B, D)`` (both unnormalised), ``config.vision.image_size``.
-Images are preprocessed like BiomedCLIP's open_clip transform: RGB, resize the shorter side to the
-model's image size (bicubic), centre crop, scale to [0, 1], normalise with the model's mean/std.
+Images are preprocessed by ``bmclip.model.transforms`` (BiomedCLIP's open_clip val transform): RGB, resize
+the shorter side to the model's image size (bicubic), centre crop, scale to [0, 1], normalise with the
+model's mean/std.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import struct
 from collections.abc import Iterable, Iterator, Sequence
@@ -15,8 +17,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
+from bmclip.data.images import IMAGE_MEAN, IMAGE_STD
+from bmclip.data.normalize import normalize_images
 from bmclip.errors import ConfigError, DataError
+from bmclip.io import atomic_writer
+from bmclip.model.transforms import resize_center_crop
 
 # ---------------------------------------------------------------- model facts
 
@@ -30,48 +37,22 @@ def model_image_size(model: Any) -> int:
 
 
 def model_mean_std(model: Any) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Per-channel normalisation (mean, std) for the model: its own attributes if set, else bmclip.model's."""
+    """Per-channel normalisation (mean, std) for the model: its own attributes if set, else BiomedCLIP's."""
     mean = getattr(model, "image_mean", None)
     std = getattr(model, "image_std", None)
     if mean is None or std is None:
-        from bmclip.model import IMAGE_MEAN, IMAGE_STD
-
         mean, std = IMAGE_MEAN, IMAGE_STD
     return tuple(float(m) for m in mean), tuple(float(s) for s in std)
 
 
 def model_device(model: Any):
     """The device of the model's first parameter (cpu for a parameterless model)."""
-    import torch
-
     for p in model.parameters():
         return p.device
     return torch.device("cpu")
 
 
 # ---------------------------------------------------------------- preprocessing
-
-
-def resize_center_crop(img: Any, size: int):
-    """PIL image -> RGB PIL image of ``size x size``: shorter side resized to ``size`` (bicubic), centre crop."""
-    from PIL import Image
-
-    if not isinstance(img, Image.Image):
-        raise DataError(f"expected a PIL image, got {type(img).__name__}")
-    img = img.convert("RGB")
-    w, h = img.size
-    if w < 1 or h < 1:
-        raise DataError("empty image")
-    # Same arithmetic as torchvision's Resize(size) + CenterCrop(size) in open_clip's eval transform
-    # (long side truncated, crop offset rounded), so BiomedCLIP sees exactly the pixels it was evaluated on.
-    if w <= h:
-        nw, nh = size, int(size * h / w)
-    else:
-        nw, nh = int(size * w / h), size
-    if (nw, nh) != (w, h):
-        img = img.resize((nw, nh), Image.BICUBIC)
-    left, top = int(round((nw - size) / 2.0)), int(round((nh - size) / 2.0))
-    return img.crop((left, top, left + size, top + size))
 
 
 def to_model_input(images: Any, model: Any, device: Any = None):
@@ -81,8 +62,6 @@ def to_model_input(images: Any, model: Any, device: Any = None):
     the model's image size (as the shard loader yields), or a float NCHW tensor (assumed already
     normalised; passed through).
     """
-    import torch
-
     size = model_image_size(model)
     mean, std = model_mean_std(model)
     if device is None:
@@ -106,20 +85,13 @@ def to_model_input(images: Any, model: Any, device: Any = None):
         raise DataError(f"integer image batch must be uint8 NHWC with 3 channels, got {x.dtype} {tuple(x.shape)}")
     if x.shape[1] != size or x.shape[2] != size:
         raise DataError(f"uint8 image batch is {x.shape[1]}x{x.shape[2]}, model expects {size}x{size}")
-    x = x.to(device).permute(0, 3, 1, 2).float().div_(255.0)
-    m = torch.tensor(mean, device=x.device).view(1, 3, 1, 1)
-    s = torch.tensor(std, device=x.device).view(1, 3, 1, 1)
-    return (x - m) / s
+    return normalize_images(x, device, mean=IMAGE_MEAN if mean is None else mean, std=IMAGE_STD if std is None else std)
 
 
 # ---------------------------------------------------------------- encoding
 
 
 def _autocast(device: Any, amp: bool):
-    import contextlib
-
-    import torch
-
     dev = torch.device(device)
     if amp and dev.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
@@ -128,8 +100,6 @@ def _autocast(device: Any, amp: bool):
 
 def encode_images(model: Any, images: Any, amp: bool = False):
     """Image batch (see ``to_model_input``) -> float32 (B, D) unnormalised embeddings on the model's device."""
-    import torch
-
     x = to_model_input(images, model)
     with torch.no_grad(), _autocast(x.device, amp):
         out = model.encode_image(x)
@@ -138,8 +108,6 @@ def encode_images(model: Any, images: Any, amp: bool = False):
 
 def tokenize(tokenizer: Any, texts: Sequence[str]):
     """Texts -> LongTensor (B, L) via the bmclip tokenizer callable (pad id 0)."""
-    import torch
-
     if isinstance(texts, str):
         raise DataError("expected a list of texts, got a single string")
     ids = tokenizer(list(texts))
@@ -150,8 +118,6 @@ def tokenize(tokenizer: Any, texts: Sequence[str]):
 
 def encode_texts(model: Any, tokenizer: Any, texts: Sequence[str], batch_size: int = 256, amp: bool = False):
     """List of texts -> float32 (N, D) unnormalised embeddings on the model's device, in batches."""
-    import torch
-
     dev = model_device(model)
     outs = []
     for s in range(0, len(texts), batch_size):
@@ -196,8 +162,9 @@ _NPY_HEADER_LEN = 128  # fixed, so the shape can be rewritten in place once N is
 class NpyStreamWriter:
     """Append (n, D) row blocks to a ``.npy`` file without knowing N in advance; ``close()`` finalises it.
 
-    The file is written under a temporary name and renamed on ``close()``; ``abort()`` deletes it.
-    The result is a standard NumPy v1.0 ``.npy`` (readable with ``np.load(path, mmap_mode="r")``).
+    The rows go to a temporary file beside ``path`` (``bmclip.io.atomic_writer``) that ``close()`` fsyncs and
+    renames into place once the final shape is in the header; ``abort()`` deletes it, so ``path`` is never
+    half-written. The result is a standard NumPy v1.0 ``.npy`` (``np.load(path, mmap_mode="r")``).
     """
 
     def __init__(self, path: str | os.PathLike, dim: int, dtype: str = "float16"):
@@ -207,9 +174,9 @@ class NpyStreamWriter:
         if self.dtype not in (np.dtype("float16"), np.dtype("float32")):
             raise ConfigError(f"storage dtype must be float16 or float32, got {dtype}")
         self.n = 0
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._tmp = self.path.with_name(f".{self.path.name}.partial")
-        self._f = open(self._tmp, "wb")
+        self._writer = atomic_writer(self.path, "wb")
+        self._f = self._writer.__enter__()
+        self._open = True
         self._f.write(self._header(0))
 
     def _header(self, n: int) -> bytes:
@@ -232,20 +199,22 @@ class NpyStreamWriter:
 
     def close(self) -> Path:
         """Write the final shape into the header, fsync and rename into place; returns the path."""
-        self._f.seek(0)
-        self._f.write(self._header(self.n))
-        self._f.flush()
-        os.fsync(self._f.fileno())
-        self._f.close()
-        os.replace(self._tmp, self.path)
+        try:
+            self._f.seek(0)
+            self._f.write(self._header(self.n))
+        except BaseException:
+            self.abort()
+            raise
+        self._open = False
+        self._writer.__exit__(None, None, None)
         return self.path
 
     def abort(self) -> None:
         """Discard the partial file."""
-        if not self._f.closed:
-            self._f.close()
-        if self._tmp.exists():
-            self._tmp.unlink()
+        if self._open:
+            self._open = False
+            err = DataError(f"writing {self.path} aborted")
+            self._writer.__exit__(type(err), err, None)  # removes the temporary file; path stays untouched
 
 
 def _iter_pairs(batches: Iterable[dict[str, Any]]) -> Iterator[tuple[Any, list[str]]]:

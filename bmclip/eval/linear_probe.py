@@ -15,8 +15,11 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 
 from bmclip.errors import ConfigError, DataError
+from bmclip.eval.zeroshot import classification_metrics
 
 DEFAULT_L2_GRID = tuple(float(v) for v in np.logspace(-6, 1, 8))
 DEFAULT_L2_WHEN_NO_VAL = 1e-3
@@ -28,9 +31,6 @@ def fit_logistic_regression(X: Any, y: Any, n_classes: int, l2: float, max_iter:
 
     Returns (W (D, C), b (C,)) float64 torch tensors on ``device``.
     """
-    import torch
-    import torch.nn.functional as F
-
     if l2 < 0:
         raise ConfigError(f"l2 must be >= 0, got {l2}")
     x = torch.as_tensor(np.asarray(X), dtype=torch.float64, device=device)
@@ -68,22 +68,16 @@ class _few_threads_if_small:
         self.active = x.device.type == "cpu" and x.numel() < 4_000_000
 
     def __enter__(self):
-        import torch
-
         if self.active:
             self.prev = torch.get_num_threads()
             torch.set_num_threads(1)
 
     def __exit__(self, *exc):
-        import torch
-
         if self.active:
             torch.set_num_threads(self.prev)
 
 
 def _predict(X, w, b):
-    import torch
-
     x = torch.as_tensor(np.asarray(X), dtype=torch.float64, device=w.device)
     return (x @ w + b).cpu().numpy()
 
@@ -133,8 +127,6 @@ def linear_probe(
 
     ``train_X`` (N, D) / ``test_X`` (M, D) float features, ``*_y`` int labels.
     """
-    from bmclip.eval.zeroshot import classification_metrics
-
     Xtr = np.asarray(train_X, dtype=np.float64)
     ytr = np.asarray(train_y, dtype=np.int64).reshape(-1)
     Xte = np.asarray(test_X, dtype=np.float64)

@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from bmclip.errors import ConfigError
 
 
@@ -118,8 +120,6 @@ def load_task_yaml(path: str | os.PathLike) -> TaskSpec:
 
     ``classes`` may also be a mapping {folder/label name: class name} to rename folders into prompts.
     """
-    import yaml
-
     p = Path(path)
     try:
         doc: Any = yaml.safe_load(p.read_text(encoding="utf-8"))

@@ -26,31 +26,16 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from bmclip.errors import ConfigError, DataError
+from bmclip.eval.embed import embed_pairs_to_disk
 
 DEFAULT_KS = (1, 5, 10)
 
 
-def _as_tensor(x: Any, name: str):
-    import torch
-
-    if isinstance(x, torch.Tensor):
-        t = x.detach()
-    else:
-        arr = np.asarray(x)
-        if arr.dtype == object:
-            raise DataError(f"{name}: not a numeric array")
-        t = torch.from_numpy(np.ascontiguousarray(arr))
-    if t.ndim != 2:
-        raise DataError(f"{name}: expected a 2-D (N, D) array, got shape {tuple(t.shape)}")
-    return t
-
-
 def _load_normalised(x, device, dtype, chunk: int = 65536):
     """Copy (N, D) array-like to ``device`` as L2-normalised ``dtype``, chunk by chunk (memmap friendly)."""
-    import torch
-
     n, d = x.shape
     out = torch.empty((n, d), dtype=dtype, device=device)
     for s in range(0, n, chunk):
@@ -81,8 +66,6 @@ def retrieval_ranks(
 
     ``image_emb``/``text_emb``: (N, D) numpy arrays, np.memmap or torch tensors (any float dtype).
     """
-    import torch
-
     if block < 1:
         raise ConfigError(f"block must be >= 1, got {block}")
     if tie_tol < 0:
@@ -179,21 +162,6 @@ def retrieval_metrics(
     return out
 
 
-def dense_retrieval_ranks(image_emb: np.ndarray, text_emb: np.ndarray, tie_tol: float = 1e-5):
-    """Reference ranks from the full (N, N) float64 similarity matrix; for tests and small N only."""
-    a = np.asarray(image_emb, dtype=np.float64)
-    b = np.asarray(text_emb, dtype=np.float64)
-    a = a / np.linalg.norm(a, axis=1, keepdims=True)
-    b = b / np.linalg.norm(b, axis=1, keepdims=True)
-    s = a @ b.T
-    d = np.diag(s).copy()
-    ge_rows = s >= (d[:, None] - tie_tol)
-    ge_cols = s >= (d[None, :] - tie_tol)
-    np.fill_diagonal(ge_rows, False)
-    np.fill_diagonal(ge_cols, False)
-    return ge_rows.sum(axis=1), ge_cols.sum(axis=0)
-
-
 def evaluate_retrieval(
     model: Any,
     tokenizer: Any,
@@ -211,8 +179,6 @@ def evaluate_retrieval(
     ``batches`` yields dicts with "image" (uint8 NHWC at the model's image size, or float NCHW already
     normalised) and "text" (list[str]); the embeddings never live in RAM as a whole during embedding.
     """
-    from bmclip.eval.embed import embed_pairs_to_disk
-
     ks = _check_ks(ks)
     work = Path(work_dir)
     paths = embed_pairs_to_disk(

@@ -35,8 +35,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
 
 from bmclip.errors import ConfigError, DataError
+from bmclip.eval.embed import to_model_input
+from bmclip.eval.images import load_image
 
 # ---------------------------------------------------------------- data
 
@@ -171,18 +176,9 @@ def load_vqa_splits(path: str | os.PathLike, fmt: str = "auto") -> dict[str, Any
 # ---------------------------------------------------------------- model
 
 
-def _torch():
-    import torch
-
-    return torch
-
-
 def build_vqa_model(clip_model: Any, n_answers: int, hidden: int = 256, layers: int = 2, heads: int = 4,
                     dropout: float = 0.1, features: str = "tokens"):
     """A VQAModel (torch.nn.Module) on top of ``clip_model``: logits (B, n_answers) from (images, input_ids)."""
-    import torch
-    from torch import nn
-
     class CoAttentionLayer(nn.Module):
         """Self-attention, cross-attention to the other stream, MLP; for both streams (pre-LN, residual)."""
 
@@ -273,9 +269,6 @@ def vqa_accuracy(pred: list[str], samples: list[VQASample]) -> dict[str, Any]:
 
 
 def _load_images(model: Any, paths: list[Path]):
-    from bmclip.eval.embed import to_model_input
-    from bmclip.eval.readers import load_image
-
     return to_model_input([load_image(p) for p in paths], model, device="cpu")
 
 
@@ -304,9 +297,6 @@ def train_vqa(
     With frozen encoders the encoder features are computed once per distinct image / question and cached
     (identical results, much faster); with ``finetune_encoders`` both towers train at ``encoder_lr``.
     """
-    torch = _torch()
-    import torch.nn.functional as F
-
     if not train or not test:
         raise DataError("VQA needs non-empty train and test sets")
     if epochs < 1 or batch_size < 1:

@@ -8,13 +8,18 @@ probabilities; the argmax, and hence accuracy, does not depend on the scale).
 
 from __future__ import annotations
 
+import io
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
+import torch
+from PIL import Image
 
 from bmclip.errors import ConfigError, DataError
+from bmclip.eval.embed import embed_image_batches, encode_texts
+from bmclip.io import atomic_write_bytes
 
 # ---------------------------------------------------------------- metrics (numpy only)
 
@@ -98,14 +103,11 @@ def classification_metrics(y_true: Any, scores: Any, class_names: Sequence[str] 
 
 def save_confusion_png(cm: Any, class_names: Sequence[str], path: str | os.PathLike, title: str = "") -> str:
     """Render a confusion matrix (rows true, columns predicted; counts and row-normalised colour) to PNG."""
-    import io
-
+    # matplotlib is imported only when a figure is drawn (start-up cost); Agg renders without a display.
     import matplotlib
 
     matplotlib.use("Agg")
     from matplotlib.figure import Figure
-
-    from bmclip.eval.report import atomic_write_bytes
 
     cm = np.asarray(cm)
     c = len(class_names)
@@ -128,7 +130,8 @@ def save_confusion_png(cm: Any, class_names: Sequence[str], path: str | os.PathL
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
-    return str(atomic_write_bytes(path, buf.getvalue()))
+    atomic_write_bytes(buf.getvalue(), path)
+    return str(path)
 
 
 # ---------------------------------------------------------------- zero-shot with a model
@@ -141,10 +144,6 @@ def class_embeddings(model: Any, tokenizer: Any, classnames: Sequence[str], temp
     A class's prompts are every template filled with each of its names: the class name itself, or the
     list ``synonyms[classname]`` when given (a prompt ensemble over names, as CLIP-style evaluations do).
     """
-    import torch
-
-    from bmclip.eval.embed import encode_texts
-
     if len(classnames) < 2:
         raise ConfigError("zero-shot classification needs at least 2 classes")
     if not templates or any(t.count("{}") != 1 for t in templates):
@@ -172,8 +171,6 @@ def _logit_scale(model: Any) -> float:
 
 def _image_batches(images_or_loader: Any, batch_size: int) -> Iterable[Any]:
     """Normalise the accepted inputs into an iterable of batches (dict or bare image batch)."""
-    from PIL import Image
-
     x = images_or_loader
     if isinstance(x, (list, tuple)) and x and isinstance(x[0], Image.Image):
         for s in range(0, len(images_or_loader), batch_size):
@@ -200,14 +197,10 @@ def zeroshot_classify(
     """Classify images zero-shot. Returns {"pred" (N,), "probs" (N, C), "scores" (N, C)} + metrics if labels given.
 
     ``images_or_loader``: a list of PIL images, a uint8 NHWC array at the model's size, or an iterable of
-    batches (dicts with "image" and optional "label", e.g. ``readers.iterate_batches`` or ShardLoader).
+    batches (dicts with "image" and optional "label", e.g. ``bmclip.eval.batching.iterate_batches`` or ShardLoader).
     Labels come from ``labels`` or from the batches' "label" entries. ``synonyms`` maps a class name to
     several names whose prompts are averaged into that class's embedding (see ``class_embeddings``).
     """
-    import torch
-
-    from bmclip.eval.embed import embed_image_batches
-
     was_training = model.training
     model.eval()
     try:

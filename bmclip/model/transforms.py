@@ -1,44 +1,58 @@
-"""Evaluation image preprocessing of BiomedCLIP (open_clip's val transform), on PIL + numpy only."""
+"""BiomedCLIP's evaluation image transform (open_clip's val transform), on PIL + numpy + torch.
+
+The one copy used everywhere an image is prepared for a model outside training (``bmclip embed``, every
+``bmclip eval`` command, VQA): shorter side resized to S (bicubic), centre crop to S x S, RGB, scaled to
+[0, 1], normalised per channel. ``resize_center_crop`` is the geometric half (uint8 batches for the
+evaluation readers); the numeric half is the trainer's own ``bmclip.data.normalize.normalize_images``, so a
+model sees the same numbers in training and in evaluation. ``preprocess_image`` chains them.
+"""
 
 from __future__ import annotations
 
+import os
+from collections.abc import Sequence
+
 import numpy as np
 import torch
+from PIL import Image, UnidentifiedImageError
 
+from bmclip.data.images import IMAGE_MEAN, IMAGE_STD
+from bmclip.data.normalize import normalize_images
 from bmclip.errors import DataError
 
+__all__ = ["load_image", "preprocess_image", "resize_center_crop"]
 
-def preprocess_image(image, image_size: int = 224, mean=None, std=None) -> torch.Tensor:
-    """PIL image -> float32 (3, S, S): shorter side resized to S (bicubic), centre crop, RGB, normalised."""
-    from PIL import Image
 
-    from bmclip.model import IMAGE_MEAN, IMAGE_STD
-
+def resize_center_crop(image: Image.Image, size: int) -> Image.Image:
+    """PIL image -> RGB PIL image of ``size x size``: shorter side resized to ``size`` (bicubic), centre crop."""
     if not isinstance(image, Image.Image):
         raise DataError(f"expected a PIL image, got {type(image).__name__}")
     image = image.convert("RGB")
     w, h = image.size
     if w < 1 or h < 1:
         raise DataError(f"empty image of size {image.size}")
-    # open_clip: Resize(S, bicubic) on the shorter side, then CenterCrop(S) (torchvision rounding rules).
+    # torchvision's Resize(size) + CenterCrop(size) arithmetic, as in open_clip's val transform (long side
+    # truncated, crop offset rounded), so BiomedCLIP sees exactly the pixels it was evaluated on.
     if w <= h:
-        nw, nh = image_size, int(image_size * h / w)
+        nw, nh = size, int(size * h / w)
     else:
-        nw, nh = int(image_size * w / h), image_size
-    image = image.resize((nw, nh), Image.BICUBIC)
-    left = int(round((nw - image_size) / 2.0))
-    top = int(round((nh - image_size) / 2.0))
-    image = image.crop((left, top, left + image_size, top + image_size))
-    x = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)
-    m = torch.tensor(IMAGE_MEAN if mean is None else mean, dtype=torch.float32)[:, None, None]
-    s = torch.tensor(IMAGE_STD if std is None else std, dtype=torch.float32)[:, None, None]
-    return (x - m) / s
+        nw, nh = int(size * w / h), size
+    if (nw, nh) != (w, h):
+        image = image.resize((nw, nh), Image.BICUBIC)
+    left, top = int(round((nw - size) / 2.0)), int(round((nh - size) / 2.0))
+    return image.crop((left, top, left + size, top + size))
 
 
-def load_image(path, image_size: int = 224) -> torch.Tensor:
+def preprocess_image(image: Image.Image, image_size: int = 224, mean: Sequence[float] | None = None,
+                     std: Sequence[float] | None = None) -> torch.Tensor:
+    """PIL image -> float32 (3, S, S): shorter side resized to S (bicubic), centre crop, RGB, normalised."""
+    pixels = np.asarray(resize_center_crop(image, image_size), dtype=np.uint8)
+    x = torch.from_numpy(pixels.copy())[None]
+    return normalize_images(x, mean=IMAGE_MEAN if mean is None else mean, std=IMAGE_STD if std is None else std)[0]
+
+
+def load_image(path: str | os.PathLike, image_size: int = 224) -> torch.Tensor:
     """Image file -> float32 (3, S, S) normalised; unreadable files raise DataError naming the path."""
-    from PIL import Image, UnidentifiedImageError
-
     try:
         with Image.open(path) as im:
             im.load()

@@ -162,11 +162,11 @@ def run_demo(out_dir: str | os.PathLike = "bmclip-demo", size: str = "small", se
          f"({summary['samples_per_s']:.0f} samples/s)", quiet)
 
     # 4) held-out evaluation on the TEST articles
-    from bmclip.data import ShardLoader
+    from bmclip.data.loader import ShardLoader
+    from bmclip.data.normalize import normalize_images
     from bmclip.eval.retrieval import retrieval_metrics
     from bmclip.eval.zeroshot import zeroshot_classify
     from bmclip.train.checkpoint import load_model_for_eval
-    from bmclip.train.data import normalize_images
 
     t = time.perf_counter()
     model, tok = load_model_for_eval(run_dir)

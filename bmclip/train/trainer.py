@@ -23,10 +23,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from bmclip.data.normalize import normalize_images
+from bmclip.data.sources import DaliShardSource, ShardSource, SyntheticSource, synthetic_eval_set
 from bmclip.errors import BmclipError, CheckpointError, ConfigError
 from bmclip.train import checkpoint as ckpt_mod
 from bmclip.train.config import TrainConfig
-from bmclip.train.data import DaliShardSource, ShardSource, SyntheticSource, normalize_images, synthetic_eval_set
 from bmclip.train.distributed import (
     DistInfo,
     all_gather_objects,
@@ -191,7 +192,7 @@ def _build_source(cfg: TrainConfig, info: DistInfo, mcfg, tokenizer):
                                world_size=info.world_size)
     if not cfg.data.train:
         raise ConfigError("data.train: no training data; set data.train to a shard pattern (or data.synthetic=true)")
-    from bmclip.data import ShardLoader
+    from bmclip.data.loader import ShardLoader
 
     local, size = b // info.world_size, mcfg.vision.image_size
     dev = info.device
@@ -244,7 +245,7 @@ def _val_batches(cfg: TrainConfig, mcfg, tokenizer):
         for i in range(0, n, 128):
             yield ev["image"][i:i + 128], ev["input_ids"][i:i + 128]
         return
-    from bmclip.data import ShardLoader
+    from bmclip.data.loader import ShardLoader
 
     loader = ShardLoader(cfg.data.val, batch_size=128, image_size=mcfg.vision.image_size,
                          num_threads=cfg.data.num_threads, augment="center", shuffle=False,

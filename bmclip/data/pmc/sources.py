@@ -46,6 +46,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import TypeVar
 
+from bmclip.data.images import IMAGE_EXTENSIONS
 from bmclip.data.pmc.locations import filesystem, is_remote, local_path, location_name
 from bmclip.errors import ConfigError, DataError
 from bmclip.io.retry import RetryError, retry
@@ -70,7 +71,8 @@ READ_BASE_DELAY = 1.0
 READ_MAX_DELAY = 30.0
 
 XML_EXTS = (".nxml", ".xml")
-IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".gif", ".bmp", ".webp")
+# package members taken as figure images (the builder re-encodes every one of them)
+IMAGE_EXTS = tuple(f".{e}" for e in IMAGE_EXTENSIONS)
 TAR_SUFFIXES = (".tar.gz", ".tgz", ".tar")
 _CLOUD_DIR = re.compile(r"^(PMC\d+)\.(\d+)$")
 

@@ -1,0 +1,198 @@
+"""Image decoding for evaluation: files and shard members to RGB PIL images (PIL formats and DICOM).
+
+Evaluation decodes with PIL, so it accepts every extension of ``bmclip.data.images.IMAGE_EXTENSIONS``
+(JPEG, PNG, WebP, TIFF, BMP, GIF), plus DICOM (``.dcm``/``.dicom``, or a file without extension that holds
+the DICM preamble) through pydicom. Training decodes only ``DECODED_EXTENSIONS`` (JPEG, PNG) in C++ and
+counts a sample whose image is WebP/TIFF/... as skipped ("unsupported image format"): a WebP shard member is
+therefore evaluated but not trained on. That difference is intended and visible in both places' skip counts.
+An image that cannot be decoded raises ``DataError`` naming it; the dataset readers turn that into a counted
+skip with the reason.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from bmclip.data.images import IMAGE_EXTENSIONS
+from bmclip.errors import ConfigError, DataError
+
+__all__ = ["DICOM_EXTENSIONS", "decode_image_bytes", "decode_sample_image", "dicom_to_pil", "is_image_file",
+           "load_image", "looks_like_dicom", "pil_to_rgb", "window_to_uint8"]
+
+DICOM_EXTENSIONS = ("dcm", "dicom")
+
+# Shard member extensions that hold an image, in the order a sample's image is chosen when it has several.
+_SAMPLE_IMAGE_EXTENSIONS = IMAGE_EXTENSIONS + DICOM_EXTENSIONS
+
+_PIL_ERRORS = (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError)
+
+
+def _suffix(p: Path) -> str:
+    return p.suffix.lower().lstrip(".")
+
+
+def looks_like_dicom(p: Path) -> bool:
+    """True for a file without extension that starts with the DICOM preamble (128 bytes, then ``DICM``)."""
+    if p.suffix:
+        return False
+    try:
+        with open(p, "rb") as f:
+            head = f.read(132)
+    except OSError:
+        return False
+    return len(head) == 132 and head[128:132] == b"DICM"
+
+
+def is_image_file(p: Path) -> bool:
+    """True for a file evaluation reads as an image: a PIL image extension, a DICOM extension or preamble."""
+    s = _suffix(p)
+    return s in IMAGE_EXTENSIONS or s in DICOM_EXTENSIONS or (s == "" and looks_like_dicom(p))
+
+
+def load_image(path: str | os.PathLike, frame: str = "middle") -> Image.Image:
+    """Read an image file (PIL formats or DICOM) as an RGB PIL image; raises DataError if unreadable."""
+    p = Path(path)
+    if _suffix(p) in DICOM_EXTENSIONS or looks_like_dicom(p):
+        return dicom_to_pil(p, frame=frame)
+    try:
+        with Image.open(p) as im:
+            im.load()
+            return pil_to_rgb(im)
+    except _PIL_ERRORS as e:
+        raise DataError(f"cannot read image {p}: {e}") from e
+
+
+def decode_image_bytes(data: bytes, ext: str, name: str = "image") -> Image.Image:
+    """An image held in memory (``ext`` says DICOM or a PIL format) -> RGB PIL image; DataError if undecodable."""
+    if ext in DICOM_EXTENSIONS:
+        return dicom_to_pil(io.BytesIO(data), name=name)
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            im.load()
+            return pil_to_rgb(im)
+    except _PIL_ERRORS as e:
+        raise DataError(f"cannot decode {name}: {e}") from e
+
+
+def decode_sample_image(sample: dict[str, Any]) -> Image.Image:
+    """The RGB PIL image of a shard sample (its first member in IMAGE_EXTENSIONS, then DICOM).
+
+    DataError when the sample has no image member, or "sample <key>: corrupt <ext>: ..." when it does not decode.
+    """
+    key = sample.get("__key__")
+    ext = next((e for e in _SAMPLE_IMAGE_EXTENSIONS if e in sample), None)
+    if ext is None:
+        raise DataError(f"sample {key} has no image member ({'/'.join(_SAMPLE_IMAGE_EXTENSIONS)})")
+    try:
+        return decode_image_bytes(sample[ext], ext, f"{key}.{ext}")
+    except DataError as e:
+        raise DataError(f"sample {key}: corrupt {ext}: {e}") from e
+
+
+def pil_to_rgb(im: Image.Image) -> Image.Image:
+    """PIL image of any mode -> RGB; 16-bit/float greyscale is min/max scaled to 8 bits (PIL would clip)."""
+    if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        arr = np.asarray(im, dtype=np.float64)
+        return Image.fromarray(_minmax_to_uint8(arr)).convert("RGB")
+    return im.convert("RGB")
+
+
+def _minmax_to_uint8(arr: np.ndarray) -> np.ndarray:
+    lo, hi = float(np.min(arr)), float(np.max(arr))
+    if hi <= lo:
+        return np.zeros(arr.shape, dtype=np.uint8)
+    return np.clip(np.round((arr - lo) / (hi - lo) * 255.0), 0, 255).astype(np.uint8)
+
+
+def window_to_uint8(arr: np.ndarray, center: float, width: float, function: str = "LINEAR") -> np.ndarray:
+    """DICOM VOI window (PS3.3 C.11.2.1.2: LINEAR, LINEAR_EXACT or SIGMOID) mapped to 0..255 uint8."""
+    x = np.asarray(arr, dtype=np.float64)
+    function = (function or "LINEAR").upper()
+    if function == "SIGMOID":
+        if width <= 0:
+            raise DataError(f"DICOM window width must be > 0, got {width}")
+        return np.clip(np.round(255.0 / (1.0 + np.exp(-4.0 * (x - center) / width))), 0, 255).astype(np.uint8)
+    if function == "LINEAR_EXACT":
+        if width <= 0:
+            raise DataError(f"DICOM window width must be > 0, got {width}")
+        return np.clip(np.round(((x - center) / width + 0.5) * 255.0), 0, 255).astype(np.uint8)
+    if function != "LINEAR":
+        raise DataError(f"unknown DICOM VOILUTFunction {function!r}")
+    if width < 1:
+        raise DataError(f"DICOM window width must be >= 1, got {width}")
+    if width == 1:
+        return np.where(x < center - 0.5, 0, 255).astype(np.uint8)
+    y = ((x - (center - 0.5)) / (width - 1) + 0.5) * 255.0
+    lo = x <= center - 0.5 - (width - 1) / 2
+    hi = x > center - 0.5 + (width - 1) / 2
+    y = np.where(lo, 0.0, np.where(hi, 255.0, y))
+    return np.clip(np.round(y), 0, 255).astype(np.uint8)
+
+
+def _first(v: Any) -> float:
+    """First value of a possibly multi-valued DICOM element."""
+    try:
+        return float(v[0])
+    except TypeError:
+        return float(v)
+
+
+def dicom_to_pil(source: str | os.PathLike | io.BytesIO, frame: str = "middle", name: str | None = None
+                 ) -> Image.Image:
+    """DICOM (a path, or a file object with the file's bytes) -> RGB PIL image.
+
+    Greyscale: modality LUT (rescale slope/intercept), then the file's first VOI window (WindowCenter/
+    WindowWidth, with its VOILUTFunction; a VOI LUT Sequence is not applied) if present, else min/max,
+    to 8 bits; MONOCHROME1 is inverted so that higher values are
+    brighter like MONOCHROME2. Colour (RGB/YBR, converted to RGB by pydicom) is kept; PALETTE COLOR
+    goes through its lookup table. Multi-frame: ``frame="middle"`` (default; the central slice of a
+    series/cine is usually the most representative) or ``"first"``.
+    """
+    # pydicom is an optional dependency (the "eval" extra), needed only when a DICOM file is read.
+    import pydicom
+    from pydicom.pixels import apply_color_lut, apply_rescale
+
+    src = Path(source) if isinstance(source, (str, os.PathLike)) else source
+    p = name or str(src)
+    if frame not in ("middle", "first"):
+        raise ConfigError(f"frame must be 'middle' or 'first', got {frame!r}")
+    try:
+        ds = pydicom.dcmread(src)
+    except Exception as e:  # pydicom raises several unrelated types for corrupt files
+        raise DataError(f"cannot read DICOM {p}: {e}") from e
+    if "PixelData" not in ds:
+        raise DataError(f"DICOM {p} has no pixel data (e.g. a waveform or structured report)")
+    try:
+        arr = ds.pixel_array
+    except Exception as e:  # missing codec (JPEG 2000 without pylibjpeg/openjpeg), corrupt stream
+        raise DataError(f"cannot decode DICOM pixels of {p} ({ds.file_meta.TransferSyntaxUID.name}): {e}") from e
+    nframes = int(getattr(ds, "NumberOfFrames", 1) or 1)
+    spp = int(getattr(ds, "SamplesPerPixel", 1) or 1)
+    photometric = str(getattr(ds, "PhotometricInterpretation", "MONOCHROME2")).upper()
+    if nframes > 1:
+        arr = arr[nframes // 2 if frame == "middle" else 0]
+    if photometric == "PALETTE COLOR":
+        rgb = apply_color_lut(arr, ds)
+        if rgb.dtype != np.uint8:  # LUT entries are 16-bit
+            rgb = (rgb.astype(np.float64) / 257.0).round().astype(np.uint8)
+        return Image.fromarray(rgb, "RGB")
+    if spp == 3:
+        if arr.dtype != np.uint8:
+            arr = _minmax_to_uint8(arr)
+        return Image.fromarray(np.ascontiguousarray(arr), "RGB")
+    x = apply_rescale(arr, ds) if "RescaleSlope" in ds or "RescaleIntercept" in ds else arr
+    x = np.asarray(x, dtype=np.float64)
+    if "WindowCenter" in ds and "WindowWidth" in ds:
+        g = window_to_uint8(x, _first(ds.WindowCenter), _first(ds.WindowWidth),
+                            str(ds.get("VOILUTFunction", "LINEAR") or "LINEAR"))
+    else:
+        g = _minmax_to_uint8(x)
+    if photometric == "MONOCHROME1":
+        g = 255 - g
+    return Image.fromarray(g, "L").convert("RGB")
