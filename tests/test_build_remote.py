@@ -73,6 +73,14 @@ def _input_files() -> dict[str, bytes]:
         else:
             for p in members:
                 files[f"{d.name}/{p.relative_to(d).as_posix()}"] = p.read_bytes()
+    # the PLOS article once more in the PMC Cloud per-article layout (metadata JSON, media by name): read
+    # remotely too, and deduplicated against the tarball copy by its DOI
+    cloud = "PMC3571234.1"
+    for p in sorted((FIXTURE_PMC / "pone.0056489").iterdir()):
+        name = f"{cloud}.xml" if p.suffix == ".xml" else p.name
+        files[f"{cloud}/{name}"] = p.read_bytes()
+    meta = {"pmcid": "PMC3571234", "version": 1, "license_code": "CC BY", "is_retracted": False}
+    files[f"{cloud}/{cloud}.json"] = json.dumps(meta).encode()
     return files
 
 
@@ -241,7 +249,7 @@ def test_build_s3_to_s3_equals_local_build(env, monkeypatch):
     remote_pkgs, _ = discover_packages(["s3://pmc-in/pmc/"], storage_options=env["so"])
     local_pkgs, _ = discover_packages([env["local_in"]])
     assert [(p.key, p.kind) for p in remote_pkgs] == [(p.key, p.kind) for p in local_pkgs]
-    assert {p.kind for p in remote_pkgs} == {"tar", "folder"}
+    assert {p.kind for p in remote_pkgs} == {"tar", "folder", "pmc_cloud"}
     assert all(p.path.startswith("s3://pmc-in/pmc/") for p in remote_pkgs)
     # Uploads lag behind the merge (one thread, one shard in flight): the local work folder never holds more
     # than the shard just finished and the one being uploaded.
@@ -265,6 +273,7 @@ def test_build_s3_to_s3_equals_local_build(env, monkeypatch):
     assert got == want  # every shard, index, stats.json/png, sizes.json and manifest.json byte for byte
     n_tars = sum(1 for k in want if k.endswith(".tar"))
     assert n_tars == env["stats"]["pairs_total"] == 8  # shard_size 1: one shard per pair
+    assert env["stats"]["skips"]["figure"]["duplicate_article"] == 3  # the PLOS article's second copy
     assert len(local_tars) == 2 * n_tars + 4 and max(local_tars) <= 2
     assert not staging.exists()
 
@@ -364,7 +373,7 @@ def test_remote_read_faults_retried_or_stop_the_stage(env, monkeypatch):
     assert json.loads((remote_st / "complete.json").read_text()) == json.loads((local_st / "complete.json").read_text())
 
 
-def test_build_from_http_tarball_equals_local(env, tmp_path):
+def test_build_from_http_and_file_urls_equals_local(env, tmp_path):
     # an http(s) input is one package tarball, streamed from a plain HTTP server (no Range support needed)
     handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(env["local_in"]))
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
@@ -379,9 +388,13 @@ def test_build_from_http_tarball_equals_local(env, tmp_path):
         server.shutdown()
         server.server_close()
     b = build_dataset([env["local_in"] / "pone.0056489.tar.gz"], tmp_path / "b", **kw)
-    assert a["pairs"] == b["pairs"] == {"train": 3, "val": 0, "test": 0}
+    # file:// URLs are local paths (written in place, atomically)
+    c = build_dataset([(env["local_in"] / "pone.0056489.tar.gz").as_uri()], (tmp_path / "c d").as_uri(), **kw)
+    assert a["pairs"] == b["pairs"] == c["pairs"] == {"train": 3, "val": 0, "test": 0}
     shards = {k: v for k, v in _local_files(tmp_path / "a").items() if k.endswith((".tar", ".idx", "sizes.json"))}
-    assert len(shards) == 3 and shards == {k: v for k, v in _local_files(tmp_path / "b").items() if k in shards}
+    assert len(shards) == 3
+    for other in ("b", "c d"):
+        assert shards == {k: v for k, v in _local_files(tmp_path / other).items() if k in shards}
 
 
 @pytest.mark.slow
