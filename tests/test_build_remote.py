@@ -12,6 +12,7 @@ import gzip
 import http.server
 import io
 import json
+import logging
 import os
 import shutil
 import signal
@@ -95,6 +96,7 @@ def env(tmp_path_factory):
             mp.setenv(k, v)
         for k in ("AWS_PROFILE", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_SESSION_TOKEN"):
             mp.delenv(k, raising=False)
+        logging.getLogger("werkzeug").setLevel(logging.ERROR)  # the S3 server's per-request log lines
         port = _free_port()
         server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
         server.start()
