@@ -179,6 +179,12 @@ def test_storage_options_and_missing_cloud_extra(tmp_path):
         "endpoint_url": "http://h:9000", "anon": True, "client_kwargs": {"a": 1}}  # fmt: skip
     with pytest.raises(ConfigError, match="KEY=VALUE"):
         parse_storage_options(["novalue"])
+    # a remote output needs a local staging dir; a staging dir is never remote
+    with pytest.raises(ConfigError, match="needs a local staging dir"):
+        build_dataset([FIXTURE_PMC], "s3://bucket/out/", progress=False)
+    with pytest.raises(ConfigError, match="staging dir must be a local directory"):
+        build_dataset([FIXTURE_PMC], tmp_path / "o", staging="s3://bucket/stage/", progress=False)
+    assert not (tmp_path / "o").exists()
     with pytest.raises(ConfigError, match="http\\(s\\) inputs must be package tarballs"):
         discover_packages(["https://127.0.0.1:9/some/folder/"])
     # without fsspec, or without the s3 backend: a clear error naming the extra, exit status 2 from the CLI

@@ -97,6 +97,8 @@ def build(
         if is_remote(output):
             raise ConfigError(f"a remote output ({os.fspath(output)}) needs a local staging dir (--staging DIR)")
         staging = local_path(output) / "_staging"
+    if is_remote(staging):
+        raise ConfigError(f"the staging dir must be a local directory, not {os.fspath(staging)}")
     staging = local_path(staging)
     in_so = {**(storage_options or {}), **(input_storage_options or {})}
     out_so = {**(storage_options or {}), **(output_storage_options or {})}

@@ -30,8 +30,10 @@ def is_remote(loc: str | os.PathLike) -> bool:
 
 
 def local_path(loc: str | os.PathLike) -> Path:
-    """The local path of a plain path or a ``file://`` URL."""
+    """The local path of a plain path or a ``file://`` URL (a ConfigError for any other URL)."""
     s = os.fspath(loc)
+    if is_remote(s):
+        raise ConfigError(f"{s}: a local path is needed here, not a remote URL")
     if s.startswith("file://"):
         u = urlparse(s)
         if u.netloc not in ("", "localhost"):
