@@ -5,6 +5,15 @@ Forms::
     bmclip build-dataset INPUT... --output DIR                    # stage + merge on this machine
     bmclip build-dataset INPUT... --staging S --num-slices N --slice K   # one slice (e.g. a Slurm task)
     bmclip build-dataset merge STAGING... --output DIR            # merge slices (also: --merge)
+
+INPUTs and --output may be remote (fsspec; pip install bmclip[cloud]): an object-store prefix
+(s3://bucket/prefix/, gs://...) is listed and its packages are streamed, never copied to disk;
+http(s):// inputs are single package tarballs. With a remote --output each finished shard (tar + .idx)
+is uploaded at once and deleted locally, the JSON/PNG files at the end (manifest.json last); uploads
+are retried with exponential backoff. The staging dir is always local: it holds the staged samples
+(about the size of the output), plus the few shards waiting for upload. Credentials and endpoints:
+--storage-option KEY=VALUE, or the AWS_* environment variables s3fs honours (AWS_ACCESS_KEY_ID,
+AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN, AWS_PROFILE, AWS_DEFAULT_REGION, AWS_ENDPOINT_URL).
 """
 
 from __future__ import annotations
@@ -26,15 +35,27 @@ def register(subparsers) -> None:
         description=plain_help(__doc__),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("inputs", nargs="+", metavar="INPUT", help="package tarballs, article folders or trees of them")
-    p.add_argument("--output", "-o", help="output directory for shards, manifest.json, stats.json/png")
+    p.add_argument("inputs", nargs="+", metavar="INPUT",
+                   help="package tarballs, article folders or trees of them; local paths or URLs (s3://bucket/prefix/)")
+    p.add_argument("--output", "-o",
+                   help="output directory or remote prefix (s3://bucket/prefix/) for shards, manifest.json, "
+                        "stats.json/png")
     p.add_argument("--merge", action="store_true", help="INPUTs are staging dirs to merge (same as 'merge')")
-    p.add_argument("--staging", help="staging dir (default OUTPUT/_staging); required with --num-slices > 1")
+    p.add_argument("--staging",
+                   help="staging dir, always local (default OUTPUT/_staging); required with --num-slices > 1 "
+                        "and with a remote --output")
     p.add_argument("--keep-staging", action="store_true", help="keep the staging dir after a full build")
     p.add_argument("--num-slices", type=int, default=1, help="split the packages into N disjoint slices")
     p.add_argument("--slice", type=int, default=0, help="which slice (0-based) this run stages")
     p.add_argument("--workers", "-j", type=int, default=None, help="worker processes (default: all cores)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    r = p.add_argument_group("remote inputs and output (fsspec storage options; values are JSON or strings)")
+    r.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="for remote inputs and output, e.g. endpoint_url=http://host:9000 (repeatable)")
+    r.add_argument("--input-storage-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="for remote inputs only, e.g. anon=true for a public bucket (repeatable)")
+    r.add_argument("--output-storage-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="for a remote output only (repeatable)")
     g = p.add_argument_group("image and caption filters (stage time)")
     g.add_argument("--max-side", type=int, default=512, help="resize so the longest side is at most this")
     g.add_argument("--jpeg-quality", type=int, default=90)
@@ -106,9 +127,13 @@ def run(args) -> int:
     """Run ``bmclip build-dataset`` (build, one slice's stage, or merge); returns the exit code."""
     # The builder (PIL, numpy, tqdm) is imported when the command runs, not when `bmclip --help` lists it.
     from bmclip.data.pmc.build import build, merge_staging, stage
+    from bmclip.data.pmc.locations import parse_storage_options
 
     opts = _options(args)
     progress = not args.no_progress
+    common = parse_storage_options(args.storage_option)
+    in_so = {**common, **parse_storage_options(args.input_storage_option)}
+    out_so = {**common, **parse_storage_options(args.output_storage_option)}
     inputs = list(args.inputs)
     merge_mode = args.merge
     if inputs and inputs[0] == "merge" and not Path("merge").exists():
@@ -116,7 +141,7 @@ def run(args) -> int:
     if merge_mode:
         if not args.output:
             raise ConfigError("merge needs --output DIR")
-        stats = merge_staging(inputs, args.output, opts, progress=progress)
+        stats = merge_staging(inputs, args.output, opts, progress=progress, storage_options=out_so)
         print(_summary(stats))
         print(f"wrote {args.output}/manifest.json and stats.json/png", file=sys.stderr)
         return _report(stats, args.output)
@@ -131,6 +156,7 @@ def run(args) -> int:
             slice_index=args.slice,
             num_workers=args.workers,
             progress=progress,
+            storage_options=in_so,
         )
         print(json.dumps(summary, indent=1))
         print(
@@ -141,7 +167,8 @@ def run(args) -> int:
     if not args.output:
         raise ConfigError("--output DIR is required")
     stats = build(inputs, args.output, opts, staging=args.staging, keep_staging=args.keep_staging,
-                  num_workers=args.workers, progress=progress)
+                  num_workers=args.workers, progress=progress, input_storage_options=in_so,
+                  output_storage_options=out_so)
     print(_summary(stats))
     return _report(stats, args.output)
 

@@ -34,19 +34,27 @@ Slurm array example (4 machines/tasks, then one merge)::
     bmclip build-dataset merge /scratch/pmc_stage/{0,1,2,3} --output /data/pmc15m_shards
 
 A failed array task is simply resubmitted with the same command: it resumes its own staging dir.
-See ``docs/build_dataset.md``.
+
+Remote inputs and outputs (fsspec; extra ``bmclip[cloud]``)::
+
+    bmclip build-dataset s3://my-mirror/oa_package/ --output s3://my-bucket/pmc15m/ --staging /scratch/pmc_stage \
+        --storage-option endpoint_url=https://s3.example.org
+
+reads the packages straight from the bucket (streamed) and uploads each shard as it is finished; the staging
+dir stays local. See ``docs/build_dataset.md``.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
-from pathlib import Path
 
+from bmclip.data.pmc.locations import is_remote, local_path
 from bmclip.data.pmc.merge import merge_staging, split_of
 from bmclip.data.pmc.options import DEFAULT_TEST_FRACTION, DEFAULT_VAL_FRACTION, SPLITS, BuildOptions
 from bmclip.data.pmc.stage import sanitize_key, stage
 from bmclip.data.pmc.stats import licence_code, summary_lines
+from bmclip.errors import ConfigError
 
 __all__ = [
     "DEFAULT_TEST_FRACTION",
@@ -73,15 +81,29 @@ def build(
     keep_staging: bool = False,
     num_workers: int | None = None,
     progress: bool = True,
+    storage_options: dict | None = None,
+    input_storage_options: dict | None = None,
+    output_storage_options: dict | None = None,
 ) -> dict:
     """Stage ``inputs`` into ``staging`` (default ``output/_staging``), merge it into ``output``; returns stats.
 
-    The staging dir is removed afterwards unless ``keep_staging``. Rerunning the same call after a crash
-    resumes from the staging dir.
+    Inputs and output may be remote URLs (``s3://bucket/prefix/`` ...): inputs are streamed, output shards are
+    uploaded as they are finished. fsspec gets ``storage_options`` updated with ``input_storage_options`` for
+    the inputs and with ``output_storage_options`` for the output. The staging dir is always local; a remote
+    output needs it given. It is removed afterwards unless ``keep_staging``. Rerunning the same call after a
+    crash resumes from the staging dir.
     """
-    staging = Path(staging) if staging is not None else Path(output) / "_staging"
-    stage(inputs, staging, options, num_workers=num_workers, progress=progress)
-    stats = merge_staging([staging], output, options, progress=progress)
+    if staging is None:
+        if is_remote(output):
+            raise ConfigError(f"a remote output ({os.fspath(output)}) needs a local staging dir (--staging DIR)")
+        staging = local_path(output) / "_staging"
+    if is_remote(staging):
+        raise ConfigError(f"the staging dir must be a local directory, not {os.fspath(staging)}")
+    staging = local_path(staging)
+    in_so = {**(storage_options or {}), **(input_storage_options or {})}
+    out_so = {**(storage_options or {}), **(output_storage_options or {})}
+    stage(inputs, staging, options, num_workers=num_workers, progress=progress, storage_options=in_so)
+    stats = merge_staging([staging], output, options, progress=progress, storage_options=out_so)
     if not keep_staging:
         shutil.rmtree(staging)
     return stats
@@ -92,14 +114,15 @@ def build_dataset(inputs: list[str | os.PathLike], output: str | os.PathLike, **
 
     Options: any :class:`BuildOptions` field (``max_side=512, shard_size=1000, min_caption_chars=10,
     min_side=64, max_aspect=10.0, near_dup_threshold=3, val_fraction, test_fraction, seed=0, ...``) plus
-    ``num_workers`` (default: all cores; 0/1 = in process), ``staging`` (default ``output/_staging``),
-    ``keep_staging`` (default False) and ``progress`` (default True). Rerunning the same call after a
-    crash resumes from the staging dir.
+    ``num_workers`` (default: all cores; 0/1 = in process), ``staging`` (default ``output/_staging``; required
+    for a remote output), ``keep_staging`` (default False), ``progress`` (default True) and
+    ``storage_options`` / ``input_storage_options`` / ``output_storage_options`` (fsspec options for remote
+    inputs and output, see :func:`build`). Rerunning the same call after a crash resumes from the staging dir.
     """
-    num_workers = options.pop("num_workers", None)
-    staging = options.pop("staging", None)
-    keep_staging = options.pop("keep_staging", False)
-    progress = options.pop("progress", True)
+    run = {k: options.pop(k) for k in list(options) if k in _RUN_KEYS}
     opts = BuildOptions.from_kwargs(**options)
-    return build(inputs, output, opts, staging=staging, keep_staging=keep_staging, num_workers=num_workers,
-                 progress=progress)
+    return build(inputs, output, opts, **run)
+
+
+_RUN_KEYS = ("num_workers", "staging", "keep_staging", "progress", "storage_options", "input_storage_options",
+             "output_storage_options")

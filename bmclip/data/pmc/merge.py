@@ -6,6 +6,12 @@ packages) keep the first, exact and near-duplicate images keep the first (:mod:`
 each article goes to one split by ``sha256(seed:PMCID)``, and samples go to ``{split}-{000000..}.tar``
 webdataset shards of ``shard_size`` samples (:mod:`~bmclip.data.pmc.shard_writer`), then ``stats.json``
 (+ ``stats.png``), ``sizes.json`` (shard name -> samples, what open_clip_train reads) and ``manifest.json``.
+
+The output is a local folder (or ``file://`` URL), or a remote prefix (``s3://bucket/prefix/``, ``gs://...``):
+then each finished shard is uploaded at once (:class:`~bmclip.data.pmc.upload.RemoteOutput`, retried) from a
+local work folder (``_upload`` in the first staging dir) and deleted there, and the small JSON/PNG files
+follow at the end, ``manifest.json`` last. Either way a merge killed at any point is redone by rerunning it,
+and gives the same bytes.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ import heapq
 import json
 import os
 import re
+import shutil
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -23,16 +30,19 @@ from pathlib import Path
 from tqdm import tqdm
 
 from bmclip.data.pmc.dedup import Deduplicator
+from bmclip.data.pmc.locations import is_remote, local_path
 from bmclip.data.pmc.options import SPLITS, BuildOptions
 from bmclip.data.pmc.shard_writer import SAMPLE_MEMBERS, ShardWriter
 from bmclip.data.pmc.stage import remove_partial_files, staging_stream
 from bmclip.data.pmc.stats import STATS_FORMAT, BuildStats, write_plots
+from bmclip.data.pmc.upload import RemoteOutput
 from bmclip.errors import ConfigError, DataError
 from bmclip.io import atomic_write_bytes
 
 __all__ = ["merge_staging", "split_of"]
 
 _SHARD_FILE = re.compile(r"^(train|val|test)-\d{6}\.(tar|idx)$")
+_FINAL_FILES = ("stats.json", "stats.png", "sizes.json", "manifest.json")  # written in this order
 
 
 def split_of(article_id: str, seed: int, val_fraction: float, test_fraction: float) -> str:
@@ -63,23 +73,53 @@ def merge_staging(
     options: BuildOptions | None = None,
     *,
     progress: bool = True,
+    storage_options: dict | None = None,
 ) -> dict:
-    """Merge complete staging dirs into deduplicated, split webdataset shards + manifest + stats; returns stats."""
+    """Merge complete staging dirs into deduplicated, split webdataset shards + manifest + stats; returns stats.
+
+    ``output`` is a local folder or a remote prefix URL (``storage_options`` go to fsspec for it).
+    """
     opts = options or BuildOptions()
     opts.validate()
     if not stagings:
         raise ConfigError("merge needs at least one staging dir")
-    stagings = [Path(s) for s in stagings]
+    if any(is_remote(s) for s in stagings):
+        raise ConfigError("staging dirs must be local directories")
+    stagings = [local_path(s) for s in stagings]
     plans = _read_plans(stagings)
-    out = Path(output)
-    out.mkdir(parents=True, exist_ok=True)
-    remove_partial_files(out)
+    remote = RemoteOutput(os.fspath(output), storage_options) if is_remote(output) else None
+    try:
+        return _merge(stagings, plans, output, remote, opts, progress)
+    finally:
+        if remote is not None:
+            remote.close()
+
+
+def _merge(stagings: list[Path], plans: list[dict], output, remote: RemoteOutput | None, opts: BuildOptions,
+           progress: bool) -> dict:
+    if remote is None:
+        out = local_path(output)
+        out.mkdir(parents=True, exist_ok=True)
+        remove_partial_files(out)
+    else:
+        # Shards are written here, uploaded when finished and deleted: a killed merge's leftovers are redone.
+        out = stagings[0] / "_upload"
+        if out.exists():
+            shutil.rmtree(out)
+        out.mkdir(parents=True)
     for name in ("sizes.json", "manifest.json"):
         # An earlier build's sample counts would describe shards this merge is about to replace: until it
         # finishes, the folder has none (a killed merge leaves no counts that disagree with its shards).
-        (out / name).unlink(missing_ok=True)
+        if remote is None:
+            (out / name).unlink(missing_ok=True)
+        else:
+            remote.delete(name)
+
+    def upload(shard: dict, tar: Path, idx: Path) -> None:
+        remote.submit([(tar, shard["name"]), (idx, shard["index"])])
+
     dedup = Deduplicator(opts.near_dup_threshold, opts.near_dup_max_mad) if opts.dedup else None
-    writers = {s: ShardWriter(out, s, opts.shard_size) for s in SPLITS}
+    writers = {s: ShardWriter(out, s, opts.shard_size, handoff=upload if remote else None) for s in SPLITS}
     stats = BuildStats()
     for p in plans:
         for reason, n in p.get("discovery_skips", {}).items():
@@ -121,13 +161,23 @@ def merge_staging(
                 stats.add_pair(split, s, first_of_article=first)
         for w in writers.values():
             w.close_shard()
+        if remote is not None:
+            remote.wait()
     finally:
         bar.close()
     shards = [sh for s in SPLITS for sh in writers[s].shards]
     keep = {sh["name"] for sh in shards} | {sh["index"] for sh in shards}
-    for f in out.iterdir():
-        if _SHARD_FILE.match(f.name) and f.name not in keep:
-            f.unlink()  # left by an earlier, larger build into the same dir
+    # Shard files left by an earlier, larger build into the same place, and (remote) temporary objects a
+    # killed upload left where renames stand in for atomic PUTs.
+    if remote is None:
+        for f in out.iterdir():
+            if _SHARD_FILE.match(f.name) and f.name not in keep:
+                f.unlink()
+    else:
+        for name in sorted(remote.names()):
+            stale = _SHARD_FILE.match(name) and name not in keep
+            if stale or (name.startswith(".") and name.endswith(".tmp")):
+                remote.delete(name)
     stats_dict = stats.as_dict(opts)
     manifest = {
         "format": STATS_FORMAT,
@@ -147,4 +197,8 @@ def merge_staging(
     sizes = {sh["name"]: sh["num_samples"] for sh in sorted(shards, key=lambda sh: sh["name"])}
     atomic_write_bytes(json.dumps(sizes, indent=1).encode("utf-8"), out / "sizes.json")
     atomic_write_bytes(json.dumps(manifest, indent=1).encode("utf-8"), out / "manifest.json")
+    if remote is not None:
+        for name in _FINAL_FILES:  # manifest.json last: its presence says the output is complete
+            remote.put(out / name, name)
+        shutil.rmtree(out)
     return stats_dict

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import tarfile
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 from bmclip.io import atomic_write_bytes, atomic_writer
@@ -64,11 +65,15 @@ class ShardWriter:
     anonymous temporary file as they arrive (memory holds only their keys and offsets) and streamed into the
     tar, sorted, when the shard is full or :meth:`close_shard` is called. The tar and then its index are
     written atomically (a killed writer leaves no partial shard under a final name). ``shards`` lists the
-    finished shards: name, index name, split, sample count, bytes and sha256 of the tar.
+    finished shards: name, index name, split, sample count, bytes and sha256 of the tar. ``handoff``, when
+    given, is called with each finished shard's record and the paths of its tar and index (a remote output
+    uploads them and deletes the local files).
     """
 
-    def __init__(self, out: Path, split: str, shard_size: int):
+    def __init__(self, out: Path, split: str, shard_size: int,
+                 handoff: Callable[[dict, Path, Path], None] | None = None):
         self.out, self.split, self.shard_size = Path(out), split, shard_size
+        self.handoff = handoff
         self.index = 0
         self.spool = None
         self.shards: list[dict] = []
@@ -140,6 +145,8 @@ class ShardWriter:
     def _finished(self, shard: dict) -> None:
         """Hand on a shard whose tar and index are in place under their final names."""
         self.shards.append(shard)
+        if self.handoff is not None:
+            self.handoff(shard, self.out / shard["name"], self.out / shard["index"])
 
     def pattern(self) -> str | None:
         """The brace pattern of this writer's shards (``train-{000000..000041}.tar``), None when there are none."""

@@ -35,9 +35,10 @@ from pathlib import Path
 from tqdm import tqdm
 
 from bmclip.data.pmc import jats
+from bmclip.data.pmc.locations import is_remote, local_path
 from bmclip.data.pmc.media import ImageSkip, process_image, resolve_graphics
 from bmclip.data.pmc.options import BuildOptions
-from bmclip.data.pmc.sources import Package, PackageError, discover_packages, read_package, slice_of
+from bmclip.data.pmc.sources import InputReadError, Package, PackageError, discover_packages, read_package, slice_of
 from bmclip.data.pmc.subcaptions import split_subcaptions
 from bmclip.errors import ConfigError, DataError
 from bmclip.io import atomic_write_bytes
@@ -110,8 +111,12 @@ def _article_id(art: jats.Article, xml_sha: str, index: int, n_articles: int) ->
     return f"xml:{xml_sha}" if n_articles == 1 else f"xml:{xml_sha}#{index}"
 
 
-def process_package(pkg: Package, opts: BuildOptions, count_tokens: Callable[[str], int]) -> dict:
+def process_package(
+    pkg: Package, opts: BuildOptions, count_tokens: Callable[[str], int], storage_options: dict | None = None
+) -> dict:
     """Process one package into a staging record: {'key', 'skips', 'articles', 'samples'}.
+
+    ``storage_options`` go to fsspec when the package is remote.
 
     Every figure ends as one sample or one counted reason in ``skips['figure']``; package-level and
     article-level problems go to ``skips['package']`` / ``skips['article']``. Samples carry the JPEG
@@ -122,7 +127,7 @@ def process_package(pkg: Package, opts: BuildOptions, count_tokens: Callable[[st
     art_skips: Counter = Counter()
     rec = {"key": pkg.key, "articles": [], "samples": []}
     try:
-        content = read_package(pkg, opts.max_member_bytes, opts.max_package_bytes)
+        content = read_package(pkg, opts.max_member_bytes, opts.max_package_bytes, storage_options)
     except PackageError as e:
         pkg_skips[e.reason] += 1
         rec["skips"] = {"package": dict(pkg_skips), "article": {}, "figure": {}}
@@ -239,14 +244,20 @@ def process_package(pkg: Package, opts: BuildOptions, count_tokens: Callable[[st
     return rec
 
 
-def _process_package_guarded(pkg: Package, opts: BuildOptions, count_tokens: Callable[[str], int]) -> dict:
+def _process_package_guarded(
+    pkg: Package, opts: BuildOptions, count_tokens: Callable[[str], int], storage_options: dict | None = None
+) -> dict:
     """process_package, with any unexpected exception turned into a counted package skip.
 
     One pathological package must not stop a multi-day build: it is recorded as ``internal_error``
-    with its message in ``first_errors`` (and so can be reported and fixed), and the run goes on.
+    with its message in ``first_errors`` (and so can be reported and fixed), and the run goes on. A remote
+    input that cannot be read (InputReadError, after retries) is not the package's fault: it stops the stage
+    (its chunk is not written; a rerun redoes it).
     """
     try:
-        return process_package(pkg, opts, count_tokens)
+        return process_package(pkg, opts, count_tokens, storage_options)
+    except InputReadError:
+        raise
     except Exception as e:
         return {
             "key": pkg.key,
@@ -316,12 +327,12 @@ def _chunk_task(args) -> tuple[int, int, dict]:
 
 
 def _chunk_task_impl(args) -> tuple[int, int, dict]:
-    index, packages, staging, opts_dict = args
+    index, packages, staging, opts_dict, storage_options = args
     global _WORKER_TOKENS
     if _WORKER_TOKENS is None:
         _WORKER_TOKENS = _token_counter()
     opts = BuildOptions(**opts_dict)
-    records = [_process_package_guarded(p, opts, _WORKER_TOKENS[1]) for p in packages]
+    records = [_process_package_guarded(p, opts, _WORKER_TOKENS[1], storage_options) for p in packages]
     for r in records:
         r["tokenizer"] = _WORKER_TOKENS[0]
     n = sum(len(r["samples"]) for r in records)
@@ -375,10 +386,13 @@ def stage(
     slice_index: int = 0,
     num_workers: int | None = None,
     progress: bool = True,
+    storage_options: dict | None = None,
 ) -> dict:
     """Process the inputs' packages (one slice of them) into resumable staging chunks; returns a summary dict.
 
     ``num_slices``/``slice_index`` keep the packages whose ``sha256(key) % num_slices == slice_index``.
+    Inputs may be remote URLs (:func:`~bmclip.data.pmc.sources.discover_packages`); ``storage_options`` go
+    to fsspec for them and are never written to the staging dir. The staging dir itself is local.
     """
     opts = options or BuildOptions()
     opts.validate()
@@ -387,12 +401,14 @@ def stage(
     if not inputs:
         raise ConfigError("no inputs given")
     passed_over: list[tuple[str, str]] = []
-    packages, _ = discover_packages(list(inputs), passed_over)
+    packages, _ = discover_packages(list(inputs), passed_over, storage_options)
     if num_slices > 1:
         packages = [p for p in packages if slice_of(p.key, num_slices) == slice_index]
         passed_over = [(r, k) for r, k in passed_over if slice_of(k, num_slices) == slice_index]
     disc_skips = Counter(r for r, _k in passed_over)
-    staging = Path(staging)
+    if is_remote(staging):
+        raise ConfigError(f"the staging dir must be a local directory, not {os.fspath(staging)}")
+    staging = local_path(staging)
     chunk_dir = staging / "chunks"
     chunk_dir.mkdir(parents=True, exist_ok=True)
     plan = {
@@ -420,7 +436,7 @@ def stage(
     chunks = [packages[i : i + cs] for i in range(0, len(packages), cs)]
     pending = [i for i in range(len(chunks)) if not chunk_path(staging, i).exists()]
     done_before = len(chunks) - len(pending)
-    tasks = [(i, chunks[i], str(staging), asdict(opts)) for i in pending]
+    tasks = [(i, chunks[i], str(staging), asdict(opts), storage_options) for i in pending]
     workers = num_workers if num_workers is not None else (os.cpu_count() or 1)
     workers = max(0, min(workers, len(tasks)))
     bar = tqdm(
