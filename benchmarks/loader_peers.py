@@ -420,7 +420,7 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=5, help="timed epochs per row (interleaved)")
     ap.add_argument("--workers", default="",
-                    help="comma list of worker/thread counts (default: 1 and all usable cores)")
+                    help="comma list of worker/thread counts, 'all' = usable cores (default: 1,all)")
     ap.add_argument("--sets", default="builder,full", help="shard sets: builder (512 px), full (full size)")
     ap.add_argument("--only", default="", help="comma list of row-name prefixes, e.g. 'anchor,bmclip_' (default all)")
     ap.add_argument("--interpolation", choices=("bicubic", "bilinear"), default="bicubic",
@@ -436,7 +436,7 @@ def main(argv=None) -> int:
         ap.set_defaults(n=200, repeats=2, fidelity_images=8, fidelity_windows=2)
         args = ap.parse_args(argv)
     cores = usable_cores()
-    workers = sorted({int(w) for w in args.workers.split(",") if w} or {1, cores})
+    workers = sorted({cores if w == "all" else int(w) for w in args.workers.split(",") if w} or {1, cores})
     if workers[0] < 1:
         ap.error("--workers must be >= 1")
     only = {s for s in args.only.split(",") if s}
