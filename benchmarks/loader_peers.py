@@ -19,6 +19,8 @@ Rows, each at 1 worker/thread and at all usable cores (``--workers``):
 - ``ffcv_style``: the same frame, decoding with libjpeg-turbo's DCT scaling (Pillow ``draft``: the largest of
   1/2, 1/4, 1/8 that keeps the crop >= the output) and an area (box) resize of the scaled window: FFCV's method.
 - ``bmclip``: ``ShardLoader`` with N decoder threads, defaults (DCT scaling only while >= 2x the output).
+- ``bmclip_exact``: the same with ``decode_options={"dct_scaling": False}`` (full-size decode: the pixels closest
+  to Pillow's, for the comparison at equal fidelity).
 - ``bmclip_dct1``: the same with ``decode_options={"dct_min_ratio": 1.0}`` (scaled while >= the output).
 - ``decode_1core``: ``bmclip._C.Decoder(1).decode_batch`` over the same images, no loader: one core's decode rate.
 
@@ -78,6 +80,8 @@ RATIO = (3 / 4, 4 / 3)
 SHUFFLE_BUFFER = 64
 BUILDER_MAX_SIDE = 512  # bmclip build-dataset's default max_side
 TARGET_VS_ANCHOR = 1.5
+# ShardLoader decode_options per bmclip row (the same options in the fidelity pass)
+BMCLIP_MODES = {"bmclip": {}, "bmclip_exact": {"dct_scaling": False}, "bmclip_dct1": {"dct_min_ratio": 1.0}}
 TARGET_VS_CORES = 0.9
 
 
@@ -279,7 +283,7 @@ def fidelity(blobs: list[bytes], size: int, per_image: int = 4, seed: int = 3, i
     if C is not None:
         dec = C.Decoder(1)
         rep = [b for b in blobs for _ in range(per_image)]
-        for name, kw in (("bmclip", {}), ("bmclip_dct1", {"dct_min_ratio": 1.0})):
+        for name, kw in BMCLIP_MODES.items():
             arr = np.zeros((len(rep), size, size, 3), np.uint8)
             reasons = dec.decode_batch(rep, arr, seed=seed, scale=SCALE, ratio=RATIO, **kw)
             if any(r is not None for r in reasons):
@@ -317,8 +321,8 @@ def speed_rows(shards: ShardSet, size: int, batch: int, workers: Sequence[int], 
                                              interpolation)
     if C is not None:
         for w in workers:
-            makers[f"bmclip_{w}t"] = partial(_bmclip_method, shards, size, batch, w)
-            makers[f"bmclip_dct1_{w}t"] = partial(_bmclip_method, shards, size, batch, w, dct_min_ratio=1.0)
+            for mode, kw in BMCLIP_MODES.items():
+                makers[f"{mode}_{w}t"] = partial(_bmclip_method, shards, size, batch, w, **kw)
         makers["decode_1core"] = partial(decode_1core, C, shards.blobs, shards.n, size, batch)
     makers = {k: v for k, v in makers.items() if not only or any(k.startswith(o) for o in only)}
     methods: dict[str, Callable[[], int]] = {}
@@ -357,7 +361,7 @@ def targets_for(speed: dict[str, dict], fid: dict[str, dict], cores: int) -> lis
         per_run = [x / (k * y) for x, y in zip(ra, rb)]
         return speed[a]["per_s_median"] / (k * speed[b]["per_s_median"]), min(per_run), max(per_run)
 
-    for ours in ("bmclip", "bmclip_dct1"):
+    for ours in BMCLIP_MODES:
         a, b = f"{ours}_{cores}t", f"anchor_{cores}w"
         if a in speed and b in speed:
             m, lo, hi = ratio(a, b)

@@ -78,7 +78,7 @@ def test_fidelity_compares_the_same_windows(lp, figures):
         pass
     blobs = [figures[0], figures[-1]]
     res = lp.fidelity(blobs, size=64, per_image=2, seed=5, C=C)
-    expected = {"anchor", "ffcv_style"} | ({"bmclip", "bmclip_dct1"} if C is not None else set())
+    expected = {"anchor", "ffcv_style"} | ({"bmclip", "bmclip_exact", "bmclip_dct1"} if C is not None else set())
     assert set(res) == expected
     for r in res.values():
         assert len(r["per_window_db"]) == 4 and r["min_db"] <= r["median_db"]
@@ -87,7 +87,7 @@ def test_fidelity_compares_the_same_windows(lp, figures):
     assert res["anchor"]["min_db"] > 40
     assert math.isfinite(res["ffcv_style"]["median_db"]) and res["ffcv_style"]["median_db"] < res["anchor"]["median_db"]
     if C is not None:
-        assert res["bmclip"]["min_db"] > 40
+        assert res["bmclip"]["min_db"] > 40 and res["bmclip_exact"]["min_db"] > 40
 
     # the metric itself: the reference against itself is inf, a blurred copy is finite and below the anchor
     (i, window), = lp.crop_windows(blobs[:1], 64, 1, seed=5, C=C)
@@ -112,7 +112,8 @@ def test_main_writes_a_table_and_json(lp, fixtures_dir, tmp_path):
     assert set(res["sets"]) == {"builder", "full"}
     have_c = "decode_1core" in res["sets"]["full"]["speed"]
     for s in res["sets"].values():
-        rows = {"anchor_1w", "ffcv_style_1w"} | ({"bmclip_1t", "bmclip_dct1_1t", "decode_1core"} if have_c else set())
+        ours = {"bmclip_1t", "bmclip_exact_1t", "bmclip_dct1_1t", "decode_1core"}
+        rows = {"anchor_1w", "ffcv_style_1w"} | (ours if have_c else set())
         assert set(s["speed"]) == rows
         for r in s["speed"].values():
             assert r["items"] == [s["samples"]] and r["per_s_median"] > 0
