@@ -73,18 +73,22 @@ from bench_common import (  # noqa: E402
     write_tar_shard,
 )
 
+from bmclip._ext import load_ext  # noqa: E402
+from bmclip.data.loader import ShardLoader  # noqa: E402
+from bmclip.data.pmc.media import ImageSkip, process_image  # noqa: E402
+
 DEFAULT_DATA = Path(os.environ.get("BMCLIP_SHARED", REPO.parent / "shared")) / "data" / "pmc_samples"
 FIXTURE_DATA = REPO / "tests" / "fixtures"
 SCALE = (0.9, 1.0)  # bmclip's ShardLoader and open_clip's training crop
 RATIO = (3 / 4, 4 / 3)
 SHUFFLE_BUFFER = 64
 BUILDER_MAX_SIDE = 512  # bmclip build-dataset's default max_side
-TARGET_VS_ANCHOR = 1.5
-# "equal fidelity": the row's worst-window PSNR vs Pillow is at most this far below the anchor's
-EQUAL_FIDELITY_DB = 1.0
 # ShardLoader decode_options per bmclip row (the same options in the fidelity pass)
 BMCLIP_MODES = {"bmclip": {}, "bmclip_exact": {"dct_scaling": False}, "bmclip_dct1": {"dct_min_ratio": 1.0}}
+TARGET_VS_ANCHOR = 1.5
 TARGET_VS_CORES = 0.9
+# "equal fidelity": the row's worst-window PSNR vs Pillow is at most this far below the anchor's
+EQUAL_FIDELITY_DB = 1.0
 
 
 # --- inputs ----------------------------------------------------------------------------------------------------
@@ -110,14 +114,14 @@ def find_jpegs(root: Path) -> list[Path]:
 
 
 def builder_jpeg(data: bytes) -> bytes:
-    """The JPEG ``bmclip build-dataset`` stores for a figure (longest side <= 512 px, q90; small ones as they are)."""
-    from bmclip.data.pmc.media import process_image
-
+    """The JPEG ``bmclip build-dataset`` stores for a figure (longest side <= 512 px, q90; small ones as they are).
+    Raises ``ImageSkip`` for a figure the builder refuses (too small, extreme aspect, undecodable)."""
     return process_image(data, max_side=BUILDER_MAX_SIDE).jpeg
 
 
 def shard_count(workers: Sequence[int]) -> int:
-    """Two shards per worker of the largest configuration, a multiple of every worker count."""
+    """Twice the least common multiple of the worker counts: every worker of every configuration gets the same
+    number of shards (webdataset splits whole shards between workers), at least two."""
     return 2 * math.lcm(*workers)
 
 
@@ -206,9 +210,7 @@ def run_epoch(loader) -> int:
 # --- bmclip ----------------------------------------------------------------------------------------------------
 
 
-def make_bmclip(shards: ShardSet, size: int, batch: int, threads: int, **decode_options):
-    from bmclip.data.loader import ShardLoader
-
+def make_bmclip(shards: ShardSet, size: int, batch: int, threads: int, **decode_options) -> ShardLoader:
     return ShardLoader(shards.urls, batch_size=batch, image_size=size, num_threads=threads, seed=0,
                        shuffle_buffer=SHUFFLE_BUFFER, decode_options=decode_options, **shards.loader_kwargs)
 
@@ -273,7 +275,7 @@ def fidelity(blobs: list[bytes], size: int, per_image: int = 4, seed: int = 3, i
              C=None) -> dict[str, dict]:
     """Min / median PSNR (dB) of each decoder against Pillow on the same windows (``crop_windows``), plus the
     per-window values. Decoders: torchvision.io + resized_crop, the FFCV-style decode, and with ``C``
-    (bmclip._C) bmclip's default and ``dct_min_ratio=1``."""
+    (bmclip._C) ``decode_batch`` with each of ``BMCLIP_MODES``' options."""
     windows = crop_windows(blobs, size, per_image, seed, C)
     pil = [Image.open(io.BytesIO(b)).convert("RGB") for b in blobs]
     ref = [pillow_crop_resize(pil[i], win, (size, size)) for i, win in windows]
@@ -302,13 +304,12 @@ def fidelity(blobs: list[bytes], size: int, per_image: int = 4, seed: int = 3, i
 
 
 def _load_c():
+    """bmclip._C, or None where it is not built."""
     try:
-        from bmclip._ext import load_ext
-
         C = load_ext()
-        return C if hasattr(C, "Decoder") else None
     except ImportError:
         return None
+    return C if hasattr(C, "Decoder") else None
 
 
 def speed_rows(shards: ShardSet, size: int, batch: int, workers: Sequence[int], repeats: int, C,
@@ -477,11 +478,26 @@ def main(argv=None) -> int:
     info.update(data=str(data), distinct_jpegs=len(jpegs), size=args.size, batch=args.batch, repeats=args.repeats,
                 workers=workers, interpolation=args.interpolation, fidelity_windows=args.fidelity_windows)
 
-    originals = [p.read_bytes() for p in jpegs]
+    # both sets hold the figures build-dataset accepts (a refused one is counted, and absent from both)
+    originals, builder, refused = [], [], {}
+    for p in jpegs:
+        data_p = p.read_bytes()
+        try:
+            builder.append(builder_jpeg(data_p))
+        except ImageSkip as e:
+            refused[str(p)] = e.reason
+            continue
+        originals.append(data_p)
+    info["refused_by_builder"] = refused
+    if refused:
+        print(f"{len(refused)} figures refused by the builder, left out of both sets: {refused}", file=sys.stderr)
+    if not originals:
+        print(f"no figure under {data} passes the builder's checks", file=sys.stderr)
+        return 2
     sets: dict[str, dict] = {}
     with tempfile.TemporaryDirectory(prefix="loader_peers_") as tmp:
         for name in set_names:
-            blobs = [builder_jpeg(b) for b in originals] if name == "builder" else originals
+            blobs = builder if name == "builder" else originals
             desc = (f"{len(blobs)} real figure JPEGs from {data.name}/ as `build-dataset` stores them (≤ "
                     f"{BUILDER_MAX_SIDE} px, q90)" if name == "builder"
                     else f"{len(blobs)} real figure JPEGs from {data.name}/ at full size")

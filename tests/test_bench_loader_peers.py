@@ -100,16 +100,23 @@ def test_fidelity_compares_the_same_windows(lp, figures):
     assert lp.psnr(ref, moved) < 35  # a window 8 px off is visibly different: the pass depends on equal windows
 
 
-def test_main_writes_a_table_and_json(lp, fixtures_dir, tmp_path):
+def test_main_writes_a_table_and_json(lp, figures, tmp_path):
     """The whole benchmark on a few samples: every row yields every sample each epoch, fidelity and targets are
-    there, the markdown names the machine and versions."""
+    there, the markdown names the machine and versions; a figure the builder refuses is counted and left out."""
+    data = tmp_path / "figs"
+    data.mkdir()
+    for i, b in enumerate(figures):
+        (data / f"f{i}.jpg").write_bytes(b)
+    Image.new("RGB", (40, 30), (200, 10, 10)).save(data / "tiny.jpg")  # < 64 px: build-dataset refuses it
     out, md = tmp_path / "peers.json", tmp_path / "peers.md"
-    rc = lp.main(["--data", str(fixtures_dir), "--n", "8", "--size", "32", "--batch", "4", "--repeats", "1",
+    rc = lp.main(["--data", str(data), "--n", "8", "--size", "32", "--batch", "4", "--repeats", "1",
                   "--workers", "1", "--fidelity-images", "2", "--fidelity-windows", "1", "--out", str(out),
                   "--md", str(md)])
     assert rc == 0
     res = json.loads(out.read_text())
     assert set(res["sets"]) == {"builder", "full"}
+    assert res["info"]["refused_by_builder"] == {str(data / "tiny.jpg"): "small_image"}
+    assert res["sets"]["full"]["description"].startswith(f"{len(figures)} real figure JPEGs")
     have_c = "decode_1core" in res["sets"]["full"]["speed"]
     for s in res["sets"].values():
         ours = {"bmclip_1t", "bmclip_exact_1t", "bmclip_dct1_1t", "decode_1core"}
