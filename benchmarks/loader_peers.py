@@ -176,7 +176,8 @@ def _ffcv_window(im: Image.Image, window: tuple[int, int, int, int], size: int) 
     cw, ch = right - left, bottom - top
     drafted = im.draft("RGB", (math.ceil(w * size / cw), math.ceil(h * size / ch)))
     s = w / drafted[1][2] if drafted else 1.0  # the reduction draft picked (1, 2, 4 or 8; 1 for non-JPEG)
-    im = im.convert("RGB")
+    if im.mode != "RGB":  # greyscale / CMYK figures (convert copies even an RGB image)
+        im = im.convert("RGB")
     out = im.resize((size, size), Image.BOX, box=(left / s, top / s, right / s, bottom / s))
     return torch.from_numpy(np.asarray(out).copy()).permute(2, 0, 1)
 
@@ -469,7 +470,16 @@ def main(argv=None) -> int:
     if not jpegs:
         print(f"no *.jpg under {data}", file=sys.stderr)
         return 2
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the main process only collects batches; workers are single-threaded anyway
+    try:
+        return _run(args, data, jpegs, workers, cores, only, set_names)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(args, data: Path, jpegs: list[Path], workers: list[int], cores: int, only: set[str],
+         set_names: list[str]) -> int:
     C = _load_c()
     if C is None:
         print("bmclip._C not built: only the anchor and FFCV-style rows run", file=sys.stderr)
