@@ -376,13 +376,15 @@ def targets_for(speed: dict[str, dict], fid: dict[str, dict], cores: int) -> lis
                 equal = f["min_db"] >= fa["min_db"] - EQUAL_FIDELITY_DB
             met = m >= TARGET_VS_ANCHOR and equal is not False
             out.append({"target": f"{a} / {b} (all cores)", "value": m, "range": [lo, hi],
-                        "goal": f">= {TARGET_VS_ANCHOR}, equal fidelity", "met": met, "equal_fidelity": equal,
+                        "goal": f">= {TARGET_VS_ANCHOR}, equal fidelity", "at_least": TARGET_VS_ANCHOR, "met": met,
+                        "equal_fidelity": equal,
                         "note": note})
     a = f"bmclip_{cores}t"
     if a in speed and "decode_1core" in speed:
         m, lo, hi = ratio(a, "decode_1core", cores)
         out.append({"target": f"{a} / ({cores} cores x decode_1core)", "value": m, "range": [lo, hi],
-                    "goal": f">= {TARGET_VS_CORES}", "met": m >= TARGET_VS_CORES, "note": ""})
+                    "goal": f">= {TARGET_VS_CORES}", "at_least": TARGET_VS_CORES, "met": m >= TARGET_VS_CORES,
+                    "note": ""})
     return out
 
 
@@ -427,7 +429,9 @@ def markdown(info: dict, sets: dict[str, dict]) -> str:
 def _status(t: dict) -> str:
     if t["met"]:
         return "met"
-    return "missed: lower fidelity" if t.get("equal_fidelity") is False else "missed"
+    why = [w for w, bad in (("speed", t["value"] < t["at_least"]), ("fidelity", t.get("equal_fidelity") is False))
+           if bad]
+    return f"missed ({', '.join(why)})"
 
 
 def main(argv=None) -> int:

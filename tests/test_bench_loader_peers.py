@@ -146,7 +146,8 @@ def test_targets_need_speed_and_equal_fidelity(lp):
     assert t["bmclip_2t"]["met"] and t["bmclip_2t"]["value"] == pytest.approx(165 / 105)
     assert t["bmclip_2t"]["range"] == pytest.approx([170 / 110, 160 / 100])  # per-run ratios, min and max
     assert not t["bmclip_dct1_2t"]["met"] and t["bmclip_dct1_2t"]["equal_fidelity"] is False  # fast, 34 dB
-    assert lp._status(t["bmclip_dct1_2t"]) == "missed: lower fidelity"
+    assert lp._status(t["bmclip_dct1_2t"]) == "missed (fidelity)"
+    assert lp._status(t["bmclip_exact_2t"]) == "missed (speed)" and lp._status(t["bmclip_2t"]) == "met"
     assert not t["bmclip_exact_2t"]["met"] and t["bmclip_exact_2t"]["equal_fidelity"]  # equal, too slow
     cores = [x for x in all_targets if "decode_1core" in x["target"]]
     assert len(cores) == 1 and cores[0]["value"] == pytest.approx(165 / (2 * 92.5)) and not cores[0]["met"]
