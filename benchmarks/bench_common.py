@@ -29,7 +29,6 @@ from bmclip.io import atomic_writer  # noqa: E402
 
 def atomic_write_text(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` so that a reader never sees a half-written file."""
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
     _atomic_write_text(text, path)
 
 

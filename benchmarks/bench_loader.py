@@ -8,12 +8,18 @@ One run, one process, same images for every method (a tar shard built from the r
    Normalize) + collate (torch.stack), on one core (torch threads = 1): what one DataLoader worker does.
 2. ``pil_draft``: the same with ``Image.draft("RGB", (S, S))`` (libjpeg DCT-domain downscale) first.
 3. ``pil_decode`` / ``ours_decode``: bare full-size decode only (PIL, and ``bmclip._C.Decoder.decode_image``).
-4. ``dali_cpu_{1,2}t``: ``ShardLoader(decode=False)`` raw bytes -> DALI CPU pipeline (decode + random
-   resized crop + normalise), 1 and 2 DALI threads.
+4. ``dali_cpu_{1,2}t``: the trainer's DALI path (``data.augment_backend=dali``): ``ShardLoader(decode=False)``
+   raw bytes + tokenizer -> ``bmclip.data.sources.DaliShardSource`` (host-drawn crop windows, prefetch 1)
+   -> DALI CPU pipeline (decode + random resized crop + normalise), 1 and 2 DALI threads.
 5. ``ours_{1,2}t``: ``ShardLoader`` (C++ decode + fused random resized crop into uint8 NHWC), 1 and 2
    decoder threads; ``ours_batch_{1,2}t`` is ``Decoder.decode_batch`` alone (no Python loader around it);
    ``ours_fast_{1,2}t`` the loader with ``decode_options={"dct_min_ratio": 1.0}`` (decode at the smallest
    DCT scale still >= the output size; the default keeps >= 2x for PIL-exact pixels).
+6. ``ours_train_{1,2}t``: the trainer's default path as ``bmclip train`` builds it for one rank: the
+   ``ShardLoader`` with its training options (``drop_last``, the bundled tokenizer, ``data.shuffle_buffer``)
+   -> ``bmclip.data.sources.ShardSource`` -> ``bmclip.data.normalize.normalize_images`` (float32 NCHW),
+   here on the CPU. With ``--gpu``, ``ours_gpu_norm_<cores>t`` is the same on CUDA (pinned ring, uint8
+   host-to-device copy, normalisation on the GPU) and ``dali_gpu_<cores>t`` the DALI path with nvJPEG.
 
 Each method runs ``--repeats`` times over all samples, the methods interleaved round-robin so that
 each sees the same background load; the best (least disturbed) run is reported, as wall-clock img/s
@@ -30,6 +36,7 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import fnmatch
+import functools
 import io
 import json
 import os
@@ -43,6 +50,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
+
+from bmclip._ext import load_ext
+from bmclip.data.dali import DaliAugment, dali_available
+from bmclip.data.loader import ShardLoader
+from bmclip.data.normalize import normalize_images
+from bmclip.data.sources import DaliShardSource, ShardSource
+from bmclip.model.config import ModelConfig
+from bmclip.tokenizer import get_tokenizer
+from bmclip.train.config import DataSection
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_DATA = Path(os.environ.get("BMCLIP_SHARED", REPO.parent / "shared")) / "data" / "pmc_samples"
@@ -93,8 +110,6 @@ def wds_samples(path: Path):
 
 
 def run_pil_pipeline(path: Path, size: int, batch: int, draft: bool) -> int:
-    from PIL import Image
-
     tfm = _openclip_transform(size)
     n = 0
     imgs = []
@@ -119,15 +134,13 @@ _TFM = {}
 
 def _openclip_transform(size: int):
     if size not in _TFM:
-        import open_clip
+        import open_clip  # ~10 s to import (timm, hf): only when an open_clip baseline runs
 
         _TFM[size] = open_clip.image_transform(size, is_train=True)  # RRC(0.9, 1) bicubic, ToTensor, Normalize
     return _TFM[size]
 
 
 def run_pil_decode(blobs: list[bytes]) -> int:
-    from PIL import Image
-
     for b in blobs:
         Image.open(io.BytesIO(b)).convert("RGB")
     return len(blobs)
@@ -141,8 +154,6 @@ def run_ours_decode(blobs: list[bytes], dec) -> int:
 
 
 def run_ours_loader(path: Path, size: int, batch: int, threads: int, **decode_options) -> int:
-    from bmclip.data.loader import ShardLoader
-
     ld = ShardLoader([str(path)], batch_size=batch, image_size=size, num_threads=threads, seed=0,
                      shuffle_buffer=64, decode_options=decode_options)
     n = 0
@@ -164,35 +175,61 @@ def run_ours_batch(blobs: list[bytes], size: int, batch: int, dec) -> int:
     return len(arrs)
 
 
-def run_dali(path: Path, size: int, batch: int, threads: int, aug_cache: dict, device_id: int | None = None) -> int:
-    from bmclip.data.dali import DaliAugment
-    from bmclip.data.loader import ShardLoader
+@functools.lru_cache(maxsize=1)
+def trainer_tokenizer():
+    """The tokenizer ``bmclip train`` uses by default (bundled vocabulary, the model's context length);
+    built on first use, so the methods that need none run without it."""
+    return get_tokenizer(context_length=ModelConfig().text.context_length)
 
-    key = (threads, device_id)
-    if key not in aug_cache:  # pipeline construction is a one-off, not per-epoch cost
-        aug_cache[key] = DaliAugment(batch_size=batch, image_size=size, source="encoded",
-                                     augment="random_resized_crop", num_threads=threads, device_id=device_id)
-    aug = aug_cache[key]
-    ld = ShardLoader([str(path)], batch_size=batch, image_size=size, decode=False, seed=0, shuffle_buffer=64)
+
+def trainer_loader(path: Path, size: int, batch: int, threads: int, **kw) -> ShardLoader:
+    """The ShardLoader ``bmclip train`` builds for one rank (bmclip.train.trainer._build_source)."""
+    return ShardLoader([str(path)], batch_size=batch, image_size=size, num_threads=threads,
+                       augment="random_resized_crop", shuffle=True, seed=0, rank=0, world_size=1, resampled=False,
+                       shuffle_buffer=DataSection().shuffle_buffer, drop_last=True, tokenizer=trainer_tokenizer(), **kw)
+
+
+def run_trainer_source(path: Path, size: int, batch: int, threads: int, device: torch.device) -> int:
+    """One epoch of the trainer's default data path: ShardSource over the training ShardLoader, and each
+    batch as the training step takes it (normalize_images to float32 NCHW and the token ids, on ``device``)."""
+    ld = trainer_loader(path, size, batch, threads, pin_memory=device.type == "cuda")
+    src = ShardSource(ld)
     n = 0
-    for b in ld:
-        n += aug(b).shape[0]
-    if device_id is not None:
-        torch.cuda.synchronize()
+    try:
+        for _ in range(len(ld)):
+            b = next(src)
+            images = normalize_images(b["image"], device)
+            b["input_ids"].to(device, non_blocking=True)
+            n += images.shape[0]
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    finally:
+        src.close()
     return n
 
 
-def run_ours_to_gpu(path: Path, size: int, batch: int, threads: int) -> int:
-    """The no-DALI training path: C++ loader (pinned ring) + uint8 H2D copy + normalize_batch on the GPU."""
-    from bmclip.data.dali import normalize_batch
-    from bmclip.data.loader import ShardLoader
+def run_dali(path: Path, size: int, batch: int, threads: int, aug_cache: dict, device_id: int | None = None) -> int:
+    """One epoch of the trainer's DALI path: DaliShardSource (host-drawn crops, prefetch 1) over the
+    training ShardLoader(decode=False), DALI decode + crop + normalise (nvJPEG with ``device_id``)."""
+    def make_augment():
+        return DaliAugment(batch_size=batch, image_size=size, source="encoded", augment="random_resized_crop",
+                           device_id=device_id, num_threads=threads, seed=0, host_params=True)
 
-    ld = ShardLoader([str(path)], batch_size=batch, image_size=size, num_threads=threads, seed=0,
-                     shuffle_buffer=64, pin_memory=True)
+    key = (threads, device_id)
+    if key not in aug_cache:  # pipeline construction is a one-off, not per-epoch cost
+        aug_cache[key] = make_augment()
+    ld = trainer_loader(path, size, batch, threads, decode=False)
+    src = DaliShardSource(ld, make_augment, seed=0, rank=0, augment="random_resized_crop", scale=ld.scale,
+                          ratio=ld.ratio, prefetch=1, aug=aug_cache[key])
     n = 0
-    for b in ld:
-        n += normalize_batch(b["image"], "cuda", torch.bfloat16).shape[0]
-    torch.cuda.synchronize()
+    try:
+        for _ in range(len(ld)):
+            n += next(src)["images"].shape[0]
+        if device_id is not None:
+            torch.cuda.synchronize()
+    finally:
+        src.close()
+    aug_cache[key] = src.aug  # rebuilt after a failed batch: keep the live one
     return n
 
 
@@ -240,7 +277,8 @@ def main(argv=None) -> int:
                     help="comma list of method names or fnmatch patterns, e.g. 'ours_1t,dali_gpu_*' (default: all)")
     ap.add_argument("--out", type=Path, default=None, help="write results JSON here")
     ap.add_argument("--gpu", action="store_true",
-                    help="also time the GPU paths (DALI mixed decode; C++ loader + normalize_batch), all cores; "
+                    help="also time the trainer's GPU paths (DALI mixed decode; C++ loader + normalize_images), "
+                         "all cores; "
                          "use --batch 256 on a GPU node")
     ap.add_argument("--peers", nargs=argparse.REMAINDER, default=None, metavar="ARGS",
                     help="run benchmarks/loader_peers.py with ARGS instead (ShardLoader vs webdataset + torchvision.io "
@@ -266,8 +304,6 @@ def main(argv=None) -> int:
     tmp = tempfile.TemporaryDirectory(prefix="bench_loader_")
     shard = Path(tmp.name) / "pmc-000000.tar"
     blobs = build_shard(jpegs, args.n, shard)
-    from PIL import Image
-
     sizes = [Image.open(io.BytesIO(b)).size for b in blobs[: len(jpegs)]]
     info = {
         "machine": cpu_model(),
@@ -285,20 +321,14 @@ def main(argv=None) -> int:
         "batch": args.batch,
     }
     try:
-        from bmclip._ext import load_ext
-
         C = load_ext()
         have_ours = hasattr(C, "Decoder")
     except ImportError:
         C, have_ours = None, False
-    try:
-        import nvidia.dali  # noqa: F401
-
-        have_dali = True
-    except ImportError:
-        have_dali = False
+    have_dali = dali_available()
 
     S, B, R = args.size, args.batch, args.repeats
+    cpu = torch.device("cpu")
     methods = {
         "openclip": lambda: run_pil_pipeline(shard, S, B, draft=False),
         "pil_draft": lambda: run_pil_pipeline(shard, S, B, draft=True),
@@ -316,6 +346,8 @@ def main(argv=None) -> int:
             # the default (dct_min_ratio=2) keeps >= 2x the output size for PIL-exact fidelity
             "ours_fast_1t": lambda: run_ours_loader(shard, S, B, 1, dct_min_ratio=1.0),
             "ours_fast_2t": lambda: run_ours_loader(shard, S, B, 2, dct_min_ratio=1.0),
+            "ours_train_1t": lambda: run_trainer_source(shard, S, B, 1, cpu),
+            "ours_train_2t": lambda: run_trainer_source(shard, S, B, 2, cpu),
         })
     cache: dict = {}
     if have_dali:
@@ -328,7 +360,8 @@ def main(argv=None) -> int:
             print("--gpu needs CUDA", file=sys.stderr)
             return 2
         threads = len(os.sched_getaffinity(0))
-        methods[f"ours_gpu_norm_{threads}t"] = lambda: run_ours_to_gpu(shard, S, B, threads)
+        gpu = torch.device("cuda", 0)
+        methods[f"ours_gpu_norm_{threads}t"] = lambda: run_trainer_source(shard, S, B, threads, gpu)
         if have_dali:
             methods[f"dali_gpu_{threads}t"] = lambda: run_dali(shard, S, B, threads, cache, device_id=0)
     if not only or only & {"openclip", "pil_draft"}:

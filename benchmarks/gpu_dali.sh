@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # On the GPU box, after every .dali/part-* made by gpu_dali_prepare.sh has been carried: join the parts,
-# install DALI to /tmp/site_dali (no network, no root) and time the loader's GPU paths at batch 256:
-# DALI `mixed` (nvJPEG) decode + crop + normalise vs the C++ loader + normalize_batch on the GPU.
+# install DALI to /tmp/site_dali (no network, no root) and time the trainer's two data paths on the GPU at
+# batch 256: DALI `mixed` (nvJPEG) decode + crop + normalise (DaliShardSource) vs the C++ loader +
+# ShardSource + normalize_images.
 # Results: $OUT/bench_loader_dali_gpu.json (and the table in the log).
 source "$(dirname "${BASH_SOURCE[0]}")/gpu_env.sh"
 work=/tmp/dali_wheels

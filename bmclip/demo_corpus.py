@@ -23,6 +23,8 @@ from xml.sax.saxutils import escape
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
+from bmclip.io import atomic_write_text, atomic_writer
+
 FIGURE_TYPES = [
     "bar chart",
     "line chart",
@@ -375,13 +377,9 @@ def _write_package(path: Path, members: list[tuple[str, bytes]]) -> None:
             info.uid = info.gid = 0
             info.uname = info.gname = ""
             tar.addfile(info, io.BytesIO(data))
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as fh:
-        with gzip.GzipFile(filename="", mode="wb", fileobj=fh, mtime=0, compresslevel=6) as gz:
-            gz.write(raw.getvalue())
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    with atomic_writer(path, "wb") as fh, gzip.GzipFile(filename="", mode="wb", fileobj=fh, mtime=0,
+                                                         compresslevel=6) as gz:
+        gz.write(raw.getvalue())
 
 
 def generate_corpus(
@@ -426,9 +424,8 @@ def generate_corpus(
         path = out / f"{pmcid}.tar.gz"
         _write_package(path, members)
         paths.append(path)
-    tmp = out / "labels.json.tmp"
-    tmp.write_text(json.dumps({"figure_types": FIGURE_TYPES, "figures": labels}, indent=1, sort_keys=True))
-    os.replace(tmp, out / "labels.json")
+    atomic_write_text(json.dumps({"figure_types": FIGURE_TYPES, "figures": labels}, indent=1, sort_keys=True),
+                      out / "labels.json")
     return paths
 
 

@@ -11,18 +11,25 @@ from __future__ import annotations
 import json
 import os
 import re
+import warnings
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from bmclip.data.images import IMAGE_MEAN, IMAGE_STD
 from bmclip.errors import CheckpointError, ConfigError
+from bmclip.io import atomic_write_text
+from bmclip.io.model_file import load_state_dict, save_state_dict
+from bmclip.model.clip import BiomedCLIP
+from bmclip.model.config import ModelConfig, TextConfig, VisionConfig
 
 __all__ = ["export_open_clip", "load_open_clip", "open_clip_config", "open_clip_state_dict"]
 
 WEIGHTS_NAME = "open_clip_pytorch_model.bin"
+SAFETENSORS_WEIGHTS_NAME = "open_clip_model.safetensors"
 CONFIG_NAME = "open_clip_config.json"
 BIOMEDBERT = "microsoft/BiomedNLP-BiomedBERT-base-uncased-abstract"
-MEAN = [0.48145466, 0.4578275, 0.40821073]
-STD = [0.26862954, 0.26130258, 0.27577711]
 
 # timm ViTs this model can stand in for: (image_size, patch, width, layers, heads, mlp) -> name.
 _TIMM_VITS = {
@@ -81,11 +88,11 @@ def _pairs(cfg) -> list[tuple[tuple[str, ...], str]]:
 def _locate(path: str | os.PathLike) -> tuple[Path, Path | None]:
     p = Path(path)
     if p.is_dir():
-        for name in (WEIGHTS_NAME, "open_clip_model.safetensors"):
+        for name in (WEIGHTS_NAME, SAFETENSORS_WEIGHTS_NAME):
             if (p / name).is_file():
                 cfg = p / CONFIG_NAME
                 return p / name, cfg if cfg.is_file() else None
-        raise CheckpointError(f"{p} holds no {WEIGHTS_NAME} (or open_clip_model.safetensors)")
+        raise CheckpointError(f"{p} holds no {WEIGHTS_NAME} (or {SAFETENSORS_WEIGHTS_NAME})")
     if p.is_file():
         cfg = p.parent / CONFIG_NAME
         return p, cfg if cfg.is_file() else None
@@ -137,8 +144,6 @@ def _count(sd: dict[str, Any], pattern: str) -> int:
 
 def config_from_open_clip(sd: dict[str, Any], oc: dict[str, Any]):
     """The ModelConfig a released-layout open_clip state dict (+ its open_clip_config.json) describes."""
-    from bmclip.model.config import ModelConfig, TextConfig, VisionConfig
-
     _check_supported(oc)
     mc = oc.get("model_cfg", oc)
     saved = oc.get("bmclip", {}).get("model_config") if isinstance(oc.get("bmclip"), dict) else None
@@ -194,8 +199,6 @@ def config_from_open_clip(sd: dict[str, Any], oc: dict[str, Any]):
 
 
 def _convert_in(sd: dict[str, Any], cfg) -> dict[str, Any]:
-    import torch
-
     pairs = _pairs(cfg)
     used: set[str] = set()
     out: dict[str, Any] = {}
@@ -222,11 +225,6 @@ def load_open_clip(path: str | os.PathLike):
     or the .bin itself) into a native ``BiomedCLIP`` (eval mode) with identical encode_image/encode_text
     outputs. Tolerates BERT pooler weights and position_ids buffers; any other unknown or missing key
     raises CheckpointError naming it."""
-    import torch
-
-    from bmclip.checkpoint_io import load_state_dict
-    from bmclip.model.clip import BiomedCLIP
-
     weights, cfg_path = _locate(path)
     sd = load_state_dict(weights)
     cfg = config_from_open_clip(sd, _read_config(cfg_path))
@@ -309,7 +307,7 @@ def open_clip_config(model) -> dict[str, Any]:
         model_cfg["init_logit_bias"] = float(model.logit_bias.detach())
     return {
         "model_cfg": model_cfg,
-        "preprocess_cfg": {"mean": MEAN, "std": STD},
+        "preprocess_cfg": {"mean": list(IMAGE_MEAN), "std": list(IMAGE_STD)},
         "bmclip": {"model_config": cfg.to_dict()},
     }
 
@@ -328,10 +326,6 @@ def export_open_clip(model, folder: str | os.PathLike, tokenizer=None) -> Path:
     open_clip's tokenizer always applies its text cleaning (ftfy, HTML unescape, whitespace); a tokenizer
     with ``clean=False`` is exported with a warning, since open_clip's ids then differ on text that cleaning
     changes (curly quotes, HTML entities, unusual whitespace)."""
-    import warnings
-
-    from bmclip.checkpoint_io import atomic_writer, save_state_dict
-
     config = open_clip_config(model)  # validates before anything is written
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -347,6 +341,5 @@ def export_open_clip(model, folder: str | os.PathLike, tokenizer=None) -> Path:
         config["bmclip"]["tokenizer"] = {"vocab": "vocab.txt", "context_length": tokenizer.context_length,
                                          "vocab_size": tokenizer.vocab_size}
     save_state_dict(open_clip_state_dict(model), folder / WEIGHTS_NAME)
-    with atomic_writer(folder / CONFIG_NAME, "w") as f:
-        json.dump(config, f, indent=2)
+    atomic_write_text(json.dumps(config, indent=2), folder / CONFIG_NAME)
     return folder

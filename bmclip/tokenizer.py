@@ -26,6 +26,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from bmclip.errors import ConfigError
+from bmclip.io import atomic_writer
 
 __all__ = ["SPECIAL_TOKENS", "Tokenizer", "clean_text", "get_tokenizer"]
 
@@ -255,15 +256,11 @@ class Tokenizer:
 
     def save_vocab(self, path: str | os.PathLike) -> None:
         """Write the vocab.txt file alone (atomically)."""
-        from bmclip.checkpoint_io import atomic_writer
-
         with atomic_writer(path, "w") as f:
             f.write("".join(t + "\n" for t in self.vocab_lines()))
 
     def save(self, folder: str | os.PathLike) -> None:
         """Write ``vocab.txt`` and ``bmclip_tokenizer.json`` (context length, casing, cleaning) into ``folder``."""
-        from bmclip.checkpoint_io import atomic_writer
-
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         self.save_vocab(folder / "vocab.txt")
@@ -282,8 +279,6 @@ class Tokenizer:
         """Write ``tokenizer_config.json`` + ``special_tokens_map.json`` beside ``vocab.txt`` (call ``save`` too),
         so ``transformers.AutoTokenizer.from_pretrained(folder)`` builds this tokenizer (uncased BERT WordPiece)
         from the folder alone, e.g. for open_clip's ``get_tokenizer("local-dir:FOLDER")``."""
-        from bmclip.checkpoint_io import atomic_writer
-
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         special = {"unk_token": "[UNK]", "sep_token": "[SEP]", "pad_token": "[PAD]", "cls_token": "[CLS]"}

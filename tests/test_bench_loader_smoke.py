@@ -7,6 +7,9 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
+
+from bmclip.data.dali import dali_available
 
 BENCH = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_loader.py"
 
@@ -26,13 +29,34 @@ def test_bench_loader_smoke(tmp_path, bench_data):
     spec = importlib.util.spec_from_file_location("bench_loader", BENCH)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
+    # the trainer-path rows run the trainer's source class and normalisation (spied on in the module)
+    normalised, sources = [], []
+    real_norm, real_source = mod.normalize_images, mod.ShardSource
+
+    def spy_norm(images, device, *a, **kw):
+        out = real_norm(images, device, *a, **kw)
+        normalised.append((tuple(out.shape), out.dtype))
+        return out
+
+    class SpySource(real_source):
+        def __init__(self, loader):
+            sources.append(loader)
+            super().__init__(loader)
+
+    mod.normalize_images, mod.ShardSource = spy_norm, SpySource
+    methods = {"pil_decode", "ours_decode", "ours_1t", "ours_2t", "ours_train_1t"}
+    if dali_available():
+        methods.add("dali_cpu_1t")
     out = tmp_path / "bench.json"
     rc = mod.main(["--data", str(data), "--n", "12", "--size", "64", "--batch", "4", "--repeats", "1",
-                   "--only", "pil_decode,ours_decode,ours_1t,ours_2t", "--out", str(out)])
+                   "--only", ",".join(sorted(methods)), "--out", str(out)])
     assert rc == 0
     res = json.loads(out.read_text())
-    assert set(res["results"]) == {"pil_decode", "ours_decode", "ours_1t", "ours_2t"}
+    assert set(res["results"]) == methods
     for r in res["results"].values():
         assert r["images"] == 12 and r["images_per_s"] > 0
+    # warm-up + 1 timed run, 3 batches each: float32 NCHW as the training step takes them
+    assert normalised == [((4, 3, 64, 64), torch.float32)] * 6
+    assert len(sources) == 2 and all(ld.drop_last and ld.tokenizer is not None for ld in sources)
     assert "ours_2t_vs_ours_1t (wall)" in res["targets"]
     assert res["info"]["distinct_jpegs"] >= min_jpegs

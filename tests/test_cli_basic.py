@@ -99,8 +99,8 @@ def test_tokenizer_train_and_encode(tmp_path, capsys):
 
 
 def test_convert_from_open_clip_and_refusal(tmp_path, capsys):
-    from bmclip.checkpoint_io import load_model, save_state_dict
     from bmclip.interop import WEIGHTS_NAME, open_clip_state_dict
+    from bmclip.io.model_file import load_model, save_state_dict
     from bmclip.model import create_model
 
     torch.manual_seed(0)

@@ -1,4 +1,4 @@
-"""Normalisation (torch path) and the DALI pipelines (CPU form in CI; GPU form with CUDA)."""
+"""The DALI pipelines (CPU form in CI; GPU form with CUDA); their normalisation is bmclip's."""
 
 from __future__ import annotations
 
@@ -10,11 +10,12 @@ import pytest
 import torch
 from PIL import Image
 
-from bmclip.data.dali import IMAGE_MEAN, IMAGE_STD, DaliAugment, build_pipeline, dali_available, normalize_batch
+from bmclip.data.dali import DaliAugment, build_pipeline, dali_available
+from bmclip.data.images import IMAGE_MEAN, IMAGE_STD
+from bmclip.data.normalize import normalize_images
 from bmclip.errors import ConfigError
 
 S = 32
-# Per test, not a module-level importorskip: that skipped the DALI-free normalisation tests above as well.
 needs_dali = pytest.mark.skipif(not dali_available(),
                                 reason="NVIDIA DALI not installed (pip install nvidia-dali-cuda130)")
 
@@ -45,58 +46,6 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
     return 10 * np.log10(255.0**2 / max(mse, 1e-12))
 
 
-def test_mean_std_are_open_clips():
-    import importlib.util
-    from pathlib import Path
-
-    import bmclip.model
-
-    # open_clip/constants.py loaded by path: importing the open_clip package takes ~10 s (timm, hf)
-    spec = importlib.util.find_spec("open_clip")
-    if spec is None:
-        pytest.skip("open_clip not installed")
-    path = Path(spec.submodule_search_locations[0]) / "constants.py"
-    cspec = importlib.util.spec_from_file_location("_oc_constants", path)
-    consts = importlib.util.module_from_spec(cspec)
-    cspec.loader.exec_module(consts)
-    OPENAI_DATASET_MEAN, OPENAI_DATASET_STD = consts.OPENAI_DATASET_MEAN, consts.OPENAI_DATASET_STD
-
-    assert tuple(IMAGE_MEAN) == tuple(OPENAI_DATASET_MEAN) == tuple(bmclip.model.IMAGE_MEAN)
-    assert tuple(IMAGE_STD) == tuple(OPENAI_DATASET_STD) == tuple(bmclip.model.IMAGE_STD)
-
-
-def test_normalize_batch_matches_float64_reference():
-    rng = np.random.default_rng(0)
-    x = rng.integers(0, 256, (3, 5, 7, 3), dtype=np.uint8)
-    ref = reference_normalise(x)
-    out = normalize_batch(torch.from_numpy(x), "cpu", torch.float32)
-    assert out.shape == (3, 3, 5, 7) and out.dtype == torch.float32
-    np.testing.assert_allclose(out.numpy(), ref, rtol=0, atol=2e-6)
-    assert out.is_contiguous()
-    cl = normalize_batch(torch.from_numpy(x), "cpu", channels_last=True)
-    assert cl.is_contiguous(memory_format=torch.channels_last) and torch.equal(cl, out)
-    bf = normalize_batch(torch.from_numpy(x), "cpu", torch.bfloat16)
-    assert bf.dtype == torch.bfloat16
-    np.testing.assert_allclose(bf.float().numpy(), ref, rtol=2**-8, atol=1e-6)
-    # matches torchvision's ToTensor + Normalize (what open_clip's transform does)
-    from torchvision.transforms import Normalize
-
-    tv = Normalize(IMAGE_MEAN, IMAGE_STD)(torch.from_numpy(x).permute(0, 3, 1, 2).double() / 255.0)
-    np.testing.assert_allclose(out.numpy(), tv.numpy(), rtol=0, atol=2e-6)
-    with pytest.raises(ConfigError):
-        normalize_batch(torch.zeros(2, 4, 4, 3), "cpu")
-    with pytest.raises(ConfigError):
-        normalize_batch(torch.zeros(2, 3, 4, 4, dtype=torch.uint8), "cpu")
-
-
-@pytest.mark.gpu
-def test_normalize_batch_cuda():
-    x = torch.randint(0, 256, (4, 8, 8, 3), dtype=torch.uint8).pin_memory()
-    out = normalize_batch(x, "cuda", torch.bfloat16)
-    assert out.is_cuda and out.dtype == torch.bfloat16
-    np.testing.assert_allclose(out.float().cpu().numpy(), reference_normalise(x.numpy()), rtol=2**-8, atol=1e-6)
-
-
 # ---------------------------------------------------------------------------------------------------
 # DALI pipelines
 
@@ -108,6 +57,8 @@ def test_dali_cpu_decoded_normalisation_exact():
     out = aug(torch.from_numpy(x))
     assert out.shape == (6, 3, S, S) and out.dtype == torch.float32 and out.device.type == "cpu"
     np.testing.assert_allclose(out.numpy(), reference_normalise(x), rtol=0, atol=1e-5)
+    # the same numbers as the C++-loader path's normalisation (one mean/std for both)
+    torch.testing.assert_close(out, normalize_images(torch.from_numpy(x)), rtol=0, atol=1e-5)
 
 
 @needs_dali

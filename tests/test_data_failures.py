@@ -29,7 +29,7 @@ from bmclip.errors import DataError
 pytest.importorskip("bmclip._C", reason="bmclip._C (C++ extension) not built")
 
 from bmclip.data.loader import ShardLoader  # noqa: E402
-from bmclip.train.data import ShardSource, SyntheticSource  # noqa: E402
+from bmclip.data.sources import ShardSource, SyntheticSource  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 S = 16

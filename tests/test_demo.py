@@ -51,7 +51,7 @@ def test_demo_sizes_run_fixed_steps_with_the_budget_only_a_safety_net():
     # The numbers of a demo report must not depend on the machine's speed: every size trains its fixed step
     # count, and the wall-clock budget sits far above the time those steps take at the throughput measured
     # on 2 busy cores; the README's size still fits in 5 minutes there (plus ~30 s outside training).
-    from bmclip.train.demo import MEASURED_SAMPLES_PER_S, SIZES
+    from bmclip.demo import MEASURED_SAMPLES_PER_S, SIZES
 
     for name, sz in SIZES.items():
         expected_s = sz.steps * sz.batch_size / MEASURED_SAMPLES_PER_S

@@ -307,7 +307,7 @@ def test_python_shard_reader_agrees_with_shard_loader(tmp_path):
         load_ext()
     except ImportError:
         pytest.skip("bmclip._C not built")
-    from bmclip.data import ShardLoader
+    from bmclip.data.loader import ShardLoader
 
     rng = np.random.default_rng(3)
     samples = []

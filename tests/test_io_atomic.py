@@ -57,3 +57,15 @@ def test_killed_writer_leaves_old_file(tmp_path):
     assert target.read_bytes() == b"old"
     leftovers = [n for n in os.listdir(tmp_path) if n != "a.bin"]
     assert all(n.startswith(".a.bin.") and n.endswith(".tmp") for n in leftovers)
+
+
+def test_written_files_get_the_permissions_open_gives(tmp_path):
+    # mkstemp creates 0600 files: a checkpoint written that way would be unreadable by the rest of a group.
+    old = os.umask(0o027)
+    try:
+        atomic_write_text("x", tmp_path / "a.txt")
+        with open(tmp_path / "b.txt", "w") as f:
+            f.write("x")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "a.txt").stat().st_mode & 0o777 == (tmp_path / "b.txt").stat().st_mode & 0o777 == 0o640

@@ -193,6 +193,10 @@ def test_resume_state_checks(tmp_path):
         ShardLoader(urls, batch_size=2, image_size=S, seed=2).load_state_dict(st)
     with pytest.raises(ConfigError, match="shard list"):
         ShardLoader(urls[:2], batch_size=2, image_size=S, seed=1).load_state_dict(st)
+    with pytest.raises(ConfigError, match="not a ShardLoader state"):
+        ShardLoader(urls, batch_size=2, image_size=S, seed=1).load_state_dict({**st, "version": 2})
+    with pytest.raises(ConfigError, match="damaged"):
+        ShardLoader(urls, batch_size=2, image_size=S, seed=1).load_state_dict({**st, "buffer": [[1]]})
     other_rank = ShardLoader(urls, batch_size=2, image_size=S, seed=1, rank=1, world_size=2)
     other_rank.load_state_dict(st)
     with pytest.raises(ConfigError, match="split"):
@@ -240,6 +244,102 @@ def test_corrupt_samples_skipped_and_counted(tmp_path):
             assert uid_of_image(row) == int(key[1:])
     assert ld.skipped == expected
     assert ld.stats["skipped_total"] == 18 and ld.stats["samples"] == 12
+
+
+def image_bytes(uid: int, fmt: str) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (24, 20), colour_of(uid)).save(buf, format=fmt, **({"lossless": True} if fmt == "WEBP" else {}))
+    return buf.getvalue()
+
+
+def test_image_format_the_decoder_does_not_read_is_a_counted_skip(tmp_path):
+    """A sample whose only image is a recognised but undecoded format (WebP) is counted, never dropped
+    silently; beside a decodable image the decodable one is used."""
+    p = tmp_path / "webp.tar"
+    with tarfile.open(p, "w", format=tarfile.USTAR_FORMAT) as tf:
+        for uid in range(10):
+            key = f"s{uid:05d}"
+            if uid % 4 == 1:  # only a WebP image (upper-case extension once: extensions are case-blind)
+                add_member(tf, f"{key}.{'WEBP' if uid == 5 else 'webp'}", image_bytes(uid, "WEBP"))
+            elif uid % 4 == 2:  # WebP and PNG: the PNG is decoded
+                add_member(tf, f"{key}.webp", image_bytes(uid, "WEBP"))
+                add_member(tf, f"{key}.png", image_bytes(uid, "PNG"))
+            else:
+                add_member(tf, f"{key}.jpg", jpeg_bytes(uid))
+            add_member(tf, f"{key}.txt", f"caption of sample {uid}".encode())
+    ld = ShardLoader([str(p)], batch_size=3, image_size=S, shuffle=False)
+    assert collect(ld) == [f"s{u:05d}" for u in range(10) if u % 4 != 1]  # pixels checked against the keys
+    assert ld.skipped == {"unsupported_image_format": 3}
+    st = ld.stats
+    assert st["samples_skipped"] == 3 and st["samples"] == 7
+    assert "webp" in st["example_error"] and "s00001" in st["example_error"]
+    assert sum(v for k, v in st["skip_details"].items() if "webp" in k) == 3
+
+    # a shard of WebP images only: the epoch ends with an error naming the cause, not an empty loop
+    q = tmp_path / "allwebp.tar"
+    with tarfile.open(q, "w", format=tarfile.USTAR_FORMAT) as tf:
+        for uid in range(4):
+            add_member(tf, f"w{uid}.webp", image_bytes(uid, "WEBP"))
+            add_member(tf, f"w{uid}.txt", b"a caption")
+    with pytest.raises(DataError, match="all 4 images in a whole epoch are in formats the loader does not decode"):
+        list(ShardLoader([str(q)], batch_size=2, image_size=S))
+
+
+STATE_V1 = Path(__file__).resolve().parent / "fixtures" / "loader_state_v1.json"
+
+
+@pytest.mark.parametrize("case,drop_pass", [("epoch_mid", False), ("epoch_mid", True), ("resampled", False),
+                                            ("worker_split", False), ("messy", False)])
+def test_resume_from_a_state_saved_by_the_dict_based_loader(tmp_path, monkeypatch, case, drop_pass):
+    """Checkpoints hold ``state_dict()`` as a plain dict: states written before the cursor's state became a
+    dataclass (tests/fixtures/loader_state_v1.json, with the batches that followed them) resume exactly,
+    and their dict form comes back unchanged. ``drop_pass``: a state from before the pass tallies."""
+    fx = json.loads(STATE_V1.read_text())["cases"][case]
+    monkeypatch.chdir(tmp_path)  # the fixture's urls are relative, so its shard-list digest matches
+    write_shards(Path("."), 4, 9)
+    write_messy_shard(Path("messy.tar"))
+    state = fx["state"]
+    if drop_pass:
+        state = {k: v for k, v in state.items() if k != "pass"}
+    ld = ShardLoader(fx["urls"], **fx["kwargs"])
+    ld.load_state_dict(state)
+    if not drop_pass:
+        assert json.loads(json.dumps(ld.state_dict())) == state
+    rest = []
+    for i, b in enumerate(ld):
+        if fx["after"] is not None and i >= fx["after"]:
+            break
+        for row, key in zip(b["image"].numpy(), b["key"]):
+            assert uid_of_image(row) == int(key[1:]), key
+        rest.append(list(b["key"]))
+    assert rest == fx["rest"]
+    if fx["after"] is None:
+        stats = ld.stats
+        assert {k: stats[k] for k in fx["stats_at_end"]} == fx["stats_at_end"]
+        assert next(iter(ld))["key"] == fx["next_epoch"]
+
+
+def test_cursor_state_copies_share_nothing(tmp_path):
+    """The state handed out with each batch is a deep copy: advancing the stream afterwards (the producer
+    runs ahead) must not move it. Also: the dict form is the checkpoint format and parses back equal."""
+    from bmclip.data.cursor import CursorState
+
+    urls = write_shards(tmp_path, 2, 6)
+    ld = ShardLoader(urls, batch_size=2, image_size=S, seed=3, shuffle_buffer=4)
+    it = iter(ld)
+    next(it)
+    st = ld._state
+    saved = st.to_dict()
+    cp = st.copy()
+    cp.buffer.append((9, 9))
+    cp.counters.count("missing_image", "x")
+    cp.tally.reasons["missing_image"] = 1
+    cp.rng["state"]["state"] += 1
+    cp.epoch += 1
+    assert st.to_dict() == saved and cp.to_dict() != saved
+    back = CursorState.from_dict(json.loads(json.dumps(saved)))
+    assert back == st and back.to_dict() == saved
+    del it
 
 
 def test_truncated_tar_not_fatal(tmp_path):
@@ -462,7 +562,7 @@ def test_random_resized_crop_matches_torchvision(tmp_path):
     from torchvision.transforms import functional as TF
 
     from bmclip._C import crop_box
-    from bmclip.data.loader import _mix
+    from bmclip.data.cursor import mix
 
     yy, xx = np.mgrid[0:90, 0:120]
     p = tmp_path / "rrc-000.tar"
@@ -481,7 +581,7 @@ def test_random_resized_crop_matches_torchvision(tmp_path):
         ld = ShardLoader([str(p)], batch_size=4, image_size=size, shuffle=False, seed=5, epoch=epoch,
                          decode_options={"dct_scaling": False})
         b = next(iter(ld))
-        seed = _mix(5, epoch, 0, 0, 0)  # (seed, epoch, split, batch index, refill attempt)
+        seed = mix(5, epoch, 0, 0, 0)  # (seed, epoch, split, batch index, refill attempt)
         for i, (row, key) in enumerate(zip(b["image"].numpy(), b["key"])):
             (x0, y0, x1, y1), _, _ = crop_box(120, 90, size, seed, i)
             ref = TF.resized_crop(srcs[int(key[1:])], y0, x0, y1 - y0, x1 - x0, [size, size],

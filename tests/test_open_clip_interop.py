@@ -10,7 +10,6 @@ import torch
 import torch.nn.functional as F
 from test_tokenizer import ADVERSARIAL_TEXTS, _pmc_captions
 
-from bmclip.checkpoint_io import save_state_dict
 from bmclip.errors import CheckpointError, ConfigError
 from bmclip.interop import (
     BIOMEDBERT,
@@ -20,6 +19,7 @@ from bmclip.interop import (
     load_open_clip,
     open_clip_state_dict,
 )
+from bmclip.io.model_file import save_state_dict
 from bmclip.model import create_model
 
 open_clip = pytest.importorskip("open_clip")

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from bmclip.errors import CheckpointError
+from bmclip.io.resolve import locate_model, resolve_model
 from bmclip.model import create_model
 from bmclip.train import checkpoint as C
 
@@ -34,13 +35,14 @@ def test_write_load_and_eval_loader(tmp_path):
     # model.pt alone is what evaluation needs, loadable with weights_only=True
     blob = torch.load(d / "model.pt", weights_only=True)
     assert set(blob) == {"model", "model_config"}
-    m2, tok = C.load_model_for_eval(d)
-    assert tok is None
+    loaded = resolve_model(d)
+    m2 = loaded.model
+    assert loaded.tokenizer_dir is None
     x, ids = torch.randn(2, 3, 64, 64), torch.randint(1, 100, (2, 64))
     m.eval()
     torch.testing.assert_close(m2(x, ids)["image_features"], m(x, ids)["image_features"], rtol=0, atol=0)
     # a run dir resolves to its newest valid checkpoint
-    assert C.resolve_model_file(tmp_path) == d / "model.pt"
+    assert locate_model(tmp_path).path == d / "model.pt"
 
 
 def test_partial_and_truncated_checkpoints_are_skipped(tmp_path):
@@ -52,13 +54,13 @@ def test_partial_and_truncated_checkpoints_are_skipped(tmp_path):
         f.truncate(100)
     assert not C.is_valid(bad) and C.latest_valid(tmp_path) == good
     with pytest.raises(CheckpointError, match="incomplete"):
-        C.load_model_for_eval(bad)
+        resolve_model(bad)
     (bad / "meta.json").unlink()
     assert C.latest_valid(tmp_path) == good
     with pytest.raises(CheckpointError):
         C.read_meta(bad)
     with pytest.raises(CheckpointError):  # a bare model.pt that is truncated is still refused clearly
-        C.load_model_for_eval(bad)
+        resolve_model(bad)
 
 
 def test_commit_requires_every_rank_file(tmp_path):

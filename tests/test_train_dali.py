@@ -24,10 +24,11 @@ from bmclip.errors import ConfigError, DataError
 pytest.importorskip("nvidia.dali", reason="NVIDIA DALI not installed (pip install nvidia-dali-cuda130)")
 pytest.importorskip("bmclip._C", reason="bmclip._C not built")
 
-from bmclip.data.dali import IMAGE_MEAN, IMAGE_STD, DaliAugment, random_resized_crop_windows  # noqa: E402
+from bmclip.data.dali import DaliAugment, random_resized_crop_windows  # noqa: E402
+from bmclip.data.images import IMAGE_MEAN, IMAGE_STD  # noqa: E402
 from bmclip.data.loader import ShardLoader  # noqa: E402
+from bmclip.data.sources import DaliShardSource  # noqa: E402
 from bmclip.train.config import load_config  # noqa: E402
-from bmclip.train.data import DaliShardSource  # noqa: E402
 from bmclip.train.metrics import read_jsonl  # noqa: E402
 from bmclip.train.trainer import augment_backend, train  # noqa: E402
 
@@ -455,8 +456,8 @@ def test_config_errors_name_the_key(shard, tmp_path, monkeypatch, capsys):
         train(_cfg(tmp_path / "broken", url, "--steps=1"))
     # auto that picked DALI (a CUDA box) but cannot build it: the C++ loader, with a message saying so
     import bmclip.train.trainer as T
+    from bmclip.data.sources import ShardSource
     from bmclip.model.config import get_preset
-    from bmclip.train.data import ShardSource
     from bmclip.train.distributed import DistInfo
 
     monkeypatch.setattr(T, "augment_backend", lambda cfg, device: "dali")

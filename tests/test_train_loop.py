@@ -73,8 +73,8 @@ def test_consecutive_nan_losses_stop_with_clear_error(tmp_path):
 
 
 def test_poisoned_weights_are_never_checkpointed(tmp_path):
+    from bmclip.data.sources import SyntheticSource
     from bmclip.model import create_model
-    from bmclip.train.data import SyntheticSource
     from bmclip.train.distributed import DistInfo
     from bmclip.train.optim import CosineSchedule, build_optimizer
     from bmclip.train.trainer import _save

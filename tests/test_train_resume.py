@@ -10,6 +10,7 @@ import sys
 import pytest
 import torch
 
+from bmclip.io.resolve import resolve_model
 from bmclip.train import checkpoint as C
 
 STEPS = 6
@@ -75,7 +76,7 @@ def test_kill_during_checkpoint_write_keeps_previous(reference, tmp_path):
     assert (ck / ".step_00000004.tmp").is_dir() and not (ck / "step_00000004").exists()
     latest = C.latest_valid(ck)
     assert latest == ck / "step_00000002"
-    model, _ = C.load_model_for_eval(tmp_path)  # the previous checkpoint is loadable
+    model = resolve_model(tmp_path).model  # the previous checkpoint is loadable
     assert model.config.vision.image_size == 64
     r = _run(tmp_path)
     assert f"resumed from {latest} at step 2" in r.stdout and f'"steps_this_run": {STEPS - 2},' in r.stdout
@@ -87,9 +88,9 @@ def test_kill_during_checkpoint_write_keeps_previous(reference, tmp_path):
 def shards(tmp_path_factory):
     """Real webdataset shards (demo corpus -> PMC builder) and a tokenizer trained on their captions."""
     from bmclip.data.pmc.build import build_dataset
+    from bmclip.demo import _read_captions
     from bmclip.demo_corpus import generate_corpus
     from bmclip.tokenizer import Tokenizer
-    from bmclip.train.demo import _read_captions
 
     root = tmp_path_factory.mktemp("shards")
     pk = generate_corpus(root / "corpus", n_articles=24, seed=1)

@@ -147,7 +147,7 @@ class _CountingSource:
 
     def __next__(self):
         b = next(self.inner)
-        # samples_read counts valid and skipped samples alike (the data_stats contract of bmclip.train.data)
+        # samples_read counts valid and skipped samples alike (the data_stats contract of bmclip.data.sources)
         self.read += len(b["input_ids"]) + self.skipped_per_batch
         self.skipped += self.skipped_per_batch
         return b

@@ -22,7 +22,8 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
-    from bmclip.train.demo import format_summary, run_demo
+    # Imported here, not at the top: ``bmclip --help`` must not pay for torch and the trainer.
+    from bmclip.demo import format_summary, run_demo
 
     report = run_demo(args.out, size=args.size, seed=args.seed, quiet=args.quiet, progress=not args.quiet)
     if args.quiet:

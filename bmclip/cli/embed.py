@@ -25,7 +25,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     src = p.add_mutually_exclusive_group()
     src.add_argument("--preset", default="tiny", help="randomly initialised model preset (default: tiny)")
     src.add_argument("--open-clip", metavar="DIR", help="released-layout open_clip folder (e.g. BiomedCLIP)")
-    src.add_argument("--checkpoint", metavar="FILE", help="bmclip model checkpoint (bmclip convert / train)")
+    src.add_argument("--checkpoint", metavar="PATH",
+                     help="bmclip model file (bmclip convert), training checkpoint dir, training run dir (its "
+                          "newest valid checkpoint) or open_clip folder")
     p.add_argument("--vocab", metavar="PATH", help="vocab.txt or tokenizer folder (default: bundled, or DIR's)")
     p.add_argument("--images", nargs="+", metavar="IMG", help="image files (default: bundled samples)")
     p.add_argument("--captions", nargs="+", metavar="TEXT", help="captions (default: bundled sample captions)")
@@ -45,33 +47,25 @@ def bundled_samples() -> tuple[list, list[str]]:
 
 
 def _model_and_tokenizer(args):
-    from pathlib import Path
-
+    # Imported here, not at the top: ``bmclip --help`` must not pay for torch.
     import torch
 
     from bmclip.errors import ConfigError
+    from bmclip.io.resolve import resolve_model
+    from bmclip.model import create_model
     from bmclip.tokenizer import get_tokenizer
 
-    if args.open_clip:
-        from bmclip.interop import load_open_clip
-
-        model = load_open_clip(args.open_clip)
-        vocab = args.vocab
-        if vocab is None:
-            folder = Path(args.open_clip)
-            folder = folder if folder.is_dir() else folder.parent
-            if not (folder / "vocab.txt").is_file():
-                raise ConfigError(
-                    f"no vocab.txt in {folder}: pass --vocab with the model's tokenizer (e.g. BiomedBERT's vocab.txt)"
-                )
-            vocab = folder
-    elif args.checkpoint:
-        from bmclip.checkpoint_io import load_model
-
-        model, vocab = load_model(args.checkpoint), args.vocab
+    source = args.open_clip or args.checkpoint
+    if source:
+        resolved = resolve_model(source)
+        model, vocab = resolved.model, args.vocab or resolved.tokenizer_dir
+        if vocab is None and resolved.source.kind == "open_clip":
+            folder = resolved.source.path if resolved.source.path.is_dir() else resolved.source.path.parent
+            raise ConfigError(
+                f"no vocab.txt in {folder}: pass --vocab with the model's tokenizer "
+                "(e.g. BiomedBERT's vocab.txt)"
+            )
     else:
-        from bmclip.model import create_model
-
         torch.manual_seed(args.seed)
         model, vocab = create_model(args.preset), args.vocab
     tok = get_tokenizer(vocab, context_length=model.config.text.context_length)

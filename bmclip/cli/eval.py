@@ -15,7 +15,8 @@ from bmclip.cli._text import plain_help
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", metavar="MODEL",
-                   help="bmclip checkpoint (dir, run dir or model.pt), open_clip folder, or model preset name")
+                   help="bmclip model file, training checkpoint dir, run dir (its newest valid checkpoint), "
+                        "open_clip folder, or model preset name")
     p.add_argument("--out", default=None, help="output folder for the JSON/markdown report (default: eval_out/<task>)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (cuda if available) [auto]")
     p.add_argument("--batch-size", type=int, default=64)
@@ -38,7 +39,7 @@ def register(subparsers: Any) -> None:
     r.add_argument("--storage-dtype", choices=["float16", "float32"], default="float16",
                    help="dtype of the embeddings streamed to <out>/embeddings [float16]")
     r.add_argument("--reader", choices=["auto", "loader", "python"], default="auto",
-                   help="loader = bmclip.data.ShardLoader (C++), python = tarfile+PIL reader; auto = loader if built")
+                   help="loader = the C++ ShardLoader, python = bmclip.data.tario + PIL; auto = loader if built")
     r.set_defaults(func=run_retrieval)
 
     z = sub.add_parser("zeroshot", help="zero-shot classification with class-name prompts")
@@ -121,7 +122,7 @@ def run_retrieval(args: argparse.Namespace) -> int:
     skipped: list = []
     loader = None
     if reader == "loader":
-        from bmclip.data import ShardLoader
+        from bmclip.data.loader import ShardLoader
 
         loader = ShardLoader(args.shards, batch_size=args.batch_size, image_size=size, augment="center",
                              shuffle=False, num_threads=args.workers)
@@ -196,8 +197,9 @@ def run_zeroshot(args: argparse.Namespace) -> int:
     from bmclip.eval.batching import iterate_batches
     from bmclip.eval.datasets import open_dataset
     from bmclip.eval.embed import model_image_size
-    from bmclip.eval.report import atomic_write_bytes, markdown_table, write_report
+    from bmclip.eval.report import markdown_table, write_report
     from bmclip.eval.zeroshot import save_confusion_png, zeroshot_classify
+    from bmclip.io import atomic_write_bytes
 
     task, spec = _resolve_task(args)
     ds = open_dataset(spec, data_root=args.data_root, split=args.split, task=task)
@@ -225,7 +227,8 @@ def run_zeroshot(args: argparse.Namespace) -> int:
     res = zeroshot_classify(model, tok, tap(batches), list(task.classes), list(task.templates), amp=args.amp)
     out = _out_dir(args, f"zeroshot_{task.name}")
     classes = list(task.classes)
-    pred_csv = atomic_write_bytes(out / "predictions.csv", _predictions_csv(ds, seen, res, classes))
+    pred_csv = out / "predictions.csv"
+    atomic_write_bytes(_predictions_csv(ds, seen, res, classes), pred_csv)
     result: dict[str, Any] = {"model": str(args.model), "task": task.name, "dataset": spec, "classes": classes,
                               "templates": list(task.templates), "skipped": _skips_summary(ds.skipped),
                               "predictions_csv": str(pred_csv)}

@@ -22,7 +22,8 @@ def register(subparsers: Any) -> None:
     sub.required = True
     v = sub.add_parser("vqa", help="VQA-RAD / SLAKE answer classification with co-attention fusion")
     v.add_argument("model", metavar="MODEL",
-                   help="bmclip checkpoint (dir, run dir or model.pt), open_clip folder, or model preset name")
+                   help="bmclip model file, training checkpoint dir, run dir (its newest valid checkpoint), "
+                        "open_clip folder, or model preset name")
     v.add_argument("--data", required=True,
                    help="VQA-RAD folder (or its 'VQA_RAD Dataset Public.json') or SLAKE folder")
     v.add_argument("--format", choices=["auto", "vqa-rad", "slake"], default="auto")
@@ -45,14 +46,12 @@ def register(subparsers: Any) -> None:
 
 
 def run_vqa(args: argparse.Namespace) -> int:
-    import io
-
-    import torch
-
+    # Imported here, not at the top: ``bmclip --help`` must not pay for torch.
     from bmclip.cli.eval import _device
     from bmclip.eval.models import load_model
-    from bmclip.eval.report import atomic_write_bytes, markdown_table, write_report
+    from bmclip.eval.report import markdown_table, write_report
     from bmclip.eval.vqa import load_vqa_splits, train_vqa
+    from bmclip.io import atomic_torch_save
 
     data = load_vqa_splits(args.data, args.format)
     dev = _device(args.device)
@@ -74,9 +73,8 @@ def run_vqa(args: argparse.Namespace) -> int:
     }
     if args.finetune_encoders:
         blob["encoders"] = {k: v.detach().cpu() for k, v in vqa_model.clip.state_dict().items()}
-    buf = io.BytesIO()
-    torch.save(blob, buf)
-    head = atomic_write_bytes(out / "vqa_head.pt", buf.getvalue())
+    head = out / "vqa_head.pt"
+    atomic_torch_save(blob, head)
     result = {"model": str(args.model), "data": str(args.data), "format": data["format"],
               "n_train": len(data["train"]), "n_test": len(data["test"]), "config": config, "metrics": m,
               "history": res["history"],

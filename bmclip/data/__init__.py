@@ -1,17 +1,12 @@
-"""Data: webdataset shard loading (C++ decoder) and the PMC dataset builder.
+"""Data: webdataset shard loading (C++ decoder), batch sources for the trainer, and the PMC dataset builder.
 
-``ShardLoader`` is imported lazily so that ``bmclip.data.pmc`` (pure Python) works without the
-compiled extension.
+Import the submodules directly; this package imports none of them, so that ``bmclip.data.pmc`` (the
+dataset builder: stdlib, numpy and PIL) and ``bmclip.data.images`` start without torch.
+
+- ``bmclip.data.loader.ShardLoader``: tar shards -> batches of uint8 images + captions (the façade over
+  ``bmclip.data.cursor`` (position, state, sample reading) and ``bmclip.data.producer`` (thread, ring, decode)).
+- ``bmclip.data.sources``: the trainer's batch sources (``ShardSource``, ``DaliShardSource``, ``SyntheticSource``).
+- ``bmclip.data.normalize.normalize_images``: uint8 NHWC -> normalised float NCHW on a device.
+- ``bmclip.data.images``: image mean/std and the image extensions; ``bmclip.data.shards``: shard patterns.
+- ``bmclip.data.dali``: the optional NVIDIA DALI decode/augment pipelines; ``bmclip.data.pmc``: the builder.
 """
-
-from __future__ import annotations
-
-__all__ = ["ShardLoader"]
-
-
-def __getattr__(name: str):
-    if name == "ShardLoader":
-        from bmclip.data.loader import ShardLoader
-
-        return ShardLoader
-    raise AttributeError(f"module 'bmclip.data' has no attribute {name!r}")

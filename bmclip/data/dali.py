@@ -4,20 +4,21 @@ Two ways to get from shards to the normalised float ``[N, 3, S, S]`` batch the m
 
 1. **C++ loader + torch** (always available; the trainer's default): ``ShardLoader`` decodes and does
    the random resized crop on the CPU in ``bmclip._C`` (libjpeg-turbo with DCT-domain downscaling and
-   cropped decoding), handing out uint8 NHWC; :func:`normalize_batch` then moves the uint8 batch to
-   the GPU (4x fewer bytes over PCIe than float32) and converts/normalises it there in one fused
-   elementwise pass.
+   cropped decoding), handing out uint8 NHWC; :func:`bmclip.data.normalize.normalize_images` then moves
+   the uint8 batch to the GPU (4x fewer bytes over PCIe than float32) and converts/normalises it there
+   in one fused elementwise pass.
 2. **DALI** (``pip install nvidia-dali-cuda130``): :func:`build_pipeline` with ``source="encoded"``
    takes the raw JPEG/PNG bytes from ``ShardLoader(decode=False)`` via ``fn.external_source`` and does
    decode (``mixed`` = nvJPEG on the GPU when ``device_id`` is set), random resized crop, optional
-   flip and normalisation in DALI, returning CUDA tensors. ``source="decoded"`` takes the loader's
-   uint8 NHWC batch and does flip + normalisation in DALI (useful only for the flip).
+   flip and normalisation in DALI (with the same ``bmclip.data.images`` mean/std), returning CUDA
+   tensors. ``source="decoded"`` takes the loader's uint8 NHWC batch and does flip + normalisation in
+   DALI (useful only for the flip).
    ``device_id=None`` builds the CPU-only form of the same graph (what CI tests).
    With ``host_params=True`` the random crop windows (and flips) are not drawn by DALI's internal
    generator but given per batch by the caller (:func:`random_resized_crop_windows`, torchvision's
    ``RandomResizedCrop`` rule on the header sizes): the pixels are then a function of the caller's seed,
    so a resumed run reproduces them exactly. This is what the trainer uses
-   (``data.augment_backend=dali``, ``bmclip.train.data.DaliShardSource``).
+   (``data.augment_backend=dali``, ``bmclip.data.sources.DaliShardSource``).
 
 Which is preferred where (CPU numbers: ``benchmarks/bench_loader.py``; GPU numbers still to be measured
 on an H100 node and recorded in ``benchmarks/RESULTS.md``):
@@ -43,41 +44,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from bmclip.data.images import IMAGE_MEAN, IMAGE_STD
 from bmclip.errors import ConfigError
 
-__all__ = ["normalize_batch", "dali_available", "build_pipeline", "DaliAugment", "random_resized_crop_windows",
-           "IMAGE_MEAN", "IMAGE_STD"]
-
-# open_clip's OPENAI_DATASET_MEAN/STD, which BiomedCLIP uses (bmclip.model re-exports the same values;
-# kept here so this module does not import the model package)
-IMAGE_MEAN = (0.48145466, 0.4578275, 0.40821073)
-IMAGE_STD = (0.26862954, 0.26130258, 0.27577711)
-
-
-def normalize_batch(
-    images: torch.Tensor,
-    device: torch.device | str | None = None,
-    dtype: torch.dtype = torch.float32,
-    mean: Sequence[float] = IMAGE_MEAN,
-    std: Sequence[float] = IMAGE_STD,
-    channels_last: bool = False,
-) -> torch.Tensor:
-    """uint8 NHWC ``[N, S, S, 3]`` -> ``dtype`` NCHW ``[N, 3, S, S]``, ``(x/255 - mean)/std``, on ``device``.
-
-    The uint8 batch is copied to ``device`` first (non-blocking when it is pinned), and the arithmetic
-    runs there in float32 before the cast to ``dtype``, in one fused pass. The result is contiguous
-    NCHW, or with ``channels_last=True`` the channels_last-strided NCHW tensor the arithmetic produces
-    anyway (no extra copy; convolutions/patch embeddings accept it).
-    """
-    if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[-1] != 3:
-        raise ConfigError(f"normalize_batch expects uint8 [N, H, W, 3], got {images.dtype} {tuple(images.shape)}")
-    dev = torch.device(device) if device is not None else images.device
-    x = images.to(dev, non_blocking=True).permute(0, 3, 1, 2)
-    # (x/255 - mean)/std == x * (1/(255 std)) - mean/std: one multiply-add per element
-    scale = torch.tensor([1.0 / (255.0 * s) for s in std], device=dev, dtype=torch.float32).view(1, 3, 1, 1)
-    shift = torch.tensor([m / s for m, s in zip(mean, std)], device=dev, dtype=torch.float32).view(1, 3, 1, 1)
-    out = torch.addcmul(-shift, x.float(), scale).to(dtype)
-    return out if channels_last else out.contiguous()
+__all__ = ["dali_available", "build_pipeline", "DaliAugment", "random_resized_crop_windows"]
 
 
 def dali_available() -> bool:
@@ -139,7 +109,8 @@ def _dali():
         import nvidia.dali.types as types
     except ImportError as e:
         raise ImportError(
-            "bmclip.data.dali needs NVIDIA DALI: pip install nvidia-dali-cuda130 (or use normalize_batch)"
+            "bmclip.data.dali needs NVIDIA DALI: pip install nvidia-dali-cuda130 "
+            "(or use the C++ loader + bmclip.data.normalize)"
         ) from e
     return dali, fn, types
 
@@ -301,7 +272,7 @@ def _to_torch(out, device_id: int | None, fp16: bool) -> torch.Tensor:
     dtype = torch.float16 if fp16 else torch.float32
     if device_id is None:
         return torch.from_numpy(np.ascontiguousarray(out.as_array()))
-    from nvidia.dali.plugin.pytorch import feed_ndarray
+    from nvidia.dali.plugin.pytorch import feed_ndarray  # DALI is optional: imported on its GPU path only
 
     t = out.as_tensor()
     dev = torch.device("cuda", device_id)

@@ -20,9 +20,10 @@ import numpy as np
 import torch
 
 from bmclip.data.images import IMAGE_MEAN, IMAGE_STD
+from bmclip.data.normalize import normalize_images
 from bmclip.errors import ConfigError, DataError
 from bmclip.io import atomic_writer
-from bmclip.model.transforms import normalize_uint8, resize_center_crop
+from bmclip.model.transforms import resize_center_crop
 
 # ---------------------------------------------------------------- model facts
 
@@ -84,7 +85,7 @@ def to_model_input(images: Any, model: Any, device: Any = None):
         raise DataError(f"integer image batch must be uint8 NHWC with 3 channels, got {x.dtype} {tuple(x.shape)}")
     if x.shape[1] != size or x.shape[2] != size:
         raise DataError(f"uint8 image batch is {x.shape[1]}x{x.shape[2]}, model expects {size}x{size}")
-    return normalize_uint8(x.to(device), mean, std)
+    return normalize_images(x, device, mean=IMAGE_MEAN if mean is None else mean, std=IMAGE_STD if std is None else std)
 
 
 # ---------------------------------------------------------------- encoding

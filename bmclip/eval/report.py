@@ -5,27 +5,10 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    """Write bytes to ``path`` via a temp file in the same folder, fsync, then rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+from bmclip.io import atomic_write_text
 
 
 def _jsonable(obj: Any) -> Any:
@@ -46,7 +29,8 @@ def _jsonable(obj: Any) -> Any:
 def write_json(path: str | os.PathLike, obj: Any) -> Path:
     """Write ``obj`` as indented JSON atomically (numpy values converted, NaN/inf written as null)."""
     text = json.dumps(_jsonable(obj), indent=2, sort_keys=False, allow_nan=False) + "\n"
-    return atomic_write_bytes(path, text.encode("utf-8"))
+    atomic_write_text(text, path)
+    return Path(path)
 
 
 def _fmt(v: Any) -> str:
@@ -79,15 +63,10 @@ def markdown_table(rows: list[dict[str, Any]], columns: list[str] | None = None)
     return "\n".join(lines) + "\n"
 
 
-def metrics_table(metrics: dict[str, Any]) -> str:
-    """Render the scalar entries of a flat metrics dict as a two-column markdown table."""
-    rows = [{"metric": k, "value": v} for k, v in metrics.items() if isinstance(v, (int, float)) or v is None]
-    return markdown_table(rows, ["metric", "value"])
-
-
 def write_report(out_dir: str | os.PathLike, name: str, result: dict[str, Any], markdown: str) -> dict[str, Path]:
     """Write ``<out_dir>/<name>.json`` (all numbers) and ``<out_dir>/<name>.md`` (tables), both atomically."""
     out = Path(out_dir)
     j = write_json(out / f"{name}.json", result)
-    m = atomic_write_bytes(out / f"{name}.md", markdown.encode("utf-8"))
+    m = out / f"{name}.md"
+    atomic_write_text(markdown, m)
     return {"json": j, "markdown": m}

@@ -2,7 +2,8 @@
 
 A process killed at any point leaves either the old file or the new one, never a half-written file; the
 temporary name starts with a dot and ends in ``.tmp`` so readers and globbing skip it, and it is removed
-when the write fails.
+when the write fails. The file gets the permissions ``open()`` would give a new file (0666 minus the
+umask), so checkpoints and reports stay readable by whoever could read them before.
 """
 
 from __future__ import annotations
@@ -15,6 +16,20 @@ from pathlib import Path
 from typing import IO, Any
 
 __all__ = ["atomic_torch_save", "atomic_write_bytes", "atomic_write_text", "atomic_writer", "fsync_dir"]
+
+
+def _umask() -> int:
+    """The process umask, read without changing it where /proc tells it (os.umask can only set and return)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def fsync_dir(path: str | os.PathLike) -> None:
@@ -39,6 +54,7 @@ def atomic_writer(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp creates 0600
         with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
             yield f
             f.flush()

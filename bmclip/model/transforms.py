@@ -3,7 +3,8 @@
 The one copy used everywhere an image is prepared for a model outside training (``bmclip embed``, every
 ``bmclip eval`` command, VQA): shorter side resized to S (bicubic), centre crop to S x S, RGB, scaled to
 [0, 1], normalised per channel. ``resize_center_crop`` is the geometric half (uint8 batches for the
-evaluation readers), ``normalize_uint8`` the numeric half; ``preprocess_image`` chains them.
+evaluation readers); the numeric half is the trainer's own ``bmclip.data.normalize.normalize_images``, so a
+model sees the same numbers in training and in evaluation. ``preprocess_image`` chains them.
 """
 
 from __future__ import annotations
@@ -16,9 +17,10 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from bmclip.data.images import IMAGE_MEAN, IMAGE_STD
+from bmclip.data.normalize import normalize_images
 from bmclip.errors import DataError
 
-__all__ = ["load_image", "normalize_uint8", "preprocess_image", "resize_center_crop"]
+__all__ = ["load_image", "preprocess_image", "resize_center_crop"]
 
 
 def resize_center_crop(image: Image.Image, size: int) -> Image.Image:
@@ -41,21 +43,12 @@ def resize_center_crop(image: Image.Image, size: int) -> Image.Image:
     return image.crop((left, top, left + size, top + size))
 
 
-def normalize_uint8(x: torch.Tensor, mean: Sequence[float] | None = None, std: Sequence[float] | None = None
-                    ) -> torch.Tensor:
-    """uint8 (..., H, W, 3) -> float32 (..., 3, H, W): ``(x / 255 - mean) / std`` (open_clip's ToTensor +
-    Normalize), with BiomedCLIP's mean/std unless given."""
-    x = x.movedim(-1, -3).float().div_(255.0)
-    m = torch.tensor(IMAGE_MEAN if mean is None else mean, dtype=torch.float32, device=x.device)[:, None, None]
-    s = torch.tensor(IMAGE_STD if std is None else std, dtype=torch.float32, device=x.device)[:, None, None]
-    return (x - m) / s
-
-
 def preprocess_image(image: Image.Image, image_size: int = 224, mean: Sequence[float] | None = None,
                      std: Sequence[float] | None = None) -> torch.Tensor:
     """PIL image -> float32 (3, S, S): shorter side resized to S (bicubic), centre crop, RGB, normalised."""
     pixels = np.asarray(resize_center_crop(image, image_size), dtype=np.uint8)
-    return normalize_uint8(torch.from_numpy(pixels.copy()), mean, std)
+    x = torch.from_numpy(pixels.copy())[None]
+    return normalize_images(x, mean=IMAGE_MEAN if mean is None else mean, std=IMAGE_STD if std is None else std)[0]
 
 
 def load_image(path: str | os.PathLike, image_size: int = 224) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""Training: ``bmclip train`` (config, loop, checkpoints, distributed, metrics) and ``bmclip demo``.
+"""Training: ``bmclip train`` (config, loop, checkpoints, distributed, metrics).
 
 Heavy modules (torch) are imported by the submodules, not here, so ``bmclip.train.config`` stays light.
 """

@@ -8,10 +8,12 @@ Layout of one checkpoint (a directory ``OUT/checkpoints/step_00001000/``)::
     vocab.txt ...   the tokenizer (``Tokenizer.save``), so the checkpoint is self-contained
     meta.json       {"format": "bmclip-checkpoint-v1", "step", "world_size", "files": {name: bytes}}
 
-``model.pt`` alone is what evaluation needs (``load_model_for_eval``): a state dict under ``"model"`` and
-the model config dict under ``"model_config"``, loadable with ``torch.load(weights_only=True)``.
+``model.pt`` is a native model file (``bmclip.io.model_file``: written by ``save_model_file``, read by
+``read_model_file``), all that evaluation needs; every command that takes a model accepts the checkpoint
+dir or the run dir (``bmclip.io.resolve``).
 
-A checkpoint is valid only once ``meta.json`` exists and every file it lists has the recorded size; it is
+A checkpoint is valid only once ``meta.json`` exists and every file it lists has the recorded size (the
+rules in ``bmclip.io.checkpoint_dir``, shared with the commands that load a model); it is
 built as ``.step_XXXXXXXX.tmp`` and renamed into place after everything (metadata included) is fsynced,
 so a process killed mid-write leaves at most a stale temp dir, which is never picked up and is removed by
 the next save. All files contain only tensors and plain containers, so loading never unpickles code.
@@ -22,7 +24,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -31,60 +32,24 @@ import numpy as np
 import torch
 
 from bmclip.errors import CheckpointError
+from bmclip.io import atomic_torch_save, atomic_write_text, fsync_dir
+from bmclip.io.checkpoint_dir import (
+    FORMAT,
+    MODEL_FILE,
+    is_valid,
+    latest_valid,
+    list_checkpoints,
+    read_meta,
+    step_dir_name,
+)
+from bmclip.io.model_file import read_model_file, save_model_file
+from bmclip.io.model_file import safe_torch_load as safe_load
 
-FORMAT = "bmclip-checkpoint-v1"
-_STEP_RE = re.compile(r"^step_(\d{8,})$")
-
-
-# ---------------------------------------------------------------------------------------------------
-# Low-level atomic writes
-
-def fsync_dir(path: str | os.PathLike) -> None:
-    """fsync a directory so a rename inside it is durable (no-op where directories cannot be opened)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_torch_save(obj: Any, path: str | os.PathLike) -> int:
-    """torch.save to ``path`` via temp file + fsync + os.replace; returns the file size in bytes."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    return path.stat().st_size
-
-
-def atomic_write_text(text: str, path: str | os.PathLike) -> int:
-    """Write text via temp file + fsync + os.replace; returns the size in bytes."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    return path.stat().st_size
-
-
-def safe_load(path: str | os.PathLike) -> Any:
-    """torch.load(weights_only=True) on CPU; unreadable/unsafe files raise CheckpointError."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: file not found") from None
-    except Exception as e:  # pickle refusing a global, truncated zip, ...
-        raise CheckpointError(f"{path}: cannot load checkpoint file ({type(e).__name__}: {e})") from None
+__all__ = [
+    "FORMAT", "CheckpointWriter", "atomic_torch_save", "atomic_write_text", "from_safe", "fsync_dir", "is_valid",
+    "latest_valid", "list_checkpoints", "load_checkpoint", "prune", "read_meta", "rng_state", "safe_load",
+    "set_rng_state", "step_dir_name", "to_safe",
+]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -146,51 +111,6 @@ def set_rng_state(state: dict) -> None:
 # ---------------------------------------------------------------------------------------------------
 # Checkpoint directories
 
-def step_dir_name(step: int) -> str:
-    return f"step_{step:08d}"
-
-
-def is_valid(ckpt: str | os.PathLike) -> bool:
-    """True when ``ckpt`` has a parseable meta.json and every listed file has the recorded size."""
-    ckpt = Path(ckpt)
-    try:
-        meta = json.loads((ckpt / "meta.json").read_text())
-        if meta.get("format") != FORMAT:
-            return False
-        return all((ckpt / n).is_file() and (ckpt / n).stat().st_size == s for n, s in meta["files"].items())
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        return False
-
-
-def list_checkpoints(root: str | os.PathLike) -> list[tuple[int, Path]]:
-    """(step, dir) of every checkpoint-named dir under ``root`` (valid or not), oldest first."""
-    root = Path(root)
-    if not root.is_dir():
-        return []
-    out = []
-    for p in root.iterdir():
-        m = _STEP_RE.match(p.name)
-        if m and p.is_dir():
-            out.append((int(m.group(1)), p))
-    return sorted(out)
-
-
-def latest_valid(root: str | os.PathLike) -> Path | None:
-    """Newest valid checkpoint dir under ``root`` (invalid/partial ones are skipped), or None."""
-    for _, p in reversed(list_checkpoints(root)):
-        if is_valid(p):
-            return p
-    return None
-
-
-def read_meta(ckpt: str | os.PathLike) -> dict:
-    """meta.json of a valid checkpoint; raises CheckpointError when it is missing or incomplete."""
-    ckpt = Path(ckpt)
-    if not is_valid(ckpt):
-        raise CheckpointError(f"{ckpt}: not a complete bmclip checkpoint (meta.json missing or files truncated)")
-    return json.loads((ckpt / "meta.json").read_text())
-
-
 class CheckpointWriter:
     """Writes one checkpoint in phases so every rank can add its own file (see module docstring).
 
@@ -217,7 +137,7 @@ class CheckpointWriter:
 
     def write_main(self, model_state: dict, model_config: dict, train_state: dict, tokenizer=None) -> None:
         """Rank 0: model.pt (eval-loadable), train_state.pt and the tokenizer files."""
-        atomic_torch_save({"model": model_state, "model_config": model_config}, self.tmp / "model.pt")
+        save_model_file(model_state, model_config, self.tmp / MODEL_FILE)
         atomic_torch_save(to_safe(train_state), self.tmp / "train_state.pt")
         if tokenizer is not None:
             tokenizer.save(self.tmp)
@@ -275,53 +195,9 @@ def load_checkpoint(ckpt: str | os.PathLike, rank: int = 0) -> dict:
     """Load a valid checkpoint dir: {"meta", "model", "model_config", "train_state", "rank_state" | None}."""
     ckpt = Path(ckpt)
     meta = read_meta(ckpt)
-    m = safe_load(ckpt / "model.pt")
+    model_config, model_state = read_model_file(ckpt / MODEL_FILE)
     ts = from_safe(safe_load(ckpt / "train_state.pt")) if (ckpt / "train_state.pt").is_file() else None
     rank_file = ckpt / f"rank_{rank:05d}.pt"
     rs = from_safe(safe_load(rank_file)) if rank_file.is_file() else None
-    return {"meta": meta, "model": m["model"], "model_config": m.get("model_config"), "train_state": ts,
+    return {"meta": meta, "model": model_state, "model_config": model_config, "train_state": ts,
             "rank_state": rs}
-
-
-def resolve_model_file(path: str | os.PathLike) -> Path:
-    """A checkpoint dir, a training output dir (newest valid checkpoint) or a model .pt file -> model file."""
-    path = Path(path)
-    if path.is_file():
-        return path
-    if (path / "model.pt").is_file():
-        if (path / "meta.json").exists() and not is_valid(path):
-            raise CheckpointError(f"{path}: checkpoint is incomplete (interrupted write)")
-        return path / "model.pt"
-    for root in (path / "checkpoints", path):
-        latest = latest_valid(root)
-        if latest is not None:
-            return latest / "model.pt"
-    raise CheckpointError(f"{path}: no bmclip checkpoint found (expected model.pt or checkpoints/step_*)")
-
-
-def load_model_for_eval(path: str | os.PathLike, device: str | torch.device = "cpu"):
-    """Build the model saved at ``path`` (checkpoint dir/file or run dir); returns (model.eval(), tokenizer|None).
-
-    The tokenizer comes from a ``vocab.txt`` beside ``model.pt`` when present.
-    """
-    from bmclip.model import create_model
-    from bmclip.model.config import ModelConfig
-
-    f = resolve_model_file(path)
-    blob = safe_load(f)
-    if not isinstance(blob, dict) or "model" not in blob or "model_config" not in blob:
-        raise CheckpointError(f"{f}: expected a dict with 'model' and 'model_config'")
-    try:
-        cfg = ModelConfig.from_dict(blob["model_config"])
-    except Exception as e:
-        raise CheckpointError(f"{f}: bad model_config ({e})") from None
-    model = create_model(cfg)
-    missing, unexpected = model.load_state_dict(blob["model"], strict=False)
-    if missing or unexpected:
-        raise CheckpointError(f"{f}: state dict mismatch: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    tok = None
-    if (f.parent / "vocab.txt").is_file():
-        from bmclip.tokenizer import Tokenizer
-
-        tok = Tokenizer.from_vocab(f.parent, context_length=cfg.text.context_length)
-    return model.to(device).eval(), tok

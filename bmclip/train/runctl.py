@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 from bmclip.errors import ConfigError
+from bmclip.io import atomic_write_text
 
 LOCK_NAME = ".bmclip.lock"
 
@@ -214,9 +215,7 @@ class OutDirLock:
                     "otherwise use another --out_dir")
             else:
                 self.note = f"broke the lock of host {host} (pid {pid}) (break_lock=true)"
-        tmp = self.path.with_name(f"{self.path.name}.tmp-{self.pid}")
-        tmp.write_text(self._record(), encoding="utf-8")
-        os.replace(tmp, self.path)
+        atomic_write_text(self._record(), self.path)
 
     def _mtime(self) -> float:
         try:

@@ -23,10 +23,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from bmclip.data.normalize import normalize_images
+from bmclip.data.sources import DaliShardSource, ShardSource, SyntheticSource, synthetic_eval_set
 from bmclip.errors import BmclipError, CheckpointError, ConfigError
+from bmclip.io.resolve import load_weights_into
 from bmclip.train import checkpoint as ckpt_mod
 from bmclip.train.config import TrainConfig
-from bmclip.train.data import DaliShardSource, ShardSource, SyntheticSource, normalize_images, synthetic_eval_set
 from bmclip.train.distributed import (
     DistInfo,
     all_gather_objects,
@@ -97,16 +99,11 @@ def _build_model(cfg: TrainConfig, device: torch.device):
 
 
 def _load_init_weights(model, path: str) -> None:
-    p = Path(path)
-    if (p / "open_clip_config.json").is_file():
-        from bmclip.interop import load_open_clip
-
-        sd = load_open_clip(p).state_dict()
-    else:
-        sd = ckpt_mod.safe_load(ckpt_mod.resolve_model_file(p))["model"]
-    missing, unexpected = model.load_state_dict(sd, strict=False)
-    if missing or unexpected:
-        raise CheckpointError(f"model.init_checkpoint {path}: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    """Weights from a model file, checkpoint dir, run dir or open_clip folder (``bmclip.io.resolve``)."""
+    try:
+        load_weights_into(model, path)
+    except CheckpointError as e:
+        raise CheckpointError(f"model.init_checkpoint: {e}") from None
 
 
 def _build_loss(cfg: TrainConfig, info: DistInfo):
@@ -191,7 +188,7 @@ def _build_source(cfg: TrainConfig, info: DistInfo, mcfg, tokenizer):
                                world_size=info.world_size)
     if not cfg.data.train:
         raise ConfigError("data.train: no training data; set data.train to a shard pattern (or data.synthetic=true)")
-    from bmclip.data import ShardLoader
+    from bmclip.data.loader import ShardLoader
 
     local, size = b // info.world_size, mcfg.vision.image_size
     dev = info.device
@@ -244,7 +241,7 @@ def _val_batches(cfg: TrainConfig, mcfg, tokenizer):
         for i in range(0, n, 128):
             yield ev["image"][i:i + 128], ev["input_ids"][i:i + 128]
         return
-    from bmclip.data import ShardLoader
+    from bmclip.data.loader import ShardLoader
 
     loader = ShardLoader(cfg.data.val, batch_size=128, image_size=mcfg.vision.image_size,
                          num_threads=cfg.data.num_threads, augment="center", shuffle=False,

@@ -35,12 +35,14 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
+from bmclip.data.images import IMAGE_EXTENSIONS
 from bmclip.errors import ConfigError
 
 __all__ = ["Package", "PackageContent", "PackageError", "discover_packages", "read_package", "slice_of"]
 
 XML_EXTS = (".nxml", ".xml")
-IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".gif", ".bmp", ".webp")
+# package members taken as figure images (the builder re-encodes every one of them)
+IMAGE_EXTS = tuple(f".{e}" for e in IMAGE_EXTENSIONS)
 TAR_SUFFIXES = (".tar.gz", ".tgz", ".tar")
 _CLOUD_DIR = re.compile(r"^(PMC\d+)\.(\d+)$")
 

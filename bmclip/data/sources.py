@@ -10,17 +10,25 @@ position; 8 values each, from a seeded RNG); the image draws them (plus per-samp
 is ``[CLS] a b c [SEP]`` with one token per attribute value. Every rank walks the same seeded permutation
 of the global batch and keeps only its rows, so an N-rank run sees exactly the global batch a 1-process
 run sees (what the DDP-equivalence test needs).
+
+The uint8 batches become the model's input through :func:`bmclip.data.normalize.normalize_images`.
 """
 
 from __future__ import annotations
 
-import functools
+import queue
+import threading
+import weakref
 from collections.abc import Callable
 
 import numpy as np
 import torch
 
+from bmclip.data.cursor import SHARD_REASONS
+from bmclip.data.dali import random_resized_crop_windows
 from bmclip.errors import DataError
+
+__all__ = ["DaliShardSource", "ShardSource", "SyntheticSource", "synthetic_eval_set"]
 
 _PALETTE = np.array([[230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200], [245, 130, 48],
                      [145, 30, 180], [70, 240, 240], [250, 250, 250]], dtype=np.float32)
@@ -170,7 +178,7 @@ class ShardSource:
         none). Also ``lost_tail_bytes`` (bytes of damaged shards after the damage point).
         """
         st = self.loader.stats
-        by_reason = {k: int(v) for k, v in st["skipped"].items() if k not in ("truncated_tar", "unreadable_shard")}
+        by_reason = {k: int(v) for k, v in st["skipped"].items() if k not in SHARD_REASONS}
         skipped = sum(by_reason.values())
         return {"samples_read": int(st["samples"]) + int(st["dropped_last"]) + skipped, "samples_skipped": skipped,
                 "skipped_by_reason": by_reason, "tar_errors": int(st["tar_damaged_shards"]),
@@ -243,8 +251,9 @@ class DaliShardSource(ShardSource):
     def _windows(self, images: list, n: int) -> np.ndarray | None:
         if self.augment != "random_resized_crop":
             return None
-        from bmclip._C import image_info  # header-only probe (the loader ran it already, so it parses)
-        from bmclip.data.dali import random_resized_crop_windows
+        # the compiled extension, imported on use so that this module imports without it; a header-only
+        # probe (the loader ran it already, so it parses)
+        from bmclip._C import image_info
 
         sizes = [image_info(b)[:2] for b in images]
         rng = np.random.default_rng([self.seed, 29, self.rank, n])
@@ -279,8 +288,6 @@ class DaliShardSource(ShardSource):
     def _run_producer(ref, q, stop) -> None:
         # Holds the source only through a weak reference between batches, so a source dropped without
         # close() is collected and its __del__ stops this thread.
-        import queue
-
         while not stop.is_set():
             src = ref()
             if src is None:
@@ -304,10 +311,6 @@ class DaliShardSource(ShardSource):
             batch, snap = self._produce(snapshot=False)
         else:
             if self._thread is None:
-                import queue
-                import threading
-                import weakref
-
                 self._queue, self._stop = queue.Queue(maxsize=self.prefetch), threading.Event()
                 self._thread = threading.Thread(target=DaliShardSource._run_producer,
                                                 args=(weakref.ref(self), self._queue, self._stop),
@@ -385,19 +388,3 @@ def _dali_reason(e: Exception) -> str:
             return rest[0][:300]
     return lines[0][:300] if lines else type(e).__name__
 
-
-def normalize_images(images_u8: torch.Tensor, device: torch.device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """uint8 (B,H,W,3) -> normalised float (B,3,H,W) on ``device`` (uint8 is moved first: 4x less traffic)."""
-    x = images_u8.to(device, non_blocking=True).permute(0, 3, 1, 2).to(torch.float32)
-    mean, std = _mean_std(str(device))
-    return ((x - mean) / std).to(dtype).contiguous()
-
-
-@functools.lru_cache(maxsize=8)
-def _mean_std(device: str) -> tuple[torch.Tensor, torch.Tensor]:
-    # Cached per device: building them every step would be a synchronous host->device copy per batch.
-    from bmclip.model import IMAGE_MEAN, IMAGE_STD
-
-    mean = torch.tensor(IMAGE_MEAN, device=device).view(1, 3, 1, 1) * 255.0
-    std = torch.tensor(IMAGE_STD, device=device).view(1, 3, 1, 1) * 255.0
-    return mean, std

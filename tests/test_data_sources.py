@@ -1,20 +1,8 @@
-"""Trainer data helpers: on-device normalisation (vs float64 reference) and the synthetic source's
-rank split and exact resume."""
+"""The synthetic batch source: rank split of the global batch and exact resume."""
 
 import torch
 
-from bmclip.model import IMAGE_MEAN, IMAGE_STD
-from bmclip.train.data import SyntheticSource, normalize_images
-
-
-def test_normalize_images_matches_reference():
-    x = torch.randint(0, 256, (3, 16, 16, 3), dtype=torch.uint8)
-    y = normalize_images(x, torch.device("cpu"))
-    mean = torch.tensor(IMAGE_MEAN, dtype=torch.float64).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGE_STD, dtype=torch.float64).view(1, 3, 1, 1)
-    ref = (x.permute(0, 3, 1, 2).double() / 255 - mean) / std
-    assert y.shape == (3, 3, 16, 16) and y.dtype == torch.float32 and y.is_contiguous()
-    torch.testing.assert_close(y.double(), ref, rtol=0, atol=1e-5)
+from bmclip.data.sources import SyntheticSource
 
 
 def _src(rank=0, world=1, size=40):

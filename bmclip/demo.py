@@ -18,12 +18,32 @@ time: a run it cuts short says so (``train.stopped_early``, fewer ``steps`` than
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
+import shutil
 import tarfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+import numpy as np
+import torch
+
+from bmclip.data.loader import ShardLoader
+from bmclip.data.normalize import normalize_images
+from bmclip.data.pmc.build import build_dataset
+from bmclip.demo_corpus import FIGURE_TYPE_NAMES, FIGURE_TYPES, generate_corpus, load_labels
+from bmclip.errors import ConfigError, DataError
+from bmclip.eval.retrieval import retrieval_metrics
+from bmclip.eval.zeroshot import zeroshot_classify
+from bmclip.io import atomic_write_text
+from bmclip.io.resolve import resolve_model
+from bmclip.model.config import get_preset
+from bmclip.tokenizer import get_tokenizer
+from bmclip.train.config import load_config
+from bmclip.train.trainer import train
 
 ZEROSHOT_TEMPLATES = ("a {}.", "a {} figure.", "this figure shows a {}.", "an image of a {}.")
 
@@ -54,8 +74,6 @@ SIZES = {
 def _shard_pattern(folder: Path, split: str) -> str:
     shards = sorted(folder.glob(f"{split}-*.tar"))
     if not shards:
-        from bmclip.errors import DataError
-
         raise DataError(f"the dataset builder wrote no {split} shards into {folder}")
     return "::".join(str(p) for p in shards)  # webdataset-style "::" list (ShardLoader expands it)
 
@@ -82,11 +100,6 @@ def _log(msg: str, quiet: bool) -> None:
 def run_demo(out_dir: str | os.PathLike = "bmclip-demo", size: str = "small", seed: int = 0,
              quiet: bool = False, progress: bool = True) -> dict:
     """Run the end-to-end demo into ``out_dir``; returns the report dict (also written to report.json)."""
-    import numpy as np
-    import torch
-
-    from bmclip.errors import ConfigError
-
     if size not in SIZES:
         raise ConfigError(f"--size: unknown demo size {size!r}; choose one of {sorted(SIZES)}")
     sz = SIZES[size]
@@ -96,8 +109,6 @@ def run_demo(out_dir: str | os.PathLike = "bmclip-demo", size: str = "small", se
     timings = {}
 
     # 1) corpus
-    from bmclip.demo_corpus import FIGURE_TYPE_NAMES, FIGURE_TYPES, generate_corpus, load_labels
-
     t = time.perf_counter()
     corpus = out / "corpus"
     packages = generate_corpus(corpus, n_articles=sz.articles, seed=seed)
@@ -106,8 +117,6 @@ def run_demo(out_dir: str | os.PathLike = "bmclip-demo", size: str = "small", se
 
     # 2) shards (no near-duplicate removal: the procedural figures of one type look alike by design,
     #    which dHash would flag; every figure here is unique by construction)
-    from bmclip.data.pmc.build import build_dataset
-
     t = time.perf_counter()
     shards = out / "shards"
     stats = build_dataset(packages, shards, max_side=128, shard_size=1000, dedup=False, val_fraction=0.1,
@@ -120,21 +129,13 @@ def run_demo(out_dir: str | os.PathLike = "bmclip-demo", size: str = "small", se
     # 3) the bundled PMC vocabulary (not one trained here: the WordPiece trainer of `tokenizers` breaks ties in
     #    hash order, so two trainings on the same captions give different vocabularies and the report would not
     #    be the same from run to run), then training
-    from bmclip.model.config import get_preset
-    from bmclip.tokenizer import get_tokenizer
-
     mcfg = get_preset("tiny")
     tok = get_tokenizer(None, context_length=mcfg.text.context_length)
     tok_dir = out / "tokenizer"
     tok.save(tok_dir)
 
-    from bmclip.train.config import load_config
-    from bmclip.train.trainer import train
-
     run_dir = out / "train"
     # the demo owns this folder: a rerun replaces the previous demo's checkpoints instead of keeping them aside
-    import shutil
-
     shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
     cfg = load_config("tiny-cpu", {
         "out_dir": str(run_dir), "seed": seed, "steps": sz.steps, "max_seconds": sz.max_train_seconds,
@@ -150,9 +151,6 @@ def run_demo(out_dir: str | os.PathLike = "bmclip-demo", size: str = "small", se
     })
     t = time.perf_counter()
     if quiet:  # the trainer's banner and progress lines (its warnings and errors still go to stderr)
-        import contextlib
-        import io
-
         with contextlib.redirect_stdout(io.StringIO()):
             summary = train(cfg)
     else:
@@ -161,15 +159,11 @@ def run_demo(out_dir: str | os.PathLike = "bmclip-demo", size: str = "small", se
     _log(f"trained {summary['steps']} steps in {summary['seconds']:.1f}s "
          f"({summary['samples_per_s']:.0f} samples/s)", quiet)
 
-    # 4) held-out evaluation on the TEST articles
-    from bmclip.data import ShardLoader
-    from bmclip.eval.retrieval import retrieval_metrics
-    from bmclip.eval.zeroshot import zeroshot_classify
-    from bmclip.train.checkpoint import load_model_for_eval
-    from bmclip.train.data import normalize_images
-
+    # 4) held-out evaluation on the TEST articles, with the model and tokenizer of the run's newest checkpoint
     t = time.perf_counter()
-    model, tok = load_model_for_eval(run_dir)
+    resolved = resolve_model(run_dir)
+    model = resolved.model
+    tok = get_tokenizer(resolved.tokenizer_dir, context_length=model.config.text.context_length)
     labels = load_labels(corpus)
     loader = ShardLoader(_urls(test_pat), batch_size=64, image_size=mcfg.vision.image_size, num_threads=2,
                          augment="center", shuffle=False, drop_last=False, tokenizer=tok)
@@ -208,8 +202,6 @@ def run_demo(out_dir: str | os.PathLike = "bmclip-demo", size: str = "small", se
         "timings": timings,
         "curves": summary.get("curves", []),
     }
-    from bmclip.train.checkpoint import atomic_write_text
-
     atomic_write_text(json.dumps(report, indent=1, default=_json_default), out / "report.json")
     if not quiet:
         print(format_summary(report), flush=True)
@@ -217,8 +209,6 @@ def run_demo(out_dir: str | os.PathLike = "bmclip-demo", size: str = "small", se
 
 
 def _json_default(o):
-    import numpy as np
-
     if isinstance(o, np.ndarray):
         return o.tolist()
     if isinstance(o, np.generic):

@@ -1,0 +1,247 @@
+"""The producer side of ``ShardLoader``: batch assembly + decode into a ring of buffers, on a thread.
+
+:class:`BatchAssembler` takes samples from a :class:`bmclip.data.cursor.Cursor`, decodes their images
+with ``bmclip._C.Decoder.decode_batch`` straight into a ring slot (or, with ``decode=False``, checks
+their headers and hands out the encoded bytes), refills the batch from the stream when samples fail,
+and has the captions tokenised in a second thread while the images decode.
+
+:class:`Pipe` runs an assembler on a background thread for one iteration and hands ``(batch, state
+after it)`` pairs to the consumer through a bounded queue of ``prefetch`` items; the ring holds
+``prefetch + 3`` buffers (see :func:`make_ring`). Closing a pipe (or interpreter exit) stops its
+producer between samples.
+"""
+
+from __future__ import annotations
+
+import atexit
+import queue
+import threading
+import weakref
+from concurrent.futures import Future
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from bmclip.data.cursor import Cursor, CursorState, Sample, mix
+from bmclip.data.text import BackgroundTokenizer
+
+if TYPE_CHECKING:
+    from bmclip.data.loader import LoaderOptions
+
+__all__ = ["BatchAssembler", "END", "Pipe", "Stopped", "make_ring"]
+
+Slot = tuple[torch.Tensor, np.ndarray]
+
+# Queue item that ends an epoch: (END, (state at the start of the next epoch, the finished pass's tallies))
+END = object()
+
+
+class Stopped(Exception):
+    """The consumer closed the pipe while the producer was assembling a batch."""
+
+
+def make_ring(opts: LoaderOptions) -> list[Slot | None]:
+    """``prefetch + 3`` uint8 ``[N, S, S, 3]`` buffers (pinned with ``pin_memory``), as (tensor, numpy view).
+
+    The consumer holds 2 (the current batch and the one whose device copy may still run), the queue
+    holds ``prefetch``, the producer fills 1: batch k's buffer is reused only once the consumer takes
+    batch k+2. ``decode=False`` needs no buffers.
+    """
+    if not opts.decode:
+        return [None]
+    shape = (opts.batch_size, opts.image_size, opts.image_size, 3)
+    ring: list[Slot | None] = []
+    for _ in range(opts.prefetch + 3):
+        t = torch.empty(shape, dtype=torch.uint8)
+        if opts.pin_memory:
+            t = t.pin_memory()
+        ring.append((t, t.numpy()))
+    return ring
+
+
+class BatchAssembler:
+    """Assembles one batch at a time from a cursor (see :meth:`produce`).
+
+    ``decoder``: a ``bmclip._C.Decoder``; ``image_info``: the extension's header parser (used with
+    ``decode=False``; None skips the check); ``tokenizer``: captions -> ``input_ids`` off-thread.
+    """
+
+    def __init__(self, opts: LoaderOptions, decoder, image_info, tokenizer: BackgroundTokenizer | None):
+        self.o = opts
+        self.decoder = decoder
+        self.image_info = image_info
+        self.tok = tokenizer
+
+    def _header_check(self, buf) -> str | None:
+        """decode=False: reject what the C++ header parser cannot identify (None = looks decodable)."""
+        if self.image_info is None:
+            return None
+        try:
+            w, h = self.image_info(buf)[:2]
+        except Exception as e:  # the parser's message is the skip reason
+            return f"{type(e).__name__}: {e}"
+        return None if w > 0 and h > 0 else f"image header gives size {w}x{h}"
+
+    def _tokenize(self, texts: list[str]) -> Future | None:
+        return self.tok.submit(texts) if self.tok is not None else None
+
+    def produce(self, cursor: Cursor, slot: Slot | None,
+                stop: threading.Event | None = None) -> tuple[dict[str, Any], CursorState] | None:
+        """Assemble and decode one batch into ring ``slot``; (batch dict, state after it) or None at end.
+
+        Raises DataError when a whole pass over the data (the epoch, or with ``resampled`` every sample
+        of every shard) gives no valid sample, and :class:`Stopped` as soon as ``stop`` is set.
+        """
+        o = self.o
+        out_t, out = slot if slot is not None else (None, None)
+        st = cursor.st
+        bs = o.batch_size
+        got: list[Sample] = []
+        first_tok: tuple[Future, np.ndarray] | None = None
+        attempt = 0
+        exhausted = False
+        while len(got) < bs and not exhausted:
+            if stop is not None and stop.is_set():
+                raise Stopped
+            cand: list[Sample] = []
+            while len(got) + len(cand) < bs:
+                ref = cursor.next_sample_ref()
+                if ref is None:
+                    exhausted = True
+                    break
+                s = cursor.read(ref)
+                if s is not None:
+                    cand.append(s)
+                elif o.resampled:
+                    cursor.check_resampled_pass()
+                if stop is not None and stop.is_set():
+                    raise Stopped
+            if not cand:
+                break
+            # the captions of the first attempt are tokenised while it decodes; a refilled batch is
+            # tokenised once at the end (so failed attempts hold no tokenised tensors)
+            fut = self._tokenize([s.text for s in cand]) if attempt == 0 else None
+            if o.decode:
+                lo = len(got)
+                dst = out[lo : lo + len(cand)]
+                seed = mix(o.seed, st.epoch, st.split, st.batch, attempt)
+                reasons = self.decoder.decode_batch(
+                    [s.image for s in cand], dst, augment=o.augment, seed=seed, scale=o.scale,
+                    ratio=o.ratio, **o.decode_options,
+                )
+            else:
+                reasons = [self._header_check(s.image) for s in cand]
+            ok = np.array([r is None for r in reasons], dtype=bool)
+            for s, r in zip(cand, reasons):
+                if r is not None:  # detail = the decoder's reason, so distinct details stay few
+                    st.counters.count("corrupt_image", str(r))
+                    cursor.note_failed(s.ref, "corrupt_image", f"{s.key}: {r}")
+                else:
+                    cursor.note_good()
+            if o.decode and not ok.all():
+                # keep the decoded rows contiguous: move the good ones down over the failed slots
+                dst[: int(ok.sum())] = dst[ok]
+            got.extend(s for s, k in zip(cand, ok) if k)
+            if fut is not None:
+                first_tok = (fut, ok)
+            if o.resampled and not ok.any():
+                cursor.check_resampled_pass()
+            attempt += 1
+        n = len(got)
+        if n == 0 and exhausted and st.tally.good == 0:
+            cursor.check_empty_pass()
+        if n == 0 or (o.drop_last and n < bs):
+            st.counters.dropped_last += n
+            return None
+        st.counters.samples += n
+        st.counters.batches += 1
+        st.batch += 1
+        batch: dict[str, Any] = {"text": [s.text for s in got], "key": [s.key for s in got]}
+        if o.decode:
+            batch["image"] = out_t[:n]
+        else:  # zero-copy read-only views into the mapped shard (they keep the mapping alive)
+            batch["image_bytes"] = [s.image for s in got]
+        if any(s.json is not None for s in got):
+            batch["json"] = [s.json if s.json is not None else {} for s in got]
+        if first_tok is not None and attempt == 1:
+            fut, ok = first_tok
+            t = fut.result()  # shape-checked by BackgroundTokenizer
+            batch["input_ids"] = t if ok.all() else t[torch.from_numpy(ok)]
+        elif self.tok is not None:
+            # refilled batch (rare): tokenise the final captions in one call, so a tokenizer that pads
+            # to the longest caption of its call still gives one consistent [N, L]
+            if first_tok is not None:
+                first_tok[0].result()
+            batch["input_ids"] = self.tok.submit(batch["text"]).result()
+        return batch, cursor.snapshot()
+
+
+# Producers still running when the interpreter exits (e.g. after Ctrl-C) are stopped and joined by an
+# atexit handler: a daemon thread left inside the C++ decoder would be ended by the finalizing
+# interpreter (pthread_exit) when it takes the GIL back, which aborts the process.
+_LIVE_PIPES: weakref.WeakSet = weakref.WeakSet()
+
+
+@atexit.register
+def _close_live_pipes() -> None:
+    for pipe in list(_LIVE_PIPES):
+        pipe.close(timeout=30)
+
+
+class Pipe:
+    """Producer thread + bounded queue for one iteration; holds no reference to the iterator.
+
+    Queue items: ``(batch, state after it)``; at the end of an epoch ``(END, (state at the start of the
+    next epoch, the pass tallies as a dict))``; on an error ``(exception, counters up to it or None)``.
+    """
+
+    def __init__(self, assembler: BatchAssembler, cursor: Cursor, ring: list[Slot | None], prefetch: int):
+        self.assembler, self.cursor, self.ring = assembler, cursor, ring
+        self.q: queue.Queue = queue.Queue(maxsize=prefetch)
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="ShardLoader-producer", daemon=True)
+        _LIVE_PIPES.add(self)
+        self.thread.start()
+
+    def _put(self, item) -> bool:
+        while not self.stop.is_set():
+            try:
+                self.q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _run(self) -> None:
+        slot = 0
+        try:
+            while not self.stop.is_set():
+                batch = self.assembler.produce(self.cursor, self.ring[slot], self.stop)
+                if batch is None:
+                    snap = self.cursor.snapshot()
+                    self._put((END, (snap.next_epoch(), snap.tally.to_dict())))
+                    return
+                if not self._put(batch):
+                    return
+                slot = (slot + 1) % len(self.ring)
+        except Stopped:
+            return
+        except BaseException as e:  # surfaced in the consumer thread, never lost
+            try:  # the skips that led to it, for stats()
+                counters = self.cursor.st.counters.copy()
+            except Exception:
+                counters = None
+            self._put((e, counters))
+
+    def close(self, timeout: float = 60) -> None:
+        """Stop the producer (it checks between samples and after each decode call) and join it."""
+        self.stop.set()
+        while True:  # unblock a producer waiting on a full queue
+            try:
+                self.q.get_nowait()
+            except queue.Empty:
+                break
+        if self.thread.is_alive() and threading.current_thread() is not self.thread:
+            self.thread.join(timeout=timeout)
+        _LIVE_PIPES.discard(self)

@@ -1,0 +1,67 @@
+"""Reading training checkpoint directories: which ones exist, which are complete, which is the newest.
+
+A training run writes ``OUT/checkpoints/step_XXXXXXXX/`` (``bmclip.train.checkpoint`` writes them). A
+checkpoint is valid only once its ``meta.json`` exists, has this module's ``FORMAT``, and every file it
+lists has the recorded size; anything else (a temp dir of an interrupted save, a truncated file) is
+never picked up. These rules are shared by resuming a run and by every command that loads a model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+from bmclip.errors import CheckpointError
+
+__all__ = ["FORMAT", "MODEL_FILE", "is_valid", "latest_valid", "list_checkpoints", "read_meta", "step_dir_name"]
+
+FORMAT = "bmclip-checkpoint-v1"
+MODEL_FILE = "model.pt"  # the model file inside a checkpoint dir (bmclip.io.model_file layout)
+_STEP_RE = re.compile(r"^step_(\d{8,})$")
+
+
+def step_dir_name(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def is_valid(ckpt: str | os.PathLike) -> bool:
+    """True when ``ckpt`` has a parseable meta.json and every listed file has the recorded size."""
+    ckpt = Path(ckpt)
+    try:
+        meta = json.loads((ckpt / "meta.json").read_text())
+        if meta.get("format") != FORMAT:
+            return False
+        return all((ckpt / n).is_file() and (ckpt / n).stat().st_size == s for n, s in meta["files"].items())
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return False
+
+
+def list_checkpoints(root: str | os.PathLike) -> list[tuple[int, Path]]:
+    """(step, dir) of every checkpoint-named dir under ``root`` (valid or not), oldest first."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    out = []
+    for p in root.iterdir():
+        m = _STEP_RE.match(p.name)
+        if m and p.is_dir():
+            out.append((int(m.group(1)), p))
+    return sorted(out)
+
+
+def latest_valid(root: str | os.PathLike) -> Path | None:
+    """Newest valid checkpoint dir under ``root`` (invalid/partial ones are skipped), or None."""
+    for _, p in reversed(list_checkpoints(root)):
+        if is_valid(p):
+            return p
+    return None
+
+
+def read_meta(ckpt: str | os.PathLike) -> dict:
+    """meta.json of a valid checkpoint; raises CheckpointError when it is missing or incomplete."""
+    ckpt = Path(ckpt)
+    if not is_valid(ckpt):
+        raise CheckpointError(f"{ckpt}: not a complete bmclip checkpoint (meta.json missing or files truncated)")
+    return json.loads((ckpt / "meta.json").read_text())

@@ -1,0 +1,226 @@
+"""Native bmclip model files: one writer, one reader, and code-free loading of torch/safetensors files.
+
+A model file holds the weights together with the ``ModelConfig`` that rebuilds them:
+
+- ``.pt`` (any suffix but ``.safetensors``): ``{"model": state_dict, "model_config": ModelConfig.to_dict()}``,
+  the ``model.pt`` of every training checkpoint and the output of ``bmclip convert``. Files written by
+  earlier ``bmclip convert`` versions, ``{"model_config", "state_dict"}``, are read as well.
+- ``.safetensors``: the tensors, with the config as JSON under the metadata key ``bmclip_model_config``.
+
+Reading never executes code from the file: ``.safetensors`` goes through safetensors, everything else
+through ``torch.load(weights_only=True)``, whose restricted unpickler refuses any global outside torch's
+tensor allow-list. Every problem (missing file, refused pickle, corrupt file, wrong layout, missing or
+unexpected key, wrong shape) is a CheckpointError naming the file. Writing is atomic (``bmclip.io``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file as _st_load_file
+from safetensors.torch import save as _st_save
+
+from bmclip.errors import BmclipError, CheckpointError
+from bmclip.io.atomic import atomic_torch_save, atomic_write_bytes
+from bmclip.model.clip import BiomedCLIP
+from bmclip.model.config import ModelConfig
+
+__all__ = [
+    "CONFIG_KEY",
+    "SAFETENSORS_CONFIG_KEY",
+    "WEIGHTS_KEY",
+    "build_model",
+    "load_model",
+    "load_state_dict",
+    "read_model_file",
+    "safe_torch_load",
+    "save_model",
+    "save_model_file",
+    "save_state_dict",
+]
+
+WEIGHTS_KEY = "model"  # the state dict in a .pt model file
+CONFIG_KEY = "model_config"  # the ModelConfig dict in a .pt model file
+OLD_WEIGHTS_KEY = "state_dict"  # where earlier ``bmclip convert`` versions kept the state dict
+SAFETENSORS_CONFIG_KEY = "bmclip_model_config"  # the config (JSON) in a .safetensors file's metadata
+
+
+def _is_safetensors(path: Path) -> bool:
+    return path.suffix == ".safetensors"
+
+
+def safe_torch_load(path: str | os.PathLike, map_location: Any = "cpu") -> Any:
+    """``torch.load(path, weights_only=True)``; unsafe pickles and corrupt files raise CheckpointError."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        # weights_only's restricted unpickler refused a global (e.g. os.system): never retry unsafely.
+        first = str(e).strip().splitlines()
+        detail = next((ln for ln in first if "GLOBAL" in ln or "Unsupported" in ln), first[0] if first else "")
+        raise CheckpointError(
+            f"refusing to load {path}: it is not a plain weights file (the pickle references code or "
+            f"objects outside the safe tensor allow-list: {detail.strip()})"
+        ) from None
+    except Exception as e:  # corrupt/truncated files fail in many ways inside the unpickler
+        raise CheckpointError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from None
+
+
+def _strip_prefix(sd: dict[str, Any], prefix: str) -> dict[str, Any]:
+    if sd and all(isinstance(k, str) and k.startswith(prefix) for k in sd):
+        return {k[len(prefix) :]: v for k, v in sd.items()}
+    return sd
+
+
+def _clean_state_dict(sd: Any, path: Path) -> dict[str, torch.Tensor]:
+    """Check ``sd`` is {str: Tensor}; drop a ``module.`` (DDP) / ``_orig_mod.`` (torch.compile) prefix."""
+    if not isinstance(sd, dict):
+        raise CheckpointError(f"{path} holds a {type(sd).__name__}, not a state dict")
+    for prefix in ("module.", "_orig_mod."):
+        sd = _strip_prefix(sd, prefix)
+    for k, v in sd.items():
+        if not isinstance(k, str) or not isinstance(v, torch.Tensor):
+            raise CheckpointError(f"{path}: entry {k!r} is a {type(v).__name__}, not a tensor")
+    return sd
+
+
+def _load_safetensors(path: Path, map_location: Any) -> dict[str, torch.Tensor]:
+    try:
+        return _st_load_file(str(path), device=str(map_location))
+    except Exception as e:  # safetensors raises its own SafetensorError for bad headers
+        raise CheckpointError(f"cannot read safetensors file {path}: {e}") from None
+
+
+def load_state_dict(path: str | os.PathLike, map_location: Any = "cpu") -> dict[str, torch.Tensor]:
+    """Read a state dict {name: Tensor} from a .safetensors or torch file, never executing code.
+
+    A file holding ``{"state_dict": {...}}`` (a training checkpoint of another tool, or an older bmclip
+    model file) or a bmclip model file yields the inner state dict; a ``module.`` (DDP) or ``_orig_mod.``
+    (torch.compile) prefix common to every key is removed.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    if _is_safetensors(path):
+        sd = _load_safetensors(path, map_location)
+    else:
+        sd = safe_torch_load(path, map_location)
+    if isinstance(sd, dict) and isinstance(sd.get(OLD_WEIGHTS_KEY), dict):
+        sd = sd[OLD_WEIGHTS_KEY]
+    elif isinstance(sd, dict) and isinstance(sd.get(WEIGHTS_KEY), dict) and isinstance(sd.get(CONFIG_KEY), dict):
+        sd = sd[WEIGHTS_KEY]
+    return _clean_state_dict(sd, path)
+
+
+def _cpu_copy(sd: dict[str, Any]) -> dict[str, Any]:
+    return {k: v.detach().cpu() if isinstance(v, torch.Tensor) else v for k, v in sd.items()}
+
+
+def _safetensors_bytes(sd: dict[str, Any], metadata: dict[str, str] | None = None) -> bytes:
+    # safetensors refuses tensors sharing storage: give each its own contiguous copy.
+    return _st_save({k: v.detach().cpu().contiguous().clone() for k, v in sd.items()}, metadata=metadata)
+
+
+def save_state_dict(sd: dict[str, Any], path: str | os.PathLike) -> None:
+    """Atomically write a state dict {name: Tensor} (.safetensors by suffix, else torch.save format)."""
+    path = Path(path)
+    if _is_safetensors(path):
+        atomic_write_bytes(_safetensors_bytes(sd), path)
+    else:
+        atomic_torch_save(_cpu_copy(sd), path)
+
+
+def save_model_file(state_dict: dict[str, Any], model_config: dict[str, Any], path: str | os.PathLike) -> int:
+    """THE model-file writer: weights + the ModelConfig dict that rebuilds them, atomically; returns bytes.
+
+    ``.safetensors`` by suffix (config in the metadata), else ``{"model", "model_config"}`` via torch.save.
+    """
+    path = Path(path)
+    if not isinstance(model_config, dict):
+        raise TypeError(f"model_config must be a dict (ModelConfig.to_dict()), got {type(model_config).__name__}")
+    if _is_safetensors(path):
+        meta = {SAFETENSORS_CONFIG_KEY: json.dumps(model_config)}
+        return atomic_write_bytes(_safetensors_bytes(state_dict, meta), path)
+    return atomic_torch_save({WEIGHTS_KEY: _cpu_copy(state_dict), CONFIG_KEY: model_config}, path)
+
+
+def save_model(model: BiomedCLIP, path: str | os.PathLike) -> int:
+    """Atomically write ``model`` as a native model file (``.pt`` or ``.safetensors``); returns bytes."""
+    return save_model_file(model.state_dict(), model.config.to_dict(), path)
+
+
+def read_model_file(path: str | os.PathLike, map_location: Any = "cpu") -> tuple[dict[str, Any], dict[str, Any]]:
+    """THE model-file reader: ``(model_config dict, state_dict)`` from a file ``save_model_file`` wrote
+    (or the older ``{"model_config", "state_dict"}`` layout); anything else raises CheckpointError."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"model file not found: {path}")
+    if _is_safetensors(path):
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+        except Exception as e:
+            raise CheckpointError(f"cannot read safetensors file {path}: {e}") from None
+        if SAFETENSORS_CONFIG_KEY not in meta:
+            raise CheckpointError(
+                f"{path} has no {SAFETENSORS_CONFIG_KEY} metadata: a plain safetensors state dict, not a bmclip "
+                "model file (bmclip convert or bmclip train write those)")
+        try:
+            config = json.loads(meta[SAFETENSORS_CONFIG_KEY])
+        except ValueError as e:
+            raise CheckpointError(f"{path}: the {SAFETENSORS_CONFIG_KEY} metadata is not JSON ({e})") from None
+        return config, _clean_state_dict(_load_safetensors(path, map_location), path)
+    obj = safe_torch_load(path, map_location)
+    if isinstance(obj, dict) and CONFIG_KEY in obj:
+        for key in (WEIGHTS_KEY, OLD_WEIGHTS_KEY):
+            if key in obj:
+                return obj[CONFIG_KEY], _clean_state_dict(obj[key], path)
+    if isinstance(obj, dict):
+        keys = sorted(map(str, obj))
+        shown = ", ".join(keys[:6]) + (f", ... ({len(keys)} keys)" if len(keys) > 6 else "")
+        found = f"a dict with keys [{shown}]"
+    else:
+        found = f"a {type(obj).__name__}"
+    raise CheckpointError(
+        f"{path} is not a bmclip model checkpoint: expected a model file, a dict with '{WEIGHTS_KEY}' (the state "
+        f"dict) and '{CONFIG_KEY}' (written by bmclip train / bmclip convert), found {found}")
+
+
+def build_model(model_config: dict[str, Any], state_dict: dict[str, Any], source: str | os.PathLike) -> BiomedCLIP:
+    """A ``BiomedCLIP`` (eval mode) from a config dict and matching weights; ``source`` names them in errors.
+
+    The model is built on the meta device and adopts the tensors (no random initialisation to throw
+    away); a missing, unexpected or wrongly shaped key raises CheckpointError naming it.
+    """
+    try:
+        cfg = ModelConfig.from_dict(model_config)
+    except BmclipError as e:
+        raise CheckpointError(f"{source}: bad model_config ({e})") from None
+    with torch.device("meta"):
+        model = BiomedCLIP(cfg)
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state_dict]
+    if missing:
+        raise CheckpointError(f"{source}: missing key {missing[0]!r} ({len(missing)} missing)")
+    for k, v in state_dict.items():
+        if k not in expected:
+            raise CheckpointError(f"{source}: unexpected key {k!r}")
+        if tuple(v.shape) != tuple(expected[k].shape):
+            raise CheckpointError(
+                f"{source}: {k!r} has shape {tuple(v.shape)}, model expects {tuple(expected[k].shape)}")
+    model.load_state_dict(state_dict, strict=True, assign=True)
+    return model.eval()
+
+
+def load_model(path: str | os.PathLike, map_location: Any = "cpu") -> BiomedCLIP:
+    """Rebuild the ``BiomedCLIP`` (eval mode) saved in the model file ``path``."""
+    config, sd = read_model_file(path, map_location)
+    return build_model(config, sd, path)

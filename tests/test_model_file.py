@@ -1,0 +1,359 @@
+"""Native model files and the one model resolver: safe loading (malicious pickles refused, side effect never
+happens), atomic saving, and every command that takes a model (train --model.init_checkpoint, eval, embed,
+convert) run as a user runs it on a real training checkpoint, its run dir, a convert output and the older
+file layout, with the results checked against models rebuilt independently of the resolver."""
+
+import os
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from test_eval_cli import _shards
+
+from bmclip.cli import build_parser, main
+from bmclip.cli.embed import bundled_samples
+from bmclip.cli.embed import embed as embed_command
+from bmclip.errors import CheckpointError
+from bmclip.interop import WEIGHTS_NAME, load_open_clip, open_clip_state_dict
+from bmclip.io import atomic_writer
+from bmclip.io.checkpoint_dir import latest_valid
+from bmclip.io.model_file import load_state_dict, safe_torch_load, save_state_dict
+from bmclip.model import IMAGE_MEAN, IMAGE_STD, create_model
+from bmclip.model.transforms import load_image
+from bmclip.tokenizer import Tokenizer, get_tokenizer
+from bmclip.train.checkpoint import CheckpointWriter
+
+
+class _Evil:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_malicious_pickle_refused_torch_zip(tmp_path):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.bin"
+    torch.save({"w": torch.zeros(2), "x": _Evil(marker)}, path)
+    with pytest.raises(CheckpointError, match="refusing"):
+        load_state_dict(path)
+    with pytest.raises(CheckpointError, match="refusing"):
+        safe_torch_load(path)
+    assert not marker.exists()
+    # Sanity: the file really is dangerous when loaded unsafely (proves the test can fail).
+    torch.load(path, weights_only=False)
+    assert marker.exists()
+
+
+def test_malicious_raw_pickle_refused(tmp_path):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.pkl"
+    with open(path, "wb") as f:
+        pickle.dump({"w": _Evil(marker)}, f, protocol=2)
+    with pytest.raises(CheckpointError):
+        load_state_dict(path)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("suffix", [".bin", ".pt", ".safetensors"])
+def test_roundtrip(tmp_path, suffix):
+    sd = {"a.weight": torch.randn(3, 4), "b": torch.arange(5), "c": torch.tensor(1.5)}
+    sd["tied"] = sd["a.weight"]  # shared storage must not break safetensors
+    path = tmp_path / f"m{suffix}"
+    save_state_dict(sd, path)
+    back = load_state_dict(path)
+    assert set(back) == set(sd)
+    for k in sd:
+        assert torch.equal(back[k], sd[k])
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temp file left behind
+
+
+def test_training_checkpoint_layout_and_prefixes(tmp_path):
+    path = tmp_path / "ckpt.pt"
+    torch.save({"epoch": 3, "state_dict": {"module.x": torch.ones(2), "module.y": torch.zeros(1)}}, path)
+    assert sorted(load_state_dict(path)) == ["x", "y"]
+
+
+def test_bad_files(tmp_path):
+    with pytest.raises(CheckpointError, match="not found"):
+        load_state_dict(tmp_path / "nope.bin")
+    junk = tmp_path / "junk.bin"
+    junk.write_bytes(b"this is not a checkpoint")
+    with pytest.raises(CheckpointError):
+        load_state_dict(junk)
+    bad_st = tmp_path / "bad.safetensors"
+    bad_st.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}")
+    with pytest.raises(CheckpointError):
+        load_state_dict(bad_st)
+    notsd = tmp_path / "list.pt"
+    torch.save([torch.ones(1)], notsd)
+    with pytest.raises(CheckpointError, match="not a state dict"):
+        load_state_dict(notsd)
+    mixed = tmp_path / "mixed.pt"
+    torch.save({"a": torch.ones(1), "step": 7}, mixed)
+    with pytest.raises(CheckpointError, match="'step'"):
+        load_state_dict(mixed)
+
+
+def test_atomic_writer_leaves_old_file_on_failure(tmp_path):
+    path = tmp_path / "f.bin"
+    path.write_bytes(b"old")
+    with pytest.raises(RuntimeError), atomic_writer(path) as f:
+        f.write(b"half")
+        raise RuntimeError("crash mid-write")
+    assert path.read_bytes() == b"old"
+    assert [p.name for p in tmp_path.iterdir()] == ["f.bin"]
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
+def test_save_load_model(tmp_path, suffix):
+    from bmclip.io.model_file import load_model, save_model
+    from bmclip.model import create_model
+
+    torch.manual_seed(0)
+    model = create_model("tiny", init_logit_bias=-5.0)
+    save_model(model, tmp_path / f"m{suffix}")
+    back = load_model(tmp_path / f"m{suffix}")
+    assert back.config == model.config
+    sd0, sd1 = model.state_dict(), back.state_dict()
+    assert set(sd0) == set(sd1) and all(torch.equal(sd0[k], sd1[k]) for k in sd0)
+    assert all(p.requires_grad for p in back.parameters())
+    images, ids = torch.randn(2, 3, 64, 64), torch.randint(1, 100, (2, 10))
+    with torch.no_grad():
+        torch.testing.assert_close(
+            back.eval()(images, ids)["text_features"], model.eval()(images, ids)["text_features"]
+        )
+
+
+def test_load_model_key_errors(tmp_path):
+    from bmclip.io.model_file import load_model
+    from bmclip.model import create_model
+
+    model = create_model("tiny")
+    sd = model.state_dict()
+    cfg = model.config.to_dict()
+    torch.save({"model_config": cfg, "state_dict": {k: v for k, v in sd.items() if k != "visual.norm.bias"}},
+               tmp_path / "a.pt")  # fmt: skip
+    with pytest.raises(CheckpointError, match="visual.norm.bias"):
+        load_model(tmp_path / "a.pt")
+    torch.save({"model_config": cfg, "state_dict": {**sd, "extra.w": torch.ones(1)}}, tmp_path / "b.pt")
+    with pytest.raises(CheckpointError, match="extra.w"):
+        load_model(tmp_path / "b.pt")
+    torch.save(sd, tmp_path / "c.pt")
+    with pytest.raises(CheckpointError, match="not a bmclip model checkpoint"):
+        load_model(tmp_path / "c.pt")
+
+
+# ------------------------------------------------------------------------------------------------------
+# One model file, one resolver: every command that takes a model, run as a user runs it.
+
+TRAIN_SMALL = ["--progress=false", "--data.batch_size=8", "--val_every=0", "--num_threads=1", "--data.num_threads=1",
+               "--log_every=1"]
+
+
+def _independent_model(model_pt):
+    """The model in a model file, rebuilt with plain torch.load + create_model (not the code under test)."""
+    blob = torch.load(model_pt, map_location="cpu", weights_only=True)
+    model = create_model(blob["model_config"])
+    model.load_state_dict(blob["model"] if "model" in blob else blob["state_dict"], strict=True)
+    return model.eval()
+
+
+def _embed_similarity(*argv):
+    return embed_command(build_parser().parse_args(["embed", *argv]))["similarity"]
+
+
+def _reference_similarity(model, tok):
+    paths, caps = bundled_samples()
+    pix = torch.stack([load_image(p, model.config.vision.image_size) for p in paths])
+    with torch.no_grad():
+        img = F.normalize(model.encode_image(pix), dim=-1)
+        return img @ F.normalize(model.encode_text(tok(caps)), dim=-1).T
+
+
+def _eval_embeddings(model_arg, run, out):
+    """``bmclip eval retrieval MODEL`` on the run's shards; the stored (image, text) embeddings."""
+    rc = main(["eval", "retrieval", str(model_arg), "--shards", run["shards"], "--out", str(out), "--reader",
+               "python", "--device", "cpu", "--batch-size", "8", "--storage-dtype", "float32"])
+    assert rc == 0
+    return np.load(out / "embeddings" / "image_emb.npy"), np.load(out / "embeddings" / "text_emb.npy")
+
+
+def _reference_embeddings(model, tok, pairs):
+    """Pair i's embeddings computed directly: flat-colour image i (exact through resizing) and caption i."""
+    s = model.config.vision.image_size
+    colours = torch.tensor([c for c, _ in pairs], dtype=torch.float64) / 255.0
+    x = (colours - torch.tensor(IMAGE_MEAN, dtype=torch.float64)) / torch.tensor(IMAGE_STD, dtype=torch.float64)
+    x = x.float()[:, :, None, None].expand(-1, -1, s, s).contiguous()
+    with torch.no_grad():
+        return model.encode_image(x).numpy(), model.encode_text(tok([t for _, t in pairs])).numpy()
+
+
+def _assert_embeddings(got, want):
+    for g, w in zip(got, want):
+        assert g.shape == w.shape
+        np.testing.assert_allclose(g, w, rtol=0, atol=1e-4 * np.abs(w).max())
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A real ``bmclip train`` run on webdataset shards with its own tokenizer (2 steps, a checkpoint each)."""
+    root = tmp_path_factory.mktemp("trained")
+    pairs = _shards(root, n=24, per_shard=10)
+    tok = Tokenizer.train([c for _, c in pairs] * 3, vocab_size=200, context_length=32)
+    tok.save(root / "tok")
+    run = root / "run"
+    shards = str(root / "shard-{000000..000002}.tar")
+    rc = main(["train", "tiny-cpu", f"--out_dir={run}", "--steps=2", "--ckpt_every=1", "--keep_last=5",
+               f"--data.train={shards}", "--data.synthetic=false", f"--data.tokenizer={root / 'tok'}", *TRAIN_SMALL])
+    assert rc == 0
+    ckpt = run / "checkpoints" / "step_00000002"
+    assert latest_valid(run / "checkpoints") == ckpt and (ckpt / "vocab.txt").is_file()
+    return {"run": run, "ckpt": ckpt, "pairs": pairs, "shards": shards, "tok_dir": root / "tok"}
+
+
+def test_training_checkpoint_through_embed_eval_and_convert(trained, tmp_path, capsys):
+    run, ckpt = trained["run"], trained["ckpt"]
+    model = _independent_model(ckpt / "model.pt")
+    ctx = model.config.text.context_length
+    tok = get_tokenizer(trained["tok_dir"], context_length=ctx)  # the tokenizer the run was trained with
+    want = _reference_similarity(model, tok)
+    # The checkpoint's own tokenizer is what makes the numbers right: the bundled one gives others.
+    assert not torch.allclose(want, _reference_similarity(model, get_tokenizer(None, context_length=ctx)), atol=1e-3)
+    for arg in (run, ckpt, ckpt / "model.pt"):
+        torch.testing.assert_close(_embed_similarity("--checkpoint", str(arg)), want, rtol=0, atol=1e-5)
+    assert main(["embed", "--checkpoint", str(run)]) == 0
+    assert "cosine similarity" in capsys.readouterr().out
+
+    want_emb = _reference_embeddings(model, tok, trained["pairs"])
+    for i, arg in enumerate((run, ckpt)):
+        _assert_embeddings(_eval_embeddings(arg, trained, tmp_path / f"eval{i}"), want_emb)
+
+    # The tiny ViT has no timm twin, so open_clip could not build it: the export refuses, naming why; the
+    # checkpoint itself was read (it is not rejected as "not a bmclip model").
+    capsys.readouterr()
+    assert main(["convert", "--to-open-clip", str(run), "--out", str(tmp_path / "oc")]) == 2
+    err = capsys.readouterr().err
+    assert "timm" in err and "not a bmclip" not in err
+
+
+def _open_clip_folder(tmp_path, seed=3):
+    """An open_clip-layout folder of a tiny model (64-wide heads: the shapes alone describe it exactly)."""
+    torch.manual_seed(seed)
+    src = create_model("tiny", vision={"heads": 2}, text={"heads": 2}).eval()
+    save_state_dict(open_clip_state_dict(src), tmp_path / "oc" / WEIGHTS_NAME)
+    return src, tmp_path / "oc"
+
+
+def _init_checkpoint_run(model_arg, out, capsys):
+    rc = main(["train", "tiny-cpu", f"--out_dir={out}", f"--model.init_checkpoint={model_arg}", "--steps=1",
+               "--optim.lr=1e-12", "--data.synthetic_size=64", *TRAIN_SMALL])
+    assert rc == 0, capsys.readouterr().err[-2000:]
+    return torch.load(latest_valid(out / "checkpoints") / "model.pt", weights_only=True)["model"]
+
+
+def _assert_started_from(sd, src):
+    # One step at lr 1e-12 moves no weight by more than ~1e-12: the run started from ``src``'s weights,
+    # which are far from a fresh initialisation.
+    ref = src.state_dict()
+    assert set(sd) == set(ref)
+    for k in ref:
+        torch.testing.assert_close(sd[k], ref[k], rtol=0, atol=1e-6, msg=k)
+    fresh = create_model("tiny").state_dict()
+    assert max((fresh[k] - ref[k]).abs().max().item() for k in ref) > 1e-2
+
+
+def test_convert_output_through_init_checkpoint_and_eval(trained, tmp_path, capsys):
+    src, oc = _open_clip_folder(tmp_path)
+    for suffix in (".pt", ".safetensors"):
+        assert main(["convert", "--from-open-clip", str(oc), "--out", str(tmp_path / f"m{suffix}")]) == 0
+    blob = torch.load(tmp_path / "m.pt", weights_only=True)
+    assert set(blob) == {"model", "model_config"}  # the one layout, the same as a training checkpoint's model.pt
+
+    _assert_started_from(_init_checkpoint_run(tmp_path / "m.pt", tmp_path / "run_pt", capsys), src)
+
+    tok = get_tokenizer(None, context_length=src.config.text.context_length)  # no vocab.txt beside the files
+    want = _reference_embeddings(src, tok, trained["pairs"])
+    _assert_embeddings(_eval_embeddings(tmp_path / "m.safetensors", trained, tmp_path / "eval_st"), want)
+
+
+def test_older_layout_still_reads(tmp_path, capsys):
+    # What ``bmclip convert`` wrote before there was one layout: {"model_config", "state_dict"}.
+    torch.manual_seed(5)
+    src = create_model("tiny").eval()
+    old = tmp_path / "old" / "model.pt"
+    old.parent.mkdir()
+    torch.save({"model_config": src.config.to_dict(), "state_dict": src.state_dict()}, old)
+    _assert_started_from(_init_checkpoint_run(old, tmp_path / "run", capsys), src)
+    want = _reference_similarity(src, get_tokenizer(None, context_length=src.config.text.context_length))
+    for arg in (old, old.parent):
+        torch.testing.assert_close(_embed_similarity("--checkpoint", str(arg)), want, rtol=0, atol=1e-5)
+
+
+def test_wrong_model_argument_is_a_clear_checkpoint_error(trained, tmp_path, capsys):
+    model = create_model("tiny")
+    plain = tmp_path / "plain.pt"
+    torch.save(model.state_dict(), plain)  # weights without the config that rebuilds them
+    bare_st = tmp_path / "bare.safetensors"
+    save_state_dict(model.state_dict(), bare_st)
+    other = tmp_path / "other.pt"
+    torch.save({"model": create_model("tiny", embed_dim=48).state_dict(),
+                "model_config": create_model("tiny", embed_dim=48).config.to_dict()}, other)
+    (tmp_path / "empty").mkdir()
+    broken = tmp_path / "broken_run" / "checkpoints" / "step_00000001"
+    broken.mkdir(parents=True)
+    (broken / "model.pt").write_bytes((trained["ckpt"] / "model.pt").read_bytes()[:1000])
+    (broken / "meta.json").write_text((trained["ckpt"] / "meta.json").read_text())
+    no_model = tmp_path / "no_model"
+    no_model.mkdir()
+    (no_model / "meta.json").write_text((trained["ckpt"] / "meta.json").read_text())
+    cases = [
+        (["eval", "retrieval", str(plain), "--shards", trained["shards"]],
+         [str(plain), "not a bmclip model checkpoint", "'model'", "'model_config'", "found a dict with keys"]),
+        (["embed", "--checkpoint", str(bare_st)], [str(bare_st), "bmclip_model_config"]),
+        (["embed", "--checkpoint", str(tmp_path / "empty")], [str(tmp_path / "empty"), "no bmclip model found",
+                                                              "checkpoint dir", "open_clip folder"]),
+        (["convert", "--to-open-clip", str(tmp_path / "nope"), "--out", str(tmp_path / "x")],
+         [str(tmp_path / "nope"), "does not exist"]),
+        (["eval", "retrieval", str(broken.parent.parent), "--shards", trained["shards"]],
+         [str(broken.parent.parent), "none of its 1 checkpoint dir(s) is complete"]),
+        (["embed", "--checkpoint", str(broken)], [str(broken), "incomplete"]),
+        (["embed", "--checkpoint", str(no_model)], [str(no_model), "incomplete", "no model.pt"]),
+        (["train", "tiny-cpu", f"--out_dir={tmp_path / 'r1'}", f"--model.init_checkpoint={plain}", *TRAIN_SMALL],
+         ["model.init_checkpoint: ", str(plain), "not a bmclip model checkpoint"]),
+        (["train", "tiny-cpu", f"--out_dir={tmp_path / 'r2'}", f"--model.init_checkpoint={other}", *TRAIN_SMALL],
+         ["model.init_checkpoint: ", str(other), "does not fit the model", "has shape"]),
+    ]
+    for argv, needles in cases:
+        capsys.readouterr()
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert "Traceback" not in err and "KeyError" not in err, err
+        for needle in needles:
+            assert needle in err, (argv, needle, err)
+
+
+@pytest.mark.slow
+def test_training_checkpoint_exports_to_open_clip_with_its_tokenizer(tmp_path, capsys):
+    """``convert --to-open-clip RUN_DIR`` on a checkpoint of an exportable model (ViT-S/16 + BERT-base, the
+    smallest open_clip can build) writes the released layout, with the checkpoint's tokenizer shipped."""
+    torch.manual_seed(0)
+    model = create_model("biomedclip-vit-s16-224").eval()
+    tok = get_tokenizer(context_length=model.config.text.context_length)
+    w = CheckpointWriter(tmp_path / "run" / "checkpoints", 7)
+    w.begin()
+    w.write_rank({"rng": {}, "loader": {}})
+    w.write_main(model.state_dict(), model.config.to_dict(), {"step": 7}, tokenizer=tok)
+    w.commit()
+    out = tmp_path / "export"
+    assert main(["convert", "--to-open-clip", str(tmp_path / "run"), "--out", str(out)]) == 0
+    assert "step 7" in capsys.readouterr().out
+    assert (out / "vocab.txt").read_text() == Path(tmp_path / "run" / "checkpoints" / "step_00000007" /
+                                                   "vocab.txt").read_text()
+    back = load_open_clip(out)
+    sd0, sd1 = model.state_dict(), back.state_dict()
+    assert set(sd0) == set(sd1) and all(torch.equal(sd0[k], sd1[k]) for k in sd0)
