@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import os
 import sys
 import time
@@ -23,21 +22,18 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_common import pillow_crop_resize, psnr, write_json_atomic  # noqa: E402
+
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_DATA = Path(os.environ.get("BMCLIP_SHARED", REPO.parent / "shared")) / "data" / "pmc_samples"
-
-
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    """PSNR in dB between two uint8 arrays (inf when equal)."""
-    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
-    return float("inf") if mse == 0 else float(10 * np.log10(255.0**2 / mse))
 
 
 def reference(im: Image.Image, C, size: int, seed: int, i: int, augment: str) -> np.ndarray:
     """Pillow (= torchvision on PIL images) output for the crop decode_batch picks for sample i."""
     window, resized, off = C.crop_box(im.width, im.height, size, seed, i, augment)
     if augment == "random_resized_crop":
-        return np.asarray(im.crop(window).resize(resized, Image.BICUBIC))
+        return pillow_crop_resize(im, window, resized)
     r = np.asarray(im.resize(resized, Image.BICUBIC))
     return r[off[1] : off[1] + size, off[0] : off[0] + size]
 
@@ -137,9 +133,7 @@ def main(argv=None) -> int:
         ratio = v["images_per_cpu_s"] / base["images_per_cpu_s"]
         print(f"{k:52s} {v['images_per_s']:7.1f} {v['images_per_cpu_s']:10.1f} {ratio:19.2f}")
     if args.out:
-        tmp = args.out.with_suffix(args.out.suffix + ".tmp")
-        tmp.write_text(json.dumps({"fidelity": fid, "speed": spd, "n": len(blobs), "size": args.size}, indent=1))
-        os.replace(tmp, args.out)
+        write_json_atomic(args.out, {"fidelity": fid, "speed": spd, "n": len(blobs), "size": args.size})
     return 0
 
 

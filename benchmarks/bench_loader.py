@@ -280,7 +280,15 @@ def main(argv=None) -> int:
                     help="also time the trainer's GPU paths (DALI mixed decode; C++ loader + normalize_images), "
                          "all cores; "
                          "use --batch 256 on a GPU node")
+    ap.add_argument("--peers", nargs=argparse.REMAINDER, default=None, metavar="ARGS",
+                    help="run benchmarks/loader_peers.py with ARGS instead (ShardLoader vs webdataset + torchvision.io "
+                         "+ v2 + DataLoader workers, with PSNR; its --help lists ARGS)")
     args = ap.parse_args(argv)
+    if args.peers is not None:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))  # loader_peers.py lives beside this script
+        import loader_peers  # needs webdataset and torchvision, which the other rows do not
+
+        return loader_peers.main(args.peers)
 
     jpegs = find_jpegs(args.data)
     if not jpegs and args.data == DEFAULT_DATA:
