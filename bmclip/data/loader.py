@@ -61,108 +61,20 @@ import hashlib
 import os
 import queue
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import torch
 
 from bmclip._ext import load_ext
 from bmclip.data import remote
 from bmclip.data.cursor import SHARD_REASONS, Counters, Cursor, CursorState
+from bmclip.data.loader_options import LoaderOptions
 from bmclip.data.producer import END, BatchAssembler, Pipe, make_ring
 from bmclip.data.shards import expand_urls, shard_order, split_shards
 from bmclip.data.text import BackgroundTokenizer
 from bmclip.errors import ConfigError, DataError
 
 __all__ = ["LoaderOptions", "ShardLoader"]
-
-AUGMENTS = ("random_resized_crop", "center")
-
-
-def _is_int(v: Any) -> bool:
-    return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
-
-
-@dataclass
-class LoaderOptions:
-    """``ShardLoader``'s keyword options, checked (ConfigError) and normalised on construction.
-
-    ``num_threads=None`` becomes the cores this process may use; ``shuffle=False`` turns the sample
-    shuffle buffer off (the stream order is then the shard order).
-    """
-
-    batch_size: int
-    image_size: int
-    num_threads: int | None = None
-    augment: str = "random_resized_crop"
-    shuffle: bool = True
-    seed: int = 0
-    epoch: int = 0
-    rank: int = 0
-    world_size: int = 1
-    resampled: bool = False
-    shuffle_buffer: int = 1000
-    drop_last: bool = False
-    num_workers: int | None = None
-    worker_id: int | None = None
-    prefetch: int = 2
-    pin_memory: bool = False
-    scale: tuple[float, float] = (0.9, 1.0)
-    ratio: tuple[float, float] = (3 / 4, 4 / 3)
-    decode: bool = True
-    # extra keyword arguments of bmclip._C.Decoder.decode_batch (e.g. interpolation, dct_min_ratio: the
-    # speed/fidelity trade-off of DCT-domain downscaling); checked by the extension on first use
-    decode_options: dict[str, Any] = field(default_factory=dict)
-    # remote shards (bmclip.data.remote): the download cache's folder, byte limit and look-ahead, the
-    # fsspec storage options (endpoint, credentials) and the retry/timeout policy
-    cache_dir: str | os.PathLike | None = None
-    cache_bytes: int = remote.DEFAULT_CACHE_BYTES
-    prefetch_shards: int = remote.DEFAULT_PREFETCH_SHARDS
-    storage_options: dict[str, Any] = field(default_factory=dict)
-    fetch_options: remote.FetchOptions | dict[str, Any] | None = None
-
-    def __post_init__(self) -> None:
-        for name in ("batch_size", "image_size", "world_size", "prefetch"):
-            v = getattr(self, name)
-            if not _is_int(v) or v < 1:
-                raise ConfigError(f"{name} must be an integer >= 1, got {v!r}")
-        if not _is_int(self.rank) or not 0 <= self.rank < self.world_size:
-            raise ConfigError(f"rank must be in [0, world_size={self.world_size}), got {self.rank!r}")
-        if self.augment not in AUGMENTS:
-            raise ConfigError(f"augment must be one of {AUGMENTS}, got {self.augment!r}")
-        if self.num_threads is None:
-            self.num_threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-        if not isinstance(self.num_threads, int) or self.num_threads < 1:
-            raise ConfigError(f"num_threads must be an integer >= 1, got {self.num_threads!r}")
-        if not isinstance(self.shuffle_buffer, int) or self.shuffle_buffer < 0:
-            raise ConfigError(f"shuffle_buffer must be an integer >= 0, got {self.shuffle_buffer!r}")
-        if (self.num_workers is None) != (self.worker_id is None):
-            raise ConfigError("num_workers and worker_id are given together (or neither)")
-        if self.num_workers is not None and not 0 <= self.worker_id < self.num_workers:
-            raise ConfigError(f"worker_id must be in [0, num_workers={self.num_workers}), got {self.worker_id!r}")
-        if self.pin_memory and not torch.cuda.is_available():
-            raise ConfigError("pin_memory=True needs CUDA (torch.cuda.is_available() is False)")
-        if not (0 < self.scale[0] <= self.scale[1] <= 1.0):
-            raise ConfigError(f"scale must satisfy 0 < lo <= hi <= 1, got {self.scale!r}")
-        if not (0 < self.ratio[0] <= self.ratio[1]):
-            raise ConfigError(f"ratio must satisfy 0 < lo <= hi, got {self.ratio!r}")
-        self.decode_options = dict(self.decode_options or {})
-        clash = {"augment", "seed", "scale", "ratio"} & set(self.decode_options)
-        if clash:
-            raise ConfigError(f"decode_options may not set {sorted(clash)}: they are ShardLoader arguments")
-        for name in ("batch_size", "image_size", "seed", "epoch", "rank", "world_size", "prefetch"):
-            setattr(self, name, int(getattr(self, name)))
-        for name in ("shuffle", "resampled", "drop_last", "pin_memory", "decode"):
-            setattr(self, name, bool(getattr(self, name)))
-        # shuffle=False means stream order: the buffer would reorder samples, so it is off
-        self.shuffle_buffer = int(self.shuffle_buffer) if self.shuffle else 0
-        self.scale = (float(self.scale[0]), float(self.scale[1]))
-        self.ratio = (float(self.ratio[0]), float(self.ratio[1]))
-        remote.ShardCache.check_args(self.cache_bytes, self.prefetch_shards)
-        self.storage_options = dict(self.storage_options or {})
-        self.fetch_options = remote.FetchOptions.coerce(self.fetch_options)
-
 
 class ShardLoader(torch.utils.data.IterableDataset):
     """Batches ``{"image": uint8 [N,S,S,3], "text", "key", ["json"], ["input_ids"]}`` from tar shards.

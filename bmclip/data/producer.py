@@ -18,16 +18,14 @@ import queue
 import threading
 import weakref
 from concurrent.futures import Future
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
 
 from bmclip.data.cursor import Cursor, CursorState, Sample, mix
+from bmclip.data.loader_options import LoaderOptions
 from bmclip.data.text import BackgroundTokenizer
-
-if TYPE_CHECKING:
-    from bmclip.data.loader import LoaderOptions
 
 __all__ = ["BatchAssembler", "END", "Pipe", "Stopped", "make_ring"]
 
