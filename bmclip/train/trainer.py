@@ -496,9 +496,16 @@ class Trainer:
         self.signals.step = self.step
         t0 = time.perf_counter()
         bad_before = getattr(self.source, "bad_batches", 0)
-        with self.signals.data_wait():
-            self.hooks.fire("data_wait", step=self.step)
-            batch = next(self.source)
+        # a stop signal may interrupt the source halfway through a batch: the checkpoint then takes the position
+        # from before the wait (the batches handed out)
+        before = self.source.state_dict() if self.signals.interrupt_data_wait else None
+        try:
+            with self.signals.data_wait():
+                self.hooks.fire("data_wait", step=self.step)
+                batch = next(self.source)
+        except DataWaitInterrupted:
+            self.source.load_state_dict(before)
+            raise
         ids_cpu = batch["input_ids"]
         if "images" in batch:  # DALI: already decoded, augmented and normalised (on this GPU under CUDA)
             images = batch["images"].to(self.device, non_blocking=True)
