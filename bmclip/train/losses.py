@@ -23,9 +23,7 @@ from torch import nn
 
 from bmclip.errors import ConfigError
 from bmclip.kernels import ClipLoss, SigLipLoss
-
-# (image_features, text_features, logit_scale, logit_bias | None) -> scalar loss of this rank
-LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
+from bmclip.train.gradcache import LossFn
 
 
 @dataclass(frozen=True)
