@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 import yaml
 
-from bmclip.data.dali import DaliAugment, dali_available
+from bmclip.data import dali as dali_mod  # module attributes: tests replace DaliAugment / dali_available
 from bmclip.errors import BmclipError, CheckpointError, ConfigError
 from bmclip.interop import export_open_clip, open_clip_config
 from bmclip.io import atomic_write_text
@@ -156,8 +156,8 @@ def augment_backend(cfg: TrainConfig, device: torch.device) -> str:
     if cfg.data.synthetic or want == "torch":
         return "torch"
     if want == "auto":
-        return "dali" if device.type == "cuda" and dali_available() else "torch"
-    if not dali_available():
+        return "dali" if device.type == "cuda" and dali_mod.dali_available() else "torch"
+    if not dali_mod.dali_available():
         raise ConfigError("data.augment_backend=dali: NVIDIA DALI is not installed (pip install nvidia-dali-cuda130); "
                           "use data.augment_backend=torch for bmclip's C++ loader")
     return "dali"
@@ -186,9 +186,9 @@ def _build_source(cfg: TrainConfig, info: DistInfo, mcfg, tokenizer):
         def make_augment():
             try:
                 # nvJPEG ("mixed") decode on this rank's GPU; the CPU-only graph without CUDA
-                return DaliAugment(batch_size=local, image_size=size, source="encoded", augment=cfg.data.augment,
-                                   device_id=device_id, num_threads=cfg.data.num_threads, seed=cfg.seed,
-                                   host_params=True)
+                return dali_mod.DaliAugment(batch_size=local, image_size=size, source="encoded",
+                                            augment=cfg.data.augment, device_id=device_id,
+                                            num_threads=cfg.data.num_threads, seed=cfg.seed, host_params=True)
             except Exception as e:  # any build failure is a configuration problem of this key
                 raise ConfigError(f"data.augment_backend=dali: building the DALI pipeline failed ({type(e).__name__}: "
                                   f"{str(e).strip()[:300]}); use data.augment_backend=torch") from e
@@ -496,16 +496,9 @@ class Trainer:
         self.signals.step = self.step
         t0 = time.perf_counter()
         bad_before = getattr(self.source, "bad_batches", 0)
-        # a stop signal may interrupt the source halfway through a batch: the checkpoint then takes the position
-        # from before the wait (the batches handed out)
-        before = self.source.state_dict() if self.signals.interrupt_data_wait else None
-        try:
-            with self.signals.data_wait():
-                self.hooks.fire("data_wait", step=self.step)
-                batch = next(self.source)
-        except DataWaitInterrupted:
-            self.source.load_state_dict(before)
-            raise
+        with self.signals.data_wait():
+            self.hooks.fire("data_wait", step=self.step)
+            batch = next(self.source)
         ids_cpu = batch["input_ids"]
         if "images" in batch:  # DALI: already decoded, augmented and normalised (on this GPU under CUDA)
             images = batch["images"].to(self.device, non_blocking=True)
