@@ -555,3 +555,22 @@ def test_backoff_grows_exponentially_with_bounded_jitter():
         ds = [opts.delay(attempt, rng) for _ in range(200)]
         assert all(0.5 * cap <= d <= cap for d in ds)
         assert max(ds) - min(ds) > 0.3 * cap  # jittered, not a fixed delay
+
+
+def test_training_run_reports_download_wait_and_bytes(shards, http, tmp_path, capsys):
+    from bmclip.train.config import load_config
+    from bmclip.train.trainer import train
+
+    pattern = f"{http.base}/shard-{{000000..000004}}.tar"
+    out = tmp_path / "run"
+    cfg = load_config("tiny-cpu", [f"--data.train={pattern}", "--data.synthetic=false", "--data.batch_size=4",
+                                   "--data.augment_backend=torch", f"--data.cache_dir={tmp_path / 'cache'}",
+                                   "--data.tokenizer=", "--steps=2", "--log_every=1", "--progress=false",
+                                   f"--out_dir={out}", "--ckpt_every=0", "--export_open_clip=false"])
+    train(cfg)
+    recs = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
+    train_recs = [r for r in recs if r.get("kind") == "train"]
+    assert train_recs and train_recs[-1]["data_bytes_fetched"] >= min(Path(p).stat().st_size for p in shards)
+    assert train_recs[-1]["data_fetch_wait_s"] > 0 and train_recs[-1]["data_shards_fetch_failed"] == 0
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("[bmclip] step ")]
+    assert len(lines) == 2 and all(" data wait " in ln and "(downloads " in ln for ln in lines)

@@ -77,18 +77,18 @@ def test_poisoned_weights_are_never_checkpointed(tmp_path):
     from bmclip.model import create_model
     from bmclip.train.distributed import DistInfo
     from bmclip.train.optim import CosineSchedule, build_optimizer
-    from bmclip.train.trainer import _save
 
     cfg = _cfg(tmp_path)
     m = create_model("tiny")
     opt = build_optimizer(m, cfg.optim, "cpu")
     sched = CosineSchedule(opt, base_lr=1e-3, warmup_steps=1, total_steps=10)
     src = SyntheticSource(size=64, global_batch=16, image_size=64, context_length=64, seed=0)
-    assert _save(cfg, DistInfo(), 1, m, opt, sched, src, None, {}) is not None
+    mgr = C.CheckpointManager(tmp_path, DistInfo(), keep_last=cfg.keep_last, train_config=cfg.to_dict())
+    assert mgr.save(1, m, opt, sched, src) is not None
     with torch.no_grad():
         m.visual.proj.weight[0, 0] = float("nan")
     with pytest.raises(NonFiniteLossError, match="NaN"):
-        _save(cfg, DistInfo(), 2, m, opt, sched, src, None, {})
+        mgr.save(2, m, opt, sched, src)
     assert C.latest_valid(tmp_path / "checkpoints").name == "step_00000001"
 
 

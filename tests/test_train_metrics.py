@@ -99,7 +99,7 @@ def test_cpu_peak_memory_is_this_process_not_its_parent():
     import torch
 
     big = torch.ones(3 * 2**30, dtype=torch.uint8)  # touched: 3 GiB resident in this process
-    code = "import torch; from bmclip.train.trainer import _peak_memory_gb; print(_peak_memory_gb(torch.device('cpu')))"
+    code = "import torch; from bmclip.train.metrics import peak_memory_gb; print(peak_memory_gb(torch.device('cpu')))"
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
     child_gb = float(res.stdout.strip().splitlines()[-1])

@@ -202,7 +202,7 @@ def test_plain_lines_off_a_terminal_banner_and_config_yaml(tmp_path):
     lines = r.stdout.splitlines()
     steps = [ln for ln in lines if ln.startswith("[bmclip] step ")]
     assert [ln.split()[2] for ln in steps] == ["2/4", "4/4"]
-    assert all(" loss " in ln and " samples/s " in ln and " ETA " in ln for ln in steps)
+    assert all(" loss " in ln and " samples/s " in ln and " data wait " in ln and " ETA " in ln for ln in steps)
     banner = "\n".join(ln for ln in lines if ln.startswith("[bmclip] ") and ln not in steps)
     for part in ("model tiny (", "M parameters", "data: synthetic (2048 pairs); global batch 16", "device cpu",
                  "world size 1", f"out_dir {tmp_path}", "fresh start at step 0", "4 steps"):

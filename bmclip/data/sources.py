@@ -175,14 +175,18 @@ class ShardSource:
         skipped (so the skip rate is ``samples_skipped / samples_read``); ``skipped_by_reason``:
         {reason: n} over sample reasons (see ``ShardLoader.stats``); ``tar_errors``: shard reads that
         hit tar damage or could not open; ``example_error``: the first skip as "key: reason" (None if
-        none). Also ``lost_tail_bytes`` (bytes of damaged shards after the damage point).
+        none). Also ``lost_tail_bytes`` (bytes of damaged shards after the damage point), and for remote
+        shards ``fetch_wait_s`` (seconds the loader waited for shard downloads), ``bytes_fetched`` and
+        ``shards_fetch_failed`` (downloads that failed within their attempts; zeros for local shards).
         """
         st = self.loader.stats
         by_reason = {k: int(v) for k, v in st["skipped"].items() if k not in SHARD_REASONS}
         skipped = sum(by_reason.values())
         return {"samples_read": int(st["samples"]) + int(st["dropped_last"]) + skipped, "samples_skipped": skipped,
                 "skipped_by_reason": by_reason, "tar_errors": int(st["tar_damaged_shards"]),
-                "example_error": st["example_error"], "lost_tail_bytes": int(st["lost_tail_bytes"])}
+                "example_error": st["example_error"], "lost_tail_bytes": int(st["lost_tail_bytes"]),
+                "fetch_wait_s": float(st.get("fetch_wait_s", 0.0)), "bytes_fetched": int(st.get("bytes_fetched", 0)),
+                "shards_fetch_failed": int(st["skipped"].get("shard_fetch_failed", 0))}
 
     def close(self) -> None:
         """Stop the loader's background producer (a later ``next`` starts it again where it was)."""

@@ -104,6 +104,8 @@ class ModelConfig:
     embed_dim: int = 512
     vision: VisionConfig = field(default_factory=VisionConfig)
     text: TextConfig = field(default_factory=TextConfig)
+    # The learned logit scale starts at exp(init_logit_scale) (the parameter holds its log, as open_clip's); a
+    # bias parameter exists when init_logit_bias is set. Training takes both from the loss (bmclip.train.losses).
     init_logit_scale: float = math.log(1 / 0.07)
     init_logit_bias: float | None = None
     attn_backend: str = DEFAULT_ATTN_BACKEND

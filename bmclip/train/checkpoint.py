@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from bmclip.errors import CheckpointError
+from bmclip.errors import BmclipError, CheckpointError, ConfigError
 from bmclip.io import atomic_torch_save, atomic_write_text, fsync_dir
 from bmclip.io.checkpoint_dir import (
     FORMAT,
@@ -44,6 +44,8 @@ from bmclip.io.checkpoint_dir import (
 )
 from bmclip.io.model_file import read_model_file, save_model_file
 from bmclip.io.model_file import safe_torch_load as safe_load
+from bmclip.train.distributed import all_reduce_flag, barrier, full_state_dicts, load_full_state_dicts, unwrap
+from bmclip.train.guard import NonFiniteLossError
 
 __all__ = [
     "FORMAT", "CheckpointWriter", "atomic_torch_save", "atomic_write_text", "from_safe", "fsync_dir", "is_valid",
@@ -201,3 +203,119 @@ def load_checkpoint(ckpt: str | os.PathLike, rank: int = 0) -> dict:
     rs = from_safe(safe_load(rank_file)) if rank_file.is_file() else None
     return {"meta": meta, "model": model_state, "model_config": model_config, "train_state": ts,
             "rank_state": rs}
+
+
+# ---------------------------------------------------------------------------------------------------
+# The training run's checkpoints: save, resume, prune
+
+class CheckpointManager:
+    """The checkpoints of one training run in ``OUT/checkpoints``: where to resume, save (collective), prune.
+
+    ``save`` gathers the full model and optimizer state (a collective under FSDP), refuses non-finite weights
+    (NonFiniteLossError, before anything is written), writes every rank's RNG + data-loader state and rank 0's
+    model / train state / tokenizer through :class:`CheckpointWriter`, commits, and prunes to ``keep_last``.
+    ``hooks.fire("checkpoint_staged", step=)`` runs on rank 0 between the last file and the commit.
+    ``restore`` puts a loaded checkpoint back into the model, optimizer, scheduler and data source.
+    """
+
+    def __init__(self, out_dir: str | os.PathLike, info, *, keep_last: int = 3, every: int = 0,
+                 parallel: str = "ddp", train_config: dict | None = None, hooks=None):
+        self.out = Path(out_dir)
+        self.root = self.out / "checkpoints"
+        self.info = info
+        self.keep_last, self.every, self.parallel = keep_last, every, parallel
+        self.train_config = train_config or {}
+        self.hooks = hooks
+        self.last_saved = 0  # step of the newest checkpoint of this run (the resume point; 0: none yet)
+
+    # -- resume ------------------------------------------------------------------------------------
+
+    def find_resume(self, resume: str) -> Path | None:
+        """The checkpoint ``resume`` names: ``auto`` the newest valid one here, ``none`` None, else a checkpoint
+        dir or a dir holding checkpoints (CheckpointError when it holds none)."""
+        if resume == "none":
+            return None
+        if resume == "auto":
+            return latest_valid(self.root)
+        p = Path(resume)
+        if is_valid(p):
+            return p
+        latest = latest_valid(p / "checkpoints") or latest_valid(p)
+        if latest is None:
+            raise CheckpointError(f"resume: {resume} is not a valid checkpoint (or a dir containing one)")
+        return latest
+
+    def set_aside(self, stamp: str) -> Path | None:
+        """Rank 0, fresh start: rename an earlier run's checkpoints to ``checkpoints.replaced-<stamp>``.
+
+        Resuming and pruning go by step number, so an old run's higher steps would win over the new run's.
+        Returns the new name, or None when there was nothing to move.
+        """
+        if not list_checkpoints(self.root):
+            return None
+        aside = self.out / f"checkpoints.replaced-{stamp}"
+        os.rename(self.root, aside)
+        return aside
+
+    def load(self, ckpt: str | os.PathLike) -> dict:
+        """This rank's view of checkpoint ``ckpt`` (see :func:`load_checkpoint`)."""
+        return load_checkpoint(ckpt, self.info.rank)
+
+    def restore(self, st: dict, where: str | os.PathLike, model, optimizer, scheduler,
+                source) -> tuple[int, dict, bool]:
+        """Load checkpoint ``st`` (read from ``where``) into the (wrapped) model, optimizer, scheduler and, when
+        the world size is unchanged, the RNGs and the data source; every rank calls it.
+
+        Returns (step, counters, whether the RNG and data position were restored). A data-source state that
+        does not fit this run's data is a ConfigError naming the checkpoint.
+        """
+        ts = st["train_state"]
+        load_full_state_dicts(model, optimizer, st["model"], ts["optimizer"], self.parallel, self.info)
+        scheduler.load_state_dict(ts["scheduler"])
+        self.last_saved = step = int(ts["step"])
+        same_world = st["rank_state"] is not None and st["meta"]["world_size"] == self.info.world_size
+        if same_world:
+            set_rng_state(st["rank_state"]["rng"])
+            try:
+                source.load_state_dict(st["rank_state"]["loader"])
+            except (KeyError, ValueError, TypeError, IndexError, BmclipError) as e:
+                raise ConfigError(
+                    f"resume from {where}: its data-loader position does not fit this run's data "
+                    f"({type(e).__name__}: {str(e)[:160]}); use --resume=none or another --out_dir") from None
+        return step, dict(ts.get("counters", {})), same_world
+
+    # -- save --------------------------------------------------------------------------------------
+
+    def due(self, step: int, force: bool = False) -> bool:
+        """Save after step ``step``? (every ``every`` steps; ``force`` for the last step or a request)."""
+        return force or bool(self.every and step % self.every == 0)
+
+    def save(self, step: int, model, optimizer, scheduler, source, *, tokenizer=None,
+             counters: dict | None = None) -> Path | None:
+        """Write checkpoint ``step`` (every rank calls it); returns its dir on rank 0, None elsewhere."""
+        info = self.info
+        model_sd, optim_sd = full_state_dicts(model, optimizer, self.parallel, info)
+        poisoned = info.is_main and not all(bool(torch.isfinite(v).all()) for v in model_sd.values()
+                                            if torch.is_tensor(v) and v.is_floating_point())
+        if all_reduce_flag(poisoned, info):
+            raise NonFiniteLossError(f"refusing to checkpoint step {step}: the weights contain NaN/Inf")
+        w = CheckpointWriter(self.root, step, info.rank, info.world_size)
+        if info.is_main:
+            w.begin()
+        barrier(info)
+        w.write_rank({"rng": rng_state(), "loader": source.state_dict()})
+        final = None
+        if info.is_main:
+            w.write_main(model_sd, unwrap(model).config.to_dict(),
+                         {"optimizer": optim_sd, "scheduler": scheduler.state_dict(), "scaler": None, "step": step,
+                          "counters": dict(counters or {}), "config": self.train_config},
+                         tokenizer=tokenizer)
+            if self.hooks is not None:
+                self.hooks.fire("checkpoint_staged", step=step)
+        barrier(info)
+        if info.is_main:
+            final = w.commit({"train_config": self.train_config})
+            prune(self.root, self.keep_last)
+        barrier(info)
+        self.last_saved = step
+        return final

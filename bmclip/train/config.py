@@ -46,7 +46,6 @@ class DataSection:
     val: str = ""  # val shards for retrieval R@K every ``train.val_every`` steps
     synthetic: bool = False  # learnable synthetic image/text pairs in memory (tests, benchmarks)
     synthetic_size: int = 4096  # number of distinct synthetic pairs (one epoch)
-    synthetic_classes: int = 16
     batch_size: int = 4096  # GLOBAL batch per optimizer step (all ranks, all accumulation chunks)
     grad_accum: int = 1  # GradCache chunks per rank per step; the loss stays global over the batch
     num_threads: int = 4  # decoder threads per rank
@@ -88,9 +87,9 @@ class OptimSection:
 
 @dataclass
 class LossSection:
-    """Contrastive loss: CLIP InfoNCE (sharded, global) or SigLIP."""
+    """Contrastive loss: an entry of the ``bmclip.train.losses`` registry (CLIP InfoNCE or SigLIP, global)."""
 
-    kind: str = "clip"  # clip | siglip
+    kind: str = "clip"  # a registered loss name: clip | siglip (the entry also sets the initial logit scale/bias)
     backend: str = "auto"  # bmclip.kernels backend: auto | triton | torch
     max_logit_scale: float = 100.0  # exp(logit_scale) is clamped to this (ln 100 on the log scale)
 
@@ -146,6 +145,11 @@ class TrainConfig:
 
     def validate(self) -> TrainConfig:
         """Check cross-field constraints; raises ConfigError naming the key."""
+        # torch, the models and the kernels load here, not when the config module is imported (the CLI
+        # parses its arguments first)
+        from bmclip.model import available_backends
+        from bmclip.train.losses import get_loss
+
         _check(self.steps >= 1, "steps", "must be >= 1")
         _check(self.max_seconds >= 0, "max_seconds", "must be >= 0 (0 = no limit)")
         _check(self.data.batch_size >= 1, "data.batch_size", "must be >= 1")
@@ -153,10 +157,9 @@ class TrainConfig:
         _check(self.precision in ("auto", "bf16", "fp32"), "precision", "must be auto, bf16 or fp32")
         _check(self.device in ("auto", "cpu", "cuda"), "device", "must be auto, cpu or cuda")
         _check(self.parallel in ("ddp", "fsdp"), "parallel", "must be ddp or fsdp")
-        _check(self.loss.kind in ("clip", "siglip"), "loss.kind", "must be clip or siglip")
+        get_loss(self.loss.kind)  # an unknown name is a ConfigError listing the registered losses
         _check(self.loss.max_logit_scale > 0, "loss.max_logit_scale", "must be > 0")
         _check(0.0 <= self.model.patch_dropout < 1.0, "model.patch_dropout", "must be in [0, 1)")
-        from bmclip.model import available_backends
 
         names = ["auto", *available_backends()]
         for key in ("attn_backend", "image_attn_backend", "text_attn_backend"):

@@ -11,11 +11,19 @@ overhead, not model FLOPs), so MFU is honest about them.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+import resource
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+import torch
+
+from bmclip.io import atomic_write_text
 
 # Dense bf16 tensor-core peaks, TFLOP/s (NVIDIA datasheets; SXM parts). Matched by substring of the
 # CUDA device name, first match wins (so "H100 PCIe" can precede "H100").
@@ -92,6 +100,103 @@ def train_step_flops(cfg, *, batch: int, text_token_counts, patch_dropout: float
     fwd = batch * image_forward_flops(cfg, patch_dropout) + text
     fwd += 2.0 * batch * (logit_columns or batch) * cfg.embed_dim  # logits = image_features @ text_features.T
     return 3.0 * fwd
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    """Peak memory in GiB: CUDA allocator peak on a GPU, else this process's peak RSS."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    # VmHWM belongs to this address space; ru_maxrss survives exec on Linux, so a process started by a
+    # bigger one (torchrun's agent, pytest) would report its parent's peak when that was higher.
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 2**20  # KiB -> GiB
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB -> GiB
+
+
+class ThroughputMeter:
+    """Training throughput over the window of steps since the last :meth:`read`.
+
+    Per step the loop reports the seconds it waited for data (:meth:`add_data_wait`), the step's batch
+    (:meth:`add_step`: the rows and real text tokens of THIS rank, whose model FLOPs are counted against
+    ``global_batch`` logit columns) and, for an applied update, its loss (:meth:`add_loss`). Time spent in
+    :meth:`paused` blocks (validation, checkpoints) is not training time. :meth:`read` returns samples/s
+    (global batches: every rank runs the same steps), the data-wait fraction, model TFLOP/s of this rank and
+    MFU against ``peak_tflops`` (None when unknown), then starts a new window.
+    """
+
+    def __init__(self, model_config, *, global_batch: int, world_size: int = 1, patch_dropout: float = 0.0,
+                 peak_tflops: float | None = None, clock: Callable[[], float] = time.perf_counter):
+        self.mcfg = model_config
+        self.global_batch, self.world_size = global_batch, world_size
+        self.patch_dropout = patch_dropout
+        self.peak_tflops = peak_tflops or None
+        self.clock = clock
+        self.reset()
+
+    def reset(self) -> None:
+        """Start a new window now."""
+        self.t0 = self.clock()
+        self.data_s = self.flops = self.loss_sum = 0.0
+        self.samples = self.losses = 0
+
+    def add_data_wait(self, seconds: float) -> None:
+        self.data_s += seconds
+
+    def add_step(self, text_token_counts) -> None:
+        """One finished step whose rows on this rank have these real (unpadded) text token counts."""
+        counts = list(text_token_counts)
+        self.samples += self.global_batch
+        self.flops += train_step_flops(self.mcfg, batch=len(counts), text_token_counts=counts,
+                                       patch_dropout=self.patch_dropout, logit_columns=self.global_batch)
+
+    def add_loss(self, loss: float) -> None:
+        self.loss_sum += loss
+        self.losses += 1
+
+    @property
+    def mean_loss(self) -> float | None:
+        """Mean loss of the window's applied updates (None when every step was skipped)."""
+        return self.loss_sum / self.losses if self.losses else None
+
+    @contextlib.contextmanager
+    def paused(self):
+        """Time inside this block does not count as training time."""
+        t = self.clock()
+        try:
+            yield
+        finally:
+            self.t0 += self.clock() - t
+
+    def read(self) -> dict:
+        """The window's rates (see the class docstring); starts a new window."""
+        dt = max(self.clock() - self.t0, 1e-12)
+        sps = self.samples / dt
+        tflops = self.flops / dt / 1e12
+        out = {"samples_per_s": sps, "samples_per_s_per_gpu": sps / self.world_size,
+               "data_wait_frac": self.data_s / dt, "tflops_per_gpu": tflops,
+               "mfu": tflops / self.peak_tflops if self.peak_tflops else None}
+        self.reset()
+        return out
+
+
+def trim_jsonl(path: str | os.PathLike, step: int) -> int:
+    """Drop rows past ``step`` (and a torn last line) from a metrics.jsonl; returns the rows dropped."""
+    path = Path(path)
+    if not path.is_file():
+        return 0
+    rows = read_jsonl(path)
+    keep = [r for r in rows if not isinstance(r.get("step"), (int, float)) or r["step"] <= step]
+    with open(path, "rb") as f:
+        torn = not f.read().endswith(b"\n") and path.stat().st_size > 0
+    if len(keep) == len(rows) and not torn:
+        return 0
+    atomic_write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in keep), path)
+    return len(rows) - len(keep)
 
 
 class MetricsLogger:

@@ -282,11 +282,14 @@ class Console:
             if postfix:
                 self.bar.set_postfix(**postfix)
 
-    def step_line(self, step: int, loss: float, lr: float, sps: float, eta_s: float) -> None:
-        """The periodic plain progress line (only when no bar is shown)."""
+    def step_line(self, step: int, loss: float, lr: float, sps: float, eta_s: float, *,
+                  data_wait_frac: float = 0.0, fetch_wait_s: float = 0.0) -> None:
+        """The periodic plain progress line (only when no bar is shown): with the share of the window's time the
+        loop waited for data and, for remote shards, the seconds the loader has waited for downloads."""
         if self.enabled and self.bar is None:
+            fetch = f" (downloads {fetch_wait_s:.2f} s)" if fetch_wait_s > 0 else ""
             print(f"[bmclip] step {step}/{self.total}  loss {loss:.4f}  lr {lr:.2e}  {sps:.1f} samples/s  "
-                  f"ETA {_fmt_duration(eta_s)}", flush=True)
+                  f"data wait {100 * data_wait_frac:.0f}%{fetch}  ETA {_fmt_duration(eta_s)}", flush=True)
 
     def close(self) -> None:
         if self.bar is not None:

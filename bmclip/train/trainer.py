@@ -1,20 +1,21 @@
-"""The training loop behind ``bmclip train``: one readable function, ``train(cfg)``.
+"""The training loop behind ``bmclip train``: ``train(cfg)``.
 
-Per step: next batch -> normalise on device -> (GradCache) forward/backward with the global contrastive
-loss -> non-finite check (all ranks agree) -> grad-norm clip -> AdamW step -> clamp logit scale -> log,
-validate, checkpoint. Faults: a non-finite loss or grad norm skips the update (counted and logged);
-``fault.max_nonfinite`` in a row raises NonFiniteLossError; a checkpoint is never written from
-non-finite weights. Auto-resume (``resume=auto``) restarts from the newest valid checkpoint, which is
-also how ``torchrun --max-restarts`` recovers from a dead rank.
+:class:`Trainer` builds the run's components from the config, then :meth:`Trainer.fit` runs the loop. Per step:
+next batch -> (GradCache) forward/backward with the global contrastive loss (``train.losses``) -> the
+non-finite guard (all ranks agree; grad-norm clip) -> AdamW step -> clamp the logit scale -> the step
+boundary (all ranks agree on stop signals and the time budget) -> log (``ThroughputMeter``), validate
+(``Validator``), checkpoint (``CheckpointManager``). A non-finite loss or grad norm skips the update (counted
+and logged); ``fault.max_nonfinite`` in a row raise NonFiniteLossError; a checkpoint is never written from
+non-finite weights. Auto-resume (``resume=auto``) restarts from the newest valid checkpoint, which is also
+how ``torchrun --max-restarts`` recovers from a dead rank. The ``fault.*`` injection keys used by the tests
+attach through ``train.hooks``.
 """
 
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 import random
-import resource
 import signal
 import sys
 import time
@@ -22,12 +23,22 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
+import yaml
 
+from bmclip.data import dali as dali_mod  # module attributes: tests replace DaliAugment / dali_available
+from bmclip.data.loader import ShardLoader
 from bmclip.data.normalize import normalize_images
-from bmclip.data.sources import DaliShardSource, ShardSource, SyntheticSource, synthetic_eval_set
+from bmclip.data.sources import DaliShardSource, ShardSource, SyntheticSource
 from bmclip.errors import BmclipError, CheckpointError, ConfigError
+from bmclip.interop import export_open_clip, open_clip_config
+from bmclip.io import atomic_write_text
 from bmclip.io.resolve import load_weights_into
+from bmclip.model import create_model
+from bmclip.model.config import get_preset as get_model_preset
+from bmclip.tokenizer import Tokenizer, bundled_vocab_path, get_tokenizer
 from bmclip.train import checkpoint as ckpt_mod
+from bmclip.train.checkpoint import CheckpointManager
 from bmclip.train.config import TrainConfig
 from bmclip.train.distributed import (
     DistInfo,
@@ -38,20 +49,28 @@ from bmclip.train.distributed import (
     barrier,
     full_state_dicts,
     init_distributed,
-    load_full_state_dicts,
     parallel_summary,
     sync_ignored_grads,
-    unwrap,
     wrap_model,
 )
 from bmclip.train.gradcache import forward_backward
-from bmclip.train.metrics import MetricsLogger, peak_tflops_for, plot_curves, read_jsonl, train_step_flops
+from bmclip.train.guard import NonFiniteGuard, NonFiniteLossError
+from bmclip.train.hooks import FaultInjector, Hooks
+from bmclip.train.losses import LogitScale, get_loss
+from bmclip.train.metrics import (
+    MetricsLogger,
+    ThroughputMeter,
+    peak_memory_gb,
+    peak_tflops_for,
+    plot_curves,
+    read_jsonl,
+    trim_jsonl,
+)
 from bmclip.train.optim import CosineSchedule, build_optimizer
 from bmclip.train.runctl import Console, DataWaitInterrupted, OutDirLock, StopSignals
+from bmclip.train.validation import Validator, validate
 
-
-class NonFiniteLossError(BmclipError):
-    """The loss (or gradient norm) was non-finite for ``fault.max_nonfinite`` steps in a row."""
+__all__ = ["NonFiniteLossError", "Trainer", "augment_backend", "train", "validate"]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -76,20 +95,17 @@ def _seed_all(seed: int) -> None:
 
 
 def _build_model(cfg: TrainConfig, device: torch.device):
-    from bmclip.model import create_model
-    from bmclip.model.config import get_preset
-
-    mcfg = get_preset(cfg.model.preset)
+    """The model of ``model.preset`` with the training switches; its logit scale/bias start where the loss
+    (``loss.kind``'s registry entry) says."""
+    mcfg = get_model_preset(cfg.model.preset)
     overrides: dict = {
         "vision": {"patch_dropout": cfg.model.patch_dropout},
         "attn_backend": cfg.model.attn_backend,
         "image_attn_backend": cfg.model.image_attn_backend,
         "text_attn_backend": cfg.model.text_attn_backend,
         "fused_ops": cfg.model.fused_ops,
+        **get_loss(cfg.loss.kind).model_overrides(),
     }
-    if cfg.loss.kind == "siglip" and mcfg.init_logit_bias is None:
-        # SigLIP needs a learnable bias; the SigLIP paper initialises t' = log 10 and b = -10.
-        overrides.update(init_logit_scale=math.log(10.0), init_logit_bias=-10.0)
     model = create_model(mcfg, **overrides)
     if cfg.model.init_checkpoint:
         _load_init_weights(model, cfg.model.init_checkpoint)
@@ -106,39 +122,11 @@ def _load_init_weights(model, path: str) -> None:
         raise CheckpointError(f"model.init_checkpoint: {e}") from None
 
 
-def _build_loss(cfg: TrainConfig, info: DistInfo):
-    """Callable (img, txt, scale, bias) -> scalar loss: the global loss, each rank holding its own rows."""
-    try:
-        from bmclip.kernels import ClipLoss, SigLipLoss
-    except ImportError as e:
-        raise ConfigError(f"loss: bmclip.kernels ClipLoss/SigLipLoss unavailable ({e})") from None
-    common = {"rank": info.rank, "world_size": info.world_size}
-    if cfg.loss.kind == "clip":
-        loss = ClipLoss(local_loss=True, gather_with_grad=True, **common, **_backend_kw(ClipLoss, cfg))
-        return lambda img, txt, scale, bias: loss(img, txt, scale)
-    loss = SigLipLoss(**common, **_backend_kw(SigLipLoss, cfg))
-    return lambda img, txt, scale, bias: loss(img, txt, scale, bias)
-
-
-def _backend_kw(cls, cfg: TrainConfig) -> dict:
-    import inspect
-
-    params = inspect.signature(cls.__init__).parameters
-    if "backend" in params:
-        return {"backend": cfg.loss.backend}
-    if cfg.loss.backend != "auto":
-        raise ConfigError(f"loss.backend: {cls.__name__} takes no backend argument (got {cfg.loss.backend!r})")
-    return {}
-
-
 def _check_tokenizer_choice(cfg: TrainConfig) -> None:
     """Refuse the bundled small vocabulary for a model whose text tower expects a larger one."""
     if cfg.data.synthetic or cfg.data.tokenizer:
         return
-    from bmclip.model.config import get_preset
-    from bmclip.tokenizer import bundled_vocab_path, get_tokenizer
-
-    want = get_preset(cfg.model.preset).text.vocab_size
+    want = get_model_preset(cfg.model.preset).text.vocab_size
     have = get_tokenizer().vocab_size
     if want > have:
         raise ConfigError(
@@ -151,8 +139,6 @@ def _check_tokenizer_choice(cfg: TrainConfig) -> None:
 
 
 def _load_tokenizer(cfg: TrainConfig, context_length: int):
-    from bmclip.tokenizer import Tokenizer, get_tokenizer
-
     if cfg.data.tokenizer:
         return Tokenizer.from_vocab(cfg.data.tokenizer, context_length=context_length, clean=cfg.data.tokenizer_clean)
     return get_tokenizer(context_length=context_length, clean=cfg.data.tokenizer_clean)
@@ -167,11 +153,9 @@ def augment_backend(cfg: TrainConfig, device: torch.device) -> str:
     want = cfg.data.augment_backend
     if cfg.data.synthetic or want == "torch":
         return "torch"
-    from bmclip.data.dali import dali_available
-
     if want == "auto":
-        return "dali" if device.type == "cuda" and dali_available() else "torch"
-    if not dali_available():
+        return "dali" if device.type == "cuda" and dali_mod.dali_available() else "torch"
+    if not dali_mod.dali_available():
         raise ConfigError("data.augment_backend=dali: NVIDIA DALI is not installed (pip install nvidia-dali-cuda130); "
                           "use data.augment_backend=torch for bmclip's C++ loader")
     return "dali"
@@ -188,8 +172,6 @@ def _build_source(cfg: TrainConfig, info: DistInfo, mcfg, tokenizer):
                                world_size=info.world_size)
     if not cfg.data.train:
         raise ConfigError("data.train: no training data; set data.train to a shard pattern (or data.synthetic=true)")
-    from bmclip.data.loader import ShardLoader
-
     local, size = b // info.world_size, mcfg.vision.image_size
     dev = info.device
     dali = augment_backend(cfg, dev) == "dali"
@@ -198,13 +180,11 @@ def _build_source(cfg: TrainConfig, info: DistInfo, mcfg, tokenizer):
             else None
 
         def make_augment():
-            from bmclip.data.dali import DaliAugment
-
             try:
                 # nvJPEG ("mixed") decode on this rank's GPU; the CPU-only graph without CUDA
-                return DaliAugment(batch_size=local, image_size=size, source="encoded", augment=cfg.data.augment,
-                                   device_id=device_id, num_threads=cfg.data.num_threads, seed=cfg.seed,
-                                   host_params=True)
+                return dali_mod.DaliAugment(batch_size=local, image_size=size, source="encoded",
+                                            augment=cfg.data.augment, device_id=device_id,
+                                            num_threads=cfg.data.num_threads, seed=cfg.seed, host_params=True)
             except Exception as e:  # any build failure is a configuration problem of this key
                 raise ConfigError(f"data.augment_backend=dali: building the DALI pipeline failed ({type(e).__name__}: "
                                   f"{str(e).strip()[:300]}); use data.augment_backend=torch") from e
@@ -233,112 +213,12 @@ def _build_source(cfg: TrainConfig, info: DistInfo, mcfg, tokenizer):
                            scale=loader.scale, ratio=loader.ratio, prefetch=1, aug=first)
 
 
-def _val_batches(cfg: TrainConfig, mcfg, tokenizer):
-    """Held-out batches for retrieval (same every call): synthetic set or the val shards in order."""
-    n_max = cfg.data.val_max_samples
-    if cfg.data.synthetic:
-        n = min(n_max, 512)
-        ev = synthetic_eval_set(n, mcfg.vision.image_size, mcfg.text.context_length, seed=cfg.seed + 1000)
-        for i in range(0, n, 128):
-            yield ev["image"][i:i + 128], ev["input_ids"][i:i + 128]
-        return
-    from bmclip.data.loader import ShardLoader
-
-    loader = ShardLoader(cfg.data.val, batch_size=128, image_size=mcfg.vision.image_size,
-                         num_threads=cfg.data.num_threads, augment="center", shuffle=False,
-                         resampled=False, drop_last=False, tokenizer=tokenizer,
-                         cache_dir=cfg.data.cache_dir or None, prefetch_shards=cfg.data.prefetch_shards)
-    seen = 0
-    for batch in loader:
-        take = min(len(batch["image"]), n_max - seen)
-        yield batch["image"][:take], batch["input_ids"][:take]
-        seen += take
-        if seen >= n_max:
-            break
-
-
-@torch.no_grad()
-def validate(model, batches, device: torch.device, autocast) -> dict:
-    """Retrieval R@1/5/10 both directions on held-out (image, input_ids) batches (model in eval mode)."""
-    from bmclip.eval.retrieval import retrieval_metrics
-
-    was_training = model.training
-    model.eval()
-    imgs, txts = [], []
+def _check_exportable(model) -> None:
+    """Fail now, not after hours of training, when the architecture has no open_clip equivalent."""
     try:
-        for im_u8, ids in batches:
-            with autocast():
-                imgs.append(model.encode_image(normalize_images(im_u8, device)).float().cpu())
-                txts.append(model.encode_text(ids.to(device)).float().cpu())
-    finally:
-        model.train(was_training)
-    if not imgs:
-        return {}
-    return retrieval_metrics(torch.cat(imgs), torch.cat(txts))
-
-
-def _peak_memory_gb(device: torch.device) -> float:
-    """Peak memory in GiB: CUDA allocator peak on a GPU, else this process's peak RSS."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    # VmHWM belongs to this address space; ru_maxrss survives exec on Linux, so a process started by a
-    # bigger one (torchrun's agent, pytest) would report its parent's peak when that was higher.
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 2**20  # KiB -> GiB
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB -> GiB
-
-
-# ---------------------------------------------------------------------------------------------------
-# Checkpointing
-
-def _save(cfg: TrainConfig, info: DistInfo, step: int, model, optimizer, sched, source, tokenizer,
-          counters: dict, kill_midway: bool = False) -> Path | None:
-    """Write checkpoint ``step`` (collective); never from non-finite weights."""
-    bare = unwrap(model)
-    model_sd, optim_sd = full_state_dicts(model, optimizer, cfg.parallel, info)
-    poisoned = info.is_main and not all(bool(torch.isfinite(v).all()) for v in model_sd.values()
-                                        if torch.is_tensor(v) and v.is_floating_point())
-    if all_reduce_flag(poisoned, info):
-        raise NonFiniteLossError(f"refusing to checkpoint step {step}: the weights contain NaN/Inf")
-    root = Path(cfg.out_dir) / "checkpoints"
-    w = ckpt_mod.CheckpointWriter(root, step, info.rank, info.world_size)
-    if info.is_main:
-        w.begin()
-    barrier(info)
-    w.write_rank({"rng": ckpt_mod.rng_state(), "loader": source.state_dict()})
-    final = None
-    if info.is_main:
-        w.write_main(model_sd, bare.config.to_dict(),
-                     {"optimizer": optim_sd, "scheduler": sched.state_dict(), "scaler": None, "step": step,
-                      "counters": dict(counters), "config": cfg.to_dict()},
-                     tokenizer=tokenizer)
-        if kill_midway:  # fault injection: die with the temp dir half-written (no meta.json yet)
-            os.kill(os.getpid(), signal.SIGKILL)
-    barrier(info)
-    if info.is_main:
-        final = w.commit({"train_config": cfg.to_dict()})
-        ckpt_mod.prune(root, cfg.keep_last)
-    barrier(info)
-    return final
-
-
-def _find_resume(cfg: TrainConfig) -> Path | None:
-    if cfg.resume == "none":
-        return None
-    if cfg.resume == "auto":
-        return ckpt_mod.latest_valid(Path(cfg.out_dir) / "checkpoints")
-    p = Path(cfg.resume)
-    if ckpt_mod.is_valid(p):
-        return p
-    latest = ckpt_mod.latest_valid(p / "checkpoints") or ckpt_mod.latest_valid(p)
-    if latest is None:
-        raise CheckpointError(f"resume: {cfg.resume} is not a valid checkpoint (or a dir containing one)")
-    return latest
+        open_clip_config(model)
+    except BmclipError as e:
+        raise ConfigError(f"export_open_clip: {e} (set --export_open_clip=false)") from None
 
 
 def _check_resume_compatible(cfg: TrainConfig, st: dict, model, resume_from: Path) -> None:
@@ -368,31 +248,18 @@ def _check_resume_compatible(cfg: TrainConfig, st: dict, model, resume_from: Pat
         raise ConfigError(f"{where} trained on different data ({'; '.join(diffs)}); {hint}")
 
 
-def _trim_metrics(path: Path, step: int) -> int:
-    """Drop metrics.jsonl rows past ``step`` (they belong to steps this run replays); returns rows dropped."""
-    if not path.is_file():
-        return 0
-    rows = read_jsonl(path)
-    keep = [r for r in rows if not isinstance(r.get("step"), (int, float)) or r["step"] <= step]
-    with open(path, "rb") as f:
-        torn = not f.read().endswith(b"\n") and path.stat().st_size > 0
-    if len(keep) == len(rows) and not torn:
-        return 0
-    import json
-
-    ckpt_mod.atomic_write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in keep), path)
-    return len(rows) - len(keep)
-
-
 def _merge_data_stats(parts: list) -> dict | None:
     """Sum the per-rank ``data_stats()`` dicts (None where a source has none)."""
     parts = [p for p in parts if isinstance(p, dict)]
     if not parts:
         return None
-    out = {"samples_read": 0, "samples_skipped": 0, "skipped_by_reason": {}, "tar_errors": 0, "example_error": None}
+    out = {"samples_read": 0, "samples_skipped": 0, "skipped_by_reason": {}, "tar_errors": 0, "example_error": None,
+           "bytes_fetched": 0, "shards_fetch_failed": 0, "fetch_wait_s": 0.0}
     for p in parts:
-        for k in ("samples_read", "samples_skipped", "tar_errors"):
+        for k in ("samples_read", "samples_skipped", "tar_errors", "bytes_fetched", "shards_fetch_failed"):
             out[k] += int(p.get(k) or 0)
+        # remote shards: the rank that waited longest for downloads is the one that held the others back
+        out["fetch_wait_s"] = max(out["fetch_wait_s"], float(p.get("fetch_wait_s") or 0.0))
         for r, n in (p.get("skipped_by_reason") or {}).items():
             out["skipped_by_reason"][r] = out["skipped_by_reason"].get(r, 0) + int(n)
         if out["example_error"] is None and p.get("example_error"):
@@ -441,7 +308,7 @@ def _banner(cfg: TrainConfig, info: DistInfo, mcfg, n_params: int, step: int, re
 
 
 # ---------------------------------------------------------------------------------------------------
-# The loop
+# The run
 
 def train(cfg: TrainConfig) -> dict:
     """Run training as configured; returns a summary dict (steps, seconds, samples/s, last loss, ...)."""
@@ -451,346 +318,328 @@ def train(cfg: TrainConfig) -> dict:
     saved = (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled())
     _setup_determinism(cfg)
     info = init_distributed(cfg.device)
-    # closers registered by _train (progress bar, signal handlers, out_dir lock, DALI prefetch thread),
-    # run in reverse order however it ends
+    # closers registered while setting up (progress bar, signal handlers, out_dir lock, DALI prefetch thread,
+    # metrics files), run in reverse order however the run ends
     cleanup: list = []
     try:
-        return _train(cfg, info, cleanup)
+        return Trainer(cfg, info, cleanup).fit()
     finally:
         for close in reversed(cleanup):
             close()
         torch.set_num_threads(saved[0])
         torch.use_deterministic_algorithms(saved[1])
         if info.initialized:
-            import torch.distributed as dist
-
             dist.destroy_process_group()
 
 
-def _train(cfg: TrainConfig, info: DistInfo, cleanup: list) -> dict:
-    device = info.device
-    out = Path(cfg.out_dir)
-    _check_tokenizer_choice(cfg)
-    lock_error = None
-    if info.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        lock = OutDirLock(out, break_lock=cfg.break_lock)
-        try:
-            lock.acquire()
-            cleanup.append(lock.release)
-            if lock.note:
-                print(f"[bmclip] out_dir lock: {lock.note}", file=sys.stderr, flush=True)
-        except ConfigError as e:
-            lock_error = e
-    if all_reduce_flag(lock_error is not None, info):
-        raise lock_error or ConfigError(f"out_dir {out}: rank 0 could not lock it (its message says why)")
-    if info.is_main and cfg.resume == "none" and ckpt_mod.list_checkpoints(out / "checkpoints"):
-        # A fresh start must not mix with an earlier run's checkpoints (auto-resume and pruning go by step
-        # number, so the old run's higher steps would win): they are kept, renamed aside.
-        aside = out / time.strftime("checkpoints.replaced-%Y%m%dT%H%M%S", time.gmtime())
-        os.rename(out / "checkpoints", aside)
-        print(f"[bmclip] resume=none: moved the earlier run's checkpoints to {aside}", file=sys.stderr, flush=True)
-    signals = StopSignals(cfg.on_usr1, info.rank)
-    signals.interrupt_data_wait = info.world_size == 1
-    if signals.install():
-        cleanup.append(signals.restore)
-    use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
-    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if use_bf16 else contextlib.nullcontext
+class Trainer:
+    """One training run: ``__init__`` builds the components (and resumes), ``fit()`` runs the loop.
 
-    _seed_all(cfg.seed)  # same init on every rank (DDP also broadcasts rank 0's weights)
-    model = _build_model(cfg, device)
-    mcfg = model.config
-    n_params = sum(p.numel() for p in model.parameters())
-    tokenizer = None if cfg.data.synthetic else _load_tokenizer(cfg, mcfg.text.context_length)
-    if tokenizer is not None and tokenizer.vocab_size > mcfg.text.vocab_size:
-        raise ConfigError(f"data.tokenizer: vocabulary of {tokenizer.vocab_size} tokens exceeds the model's "
-                          f"text.vocab_size {mcfg.text.vocab_size}")
-    if cfg.export_open_clip:
-        # Fail now, not after hours of training, when the architecture has no open_clip equivalent.
-        from bmclip.interop import open_clip_config
+    ``cleanup`` collects closers for the caller to run in reverse order however the run ends.
+    """
 
-        try:
-            open_clip_config(model)
-        except BmclipError as e:
-            raise ConfigError(f"export_open_clip: {e} (set --export_open_clip=false)") from None
-    # Read (and check) the checkpoint before anything is wrapped: a checkpoint of another model or other
-    # data is a one-line error, not a state-dict traceback.
-    step = 0
-    counters = {"nonfinite_skipped": 0, "samples": 0}
-    resume_from = _find_resume(cfg)
-    st = None
-    if resume_from is not None:
-        st = ckpt_mod.load_checkpoint(resume_from, info.rank)
-        _check_resume_compatible(cfg, st, model, resume_from)
-    fwd_model = torch.compile(model) if cfg.model.compile else model
-    fwd_model = wrap_model(fwd_model, info, cfg.parallel, mixed_bf16=use_bf16)
-    if info.initialized and info.is_main:
-        print(f"[bmclip] parallel over {info.world_size} ranks: {parallel_summary(fwd_model)}", flush=True)
-    optimizer = build_optimizer(model if cfg.parallel != "fsdp" else fwd_model, cfg.optim, device.type)
-    sched = CosineSchedule(optimizer, base_lr=cfg.optim.lr, warmup_steps=cfg.optim.warmup_steps,
-                           total_steps=cfg.steps, min_lr=cfg.optim.min_lr)
-    loss_fn = _build_loss(cfg, info)
-    source = _build_source(cfg, info, mcfg, tokenizer)
-    if isinstance(source, DaliShardSource):
-        cleanup.append(source.close)
-    # Per-rank RNG stream for patch dropout / augmentation: distinct across ranks, fixed per seed.
-    _seed_all(cfg.seed * 1000 + 17 + info.rank)
+    def __init__(self, cfg: TrainConfig, info: DistInfo, cleanup: list):
+        self.cfg, self.info = cfg, info
+        self.device = device = info.device
+        self.out = out = Path(cfg.out_dir)
+        _check_tokenizer_choice(cfg)
+        self._lock_out_dir(cleanup)
+        self.hooks = FaultInjector(cfg.fault, out, info.rank).install(Hooks())
+        self.ckpt = CheckpointManager(out, info, keep_last=cfg.keep_last, every=cfg.ckpt_every,
+                                      parallel=cfg.parallel, train_config=cfg.to_dict(), hooks=self.hooks)
+        if info.is_main and cfg.resume == "none":
+            aside = self.ckpt.set_aside(time.strftime("%Y%m%dT%H%M%S", time.gmtime()))
+            if aside is not None:
+                print(f"[bmclip] resume=none: moved the earlier run's checkpoints to {aside}", file=sys.stderr,
+                      flush=True)
+        self.signals = StopSignals(cfg.on_usr1, info.rank)
+        self.signals.interrupt_data_wait = info.world_size == 1
+        if self.signals.install():
+            cleanup.append(self.signals.restore)
+        use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
+        self.autocast = ((lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if use_bf16
+                         else contextlib.nullcontext)
 
-    if st is not None:
-        ts = st["train_state"]
-        load_full_state_dicts(fwd_model, optimizer, st["model"], ts["optimizer"], cfg.parallel, info)
-        sched.load_state_dict(ts["scheduler"])
-        step = int(ts["step"])
-        counters.update(ts.get("counters", {}))
-        if st["rank_state"] is not None and st["meta"]["world_size"] == info.world_size:
-            ckpt_mod.set_rng_state(st["rank_state"]["rng"])
-            try:
-                source.load_state_dict(st["rank_state"]["loader"])
-            except (KeyError, ValueError, TypeError, IndexError, BmclipError) as e:
-                raise ConfigError(
-                    f"resume from {resume_from}: its data-loader position does not fit this run's data "
-                    f"({type(e).__name__}: {str(e)[:160]}); use --resume=none or another --out_dir") from None
-        elif info.is_main:
-            print(f"[bmclip] resume: world size changed ({st['meta']['world_size']} -> {info.world_size}); "
-                  "data order and RNG restart from the seed", flush=True)
+        _seed_all(cfg.seed)  # same init on every rank (DDP also broadcasts rank 0's weights)
+        self.model = model = _build_model(cfg, device)
+        self.mcfg = mcfg = model.config
+        n_params = sum(p.numel() for p in model.parameters())
+        self.tokenizer = tokenizer = None if cfg.data.synthetic else _load_tokenizer(cfg, mcfg.text.context_length)
+        if tokenizer is not None and tokenizer.vocab_size > mcfg.text.vocab_size:
+            raise ConfigError(f"data.tokenizer: vocabulary of {tokenizer.vocab_size} tokens exceeds the model's "
+                              f"text.vocab_size {mcfg.text.vocab_size}")
+        if cfg.export_open_clip:
+            _check_exportable(model)
+        # Read (and check) the checkpoint before anything is wrapped: a checkpoint of another model or other
+        # data is a one-line error, not a state-dict traceback.
+        resume_from = self.ckpt.find_resume(cfg.resume)
+        st = None
+        if resume_from is not None:
+            st = self.ckpt.load(resume_from)
+            _check_resume_compatible(cfg, st, model, resume_from)
+        fwd = torch.compile(model) if cfg.model.compile else model
+        self.fwd_model = fwd = wrap_model(fwd, info, cfg.parallel, mixed_bf16=use_bf16)
+        if info.initialized and info.is_main:
+            print(f"[bmclip] parallel over {info.world_size} ranks: {parallel_summary(fwd)}", flush=True)
+        self.optimizer = build_optimizer(model if cfg.parallel != "fsdp" else fwd, cfg.optim, device.type)
+        self.sched = CosineSchedule(self.optimizer, base_lr=cfg.optim.lr, warmup_steps=cfg.optim.warmup_steps,
+                                    total_steps=cfg.steps, min_lr=cfg.optim.min_lr)
+        self.loss_fn = get_loss(cfg.loss.kind).build(rank=info.rank, world_size=info.world_size,
+                                                     backend=cfg.loss.backend)
+        self.logit_scale = LogitScale(cfg.loss.max_logit_scale)
+        self.source = _build_source(cfg, info, mcfg, tokenizer)
+        if isinstance(self.source, DaliShardSource):
+            cleanup.append(self.source.close)
+        # Per-rank RNG stream for patch dropout / augmentation: distinct across ranks, fixed per seed.
+        _seed_all(cfg.seed * 1000 + 17 + info.rank)
+
+        self.step, self.counters = 0, {"nonfinite_skipped": 0, "samples": 0}
+        if st is not None:
+            self.step, counters, same_world = self.ckpt.restore(st, resume_from, fwd, self.optimizer, self.sched,
+                                                                self.source)
+            self.counters.update(counters)
+            if info.is_main and not same_world:
+                print(f"[bmclip] resume: world size changed ({st['meta']['world_size']} -> {info.world_size}); "
+                      "data order and RNG restart from the seed", flush=True)
+            if info.is_main:
+                print(f"[bmclip] resumed from {resume_from} at step {self.step}", flush=True)
+            del st
         if info.is_main:
-            print(f"[bmclip] resumed from {resume_from} at step {step}", flush=True)
-        del st
+            dropped = trim_jsonl(out / "metrics.jsonl", self.step)
+            if dropped:
+                print(f"[bmclip] metrics.jsonl: dropped {dropped} rows past step {self.step} (replayed by this "
+                      "run)", flush=True)
+            atomic_write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), out / "config.yaml")
+            print(_banner(cfg, info, mcfg, n_params, self.step, resume_from, use_bf16), flush=True)
 
-    if info.is_main:
-        dropped = _trim_metrics(out / "metrics.jsonl", step)
-        if dropped:
-            print(f"[bmclip] metrics.jsonl: dropped {dropped} rows past step {step} (replayed by this run)",
-                  flush=True)
-        import yaml
+        self.logger = MetricsLogger(out, enabled=info.is_main, tensorboard=cfg.tensorboard)
+        cleanup.append(self.logger.close)
+        self.console = Console(info.is_main, cfg.progress, total=cfg.steps, initial=self.step)
+        cleanup.append(self.console.close)
+        self.guard = NonFiniteGuard(info, max_in_a_row=cfg.fault.max_nonfinite, grad_clip=cfg.optim.grad_clip,
+                                    skipped=self.counters["nonfinite_skipped"], on_skip=self.logger.log,
+                                    hint=f"; the last good checkpoint is in {out / 'checkpoints'}")
+        peak = cfg.peak_tflops or (peak_tflops_for(torch.cuda.get_device_name(device)) if device.type == "cuda"
+                                   else None)
+        self.meter = ThroughputMeter(mcfg, global_batch=cfg.data.batch_size, world_size=info.world_size,
+                                     patch_dropout=cfg.model.patch_dropout, peak_tflops=peak)
+        self.validator = Validator(cfg, info, mcfg, tokenizer, self.autocast)
+        self.pad_id = mcfg.text.pad_id
+        self.steps_run, self.last_loss = 0, float("nan")
+        self.stop_early, self.stop_signum = False, 0  # time budget spent; the stop signal all ranks agreed on
+        self.data_stats, self.skip_warned = None, False
 
-        ckpt_mod.atomic_write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), out / "config.yaml")
-        print(_banner(cfg, info, mcfg, n_params, step, resume_from, use_bf16), flush=True)
-    logger = MetricsLogger(out, enabled=info.is_main, tensorboard=cfg.tensorboard)
-    cleanup.append(logger.close)
-    peak = cfg.peak_tflops or (peak_tflops_for(torch.cuda.get_device_name(device)) if device.type == "cuda" else None)
-    console = Console(info.is_main, cfg.progress, total=cfg.steps, initial=step)
-    cleanup.append(console.close)
+    @property
+    def stopping(self) -> bool:
+        return self.stop_early or self.stop_signum > 0
 
-    pad_id = mcfg.text.pad_id
-    chunks = cfg.data.grad_accum
-    max_log_scale = math.log(cfg.loss.max_logit_scale)
-    consecutive_bad = 0
-    win = {"t0": time.perf_counter(), "data": 0.0, "loss": 0.0, "n": 0, "flops": 0.0, "samples": 0}
-    last_loss = float("nan")
-    t_start = time.perf_counter()
-    steps_run = 0
-    model.train()
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+    def fit(self) -> dict:
+        """Train from ``self.step`` to ``train.steps`` (or a stop); returns the run's summary."""
+        cfg, model = self.cfg, self.fwd_model
+        model.train()
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        self.t_start = time.perf_counter()
+        self.meter.reset()
+        while self.step < cfg.steps and not self.stopping:
+            try:
+                images, input_ids, ids_cpu = self._next_batch()
+            except DataWaitInterrupted:
+                # one process stopped while waiting for data: checkpoint the last finished step (the source's
+                # state is that of the batches it handed out) unless it is saved already
+                self.stop_signum = self.signals.stop_signum()
+                if self.step > self.ckpt.last_saved:
+                    self._save()
+                break
+            lr = self.sched.set_step(self.step)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss = forward_backward(model, images, input_ids, self._loss, chunks=cfg.data.grad_accum,
+                                    autocast=self.autocast)
+            sync_ignored_grads(model, self.info)  # FSDP2: replicated scalar params (no-op otherwise)
+            loss_val = float(loss)
+            if self.guard.check(self.step + 1, loss_val, model.parameters()):
+                self.optimizer.step()
+                self.logit_scale.clamp_(self.model)
+                self.meter.add_loss(loss_val)
+                self.last_loss = loss_val
+            else:
+                self.optimizer.zero_grad(set_to_none=True)
+            self.step += 1
+            self.steps_run += 1
+            self.counters["samples"] += cfg.data.batch_size
+            self.meter.add_step((ids_cpu != self.pad_id).sum(1).tolist())
+            self.hooks.fire("step_end", step=self.step)
+            ckpt_request = self._agree_at_step_boundary()
+            final = self.step == cfg.steps or self.stopping
+            self.console.update(1, loss=f"{loss_val:.4f}", lr=f"{lr:.2e}")
+            if self.step % cfg.log_every == 0 or final:
+                self._log_train(lr)
+            if self.validator.due(self.step, final, stopped_by_signal=self.stop_signum > 0):
+                with self.meter.paused():  # validation time is not training throughput
+                    self._validate()
+            self.hooks.fire("before_checkpoint", step=self.step)
+            if self.ckpt.due(self.step, force=final or ckpt_request):
+                with self.meter.paused():
+                    path = self._save()
+                if ckpt_request and self.info.is_main:
+                    self.console.say(f"[bmclip] SIGUSR1: checkpoint {path} written; continuing", err=True)
+        return self._finish()
 
-    stop_early = stop_signal = False
-    stop_signum = 0
-    last_saved = step  # the step of the newest checkpoint (the resume point, or 0: nothing to save yet)
-    data_stats = None
-    skip_warned = False
-    while step < cfg.steps and not (stop_early or stop_signal):
-        signals.step = step
-        t_data = time.perf_counter()
-        bad_before = getattr(source, "bad_batches", 0)
-        try:
-            with signals.data_wait():
-                if cfg.fault.data_sleep_s:
-                    time.sleep(cfg.fault.data_sleep_s)
-                batch = next(source)
-        except DataWaitInterrupted:
-            # A single-process run stopped while waiting for data: checkpoint the last finished step (the
-            # source's state is that of the batches it handed out) unless it is already saved.
-            stop_signal, stop_signum = True, signals.stop_signum()
-            if step > last_saved:
-                _save(cfg, info, step, fwd_model, optimizer, sched, source, tokenizer, counters)
-            break
+    # -- the loop's parts ------------------------------------------------------------------------------
+
+    def _loss(self, img, txt, scale, bias):
+        """The configured loss, through the ``loss`` hooks (fault injection)."""
+        return self.hooks.filter("loss", self.loss_fn(img, txt, scale, bias), step=self.step)
+
+    def _next_batch(self):
+        """(images normalised on the device, input_ids on the device, input_ids on the CPU) of the next batch."""
+        self.signals.step = self.step
+        t0 = time.perf_counter()
+        bad_before = getattr(self.source, "bad_batches", 0)
+        with self.signals.data_wait():
+            self.hooks.fire("data_wait", step=self.step)
+            batch = next(self.source)
         ids_cpu = batch["input_ids"]
         if "images" in batch:  # DALI: already decoded, augmented and normalised (on this GPU under CUDA)
-            images = batch["images"].to(device, non_blocking=True)
+            images = batch["images"].to(self.device, non_blocking=True)
         else:
-            images = normalize_images(batch["image"], device)
-        input_ids = ids_cpu.to(device, non_blocking=True)
-        win["data"] += time.perf_counter() - t_data
-        if getattr(source, "bad_batches", 0) != bad_before:
-            # an image that passed the loader's header check failed to decode in DALI: its batch was
-            # skipped (and replaced by the next one); counted in the checkpointed source state
-            logger.log({"step": step + 1, "kind": "data_skip", "rank": info.rank, "reason": source.last_error,
-                        "bad_batches": source.bad_batches, "bad_samples": source.bad_samples})
-            msg = (f"[bmclip] rank {info.rank}: skipped an undecodable batch ({source.last_error}); "
-                   f"{source.bad_batches} so far")
+            images = normalize_images(batch["image"], self.device)
+        input_ids = ids_cpu.to(self.device, non_blocking=True)
+        self.meter.add_data_wait(time.perf_counter() - t0)
+        if getattr(self.source, "bad_batches", 0) != bad_before:
+            self._report_skipped_batch()
+        return images, input_ids, ids_cpu
+
+    def _report_skipped_batch(self) -> None:
+        # an image that passed the loader's header check failed to decode in DALI: its batch was skipped (and
+        # replaced by the next one); counted in the checkpointed source state
+        src, rank = self.source, self.info.rank
+        self.logger.log({"step": self.step + 1, "kind": "data_skip", "rank": rank, "reason": src.last_error,
+                         "bad_batches": src.bad_batches, "bad_samples": src.bad_samples})
+        msg = f"[bmclip] rank {rank}: skipped an undecodable batch ({src.last_error}); {src.bad_batches} so far"
+        if self.info.is_main:
+            self.console.say(msg, err=True)
+        else:
+            print(msg, file=sys.stderr, flush=True)
+
+    def _agree_at_step_boundary(self) -> bool:
+        """Every rank agrees (one collective) on the time budget (e.g. the demo's), a stop signal (SIGTERM /
+        SIGINT / SIGUSR1=stop) and a SIGUSR1 checkpoint request received by any rank, so all ranks stop or
+        checkpoint at this same step. Returns whether a checkpoint was requested."""
+        self.signals.step = self.step
+        over_budget = bool(self.cfg.max_seconds) and time.perf_counter() - self.t_start > self.cfg.max_seconds
+        over_budget, signum, ckpt_request = all_reduce_max(
+            [over_budget, self.signals.stop_signum(), self.signals.take_checkpoint_request()], self.info)
+        self.stop_early, self.stop_signum = over_budget > 0, int(signum)
+        return ckpt_request > 0
+
+    def _log_train(self, lr: float) -> None:
+        cfg, info = self.cfg, self.info
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        window_loss = self.meter.mean_loss
+        rates = self.meter.read()
+        mean_loss = all_reduce_mean(window_loss, info) if window_loss is not None else float("nan")
+        rec = {"step": self.step, "kind": "train", "loss": mean_loss, "lr": lr,
+               **self.logit_scale.readout(self.model), "grad_norm": self.guard.grad_norm, **rates,
+               "peak_mem_gb": peak_memory_gb(self.device), "nonfinite_skipped": self.guard.skipped,
+               "world_size": info.world_size}
+        if isinstance(self.source, DaliShardSource):
+            rec["data_bad_batches"] = self.source.bad_batches  # rank 0's count (each rank skips its own)
+        self.data_stats = ds = _data_stats(self.source, info)
+        if ds is not None:
+            over = ds["skip_rate"] > cfg.data.max_skip_rate
+            rec.update({"data_samples_read": ds["samples_read"], "data_samples_skipped": ds["samples_skipped"],
+                        "data_skip_rate": ds["skip_rate"], "data_tar_errors": ds["tar_errors"],
+                        "data_skipped_by_reason": ds["skipped_by_reason"], "data_skip_rate_exceeded": over,
+                        "data_fetch_wait_s": ds["fetch_wait_s"], "data_bytes_fetched": ds["bytes_fetched"],
+                        "data_shards_fetch_failed": ds["shards_fetch_failed"]})
+            if over and not self.skip_warned and info.is_main:
+                self.console.say(_skip_warning(ds, cfg.data.max_skip_rate), err=True)
+                self.skip_warned = True
+        self.logger.log(rec)
+        elapsed = time.perf_counter() - self.t_start
+        self.console.step_line(self.step, mean_loss, lr, rates["samples_per_s"],
+                               (cfg.steps - self.step) * elapsed / max(self.steps_run, 1),
+                               data_wait_frac=rates["data_wait_frac"],
+                               fetch_wait_s=ds["fetch_wait_s"] if ds is not None else 0.0)
+
+    def _validate(self) -> None:
+        metrics = self.validator.run(self.fwd_model, self.model)
+        if self.info.is_main and metrics:
+            self.logger.log({"step": self.step, "kind": "val", **metrics})
+
+    def _save(self) -> Path | None:
+        counters = {**self.counters, "nonfinite_skipped": self.guard.skipped}
+        return self.ckpt.save(self.step, self.fwd_model, self.optimizer, self.sched, self.source,
+                              tokenizer=self.tokenizer, counters=counters)
+
+    # -- set-up and the end --------------------------------------------------------------------------
+
+    def _lock_out_dir(self, cleanup: list) -> None:
+        """Rank 0 takes ``out_dir``'s lock; every rank fails when it cannot."""
+        info, out = self.info, self.out
+        lock_error = None
+        if info.is_main:
+            out.mkdir(parents=True, exist_ok=True)
+            lock = OutDirLock(out, break_lock=self.cfg.break_lock)
+            try:
+                lock.acquire()
+                cleanup.append(lock.release)
+                if lock.note:
+                    print(f"[bmclip] out_dir lock: {lock.note}", file=sys.stderr, flush=True)
+            except ConfigError as e:
+                lock_error = e
+        if all_reduce_flag(lock_error is not None, info):
+            raise lock_error or ConfigError(f"out_dir {out}: rank 0 could not lock it (its message says why)")
+
+    def _finish(self) -> dict:
+        cfg, info, out, step = self.cfg, self.info, self.out, self.step
+        seconds = time.perf_counter() - self.t_start
+        stop_signal = self.stop_signum > 0 and step < cfg.steps  # a signal at the very last step: run complete
+        self.console.close()
+        self.logger.close()
+        summary = {"steps": step, "steps_this_run": self.steps_run, "seconds": seconds,
+                   "stopped_early": self.stop_early,
+                   "samples_per_s": self.steps_run * cfg.data.batch_size / seconds if seconds > 0 else None,
+                   "last_loss": self.last_loss, "nonfinite_skipped": self.guard.skipped,
+                   "augment_backend": "dali" if isinstance(self.source, DaliShardSource) else "torch",
+                   "data_bad_batches": getattr(self.source, "bad_batches", 0), "out_dir": str(out)}
+        ds = self.data_stats
+        if ds is not None:
+            summary["data"] = {**ds, "skip_rate_exceeded": ds["skip_rate"] > cfg.data.max_skip_rate}
+        if stop_signal:
+            # the signal received (by any rank: the highest number when ranks got different ones)
+            summary["stopped_by_signal"] = signal.Signals(self.stop_signum).name
             if info.is_main:
-                console.say(msg, err=True)
+                where = (f"checkpoint {out / 'checkpoints' / ckpt_mod.step_dir_name(step)}" if step else
+                         "no step had finished, nothing to checkpoint")
+                print(f"[bmclip] stopped by {summary['stopped_by_signal']} at step {step} of {cfg.steps}; {where}; "
+                      "rerun the same command to resume", file=sys.stderr, flush=True)
+        if info.is_main:
+            records = read_jsonl(out / "metrics.jsonl") if (out / "metrics.jsonl").is_file() else []
+            summary["curves"] = [str(p) for p in plot_curves(records, out)]
+            vals = [r for r in records if r.get("kind") == "val"]
+            if vals:
+                summary["val"] = {k: v for k, v in vals[-1].items() if k not in ("kind",)}
+        # An interrupted run is not finished: no open_clip export (the checkpoint has everything).
+        if cfg.export_open_clip and not stop_signal:
+            if cfg.parallel == "fsdp":
+                exported = _gathered_copy(self.fwd_model, self.optimizer, cfg, info, self.mcfg)  # every rank
             else:
-                print(msg, file=sys.stderr, flush=True)
-
-        lr = sched.set_step(step)
-        optimizer.zero_grad(set_to_none=True)
-        loss = forward_backward(fwd_model, images, input_ids, loss_fn, chunks=chunks, autocast=autocast,
-                                inject_nan=step in cfg.fault.nan_at_steps)
-        sync_ignored_grads(fwd_model, info)  # FSDP2: replicated scalar params (no-op otherwise)
-        loss_val = float(loss)
-        bad = not math.isfinite(loss_val)
-        grad_norm = float("nan")
-        if not all_reduce_flag(bad, info):
-            params = [p for p in fwd_model.parameters() if p.grad is not None]
-            max_norm = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
-            bad = not math.isfinite(grad_norm)
-        bad = all_reduce_flag(bad, info)
-        if bad:
-            optimizer.zero_grad(set_to_none=True)
-            counters["nonfinite_skipped"] += 1
-            consecutive_bad += 1
+                exported = self.model
             if info.is_main:
-                logger.log({"step": step + 1, "kind": "skip", "reason": "non-finite loss or grad norm",
-                            "loss": loss_val, "nonfinite_skipped": counters["nonfinite_skipped"]})
-            if consecutive_bad >= cfg.fault.max_nonfinite:
-                raise NonFiniteLossError(
-                    f"{consecutive_bad} non-finite losses in a row (step {step + 1}); stopping. Lower "
-                    f"optim.lr or check the data; the last good checkpoint is in {out / 'checkpoints'}")
-        else:
-            consecutive_bad = 0
-            optimizer.step()
-            with torch.no_grad():  # CLIP: clamp the learned temperature at 100 (ln 100 on the log scale)
-                unwrap(model).logit_scale.clamp_(0, max_log_scale)
-            last_loss = loss_val
-            win["loss"] += loss_val
-            win["n"] += 1
-        step += 1
-        steps_run += 1
-        signals.step = step
-        counters["samples"] += cfg.data.batch_size
-        win["samples"] += cfg.data.batch_size
-        # Model FLOPs of this rank's rows (its text tokens, its image rows vs all columns of the logits).
-        counts = (ids_cpu != pad_id).sum(1).tolist()
-        win["flops"] += train_step_flops(mcfg, batch=len(counts), text_token_counts=counts,
-                                         patch_dropout=cfg.model.patch_dropout,
-                                         logit_columns=cfg.data.batch_size)
-        if cfg.fault.step_sleep_s:
-            time.sleep(cfg.fault.step_sleep_s)
-        # Step boundary: every rank agrees (one collective) on the wall-clock budget (e.g. the demo's),
-        # a stop signal (SIGTERM / SIGINT / SIGUSR1=stop) and a SIGUSR1 checkpoint request received by any
-        # rank, so all ranks stop or checkpoint at this same step.
-        over_budget = bool(cfg.max_seconds) and time.perf_counter() - t_start > cfg.max_seconds
-        over_budget, stop_signum, ckpt_request = all_reduce_max(
-            [over_budget, signals.stop_signum(), signals.take_checkpoint_request()], info)
-        stop_early, stop_signal, ckpt_request = over_budget > 0, stop_signum > 0, ckpt_request > 0
-        final = step == cfg.steps or stop_early or stop_signal
-        console.update(1, loss=f"{loss_val:.4f}", lr=f"{lr:.2e}")
-
-        if step % cfg.log_every == 0 or final:
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            dt = time.perf_counter() - win["t0"]
-            mean_loss = all_reduce_mean(win["loss"] / max(win["n"], 1), info) if win["n"] else float("nan")
-            sps = win["samples"] / dt
-            rec = {"step": step, "kind": "train", "loss": mean_loss, "lr": lr,
-                   "logit_scale": float(unwrap(model).logit_scale.detach().exp()),
-                   "grad_norm": grad_norm, "samples_per_s": sps, "samples_per_s_per_gpu": sps / info.world_size,
-                   "data_wait_frac": win["data"] / dt, "peak_mem_gb": _peak_memory_gb(device),
-                   "tflops_per_gpu": win["flops"] / dt / 1e12,
-                   "mfu": (win["flops"] / dt / (peak * 1e12)) if peak else None,
-                   "nonfinite_skipped": counters["nonfinite_skipped"], "world_size": info.world_size}
-            if isinstance(source, DaliShardSource):
-                rec["data_bad_batches"] = source.bad_batches  # rank 0's count (each rank skips its own)
-            data_stats = _data_stats(source, info)
-            if data_stats is not None:
-                over = data_stats["skip_rate"] > cfg.data.max_skip_rate
-                rec.update({"data_samples_read": data_stats["samples_read"],
-                            "data_samples_skipped": data_stats["samples_skipped"],
-                            "data_skip_rate": data_stats["skip_rate"], "data_tar_errors": data_stats["tar_errors"],
-                            "data_skipped_by_reason": data_stats["skipped_by_reason"],
-                            "data_skip_rate_exceeded": over})
-                if over and not skip_warned and info.is_main:
-                    console.say(_skip_warning(data_stats, cfg.data.max_skip_rate), err=True)
-                    skip_warned = True
-            logger.log(rec)
-            elapsed = time.perf_counter() - t_start
-            console.step_line(step, mean_loss, lr, sps, (cfg.steps - step) * elapsed / max(steps_run, 1))
-            win = {"t0": time.perf_counter(), "data": 0.0, "loss": 0.0, "n": 0, "flops": 0.0, "samples": 0}
-
-        # A signal stop skips validation (a scheduler's grace period is for the checkpoint).
-        do_val = (cfg.data.synthetic or cfg.data.val) and not (stop_signal and step < cfg.steps) and (
-            (cfg.val_every and step % cfg.val_every == 0) or final)
-        if do_val:
-            t_val = time.perf_counter()
-            metrics = _run_val(cfg, info, fwd_model, model, mcfg, tokenizer, device, autocast)
-            if info.is_main and metrics:
-                logger.log({"step": step, "kind": "val", **metrics})
-            win["t0"] += time.perf_counter() - t_val  # validation time is not training throughput
-
-        if cfg.fault.kill_at_step == step and cfg.fault.kill_rank in (-1, info.rank):
-            # One-shot: a marker in out_dir keeps a restarted job (torchrun --max-restarts) from dying again.
-            marker = out / f".fault_killed_step{step}_rank{info.rank}"
-            if not marker.exists():
-                marker.touch()
-                os.kill(os.getpid(), signal.SIGKILL)
-        if (cfg.ckpt_every and step % cfg.ckpt_every == 0) or final or ckpt_request:
-            t_ck = time.perf_counter()
-            path = _save(cfg, info, step, fwd_model, optimizer, sched, source, tokenizer, counters,
-                         kill_midway=cfg.fault.kill_in_checkpoint_at_step == step)
-            last_saved = step
-            if ckpt_request and info.is_main:
-                console.say(f"[bmclip] SIGUSR1: checkpoint {path} written; continuing", err=True)
-            win["t0"] += time.perf_counter() - t_ck
-
-    seconds = time.perf_counter() - t_start
-    stop_signal = stop_signal and step < cfg.steps  # a signal at the very last step: the run is complete
-    console.close()
-    logger.close()
-    summary = {"steps": step, "steps_this_run": steps_run, "seconds": seconds, "stopped_early": stop_early,
-               "samples_per_s": steps_run * cfg.data.batch_size / seconds if seconds > 0 else None,
-               "last_loss": last_loss, "nonfinite_skipped": counters["nonfinite_skipped"],
-               "augment_backend": "dali" if isinstance(source, DaliShardSource) else "torch",
-               "data_bad_batches": getattr(source, "bad_batches", 0), "out_dir": str(out)}
-    if data_stats is not None:
-        summary["data"] = {**data_stats, "skip_rate_exceeded": data_stats["skip_rate"] > cfg.data.max_skip_rate}
-    if stop_signal:
-        # the signal received (by any rank: the highest number when ranks got different ones)
-        summary["stopped_by_signal"] = signal.Signals(int(stop_signum)).name
-        if info.is_main:
-            where = (f"checkpoint {out / 'checkpoints' / ckpt_mod.step_dir_name(step)}" if step else
-                     "no step had finished, nothing to checkpoint")
-            print(f"[bmclip] stopped by {summary['stopped_by_signal']} at step {step} of {cfg.steps}; {where}; "
-                  "rerun the same command to resume", file=sys.stderr, flush=True)
-    if info.is_main:
-        records = read_jsonl(out / "metrics.jsonl") if (out / "metrics.jsonl").is_file() else []
-        summary["curves"] = [str(p) for p in plot_curves(records, out)]
-        vals = [r for r in records if r.get("kind") == "val"]
-        if vals:
-            summary["val"] = {k: v for k, v in vals[-1].items() if k not in ("kind",)}
-    # An interrupted run is not finished: no open_clip export (the checkpoint has everything).
-    if cfg.export_open_clip and not stop_signal:
-        if info.is_main:
-            from bmclip.interop import export_open_clip
-
-            export_open_clip(unwrap(model) if cfg.parallel != "fsdp" else _gathered_copy(fwd_model, optimizer, cfg,
-                                                                                      info, mcfg),
-                             out / "open_clip", tokenizer=tokenizer)
-            summary["open_clip"] = str(out / "open_clip")
-        elif cfg.parallel == "fsdp":
-            _gathered_copy(fwd_model, optimizer, cfg, info, mcfg)  # collective: every rank takes part
-    barrier(info)
-    return summary
+                export_open_clip(exported, out / "open_clip", tokenizer=self.tokenizer)
+                summary["open_clip"] = str(out / "open_clip")
+        barrier(info)
+        return summary
 
 
 def _gathered_copy(fwd_model, optimizer, cfg, info, mcfg):
     """Full (unsharded) CPU copy of an FSDP model for export (a collective: all ranks call it)."""
-    from bmclip.model import create_model
-
     sd, _ = full_state_dicts(fwd_model, optimizer, cfg.parallel, info)
     m = create_model(mcfg)
     m.load_state_dict(sd)
     return m
 
 
-def _run_val(cfg, info, fwd_model, model, mcfg, tokenizer, device, autocast) -> dict:
-    if cfg.parallel == "fsdp" and info.initialized:
-        # Sharded parameters: every rank runs the same forward (all-gathers are collective).
-        return validate(fwd_model, _val_batches(cfg, mcfg, tokenizer), device, autocast)
-    metrics = {}
-    if info.is_main:
-        metrics = validate(model, _val_batches(cfg, mcfg, tokenizer), device, autocast)
-    barrier(info)
-    return metrics
