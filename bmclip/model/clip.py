@@ -3,17 +3,17 @@
 from __future__ import annotations
 
 import copy
-import dataclasses
 from typing import Any
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from bmclip.config_dict import update_from_dict
 from bmclip.errors import ConfigError
 from bmclip.model.attention import check_backend
 from bmclip.model.bert import BertEmbeddings, BertLayer, BertTextEncoder
-from bmclip.model.config import ModelConfig, TextConfig, VisionConfig, get_preset
+from bmclip.model.config import ModelConfig, get_preset
 from bmclip.model.layers import Mlp, SelfAttention
 from bmclip.model.vit import VisionTransformer, ViTBlock
 
@@ -111,27 +111,6 @@ class BiomedCLIP(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
 
-def _apply_overrides(cfg: ModelConfig, overrides: dict[str, Any]) -> ModelConfig:
-    for key, value in overrides.items():
-        if key in ("vision", "text") and isinstance(value, dict):
-            sub = getattr(cfg, key)
-            names = {f.name for f in dataclasses.fields(sub)}
-            for k in value:
-                if k not in names:
-                    raise ConfigError(f"unknown config key '{key}.{k}'")
-            setattr(cfg, key, dataclasses.replace(sub, **value))
-        elif key in ("vision", "text"):
-            want = VisionConfig if key == "vision" else TextConfig
-            if not isinstance(value, want):
-                raise ConfigError(f"{key} override must be a dict or {want.__name__}")
-            setattr(cfg, key, copy.deepcopy(value))
-        elif key in {f.name for f in dataclasses.fields(cfg)}:
-            setattr(cfg, key, value)
-        else:
-            raise ConfigError(f"unknown config key {key!r}")
-    return cfg
-
-
 def create_model(preset_or_config: str | ModelConfig | dict = "biomedclip-vit-b16-224", **overrides) -> BiomedCLIP:
     """Build a freshly initialised BiomedCLIP from a preset name, a ModelConfig or a config dict.
 
@@ -146,6 +125,6 @@ def create_model(preset_or_config: str | ModelConfig | dict = "biomedclip-vit-b1
         cfg = ModelConfig.from_dict(preset_or_config)
     else:
         raise ConfigError(f"expected a preset name, ModelConfig or dict, got {type(preset_or_config).__name__}")
-    cfg = _apply_overrides(cfg, overrides)
+    cfg = update_from_dict(cfg, overrides)
     cfg.validate()
     return BiomedCLIP(cfg)

@@ -8,6 +8,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from bmclip.config_dict import update_from_dict
 from bmclip.errors import ConfigError
 
 # Attention backend of both towers unless a tower sets its own: "auto" (per tower and device, see
@@ -156,10 +157,7 @@ class ModelConfig:
         """Build from a nested dict; unknown keys raise ConfigError naming the key."""
         if not isinstance(d, dict):
             raise ConfigError(f"model config must be a mapping, got {type(d).__name__}")
-        d = dict(d)
-        vision = _dataclass_from_dict(VisionConfig, d.pop("vision", {}), "vision.")
-        text = _dataclass_from_dict(TextConfig, d.pop("text", {}), "text.")
-        cfg = _dataclass_from_dict(cls, d, "", vision=vision, text=text)
+        cfg = update_from_dict(cls(), copy.deepcopy(d))
         cfg.validate()
         return cfg
 
@@ -170,18 +168,6 @@ def _positive(obj: Any, prefix: str, names: tuple[str, ...]) -> None:
         if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
             key = f"{prefix}.{n}" if prefix else n
             raise ConfigError(f"{key}={v!r} must be a positive integer")
-
-
-def _dataclass_from_dict(cls, d: Any, prefix: str, **extra):
-    if isinstance(d, cls):
-        return copy.deepcopy(d)
-    if not isinstance(d, dict):
-        raise ConfigError(f"{prefix.rstrip('.') or 'config'} must be a mapping, got {type(d).__name__}")
-    names = {f.name for f in dataclasses.fields(cls)}
-    for k in d:
-        if k not in names:
-            raise ConfigError(f"unknown config key '{prefix}{k}' (known: {', '.join(sorted(names))})")
-    return cls(**{**d, **extra})
 
 
 # --------------------------------------------------------------------------------------------- presets
