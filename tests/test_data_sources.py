@@ -28,3 +28,29 @@ def test_synthetic_ranks_partition_the_global_batch_and_resume_exactly():
     # captions are [CLS] a b c [SEP] then padding
     ids = nxt[0]["input_ids"]
     assert (ids[:, 0] == 2).all() and (ids[:, 4] == 3).all() and (ids[:, 5:] == 0).all()
+
+
+def test_synthetic_batch_interrupted_while_built_is_not_skipped(monkeypatch):
+    # The trainer stops a run by raising inside the wait for the next batch (a signal): the saved position must
+    # still point at that batch, or the resumed run skips it and is no longer bitwise equal to an unbroken one.
+    import bmclip.data.sources as S
+
+    ref = _src()
+    want = [next(ref) for _ in range(6)]  # crosses the epoch boundary at batch 5
+    src = _src()
+    for i in range(6):
+        real = S.synthetic_images
+
+        def interrupted(*a, **k):
+            raise KeyboardInterrupt
+
+        monkeypatch.setattr(S, "synthetic_images", interrupted)
+        before = src.state_dict()
+        try:
+            next(src)
+        except KeyboardInterrupt:
+            pass
+        assert src.state_dict() == before
+        monkeypatch.setattr(S, "synthetic_images", real)
+        got = next(src)
+        assert torch.equal(got["image"], want[i]["image"]) and torch.equal(got["input_ids"], want[i]["input_ids"])

@@ -95,13 +95,17 @@ class SyntheticSource:
         return self
 
     def __next__(self) -> dict:
-        if self.pos + self.global_batch > self.size:  # drop the last partial batch, start a new epoch
-            self.epoch, self.pos = self.epoch + 1, 0
-        idx = self._perm(self.epoch)[self.pos:self.pos + self.global_batch]
-        self.pos += self.global_batch
+        epoch, pos = self.epoch, self.pos
+        if pos + self.global_batch > self.size:  # drop the last partial batch, start a new epoch
+            epoch, pos = epoch + 1, 0
+        idx = self._perm(epoch)[pos:pos + self.global_batch]
         mine = idx[self.rank * self.local:(self.rank + 1) * self.local]
-        return {"image": torch.from_numpy(synthetic_images(self.attrs, mine, self.image_size, self.seed)),
-                "input_ids": synthetic_input_ids(self.attrs, mine, self.context_length)}
+        batch = {"image": torch.from_numpy(synthetic_images(self.attrs, mine, self.image_size, self.seed)),
+                 "input_ids": synthetic_input_ids(self.attrs, mine, self.context_length)}
+        # the position moves only once the batch exists: a stop signal raised while it is built (the trainer
+        # interrupts the wait for data) leaves the state at this batch, so a resume does not skip it
+        self.epoch, self.pos = epoch, pos + self.global_batch
+        return batch
 
     def state_dict(self) -> dict:
         return {"kind": "synthetic", "epoch": self.epoch, "pos": self.pos, "seed": self.seed, "size": self.size}
