@@ -129,7 +129,7 @@ def interpreter_problem() -> str | None:
             except Exception as exc:  # InterpreterError wrapping numpy's TypeError, or anything else
                 problem = f"{type(exc).__name__}: {exc}"
             if problem is not None:
-                import numpy
+                import numpy  # only to name its version here: bmclip.kernels itself needs only torch and triton
 
                 problem = (f"Triton {triton.__version__}'s CPU interpreter cannot run with NumPy {numpy.__version__} "
                            f"({problem}); use NumPy < 2.4 with this Triton, or a newer Triton (3.8 works)")

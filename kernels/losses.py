@@ -72,6 +72,7 @@ here, through the gather path (or the ring with ``ring=True``).
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -93,8 +94,6 @@ class _AllGatherWithGrad(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, t, group, world_size, rank):
-        import torch.distributed as dist
-
         parts = [torch.empty_like(t) for _ in range(world_size)]
         dist.all_gather(parts, t.contiguous(), group=group)
         ctx.group, ctx.rank, ctx.rows = group, rank, t.shape[0]
@@ -102,8 +101,6 @@ class _AllGatherWithGrad(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
-        import torch.distributed as dist
-
         g = g.contiguous().clone()
         dist.all_reduce(g, group=ctx.group)
         return g[ctx.rank * ctx.rows:(ctx.rank + 1) * ctx.rows], None, None, None
@@ -111,8 +108,6 @@ class _AllGatherWithGrad(torch.autograd.Function):
 
 def _gather(t, group, world_size, rank, with_grad, keep_local):
     """All ranks' (b, D) rows concatenated in rank order (open_clip's gather_features, one tensor)."""
-    import torch.distributed as dist
-
     if with_grad:
         return _AllGatherWithGrad.apply(t, group, world_size, rank)
     parts = [torch.zeros_like(t) for _ in range(world_size)]
