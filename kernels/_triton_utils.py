@@ -29,7 +29,6 @@ __all__ = [
     "HAS_TRITON",
     "DOT_HAS_INPUT_PRECISION",
     "autotune_limit",
-    "interpret_env",
     "interpreter_problem",
     "is_interpreted",
     "require_triton",
@@ -42,11 +41,6 @@ class BackendUnavailable(RuntimeError):
 
     The one exception type every kernel family raises for that (never a silent fallback); the message says why.
     """
-
-
-def interpret_env() -> bool:
-    """True when TRITON_INTERPRET asks for Triton's CPU interpreter (same truth values Triton accepts)."""
-    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
 
 
 def is_interpreted(kernel) -> bool:
