@@ -82,10 +82,17 @@ from .contrastive_dist import DistClipFn, DistSigLipFn, RingClipFn, RingSigLipFn
 __all__ = ["ClipLoss", "SigLipLoss"]
 
 
-def _refuse_float64_dist(img, name):
+def _dist_inputs(module, image_features, text_features, logit_scale, logit_bias, name):
+    """The checked inputs of a distributed forward: (img, txt, scale, bias, backend)."""
+    img, txt = check_features(image_features, text_features, name)
     if img.dtype == torch.float64:
         raise TypeError(f"{name}: float64 features are supported with world_size == 1 only (the distributed "
                         "path accumulates in float32); cast them to float32")
+    scale = as_scalar_tensor(logit_scale, img, "logit_scale")
+    bias = as_scalar_tensor(logit_bias, img, "logit_bias")
+    be = _resolve_backend(module.backend, img, txt)
+    check_dist(module.rank, module.world_size, module.group, img, name)
+    return img, txt, scale, bias, be
 
 
 class _AllGatherWithGrad(torch.autograd.Function):
@@ -200,12 +207,8 @@ class ClipLoss(nn.Module):
         elif self.world_size == 1:
             loss = clip_loss(image_features, text_features, logit_scale, logit_bias, backend=self.backend)
         else:
-            img, txt = check_features(image_features, text_features, "ClipLoss")
-            _refuse_float64_dist(img, "ClipLoss")
-            scale = as_scalar_tensor(logit_scale, img, "logit_scale")
-            bias = as_scalar_tensor(logit_bias, img, "logit_bias")
-            be = _resolve_backend(self.backend, img, txt)
-            check_dist(self.rank, self.world_size, self.group, img, "ClipLoss")
+            img, txt, scale, bias, be = _dist_inputs(self, image_features, text_features, logit_scale, logit_bias,
+                                                     "ClipLoss")
             fn = RingClipFn if self.ring else DistClipFn
             loss = fn.apply(img, txt, scale, bias, self.group, self.rank, self.world_size, bool(self.local_loss), be)
         return {"contrastive_loss": loss} if output_dict else loss
@@ -269,12 +272,8 @@ class SigLipLoss(nn.Module):
         elif self.world_size == 1:
             loss = siglip_loss(image_features, text_features, logit_scale, logit_bias, backend=self.backend)
         else:
-            img, txt = check_features(image_features, text_features, "SigLipLoss")
-            _refuse_float64_dist(img, "SigLipLoss")
-            scale = as_scalar_tensor(logit_scale, img, "logit_scale")
-            bias = as_scalar_tensor(logit_bias, img, "logit_bias")
-            be = _resolve_backend(self.backend, img, txt)
-            check_dist(self.rank, self.world_size, self.group, img, "SigLipLoss")
+            img, txt, scale, bias, be = _dist_inputs(self, image_features, text_features, logit_scale, logit_bias,
+                                                     "SigLipLoss")
             fn = RingSigLipFn if self.ring else DistSigLipFn
             loss = fn.apply(img, txt, scale, bias, self.group, self.rank, self.world_size, be)
         return {"contrastive_loss": loss} if output_dict else loss
