@@ -25,6 +25,11 @@ import threading
 from collections.abc import Iterable
 from pathlib import Path
 
+import ftfy
+import numpy as np
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import decoders, models, normalizers, pre_tokenizers, processors, trainers
+
 from bmclip.errors import ConfigError
 from bmclip.io import atomic_writer
 
@@ -43,8 +48,6 @@ def clean_text(text: str) -> str:
     ``str.split()`` splits on every Unicode whitespace character (NBSP, thin spaces, line separators);
     zero-width characters are not whitespace and are left to the BERT normalizer.
     """
-    import ftfy
-
     text = html.unescape(html.unescape(ftfy.fix_text(text)))
     return " ".join(text.split())
 
@@ -87,9 +90,6 @@ class Tokenizer:
         self._lock = threading.Lock()
 
     def _build(self, vocab: dict[str, int]):
-        from tokenizers import Tokenizer as HFTokenizer
-        from tokenizers import decoders, models, normalizers, pre_tokenizers, processors
-
         hf = HFTokenizer(models.WordPiece(vocab=vocab, unk_token="[UNK]", max_input_chars_per_word=100))
         # BERT uncased: clean control chars, split CJK chars, lower-case and strip accents.
         hf.normalizer = normalizers.BertNormalizer(
@@ -110,8 +110,6 @@ class Tokenizer:
             with self._lock:
                 hf = self._per_length.get(length)
                 if hf is None:
-                    from tokenizers import Tokenizer as HFTokenizer
-
                     hf = HFTokenizer.from_str(self._base.to_str())
                     # Truncation counts the special tokens, so [SEP] stays the last real token.
                     hf.enable_truncation(max_length=length)
@@ -172,9 +170,6 @@ class Tokenizer:
     ) -> Tokenizer:
         """Train an uncased WordPiece vocabulary (at most ``vocab_size`` tokens) from an iterable of texts
         (cleaned with ``clean_text`` first when ``clean``, as the returned tokenizer will clean its input)."""
-        from tokenizers import Tokenizer as HFTokenizer
-        from tokenizers import models, normalizers, pre_tokenizers, trainers
-
         if vocab_size < len(SPECIAL_TOKENS) + 1:
             raise ConfigError(f"vocab_size={vocab_size} is too small")
         hf = HFTokenizer(models.WordPiece(unk_token="[UNK]"))
@@ -208,8 +203,7 @@ class Tokenizer:
     def __call__(self, texts: str | list[str], context_length: int | None = None):
         """texts -> torch.LongTensor (B, L), L = context_length: [CLS] ids [SEP] then 0-padding (texts cleaned
         first when ``self.clean``)."""
-        import numpy as np
-        import torch
+        import torch  # start-up cost: the dataset builder's pure-Python workers count tokens without torch
 
         if isinstance(texts, str):
             texts = [texts]

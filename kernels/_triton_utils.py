@@ -29,7 +29,6 @@ __all__ = [
     "HAS_TRITON",
     "DOT_HAS_INPUT_PRECISION",
     "autotune_limit",
-    "interpret_env",
     "interpreter_problem",
     "is_interpreted",
     "require_triton",
@@ -42,11 +41,6 @@ class BackendUnavailable(RuntimeError):
 
     The one exception type every kernel family raises for that (never a silent fallback); the message says why.
     """
-
-
-def interpret_env() -> bool:
-    """True when TRITON_INTERPRET asks for Triton's CPU interpreter (same truth values Triton accepts)."""
-    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
 
 
 def is_interpreted(kernel) -> bool:
@@ -129,7 +123,7 @@ def interpreter_problem() -> str | None:
             except Exception as exc:  # InterpreterError wrapping numpy's TypeError, or anything else
                 problem = f"{type(exc).__name__}: {exc}"
             if problem is not None:
-                import numpy
+                import numpy  # only to name its version here: bmclip.kernels itself needs only torch and triton
 
                 problem = (f"Triton {triton.__version__}'s CPU interpreter cannot run with NumPy {numpy.__version__} "
                            f"({problem}); use NumPy < 2.4 with this Triton, or a newer Triton (3.8 works)")

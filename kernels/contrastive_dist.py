@@ -9,6 +9,7 @@ rank to rank instead of gathering. Semantics and gradient conventions: see ``los
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 
 from .contrastive import (
     CLIP,
@@ -24,15 +25,8 @@ from .contrastive import (
 __all__ = ["DistClipFn", "DistSigLipFn", "RingClipFn", "RingSigLipFn", "check_dist"]
 
 
-def _dist():
-    import torch.distributed as dist
-
-    return dist
-
-
 def _all_gather_rows(x: torch.Tensor, group, world: int) -> torch.Tensor:
     """Concatenate every rank's (b, D) tensor along dim 0 → (world·b, D) (no autograd)."""
-    dist = _dist()
     x = x.contiguous()
     out = torch.empty((world * x.shape[0], *x.shape[1:]), dtype=x.dtype, device=x.device)
     dist.all_gather_into_tensor(out, x, group=group)
@@ -41,7 +35,6 @@ def _all_gather_rows(x: torch.Tensor, group, world: int) -> torch.Tensor:
 
 def _reduce_scatter_rows(x: torch.Tensor, group, world: int) -> torch.Tensor:
     """Sum (world·b, D) tensors over ranks and keep this rank's (b, D) slice."""
-    dist = _dist()
     x = x.contiguous()
     out = torch.empty((x.shape[0] // world, *x.shape[1:]), dtype=x.dtype, device=x.device)
     rs = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
@@ -51,7 +44,6 @@ def _reduce_scatter_rows(x: torch.Tensor, group, world: int) -> torch.Tensor:
 
 def _all_reduce_lse(part: torch.Tensor, group) -> torch.Tensor:
     """Merge per-rank log-sum-exps (N,) into the global ones: max all-reduce, then sum of shifted exps."""
-    dist = _dist()
     m = part.clone()
     dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
     s = torch.exp(part - m)
@@ -60,7 +52,6 @@ def _all_reduce_lse(part: torch.Tensor, group) -> torch.Tensor:
 
 
 def _check_dist(rank: int, world: int, group, img: torch.Tensor, who: str) -> None:
-    dist = _dist()
     if not (dist.is_available() and dist.is_initialized()):
         raise RuntimeError(f"{who}(world_size={world}) needs an initialised torch.distributed process group")
     if dist.get_world_size(group) != world or dist.get_rank(group) != rank:
@@ -79,7 +70,7 @@ def _rank_loss(share, local_loss: bool, world: int, group):
     if local_loss:
         return share * world
     loss = share.clone()
-    _dist().all_reduce(loss, group=group)
+    dist.all_reduce(loss, group=group)
     return loss
 
 
@@ -157,7 +148,6 @@ class _DistSigLipFn(torch.autograd.Function):
 # ----------------------------------------------------------------------------------------------------
 def _ring_peers(group, rank: int, world: int) -> tuple[int, int]:
     """(left, right) neighbours as global ranks (P2P ops take global ranks)."""
-    dist = _dist()
     left, right = (rank - 1) % world, (rank + 1) % world
     if group is not None:
         left, right = dist.get_global_rank(group, left), dist.get_global_rank(group, right)
@@ -166,7 +156,6 @@ def _ring_peers(group, rank: int, world: int) -> tuple[int, int]:
 
 def _ring_start(sends, peers, group):
     """Post sends to the right neighbour and same-shaped receives from the left; returns (requests, bufs)."""
-    dist = _dist()
     left, right = peers
     sends = [t.contiguous() for t in sends]
     recvs = [torch.empty_like(t) for t in sends]

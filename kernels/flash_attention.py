@@ -179,7 +179,7 @@ def _flash_sdpa(q, k, v, cu_seqlens, max_seqlen, causal, scale):
 
 
 def _flash_xformers(q, k, v, cu_seqlens, max_seqlen, causal, scale):
-    try:
+    try:  # xformers is optional: imported only when this backend is asked for
         import xformers.ops as xops
         from xformers.ops import fmha
     except ImportError as e:

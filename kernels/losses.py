@@ -72,6 +72,7 @@ here, through the gather path (or the ring with ``ring=True``).
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -81,10 +82,17 @@ from .contrastive_dist import DistClipFn, DistSigLipFn, RingClipFn, RingSigLipFn
 __all__ = ["ClipLoss", "SigLipLoss"]
 
 
-def _refuse_float64_dist(img, name):
+def _dist_inputs(module, image_features, text_features, logit_scale, logit_bias, name):
+    """The checked inputs of a distributed forward: (img, txt, scale, bias, backend)."""
+    img, txt = check_features(image_features, text_features, name)
     if img.dtype == torch.float64:
         raise TypeError(f"{name}: float64 features are supported with world_size == 1 only (the distributed "
                         "path accumulates in float32); cast them to float32")
+    scale = as_scalar_tensor(logit_scale, img, "logit_scale")
+    bias = as_scalar_tensor(logit_bias, img, "logit_bias")
+    be = _resolve_backend(module.backend, img, txt)
+    check_dist(module.rank, module.world_size, module.group, img, name)
+    return img, txt, scale, bias, be
 
 
 class _AllGatherWithGrad(torch.autograd.Function):
@@ -93,8 +101,6 @@ class _AllGatherWithGrad(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, t, group, world_size, rank):
-        import torch.distributed as dist
-
         parts = [torch.empty_like(t) for _ in range(world_size)]
         dist.all_gather(parts, t.contiguous(), group=group)
         ctx.group, ctx.rank, ctx.rows = group, rank, t.shape[0]
@@ -102,8 +108,6 @@ class _AllGatherWithGrad(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
-        import torch.distributed as dist
-
         g = g.contiguous().clone()
         dist.all_reduce(g, group=ctx.group)
         return g[ctx.rank * ctx.rows:(ctx.rank + 1) * ctx.rows], None, None, None
@@ -111,8 +115,6 @@ class _AllGatherWithGrad(torch.autograd.Function):
 
 def _gather(t, group, world_size, rank, with_grad, keep_local):
     """All ranks' (b, D) rows concatenated in rank order (open_clip's gather_features, one tensor)."""
-    import torch.distributed as dist
-
     if with_grad:
         return _AllGatherWithGrad.apply(t, group, world_size, rank)
     parts = [torch.zeros_like(t) for _ in range(world_size)]
@@ -205,12 +207,8 @@ class ClipLoss(nn.Module):
         elif self.world_size == 1:
             loss = clip_loss(image_features, text_features, logit_scale, logit_bias, backend=self.backend)
         else:
-            img, txt = check_features(image_features, text_features, "ClipLoss")
-            _refuse_float64_dist(img, "ClipLoss")
-            scale = as_scalar_tensor(logit_scale, img, "logit_scale")
-            bias = as_scalar_tensor(logit_bias, img, "logit_bias")
-            be = _resolve_backend(self.backend, img, txt)
-            check_dist(self.rank, self.world_size, self.group, img, "ClipLoss")
+            img, txt, scale, bias, be = _dist_inputs(self, image_features, text_features, logit_scale, logit_bias,
+                                                     "ClipLoss")
             fn = RingClipFn if self.ring else DistClipFn
             loss = fn.apply(img, txt, scale, bias, self.group, self.rank, self.world_size, bool(self.local_loss), be)
         return {"contrastive_loss": loss} if output_dict else loss
@@ -274,12 +272,8 @@ class SigLipLoss(nn.Module):
         elif self.world_size == 1:
             loss = siglip_loss(image_features, text_features, logit_scale, logit_bias, backend=self.backend)
         else:
-            img, txt = check_features(image_features, text_features, "SigLipLoss")
-            _refuse_float64_dist(img, "SigLipLoss")
-            scale = as_scalar_tensor(logit_scale, img, "logit_scale")
-            bias = as_scalar_tensor(logit_bias, img, "logit_bias")
-            be = _resolve_backend(self.backend, img, txt)
-            check_dist(self.rank, self.world_size, self.group, img, "SigLipLoss")
+            img, txt, scale, bias, be = _dist_inputs(self, image_features, text_features, logit_scale, logit_bias,
+                                                     "SigLipLoss")
             fn = RingSigLipFn if self.ring else DistSigLipFn
             loss = fn.apply(img, txt, scale, bias, self.group, self.rank, self.world_size, be)
         return {"contrastive_loss": loss} if output_dict else loss

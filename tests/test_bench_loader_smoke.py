@@ -23,6 +23,7 @@ def bench_data(request, fixtures_dir):
     return request.getfixturevalue("pmc_samples"), 8
 
 
+@pytest.mark.slow
 def test_bench_loader_smoke(tmp_path, bench_data):
     pytest.importorskip("bmclip._C", reason="bmclip._C not built")
     data, min_jpegs = bench_data

@@ -116,6 +116,7 @@ def _build(inputs, out, **kw):
 # ------------------------------------------------------------------------------------------ real articles
 
 
+@pytest.mark.slow
 def test_real_folders_one_sample_per_resolvable_figure(pmc_samples, tmp_path):
     out = tmp_path / "out"
     stats = _build(
@@ -418,6 +419,7 @@ def test_pmc_cloud_layout_versions_and_retraction(tmp_path):
     assert _shard_bytes(tmp_path / "m") == _shard_bytes(out)
 
 
+@pytest.mark.slow
 def test_splits_by_article_and_duplicate_articles(tmp_path):
     src = tmp_path / "in"
     src.mkdir()
@@ -446,6 +448,7 @@ def test_splits_by_article_and_duplicate_articles(tmp_path):
     assert stats["pairs"] == {k: 2 * v for k, v in counts.items()}
 
 
+@pytest.mark.slow
 def test_determinism_workers_and_slices(tmp_path):
     src = tmp_path / "in"
     src.mkdir()
@@ -471,6 +474,7 @@ def test_determinism_workers_and_slices(tmp_path):
         merge_staging([tmp_path / "s2"], tmp_path / "d", opts, progress=False)
 
 
+@pytest.mark.slow
 def test_cli_build_and_merge(tmp_path, capsys):
     from bmclip.cli import main
 
@@ -576,6 +580,7 @@ def _dies_on_chunk_3(args):
     return _chunk_task_impl(args)
 
 
+@pytest.mark.slow
 def test_dead_worker_is_an_error_and_rerun_resumes(tmp_path, monkeypatch):
     src = tmp_path / "in"
     src.mkdir()
@@ -682,6 +687,7 @@ def test_licence_codes_keys_and_slices(tmp_path):
         discover_packages([tmp_path / "tree" / "imgs" / "x.jpg"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("source", "name", "keys"),
     [
@@ -917,6 +923,7 @@ def test_jpeg_passthrough_rules():
     assert e.value.reason == "undecodable_image"
 
 
+@pytest.mark.slow
 def test_passthrough_in_build_and_cli_flag(fixtures_dir, tmp_path, capsys):
     from bmclip.cli import main
 
@@ -1011,6 +1018,7 @@ def _open_clip_get_dataset_size():
     return ns["get_dataset_size"], False
 
 
+@pytest.mark.slow
 def test_shards_sorted_by_key_and_open_clip_reads_sizes_json(tmp_path):
     # open_clip_train counts samples from sizes.json beside the shards (no --train-num-samples needed), and
     # each shard's samples are in sorted key order: PMC6000's figures F1..F11 arrive in document order
@@ -1090,6 +1098,7 @@ def test_open_clip_train_get_wds_dataset_trains_on_bmclip_shards_without_num_sam
     assert seen == n
 
 
+@pytest.mark.slow
 def test_interrupted_merge_leaves_no_stale_sample_counts(tmp_path, monkeypatch):
     # A merge that dies while writing shards must not leave an earlier build's sizes.json / manifest.json
     # describing the folder (open_clip would train on the wrong sample count); rerunning completes it.

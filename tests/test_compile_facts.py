@@ -144,6 +144,7 @@ def synthetic(aot, tmp_path_factory):
     return results
 
 
+@pytest.mark.slow
 def test_compliant_wgmma_matmul_has_no_violations(aot, synthetic):
     res = synthetic["wgmma"]
     f = res["facts"]
@@ -154,6 +155,7 @@ def test_compliant_wgmma_matmul_has_no_violations(aot, synthetic):
     assert res["violations"] == [], aot.facts_table([res])
 
 
+@pytest.mark.slow
 def test_mma_sync_matmul_is_a_violation(aot, synthetic):
     # A 16-row tile is below wgmma's 64-row warp-group minimum: Triton falls back to mma.sync (HMMA).
     res = synthetic["mma_sync"]
@@ -162,6 +164,7 @@ def test_mma_sync_matmul_is_a_violation(aot, synthetic):
     assert any("mma.sync" in v for v in res["violations"]), aot.facts_table([res])
 
 
+@pytest.mark.slow
 def test_fp32_ieee_dot_lowered_to_fma_is_a_violation(aot, synthetic):
     res = synthetic["fp32_ieee"]
     f = res["facts"]
@@ -169,6 +172,7 @@ def test_fp32_ieee_dot_lowered_to_fma_is_a_violation(aot, synthetic):
     assert any("without wgmma" in v for v in res["violations"]), aot.facts_table([res])
 
 
+@pytest.mark.slow
 def test_spilling_kernel_is_a_violation(aot, synthetic):
     res = synthetic["spill"]
     f = res["facts"]
@@ -177,6 +181,7 @@ def test_spilling_kernel_is_a_violation(aot, synthetic):
     assert any(v.startswith("spills") for v in res["violations"]), aot.facts_table([res])
 
 
+@pytest.mark.slow
 def test_shared_memory_over_the_block_limit_is_a_violation(aot, synthetic):
     facts = synthetic["wgmma"]["facts"]
     shared = facts["shared"]

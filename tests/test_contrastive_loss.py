@@ -121,6 +121,7 @@ SHAPES_D = [64, 512, 768, 1000]
 # ---------------------------------------------------------------------------------------------------
 # Triton backend (interpreter on CPU): the full issue grid
 # ---------------------------------------------------------------------------------------------------
+@pytest.mark.slow
 @needs_triton_here
 @pytest.mark.parametrize("loss_name", ["clip", "siglip"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
@@ -132,6 +133,7 @@ def test_triton_vs_float64(loss_name, B, D, dtype):
     run_and_compare(loss_name, B, D, dtype, False, "triton", seed=B * 7 + D + 1)
 
 
+@pytest.mark.slow
 @needs_triton_here
 @pytest.mark.parametrize("loss_name", ["clip", "siglip"])
 def test_triton_large_scale_and_two_pass_columns(loss_name, monkeypatch):
@@ -158,6 +160,7 @@ def test_triton_bf16_gpu(loss_name, B, D):
 # ---------------------------------------------------------------------------------------------------
 # torch chunked backend
 # ---------------------------------------------------------------------------------------------------
+@pytest.mark.slow
 @pytest.mark.parametrize("loss_name", ["clip", "siglip"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
 @pytest.mark.parametrize("B", SHAPES_B)
@@ -288,6 +291,7 @@ def test_bad_inputs():
         clip_loss(x[:0], x[:0], 1.0)
 
 
+@pytest.mark.slow
 def test_triton_backend_without_gpu_or_interpreter_raises():
     if torch.cuda.is_available():
         pytest.skip("this machine can run Triton natively")
@@ -359,6 +363,7 @@ def test_torch_backend_memory_32k():
     assert out["gnorm"] > 0
 
 
+@pytest.mark.slow
 def test_bench_loss_quick_smoke(tmp_path):
     # the benchmark's CPU smoke mode runs and writes consistent JSON/CSV (timings are not checked)
     script = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "bench_loss.py")
@@ -459,6 +464,7 @@ def check_half_accuracy(loss_name, B, D, dtype, seed):
         assert err <= 2 * err_ref + slack, f"{name}: err {err:.3e} vs reference err {err_ref:.3e} (+{slack:.1e})"
 
 
+@pytest.mark.slow
 @needs_triton_here
 @pytest.mark.parametrize("loss_name", ["clip", "siglip"])
 @pytest.mark.parametrize("D", [512, 768])
@@ -528,6 +534,7 @@ def test_fp32_is_never_autotuned():
     assert w["fwd_config"] == CT._FP32_BLOCK and w["bwd_config"] == CT._FP32_BLOCK
 
 
+@pytest.mark.slow
 @needs_triton_here
 @pytest.mark.parametrize("D", [512, 768])
 def test_work_model_matches_the_launches(D, monkeypatch):
@@ -777,6 +784,7 @@ _GET_LOGITS_WORKER = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_get_logits_distributed_matches_open_clip(tmp_path):
     # Two gloo ranks: get_logits gathers like open_clip's gather_features for every local_loss /
     # gather_with_grad combination — same logits, labels and gradients reaching each rank's own features.

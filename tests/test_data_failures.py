@@ -327,6 +327,7 @@ def _cli(tmp_path: Path, train: str, *extra: str) -> list[str]:
             *extra]
 
 
+@pytest.mark.slow
 def test_cli_all_undecodable_resampled_ends_quickly_with_the_cause(tmp_path):
     """The reproduction of a run that used to sit at 0 % forever with growing memory."""
     url = undecodable_tar(tmp_path / "bad.tar")
@@ -337,6 +338,7 @@ def test_cli_all_undecodable_resampled_ends_quickly_with_the_cause(tmp_path):
     assert 0 < child.maxrss_mb < 2500, child.maxrss_mb
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("where", ["cli", "loader"])
 def test_sigint_stops_a_busy_all_bad_pass_within_seconds(tmp_path, where):
     """SIGINT while the producer is decoding (C++ busy) and the consumer waits on it, in a resampled
@@ -378,6 +380,7 @@ def test_sigint_stops_a_busy_all_bad_pass_within_seconds(tmp_path, where):
     assert child.maxrss_mb < 2500, child.maxrss_mb
 
 
+@pytest.mark.slow
 def test_sigint_while_consumer_waits_on_a_busy_producer(tmp_path):
     """Valid but slow data (large images, one decode thread): SIGINT while the consumer waits."""
     rng = np.random.default_rng(2)

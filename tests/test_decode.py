@@ -315,6 +315,7 @@ def every_real_jpeg(request):
     return files
 
 
+@pytest.mark.slow
 def test_dct_scaled_decode_psnr_all_real_jpegs(dec, every_real_jpeg):
     files = every_real_jpeg
     for path in files:

@@ -83,6 +83,7 @@ def _sentences(text):
     return [s for s in re.split(r"(?<!s\.d\.)(?<=[.!?])\s+", text.strip()) if s]
 
 
+@pytest.mark.slow
 def test_captions_do_not_start_with_a_doubled_sentence(tmp_path):
     # The caption the builder stores is the figure title plus the body (bmclip.data.pmc.parse_jats); PMC
     # titles are a heading of their own, so the stored caption must not open with its first sentence twice

@@ -109,6 +109,7 @@ def _real_bundled_images():
     return out
 
 
+@pytest.mark.slow
 def test_real_image_probe_with_tiny_model():
     """Sanity run: random 48px crops of 5 real images (retina, IHC, cell, CT, MR); features of the
     (random-init) tiny bmclip model; the probe must tell the sources apart far above chance (0.2)."""

@@ -139,6 +139,7 @@ def one_thread():
     torch.set_num_threads(prev)
 
 
+@pytest.mark.slow
 def test_vqa_learns_above_majority_baseline(vqa_rad_dir, one_thread):
     from bmclip.model import create_model
     from bmclip.tokenizer import get_tokenizer

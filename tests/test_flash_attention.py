@@ -103,6 +103,7 @@ def _rand(shape, dtype, seed):
     return [torch.randn(shape, generator=gen).to(DEVICE, dtype) for _ in range(3)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("head_dim", [32, 64, 128])
 def test_varlen_mixed_lengths_fp32(head_dim, causal):
@@ -114,6 +115,7 @@ def test_varlen_mixed_lengths_fp32(head_dim, causal):
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("causal", [False, True])
 def test_varlen_mixed_lengths_fp16(causal):
     # fp16 is where the 2x rule has teeth: torch-fp16's own error is ~1e-3, the floor is negligible.
@@ -125,6 +127,7 @@ def test_varlen_mixed_lengths_fp16(causal):
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "batch,seqlen,head_dim,causal",
     [(2, 197, 64, False), (2, 197, 64, True), (3, 17, 32, True), (2, 1, 128, False), (2, 100, 40, False)],
@@ -139,6 +142,7 @@ def test_padded_layout(batch, seqlen, head_dim, causal):
     )
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(DEVICE == "cuda", reason="interpreter block sizes only apply to TRITON_INTERPRET runs")
 @pytest.mark.parametrize("dq_mode", ["separate", "atomic"])
 @pytest.mark.parametrize("blocks", [(16, 32), (32, 16)])
@@ -156,6 +160,7 @@ def test_small_unequal_blocks(monkeypatch, blocks, causal, dq_mode):
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("causal", [False, True])
 def test_atomic_dq_backward_mode(monkeypatch, causal):
     # The optional FA2-style backward (dQ accumulated with atomics in the dK/dV kernel) obeys the same rule.
@@ -184,6 +189,7 @@ def _record_launches(monkeypatch):
     return seen
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "causal,one_loop_max,dq_mode",
     [(False, 256, "separate"), (False, 256, "atomic"), (True, 256, "separate"), (True, 256, "atomic"),
@@ -210,6 +216,7 @@ def test_block_boundary_lengths_one_loop_and_split_loops(monkeypatch, causal, on
     assert (dq == []) if dq_mode == "atomic" else (dq and all(c["ONE_LOOP"] is want_one_loop for c in dq))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("seqlen", [1, 65, 197])
 def test_padded_atomic_dq_fp16(monkeypatch, seqlen, causal):
@@ -405,6 +412,7 @@ def test_gpu_xformers_matches_triton(causal):
     )
 
 
+@pytest.mark.slow
 def test_bench_attention_quick_smoke(tmp_path):
     # The GPU benchmark's CPU smoke mode runs end to end and writes its JSON (no timing is asserted).
     import importlib.util

@@ -173,6 +173,7 @@ def test_gelu_pointwise_accuracy_fp32(approximate):
     assert (err_d <= 4 * eps32 * z64.grad.abs().clamp_min(1.0)).all(), err_d.max().item()
 
 
+@pytest.mark.slow
 def test_many_blocks_and_partial_sums(monkeypatch):
     """Tiny blocks: 129 row blocks, 3 backward programs each walking many of them, partial sums reduced."""
     monkeypatch.setattr(fot, "_INTERPRET_BLOCK_ELEMS", 64)
@@ -239,6 +240,7 @@ def test_double_backward_raises():
             g.sum().backward()
 
 
+@pytest.mark.slow
 def test_torch_compile_graph_breaks_around_the_kernels():
     """Inside torch.compile the Triton path runs eagerly (a graph break), with the same values and grads."""
     inputs, douts = _ln_inputs(5, 64, torch.float32, True, seed=4)
@@ -343,6 +345,7 @@ def _tiny_batch():
     return images, ids
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("attn_backend", ["sdpa", "triton"])
 def test_model_fused_ops_equal_unfused(attn_backend):
     """Tiny model, fp32: fused_ops on == off for both towers' outputs and every parameter's gradient.
@@ -394,6 +397,7 @@ def _model_step(model, images, ids, autocast: bool):
     return torch.cat([img.detach().flatten(), txt.detach().flatten()]), grads
 
 
+@pytest.mark.slow
 def test_model_fused_ops_under_bf16_autocast_as_accurate_as_unfused():
     """bf16 autocast (fp32 residual stream, bf16 branches: the mixed-dtype kernel paths), grad checkpointing on:
     the fused model's error vs the fp32 model is at most ~2x the unfused autocast model's (features and the

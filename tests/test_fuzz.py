@@ -105,6 +105,7 @@ def test_decoder_mutation_sweep():
                 pass
 
 
+@pytest.mark.slow
 def test_tar_mutation_sweep(tmp_path):
     rng = np.random.default_rng(99)
     seeds = list(tar_seeds().values())

@@ -153,6 +153,7 @@ def test_bench_loss_interrupt_keeps_rows(tmp_path, monkeypatch):
 # --- bench_attention / bench_train -------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_bench_attention_interrupt_keeps_rows(tmp_path, monkeypatch):
     ba = _load("bench_attention")
     written = []
@@ -214,6 +215,7 @@ def test_bench_train_row_plan_and_no_checkpointing_default(tmp_path, monkeypatch
     assert bt.row_plan([256, 1024], [512], False) == [(256, False), (512, True), (1024, False)]
 
 
+@pytest.mark.slow
 def test_bench_train_cpu_smoke_counts_flops_mfu_and_runs_a_bf16_loss(tmp_path):
     # The real step on CPU (tiny preset, bf16 autocast): the loss must see bf16 features (never an fp32 loss),
     # the FLOPs must equal an independent count from roofline.py, and MFU = FLOPs / step time / peak.
@@ -248,6 +250,7 @@ def test_bench_train_cpu_smoke_counts_flops_mfu_and_runs_a_bf16_loss(tmp_path):
     assert calls >= cfg.vision.layers + cfg.text.layers
 
 
+@pytest.mark.slow
 def test_open_clip_baseline_checkpointing_is_what_the_row_says():
     # open_clip 3.3's HF text tower turns checkpointing on for set_grad_checkpointing(False) too: bench_train
     # must leave it off for the rows without checkpointing, and notice a tower that is not as asked.

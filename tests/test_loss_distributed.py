@@ -186,6 +186,7 @@ def _get(ranks, prefix, variant):
     return [r[key] for r in ranks]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_clip_local_loss_ddp_exact(dist_results, variant):
     data, ranks = dist_results
@@ -206,6 +207,7 @@ def test_clip_local_loss_ddp_exact(dist_results, variant):
         assert _close(r["g_txt"], world * ref["g_txt"][rows])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_clip_local_loss_matches_open_clip_per_rank(dist_results, variant):
     pytest.importorskip("open_clip")
@@ -218,6 +220,7 @@ def test_clip_local_loss_matches_open_clip_per_rank(dist_results, variant):
         assert _close(r["g_txt"], o["g_txt"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_clip_global_loss_every_rank(dist_results, variant):
     data, ranks = dist_results
@@ -229,6 +232,7 @@ def test_clip_global_loss_every_rank(dist_results, variant):
             assert _close(r[name], ref[name]), name
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_clip_unequal_upstream_grads(dist_results, variant):
     # rank r back-propagates w_r·ℓ_r: the summed gradients must be d(Σ_r w_r ℓ_r)/dθ exactly, which
@@ -241,6 +245,7 @@ def test_clip_unequal_upstream_grads(dist_results, variant):
             assert _close(r[name], ref[name]), (name, r[name], ref[name])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_siglip_ddp_exact_and_open_clip_parity(dist_results, variant):
     data, ranks = dist_results

@@ -288,6 +288,7 @@ def test_set_image_size_resamples_position_grid():
         model.set_image_size(70)
 
 
+@pytest.mark.slow
 def test_bf16_autocast_with_checkpointing():
     # The GPU recipe runs both towers under bf16 autocast; CPU autocast exercises the same dtype paths.
     model = _tiny(grad_checkpointing=True).train()
@@ -365,6 +366,7 @@ def test_auto_default_runs_sdpa_in_both_towers_on_cpu(attn_paths):
     assert attn_paths == {"sdpa": cfg.vision.layers + cfg.text.layers, "triton": 0, "unpadded": []}
 
 
+@pytest.mark.slow
 def test_auto_cuda_choice_runs_vit_on_sdpa_and_text_unpadded_on_triton(monkeypatch, attn_paths):
     # What "auto" does on a CUDA machine, run on CPU: the towers follow resolve_backend's per-tower answer
     # (Triton runs here under the interpreter, in fp32).
@@ -388,6 +390,7 @@ def test_auto_cuda_choice_runs_vit_on_sdpa_and_text_unpadded_on_triton(monkeypat
     torch.testing.assert_close(out["image_features"], want["image_features"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tower", ["image", "text"])
 def test_per_tower_override_runs_only_that_tower_on_triton(tower, attn_paths):
     model = _tiny(attn_backend="sdpa", **{f"{tower}_attn_backend": "triton"}).train()
@@ -404,6 +407,7 @@ def test_per_tower_override_runs_only_that_tower_on_triton(tower, attn_paths):
     assert attn_paths["unpadded"] == (["triton"] if tower == "text" else [])
 
 
+@pytest.mark.slow
 def test_set_attn_backend_per_tower_and_both(attn_paths):
     model = _tiny()
     model.set_attn_backend("triton", tower="image")

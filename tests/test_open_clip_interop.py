@@ -290,6 +290,7 @@ def test_preprocess_matches_open_clip_val_transform(name):
     torch.testing.assert_close(ours, ref, atol=1e-5, rtol=0)
 
 
+@pytest.mark.slow
 def test_export_config_per_preset():
     from bmclip.interop import open_clip_config
 
@@ -323,6 +324,7 @@ def test_timm_heads_used_without_bmclip_section():
     assert cfg == small.config
 
 
+@pytest.mark.slow
 def test_export_ships_the_training_vocabulary_and_names_it(tmp_path):
     # A model trained with its own vocabulary must not be exported under BiomedBERT's tokenizer name: the
     # folder carries that vocabulary, the config names the folder, and open_clip's own tokenizer loader

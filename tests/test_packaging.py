@@ -64,6 +64,7 @@ def test_setuptools_builds_without_warnings(tmp_path):
     assert "bmclip/kernels/__init__.py" in shipped
 
 
+@pytest.mark.slow
 def test_old_setuptools_gets_a_clear_error(tmp_path):
     import setuptools
 

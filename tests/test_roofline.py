@@ -125,6 +125,7 @@ def meta_model():
     return cfg, model
 
 
+@pytest.mark.slow
 def test_image_tower_flops_match_flop_counter(meta_model):
     cfg, model = meta_model
     img = torch.empty(1, 3, 224, 224, device="meta")
@@ -136,6 +137,7 @@ def test_image_tower_flops_match_flop_counter(meta_model):
     assert f["total"] == pytest.approx(35.1e9, rel=0.01)  # ViT-B/16 at 224: ~17.6 GMACs
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("n", [9, 37, 130, 256])
 def test_text_tower_flops_match_flop_counter(meta_model, n):
     cfg, model = meta_model

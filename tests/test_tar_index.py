@@ -172,6 +172,7 @@ def _layout(data: bytes):
     return firsts, -(-max(ends) // 512) * 512  # end of the last member's padded data
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fmt", [tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])
 def test_truncated_at_many_offsets(tmp_path, fmt):
     rng = np.random.default_rng(1)

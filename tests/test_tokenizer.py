@@ -97,6 +97,7 @@ def _hf_ids(hf, texts, length):
     return torch.tensor(enc["input_ids"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("length", [16, 77, 256])
 def test_bundled_vocab_matches_bert_tokenizer_fast(length, caption_root, tmp_path):
     hf = _fast(bundled_vocab_path(), tmp_path)
@@ -211,6 +212,7 @@ def _open_clip_hf_tokenizer(vocab_txt, tmp_path, context_length):
     return open_clip_tokenizer.HFTokenizer(str(folder), context_length=context_length)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("length", [16, 256])
 def test_ids_equal_open_clip_hf_tokenizer(length, caption_root, tmp_path):
     oc = _open_clip_hf_tokenizer(bundled_vocab_path(), tmp_path, length)

@@ -343,6 +343,7 @@ def _cfg(tmp_path, url, *extra):
                                     "--optim.warmup_steps=1", *extra])
 
 
+@pytest.mark.slow
 def test_train_with_dali_runs_and_resumes_bitwise(shard, tmp_path):
     url, _ = shard
     det = ["--steps=4", "--deterministic=true", "--ckpt_every=0"]

@@ -44,6 +44,7 @@ def test_tiny_training_learns(tmp_path):
     assert C.is_valid(tmp_path / "checkpoints" / "step_00000040")
 
 
+@pytest.mark.slow
 def test_nan_loss_is_skipped_and_counted(tmp_path):
     cfg = _cfg(tmp_path, "--steps=4", "--ckpt_every=1", "--keep_last=10", "--fault.nan_at_steps=[1,2]",
                "--data.batch_size=16", "--data.val_max_samples=32")
@@ -61,6 +62,7 @@ def test_nan_loss_is_skipped_and_counted(tmp_path):
     assert all(torch.isfinite(v).all() for v in m[4].values())
 
 
+@pytest.mark.slow
 def test_consecutive_nan_losses_stop_with_clear_error(tmp_path):
     cfg = _cfg(tmp_path, "--steps=10", "--ckpt_every=1", "--fault.nan_at_steps=[2,3,4,5]", "--fault.max_nonfinite=3",
                "--data.batch_size=16")
@@ -92,6 +94,7 @@ def test_poisoned_weights_are_never_checkpointed(tmp_path):
     assert C.latest_valid(tmp_path / "checkpoints").name == "step_00000001"
 
 
+@pytest.mark.slow
 def test_siglip_option_trains_bias_and_lowers_loss(tmp_path):
     cfg = _cfg(tmp_path, "--loss.kind=siglip", "--steps=3", "--log_every=1", "--data.batch_size=16",
                "--data.val_max_samples=32", "--optim.warmup_steps=1")
@@ -130,6 +133,7 @@ def test_compiled_model_trains_like_eager(tmp_path):
     assert runs["true"] == pytest.approx(runs["false"], rel=1e-4, abs=1e-5)
 
 
+@pytest.mark.slow
 def test_bf16_autocast_path_on_cpu(tmp_path):
     # precision=bf16 is the GPU default; on the CPU the same autocast path runs (SDPA, torch loss backend):
     # it trains and stays within bf16 rounding of the fp32 run's losses
@@ -146,6 +150,7 @@ def test_bf16_autocast_path_on_cpu(tmp_path):
     assert runs["bf16"] != runs["fp32"]  # autocast really ran in bf16
 
 
+@pytest.mark.slow
 def test_grad_accum_runs_gradcache_chunks_with_the_full_batch_losses(tmp_path, monkeypatch):
     # data.grad_accum=2 must reach GradCache (2 chunks per step) and, the loss staying global, train with the
     # losses of grad_accum=1. (Equal losses alone would also hold if the option were ignored.)

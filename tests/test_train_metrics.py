@@ -90,6 +90,7 @@ def test_jsonl_and_curves(tmp_path):
     assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)
 
 
+@pytest.mark.slow
 def test_cpu_peak_memory_is_this_process_not_its_parent():
     # A trainer started by a bigger process (torchrun's agent, pytest) must report its own peak RSS: Linux
     # carries getrusage's ru_maxrss across exec, so the child would have reported this process's 3 GB.

@@ -122,6 +122,7 @@ def test_rerun_with_other_data_is_one_line(finished_run):
     assert steps == [1, 2, 3]  # the earlier run's rows were replaced, not duplicated
 
 
+@pytest.mark.slow
 def test_biomedclip_preset_refuses_the_bundled_vocabulary():
     r = subprocess.run([sys.executable, "-m", "bmclip", "train", "biomedclip", "--data.train=/nowhere/x.tar",
                         "--out_dir=/nonexistent-bmclip-out"], capture_output=True, text=True, timeout=300,
@@ -195,6 +196,7 @@ def test_loader_counters_in_metrics_summary_and_skip_warning(tmp_path, monkeypat
 
 # ------------------------------------------------------------------------------------------ what is printed
 
+@pytest.mark.slow
 def test_plain_lines_off_a_terminal_banner_and_config_yaml(tmp_path):
     r = _train(tmp_path, "--steps=4", "--log_every=2")  # progress=true (the default), output to pipes
     assert r.returncode == 0, r.stderr[-2000:]
@@ -213,6 +215,7 @@ def test_plain_lines_off_a_terminal_banner_and_config_yaml(tmp_path):
     assert not [p for p in tmp_path.iterdir() if ".tmp" in p.name]
 
 
+@pytest.mark.slow
 def test_progress_bar_on_a_terminal_and_errors_on_their_own_line(tmp_path):
     # stderr is a pseudo-terminal: the bar is drawn; an error in the middle of the run starts on a new line.
     master, slave = pty.openpty()

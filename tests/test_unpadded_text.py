@@ -85,6 +85,7 @@ def test_pack_padding_mask_and_unpack_roundtrip():
         pack_padding_mask(mask.long())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("grad_checkpointing", [False, True])
 def test_unpadded_triton_text_tower_equals_padded_sdpa(grad_checkpointing, triton_runs):
     torch.manual_seed(0)
@@ -186,6 +187,7 @@ def test_flash_backends_refuse_attention_dropout_and_unavailable_xformers(monkey
         attention(q, q, q, backend="triton")
 
 
+@pytest.mark.slow
 def test_model_switch_runs_text_unpadded_and_keeps_checkpoints_interchangeable(monkeypatch, triton_runs):
     # Through the public model API: set_attn_backend("triton") must (a) keep every parameter name, (b) make
     # encode_text run the packed path, (c) give the padded SDPA model's features and gradients.

@@ -10,6 +10,10 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from importlib.metadata import PackageNotFoundError, version
+
+from bmclip import __version__
+from bmclip.errors import BmclipError
 
 # Module names under bmclip.cli, in the order `bmclip --help` lists them.
 SUBCOMMAND_MODULES = (
@@ -27,12 +31,8 @@ SUBCOMMAND_MODULES = (
 def _version() -> str:
     """The installed distribution's version, else the package's own ``__version__`` (a source checkout)."""
     try:
-        from importlib.metadata import PackageNotFoundError, version
-
         return version("bmclip")
-    except (ImportError, PackageNotFoundError):
-        from bmclip import __version__
-
+    except PackageNotFoundError:
         return __version__
 
 
@@ -58,8 +58,6 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    from bmclip.errors import BmclipError
-
     try:
         rc = args.func(args)
     except BmclipError as e:

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import argparse
 import sys
+import tarfile
+from pathlib import Path
+
+from bmclip.errors import DataError
 
 
 def register(subparsers) -> None:
@@ -39,11 +43,8 @@ def register(subparsers) -> None:
 
 def iter_texts(paths: list[str], counts: dict[str, int]):
     """Captions from text files (one per non-empty line) and .tar shards (.txt members)."""
-    import tarfile
-    from pathlib import Path
-
+    # start-up cost: numpy (~0.1 s) would load on every `bmclip` command, which imports each subcommand module
     from bmclip.data.shards import expand_urls
-    from bmclip.errors import DataError
 
     # Brace patterns and "::"-joined lists, as in webdataset shard specs: train-{000000..000099}.tar
     for p in map(Path, expand_urls(paths)):
@@ -76,7 +77,7 @@ def iter_texts(paths: list[str], counts: dict[str, int]):
 
 
 def _train(args: argparse.Namespace) -> int:
-    from bmclip.tokenizer import Tokenizer
+    from bmclip.tokenizer import Tokenizer  # start-up cost: numpy and tokenizers, not needed for --help
 
     counts: dict[str, int] = {}
     tok = Tokenizer.train(
@@ -92,7 +93,7 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _encode(args: argparse.Namespace) -> int:
-    from bmclip.tokenizer import get_tokenizer
+    from bmclip.tokenizer import get_tokenizer  # start-up cost: numpy and tokenizers, not needed for --help
 
     tok = get_tokenizer(args.vocab, args.context_length)
     ids = tok(args.texts)

@@ -3,6 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import signal
+
+import yaml
+
+from bmclip.train.config import load_config
 
 
 def register(subparsers) -> None:
@@ -23,21 +30,14 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
-    import json
-    import os
-
-    from bmclip.train.config import load_config
-
     overrides = list(args.overrides)
     print_only = "--print-config" in overrides or args.print_config
     overrides = [o for o in overrides if o != "--print-config"]
     cfg = load_config(args.config, overrides)
     if print_only:
-        import yaml
-
         print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
         return 0
-    from bmclip.train.trainer import train
+    from bmclip.train.trainer import train  # start-up cost: torch and the trainer, not needed for --help
 
     summary = train(cfg)
     if int(os.environ.get("RANK", "0")) == 0:  # one summary per job, not one per rank
@@ -48,8 +48,6 @@ def run(args) -> int:
 def exit_code(summary: dict) -> int:
     """0 for a finished run (or one stopped by SIGUSR1 with on_usr1=stop, or by max_seconds); 128 + the
     signal number for a run stopped by SIGINT / SIGTERM (after its checkpoint), as a shell reports it."""
-    import signal
-
     name = summary.get("stopped_by_signal")
     if not name or name == "SIGUSR1":
         return 0

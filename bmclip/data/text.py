@@ -1,4 +1,4 @@
-"""Caption tokenisation off the training thread (issue 5 part 4).
+"""Caption tokenisation off the training thread.
 
 ``BackgroundTokenizer`` runs a tokenizer callable (``list[str] -> LongTensor [N, L]``, e.g.
 ``bmclip.tokenizer.Tokenizer`` built on HF ``tokenizers``, whose batch encode runs in Rust) in one

@@ -67,6 +67,7 @@ def _auto_text_triton(device: torch.device) -> bool:
     """Whether "auto" runs the text tower through Triton on ``device``: CUDA, with compiled kernels usable."""
     if device.type != "cuda" or "triton" not in _BACKENDS:
         return False
+    # start-up cost: bmclip.kernels imports Triton and torch._dynamo (~1 s); the SDPA path never needs them
     from bmclip.kernels.flash_attention import triton_usable_on
 
     return triton_usable_on(device)

@@ -54,7 +54,7 @@ class SelfAttention(nn.Module):
 
 
 def _fused_ops():
-    # Imported on first use: the model builds (and runs unfused) without Triton installed.
+    # start-up cost: bmclip.kernels imports Triton and torch._dynamo (~1 s); unfused models never need them
     from bmclip.kernels import fused_ops
 
     return fused_ops

@@ -25,6 +25,7 @@ UNPADDED_BACKENDS = FLASH_BACKENDS
 
 
 def _flash(q, k, v, backend, **kwargs):
+    # start-up cost: bmclip.kernels imports Triton and torch._dynamo (~1 s); only the flash backends need it
     from bmclip.kernels.flash_attention import FlashAttentionUnavailable, flash_attention
 
     try:

@@ -1,20 +1,18 @@
 """Training: ``bmclip train`` (config, loop, checkpoints, distributed, metrics).
 
-Heavy modules (torch) are imported by the submodules, not here, so ``bmclip.train.config`` stays light.
+``bmclip.train.config`` is light (standard library only); the loop and everything under it import torch,
+so ``train`` imports its module on first call and ``bmclip train --print-config`` stays fast.
 """
 
 from __future__ import annotations
 
+from bmclip.train.config import TrainConfig, load_config
+
 __all__ = ["TrainConfig", "load_config", "train"]
 
 
-def __getattr__(name: str):
-    if name in ("TrainConfig", "load_config"):
-        from bmclip.train import config
+def train(cfg: TrainConfig) -> dict:
+    """``bmclip.train.trainer.train``: run training as configured; returns the run's summary dict."""
+    from bmclip.train.trainer import train as run  # start-up cost: torch (see the module docstring)
 
-        return getattr(config, name)
-    if name == "train":
-        from bmclip.train.trainer import train
-
-        return train
-    raise AttributeError(f"module 'bmclip.train' has no attribute {name!r}")
+    return run(cfg)

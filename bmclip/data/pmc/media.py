@@ -23,6 +23,11 @@ from pathlib import PurePosixPath
 import numpy as np
 from PIL import Image, ImageFile
 
+try:  # the compiled extension is optional here: without it every image goes through Pillow
+    from bmclip import _C
+except ImportError:
+    _C = None
+
 __all__ = ["ImageSkip", "ProcessedImage", "dhash64", "process_image", "resolve_graphics", "thumb16"]
 
 # Preference of source formats: full-size raster first, PMC's .gif thumbnails last.
@@ -133,12 +138,7 @@ _NATIVE = None  # bmclip._C.Decoder(1) when the extension offers decode_fit, els
 def _native_decoder():
     global _NATIVE
     if _NATIVE is None:
-        try:
-            from bmclip import _C  # optional compiled extension: the builder works without it (Pillow route)
-
-            _NATIVE = _C.Decoder(1) if hasattr(_C.Decoder, "decode_fit") else False
-        except ImportError:
-            _NATIVE = False
+        _NATIVE = _C.Decoder(1) if _C is not None and hasattr(_C.Decoder, "decode_fit") else False
     return _NATIVE or None
 
 
