@@ -53,6 +53,8 @@ os.environ.pop("TRITON_INTERPRET", None)
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # a bare checkout works: bmclip resolves bmclip.kernels from the repo
 
+from bmclip.io import atomic_write_text  # noqa: E402  (after the path set-up above; torch-free)
+
 EXIT_CANNOT_RUN = 77  # "skip": this Triton/machine cannot AOT-compile for the target (reason printed)
 H100_MAX_SHARED = 232448  # bytes of shared memory one block may use on sm_90 (227 KiB)
 DTYPES = ("bf16", "fp16", "fp32")
@@ -784,9 +786,7 @@ def main(argv=None) -> int:
                 "selection": "training" if args.training else "quick" if args.quick else "default",
                 "configs": configs_mode, "wall_s": round(wall, 1), "results": results, "case_errors": case_errors,
                 "never_compiled": never, "max_shared": H100_MAX_SHARED, "launches": captured}
-        tmp = Path(args.json + ".tmp")
-        tmp.write_text(json.dumps(data, indent=1))
-        os.replace(tmp, args.json)
+        atomic_write_text(json.dumps(data, indent=1), args.json)
     return 1 if n_err or (args.require and n_viol) else 0
 
 

@@ -24,9 +24,9 @@ One run, one process, same images for every method (a tar shard built from the r
 Each method runs ``--repeats`` times over all samples, the methods interleaved round-robin so that
 each sees the same background load; the best (least disturbed) run is reported, as wall-clock img/s
 and as img per CPU-second of the whole process (all threads), which is the steadier number on a shared
-machine for the single-threaded methods. Targets (issue 5): ours 1 thread >= 4x openclip; ours
-2 threads >= 1.7x ours 1 thread; ours 1 thread within 1.25x of the bare decode time (PIL's, the
-issue's reference; ours also shown).
+machine for the single-threaded methods. Targets: ours 1 thread >= 4x openclip; ours 2 threads >= 1.7x
+ours 1 thread; ours 1 thread within 1.25x of the bare decode time (PIL's as the reference; ours also
+shown).
 
     python benchmarks/bench_loader.py --out /tmp/bench_loader.json
 """
@@ -57,6 +57,7 @@ from bmclip.data.dali import DaliAugment, dali_available
 from bmclip.data.loader import ShardLoader
 from bmclip.data.normalize import normalize_images
 from bmclip.data.sources import DaliShardSource, ShardSource
+from bmclip.io import atomic_write_text
 from bmclip.model.config import ModelConfig
 from bmclip.tokenizer import get_tokenizer
 from bmclip.train.config import DataSection
@@ -410,9 +411,7 @@ def main(argv=None) -> int:
         print("\nbmclip._C.Decoder not available: 'ours' rows not measured")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        tmp_out = args.out.with_suffix(args.out.suffix + ".tmp")
-        tmp_out.write_text(json.dumps({"info": info, "results": results, "targets": targets}, indent=2))
-        os.replace(tmp_out, args.out)
+        atomic_write_text(json.dumps({"info": info, "results": results, "targets": targets}, indent=2), args.out)
         print(f"\nwrote {args.out}")
     tmp.cleanup()
     return 0

@@ -720,7 +720,7 @@ def test_real_package_tarball_equals_folder_and_gzip_bomb(request, fixtures_dir,
     assert stats["skips"]["package"] == {"package_too_large": 1} and stats["pairs_total"] == 0
 
 
-# ------------------------------------------------------------------------- fast paths (issue 6 speed)
+# ------------------------------------------------------------------------------- fast paths (speed)
 
 
 def _fit_size(w: int, h: int, max_side: int = 512) -> tuple[int, int]:
