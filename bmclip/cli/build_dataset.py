@@ -127,7 +127,7 @@ def run(args) -> int:
     """Run ``bmclip build-dataset`` (build, one slice's stage, or merge); returns the exit code."""
     # The builder (PIL, numpy, tqdm) is imported when the command runs, not when `bmclip --help` lists it.
     from bmclip.data.pmc.build import build, merge_staging, stage
-    from bmclip.data.pmc.locations import parse_storage_options
+    from bmclip.io.fs import parse_storage_options
 
     opts = _options(args)
     progress = not args.no_progress
