@@ -144,3 +144,34 @@ def test_every_shard_failing_ends_with_a_clear_error(http):
     assert len(skipped) == 2 and all("after 1 attempt:" in r for _, r in skipped)  # 404 is not retried
     with pytest.raises(DataError, match="missing-0.tar"):  # without a skip list: an error at once
         list(iter_shard_pairs(urls, 16, fetch_options=FAST))
+
+
+def test_zeroshot_dataset_spec_may_be_a_remote_shard_pattern(tmp_path):
+    import io
+    import tarfile
+
+    from PIL import Image
+
+    from bmclip.eval.datasets import open_dataset
+
+    folder = tmp_path / "cls"
+    folder.mkdir()
+    for s in range(2):
+        with tarfile.open(folder / f"part-{s}.tar", "w") as tf:
+            for i in range(3):
+                buf = io.BytesIO()
+                Image.new("RGB", (20, 20), (40 * i, 80 * s, 9)).save(buf, format="PNG")
+                for ext, data in (("png", buf.getvalue()), ("cls", str((i + s) % 2).encode())):
+                    ti = tarfile.TarInfo(f"s{s}i{i}.{ext}")
+                    ti.size = len(data)
+                    tf.addfile(ti, io.BytesIO(data))
+    srv = FaultServer(folder)
+    try:
+        remote = open_dataset(f"{srv.base}/part-{{0..1}}.tar")
+        local = open_dataset(str(folder / "part-{0..1}.tar"))
+        assert len(remote) == len(local) == 6 and remote.skipped == []
+        assert remote.labels().tolist() == local.labels().tolist()
+        assert [remote.name_of(i) for i in range(6)] == [local.name_of(i) for i in range(6)]
+        assert np.array_equal(np.asarray(remote[4][0]), np.asarray(local[4][0]))
+    finally:
+        srv.close()
