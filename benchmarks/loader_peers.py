@@ -432,14 +432,14 @@ def remote_targets(speed: dict[str, dict], cores: int, bytes_per_sample: float, 
     a = f"remote_s3_throttled_{cores}t"
     if a in speed:
         link_rate = link_bytes_per_s / bytes_per_sample
-        bound = "link" if link_rate < lr["per_s_median"] else "decode (the link is faster than local decoding)"
+        bound = "link-bound" if link_rate < lr["per_s_median"] else "decode-bound"
         expect = min(link_rate, lr["per_s_median"])
         per_run = [x / min(link_rate, y) for x, y in zip(speed[a]["per_s"], lr["per_s"])]
         m = speed[a]["per_s_median"] / expect
         lo, hi = 1 - TARGET_THROTTLED_TOLERANCE, 1 + TARGET_THROTTLED_TOLERANCE
         out.append({"target": f"{a} / expected rate", "value": m, "range": [min(per_run), max(per_run)],
                     "goal": f"{lo:g}-{hi:g}", "at_least": lo, "at_most": hi, "met": lo <= m <= hi,
-                    "note": f"expected {expect:.0f} img/s, {bound}-bound: {link_bytes_per_s / 1e6:g} MB/s / "
+                    "note": f"expected {expect:.0f} img/s, {bound}: link {link_bytes_per_s / 1e6:g} MB/s / "
                             f"{bytes_per_sample / 1e3:.1f} kB per sample = {link_rate:.0f} img/s, local "
                             f"{lr['per_s_median']:.0f} img/s"})
     return out
