@@ -331,6 +331,16 @@ def test_pipe_and_file_urls(shards, tmp_path):
     assert "exited with status 3" in next(iter(st["skip_details"]))
 
 
+def test_file_urls_are_read_in_place(shards, tmp_path):
+    """file:// is a local path (bmclip.io.fs): memory-mapped where it is, never copied into the cache."""
+    cache = tmp_path / "cache"
+    ld = loader([Path(p).as_uri() for p in shards], cache)
+    assert collect(ld) == local_keys(shards)
+    assert ld._cache is None and ld.stats["shards_fetched"] == 0 and not cache.exists()
+    with pytest.raises(DataError, match="not found"):
+        loader([(tmp_path / "nope.tar").as_uri()], cache)
+
+
 def test_construction_errors(shards, tmp_path):
     from bmclip.errors import ConfigError
 
