@@ -1,5 +1,6 @@
 """Shared by the benchmark scripts: results files written atomically (bmclip's temp-name + fsync + rename), the
-machine description, interleaved timing, tar shards, and image fidelity (PSNR against Pillow)."""
+machine description, interleaved timing, tar shards, image fidelity (PSNR against Pillow), and a loopback object
+store (moto's S3 server) behind an optional bandwidth-limited TCP proxy."""
 
 from __future__ import annotations
 
@@ -9,11 +10,15 @@ import io
 import json
 import os
 import platform
+import socket
 import statistics
+import subprocess
 import sys
 import tarfile
+import tempfile
+import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -225,3 +230,172 @@ def pillow_crop_resize(im: Image.Image, window: tuple[int, int, int, int], size:
     resizes it to ``size`` (w, h) with its antialiasing filter (bicubic by default, = torchvision on PIL images);
     HWC uint8."""
     return np.asarray(im.crop(window).resize(size, resample))
+
+
+# --- a loopback object store and a throttled link --------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def loopback_s3(start_timeout_s: float = 60.0) -> Iterator[dict]:
+    """moto's S3 API server on a free loopback port, in its own process (so that serving objects does not take this
+    process's GIL from the loader being timed; needs ``moto[server]`` and s3fs, the dev extra). Yields the fsspec
+    storage options that reach it (endpoint and fake credentials, so no user credential is ever sent)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = tempfile.TemporaryFile()  # its request log (a pipe could fill up and stall the server)
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                            stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + start_timeout_s
+        while True:
+            if proc.poll() is not None:
+                log.seek(0)
+                raise RuntimeError(f"moto's server exited ({proc.returncode}): {log.read()[-800:].decode()}")
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
+                break
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"moto's server did not listen on port {port} within {start_timeout_s:g} s")
+            time.sleep(0.1)
+        yield {"endpoint_url": f"http://127.0.0.1:{port}", "key": "bench", "secret": "bench",
+               "client_kwargs": {"region_name": "eu-west-1"}}
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+
+
+def upload_s3(storage_options: dict, bucket: str, paths: Sequence[str | Path]) -> list[str]:
+    """Put local files into ``s3://bucket/<name>`` (bucket created); their URLs in order."""
+    import s3fs  # optional: only the remote rows need it
+
+    fs = s3fs.S3FileSystem(skip_instance_cache=True, **storage_options)
+    fs.mkdir(bucket)
+    for p in paths:
+        fs.put_file(str(p), f"{bucket}/{Path(p).name}")
+    return [f"s3://{bucket}/{Path(p).name}" for p in paths]
+
+
+class ThrottledProxy:
+    """A TCP proxy on loopback to ``target`` (host, port) whose downstream bytes (target -> client) share one link
+    of ``rate`` bytes/s: every connection's chunks are paced on one clock, as on a real link of that bandwidth
+    (``rate`` None: not throttled). The clock is a token bucket holding ``burst_s`` seconds of the link: a sleep
+    that overshoots does not lower the average rate. Upstream bytes (requests) pass unthrottled. ``endpoint``: the
+    proxy's URL; ``bytes_down``: bytes delivered to clients so far."""
+
+    def __init__(self, target: tuple[str, int], rate: float | None, chunk: int = 64 << 10, burst_s: float = 0.02):
+        self.target, self.rate, self.chunk, self.burst_s = target, rate, chunk, burst_s
+        self.bytes_down = 0
+        self._lock = threading.Lock()
+        self._free_at = 0.0  # when the link is free for the next chunk
+        self._closed = threading.Event()
+        self._sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self._sock.getsockname()[1]
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        self._thread = threading.Thread(target=self._accept, name="ThrottledProxy", daemon=True)
+        self._thread.start()
+
+    def _accept(self) -> None:
+        while not self._closed.is_set():
+            try:
+                client, _ = self._sock.accept()
+            except OSError:  # closed
+                return
+            try:
+                upstream = socket.create_connection(self.target, timeout=30)
+                upstream.settimeout(None)
+            except OSError:
+                client.close()
+                continue
+            open_pumps = [2]  # both sockets are closed when both directions have ended
+            for src, dst, paced in ((client, upstream, False), (upstream, client, True)):
+                threading.Thread(target=self._pump, args=(src, dst, paced, open_pumps), daemon=True).start()
+
+    def _pace(self, n: int) -> None:
+        """Wait for this chunk's slot on the link."""
+        with self._lock:
+            start = max(time.monotonic() - self.burst_s, self._free_at)
+            self._free_at = start + n / self.rate
+            end = self._free_at
+        delay = end - time.monotonic()
+        if delay > 0:
+            time.sleep(delay)
+
+    def _pump(self, src: socket.socket, dst: socket.socket, paced: bool, open_pumps: list[int]) -> None:
+        try:
+            while True:
+                data = src.recv(self.chunk)
+                if not data:
+                    break
+                if paced and self.rate:
+                    self._pace(len(data))
+                dst.sendall(data)
+                if paced:
+                    with self._lock:
+                        self.bytes_down += len(data)
+        except OSError:
+            pass
+        finally:
+            with contextlib.suppress(OSError):
+                dst.shutdown(socket.SHUT_WR)
+            with contextlib.suppress(OSError):
+                src.shutdown(socket.SHUT_RD)
+            with self._lock:
+                open_pumps[0] -= 1
+                last = open_pumps[0] == 0
+            if last:
+                src.close()
+                dst.close()
+
+    def close(self) -> None:
+        self._closed.set()
+        with contextlib.suppress(OSError):
+            self._sock.close()
+
+    def __enter__(self) -> ThrottledProxy:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+@contextlib.contextmanager
+def throttled_link(target: tuple[str, int], rate: float | None, start_timeout_s: float = 30.0) -> Iterator[str]:
+    """A :class:`ThrottledProxy` to ``target`` in its own process (its pumping threads then take no GIL or core
+    time from the process being timed beyond what the OS shares); yields its endpoint URL."""
+    proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--throttled-proxy", target[0],
+                             str(target[1]), repr(rate)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        ready: list[str] = []
+        reader = threading.Thread(target=lambda: ready.append(proc.stdout.readline()), daemon=True)
+        reader.start()
+        reader.join(start_timeout_s)
+        if not ready or not ready[0].startswith("http://"):
+            raise RuntimeError(f"the throttled proxy did not start (exit status {proc.poll()})")
+        yield ready[0].strip()
+    finally:
+        with contextlib.suppress(OSError):
+            proc.stdin.close()  # the proxy exits when its standard input closes
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        proc.stdout.close()
+
+
+def _serve_throttled_proxy(host: str, port: str, rate: str) -> int:
+    with ThrottledProxy((host, int(port)), None if rate == "None" else float(rate)) as px:
+        print(px.endpoint, flush=True)
+        sys.stdin.read()  # until the parent closes it (or dies)
+    return 0
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 5 and sys.argv[1] == "--throttled-proxy":
+        sys.exit(_serve_throttled_proxy(*sys.argv[2:]))
+    sys.exit(f"usage: {sys.argv[0]} --throttled-proxy HOST PORT RATE")

@@ -24,21 +24,36 @@ Rows, each at 1 worker/thread and at all usable cores (``--workers``):
 - ``bmclip_dct1``: the same with ``decode_options={"dct_min_ratio": 1.0}`` (scaled while >= the output).
 - ``decode_1core``: ``bmclip._C.Decoder(1).decode_batch`` over the same images, no loader: one core's decode rate.
 
+Remote rows (``--remote``, on the builder set; needs the dev extra's ``moto[server]`` and s3fs): the same shards
+uploaded to moto's S3 server on loopback and read by ``ShardLoader(s3://..., cache_dir=...)`` (its download cache
+with prefetch, default look-ahead; every epoch downloads every shard again, since the cache evicts after use):
+
+- ``remote_s3``: straight to the server (the link is not the bottleneck);
+- ``remote_s3_throttled``: through ``bench_common.ThrottledProxy``, a TCP proxy whose downstream bytes share one
+  link of ``--remote-mbps`` MB/s (default 100; moto itself cannot throttle).
+
+The server and the proxy run in their own processes (they share the machine's cores with the loader, as a local
+object store would).
+
 Speed: images/s wall clock per epoch, every loader warmed up by one epoch first (worker start-up, page cache),
 then ``--repeats`` epochs per row interleaved round-robin (A B C A B C ...): median and range.
 Fidelity: on fixed crop windows (``bmclip._C.crop_box``: the windows bmclip's ``decode_batch`` draws), every
 decoder's output against Pillow's (full decode, crop, bicubic resize with antialiasing): min / median PSNR (dB).
 Targets: bmclip on all cores >= 1.5x the anchor on all cores at equal fidelity (worst-window PSNR at most 1 dB
-below the anchor's), and >= 0.9 x cores x one core's decode rate.
+below the anchor's), and >= 0.9 x cores x one core's decode rate. Remote: ``remote_s3`` within 10 % of ``bmclip``
+(local) on all cores; ``remote_s3_throttled`` within 10 % of the expected rate, min(local rate, link bandwidth /
+bytes per sample) (bytes per sample: the shards' total size / samples; the note says which bound applies).
 
     python benchmarks/loader_peers.py --out peers.json --md peers.md     # the real numbers (idle machine)
     python benchmarks/loader_peers.py --quick                             # a check that it runs (~1 min)
+    python benchmarks/loader_peers.py --sets builder --remote --only bmclip_,remote --out remote.json --md remote.md
     python benchmarks/bench_loader.py --peers [ARGS...]                   # the same, from bench_loader
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import math
 import os
@@ -65,9 +80,12 @@ from bench_common import (  # noqa: E402
     REPO,
     atomic_write_text,
     interleaved_runs,
+    loopback_s3,
     machine_info,
     pillow_crop_resize,
     psnr,
+    throttled_link,
+    upload_s3,
     usable_cores,
     write_json_atomic,
     write_tar_shard,
@@ -89,6 +107,9 @@ TARGET_VS_ANCHOR = 1.5
 TARGET_VS_CORES = 0.9
 # "equal fidelity": the row's worst-window PSNR vs Pillow is at most this far below the anchor's
 EQUAL_FIDELITY_DB = 1.0
+REMOTE_ROWS = ("remote_s3", "remote_s3_throttled")
+TARGET_REMOTE_VS_LOCAL = 0.9  # remote within 10 % of local when the link is not the bottleneck
+TARGET_THROTTLED_TOLERANCE = 0.1  # throttled: samples/s = expected rate within 10 %
 
 
 # --- inputs ----------------------------------------------------------------------------------------------------
@@ -314,9 +335,10 @@ def _load_c():
 
 
 def speed_rows(shards: ShardSet, size: int, batch: int, workers: Sequence[int], repeats: int, C,
-               interpolation: str, only: set[str]) -> dict[str, dict]:
+               interpolation: str, only: set[str], remote: dict[str, ShardSet] | None = None) -> dict[str, dict]:
     """Warm up and time every row on one shard set (interleaved). DataLoader rows are built and warmed (their worker
-    processes forked) before any bmclip decoder thread exists in this process."""
+    processes forked) before any bmclip decoder thread exists in this process. ``remote``: row name -> the same
+    shards at remote URLs, each timed as ``ShardLoader`` (bmclip's defaults) at every worker count."""
     makers: dict[str, Callable[[], Callable[[], int]]] = {}
     for w in workers:
         makers[f"anchor_{w}w"] = partial(_loader_method, make_anchor, shards.urls, size, batch, w, "torchvision",
@@ -328,6 +350,9 @@ def speed_rows(shards: ShardSet, size: int, batch: int, workers: Sequence[int], 
             for mode, kw in BMCLIP_MODES.items():
                 makers[f"{mode}_{w}t"] = partial(_bmclip_method, shards, size, batch, w, **kw)
         makers["decode_1core"] = partial(decode_1core, C, shards.blobs, shards.n, size, batch)
+        for row, rs in (remote or {}).items():
+            for w in workers:
+                makers[f"{row}_{w}t"] = partial(_bmclip_method, rs, size, batch, w)
     makers = {k: v for k, v in makers.items() if not only or any(k.startswith(o) for o in only)}
     methods: dict[str, Callable[[], int]] = {}
     for name, make in makers.items():
@@ -388,6 +413,38 @@ def targets_for(speed: dict[str, dict], fid: dict[str, dict], cores: int) -> lis
     return out
 
 
+def remote_targets(speed: dict[str, dict], cores: int, bytes_per_sample: float, link_bytes_per_s: float
+                   ) -> list[dict]:
+    """The issue's remote targets: ``remote_s3`` / ``bmclip`` (local) on all cores >= 0.9, and
+    ``remote_s3_throttled`` / min(local rate, link / bytes per sample) within 1 +- 0.1."""
+    out = []
+    local = f"bmclip_{cores}t"
+    if local not in speed:
+        return out
+    lr = speed[local]
+    a = f"remote_s3_{cores}t"
+    if a in speed:
+        per_run = [x / y for x, y in zip(speed[a]["per_s"], lr["per_s"])]
+        m = speed[a]["per_s_median"] / lr["per_s_median"]
+        out.append({"target": f"{a} / {local} (link not the bottleneck)", "value": m,
+                    "range": [min(per_run), max(per_run)], "goal": f">= {TARGET_REMOTE_VS_LOCAL}",
+                    "at_least": TARGET_REMOTE_VS_LOCAL, "met": m >= TARGET_REMOTE_VS_LOCAL, "note": ""})
+    a = f"remote_s3_throttled_{cores}t"
+    if a in speed:
+        link_rate = link_bytes_per_s / bytes_per_sample
+        bound = "link-bound" if link_rate < lr["per_s_median"] else "decode-bound"
+        expect = min(link_rate, lr["per_s_median"])
+        per_run = [x / min(link_rate, y) for x, y in zip(speed[a]["per_s"], lr["per_s"])]
+        m = speed[a]["per_s_median"] / expect
+        lo, hi = 1 - TARGET_THROTTLED_TOLERANCE, 1 + TARGET_THROTTLED_TOLERANCE
+        out.append({"target": f"{a} / expected rate", "value": m, "range": [min(per_run), max(per_run)],
+                    "goal": f"{lo:g}-{hi:g}", "at_least": lo, "at_most": hi, "met": lo <= m <= hi,
+                    "note": f"expected {expect:.0f} img/s, {bound}: link {link_bytes_per_s / 1e6:g} MB/s / "
+                            f"{bytes_per_sample / 1e3:.1f} kB per sample = {link_rate:.0f} img/s, local "
+                            f"{lr['per_s_median']:.0f} img/s"})
+    return out
+
+
 def markdown(info: dict, sets: dict[str, dict]) -> str:
     """The results as markdown, ready for benchmarks/RESULTS.md."""
     lines = [
@@ -429,8 +486,8 @@ def markdown(info: dict, sets: dict[str, dict]) -> str:
 def _status(t: dict) -> str:
     if t["met"]:
         return "met"
-    why = [w for w, bad in (("speed", t["value"] < t["at_least"]), ("fidelity", t.get("equal_fidelity") is False))
-           if bad]
+    slow = t["value"] < t["at_least"] or t["value"] > t.get("at_most", math.inf)
+    why = [w for w, bad in (("speed", slow), ("fidelity", t.get("equal_fidelity") is False)) if bad]
     return f"missed ({', '.join(why)})"
 
 
@@ -451,6 +508,10 @@ def main(argv=None) -> int:
     ap.add_argument("--fidelity-windows", type=int, default=4, help="crop windows per image in the PSNR pass")
     ap.add_argument("--quick", action="store_true",
                     help="a check that it runs: defaults --n 200 --repeats 2, 8 images x 2 windows for fidelity")
+    ap.add_argument("--remote", action="store_true",
+                    help="add the remote rows on the builder set: the same shards from a loopback S3 server (moto), "
+                         "unthrottled and through a throttled link (needs moto[server] and s3fs)")
+    ap.add_argument("--remote-mbps", type=float, default=100.0, help="the throttled link's bandwidth, MB/s [100]")
     ap.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     ap.add_argument("--md", type=Path, default=None, help="write the markdown table here")
     args = ap.parse_args(argv)
@@ -465,6 +526,10 @@ def main(argv=None) -> int:
     set_names = [s for s in args.sets.split(",") if s]
     if bad := set(set_names) - {"builder", "full"}:
         ap.error(f"unknown --sets {sorted(bad)}")
+    if args.remote and "builder" not in set_names:
+        ap.error("--remote times the builder set: include it in --sets")
+    if args.remote_mbps <= 0:
+        ap.error("--remote-mbps must be > 0")
 
     data = args.data
     jpegs = find_jpegs(data)
@@ -521,15 +586,21 @@ def _run(args, data: Path, jpegs: list[Path], workers: list[int], cores: int, on
                                    f"{np.mean([w * h for w, h in px]) / 1e6:.2f} MP; {shards.n} samples in "
                                    f"{len(shards.urls)} shards")
             print(f"{name}: {shards.description}", flush=True)
-            # A remote set goes here, once ShardLoader reads s3:// URLs through its cache: the same shards uploaded
-            # to a loopback S3 server (unthrottled, then throttled), a ShardSet with those URLs and
-            # loader_kwargs={"cache_dir": ...}, timed by speed_rows beside this local set, with the targets
-            # "remote within 10 % of local" and "throttled: samples/s = bandwidth / bytes per sample within 10 %".
-            speed = speed_rows(shards, args.size, args.batch, workers, args.repeats, C, args.interpolation, only)
+            with contextlib.ExitStack() as stack:
+                remote, remote_info = None, None
+                if args.remote and name == "builder" and C is not None:
+                    remote, remote_info = _remote_sets(stack, shards, Path(tmp), args.remote_mbps * 1e6)
+                speed = speed_rows(shards, args.size, args.batch, workers, args.repeats, C, args.interpolation, only,
+                                   remote)
             fb = blobs[: args.fidelity_images] if args.fidelity_images else blobs
             fid = fidelity(fb, args.size, args.fidelity_windows, interpolation=args.interpolation, C=C)
+            targets = targets_for(speed, fid, cores)
             sets[name] = {"description": shards.description, "samples": shards.n, "shards": len(shards.urls),
-                          "speed": speed, "fidelity": fid, "targets": targets_for(speed, fid, cores)}
+                          "speed": speed, "fidelity": fid, "targets": targets}
+            if remote_info is not None:
+                targets += remote_targets(speed, cores, remote_info["bytes_per_sample"],
+                                          remote_info["link_bytes_per_s"])
+                sets[name]["remote"] = remote_info
     info["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
     md = markdown(info, sets)
     print()
@@ -539,6 +610,27 @@ def _run(args, data: Path, jpegs: list[Path], workers: list[int], cores: int, on
     if args.out:
         write_json_atomic(args.out, {"info": info, "sets": sets})
     return 0
+
+
+def _remote_sets(stack: contextlib.ExitStack, shards: ShardSet, tmp: Path, link_bytes_per_s: float
+                 ) -> tuple[dict[str, ShardSet], dict]:
+    """``shards`` uploaded to a loopback S3 server (closed with ``stack``), as the ShardSets of the remote rows: one
+    straight to the server, one through a link throttled to ``link_bytes_per_s``; and what the targets need."""
+    so = stack.enter_context(loopback_s3())
+    urls = upload_s3(so, "bench-shards", shards.urls)
+    host, port = so["endpoint_url"].rsplit("/", 1)[-1].split(":")
+    throttled = stack.enter_context(throttled_link((host, int(port)), link_bytes_per_s))
+    total = sum(os.path.getsize(u) for u in shards.urls)
+    out = {}
+    for row, endpoint in zip(REMOTE_ROWS, (so["endpoint_url"], throttled)):
+        cache = tmp / f"cache-{row}"
+        kwargs = {"cache_dir": str(cache), "storage_options": {**so, "endpoint_url": endpoint}}
+        out[row] = ShardSet(row, urls, shards.blobs, shards.n, kwargs, f"{shards.name} shards over S3 ({row})")
+    info = {"bytes_per_sample": total / shards.n, "link_bytes_per_s": link_bytes_per_s, "shard_bytes": total,
+            "urls": urls[:2] + (["..."] if len(urls) > 2 else [])}
+    print(f"  remote: {len(urls)} shards ({total / 1e6:.1f} MB) on a loopback S3 server; throttled link "
+          f"{link_bytes_per_s / 1e6:g} MB/s", flush=True)
+    return out, info
 
 
 if __name__ == "__main__":

@@ -151,3 +151,82 @@ def test_targets_need_speed_and_equal_fidelity(lp):
     assert not t["bmclip_exact_2t"]["met"] and t["bmclip_exact_2t"]["equal_fidelity"]  # equal, too slow
     cores = [x for x in all_targets if "decode_1core" in x["target"]]
     assert len(cores) == 1 and cores[0]["value"] == pytest.approx(165 / (2 * 92.5)) and not cores[0]["met"]
+
+
+def test_remote_rows_run_on_a_tiny_set(lp, figures, tmp_path):
+    """--remote: the builder set uploaded to a loopback S3 server (moto) is read by ShardLoader straight and
+    through the throttled link; every row yields every sample each epoch, and the remote targets are there."""
+    pytest.importorskip("bmclip._C", reason="the remote rows time ShardLoader")
+    pytest.importorskip("s3fs", reason="the remote rows need s3fs")
+    pytest.importorskip("moto.server", reason="the remote rows need moto[server]")
+    data = tmp_path / "figs"
+    data.mkdir()
+    for i, b in enumerate(figures):
+        (data / f"f{i}.jpg").write_bytes(b)
+    out = tmp_path / "remote.json"
+    rc = lp.main(["--data", str(data), "--sets", "builder", "--remote", "--remote-mbps", "20", "--n", "8",
+                  "--size", "32", "--batch", "4", "--repeats", "1", "--workers", "all", "--only", "bmclip_,remote",
+                  "--fidelity-images", "1", "--fidelity-windows", "1", "--out", str(out)])
+    assert rc == 0
+    res = json.loads(out.read_text())
+    s, c = res["sets"]["builder"], res["info"]["cores"]
+    assert {f"bmclip_{c}t", f"remote_s3_{c}t", f"remote_s3_throttled_{c}t"} <= set(s["speed"])
+    for r in s["speed"].values():
+        assert r["items"] == [s["samples"]] and r["per_s_median"] > 0
+    assert s["remote"]["link_bytes_per_s"] == 20e6
+    assert s["remote"]["bytes_per_sample"] * s["samples"] == s["remote"]["shard_bytes"] > 0
+    names = [t["target"] for t in s["targets"]]
+    assert f"remote_s3_{c}t / bmclip_{c}t (link not the bottleneck)" in names
+    assert f"remote_s3_throttled_{c}t / expected rate" in names
+
+
+def test_remote_targets_pick_the_bound(lp):
+    def row(*rates):
+        return {"per_s": list(rates), "per_s_median": float(np.median(rates))}
+
+    speed = {"bmclip_2t": row(1000, 1000), "remote_s3_2t": row(950, 960), "remote_s3_throttled_2t": row(480, 520)}
+    t = {x["target"].split(" ")[0]: x for x in lp.remote_targets(speed, 2, 200_000, 100e6)}
+    assert t["remote_s3_2t"]["value"] == pytest.approx(0.955) and t["remote_s3_2t"]["met"]
+    # 100 MB/s / 200 kB per sample = 500 samples/s < local 1000: link-bound, expected 500
+    assert t["remote_s3_throttled_2t"]["value"] == pytest.approx(1.0) and t["remote_s3_throttled_2t"]["met"]
+    assert "link-bound" in t["remote_s3_throttled_2t"]["note"]
+    # a faster link: decode-bound, expected = the local rate; 500 img/s is then a miss (too slow)
+    t = {x["target"].split(" ")[0]: x for x in lp.remote_targets(speed, 2, 20_000, 100e6)}
+    assert "decode" in t["remote_s3_throttled_2t"]["note"] and not t["remote_s3_throttled_2t"]["met"]
+    assert lp._status(t["remote_s3_throttled_2t"]) == "missed (speed)"
+    speed["remote_s3_throttled_2t"] = row(1300, 1300)  # faster than expected is a miss too (the link leaks)
+    t = {x["target"].split(" ")[0]: x for x in lp.remote_targets(speed, 2, 20_000, 100e6)}
+    assert not t["remote_s3_throttled_2t"]["met"]
+
+
+def test_throttled_proxy_passes_bytes_at_the_link_rate():
+    import os
+    import socket
+    import threading
+    import time
+
+    sys.path.insert(0, str(BENCH.parent))
+    from bench_common import ThrottledProxy
+
+    payload = os.urandom(300_000)
+    srv = socket.create_server(("127.0.0.1", 0))
+
+    def serve():
+        conn, _ = srv.accept()
+        with conn:
+            assert conn.recv(5) == b"hello"
+            conn.sendall(payload)
+
+    threading.Thread(target=serve, daemon=True).start()
+    rate = 1e6
+    with ThrottledProxy(srv.getsockname(), rate) as px:
+        t0 = time.monotonic()
+        with socket.create_connection(("127.0.0.1", px.port)) as c:
+            c.sendall(b"hello")
+            got = bytearray()
+            while chunk := c.recv(1 << 16):
+                got += chunk
+        elapsed = time.monotonic() - t0
+    srv.close()
+    assert bytes(got) == payload and px.bytes_down == len(payload)
+    assert elapsed >= len(payload) / rate - px.burst_s - 0.01  # the link's bandwidth is a ceiling

@@ -39,10 +39,10 @@ from bmclip.data.pmc import build_dataset, merge_staging  # noqa: E402
 from bmclip.data.pmc import sources as sources_mod  # noqa: E402
 from bmclip.data.pmc import upload as upload_mod  # noqa: E402
 from bmclip.data.pmc.build import BuildOptions, stage  # noqa: E402
-from bmclip.data.pmc.locations import parse_storage_options  # noqa: E402
 from bmclip.data.pmc.sources import InputReadError, discover_packages  # noqa: E402
 from bmclip.data.pmc.upload import RemoteOutput, UploadError  # noqa: E402
 from bmclip.errors import ConfigError  # noqa: E402
+from bmclip.io.fs import CLOUD_HINT, parse_storage_options  # noqa: E402
 from bmclip.io.retry import RetryError, backoff_delays, retry  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
@@ -208,8 +208,8 @@ def test_storage_options_and_missing_cloud_extra(tmp_path):
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()
     assert [ln.split()[:2] for ln in lines if ln.startswith("ERR")] == [["ERR", "fsspec"], ["ERR", "s3fs"]]
-    assert all("pip install bmclip[cloud]" in ln for ln in lines if ln.startswith("ERR"))
-    assert "RC 2" in lines and "pip install bmclip[cloud]" in r.stderr
+    assert all(CLOUD_HINT in ln for ln in lines if ln.startswith("ERR"))
+    assert "RC 2" in lines and CLOUD_HINT in r.stderr
     assert not (tmp_path / "o").exists()
 
 

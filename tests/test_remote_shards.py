@@ -8,19 +8,15 @@ seed, same split, so the keys must come out in the same order (and every sample 
 
 from __future__ import annotations
 
-import functools
 import gc
 import hashlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
-import threading
 import time
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -32,6 +28,8 @@ pytest.importorskip("bmclip._C", reason="bmclip._C (C++ extension) not built")
 pytest.importorskip("fsspec", reason="remote shards need the cloud extra (fsspec)")
 pytest.importorskip("aiohttp", reason="fsspec's HTTP backend needs aiohttp")
 
+from _servers import FaultServer, moto_server, set_s3_env  # noqa: E402
+from _servers import upload_to_s3 as _upload  # noqa: E402
 from test_loader import collect, write_shards  # noqa: E402
 
 from bmclip.data.loader import ShardLoader  # noqa: E402
@@ -60,93 +58,6 @@ def digest(batch) -> str:
 def cached_files(cache_dir: Path) -> list[Path]:
     """Complete shard copies in every cache folder under cache_dir (not the lock, not temp files)."""
     return [p for p in cache_dir.glob("bmclip-shards-*/*") if not p.name.startswith(".")]
-
-
-# ---------------------------------------------------------------------------------------------------
-# HTTP server with injected faults
-class FaultServer:
-    """Serves a folder; ``plan[name]`` is a list of actions for successive GETs of that file, then "ok".
-
-    Actions: "ok", "503", "drop" (full Content-Length, half the body, then the connection closes), "stall"
-    (headers, then silence for ``stall_s``), "fail" (503 forever). ``rate``: bytes/s of every body (None:
-    unthrottled). HEAD always answers (size). ``gets[name]`` counts GETs; ``sending`` maps the files whose body
-    is being written now to (bytes sent, size).
-    """
-
-    def __init__(self, root: Path, rate: float | None = None, stall_s: float = 3.0):
-        self.root, self.rate, self.stall_s = root, rate, stall_s
-        self.plan: dict[str, list[str]] = {}
-        self.gets: dict[str, int] = {}
-        self.sending: dict[str, tuple[int, int]] = {}  # name -> (bytes sent, size) while a body is sent
-        self.lock = threading.Lock()
-        server = self
-
-        class Handler(SimpleHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
-
-            def do_GET(self):
-                name = self.path.lstrip("/")
-                with server.lock:
-                    server.gets[name] = server.gets.get(name, 0) + 1
-                    steps = server.plan.get(name, [])
-                    action = steps[0] if steps else "ok"
-                    if steps and action != "fail":
-                        steps.pop(0)
-                path = server.root / name
-                if action in ("503", "fail"):
-                    self.send_error(503, "Service Unavailable")
-                    return
-                if not path.is_file():
-                    self.send_error(404, "Not Found")
-                    return
-                data = path.read_bytes()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/x-tar")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                if action == "stall":
-                    self.wfile.flush()
-                    time.sleep(server.stall_s)
-                    self.close_connection = True
-                    return
-                if action == "drop":
-                    self.wfile.write(data[: len(data) // 2])
-                    self.wfile.flush()
-                    self.connection.shutdown(socket.SHUT_RDWR)
-                    self.close_connection = True
-                    return
-                with server.lock:
-                    server.sending[name] = (0, len(data))
-                try:
-                    if server.rate is None:
-                        self.wfile.write(data)
-                    else:
-                        step = 2048
-                        for i in range(0, len(data), step):
-                            self.wfile.write(data[i:i + step])
-                            self.wfile.flush()
-                            with server.lock:
-                                server.sending[name] = (i + step, len(data))
-                            time.sleep(step / server.rate)
-                except (BrokenPipeError, ConnectionResetError):
-                    pass
-                finally:
-                    with server.lock:
-                        server.sending.pop(name, None)
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Handler, directory=str(root)))
-        self.httpd.daemon_threads = True
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-        self.thread.start()
-        self.base = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-
-    def urls(self, paths) -> list[str]:
-        return [f"{self.base}/{Path(p).name}" for p in paths]
-
-    def close(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
 
 
 @pytest.fixture
@@ -420,6 +331,16 @@ def test_pipe_and_file_urls(shards, tmp_path):
     assert "exited with status 3" in next(iter(st["skip_details"]))
 
 
+def test_file_urls_are_read_in_place(shards, tmp_path):
+    """file:// is a local path (bmclip.io.fs): memory-mapped where it is, never copied into the cache."""
+    cache = tmp_path / "cache"
+    ld = loader([Path(p).as_uri() for p in shards], cache)
+    assert collect(ld) == local_keys(shards)
+    assert ld._cache is None and ld.stats["shards_fetched"] == 0 and not cache.exists()
+    with pytest.raises(DataError, match="not found"):
+        loader([(tmp_path / "nope.tar").as_uri()], cache)
+
+
 def test_construction_errors(shards, tmp_path):
     from bmclip.errors import ConfigError
 
@@ -440,33 +361,14 @@ def test_construction_errors(shards, tmp_path):
 @pytest.fixture(scope="module")
 def s3_server():
     pytest.importorskip("s3fs", reason="s3:// shards need s3fs (the cloud extra)")
-    moto_server = pytest.importorskip("moto.server", reason="needs moto[server]")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    srv = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    srv.start()
-    yield f"http://127.0.0.1:{port}"
-    srv.stop()
+    pytest.importorskip("moto.server", reason="needs moto[server]")
+    with moto_server() as endpoint:
+        yield endpoint
 
 
 @pytest.fixture
 def s3_env(monkeypatch):
-    for k, v in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                 "AWS_DEFAULT_REGION": "us-east-1"}.items():
-        monkeypatch.setenv(k, v)
-    for k in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
-        monkeypatch.delenv(k, raising=False)
-
-
-def _upload(endpoint: str, bucket: str, paths) -> list[str]:
-    import s3fs
-
-    fs = s3fs.S3FileSystem(endpoint_url=endpoint, skip_instance_cache=True)
-    fs.mkdir(bucket)
-    for p in paths:
-        fs.put_file(p, f"{bucket}/train/{Path(p).name}")
-    return [f"s3://{bucket}/train/{Path(p).name}" for p in paths]
+    set_s3_env(monkeypatch)
 
 
 def test_s3_epoch_resume_and_missing_object(s3_server, s3_env, shards, tmp_path):

@@ -6,7 +6,7 @@ Forms::
     bmclip build-dataset INPUT... --staging S --num-slices N --slice K   # one slice (e.g. a Slurm task)
     bmclip build-dataset merge STAGING... --output DIR            # merge slices (also: --merge)
 
-INPUTs and --output may be remote (fsspec; pip install bmclip[cloud]): an object-store prefix
+INPUTs and --output may be remote (fsspec; pip install 'bmclip[cloud]'): an object-store prefix
 (s3://bucket/prefix/, gs://...) is listed and its packages are streamed, never copied to disk;
 http(s):// inputs are single package tarballs. With a remote --output each finished shard (tar + .idx)
 is uploaded at once and deleted locally, the JSON/PNG files at the end (manifest.json last); uploads
@@ -127,7 +127,7 @@ def run(args) -> int:
     """Run ``bmclip build-dataset`` (build, one slice's stage, or merge); returns the exit code."""
     # The builder (PIL, numpy, tqdm) is imported when the command runs, not when `bmclip --help` lists it.
     from bmclip.data.pmc.build import build, merge_staging, stage
-    from bmclip.data.pmc.locations import parse_storage_options
+    from bmclip.io.fs import parse_storage_options
 
     opts = _options(args)
     progress = not args.no_progress

@@ -40,6 +40,9 @@ def register(subparsers: Any) -> None:
                    help="dtype of the embeddings streamed to <out>/embeddings [float16]")
     r.add_argument("--reader", choices=["auto", "loader", "python"], default="auto",
                    help="loader = the C++ ShardLoader, python = bmclip.data.tario + PIL; auto = loader if built")
+    r.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="fsspec option for remote shards (s3://, gs://, https://; pip install 'bmclip[cloud]'), "
+                        "e.g. endpoint_url=http://host:9000; values are JSON or strings (repeatable)")
     r.set_defaults(func=run_retrieval)
 
     z = sub.add_parser("zeroshot", help="zero-shot classification with class-name prompts")
@@ -106,7 +109,9 @@ def run_retrieval(args: argparse.Namespace) -> int:
     from bmclip.eval.embed import model_image_size
     from bmclip.eval.report import markdown_table, write_report
     from bmclip.eval.retrieval import evaluate_retrieval
+    from bmclip.io.fs import parse_storage_options
 
+    storage_options = parse_storage_options(args.storage_option)
     model, tok, dev = _load(args)
     size = model_image_size(model)
     out = _out_dir(args, "retrieval")
@@ -125,11 +130,11 @@ def run_retrieval(args: argparse.Namespace) -> int:
         from bmclip.data.loader import ShardLoader
 
         loader = ShardLoader(args.shards, batch_size=args.batch_size, image_size=size, augment="center",
-                             shuffle=False, num_threads=args.workers)
+                             shuffle=False, num_threads=args.workers, storage_options=storage_options)
         batches = loader
     else:
         batches = iter_shard_pairs(args.shards, size, batch_size=args.batch_size, skipped=skipped,
-                                   workers=args.workers)
+                                   workers=args.workers, storage_options=storage_options)
     res = evaluate_retrieval(model, tok, batches, out / "embeddings", ks=args.ks, block=args.block, device=dev,
                              storage_dtype=args.storage_dtype, amp=args.amp, max_pairs=args.max_pairs)
     res["model"] = str(args.model)

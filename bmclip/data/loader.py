@@ -40,7 +40,8 @@ the consumer trains on batch n; the C++ decoder releases the GIL for the whole b
 Modules: the cursor and its state (``bmclip.data.cursor``: steps 1-4), the producer thread, ring and
 batch assembly (``bmclip.data.producer``: steps 5-6), and this façade (options, splits, state, length).
 
-Remote shards (``s3://``, ``gs://``, ``http(s)://``, ``file://``, ``pipe:CMD``; ``bmclip.data.remote``):
+Remote shards (``s3://``, ``gs://``, ``http(s)://``, ``pipe:CMD``; ``bmclip.data.remote``; a ``file://`` URL is
+the local path it names, read in place like any local shard):
 each split downloads the next ``prefetch_shards`` shards of its order into a bounded local cache
 (``cache_dir``, ``cache_bytes``) while the current one is decoded, and opens the local copy like a local
 shard; a shard whose download fails within its retries is a counted ``shard_fetch_failed`` skip.
@@ -73,6 +74,7 @@ from bmclip.data.producer import END, BatchAssembler, Pipe, make_ring
 from bmclip.data.shards import expand_urls, shard_order, split_shards
 from bmclip.data.text import BackgroundTokenizer
 from bmclip.errors import ConfigError, DataError
+from bmclip.io.fs import local_path
 
 __all__ = ["LoaderOptions", "ShardLoader"]
 
@@ -156,7 +158,7 @@ class ShardLoader(torch.utils.data.IterableDataset):
     # -- shards ----------------------------------------------------------------------------------
     def _check_shards(self) -> None:
         """DataError naming the shards that do not exist (checked once, when the loader is built)."""
-        missing = [u for u in self.urls if not remote.is_remote(u) and not os.path.isfile(u)]
+        missing = [u for u in self.urls if not remote.is_remote(u) and not os.path.isfile(local_path(u))]
         if missing:
             more = f" (and {len(missing) - 3} more)" if len(missing) > 3 else ""
             raise DataError(f"{len(missing)} shard(s) not found: {', '.join(missing[:3])}{more}")
@@ -169,7 +171,7 @@ class ShardLoader(torch.utils.data.IterableDataset):
         """
         if not remote.is_remote(self.urls[shard]):
             try:
-                return load_ext().TarIndex(self.urls[shard])
+                return load_ext().TarIndex(str(local_path(self.urls[shard])))
             except OSError:
                 return None
         if self._cache is None or not self._cache.usable():  # first remote shard, or a forked worker

@@ -1,10 +1,11 @@
 """Remote shards: URLs fetched into a bounded local cache ahead of the reader, with retries.
 
-A shard URL is remote when it holds ``://`` (``s3://``, ``gs://``, ``http(s)://``, ``file://``, any
-fsspec protocol) or starts with ``pipe:`` (webdataset's convention: the rest is a shell command whose
-standard output is the shard, e.g. ``pipe:aws s3 cp s3://bucket/shard-000001.tar -``; a non-zero exit
-status is a failed fetch). fsspec URLs need the optional extra ``pip install 'bmclip[cloud]'``
-(fsspec, s3fs, gcsfs). Plain local paths never come here: the loader memory-maps them in place.
+A shard URL is remote by :func:`bmclip.io.fs.is_remote`: a URL other than ``file://`` (``s3://``, ``gs://``,
+``http(s)://``, any fsspec protocol), or ``pipe:CMD`` (webdataset's convention: the rest is a shell command
+whose standard output is the shard, e.g. ``pipe:aws s3 cp s3://bucket/shard-000001.tar -``; a non-zero exit
+status is a failed fetch). fsspec URLs are opened by :func:`bmclip.io.fs.filesystem` and need the optional
+extra ``pip install 'bmclip[cloud]'`` (fsspec, s3fs, gcsfs). Local paths and ``file://`` URLs never come
+here: the loader memory-maps them in place.
 
 :class:`ShardCache` keeps local copies for ONE loader split (rank x worker): the loader asks it for
 shard i (:meth:`ShardCache.open`) together with the shards it will open next, in its deterministic
@@ -19,14 +20,18 @@ fit; the shard the loader needs now is always fetched, and shards still in use a
 
 Failures: each download attempt has a connect and a read (stall) timeout (fsspec's asynchronous backends:
 http(s), s3, gs, ...; and ``pipe:``; a blocking fsspec backend relies on its own); a failed attempt is retried
-after an exponential backoff with jitter, up to ``FetchOptions.attempts`` attempts per shard (a missing
+after an exponential backoff with jitter (:func:`bmclip.io.retry.backoff_delay`, the schedule every remote
+read and write of bmclip uses), up to ``FetchOptions.attempts`` attempts per shard (a missing
 object or a refused permission is not retried). A shard that still fails is reported to the loader,
 which counts it as a ``shard_fetch_failed`` skip and logs it on the ``bmclip.data.remote`` logger. The
 order of samples never depends on timing: it is fixed by the loader's cursor; only whether a flaky
 shard finally fails can.
 
-Storage options (credentials, ``endpoint_url``, ...) are passed to every fsspec filesystem as
-``fsspec.filesystem(protocol, **storage_options)``; fsspec's own configuration also applies
+:func:`open_stream` reads one shard front to back without a local copy (the evaluation reader), with the
+same timeouts and retries: a failed read reopens the shard and continues where it stopped.
+
+Storage options (credentials, ``endpoint_url``, ...) are passed to every fsspec filesystem as keyword
+arguments (:func:`bmclip.io.fs.filesystem`); fsspec's own configuration also applies
 (environment variables ``FSSPEC_<PROTOCOL>_<OPTION>``, e.g. ``FSSPEC_S3_ENDPOINT_URL``), and botocore's
 (``AWS_ENDPOINT_URL``, ``AWS_PROFILE``, ...) for ``s3://``.
 """
@@ -34,7 +39,9 @@ Storage options (credentials, ``endpoint_url``, ...) are passed to every fsspec 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
+import io
 import logging
 import os
 import random
@@ -54,9 +61,11 @@ from typing import Any
 
 from bmclip.errors import ConfigError
 from bmclip.io import atomic_writer
+from bmclip.io.fs import filesystem, is_pipe, is_remote, protocol
+from bmclip.io.retry import RetryError, backoff_delay, retry
 
 __all__ = ["DEFAULT_CACHE_BYTES", "DEFAULT_PREFETCH_SHARDS", "FetchOptions", "ShardCache", "ShardFetchError",
-           "check_remote_urls", "fetch_shard", "is_remote"]
+           "check_remote_urls", "fetch_shard", "is_remote", "open_stream"]
 
 _log = logging.getLogger(__name__)
 
@@ -68,22 +77,14 @@ _LOCK_NAME = ".lock"
 _PERMANENT_STATUS = (400, 401, 403, 404, 405, 410)
 
 
-def is_remote(url: str) -> bool:
-    """True for URLs this module fetches (``scheme://...`` or ``pipe:CMD``), False for local paths."""
-    return url.startswith("pipe:") or "://" in url
-
-
-def _protocol(url: str) -> str:
-    return "pipe" if url.startswith("pipe:") else url.split("://", 1)[0].lower()
-
-
 @dataclass(frozen=True)
 class FetchOptions:
     """Retry and timeout policy of shard downloads.
 
     ``attempts``: tries per shard (>= 1); the wait before try k+1 is ``min(backoff_max_s, backoff_s * 2**(k-1))``
-    scaled by a random factor in [0.5, 1]. ``connect_timeout_s`` / ``read_timeout_s``: an attempt fails when
-    connecting takes longer, or when no byte arrives for that long. ``chunk_bytes``: read size.
+    scaled by a random factor in [0.5, 1] (:func:`bmclip.io.retry.backoff_delay`). ``connect_timeout_s`` /
+    ``read_timeout_s``: an attempt fails when connecting takes longer, or when no byte arrives for that long.
+    ``chunk_bytes``: read size.
     """
 
     attempts: int = 5
@@ -120,8 +121,7 @@ class FetchOptions:
 
     def delay(self, failed_attempt: int, rng: random.Random) -> float:
         """Seconds to wait after the ``failed_attempt``-th failure (1-based)."""
-        d = min(self.backoff_max_s, self.backoff_s * 2.0 ** (failed_attempt - 1))
-        return d * (0.5 + 0.5 * rng.random())
+        return backoff_delay(failed_attempt, self.backoff_s, self.backoff_max_s, rng)
 
 
 class ShardFetchError(OSError):
@@ -138,46 +138,10 @@ class _Cancelled(Exception):
 
 
 # -- filesystems ------------------------------------------------------------------------------------
-def _import_fsspec():
-    try:
-        import fsspec  # optional extra bmclip[cloud]: only remote shard URLs need it
-    except ImportError as e:
-        raise ImportError(f"remote shard URLs need fsspec: pip install 'bmclip[cloud]' ({e})") from None
-    return fsspec
-
-
-def _fs_options(protocol: str, storage_options: dict[str, Any] | None, opts: FetchOptions) -> dict[str, Any]:
-    """The user's storage options plus connect/read timeouts for the backends that take them."""
-    so = dict(storage_options or {})
-    if protocol in ("http", "https"):
-        ck = dict(so.get("client_kwargs") or {})
-        if "timeout" not in ck:
-            import aiohttp  # fsspec's HTTP backend depends on it
-
-            ck["timeout"] = aiohttp.ClientTimeout(total=None, sock_connect=opts.connect_timeout_s,
-                                                  sock_read=opts.read_timeout_s)
-        so["client_kwargs"] = ck
-    elif protocol in ("s3", "s3a"):
-        cfg = dict(so.get("config_kwargs") or {})
-        cfg.setdefault("connect_timeout", opts.connect_timeout_s)
-        cfg.setdefault("read_timeout", opts.read_timeout_s)
-        so["config_kwargs"] = cfg
-    return so
-
-
 def _filesystem(url: str, storage_options: dict[str, Any] | None, opts: FetchOptions):
-    """(fsspec filesystem, path inside it); ImportError naming the extra when a backend is missing."""
-    fsspec = _import_fsspec()
-    protocol = _protocol(url)
-    try:
-        cls = fsspec.get_filesystem_class(protocol)
-    except ImportError as e:
-        raise ImportError(f"{protocol}:// shard URLs need an fsspec backend: pip install 'bmclip[cloud]' "
-                          f"({e})") from None
-    except ValueError as e:
-        raise ConfigError(f"shard URL {url!r}: unknown protocol {protocol!r} ({e})") from None
-    fs = fsspec.filesystem(protocol, **_fs_options(protocol, storage_options, opts))
-    return fs, cls._strip_protocol(url)
+    """(fsspec filesystem, path inside it), with the fetch timeouts on the backends that take them."""
+    return filesystem(url, storage_options, connect_timeout_s=opts.connect_timeout_s,
+                      read_timeout_s=opts.read_timeout_s)
 
 
 def check_remote_urls(urls: Iterable[str], storage_options: dict[str, Any] | None = None,
@@ -186,16 +150,11 @@ def check_remote_urls(urls: Iterable[str], storage_options: dict[str, Any] | Non
     opts = fetch_options or FetchOptions()
     seen: set[str] = set()
     for u in urls:
-        p = _protocol(u)
-        if p in seen or p == "pipe" or not is_remote(u):
+        p = protocol(u)
+        if p in seen or is_pipe(u) or not is_remote(u):
             continue
         seen.add(p)
-        try:
-            _filesystem(u, storage_options, opts)
-        except (ImportError, ConfigError):
-            raise
-        except TypeError as e:
-            raise ConfigError(f"storage_options for {p}:// shards: {e}") from None
+        _filesystem(u, storage_options, opts)
 
 
 # -- one download -----------------------------------------------------------------------------------
@@ -286,7 +245,7 @@ class _SyncSource:
 
 
 def _open_source(url: str, opts: FetchOptions, storage_options: dict[str, Any] | None):
-    if url.startswith("pipe:"):
+    if is_pipe(url):
         return _PipeSource(url[len("pipe:"):], opts)
     fs, path = _filesystem(url, storage_options, opts)
     if getattr(fs, "async_impl", False):
@@ -337,30 +296,149 @@ def fetch_shard(url: str, dest: str | os.PathLike, *, fetch_options: FetchOption
     """
     opts = fetch_options or FetchOptions()
     cancelled = cancelled or (lambda: False)
-    rng = rng or random.Random()
-    last: BaseException | None = None
-    attempt = 0
-    for attempt in range(1, opts.attempts + 1):
+    tries = 0
+
+    def once() -> int:
+        nonlocal tries
         if cancelled():
             raise _Cancelled(url)
+        tries += 1
+        return _download(url, Path(dest), opts, storage_options, cancelled)
+
+    try:
+        n = _retrying(once, url, opts, cancelled, rng)
+    except ShardFetchError as e:  # the attempts really made (a permanent failure ends them early)
+        raise ShardFetchError(url, tries, e.cause) from None
+    return n, tries
+
+
+def _transient(e: BaseException) -> bool:
+    """A failure of a store or a command that another attempt may not see (not a missing backend, not a
+    missing object or refused permission, not a cancellation)."""
+    return not isinstance(e, (ImportError, _Cancelled)) and not _permanent(e)
+
+
+def _retrying(fn: Callable[[], Any], url: str, opts: FetchOptions, cancelled: Callable[[], bool],
+              rng: random.Random | None) -> Any:
+    """``fn()`` with the fetch policy's retries (:func:`bmclip.io.retry.retry`); a store's or command's
+    failure that remains is a :class:`ShardFetchError`; ImportError (a missing backend) and cancellation pass."""
+
+    def sleep(d: float) -> None:  # a backoff that ends early when the caller is cancelled
+        end = time.monotonic() + d
+        while time.monotonic() < end:
+            if cancelled():
+                raise _Cancelled(url)
+            time.sleep(min(0.05, max(0.0, end - time.monotonic())))
+
+    try:
+        return retry(fn, attempts=opts.attempts, base_delay=opts.backoff_s, max_delay=opts.backoff_max_s,
+                     retry_on=_transient, what=f"shard {url}", sleep=sleep, rng=rng or random.Random(),
+                     logger=_log)
+    except RetryError as e:
+        raise ShardFetchError(url, opts.attempts, e.__cause__) from None
+    except (ImportError, _Cancelled):
+        raise
+    except Exception as e:  # a permanent failure (missing object, refused permission): not retried
+        raise ShardFetchError(url, 1, e) from None
+
+
+class _ShardStream(io.RawIOBase):
+    """A remote shard read front to back without a local copy.
+
+    A read that fails (a dropped connection, a stall past the read timeout, a 503, a command that exits
+    non-zero) reopens the shard after the fetch policy's backoff and skips the bytes already delivered, so
+    the caller sees one uninterrupted stream; ``attempts`` bounds the connections made for the whole shard.
+    A shard that still fails raises :class:`ShardFetchError` (from ``read``, or from the first open).
+    """
+
+    def __init__(self, url: str, opts: FetchOptions, storage_options: dict[str, Any] | None):
+        super().__init__()
+        self.url, self.opts, self.storage_options = url, opts, storage_options
+        self.src: Any = None
+        self.pos = 0  # bytes taken from the shard so far (delivered or buffered)
+        self.buf = memoryview(b"")
+        self.opens = 0  # connections made (attempts)
+        self.failures = 0
+        self.eof = False
+        self._fill()  # connect now: a shard that cannot be opened fails here
+
+    def readable(self) -> bool:
+        return True
+
+    def _drop_source(self) -> None:
+        if self.src is not None:
+            self.src.close()
+            self.src = None
+
+    def _chunk(self) -> bytes:
+        """One chunk at ``pos`` (reconnecting and skipping what was read when the source was dropped)."""
+        if self.src is None:
+            self.opens += 1
+            self.src = _open_source(self.url, self.opts, self.storage_options)
+            skip = self.pos
+            while skip > 0:
+                b = self.src.read()
+                if not b:
+                    raise OSError(f"shard ended after {self.pos - skip} bytes on reconnect ({self.pos} read before)")
+                if len(b) > skip:
+                    self.pos += len(b) - skip
+                    return b[skip:]
+                skip -= len(b)
+        b = self.src.read()
+        if b:
+            self.pos += len(b)
+            return b
+        self.src.finish()
+        if self.src.size is not None and self.pos != self.src.size:
+            raise OSError(f"incomplete read: {self.pos} of {self.src.size} bytes")
+        return b
+
+    def _fill(self) -> None:
+        def once() -> bytes:
+            try:
+                return self._chunk()
+            except Exception as e:
+                self._drop_source()
+                if _transient(e):
+                    self.failures += 1
+                raise
+
+        left = dataclasses.replace(self.opts, attempts=self.opts.attempts - self.failures)
         try:
-            return _download(url, Path(dest), opts, storage_options, cancelled), attempt
-        except (_Cancelled, ImportError):
-            raise
-        except Exception as e:  # every other failure of a store or a command is retried, then counted
-            last = e
-            if _permanent(e):
-                break
-            if attempt < opts.attempts:
-                d = opts.delay(attempt, rng)
-                _log.info("shard %s: attempt %d of %d failed (%s: %s); retrying in %.2f s", url, attempt,
-                          opts.attempts, type(e).__name__, e, d)
-                end = time.monotonic() + d
-                while time.monotonic() < end:
-                    if cancelled():
-                        raise _Cancelled(url) from None
-                    time.sleep(min(0.05, max(0.0, end - time.monotonic())))
-    raise ShardFetchError(url, attempt, last)
+            b = _retrying(once, self.url, left, lambda: False, None)
+        except ShardFetchError as e:
+            self._drop_source()
+            raise ShardFetchError(self.url, self.opens, e.cause) from None
+        if not b:
+            self.eof = True
+            self._drop_source()
+        self.buf = memoryview(b)
+
+    def readinto(self, b) -> int:
+        if self.closed:
+            raise ValueError("read of a closed shard stream")
+        if not self.buf and not self.eof:
+            self._fill()
+        n = min(len(b), len(self.buf))
+        b[:n] = self.buf[:n]
+        self.buf = self.buf[n:]
+        return n
+
+    def close(self) -> None:
+        self._drop_source()
+        super().close()
+
+
+def open_stream(url: str, *, fetch_options: FetchOptions | dict[str, Any] | None = None,
+                storage_options: dict[str, Any] | None = None) -> io.BufferedReader:
+    """A remote shard (fsspec URL or ``pipe:CMD``) as a readable binary stream, front to back.
+
+    Same timeouts and retries as :func:`fetch_shard`; a failed read reconnects and continues where it
+    stopped. Raises :class:`ShardFetchError` (an OSError) when the shard cannot be opened or read within the
+    attempts, ImportError/``CloudExtraMissing`` when the fsspec backend is missing.
+    """
+    opts = FetchOptions.coerce(fetch_options)
+    return io.BufferedReader(_ShardStream(url, opts, storage_options), buffer_size=opts.chunk_bytes)
 
 
 # -- the cache --------------------------------------------------------------------------------------

@@ -21,7 +21,14 @@ as well, unless the caller passes a ``skipped`` list: then each problem is appen
 next shard. After a bad header the rest of the stream is scanned for headers that still look valid, and
 the samples they name are reported as ``tar_lost_tail``, as the C++ loader counts them.
 
-Opening a shard URL as a byte stream is ``open_shard_stream``, the only place that knows how.
+Opening a shard URL as a byte stream is ``open_shard_stream``, the only place that knows how: a local path
+or ``file://`` URL is opened as a file; a remote URL (``s3://``, ``gs://``, ``http(s)://``, any fsspec
+protocol; ``pipe:CMD``) is streamed through ``bmclip.data.remote.open_stream`` (``bmclip.io.fs``'s fsspec
+layer, the training loader's timeouts and retries: a dropped or stalled read reconnects and continues where
+it stopped). A remote shard that still cannot be read within its attempts is, with a ``skipped`` list, a
+counted ``shard_fetch_failed`` problem (the samples it gave before stay; the one open at the failure is a
+``damaged_tar_sample``), else a ``DataError``. It never hangs: every connect and every wait for data has a
+timeout.
 """
 
 from __future__ import annotations
@@ -29,26 +36,48 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from typing import IO, Any
 
+from bmclip.data import remote
 from bmclip.errors import DataError
+from bmclip.io.fs import is_remote, local_path
 
-__all__ = ["BLOCK", "TAR_PROBLEMS", "iter_samples", "iter_shard_samples", "open_shard_stream", "split_key"]
+__all__ = ["BLOCK", "TAR_PROBLEMS", "ShardUnavailable", "iter_samples", "iter_shard_samples", "open_shard_stream",
+           "split_key"]
 
 BLOCK = 512
 _CHUNK = 1 << 20  # read size when skipping or reading large members
 
 # Reason prefixes of the problems recorded in ``skipped`` (the names the C++ loader counts them under).
 TAR_PROBLEMS = ("truncated", "bad_header", "damaged_tar_sample", "tar_lost_tail", "duplicate_member",
-                "unnamed_member")
+                "unnamed_member", "shard_fetch_failed")
 
 _META_TYPES = (b"L", b"K", b"x", b"g", b"X")
 _REGULAR_TYPES = (b"0", b"\0", b"7")
 _NO_DATA_TYPES = (b"1", b"2", b"3", b"4", b"5", b"6")  # links, directories, devices, fifos
 
 
-def open_shard_stream(url: str) -> IO[bytes]:
-    """The shard at ``url`` (a local path) as a readable binary stream; DataError if it cannot be opened."""
+class ShardUnavailable(DataError):
+    """A remote shard that could not be opened within its attempts (``reason``: why)."""
+
+    def __init__(self, url: str, reason: str):
+        self.url, self.reason = url, reason
+        super().__init__(f"cannot read shard {url}: {reason}")
+
+
+def open_shard_stream(url: str, *, storage_options: dict[str, Any] | None = None,
+                      fetch_options: remote.FetchOptions | dict[str, Any] | None = None) -> IO[bytes]:
+    """The shard at ``url`` as a readable binary stream (see the module notes for remote URLs).
+
+    DataError if a local shard cannot be opened, :class:`ShardUnavailable` (a DataError) if a remote one
+    cannot be opened within its attempts; ImportError naming ``bmclip[cloud]`` when the fsspec backend is
+    missing. ``storage_options`` go to fsspec, ``fetch_options`` are ``bmclip.data.remote.FetchOptions``.
+    """
+    if is_remote(url):
+        try:
+            return remote.open_stream(url, fetch_options=fetch_options, storage_options=storage_options)
+        except remote.ShardFetchError as e:
+            raise ShardUnavailable(url, str(e)) from e
     try:
-        return open(url, "rb")
+        return open(local_path(url), "rb")
     except OSError as e:
         raise DataError(f"cannot open shard {url}: {e.strerror or e}") from e
 
@@ -115,6 +144,10 @@ def _pax_records(data: bytes) -> dict[str, str] | None:
     return out
 
 
+class _ReadFailed(Exception):
+    """A remote shard's read failed within its attempts (``args[0]``: why)."""
+
+
 class _Reader:
     """Forward-only reads from a byte stream with the current offset; short reads mean end of stream."""
 
@@ -122,10 +155,16 @@ class _Reader:
         self.f = f
         self.pos = 0
 
+    def _read(self, n: int) -> bytes:
+        try:
+            return self.f.read(n)
+        except remote.ShardFetchError as e:
+            raise _ReadFailed(str(e)) from e
+
     def read(self, n: int) -> bytes:
         parts, left = [], n
         while left > 0:
-            b = self.f.read(min(left, _CHUNK))
+            b = self._read(min(left, _CHUNK))
             if not b:
                 break
             parts.append(b)
@@ -138,7 +177,7 @@ class _Reader:
         """Read and drop up to ``n`` bytes; returns how many there were."""
         done = 0
         while done < n:
-            b = self.f.read(min(n - done, _CHUNK))
+            b = self._read(min(n - done, _CHUNK))
             if not b:
                 break
             done += len(b)
@@ -172,23 +211,46 @@ def _count_tail_samples(r: _Reader, open_key: str | None) -> int:
 # ---------------------------------------------------------------- samples
 
 
-def iter_samples(url: str, skipped: list | None = None, stream: IO[bytes] | None = None
-                 ) -> Iterator[dict[str, Any]]:
+def iter_samples(url: str, skipped: list | None = None, stream: IO[bytes] | None = None, *,
+                 storage_options: dict[str, Any] | None = None,
+                 fetch_options: remote.FetchOptions | dict[str, Any] | None = None) -> Iterator[dict[str, Any]]:
     """Samples of one shard in order: ``{"__key__": key, "__url__": url, <ext>: bytes, ...}``.
 
-    ``stream`` is read instead of opening ``url`` when given (it is not closed). See the module notes for
-    what happens at damage and what ``skipped`` receives.
+    ``stream`` is read instead of opening ``url`` when given (it is not closed); otherwise
+    ``open_shard_stream(url, storage_options=..., fetch_options=...)`` opens it. See the module notes for
+    what happens at damage or a failed remote read and what ``skipped`` receives.
     """
     if stream is None:
-        with open_shard_stream(url) as f:
+        try:
+            f = open_shard_stream(url, storage_options=storage_options, fetch_options=fetch_options)
+        except ShardUnavailable as e:
+            if skipped is None:
+                raise
+            skipped.append((url, f"shard_fetch_failed: {e.reason}"))
+            return
+        with f:
             yield from iter_samples(url, skipped, f)
         return
     r = _Reader(stream)
+    open_key: list[str | None] = [None]
+    try:
+        yield from _samples(url, r, skipped, open_key)
+    except _ReadFailed as e:
+        if skipped is None:
+            raise DataError(f"cannot read shard {url}: {e}") from e
+        skipped.append((url, f"shard_fetch_failed: {e} (at byte {r.pos})"))
+        if open_key[0] is not None:
+            skipped.append((open_key[0], f"damaged_tar_sample: dropped, the read of {url} failed in it"))
+
+
+def _samples(url: str, r: _Reader, skipped: list | None, open_key: list[str | None]) -> Iterator[dict[str, Any]]:
+    """The samples of ``iter_samples``; ``open_key[0]`` is the key of the sample being read (None between)."""
     cur: dict[str, Any] | None = None
     long_name: str | None = None
     pax: dict[str, str] = {}
 
     def damaged(kind: str, msg: str, tail_from_here: bool = False) -> None:
+        open_key[0] = None  # reported here; a failed read of the tail must not report it again
         if skipped is None:
             raise DataError(f"corrupt shard {url}: {msg}")
         skipped.append((url, f"{kind}: {msg}"))
@@ -215,6 +277,7 @@ def iter_samples(url: str, skipped: list | None = None, stream: IO[bytes] | None
             damaged("truncated", f"partial header at byte {at} (truncated?)")
             return
         if h.count(0) == BLOCK:  # end-of-archive marker (tarfile also stops at the first zero block)
+            open_key[0] = None
             if cur is not None:
                 yield cur
             return
@@ -262,6 +325,7 @@ def iter_samples(url: str, skipped: list | None = None, stream: IO[bytes] | None
             if cur is not None:
                 yield cur  # a complete header with another key: the open sample is complete
             cur = {"__key__": kx[0], "__url__": url}
+            open_key[0] = kx[0]
         data = r.read(size)
         if len(data) < size:
             damaged("truncated", f"member {name!r} at byte {at} needs {size} bytes, {len(data)} left")
@@ -279,7 +343,9 @@ def iter_samples(url: str, skipped: list | None = None, stream: IO[bytes] | None
         cur[kx[1]] = data
 
 
-def iter_shard_samples(urls: Iterable[str], skipped: list | None = None) -> Iterator[dict[str, Any]]:
+def iter_shard_samples(urls: Iterable[str], skipped: list | None = None, *,
+                       storage_options: dict[str, Any] | None = None,
+                       fetch_options: remote.FetchOptions | dict[str, Any] | None = None) -> Iterator[dict[str, Any]]:
     """Samples of several shards in order (see ``iter_samples``)."""
     for url in urls:
-        yield from iter_samples(url, skipped)
+        yield from iter_samples(url, skipped, storage_options=storage_options, fetch_options=fetch_options)

@@ -93,12 +93,15 @@ def _chunked(items: Iterable[T], size: int) -> Iterator[list[T]]:
 
 
 def iter_shard_pairs(pattern: str, image_size: int, batch_size: int = 64, skipped: list | None = None,
-                     workers: int = 4) -> Iterator[dict[str, Any]]:
+                     workers: int = 4, storage_options: dict[str, Any] | None = None,
+                     fetch_options: Any = None) -> Iterator[dict[str, Any]]:
     """Batches {"image": uint8 (B, S, S, 3), "text": list[str], "key": list[str]} read from webdataset shards
     (``pattern``: anything ``bmclip.data.shards.expand_urls`` takes) and decoded with PIL/pydicom (every
     extension in ``IMAGE_EXTENSIONS``, and DICOM; see ``bmclip.eval.images``), resized (shorter side) and
     centre-cropped to ``image_size``. Bad samples and tar damage are appended to ``skipped`` as
-    (key or shard, reason) when a list is given, else raise DataError."""
+    (key or shard, reason) when a list is given, else raise DataError. Remote shards (``s3://``, ``https://``,
+    ``pipe:CMD``, ...) are streamed (``bmclip.data.tario``; ``storage_options`` go to fsspec, ``fetch_options``
+    are ``bmclip.data.remote.FetchOptions``); one that cannot be read is a ``shard_fetch_failed`` skip."""
     urls = expand_urls(pattern)
 
     def decode(sample):
@@ -119,7 +122,8 @@ def iter_shard_pairs(pattern: str, image_size: int, batch_size: int = 64, skippe
             n_samples += len(chunk)
             yield chunk
 
-    for res in _decoded_chunks(counted(_chunked(iter_shard_samples(urls, skipped), batch_size)), decode, workers):
+    samples = iter_shard_samples(urls, skipped, storage_options=storage_options, fetch_options=fetch_options)
+    for res in _decoded_chunks(counted(_chunked(samples, batch_size)), decode, workers):
         if res:
             n_good += len(res)
             yield {"key": [r[0] for r in res], "image": np.stack([r[1] for r in res]), "text": [r[2] for r in res]}

@@ -8,7 +8,9 @@
 - ``DATASET_FORMATS``: any other SPEC is a path, tried against each format in order: webdataset shards
   (``*.tar``, brace patterns, globs; image member + ``cls`` member), a ``.csv``/``.tsv`` file, a PCam HDF5
   folder or ``..._split_<split>`` prefix, an ImageFolder tree, and a flat folder of images/DICOM files or a
-  single image file (unlabelled, label -1, predictions only).
+  single image file (unlabelled, label -1, predictions only). A remote SPEC (``s3://``, ``gs://``, ``https://``
+  shard URLs or patterns, ``pipe:CMD``; ``bmclip.io.fs.is_remote``) is webdataset shards, streamed by
+  ``bmclip.data.tario`` (fsspec options from the environment, e.g. ``AWS_ENDPOINT_URL``).
 
 Adding a dataset layout or file format is one entry in one of these tables. Nothing is ever downloaded.
 Unreadable images are counted skips with a reason (``dataset.skipped``: (name, reason) pairs), never silent
@@ -32,6 +34,7 @@ from bmclip.data.tario import iter_shard_samples
 from bmclip.errors import ConfigError, DataError
 from bmclip.eval.images import decode_sample_image, is_image_file, load_image
 from bmclip.eval.prompts import BUILTIN_TASKS, TaskSpec
+from bmclip.io.fs import is_remote
 
 __all__ = ["BUILTIN_DATASETS", "DATASET_FORMATS", "FileListDataset", "ImageDataset", "PCamDataset",
            "ShardClassificationDataset", "csv_dataset", "image_folder", "open_dataset", "open_path", "pcam_prefix",
@@ -407,6 +410,8 @@ def open_dataset(spec: str, data_root: str | os.PathLike | None = None, split: s
         if not root.exists():
             raise DataError(f"data root {root} does not exist")
         return BUILTIN_DATASETS.get(spec, open_path)(root, split, task or BUILTIN_TASKS[spec])
+    if is_remote(spec):  # a Path would mangle the URL
+        return ShardClassificationDataset(spec, task)
     p = Path(spec)
     if data_root is not None and not p.is_absolute() and not p.exists():
         p = Path(data_root) / spec

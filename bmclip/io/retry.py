@@ -1,5 +1,8 @@
-"""Retry with exponential backoff: for network and object-store calls that fail transiently.
+"""Retry with exponential backoff: THE backoff schedule of every network and object-store call that can fail
+transiently (shard downloads of the training loader and the evaluation reader, build-dataset's reads and uploads).
 
+``backoff_delay(k, base_delay, max_delay, rng)`` is the wait after the k-th failed try (1-based):
+``min(max_delay, base_delay * 2**(k-1))`` scaled by a random factor in [0.5, 1] (``jitter``).
 ``retry(fn, attempts=5, base_delay=0.5, max_delay=30.0, retry_on=(OSError,), what="upload of x")`` calls
 ``fn()`` until it returns; after a failure that ``retry_on`` accepts it sleeps ``min(max_delay, base_delay *
 2**k)`` (k = 0, 1, ...; with ``jitter`` a uniformly drawn 50-100 % of that, so that many processes that failed
@@ -16,7 +19,7 @@ import time
 from collections.abc import Callable
 from typing import TypeVar
 
-__all__ = ["RetryError", "backoff_delays", "retry"]
+__all__ = ["RetryError", "backoff_delay", "backoff_delays", "retry"]
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -26,9 +29,17 @@ class RetryError(RuntimeError):
     """An operation still failed after its last attempt (``__cause__`` is the last error)."""
 
 
+def backoff_delay(failed_attempt: int, base_delay: float, max_delay: float, rng: random.Random | None = None,
+                  jitter: bool = True) -> float:
+    """Seconds to wait after the ``failed_attempt``-th failed try (1-based): ``min(max_delay, base_delay *
+    2**(failed_attempt-1))``, times a uniform factor in [0.5, 1] with ``jitter`` (``rng``: the random source)."""
+    d = min(max_delay, base_delay * 2.0 ** (failed_attempt - 1))
+    return d * (0.5 + 0.5 * (rng or random).random()) if jitter else d
+
+
 def backoff_delays(attempts: int, base_delay: float, max_delay: float) -> list[float]:
     """The sleeps between ``attempts`` tries, before jitter: ``min(max_delay, base_delay * 2**k)``."""
-    return [min(max_delay, base_delay * 2.0**k) for k in range(max(0, attempts - 1))]
+    return [backoff_delay(k + 1, base_delay, max_delay, jitter=False) for k in range(max(0, attempts - 1))]
 
 
 def retry(
@@ -41,15 +52,17 @@ def retry(
     what: str = "operation",
     jitter: bool = True,
     sleep: Callable[[float], None] = time.sleep,
+    rng: random.Random | None = None,
+    logger: logging.Logger | None = None,
 ) -> T:
     """``fn()``, retried with exponential backoff on the failures ``retry_on`` accepts (exception types or a
-    predicate); raises RetryError after ``attempts`` failed tries."""
+    predicate); raises RetryError after ``attempts`` failed tries. ``sleep`` waits (it may raise to give up
+    early, e.g. when the caller was cancelled), ``rng`` draws the jitter, ``logger`` gets a warning per retry."""
     if attempts < 1:
         raise ValueError(f"attempts must be >= 1, got {attempts}")
     if isinstance(retry_on, type):
         retry_on = (retry_on,)
     accept = None if isinstance(retry_on, tuple) else retry_on
-    delays = backoff_delays(attempts, base_delay, max_delay)
     for k in range(attempts):
         try:
             return fn()
@@ -59,8 +72,8 @@ def retry(
                 raise
             if k == attempts - 1:
                 raise RetryError(f"{what} failed after {attempts} attempts: {type(e).__name__}: {e}") from e
-            delay = delays[k] * (0.5 + 0.5 * random.random()) if jitter else delays[k]
-            log.warning("%s failed (attempt %d of %d: %s: %s); retrying in %.2f s",
+            delay = backoff_delay(k + 1, base_delay, max_delay, rng, jitter)
+            (logger or log).warning("%s failed (attempt %d of %d: %s: %s); retrying in %.2f s",
                         what, k + 1, attempts, type(e).__name__, e, delay)
             sleep(delay)
     raise AssertionError("unreachable")

@@ -49,12 +49,12 @@ from __future__ import annotations
 import os
 import shutil
 
-from bmclip.data.pmc.locations import is_remote, local_path
 from bmclip.data.pmc.merge import merge_staging, split_of
 from bmclip.data.pmc.options import DEFAULT_TEST_FRACTION, DEFAULT_VAL_FRACTION, SPLITS, BuildOptions
 from bmclip.data.pmc.stage import sanitize_key, stage
 from bmclip.data.pmc.stats import licence_code, summary_lines
 from bmclip.errors import ConfigError
+from bmclip.io.fs import is_remote, local_path
 
 __all__ = [
     "DEFAULT_TEST_FRACTION",

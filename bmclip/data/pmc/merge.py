@@ -30,7 +30,6 @@ from pathlib import Path
 from tqdm import tqdm
 
 from bmclip.data.pmc.dedup import Deduplicator
-from bmclip.data.pmc.locations import is_remote, local_path
 from bmclip.data.pmc.options import SPLITS, BuildOptions
 from bmclip.data.pmc.shard_writer import SAMPLE_MEMBERS, ShardWriter
 from bmclip.data.pmc.stage import remove_partial_files, staging_stream
@@ -38,6 +37,7 @@ from bmclip.data.pmc.stats import STATS_FORMAT, BuildStats, write_plots
 from bmclip.data.pmc.upload import RemoteOutput
 from bmclip.errors import ConfigError, DataError
 from bmclip.io import atomic_write_bytes
+from bmclip.io.fs import is_remote, local_path
 
 __all__ = ["merge_staging", "split_of"]
 

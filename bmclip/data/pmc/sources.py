@@ -22,7 +22,7 @@ Three input layouts are recognised, in any mix, given as files or as directory t
 
 Directories that hold none of these but contain packages deeper down are walked recursively (sorted).
 
-Inputs may also be remote (:mod:`~bmclip.data.pmc.locations`): an object-store prefix (``s3://bucket/prefix/``,
+Inputs may also be remote (:mod:`~bmclip.io.fs`): an object-store prefix (``s3://bucket/prefix/``,
 ``gs://...``; PMC's Open Access data set is an S3 bucket) is listed recursively and read as the same tree
 would be on disk, giving the same package keys as a local copy of it; ``http(s)://`` inputs are single
 package tarballs. A remote tarball is streamed through fsspec (never copied to disk); a remote folder's XML
@@ -47,8 +47,8 @@ from pathlib import Path, PurePosixPath
 from typing import TypeVar
 
 from bmclip.data.images import IMAGE_EXTENSIONS
-from bmclip.data.pmc.locations import filesystem, is_remote, local_path, location_name
 from bmclip.errors import ConfigError, DataError
+from bmclip.io.fs import filesystem, is_remote, local_path, location_name
 from bmclip.io.retry import RetryError, retry
 
 __all__ = [
@@ -241,7 +241,7 @@ def discover_packages(
 ) -> tuple[list[Package], Counter]:
     """All packages under the inputs, sorted by key, and counts of what was passed over (Counter).
 
-    An input is a local path (or ``file://`` URL), or a remote URL (:mod:`~bmclip.data.pmc.locations`):
+    An input is a local path (or ``file://`` URL), or a remote URL (:mod:`~bmclip.io.fs`):
     an object-store prefix (``s3://bucket/prefix/``, ``gs://...``), listed recursively and read like a local
     directory tree (a package's key is the same as for a local copy of the prefix), or a single package file
     (``https://host/PMC1234567.tar.gz`` too). ``storage_options`` go to fsspec. ``passed_over``, when given,

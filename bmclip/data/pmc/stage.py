@@ -35,13 +35,13 @@ from pathlib import Path
 from tqdm import tqdm
 
 from bmclip.data.pmc import jats
-from bmclip.data.pmc.locations import is_remote, local_path
 from bmclip.data.pmc.media import ImageSkip, process_image, resolve_graphics
 from bmclip.data.pmc.options import BuildOptions
 from bmclip.data.pmc.sources import InputReadError, Package, PackageError, discover_packages, read_package, slice_of
 from bmclip.data.pmc.subcaptions import split_subcaptions
 from bmclip.errors import ConfigError, DataError
 from bmclip.io import atomic_write_bytes
+from bmclip.io.fs import is_remote, local_path
 from bmclip.tokenizer import get_tokenizer
 
 __all__ = ["process_package", "remove_partial_files", "sanitize_key", "stage", "staging_stream"]

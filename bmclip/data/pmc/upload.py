@@ -30,8 +30,8 @@ from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
-from bmclip.data.pmc.locations import filesystem
 from bmclip.errors import ConfigError, DataError
+from bmclip.io.fs import filesystem
 from bmclip.io.retry import RetryError, retry
 
 __all__ = ["RemoteOutput", "UploadError"]
