@@ -62,7 +62,7 @@ class DataSection:
     val_max_samples: int = 10000
     # warn (stderr + metrics) when the loader skips more than this fraction of the samples it reads
     max_skip_rate: float = 0.01
-    # remote shards (s3://, gs://, http(s)://, file://, pipe:CMD): local cache folder ("" = a temp folder),
+    # remote shards (s3://, gs://, http(s)://, pipe:CMD; file:// is local): local cache folder ("" = a temp folder),
     # its byte limit for shards fetched ahead, and how many shards each rank fetches ahead of the decoder
     cache_dir: str = ""
     cache_bytes: int = 4 << 30
