@@ -4,6 +4,8 @@
 each value to its annotated type (from YAML or a command-line string: ``"true"``, ``"1e-4"``, ``"[a, b]"``);
 a dotted key reaches into a sub-dataclass, a mapping updates one key by key, and a value of the section's own
 dataclass type replaces it. An unknown key is a ConfigError that names it and lists the valid keys there.
+``parse_strings=False`` (programmatic values, e.g. a model config read back from a checkpoint) refuses a string
+where the field is not a string instead of parsing it (``"yes"`` for a bool is then an error).
 The training config (``bmclip.train.config``), the model config (``ModelConfig.from_dict``) and
 ``create_model``'s overrides all go through it.
 """
@@ -84,7 +86,7 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
     raise ConfigError(f"{key}: unsupported field type {tp!r}")  # pragma: no cover - programming error
 
 
-def _set(obj: Any, dotted: str, value: Any, prefix: str = "") -> None:
+def _set(obj: Any, dotted: str, value: Any, prefix: str = "", parse_strings: bool = True) -> None:
     head, _, rest = dotted.partition(".")
     full = f"{prefix}{head}"
     types_ = _field_types(type(obj))
@@ -96,21 +98,24 @@ def _set(obj: Any, dotted: str, value: Any, prefix: str = "") -> None:
         if not rest and isinstance(value, type(sub)):  # a whole section given as its dataclass
             setattr(obj, head, copy.deepcopy(value))
         elif rest:
-            _set(sub, rest, value, f"{full}.")
+            _set(sub, rest, value, f"{full}.", parse_strings)
         elif isinstance(value, dict):
-            update_from_dict(sub, value, f"{full}.")
+            update_from_dict(sub, value, f"{full}.", parse_strings=parse_strings)
         else:
             raise ConfigError(f"{full}: is a section; give a mapping or a sub-key like {full}.<key>")
         return
     if rest:
         raise ConfigError(f"unknown config key {prefix}{dotted!r}: {full!r} is not a section")
+    union = typing.get_origin(tp) in (typing.Union, types.UnionType)
+    if not parse_strings and isinstance(value, str) and str not in (typing.get_args(tp) if union else (tp,)):
+        raise ConfigError(f"{full}={value!r}: expected a {getattr(tp, '__name__', tp)}, not a string")
     setattr(obj, head, _convert(value, tp, full))
 
 
-def update_from_dict(obj: Any, values: dict[str, Any], prefix: str = "") -> Any:
+def update_from_dict(obj: Any, values: dict[str, Any], prefix: str = "", *, parse_strings: bool = True) -> Any:
     """Apply a nested dict of values onto a config dataclass in place (typed; unknown keys raise)."""
     if not isinstance(values, dict):
         raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {values!r}")
     for k, v in values.items():
-        _set(obj, str(k), v, prefix)
+        _set(obj, str(k), v, prefix, parse_strings)
     return obj

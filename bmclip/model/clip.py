@@ -125,6 +125,6 @@ def create_model(preset_or_config: str | ModelConfig | dict = "biomedclip-vit-b1
         cfg = ModelConfig.from_dict(preset_or_config)
     else:
         raise ConfigError(f"expected a preset name, ModelConfig or dict, got {type(preset_or_config).__name__}")
-    cfg = update_from_dict(cfg, overrides)
+    cfg = update_from_dict(cfg, overrides, parse_strings=False)
     cfg.validate()
     return BiomedCLIP(cfg)

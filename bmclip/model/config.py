@@ -157,7 +157,7 @@ class ModelConfig:
         """Build from a nested dict; unknown keys raise ConfigError naming the key."""
         if not isinstance(d, dict):
             raise ConfigError(f"model config must be a mapping, got {type(d).__name__}")
-        cfg = update_from_dict(cls(), copy.deepcopy(d))
+        cfg = update_from_dict(cls(), copy.deepcopy(d), parse_strings=False)
         cfg.validate()
         return cfg
 
