@@ -11,6 +11,8 @@ import sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
+from bmclip.tokenizer import Tokenizer
+
 # Licences whose text may be redistributed in a derived vocabulary with attribution (no NC / ND).
 _OK = (
     "licenses/by/",
@@ -47,8 +49,6 @@ def article_texts(path: Path) -> list[str]:
 
 
 def main(samples: Path, vocab_size: int = 4096) -> None:
-    from bmclip.tokenizer import Tokenizer
-
     files, texts = [], []
     with open(samples / "MANIFEST.tsv", newline="", encoding="utf-8") as f:
         for row in csv.DictReader(f, delimiter="\t"):

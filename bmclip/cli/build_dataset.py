@@ -25,6 +25,7 @@ from pathlib import Path
 
 from bmclip.cli._text import plain_help
 from bmclip.errors import ConfigError
+from bmclip.io.fs import parse_storage_options
 
 
 def register(subparsers) -> None:
@@ -127,7 +128,6 @@ def run(args) -> int:
     """Run ``bmclip build-dataset`` (build, one slice's stage, or merge); returns the exit code."""
     # The builder (PIL, numpy, tqdm) is imported when the command runs, not when `bmclip --help` lists it.
     from bmclip.data.pmc.build import build, merge_staging, stage
-    from bmclip.io.fs import parse_storage_options
 
     opts = _options(args)
     progress = not args.no_progress

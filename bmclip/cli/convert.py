@@ -29,7 +29,7 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    # Imported here, not at the top: ``bmclip --help`` must not pay for torch.
+    # start-up cost: `bmclip --help` imports no torch
     from bmclip.interop import export_open_clip
     from bmclip.io.model_file import save_model
     from bmclip.io.resolve import resolve_model

@@ -7,6 +7,10 @@ tokenizer, and the bundled sample figures and captions (real CC BY PMC figures, 
 from __future__ import annotations
 
 import argparse
+import csv
+from pathlib import Path
+
+from bmclip.errors import ConfigError
 
 
 def register(subparsers) -> None:
@@ -37,9 +41,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def bundled_samples() -> tuple[list, list[str]]:
     """(image paths, captions) of the bundled sample figures."""
-    import csv
-    from pathlib import Path
-
     folder = Path(__file__).resolve().parent.parent / "assets" / "samples"
     with open(folder / "captions.tsv", encoding="utf-8", newline="") as f:
         rows = list(csv.DictReader(f, delimiter="\t"))
@@ -47,10 +48,9 @@ def bundled_samples() -> tuple[list, list[str]]:
 
 
 def _model_and_tokenizer(args):
-    # Imported here, not at the top: ``bmclip --help`` must not pay for torch.
+    # start-up cost: `bmclip --help` imports no torch
     import torch
 
-    from bmclip.errors import ConfigError
     from bmclip.io.resolve import resolve_model
     from bmclip.model import create_model
     from bmclip.tokenizer import get_tokenizer
@@ -78,6 +78,7 @@ def _model_and_tokenizer(args):
 
 def embed(args) -> dict:
     """Run the embedding; returns dict(images, captions, similarity (I, T) tensor, probs (I, T))."""
+    # start-up cost: `bmclip --help` imports no torch
     import torch
     import torch.nn.functional as F
 
@@ -102,8 +103,6 @@ def embed(args) -> dict:
 
 def print_matrix(res: dict) -> None:
     """Print the similarity and probability matrices with short row/column labels."""
-    from pathlib import Path
-
     model = res["model"]
     cfg = model.config
     print(

@@ -6,11 +6,19 @@ Every command writes ``<out>/<name>.json`` (all numbers) and ``<out>/<name>.md``
 from __future__ import annotations
 
 import argparse
+import csv
+import io
 import sys
 from pathlib import Path
 from typing import Any
 
+from bmclip._ext import load_ext
 from bmclip.cli._text import plain_help
+from bmclip.errors import ConfigError, DataError
+from bmclip.eval.prompts import BUILTIN_TASKS, TaskSpec, get_task, load_task_yaml
+from bmclip.eval.report import markdown_table, write_report
+from bmclip.io import atomic_write_bytes
+from bmclip.io.fs import parse_storage_options
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -70,9 +78,7 @@ def register(subparsers: Any) -> None:
 
 
 def _device(name: str) -> str:
-    import torch
-
-    from bmclip.errors import ConfigError
+    import torch  # start-up cost: `bmclip --help` imports no torch
 
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
@@ -86,7 +92,7 @@ def _out_dir(args: argparse.Namespace, default: str) -> Path:
 
 
 def _load(args):
-    from bmclip.eval.models import load_model
+    from bmclip.eval.models import load_model  # start-up cost: `bmclip --help` imports no torch
 
     dev = _device(args.device)
     model, tok = load_model(args.model, device=dev)
@@ -105,11 +111,11 @@ def _skips_summary(skipped: list) -> dict[str, Any]:
 
 
 def run_retrieval(args: argparse.Namespace) -> int:
+    # start-up cost: `bmclip --help` imports no torch
+    from bmclip.data.loader import ShardLoader
     from bmclip.eval.batching import iter_shard_pairs
     from bmclip.eval.embed import model_image_size
-    from bmclip.eval.report import markdown_table, write_report
     from bmclip.eval.retrieval import evaluate_retrieval
-    from bmclip.io.fs import parse_storage_options
 
     storage_options = parse_storage_options(args.storage_option)
     model, tok, dev = _load(args)
@@ -118,8 +124,6 @@ def run_retrieval(args: argparse.Namespace) -> int:
     reader = args.reader
     if reader == "auto":
         try:
-            from bmclip._ext import load_ext
-
             load_ext()  # the loader needs the compiled extension; auto picks it only if it loads
             reader = "loader"
         except ImportError:
@@ -127,8 +131,6 @@ def run_retrieval(args: argparse.Namespace) -> int:
     skipped: list = []
     loader = None
     if reader == "loader":
-        from bmclip.data.loader import ShardLoader
-
         loader = ShardLoader(args.shards, batch_size=args.batch_size, image_size=size, augment="center",
                              shuffle=False, num_threads=args.workers, storage_options=storage_options)
         batches = loader
@@ -166,9 +168,6 @@ def run_retrieval(args: argparse.Namespace) -> int:
 
 
 def _resolve_task(args):
-    from bmclip.errors import ConfigError
-    from bmclip.eval.prompts import BUILTIN_TASKS, get_task, load_task_yaml
-
     task = None
     if args.task:
         task = get_task(args.task) if args.task in BUILTIN_TASKS else load_task_yaml(args.task)
@@ -181,9 +180,6 @@ def _resolve_task(args):
 
 
 def _predictions_csv(ds, indices, res, classes) -> bytes:
-    import csv
-    import io
-
     buf = io.StringIO()
     w = csv.writer(buf)
     w.writerow(["sample", "label", "prediction", *[f"p({c})" for c in classes]])
@@ -196,15 +192,13 @@ def _predictions_csv(ds, indices, res, classes) -> bytes:
 
 
 def run_zeroshot(args: argparse.Namespace) -> int:
+    # start-up cost: `bmclip --help` imports no torch or numpy
     import numpy as np
 
-    from bmclip.errors import ConfigError
     from bmclip.eval.batching import iterate_batches
     from bmclip.eval.datasets import open_dataset
     from bmclip.eval.embed import model_image_size
-    from bmclip.eval.report import markdown_table, write_report
     from bmclip.eval.zeroshot import save_confusion_png, zeroshot_classify
-    from bmclip.io import atomic_write_bytes
 
     task, spec = _resolve_task(args)
     ds = open_dataset(spec, data_root=args.data_root, split=args.split, task=task)
@@ -212,8 +206,6 @@ def run_zeroshot(args: argparse.Namespace) -> int:
     if task is None:
         if not labelled:
             raise ConfigError(f"{spec} has no class folders: give the classes with --task (YAML or built-in name)")
-        from bmclip.eval.prompts import TaskSpec
-
         # No prompts given: the class (folder) names themselves are the prompts.
         task = TaskSpec(name=Path(spec).name, classes=tuple(ds.classes), templates=("{}",))
     model, tok, _ = _load(args)
@@ -272,12 +264,11 @@ def run_zeroshot(args: argparse.Namespace) -> int:
 
 
 def run_linear_probe(args: argparse.Namespace) -> int:
-    from bmclip.errors import DataError
+    # start-up cost: `bmclip --help` imports no torch
     from bmclip.eval.batching import iterate_batches
     from bmclip.eval.datasets import open_dataset
     from bmclip.eval.embed import embed_image_batches, model_image_size
     from bmclip.eval.linear_probe import DEFAULT_L2_GRID, linear_probe
-    from bmclip.eval.report import markdown_table, write_report
 
     train = open_dataset(args.train, data_root=args.data_root, split="train")
     test = open_dataset(args.test, data_root=args.data_root, split="test")

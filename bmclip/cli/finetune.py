@@ -13,6 +13,9 @@ from pathlib import Path
 from typing import Any
 
 from bmclip.cli._text import plain_help
+from bmclip.cli.eval import _device
+from bmclip.eval.report import markdown_table, write_report
+from bmclip.io import atomic_torch_save
 
 
 def register(subparsers: Any) -> None:
@@ -46,12 +49,9 @@ def register(subparsers: Any) -> None:
 
 
 def run_vqa(args: argparse.Namespace) -> int:
-    # Imported here, not at the top: ``bmclip --help`` must not pay for torch.
-    from bmclip.cli.eval import _device
+    # start-up cost: `bmclip --help` imports no torch
     from bmclip.eval.models import load_model
-    from bmclip.eval.report import markdown_table, write_report
     from bmclip.eval.vqa import load_vqa_splits, train_vqa
-    from bmclip.io import atomic_torch_save
 
     data = load_vqa_splits(args.data, args.format)
     dev = _device(args.device)

@@ -103,7 +103,7 @@ def random_resized_crop_windows(
 
 
 def _dali():
-    try:
+    try:  # optional dependency: NVIDIA DALI (CUDA only)
         import nvidia.dali as dali
         import nvidia.dali.fn as fn
         import nvidia.dali.types as types

@@ -198,7 +198,7 @@ class _AsyncSource:
     """An async fsspec filesystem streamed through its loop; every call bounded by the timeouts."""
 
     def __init__(self, fs, path: str, opts: FetchOptions):
-        from fsspec.asyn import sync
+        from fsspec.asyn import sync  # optional dependency: fsspec (the "cloud" extra)
 
         self.sync, self.fs, self.opts = sync, fs, opts
         self.f = sync(fs.loop, fs.open_async, path, "rb", timeout=opts.connect_timeout_s + opts.read_timeout_s)

@@ -107,7 +107,7 @@ def save_confusion_png(cm: Any, class_names: Sequence[str], path: str | os.PathL
     import matplotlib
 
     matplotlib.use("Agg")
-    from matplotlib.figure import Figure
+    from matplotlib.figure import Figure  # after matplotlib.use("Agg"): no display is needed
 
     cm = np.asarray(cm)
     c = len(class_names)

@@ -10,6 +10,7 @@ from typing import Any
 
 from bmclip.config_dict import update_from_dict
 from bmclip.errors import ConfigError
+from bmclip.model.attention import check_backend
 
 # Attention backend of both towers unless a tower sets its own: "auto" (per tower and device, see
 # bmclip.model.attention.resolve_backend) or a name registered in bmclip.model.attention ("sdpa", "triton",
@@ -130,8 +131,6 @@ class ModelConfig:
             raise ConfigError(f"fused_ops={self.fused_ops!r} must be a bool")
         self.vision.validate()
         self.text.validate()
-        from bmclip.model.attention import check_backend
-
         check_backend(self.attn_backend)
         for key in ("image_attn_backend", "text_attn_backend"):
             name = getattr(self, key)

@@ -1,6 +1,6 @@
 """Training: ``bmclip train`` (config, loop, checkpoints, distributed, metrics).
 
-``bmclip.train.config`` is light (standard library only); the loop and everything under it import torch,
+``bmclip.train.config`` is light (standard library and PyYAML); the loop and everything under it import torch,
 so ``train`` imports its module on first call and ``bmclip train --print-config`` stays fast.
 """
 

@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from bmclip.config_dict import update_from_dict
 from bmclip.errors import ConfigError
 
@@ -144,8 +146,7 @@ class TrainConfig:
 
     def validate(self) -> TrainConfig:
         """Check cross-field constraints; raises ConfigError naming the key."""
-        # torch, the models and the kernels load here, not when the config module is imported (the CLI
-        # parses its arguments first)
+        # start-up cost: torch, models and kernels load on validation, not on import (`bmclip --help` imports this)
         from bmclip.model import available_backends
         from bmclip.train.losses import get_loss
 
@@ -275,8 +276,6 @@ def load_config(spec: str, overrides: dict[str, Any] | list[str] | None = None) 
         if not path.is_file():
             raise ConfigError(
                 f"config {spec!r} is neither a preset ({', '.join(list_presets())}) nor a YAML file")
-        import yaml
-
         try:
             data = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as e:

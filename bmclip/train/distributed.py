@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 from bmclip.errors import ConfigError
 
@@ -100,13 +101,12 @@ def wrap_model(model: nn.Module, info: DistInfo, parallel: str = "ddp", mixed_bf
     if not info.initialized:
         return model
     if parallel == "ddp":
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
         ids = [info.device.index] if info.device.type == "cuda" else None
         # broadcast_buffers=False: the model has no running statistics; the only buffers are constants.
         return DDP(model, device_ids=ids, broadcast_buffers=False)
     if parallel == "fsdp":
         try:
+            # start-up cost (~0.6 s) and only in torch >= 2.6; loaded only when FSDP is asked for
             from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
         except ImportError as e:  # torch < 2.6
             raise ConfigError(f"parallel: fsdp needs torch.distributed.fsdp.fully_shard (torch >= 2.6): {e}") \
@@ -132,11 +132,10 @@ def wrap_model(model: nn.Module, info: DistInfo, parallel: str = "ddp", mixed_bf
 
 def parallel_summary(model: nn.Module) -> str:
     """What wrapping actually happened, from the module itself: 'ddp', 'fsdp: K of N parameters sharded' or 'none'."""
-    from torch.nn.parallel import DistributedDataParallel as DDP
-
     if isinstance(model, DDP):
         return "ddp"
     try:
+        # start-up cost (~0.6 s), and absent from torch builds without distributed support
         from torch.distributed.tensor import DTensor
     except ImportError:  # torch without DTensor cannot have FSDP2-sharded parameters
         return "none"
@@ -180,6 +179,7 @@ def unwrap(model: nn.Module) -> nn.Module:
 def full_state_dicts(model: nn.Module, optimizer, parallel: str, info: DistInfo) -> tuple[dict, dict]:
     """(model state, optimizer state) as full, unsharded CPU dicts; a collective under FSDP (all ranks call)."""
     if info.initialized and parallel == "fsdp":
+        # start-up cost (~0.6 s); loaded only under FSDP
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 
         opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
@@ -192,6 +192,7 @@ def load_full_state_dicts(model: nn.Module, optimizer, model_sd: dict, optim_sd:
                           parallel: str, info: DistInfo) -> None:
     """Inverse of ``full_state_dicts`` (every rank passes the same full dicts)."""
     if info.initialized and parallel == "fsdp":
+        # start-up cost (~0.6 s); loaded only under FSDP
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
         opts = StateDictOptions(full_state_dict=True)

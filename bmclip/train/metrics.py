@@ -212,6 +212,7 @@ class MetricsLogger:
         self._f = open(self.path, "a", encoding="utf-8")
         if tensorboard:
             try:
+                # optional dependency: tensorboard
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:  # tensorboard not installed: JSONL only (documented)
                 SummaryWriter = None
@@ -254,10 +255,11 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
 
 def plot_curves(records: list[dict], out_dir: str | os.PathLike) -> list[Path]:
     """Write ``loss.png`` (train loss vs step) and ``recall.png`` (val R@1/5 vs step when logged)."""
+    # start-up cost: matplotlib (~0.3 s) loads only when curves are plotted; Agg is chosen before pyplot loads
     import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # after matplotlib.use("Agg"): no display is needed
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -26,6 +26,8 @@ import threading
 import time
 from pathlib import Path
 
+from tqdm import tqdm
+
 from bmclip.errors import ConfigError
 from bmclip.io import atomic_write_text
 
@@ -261,8 +263,6 @@ class Console:
         self.stream = stream if stream is not None else sys.stderr
         self.bar = None
         if enabled and progress and _isatty(self.stream):
-            from tqdm import tqdm
-
             self.bar = tqdm(total=total, initial=initial, desc="train", dynamic_ncols=True, file=self.stream)
 
     def say(self, msg: str, err: bool = False) -> None:
