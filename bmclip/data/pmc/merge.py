@@ -105,13 +105,15 @@ def merge_staging(
                 d.close()
 
 
-def _upload_folder(stagings: list[StagingDir]) -> Path:
+def _upload_folder(stagings: list[StagingDir], output: str) -> Path:
     """The local folder where a merge into a remote output writes shards until they are uploaded:
-    ``_upload`` in the first staging dir when that is local, else a new folder in the temporary directory
-    (``TMPDIR``)."""
+    ``_upload`` in the first staging dir when that is local, else ``bmclip-merge-<hash of the output URL>``
+    in the temporary directory (``TMPDIR``), so that a rerun of a killed merge finds and clears it."""
     if stagings[0].remote:
-        return Path(tempfile.mkdtemp(prefix="bmclip-merge-"))
-    out = stagings[0].path / "_upload"
+        digest = hashlib.sha256(os.fspath(output).rstrip("/").encode()).hexdigest()[:16]
+        out = Path(tempfile.gettempdir()) / f"bmclip-merge-{digest}"
+    else:
+        out = stagings[0].path / "_upload"
     if out.exists():  # a killed merge's leftovers: redone
         shutil.rmtree(out)
     out.mkdir(parents=True)
@@ -126,7 +128,7 @@ def _merge(stagings: list[StagingDir], plans: list[dict], output, remote: Remote
         remove_partial_files(out)
         return _merge_into(stagings, plans, out, remote, opts, progress)
     # Shards are written here, uploaded when finished and deleted.
-    out = _upload_folder(stagings)
+    out = _upload_folder(stagings, output)
     try:
         return _merge_into(stagings, plans, out, remote, opts, progress)
     finally:

@@ -46,6 +46,10 @@ MAX_PENDING = 4  # finished shards waiting for their upload before the merge wai
 _ATOMIC_PUT = {"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss"}
 
 
+# botocore's configuration errors: no credentials or region will appear by trying again.
+_PERMANENT = {"NoCredentialsError", "PartialCredentialsError", "NoRegionError"}
+
+
 class UploadError(DataError):
     """An output file could not be uploaded (after retries): the build stops; a rerun redoes the merge."""
 
@@ -53,6 +57,8 @@ class UploadError(DataError):
 def _transient(e: BaseException) -> bool:
     """Upload failures worth another try: I/O and connection errors, not refused credentials or a missing bucket."""
     if isinstance(e, (PermissionError, FileNotFoundError, IsADirectoryError, NotADirectoryError, UploadError)):
+        return False
+    if type(e).__name__ in _PERMANENT:
         return False
     return not isinstance(e, (TypeError, ValueError, KeyError, AttributeError, NotImplementedError))
 
