@@ -464,7 +464,8 @@ def test_kill_during_upload_and_rerun_gives_identical_objects(env):
 
 
 def _disk_use(folder: Path) -> tuple[list[str], int]:
-    """(file names, total bytes) under ``folder`` now (files that vanish while it looks are left out)."""
+    """(file names, total bytes) under ``folder`` now, including this process's open files there that are
+    already unlinked (the shard writer's spool files); files that vanish while it looks are left out."""
     names, total = [], 0
     for p in folder.rglob("*"):
         try:
@@ -472,6 +473,14 @@ def _disk_use(folder: Path) -> tuple[list[str], int]:
                 total += p.stat().st_size
                 names.append(p.name)
         except FileNotFoundError:
+            pass
+    for fd in Path("/proc/self/fd").iterdir():
+        try:
+            target = os.readlink(fd)
+            if target.startswith(f"{folder}/") and target.endswith(" (deleted)"):
+                total += os.stat(fd).st_size
+                names.append(Path(target.removesuffix(" (deleted)")).name)
+        except OSError:
             pass
     return names, total
 
