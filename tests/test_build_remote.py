@@ -539,6 +539,9 @@ def test_staging_on_non_atomic_store_resumes_and_equals_local(env, tmp_path, mon
         # the merge reads the staging prefix; the build equals the local reference
         merge_staging([url], tmp_path / "out", opts, progress=False)
         _assert_same_build(_local_files(tmp_path / "out"), _local_files(env["ref"]), [url])
+        # worker processes would write chunks that the parent never sees: refused
+        with pytest.raises(ConfigError, match="memory:// staging dir is only seen by the process"):
+            stage([env["local_in"]], url + "2", opts, num_workers=2, progress=False)
     finally:
         if mem.exists("/bmclip-test-staging"):
             mem.rm("/bmclip-test-staging", recursive=True)

@@ -4,8 +4,9 @@ The packages (found by :mod:`bmclip.data.pmc.sources`, sorted by key) are cut in
 ``chunk_size`` in key order. A process pool handles one chunk per task: read package -> parse JATS -> per
 figure: caption filters -> resolve graphic -> decode / filter / resize / encode
 (:mod:`~bmclip.data.pmc.media`). Each chunk's result is written atomically to
-``STAGING/chunks/chunk-NNNNNN.bin``: the file's existence is the completion journal, so a killed run rerun
-with the same command redoes only the missing chunks and never duplicates or loses a pair. Memory is
+``STAGING/chunks/chunk-NNNNNN.bin`` (a local file or a remote object, :mod:`~bmclip.data.pmc.staging`): its
+existence is the completion journal, so a killed run rerun with the same command redoes only the missing
+chunks and never duplicates or loses a pair. Memory is
 bounded by ``workers x chunk`` (resized JPEGs only). ``plan.json`` records the inputs' package keys and the
 stage-time options (a rerun with different ones is refused); ``complete.json`` marks a finished stage.
 
@@ -444,6 +445,8 @@ def _stage(st: StagingDir, packages: list[Package], disc_skips: Counter, opts: B
     tasks = [(i, chunks[i], location, asdict(opts), storage_options, st.storage_options) for i in pending]
     workers = num_workers if num_workers is not None else (os.cpu_count() or 1)
     workers = max(0, min(workers, len(tasks)))
+    if workers > 1 and st.remote and st.url.split("::")[-1].startswith("memory://"):
+        raise ConfigError(f"{st}: a memory:// staging dir is only seen by the process that writes it; use -j 0")
     bar = tqdm(
         total=sum(len(chunks[i]) for i in pending),
         unit="pkg",
