@@ -612,24 +612,55 @@ def test_s3_to_s3_with_remote_staging_equals_local_build_and_bounds_local_disk(e
     assert list(work.iterdir()) == []
 
 
-def test_slices_staged_remotely_then_merged(env, tmp_path):
+def test_slices_staged_remotely_then_merged(env, tmp_path, monkeypatch):
     # Two slices staged into remote staging dirs (the stage-only form), then one merge of both into a remote
     # output and one into a local folder: both equal the local build; merging leaves the staging dirs.
+    # Every chunk's first write and first read fail (connection reset): retried.
+    monkeypatch.setattr(upload_mod, "UPLOAD_ATTEMPTS", 2)
+    monkeypatch.setattr(upload_mod, "UPLOAD_BASE_DELAY", 0.0)
     fs, so = env["fs"], [f"endpoint_url={env['endpoint']}"]
+    st_fs = fsspec.core.url_to_fs("s3://pmc-sl/run", **env["so"])[0]  # the (cached) instance staging uses
+    real_pipe, real_cat = st_fs.pipe_file, st_fs.cat_file
+    calls: dict[tuple[str, str], int] = {}
+
+    def flaky(op, real):
+        def call(path, *a, **kw):
+            if path.endswith(".bin"):
+                calls[op, path] = calls.get((op, path), 0) + 1
+                if calls[op, path] == 1:
+                    raise ConnectionResetError("connection reset by peer")
+            return real(path, *a, **kw)
+
+        return call
+
+    monkeypatch.setattr(st_fs, "pipe_file", flaky("put", real_pipe))
+    monkeypatch.setattr(st_fs, "cat_file", flaky("get", real_cat))
     fs.mkdir("pmc-sl")
     stagings = [f"s3://pmc-sl/run/st{k}" for k in range(2)]
     for k, st in enumerate(stagings):
         assert main(["build-dataset", "s3://pmc-in/pmc/", "--staging", st, "--num-slices", "2", "--slice", str(k),
                      "--storage-option", *so, "-j", "0", "--no-progress", *CLI_OPTS]) == 0  # fmt: skip
     chunk_counts = [len(fs.ls(f"pmc-sl/run/st{k}/chunks")) for k in range(2)]
-    assert all(c > 0 for c in chunk_counts) and sum(chunk_counts) == len(discover_packages([env["local_in"]])[0])
+    n = len(discover_packages([env["local_in"]])[0])
+    assert all(c > 0 for c in chunk_counts) and sum(chunk_counts) == n
     assert main(["build-dataset", "merge", *stagings, "--output", "s3://pmc-sl/ds", "--storage-option", *so,
                  "--no-progress", *CLI_OPTS]) == 0  # fmt: skip
+    assert sorted(calls.values()) == [2] * (2 * n)  # each chunk: one failed and one good PUT and GET
     want = _local_files(env["ref"])
     _assert_same_build(_objects(fs, "pmc-sl/ds"), want, stagings)
+    monkeypatch.setattr(st_fs, "cat_file", real_cat)
     merge_staging(stagings, tmp_path / "local", BuildOptions(**OPTS), progress=False, storage_options=env["so"])
     _assert_same_build(_local_files(tmp_path / "local"), want, stagings)
     assert all(fs.exists(f"pmc-sl/run/st{k}/complete.json") for k in range(2))
+    # a chunk that cannot be read stops the merge with an error naming it
+    def dead(path, *a, **kw):
+        if path.endswith("chunk-000000.bin"):
+            raise ConnectionResetError("connection reset by peer")
+        return real_cat(path, *a, **kw)
+
+    monkeypatch.setattr(st_fs, "cat_file", dead)
+    with pytest.raises(UploadError, match=r"reading s3://pmc-sl/run/st\d/chunks/chunk-000000.bin failed after 2"):
+        merge_staging(stagings, tmp_path / "l2", BuildOptions(**OPTS), progress=False, storage_options=env["so"])
 
 
 def _count(fs, prefix: str, suffix: str) -> int:
