@@ -293,24 +293,24 @@ def _decode_chunk(data: bytes, where: str) -> tuple[list[dict], bytes]:
         raise DataError(f"{where}: corrupt staging chunk header ({e}); delete it and rerun the stage") from e
 
 
-def _read_chunk(path: Path) -> tuple[list[dict], bytes]:
-    return _decode_chunk(path.read_bytes(), str(path))
-
-
 def staging_stream(staging: StagingDir | str | os.PathLike) -> Iterator[tuple[dict, bytes]]:
     """The package records of a complete staging dir (local or remote) in package-key order, each with its
     chunk's JPEG blob; remote chunks are read one at a time into memory."""
     st = staging if isinstance(staging, StagingDir) else StagingDir(staging)
-    complete = st.read("complete.json")
-    if complete is None:
-        raise DataError(f"staging dir {st} is not complete (no complete.json): rerun its stage command")
-    n = json.loads(complete)["chunks"]
-    for name, data in st.read_ahead([chunk_name(i) for i in range(n)]):
-        if data is None:
-            raise DataError(f"staging dir {st} lacks {name}: rerun its stage command")
-        records, blob = _decode_chunk(data, f"{st}/{name}")
-        for r in records:
-            yield r, blob
+    try:
+        complete = st.read("complete.json")
+        if complete is None:
+            raise DataError(f"staging dir {st} is not complete (no complete.json): rerun its stage command")
+        n = json.loads(complete)["chunks"]
+        for name, data in st.read_ahead([chunk_name(i) for i in range(n)]):
+            if data is None:
+                raise DataError(f"staging dir {st} lacks {name}: rerun its stage command")
+            records, blob = _decode_chunk(data, f"{st}/{name}")
+            for r in records:
+                yield r, blob
+    finally:
+        if st is not staging:
+            st.close()
 
 
 # --------------------------------------------------------------------------------------------------
