@@ -193,6 +193,10 @@ def test_storage_options_and_missing_cloud_extra(tmp_path):
         "endpoint_url": "http://h:9000", "anon": True, "client_kwargs": {"a": 1}}  # fmt: skip
     with pytest.raises(ConfigError, match="KEY=VALUE"):
         parse_storage_options(["novalue"])
+    # a remote staging dir is deleted after the build: a whole bucket is refused before anything is read
+    with pytest.raises(ConfigError, match="must be a prefix inside a bucket"):
+        build_dataset([FIXTURE_PMC], tmp_path / "o", staging="s3://bucket/", progress=False)
+    assert not (tmp_path / "o").exists()
     with pytest.raises(ConfigError, match="http\\(s\\) inputs must be package tarballs"):
         discover_packages(["https://127.0.0.1:9/some/folder/"])
     # without fsspec, or without the s3 backend: a clear error naming the extra, exit status 2 from the CLI

@@ -22,6 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from bmclip.data.pmc.upload import RemoteOutput
+from bmclip.errors import ConfigError
 from bmclip.io import atomic_write_bytes
 from bmclip.io.fs import is_remote, local_path, location_name
 
@@ -51,6 +52,11 @@ class StagingDir:
             self.url = os.fspath(loc).rstrip("/")
             self.path = None
             self._store = RemoteOutput(self.url, self.storage_options, threads=1)
+            if self._store.atomic_put and "/" not in self._store.root.strip("/"):
+                self._store.close()
+                # the whole prefix is deleted after a build: never a whole bucket
+                raise ConfigError(f"{self.url}: a remote staging dir must be a prefix inside a bucket "
+                                  "(s3://bucket/run/_staging), not the bucket itself")
         else:
             self.path = local_path(loc)
             self.url = str(self.path)
