@@ -20,6 +20,7 @@ import socket
 import subprocess
 import sys
 import tarfile
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -48,8 +49,9 @@ from bmclip.io.retry import RetryError, backoff_delays, retry  # noqa: E402
 REPO = Path(__file__).resolve().parent.parent
 FIXTURE_PMC = REPO / "tests" / "fixtures" / "pmc"
 AS_TARBALL = ("pone.0056489",)  # OA-package style .tar.gz (streamed); the others stay folders
-OPTS = dict(shard_size=1, val_fraction=0.25, test_fraction=0.25, seed=7)
-CLI_OPTS = ["--shard-size", "1", "--val-fraction", "0.25", "--test-fraction", "0.25", "--seed", "7"]
+OPTS = dict(shard_size=1, val_fraction=0.25, test_fraction=0.25, seed=7, chunk_size=1)
+CLI_OPTS = ["--shard-size", "1", "--val-fraction", "0.25", "--test-fraction", "0.25", "--seed", "7",
+            "--chunk-size", "1"]
 
 
 def _free_port() -> int:
@@ -129,6 +131,18 @@ def _local_files(d: Path) -> dict[str, bytes]:
     return {p.relative_to(d).as_posix(): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
 
 
+def _assert_same_build(got: dict[str, bytes], want: dict[str, bytes], stagings: list[str]) -> None:
+    """``got`` has the same files as ``want`` (the local reference build), byte for byte; manifest.json only
+    differs in ``stagings``, which names where the staging dirs were."""
+    assert sorted(got) == sorted(want)  # no temporary, staging or extra objects
+    assert {k: v for k, v in got.items() if k != "manifest.json"} == {
+        k: v for k, v in want.items() if k != "manifest.json"}  # fmt: skip
+    g, w = json.loads(got["manifest.json"]), json.loads(want["manifest.json"])
+    assert g.pop("stagings") == stagings
+    w.pop("stagings")
+    assert g == w
+
+
 # ------------------------------------------------------------------------------------- helpers in isolation
 
 
@@ -179,11 +193,9 @@ def test_storage_options_and_missing_cloud_extra(tmp_path):
         "endpoint_url": "http://h:9000", "anon": True, "client_kwargs": {"a": 1}}  # fmt: skip
     with pytest.raises(ConfigError, match="KEY=VALUE"):
         parse_storage_options(["novalue"])
-    # a remote output needs a local staging dir; a staging dir is never remote
-    with pytest.raises(ConfigError, match="needs a local staging dir"):
-        build_dataset([FIXTURE_PMC], "s3://bucket/out/", progress=False)
-    with pytest.raises(ConfigError, match="staging dir must be a local directory"):
-        build_dataset([FIXTURE_PMC], tmp_path / "o", staging="s3://bucket/stage/", progress=False)
+    # a remote staging dir is deleted after the build: a whole bucket is refused before anything is read
+    with pytest.raises(ConfigError, match="must be a prefix inside a bucket"):
+        build_dataset([FIXTURE_PMC], tmp_path / "o", staging="s3://bucket/", progress=False)
     assert not (tmp_path / "o").exists()
     with pytest.raises(ConfigError, match="http\\(s\\) inputs must be package tarballs"):
         discover_packages(["https://127.0.0.1:9/some/folder/"])
@@ -333,7 +345,7 @@ def test_remote_read_faults_retried_or_stop_the_stage(env, monkeypatch):
     monkeypatch.setattr(sources_mod, "READ_ATTEMPTS", 2)
     monkeypatch.setattr(sources_mod, "READ_BASE_DELAY", 0.0)
     root = env["root"]
-    opts = BuildOptions(**OPTS, chunk_size=1)
+    opts = BuildOptions(**OPTS)
     local_st, remote_st = root / "st-local", root / "st-remote"
     stage([env["local_in"]], local_st, opts, num_workers=0, progress=False)
     real_read = AbstractBufferedFile.read
@@ -450,3 +462,306 @@ def test_kill_during_upload_and_rerun_gives_identical_objects(env):
     assert main([*argv, "--storage-option", f"endpoint_url={env['endpoint']}"]) == 0
     assert _objects(fs, "pmc-kill/ds") == want
     assert not staging.exists()
+
+
+# ------------------------------------------------------------------------------------- remote staging dirs
+
+
+def _disk_use(folder: Path) -> tuple[list[str], int]:
+    """(file names, total bytes) under ``folder`` now, including this process's open files there that are
+    already unlinked (the shard writer's spool files); files that vanish while it looks are left out."""
+    names, total = [], 0
+    for p in folder.rglob("*"):
+        try:
+            if p.is_file():
+                total += p.stat().st_size
+                names.append(p.name)
+        except FileNotFoundError:
+            pass
+    for fd in Path("/proc/self/fd").iterdir():
+        try:
+            target = os.readlink(fd)
+            if target.startswith(f"{folder}/") and target.endswith(" (deleted)"):
+                total += os.stat(fd).st_size
+                names.append(Path(target.removesuffix(" (deleted)")).name)
+        except OSError:
+            pass
+    return names, total
+
+
+def _local_stage(env, tmp_path: Path) -> dict[str, bytes]:
+    """The chunk files of a local stage of the local inputs: what a remote staging dir must hold."""
+    st = tmp_path / "st-ref"
+    stage([env["local_in"]], st, BuildOptions(**OPTS), num_workers=0, progress=False)
+    return _local_files(st / "chunks")
+
+
+def test_staging_on_non_atomic_store_resumes_and_equals_local(env, tmp_path, monkeypatch):
+    # memory:// has no atomic PUT: staging files go to a temporary name and are renamed. A rerun deletes the
+    # temporary objects a killed write left and redoes only the chunks that do not exist.
+    mem = fsspec.filesystem("memory")
+    url = "memory://bmclip-test-staging/run/st"
+    real_put = RemoteOutput._put_once
+    puts: list[str] = []
+    moves: list[tuple[str, str]] = []
+    real_mv = type(mem).mv
+
+    def put(self, local, name):
+        puts.append(name)
+        assert isinstance(local, bytes)  # written from memory, never from a local file
+        return real_put(self, local, name)
+
+    def mv(self, a, b, **kw):
+        moves.append((a.rsplit("/", 1)[-1], b.rsplit("/", 1)[-1]))
+        return real_mv(self, a, b, **kw)
+
+    monkeypatch.setattr(RemoteOutput, "_put_once", put)
+    monkeypatch.setattr(type(mem), "mv", mv)
+    try:
+        opts = BuildOptions(**OPTS)
+        stage([env["local_in"]], url, opts, num_workers=0, progress=False)
+        n = len(discover_packages([env["local_in"]])[0])
+        assert puts == ["plan.json", *[f"chunks/chunk-{i:06d}.bin" for i in range(n)], "complete.json"]
+        assert all(a.startswith(f".{b}.") and a.endswith(".tmp") for a, b in moves) and len(moves) == len(puts)
+        root = "/bmclip-test-staging/run/st"
+        staged = _objects(mem, root)
+        assert {k.removeprefix("chunks/"): v for k, v in staged.items() if k.startswith("chunks/")} == (
+            _local_stage(env, tmp_path))
+        # a killed run: one chunk and complete.json missing, temporary objects of interrupted writes left
+        mem.rm(f"{root}/chunks/chunk-000003.bin")
+        mem.rm(f"{root}/complete.json")
+        mem.pipe_file(f"{root}/chunks/.chunk-000003.bin.0badf00d.tmp", b"half a chunk")
+        mem.pipe_file(f"{root}/.complete.json.12345678.tmp", b"{")
+        puts.clear()
+        summary = stage([env["local_in"]], url + "/", opts, num_workers=0, progress=False)
+        assert puts == ["chunks/chunk-000003.bin", "complete.json"]
+        assert summary["chunks_resumed"] == n - 1
+        assert _objects(mem, root) == staged
+        # a rerun with other stage options is refused, as for a local staging dir
+        with pytest.raises(ConfigError, match=r"made by a different run \(differs in: options\)"):
+            stage([env["local_in"]], url, BuildOptions(**OPTS, max_side=256), num_workers=0, progress=False)
+        # the merge reads the staging prefix; the build equals the local reference
+        merge_staging([url], tmp_path / "out", opts, progress=False)
+        _assert_same_build(_local_files(tmp_path / "out"), _local_files(env["ref"]), [url])
+        # worker processes would write chunks that the parent never sees: refused
+        with pytest.raises(ConfigError, match="memory:// staging dir is only seen by the process"):
+            stage([env["local_in"]], url + "2", opts, num_workers=2, progress=False)
+    finally:
+        if mem.exists("/bmclip-test-staging"):
+            mem.rm("/bmclip-test-staging", recursive=True)
+
+
+def test_s3_to_s3_with_remote_staging_equals_local_build_and_bounds_local_disk(env, tmp_path, monkeypatch):
+    # No --staging with a remote output: staging goes to OUTPUT/_staging. Chunks are uploaded from memory,
+    # the merge reads them back one at a time, and the only local disk the build uses is its temporary work
+    # folder, which never holds more than a few shards.
+    fs = env["fs"]
+    work = tmp_path / "tmp"
+    work.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(work))
+    monkeypatch.setattr(upload_mod, "UPLOAD_THREADS", 1)
+    monkeypatch.setattr(upload_mod, "MAX_PENDING", 1)
+    real_put = RemoteOutput._put_once
+    at_put: list[tuple[str, bool, int, int]] = []  # object URL, from memory, local tars, local bytes
+    staged_at_complete: list[str] = []
+
+    def put(self, local, name):
+        names, used = _disk_use(work)
+        at_put.append((self.url_of(name), isinstance(local, bytes), sum(n.endswith(".tar") for n in names), used))
+        if name == "complete.json":
+            staged_at_complete.extend(sorted(self.names("chunks")))
+        time.sleep(0.02)
+        return real_put(self, local, name)
+
+    monkeypatch.setattr(RemoteOutput, "_put_once", put)
+    peak = {"bytes": 0, "names": set()}
+    stop = threading.Event()
+
+    def poll():
+        while not stop.is_set():
+            names, used = _disk_use(work)
+            peak["bytes"] = max(peak["bytes"], used)
+            peak["names"].update(names)
+            time.sleep(0.002)
+
+    poller = threading.Thread(target=poll, daemon=True)
+    poller.start()
+    fs.mkdir("pmc-rst")
+    try:
+        rc = main(["build-dataset", "s3://pmc-in/pmc/", "--output", "s3://pmc-rst/ds/", "--storage-option",
+                   f"endpoint_url={env['endpoint']}", "-j", "0", "--no-progress", *CLI_OPTS])  # fmt: skip
+    finally:
+        stop.set()
+        poller.join()
+    assert rc == 0
+    want = _local_files(env["ref"])
+    _assert_same_build(_objects(fs, "pmc-rst/ds"), want, ["s3://pmc-rst/ds/_staging"])  # staging removed
+    n = len(discover_packages([env["local_in"]])[0])
+    assert staged_at_complete == [f"chunk-{i:06d}.bin" for i in range(n)]
+    stage_puts = [p for p in at_put if p[0].startswith("s3://pmc-rst/ds/_staging/")]
+    shard_puts = [p for p in at_put if p[0].endswith((".tar", ".idx"))]
+    final_puts = [p for p in at_put if p[0].rsplit("/", 1)[-1] in ("stats.json", "stats.png", "sizes.json",
+                                                                  "manifest.json")]
+    assert len(stage_puts) == n + 2 and len(shard_puts) == 16 and len(final_puts) == 4
+    assert all(from_memory and used == 0 for _n, from_memory, _t, used in stage_puts)  # no local disk at all
+    shard = max(len(want[k]) + len(want[k[:-4] + ".idx"]) for k in want if k.endswith(".tar"))
+    finals = sum(len(want[k]) for k in ("stats.json", "stats.png", "sizes.json", "manifest.json"))
+    assert max(t for _n, _m, t, _u in shard_puts) <= 2
+    assert max(u for _n, _m, _t, u in shard_puts) <= 3 * shard
+    assert max(u for _n, _m, _t, u in final_puts) <= finals
+    assert peak["bytes"] <= max(3 * shard, finals)
+    assert not any(name.endswith(".bin") for name in peak["names"])  # no staging chunk ever on local disk
+    staged_total = sum(len(v) for v in _local_stage(env, tmp_path).values())
+    assert staged_total > max(3 * shard, finals)  # a local staging copy could not have met the bound
+    assert list(work.iterdir()) == []
+
+
+def test_slices_staged_remotely_then_merged(env, tmp_path, monkeypatch):
+    # Two slices staged into remote staging dirs (the stage-only form), then one merge of both into a remote
+    # output and one into a local folder: both equal the local build; merging leaves the staging dirs.
+    # Every chunk's first write and first read fail (connection reset): retried.
+    monkeypatch.setattr(upload_mod, "UPLOAD_ATTEMPTS", 2)
+    monkeypatch.setattr(upload_mod, "UPLOAD_BASE_DELAY", 0.0)
+    fs, so = env["fs"], [f"endpoint_url={env['endpoint']}"]
+    st_fs = fsspec.core.url_to_fs("s3://pmc-sl/run", **env["so"])[0]  # the (cached) instance staging uses
+    real_pipe, real_cat = st_fs.pipe_file, st_fs.cat_file
+    calls: dict[tuple[str, str], int] = {}
+
+    def flaky(op, real):
+        def call(path, *a, **kw):
+            if path.endswith(".bin"):
+                calls[op, path] = calls.get((op, path), 0) + 1
+                if calls[op, path] == 1:
+                    raise ConnectionResetError("connection reset by peer")
+            return real(path, *a, **kw)
+
+        return call
+
+    monkeypatch.setattr(st_fs, "pipe_file", flaky("put", real_pipe))
+    monkeypatch.setattr(st_fs, "cat_file", flaky("get", real_cat))
+    fs.mkdir("pmc-sl")
+    stagings = [f"s3://pmc-sl/run/st{k}" for k in range(2)]
+    for k, st in enumerate(stagings):
+        assert main(["build-dataset", "s3://pmc-in/pmc/", "--staging", st, "--num-slices", "2", "--slice", str(k),
+                     "--storage-option", *so, "-j", "0", "--no-progress", *CLI_OPTS]) == 0  # fmt: skip
+    chunk_counts = [len(fs.ls(f"pmc-sl/run/st{k}/chunks")) for k in range(2)]
+    n = len(discover_packages([env["local_in"]])[0])
+    assert all(c > 0 for c in chunk_counts) and sum(chunk_counts) == n
+    assert main(["build-dataset", "merge", *stagings, "--output", "s3://pmc-sl/ds", "--storage-option", *so,
+                 "--no-progress", *CLI_OPTS]) == 0  # fmt: skip
+    assert sorted(calls.values()) == [2] * (2 * n)  # each chunk: one failed and one good PUT and GET
+    want = _local_files(env["ref"])
+    _assert_same_build(_objects(fs, "pmc-sl/ds"), want, stagings)
+    monkeypatch.setattr(st_fs, "cat_file", real_cat)
+    merge_staging(stagings, tmp_path / "local", BuildOptions(**OPTS), progress=False, storage_options=env["so"])
+    _assert_same_build(_local_files(tmp_path / "local"), want, stagings)
+    assert all(fs.exists(f"pmc-sl/run/st{k}/complete.json") for k in range(2))
+    # a chunk that cannot be read stops the merge with an error naming it
+    def dead(path, *a, **kw):
+        if path.endswith("chunk-000000.bin"):
+            raise ConnectionResetError("connection reset by peer")
+        return real_cat(path, *a, **kw)
+
+    monkeypatch.setattr(st_fs, "cat_file", dead)
+    with pytest.raises(UploadError, match=r"reading s3://pmc-sl/run/st\d/chunks/chunk-000000.bin failed after 2"):
+        merge_staging(stagings, tmp_path / "l2", BuildOptions(**OPTS), progress=False, storage_options=env["so"])
+
+
+def _count(fs, prefix: str, suffix: str) -> int:
+    """How many objects under ``prefix`` end with ``suffix`` (0 while there is none)."""
+    fs.invalidate_cache()
+    try:
+        return sum(p.endswith(suffix) for p in fs.find(prefix))
+    except FileNotFoundError:
+        return 0
+
+
+def _kill_when(proc: subprocess.Popen, ready, timeout: float = 240) -> None:
+    """SIGKILL the process group of ``proc`` once ``ready()`` is true (fails if it ended before)."""
+    deadline = time.time() + timeout
+    try:
+        while time.time() < deadline and proc.poll() is None and not ready():
+            time.sleep(0.05)
+        assert proc.poll() is None, "builder finished (or failed) before it could be killed"
+        os.killpg(proc.pid, signal.SIGKILL)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def _slowed_builder(argv: list[str], slow_suffix: str, endpoint: str, tmpdir: Path | None = None) -> subprocess.Popen:
+    """``bmclip build-dataset ARGV`` in a subprocess whose uploads of objects ending in ``slow_suffix`` take
+    0.4 s longer (so that a kill lands in the middle of them)."""
+    code = (
+        "import sys, time\n"
+        "from bmclip.cli import main\n"
+        "from bmclip.data.pmc.upload import RemoteOutput\n"
+        "real = RemoteOutput._put_once\n"
+        "def slow(self, local, name):\n"
+        f"    if name.endswith({slow_suffix!r}):\n"
+        "        time.sleep(0.4)\n"
+        "    return real(self, local, name)\n"
+        "RemoteOutput._put_once = slow\n"
+        f"sys.exit(main({argv!r}))\n"
+    )
+    env = {**os.environ, "AWS_ENDPOINT_URL": endpoint}
+    if tmpdir is not None:
+        env["TMPDIR"] = str(tmpdir)
+    return subprocess.Popen([sys.executable, "-c", code], start_new_session=True, env=env)
+
+
+def test_kill_during_remote_stage_then_rerun_gives_identical_objects(env, tmp_path, monkeypatch):
+    # Killed while its worker processes upload staging chunks: the staging prefix holds complete chunks only
+    # and no complete.json; the rerun stages only the missing chunks and the output equals the local build.
+    fs = env["fs"]
+    fs.mkdir("pmc-kst")
+    argv = ["build-dataset", "s3://pmc-in/pmc/", "--output", "s3://pmc-kst/ds", "--no-progress", *CLI_OPTS]
+    proc = _slowed_builder([*argv, "-j", "2"], ".bin", env["endpoint"])
+    _kill_when(proc, lambda: _count(fs, "pmc-kst/ds/_staging/chunks", ".bin") >= 2)
+    ref_chunks = _local_stage(env, tmp_path)
+    at_kill = _objects(fs, "pmc-kst/ds")
+    chunks = {k.removeprefix("_staging/chunks/"): v for k, v in at_kill.items() if k.startswith("_staging/chunks/")}
+    assert 2 <= len(chunks) < len(ref_chunks)
+    assert all(chunks[k] == ref_chunks[k] for k in chunks)  # every chunk object is complete
+    assert set(at_kill) == {"_staging/plan.json", *(f"_staging/chunks/{k}" for k in chunks)}
+    real_put = RemoteOutput._put_once
+    puts: list[str] = []
+
+    def put(self, local, name):
+        puts.append(name)
+        return real_put(self, local, name)
+
+    monkeypatch.setattr(RemoteOutput, "_put_once", put)
+    assert main([*argv, "-j", "0", "--storage-option", f"endpoint_url={env['endpoint']}"]) == 0
+    assert sorted(p.removeprefix("chunks/") for p in puts if p.endswith(".bin")) == sorted(
+        set(ref_chunks) - set(chunks))  # fmt: skip
+    _assert_same_build(_objects(fs, "pmc-kst/ds"), _local_files(env["ref"]), ["s3://pmc-kst/ds/_staging"])
+
+
+def test_kill_during_merge_from_remote_staging_then_rerun_gives_identical_objects(env, tmp_path, monkeypatch):
+    # Killed while the merge (reading a remote staging dir given with --staging) uploads shards: only complete
+    # objects, no manifest; the rerun clears the killed merge's work folder, redoes the merge and removes the
+    # staging prefix; the objects equal the local build.
+    fs = env["fs"]
+    fs.mkdir("pmc-kmg")
+    work = tmp_path / "tmp"
+    work.mkdir()
+    staging = "s3://pmc-kmg/run/_staging"
+    argv = ["build-dataset", "s3://pmc-in/pmc/", "--output", "s3://pmc-kmg/ds", "--staging", staging,
+            "-j", "0", "--no-progress", *CLI_OPTS]  # fmt: skip
+    proc = _slowed_builder(argv, ".tar", env["endpoint"], work)
+    _kill_when(proc, lambda: _count(fs, "pmc-kmg/ds", ".tar") >= 2)
+    want = _local_files(env["ref"])
+    at_kill = _objects(fs, "pmc-kmg/ds")
+    assert 2 <= sum(k.endswith(".tar") for k in at_kill) < 8
+    assert "manifest.json" not in at_kill and "sizes.json" not in at_kill
+    assert all(at_kill[k] == want[k] for k in at_kill)  # no partial object under a final name
+    assert fs.exists("pmc-kmg/run/_staging/complete.json")  # the stage had finished: the rerun resumes it
+    left = list(work.iterdir())
+    assert len(left) == 1 and left[0].name.startswith("bmclip-merge-")  # the killed merge's work folder
+    monkeypatch.setattr(tempfile, "tempdir", str(work))
+    assert main([*argv, "--storage-option", f"endpoint_url={env['endpoint']}"]) == 0
+    _assert_same_build(_objects(fs, "pmc-kmg/ds"), want, [staging])
+    assert not fs.exists("pmc-kmg/run/_staging") and fs.find("pmc-kmg/run") == []
+    assert list(work.iterdir()) == []

@@ -10,8 +10,11 @@ INPUTs and --output may be remote (fsspec; pip install 'bmclip[cloud]'): an obje
 (s3://bucket/prefix/, gs://...) is listed and its packages are streamed, never copied to disk;
 http(s):// inputs are single package tarballs. With a remote --output each finished shard (tar + .idx)
 is uploaded at once and deleted locally, the JSON/PNG files at the end (manifest.json last); uploads
-are retried with exponential backoff. The staging dir is always local: it holds the staged samples
-(about the size of the output), plus the few shards waiting for upload. Credentials and endpoints:
+are retried with exponential backoff. --staging may be remote too (s3://bucket/run/_staging), and with
+a remote --output it defaults to OUTPUT/_staging: staged chunks are uploaded from memory as they are
+finished and read back one at a time, so a remote build needs local disk only for the few shards
+waiting for upload (in TMPDIR). A local staging dir holds the staged samples (about the size of the
+output). --output-storage-option applies to the output and the staging dir. Credentials and endpoints:
 --storage-option KEY=VALUE, or the AWS_* environment variables s3fs honours (AWS_ACCESS_KEY_ID,
 AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN, AWS_PROFILE, AWS_DEFAULT_REGION, AWS_ENDPOINT_URL).
 """
@@ -43,8 +46,8 @@ def register(subparsers) -> None:
                         "stats.json/png")
     p.add_argument("--merge", action="store_true", help="INPUTs are staging dirs to merge (same as 'merge')")
     p.add_argument("--staging",
-                   help="staging dir, always local (default OUTPUT/_staging); required with --num-slices > 1 "
-                        "and with a remote --output")
+                   help="staging dir: a local path or a remote prefix (s3://bucket/run/_staging); default "
+                        "OUTPUT/_staging; required with --num-slices > 1")
     p.add_argument("--keep-staging", action="store_true", help="keep the staging dir after a full build")
     p.add_argument("--num-slices", type=int, default=1, help="split the packages into N disjoint slices")
     p.add_argument("--slice", type=int, default=0, help="which slice (0-based) this run stages")
@@ -56,7 +59,7 @@ def register(subparsers) -> None:
     r.add_argument("--input-storage-option", action="append", default=[], metavar="KEY=VALUE",
                    help="for remote inputs only, e.g. anon=true for a public bucket (repeatable)")
     r.add_argument("--output-storage-option", action="append", default=[], metavar="KEY=VALUE",
-                   help="for a remote output only (repeatable)")
+                   help="for a remote output and remote staging dirs only (repeatable)")
     g = p.add_argument_group("image and caption filters (stage time)")
     g.add_argument("--max-side", type=int, default=512, help="resize so the longest side is at most this")
     g.add_argument("--jpeg-quality", type=int, default=90)
@@ -157,6 +160,7 @@ def run(args) -> int:
             num_workers=args.workers,
             progress=progress,
             storage_options=in_so,
+            staging_storage_options=out_so,
         )
         print(json.dumps(summary, indent=1))
         print(

@@ -40,20 +40,21 @@ Remote inputs and outputs (fsspec; extra ``bmclip[cloud]``)::
     bmclip build-dataset s3://my-mirror/oa_package/ --output s3://my-bucket/pmc15m/ --staging /scratch/pmc_stage \
         --storage-option endpoint_url=https://s3.example.org
 
-reads the packages straight from the bucket (streamed) and uploads each shard as it is finished; the staging
-dir stays local. See ``docs/build_dataset.md``.
+reads the packages straight from the bucket (streamed) and uploads each shard as it is finished. Without
+``--staging`` a remote build stages into ``OUTPUT/_staging`` (objects under the output prefix, written from
+memory and read back one chunk at a time), so it needs local disk for a few shards only. See
+``docs/build_dataset.md``.
 """
 
 from __future__ import annotations
 
 import os
-import shutil
 
 from bmclip.data.pmc.merge import merge_staging, split_of
 from bmclip.data.pmc.options import DEFAULT_TEST_FRACTION, DEFAULT_VAL_FRACTION, SPLITS, BuildOptions
 from bmclip.data.pmc.stage import sanitize_key, stage
+from bmclip.data.pmc.staging import StagingDir
 from bmclip.data.pmc.stats import licence_code, summary_lines
-from bmclip.errors import ConfigError
 from bmclip.io.fs import is_remote, local_path
 
 __all__ = [
@@ -87,25 +88,23 @@ def build(
 ) -> dict:
     """Stage ``inputs`` into ``staging`` (default ``output/_staging``), merge it into ``output``; returns stats.
 
-    Inputs and output may be remote URLs (``s3://bucket/prefix/`` ...): inputs are streamed, output shards are
-    uploaded as they are finished. fsspec gets ``storage_options`` updated with ``input_storage_options`` for
-    the inputs and with ``output_storage_options`` for the output. The staging dir is always local; a remote
-    output needs it given. It is removed afterwards unless ``keep_staging``. Rerunning the same call after a
-    crash resumes from the staging dir.
+    Inputs, output and staging may be remote URLs (``s3://bucket/prefix/`` ...): inputs are streamed, output
+    shards are uploaded as they are finished, staging chunks are written from memory and read back one at a
+    time. fsspec gets ``storage_options`` updated with ``input_storage_options`` for the inputs and with
+    ``output_storage_options`` for the output and the staging dir. The staging dir defaults to
+    ``output/_staging`` (also for a remote output: a prefix below it); it is removed afterwards unless
+    ``keep_staging``. Rerunning the same call after a crash resumes from the staging dir.
     """
     if staging is None:
-        if is_remote(output):
-            raise ConfigError(f"a remote output ({os.fspath(output)}) needs a local staging dir (--staging DIR)")
-        staging = local_path(output) / "_staging"
-    if is_remote(staging):
-        raise ConfigError(f"the staging dir must be a local directory, not {os.fspath(staging)}")
-    staging = local_path(staging)
+        staging = f"{os.fspath(output).rstrip('/')}/_staging" if is_remote(output) else local_path(output) / "_staging"
     in_so = {**(storage_options or {}), **(input_storage_options or {})}
     out_so = {**(storage_options or {}), **(output_storage_options or {})}
-    stage(inputs, staging, options, num_workers=num_workers, progress=progress, storage_options=in_so)
-    stats = merge_staging([staging], output, options, progress=progress, storage_options=out_so)
-    if not keep_staging:
-        shutil.rmtree(staging)
+    with StagingDir(staging, out_so) as st:
+        stage(inputs, st.url if st.remote else st.path, options, num_workers=num_workers, progress=progress,
+              storage_options=in_so, staging_storage_options=out_so)
+        stats = merge_staging([st], output, options, progress=progress, storage_options=out_so)
+        if not keep_staging:
+            st.remove()
     return stats
 
 
@@ -114,8 +113,8 @@ def build_dataset(inputs: list[str | os.PathLike], output: str | os.PathLike, **
 
     Options: any :class:`BuildOptions` field (``max_side=512, shard_size=1000, min_caption_chars=10,
     min_side=64, max_aspect=10.0, near_dup_threshold=3, val_fraction, test_fraction, seed=0, ...``) plus
-    ``num_workers`` (default: all cores; 0/1 = in process), ``staging`` (default ``output/_staging``; required
-    for a remote output), ``keep_staging`` (default False), ``progress`` (default True) and
+    ``num_workers`` (default: all cores; 0/1 = in process), ``staging`` (default ``output/_staging``; a local
+    path or a remote prefix), ``keep_staging`` (default False), ``progress`` (default True) and
     ``storage_options`` / ``input_storage_options`` / ``output_storage_options`` (fsspec options for remote
     inputs and output, see :func:`build`). Rerunning the same call after a crash resumes from the staging dir.
     """

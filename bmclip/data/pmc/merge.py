@@ -9,8 +9,10 @@ webdataset shards of ``shard_size`` samples (:mod:`~bmclip.data.pmc.shard_writer
 
 The output is a local folder (or ``file://`` URL), or a remote prefix (``s3://bucket/prefix/``, ``gs://...``):
 then each finished shard is uploaded at once (:class:`~bmclip.data.pmc.upload.RemoteOutput`, retried) from a
-local work folder (``_upload`` in the first staging dir) and deleted there, and the small JSON/PNG files
-follow at the end, ``manifest.json`` last. Either way a merge killed at any point is redone by rerunning it,
+local work folder (``_upload`` in the first staging dir, or a temporary folder when that staging dir is
+remote) and deleted there, and the small JSON/PNG files follow at the end, ``manifest.json`` last. Staging
+dirs may be remote prefixes too (:class:`~bmclip.data.pmc.staging.StagingDir`): their chunks are read one
+at a time into memory, never copied to disk. Either way a merge killed at any point is redone by rerunning it,
 and gives the same bytes.
 """
 
@@ -24,6 +26,7 @@ import os
 import re
 import shutil
 import sys
+import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
@@ -32,7 +35,8 @@ from tqdm import tqdm
 from bmclip.data.pmc.dedup import Deduplicator
 from bmclip.data.pmc.options import SPLITS, BuildOptions
 from bmclip.data.pmc.shard_writer import SAMPLE_MEMBERS, ShardWriter
-from bmclip.data.pmc.stage import remove_partial_files, staging_stream
+from bmclip.data.pmc.stage import staging_stream
+from bmclip.data.pmc.staging import StagingDir, remove_partial_files
 from bmclip.data.pmc.stats import STATS_FORMAT, BuildStats, write_plots
 from bmclip.data.pmc.upload import RemoteOutput
 from bmclip.errors import ConfigError, DataError
@@ -56,12 +60,13 @@ def split_of(article_id: str, seed: int, val_fraction: float, test_fraction: flo
     return "train"
 
 
-def _read_plans(stagings: list[Path]) -> list[dict]:
+def _read_plans(stagings: list[StagingDir]) -> list[dict]:
     plans = []
     for s in stagings:
-        if not (s / "plan.json").is_file():
+        plan = s.read("plan.json")
+        if plan is None:
             raise DataError(f"{s} is not a staging dir (no plan.json)")
-        plans.append(json.loads((s / "plan.json").read_text()))
+        plans.append(json.loads(plan))
     if len({json.dumps(p["options"], sort_keys=True) for p in plans}) > 1:
         raise ConfigError("staging dirs were made with different stage options; they cannot be merged")
     return plans
@@ -74,39 +79,65 @@ def merge_staging(
     *,
     progress: bool = True,
     storage_options: dict | None = None,
+    staging_storage_options: dict | None = None,
 ) -> dict:
     """Merge complete staging dirs into deduplicated, split webdataset shards + manifest + stats; returns stats.
 
-    ``output`` is a local folder or a remote prefix URL (``storage_options`` go to fsspec for it).
+    ``output`` is a local folder or a remote prefix URL (``storage_options`` go to fsspec for it); staging
+    dirs are local folders or remote prefixes (``staging_storage_options``, default ``storage_options``).
     """
     opts = options or BuildOptions()
     opts.validate()
     if not stagings:
         raise ConfigError("merge needs at least one staging dir")
-    if any(is_remote(s) for s in stagings):
-        raise ConfigError("staging dirs must be local directories")
-    stagings = [local_path(s) for s in stagings]
-    plans = _read_plans(stagings)
-    remote = RemoteOutput(os.fspath(output), storage_options) if is_remote(output) else None
+    st_so = storage_options if staging_storage_options is None else staging_storage_options
+    dirs = [s if isinstance(s, StagingDir) else StagingDir(s, st_so) for s in stagings]
+    remote = None
     try:
-        return _merge(stagings, plans, output, remote, opts, progress)
+        plans = _read_plans(dirs)
+        remote = RemoteOutput(os.fspath(output), storage_options) if is_remote(output) else None
+        return _merge(dirs, plans, output, remote, opts, progress)
     finally:
         if remote is not None:
             remote.close()
+        for d, s in zip(dirs, stagings):
+            if d is not s:
+                d.close()
 
 
-def _merge(stagings: list[Path], plans: list[dict], output, remote: RemoteOutput | None, opts: BuildOptions,
-           progress: bool) -> dict:
+def _upload_folder(stagings: list[StagingDir], output: str) -> Path:
+    """The local folder where a merge into a remote output writes shards until they are uploaded:
+    ``_upload`` in the first staging dir when that is local, else ``bmclip-merge-<hash of the output URL>``
+    in the temporary directory (``TMPDIR``), so that a rerun of a killed merge finds and clears it."""
+    if stagings[0].remote:
+        digest = hashlib.sha256(os.fspath(output).rstrip("/").encode()).hexdigest()[:16]
+        out = Path(tempfile.gettempdir()) / f"bmclip-merge-{digest}"
+    else:
+        out = stagings[0].path / "_upload"
+    if out.exists():  # a killed merge's leftovers: redone
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    return out
+
+
+def _merge(stagings: list[StagingDir], plans: list[dict], output, remote: RemoteOutput | None,
+           opts: BuildOptions, progress: bool) -> dict:
     if remote is None:
         out = local_path(output)
         out.mkdir(parents=True, exist_ok=True)
         remove_partial_files(out)
-    else:
-        # Shards are written here, uploaded when finished and deleted: a killed merge's leftovers are redone.
-        out = stagings[0] / "_upload"
-        if out.exists():
-            shutil.rmtree(out)
-        out.mkdir(parents=True)
+        return _merge_into(stagings, plans, out, remote, opts, progress)
+    # Shards are written here, uploaded when finished and deleted.
+    out = _upload_folder(stagings, output)
+    try:
+        return _merge_into(stagings, plans, out, remote, opts, progress)
+    finally:
+        remote.close()  # no upload still reads from the folder
+        shutil.rmtree(out, ignore_errors=True)
+
+
+def _merge_into(stagings: list[StagingDir], plans: list[dict], out: Path, remote: RemoteOutput | None,
+                opts: BuildOptions, progress: bool) -> dict:
     for name in ("sizes.json", "manifest.json"):
         # An earlier build's sample counts would describe shards this merge is about to replace: until it
         # finishes, the folder has none (a killed merge leaves no counts that disagree with its shards).
@@ -200,5 +231,4 @@ def _merge(stagings: list[Path], plans: list[dict], output, remote: RemoteOutput
     if remote is not None:
         for name in _FINAL_FILES:  # manifest.json last: its presence says the output is complete
             remote.put(out / name, name)
-        shutil.rmtree(out)
     return stats_dict

@@ -4,8 +4,9 @@ The packages (found by :mod:`bmclip.data.pmc.sources`, sorted by key) are cut in
 ``chunk_size`` in key order. A process pool handles one chunk per task: read package -> parse JATS -> per
 figure: caption filters -> resolve graphic -> decode / filter / resize / encode
 (:mod:`~bmclip.data.pmc.media`). Each chunk's result is written atomically to
-``STAGING/chunks/chunk-NNNNNN.bin``: the file's existence is the completion journal, so a killed run rerun
-with the same command redoes only the missing chunks and never duplicates or loses a pair. Memory is
+``STAGING/chunks/chunk-NNNNNN.bin`` (a local file or a remote object, :mod:`~bmclip.data.pmc.staging`): its
+existence is the completion journal, so a killed run rerun with the same command redoes only the missing
+chunks and never duplicates or loses a pair. Memory is
 bounded by ``workers x chunk`` (resized JPEGs only). ``plan.json`` records the inputs' package keys and the
 stage-time options (a rerun with different ones is refused); ``complete.json`` marks a finished stage.
 
@@ -38,10 +39,9 @@ from bmclip.data.pmc import jats
 from bmclip.data.pmc.media import ImageSkip, process_image, resolve_graphics
 from bmclip.data.pmc.options import BuildOptions
 from bmclip.data.pmc.sources import InputReadError, Package, PackageError, discover_packages, read_package, slice_of
+from bmclip.data.pmc.staging import StagingDir, remove_partial_files
 from bmclip.data.pmc.subcaptions import split_subcaptions
 from bmclip.errors import ConfigError, DataError
-from bmclip.io import atomic_write_bytes
-from bmclip.io.fs import is_remote, local_path
 from bmclip.tokenizer import get_tokenizer
 
 __all__ = ["process_package", "remove_partial_files", "sanitize_key", "stage", "staging_stream"]
@@ -50,20 +50,14 @@ _CHUNK_MAGIC = b"BMCHUNK1"
 _STAGING_VERSION = 3  # 2: JPEG pass-through, DCT-scale-exact resize box; 3: content-derived fallback article IDs
 
 
+def chunk_name(index: int) -> str:
+    """The name of staging chunk ``index`` inside its staging dir."""
+    return f"chunks/chunk-{index:06d}.bin"
+
+
 def chunk_path(staging: Path, index: int) -> Path:
-    """The file of staging chunk ``index``."""
-    return staging / "chunks" / f"chunk-{index:06d}.bin"
-
-
-def remove_partial_files(folder: Path) -> None:
-    """Delete the temporary files an interrupted atomic write left in ``folder``.
-
-    Those are ``.NAME.*.tmp`` (:func:`bmclip.io.atomic_writer`) and ``.NAME.tmp-PID`` (what earlier
-    builder versions wrote); a finished file never starts with a dot.
-    """
-    for f in folder.iterdir():
-        if f.name.startswith(".") and (f.name.endswith(".tmp") or ".tmp-" in f.name):
-            f.unlink()
+    """The file of staging chunk ``index`` of a local staging dir."""
+    return staging / chunk_name(index)
 
 
 _KEY_BAD = re.compile(r"[^A-Za-z0-9_-]+")
@@ -286,33 +280,37 @@ def _encode_chunk(index: int, records: list[dict]) -> bytes:
     return b"".join([_CHUNK_MAGIC, struct.pack("<QQ", len(hb), off), hb, *blobs])
 
 
-def _read_chunk(path: Path) -> tuple[list[dict], bytes]:
-    data = path.read_bytes()
+def _decode_chunk(data: bytes, where: str) -> tuple[list[dict], bytes]:
     if len(data) < 24 or data[:8] != _CHUNK_MAGIC:
-        raise DataError(f"{path}: not a bmclip staging chunk")
+        raise DataError(f"{where}: not a bmclip staging chunk")
     hlen, blen = struct.unpack("<QQ", data[8:24])
     if len(data) != 24 + hlen + blen:
-        raise DataError(f"{path}: staging chunk has {len(data)} bytes, expected {24 + hlen + blen} (corrupt)")
+        raise DataError(f"{where}: staging chunk has {len(data)} bytes, expected {24 + hlen + blen} (corrupt)")
     try:
         header = json.loads(data[24 : 24 + hlen])
         return header["packages"], data[24 + hlen :]
     except (ValueError, KeyError) as e:
-        raise DataError(f"{path}: corrupt staging chunk header ({e}); delete it and rerun the stage") from e
+        raise DataError(f"{where}: corrupt staging chunk header ({e}); delete it and rerun the stage") from e
 
 
-def staging_stream(staging: Path) -> Iterator[tuple[dict, bytes]]:
-    """The package records of a complete staging dir in package-key order, each with its chunk's JPEG blob."""
-    complete = staging / "complete.json"
-    if not complete.is_file():
-        raise DataError(f"staging dir {staging} is not complete (no complete.json): rerun its stage command")
-    n = json.loads(complete.read_text())["chunks"]
-    for i in range(n):
-        p = chunk_path(staging, i)
-        if not p.is_file():
-            raise DataError(f"staging dir {staging} lacks {p.name}: rerun its stage command")
-        records, blob = _read_chunk(p)
-        for r in records:
-            yield r, blob
+def staging_stream(staging: StagingDir | str | os.PathLike) -> Iterator[tuple[dict, bytes]]:
+    """The package records of a complete staging dir (local or remote) in package-key order, each with its
+    chunk's JPEG blob; remote chunks are read one at a time into memory."""
+    st = staging if isinstance(staging, StagingDir) else StagingDir(staging)
+    try:
+        complete = st.read("complete.json")
+        if complete is None:
+            raise DataError(f"staging dir {st} is not complete (no complete.json): rerun its stage command")
+        n = json.loads(complete)["chunks"]
+        for name, data in st.read_ahead([chunk_name(i) for i in range(n)]):
+            if data is None:
+                raise DataError(f"staging dir {st} lacks {name}: rerun its stage command")
+            records, blob = _decode_chunk(data, f"{st}/{name}")
+            for r in records:
+                yield r, blob
+    finally:
+        if st is not staging:
+            st.close()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -327,7 +325,7 @@ def _chunk_task(args) -> tuple[int, int, dict]:
 
 
 def _chunk_task_impl(args) -> tuple[int, int, dict]:
-    index, packages, staging, opts_dict, storage_options = args
+    index, packages, staging, opts_dict, storage_options, staging_storage_options = args
     global _WORKER_TOKENS
     if _WORKER_TOKENS is None:
         _WORKER_TOKENS = _token_counter()
@@ -336,7 +334,8 @@ def _chunk_task_impl(args) -> tuple[int, int, dict]:
     for r in records:
         r["tokenizer"] = _WORKER_TOKENS[0]
     n = sum(len(r["samples"]) for r in records)
-    atomic_write_bytes(_encode_chunk(index, records), chunk_path(Path(staging), index))
+    with StagingDir(staging, staging_storage_options) as st:
+        st.write(chunk_name(index), _encode_chunk(index, records))
     errors = [e for r in records for e in r.get("errors", ())]
     return index, n, {"packages": len(packages), "errors": errors[:5]}
 
@@ -387,12 +386,14 @@ def stage(
     num_workers: int | None = None,
     progress: bool = True,
     storage_options: dict | None = None,
+    staging_storage_options: dict | None = None,
 ) -> dict:
     """Process the inputs' packages (one slice of them) into resumable staging chunks; returns a summary dict.
 
     ``num_slices``/``slice_index`` keep the packages whose ``sha256(key) % num_slices == slice_index``.
     Inputs may be remote URLs (:func:`~bmclip.data.pmc.sources.discover_packages`); ``storage_options`` go
-    to fsspec for them and are never written to the staging dir. The staging dir itself is local.
+    to fsspec for them. The staging dir is a local folder or a remote prefix (:class:`StagingDir`;
+    ``staging_storage_options`` go to fsspec for it). Storage options are never written to the staging dir.
     """
     opts = options or BuildOptions()
     opts.validate()
@@ -406,11 +407,14 @@ def stage(
         packages = [p for p in packages if slice_of(p.key, num_slices) == slice_index]
         passed_over = [(r, k) for r, k in passed_over if slice_of(k, num_slices) == slice_index]
     disc_skips = Counter(r for r, _k in passed_over)
-    if is_remote(staging):
-        raise ConfigError(f"the staging dir must be a local directory, not {os.fspath(staging)}")
-    staging = local_path(staging)
-    chunk_dir = staging / "chunks"
-    chunk_dir.mkdir(parents=True, exist_ok=True)
+    with StagingDir(staging, staging_storage_options) as st:
+        return _stage(st, packages, disc_skips, opts, num_slices, slice_index, num_workers, progress,
+                      storage_options)
+
+
+def _stage(st: StagingDir, packages: list[Package], disc_skips: Counter, opts: BuildOptions, num_slices: int,
+           slice_index: int, num_workers: int | None, progress: bool, storage_options: dict | None) -> dict:
+    st.prepare()
     plan = {
         "version": _STAGING_VERSION,
         "options": opts.stage_dict(),
@@ -420,29 +424,33 @@ def stage(
         "packages_sha256": _plan_digest([p.key for p in packages]),
         "discovery_skips": dict(sorted(disc_skips.items())),
     }
-    plan_path = staging / "plan.json"
-    if plan_path.exists():
-        old = json.loads(plan_path.read_text())
+    old_plan = st.read("plan.json")
+    if old_plan is not None:
+        old = json.loads(old_plan)
         if old != plan:
             diff = sorted(k for k in plan if old.get(k) != plan[k])
             raise ConfigError(
-                f"staging dir {staging} was made by a different run (differs in: {', '.join(diff)}); "
+                f"staging dir {st} was made by a different run (differs in: {', '.join(diff)}); "
                 "rerun with the same inputs/options, or use an empty staging dir"
             )
     else:
-        atomic_write_bytes(json.dumps(plan, indent=1, sort_keys=True).encode(), plan_path)
-    remove_partial_files(chunk_dir)  # a killed run's half-written chunk
+        st.write("plan.json", json.dumps(plan, indent=1, sort_keys=True).encode())
+    st.remove_partial()  # a killed run's half-written chunk
     cs = opts.chunk_size
     chunks = [packages[i : i + cs] for i in range(0, len(packages), cs)]
-    pending = [i for i in range(len(chunks)) if not chunk_path(staging, i).exists()]
+    existing = st.chunk_names()
+    pending = [i for i in range(len(chunks)) if chunk_name(i).rsplit("/", 1)[-1] not in existing]
     done_before = len(chunks) - len(pending)
-    tasks = [(i, chunks[i], str(staging), asdict(opts), storage_options) for i in pending]
+    location = st.url if st.remote else str(st.path)
+    tasks = [(i, chunks[i], location, asdict(opts), storage_options, st.storage_options) for i in pending]
     workers = num_workers if num_workers is not None else (os.cpu_count() or 1)
     workers = max(0, min(workers, len(tasks)))
+    if workers > 1 and st.remote and st.url.split("::")[-1].startswith("memory://"):
+        raise ConfigError(f"{st}: a memory:// staging dir is only seen by the process that writes it; use -j 0")
     bar = tqdm(
         total=sum(len(chunks[i]) for i in pending),
         unit="pkg",
-        desc=f"stage {staging.name}",
+        desc=f"stage {st.name}",
         file=sys.stderr,
         disable=not progress,
         dynamic_ncols=True,
@@ -467,7 +475,7 @@ def stage(
     finally:
         bar.close()
     summary = {
-        "staging": str(staging),
+        "staging": str(st),
         "packages": len(packages),
         "chunks": len(chunks),
         "chunks_resumed": done_before,
@@ -475,5 +483,5 @@ def stage(
         "first_errors": errors[:20],
     }
     complete = json.dumps({"chunks": len(chunks), **plan}, sort_keys=True).encode()
-    atomic_write_bytes(complete, staging / "complete.json")
+    st.write("complete.json", complete)
     return summary

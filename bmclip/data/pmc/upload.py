@@ -46,6 +46,10 @@ MAX_PENDING = 4  # finished shards waiting for their upload before the merge wai
 _ATOMIC_PUT = {"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss"}
 
 
+# botocore's configuration errors: no credentials or region will appear by trying again.
+_PERMANENT = {"NoCredentialsError", "PartialCredentialsError", "NoRegionError"}
+
+
 class UploadError(DataError):
     """An output file could not be uploaded (after retries): the build stops; a rerun redoes the merge."""
 
@@ -53,6 +57,8 @@ class UploadError(DataError):
 def _transient(e: BaseException) -> bool:
     """Upload failures worth another try: I/O and connection errors, not refused credentials or a missing bucket."""
     if isinstance(e, (PermissionError, FileNotFoundError, IsADirectoryError, NotADirectoryError, UploadError)):
+        return False
+    if type(e).__name__ in _PERMANENT:
         return False
     return not isinstance(e, (TypeError, ValueError, KeyError, AttributeError, NotImplementedError))
 
@@ -86,27 +92,41 @@ class RemoteOutput:
         if self._closing.wait(seconds):
             raise UploadError("upload cancelled: the build is stopping")
 
-    def _call(self, fn, what: str):
+    def _call(self, fn, what: str, hint: str = "rerun the same command to redo the merge and its uploads"):
         try:
             return retry(fn, attempts=UPLOAD_ATTEMPTS, base_delay=UPLOAD_BASE_DELAY, max_delay=UPLOAD_MAX_DELAY,
                          retry_on=_transient, what=what, sleep=self._sleep)
         except UploadError:
             raise
         except RetryError as e:
-            raise UploadError(f"{e}; rerun the same command to redo the merge and its uploads") from e
+            raise UploadError(f"{e}; {hint}") from e
         except Exception as e:
             raise UploadError(f"{what} failed: {type(e).__name__}: {e}") from e
 
-    def _put_once(self, local: Path, name: str) -> None:
-        """One upload attempt of ``local`` as ``name``, checked by its size on the server."""
+    def _tmp_key(self, name: str) -> str:
+        """A temporary key beside ``name``'s: ``[DIR/].BASE.<random>.tmp``."""
+        head, _, base = name.rpartition("/")
+        return self._key(f"{head}/" * bool(head) + f".{base}.{uuid.uuid4().hex[:8]}.tmp")
+
+    def _put_once(self, local: Path | bytes, name: str) -> None:
+        """One upload attempt of ``local`` (a file, or the bytes themselves) as ``name``, checked by its size on
+        the server."""
         key = self._key(name)
-        size = local.stat().st_size
+        is_data = isinstance(local, (bytes, bytearray, memoryview))
+        size = len(local) if is_data else local.stat().st_size
+
+        def send(dest: str) -> None:
+            if is_data:
+                self.fs.pipe_file(dest, bytes(local))
+            else:
+                self.fs.put_file(os.fspath(local), dest)
+
         if self.atomic_put:
-            self.fs.put_file(os.fspath(local), key)
+            send(key)
         else:
-            tmp = self._key(f".{name}.{uuid.uuid4().hex[:8]}.tmp")
+            tmp = self._tmp_key(name)
             try:
-                self.fs.put_file(os.fspath(local), tmp)
+                send(tmp)
                 self.fs.mv(tmp, key)
             except BaseException:
                 with contextlib.suppress(Exception):
@@ -126,6 +146,24 @@ class RemoteOutput:
         if remove:
             local.unlink()
         return self.url_of(name)
+
+    def put_bytes(self, data: bytes, name: str) -> str:
+        """Write ``data`` as the object ``name`` (a ``/`` in it makes sub-prefixes), atomically as :meth:`put`
+        does, retried; returns its URL."""
+        self._call(lambda: self._put_once(data, name), f"upload of {self.url_of(name)}",
+                   "rerun the same command to resume")
+        return self.url_of(name)
+
+    def get(self, name: str) -> bytes | None:
+        """The bytes of the object ``name``, or None when it does not exist (reads retried)."""
+
+        def cat() -> bytes | None:
+            try:
+                return self.fs.cat_file(self._key(name))
+            except FileNotFoundError:
+                return None
+
+        return self._call(cat, f"reading {self.url_of(name)}", "rerun the same command to resume")
 
     def _put_all(self, files: list[tuple[Path, str]]) -> None:
         for local, name in files:
@@ -153,18 +191,33 @@ class RemoteOutput:
         self._closing.set()
         self._pool.shutdown(wait=True, cancel_futures=True)
 
-    def names(self) -> set[str]:
-        """The names of the files directly under the prefix (none when it does not exist yet)."""
+    def names(self, under: str = "") -> set[str]:
+        """The names of the files directly under the prefix, or under its sub-prefix ``under`` (none when it
+        does not exist yet)."""
+        root = f"{self.root}/{under.strip('/')}" if under.strip("/") else self.root
 
         def ls() -> list[str]:
-            self.fs.invalidate_cache(self.root)
+            self.fs.invalidate_cache(root)
             try:
-                return self.fs.ls(self.root, detail=False)
+                return self.fs.ls(root, detail=False)
             except FileNotFoundError:
                 return []
 
-        listed = self._call(ls, f"listing {self.url}")
-        return {p.rstrip("/").rsplit("/", 1)[-1] for p in listed if p.rstrip("/") != self.root}
+        listed = self._call(ls, f"listing {self.url}/{under}".rstrip("/"))
+        return {p.rstrip("/").rsplit("/", 1)[-1] for p in listed if p.rstrip("/") != root}
+
+    def delete_all(self) -> None:
+        """Delete every object under the prefix (nothing when there is none)."""
+
+        def rm() -> None:
+            self.fs.invalidate_cache(self.root)
+            try:
+                self.fs.rm(self.root, recursive=True)
+            except FileNotFoundError:
+                pass
+            self.fs.invalidate_cache(self.root)
+
+        self._call(rm, f"deleting {self.url}/")
 
     def delete(self, name: str) -> None:
         """Delete the file ``name`` under the prefix (nothing when it is absent)."""

@@ -1,0 +1,142 @@
+"""Where a staging dir lives: a local folder, or a remote prefix (``s3://bucket/run/_staging``, ``gs://...``).
+
+:class:`StagingDir` is the one interface the stage and the merge use for ``plan.json``, ``complete.json``
+and ``chunks/chunk-NNNNNN.bin``, so both rules hold wherever the staging dir is:
+
+- **nothing is half-written**: local files are written with :mod:`bmclip.io` (temp + fsync + rename);
+  remote ones with :class:`~bmclip.data.pmc.upload.RemoteOutput` (an object store's PUT makes the key
+  appear only when it is complete; other fsspec stores get a temporary name and a rename), retried with
+  exponential backoff. A chunk's existence therefore means it is complete: that is the stage's journal, and
+  a rerun lists the chunks that exist and redoes the others. Temporary files or objects a killed write left
+  (``.NAME.*.tmp``) are deleted before a stage resumes.
+- **no full local copy**: a remote staging dir is written from memory (each worker uploads the chunk it has
+  just encoded) and read one chunk at a time into memory (the next one fetched while the current one is
+  merged), so a remote build's local disk holds only the merge's few shards waiting for their upload.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from bmclip.data.pmc.upload import RemoteOutput
+from bmclip.errors import ConfigError
+from bmclip.io import atomic_write_bytes
+from bmclip.io.fs import is_remote, local_path, location_name
+
+__all__ = ["StagingDir", "remove_partial_files"]
+
+
+def remove_partial_files(folder: Path) -> None:
+    """Delete the temporary files an interrupted atomic write left in ``folder`` (``.NAME.*.tmp``, and
+    ``.NAME.tmp-PID`` from earlier builder versions); a finished file never starts with a dot."""
+    for f in folder.iterdir():
+        if f.name.startswith(".") and (f.name.endswith(".tmp") or ".tmp-" in f.name):
+            f.unlink()
+
+
+def _is_partial(name: str) -> bool:
+    return name.startswith(".") and (name.endswith(".tmp") or ".tmp-" in name)
+
+
+class StagingDir:
+    """A staging dir at a local path (or ``file://`` URL) or a remote prefix URL (``storage_options`` go to
+    fsspec). Names are relative to it (``plan.json``, ``chunks/chunk-000000.bin``)."""
+
+    def __init__(self, loc: str | os.PathLike, storage_options: dict | None = None):
+        self.remote = is_remote(loc)
+        self.storage_options = dict(storage_options or {})
+        if self.remote:
+            self.url = os.fspath(loc).rstrip("/")
+            self.path = None
+            self._store = RemoteOutput(self.url, self.storage_options, threads=1)
+            if self._store.atomic_put and "/" not in self._store.root.strip("/"):
+                self._store.close()
+                # the whole prefix is deleted after a build: never a whole bucket
+                raise ConfigError(f"{self.url}: a remote staging dir must be a prefix inside a bucket "
+                                  "(s3://bucket/run/_staging), not the bucket itself")
+        else:
+            self.path = local_path(loc)
+            self.url = str(self.path)
+            self._store = None
+
+    def __str__(self) -> str:
+        return self.url
+
+    @property
+    def name(self) -> str:
+        """The last component of the location (for progress bars)."""
+        return location_name(self.url) if self.remote else self.path.name
+
+    def close(self) -> None:
+        if self._store is not None:
+            self._store.close()
+
+    def __enter__(self) -> StagingDir:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def read(self, name: str) -> bytes | None:
+        """The bytes of ``name``, or None when it does not exist."""
+        if self._store is not None:
+            return self._store.get(name)
+        p = self.path / name
+        return p.read_bytes() if p.is_file() else None
+
+    def write(self, name: str, data: bytes) -> None:
+        """Write ``name`` atomically (it exists complete or not at all)."""
+        if self._store is not None:
+            self._store.put_bytes(data, name)
+        else:
+            atomic_write_bytes(data, self.path / name)
+
+    def prepare(self) -> None:
+        """Make the local folders (nothing for a remote prefix: keys need no folders)."""
+        if self.path is not None:
+            (self.path / "chunks").mkdir(parents=True, exist_ok=True)
+
+    def chunk_names(self) -> set[str]:
+        """The names of the complete chunk files (``chunk-NNNNNN.bin``)."""
+        if self._store is not None:
+            names = self._store.names("chunks")
+        else:
+            d = self.path / "chunks"
+            names = {p.name for p in d.iterdir()} if d.is_dir() else set()
+        return {n for n in names if not _is_partial(n) and n.startswith("chunk-") and n.endswith(".bin")}
+
+    def remove_partial(self) -> None:
+        """Delete the temporary files/objects that an interrupted write of a chunk or plan left."""
+        if self._store is not None:
+            for under in ("", "chunks"):
+                for n in self._store.names(under):
+                    if _is_partial(n):
+                        self._store.delete(f"{under}/{n}" if under else n)
+        elif self.path.is_dir():
+            remove_partial_files(self.path)
+            if (self.path / "chunks").is_dir():
+                remove_partial_files(self.path / "chunks")
+
+    def remove(self) -> None:
+        """Delete the whole staging dir."""
+        if self._store is not None:
+            self._store.delete_all()
+        else:
+            shutil.rmtree(self.path)
+
+    def read_ahead(self, names: list[str]):
+        """Yield ``(name, bytes or None)`` for ``names`` in order; a remote one is fetched while the caller
+        works on the one before it (at most two in memory)."""
+        if self._store is None:
+            for n in names:
+                yield n, self.read(n)
+            return
+        with ThreadPoolExecutor(1, thread_name_prefix="bmclip-staging-read") as pool:
+            nxt = pool.submit(self.read, names[0]) if names else None
+            for i, n in enumerate(names):
+                data = nxt.result()
+                nxt = pool.submit(self.read, names[i + 1]) if i + 1 < len(names) else None
+                yield n, data
