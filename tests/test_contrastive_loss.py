@@ -119,7 +119,7 @@ SHAPES_D = [64, 512, 768, 1000]
 
 
 # ---------------------------------------------------------------------------------------------------
-# Triton backend (interpreter on CPU): the full issue grid
+# Triton backend (interpreter on CPU): the full grid of losses, shapes and dtypes
 # ---------------------------------------------------------------------------------------------------
 @pytest.mark.slow
 @needs_triton_here
@@ -356,7 +356,7 @@ def test_torch_backend_memory_32k():
     assert out["finite"]
     # growth = the peak RSS above the state with inputs allocated: grads (2×64 MB) + fp32 copies + chunks
     assert out["growth"] < 1.0e9, f"RSS grew by {out['growth'] / 1e9:.2f} GB"
-    # the issue's bound on the whole process (torch itself included): 1.23 GB measured on the dev VM
+    # the memory bound on the whole process (torch itself included): 1.23 GB measured on the dev VM
     assert out["peak"] < 1.5e9, f"process peak RSS {out['peak'] / 1e9:.2f} GB"
     # s = 1 and random unit features: logits in [-1, 1], so the loss is log(B) within ±1
     assert abs(out["loss"] - torch.log(torch.tensor(float(B))).item()) < 1.0

@@ -82,7 +82,7 @@ def test_config_errors_name_the_key():
 def test_param_count_released_preset():
     with torch.device("meta"):  # parameter shapes only: no memory, no init time
         n = create_model("biomedclip-vit-b16-224").num_params()
-    # Issue 2: ~195.9M without the (unused) BERT pooler, 196.5M with its 768*768+768 parameters.
+    # The released model: ~195.9M without the (unused) BERT pooler, 196.5M with its 768*768+768 parameters.
     assert abs(n / 1e6 - 195.9) < 0.05
     assert abs((n + 768 * 768 + 768) / 1e6 - 196.5) < 0.05
 

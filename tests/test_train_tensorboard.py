@@ -45,7 +45,7 @@ def test_tensorboard_scalars_equal_the_jsonl(tmp_path):
         assert got[tag].keys() == series.keys(), tag
         for step, v in series.items():
             assert got[tag][step] == float(np.float32(v)), (tag, step, got[tag][step], v)
-    # the scalars the issue names are there for every logged train step, plus the skip and val lines
+    # the scalars an operator reads are there for every logged train step, plus the skip and val lines
     for key in ("lr", "logit_scale", "samples_per_s", "samples_per_s_per_gpu", "data_wait_frac",
                 "peak_mem_gb", "tflops_per_gpu", "nonfinite_skipped"):
         assert sorted(got[f"train/{key}"]) == [1, 2, 3], key
