@@ -54,13 +54,16 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import io
+import itertools
 import math
 import os
+import shutil
 import sys
 import tempfile
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 
@@ -108,6 +111,7 @@ TARGET_VS_CORES = 0.9
 # "equal fidelity": the row's worst-window PSNR vs Pillow is at most this far below the anchor's
 EQUAL_FIDELITY_DB = 1.0
 REMOTE_ROWS = ("remote_s3", "remote_s3_throttled")
+REMOTE_EPOCHS = 3  # consecutive epochs per timed remote run (see _remote_method)
 TARGET_REMOTE_VS_LOCAL = 0.9  # remote within 10 % of local when the link is not the bottleneck
 TARGET_THROTTLED_TOLERANCE = 0.1  # throttled: samples/s = expected rate within 10 %
 
@@ -334,6 +338,11 @@ def _load_c():
     return C if hasattr(C, "Decoder") else None
 
 
+def _expected(row: str, shards: ShardSet) -> int:
+    """Images one timed run of ``row`` yields: one epoch, or ``REMOTE_EPOCHS`` for the remote rows."""
+    return shards.n * (REMOTE_EPOCHS if row.startswith(REMOTE_ROWS) else 1)
+
+
 def speed_rows(shards: ShardSet, size: int, batch: int, workers: Sequence[int], repeats: int, C,
                interpolation: str, only: set[str], remote: dict[str, ShardSet] | None = None) -> dict[str, dict]:
     """Warm up and time every row on one shard set (interleaved). DataLoader rows are built and warmed (their worker
@@ -352,20 +361,20 @@ def speed_rows(shards: ShardSet, size: int, batch: int, workers: Sequence[int], 
         makers["decode_1core"] = partial(decode_1core, C, shards.blobs, shards.n, size, batch)
         for row, rs in (remote or {}).items():
             for w in workers:
-                makers[f"{row}_{w}t"] = partial(_bmclip_method, rs, size, batch, w)
+                makers[f"{row}_{w}t"] = partial(_remote_method, rs, size, batch, w)
     makers = {k: v for k, v in makers.items() if not only or any(k.startswith(o) for o in only)}
     methods: dict[str, Callable[[], int]] = {}
     for name, make in makers.items():
         fn = make()
         n = fn()  # warm-up epoch
-        if n != shards.n:
-            raise RuntimeError(f"{name} yielded {n} images from {shards.name}, expected {shards.n}")
+        if n != _expected(name, shards):
+            raise RuntimeError(f"{name} yielded {n} images from {shards.name}, expected {_expected(name, shards)}")
         methods[name] = fn
         print(f"  {shards.name}: warmed up {name}", flush=True)
     res = interleaved_runs(methods, repeats)
     for name, r in res.items():
-        if any(n != shards.n for n in r["items"]):
-            raise RuntimeError(f"{name} yielded {r['items']} images, expected {shards.n} each run")
+        if any(n != _expected(name, shards) for n in r["items"]):
+            raise RuntimeError(f"{name} yielded {r['items']} images, expected {_expected(name, shards)} each run")
     methods.clear()  # DataLoader workers and decoder pools end here
     return res
 
@@ -378,6 +387,28 @@ def _loader_method(make, *args) -> Callable[[], int]:
 def _bmclip_method(shards: ShardSet, size: int, batch: int, threads: int, **decode_options) -> Callable[[], int]:
     ld = make_bmclip(shards, size, batch, threads, **decode_options)
     return lambda: bmclip_epoch(ld)
+
+
+def _remote_method(shards: ShardSet, size: int, batch: int, threads: int) -> Callable[[], int]:
+    """``REMOTE_EPOCHS`` consecutive epochs over remote shards from a cold start: a new ``ShardLoader`` with an empty
+    cache folder each call. Cold, so that no shard was fetched ahead while the interleaved rows ran (a kept loader
+    prefetches the next epoch's first shards in the background); several epochs, so that the end of the data (the
+    shuffle buffer draining with nothing left to fetch, which a loader reading on into the next epoch overlaps
+    with that epoch's downloads) weighs as in a run of many shards, not as in one pass over a handful."""
+    runs = itertools.count()
+
+    def epochs() -> int:
+        cache = Path(shards.loader_kwargs["cache_dir"]) / f"run-{next(runs)}"
+        ld = make_bmclip(replace(shards, loader_kwargs={**shards.loader_kwargs, "cache_dir": str(cache)}), size,
+                         batch, threads)
+        try:
+            return sum(bmclip_epoch(ld) for _ in range(REMOTE_EPOCHS))
+        finally:
+            del ld
+            gc.collect()  # the loader's cache thread stops and removes its folder when the loader goes
+            shutil.rmtree(cache, ignore_errors=True)
+
+    return epochs
 
 
 def targets_for(speed: dict[str, dict], fid: dict[str, dict], cores: int) -> list[dict]:
