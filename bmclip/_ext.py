@@ -15,7 +15,7 @@ _BUILD_HINT = (
 def load_ext() -> ModuleType:
     """Return the ``bmclip._C`` module; raise ImportError explaining how to build it if missing."""
     try:
-        from bmclip import _C  # optional: the compiled extension may not be built
+        import bmclip._C as _C  # optional: the compiled extension may not be built
     except ImportError as err:
         raise ImportError(_BUILD_HINT.format(err=err)) from err
     return _C

@@ -39,8 +39,8 @@ from bmclip.errors import ConfigError, DataError
 from bmclip.eval.retrieval import retrieval_metrics
 from bmclip.eval.zeroshot import zeroshot_classify
 from bmclip.io import atomic_write_text
-from bmclip.io.resolve import resolve_model
 from bmclip.model.config import get_preset
+from bmclip.resolve import resolve_model
 from bmclip.tokenizer import get_tokenizer
 from bmclip.train.config import load_config
 from bmclip.train.trainer import train

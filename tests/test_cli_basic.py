@@ -100,8 +100,9 @@ def test_tokenizer_train_and_encode(tmp_path, capsys):
 
 def test_convert_from_open_clip_and_refusal(tmp_path, capsys):
     from bmclip.interop import WEIGHTS_NAME, open_clip_state_dict
-    from bmclip.io.model_file import load_model, save_state_dict
+    from bmclip.io.model_file import save_state_dict
     from bmclip.model import create_model
+    from bmclip.model.file import load_model
 
     torch.manual_seed(0)
     # 64-wide heads so the shapes-only open_clip file (no config json) describes it exactly.

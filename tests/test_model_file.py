@@ -111,8 +111,9 @@ def test_atomic_writer_leaves_old_file_on_failure(tmp_path):
 
 @pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
 def test_save_load_model(tmp_path, suffix):
-    from bmclip.io.model_file import load_model, save_model
+    from bmclip.io.model_file import save_model
     from bmclip.model import create_model
+    from bmclip.model.file import load_model
 
     torch.manual_seed(0)
     model = create_model("tiny", init_logit_bias=-5.0)
@@ -130,8 +131,8 @@ def test_save_load_model(tmp_path, suffix):
 
 
 def test_load_model_key_errors(tmp_path):
-    from bmclip.io.model_file import load_model
     from bmclip.model import create_model
+    from bmclip.model.file import load_model
 
     model = create_model("tiny")
     sd = model.state_dict()

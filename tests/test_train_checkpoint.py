@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from bmclip.errors import CheckpointError
-from bmclip.io.resolve import locate_model, resolve_model
 from bmclip.model import create_model
+from bmclip.resolve import locate_model, resolve_model
 from bmclip.train import checkpoint as C
 
 

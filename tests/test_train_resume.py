@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from bmclip.io.resolve import resolve_model
+from bmclip.resolve import resolve_model
 from bmclip.train import checkpoint as C
 
 STEPS = 6

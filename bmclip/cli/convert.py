@@ -1,7 +1,7 @@
 """``bmclip convert``: open_clip (released BiomedCLIP layout) <-> bmclip model files.
 
 The input of either direction may be any model argument: a bmclip model file, a training checkpoint dir, a
-training run dir (its newest valid checkpoint) or an open_clip folder (``bmclip.io.resolve``).
+training run dir (its newest valid checkpoint) or an open_clip folder (``bmclip.resolve``).
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ def run(args: argparse.Namespace) -> int:
     # start-up cost: `bmclip --help` imports no torch
     from bmclip.interop import export_open_clip
     from bmclip.io.model_file import save_model
-    from bmclip.io.resolve import resolve_model
+    from bmclip.resolve import resolve_model
     from bmclip.tokenizer import get_tokenizer
 
     source = args.from_open_clip or args.to_open_clip

@@ -51,8 +51,8 @@ def _model_and_tokenizer(args):
     # start-up cost: `bmclip --help` imports no torch
     import torch
 
-    from bmclip.io.resolve import resolve_model
     from bmclip.model import create_model
+    from bmclip.resolve import resolve_model
     from bmclip.tokenizer import get_tokenizer
 
     source = args.open_clip or args.checkpoint

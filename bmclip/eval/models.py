@@ -1,6 +1,6 @@
 """Resolve the MODEL argument of the evaluation commands to (model, tokenizer).
 
-MODEL may be anything ``bmclip.io.resolve.resolve_model`` accepts:
+MODEL may be anything ``bmclip.resolve.resolve_model`` accepts:
 
 - a bmclip model file (``bmclip convert`` output, a checkpoint's ``model.pt``), a training checkpoint
   directory, or a training run directory (its newest valid checkpoint);
@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from bmclip.errors import CheckpointError
-from bmclip.io.resolve import resolve_model
 from bmclip.model import create_model, list_presets
+from bmclip.resolve import resolve_model
 from bmclip.tokenizer import get_tokenizer
 
 

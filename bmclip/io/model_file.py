@@ -11,6 +11,7 @@ Reading never executes code from the file: ``.safetensors`` goes through safeten
 through ``torch.load(weights_only=True)``, whose restricted unpickler refuses any global outside torch's
 tensor allow-list. Every problem (missing file, refused pickle, corrupt file, wrong layout, missing or
 unexpected key, wrong shape) is a CheckpointError naming the file. Writing is atomic (``bmclip.io``).
+Rebuilding a model from a file is ``bmclip.model.file`` (this module knows the layout, not the model classes).
 """
 
 from __future__ import annotations
@@ -26,17 +27,13 @@ from safetensors import safe_open
 from safetensors.torch import load_file as _st_load_file
 from safetensors.torch import save as _st_save
 
-from bmclip.errors import BmclipError, CheckpointError
+from bmclip.errors import CheckpointError
 from bmclip.io.atomic import atomic_torch_save, atomic_write_bytes
-from bmclip.model.clip import BiomedCLIP
-from bmclip.model.config import ModelConfig
 
 __all__ = [
     "CONFIG_KEY",
     "SAFETENSORS_CONFIG_KEY",
     "WEIGHTS_KEY",
-    "build_model",
-    "load_model",
     "load_state_dict",
     "read_model_file",
     "safe_torch_load",
@@ -152,8 +149,9 @@ def save_model_file(state_dict: dict[str, Any], model_config: dict[str, Any], pa
     return atomic_torch_save({WEIGHTS_KEY: _cpu_copy(state_dict), CONFIG_KEY: model_config}, path)
 
 
-def save_model(model: BiomedCLIP, path: str | os.PathLike) -> int:
-    """Atomically write ``model`` as a native model file (``.pt`` or ``.safetensors``); returns bytes."""
+def save_model(model: Any, path: str | os.PathLike) -> int:
+    """Atomically write ``model`` (a ``BiomedCLIP``) as a native model file (``.pt`` or ``.safetensors``); returns
+    bytes."""
     return save_model_file(model.state_dict(), model.config.to_dict(), path)
 
 
@@ -192,35 +190,3 @@ def read_model_file(path: str | os.PathLike, map_location: Any = "cpu") -> tuple
     raise CheckpointError(
         f"{path} is not a bmclip model checkpoint: expected a model file, a dict with '{WEIGHTS_KEY}' (the state "
         f"dict) and '{CONFIG_KEY}' (written by bmclip train / bmclip convert), found {found}")
-
-
-def build_model(model_config: dict[str, Any], state_dict: dict[str, Any], source: str | os.PathLike) -> BiomedCLIP:
-    """A ``BiomedCLIP`` (eval mode) from a config dict and matching weights; ``source`` names them in errors.
-
-    The model is built on the meta device and adopts the tensors (no random initialisation to throw
-    away); a missing, unexpected or wrongly shaped key raises CheckpointError naming it.
-    """
-    try:
-        cfg = ModelConfig.from_dict(model_config)
-    except BmclipError as e:
-        raise CheckpointError(f"{source}: bad model_config ({e})") from None
-    with torch.device("meta"):
-        model = BiomedCLIP(cfg)
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in state_dict]
-    if missing:
-        raise CheckpointError(f"{source}: missing key {missing[0]!r} ({len(missing)} missing)")
-    for k, v in state_dict.items():
-        if k not in expected:
-            raise CheckpointError(f"{source}: unexpected key {k!r}")
-        if tuple(v.shape) != tuple(expected[k].shape):
-            raise CheckpointError(
-                f"{source}: {k!r} has shape {tuple(v.shape)}, model expects {tuple(expected[k].shape)}")
-    model.load_state_dict(state_dict, strict=True, assign=True)
-    return model.eval()
-
-
-def load_model(path: str | os.PathLike, map_location: Any = "cpu") -> BiomedCLIP:
-    """Rebuild the ``BiomedCLIP`` (eval mode) saved in the model file ``path``."""
-    config, sd = read_model_file(path, map_location)
-    return build_model(config, sd, path)

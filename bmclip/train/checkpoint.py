@@ -10,7 +10,7 @@ Layout of one checkpoint (a directory ``OUT/checkpoints/step_00001000/``)::
 
 ``model.pt`` is a native model file (``bmclip.io.model_file``: written by ``save_model_file``, read by
 ``read_model_file``), all that evaluation needs; every command that takes a model accepts the checkpoint
-dir or the run dir (``bmclip.io.resolve``).
+dir or the run dir (``bmclip.resolve``).
 
 A checkpoint is valid only once ``meta.json`` exists and every file it lists has the recorded size (the
 rules in ``bmclip.io.checkpoint_dir``, shared with the commands that load a model); it is

@@ -33,9 +33,9 @@ from bmclip.data.sources import DaliShardSource, ShardSource, SyntheticSource
 from bmclip.errors import BmclipError, CheckpointError, ConfigError
 from bmclip.interop import export_open_clip, open_clip_config
 from bmclip.io import atomic_write_text
-from bmclip.io.resolve import load_weights_into
 from bmclip.model import create_model
 from bmclip.model.config import get_preset as get_model_preset
+from bmclip.resolve import load_weights_into
 from bmclip.tokenizer import Tokenizer, bundled_vocab_path, get_tokenizer
 from bmclip.train import checkpoint as ckpt_mod
 from bmclip.train.checkpoint import CheckpointManager
@@ -115,7 +115,7 @@ def _build_model(cfg: TrainConfig, device: torch.device):
 
 
 def _load_init_weights(model, path: str) -> None:
-    """Weights from a model file, checkpoint dir, run dir or open_clip folder (``bmclip.io.resolve``)."""
+    """Weights from a model file, checkpoint dir, run dir or open_clip folder (``bmclip.resolve``)."""
     try:
         load_weights_into(model, path)
     except CheckpointError as e:

@@ -24,7 +24,7 @@ import numpy as np
 from PIL import Image, ImageFile
 
 try:  # the compiled extension is optional here: without it every image goes through Pillow
-    from bmclip import _C
+    import bmclip._C as _C
 except ImportError:
     _C = None
 

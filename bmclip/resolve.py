@@ -28,8 +28,8 @@ import torch
 from bmclip.errors import CheckpointError
 from bmclip.interop import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME, load_open_clip
 from bmclip.io.checkpoint_dir import MODEL_FILE, is_valid, latest_valid, list_checkpoints
-from bmclip.io.model_file import load_model
 from bmclip.model.clip import BiomedCLIP
+from bmclip.model.file import load_model
 
 __all__ = ["ModelSource", "ResolvedModel", "load_weights_into", "locate_model", "resolve_model"]
 
