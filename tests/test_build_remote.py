@@ -440,20 +440,7 @@ def test_kill_during_upload_and_rerun_gives_identical_objects(env):
     )
     proc = subprocess.Popen([sys.executable, "-c", code], start_new_session=True,
                             env={**os.environ, "AWS_ENDPOINT_URL": env["endpoint"]})
-    deadline = time.time() + 240
-    seen: dict[str, bytes] = {}
-    try:
-        while time.time() < deadline and proc.poll() is None:
-            seen = _objects(fs, "pmc-kill/ds")
-            if sum(k.endswith(".tar") for k in seen) >= 2:
-                break
-            time.sleep(0.1)
-        assert proc.poll() is None, "builder finished (or failed) before it could be killed"
-        os.killpg(proc.pid, signal.SIGKILL)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+    _kill_when(proc, lambda: sum(k.endswith(".tar") for k in _objects(fs, "pmc-kill/ds")) >= 2)
     at_kill = _objects(fs, "pmc-kill/ds")
     assert 2 <= sum(k.endswith(".tar") for k in at_kill) < 8
     assert "manifest.json" not in at_kill and "sizes.json" not in at_kill

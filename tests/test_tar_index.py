@@ -32,10 +32,10 @@ def reference_samples(data: bytes) -> list[tuple[str, dict[str, bytes]]]:
     return out
 
 
-def make_tar(members, fmt=tarfile.PAX_FORMAT) -> bytes:
+def make_tar(members, fmt=tarfile.PAX_FORMAT, pax_headers=None) -> bytes:
     """members: list of (name, bytes) for regular files or (name, "dir"/"symlink"/"hardlink")."""
     buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=fmt) as tf:
+    with tarfile.open(fileobj=buf, mode="w", format=fmt, pax_headers=pax_headers or {}) as tf:
         for name, payload in members:
             ti = tarfile.TarInfo(name)
             ti.mtime = 1_700_000_000

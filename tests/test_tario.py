@@ -9,6 +9,7 @@ import tarfile
 
 import numpy as np
 import pytest
+from test_tar_index import make_tar
 
 from bmclip.data import tario
 from bmclip.errors import DataError
@@ -35,25 +36,6 @@ def reference_samples(data: bytes) -> list[tuple[str, dict[str, bytes]]]:
                 out.append((key, {}))
             out[-1][1].setdefault(ext, tf.extractfile(m).read())
     return out
-
-
-def make_tar(members, fmt=tarfile.PAX_FORMAT, pax_headers=None) -> bytes:
-    """members: (name, bytes) for regular files, (name, "dir") for folders, (name, "symlink") for links."""
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=fmt, pax_headers=pax_headers or {}) as tf:
-        for name, payload in members:
-            ti = tarfile.TarInfo(name)
-            ti.mtime = 1_700_000_000
-            if payload == "dir":
-                ti.type = tarfile.DIRTYPE
-                tf.addfile(ti)
-            elif payload == "symlink":
-                ti.type, ti.linkname = tarfile.SYMTYPE, "target.jpg"
-                tf.addfile(ti)
-            else:
-                ti.size = len(payload)
-                tf.addfile(ti, io.BytesIO(payload))
-    return buf.getvalue()
 
 
 def read(tmp_path, data: bytes, skipped=None, name="s.tar"):
