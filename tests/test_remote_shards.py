@@ -8,6 +8,7 @@ seed, same split, so the keys must come out in the same order (and every sample 
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import hashlib
 import json
@@ -58,6 +59,15 @@ def digest(batch) -> str:
 def cached_files(cache_dir: Path) -> list[Path]:
     """Complete shard copies in every cache folder under cache_dir (not the lock, not temp files)."""
     return [p for p in cache_dir.glob("bmclip-shards-*/*") if not p.name.startswith(".")]
+
+
+def cached_bytes(cache_dir: Path) -> int:
+    """Bytes of the complete shard copies now in the cache (the cache thread may evict one while we look)."""
+    total = 0
+    for p in cached_files(cache_dir):
+        with contextlib.suppress(FileNotFoundError):  # evicted between the listing and the stat
+            total += p.stat().st_size
+    return total
 
 
 @pytest.fixture
@@ -161,7 +171,7 @@ def test_cache_bytes_bounds_prefetching(shards, http, tmp_path):
     keys = []
     for b in ld:
         keys += b["key"]
-        seen_max = max(seen_max, sum(p.stat().st_size for p in cached_files(cache)))
+        seen_max = max(seen_max, cached_bytes(cache))
     assert keys == [f"s{u:05d}" for u in range(30)]
     # the open shard + one ahead fit in cache_bytes; three ahead (as prefetch_shards asks) never do
     assert seen_max <= 2 * size
