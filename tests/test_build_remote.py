@@ -427,20 +427,8 @@ def test_kill_during_upload_and_rerun_gives_identical_objects(env):
     want = _local_files(env["ref"])
     argv = ["build-dataset", "s3://pmc-in/pmc/", "--output", "s3://pmc-kill/ds", "--staging", str(staging),
             "-j", "0", "--no-progress", *CLI_OPTS]  # fmt: skip
-    code = (
-        "import sys, time\n"
-        "from bmclip.cli import main\n"
-        "from bmclip.data.pmc.upload import RemoteOutput\n"
-        "real = RemoteOutput._put_once\n"
-        "def slow(self, local, name):\n"
-        "    time.sleep(0.4)\n"
-        "    return real(self, local, name)\n"
-        "RemoteOutput._put_once = slow\n"
-        f"sys.exit(main({argv!r}))\n"
-    )
-    proc = subprocess.Popen([sys.executable, "-c", code], start_new_session=True,
-                            env={**os.environ, "AWS_ENDPOINT_URL": env["endpoint"]})
-    _kill_when(proc, lambda: sum(k.endswith(".tar") for k in _objects(fs, "pmc-kill/ds")) >= 2)
+    proc = _slowed_builder(argv, "", env["endpoint"])  # every upload slowed ("" ends every name)
+    _kill_when(proc, lambda: _count(fs, "pmc-kill/ds", ".tar") >= 2)  # names only: objects may go while it looks
     at_kill = _objects(fs, "pmc-kill/ds")
     assert 2 <= sum(k.endswith(".tar") for k in at_kill) < 8
     assert "manifest.json" not in at_kill and "sizes.json" not in at_kill
