@@ -28,18 +28,12 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:  # a plain checkout works without installing bmclip
     sys.path.insert(0, str(REPO))
 
-from bmclip.io import atomic_write_text as _atomic_write_text  # noqa: E402
-from bmclip.io import atomic_writer  # noqa: E402
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` so that a reader never sees a half-written file."""
-    _atomic_write_text(text, path)
+from bmclip.io import atomic_write_text, atomic_writer  # noqa: E402
 
 
 def write_json_atomic(path: Path, data) -> None:
     """``data`` as indented JSON (one trailing newline), written atomically."""
-    atomic_write_text(path, json.dumps(data, indent=1) + "\n")
+    atomic_write_text(json.dumps(data, indent=1) + "\n", path)
 
 
 @contextlib.contextmanager

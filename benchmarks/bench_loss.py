@@ -35,7 +35,9 @@ import torch.nn.functional as F
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # run from a checkout without installing: kernels/ imports standalone
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_common import atomic_write_text, keep_results_on_sigint  # noqa: E402
+from bench_common import keep_results_on_sigint  # noqa: E402
+
+from bmclip.io import atomic_write_text  # noqa: E402
 
 try:
     from bmclip.kernels import clip_loss
@@ -236,12 +238,12 @@ def write_results(out: Path, meta: dict, rows: list[dict]) -> None:
         r["time_vs_open_clip"] = (r["time_ms"] / o["time_ms"]) if (o and r["time_ms"]) else None
         r["mem_vs_open_clip"] = (r["peak_mem_mb"] / o["peak_mem_mb"]) if (
             o and r["peak_mem_mb"] and o["peak_mem_mb"]) else None
-    atomic_write_text(out.with_suffix(".json"), json.dumps({"meta": meta, "rows": rows}, indent=1))
+    atomic_write_text(json.dumps({"meta": meta, "rows": rows}, indent=1), out.with_suffix(".json"))
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=_CSV_COLS, extrasaction="ignore")
     w.writeheader()
     w.writerows(rows)
-    atomic_write_text(out.with_suffix(".csv"), buf.getvalue())
+    atomic_write_text(buf.getvalue(), out.with_suffix(".csv"))
 
 
 def main(argv=None) -> int:

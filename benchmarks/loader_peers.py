@@ -81,7 +81,6 @@ from torchvision.transforms.v2 import functional as TF
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_common import (  # noqa: E402
     REPO,
-    atomic_write_text,
     interleaved_runs,
     loopback_s3,
     machine_info,
@@ -97,6 +96,7 @@ from bench_common import (  # noqa: E402
 from bmclip._ext import load_ext  # noqa: E402
 from bmclip.data.loader import ShardLoader  # noqa: E402
 from bmclip.data.pmc.media import ImageSkip, process_image  # noqa: E402
+from bmclip.io import atomic_write_text  # noqa: E402
 
 DEFAULT_DATA = Path(os.environ.get("BMCLIP_SHARED", REPO.parent / "shared")) / "data" / "pmc_samples"
 FIXTURE_DATA = REPO / "tests" / "fixtures"
@@ -637,7 +637,7 @@ def _run(args, data: Path, jpegs: list[Path], workers: list[int], cores: int, on
     print()
     print(md)
     if args.md:
-        atomic_write_text(args.md, md + "\n")
+        atomic_write_text(md + "\n", args.md)
     if args.out:
         write_json_atomic(args.out, {"info": info, "sets": sets})
     return 0
