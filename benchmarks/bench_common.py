@@ -8,8 +8,10 @@ import contextlib
 import datetime as _dt
 import io
 import json
+import math
 import os
 import platform
+import resource
 import socket
 import statistics
 import subprocess
@@ -230,16 +232,19 @@ def pillow_crop_resize(im: Image.Image, window: tuple[int, int, int, int], size:
 
 
 @contextlib.contextmanager
-def loopback_s3(start_timeout_s: float = 60.0) -> Iterator[dict]:
+def loopback_s3(start_timeout_s: float = 60.0, server: dict | None = None) -> Iterator[dict]:
     """moto's S3 API server on a free loopback port, in its own process (so that serving objects does not take this
     process's GIL from the loader being timed; needs ``moto[server]`` and s3fs, the dev extra). Yields the fsspec
-    storage options that reach it (endpoint and fake credentials, so no user credential is ever sent)."""
+    storage options that reach it (endpoint and fake credentials, so no user credential is ever sent). ``server``:
+    a dict that gets the server's ``pid`` (to read its CPU time with :func:`process_cpu_s`)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     log = tempfile.TemporaryFile()  # its request log (a pipe could fill up and stall the server)
     proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
                             stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
+    if server is not None:
+        server["pid"] = proc.pid
     try:
         deadline = time.monotonic() + start_timeout_s
         while True:
@@ -261,6 +266,20 @@ def loopback_s3(start_timeout_s: float = 60.0) -> Iterator[dict]:
             proc.kill()
             proc.wait()
         log.close()
+
+
+def process_cpu_s(pid: int | None = None) -> float:
+    """CPU seconds (user + system, all threads) used so far by process ``pid`` (None: this process), from
+    ``/proc/PID/stat``; NaN where that cannot be read (not Linux, or the process is gone)."""
+    if pid is None:
+        r = resource.getrusage(resource.RUSAGE_SELF)
+        return r.ru_utime + r.ru_stime
+    try:
+        with open(f"/proc/{int(pid)}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime (fields 14, 15)
+    except (OSError, IndexError, ValueError):
+        return math.nan
 
 
 def upload_s3(storage_options: dict, bucket: str, paths: Sequence[str | Path]) -> list[str]:

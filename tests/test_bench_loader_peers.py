@@ -151,6 +151,25 @@ def test_targets_need_speed_and_equal_fidelity(lp):
     assert not t["bmclip_exact_2t"]["met"] and t["bmclip_exact_2t"]["equal_fidelity"]  # equal, too slow
     cores = [x for x in all_targets if "decode_1core" in x["target"]]
     assert len(cores) == 1 and cores[0]["value"] == pytest.approx(165 / (2 * 92.5)) and not cores[0]["met"]
+    # the default row's ceiling: cores x one core's decode rate / the anchor (2 x 92.5 / 105)
+    assert t["bmclip_2t"]["ceiling"] == pytest.approx(185 / 105) and "ceiling 1.76x" in t["bmclip_2t"]["note"]
+    assert "ceiling" not in t["bmclip_exact_2t"]  # decode_1core decodes with the defaults, not exact
+
+
+def test_a_target_above_the_decode_ceiling_says_so(lp):
+    """When cores x one core's decode rate is below 1.5x the anchor, no loader decoding the same pixels can meet the
+    target here: the status names the ceiling."""
+    def row(*rates):
+        return {"per_s": list(rates), "per_s_median": float(np.median(rates))}
+
+    speed = {"anchor_2w": row(1400, 1460), "bmclip_2t": row(1900, 1940), "decode_1core": row(1040, 1050)}
+    fid = {"anchor": {"min_db": 70.0, "median_db": 75.0}, "bmclip": {"min_db": math.inf, "median_db": math.inf}}
+    t = next(x for x in lp.targets_for(speed, fid, cores=2) if x["target"].startswith("bmclip_2t / anchor"))
+    assert not t["met"] and t["ceiling"] == pytest.approx(2 * 1045 / 1430)
+    assert lp._status(t) == "missed (speed: above this machine's ceiling of 1.46x)"
+    speed["decode_1core"] = row(1200, 1200)  # a ceiling of 1.68x: a plain miss
+    t = next(x for x in lp.targets_for(speed, fid, cores=2) if x["target"].startswith("bmclip_2t / anchor"))
+    assert lp._status(t) == "missed (speed)"
 
 
 def test_remote_rows_run_on_a_tiny_set(lp, figures, tmp_path):
@@ -176,6 +195,12 @@ def test_remote_rows_run_on_a_tiny_set(lp, figures, tmp_path):
         epochs = lp.REMOTE_EPOCHS if name.startswith("remote") else 1
         assert r["items"] == [epochs * s["samples"]] and r["per_s_median"] > 0
     assert s["remote"]["link_bytes_per_s"] == 20e6
+    for row in (f"remote_s3_{c}t", f"remote_s3_throttled_{c}t"):  # per timed run: bytes fetched, CPU accounting
+        r = s["speed"][row]
+        assert len(r["bytes_fetched"]) == len(r["cpu_s"]) == len(r["server_cpu_s"]) == 1
+        # every epoch fetches every shard, less those still cached from the end of the epoch before
+        assert s["remote"]["shard_bytes"] <= r["bytes_fetched"][0] <= lp.REMOTE_EPOCHS * s["remote"]["shard_bytes"]
+        assert r["cpu_s"][0] > 0 and r["server_cpu_s"][0] >= 0
     assert s["remote"]["bytes_per_sample"] * s["samples"] == s["remote"]["shard_bytes"] > 0
     names = [t["target"] for t in s["targets"]]
     assert f"remote_s3_{c}t / bmclip_{c}t (link not the bottleneck)" in names
@@ -199,6 +224,39 @@ def test_remote_targets_pick_the_bound(lp):
     speed["remote_s3_throttled_2t"] = row(1300, 1300)  # faster than expected is a miss too (the link leaks)
     t = {x["target"].split(" ")[0]: x for x in lp.remote_targets(speed, 2, 20_000, 100e6)}
     assert not t["remote_s3_throttled_2t"]["met"]
+
+
+def test_throttled_expected_rate_counts_the_bytes_really_fetched(lp):
+    """A shard the cache kept across an epoch boundary does not cross the link again: the link-bound rate is the
+    run's samples x link / the bytes it fetched, not / the shards' size (which would call a link-bound reader
+    faster than its link)."""
+    def row(rates, **kw):
+        return {"per_s": list(rates), "per_s_median": float(np.median(rates)), **kw}
+
+    # 3 epochs x 1000 samples of 100 kB shards = 300 MB; the cache kept 10 % of it, so 270 MB crossed a 100 MB/s
+    # link: 3000 samples / 2.7 s = 1111 img/s is the link's rate (not 1000)
+    speed = {"bmclip_2t": row([5000, 5000]),
+             "remote_s3_throttled_2t": row([1100, 1120], items=[3000, 3000], bytes_fetched=[270e6, 270e6])}
+    t = lp.remote_targets(speed, 2, 100_000, 100e6)[0]
+    assert t["value"] == pytest.approx(1110 / (3000 * 100e6 / 270e6)) and t["met"]
+    assert "link-bound" in t["note"] and "90.0 kB fetched per sample" in t["note"] and "10% not fetched" in t["note"]
+    # counted from the shards' size the same run would look 11 % faster than its link: a miss
+    del speed["remote_s3_throttled_2t"]["bytes_fetched"]
+    t = lp.remote_targets(speed, 2, 100_000, 100e6)[0]
+    assert t["value"] == pytest.approx(1.11) and not t["met"]
+
+
+def test_unthrottled_note_gives_the_servers_cpu_back(lp):
+    def row(rates, **kw):
+        return {"per_s": list(rates), "per_s_median": float(np.median(rates)), **kw}
+
+    speed = {"bmclip_2t": row([2000, 2000]),
+             "remote_s3_2t": row([1700, 1700], wall_s=[4.0, 4.0], server_cpu_s=[0.4, 0.4], cpu_s=[7.2, 7.2])}
+    t = lp.remote_targets(speed, 2, 40_000, 100e6)[0]
+    assert t["value"] == pytest.approx(0.85) and not t["met"]
+    # 0.1 of the 2 cores went to the server: 1700 / (2000 x 1.9 / 2) = 0.89
+    assert "used 0.10 of the 2 cores" in t["note"] and f"{0.85 * 2 / 1.9:.2f}x" in t["note"]
+    assert "loader's process used 1.80 cores" in t["note"]
 
 
 def test_throttled_proxy_passes_bytes_at_the_link_rate():
