@@ -63,6 +63,7 @@ import shutil
 import statistics
 import sys
 import tempfile
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from functools import partial
@@ -366,10 +367,11 @@ def speed_rows(shards: ShardSet, size: int, batch: int, workers: Sequence[int], 
             for w in workers:
                 makers[f"{row}_{w}t"] = partial(_remote_method, rs, size, batch, w)
     makers = {k: v for k, v in makers.items() if not only or any(k.startswith(o) for o in only)}
-    methods: dict[str, Callable[[], int]] = {}
+    methods: dict[str, Callable[[], int | tuple[int, float]]] = {}
     for name, make in makers.items():
         fn = make()
         n = fn()  # warm-up epoch
+        n = n[0] if isinstance(n, tuple) else n
         if n != _expected(name, shards):
             raise RuntimeError(f"{name} yielded {n} images from {shards.name}, expected {_expected(name, shards)}")
         methods[name] = fn
@@ -397,7 +399,7 @@ def _bmclip_method(shards: ShardSet, size: int, batch: int, threads: int, **deco
     return lambda: bmclip_epoch(ld)
 
 
-def _remote_method(shards: ShardSet, size: int, batch: int, threads: int) -> Callable[[], int]:
+def _remote_method(shards: ShardSet, size: int, batch: int, threads: int) -> Callable[[], tuple[int, float]]:
     """``REMOTE_EPOCHS`` consecutive epochs over remote shards from a cold start: a new ``ShardLoader`` with an empty
     cache folder each call. Cold, so that no shard was fetched ahead while the interleaved rows ran (a kept loader
     prefetches the next epoch's first shards in the background); several epochs, so that the end of the data (the
@@ -411,17 +413,21 @@ def _remote_method(shards: ShardSet, size: int, batch: int, threads: int) -> Cal
     runs = itertools.count()
     log: list[dict] = []
 
-    def epochs() -> int:
+    def epochs() -> tuple[int, float]:
         cache = Path(shards.loader_kwargs["cache_dir"]) / f"run-{next(runs)}"
         c0 = process_cpu_s()
         s0 = process_cpu_s(shards.server_pid) if shards.server_pid else None
+        t0 = time.perf_counter()
         ld = make_bmclip(replace(shards, loader_kwargs={**shards.loader_kwargs, "cache_dir": str(cache)}), size,
                          batch, threads)
         try:
             n = sum(bmclip_epoch(ld) for _ in range(REMOTE_EPOCHS))
+            seconds = time.perf_counter() - t0
             log.append({"bytes_fetched": int(ld.stats["bytes_fetched"]), "cpu_s": process_cpu_s() - c0,
                         "server_cpu_s": None if s0 is None else _finite(process_cpu_s(shards.server_pid) - s0)})
-            return n
+            # timed: making the loader (cold cache), then the epochs; not the teardown below (a full garbage
+            # collection, ~0.14 s here, which a training run pays once at its end, and the local rows never)
+            return n, seconds
         finally:
             del ld
             gc.collect()  # the loader's cache thread stops and removes its folder when the loader goes
@@ -459,12 +465,12 @@ def targets_for(speed: dict[str, dict], fid: dict[str, dict], cores: int) -> lis
                  "goal": f">= {TARGET_VS_ANCHOR}, equal fidelity", "at_least": TARGET_VS_ANCHOR, "met": met,
                  "equal_fidelity": equal, "note": note}
             if ours == "bmclip" and "decode_1core" in speed:
-                # decode_1core decodes with bmclip's defaults and nothing else: cores x its rate is the most any
-                # loader decoding the same pixels the same way can deliver here, so this is the highest ratio
-                # to the anchor that the bmclip row can reach on this machine
+                # decode_1core decodes with bmclip's defaults and nothing else: cores x its rate is about the most
+                # a loader decoding the same pixels the same way delivers here (an estimate: one core's rate
+                # varies from run to run, and a run of the loader can beat it), beside the anchor's rate
                 t["ceiling"] = cores * speed["decode_1core"]["per_s_median"] / speed[b]["per_s_median"]
                 t["note"] += ("; " if t["note"] else "") + (
-                    f"ceiling {t['ceiling']:.2f}x ({cores} cores x decode_1core / {b})")
+                    f"decode ceiling ~{t['ceiling']:.2f}x ({cores} cores x decode_1core / {b})")
             out.append(t)
     a = f"bmclip_{cores}t"
     if a in speed and "decode_1core" in speed:
@@ -576,8 +582,6 @@ def _status(t: dict) -> str:
         return "met"
     slow = t["value"] < t["at_least"] or t["value"] > t.get("at_most", math.inf)
     why = [w for w, bad in (("speed", slow), ("fidelity", t.get("equal_fidelity") is False)) if bad]
-    if slow and t.get("ceiling", math.inf) < t["at_least"]:
-        why[0] = f"speed: above this machine's ceiling of {t['ceiling']:.2f}x"
     return f"missed ({', '.join(why)})"
 
 
