@@ -382,11 +382,15 @@ class ThrottledProxy:
 
 
 @contextlib.contextmanager
-def throttled_link(target: tuple[str, int], rate: float | None, start_timeout_s: float = 30.0) -> Iterator[str]:
+def throttled_link(target: tuple[str, int], rate: float | None, start_timeout_s: float = 30.0,
+                   server: dict | None = None) -> Iterator[str]:
     """A :class:`ThrottledProxy` to ``target`` in its own process (its pumping threads then take no GIL or core
-    time from the process being timed beyond what the OS shares); yields its endpoint URL."""
+    time from the process being timed beyond what the OS shares); yields its endpoint URL. ``server``: a dict that
+    gets the proxy's ``pid``."""
     proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--throttled-proxy", target[0],
                              str(target[1]), repr(rate)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    if server is not None:
+        server["pid"] = proc.pid
     try:
         ready: list[str] = []
         reader = threading.Thread(target=lambda: ready.append(proc.stdout.readline()), daemon=True)
