@@ -23,6 +23,26 @@ def test_writes_land_whole(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.pt", "sub", "t.txt"]
 
 
+def test_durable_writes_fsync_and_throwaway_ones_do_not(tmp_path, monkeypatch):
+    """The default fsyncs the file and its folder; ``durable=False`` (the download cache) skips both and is still
+    atomic: the target appears whole or not at all."""
+    synced = []
+    real = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(fd), real(fd))[1])
+    with atomic_writer(tmp_path / "d.bin") as f:
+        f.write(b"x" * 10)
+    assert len(synced) == 2  # the file, then the folder
+    synced.clear()
+    with atomic_writer(tmp_path / "t.bin", durable=False) as f:
+        f.write(b"y" * 10)
+        assert not (tmp_path / "t.bin").exists()  # not there until complete
+    assert synced == [] and (tmp_path / "t.bin").read_bytes() == b"y" * 10
+    with pytest.raises(OSError), atomic_writer(tmp_path / "t.bin", durable=False) as f:
+        f.write(b"half")
+        raise OSError("connection dropped")
+    assert (tmp_path / "t.bin").read_bytes() == b"y" * 10 and sorted(os.listdir(tmp_path)) == ["d.bin", "t.bin"]
+
+
 def test_failure_keeps_old_file_and_leaves_no_temp(tmp_path):
     target = tmp_path / "a.txt"
     target.write_text("old")

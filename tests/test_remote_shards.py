@@ -122,6 +122,20 @@ def test_http_bytes_fetched_and_evicted_after_use(shards, http, tmp_path):
     assert cached_files(cache) == []  # each copy deleted once the loader was done with it
 
 
+def test_downloads_are_not_fsynced_but_land_whole(shards, http, tmp_path, monkeypatch):
+    """A cached copy is deleted at the next start, so it is written without fsync (which would force to disk the
+    bytes of every shard of every epoch); it still appears under its name only when complete."""
+    from bmclip.data.remote import fetch_shard
+
+    synced = []
+    real = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(fd), real(fd))[1])
+    dest = tmp_path / "dl" / "copy.tar"
+    n, attempts = fetch_shard(http.urls(shards)[0], dest)
+    assert (n, attempts) == (os.path.getsize(shards[0]), 1) and dest.read_bytes() == Path(shards[0]).read_bytes()
+    assert synced == [] and os.listdir(dest.parent) == ["copy.tar"]
+
+
 def test_dataloader_worker_processes_fetch_their_own_shards(shards, http, tmp_path):
     cache = tmp_path / "cache"
     ld = loader(http.urls(shards), cache)

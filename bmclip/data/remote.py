@@ -262,7 +262,9 @@ def _download(url: str, dest: Path, opts: FetchOptions, storage_options: dict[st
     src = _open_source(url, opts, storage_options)
     try:
         n = 0
-        with atomic_writer(dest, "wb") as f:
+        # not durable: the cache folder is deleted at the next start, so an fsync would only force to disk
+        # bytes that are read once from the page cache and deleted seconds later
+        with atomic_writer(dest, "wb", durable=False) as f:
             while True:
                 if cancelled():
                     raise _Cancelled(url)

@@ -43,10 +43,14 @@ def fsync_dir(path: str | os.PathLike) -> None:
 
 
 @contextlib.contextmanager
-def atomic_writer(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
+def atomic_writer(path: str | os.PathLike, mode: str = "wb", *, durable: bool = True) -> Iterator[IO]:
     """Open a temporary file beside ``path`` (``mode`` "wb" or "w"); on success fsync it and rename it to ``path``.
 
     An exception inside the ``with`` block removes the temporary file and leaves ``path`` untouched.
+    ``durable=False`` skips both fsyncs (the file's and the folder's): the rename is still atomic for every
+    reader, but a power loss may leave nothing (or an empty file) where ``path`` was. Only for throwaway copies
+    that are rebuilt after a crash anyway, such as the remote-shard download cache (deleted at the next start),
+    where an fsync would only force to disk bytes that are deleted seconds later.
     """
     if mode not in ("wb", "w"):
         raise ValueError(f"atomic_writer mode must be 'wb' or 'w', not {mode!r}")
@@ -58,13 +62,15 @@ def atomic_writer(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
         with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
             yield f
             f.flush()
-            os.fsync(f.fileno())
+            if durable:
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
-    fsync_dir(path.parent)
+    if durable:
+        fsync_dir(path.parent)
 
 
 def atomic_write_bytes(data: bytes, path: str | os.PathLike) -> int:
