@@ -26,27 +26,32 @@ Rows, each at 1 worker/thread and at all usable cores (``--workers``):
 
 Remote rows (``--remote``, on the builder set; needs the dev extra's ``moto[server]`` and s3fs): the same shards
 uploaded to moto's S3 server on loopback and read by ``ShardLoader(s3://..., cache_dir=...)`` (its download cache
-with prefetch, default look-ahead; every epoch downloads every shard again, since the cache evicts after use):
+with prefetch, default look-ahead; the cache evicts after use, so each epoch downloads its shards again, except
+those the look-ahead into the next epoch kept):
 
 - ``remote_s3``: straight to the server (the link is not the bottleneck);
 - ``remote_s3_throttled``: through ``bench_common.ThrottledProxy``, a TCP proxy whose downstream bytes share one
-  link of ``--remote-mbps`` MB/s (default 100; moto itself cannot throttle).
+  link of ``--remote-mbps`` MB/s (default 100; moto itself cannot throttle);
+- ``local_cold``: their reference, the same shards from local disk timed the same way.
 
-The server and the proxy run in their own processes (they share the machine's cores with the loader, as a local
-object store would).
+A remote (or ``local_cold``) run is a new ``ShardLoader`` reading ``REMOTE_EPOCHS`` epochs from a cold cache, timed
+from making the loader to its last batch (not its teardown). The server and the proxy run in their own processes
+(they share the machine's cores with the loader, as a local object store would); each run records the bytes the
+loader fetched and the CPU time of the loader's process and of the serving processes (in the targets' notes).
 
 Speed: images/s wall clock per epoch, every loader warmed up by one epoch first (worker start-up, page cache),
 then ``--repeats`` epochs per row interleaved round-robin (A B C A B C ...): median and range.
 Fidelity: on fixed crop windows (``bmclip._C.crop_box``: the windows bmclip's ``decode_batch`` draws), every
 decoder's output against Pillow's (full decode, crop, bicubic resize with antialiasing): min / median PSNR (dB).
 Targets: bmclip on all cores >= 1.5x the anchor on all cores at equal fidelity (worst-window PSNR at most 1 dB
-below the anchor's), and >= 0.9 x cores x one core's decode rate. Remote: ``remote_s3`` within 10 % of ``bmclip``
-(local) on all cores; ``remote_s3_throttled`` within 10 % of the expected rate, min(local rate, link bandwidth /
-bytes per sample) (bytes per sample: the shards' total size / samples; the note says which bound applies).
+below the anchor's), and >= 0.9 x cores x one core's decode rate. Remote: ``remote_s3`` within 10 % of
+``local_cold`` on all cores; ``remote_s3_throttled`` within 10 % of the expected rate, min(local rate, link
+bandwidth / bytes per sample) (bytes per sample: the bytes each run fetched / its samples; the note says which bound
+applies).
 
     python benchmarks/loader_peers.py --out peers.json --md peers.md     # the real numbers (idle machine)
     python benchmarks/loader_peers.py --quick                             # a check that it runs (~1 min)
-    python benchmarks/loader_peers.py --sets builder --remote --only bmclip_,remote --out remote.json --md remote.md
+    python benchmarks/loader_peers.py --sets builder --remote --only local_cold,remote --out remote.json --md remote.md
     python benchmarks/bench_loader.py --peers [ARGS...]                   # the same, from bench_loader
 """
 
@@ -114,7 +119,8 @@ TARGET_VS_CORES = 0.9
 # "equal fidelity": the row's worst-window PSNR vs Pillow is at most this far below the anchor's
 EQUAL_FIDELITY_DB = 1.0
 REMOTE_ROWS = ("remote_s3", "remote_s3_throttled")
-REMOTE_EPOCHS = 3  # consecutive epochs per timed remote run (see _remote_method)
+LOCAL_COLD = "local_cold"  # the remote rows' local reference: the same local shards, timed as the remote rows are
+REMOTE_EPOCHS = 3  # consecutive epochs per timed remote (and local_cold) run (see _cold_method)
 TARGET_REMOTE_VS_LOCAL = 0.9  # remote within 10 % of local when the link is not the bottleneck
 TARGET_THROTTLED_TOLERANCE = 0.1  # throttled: samples/s = expected rate within 10 %
 
@@ -344,7 +350,7 @@ def _load_c():
 
 def _expected(row: str, shards: ShardSet) -> int:
     """Images one timed run of ``row`` yields: one epoch, or ``REMOTE_EPOCHS`` for the remote rows."""
-    return shards.n * (REMOTE_EPOCHS if row.startswith(REMOTE_ROWS) else 1)
+    return shards.n * (REMOTE_EPOCHS if row.startswith((*REMOTE_ROWS, LOCAL_COLD)) else 1)
 
 
 def speed_rows(shards: ShardSet, size: int, batch: int, workers: Sequence[int], repeats: int, C,
@@ -363,9 +369,9 @@ def speed_rows(shards: ShardSet, size: int, batch: int, workers: Sequence[int], 
             for mode, kw in BMCLIP_MODES.items():
                 makers[f"{mode}_{w}t"] = partial(_bmclip_method, shards, size, batch, w, **kw)
         makers["decode_1core"] = partial(decode_1core, C, shards.blobs, shards.n, size, batch)
-        for row, rs in (remote or {}).items():
+        for row, rs in ({LOCAL_COLD: shards, **remote} if remote else {}).items():
             for w in workers:
-                makers[f"{row}_{w}t"] = partial(_remote_method, rs, size, batch, w)
+                makers[f"{row}_{w}t"] = partial(_cold_method, rs, size, batch, w)
     makers = {k: v for k, v in makers.items() if not only or any(k.startswith(o) for o in only)}
     methods: dict[str, Callable[[], int | tuple[int, float]]] = {}
     for name, make in makers.items():
@@ -399,9 +405,10 @@ def _bmclip_method(shards: ShardSet, size: int, batch: int, threads: int, **deco
     return lambda: bmclip_epoch(ld)
 
 
-def _remote_method(shards: ShardSet, size: int, batch: int, threads: int) -> Callable[[], tuple[int, float]]:
-    """``REMOTE_EPOCHS`` consecutive epochs over remote shards from a cold start: a new ``ShardLoader`` with an empty
-    cache folder each call. Cold, so that no shard was fetched ahead while the interleaved rows ran (a kept loader
+def _cold_method(shards: ShardSet, size: int, batch: int, threads: int) -> Callable[[], tuple[int, float]]:
+    """``REMOTE_EPOCHS`` consecutive epochs from a cold start: a new ``ShardLoader`` each call (over remote shards:
+    with an empty cache folder; over local ones, ``local_cold``: the remote rows' reference, paying the same
+    start). Cold, so that no shard was fetched ahead while the interleaved rows ran (a kept loader
     prefetches the next epoch's first shards in the background); several epochs, so that the end of the data (the
     shuffle buffer draining with nothing left to fetch, which a loader reading on into the next epoch overlaps
     with that epoch's downloads) weighs as in a run of many shards, not as in one pass over a handful.
@@ -414,12 +421,13 @@ def _remote_method(shards: ShardSet, size: int, batch: int, threads: int) -> Cal
     log: list[dict] = []
 
     def epochs() -> tuple[int, float]:
-        cache = Path(shards.loader_kwargs["cache_dir"]) / f"run-{next(runs)}"
+        run = next(runs)
+        cache = Path(shards.loader_kwargs["cache_dir"]) / f"run-{run}" if "cache_dir" in shards.loader_kwargs else None
+        kwargs = {**shards.loader_kwargs, **({"cache_dir": str(cache)} if cache else {})}
         c0 = process_cpu_s()
         s0 = _servers_cpu_s(shards.server_pids)
         t0 = time.perf_counter()
-        ld = make_bmclip(replace(shards, loader_kwargs={**shards.loader_kwargs, "cache_dir": str(cache)}), size,
-                         batch, threads)
+        ld = make_bmclip(replace(shards, loader_kwargs=kwargs), size, batch, threads)
         try:
             n = sum(bmclip_epoch(ld) for _ in range(REMOTE_EPOCHS))
             seconds = time.perf_counter() - t0
@@ -431,7 +439,8 @@ def _remote_method(shards: ShardSet, size: int, batch: int, threads: int) -> Cal
         finally:
             del ld
             gc.collect()  # the loader's cache thread stops and removes its folder when the loader goes
-            shutil.rmtree(cache, ignore_errors=True)
+            if cache is not None:
+                shutil.rmtree(cache, ignore_errors=True)
 
     epochs.runs = log  # type: ignore[attr-defined]
     return epochs
@@ -487,15 +496,17 @@ def targets_for(speed: dict[str, dict], fid: dict[str, dict], cores: int) -> lis
 
 def remote_targets(speed: dict[str, dict], cores: int, bytes_per_sample: float, link_bytes_per_s: float
                    ) -> list[dict]:
-    """The issue's remote targets: ``remote_s3`` / ``bmclip`` (local) on all cores >= 0.9, and
-    ``remote_s3_throttled`` / min(local rate, link-bound rate) within 1 +- 0.1.
+    """The issue's remote targets: ``remote_s3`` / local on all cores >= 0.9, and ``remote_s3_throttled`` /
+    min(local rate, link-bound rate) within 1 +- 0.1. Local is ``local_cold`` (the same shards from local disk,
+    timed as the remote rows are: a new loader per run, ``REMOTE_EPOCHS`` epochs), or ``bmclip`` where that row
+    was not run.
 
     The link-bound rate of a run is its samples x link bandwidth / the bytes that run fetched (the loader's
-    ``bytes_fetched``, recorded per run by :func:`_remote_method`; ``bytes_per_sample`` x samples, the shards'
+    ``bytes_fetched``, recorded per run by :func:`_cold_method`; ``bytes_per_sample`` x samples, the shards'
     size, where a row has no such record): a shard the cache still holds from the end of one epoch, which the next
     epoch opens first, is not fetched again, so fewer bytes than the shards' total cross the link."""
     out = []
-    local = f"bmclip_{cores}t"
+    local = f"{LOCAL_COLD}_{cores}t" if f"{LOCAL_COLD}_{cores}t" in speed else f"bmclip_{cores}t"
     if local not in speed:
         return out
     lr = speed[local]
