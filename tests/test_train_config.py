@@ -30,6 +30,15 @@ def test_nested_overrides_are_typed():
     assert c.model.compile is True
 
 
+@pytest.mark.parametrize("given", [["--data.train=/x/{0..3}.tar"], ["--data.val=s3://b/val-{0..1}.tar"]])
+def test_shards_with_synthetic_data_are_an_error_not_ignored(given):
+    """tiny-cpu starts synthetic: shards given without --data.synthetic=false would be silently unused."""
+    with pytest.raises(ConfigError, match=r"data.synthetic: is true, so data\.(train|val)=.* would be ignored.*"
+                                          r"--data.synthetic=false"):
+        load_config("tiny-cpu", given)
+    assert load_config("tiny-cpu", [*given, "--data.synthetic=false"]).data.synthetic is False
+
+
 @pytest.mark.parametrize("override, key", [
     (["--optim.lrr=1"], "optim.lrr"),
     (["--stepz=3"], "stepz"),

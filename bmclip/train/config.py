@@ -187,6 +187,11 @@ class TrainConfig:
                "must be auto, torch or dali")
         _check(not (self.data.synthetic and self.data.augment_backend == "dali"), "data.augment_backend",
                "dali decodes shard images; data.synthetic pairs are generated decoded (use auto or torch)")
+        shards = {k: v for k, v in (("data.train", self.data.train), ("data.val", self.data.val)) if v}
+        _check(not (self.data.synthetic and shards), "data.synthetic",
+               f"is true, so {' and '.join(f'{k}={v!r}' for k, v in shards.items())} would be ignored (synthetic pairs "
+               "are generated in memory; the tiny-cpu preset starts synthetic): add --data.synthetic=false to read "
+               "the shards")
         return self
 
 
