@@ -49,6 +49,16 @@ def test_malicious_pickle_refused_torch_zip(tmp_path):
     assert marker.exists()
 
 
+@pytest.mark.parametrize("content", [b"\x1f\x8b\x08\x00 a gzip stream", b"ustar-ish junk " * 40, b""])
+def test_a_file_that_is_no_torch_file_says_so(tmp_path, content):
+    """Random bytes, a gzip or an empty file are not 'unsafe pickles': the error says what the file is not."""
+    path = tmp_path / "junk.tar"
+    path.write_bytes(content)
+    with pytest.raises(CheckpointError, match=r"not a torch file \(neither the zip archive torch.save writes nor a "
+                                              r"pickle; it starts with b'"):
+        safe_torch_load(path)
+
+
 def test_malicious_raw_pickle_refused(tmp_path):
     marker = tmp_path / "pwned"
     path = tmp_path / "evil.pkl"

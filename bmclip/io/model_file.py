@@ -57,6 +57,13 @@ def safe_torch_load(path: str | os.PathLike, map_location: Any = "cpu") -> Any:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
+    with open(path, "rb") as f:
+        head = f.read(4)
+    # torch.save writes a zip archive (PK\x03\x04), older torch and pickle.dump a pickle (protocol >= 2 starts
+    # with \x80); anything else (an image, a tar, random bytes) would read as an unsafe pickle op to the unpickler
+    if not (head.startswith(b"PK\x03\x04") or head.startswith(b"\x80")):
+        raise CheckpointError(f"cannot read checkpoint {path}: not a torch file (neither the zip archive torch.save "
+                              f"writes nor a pickle; it starts with {head!r})")
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
