@@ -63,6 +63,8 @@ def test_embed_errors_are_clean(tmp_path, capsys):
     assert "cannot read image" in capsys.readouterr().err
     assert main(["embed", "--preset", "nope"]) == 2
     assert "unknown model preset" in capsys.readouterr().err
+    assert main(["embed", "--captions", "a chest x-ray", "  "]) == 2
+    assert "--captions: caption 1 is empty" in capsys.readouterr().err
 
 
 def _write_shard(path, captions):

@@ -88,6 +88,8 @@ def embed(args) -> dict:
     default_images, default_caps = bundled_samples()
     images = list(args.images or default_images)
     captions = list(args.captions or default_caps)
+    if blank := [j for j, c in enumerate(captions) if not c.strip()]:  # nothing to embed: a meaningless row
+        raise ConfigError(f"--captions: caption {blank[0]} is empty (give some text for every caption)")
     size = model.config.vision.image_size
     pixels = torch.stack([load_image(p, size) for p in images]).to(args.device)
     ids = tok(captions).to(args.device)
