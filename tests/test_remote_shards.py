@@ -12,8 +12,10 @@ import contextlib
 import gc
 import hashlib
 import json
+import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -249,6 +251,25 @@ def test_every_shard_failing_ends_with_a_clear_error(shards, http, tmp_path):
     ld = loader(urls, tmp_path / "cache", resampled=True)
     with pytest.raises(DataError, match="could not be downloaded"):
         collect(ld)
+
+
+def test_no_download_retries_after_the_all_shards_failed_error(shards, tmp_path, caplog):
+    """Once the loader has said that no shard could be downloaded, the downloads ahead (the next epoch's shards)
+    stop: no retry line is logged after the error, and the cache folder is gone."""
+    with socket.socket() as s:  # a port nobody listens on: every connection is refused (a transient error)
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    urls = [f"http://127.0.0.1:{port}/shard-{i}.tar" for i in range(3)]
+    cache = tmp_path / "cache"
+    ld = loader(urls, cache, prefetch_shards=2)
+    with caplog.at_level(logging.WARNING, logger="bmclip"), pytest.raises(DataError, match="could not be downloaded"):
+        collect(ld)
+    seen = len(caplog.records)
+    assert any("retrying in" in r.getMessage() for r in caplog.records)  # the attempts did retry
+    time.sleep(3 * FAST["backoff_max_s"] + 0.5)  # longer than any backoff between attempts
+    assert [r.getMessage() for r in caplog.records[seen:]] == []
+    assert not ld._cache.usable() and cached_files(cache) == []
+    assert ld.stats["fetch_failures"] == 3  # the counts of the failed pass stay readable
 
 
 @pytest.mark.parametrize("resampled", [False, True])

@@ -362,6 +362,10 @@ class _LoaderIter:
             if state is not None:  # counters of the failed pass (the position stays after the last batch)
                 self.L._state.counters = state
             self._finish()
+            if isinstance(batch, DataError) and self.L._cache is not None:
+                # the pass ended for want of data (e.g. no shard could be downloaded): stop the downloads ahead,
+                # whose retries would go on logging after the error; a new iteration starts a new cache
+                self.L._cache.close()
             raise batch
         self.L._state = state
         return batch
