@@ -522,10 +522,9 @@ def remote_targets(speed: dict[str, dict], cores: int, bytes_per_sample: float, 
     a = f"remote_s3_throttled_{cores}t"
     if a in speed:
         r = speed[a]
-        items = r.get("items") or [None] * len(r["per_s"])
-        fetched = r.get("bytes_fetched") or [bytes_per_sample * n if n else None for n in items]
-        if all(f and n for f, n in zip(fetched, items)):
-            per_sample = [f / n for f, n in zip(fetched, items)]
+        fetched = r.get("bytes_fetched")
+        if fetched and all(fetched):
+            per_sample = [f / n for f, n in zip(fetched, r["items"])]
         else:  # no per-run counts (a hand-made row): the shards' size per sample
             per_sample = [bytes_per_sample] * len(r["per_s"])
         link_rates = [link_bytes_per_s / b for b in per_sample]
