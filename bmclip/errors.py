@@ -15,3 +15,9 @@ class CheckpointError(BmclipError):
 
 class DataError(BmclipError):
     """Input data cannot be read (corrupt shard, malformed XML, unknown dataset spec)."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM arrived: raised in the main thread by the ``bmclip`` command's handler, so that ``with`` blocks
+    and ``finally`` clauses unwind as for Ctrl-C (a subclass of KeyboardInterrupt, which ``except
+    Exception`` clauses do not swallow)."""

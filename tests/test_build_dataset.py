@@ -601,6 +601,129 @@ def test_dead_worker_is_an_error_and_rerun_resumes(tmp_path, monkeypatch):
     assert _shard_bytes(out) == _shard_bytes(ref)
 
 
+def _children(pid: int) -> list[int]:
+    """The pids whose parent is ``pid`` (read from /proc)."""
+    out = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                stat = (d / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                out.append(int(d.name))
+    return out
+
+
+def _running(pid: int) -> bool:
+    """The process exists and is not a zombie (an orphan's zombie waits for init to reap it)."""
+    try:
+        return (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+_SLOW_CHUNKS_CLI = """
+import sys, time
+from bmclip.data.pmc import stage
+real = stage._chunk_task_impl
+def slow(args):  # forked workers see this: every chunk takes a while, so the signal lands mid-build
+    time.sleep(0.4)
+    return real(args)
+stage._chunk_task = slow
+from bmclip.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc; the parent-death signal is Linux's")
+@pytest.mark.parametrize("sig, to_group", [
+    ("SIGTERM", False),  # kill PID, a container runtime's stop: the main process only
+    pytest.param("SIGINT", True, marks=pytest.mark.slow),  # Ctrl-C: the whole foreground group
+    pytest.param("SIGKILL", False, marks=pytest.mark.slow),  # the OOM killer or kill -9 of the main process
+])
+def test_signalled_build_stops_at_once_leaves_no_worker_and_resumes(tmp_path, sig, to_group):
+    """A build stopped by a signal ends within seconds with a line saying so, leaves no worker process
+    behind (before: SIGTERM or SIGKILL to the main process orphaned the pool's workers, blocked forever on
+    the task queue), and the rerun of the same command completes to the same shards as an uninterrupted build."""
+    src = tmp_path / "in"
+    src.mkdir()
+    for i in range(12):
+        _package(src, f"PMC{7000 + i}", n_figs=1, seed=700 + i)
+    ref, out = tmp_path / "ref", tmp_path / "out"
+    _build([src], ref, chunk_size=1)
+    argv = ["build-dataset", str(src), "--output", str(out), "--workers", "2", "--chunk-size", "1", "--no-progress"]
+    log = tmp_path / "stderr.txt"
+    with open(log, "wb") as f:  # a file, not a pipe: orphaned workers would hold a pipe open
+        proc = subprocess.Popen([sys.executable, "-c", _SLOW_CHUNKS_CLI, *argv], start_new_session=True,
+                                stdout=subprocess.DEVNULL, stderr=f)
+    workers: list[int] = []
+    try:
+        chunks = out / "_staging" / "chunks"
+        deadline = time.time() + 120
+        while time.time() < deadline and proc.poll() is None:
+            if chunks.is_dir() and any(p.suffix == ".bin" for p in chunks.iterdir()):
+                break
+            time.sleep(0.02)
+        assert proc.poll() is None, "builder finished before it could be signalled"
+        workers = _children(proc.pid)
+        assert len(workers) == 2, workers
+        signum = getattr(signal, sig)
+        t0 = time.monotonic()
+        if to_group:
+            os.killpg(proc.pid, signum)
+        else:
+            os.kill(proc.pid, signum)
+        proc.wait(timeout=30)
+        took = time.monotonic() - t0
+        deadline = time.monotonic() + 10
+        while any(_running(w) for w in workers) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        left = [w for w in workers if _running(w)]
+        assert not left, f"worker processes outlived the build: {left}"
+    finally:
+        for pid in [proc.pid, *workers]:
+            if _running(pid):
+                os.kill(pid, signal.SIGKILL)
+    err = log.read_text(errors="replace")
+    if sig == "SIGKILL":
+        assert proc.returncode == -signal.SIGKILL
+    else:
+        assert proc.returncode == 128 + signum, err
+        assert took < 5, took  # does not wait for the chunks in flight
+        assert f"stopped by {sig}" in err or f"interrupted ({sig})" in err, err
+        assert "rerun the same command to resume" in err, err
+        assert "Traceback" not in err, err
+    assert not (out / "manifest.json").exists()
+    assert len([p for p in chunks.iterdir() if p.suffix == ".bin"]) < 12
+    from bmclip.cli import main
+
+    assert main(argv) == 0
+    assert _shard_bytes(out) == _shard_bytes(ref)
+
+
+def test_sigterm_unwinds_only_where_the_default_handler_was():
+    """The CLI's SIGTERM handler raises Terminated (a KeyboardInterrupt) and puts the default back after the
+    command; a handler installed by an embedding program is left alone."""
+    from bmclip.cli import _sigterm_unwinds
+    from bmclip.errors import Terminated
+
+    old = signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    try:
+        with pytest.raises(KeyboardInterrupt) as e, _sigterm_unwinds():
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)  # not reached: the handler raises at the next bytecode
+        assert isinstance(e.value, Terminated)
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+        seen = []
+        signal.signal(signal.SIGTERM, lambda *a: seen.append(a[0]))
+        with _sigterm_unwinds():
+            os.kill(os.getpid(), signal.SIGTERM)
+        assert seen == [signal.SIGTERM]
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
 def test_broken_best_file_falls_back_to_next_format(tmp_path):
     src = tmp_path / "in"
     src.mkdir()

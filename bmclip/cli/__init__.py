@@ -8,12 +8,15 @@ functions that run the command, so ``bmclip --help`` stays fast.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
+import signal
 import sys
+import threading
 from importlib.metadata import PackageNotFoundError, version
 
 from bmclip import __version__
-from bmclip.errors import BmclipError
+from bmclip.errors import BmclipError, Terminated
 
 # Module names under bmclip.cli, in the order `bmclip --help` lists them.
 SUBCOMMAND_MODULES = (
@@ -55,17 +58,47 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _raise_terminated(signum, frame) -> None:
+    raise Terminated("SIGTERM")
+
+
+@contextlib.contextmanager
+def _sigterm_unwinds():
+    """While a command runs, SIGTERM raises :class:`~bmclip.errors.Terminated` in the main thread.
+
+    Python's default for SIGTERM is to die on the spot: no ``finally`` runs, a process pool's workers are
+    orphaned, and the log ends without a word. Raising instead unwinds the command like Ctrl-C does (every
+    write is atomic, so nothing half-written is left either way) and lets :func:`main` say what stopped it.
+    Only a default handler is replaced (an embedding program's own is left alone), and ``bmclip train``
+    installs its own (checkpoint, then stop) over this one while it trains.
+    """
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        yield
+        return
+    signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        rc = args.func(args)
+        with _sigterm_unwinds():
+            rc = args.func(args)
     except BmclipError as e:
         print(f"bmclip {args.command}: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        # 128 + the signal's number, as a shell reports a process killed by it
+        if isinstance(e, Terminated):
+            print(f"bmclip {args.command}: stopped by SIGTERM", file=sys.stderr)
+            return 128 + signal.SIGTERM
+        print(f"bmclip {args.command}: interrupted (SIGINT)", file=sys.stderr)
+        return 128 + signal.SIGINT
     return int(rc or 0)
 
 

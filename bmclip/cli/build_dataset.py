@@ -129,6 +129,15 @@ def _summary(stats: dict) -> str:
 
 def run(args) -> int:
     """Run ``bmclip build-dataset`` (build, one slice's stage, or merge); returns the exit code."""
+    try:
+        return _run(args)
+    except KeyboardInterrupt:
+        print("build-dataset: stopped; the staged chunks are kept: rerun the same command to resume "
+              "(it redoes only what is missing)", file=sys.stderr)
+        raise
+
+
+def _run(args) -> int:
     # The builder (PIL, numpy, tqdm) is imported when the command runs, not when `bmclip --help` lists it.
     from bmclip.data.pmc.build import build, merge_staging, stage
 

@@ -24,6 +24,7 @@ import hashlib
 import json
 import os
 import re
+import signal
 import struct
 import sys
 from collections import Counter
@@ -340,33 +341,74 @@ def _chunk_task_impl(args) -> tuple[int, int, dict]:
     return index, n, {"packages": len(packages), "errors": errors[:5]}
 
 
+def _worker_init(parent_pid: int) -> None:
+    """Start of a build worker: die with the process that started it, and die at once on SIGTERM.
+
+    A fork inherits the parent's Python SIGTERM handler (the CLI's, which raises): reset to the default, so
+    that a worker told to stop stops, mid-chunk if need be (a chunk is written atomically; the rerun redoes
+    it). On Linux the kernel sends SIGTERM to the worker when its parent dies, even by SIGKILL or the OOM
+    killer: without that, workers blocked on the task queue would outlive a killed build forever.
+    """
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        pr_set_pdeathsig = 1
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, int(signal.SIGTERM), 0, 0, 0)
+        except (OSError, AttributeError):
+            pass
+    if os.getppid() != parent_pid:  # the parent died before the prctl took effect
+        os._exit(1)
+
+
 def _run_pool(tasks: list, workers: int, account: Callable[[tuple], None]) -> None:
     """Run chunk tasks on a process pool, at most 4 per worker in flight (bounded memory).
 
     ProcessPoolExecutor rather than multiprocessing.Pool: a worker killed by the OOM killer surfaces
     as BrokenProcessPool (reported as a DataError telling the user to rerun and resume) instead of an
-    eternal hang.
+    eternal hang. Interrupted (SIGINT, or SIGTERM through the CLI's handler), the pool does not wait for the
+    chunks in flight: queued tasks are cancelled and the workers terminated, so the command exits at once
+    and leaves no process behind; the finished chunks are kept for the rerun.
     """
     pending = iter(tasks)
     in_flight: set = set()
-    with ProcessPoolExecutor(workers) as ex:
-        try:
-            while True:
-                while len(in_flight) < 4 * workers:
-                    t = next(pending, None)
-                    if t is None:
-                        break
-                    in_flight.add(ex.submit(_chunk_task, t))
-                if not in_flight:
+    ex = ProcessPoolExecutor(workers, initializer=_worker_init, initargs=(os.getpid(),))
+    try:
+        while True:
+            while len(in_flight) < 4 * workers:
+                t = next(pending, None)
+                if t is None:
                     break
-                done, in_flight = wait(in_flight, return_when=FIRST_COMPLETED)
-                for f in done:
-                    account(f.result())
-        except BrokenProcessPool as e:
-            raise DataError(
-                "a build worker process died (out of memory or killed); finished chunks are kept: "
-                "rerun the same command to resume"
-            ) from e
+                in_flight.add(ex.submit(_chunk_task, t))
+            if not in_flight:
+                break
+            done, in_flight = wait(in_flight, return_when=FIRST_COMPLETED)
+            for f in done:
+                account(f.result())
+    except BrokenProcessPool as e:
+        ex.shutdown(wait=True, cancel_futures=True)
+        raise DataError(
+            "a build worker process died (out of memory or killed); finished chunks are kept: "
+            "rerun the same command to resume"
+        ) from e
+    except BaseException:
+        _terminate_pool(ex)
+        raise
+    ex.shutdown(wait=True)
+
+
+def _terminate_pool(ex: ProcessPoolExecutor) -> None:
+    """Cancel what is queued, terminate the workers (mid-chunk is fine: chunks are atomic) and reap them."""
+    # The executor exposes no way to stop running tasks; its worker processes are in ``_processes``
+    # (pid -> Process) in every CPython from 3.8 on.
+    procs = list((getattr(ex, "_processes", None) or {}).values())
+    for p in procs:
+        if p.is_alive():
+            p.terminate()
+    ex.shutdown(wait=True, cancel_futures=True)
+    for p in procs:
+        p.join(timeout=5)
 
 
 def _plan_digest(keys: list[str]) -> str:
