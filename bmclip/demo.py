@@ -35,7 +35,7 @@ from bmclip.data.loader import ShardLoader
 from bmclip.data.normalize import normalize_images
 from bmclip.data.pmc.build import build_dataset
 from bmclip.demo_corpus import FIGURE_TYPE_NAMES, FIGURE_TYPES, generate_corpus, load_labels
-from bmclip.errors import ConfigError, DataError
+from bmclip.errors import ConfigError, DataError, Terminated
 from bmclip.eval.retrieval import retrieval_metrics
 from bmclip.eval.zeroshot import zeroshot_classify
 from bmclip.io import atomic_write_text
@@ -105,6 +105,8 @@ def run_demo(out_dir: str | os.PathLike = "bmclip-demo", size: str = "small", se
     sz = SIZES[size]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    # an earlier demo's report must not pass for this run's if this one stops (or fails) before its own
+    (out / "report.json").unlink(missing_ok=True)
     t_all = time.perf_counter()
     timings = {}
 
@@ -150,12 +152,17 @@ def run_demo(out_dir: str | os.PathLike = "bmclip-demo", size: str = "small", se
         "num_threads": 1, "deterministic": True,
     })
     t = time.perf_counter()
+    # the demo always trains from step 0 (its report depends on the seed only), so a stopped demo is rerun whole
+    hint = "the demo trains from step 0 each time: rerun the same command to run it again"
     if quiet:  # the trainer's banner and progress lines (its warnings and errors still go to stderr)
         with contextlib.redirect_stdout(io.StringIO()):
-            summary = train(cfg)
+            summary = train(cfg, resume_hint=hint)
     else:
-        summary = train(cfg)
+        summary = train(cfg, resume_hint=hint)
     timings["train_s"] = time.perf_counter() - t
+    stopped_by = summary.get("stopped_by_signal")
+    if stopped_by in ("SIGINT", "SIGTERM"):  # asked to stop: no evaluation of a half-trained model, no report
+        raise Terminated(stopped_by) if stopped_by == "SIGTERM" else KeyboardInterrupt(stopped_by)
     _log(f"trained {summary['steps']} steps in {summary['seconds']:.1f}s "
          f"({summary['samples_per_s']:.0f} samples/s)", quiet)
 

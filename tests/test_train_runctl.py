@@ -275,3 +275,65 @@ def test_signal_handler_requests_and_the_third_sigint_aborts(capfd):
     err = capfd.readouterr().err
     assert "SIGTERM again: already stopping (SIGINT)" in err and "1 more SIGINT aborts" in err
     assert "aborting without a checkpoint" in err
+
+
+# ------------------------------------------------------------------------------------------ what a stopped run says
+
+
+def _sigterm_after_step(monkeypatch, at_step: int) -> None:
+    """Every run in this test sends itself SIGTERM when its step ``at_step`` ends (a step_end hook)."""
+    import signal
+
+    from bmclip.train import hooks as hooks_mod
+
+    real = hooks_mod.FaultInjector.install
+
+    def install(self, hooks):
+        hooks = real(self, hooks)
+        hooks.add("step_end", lambda step: os.kill(os.getpid(), signal.SIGTERM) if step == at_step else None)
+        return hooks
+
+    monkeypatch.setattr(hooks_mod.FaultInjector, "install", install)
+
+
+@pytest.mark.parametrize("resume", ["auto", "none"])
+def test_a_stopped_run_says_how_to_resume_for_its_resume_setting(tmp_path, monkeypatch, capfd, resume):
+    """'rerun the same command to resume' is only true with resume=auto: with resume=none the rerun sets the
+    checkpoints aside and starts afresh, so the stop says to rerun with --resume=auto, which does resume."""
+    from bmclip.train.trainer import train
+
+    out = tmp_path / "run"
+    over = ["--steps=4", "--data.batch_size=8", "--num_threads=1", "--log_every=1", "--val_every=0",
+            "--optim.warmup_steps=1", "--tensorboard=false", "--progress=false", f"--out_dir={out}"]
+    _sigterm_after_step(monkeypatch, 2)
+    summary = train(load_config("tiny-cpu", [*over, f"--resume={resume}"]))
+    assert summary["stopped_by_signal"] == "SIGTERM" and summary["steps"] == 2
+    err = capfd.readouterr().err
+    if resume == "auto":
+        assert err.count("rerun the same command to resume") == 2, err  # at the signal and at the stop
+        assert "--resume=auto" not in err
+    else:
+        assert "rerun the same command" not in err, err
+        assert err.count("this run has resume=none: rerun it with --resume=auto to resume from that checkpoint") \
+            == 2, err
+    monkeypatch.undo()
+    summary = train(load_config("tiny-cpu", [*over, "--resume=auto"]))  # what both messages lead to
+    assert summary["steps"] == 4 and summary["steps_this_run"] == 2
+    assert f"resumed from {out / 'checkpoints' / 'step_00000002'} at step 2" in capfd.readouterr().out
+
+
+@pytest.mark.slow
+def test_a_demo_stopped_in_training_stops_without_a_report(tmp_path, monkeypatch, capfd):
+    """SIGTERM while the demo trains ends the demo (no evaluation of a half-trained model, no report.json, exit
+    143 through the CLI) with the demo's own hint: the demo always trains from step 0, so it is rerun whole."""
+    from bmclip.cli import main
+
+    (tmp_path / "demo").mkdir()
+    (tmp_path / "demo" / "report.json").write_text("{}")  # a finished earlier demo's: not this run's
+    _sigterm_after_step(monkeypatch, 2)
+    assert main(["demo", "--out", str(tmp_path / "demo"), "--size", "ci"]) == 143
+    err = capfd.readouterr().err
+    assert "bmclip demo: stopped by SIGTERM" in err, err[-2000:]
+    assert "the demo trains from step 0 each time: rerun the same command to run it again" in err, err[-2000:]
+    assert "--resume" not in err and "to resume" not in err, err[-2000:]
+    assert not (tmp_path / "demo" / "report.json").exists()

@@ -43,6 +43,17 @@ def _raw_write(fd: int, msg: str) -> None:
         pass
 
 
+def resume_hint(resume: str) -> str:
+    """What a stopped run tells its operator to do to go on from its checkpoint, for its ``resume`` setting.
+
+    Only ``resume=auto`` picks the stop's checkpoint up when the same command is rerun: with ``none`` the rerun
+    sets the checkpoints aside and starts afresh, with a PATH it starts from that older checkpoint again.
+    """
+    if resume == "auto":
+        return "rerun the same command to resume"
+    return f"this run has resume={resume}: rerun it with --resume=auto to resume from that checkpoint"
+
+
 class DataWaitInterrupted(Exception):
     """A stop signal arrived while a single-process run waited for its next batch (see StopSignals.data_wait)."""
 
@@ -59,11 +70,13 @@ class StopSignals:
     HANDLED = ("SIGTERM", "SIGINT", "SIGUSR1")
     ABORT_AFTER_SIGINTS = 3  # the third SIGINT aborts at once (KeyboardInterrupt)
 
-    def __init__(self, on_usr1: str = "checkpoint", rank: int = 0):
+    def __init__(self, on_usr1: str = "checkpoint", rank: int = 0,
+                 resume_hint: str = "rerun the same command to resume"):
         if on_usr1 not in ("checkpoint", "stop"):
             raise ConfigError(f"on_usr1: must be checkpoint or stop, got {on_usr1!r}")
         self.on_usr1 = on_usr1
         self.rank = rank
+        self.resume_hint = resume_hint  # how to go on from the stop's checkpoint (see resume_hint())
         self.stop: str | None = None  # name of the first signal that asked to stop
         self.checkpoint = False  # a SIGUSR1 checkpoint request not yet acted on
         self.step = 0  # the last finished step (for the messages)
@@ -120,11 +133,11 @@ class StopSignals:
             self.stop = name
             if self._in_data_wait and self.interrupt_data_wait:
                 _raw_write(2, f"\n{who}{name} while waiting for data: stopping at step {self.step} with a "
-                              "checkpoint (rerun the same command to resume)\n")
+                              f"checkpoint ({self.resume_hint})\n")
                 self._in_data_wait = False
                 raise DataWaitInterrupted(name)
             _raw_write(2, f"\n{who}{name}: stopping after step {self.step + 1} with a checkpoint "
-                          "(rerun the same command to resume)\n")
+                          f"({self.resume_hint})\n")
             return
         self.repeats += 1
         if name == "SIGINT":

@@ -68,6 +68,7 @@ from bmclip.train.metrics import (
 )
 from bmclip.train.optim import CosineSchedule, build_optimizer
 from bmclip.train.runctl import Console, DataWaitInterrupted, OutDirLock, StopSignals
+from bmclip.train.runctl import resume_hint as runctl_resume_hint
 from bmclip.train.validation import Validator, validate
 
 __all__ = ["NonFiniteLossError", "Trainer", "augment_backend", "train", "validate"]
@@ -310,8 +311,13 @@ def _banner(cfg: TrainConfig, info: DistInfo, mcfg, n_params: int, step: int, re
 # ---------------------------------------------------------------------------------------------------
 # The run
 
-def train(cfg: TrainConfig) -> dict:
-    """Run training as configured; returns a summary dict (steps, seconds, samples/s, last loss, ...)."""
+def train(cfg: TrainConfig, *, resume_hint: str | None = None) -> dict:
+    """Run training as configured; returns a summary dict (steps, seconds, samples/s, last loss, ...).
+
+    ``resume_hint`` replaces what a run stopped by a signal tells the operator to do next (by default, from
+    ``cfg.resume``: :func:`bmclip.train.runctl.resume_hint`); a program that drives the trainer itself, like
+    the demo, says how *it* goes on.
+    """
     cfg.validate()
     # Process-wide torch settings are restored afterwards (train() is also called in-process by the demo
     # and the tests).
@@ -322,7 +328,7 @@ def train(cfg: TrainConfig) -> dict:
     # metrics files), run in reverse order however the run ends
     cleanup: list = []
     try:
-        return Trainer(cfg, info, cleanup).fit()
+        return Trainer(cfg, info, cleanup, resume_hint).fit()
     finally:
         for close in reversed(cleanup):
             close()
@@ -338,8 +344,9 @@ class Trainer:
     ``cleanup`` collects closers for the caller to run in reverse order however the run ends.
     """
 
-    def __init__(self, cfg: TrainConfig, info: DistInfo, cleanup: list):
+    def __init__(self, cfg: TrainConfig, info: DistInfo, cleanup: list, resume_hint: str | None = None):
         self.cfg, self.info = cfg, info
+        self.resume_hint = resume_hint or runctl_resume_hint(cfg.resume)
         self.device = device = info.device
         self.out = out = Path(cfg.out_dir)
         _check_tokenizer_choice(cfg)
@@ -352,7 +359,7 @@ class Trainer:
             if aside is not None:
                 print(f"[bmclip] resume=none: moved the earlier run's checkpoints to {aside}", file=sys.stderr,
                       flush=True)
-        self.signals = StopSignals(cfg.on_usr1, info.rank)
+        self.signals = StopSignals(cfg.on_usr1, info.rank, self.resume_hint)
         self.signals.interrupt_data_wait = info.world_size == 1
         if self.signals.install():
             cleanup.append(self.signals.restore)
@@ -615,7 +622,7 @@ class Trainer:
                 where = (f"checkpoint {out / 'checkpoints' / ckpt_mod.step_dir_name(step)}" if step else
                          "no step had finished, nothing to checkpoint")
                 print(f"[bmclip] stopped by {summary['stopped_by_signal']} at step {step} of {cfg.steps}; {where}; "
-                      "rerun the same command to resume", file=sys.stderr, flush=True)
+                      f"{self.resume_hint}", file=sys.stderr, flush=True)
         if info.is_main:
             records = read_jsonl(out / "metrics.jsonl") if (out / "metrics.jsonl").is_file() else []
             summary["curves"] = [str(p) for p in plot_curves(records, out)]
