@@ -7,6 +7,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import shutil
 import signal
 import struct
@@ -652,7 +653,7 @@ def test_signalled_build_stops_at_once_leaves_no_worker_and_resumes(tmp_path, si
         _package(src, f"PMC{7000 + i}", n_figs=1, seed=700 + i)
     ref, out = tmp_path / "ref", tmp_path / "out"
     _build([src], ref, chunk_size=1)
-    argv = ["build-dataset", str(src), "--output", str(out), "--workers", "2", "--chunk-size", "1", "--no-progress"]
+    argv = ["build-dataset", str(src), "--output", str(out), "--workers", "2", "--chunk-size", "1"]
     log = tmp_path / "stderr.txt"
     with open(log, "wb") as f:  # a file, not a pipe: orphaned workers would hold a pipe open
         proc = subprocess.Popen([sys.executable, "-c", _SLOW_CHUNKS_CLI, *argv], start_new_session=True,
@@ -694,6 +695,10 @@ def test_signalled_build_stops_at_once_leaves_no_worker_and_resumes(tmp_path, si
         assert f"stopped by {sig}" in err or f"interrupted ({sig})" in err, err
         assert "rerun the same command to resume" in err, err
         assert "Traceback" not in err, err
+        # stderr is a file here, as in a batch job's log: the progress is plain lines (no bar redrawn with \r),
+        # the last of them saying how far the stage got
+        assert "\r" not in err, err
+        assert re.search(r"^\d\d:\d\d:\d\d stage _staging: \d+/12 pkg \(\d+%\), .*, stopped$", err, re.M), err
     assert not (out / "manifest.json").exists()
     assert len([p for p in chunks.iterdir() if p.suffix == ".bin"]) < 12
     from bmclip.cli import main

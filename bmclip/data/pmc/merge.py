@@ -25,15 +25,13 @@ import json
 import os
 import re
 import shutil
-import sys
 import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
-from tqdm import tqdm
-
 from bmclip.data.pmc.dedup import Deduplicator
 from bmclip.data.pmc.options import SPLITS, BuildOptions
+from bmclip.data.pmc.progress import Progress
 from bmclip.data.pmc.shard_writer import SAMPLE_MEMBERS, ShardWriter
 from bmclip.data.pmc.stage import staging_stream
 from bmclip.data.pmc.staging import StagingDir, remove_partial_files
@@ -157,7 +155,8 @@ def _merge_into(stagings: list[StagingDir], plans: list[dict], out: Path, remote
             stats.skip("package", reason, n)
     seen_articles: set[str] = set()
     merged = heapq.merge(*(staging_stream(s) for s in stagings), key=lambda rb: rb[0]["key"])
-    bar = tqdm(unit="pkg", desc="merge", file=sys.stderr, disable=not progress, dynamic_ncols=True)
+    bar = Progress("merge", "pkg", total=sum(int(p.get("num_packages", 0)) for p in plans) or None,
+                   enabled=progress)
     try:
         for rec, blob in merged:
             bar.update(1)

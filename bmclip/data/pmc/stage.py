@@ -34,11 +34,10 @@ from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict
 from pathlib import Path
 
-from tqdm import tqdm
-
 from bmclip.data.pmc import jats
 from bmclip.data.pmc.media import ImageSkip, process_image, resolve_graphics
 from bmclip.data.pmc.options import BuildOptions
+from bmclip.data.pmc.progress import Progress
 from bmclip.data.pmc.sources import InputReadError, Package, PackageError, discover_packages, read_package, slice_of
 from bmclip.data.pmc.staging import StagingDir, remove_partial_files
 from bmclip.data.pmc.subcaptions import split_subcaptions
@@ -489,14 +488,7 @@ def _stage(st: StagingDir, packages: list[Package], disc_skips: Counter, opts: B
     workers = max(0, min(workers, len(tasks)))
     if workers > 1 and st.remote and st.url.split("::")[-1].startswith("memory://"):
         raise ConfigError(f"{st}: a memory:// staging dir is only seen by the process that writes it; use -j 0")
-    bar = tqdm(
-        total=sum(len(chunks[i]) for i in pending),
-        unit="pkg",
-        desc=f"stage {st.name}",
-        file=sys.stderr,
-        disable=not progress,
-        dynamic_ncols=True,
-    )
+    bar = Progress(f"stage {st.name}", "pkg", total=sum(len(chunks[i]) for i in pending), enabled=progress)
     samples = 0
     errors: list[str] = []
 
@@ -505,8 +497,8 @@ def _stage(st: StagingDir, packages: list[Package], disc_skips: Counter, opts: B
         _i, n, info = result
         samples += n
         errors.extend(info["errors"])
+        bar.set_postfix(pairs=samples)
         bar.update(info["packages"])
-        bar.set_postfix(pairs=samples, refresh=False)
 
     try:
         if workers <= 1:

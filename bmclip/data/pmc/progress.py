@@ -1,0 +1,95 @@
+"""The builder's progress: a tqdm bar on a terminal, plain timestamped lines in a log.
+
+A tqdm bar written to a file (Slurm's output, ``2> build.log``, a container's log) is a stream of carriage
+returns ten times a second: hours of build make megabytes of one unreadable line, and ``tail`` shows the
+last redraw only. Off a terminal the builder therefore prints one plain line every ``every_s`` seconds and one
+at the end (what ``bmclip train`` does too): the count, the rate, the postfix counters and the ETA.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Any, TextIO
+
+from tqdm import tqdm
+
+# Seconds between two lines off a terminal: often enough for an operator to see a build move, rare enough that
+# a day-long build logs under 3,000 lines.
+PLAIN_EVERY_S = 30.0
+
+
+def _isatty(stream: Any) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):
+        return False
+
+
+def _hms(seconds: float) -> str:
+    s = int(round(seconds))
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
+
+
+class Progress:
+    """``update(n)``, ``set_postfix(**counters)`` and ``close()``, as tqdm's, drawn as fits ``stream``.
+
+    ``enabled=False`` (``--no-progress``) prints nothing. ``total`` may be None (no percentage or ETA).
+    """
+
+    def __init__(self, desc: str, unit: str, total: int | None = None, *, enabled: bool = True,
+                 stream: TextIO | None = None, every_s: float = PLAIN_EVERY_S):
+        self.desc, self.unit, self.total = desc, unit, total
+        self.stream = stream if stream is not None else sys.stderr
+        self.every_s = every_s
+        self.n = 0
+        self.postfix: dict[str, Any] = {}
+        self.t0 = self.last = time.monotonic()
+        self.enabled = enabled
+        self.bar = None
+        self.closed = False
+        if enabled and _isatty(self.stream):
+            self.bar = tqdm(total=total, unit=unit, desc=desc, file=self.stream, dynamic_ncols=True)
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+        if self.bar is not None:
+            self.bar.update(n)
+        elif self.enabled and time.monotonic() - self.last >= self.every_s:
+            self._line()
+
+    def set_postfix(self, **counters: Any) -> None:
+        self.postfix.update(counters)
+        if self.bar is not None:
+            self.bar.set_postfix(refresh=False, **self.postfix)
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        if self.bar is not None:
+            self.bar.close()
+        elif self.enabled:
+            self._line(final=True)
+
+    def line(self, final: bool = False) -> str:
+        """The plain line for the current state."""
+        elapsed = time.monotonic() - self.t0
+        rate = self.n / elapsed if elapsed > 0 else 0.0
+        count = f"{self.n}/{self.total} {self.unit}" if self.total else f"{self.n} {self.unit}"
+        if self.total:
+            count += f" ({100.0 * self.n / self.total:.0f}%)"
+        parts = [count, *(f"{k} {v}" for k, v in self.postfix.items()), f"{rate:.1f} {self.unit}/s",
+                 f"elapsed {_hms(elapsed)}"]
+        if final:
+            parts.append("done" if not self.total or self.n >= self.total else "stopped")
+        elif self.total and rate > 0:
+            parts.append(f"ETA {_hms((self.total - self.n) / rate)}")
+        return f"{time.strftime('%H:%M:%S')} {self.desc}: " + ", ".join(parts)
+
+    def _line(self, final: bool = False) -> None:
+        self.last = time.monotonic()
+        try:
+            print(self.line(final), file=self.stream, flush=True)
+        except (OSError, ValueError):  # a closed or broken log stream must not stop the build
+            pass
