@@ -2,6 +2,7 @@
 
 import io
 import json
+import re
 import tarfile
 
 import numpy as np
@@ -175,13 +176,45 @@ def test_eval_zeroshot_predictions_csv_skips_and_unlabelled_dicom_folder(tmp_pat
     assert main(["eval", "zeroshot", "tiny", "--dataset", str(flat), "--device", "cpu", "--out", str(out2)]) == 2
 
 
-def test_eval_retrieval_max_pairs_and_float32(tmp_path):
+def test_eval_retrieval_max_pairs_and_float32(tmp_path, capsys):
     _shards(tmp_path, n=20)
     out = tmp_path / "o"
-    rc = main(["eval", "retrieval", "tiny", "--shards", str(tmp_path / "shard-*.tar"), "--out", str(out),
-               "--batch-size", "6", "--max-pairs", "15", "--storage-dtype", "float32", "--ks", "1", "3",
-               "--reader", "python", "--device", "cpu"])
+    argv = ["eval", "retrieval", "tiny", "--shards", str(tmp_path / "shard-*.tar"), "--out", str(out),
+            "--batch-size", "6", "--storage-dtype", "float32", "--ks", "1", "3", "--reader", "python",
+            "--device", "cpu"]
+    rc = main([*argv, "--max-pairs", "15"])
     assert rc == 0
     res = json.loads((out / "retrieval.json").read_text())
     assert res["n"] == 15 and res["chance_R@3"] == pytest.approx(3 / 15) and "image_to_text_R@3" in res
     assert np.load(out / "embeddings" / "text_emb.npy").dtype == np.float32
+    # stderr is not a terminal here (as in a batch job's log): one plain progress line at the end, counting up
+    # to the maximum and no further
+    err = capsys.readouterr().err
+    assert re.search(r"^\d\d:\d\d:\d\d embed pairs: 15/15 pairs \(100%\), .*, done$", err, re.M), err
+    assert "\r" not in err
+    for bad in ("0", "-3"):  # before: -3 evaluated all but the last 3 pairs of the first batch
+        assert main([*argv, "--max-pairs", bad]) == 2
+        err = capsys.readouterr().err
+        assert err.strip().splitlines() == [f"bmclip eval: error: max_pairs must be an integer >= 1, got {bad}"], err
+    assert main([*argv, "--max-pairs", "15", "--no-progress"]) == 0
+    assert "embed pairs" not in capsys.readouterr().err
+
+
+def test_embedding_reads_no_batch_past_max_pairs(tmp_path):
+    """The pairs embedder stops reading at max_pairs: no batch is decoded only to be thrown away."""
+    from bmclip.eval.embed import embed_pairs_to_disk
+    from bmclip.eval.models import load_model
+
+    model, tok = load_model("tiny")
+    s = model.config.vision.image_size
+    read = []
+
+    def batches():
+        for i in range(5):
+            read.append(i)
+            yield {"image": np.zeros((4, s, s, 3), np.uint8), "text": [f"caption {i} {j}" for j in range(4)]}
+
+    r = embed_pairs_to_disk(model, tok, batches(), tmp_path, max_pairs=6)
+    assert r["n"] == 6 and read == [0, 1]
+    r = embed_pairs_to_disk(model, tok, batches(), tmp_path, max_pairs=8)
+    assert r["n"] == 8 and read == [0, 1, 0, 1]

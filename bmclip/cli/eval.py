@@ -19,6 +19,7 @@ from bmclip.eval.prompts import BUILTIN_TASKS, TaskSpec, get_task, load_task_yam
 from bmclip.eval.report import markdown_table, write_report
 from bmclip.io import atomic_write_bytes
 from bmclip.io.fs import parse_storage_options
+from bmclip.progress import Progress
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -30,6 +31,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--workers", type=int, default=4, help="image decoding threads [4]")
     p.add_argument("--amp", action="store_true", help="bf16 autocast on CUDA for the encoders")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress output (default: a bar on a terminal, a line every 30 s in a log)")
 
 
 def register(subparsers: Any) -> None:
@@ -99,6 +102,10 @@ def _load(args):
     return model, tok, dev
 
 
+def _batch_len(batch: Any) -> int:
+    return len(batch["image"])
+
+
 def _skips_summary(skipped: list) -> dict[str, Any]:
     reasons: dict[str, int] = {}
     for _, r in skipped:
@@ -137,8 +144,10 @@ def run_retrieval(args: argparse.Namespace) -> int:
     else:
         batches = iter_shard_pairs(args.shards, size, batch_size=args.batch_size, skipped=skipped,
                                    workers=args.workers, storage_options=storage_options)
-    res = evaluate_retrieval(model, tok, batches, out / "embeddings", ks=args.ks, block=args.block, device=dev,
-                             storage_dtype=args.storage_dtype, amp=args.amp, max_pairs=args.max_pairs)
+    with Progress("embed pairs", "pairs", args.max_pairs, enabled=not args.no_progress) as bar:
+        res = evaluate_retrieval(model, tok, bar.wrap(batches, _batch_len), out / "embeddings", ks=args.ks,
+                                 block=args.block, device=dev, storage_dtype=args.storage_dtype, amp=args.amp,
+                                 max_pairs=args.max_pairs)
     res["model"] = str(args.model)
     res["shards"] = args.shards
     res["reader"] = reader
@@ -221,7 +230,9 @@ def run_zeroshot(args: argparse.Namespace) -> int:
 
     batches = iterate_batches(ds, model_image_size(model), batch_size=args.batch_size, workers=args.workers,
                               indices=idx)
-    res = zeroshot_classify(model, tok, tap(batches), list(task.classes), list(task.templates), amp=args.amp)
+    with Progress("embed images", "img", len(idx), enabled=not args.no_progress) as bar:
+        res = zeroshot_classify(model, tok, bar.wrap(tap(batches), _batch_len), list(task.classes),
+                                list(task.templates), amp=args.amp)
     out = _out_dir(args, f"zeroshot_{task.name}")
     classes = list(task.classes)
     pred_csv = out / "predictions.csv"
@@ -278,7 +289,9 @@ def run_linear_probe(args: argparse.Namespace) -> int:
     size = model_image_size(model)
     feats = {}
     for name, ds in (("train", train), ("test", test)):
-        x, y = embed_image_batches(model, iterate_batches(ds, size, args.batch_size, args.workers), amp=args.amp)
+        with Progress(f"embed {name} images", "img", len(ds), enabled=not args.no_progress) as bar:
+            batches = iterate_batches(ds, size, args.batch_size, args.workers)
+            x, y = embed_image_batches(model, bar.wrap(batches, _batch_len), amp=args.amp)
         feats[name] = (x, y)
     res = linear_probe(feats["train"][0], feats["train"][1], feats["test"][0], feats["test"][1],
                        n_classes=len(train.classes), fractions=args.fraction, seeds=list(range(args.seeds)),

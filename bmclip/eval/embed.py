@@ -241,13 +241,13 @@ def embed_pairs_to_disk(
 
     Returns {"image": path, "text": path, "n": N}. Nothing is left behind on error.
     """
+    if max_pairs is not None and (isinstance(max_pairs, bool) or not isinstance(max_pairs, int) or max_pairs < 1):
+        raise ConfigError(f"max_pairs must be an integer >= 1, got {max_pairs!r}")
     out = Path(out_dir)
     writers: list[NpyStreamWriter] = []
     n = 0
     try:
         for images, texts in _iter_pairs(batches):
-            if max_pairs is not None and n >= max_pairs:
-                break
             if max_pairs is not None and n + len(texts) > max_pairs:
                 keep = max_pairs - n
                 images, texts = images[:keep], texts[:keep]
@@ -261,6 +261,8 @@ def embed_pairs_to_disk(
             writers[0].append(ie)
             writers[1].append(te)
             n += len(texts)
+            if max_pairs is not None and n >= max_pairs:
+                break  # not one batch more read (and decoded) than needed
         if not writers:
             raise DataError("no (image, text) pairs were read")
         return {"image": writers[0].close(), "text": writers[1].close(), "n": n}

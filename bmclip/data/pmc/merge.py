@@ -31,7 +31,6 @@ from pathlib import Path
 
 from bmclip.data.pmc.dedup import Deduplicator
 from bmclip.data.pmc.options import SPLITS, BuildOptions
-from bmclip.data.pmc.progress import Progress
 from bmclip.data.pmc.shard_writer import SAMPLE_MEMBERS, ShardWriter
 from bmclip.data.pmc.stage import staging_stream
 from bmclip.data.pmc.staging import StagingDir, remove_partial_files
@@ -40,6 +39,7 @@ from bmclip.data.pmc.upload import RemoteOutput
 from bmclip.errors import ConfigError, DataError
 from bmclip.io import atomic_write_bytes
 from bmclip.io.fs import is_remote, local_path
+from bmclip.progress import Progress
 
 __all__ = ["merge_staging", "split_of"]
 

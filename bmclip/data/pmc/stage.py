@@ -37,11 +37,11 @@ from pathlib import Path
 from bmclip.data.pmc import jats
 from bmclip.data.pmc.media import ImageSkip, process_image, resolve_graphics
 from bmclip.data.pmc.options import BuildOptions
-from bmclip.data.pmc.progress import Progress
 from bmclip.data.pmc.sources import InputReadError, Package, PackageError, discover_packages, read_package, slice_of
 from bmclip.data.pmc.staging import StagingDir, remove_partial_files
 from bmclip.data.pmc.subcaptions import split_subcaptions
 from bmclip.errors import ConfigError, DataError
+from bmclip.progress import Progress
 from bmclip.tokenizer import get_tokenizer
 
 __all__ = ["process_package", "remove_partial_files", "sanitize_key", "stage", "staging_stream"]

@@ -9,7 +9,9 @@ import struct
 import termios
 import time
 
-from bmclip.data.pmc.progress import Progress
+import pytest
+
+from bmclip.progress import Progress
 
 
 def test_off_a_terminal_plain_lines_at_the_interval_and_at_the_end():
@@ -75,3 +77,26 @@ def test_on_a_terminal_a_tqdm_bar():
     finally:
         os.close(master)
     assert "\r" in data and "4/4" in data and "stage s" in data and "elapsed" not in data, data
+
+
+def test_as_a_context_stopped_by_an_exception_and_wrap_counts_up_to_the_total():
+    out = io.StringIO()
+    with Progress("embed pairs", "pairs", 10, stream=out, every_s=3600) as bar:
+        assert [len(b) for b in bar.wrap([[0] * 4, [0] * 4, [0] * 4])] == [4, 4, 4]
+    line = out.getvalue().strip()
+    assert ": 10/10 pairs (100%), " in line and line.endswith(", done"), line  # 12 read, the consumer keeps 10
+    out = io.StringIO()
+    with pytest.raises(KeyboardInterrupt), Progress("embed", "img", 100, stream=out, every_s=3600) as bar:
+        for _ in bar.wrap([[0] * 5, [0] * 5]):
+            raise KeyboardInterrupt
+    line = out.getvalue().strip()
+    assert ": 5/100 img (5%), " in line and line.endswith(", stopped"), line
+    out = io.StringIO()
+    with pytest.raises(ValueError), Progress("embed", "img", 100, stream=out, every_s=0):
+        raise ValueError("an error before the first batch")  # its own message says enough: no progress line
+    assert out.getvalue() == ""
+    out = io.StringIO()
+    with Progress("embed", "img", 100, stream=out, every_s=3600) as bar:
+        list(bar.wrap([[0] * 30]))  # the batches ran out short of the total (skipped items): still done
+    line = out.getvalue().strip()
+    assert ": 30/100 img (30%), " in line and line.endswith(", done"), line

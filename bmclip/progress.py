@@ -1,8 +1,8 @@
-"""The builder's progress: a tqdm bar on a terminal, plain timestamped lines in a log.
+"""Progress of a long command (build-dataset, eval): a tqdm bar on a terminal, plain timestamped lines in a log.
 
 A tqdm bar written to a file (Slurm's output, ``2> build.log``, a container's log) is a stream of carriage
 returns ten times a second: hours of build make megabytes of one unreadable line, and ``tail`` shows the
-last redraw only. Off a terminal the builder therefore prints one plain line every ``every_s`` seconds and one
+last redraw only. Off a terminal the commands therefore print one plain line every ``every_s`` seconds and one
 at the end (what ``bmclip train`` does too): the count, the rate, the postfix counters and the ETA.
 """
 
@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, TextIO
-
-from tqdm import tqdm
 
 # Seconds between two lines off a terminal: often enough for an operator to see a build move, rare enough that
 # a day-long build logs under 3,000 lines.
@@ -49,6 +48,8 @@ class Progress:
         self.bar = None
         self.closed = False
         if enabled and _isatty(self.stream):
+            from tqdm import tqdm  # only for a terminal: `bmclip --help` imports this module
+
             self.bar = tqdm(total=total, unit=unit, desc=desc, file=self.stream, dynamic_ncols=True)
 
     def update(self, n: int = 1) -> None:
@@ -63,17 +64,35 @@ class Progress:
         if self.bar is not None:
             self.bar.set_postfix(refresh=False, **self.postfix)
 
-    def close(self) -> None:
+    def close(self, done: bool | None = None) -> None:
+        """Close; the last plain line ends in "done" or "stopped" (``done=None``: done when the total is reached
+        or there is none). A progress stopped before its first item prints no line (the error says why)."""
         if self.closed:
             return
         self.closed = True
+        if done is None:
+            done = not self.total or self.n >= self.total
         if self.bar is not None:
             self.bar.close()
-        elif self.enabled:
-            self._line(final=True)
+        elif self.enabled and (done or self.n):
+            self._line(final="done" if done else "stopped")
 
-    def line(self, final: bool = False) -> str:
-        """The plain line for the current state."""
+    def __enter__(self) -> Progress:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.close(done=exc_type is None)  # left by an exception (an error, a signal): "stopped"
+
+    def wrap(self, batches: Iterable[Any], size: Callable[[Any], int] = len) -> Iterator[Any]:
+        """Yield ``batches`` unchanged, counting ``size(batch)`` items of each (at most up to the total: a consumer
+        that stops at a maximum cuts the last batch short)."""
+        for b in batches:
+            k = size(b)
+            self.update(k if not self.total else min(k, max(0, self.total - self.n)))
+            yield b
+
+    def line(self, final: str | None = None) -> str:
+        """The plain line for the current state (``final``: the word it ends with instead of an ETA)."""
         elapsed = time.monotonic() - self.t0
         rate = self.n / elapsed if elapsed > 0 else 0.0
         count = f"{self.n}/{self.total} {self.unit}" if self.total else f"{self.n} {self.unit}"
@@ -82,14 +101,15 @@ class Progress:
         parts = [count, *(f"{k} {v}" for k, v in self.postfix.items()), f"{rate:.1f} {self.unit}/s",
                  f"elapsed {_hms(elapsed)}"]
         if final:
-            parts.append("done" if not self.total or self.n >= self.total else "stopped")
+            parts.append(final)
         elif self.total and rate > 0:
             parts.append(f"ETA {_hms((self.total - self.n) / rate)}")
         return f"{time.strftime('%H:%M:%S')} {self.desc}: " + ", ".join(parts)
 
-    def _line(self, final: bool = False) -> None:
+    def _line(self, final: str | None = None) -> None:
         self.last = time.monotonic()
         try:
             print(self.line(final), file=self.stream, flush=True)
         except (OSError, ValueError):  # a closed or broken log stream must not stop the build
             pass
+
