@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import importlib
 import signal
 import sys
@@ -58,6 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_ENVIRONMENT_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.ENOTDIR, errno.EISDIR})
+
+
 def _raise_terminated(signum, frame) -> None:
     raise Terminated("SIGTERM")
 
@@ -92,6 +96,15 @@ def main(argv: list[str] | None = None) -> int:
     except BmclipError as e:
         print(f"bmclip {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:
+        # what the machine refuses (a full disk, a quota, a read-only or forbidden place) is the operator's to fix,
+        # not a bug: one line naming it; every write is atomic, so nothing half-written is left behind
+        if e.errno not in _ENVIRONMENT_ERRNOS:
+            raise
+        where = f": {e.filename}" if e.filename else ""
+        print(f"bmclip {args.command}: error: {e.strerror or e}{where} (nothing half-written is left; "
+              "fix that and rerun the same command)", file=sys.stderr)
+        return 1
     except KeyboardInterrupt as e:
         # 128 + the signal's number, as a shell reports a process killed by it
         if isinstance(e, Terminated):

@@ -214,7 +214,10 @@ class NpyStreamWriter:
         if self._open:
             self._open = False
             err = DataError(f"writing {self.path} aborted")
-            self._writer.__exit__(type(err), err, None)  # removes the temporary file; path stays untouched
+            # removes the temporary file; path stays untouched. Closing the file may fail again (the disk that
+            # failed the write is still full): the file is removed all the same, and the caller's error stands.
+            with contextlib.suppress(OSError):
+                self._writer.__exit__(type(err), err, None)
 
 
 def _iter_pairs(batches: Iterable[dict[str, Any]]) -> Iterator[tuple[Any, list[str]]]:

@@ -21,6 +21,8 @@ the next save. All files contain only tensors and plain containers, so loading n
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 import random
@@ -175,6 +177,41 @@ class CheckpointWriter:
         return self.final
 
 
+def _state_bytes(state: Any) -> int:
+    """Bytes of the tensors in a (nested) state dict: about what its files take."""
+    if torch.is_tensor(state):
+        return state.numel() * state.element_size()
+    if isinstance(state, dict):
+        return sum(_state_bytes(v) for v in state.values())
+    if isinstance(state, (list, tuple)):
+        return sum(_state_bytes(v) for v in state)
+    return 0
+
+
+def _write_failure(w: CheckpointWriter, e: BaseException, needed: int) -> str:
+    """The one line a failed checkpoint write reports (see CheckpointManager._writing)."""
+    cause: BaseException | None = e
+    seen = set()
+    while cause is not None and not isinstance(cause, OSError) and id(cause) not in seen:
+        seen.add(id(cause))
+        cause = cause.__cause__ or cause.__context__
+    if isinstance(cause, OSError) and cause.errno in (errno.ENOSPC, errno.EDQUOT):
+        why = "no space left on the device" if cause.errno == errno.ENOSPC else "disk quota exceeded"
+    else:
+        why = f"{type(cause or e).__name__}: {str(cause or e)[:200]}"
+    try:
+        st = os.statvfs(w.root)
+        free = st.f_bavail * st.f_frsize
+        space = f"; {free / 1e6:.1f} MB free there, the checkpoint needs about {needed / 1e6:.1f} MB"
+    except OSError:
+        space = ""
+    newest = latest_valid(w.root)
+    then = (f"the newest complete checkpoint is {newest.name} (a rerun resumes from it)" if newest is not None
+            else "there is no complete checkpoint yet")
+    return (f"writing checkpoint {w.final.name} in {w.root} failed: {why}{space}; {then}. Free space there (or "
+            "lower keep_last, or move out_dir) and rerun the same command")
+
+
 def prune(root: str | os.PathLike, keep_last: int) -> list[Path]:
     """Delete all but the newest ``keep_last`` valid checkpoints (and older invalid ones); returns removed."""
     ckpts = list_checkpoints(root)
@@ -286,6 +323,21 @@ class CheckpointManager:
 
     # -- save --------------------------------------------------------------------------------------
 
+    @contextlib.contextmanager
+    def _writing(self, w: CheckpointWriter, model_sd: dict, optim_sd: dict):
+        """A failed write of checkpoint ``w`` (a full disk, a quota, an I/O error) is one CheckpointError that says
+        what failed, how much space is left and which checkpoint a rerun resumes from; the partial temp dir goes.
+
+        torch.save reports a full disk as "unexpected pos N vs M" (a RuntimeError whose context is the OSError):
+        the OSError in the chain names the cause.
+        """
+        try:
+            yield
+        except (OSError, RuntimeError) as e:
+            if self.info.is_main:
+                shutil.rmtree(w.tmp, ignore_errors=True)
+            raise CheckpointError(_write_failure(w, e, _state_bytes(model_sd) + _state_bytes(optim_sd))) from e
+
     def due(self, step: int, force: bool = False) -> bool:
         """Save after step ``step``? (every ``every`` steps; ``force`` for the last step or a request)."""
         return force or bool(self.every and step % self.every == 0)
@@ -300,21 +352,25 @@ class CheckpointManager:
         if all_reduce_flag(poisoned, info):
             raise NonFiniteLossError(f"refusing to checkpoint step {step}: the weights contain NaN/Inf")
         w = CheckpointWriter(self.root, step, info.rank, info.world_size)
-        if info.is_main:
-            w.begin()
+        with self._writing(w, model_sd, optim_sd):
+            if info.is_main:
+                w.begin()
         barrier(info)
-        w.write_rank({"rng": rng_state(), "loader": source.state_dict()})
+        with self._writing(w, model_sd, optim_sd):
+            w.write_rank({"rng": rng_state(), "loader": source.state_dict()})
         final = None
         if info.is_main:
-            w.write_main(model_sd, unwrap(model).config.to_dict(),
-                         {"optimizer": optim_sd, "scheduler": scheduler.state_dict(), "scaler": None, "step": step,
-                          "counters": dict(counters or {}), "config": self.train_config},
-                         tokenizer=tokenizer)
+            with self._writing(w, model_sd, optim_sd):
+                w.write_main(model_sd, unwrap(model).config.to_dict(),
+                             {"optimizer": optim_sd, "scheduler": scheduler.state_dict(), "scaler": None,
+                              "step": step, "counters": dict(counters or {}), "config": self.train_config},
+                             tokenizer=tokenizer)
             if self.hooks is not None:
                 self.hooks.fire("checkpoint_staged", step=step)
         barrier(info)
         if info.is_main:
-            final = w.commit({"train_config": self.train_config})
+            with self._writing(w, model_sd, optim_sd):
+                final = w.commit({"train_config": self.train_config})
             prune(self.root, self.keep_last)
         barrier(info)
         self.last_saved = step
