@@ -337,3 +337,21 @@ def test_a_demo_stopped_in_training_stops_without_a_report(tmp_path, monkeypatch
     assert "the demo trains from step 0 each time: rerun the same command to run it again" in err, err[-2000:]
     assert "--resume" not in err and "to resume" not in err, err[-2000:]
     assert not (tmp_path / "demo" / "report.json").exists()
+
+
+def test_a_slow_first_step_gets_a_line_of_its_own(tmp_path, monkeypatch, capsys):
+    """Minutes of compiling and autotuning before the first `step N/` line must not read as a hung run: a slow
+    first step is reported at once; a fast one adds nothing."""
+    from bmclip.train import trainer as trainer_mod
+
+    over = ["--steps=3", "--data.batch_size=8", "--num_threads=1", "--log_every=3", "--val_every=0",
+            "--optim.warmup_steps=1", "--tensorboard=false", "--progress=false", "--fault.step_sleep_s=0.3"]
+    monkeypatch.setattr(trainer_mod, "FIRST_STEP_NOTE_S", 0.25)
+    trainer_mod.train(load_config("tiny-cpu", [*over, f"--out_dir={tmp_path / 'a'}"]))
+    out = capsys.readouterr().out
+    lines = [ln for ln in out.splitlines() if ln.startswith("[bmclip] step ")]
+    assert lines[0].startswith("[bmclip] step 1: the first step took ") and "a line every 3 steps" in lines[0], out
+    assert lines[1].startswith("[bmclip] step 3/3 ") and len(lines) == 2, out
+    monkeypatch.setattr(trainer_mod, "FIRST_STEP_NOTE_S", 60.0)
+    trainer_mod.train(load_config("tiny-cpu", [*over, f"--out_dir={tmp_path / 'b'}"]))
+    assert "the first step took" not in capsys.readouterr().out

@@ -311,6 +311,10 @@ def _banner(cfg: TrainConfig, info: DistInfo, mcfg, n_params: int, step: int, re
 # ---------------------------------------------------------------------------------------------------
 # The run
 
+# A first step at least this slow gets a line of its own (Trainer._note_slow_first_step).
+FIRST_STEP_NOTE_S = 20.0
+
+
 def train(cfg: TrainConfig, *, resume_hint: str | None = None) -> dict:
     """Run training as configured; returns a summary dict (steps, seconds, samples/s, last loss, ...).
 
@@ -481,6 +485,8 @@ class Trainer:
             self.console.update(1, loss=f"{loss_val:.4f}", lr=f"{lr:.2e}")
             if self.step % cfg.log_every == 0 or final:
                 self._log_train(lr)
+            elif self.steps_run == 1:
+                self._note_slow_first_step()
             if self.validator.due(self.step, final, stopped_by_signal=self.stop_signum > 0):
                 with self.meter.paused():  # validation time is not training throughput
                     self._validate()
@@ -539,6 +545,15 @@ class Trainer:
             [over_budget, self.signals.stop_signum(), self.signals.take_checkpoint_request()], self.info)
         self.stop_early, self.stop_signum = over_budget > 0, int(signum)
         return ckpt_request > 0
+
+    def _note_slow_first_step(self) -> None:
+        """One line after a slow first step, so that the minutes before the first ``step N/`` line (kernel
+        compilation and autotuning on a GPU, the loader's first shards) do not read as a hung run."""
+        took = time.perf_counter() - self.t_start
+        if self.info.is_main and took >= FIRST_STEP_NOTE_S:
+            self.console.say(f"[bmclip] step {self.step}: the first step took {took:.0f}s (kernel compilation and "
+                             f"autotuning, the data pipeline's start); later steps are faster, a line every "
+                             f"{self.cfg.log_every} steps")
 
     def _log_train(self, lr: float) -> None:
         cfg, info = self.cfg, self.info
