@@ -521,3 +521,35 @@ def test_training_run_reports_download_wait_and_bytes(shards, http, tmp_path, ca
     assert train_recs[-1]["data_fetch_wait_s"] > 0 and train_recs[-1]["data_shards_fetch_failed"] == 0
     lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("[bmclip] step ")]
     assert len(lines) == 2 and all(" data wait " in ln and "(downloads " in ln for ln in lines)
+
+
+def test_a_stopped_cache_logs_no_retry_and_the_stop_waits_for_one_being_logged(monkeypatch):
+    """The exclusion behind the test above, without its timing: once the stop is set no retry warning is logged,
+    and setting the stop waits for a warning already being written (so none lands after the loader's error)."""
+    import threading
+
+    from bmclip.data import remote as R
+
+    stop = R._StopFlag()
+
+    def cancelled():
+        return stop.is_set()
+
+    events = []
+    entered = threading.Event()
+
+    def slow_warning(msg, *args):
+        entered.set()
+        time.sleep(0.3)
+        events.append("logged")
+
+    monkeypatch.setattr(R._log, "warning", slow_warning)
+    log = R._GatedLog(cancelled, stop.gate)
+    t = threading.Thread(target=log.warning, args=("retrying",))
+    t.start()
+    assert entered.wait(5)
+    stop.set()  # returns only after the warning in progress is written
+    events.append("stopped")
+    t.join()
+    log.warning("retrying")  # after the stop: dropped
+    assert events == ["logged", "stopped"]

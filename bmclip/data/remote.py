@@ -320,6 +320,35 @@ def _transient(e: BaseException) -> bool:
     return not isinstance(e, (ImportError, _Cancelled)) and not _permanent(e)
 
 
+class _StopFlag:
+    """A cache's stop request. ``set()`` takes ``gate``, which a retry warning also holds while it checks for
+    the stop and logs: once ``set()`` has returned no prefetch retry is logged (the loader's own last word, e.g.
+    that no shard could be downloaded, is not followed by retry lines of downloads it no longer wants)."""
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+        self.gate = threading.Lock()
+
+    def set(self) -> None:
+        with self.gate:
+            self._event.set()
+
+    def is_set(self) -> bool:
+        return self._event.is_set()
+
+
+class _GatedLog:
+    """The retry logger of a cancellable download: a warning is dropped once the download is cancelled."""
+
+    def __init__(self, cancelled: Callable[[], bool], gate: threading.Lock):
+        self.cancelled, self.gate = cancelled, gate
+
+    def warning(self, msg: str, *args: Any) -> None:
+        with self.gate:
+            if not self.cancelled():
+                _log.warning(msg, *args)
+
+
 def _retrying(fn: Callable[[], Any], url: str, opts: FetchOptions, cancelled: Callable[[], bool],
               rng: random.Random | None) -> Any:
     """``fn()`` with the fetch policy's retries (:func:`bmclip.io.retry.retry`); a store's or command's
@@ -332,10 +361,11 @@ def _retrying(fn: Callable[[], Any], url: str, opts: FetchOptions, cancelled: Ca
                 raise _Cancelled(url)
             time.sleep(min(0.05, max(0.0, end - time.monotonic())))
 
+    gate = getattr(cancelled, "gate", None)
     try:
         return retry(fn, attempts=opts.attempts, base_delay=opts.backoff_s, max_delay=opts.backoff_max_s,
                      retry_on=_transient, what=f"shard {url}", sleep=sleep, rng=rng or random.Random(),
-                     logger=_log)
+                     logger=_GatedLog(cancelled, gate) if gate is not None else _log)
     except RetryError as e:
         raise ShardFetchError(url, opts.attempts, e.__cause__) from None
     except (ImportError, _Cancelled):
@@ -485,7 +515,7 @@ class _Entry:
         self.error: str | None = None
 
 
-def _shutdown(stop: threading.Event, folder: Path, lock_fd: int, pid: int) -> None:
+def _shutdown(stop: _StopFlag, folder: Path, lock_fd: int, pid: int) -> None:
     # Runs wherever the cache is collected (possibly fsspec's event-loop thread): it must not block, so the
     # prefetch thread is only told to stop (it polls; a download in progress is cancelled between chunks).
     # A forked child (DataLoader worker) holding a copy of the cache leaves the parent's folder alone.
@@ -497,7 +527,7 @@ def _shutdown(stop: threading.Event, folder: Path, lock_fd: int, pid: int) -> No
         os.close(lock_fd)
 
 
-def _prefetch_loop(ref: weakref.ref, stop: threading.Event, cv: threading.Condition, folder: Path) -> None:
+def _prefetch_loop(ref: weakref.ref, stop: _StopFlag, cv: threading.Condition, folder: Path) -> None:
     try:
         _prefetch(ref, stop, cv)
     finally:
@@ -505,7 +535,7 @@ def _prefetch_loop(ref: weakref.ref, stop: threading.Event, cv: threading.Condit
             shutil.rmtree(folder, ignore_errors=True)
 
 
-def _prefetch(ref: weakref.ref, stop: threading.Event, cv: threading.Condition) -> None:
+def _prefetch(ref: weakref.ref, stop: _StopFlag, cv: threading.Condition) -> None:
     rng = random.Random()
     while not stop.is_set():
         cache = ref()
@@ -524,6 +554,7 @@ def _prefetch(ref: weakref.ref, stop: threading.Event, cv: threading.Condition) 
         def cancelled() -> bool:
             return stop.is_set() or ref() is None
 
+        cancelled.gate = stop.gate  # retry warnings and the stop exclude each other (see _StopFlag)
         result: Any
         try:
             result = fetch_shard(url, entry.path, fetch_options=opts, storage_options=so, cancelled=cancelled,
@@ -570,7 +601,7 @@ class ShardCache:
         self._ahead: list[int] = []
         self._released: deque = deque()  # (shard, entry) appended by finalizers (any thread, lock-free)
         self._failures: dict[int, str] = {}
-        self._stop = threading.Event()
+        self._stop = _StopFlag()
         self._thread: threading.Thread | None = None
         self._stats = {"fetch_wait_s": 0.0, "bytes_fetched": 0, "shards_fetched": 0, "fetch_retries": 0,
                        "fetch_failures": 0}
