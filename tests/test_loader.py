@@ -183,6 +183,42 @@ def test_resume_mid_epoch_exact(tmp_path, k, resampled):
         assert torch.equal(a, b)
 
 
+def test_resume_with_the_shards_moved_elsewhere(tmp_path):
+    """The same shards copied to another place (node-local scratch, another mount, an object store) resume
+    exactly: the state names the shards' file names as well as their URLs. Other names or order do not."""
+    import shutil
+
+    (tmp_path / "a").mkdir()
+    urls = write_shards(tmp_path / "a", 4, 6)
+    kw = dict(batch_size=4, image_size=S, seed=3, shuffle_buffer=5, num_threads=2, augment="random_resized_crop")
+    full = [(list(b["key"]), b["image"].clone()) for b in ShardLoader(urls, **kw)]
+    first = ShardLoader(urls, **kw)
+    it = iter(first)
+    head = [(list(b["key"]), b["image"].clone()) for b in (next(it), next(it))]
+    state = json.loads(json.dumps(first.state_dict()))
+    del it
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    moved = [str(tmp_path / "b" / Path(u).name) for u in urls]
+    second = ShardLoader(moved, **kw)
+    second.load_state_dict(state)
+    assert second.moved_from_other_location
+    got = head + [(list(b["key"]), b["image"].clone()) for b in second]
+    assert [g[0] for g in got] == [f[0] for f in full]
+    assert all(torch.equal(a, b) for (_, a), (_, b) in zip(got, full))
+    # what is saved from here on names the new place: a later resume there is an ordinary one
+    third = ShardLoader(moved, **kw)
+    third.load_state_dict(second.state_dict())
+    assert not third.moved_from_other_location
+    # other names, another order, or a state saved before names were recorded: refused
+    (tmp_path / "c").mkdir()
+    renamed = [str(shutil.copy(u, tmp_path / "c" / f"x-{i}.tar")) for i, u in enumerate(urls)]
+    for other in (renamed, moved[::-1]):
+        with pytest.raises(ConfigError, match="shard list.*same shard file names"):
+            ShardLoader(other, **kw).load_state_dict(state)
+    with pytest.raises(ConfigError, match="shard list"):
+        ShardLoader(moved, **kw).load_state_dict({k: v for k, v in state.items() if k != "names_sha1"})
+
+
 def test_resume_state_checks(tmp_path):
     urls = write_shards(tmp_path, 3, 4)
     a = ShardLoader(urls, batch_size=2, image_size=S, seed=1)
@@ -293,7 +329,8 @@ STATE_V1 = Path(__file__).resolve().parent / "fixtures" / "loader_state_v1.json"
 def test_resume_from_a_state_saved_by_the_dict_based_loader(tmp_path, monkeypatch, case, drop_pass):
     """Checkpoints hold ``state_dict()`` as a plain dict: states written before the cursor's state became a
     dataclass (tests/fixtures/loader_state_v1.json, with the batches that followed them) resume exactly,
-    and their dict form comes back unchanged. ``drop_pass``: a state from before the pass tallies."""
+    and their dict form comes back unchanged (plus the shard names, recorded from then on). ``drop_pass``: a
+    state from before the pass tallies."""
     fx = json.loads(STATE_V1.read_text())["cases"][case]
     monkeypatch.chdir(tmp_path)  # the fixture's urls are relative, so its shard-list digest matches
     write_shards(Path("."), 4, 9)
@@ -304,7 +341,10 @@ def test_resume_from_a_state_saved_by_the_dict_based_loader(tmp_path, monkeypatc
     ld = ShardLoader(fx["urls"], **fx["kwargs"])
     ld.load_state_dict(state)
     if not drop_pass:
-        assert json.loads(json.dumps(ld.state_dict())) == state
+        # unchanged, but for the shard file names it now records (so that a later resume may find them moved)
+        again = json.loads(json.dumps(ld.state_dict()))
+        assert "names_sha1" not in state and len(again.pop("names_sha1")) == 40
+        assert again == state
     rest = []
     for i, b in enumerate(ld):
         if fx["after"] is not None and i >= fx["after"]:

@@ -54,3 +54,19 @@ def test_expand_urls_globs_local_paths_sorted(tmp_path):
         expand_urls(f"{tmp_path}/z-*.tar")
     # URLs are passed through: globbing them is the remote filesystem's business.
     assert expand_urls("s3://bucket/x-*.tar") == ["s3://bucket/x-*.tar"]
+
+
+def test_shard_names_digest_ignores_the_location_only():
+    from bmclip.data.shards import shard_names_digest, urls_digest
+
+    local = ["/data/pmc/train-000000.tar", "/data/pmc/train-000001.tar"]
+    same = [["/scratch/job-81/train-000000.tar", "/scratch/job-81/train-000001.tar"],
+            ["s3://bucket/pmc/train-000000.tar", "https://host/pmc/train-000001.tar?X-Amz-Signature=abc"],
+            ["file:///mnt/x/train-000000.tar", "train-000001.tar"]]
+    for other in same:
+        assert shard_names_digest(other) == shard_names_digest(local), other
+        assert urls_digest(other) != urls_digest(local)
+    for other in (local[::-1], local[:1], ["/data/pmc/val-000000.tar", local[1]]):
+        assert shard_names_digest(other) != shard_names_digest(local), other
+    # a pipe: command has no location apart from its text
+    assert shard_names_digest(["pipe:cat /a/x.tar"]) != shard_names_digest(["pipe:cat /b/x.tar"])

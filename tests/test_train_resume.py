@@ -127,3 +127,37 @@ def test_sigkill_resume_bitwise_with_shard_loader(shards, tmp_path):
     assert fa["rank_state"]["loader"] == fb["rank_state"]["loader"]
     assert fa["rank_state"]["loader"]["loader"]["epoch"] >= 1  # the runs really crossed an epoch
     assert (killed / "checkpoints" / "step_00000010" / "vocab.txt").is_file()  # tokenizer saved alongside
+
+
+@pytest.mark.slow
+def test_resume_after_the_shards_moved_to_another_place(shards, tmp_path):
+    """A run killed, its shards copied elsewhere (node-local scratch of the next job), and the command rerun with
+    the new location resumes at the same position, says so, and ends bitwise equal to an uninterrupted run."""
+    import shutil
+
+    urls, tok = shards
+    common = ["--steps=6", "--ckpt_every=2", f"--data.tokenizer={tok}", "--data.synthetic=false",
+              "--data.num_threads=2", "--data.shuffle_buffer=40", "--data.resampled=false", "--data.grad_accum=1"]
+    ref, killed = tmp_path / "ref", tmp_path / "killed"
+    _run(ref, *common, f"--data.train={urls}")
+    _run(killed, *common, f"--data.train={urls}", "--fault.kill_at_step=5", expect_kill=True)
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    moved = "::".join(str(shutil.copy(u, scratch)) for u in urls.split("::"))
+    r = _run(killed, *common, f"--data.train={moved}")
+    assert "[bmclip] data.train moved: " in r.stderr and "resumed from" in r.stdout, r.stderr[-2000:]
+    assert '"steps_this_run": 2,' in r.stdout
+    fa = C.load_checkpoint(ref / "checkpoints" / "step_00000006")
+    fb = C.load_checkpoint(killed / "checkpoints" / "step_00000006")
+    for name in fa["model"]:
+        assert torch.equal(fa["model"][name], fb["model"][name]), name
+    la, lb = fa["rank_state"]["loader"]["loader"], fb["rank_state"]["loader"]["loader"]
+    assert {k: v for k, v in la.items() if k != "urls_sha1"} == {k: v for k, v in lb.items() if k != "urls_sha1"}
+    # shards under other names are other data: refused in one line, as before
+    renamed = tmp_path / "renamed"
+    renamed.mkdir()
+    other = "::".join(str(shutil.copy(u, renamed / f"r{i}.tar")) for i, u in enumerate(urls.split("::")))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-m", "bmclip", "train", "tiny-cpu", f"--out_dir={killed}", *BASE, *common,
+                        "--steps=8", f"--data.train={other}"], capture_output=True, text=True, timeout=600, env=env)
+    assert r.returncode == 2 and "trained on different data" in r.stderr, r.stderr[-2000:]

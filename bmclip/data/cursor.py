@@ -143,7 +143,8 @@ class CursorState:
     """The position of one split after the last batch handed out (see the module docstring).
 
     The first six fields name the stream it belongs to; a state only resumes a loader with the same
-    values (``ShardLoader.load_state_dict`` checks them).
+    values (``ShardLoader.load_state_dict`` checks them). ``names_sha1`` (the shards' file names, not their
+    location) lets a state resume the same shards moved elsewhere; states saved before it have "".
     """
 
     urls_sha1: str
@@ -164,16 +165,17 @@ class CursorState:
     batch: int = 0  # batches of this epoch handed out (seeds the crops)
     counters: Counters = field(default_factory=Counters)
     tally: PassTally = field(default_factory=PassTally)  # "pass" in the dict form
+    names_sha1: str = ""  # shards.shard_names_digest of the URLs ("" in states saved before it existed)
 
     @classmethod
     def fresh(cls, *, urls_sha1: str, n_shards: int, seed: int, shuffle: bool, resampled: bool,
               shuffle_buffer: int, split: int, n_splits: int, epoch: int,
-              counters: Counters | None = None) -> CursorState:
+              counters: Counters | None = None, names_sha1: str = "") -> CursorState:
         """The start of ``epoch`` for ``split`` (generators seeded by (seed, epoch, split))."""
         return cls(urls_sha1=urls_sha1, n_shards=n_shards, seed=seed, shuffle=shuffle, resampled=resampled,
                    shuffle_buffer=shuffle_buffer, split=split, n_splits=n_splits, epoch=int(epoch),
                    rng=_rng_state(seed, epoch, split, 1), shard_rng=_rng_state(seed, epoch, split, 2),
-                   counters=counters if counters is not None else Counters())
+                   counters=counters if counters is not None else Counters(), names_sha1=names_sha1)
 
     def restart(self, *, epoch: int | None = None, split: int | None = None,
                 n_splits: int | None = None) -> CursorState:
@@ -182,7 +184,7 @@ class CursorState:
             urls_sha1=self.urls_sha1, n_shards=self.n_shards, seed=self.seed, shuffle=self.shuffle,
             resampled=self.resampled, shuffle_buffer=self.shuffle_buffer,
             split=self.split if split is None else split, n_splits=self.n_splits if n_splits is None else n_splits,
-            epoch=self.epoch if epoch is None else epoch, counters=self.counters.copy())
+            epoch=self.epoch if epoch is None else epoch, counters=self.counters.copy(), names_sha1=self.names_sha1)
 
     def next_epoch(self) -> CursorState:
         return self.restart(epoch=self.epoch + 1)

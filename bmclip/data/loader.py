@@ -58,7 +58,6 @@ workers' copies advance their epoch, not the main process's, call ``set_epoch(e)
 
 from __future__ import annotations
 
-import hashlib
 import os
 import queue
 from collections.abc import Callable, Sequence
@@ -71,7 +70,7 @@ from bmclip.data import remote
 from bmclip.data.cursor import SHARD_REASONS, Counters, Cursor, CursorState
 from bmclip.data.loader_options import LoaderOptions
 from bmclip.data.producer import END, BatchAssembler, Pipe, make_ring
-from bmclip.data.shards import expand_urls, shard_order, split_shards
+from bmclip.data.shards import expand_urls, shard_names_digest, shard_order, split_shards, urls_digest
 from bmclip.data.text import BackgroundTokenizer
 from bmclip.errors import ConfigError, DataError
 from bmclip.io.fs import local_path
@@ -130,7 +129,9 @@ class ShardLoader(torch.utils.data.IterableDataset):
         vars(self).update(vars(o))
         self.tokenizer = tokenizer
         self._tok = BackgroundTokenizer(tokenizer) if tokenizer is not None else None
-        self._urls_digest = hashlib.sha1("\n".join(self.urls).encode()).hexdigest()
+        self._urls_digest = urls_digest(self.urls)
+        self._names_digest = shard_names_digest(self.urls)
+        self.moved_from_other_location = False  # set by load_state_dict
         # remote shards (URLs, pipe:) are downloaded ahead into a bounded cache, made on first use per split
         self._remote = any(remote.is_remote(u) for u in self.urls)
         if self._remote:
@@ -210,24 +211,38 @@ class ShardLoader(torch.utils.data.IterableDataset):
         split, n_splits = self._split_for_state()
         return CursorState.fresh(urls_sha1=self._urls_digest, n_shards=len(self.urls), seed=self.seed,
                                  shuffle=self.shuffle, resampled=self.resampled, shuffle_buffer=self.shuffle_buffer,
-                                 split=split, n_splits=n_splits, epoch=epoch, counters=counters)
+                                 split=split, n_splits=n_splits, epoch=epoch, counters=counters,
+                                 names_sha1=self._names_digest)
 
     def state_dict(self) -> dict[str, Any]:
         """Position after the last batch handed out (JSON-serialisable; no sample bytes)."""
         return self._state.to_dict()
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue from ``state`` (from ``state_dict``) at exactly the next sample."""
+        """Continue from ``state`` (from ``state_dict``) at exactly the next sample.
+
+        The shard list must be the same: the same URLs, or the same file names in the same order at another
+        location (shards copied to node-local scratch, to another mount or to an object store). Then
+        :attr:`moved_from_other_location` is True, and the state saved from here on names the new URLs.
+        """
         st = CursorState.from_dict(state)
+        moved = (st.urls_sha1 != self._urls_digest and bool(st.names_sha1) and st.names_sha1 == self._names_digest
+                 and st.n_shards == len(self.urls))
         for k, mine in (("urls_sha1", self._urls_digest), ("seed", self.seed), ("shuffle", self.shuffle),
                         ("resampled", self.resampled), ("shuffle_buffer", self.shuffle_buffer)):
             theirs = getattr(st, k)
-            if theirs != mine:
+            if theirs != mine and not (k == "urls_sha1" and moved):
                 what = "shard list" if k == "urls_sha1" else k
                 raise ConfigError(
                     f"ShardLoader state was saved with a different {what} ({theirs!r} != {mine!r}); "
                     "an exact resume needs the same value"
+                    + (" (the same shard file names in the same order at another location also resume)"
+                       if k == "urls_sha1" else "")
                 )
+        if moved:
+            st.urls_sha1 = self._urls_digest
+        st.names_sha1 = self._names_digest
+        self.moved_from_other_location = moved
         self._stop_active()
         self._state = st
         self.epoch = st.epoch

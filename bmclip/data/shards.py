@@ -18,14 +18,16 @@ not a literal, so that a typo never silently names a single non-existent shard.
 from __future__ import annotations
 
 import glob
+import hashlib
 import re
 from collections.abc import Iterable, Sequence
+from urllib.parse import urlsplit
 
 import numpy as np
 
 from bmclip.errors import ConfigError
 
-__all__ = ["expand_urls", "braceexpand", "split_shards", "shard_order"]
+__all__ = ["expand_urls", "braceexpand", "split_shards", "shard_order", "shard_names_digest", "urls_digest"]
 
 _NUM_RANGE = re.compile(r"^(-?\d+)\.\.(-?\d+)(?:\.\.(-?\d+))?$")
 _ALPHA_RANGE = re.compile(r"^([A-Za-z])\.\.([A-Za-z])(?:\.\.(-?\d+))?$")
@@ -144,6 +146,26 @@ def expand_urls(urls: str | Sequence[str] | Iterable[str]) -> list[str]:
     if not out:
         raise ConfigError("no shards: the url list / pattern expands to nothing")
     return out
+
+
+def urls_digest(urls: Sequence[str]) -> str:
+    """SHA-1 of the exact shard URLs in order: what a loader state was saved for."""
+    return hashlib.sha1("\n".join(urls).encode()).hexdigest()
+
+
+def _shard_name(url: str) -> str:
+    """The file name of a shard URL or path (``s3://b/p/train-000001.tar?x=1`` -> ``train-000001.tar``); a
+    ``pipe:`` command has no location apart from its name, so it is its own name."""
+    if url.startswith("pipe:"):
+        return url
+    path = urlsplit(url).path if "://" in url else url
+    return path.rstrip("/").rsplit("/", 1)[-1]
+
+
+def shard_names_digest(urls: Sequence[str]) -> str:
+    """SHA-1 of the shards' file names in order, not where they are: the same shards copied to another place
+    (node-local scratch, another mount, an object store) have the same digest."""
+    return hashlib.sha1("\n".join(_shard_name(u) for u in urls).encode()).hexdigest()
 
 
 def shard_order(n_shards: int, seed: int, epoch: int, shuffle: bool) -> list[int]:

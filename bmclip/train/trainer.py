@@ -29,6 +29,7 @@ import yaml
 from bmclip.data import dali as dali_mod  # module attributes: tests replace DaliAugment / dali_available
 from bmclip.data.loader import ShardLoader
 from bmclip.data.normalize import normalize_images
+from bmclip.data.shards import expand_urls, shard_names_digest
 from bmclip.data.sources import DaliShardSource, ShardSource, SyntheticSource
 from bmclip.errors import BmclipError, CheckpointError, ConfigError
 from bmclip.interop import export_open_clip, open_clip_config
@@ -222,7 +223,7 @@ def _check_exportable(model) -> None:
         raise ConfigError(f"export_open_clip: {e} (set --export_open_clip=false)") from None
 
 
-def _check_resume_compatible(cfg: TrainConfig, st: dict, model, resume_from: Path) -> None:
+def _check_resume_compatible(cfg: TrainConfig, st: dict, model, resume_from: Path, is_main: bool = True) -> None:
     """One-line ConfigError when the checkpoint is of another model or was trained on other data."""
     ts = st.get("train_state") or {}
     saved = ts.get("config") or st["meta"].get("train_config") or {}
@@ -243,10 +244,29 @@ def _check_resume_compatible(cfg: TrainConfig, st: dict, model, resume_from: Pat
     old_data = saved.get("data") or {}
     new_data = cfg.to_dict()["data"]
     keys = ["synthetic"] + (["synthetic_size"] if cfg.data.synthetic else ["train"])
-    diffs = [f"data.{k} {old_data[k]!r} there, {new_data[k]!r} here" for k in keys
-             if k in old_data and old_data[k] != new_data[k]]
+    diffs = [k for k in keys if k in old_data and old_data[k] != new_data[k]]
+    if diffs == ["train"] and _same_shards_moved(st, cfg.data.train):
+        if is_main:
+            print(f"[bmclip] data.train moved: {old_data['train']!r} there, {new_data['train']!r} here; the same "
+                  "shard file names in the same order, so resuming at the same position (if these are other shards "
+                  "under the same names, stop and use --resume=none)", file=sys.stderr, flush=True)
+        return
     if diffs:
-        raise ConfigError(f"{where} trained on different data ({'; '.join(diffs)}); {hint}")
+        detail = "; ".join(f"data.{k} {old_data[k]!r} there, {new_data[k]!r} here" for k in diffs)
+        raise ConfigError(f"{where} trained on different data ({detail}); {hint}")
+
+
+def _same_shards_moved(st: dict, train: str) -> bool:
+    """The checkpoint's loader read shards with the same file names, in the same order, as ``train`` names now
+    (the data set copied to another place: node-local scratch, another mount, an object store)."""
+    state = ((st.get("rank_state") or {}).get("loader") or {}).get("loader") or {}
+    theirs = state.get("names_sha1") if isinstance(state, dict) else None
+    if not theirs:
+        return False  # saved before the names were recorded: only the same URLs resume
+    try:
+        return theirs == shard_names_digest(expand_urls(train))
+    except BmclipError:
+        return False
 
 
 def _merge_data_stats(parts: list) -> dict | None:
@@ -387,7 +407,7 @@ class Trainer:
         st = None
         if resume_from is not None:
             st = self.ckpt.load(resume_from)
-            _check_resume_compatible(cfg, st, model, resume_from)
+            _check_resume_compatible(cfg, st, model, resume_from, info.is_main)
         fwd = torch.compile(model) if cfg.model.compile else model
         self.fwd_model = fwd = wrap_model(fwd, info, cfg.parallel, mixed_bf16=use_bf16)
         if info.initialized and info.is_main:
