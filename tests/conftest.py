@@ -5,6 +5,7 @@ here, before test modules import bmclip.kernels.
 """
 
 import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,13 @@ except Exception:  # torch missing: the tests that need it fail on import with a
 
 if not _HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# A shell starts background jobs with SIGINT ignored, and an ignored signal stays ignored across fork and exec:
+# launched that way (`bash scripts/test.sh &`, a CI runner's background step), every child these tests start
+# would ignore the SIGINT they send it. A handler (unlike SIG_IGN) is reset to the default by exec, so children
+# start with SIGINT as a terminal gives it.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 REPO = Path(__file__).resolve().parent.parent
 FIXTURES = REPO / "tests" / "fixtures"
