@@ -132,8 +132,8 @@ def run(args) -> int:
     try:
         return _run(args)
     except KeyboardInterrupt:
-        print("build-dataset: stopped; the staged chunks are kept: rerun the same command to resume "
-              "(it redoes only what is missing)", file=sys.stderr)
+        print("build-dataset: stopped; rerun the same command to resume (the finished stage chunks are kept; "
+              "a merge starts over)", file=sys.stderr)
         raise
 
 
