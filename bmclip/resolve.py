@@ -27,7 +27,7 @@ import torch
 
 from bmclip.errors import CheckpointError
 from bmclip.interop import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME, load_open_clip
-from bmclip.io.checkpoint_dir import MODEL_FILE, is_valid, latest_valid, list_checkpoints
+from bmclip.io.checkpoint_dir import MODEL_FILE, is_valid, latest_valid, list_checkpoints, verify_files
 from bmclip.model.clip import BiomedCLIP
 from bmclip.model.file import load_model
 
@@ -84,6 +84,7 @@ def _checkpoint(ckpt: Path, how: str = "checkpoint") -> ModelSource:
     if not is_valid(ckpt):
         raise CheckpointError(f"{ckpt}: checkpoint is incomplete (interrupted write): meta.json is missing files "
                               "or lists sizes that differ; use another checkpoint")
+    verify_files(ckpt, [MODEL_FILE])  # damaged bytes would load without a word
     return ModelSource("checkpoint", ckpt / MODEL_FILE, _vocab_dir(ckpt), f"{how} {ckpt}{_step(ckpt)}")
 
 

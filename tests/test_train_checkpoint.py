@@ -112,3 +112,86 @@ def test_unsafe_pickle_is_refused(tmp_path):
     with pytest.raises(CheckpointError):
         C.safe_load(p)
     assert not marker.exists()
+
+
+def _damage(path, at=0.5, n=64):
+    """Flip n bytes in the middle of a file (tensor bytes of a torch zip: same size, still a valid zip)."""
+    b = bytearray(path.read_bytes())
+    i = int(len(b) * at)
+    b[i:i + n] = bytes(x ^ 0xFF for x in b[i:i + n])
+    path.write_bytes(bytes(b))
+
+
+def test_damaged_checkpoint_bytes_are_caught_by_the_recorded_crc(tmp_path):
+    """torch.load reads a checkpoint whose tensor bytes were damaged without a word: the CRC32s meta.json records
+    at commit catch it, wherever the checkpoint is loaded (resume, or as a model for eval)."""
+    torch.manual_seed(2)
+    m = create_model("tiny")
+    d = _write(tmp_path, 3, model=m)
+    meta = json.loads((d / "meta.json").read_text())
+    assert set(meta["crc32"]) == set(meta["files"])
+    import zlib
+
+    assert meta["crc32"]["model.pt"] == zlib.crc32((d / "model.pt").read_bytes())
+    C.load_checkpoint(d)  # intact: loads
+    _damage(d / "model.pt")
+    assert C.is_valid(d)  # same sizes: the cheap validity check cannot see it
+    silently = torch.load(d / "model.pt", weights_only=True)["model"]  # the independent reference: no error...
+    assert any(not torch.equal(silently[k], v) for k, v in m.state_dict().items())  # ...and wrong weights
+    with pytest.raises(CheckpointError, match=r"model\.pt is damaged: its CRC32 is [0-9a-f]{8}, not the"):
+        C.load_checkpoint(d)
+    with pytest.raises(CheckpointError, match="is damaged"):
+        resolve_model(d)
+    # a checkpoint from before the CRCs were recorded loads as before (sizes checked only)
+    del meta["crc32"]
+    (d / "meta.json").write_text(json.dumps(meta))
+    C.load_checkpoint(d)
+
+
+def test_a_damaged_pickle_is_called_damaged_not_unsafe(tmp_path):
+    p = tmp_path / "x.pt"
+    torch.save({"w": torch.zeros(3)}, p)
+    b = bytearray(p.read_bytes())
+    i = b.index(b"\x80\x02", b.index(b"data.pkl"))  # the pickle stream's PROTO opcode (torch writes protocol 2)
+    b[i + 2] = 0xFE  # the next opcode: a byte that is no pickle operation
+    p.write_bytes(bytes(b))
+    from bmclip.io.model_file import safe_torch_load
+
+    with pytest.raises(CheckpointError, match="the file is damaged") as e:
+        safe_torch_load(p)
+    assert "refusing" not in str(e.value)
+
+
+def _train(out, *extra):
+    from bmclip.train.config import load_config
+    from bmclip.train.trainer import train
+
+    over = ["--data.batch_size=8", "--num_threads=1", "--log_every=1", "--val_every=0", "--optim.warmup_steps=1",
+            "--tensorboard=false", "--progress=false", "--ckpt_every=2", f"--out_dir={out}", *extra]
+    return train(load_config("tiny-cpu", over))
+
+
+def test_resume_auto_sets_a_damaged_checkpoint_aside_and_takes_the_one_before(tmp_path, capsys):
+    out = tmp_path / "run"
+    _train(out, "--steps=6", "--keep_last=5")
+    ck = out / "checkpoints"
+    _damage(ck / "step_00000006" / "train_state.pt")
+    capsys.readouterr()
+    summary = _train(out, "--steps=8", "--keep_last=5")
+    err = capsys.readouterr().err
+    assert "WARNING: cannot resume from step_00000006: " in err and "train_state.pt is damaged" in err, err
+    assert summary["steps_this_run"] == 4  # from step 4, not 6
+    # set aside under a name neither a resume nor pruning counts; step 6 written again by this run
+    assert sorted(p.name for p in ck.iterdir()) == ["step_00000002", "step_00000004", "step_00000006",
+                                                     "step_00000006.damaged", "step_00000008"]
+    # an explicit --resume=PATH is not second-guessed: the damage is the error
+    _damage(ck / "step_00000008" / "model.pt")
+    with pytest.raises(CheckpointError, match="model.pt is damaged"):
+        _train(tmp_path / "other", "--steps=10", f"--resume={ck / 'step_00000008'}")
+    assert (ck / "step_00000008").is_dir()
+    # nothing readable left: an error, not a silent fresh start (step 6, damaged a second time, goes aside as -2)
+    for s in (2, 4, 6):
+        _damage(ck / f"step_{s:08d}" / "model.pt")
+    with pytest.raises(CheckpointError, match="no checkpoint in .* can be read"):
+        _train(out, "--steps=10", "--keep_last=5")
+    assert {"step_00000006.damaged", "step_00000006.damaged-2"} <= {p.name for p in ck.iterdir()}

@@ -4,6 +4,10 @@ A training run writes ``OUT/checkpoints/step_XXXXXXXX/`` (``bmclip.train.checkpo
 checkpoint is valid only once its ``meta.json`` exists, has this module's ``FORMAT``, and every file it
 lists has the recorded size; anything else (a temp dir of an interrupted save, a truncated file) is
 never picked up. These rules are shared by resuming a run and by every command that loads a model.
+
+``meta.json`` also records each file's CRC32 (checkpoints written since it did): :func:`verify_files`
+recomputes them before a file is loaded, because torch.load reads a file whose tensor bytes were damaged on
+disk or in transit without a word (it checks no checksum of its own).
 """
 
 from __future__ import annotations
@@ -11,11 +15,14 @@ from __future__ import annotations
 import json
 import os
 import re
+import zlib
+from collections.abc import Iterable
 from pathlib import Path
 
 from bmclip.errors import CheckpointError
 
-__all__ = ["FORMAT", "MODEL_FILE", "is_valid", "latest_valid", "list_checkpoints", "read_meta", "step_dir_name"]
+__all__ = ["FORMAT", "MODEL_FILE", "file_crc32", "is_valid", "latest_valid", "list_checkpoints", "read_meta",
+           "step_dir_name", "verify_files"]
 
 FORMAT = "bmclip-checkpoint-v1"
 MODEL_FILE = "model.pt"  # the model file inside a checkpoint dir (bmclip.io.model_file layout)
@@ -65,3 +72,27 @@ def read_meta(ckpt: str | os.PathLike) -> dict:
     if not is_valid(ckpt):
         raise CheckpointError(f"{ckpt}: not a complete bmclip checkpoint (meta.json missing or files truncated)")
     return json.loads((ckpt / "meta.json").read_text())
+
+
+def file_crc32(path: str | os.PathLike, chunk: int = 16 << 20) -> int:
+    """CRC32 (zlib's) of a file's bytes, read in chunks."""
+    crc = 0
+    with open(path, "rb") as f:
+        while b := f.read(chunk):
+            crc = zlib.crc32(b, crc)
+    return crc
+
+
+def verify_files(ckpt: str | os.PathLike, names: Iterable[str] | None = None) -> None:
+    """Recompute the CRC32 of ``names`` (default: every file meta.json records one for) and raise CheckpointError
+    naming the first file whose bytes are not those written. Files of a checkpoint from before the CRCs were
+    recorded, or not listed, are not checked."""
+    ckpt = Path(ckpt)
+    recorded = read_meta(ckpt).get("crc32") or {}
+    for name in (recorded if names is None else names):
+        if name not in recorded:
+            continue
+        got, want = file_crc32(ckpt / name), int(recorded[name])
+        if got != want:
+            raise CheckpointError(f"{ckpt / name} is damaged: its CRC32 is {got:08x}, not the {want:08x} recorded "
+                                  "when it was written (a disk or copy error)")

@@ -67,8 +67,13 @@ def safe_torch_load(path: str | os.PathLike, map_location: Any = "cpu") -> Any:
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
-        # weights_only's restricted unpickler refused a global (e.g. os.system): never retry unsafely.
         first = str(e).strip().splitlines()
+        op = next((ln for ln in first if "Unsupported operand" in ln), None)
+        if op is not None:
+            # a byte that is no pickle opcode at all: the stream is damaged, not a pickle of something unsafe
+            raise CheckpointError(f"cannot read checkpoint {path}: the file is damaged (its pickle holds a byte "
+                                  f"that is no pickle operation: {op.strip()})") from None
+        # weights_only's restricted unpickler refused a global (e.g. os.system): never retry unsafely.
         detail = next((ln for ln in first if "GLOBAL" in ln or "Unsupported" in ln), first[0] if first else "")
         raise CheckpointError(
             f"refusing to load {path}: it is not a plain weights file (the pickle references code or "

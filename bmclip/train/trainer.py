@@ -406,7 +406,8 @@ class Trainer:
         resume_from = self.ckpt.find_resume(cfg.resume)
         st = None
         if resume_from is not None:
-            st = self.ckpt.load(resume_from)
+            st, resume_from = self.ckpt.load_for_resume(
+                resume_from, cfg.resume == "auto", say=lambda m: print(m, file=sys.stderr, flush=True))
             _check_resume_compatible(cfg, st, model, resume_from, info.is_main)
         fwd = torch.compile(model) if cfg.model.compile else model
         self.fwd_model = fwd = wrap_model(fwd, info, cfg.parallel, mixed_bf16=use_bf16)
