@@ -1303,3 +1303,31 @@ def test_builder_runs_without_torch_and_cxx_extension(fixtures_dir, tmp_path):
     assert got["pairs"] == {"train": 8, "val": 0, "test": 0}  # as test_fixture_copies_in_ci, in process
     assert got["tokenizer"].startswith("bmclip.tokenizer.get_tokenizer() WordPiece")
     assert len(_read_shards(out)) == 8
+
+
+def test_a_staging_dir_in_use_by_another_build_is_refused_and_freed_when_it_dies(tmp_path):
+    """Two builds in one staging dir would delete each other's files (a starting stage removes the temporary
+    files of chunks being written; a finished merge removes the dir). The second is refused in one line naming
+    the first; once the first is gone (killed: the kernel drops its flock) the same command runs."""
+    src = tmp_path / "in"
+    src.mkdir()
+    for i in range(3):
+        _package(src, f"PMC{7100 + i}", n_figs=1, seed=710 + i)
+    out = tmp_path / "out"
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time\n"
+        "from bmclip.data.pmc.staging import StagingDir\n"
+        f"st = StagingDir({str(out / '_staging')!r}); st.lock(); print('ready', flush=True); time.sleep(120)\n")],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "ready"
+        with pytest.raises(ConfigError, match=rf"staging dir .*_staging is in use by another build \(pid "
+                                              rf"{holder.pid} on [^)]+\)"):
+            _build([src], out)
+        with pytest.raises(ConfigError, match="in use by another build"):
+            merge_staging([out / "_staging"], tmp_path / "merged", BuildOptions(), progress=False)
+    finally:
+        holder.kill()
+        holder.wait()
+    stats = _build([src], out)
+    assert stats["pairs_total"] == 3

@@ -92,6 +92,8 @@ def merge_staging(
     dirs = [s if isinstance(s, StagingDir) else StagingDir(s, st_so) for s in stagings]
     remote = None
     try:
+        for d in dirs:
+            d.lock()  # a stage or merge still running there would lose its files to this merge
         plans = _read_plans(dirs)
         remote = RemoteOutput(os.fspath(output), storage_options) if is_remote(output) else None
         return _merge(dirs, plans, output, remote, opts, progress)

@@ -456,6 +456,7 @@ def stage(
 def _stage(st: StagingDir, packages: list[Package], disc_skips: Counter, opts: BuildOptions, num_slices: int,
            slice_index: int, num_workers: int | None, progress: bool, storage_options: dict | None) -> dict:
     st.prepare()
+    st.lock()  # before anything is read or cleaned up: another live build may be writing here
     plan = {
         "version": _STAGING_VERSION,
         "options": opts.stage_dict(),

@@ -16,8 +16,10 @@ and ``chunks/chunk-NNNNNN.bin``, so both rules hold wherever the staging dir is:
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
+import socket
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -35,6 +37,9 @@ def remove_partial_files(folder: Path) -> None:
     for f in folder.iterdir():
         if f.name.startswith(".") and (f.name.endswith(".tmp") or ".tmp-" in f.name):
             f.unlink()
+
+
+LOCK_NAME = ".build.lock"  # flock'd by the build using the staging dir (StagingDir.lock)
 
 
 def _is_partial(name: str) -> bool:
@@ -61,6 +66,7 @@ class StagingDir:
             self.path = local_path(loc)
             self.url = str(self.path)
             self._store = None
+        self._lock_fd: int | None = None
 
     def __str__(self) -> str:
         return self.url
@@ -73,6 +79,39 @@ class StagingDir:
     def close(self) -> None:
         if self._store is not None:
             self._store.close()
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # releases the flock
+            self._lock_fd = None
+
+    def lock(self) -> None:
+        """Take this (local) staging dir for this process until :meth:`close`, or raise ConfigError naming the
+        build that holds it.
+
+        Two builds in one staging dir undo each other: a starting stage deletes the temporary files of the
+        chunks the other is writing, and a finished merge deletes the dir the other still reads (a resubmitted
+        job whose first run still lives, a command started twice). ``flock`` is released by the kernel when its
+        holder dies, so a killed build never blocks its rerun. Remote prefixes, and file systems without flock,
+        are not locked.
+        """
+        if self.path is None or self._lock_fd is not None:
+            return
+        self.path.mkdir(parents=True, exist_ok=True)
+        lock_path = self.path / LOCK_NAME
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 200, 0).decode("utf-8", "replace").strip() or "another process"
+            os.close(fd)
+            raise ConfigError(f"staging dir {self.path} is in use by another build ({holder}): wait for it to end "
+                              "or stop it, then rerun; two builds in one staging dir would delete each other's "
+                              "files") from None
+        except OSError:  # no flock on this file system (some network mounts): go on unlocked
+            os.close(fd)
+            return
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode(), 0)
+        self._lock_fd = fd
 
     def __enter__(self) -> StagingDir:
         return self
