@@ -77,6 +77,8 @@ def _write_shard(path, captions):
 
 
 def test_tokenizer_train_and_encode(tmp_path, capsys):
+    from bmclip.tokenizer import Tokenizer
+
     caps = [f"Fluorescence micrograph of HeLa cells stained for tubulin, panel {i}." for i in range(50)]
     caps += ["Kaplan-Meier survival curves of patients with high and low expression."] * 20
     txt = tmp_path / "captions.txt"
@@ -87,8 +89,13 @@ def test_tokenizer_train_and_encode(tmp_path, capsys):
     out = tmp_path / "tok"
     assert main(["tokenizer", "train", "--input", str(txt), str(shard), "--vocab-size", "300",
                  "--context-length", "32", "--out", str(out)]) == 0  # fmt: skip
-    assert "trained on 70 texts" in capsys.readouterr().out
-    from bmclip.tokenizer import Tokenizer
+    printed = capsys.readouterr().out
+    assert "trained on 70 texts" in printed and "above --vocab-size" not in printed
+    # a target below what the special tokens and the characters seen need: kept, and the output says why
+    assert main(["tokenizer", "train", "--input", str(txt), "--vocab-size", "10", "--out", str(tmp_path / "t2")]) == 0
+    n = Tokenizer.from_vocab(tmp_path / "t2").vocab_size
+    assert n > 10 and f"vocabulary of {n} (above --vocab-size 10: the special tokens and the characters seen" \
+        in capsys.readouterr().out
 
     tok = Tokenizer.from_vocab(out)
     assert tok.context_length == 32 and tok.vocab_size <= 300

@@ -28,7 +28,9 @@ def register(subparsers) -> None:
         metavar="PATH",
         help="captions.txt files and/or .tar shards (brace patterns: shard-{000..009}.tar)",
     )
-    t.add_argument("--vocab-size", type=int, default=30522, help="upper bound on the vocabulary size")
+    t.add_argument("--vocab-size", type=int, default=30522,
+                   help=("target vocabulary size: merges stop there, but the special tokens and every "
+                         "character seen (and its ## form) are always kept, so a small target can be exceeded"))
     t.add_argument("--min-frequency", type=int, default=2, help="minimum pair frequency for a merge")
     t.add_argument("--context-length", type=int, default=256, help="context length stored with the tokenizer")
     t.add_argument("--out", required=True, metavar="DIR", help="output folder")
@@ -88,7 +90,9 @@ def _train(args: argparse.Namespace) -> int:
     )
     tok.save(args.out)
     extra = "".join(f", {k}={v}" for k, v in counts.items() if k != "texts")
-    print(f"trained on {counts.get('texts', 0)} texts{extra}: vocabulary of {tok.vocab_size} -> {args.out}")
+    over = (f" (above --vocab-size {args.vocab_size}: the special tokens and the characters seen alone take that "
+            "many)" if tok.vocab_size > args.vocab_size else "")
+    print(f"trained on {counts.get('texts', 0)} texts{extra}: vocabulary of {tok.vocab_size}{over} -> {args.out}")
     return 0
 
 
