@@ -1331,3 +1331,12 @@ def test_a_staging_dir_in_use_by_another_build_is_refused_and_freed_when_it_dies
         holder.wait()
     stats = _build([src], out)
     assert stats["pairs_total"] == 3
+
+
+def test_negative_workers_is_an_error_not_a_silent_serial_build(tmp_path):
+    src = tmp_path / "in"
+    src.mkdir()
+    _package(src, "PMC7200", n_figs=1, seed=720)
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ConfigError, match="workers must be an integer >= 0"):
+            stage([src], tmp_path / "st", BuildOptions(), num_workers=bad, progress=False)

@@ -218,3 +218,14 @@ def test_embedding_reads_no_batch_past_max_pairs(tmp_path):
     assert r["n"] == 6 and read == [0, 1]
     r = embed_pairs_to_disk(model, tok, batches(), tmp_path, max_pairs=8)
     assert r["n"] == 8 and read == [0, 1, 0, 1]
+
+
+def test_eval_loader_reader_needs_a_decode_thread(tmp_path, capsys):
+    if not _ext_loads():
+        pytest.skip("bmclip._C not built")
+    _shards(tmp_path, n=4)
+    rc = main(["eval", "retrieval", "tiny", "--shards", str(tmp_path / "shard-000000.tar"), "--reader", "loader",
+               "--workers", "0", "--device", "cpu", "--out", str(tmp_path / "o")])
+    assert rc == 2
+    assert capsys.readouterr().err.strip() == ("bmclip eval: error: --workers must be >= 1 with the loader reader "
+                                               "(its decode threads), got 0")

@@ -138,6 +138,8 @@ def run_retrieval(args: argparse.Namespace) -> int:
     skipped: list = []
     loader = None
     if reader == "loader":
+        if args.workers < 1:
+            raise ConfigError(f"--workers must be >= 1 with the loader reader (its decode threads), got {args.workers}")
         loader = ShardLoader(args.shards, batch_size=args.batch_size, image_size=size, augment="center",
                              shuffle=False, num_threads=args.workers, storage_options=storage_options)
         batches = loader

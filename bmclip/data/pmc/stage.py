@@ -440,6 +440,9 @@ def stage(
     opts.validate()
     if num_slices < 1 or not 0 <= slice_index < num_slices:
         raise ConfigError(f"slice must be in [0, {num_slices}), got {slice_index}")
+    if num_workers is not None and (isinstance(num_workers, bool) or not isinstance(num_workers, int)
+                                    or num_workers < 0):
+        raise ConfigError(f"workers must be an integer >= 0 (0: no worker processes), got {num_workers!r}")
     if not inputs:
         raise ConfigError("no inputs given")
     passed_over: list[tuple[str, str]] = []
