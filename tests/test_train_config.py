@@ -127,3 +127,24 @@ def test_attn_backend_switches_reach_the_model():
         load_config("tiny-cpu", ["--model.image_attn_backend=flash"])
     with pytest.raises(ConfigError, match=r"model\.attn_backend"):
         load_config("tiny-cpu", ["--model.attn_backend=cudnn"])
+
+
+@pytest.mark.parametrize("override, message", [
+    ("--loss.backend=cuda", "loss.backend: must be auto, triton or torch (got 'cuda')"),
+    ("--optim.min_lr=-1", "optim.min_lr: must be in [0, optim.lr"),
+    ("--optim.min_lr=1", "optim.min_lr: must be in [0, optim.lr"),
+    ("--optim.weight_decay=-0.1", "optim.weight_decay: must be >= 0"),
+    ("--optim.eps=0", "optim.eps: must be > 0"),
+    ("--val_every=-1", "val_every: must be >= 0"),
+    ("--num_threads=-2", "num_threads: must be >= 0"),
+    ("--data.num_threads=0", "data.num_threads: must be >= 1"),
+    ("--data.shuffle_buffer=-1", "data.shuffle_buffer: must be >= 0"),
+    ("--data.val_max_samples=-1", "data.val_max_samples: must be >= 1"),
+    ("--data.synthetic_size=0", "data.synthetic_size: must be >= 1"),
+])
+def test_values_that_used_to_train_or_crash_late_are_refused_up_front(override, message):
+    """Each was accepted: a negative min_lr drove the schedule below zero, a bad loss backend or a negative
+    val_max_samples failed with a traceback after the out_dir was made, the rest were ignored or misread."""
+    with pytest.raises(ConfigError) as e:
+        load_config("tiny-cpu", [override]).validate()
+    assert message in str(e.value)

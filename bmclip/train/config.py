@@ -159,6 +159,8 @@ class TrainConfig:
         _check(self.parallel in ("ddp", "fsdp"), "parallel", "must be ddp or fsdp")
         get_loss(self.loss.kind)  # an unknown name is a ConfigError listing the registered losses
         _check(self.loss.max_logit_scale > 0, "loss.max_logit_scale", "must be > 0")
+        _check(self.loss.backend in ("auto", "triton", "torch"), "loss.backend",
+               f"must be auto, triton or torch (got {self.loss.backend!r})")
         _check(0.0 <= self.model.patch_dropout < 1.0, "model.patch_dropout", "must be in [0, 1)")
 
         names = ["auto", *available_backends()]
@@ -168,10 +170,20 @@ class TrainConfig:
                 continue
             _check(value in names, f"model.{key}", f"must be one of {', '.join(names)} (got {value!r})")
         _check(self.optim.lr > 0, "optim.lr", "must be > 0")
+        _check(0 <= self.optim.min_lr <= self.optim.lr, "optim.min_lr",
+               f"must be in [0, optim.lr = {self.optim.lr:g}] (the schedule's floor)")
+        _check(self.optim.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
+        _check(self.optim.eps > 0, "optim.eps", "must be > 0")
         _check(self.optim.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
         _check(0 <= self.optim.beta1 < 1 and 0 <= self.optim.beta2 < 1, "optim.beta1", "betas in [0, 1)")
         _check(self.optim.grad_clip >= 0, "optim.grad_clip", "must be >= 0 (0 disables)")
         _check(self.log_every >= 1, "log_every", "must be >= 1")
+        _check(self.val_every >= 0, "val_every", "must be >= 0 (0 = only at the end)")
+        _check(self.num_threads >= 0, "num_threads", "must be >= 0 (0 = torch's default)")
+        _check(self.data.num_threads >= 1, "data.num_threads", "must be >= 1 (decoder threads per rank)")
+        _check(self.data.shuffle_buffer >= 0, "data.shuffle_buffer", "must be >= 0 (0 = no shuffle buffer)")
+        _check(self.data.val_max_samples >= 1, "data.val_max_samples", "must be >= 1")
+        _check(self.data.synthetic_size >= 1, "data.synthetic_size", "must be >= 1")
         _check(self.ckpt_every >= 0, "ckpt_every", "must be >= 0 (0 = only at the end)")
         _check(self.keep_last >= 1, "keep_last", "must be >= 1")
         _check(self.fault.max_nonfinite >= 1, "fault.max_nonfinite", "must be >= 1")
