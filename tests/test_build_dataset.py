@@ -1340,3 +1340,22 @@ def test_negative_workers_is_an_error_not_a_silent_serial_build(tmp_path):
     for bad in (-1, 1.5, True):
         with pytest.raises(ConfigError, match="workers must be an integer >= 0"):
             stage([src], tmp_path / "st", BuildOptions(), num_workers=bad, progress=False)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--near-dup-threshold", "-2"], "near_dup_threshold must be in [-1, 31]"),
+    (["--near-dup-max-mad", "-1"], "near_dup_max_mad must be >= 0"),
+    (["--min-caption-chars", "-1"], "min_caption_chars must be >= 0"),
+    (["--num-slices", "0"], "--num-slices must be >= 1 and --slice in [0, num-slices)"),
+    (["--slice", "3"], "--num-slices must be >= 1 and --slice in [0, num-slices)"),  # without --num-slices: ignored
+])
+def test_build_options_that_were_accepted_and_ignored_are_errors(tmp_path, capsys, args, message):
+    from bmclip.cli import main
+
+    src = tmp_path / "in"
+    src.mkdir()
+    _package(src, "PMC7300", n_figs=1, seed=730)
+    assert main(["build-dataset", str(src), "--output", str(tmp_path / "o"), "-j", "0", "--no-progress", *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("bmclip build-dataset: error: ") and message in err and "\n" not in err, err
+    assert not (tmp_path / "o").exists()

@@ -142,6 +142,9 @@ def _run(args) -> int:
     from bmclip.data.pmc.build import build, merge_staging, stage
 
     opts = _options(args)
+    if args.num_slices < 1 or not 0 <= args.slice < args.num_slices:
+        raise ConfigError(f"--num-slices must be >= 1 and --slice in [0, num-slices), got {args.num_slices} and "
+                          f"{args.slice}")
     progress = not args.no_progress
     common = parse_storage_options(args.storage_option)
     in_so = {**common, **parse_storage_options(args.input_storage_option)}

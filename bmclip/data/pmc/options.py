@@ -69,8 +69,13 @@ class BuildOptions:
             raise ConfigError("chunk_size and shard_size must be >= 1")
         if not (0 <= self.val_fraction and 0 <= self.test_fraction and self.val_fraction + self.test_fraction < 1):
             raise ConfigError("val_fraction and test_fraction must be >= 0 with a sum < 1")
-        if self.near_dup_threshold > 31:
-            raise ConfigError("near_dup_threshold must be <= 31 (-1 disables near-duplicate removal)")
+        if not -1 <= self.near_dup_threshold <= 31:
+            raise ConfigError(f"near_dup_threshold must be in [-1, 31] (-1 disables near-duplicate removal), got "
+                              f"{self.near_dup_threshold}")
+        if self.near_dup_max_mad < 0:
+            raise ConfigError(f"near_dup_max_mad must be >= 0, got {self.near_dup_max_mad}")
+        if self.min_caption_chars < 0:
+            raise ConfigError(f"min_caption_chars must be >= 0, got {self.min_caption_chars}")
 
     def stage_dict(self) -> dict:
         """The stage-time options as a plain dict."""
