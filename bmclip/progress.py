@@ -37,7 +37,7 @@ class Progress:
     """
 
     def __init__(self, desc: str, unit: str, total: int | None = None, *, enabled: bool = True,
-                 stream: TextIO | None = None, every_s: float = PLAIN_EVERY_S):
+                 stream: TextIO | None = None, every_s: float = PLAIN_EVERY_S, silent_if_empty: bool = True):
         self.desc, self.unit, self.total = desc, unit, total
         self.stream = stream if stream is not None else sys.stderr
         self.every_s = every_s
@@ -45,6 +45,7 @@ class Progress:
         self.postfix: dict[str, Any] = {}
         self.t0 = self.last = time.monotonic()
         self.enabled = enabled
+        self.silent_if_empty = silent_if_empty  # stopped before the first item: no last line (the error says why)
         self.bar = None
         self.closed = False
         if enabled and _isatty(self.stream):
@@ -66,7 +67,8 @@ class Progress:
 
     def close(self, done: bool | None = None) -> None:
         """Close; the last plain line ends in "done" or "stopped" (``done=None``: done when the total is reached
-        or there is none). A progress stopped before its first item prints no line (the error says why)."""
+        or there is none). A progress stopped before its first item prints no line (the error says why) unless
+        it was made with ``silent_if_empty=False``."""
         if self.closed:
             return
         self.closed = True
@@ -74,7 +76,7 @@ class Progress:
             done = not self.total or self.n >= self.total
         if self.bar is not None:
             self.bar.close()
-        elif self.enabled and (done or self.n):
+        elif self.enabled and (done or self.n or not self.silent_if_empty):
             self._line(final="done" if done else "stopped")
 
     def __enter__(self) -> Progress:

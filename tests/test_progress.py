@@ -95,6 +95,10 @@ def test_as_a_context_stopped_by_an_exception_and_wrap_counts_up_to_the_total():
     with pytest.raises(ValueError), Progress("embed", "img", 100, stream=out, every_s=0):
         raise ValueError("an error before the first batch")  # its own message says enough: no progress line
     assert out.getvalue() == ""
+    out = io.StringIO()  # the builder's stage and merge say where they stood even then
+    with pytest.raises(ValueError), Progress("stage s", "pkg", 12, stream=out, every_s=0, silent_if_empty=False):
+        raise ValueError("stopped before the first chunk came back")
+    assert ": 0/12 pkg (0%), " in out.getvalue() and out.getvalue().strip().endswith(", stopped")
     out = io.StringIO()
     with Progress("embed", "img", 100, stream=out, every_s=3600) as bar:
         list(bar.wrap([[0] * 30]))  # the batches ran out short of the total (skipped items): still done

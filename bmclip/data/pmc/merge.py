@@ -158,7 +158,7 @@ def _merge_into(stagings: list[StagingDir], plans: list[dict], out: Path, remote
     seen_articles: set[str] = set()
     merged = heapq.merge(*(staging_stream(s) for s in stagings), key=lambda rb: rb[0]["key"])
     bar = Progress("merge", "pkg", total=sum(int(p.get("num_packages", 0)) for p in plans) or None,
-                   enabled=progress)
+                   enabled=progress, silent_if_empty=False)
     try:
         for rec, blob in merged:
             bar.update(1)

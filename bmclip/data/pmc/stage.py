@@ -492,7 +492,9 @@ def _stage(st: StagingDir, packages: list[Package], disc_skips: Counter, opts: B
     workers = max(0, min(workers, len(tasks)))
     if workers > 1 and st.remote and st.url.split("::")[-1].startswith("memory://"):
         raise ConfigError(f"{st}: a memory:// staging dir is only seen by the process that writes it; use -j 0")
-    bar = Progress(f"stage {st.name}", "pkg", total=sum(len(chunks[i]) for i in pending), enabled=progress)
+    # a stage stopped before its first chunk came back still says so: the operator learns where it stood
+    bar = Progress(f"stage {st.name}", "pkg", total=sum(len(chunks[i]) for i in pending), enabled=progress,
+                   silent_if_empty=False)
     samples = 0
     errors: list[str] = []
 

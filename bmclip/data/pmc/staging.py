@@ -109,9 +109,12 @@ class StagingDir:
         except OSError:  # no flock on this file system (some network mounts): go on unlocked
             os.close(fd)
             return
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode(), 0)
         self._lock_fd = fd
+        try:  # who holds it, for the message of a refused build (the lock itself needs no bytes: a full disk is fine)
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode(), 0)
+        except OSError:
+            pass
 
     def __enter__(self) -> StagingDir:
         return self
