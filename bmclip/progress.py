@@ -18,16 +18,21 @@ from typing import Any, TextIO
 PLAIN_EVERY_S = 30.0
 
 
-def _isatty(stream: Any) -> bool:
+def is_terminal(stream: Any) -> bool:
+    """``stream.isatty()``, False for a stream without one or a closed one (also used by bmclip train's console)."""
     try:
         return bool(stream.isatty())
     except (AttributeError, ValueError):
         return False
 
 
-def _hms(seconds: float) -> str:
-    s = int(round(seconds))
-    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
+def format_duration(seconds: float) -> str:
+    """``H:MM:SS``; "?" for a negative, infinite or NaN duration (an ETA not known yet)."""
+    if not (seconds >= 0) or seconds == float("inf"):
+        return "?"
+    h, rem = divmod(int(round(seconds)), 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}:{m:02d}:{s:02d}"
 
 
 class Progress:
@@ -48,7 +53,7 @@ class Progress:
         self.silent_if_empty = silent_if_empty  # stopped before the first item: no last line (the error says why)
         self.bar = None
         self.closed = False
-        if enabled and _isatty(self.stream):
+        if enabled and is_terminal(self.stream):
             from tqdm import tqdm  # only for a terminal: `bmclip --help` imports this module
 
             self.bar = tqdm(total=total, unit=unit, desc=desc, file=self.stream, dynamic_ncols=True)
@@ -101,11 +106,11 @@ class Progress:
         if self.total:
             count += f" ({100.0 * self.n / self.total:.0f}%)"
         parts = [count, *(f"{k} {v}" for k, v in self.postfix.items()), f"{rate:.1f} {self.unit}/s",
-                 f"elapsed {_hms(elapsed)}"]
+                 f"elapsed {format_duration(elapsed)}"]
         if final:
             parts.append(final)
         elif self.total and rate > 0:
-            parts.append(f"ETA {_hms((self.total - self.n) / rate)}")
+            parts.append(f"ETA {format_duration((self.total - self.n) / rate)}")
         return f"{time.strftime('%H:%M:%S')} {self.desc}: " + ", ".join(parts)
 
     def _line(self, final: str | None = None) -> None:
@@ -114,4 +119,3 @@ class Progress:
             print(self.line(final), file=self.stream, flush=True)
         except (OSError, ValueError):  # a closed or broken log stream must not stop the build
             pass
-

@@ -30,6 +30,7 @@ from tqdm import tqdm
 
 from bmclip.errors import ConfigError
 from bmclip.io import atomic_write_text
+from bmclip.progress import format_duration, is_terminal
 
 LOCK_NAME = ".bmclip.lock"
 
@@ -253,15 +254,6 @@ class OutDirLock:
 # ---------------------------------------------------------------------------------------------------
 # Operator output
 
-def _fmt_duration(seconds: float) -> str:
-    if not (seconds >= 0) or seconds == float("inf"):
-        return "?"
-    s = int(round(seconds))
-    h, rem = divmod(s, 3600)
-    m, s = divmod(rem, 60)
-    return f"{h}:{m:02d}:{s:02d}"
-
-
 class Console:
     """Rank 0's terminal output: a tqdm bar on a TTY (when ``progress``), otherwise plain lines.
 
@@ -275,7 +267,7 @@ class Console:
         self.total = total
         self.stream = stream if stream is not None else sys.stderr
         self.bar = None
-        if enabled and progress and _isatty(self.stream):
+        if enabled and progress and is_terminal(self.stream):
             self.bar = tqdm(total=total, initial=initial, desc="train", dynamic_ncols=True, file=self.stream)
 
     def say(self, msg: str, err: bool = False) -> None:
@@ -302,16 +294,9 @@ class Console:
         if self.enabled and self.bar is None:
             fetch = f" (downloads {fetch_wait_s:.2f} s)" if fetch_wait_s > 0 else ""
             print(f"[bmclip] step {step}/{self.total}  loss {loss:.4f}  lr {lr:.2e}  {sps:.1f} samples/s  "
-                  f"data wait {100 * data_wait_frac:.0f}%{fetch}  ETA {_fmt_duration(eta_s)}", flush=True)
+                  f"data wait {100 * data_wait_frac:.0f}%{fetch}  ETA {format_duration(eta_s)}", flush=True)
 
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
             self.bar = None
-
-
-def _isatty(stream) -> bool:
-    try:
-        return bool(stream.isatty())
-    except (AttributeError, ValueError):
-        return False
