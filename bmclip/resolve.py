@@ -84,7 +84,8 @@ def _checkpoint(ckpt: Path, how: str = "checkpoint") -> ModelSource:
     if not is_valid(ckpt):
         raise CheckpointError(f"{ckpt}: checkpoint is incomplete (interrupted write): meta.json is missing files "
                               "or lists sizes that differ; use another checkpoint")
-    verify_files(ckpt, [MODEL_FILE])  # damaged bytes would load without a word
+    # damaged bytes would load without a word (meta.json passed is_valid just now: read, not checked again)
+    verify_files(ckpt, [MODEL_FILE], json.loads((ckpt / "meta.json").read_text()))
     return ModelSource("checkpoint", ckpt / MODEL_FILE, _vocab_dir(ckpt), f"{how} {ckpt}{_step(ckpt)}")
 
 

@@ -83,12 +83,13 @@ def file_crc32(path: str | os.PathLike, chunk: int = 16 << 20) -> int:
     return crc
 
 
-def verify_files(ckpt: str | os.PathLike, names: Iterable[str] | None = None) -> None:
+def verify_files(ckpt: str | os.PathLike, names: Iterable[str] | None = None, meta: dict | None = None) -> None:
     """Recompute the CRC32 of ``names`` (default: every file meta.json records one for) and raise CheckpointError
     naming the first file whose bytes are not those written. Files of a checkpoint from before the CRCs were
-    recorded, or not listed, are not checked."""
+    recorded, or not listed, are not checked. ``meta``: the checkpoint's meta.json when the caller read it
+    already (:func:`read_meta`), else it is read here."""
     ckpt = Path(ckpt)
-    recorded = read_meta(ckpt).get("crc32") or {}
+    recorded = (meta if meta is not None else read_meta(ckpt)).get("crc32") or {}
     for name in (recorded if names is None else names):
         if name not in recorded:
             continue

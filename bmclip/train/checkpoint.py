@@ -237,7 +237,7 @@ def load_checkpoint(ckpt: str | os.PathLike, rank: int = 0) -> dict:
     """Load a valid checkpoint dir: {"meta", "model", "model_config", "train_state", "rank_state" | None}."""
     ckpt = Path(ckpt)
     meta = read_meta(ckpt)
-    verify_files(ckpt, [MODEL_FILE, "train_state.pt", f"rank_{rank:05d}.pt"])
+    verify_files(ckpt, [MODEL_FILE, "train_state.pt", f"rank_{rank:05d}.pt"], meta)
     model_config, model_state = read_model_file(ckpt / MODEL_FILE)
     ts = from_safe(safe_load(ckpt / "train_state.pt")) if (ckpt / "train_state.pt").is_file() else None
     rank_file = ckpt / f"rank_{rank:05d}.pt"
@@ -321,17 +321,17 @@ class CheckpointManager:
                 break
             if not fall_back:
                 raise err or CheckpointError(f"{p}: a file of another rank is damaged")
-            damaged.append(p)
+            aside, n = p.with_name(p.name + ".damaged"), 1
+            while aside.exists():  # damaged once before (and written again since)
+                n += 1
+                aside = p.with_name(f"{p.name}.damaged-{n}")
+            damaged.append((p, aside))
             if self.info.is_main:
                 say(f"[bmclip] WARNING: cannot resume from {p.name}: {err or 'a file of another rank is damaged'}; "
-                    f"it is renamed to {p.name}.damaged, trying the checkpoint before it")
+                    f"it is renamed to {aside.name}, trying the checkpoint before it")
         barrier(self.info)
         if self.info.is_main:
-            for p in damaged:
-                aside, n = p.with_name(p.name + ".damaged"), 1
-                while aside.exists():  # damaged once before (and written again since)
-                    n += 1
-                    aside = p.with_name(f"{p.name}.damaged-{n}")
+            for p, aside in damaged:
                 os.rename(p, aside)
         barrier(self.info)
         if found is None:
