@@ -195,3 +195,4 @@ def test_resume_auto_sets_a_damaged_checkpoint_aside_and_takes_the_one_before(tm
     with pytest.raises(CheckpointError, match="no checkpoint in .* can be read"):
         _train(out, "--steps=10", "--keep_last=5")
     assert {"step_00000006.damaged", "step_00000006.damaged-2"} <= {p.name for p in ck.iterdir()}
+    assert "it is renamed to step_00000006.damaged-2," in capsys.readouterr().err
