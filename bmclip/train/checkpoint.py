@@ -156,7 +156,7 @@ class CheckpointWriter:
                 with open(p, "rb") as f:
                     os.fsync(f.fileno())
                 files[p.name] = p.stat().st_size
-                crcs[p.name] = file_crc32(p)  # read back from the page cache: 1.5 s for a 2.4 GB ViT-B/16 + BERT one
+                crcs[p.name] = file_crc32(p)  # read back once, from the page cache
         missing = [f"rank_{r:05d}.pt" for r in range(self.world_size) if f"rank_{r:05d}.pt" not in files]
         if missing or "model.pt" not in files:
             raise CheckpointError(
