@@ -229,3 +229,27 @@ def test_eval_loader_reader_needs_a_decode_thread(tmp_path, capsys):
     assert rc == 2
     assert capsys.readouterr().err.strip() == ("bmclip eval: error: --workers must be >= 1 with the loader reader "
                                                "(its decode threads), got 0")
+
+
+def test_failed_embedding_leaves_no_folder_it_made(tmp_path):
+    """A run that fails mid-embedding removes its temp files and the embeddings folder it created; a folder that
+    was there before (with the user's files) is left as it was."""
+    from bmclip.eval.embed import embed_pairs_to_disk
+    from bmclip.eval.models import load_model
+
+    model, tok = load_model("tiny")
+    s = model.config.vision.image_size
+
+    def batches():
+        yield {"image": np.zeros((4, s, s, 3), np.uint8), "text": [f"caption {j}" for j in range(4)]}
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError, match="No space left"):
+        embed_pairs_to_disk(model, tok, batches(), tmp_path / "run" / "embeddings")
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == []
+    keep = tmp_path / "mine"
+    keep.mkdir()
+    (keep / "notes.txt").write_text("x")
+    with pytest.raises(OSError, match="No space left"):
+        embed_pairs_to_disk(model, tok, batches(), keep)
+    assert sorted(p.name for p in keep.iterdir()) == ["notes.txt"]

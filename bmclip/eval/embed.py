@@ -247,6 +247,7 @@ def embed_pairs_to_disk(
     if max_pairs is not None and (isinstance(max_pairs, bool) or not isinstance(max_pairs, int) or max_pairs < 1):
         raise ConfigError(f"max_pairs must be an integer >= 1, got {max_pairs!r}")
     out = Path(out_dir)
+    created = not out.exists()  # a folder this call makes is removed again when it fails
     writers: list[NpyStreamWriter] = []
     n = 0
     try:
@@ -272,4 +273,7 @@ def embed_pairs_to_disk(
     except BaseException:
         for w in writers:
             w.abort()
+        if created:
+            with contextlib.suppress(OSError):  # only when empty: never anything but the aborted temp files
+                out.rmdir()
         raise
