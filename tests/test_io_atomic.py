@@ -9,7 +9,7 @@ import textwrap
 import pytest
 import torch
 
-from bmclip.io import atomic_torch_save, atomic_write_bytes, atomic_write_text, atomic_writer
+from bmclip.io import Crc32, atomic_torch_save, atomic_write_bytes, atomic_write_text, atomic_writer
 
 
 def test_writes_land_whole(tmp_path):
@@ -21,6 +21,30 @@ def test_writes_land_whole(tmp_path):
     assert n == (tmp_path / "m.pt").stat().st_size
     assert torch.equal(torch.load(tmp_path / "m.pt", weights_only=True)["w"], torch.arange(5))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.pt", "sub", "t.txt"]
+
+
+def test_crc_of_the_bytes_written_is_the_crc_of_the_file(tmp_path):
+    """``crc=`` gives the CRC32 of exactly the bytes that land in the file (zlib over the file is the reference),
+    for torch.save's zip writer (many tensors, several dtypes, a view of a larger storage) and plain bytes."""
+    import zlib
+
+    from bmclip.io.model_file import save_model_file
+
+    big = torch.randn(300, 257)
+    obj = {"a": torch.arange(1000, dtype=torch.int64), "b": big[7:90, 3:200], "c": torch.randn(64).bfloat16(),
+           "d": [torch.ones(3, dtype=torch.float16), {"e": torch.zeros(0)}], "f": "text"}
+    crc = Crc32()
+    atomic_torch_save(obj, tmp_path / "o.pt", crc=crc)
+    assert crc.value == zlib.crc32((tmp_path / "o.pt").read_bytes())
+    crc = Crc32()
+    atomic_write_bytes(b"x" * 100_003, tmp_path / "b.bin", crc=crc)
+    assert crc.value == zlib.crc32(b"x" * 100_003)
+    for name in ("m.pt", "m.safetensors"):
+        crc = Crc32()
+        save_model_file({"w": big}, {"preset": "x"}, tmp_path / name, crc=crc)
+        assert crc.value == zlib.crc32((tmp_path / name).read_bytes()), name
+    with pytest.raises(ValueError, match="crc= needs mode 'wb'"), atomic_writer(tmp_path / "t.txt", "w", crc=Crc32()):
+        pass
 
 
 def test_durable_writes_fsync_and_throwaway_ones_do_not(tmp_path, monkeypatch):

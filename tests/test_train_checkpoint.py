@@ -132,7 +132,8 @@ def test_damaged_checkpoint_bytes_are_caught_by_the_recorded_crc(tmp_path):
     assert set(meta["crc32"]) == set(meta["files"])
     import zlib
 
-    assert meta["crc32"]["model.pt"] == zlib.crc32((d / "model.pt").read_bytes())
+    for name, crc in meta["crc32"].items():  # recorded while writing: the CRC of the bytes on disk
+        assert crc == zlib.crc32((d / name).read_bytes()), name
     C.load_checkpoint(d)  # intact: loads
     _damage(d / "model.pt")
     assert C.is_valid(d)  # same sizes: the cheap validity check cannot see it
@@ -146,6 +147,51 @@ def test_damaged_checkpoint_bytes_are_caught_by_the_recorded_crc(tmp_path):
     del meta["crc32"]
     (d / "meta.json").write_text(json.dumps(meta))
     C.load_checkpoint(d)
+
+
+def test_commit_reads_back_only_the_files_this_writer_did_not_write(tmp_path, monkeypatch):
+    """The CRC of a file rank 0 wrote is taken from the bytes on their way out (no second read of ~GBs); another
+    rank's file is read back once. Both equal zlib.crc32 of the file."""
+    import zlib
+
+    read_back = []
+    real = C.file_crc32
+    monkeypatch.setattr(C, "file_crc32", lambda p: read_back.append(p.name) or real(p))
+    w = C.CheckpointWriter(tmp_path, 4, 0, 2)  # as CheckpointManager.save on rank 0 of 2
+    w.begin()
+    w.write_rank({"rng": C.rng_state(), "loader": {"pos": 4}})
+    C.CheckpointWriter(tmp_path, 4, 1, 2).write_rank({"rng": C.rng_state(), "loader": {"pos": 4}})  # rank 1
+    m = create_model("tiny")
+    w.write_main(m.state_dict(), m.config.to_dict(), {"step": 4, "optimizer": {}, "scheduler": {}})
+    d = w.commit()
+    assert read_back == ["rank_00001.pt"]
+    meta = json.loads((d / "meta.json").read_text())
+    assert sorted(meta["crc32"]) == ["model.pt", "rank_00000.pt", "rank_00001.pt", "train_state.pt"]
+    for name, crc in meta["crc32"].items():
+        assert crc == zlib.crc32((d / name).read_bytes()), name
+
+
+def test_the_crc_verdict_wins_over_the_loaders_own_error_on_damaged_bytes(tmp_path):
+    """The CRC check runs beside the load: when the damaged bytes also make unpickling fail, the user is told the
+    file is damaged (CRC), with the unpickling error as the cause; an intact checkpoint's own load errors and a
+    damage that unpickles fine are both still reported."""
+    from bmclip.io.checkpoint_dir import verifying
+
+    d = _write(tmp_path, 2)
+    p = d / "train_state.pt"
+    b = bytearray(p.read_bytes())
+    i = b.index(b"\x80\x02", b.index(b"data.pkl"))
+    b[i + 2] = 0xFE  # no pickle opcode: torch.load itself fails on this file
+    p.write_bytes(bytes(b))
+    with pytest.raises(CheckpointError, match=r"train_state\.pt is damaged: its CRC32") as e:
+        C.load_checkpoint(d)
+    assert isinstance(e.value.__cause__, CheckpointError) and "the file is damaged" in str(e.value.__cause__)
+    d2 = _write(tmp_path, 3)
+    with pytest.raises(KeyError, match="body"), verifying(d2):  # intact files: the body's error is the error
+        raise KeyError("body")
+    _damage(d2 / "model.pt")
+    with pytest.raises(CheckpointError, match="model.pt is damaged"), verifying(d2, ["model.pt"]):
+        pass  # the body succeeded (as torch.load does on damaged tensor bytes): the CRC still raises
 
 
 def test_a_damaged_pickle_is_called_damaged_not_unsafe(tmp_path):

@@ -11,6 +11,6 @@
 
 from __future__ import annotations
 
-from bmclip.io.atomic import atomic_torch_save, atomic_write_bytes, atomic_write_text, atomic_writer, fsync_dir
+from bmclip.io.atomic import Crc32, atomic_torch_save, atomic_write_bytes, atomic_write_text, atomic_writer, fsync_dir
 
-__all__ = ["atomic_torch_save", "atomic_write_bytes", "atomic_write_text", "atomic_writer", "fsync_dir"]
+__all__ = ["Crc32", "atomic_torch_save", "atomic_write_bytes", "atomic_write_text", "atomic_writer", "fsync_dir"]

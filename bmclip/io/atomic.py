@@ -11,11 +11,46 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
-__all__ = ["atomic_torch_save", "atomic_write_bytes", "atomic_write_text", "atomic_writer", "fsync_dir"]
+__all__ = ["Crc32", "atomic_torch_save", "atomic_write_bytes", "atomic_write_text", "atomic_writer", "fsync_dir"]
+
+
+class Crc32:
+    """The running CRC32 (zlib's) of the bytes a binary atomic write sends to its file: pass one as ``crc=`` and
+    read ``.value`` after the write. It costs one pass over bytes already in memory, instead of reading the file
+    back (``bmclip.io.checkpoint_dir.file_crc32``) to record what was written."""
+
+    __slots__ = ("value",)
+
+    def __init__(self) -> None:
+        self.value = 0
+
+    def update(self, data) -> None:
+        self.value = zlib.crc32(data, self.value)
+
+
+class _CrcFile:
+    """A binary file whose writes also update a :class:`Crc32` (torch.save and the tar writers only write)."""
+
+    def __init__(self, f: IO[bytes], crc: Crc32):
+        self._f, self._crc = f, crc
+
+    def write(self, data) -> int:
+        self._crc.update(data)
+        return self._f.write(data)
+
+    def flush(self) -> None:
+        self._f.flush()
+
+    def fileno(self) -> int:
+        return self._f.fileno()
+
+    def tell(self) -> int:
+        return self._f.tell()
 
 
 def _umask() -> int:
@@ -43,24 +78,28 @@ def fsync_dir(path: str | os.PathLike) -> None:
 
 
 @contextlib.contextmanager
-def atomic_writer(path: str | os.PathLike, mode: str = "wb", *, durable: bool = True) -> Iterator[IO]:
+def atomic_writer(path: str | os.PathLike, mode: str = "wb", *, durable: bool = True,
+                  crc: Crc32 | None = None) -> Iterator[IO]:
     """Open a temporary file beside ``path`` (``mode`` "wb" or "w"); on success fsync it and rename it to ``path``.
 
     An exception inside the ``with`` block removes the temporary file and leaves ``path`` untouched.
     ``durable=False`` skips both fsyncs (the file's and the folder's): the rename is still atomic for every
     reader, but a power loss may leave nothing (or an empty file) where ``path`` was. Only for throwaway copies
     that are rebuilt after a crash anyway, such as the remote-shard download cache (deleted at the next start),
-    where an fsync would only force to disk bytes that are deleted seconds later.
+    where an fsync would only force to disk bytes that are deleted seconds later. ``crc`` (mode "wb" only): a
+    :class:`Crc32` that every write through the yielded file updates.
     """
     if mode not in ("wb", "w"):
         raise ValueError(f"atomic_writer mode must be 'wb' or 'w', not {mode!r}")
+    if crc is not None and mode != "wb":
+        raise ValueError("atomic_writer: crc= needs mode 'wb'")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         os.fchmod(fd, 0o666 & ~_umask())  # mkstemp creates 0600
         with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
-            yield f
+            yield f if crc is None else _CrcFile(f, crc)
             f.flush()
             if durable:
                 os.fsync(f.fileno())
@@ -73,9 +112,9 @@ def atomic_writer(path: str | os.PathLike, mode: str = "wb", *, durable: bool = 
         fsync_dir(path.parent)
 
 
-def atomic_write_bytes(data: bytes, path: str | os.PathLike) -> int:
-    """Atomically write ``data`` to ``path``; returns the number of bytes written."""
-    with atomic_writer(path, "wb") as f:
+def atomic_write_bytes(data: bytes, path: str | os.PathLike, *, crc: Crc32 | None = None) -> int:
+    """Atomically write ``data`` to ``path``; returns the number of bytes written (``crc``: see atomic_writer)."""
+    with atomic_writer(path, "wb", crc=crc) as f:
         f.write(data)
     return len(data)
 
@@ -85,10 +124,10 @@ def atomic_write_text(text: str, path: str | os.PathLike) -> int:
     return atomic_write_bytes(text.encode("utf-8"), path)
 
 
-def atomic_torch_save(obj: Any, path: str | os.PathLike) -> int:
-    """``torch.save(obj)`` to ``path`` atomically; returns the file size in bytes."""
+def atomic_torch_save(obj: Any, path: str | os.PathLike, *, crc: Crc32 | None = None) -> int:
+    """``torch.save(obj)`` to ``path`` atomically; returns the file size in bytes (``crc``: see atomic_writer)."""
     import torch  # bmclip.io is imported by torch-free tools (the dataset builder's workers)
 
-    with atomic_writer(path, "wb") as f:
+    with atomic_writer(path, "wb", crc=crc) as f:
         torch.save(obj, f)
     return Path(path).stat().st_size

@@ -6,23 +6,25 @@ lists has the recorded size; anything else (a temp dir of an interrupted save, a
 never picked up. These rules are shared by resuming a run and by every command that loads a model.
 
 ``meta.json`` also records each file's CRC32 (checkpoints written since it did): :func:`verify_files`
-recomputes them before a file is loaded, because torch.load reads a file whose tensor bytes were damaged on
-disk or in transit without a word (it checks no checksum of its own).
+recomputes them when a file is loaded (:func:`verifying` overlaps that with the load), because torch.load reads a
+file whose tensor bytes were damaged on disk or in transit without a word (it checks no checksum of its own).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
+import threading
 import zlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from bmclip.errors import CheckpointError
 
 __all__ = ["FORMAT", "MODEL_FILE", "file_crc32", "is_valid", "latest_valid", "list_checkpoints", "read_meta",
-           "step_dir_name", "verify_files"]
+           "step_dir_name", "verify_files", "verifying"]
 
 FORMAT = "bmclip-checkpoint-v1"
 MODEL_FILE = "model.pt"  # the model file inside a checkpoint dir (bmclip.io.model_file layout)
@@ -97,3 +99,33 @@ def verify_files(ckpt: str | os.PathLike, names: Iterable[str] | None = None, me
         if got != want:
             raise CheckpointError(f"{ckpt / name} is damaged: its CRC32 is {got:08x}, not the {want:08x} recorded "
                                   "when it was written (a disk or copy error)")
+
+
+@contextlib.contextmanager
+def verifying(ckpt: str | os.PathLike, names: Iterable[str] | None = None, meta: dict | None = None) -> Iterator[None]:
+    """Run :func:`verify_files` in a background thread while the body loads the same files, and raise its
+    CheckpointError when the body ends: the CRC pass overlaps the load instead of adding a whole read before it
+    (``zlib.crc32`` and file reads release the GIL). A damaged file's error wins over the body's own, which is
+    often a confusing unpickling error on the same damaged bytes (it is chained as the cause). The body's result
+    must not be used when this raises. Ctrl-C does not wait for the check (the thread is a daemon)."""
+    names = list(names) if names is not None else None
+    failed: list[BaseException] = []
+
+    def check() -> None:
+        try:
+            verify_files(ckpt, names, meta)
+        except BaseException as e:  # handed to the caller's thread below
+            failed.append(e)
+
+    t = threading.Thread(target=check, name="bmclip-checkpoint-crc", daemon=True)
+    t.start()
+    try:
+        yield
+    except Exception as e:
+        t.join()
+        if failed and isinstance(failed[0], CheckpointError):
+            raise failed[0] from e
+        raise
+    t.join()
+    if failed:
+        raise failed[0]

@@ -28,7 +28,7 @@ from safetensors.torch import load_file as _st_load_file
 from safetensors.torch import save as _st_save
 
 from bmclip.errors import CheckpointError
-from bmclip.io.atomic import atomic_torch_save, atomic_write_bytes
+from bmclip.io.atomic import Crc32, atomic_torch_save, atomic_write_bytes
 
 __all__ = [
     "CONFIG_KEY",
@@ -147,18 +147,20 @@ def save_state_dict(sd: dict[str, Any], path: str | os.PathLike) -> None:
         atomic_torch_save(_cpu_copy(sd), path)
 
 
-def save_model_file(state_dict: dict[str, Any], model_config: dict[str, Any], path: str | os.PathLike) -> int:
+def save_model_file(state_dict: dict[str, Any], model_config: dict[str, Any], path: str | os.PathLike, *,
+                    crc: Crc32 | None = None) -> int:
     """THE model-file writer: weights + the ModelConfig dict that rebuilds them, atomically; returns bytes.
 
     ``.safetensors`` by suffix (config in the metadata), else ``{"model", "model_config"}`` via torch.save.
+    ``crc``: a :class:`bmclip.io.Crc32` given the CRC32 of the bytes written.
     """
     path = Path(path)
     if not isinstance(model_config, dict):
         raise TypeError(f"model_config must be a dict (ModelConfig.to_dict()), got {type(model_config).__name__}")
     if _is_safetensors(path):
         meta = {SAFETENSORS_CONFIG_KEY: json.dumps(model_config)}
-        return atomic_write_bytes(_safetensors_bytes(state_dict, meta), path)
-    return atomic_torch_save({WEIGHTS_KEY: _cpu_copy(state_dict), CONFIG_KEY: model_config}, path)
+        return atomic_write_bytes(_safetensors_bytes(state_dict, meta), path, crc=crc)
+    return atomic_torch_save({WEIGHTS_KEY: _cpu_copy(state_dict), CONFIG_KEY: model_config}, path, crc=crc)
 
 
 def save_model(model: Any, path: str | os.PathLike) -> int:

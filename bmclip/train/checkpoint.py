@@ -6,7 +6,8 @@ Layout of one checkpoint (a directory ``OUT/checkpoints/step_00001000/``)::
     train_state.pt  {"optimizer", "scheduler", "scaler", "step", "counters", "config"}
     rank_00000.pt   per-rank {"rng": python/numpy/torch/cuda states, "loader": loader.state_dict()}
     vocab.txt ...   the tokenizer (``Tokenizer.save``), so the checkpoint is self-contained
-    meta.json       {"format": "bmclip-checkpoint-v1", "step", "world_size", "files": {name: bytes}}
+    meta.json       {"format": "bmclip-checkpoint-v1", "step", "world_size", "files": {name: bytes},
+                     "crc32": {name: CRC32 of the bytes written}}
 
 ``model.pt`` is a native model file (``bmclip.io.model_file``: written by ``save_model_file``, read by
 ``read_model_file``), all that evaluation needs; every command that takes a model accepts the checkpoint
@@ -34,7 +35,7 @@ import numpy as np
 import torch
 
 from bmclip.errors import BmclipError, CheckpointError, ConfigError
-from bmclip.io import atomic_torch_save, atomic_write_text, fsync_dir
+from bmclip.io import Crc32, atomic_torch_save, atomic_write_text, fsync_dir
 from bmclip.io.checkpoint_dir import (
     FORMAT,
     MODEL_FILE,
@@ -44,7 +45,7 @@ from bmclip.io.checkpoint_dir import (
     list_checkpoints,
     read_meta,
     step_dir_name,
-    verify_files,
+    verifying,
 )
 from bmclip.io.model_file import read_model_file, save_model_file
 from bmclip.io.model_file import safe_torch_load as safe_load
@@ -129,6 +130,11 @@ class CheckpointWriter:
         self.step, self.rank, self.world_size = step, rank, world_size
         self.final = self.root / step_dir_name(step)
         self.tmp = self.root / f".{step_dir_name(step)}.tmp"
+        self._crc: dict[str, Crc32] = {}  # name -> CRC32 of the bytes written (commit reads back only the others)
+
+    def _crc_for(self, name: str) -> Crc32:
+        self._crc[name] = crc = Crc32()
+        return crc
 
     def begin(self) -> None:
         """Rank 0: create a fresh temp dir (removing a stale one from an interrupted save)."""
@@ -139,12 +145,13 @@ class CheckpointWriter:
 
     def write_rank(self, state: dict) -> None:
         """Every rank: its RNG + loader state as ``rank_XXXXX.pt``."""
-        atomic_torch_save(to_safe(state), self.tmp / f"rank_{self.rank:05d}.pt")
+        name = f"rank_{self.rank:05d}.pt"
+        atomic_torch_save(to_safe(state), self.tmp / name, crc=self._crc_for(name))
 
     def write_main(self, model_state: dict, model_config: dict, train_state: dict, tokenizer=None) -> None:
         """Rank 0: model.pt (eval-loadable), train_state.pt and the tokenizer files."""
-        save_model_file(model_state, model_config, self.tmp / MODEL_FILE)
-        atomic_torch_save(to_safe(train_state), self.tmp / "train_state.pt")
+        save_model_file(model_state, model_config, self.tmp / MODEL_FILE, crc=self._crc_for(MODEL_FILE))
+        atomic_torch_save(to_safe(train_state), self.tmp / "train_state.pt", crc=self._crc_for("train_state.pt"))
         if tokenizer is not None:
             tokenizer.save(self.tmp)
 
@@ -156,7 +163,10 @@ class CheckpointWriter:
                 with open(p, "rb") as f:
                     os.fsync(f.fileno())
                 files[p.name] = p.stat().st_size
-                crcs[p.name] = file_crc32(p)  # read back once, from the page cache
+                # Files this rank wrote got their CRC on the way out; the others (other ranks' rank files, the
+                # tokenizer's) are read back once.
+                crc = self._crc.get(p.name)
+                crcs[p.name] = crc.value if crc is not None else file_crc32(p)
         missing = [f"rank_{r:05d}.pt" for r in range(self.world_size) if f"rank_{r:05d}.pt" not in files]
         if missing or "model.pt" not in files:
             raise CheckpointError(
@@ -237,11 +247,11 @@ def load_checkpoint(ckpt: str | os.PathLike, rank: int = 0) -> dict:
     """Load a valid checkpoint dir: {"meta", "model", "model_config", "train_state", "rank_state" | None}."""
     ckpt = Path(ckpt)
     meta = read_meta(ckpt)
-    verify_files(ckpt, [MODEL_FILE, "train_state.pt", f"rank_{rank:05d}.pt"], meta)
-    model_config, model_state = read_model_file(ckpt / MODEL_FILE)
-    ts = from_safe(safe_load(ckpt / "train_state.pt")) if (ckpt / "train_state.pt").is_file() else None
     rank_file = ckpt / f"rank_{rank:05d}.pt"
-    rs = from_safe(safe_load(rank_file)) if rank_file.is_file() else None
+    with verifying(ckpt, [MODEL_FILE, "train_state.pt", rank_file.name], meta):
+        model_config, model_state = read_model_file(ckpt / MODEL_FILE)
+        ts = from_safe(safe_load(ckpt / "train_state.pt")) if (ckpt / "train_state.pt").is_file() else None
+        rs = from_safe(safe_load(rank_file)) if rank_file.is_file() else None
     return {"meta": meta, "model": model_state, "model_config": model_config, "train_state": ts,
             "rank_state": rs}
 
