@@ -28,14 +28,14 @@ def test_checkpoint_write_failure_is_one_line_naming_the_checkpoint_to_resume_fr
     run stops with one line that says so, the partial checkpoint dir is gone, and the newest complete one stays."""
     real = ckpt_mod.save_model_file
 
-    def full_at_step_4(state, config, path):
+    def full_at_step_4(state, config, path, **kw):
         if "step_00000004" in str(path):
             try:
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
             except OSError:
                 raise RuntimeError(  # noqa: B904 - as torch raises it: the OSError only as the context
                     "[enforce fail at inline_container.cc:672] . unexpected pos 1763712 vs 1763600")
-        return real(state, config, path)
+        return real(state, config, path, **kw)
 
     monkeypatch.setattr(ckpt_mod, "save_model_file", full_at_step_4)
     out = tmp_path / "run"
