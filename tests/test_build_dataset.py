@@ -1333,6 +1333,89 @@ def test_a_staging_dir_in_use_by_another_build_is_refused_and_freed_when_it_dies
     assert stats["pairs_total"] == 3
 
 
+def test_two_merges_into_one_output_folder_are_refused_and_leave_no_lock_file(tmp_path):
+    """Merges of different staging dirs into one output folder (their staging locks never meet) would overwrite
+    each other's shards: the second is refused in one line naming the first; once the first is gone the same
+    merge runs, and the published folder holds no lock file afterwards."""
+    src = tmp_path / "in"
+    src.mkdir()
+    for i in range(2):
+        _package(src, f"PMC{7150 + i}", n_figs=1, seed=715 + i)
+    stage([str(src)], tmp_path / "st", BuildOptions(), num_workers=0, progress=False)
+    out = tmp_path / "out"
+    out.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import time\nfrom pathlib import Path\n"
+        "from bmclip.data.pmc.staging import BuildLock\n"
+        f"BuildLock(Path({str(out / '.build.lock')!r}), 'x', 'y', remove=True).acquire()\n"
+        "print('ready', flush=True); time.sleep(120)\n")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "ready"
+        with pytest.raises(ConfigError, match=rf"output folder {re.escape(str(out))} is in use by another build "
+                                              rf"\(pid {holder.pid} on [^)]+\): .*overwrite each other's shards"):
+            merge_staging([tmp_path / "st"], out, BuildOptions(), progress=False)
+        assert not list(out.glob("*.tar"))
+    finally:
+        holder.kill()
+        holder.wait()
+    stats = merge_staging([tmp_path / "st"], out, BuildOptions(), progress=False)
+    assert stats["pairs_total"] == 2
+    assert not (out / ".build.lock").exists()
+
+
+def test_a_removed_lock_file_is_not_held_by_two(tmp_path, monkeypatch):
+    """BuildLock(remove=True) deletes its file on release. A taker that opened the old file just before would
+    flock an unlinked inode and think it held the lock beside the next taker: it sees the inode is gone and
+    takes the file there now, so the next taker is refused."""
+    from bmclip.data.pmc import staging
+
+    path = tmp_path / ".build.lock"
+    first = staging.BuildLock(path, "folder", "harm", remove=True)
+    first.acquire()
+    real_flock = staging.fcntl.flock
+    calls = []
+
+    def flock_after_release(fd, op):  # the first holder releases between the taker's open() and its flock()
+        calls.append(fd)
+        if len(calls) == 1:
+            first.release()
+        return real_flock(fd, op)
+
+    monkeypatch.setattr(staging.fcntl, "flock", flock_after_release)
+    second = staging.BuildLock(path, "folder", "harm", remove=True)
+    second.acquire()
+    monkeypatch.setattr(staging.fcntl, "flock", real_flock)
+    assert len(calls) == 2  # the stale inode, then the file there now
+    with pytest.raises(ConfigError, match=r"folder is in use by another build \(pid \d+ on [^)]+\): .*; harm$"):
+        staging.BuildLock(path, "folder", "harm").acquire()
+    second.release()
+    assert not path.exists()
+
+
+def test_two_merges_of_one_remote_output_on_a_machine_are_refused(tmp_path, monkeypatch):
+    """A merge of remote staging dirs into a remote output writes its shards in TMPDIR/bmclip-merge-<hash> and
+    clears that folder first: a second merge of the same output there would delete the first one's shards, so it
+    is refused; another output's merge is not."""
+    from types import SimpleNamespace
+
+    from bmclip.data.pmc.merge import _upload_folder
+
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
+    remote_staging = [SimpleNamespace(remote=True)]
+    folder, lock = _upload_folder(remote_staging, "s3://b/pmc/")
+    (folder / "shard-000000.tar").write_bytes(b"in progress")
+    with pytest.raises(ConfigError, match=r"output s3://b/pmc \(merge folder .*bmclip-merge-[0-9a-f]{16}\) is in "
+                                          r"use by another build"):
+        _upload_folder(remote_staging, "s3://b/pmc")
+    assert (folder / "shard-000000.tar").read_bytes() == b"in progress"
+    other, other_lock = _upload_folder(remote_staging, "s3://b/other/")
+    other_lock.release()
+    lock.release()
+    again, lock = _upload_folder(remote_staging, "s3://b/pmc/")  # released: a rerun takes it and clears it
+    assert again == folder and not list(folder.iterdir())
+    lock.release()
+
+
 def test_negative_workers_is_an_error_not_a_silent_serial_build(tmp_path):
     src = tmp_path / "in"
     src.mkdir()

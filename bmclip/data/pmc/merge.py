@@ -33,7 +33,7 @@ from bmclip.data.pmc.dedup import Deduplicator
 from bmclip.data.pmc.options import SPLITS, BuildOptions
 from bmclip.data.pmc.shard_writer import SAMPLE_MEMBERS, ShardWriter
 from bmclip.data.pmc.stage import staging_stream
-from bmclip.data.pmc.staging import StagingDir, remove_partial_files
+from bmclip.data.pmc.staging import LOCK_NAME, BuildLock, StagingDir, remove_partial_files
 from bmclip.data.pmc.stats import STATS_FORMAT, BuildStats, write_plots
 from bmclip.data.pmc.upload import RemoteOutput
 from bmclip.errors import ConfigError, DataError
@@ -105,19 +105,30 @@ def merge_staging(
                 d.close()
 
 
-def _upload_folder(stagings: list[StagingDir], output: str) -> Path:
-    """The local folder where a merge into a remote output writes shards until they are uploaded:
-    ``_upload`` in the first staging dir when that is local, else ``bmclip-merge-<hash of the output URL>``
-    in the temporary directory (``TMPDIR``), so that a rerun of a killed merge finds and clears it."""
+def _upload_folder(stagings: list[StagingDir], output: str) -> tuple[Path, BuildLock | None]:
+    """The local folder where a merge into a remote output writes shards until they are uploaded, and the lock
+    held on it: ``_upload`` in the first staging dir when that is local (that dir's lock covers it), else
+    ``bmclip-merge-<hash of the output URL>`` in the temporary directory (``TMPDIR``), so that a rerun of a killed
+    merge finds and clears it, locked (``.lock`` beside it) so that a second merge of that output on this
+    machine is refused instead of deleting the first one's shards."""
+    lock = None
     if stagings[0].remote:
         digest = hashlib.sha256(os.fspath(output).rstrip("/").encode()).hexdigest()[:16]
         out = Path(tempfile.gettempdir()) / f"bmclip-merge-{digest}"
+        lock = BuildLock(out.with_name(out.name + ".lock"), f"output {os.fspath(output)} (merge folder {out})",
+                         "two merges into one output would delete each other's shards", remove=True)
+        lock.acquire()
     else:
         out = stagings[0].path / "_upload"
-    if out.exists():  # a killed merge's leftovers: redone
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
-    return out
+    try:
+        if out.exists():  # a killed merge's leftovers: redone
+            shutil.rmtree(out)
+        out.mkdir(parents=True)
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
+    return out, lock
 
 
 def _merge(stagings: list[StagingDir], plans: list[dict], output, remote: RemoteOutput | None,
@@ -125,15 +136,21 @@ def _merge(stagings: list[StagingDir], plans: list[dict], output, remote: Remote
     if remote is None:
         out = local_path(output)
         out.mkdir(parents=True, exist_ok=True)
-        remove_partial_files(out)
-        return _merge_into(stagings, plans, out, remote, opts, progress)
+        # Two merges into one folder (other staging dirs, so their own locks do not meet) would overwrite each
+        # other's shards, and each one's start deletes the temporary files of the other's shards in progress.
+        with BuildLock(out / LOCK_NAME, f"output folder {out}",
+                       "two merges into one output would overwrite each other's shards", remove=True):
+            remove_partial_files(out)
+            return _merge_into(stagings, plans, out, remote, opts, progress)
     # Shards are written here, uploaded when finished and deleted.
-    out = _upload_folder(stagings, output)
+    out, lock = _upload_folder(stagings, output)
     try:
         return _merge_into(stagings, plans, out, remote, opts, progress)
     finally:
         remote.close()  # no upload still reads from the folder
         shutil.rmtree(out, ignore_errors=True)
+        if lock is not None:
+            lock.release()
 
 
 def _merge_into(stagings: list[StagingDir], plans: list[dict], out: Path, remote: RemoteOutput | None,

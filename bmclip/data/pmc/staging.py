@@ -16,6 +16,7 @@ and ``chunks/chunk-NNNNNN.bin``, so both rules hold wherever the staging dir is:
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import shutil
@@ -28,7 +29,7 @@ from bmclip.errors import ConfigError
 from bmclip.io import atomic_write_bytes
 from bmclip.io.fs import is_remote, local_path, location_name
 
-__all__ = ["StagingDir", "remove_partial_files"]
+__all__ = ["BuildLock", "StagingDir", "remove_partial_files"]
 
 
 def remove_partial_files(folder: Path) -> None:
@@ -39,7 +40,66 @@ def remove_partial_files(folder: Path) -> None:
             f.unlink()
 
 
-LOCK_NAME = ".build.lock"  # flock'd by the build using the staging dir (StagingDir.lock)
+LOCK_NAME = ".build.lock"  # flock'd by the build using the staging dir (StagingDir.lock) or the output folder
+
+
+class BuildLock:
+    """An exclusive ``flock`` on the file ``path``, held by this process from :meth:`acquire` to :meth:`release`
+    (or its death: the kernel drops a flock when its holder dies, so a killed build never blocks its rerun).
+    ``what`` names the place locked and ``why`` the harm two holders would do, for the one-line ConfigError a
+    second taker gets (with the holder's pid and host, which the file records). ``remove``: delete the file on
+    release, for a lock file that must not stay behind in a published folder; a taker that opened the file
+    before it was deleted sees that its inode is gone and takes the new one. File systems without flock (some
+    network mounts) go unlocked."""
+
+    def __init__(self, path: Path, what: str, why: str, *, remove: bool = False):
+        self.path, self.what, self.why, self.remove = path, what, why, remove
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        for _ in range(100):  # each retry means a holder released (and deleted) the file just now
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 200, 0).decode("utf-8", "replace").strip() or "another process"
+                os.close(fd)
+                raise ConfigError(f"{self.what} is in use by another build ({holder}): wait for it to end or stop "
+                                  f"it, then rerun; {self.why}") from None
+            except OSError:  # no flock on this file system: go on unlocked
+                os.close(fd)
+                return
+            try:
+                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)  # the file we locked was deleted by its releasing holder: lock the one there now
+        else:
+            raise ConfigError(f"{self.what}: could not take its lock file {self.path}")
+        self._fd = fd
+        try:  # who holds it, for the message of a refused build (the lock itself needs no bytes: a full disk is fine)
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode(), 0)
+        except OSError:
+            pass
+
+    def release(self) -> None:
+        if self._fd is None:
+            return
+        if self.remove:  # still holding it: a taker waiting on this inode re-checks and takes the new file
+            with contextlib.suppress(OSError):
+                os.unlink(self.path)
+        os.close(self._fd)  # releases the flock
+        self._fd = None
+
+    def __enter__(self) -> BuildLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
 
 
 def _is_partial(name: str) -> bool:
@@ -66,7 +126,7 @@ class StagingDir:
             self.path = local_path(loc)
             self.url = str(self.path)
             self._store = None
-        self._lock_fd: int | None = None
+        self._lock: BuildLock | None = None
 
     def __str__(self) -> str:
         return self.url
@@ -79,9 +139,9 @@ class StagingDir:
     def close(self) -> None:
         if self._store is not None:
             self._store.close()
-        if self._lock_fd is not None:
-            os.close(self._lock_fd)  # releases the flock
-            self._lock_fd = None
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
 
     def lock(self) -> None:
         """Take this (local) staging dir for this process until :meth:`close`, or raise ConfigError naming the
@@ -89,32 +149,16 @@ class StagingDir:
 
         Two builds in one staging dir undo each other: a starting stage deletes the temporary files of the
         chunks the other is writing, and a finished merge deletes the dir the other still reads (a resubmitted
-        job whose first run still lives, a command started twice). ``flock`` is released by the kernel when its
-        holder dies, so a killed build never blocks its rerun. Remote prefixes, and file systems without flock,
-        are not locked.
+        job whose first run still lives, a command started twice). Remote prefixes are not locked (an object
+        store has no lock), nor are file systems without flock (see :class:`BuildLock`).
         """
-        if self.path is None or self._lock_fd is not None:
+        if self.path is None or self._lock is not None:
             return
         self.path.mkdir(parents=True, exist_ok=True)
-        lock_path = self.path / LOCK_NAME
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 200, 0).decode("utf-8", "replace").strip() or "another process"
-            os.close(fd)
-            raise ConfigError(f"staging dir {self.path} is in use by another build ({holder}): wait for it to end "
-                              "or stop it, then rerun; two builds in one staging dir would delete each other's "
-                              "files") from None
-        except OSError:  # no flock on this file system (some network mounts): go on unlocked
-            os.close(fd)
-            return
-        self._lock_fd = fd
-        try:  # who holds it, for the message of a refused build (the lock itself needs no bytes: a full disk is fine)
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode(), 0)
-        except OSError:
-            pass
+        lock = BuildLock(self.path / LOCK_NAME, f"staging dir {self.path}",
+                         "two builds in one staging dir would delete each other's files")
+        lock.acquire()
+        self._lock = lock
 
     def __enter__(self) -> StagingDir:
         return self
