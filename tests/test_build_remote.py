@@ -733,8 +733,8 @@ def test_kill_during_merge_from_remote_staging_then_rerun_gives_identical_object
     assert "manifest.json" not in at_kill and "sizes.json" not in at_kill
     assert all(at_kill[k] == want[k] for k in at_kill)  # no partial object under a final name
     assert fs.exists("pmc-kmg/run/_staging/complete.json")  # the stage had finished: the rerun resumes it
-    left = list(work.iterdir())
-    assert len(left) == 1 and left[0].name.startswith("bmclip-merge-")  # the killed merge's work folder
+    left = sorted(p.name for p in work.iterdir())  # the killed merge's work folder and its lock file
+    assert len(left) == 2 and left[0].startswith("bmclip-merge-") and left[1] == left[0] + ".lock", left
     monkeypatch.setattr(tempfile, "tempdir", str(work))
     assert main([*argv, "--storage-option", f"endpoint_url={env['endpoint']}"]) == 0
     _assert_same_build(_objects(fs, "pmc-kmg/ds"), want, [staging])

@@ -47,6 +47,33 @@ def test_crc_of_the_bytes_written_is_the_crc_of_the_file(tmp_path):
         pass
 
 
+def test_an_interrupt_inside_torch_save_stays_an_interrupt(tmp_path):
+    """Ctrl-C (or SIGTERM, which bmclip's CLI raises as a KeyboardInterrupt) during torch.save: torch's zip writer
+    fails while unwinding ("unexpected pos N vs M") and that RuntimeError used to replace the interrupt, so the
+    command died with a traceback and exit 1 instead of stopping as interrupted. The interrupt comes back out; no
+    file or temp file is left."""
+
+    class InterruptAtFifthWrite(Crc32):  # the interrupt arrives while torch.save writes, as a signal would
+        def __init__(self):
+            super().__init__()
+            self.writes = 0
+
+        def update(self, data):
+            self.writes += 1
+            if self.writes == 5:
+                raise KeyboardInterrupt
+            super().update(data)
+
+    obj = {f"w{i}": torch.randn(100, 100) for i in range(20)}
+    with pytest.raises(KeyboardInterrupt):
+        atomic_torch_save(obj, tmp_path / "x.pt", crc=InterruptAtFifthWrite())
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(RuntimeError):  # other failures inside torch.save are still themselves
+        atomic_torch_save({"w": torch.zeros(2)}, tmp_path / "y.pt", crc=type("Bad", (Crc32,), {
+            "update": lambda self, data: (_ for _ in ()).throw(RuntimeError("disk says no"))})())
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_durable_writes_fsync_and_throwaway_ones_do_not(tmp_path, monkeypatch):
     """The default fsyncs the file and its folder; ``durable=False`` (the download cache) skips both and is still
     atomic: the target appears whole or not at all."""

@@ -129,5 +129,26 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike, *, crc: Crc32 | None = 
     import torch  # bmclip.io is imported by torch-free tools (the dataset builder's workers)
 
     with atomic_writer(path, "wb", crc=crc) as f:
-        torch.save(obj, f)
+        try:
+            torch.save(obj, f)
+        except Exception as e:
+            # A Ctrl-C or SIGTERM (bmclip's Terminated) inside torch.save makes its zip writer fail while it
+            # unwinds ("unexpected pos N vs M"), and that error hides the interrupt: give the interrupt back, so
+            # the command stops as interrupted (exit 130/143) instead of with a traceback.
+            interrupt = _interrupt_in(e)
+            if interrupt is not None:
+                raise interrupt from None
+            raise
     return Path(path).stat().st_size
+
+
+def _interrupt_in(e: BaseException) -> BaseException | None:
+    """The KeyboardInterrupt (or SystemExit) among the exceptions ``e`` was raised while handling, if any."""
+    seen: set[int] = set()
+    cur: BaseException | None = e.__context__
+    while cur is not None and id(cur) not in seen:
+        if isinstance(cur, (KeyboardInterrupt, SystemExit)):
+            return cur
+        seen.add(id(cur))
+        cur = cur.__context__
+    return None
