@@ -127,7 +127,10 @@ def locate_model(path: str | os.PathLike) -> ModelSource:
 def resolve_model(path: str | os.PathLike, map_location: Any = "cpu") -> ResolvedModel:
     """Load the model a model argument means (see ``locate_model``) as a ``BiomedCLIP`` in eval mode."""
     src = locate_model(path)
-    model = load_open_clip(src.path) if src.kind == "open_clip" else load_model(src.path, map_location)
+    if src.kind == "open_clip":
+        model = load_open_clip(src.path)
+    else:  # a checkpoint dir's model.pt was checked against its meta.json by locate_model
+        model = load_model(src.path, map_location, verify=src.kind != "checkpoint")
     return ResolvedModel(model.eval(), src)
 
 

@@ -109,6 +109,53 @@ def test_bad_files(tmp_path):
         load_state_dict(mixed)
 
 
+def _flip(path: Path, at: float, n: int = 8) -> None:
+    b = bytearray(path.read_bytes())
+    i = int(len(b) * at)
+    b[i:i + n] = bytes(x ^ 0xFF for x in b[i:i + n])
+    path.write_bytes(bytes(b))
+
+
+def test_a_damaged_model_file_is_caught_by_the_crcs_torch_save_recorded(tmp_path):
+    """torch.load reads a .pt whose tensor bytes were damaged without a word (the reference below shows it: no
+    error, other weights). The CRC32 torch.save stores for each zip record is checked beside the load, for bmclip
+    model files and open_clip weights alike; a file written with torch's CRCs switched off still loads."""
+    from bmclip.io.model_file import read_model_file, save_model_file
+
+    torch.manual_seed(3)
+    m = create_model("tiny")
+    sd = m.state_dict()
+    p = tmp_path / "m.pt"
+    save_model_file(sd, m.config.to_dict(), p)
+    _flip(p, 0.5)
+    silently = torch.load(p, weights_only=True)["model"]
+    assert any(not torch.equal(silently[k], v) for k, v in sd.items())
+    with pytest.raises(CheckpointError, match=r"m\.pt is damaged: record '[^']+' fails its CRC32 \(.*copy error"):
+        read_model_file(p)
+    with pytest.raises(CheckpointError, match="is damaged"):
+        load_state_dict(p)  # the path open_clip weights take
+    assert main(["embed", "--checkpoint", str(p), "--captions", "x"]) == 2
+    # the damage hits the pickle record: the CRC verdict, not an unpickling detail
+    q = tmp_path / "q.pt"
+    torch.save({"w": torch.zeros(3)}, q)
+    b = bytearray(q.read_bytes())
+    i = b.index(b"\x80\x02", b.index(b"data.pkl"))
+    b[i + 2] = 0xFE
+    q.write_bytes(bytes(b))
+    with pytest.raises(CheckpointError, match=r"q\.pt is damaged: record '[^']*data\.pkl' fails its CRC32"):
+        safe_torch_load(q)
+    # torch's own CRCs switched off: nothing to check, no false alarm
+    from torch.serialization import get_crc32_options, set_crc32_options
+
+    old = get_crc32_options()
+    set_crc32_options(False)
+    try:
+        torch.save({"w": torch.arange(6.0)}, tmp_path / "nocrc.pt")
+    finally:
+        set_crc32_options(old)
+    assert torch.equal(safe_torch_load(tmp_path / "nocrc.pt")["w"], torch.arange(6.0))
+
+
 def test_atomic_writer_leaves_old_file_on_failure(tmp_path):
     path = tmp_path / "f.bin"
     path.write_bytes(b"old")

@@ -204,7 +204,7 @@ def test_a_damaged_pickle_is_called_damaged_not_unsafe(tmp_path):
     from bmclip.io.model_file import safe_torch_load
 
     with pytest.raises(CheckpointError, match="the file is damaged") as e:
-        safe_torch_load(p)
+        safe_torch_load(p, verify=False)  # the unpickler's own verdict (with the zip's CRCs: see test_model_file)
     assert "refusing" not in str(e.value)
 
 

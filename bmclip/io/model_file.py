@@ -19,6 +19,8 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import threading
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -52,8 +54,14 @@ def _is_safetensors(path: Path) -> bool:
     return path.suffix == ".safetensors"
 
 
-def safe_torch_load(path: str | os.PathLike, map_location: Any = "cpu") -> Any:
-    """``torch.load(path, weights_only=True)``; unsafe pickles and corrupt files raise CheckpointError."""
+def safe_torch_load(path: str | os.PathLike, map_location: Any = "cpu", *, verify: bool = True) -> Any:
+    """``torch.load(path, weights_only=True)``; unsafe pickles and corrupt files raise CheckpointError.
+
+    ``verify``: also check the CRC32 torch.save records for each record of its zip archive, in a thread beside
+    the load (torch.load itself checks none, so damaged tensor bytes load as wrong weights without a word). A
+    checkpoint dir's files are checked against meta.json instead (``bmclip.io.checkpoint_dir.verifying``), and
+    pass False.
+    """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
@@ -64,6 +72,49 @@ def safe_torch_load(path: str | os.PathLike, map_location: Any = "cpu") -> Any:
     if not (head.startswith(b"PK\x03\x04") or head.startswith(b"\x80")):
         raise CheckpointError(f"cannot read checkpoint {path}: not a torch file (neither the zip archive torch.save "
                               f"writes nor a pickle; it starts with {head!r})")
+    if not (verify and head.startswith(b"PK\x03\x04")):
+        return _torch_load(path, map_location)
+    damage: list[str | None] = []
+    t = threading.Thread(target=lambda: damage.append(_zip_crc_damage(path)), name="bmclip-zip-crc", daemon=True)
+    t.start()
+    try:
+        obj = _torch_load(path, map_location)
+    except Exception:
+        t.join()
+        if damage and damage[0]:  # the damage explains the load's failure: say that, not an unpickling detail
+            raise CheckpointError(_damaged(path, damage[0])) from None
+        raise
+    t.join()
+    if damage and damage[0]:
+        raise CheckpointError(_damaged(path, damage[0]))
+    return obj
+
+
+def _damaged(path: Path, detail: str) -> str:
+    return (f"{path} is damaged: {detail} (the bytes differ from those torch.save wrote and recorded a CRC32 for: "
+            "a disk or copy error; use another copy)")
+
+
+def _zip_crc_damage(path: Path) -> str | None:
+    """Which record of the zip archive ``path`` fails the CRC32 in its header, or None. Records whose header CRC is
+    0 (torch.save with its CRC option off) are not checked, and an archive Python's zipfile cannot parse is left
+    to torch.load to report."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            for info in z.infolist():
+                if info.CRC == 0 and info.file_size:
+                    continue
+                with z.open(info) as f:
+                    while f.read(16 << 20):
+                        pass
+    except zipfile.BadZipFile as e:
+        return f"record {str(e).partition('for file ')[2] or '?'} fails its CRC32" if "CRC" in str(e) else None
+    except (OSError, EOFError, ValueError, NotImplementedError, RuntimeError):
+        return None
+    return None
+
+
+def _torch_load(path: Path, map_location: Any) -> Any:
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
@@ -169,9 +220,11 @@ def save_model(model: Any, path: str | os.PathLike) -> int:
     return save_model_file(model.state_dict(), model.config.to_dict(), path)
 
 
-def read_model_file(path: str | os.PathLike, map_location: Any = "cpu") -> tuple[dict[str, Any], dict[str, Any]]:
+def read_model_file(path: str | os.PathLike, map_location: Any = "cpu", *,
+                    verify: bool = True) -> tuple[dict[str, Any], dict[str, Any]]:
     """THE model-file reader: ``(model_config dict, state_dict)`` from a file ``save_model_file`` wrote
-    (or the older ``{"model_config", "state_dict"}`` layout); anything else raises CheckpointError."""
+    (or the older ``{"model_config", "state_dict"}`` layout); anything else raises CheckpointError. ``verify``:
+    check the CRC32s torch.save recorded (see safe_torch_load; a .safetensors file records none)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"model file not found: {path}")
@@ -190,7 +243,7 @@ def read_model_file(path: str | os.PathLike, map_location: Any = "cpu") -> tuple
         except ValueError as e:
             raise CheckpointError(f"{path}: the {SAFETENSORS_CONFIG_KEY} metadata is not JSON ({e})") from None
         return config, _clean_state_dict(_load_safetensors(path, map_location), path)
-    obj = safe_torch_load(path, map_location)
+    obj = safe_torch_load(path, map_location, verify=verify)
     if isinstance(obj, dict) and CONFIG_KEY in obj:
         for key in (WEIGHTS_KEY, OLD_WEIGHTS_KEY):
             if key in obj:

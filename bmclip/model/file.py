@@ -41,7 +41,7 @@ def build_model(model_config: dict[str, Any], state_dict: dict[str, Any], source
     return model.eval()
 
 
-def load_model(path: str | os.PathLike, map_location: Any = "cpu") -> BiomedCLIP:
-    """Rebuild the ``BiomedCLIP`` (eval mode) saved in the model file ``path``."""
-    config, sd = read_model_file(path, map_location)
+def load_model(path: str | os.PathLike, map_location: Any = "cpu", *, verify: bool = True) -> BiomedCLIP:
+    """Rebuild the ``BiomedCLIP`` (eval mode) saved in the model file ``path`` (``verify``: see read_model_file)."""
+    config, sd = read_model_file(path, map_location, verify=verify)
     return build_model(config, sd, path)
