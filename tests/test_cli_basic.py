@@ -11,6 +11,9 @@ import torch
 import torch.nn.functional as F
 
 from bmclip.cli import build_parser, main
+from bmclip.errors import ConfigError
+from bmclip.model import create_model
+from bmclip.tokenizer import get_tokenizer
 
 MINE = ("demo", "embed", "tokenizer", "convert")
 
@@ -63,8 +66,41 @@ def test_embed_errors_are_clean(tmp_path, capsys):
     assert "cannot read image" in capsys.readouterr().err
     assert main(["embed", "--preset", "nope"]) == 2
     assert "unknown model preset" in capsys.readouterr().err
-    assert main(["embed", "--captions", "a chest x-ray", "  "]) == 2
-    assert "--captions: caption 1 is empty" in capsys.readouterr().err
+    for blank in ("  ", "\x01\x02", "\u200b"):  # blank, control or zero-width only: no token to embed
+        assert main(["embed", "--captions", "a chest x-ray", blank]) == 2
+        assert "--captions: caption 1 is empty after tokenization" in capsys.readouterr().err
+    for dev, why in (("bogus", "not a torch device"), ("meta", "holds no data"), ("cuda:7", "CUDA")):
+        assert main(["embed", "--device", dev]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"bmclip embed: error: --device {dev}") or err.startswith(
+            f"bmclip embed: error: --device '{dev}'"), err
+        assert why in err and len(err.splitlines()) == 1, err
+    assert main(["embed", "--seed", str(2**80)]) == 2
+    assert "--seed 1208925819614629174706176: out of range" in capsys.readouterr().err
+
+
+def test_a_model_file_without_its_tokenizer_says_which_one_is_used(tmp_path, capsys):
+    """A bare model file carries no tokenizer: embed and eval say they use the bundled one (a wrong tokenizer
+    gives plausible but meaningless scores); with the model's vocab.txt beside it, it is used without a note. An
+    open_clip folder without vocab.txt is refused by eval as by embed (never the bundled tokenizer)."""
+    from bmclip.eval.models import load_model, model_tokenizer
+    from bmclip.io.model_file import save_model
+    from bmclip.resolve import ModelSource
+
+    m = create_model("tiny")
+    save_model(m, tmp_path / "m.pt")
+    assert main(["embed", "--checkpoint", str(tmp_path / "m.pt")]) == 0
+    err = capsys.readouterr().err
+    assert "note: model file " in err and "ships no vocab.txt" in err and "using the bundled tokenizer" in err, err
+    get_tokenizer().save(tmp_path)  # the model's tokenizer beside it
+    load_model(str(tmp_path / "m.pt"))
+    assert "note:" not in capsys.readouterr().err
+    oc = tmp_path / "oc"
+    oc.mkdir()
+    source = ModelSource("open_clip", oc, None, f"open_clip folder {oc}")
+    with pytest.raises(ConfigError, match=r"no vocab\.txt in .*oc: pass --vocab"):
+        model_tokenizer(m, source)
+    assert model_tokenizer(m, source, tmp_path / "vocab.txt").vocab_size == get_tokenizer().vocab_size
 
 
 def _write_shard(path, captions):

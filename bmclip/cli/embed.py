@@ -36,7 +36,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--images", nargs="+", metavar="IMG", help="image files (default: bundled samples)")
     p.add_argument("--captions", nargs="+", metavar="TEXT", help="captions (default: bundled sample captions)")
     p.add_argument("--seed", type=int, default=0, help="seed for the randomly initialised preset")
-    p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    p.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:N or auto (default: cpu)")
 
 
 def bundled_samples() -> tuple[list, list[str]]:
@@ -51,29 +51,24 @@ def _model_and_tokenizer(args):
     # start-up cost: `bmclip --help` imports no torch
     import torch
 
+    from bmclip.cli.eval import _device
+    from bmclip.eval.models import model_tokenizer
     from bmclip.model import create_model
     from bmclip.resolve import resolve_model
-    from bmclip.tokenizer import get_tokenizer
 
+    device = _device(args.device)
     source = args.open_clip or args.checkpoint
     if source:
         resolved = resolve_model(source)
-        model, vocab = resolved.model, args.vocab or resolved.tokenizer_dir
-        if vocab is None and resolved.source.kind == "open_clip":
-            folder = resolved.source.path if resolved.source.path.is_dir() else resolved.source.path.parent
-            raise ConfigError(
-                f"no vocab.txt in {folder}: pass --vocab with the model's tokenizer "
-                "(e.g. BiomedBERT's vocab.txt)"
-            )
+        model, tok = resolved.model, model_tokenizer(resolved.model, resolved.source, args.vocab)
     else:
-        torch.manual_seed(args.seed)
-        model, vocab = create_model(args.preset), args.vocab
-    tok = get_tokenizer(vocab, context_length=model.config.text.context_length)
-    if tok.vocab_size > model.config.text.vocab_size:
-        raise ConfigError(
-            f"tokenizer has {tok.vocab_size} ids but the model's text.vocab_size is {model.config.text.vocab_size}"
-        )
-    return model.to(args.device).eval(), tok
+        try:
+            torch.manual_seed(args.seed)
+        except (ValueError, OverflowError, RuntimeError):
+            raise ConfigError(f"--seed {args.seed}: out of range (0 .. 2**64 - 1)") from None
+        model = create_model(args.preset)
+        tok = model_tokenizer(model, None, args.vocab)
+    return model.to(device).eval(), tok
 
 
 def embed(args) -> dict:
@@ -88,11 +83,13 @@ def embed(args) -> dict:
     default_images, default_caps = bundled_samples()
     images = list(args.images or default_images)
     captions = list(args.captions or default_caps)
-    if blank := [j for j, c in enumerate(captions) if not c.strip()]:  # nothing to embed: a meaningless row
-        raise ConfigError(f"--captions: caption {blank[0]} is empty (give some text for every caption)")
+    # nothing to embed (blank, or only control / zero-width characters the tokenizer drops): a meaningless row
+    if blank := [j for j, c in enumerate(captions) if tok.count_tokens(c) == 0]:
+        raise ConfigError(f"--captions: caption {blank[0]} is empty after tokenization (blank, or only control or "
+                          "zero-width characters): give some text for every caption")
     size = model.config.vision.image_size
-    pixels = torch.stack([load_image(p, size) for p in images]).to(args.device)
-    ids = tok(captions).to(args.device)
+    pixels = torch.stack([load_image(p, size) for p in images]).to(next(model.parameters()).device)
+    ids = tok(captions).to(next(model.parameters()).device)
     with torch.no_grad():
         out = model(pixels, ids)
         sim = out["image_features"] @ out["text_features"].T
