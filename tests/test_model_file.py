@@ -415,3 +415,35 @@ def test_training_checkpoint_exports_to_open_clip_with_its_tokenizer(tmp_path, c
     back = load_open_clip(out)
     sd0, sd1 = model.state_dict(), back.state_dict()
     assert set(sd0) == set(sd1) and all(torch.equal(sd0[k], sd1[k]) for k in sd0)
+
+
+def test_a_strip_image_is_cropped_before_it_is_resized(tmp_path):
+    """A 1 x 120000 px PNG (under 1 KB) used to be resized whole to 224 x 26.9M px (18 GB) before the centre crop.
+    Beyond an aspect ratio of 16 only the crop's box of the source is resampled: the pixels agree with the whole
+    resize + crop (Pillow, the reference, on a strip small enough to resize whole) within a few grey levels, and
+    up to 16 they are exactly those of the whole resize + crop (torchvision's Resize + CenterCrop arithmetic)."""
+    import resource
+
+    from PIL import Image
+
+    from bmclip.model.transforms import resize_center_crop
+
+    def reference(im, size):
+        w, h = im.size
+        nw, nh = (size, int(size * h / w)) if w <= h else (int(size * w / h), size)
+        r = im.resize((nw, nh), Image.BICUBIC)
+        left, top = int(round((nw - size) / 2)), int(round((nh - size) / 2))
+        return np.asarray(r.crop((left, top, left + size, top + size)), dtype=np.int64)
+
+    rng = np.random.default_rng(5)
+    smooth = np.cumsum(rng.integers(-3, 4, (1, 4000, 3)), axis=1)
+    strip = Image.fromarray(np.clip(128 + smooth, 0, 255).astype(np.uint8).repeat(60, axis=0))  # 4000 x 60
+    got = np.asarray(resize_center_crop(strip, 32), dtype=np.int64)
+    assert got.shape == (32, 32, 3) and np.abs(got - reference(strip, 32)).max() <= 3
+    normal = Image.fromarray(rng.integers(0, 256, (50, 700, 3), dtype=np.uint8))  # aspect 14: the exact path
+    assert np.array_equal(np.asarray(resize_center_crop(normal, 32), dtype=np.int64), reference(normal, 32))
+    Image.new("RGB", (1, 120000), (200, 10, 10)).save(tmp_path / "tall.png")
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    x = load_image(tmp_path / "tall.png", 224)
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 200_000  # KiB: not the 18 GB of before
+    assert x.shape == (3, 224, 224) and torch.isfinite(x).all()

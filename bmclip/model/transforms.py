@@ -23,6 +23,9 @@ from bmclip.errors import DataError
 __all__ = ["load_image", "preprocess_image", "resize_center_crop"]
 
 
+_MAX_RESIZED_SQUARES = 16  # aspect ratio up to which the whole image is resized before the crop, as torchvision
+
+
 def resize_center_crop(image: Image.Image, size: int) -> Image.Image:
     """PIL image -> RGB PIL image of ``size x size``: shorter side resized to ``size`` (bicubic), centre crop."""
     if not isinstance(image, Image.Image):
@@ -37,9 +40,15 @@ def resize_center_crop(image: Image.Image, size: int) -> Image.Image:
         nw, nh = size, int(size * h / w)
     else:
         nw, nh = int(size * w / h), size
+    left, top = int(round((nw - size) / 2.0)), int(round((nh - size) / 2.0))
+    if nw * nh > _MAX_RESIZED_SQUARES * size * size:
+        # A strip (1 x 120000 px is a 545-byte PNG) would be resized whole to 224 x 27M first: resample only the
+        # crop's box of the source instead (bounded memory; within a few grey levels of the whole resize).
+        sx, sy = w / nw, h / nh
+        return image.resize((size, size), Image.BICUBIC,
+                            box=(left * sx, top * sy, (left + size) * sx, (top + size) * sy))
     if (nw, nh) != (w, h):
         image = image.resize((nw, nh), Image.BICUBIC)
-    left, top = int(round((nw - size) / 2.0)), int(round((nh - size) / 2.0))
     return image.crop((left, top, left + size, top + size))
 
 
