@@ -77,7 +77,8 @@ def embed(args) -> dict:
     import torch
     import torch.nn.functional as F
 
-    from bmclip.model.transforms import load_image
+    from bmclip.eval.images import load_image  # PIL formats and DICOM; 16-bit greyscale scaled, not clipped
+    from bmclip.model.transforms import preprocess_image
 
     model, tok = _model_and_tokenizer(args)
     default_images, default_caps = bundled_samples()
@@ -88,7 +89,7 @@ def embed(args) -> dict:
         raise ConfigError(f"--captions: caption {blank[0]} is empty after tokenization (blank, or only control or "
                           "zero-width characters): give some text for every caption")
     size = model.config.vision.image_size
-    pixels = torch.stack([load_image(p, size) for p in images]).to(next(model.parameters()).device)
+    pixels = torch.stack([preprocess_image(load_image(p), size) for p in images]).to(next(model.parameters()).device)
     ids = tok(captions).to(next(model.parameters()).device)
     with torch.no_grad():
         out = model(pixels, ids)

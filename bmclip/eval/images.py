@@ -21,6 +21,7 @@ from PIL import Image, UnidentifiedImageError
 
 from bmclip.data.images import IMAGE_EXTENSIONS
 from bmclip.errors import ConfigError, DataError
+from bmclip.model.transforms import minmax_to_uint8, pil_to_rgb
 
 __all__ = ["DICOM_EXTENSIONS", "decode_image_bytes", "decode_sample_image", "dicom_to_pil", "is_image_file",
            "load_image", "looks_like_dicom", "pil_to_rgb", "window_to_uint8"]
@@ -93,21 +94,6 @@ def decode_sample_image(sample: dict[str, Any]) -> Image.Image:
         return decode_image_bytes(sample[ext], ext, f"{key}.{ext}")
     except DataError as e:
         raise DataError(f"sample {key}: corrupt {ext}: {e}") from e
-
-
-def pil_to_rgb(im: Image.Image) -> Image.Image:
-    """PIL image of any mode -> RGB; 16-bit/float greyscale is min/max scaled to 8 bits (PIL would clip)."""
-    if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        arr = np.asarray(im, dtype=np.float64)
-        return Image.fromarray(_minmax_to_uint8(arr)).convert("RGB")
-    return im.convert("RGB")
-
-
-def _minmax_to_uint8(arr: np.ndarray) -> np.ndarray:
-    lo, hi = float(np.min(arr)), float(np.max(arr))
-    if hi <= lo:
-        return np.zeros(arr.shape, dtype=np.uint8)
-    return np.clip(np.round((arr - lo) / (hi - lo) * 255.0), 0, 255).astype(np.uint8)
 
 
 def window_to_uint8(arr: np.ndarray, center: float, width: float, function: str = "LINEAR") -> np.ndarray:
@@ -184,7 +170,7 @@ def dicom_to_pil(source: str | os.PathLike | io.BytesIO, frame: str = "middle", 
         return Image.fromarray(rgb, "RGB")
     if spp == 3:
         if arr.dtype != np.uint8:
-            arr = _minmax_to_uint8(arr)
+            arr = minmax_to_uint8(arr)
         return Image.fromarray(np.ascontiguousarray(arr), "RGB")
     x = apply_rescale(arr, ds) if "RescaleSlope" in ds or "RescaleIntercept" in ds else arr
     x = np.asarray(x, dtype=np.float64)
@@ -192,7 +178,7 @@ def dicom_to_pil(source: str | os.PathLike | io.BytesIO, frame: str = "middle", 
         g = window_to_uint8(x, _first(ds.WindowCenter), _first(ds.WindowWidth),
                             str(ds.get("VOILUTFunction", "LINEAR") or "LINEAR"))
     else:
-        g = _minmax_to_uint8(x)
+        g = minmax_to_uint8(x)
     if photometric == "MONOCHROME1":
         g = 255 - g
     return Image.fromarray(g, "L").convert("RGB")
