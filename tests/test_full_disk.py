@@ -58,6 +58,22 @@ def test_an_unwritable_output_place_is_one_line(tmp_path, capsys):
     assert "Not a directory" in line and str(tmp_path / "file") in line, line
 
 
+def test_paths_that_cannot_be_made_are_one_line(tmp_path, capsys):
+    """A folder needed where a file is (mkdir through it: EEXIST), and a place that does not exist and cannot be
+    made (ENOENT: /proc takes no new files), are the operator's to fix: one line naming the path, exit 1."""
+    (tmp_path / "file").write_text("not a folder")
+    rc = main(["tokenizer", "train", "--input", str(tmp_path / "file"), "--vocab-size", "50",
+               "--out", str(tmp_path / "file")])
+    assert rc == 1
+    line = _one_error_line(capsys.readouterr().err, "tokenizer")
+    assert f"{tmp_path / 'file'} is a file, where a folder is needed" in line, line
+    rc = main(["tokenizer", "train", "--input", str(tmp_path / "file"), "--vocab-size", "50",
+               "--out", f"/proc/bmclip-test-{uuid.uuid4().hex[:6]}"])
+    assert rc == 1
+    line = _one_error_line(capsys.readouterr().err, "tokenizer")
+    assert "No such file or directory: /proc/bmclip-test-" in line, line
+
+
 @pytest.fixture
 def full_disk(tmp_path):
     """A 4 MB tmpfs filled but for ~60 KB (root with mount rights only: skipped elsewhere)."""

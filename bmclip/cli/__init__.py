@@ -11,6 +11,7 @@ import argparse
 import contextlib
 import errno
 import importlib
+import os
 import signal
 import sys
 import threading
@@ -59,7 +60,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-_ENVIRONMENT_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.ENOTDIR, errno.EISDIR})
+_ENVIRONMENT_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR,
+                                 errno.EISDIR, errno.EEXIST, errno.ENOENT, errno.EBUSY, errno.ENAMETOOLONG,
+                                 errno.ELOOP})
+
+
+def _why(e: OSError) -> str:
+    """The one-line reason of an OSError the environment raised."""
+    if e.errno == errno.EEXIST and e.filename and os.path.isfile(e.filename):  # mkdir through a file
+        return f"{e.filename} is a file, where a folder is needed"
+    return f"{e.strerror or e}" + (f": {e.filename}" if e.filename else "")
 
 
 def _raise_terminated(signum, frame) -> None:
@@ -97,13 +107,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bmclip {args.command}: error: {e}", file=sys.stderr)
         return 2
     except OSError as e:
-        # what the machine refuses (a full disk, a quota, a read-only or forbidden place) is the operator's to fix,
-        # not a bug: one line naming it; every write is atomic, so nothing half-written is left behind
+        # what the machine refuses (a full disk, a quota, a read-only or forbidden place, a path that does not
+        # exist or runs through a file) is the operator's to fix, not a bug: one line naming it; every write is
+        # atomic, so nothing half-written is left behind
         if e.errno not in _ENVIRONMENT_ERRNOS:
             raise
-        where = f": {e.filename}" if e.filename else ""
-        print(f"bmclip {args.command}: error: {e.strerror or e}{where} (nothing half-written is left; "
-              "fix that and rerun the same command)", file=sys.stderr)
+        print(f"bmclip {args.command}: error: {_why(e)} (nothing half-written is left; fix that and rerun the same "
+              "command)", file=sys.stderr)
         return 1
     except KeyboardInterrupt as e:
         # 128 + the signal's number, as a shell reports a process killed by it
