@@ -392,3 +392,315 @@ def test_exported_model_embeds_captions_like_open_clip(tmp_path, fixtures_dir):
         bt = F.normalize(ours.encode_text(tok(captions)), dim=-1)
     dt = (ot - bt).abs().max().item()
     assert dt <= TOL, dt
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Malformed or unsupported open_clip folders: one-line errors naming the file and key, never a traceback, never
+# a silent guess. Tiny weights (the default tiny preset: 32-wide heads, which only the bmclip section can tell).
+
+DELETE = object()
+
+
+def _tiny_open_clip_config(model):
+    """open_clip_config.json of a tiny model: no timm twin, so its head counts come from the bmclip section."""
+    return {
+        "model_cfg": {
+            "embed_dim": model.config.embed_dim,
+            "vision_cfg": {"timm_model_name": "vit_tiny_custom", "timm_model_pretrained": False, "timm_pool": "",
+                           "timm_proj": "linear", "image_size": model.config.vision.image_size},
+            "text_cfg": {"hf_model_name": BIOMEDBERT, "hf_tokenizer_name": BIOMEDBERT, "hf_proj_type": "mlp",
+                         "hf_pooler_type": "cls_last_hidden_state_pooler",
+                         "context_length": model.config.text.context_length},
+        },
+        "preprocess_cfg": json.loads(json.dumps(RELEASED_CONFIG["preprocess_cfg"])),
+        "bmclip": {"model_config": model.config.to_dict()},
+    }
+
+
+def _tiny_model(seed=0):
+    torch.manual_seed(seed)
+    return create_model("tiny").eval()
+
+
+def _write_folder(folder, model, edits=(), sd_edits=None):
+    """An open_clip folder of ``model`` with config ``edits`` ((key path, value or DELETE), ...) applied."""
+    cfg = _tiny_open_clip_config(model)
+    for path, value in edits:
+        d = cfg
+        for k in path[:-1]:
+            d = d[k]
+        if value is DELETE:
+            del d[path[-1]]
+        else:
+            d[path[-1]] = value
+    sd = open_clip_state_dict(model)
+    sd.update(sd_edits or {})
+    folder.mkdir(parents=True, exist_ok=True)
+    save_state_dict(sd, folder / WEIGHTS_NAME)
+    (folder / CONFIG_NAME).write_text(json.dumps(cfg))
+    return folder
+
+
+def test_bmclip_section_heads_and_bert_family_text_towers(tmp_path):
+    model = _tiny_model()
+    assert model.config.vision.heads == model.config.text.heads == 4  # not width // 64 = 2: a guess would differ
+    back = load_open_clip(_write_folder(tmp_path / "oc", model))
+    assert back.config == model.config
+    images, ids = torch.randn(2, 3, 64, 64), torch.randint(5, 4096, (2, 64))
+    with torch.no_grad():
+        assert torch.equal(back.encode_image(images), model.encode_image(images))
+        assert torch.equal(back.encode_text(ids), model.encode_text(ids))
+    # BERT-family text towers under their usual names (and a local BERT folder) are accepted
+    local_bert = tmp_path / "my-text-model"
+    local_bert.mkdir()
+    (local_bert / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    for name in ("microsoft/BiomedNLP-PubMedBERT-base-uncased-abstract", "bert-base-uncased",
+                 "google-bert/bert-base-uncased", str(local_bert)):
+        folder = _write_folder(tmp_path / "names", model, [(("model_cfg", "text_cfg", "hf_model_name"), name)])
+        assert load_open_clip(folder).config == model.config, name
+    # other Hugging Face text models differ (RoBERTa: positions from pad_id + 1, pad id 1; DistilBERT: no token
+    # types): refused by name rather than loaded as BERT
+    for name in ("roberta-base", "FacebookAI/roberta-base", "distilbert-base-uncased", "xlm-roberta-base"):
+        folder = _write_folder(tmp_path / "names", model, [(("model_cfg", "text_cfg", "hf_model_name"), name)])
+        with pytest.raises(ConfigError, match=f"hf_model_name='{name}' is not a BERT model"):
+            load_open_clip(folder)
+
+
+T = ("model_cfg", "text_cfg")
+V = ("model_cfg", "vision_cfg")
+BAD_CONFIGS = [
+    # (edits, needle): wrong JSON types (AttributeError / ValueError / TypeError tracebacks before)
+    ([(("model_cfg",), "x")], "model_cfg must be a JSON object"),
+    ([(V, [1])], "model_cfg.vision_cfg must be a JSON object"),
+    ([(V, "x")], "model_cfg.vision_cfg must be a JSON object"),
+    ([(T, 5)], "model_cfg.text_cfg must be a JSON object"),
+    ([(("model_cfg", "embed_dim"), "abc")], "model_cfg.embed_dim"),
+    ([(T + ("context_length",), "abc")], "model_cfg.text_cfg.context_length"),
+    ([(("bmclip", "model_config"), [1])], "bmclip.model_config must be a JSON object"),
+    ([(("bmclip", "model_config", "vision"), "x")], "bmclip.model_config.vision must be a JSON object"),
+    ([(("bmclip", "model_config", "text", "ln_eps"), "x")], "bmclip.model_config.text.ln_eps"),
+    ([(("preprocess_cfg",), [1])], "preprocess_cfg must be a JSON object"),
+    # context lengths int() used to coerce (then rejected by embed), or too long for the position table
+    ([(T + ("context_length",), 1.5), (("bmclip", "model_config", "text", "context_length"), DELETE)],
+     "model_cfg.text_cfg.context_length=1.5"),
+    ([(T + ("context_length",), True), (("bmclip", "model_config", "text", "context_length"), DELETE)],
+     "model_cfg.text_cfg.context_length=true"),
+    ([(T + ("context_length",), 1), (("bmclip", "model_config", "text", "context_length"), DELETE)],
+     "model_cfg.text_cfg.context_length=1 must be an integer >= 2"),
+    ([(T + ("context_length",), 65), (("bmclip", "model_config", "text", "context_length"), DELETE)],
+     "model_cfg.text_cfg.context_length=65 exceeds"),
+    # silent guesses: heads of an unknown timm ViT, a non-BERT text tower, other normalisation or image size
+    ([(("bmclip",), DELETE)], "timm_model_name='vit_tiny_custom' is not a timm ViT"),
+    ([(("bmclip",), DELETE), (V + ("timm_model_name",), "vit_huge_patch14_224")],
+     "vit_base_patch16_224, vit_base_patch16_384, vit_small_patch16_224"),
+    ([(V + ("timm_model_name",), "vit_base_patch16_224")],
+     "model_cfg.vision_cfg.timm_model_name='vit_base_patch16_224' has (patch, width, layers, mlp)"),
+    ([(("preprocess_cfg", "mean"), [0.5, 0.5, 0.5])], "preprocess_cfg.mean=[0.5, 0.5, 0.5] differs"),
+    ([(("preprocess_cfg", "std"), [0.26862954, 0.26130258])], "preprocess_cfg.std="),
+    ([(V + ("image_size",), 224)], "model_cfg.vision_cfg.image_size=224 but the weights"),
+]
+
+
+@pytest.mark.parametrize("edits,needle", BAD_CONFIGS, ids=[n[:40] for _, n in BAD_CONFIGS])
+def test_bad_config_values_are_one_line_errors_naming_file_and_key(tmp_path, edits, needle):
+    folder = _write_folder(tmp_path / "oc", _tiny_model(), edits)
+    with pytest.raises(ConfigError) as e:
+        load_open_clip(folder)
+    msg = str(e.value)
+    assert msg.startswith(f"{folder / CONFIG_NAME}: ") and needle in msg and "\n" not in msg, msg
+
+
+BAD_WEIGHTS = [
+    ({"visual.trunk.cls_token": torch.tensor(1.0)}, "'visual.trunk.cls_token' has shape ()"),
+    ({"visual.head.proj.weight": torch.ones(64, 128, dtype=torch.long)}, "'visual.head.proj.weight' holds torch.int64"),
+    ({"logit_scale": torch.tensor(3)}, "'logit_scale' holds torch.int64"),
+    ({"text.transformer.encoder.layer.0.attention.self.key.weight": torch.ones(128, 7)},
+     "'text.transformer.encoder.layer.0.attention.self.key.weight' (128, 7)"),
+]
+
+
+@pytest.mark.parametrize("sd_edits,needle", BAD_WEIGHTS, ids=[n[:30] for _, n in BAD_WEIGHTS])
+def test_bad_tensors_are_one_line_errors_naming_the_key(tmp_path, sd_edits, needle):
+    folder = _write_folder(tmp_path / "oc", _tiny_model(), sd_edits=sd_edits)
+    with pytest.raises(CheckpointError) as e:
+        load_open_clip(folder)
+    msg = str(e.value)
+    assert msg.startswith(f"{folder / WEIGHTS_NAME}: ") and needle in msg and "\n" not in msg, msg
+
+
+def test_convert_cli_refuses_bad_arguments_before_writing(tmp_path, capsys, monkeypatch):
+    from bmclip.cli import main
+    from bmclip.io.model_file import save_model
+
+    model = _tiny_model()
+    oc = _write_folder(tmp_path / "oc", model)
+    bad = _write_folder(tmp_path / "bad", model, [(T + ("context_length",), "abc")])
+    work = tmp_path / "work"
+    (work / "existing").mkdir(parents=True)
+    (work / "notes").mkdir()
+    (work / "notes" / "keep.txt").write_text("mine")
+    save_model(model, work / "model.pt")
+    monkeypatch.chdir(work)
+    cases = [
+        (["--from-open-clip", str(oc), "--out", "o.pt", "--vocab", "nope.txt"], "--vocab"),
+        (["--from-open-clip", str(oc), "--out", "newdir/"], "names a folder"),
+        (["--from-open-clip", str(oc), "--out", "existing"], "--out existing names a folder"),
+        (["--from-open-clip", str(oc), "--out", "."], "names a folder"),
+        (["--from-open-clip", str(oc), "--out", ""], "--out is empty"),
+        (["--from-open-clip", str(bad), "--out", "o.pt"], f"{bad / CONFIG_NAME}: model_cfg.text_cfg.context_length"),
+        (["--to-open-clip", "model.pt", "--out", "notes"], "notes exists and holds files that are not part of an "
+                                                           "open_clip export (keep.txt)"),
+        (["--to-open-clip", "model.pt", "--out", "."], "current folder"),
+    ]
+    before = sorted(p.name for p in work.rglob("*"))
+    for argv, needle in cases:
+        capsys.readouterr()
+        assert main(["convert", *argv]) == 2, argv
+        err = capsys.readouterr().err
+        assert err.startswith("bmclip convert: error: ") and needle in err and err.count("\n") == 1, (argv, err)
+        assert ".tmp" not in err, err
+        assert sorted(p.name for p in work.rglob("*")) == before, argv  # nothing written, nothing removed
+    assert (work / "notes" / "keep.txt").read_text() == "mine"
+    assert main(["convert", "--from-open-clip", str(oc), "--out", "o.pt"]) == 0  # the same, well-formed
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Export folders: built aside and moved into place whole. The tiny model stands in for an exportable one (its
+# config from _tiny_open_clip_config, which open_clip_config's own tests cover): the file handling at 1.4M
+# parameters instead of 130M.
+
+
+@pytest.fixture
+def tiny_export(monkeypatch):
+    from bmclip import interop
+
+    monkeypatch.setattr(interop, "open_clip_config", _tiny_open_clip_config)
+    return _tiny_model()
+
+
+def _snapshot(folder):
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def _tokenizer(n_words, context_length=64):
+    from bmclip.tokenizer import SPECIAL_TOKENS, Tokenizer
+
+    words = [*SPECIAL_TOKENS, *(f"word{i}" for i in range(n_words))]
+    return Tokenizer({w: i for i, w in enumerate(words)}, context_length)
+
+
+@pytest.mark.parametrize("fail_at", ["save_state_dict", "atomic_write_text"])
+def test_interrupted_export_leaves_the_old_folder_or_nothing(tiny_export, tmp_path, monkeypatch, fail_at):
+    from bmclip import interop
+    from bmclip.errors import Terminated
+
+    def sigterm(*a, **k):  # what the CLI's SIGTERM handler raises, mid-export
+        raise Terminated("SIGTERM")
+
+    out = tmp_path / "export"
+    with monkeypatch.context() as mp:
+        mp.setattr(interop, fail_at, sigterm)
+        with pytest.raises(Terminated):
+            export_open_clip(tiny_export, out, tokenizer=_tokenizer(10))
+    assert list(tmp_path.iterdir()) == []  # no folder, no temp folder
+
+    export_open_clip(tiny_export, out, tokenizer=_tokenizer(10))
+    old = _snapshot(out)
+    assert set(old) == {WEIGHTS_NAME, CONFIG_NAME, "vocab.txt", "bmclip_tokenizer.json", "tokenizer_config.json",
+                        "special_tokens_map.json"}
+    with monkeypatch.context() as mp:
+        mp.setattr(interop, fail_at, sigterm)
+        with pytest.raises(Terminated):
+            export_open_clip(_tiny_model(seed=1), out, tokenizer=_tokenizer(20))
+    assert _snapshot(out) == old and [p.name for p in tmp_path.iterdir()] == ["export"]
+
+
+def _dead_pid():
+    import subprocess
+    import sys
+
+    p = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    return int(p.stdout)
+
+
+def test_export_removes_the_temp_folder_of_a_killed_export(tiny_export, tmp_path):
+    dead = _dead_pid()
+    stale = tmp_path / f".export.export-{dead}.0badc0de.tmp"
+    stale.mkdir()
+    (stale / WEIGHTS_NAME).write_bytes(b"half")
+    busy = tmp_path / ".export.export-1.0badc0de.tmp"  # pid 1 is alive: another export may be writing it
+    busy.mkdir()
+    export_open_clip(tiny_export, tmp_path / "export")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [busy.name, "export"]
+
+
+@pytest.mark.parametrize("exchange", [True, False], ids=["renameat2", "two-renames"])
+def test_reexport_replaces_the_whole_folder(tiny_export, tmp_path, monkeypatch, exchange):
+    # A second export without a tokenizer must not leave the first one's vocab.txt behind: embed and eval would
+    # take it as the model's tokenizer, while the config names BiomedBERT's.
+    from bmclip import interop
+    from bmclip.resolve import locate_model
+
+    if not exchange:  # systems without an atomic folder swap: rename aside, rename in
+        monkeypatch.setattr(interop, "_exchange", lambda a, b: False)
+
+    out = tmp_path / "export"
+    export_open_clip(tiny_export, out, tokenizer=_tokenizer(10))
+    assert locate_model(out).tokenizer_dir == out
+    other = _tiny_model(seed=1)
+    export_open_clip(other, out)
+    assert sorted(p.name for p in out.iterdir()) == [CONFIG_NAME, WEIGHTS_NAME]
+    assert locate_model(out).tokenizer_dir is None
+    assert json.loads((out / CONFIG_NAME).read_text())["model_cfg"]["text_cfg"]["hf_tokenizer_name"] == BIOMEDBERT
+    back = load_open_clip(out)
+    assert all(torch.equal(a, b) for a, b in zip(back.state_dict().values(), other.state_dict().values()))
+    assert [p.name for p in tmp_path.iterdir()] == ["export"]
+
+
+def test_export_refuses_to_replace_what_is_not_an_export(tiny_export, tmp_path, monkeypatch):
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "keep.txt").write_text("mine")
+    tok_dir = tmp_path / "tok"
+    _tokenizer(10).save(tok_dir)  # a tokenizer folder: only names an export also has, but no export config
+    released = tmp_path / "released"  # a downloaded BiomedCLIP folder (its config has no bmclip section)
+    released.mkdir()
+    (released / CONFIG_NAME).write_text(json.dumps(RELEASED_CONFIG))
+    (released / WEIGHTS_NAME).write_bytes(b"weights")
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    for target, needle in ((notes, "keep.txt"), (tok_dir, "no open_clip_config.json written by a bmclip export"),
+                           (released, "no open_clip_config.json written by a bmclip export"),
+                           (afile, "is not a folder"), (tmp_path / "afile" / "sub", "is a file")):
+        before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+        with pytest.raises(ConfigError, match=needle):
+            export_open_clip(tiny_export, target)
+        assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+    monkeypatch.chdir(notes)
+    for target in ("", ".", ".."):
+        with pytest.raises(ConfigError):
+            export_open_clip(tiny_export, target)
+    (tmp_path / "empty").mkdir()
+    export_open_clip(tiny_export, tmp_path / "empty")  # an empty folder is filled
+    assert (tmp_path / "empty" / WEIGHTS_NAME).is_file()
+
+
+def test_export_refuses_a_tokenizer_larger_than_the_text_vocabulary(tiny_export, tmp_path):
+    vocab = tiny_export.config.text.vocab_size  # 4096
+    with pytest.raises(ConfigError, match=f"tokenizer has {vocab + 1} ids but the model's text.vocab_size is {vocab}"):
+        export_open_clip(tiny_export, tmp_path / "export", tokenizer=_tokenizer(vocab + 1 - 5))
+    assert list(tmp_path.iterdir()) == []
+    export_open_clip(tiny_export, tmp_path / "export", tokenizer=_tokenizer(vocab - 5))  # exactly fits
+
+
+def test_exported_tokenizer_length_is_the_models_context(tiny_export, tmp_path, monkeypatch):
+    # The shipped tokenizer was saved with 32 tokens; the model (and open_clip, from text_cfg) uses 64.
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    from bmclip.tokenizer import Tokenizer, get_tokenizer
+
+    out = export_open_clip(tiny_export, tmp_path / "export", tokenizer=get_tokenizer(context_length=32))
+    assert tiny_export.config.text.context_length == 64
+    assert transformers.AutoTokenizer.from_pretrained(str(out)).model_max_length == 64
+    assert open_clip.get_tokenizer(f"local-dir:{out}")(["a chest x-ray"]).shape == (1, 64)
+    assert Tokenizer.from_vocab(out).context_length == 64
+    assert json.loads((out / CONFIG_NAME).read_text())["bmclip"]["tokenizer"]["context_length"] == 64
