@@ -253,3 +253,210 @@ def test_failed_embedding_leaves_no_folder_it_made(tmp_path):
     with pytest.raises(OSError, match="No space left"):
         embed_pairs_to_disk(model, tok, batches(), keep)
     assert sorted(p.name for p in keep.iterdir()) == ["notes.txt"]
+
+
+# ---------------------------------------------------------------- argument checks and output sets
+
+
+def _no_model(monkeypatch):
+    import bmclip.eval.models
+
+    def refuse(*a, **k):
+        raise AssertionError("the model was loaded before the arguments were checked")
+
+    monkeypatch.setattr(bmclip.eval.models, "load_model", refuse)
+
+
+def _one_error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("bmclip eval: error: "), err
+    return err[0]
+
+
+@pytest.mark.parametrize("extra, msg", [
+    (["--batch-size", "0"], "--batch-size must be >= 1, got 0"),  # before: ValueError traceback
+    (["--batch-size", "-1"], "--batch-size must be >= 1, got -1"),  # before: "none of the 12 images could be read"
+    (["--max-samples", "-1"], "--max-samples must be >= 1, got -1"),  # before: ValueError traceback
+    (["--workers", "-2"], "--workers must be >= 0"),
+    (["--task", "T:a {} of {x}"], "template 'a {} of {x}'"),  # before: KeyError after the embedding
+    (["--task", "T:a photo of {{}}"], "found 0 fields"),  # before: every class had the same prompt, rc 0
+    (["--task", "T:{}{0}"], "found 2 fields"),
+])
+def test_zeroshot_bad_arguments_fail_before_the_model_loads(tmp_path, monkeypatch, capsys, extra, msg):
+    _image_folder(tmp_path / "imgs", n_per=1)
+    if extra[0] == "--task":
+        (tmp_path / "t.yaml").write_text("classes: {red_things: red, blue_things: blue}\n"
+                                         f"templates: [{extra[1][2:]!r}]\n")
+        extra = ["--task", str(tmp_path / "t.yaml")]
+    _no_model(monkeypatch)
+    rc = main(["eval", "zeroshot", "tiny", "--dataset", str(tmp_path / "imgs"), "--out", str(tmp_path / "o"),
+               "--device", "cpu", *extra])
+    assert rc == 2 and msg in _one_error_line(capsys)
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("extra, msg", [
+    (["--seeds", "0"], "--seeds must be >= 1"),  # before: a NaN error after the embedding
+    (["--seeds", "-1"], "--seeds must be >= 1"),
+    (["--l2", "nan"], "--l2 values must be finite and >= 0, got nan"),  # before: chance accuracy, rc 0
+    (["--l2", "1e-3", "inf"], "--l2 values must be finite and >= 0, got inf"),
+    (["--fraction", "0.5", "0"], "--fraction values must be in (0, 1], got 0.0"),
+    (["--val-fraction", "1"], "--val-fraction must be in (0, 1), got 1.0"),
+    (["--batch-size", "0"], "--batch-size must be >= 1"),
+    (["--workers", "-1"], "--workers must be >= 0"),
+    (["FLAT"], "--train"),  # folders of unlabelled images; before: TypeError on None labels
+])
+def test_linear_probe_bad_arguments_fail_before_the_model_loads(tmp_path, monkeypatch, capsys, extra, msg):
+    _image_folder(tmp_path / "train", n_per=2)
+    _image_folder(tmp_path / "test", n_per=1)
+    train, test = str(tmp_path / "train"), str(tmp_path / "test")
+    if extra == ["FLAT"]:
+        (tmp_path / "flat").mkdir()
+        Image.new("RGB", (8, 8), (1, 2, 3)).save(tmp_path / "flat" / "a.png")
+        train = test = str(tmp_path / "flat")
+        extra = []
+    _no_model(monkeypatch)
+    rc = main(["eval", "linear-probe", "tiny", "--train", train, "--test", test, "--out", str(tmp_path / "o"),
+               "--device", "cpu", *extra])
+    assert rc == 2 and msg in _one_error_line(capsys)
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("extra, msg", [
+    (["--batch-size", "0"], "--batch-size must be >= 1"),
+    (["--ks", "0"], "--ks must be integers >= 1"),
+    (["--block", "0"], "--block must be >= 1"),
+    (["--max-pairs", "0"], "max_pairs must be an integer >= 1, got 0"),
+])
+def test_retrieval_bad_arguments_fail_before_the_model_loads(tmp_path, monkeypatch, capsys, extra, msg):
+    _shards(tmp_path, n=2)
+    _no_model(monkeypatch)
+    rc = main(["eval", "retrieval", "tiny", "--shards", str(tmp_path / "shard-000000.tar"), "--reader", "python",
+               "--out", str(tmp_path / "o"), "--device", "cpu", *extra])
+    assert rc == 2 and msg in _one_error_line(capsys)
+
+
+def _snapshot(folder):
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_zeroshot_outputs_are_replaced_as_one_set(tmp_path, monkeypatch):
+    """A run stopped while writing its outputs leaves the previous run's files as they were (before: a new
+    predictions.csv beside the old zeroshot.json); a complete run removes this command's files it does not
+    write again (an old confusion.png beside an unlabelled run's report), and nothing else."""
+    import bmclip.eval.zeroshot
+    from bmclip.errors import Terminated
+
+    _image_folder(tmp_path / "imgs", n_per=3)
+    out = tmp_path / "zs"
+    argv = ["eval", "zeroshot", "tiny", "--dataset", str(tmp_path / "imgs"), "--out", str(out), "--device", "cpu"]
+    assert main(argv) == 0
+    (out / "notes.txt").write_text("mine")
+    before = _snapshot(out)
+    assert set(before) == {"predictions.csv", "confusion.png", "zeroshot.json", "zeroshot.md", "notes.txt"}
+
+    def stopped(*a, **k):
+        raise Terminated()
+
+    with monkeypatch.context() as m:
+        m.setattr(bmclip.eval.zeroshot, "save_confusion_png", stopped)
+        assert main([*argv, "--max-samples", "2"]) == 143
+    assert _snapshot(out) == before and sorted(p.name for p in out.iterdir()) == sorted(before)
+
+    # An unlabelled folder with a task into the same folder: no confusion matrix this time.
+    (tmp_path / "flat").mkdir()
+    for i in range(2):
+        Image.new("RGB", (12, 12), (200, 10 * i, 10)).save(tmp_path / "flat" / f"{i}.png")
+    (tmp_path / "t.yaml").write_text("classes: [red, blue]\n")
+    assert main(["eval", "zeroshot", "tiny", "--dataset", str(tmp_path / "flat"), "--task", str(tmp_path / "t.yaml"),
+                 "--out", str(out), "--device", "cpu"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt", "predictions.csv", "zeroshot.json", "zeroshot.md"]
+    res = json.loads((out / "zeroshot.json").read_text())
+    assert res["n"] == 2 and (out / "notes.txt").read_text() == "mine"
+
+
+def test_zeroshot_integer_labels_and_many_classes(tmp_path):
+    """One-based integer labels 1..101: 101 classes named by the labels (before: 102, with a class "0" that no
+    image has), no confusion PNG (a note says where the matrix is), and the previous run's PNG is gone."""
+    _image_folder(tmp_path / "imgs", n_per=1)
+    out = tmp_path / "zs"
+    assert main(["eval", "zeroshot", "tiny", "--dataset", str(tmp_path / "imgs"), "--out", str(out),
+                 "--device", "cpu"]) == 0
+    assert (out / "confusion.png").exists()
+    Image.new("RGB", (12, 12), (9, 9, 9)).save(tmp_path / "a.png")
+    (tmp_path / "l.csv").write_text("path,label\n" + "".join(f"a.png,{i}\n" for i in range(1, 102)))
+    assert main(["eval", "zeroshot", "tiny", "--dataset", str(tmp_path / "l.csv"), "--out", str(out),
+                 "--device", "cpu"]) == 0
+    res = json.loads((out / "zeroshot.json").read_text())
+    assert res["classes"] == [str(i) for i in range(1, 102)]
+    cm = np.array(res["metrics"]["confusion_matrix"])
+    assert cm.shape == (101, 101) and (cm.sum(axis=1) == 1).all()
+    assert res["confusion_png"] is None and "101 classes" in res["confusion_png_note"]
+    assert not (out / "confusion.png").exists() and "not drawn for 101 classes" in (out / "zeroshot.md").read_text()
+
+
+def test_retrieval_stopped_after_embedding_keeps_the_previous_set(tmp_path, monkeypatch):
+    """The embeddings are written to a staging folder: a run stopped before its report leaves the previous
+    embeddings and report together (before: new embeddings beside the old retrieval.json)."""
+    import bmclip.eval.retrieval
+
+    _shards(tmp_path, n=12)
+    out = tmp_path / "o"
+    argv = ["eval", "retrieval", "tiny", "--shards", str(tmp_path / "shard-*.tar"), "--out", str(out),
+            "--reader", "python", "--device", "cpu"]
+    assert main(argv) == 0
+    before = _snapshot(out)
+    assert set(before) == {"retrieval.json", "retrieval.md", "embeddings/image_emb.npy", "embeddings/text_emb.npy"}
+
+    def stopped(*a, **k):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(bmclip.eval.retrieval, "retrieval_metrics", stopped)
+        assert main([*argv, "--max-pairs", "6"]) == 130
+    assert _snapshot(out) == before and sorted(p.name for p in out.iterdir()) == ["embeddings", "retrieval.json",
+                                                                                  "retrieval.md"]
+    assert main([*argv, "--max-pairs", "6"]) == 0
+    res = json.loads((out / "retrieval.json").read_text())
+    assert res["n"] == 6 and np.load(res["embeddings"]["image"]).shape[0] == 6
+    assert res["embeddings"]["image"] == str(out / "embeddings" / "image_emb.npy")
+
+
+def test_skips_are_counted_by_reason_not_by_file(tmp_path):
+    """``skipped.by_reason`` groups skips of one kind (before: one entry per file path, as the text up to the
+    first ':' was the path)."""
+    _image_folder(tmp_path / "imgs", n_per=2)
+    for name in ("a.png", "b.png", "c.png"):
+        (tmp_path / "imgs" / "red_things" / name).write_bytes(b"not a png")
+    (tmp_path / "imgs" / "blue_things" / "t.png").write_bytes(_png_bytes((1, 2, 3))[:60])
+    out = tmp_path / "zs"
+    assert main(["eval", "zeroshot", "tiny", "--dataset", str(tmp_path / "imgs"), "--out", str(out),
+                 "--device", "cpu"]) == 0
+    skipped = json.loads((out / "zeroshot.json").read_text())["skipped"]
+    assert skipped["count"] == 4 and len(skipped["examples"]) == 4
+    by = skipped["by_reason"]
+    assert sum(by.values()) == 4 and by.get("cannot read image: cannot identify image file") == 3, by
+    assert not any("imgs" in k for k in by), by
+
+
+def test_linear_probe_test_set_may_lack_a_training_class(tmp_path):
+    """Test labels are mapped onto the training classes by name: a test set without one of the training classes
+    is scored (before: "train classes ... differ from test classes"); one with a class the training set lacks is
+    an error before the model loads."""
+    rng = np.random.default_rng(2)
+    colours = {"blue_things": (30, 30, 220), "green_things": (30, 220, 30), "red_things": (220, 30, 30)}
+    for split, n, names in (("train", 8, list(colours)), ("test", 4, ["blue_things", "red_things"])):
+        for cls in names:
+            (tmp_path / split / cls).mkdir(parents=True)
+            for i in range(n):
+                arr = np.clip(np.array(colours[cls]) + rng.integers(-25, 25, (36, 36, 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(arr).save(tmp_path / split / cls / f"{i}.png")
+    out = tmp_path / "lp"
+    argv = ["eval", "linear-probe", "tiny", "--fraction", "1.0", "--seeds", "1", "--l2", "1e-3", "--out", str(out),
+            "--device", "cpu"]
+    assert main([*argv, "--train", str(tmp_path / "train"), "--test", str(tmp_path / "test")]) == 0
+    res = json.loads((out / "linear_probe.json").read_text())
+    assert res["classes"] == list(colours) and res["n_test"] == 8
+    # red test images scored as red (index 2 of the training classes), not as green (index 1 of the test folders)
+    assert res["fractions"]["1"]["accuracy_mean"] >= 0.75
+    assert main([*argv, "--train", str(tmp_path / "test"), "--test", str(tmp_path / "train")]) == 2

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from bmclip.errors import DataError
+from bmclip.errors import ConfigError, DataError
 from bmclip.eval.linear_probe import (
     fit_logistic_regression,
     linear_probe,
@@ -85,6 +85,30 @@ def test_probe_errors():
         linear_probe(np.full((4, 3), np.nan), [0, 1, 0, 1], np.ones((2, 3)), [0, 1])
     with pytest.raises(DataError, match="2 classes"):
         linear_probe(np.ones((4, 3)), [1, 1, 1, 1], np.ones((2, 3)), [0, 1])
+
+
+@pytest.mark.parametrize("kwargs, msg", [
+    ({"l2_grid": [1e-3, float("nan")]}, "l2"),  # before: NaN weights, chance accuracy, no error
+    ({"l2_grid": [float("inf")]}, "l2"),
+    ({"l2_grid": [-1.0]}, "l2"),
+    ({"seeds": []}, "seeds"),  # before: NaN means after all the work
+])
+def test_probe_refuses_bad_numbers_before_fitting(kwargs, msg, monkeypatch):
+    import bmclip.eval.linear_probe as lp
+
+    def no_fit(*a, **k):
+        raise AssertionError("fitted before the arguments were checked")
+
+    monkeypatch.setattr(lp, "fit_logistic_regression", no_fit)
+    x = np.random.default_rng(0).normal(size=(8, 3))
+    with pytest.raises(ConfigError, match=msg):
+        linear_probe(x, [0, 1] * 4, x, [0, 1] * 4, **kwargs)
+
+
+@pytest.mark.parametrize("l2", [float("nan"), float("inf"), -1e-3])
+def test_fit_refuses_non_finite_l2(l2):
+    with pytest.raises(ConfigError, match="l2 must be finite"):
+        fit_logistic_regression(np.ones((4, 2)), [0, 1, 0, 1], 2, l2)
 
 
 def _real_bundled_images():

@@ -176,6 +176,58 @@ def test_csv_and_tsv(tmp_path):
         datasets.open_dataset(str(tmp_path / "bad.csv"))
 
 
+def test_integer_csv_labels_are_the_classes_that_occur(tmp_path):
+    """Integer labels name the classes that occur (numeric order), never range(max + 1): {1, 2} is two classes
+    (before: three, with every image predicted as the empty class "0"), {0, 10**11} two (before: an OOM kill)."""
+    for i in range(3):
+        _png(tmp_path / f"{i}.png", (i, i, i))
+    cases = {"1,1,2": (["1", "2"], [0, 0, 1]), "0,99999999999,0": (["0", "99999999999"], [0, 1, 0]),
+             "10,2,10": (["2", "10"], [1, 0, 1]), "1.0,3,3.0": (["1", "3"], [0, 1, 1])}
+    for labels, (classes, idx) in cases.items():
+        rows = "".join(f"{i}.png,{lab}\n" for i, lab in enumerate(labels.split(",")))
+        (tmp_path / "l.csv").write_text("path,label\n" + rows)
+        ds = datasets.open_dataset(str(tmp_path / "l.csv"))
+        assert (ds.classes, ds.labels().tolist()) == (classes, idx), labels
+    for body, where, what in (("0.png,0\n1.png,0.7\n", "l.csv:3", "not a whole number"),
+                              ("0.png,-1\n1.png,1\n", "l.csv:2", "negative label"),
+                              ("0.png,cat\n1.png,\n", "l.csv:3", "empty label")):
+        (tmp_path / "l.csv").write_text("path,label\n" + body)
+        with pytest.raises(DataError, match=f"{where}: .*{what}"):
+            datasets.open_dataset(str(tmp_path / "l.csv"))
+
+
+def test_csv_label_outside_the_task_classes_names_the_row(tmp_path):
+    """With a task the labels index (or name) its classes; one outside them is an error naming the row."""
+    _png(tmp_path / "0.png", (0, 0, 0))
+    (tmp_path / "l.csv").write_text("path,label\n0.png,1\n0.png,0\n")
+    ds = datasets.csv_dataset(tmp_path / "l.csv", get_task("pcam"))
+    assert ds.classes == list(get_task("pcam").classes) and ds.labels().tolist() == [1, 0]
+    (tmp_path / "l.csv").write_text("path,label\n0.png,1\n0.png,0\n0.png,7\n")
+    with pytest.raises(DataError, match=r"l\.csv:4: .*label '7' is not one of"):
+        datasets.csv_dataset(tmp_path / "l.csv", get_task("pcam"))
+
+
+def test_unreadable_csv_files_are_one_line_errors(tmp_path):
+    """Text that is not UTF-8, malformed CSV and oversized fields: a DataError naming the file (before:
+    UnicodeDecodeError / _csv.Error tracebacks)."""
+    _png(tmp_path / "0.png", (0, 0, 0))
+    cases = {
+        "latin1.csv": ("path,label\n0.png,caf\u00e9\n".encode("latin-1"), r"not UTF-8 text: .* line 2"),
+        "utf16.csv": ("path,label\n0.png,cat\n".encode("utf-16"), "UTF-16"),
+        "binary.csv": (bytes(range(128, 256)) * 4, "not UTF-8 text"),
+        "quote.csv": (b'path,label\n0.png,"unterminated\n0.png,dog\n', r"quote\.csv:\d+: not valid CSV"),
+        "big.csv": (b"path,label\n0.png," + b"a" * 200_000 + b"\n", r"big\.csv:2: not valid CSV: field larger"),
+    }
+    for name, (data, msg) in cases.items():
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(DataError, match=msg) as e:
+            datasets.open_dataset(str(tmp_path / name))
+        assert name in str(e.value) and "\n" not in str(e.value)
+    # A UTF-8 byte-order mark (as Excel writes) is not part of the first column's name.
+    (tmp_path / "bom.csv").write_bytes("\ufeffpath,label\n0.png,cat\n0.png,dog\n".encode())
+    assert datasets.open_dataset(str(tmp_path / "bom.csv")).classes == ["cat", "dog"]
+
+
 def test_iterate_batches_counts_skips_and_keeps_alignment(tmp_path):
     _png(tmp_path / "a" / "0.png", (255, 0, 0), size=(40, 20))
     (tmp_path / "a" / "1.png").write_bytes(b"\x89PNG corrupt")
@@ -216,6 +268,23 @@ def test_pcam_h5(tmp_path):
     assert np.array_equal(np.asarray(ds3[4][0]), x[4])
     with pytest.raises(DataError, match="not found"):
         datasets.open_dataset("pcam", data_root=tmp_path, split="valid")
+
+
+def test_pcam_labels_that_are_not_0_or_1_are_refused(tmp_path):
+    """A fractional label (0.7) is an error, not silently truncated to class 0."""
+    import h5py
+
+    pre = tmp_path / "camelyonpatch_level_2_split_test"
+    with h5py.File(str(pre) + "_x.h5", "w") as f:
+        f["x"] = np.zeros((3, 96, 96, 3), np.uint8)
+    for y in ([0.0, 0.7, 1.0], [0, 1, np.nan]):
+        with h5py.File(str(pre) + "_y.h5", "w") as f:
+            f["y"] = np.array(y, dtype=np.float32).reshape(3, 1, 1, 1)
+        with pytest.raises(DataError, match="PCam labels must be 0 or 1"):
+            datasets.open_dataset(str(pre) + "_x.h5")
+    with h5py.File(str(pre) + "_y.h5", "w") as f:
+        f["y"] = np.array([0.0, 1.0, 1.0], dtype=np.float32).reshape(3, 1, 1, 1)
+    assert datasets.open_dataset(str(pre) + "_x.h5").labels().tolist() == [0, 1, 1]
 
 
 # ---------------------------------------------------------------- shards
@@ -274,6 +343,38 @@ def test_shard_classification(tmp_path):
                               ("c", {"png": _png_bytes((3, 3, 3))})])
     ds = datasets.open_dataset(str(tmp_path / "c.tar"))
     assert ds.labels().tolist() == [1, 0] and ds.skipped == [("c", "no cls member")]
+
+
+def test_shard_labels_are_the_classes_that_occur(tmp_path):
+    """Shard ``cls`` labels {1, 2} are two classes (before: three, "0" never occurring), a huge label one class
+    (before: an OOM kill), a negative label an error naming the sample, and with a task an index into its classes."""
+    _tar(tmp_path / "a.tar", [("a", {"png": _png_bytes((1, 1, 1)), "cls": b"2"}),
+                              ("b", {"png": _png_bytes((2, 2, 2)), "cls": b"1"}),
+                              ("c", {"png": _png_bytes((3, 3, 3)), "cls": b"99999999999"})])
+    ds = datasets.open_dataset(str(tmp_path / "a.tar"))
+    assert ds.classes == ["1", "2", "99999999999"] and ds.labels().tolist() == [1, 0, 2]
+    with pytest.raises(DataError, match=r"sample a in .*a\.tar: class label 2 is out of range for the 2 classes"):
+        datasets.open_dataset(str(tmp_path / "a.tar"), task=get_task("pcam"))
+    _tar(tmp_path / "n.tar", [("a", {"png": _png_bytes((1, 1, 1)), "cls": b"1"}),
+                              ("neg", {"png": _png_bytes((2, 2, 2)), "cls": b"-1"})])
+    with pytest.raises(DataError, match=r"sample neg in .*n\.tar: negative class label -1"):
+        datasets.open_dataset(str(tmp_path / "n.tar"))
+
+
+def test_rsna_bom_bad_target_and_every_image_missing(tmp_path):
+    (tmp_path / "stage_2_train_images").mkdir()
+    make_dicom(tmp_path / "stage_2_train_images" / "p1.dcm", np.arange(16).reshape(4, 4))
+    labels = tmp_path / "stage_2_train_labels.csv"
+    labels.write_bytes("\ufeffpatientId,x,y,width,height,Target\np1,,,,,1\np2,,,,,0\n".encode())
+    ds = datasets.open_dataset("rsna_pneumonia", data_root=tmp_path)  # before: "bad row {'\ufeffpatientId': ...}"
+    assert ds.labels().tolist() == [1] and len(ds.skipped) == 1
+    labels.write_text("patientId,Target\np1,2\n")
+    with pytest.raises(DataError, match=r"stage_2_train_labels\.csv:2: bad row .*Target 0 or 1"):
+        datasets.open_dataset("rsna_pneumonia", data_root=tmp_path)
+    labels.write_text("patientId,Target\nq1,0\nq2,1\nq3,0\n")
+    with pytest.raises(DataError, match=r"none of the 3 patients listed has an image .*all 3 missing, e\.g\. "
+                                        r".*q1\.dcm"):
+        datasets.open_dataset("rsna_pneumonia", data_root=tmp_path)
 
 
 def test_rsna_layout(tmp_path):

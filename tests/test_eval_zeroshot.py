@@ -74,6 +74,58 @@ def test_confusion_png(tmp_path):
     assert im.format == "PNG" and im.size[0] > 100
 
 
+def test_confusion_png_is_bounded(tmp_path):
+    """Many classes: the figure stays at most 12 x 10.8 inches at 110 dpi (before: 0.9 inch per class and a text
+    per cell; 60 classes took 2.2 GB), and beyond 100 classes no PNG is drawn at all."""
+    from bmclip.eval import zeroshot
+
+    c = 40
+    cm = np.arange(c * c).reshape(c, c) % 7
+    p = save_confusion_png(cm, [f"class {i}" for i in range(c)], tmp_path / "cm.png")
+    w, h = Image.open(p).size
+    assert w <= 12 * 110 and h <= 11 * 110
+    big = zeroshot.CONFUSION_PNG_MAX_CLASSES + 1
+    with pytest.raises(ConfigError, match=f"{big} classes"):
+        save_confusion_png(np.zeros((big, big), int), [str(i) for i in range(big)], tmp_path / "big.png")
+    assert not (tmp_path / "big.png").exists()
+
+
+@pytest.mark.parametrize("template", ["a {} of {x}", "a {} }", "{}{0}", "a photo of {{}}", "{0}", "{:>5}", "{!r}",
+                                      "a {", "{} and {}", "{:{}}"])
+def test_templates_need_exactly_one_bare_placeholder(template, tmp_path):
+    """Each of these passed the old ``count("{}") == 1`` check or failed later with KeyError/IndexError, or
+    (literal braces) gave every class the same prompt."""
+    with pytest.raises(ConfigError, match="template"):
+        prompts.TaskSpec("t", ("cat", "dog"), (template,))
+    with pytest.raises(ConfigError, match="template"):
+        class_embeddings(ColourModel(), colour_tokenizer, ["cat", "dog"], [template])
+    (tmp_path / "t.yaml").write_text(f"classes: [cat, dog]\ntemplates: [{template!r}]\n")
+    with pytest.raises(ConfigError, match="template") as e:
+        prompts.load_task_yaml(tmp_path / "t.yaml")
+    assert "t.yaml" in str(e.value)
+
+
+def test_task_yaml_bad_files_are_one_line_config_errors(tmp_path):
+    cases = {
+        "binary.yaml": (bytes(range(128, 256)), "not UTF-8"),  # before: UnicodeDecodeError traceback
+        "bad.yaml": (b": : :\n  - [\n", "not valid YAML: line 1"),  # before: a five-line message
+        "null.yaml": (b"classes: {cat: a cat, dog: null}\n", "'dog': None"),  # before: a class named "None"
+        "blank.yaml": (b"classes: ['', ' ']\n", "non-blank"),
+        "nested.yaml": (b"classes: [[1, 2], dog]\n", "non-blank class name"),
+        "name.yaml": (b"name: ../../x\nclasses: [cat, dog]\n", "'name'"),
+    }
+    for name, (data, msg) in cases.items():
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(ConfigError, match=msg) as e:
+            prompts.load_task_yaml(tmp_path / name)
+        assert name in str(e.value) and "\n" not in str(e.value), str(e.value)
+    with pytest.raises(ConfigError, match="non-blank"):
+        prompts.TaskSpec("t", ("cat", " "), ("{}",))
+    # Literal braces beside the one placeholder are fine.
+    t = prompts.TaskSpec("t", ("cat", "dog"), ("a {} in {{braces}}", "{}"))
+    assert t.prompts(1) == ["a dog in {braces}", "dog"]
+
+
 def test_builtin_prompts_are_the_papers():
     t = prompts.get_task("pcam")
     assert t.prompts(1) == ["this is an image of lymph node metastasis", "lymph node metastasis presented in image"]

@@ -18,7 +18,7 @@ import numpy as np
 
 from bmclip.data.shards import expand_urls
 from bmclip.data.tario import TAR_PROBLEMS, iter_shard_samples
-from bmclip.errors import DataError
+from bmclip.errors import ConfigError, DataError
 from bmclip.eval.datasets import ImageDataset
 from bmclip.eval.images import decode_sample_image
 from bmclip.model.transforms import resize_center_crop
@@ -39,6 +39,13 @@ def _decoded_chunks(chunks: Iterable[list[T]], decode: Callable[[T], R | None], 
         pool.shutdown(wait=True, cancel_futures=True)
 
 
+def _check_batching(batch_size: Any, workers: Any) -> None:
+    """ConfigError unless batch_size >= 1 and workers >= 0 are integers (checked before any image is read)."""
+    for name, v, low in (("batch_size", batch_size, 1), ("workers", workers, 0)):
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < low:
+            raise ConfigError(f"{name} must be an integer >= {low}, got {v!r}")
+
+
 def iterate_batches(dataset: ImageDataset, image_size: int, batch_size: int = 64, workers: int = 4,
                     indices: Sequence[int] | None = None) -> Iterator[dict[str, Any]]:
     """Batches {"image": uint8 (B, S, S, 3), "label": int64 (B,), "index": (B,)} of a classification dataset.
@@ -47,6 +54,12 @@ def iterate_batches(dataset: ImageDataset, image_size: int, batch_size: int = 64
     images are skipped and recorded in ``dataset.skipped`` as (name, reason); labels stay aligned. An
     unlabelled dataset (``dataset.labelled`` false) gives batches without "label".
     """
+    _check_batching(batch_size, workers)  # here, not at the first batch: the caller learns before any work
+    return _iterate_batches(dataset, image_size, batch_size, workers, indices)
+
+
+def _iterate_batches(dataset: ImageDataset, image_size: int, batch_size: int, workers: int,
+                     indices: Sequence[int] | None) -> Iterator[dict[str, Any]]:
     idx = list(range(len(dataset))) if indices is None else list(indices)
 
     def load(i):
@@ -102,6 +115,12 @@ def iter_shard_pairs(pattern: str, image_size: int, batch_size: int = 64, skippe
     (key or shard, reason) when a list is given, else raise DataError. Remote shards (``s3://``, ``https://``,
     ``pipe:CMD``, ...) are streamed (``bmclip.data.tario``; ``storage_options`` go to fsspec, ``fetch_options``
     are ``bmclip.data.remote.FetchOptions``); one that cannot be read is a ``shard_fetch_failed`` skip."""
+    _check_batching(batch_size, workers)
+    return _iter_shard_pairs(pattern, image_size, batch_size, skipped, workers, storage_options, fetch_options)
+
+
+def _iter_shard_pairs(pattern: str, image_size: int, batch_size: int, skipped: list | None, workers: int,
+                      storage_options: dict[str, Any] | None, fetch_options: Any) -> Iterator[dict[str, Any]]:
     urls = expand_urls(pattern)
 
     def decode(sample):

@@ -20,6 +20,7 @@ losses; the images themselves are decoded by ``bmclip.eval.images``.
 from __future__ import annotations
 
 import csv
+import io
 import os
 import re
 from collections.abc import Callable, Sequence
@@ -73,7 +74,61 @@ def _label_mapper(task: Any, found: Sequence[str]) -> tuple[list[str], Callable[
 
 
 def _natural_key(s: str):
-    return [int(t) if t.isdigit() else t.lower() for t in re.split(r"(\d+)", s)]
+    return [int(t) if i % 2 else t.lower() for i, t in enumerate(re.split(r"([0-9]+)", s))]
+
+
+_INT_LABEL = re.compile(r"[+-]?[0-9]+(?:\.0*)?")  # "3", "-1", "+2", "3.0" (a float column written by pandas)
+_NUM_LABEL = re.compile(r"[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
+
+
+def _integer_classes(labels: Sequence[tuple[str, str]]) -> tuple[list[str], dict[str, int]] | None:
+    """(class names, {label text: class index}) when every label is a whole number: the classes are the numbers
+    that occur, sorted (never ``range(max + 1)``: labels {1, 2} are two classes, {0, 10**11} two, not 10**11 + 1).
+    None when the labels are names. DataError for a negative number, or for numbers that are not all whole
+    (0.7 is a score or a probability, not a class id: never truncated). ``labels``: (where, text) pairs."""
+    if not all(_NUM_LABEL.fullmatch(t) for _, t in labels):
+        return None
+    for where, t in labels:
+        if not _INT_LABEL.fullmatch(t):
+            raise DataError(f"{where}: label {t!r} is not a whole number; numeric labels are class ids "
+                            "(integers >= 0), anything else must be a class name")
+    values = {t: int(float(t)) if "." in t else int(t) for _, t in labels}
+    for where, t in labels:
+        if values[t] < 0:
+            raise DataError(f"{where}: negative label {t!r}; integer labels are class ids >= 0")
+    order = sorted(set(values.values()))
+    pos = {v: i for i, v in enumerate(order)}
+    return [str(v) for v in order], {t: pos[v] for t, v in values.items()}
+
+
+def _read_text(p: Path, what: str) -> str:
+    """A text file's contents as UTF-8 (a BOM is dropped); DataError naming the file when it cannot be."""
+    try:
+        data = p.read_bytes()
+    except OSError as e:
+        raise DataError(f"cannot read {what} {p}: {e.strerror or e}") from e
+    if data.startswith(b"\xef\xbb\xbf"):  # a UTF-8 byte-order mark (Excel writes one)
+        data = data[3:]
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        hint = " (it is UTF-16: save it as UTF-8)" if data[:2] in (b"\xff\xfe", b"\xfe\xff") else ""
+        line = data.count(b"\n", 0, e.start) + 1
+        raise DataError(f"{what} {p} is not UTF-8 text: undecodable byte 0x{data[e.start]:02x} on line {line}"
+                        f"{hint}") from None
+
+
+def _csv_rows(p: Path, delimiter: str, what: str) -> list[tuple[int, list[str]]]:
+    """(line number, fields) of the non-blank rows of a CSV/TSV file; DataError naming the line on bad input."""
+    reader = csv.reader(io.StringIO(_read_text(p, what), newline=""), delimiter=delimiter, strict=True)
+    rows = []
+    try:
+        for r in reader:
+            if r and any(c.strip() for c in r):
+                rows.append((reader.line_num, r))
+    except csv.Error as e:
+        raise DataError(f"{p}:{reader.line_num}: not valid CSV: {e}") from None
+    return rows
 
 
 class FileListDataset(ImageDataset):
@@ -139,45 +194,51 @@ def csv_dataset(path: str | os.PathLike, task: Any = None, image_root: str | os.
     """CSV/TSV with a header naming a path column (path/image/filename/...) and a label column (label/class/...).
 
     Without a recognised header the first two columns are (path, label). Relative paths are relative to
-    ``image_root`` or the file's folder. Labels may be names or integer indices.
+    ``image_root`` or the file's folder. Labels may be names or integer class ids; with ``task`` they are
+    resolved through its class list (names, aliases, or indices into it), and a label outside it is an error
+    naming the row. Without ``task`` the classes are the labels that occur, sorted (integers numerically).
+    An empty label, a negative or fractional numeric label, undecodable text or malformed CSV is a DataError
+    naming the file and line.
     """
     p = Path(path)
     delim = "\t" if p.suffix.lower() == ".tsv" else ","
-    try:
-        with open(p, newline="", encoding="utf-8-sig") as f:
-            rows = [r for r in csv.reader(f, delimiter=delim) if r and any(c.strip() for c in r)]
-    except OSError as e:
-        raise DataError(f"cannot read {p}: {e}") from e
+    rows = _csv_rows(p, delim, "CSV file")
     if not rows:
         raise DataError(f"{p} is empty")
-    head = [h.strip().lower() for h in rows[0]]
+    head = [h.strip().lower() for h in rows[0][1]]
     pi = next((head.index(c) for c in _PATH_COLS if c in head), None)
     li = next((head.index(c) for c in _LABEL_COLS if c in head), None)
     base = Path(image_root) if image_root else p.parent
     if pi is not None and li is not None:
         body = rows[1:]
-    elif pi is None and li is None and len(rows[0]) >= 2 and (base / rows[0][0].strip()).is_file():
+    elif pi is None and li is None and len(rows[0][1]) >= 2 and (base / rows[0][1][0].strip()).is_file():
         pi, li, body = 0, 1, rows  # headerless: the first row already names an existing image
     else:
         raise DataError(f"{p}: header must name a path column {_PATH_COLS} and a label column {_LABEL_COLS}")
     raw = []
-    for n, r in enumerate(body, start=2 if body is not rows else 1):
+    for n, r in body:
         if len(r) <= max(pi, li):
             raise DataError(f"{p}:{n}: expected at least {max(pi, li) + 1} columns, got {len(r)}")
-        raw.append((base / r[pi].strip(), r[li].strip()))
+        lab = r[li].strip()
+        if not lab:
+            raise DataError(f"{p}:{n}: empty label for {r[pi].strip() or 'an empty path'!r}")
+        raw.append((f"{p}:{n}", base / r[pi].strip(), lab))
     if not raw:
         raise DataError(f"{p}: no rows")
-    names = sorted({lab for _, lab in raw}, key=_natural_key)
-    if task is None and all(n.lstrip("-").isdigit() for n in names):
-        ints = sorted(int(n) for n in names)
-        if ints[0] < 0:
-            raise DataError(f"{p}: negative label {ints[0]}")
-        classes = [str(i) for i in range(ints[-1] + 1)]
-        items = [(q, int(lab)) for q, lab in raw]
-    else:
-        classes, to_index = _label_mapper(task, names)
-        items = [(q, to_index(lab)) for q, lab in raw]
-    return FileListDataset(items, classes)
+    if task is not None:  # the task's class list: a label outside it is an error naming the row
+        items = []
+        for where, q, lab in raw:
+            try:
+                items.append((q, task.class_index(lab)))
+            except ConfigError as e:
+                raise DataError(f"{where}: {e}") from None
+        return FileListDataset(items, list(task.classes))
+    ints = _integer_classes([(where, lab) for where, _, lab in raw])
+    if ints is not None:
+        classes, index = ints
+        return FileListDataset([(q, index[lab]) for _, q, lab in raw], classes)
+    classes, to_index = _label_mapper(None, sorted({lab for _, _, lab in raw}))
+    return FileListDataset([(q, to_index(lab)) for _, q, lab in raw], classes)
 
 
 class PCamDataset(ImageDataset):
@@ -207,8 +268,10 @@ class PCamDataset(ImageDataset):
             raise DataError(f"{self.x_path}: dataset 'x' must be (N, H, W, 3) uint8, got {shape} {dtype}")
         if shape[0] != len(y):
             raise DataError(f"PCam: {shape[0]} images in {self.x_path.name} but {len(y)} labels")
-        if len(y) and (y.min() < 0 or y.max() > 1):
-            raise DataError("PCam labels must be 0 or 1")
+        bad = np.flatnonzero(~np.isin(y, (0, 1)))  # 0.7 is not truncated to 0, nor NaN to anything
+        if len(bad):
+            raise DataError(f"{self.y_path}: PCam labels must be 0 or 1, got {y[bad[0]]!r} at index {int(bad[0])} "
+                            f"({len(bad)} such labels)")
         self._y = y.astype(np.int64)
         self.classes = list(task.classes) if task is not None else ["0", "1"]
         self.skipped = []
@@ -259,14 +322,20 @@ def rsna_dataset(root: str | os.PathLike, task: Any = None) -> FileListDataset:
     img_dir = next((r / n for n in ("stage_2_train_images", "stage_1_train_images") if (r / n).is_dir()), None)
     if labels_csv is None or img_dir is None:
         raise DataError(f"{r}: expected stage_2_train_labels.csv and stage_2_train_images/ (RSNA layout)")
+    rows = _csv_rows(labels_csv, ",", "RSNA labels file")
+    head = [h.strip() for h in rows[0][1]] if rows else []
+    if "patientId" not in head or "Target" not in head:
+        raise DataError(f"{labels_csv}: header must name the columns patientId and Target, got {head}")
+    pi, ti = head.index("patientId"), head.index("Target")
     target: dict[str, int] = {}
-    with open(labels_csv, newline="", encoding="utf-8") as f:
-        for row in csv.DictReader(f):
-            try:
-                pid, t = row["patientId"], int(row["Target"])
-            except (KeyError, ValueError) as e:
-                raise DataError(f"{labels_csv}: bad row {row}: {e}") from e
-            target[pid] = max(target.get(pid, 0), t)
+    for n, row in rows[1:]:
+        pid = row[pi].strip() if len(row) > pi else ""
+        t = row[ti].strip() if len(row) > ti else ""
+        if not pid or t not in ("0", "1"):
+            raise DataError(f"{labels_csv}:{n}: bad row {row}: expected a patientId and Target 0 or 1")
+        target[pid] = max(target.get(pid, 0), int(t))
+    if not target:
+        raise DataError(f"{labels_csv}: no rows")
     items = []
     missing = []
     for pid, t in sorted(target.items()):
@@ -275,6 +344,9 @@ def rsna_dataset(root: str | os.PathLike, task: Any = None) -> FileListDataset:
             items.append((q, t))
         else:
             missing.append((str(q), "listed in labels but file missing"))
+    if not items:
+        raise DataError(f"{labels_csv}: none of the {len(target)} patients listed has an image in {img_dir} "
+                        f"(all {len(missing)} missing, e.g. {missing[0][0]})")
     classes = list(task.classes) if task is not None else ["normal", "pneumonia"]
     ds = FileListDataset(items, classes)
     ds.skipped = missing
@@ -293,11 +365,13 @@ class ShardClassificationDataset(ImageDataset):
 
     Samples are indexed once (kept as bytes in memory), so this is for evaluation-sized sets. Tar damage and
     samples without a usable ``cls`` are counted in ``skipped``; an undecodable image is skipped when read.
+    With ``task``, ``cls`` indexes its class list (a label beyond it is an error); without, the classes are
+    the labels that occur, in numeric order. A negative label is an error naming the sample.
     """
 
     def __init__(self, pattern: str, task: Any = None):
         self.skipped = []
-        self.samples = []
+        found = []
         for s in iter_shard_samples(expand_urls(pattern), self.skipped):
             if "cls" not in s:
                 self.skipped.append((s["__key__"], "no cls member"))
@@ -307,17 +381,29 @@ class ShardClassificationDataset(ImageDataset):
             except (UnicodeDecodeError, ValueError):
                 self.skipped.append((s["__key__"], f"cls is not an integer: {s['cls'][:20]!r}"))
                 continue
-            self.samples.append((s, lab))
-        if not self.samples:
+            if lab < 0:
+                raise DataError(f"sample {s['__key__']} in {s.get('__url__', pattern)}: negative class label {lab} "
+                                "in its cls member; class labels are integers >= 0")
+            found.append((s, lab))
+        if not found:
             if self.skipped:
                 why = f": {len(self.skipped)} skipped, e.g. {self.skipped[0][0]}: {self.skipped[0][1]}"
             else:
                 why = ": the tar files hold no samples"
             raise DataError(f"no labelled samples (image + cls) in {pattern}{why}")
-        n_cls = max(lab for _, lab in self.samples) + 1
-        self.classes = list(task.classes) if task is not None else [str(i) for i in range(n_cls)]
-        if n_cls > len(self.classes):
-            raise DataError(f"label {n_cls - 1} out of range for {len(self.classes)} classes")
+        if task is not None:  # cls is an index into the task's class list
+            self.classes = list(task.classes)
+            for s, lab in found:
+                if lab >= len(self.classes):
+                    raise DataError(f"sample {s['__key__']} in {s.get('__url__', pattern)}: class label {lab} is out "
+                                    f"of range for the {len(self.classes)} classes of task {task.name!r} "
+                                    f"{self.classes}")
+            self.samples = found
+        else:  # the labels that occur, in numeric order (never range(max + 1))
+            order = sorted({lab for _, lab in found})
+            pos = {v: i for i, v in enumerate(order)}
+            self.classes = [str(v) for v in order]
+            self.samples = [(s, pos[lab]) for s, lab in found]
 
     def __len__(self) -> int:
         return len(self.samples)

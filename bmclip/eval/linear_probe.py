@@ -11,6 +11,7 @@ unchanged). Mean and standard deviation (ddof=0) over seeds are reported per fra
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -31,8 +32,8 @@ def fit_logistic_regression(X: Any, y: Any, n_classes: int, l2: float, max_iter:
 
     Returns (W (D, C), b (C,)) float64 torch tensors on ``device``.
     """
-    if l2 < 0:
-        raise ConfigError(f"l2 must be >= 0, got {l2}")
+    if not (math.isfinite(l2) and l2 >= 0):
+        raise ConfigError(f"l2 must be finite and >= 0, got {l2}")
     x = torch.as_tensor(np.asarray(X), dtype=torch.float64, device=device)
     t = torch.as_tensor(np.asarray(y), dtype=torch.int64, device=device)
     if x.ndim != 2 or len(x) != len(t):
@@ -84,7 +85,7 @@ def _predict(X, w, b):
 
 def stratified_subsample(y: np.ndarray, fraction: float, rng: np.random.Generator) -> np.ndarray:
     """Indices of a stratified ``fraction`` of ``y`` (at least one per class present), sorted."""
-    if not 0 < fraction <= 1:
+    if not (math.isfinite(fraction) and 0 < fraction <= 1):
         raise ConfigError(f"fraction must be in (0, 1], got {fraction}")
     out = []
     for c in np.unique(y):
@@ -137,10 +138,21 @@ def linear_probe(
         raise DataError("features and labels differ in length")
     if not np.isfinite(Xtr).all() or not np.isfinite(Xte).all():
         raise DataError("features contain NaN or inf")
+    # The cheap arguments first: a bad one is reported before any fit.
     if not l2_grid:
         raise ConfigError("l2_grid is empty")
-    if not 0 < val_fraction < 1:
+    for v in l2_grid:
+        if not (math.isfinite(v) and v >= 0):
+            raise ConfigError(f"l2 values must be finite and >= 0, got {v}")
+    if not (math.isfinite(val_fraction) and 0 < val_fraction < 1):
         raise ConfigError(f"val_fraction must be in (0, 1), got {val_fraction}")
+    if not fractions:
+        raise ConfigError("fractions is empty")
+    for f in fractions:
+        if not (math.isfinite(f) and 0 < f <= 1):
+            raise ConfigError(f"fraction must be in (0, 1], got {f}")
+    if not seeds:
+        raise ConfigError("seeds is empty: at least one seed per fraction is needed")
     c = int(n_classes if n_classes is not None else max(ytr.max(), yte.max()) + 1)
     if len(np.unique(ytr)) < 2:
         raise DataError("the training set needs at least 2 classes")

@@ -1,14 +1,23 @@
-"""Evaluation reports: every number as JSON plus a human-readable markdown table, written atomically."""
+"""Evaluation reports: every number as JSON plus a human-readable markdown table, written atomically.
+
+A command's outputs are one set: the JSON report is removed first and written last, so a ``<name>.json``
+in a folder means every file of that command beside it comes from the same run (``OutputSet``).
+"""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+import shutil
+import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from bmclip.io import atomic_write_text
+from bmclip.io.atomic import fsync_dir
 
 
 def _jsonable(obj: Any) -> Any:
@@ -64,9 +73,86 @@ def markdown_table(rows: list[dict[str, Any]], columns: list[str] | None = None)
 
 
 def write_report(out_dir: str | os.PathLike, name: str, result: dict[str, Any], markdown: str) -> dict[str, Path]:
-    """Write ``<out_dir>/<name>.json`` (all numbers) and ``<out_dir>/<name>.md`` (tables), both atomically."""
+    """Write ``<out_dir>/<name>.json`` (all numbers) and ``<out_dir>/<name>.md`` (tables), both atomically.
+
+    The previous JSON is removed first and the new one written last: a JSON present means the markdown beside
+    it is from the same run (an interrupted write leaves no JSON rather than a new one beside an old report).
+    """
     out = Path(out_dir)
-    j = write_json(out / f"{name}.json", result)
-    m = out / f"{name}.md"
+    j, m = out / f"{name}.json", out / f"{name}.md"
+    with contextlib.suppress(FileNotFoundError):
+        j.unlink()
     atomic_write_text(markdown, m)
+    write_json(j, result)
     return {"json": j, "markdown": m}
+
+
+class OutputSet:
+    """The files one run of a command writes into ``out_dir``, replaced as a set.
+
+    ``with OutputSet(out, "zeroshot", owned=["predictions.csv", "confusion.png"]) as o:`` -- files are made in a
+    staging folder inside ``out_dir`` (``o.stage(rel)`` gives the path to write); ``o.commit(result, markdown)``
+    then removes the previous run's files of this command (``<name>.json`` first, then ``<name>.md`` and every
+    ``owned`` path: only this command's files, nothing else in the folder), moves the new files in, and writes
+    the markdown and, last, ``<name>.json``. Leaving the block without a commit (an error, Ctrl-C, SIGTERM)
+    removes the staging folder and leaves ``out_dir`` as it was (and removes ``out_dir`` itself if this run
+    made it and it is empty). Only a kill in the middle of the commit's renames can leave a partial set, and
+    then without ``<name>.json``.
+    """
+
+    def __init__(self, out_dir: str | os.PathLike, name: str, owned: Sequence[str] = ()):
+        self.out = Path(out_dir)
+        self.name = name
+        self.owned = [f"{name}.json", f"{name}.md", *owned]
+        self._stage: Path | None = None
+        self._created: list[Path] = []
+
+    def __enter__(self) -> OutputSet:
+        missing = [q for q in (self.out, *self.out.parents) if not q.exists()]
+        self.out.mkdir(parents=True, exist_ok=True)
+        self._created = missing  # innermost first: removed again (when empty) if the run fails
+        self._stage = Path(tempfile.mkdtemp(prefix=f".{self.name}.staging-", dir=self.out))
+        return self
+
+    def stage(self, rel: str) -> Path:
+        """Where to write the new file ``rel`` (relative to ``out_dir``) before the commit."""
+        if self._stage is None:
+            raise RuntimeError("OutputSet.stage outside its with block")
+        q = self._stage / rel
+        q.parent.mkdir(parents=True, exist_ok=True)
+        return q
+
+    def final(self, rel: str) -> Path:
+        """Where the file ``rel`` will be after the commit."""
+        return self.out / rel
+
+    def commit(self, result: dict[str, Any], markdown: str) -> dict[str, Path]:
+        """Replace the previous outputs with the staged files plus ``<name>.md`` and ``<name>.json`` (last)."""
+        if self._stage is None:
+            raise RuntimeError("OutputSet.commit outside its with block")
+        staged = sorted(str(q.relative_to(self._stage)) for q in self._stage.rglob("*") if q.is_file())
+        for rel in dict.fromkeys([*self.owned, *staged]):  # the report first: no JSON while the set is mixed
+            with contextlib.suppress(FileNotFoundError):
+                (self.out / rel).unlink()
+        for rel in staged:
+            dst = self.out / rel
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(self._stage / rel, dst)
+            if dst.parent != self.out:
+                fsync_dir(dst.parent)
+        fsync_dir(self.out)
+        paths = {rel: self.out / rel for rel in staged}
+        paths.update(write_report(self.out, self.name, result, markdown))
+        self._created = []
+        return paths
+
+    def __exit__(self, *exc) -> None:
+        if self._stage is not None:
+            shutil.rmtree(self._stage, ignore_errors=True)
+            self._stage = None
+        for q in self._created:  # only folders this run made, and only when nothing else is in them
+            try:
+                q.rmdir()
+            except OSError:
+                break
+        self._created = []

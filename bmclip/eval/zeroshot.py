@@ -19,6 +19,7 @@ from PIL import Image
 
 from bmclip.errors import ConfigError, DataError
 from bmclip.eval.embed import embed_image_batches, encode_texts
+from bmclip.eval.prompts import check_template
 from bmclip.io import atomic_write_bytes
 
 # ---------------------------------------------------------------- metrics (numpy only)
@@ -101,35 +102,58 @@ def classification_metrics(y_true: Any, scores: Any, class_names: Sequence[str] 
     return out
 
 
+# The figure is bounded whatever the class count: counts are written in the cells only up to
+# CONFUSION_TEXT_MAX_CLASSES classes, and no PNG is drawn beyond CONFUSION_PNG_MAX_CLASSES (the JSON and
+# CSV reports keep the full matrix; a 100 x 100 picture is already a heat map, not something to read).
+CONFUSION_TEXT_MAX_CLASSES = 30
+CONFUSION_PNG_MAX_CLASSES = 100
+_CONFUSION_MAX_INCHES = 12.0
+_CONFUSION_DPI = 110
+
+
 def save_confusion_png(cm: Any, class_names: Sequence[str], path: str | os.PathLike, title: str = "") -> str:
-    """Render a confusion matrix (rows true, columns predicted; counts and row-normalised colour) to PNG."""
+    """Render a confusion matrix (rows true, columns predicted; counts and row-normalised colour) to PNG.
+
+    At most ``CONFUSION_PNG_MAX_CLASSES`` classes (more: ConfigError); the figure is at most 12 inches at
+    110 dpi, and cells carry their counts only up to ``CONFUSION_TEXT_MAX_CLASSES`` classes.
+    """
+    cm = np.asarray(cm)
+    c = len(class_names)
+    if c > CONFUSION_PNG_MAX_CLASSES:
+        raise ConfigError(f"confusion PNG: {c} classes is more than {CONFUSION_PNG_MAX_CLASSES} "
+                          "(the matrix is in the JSON report)")
+    if cm.shape != (c, c):
+        raise DataError(f"confusion matrix must be ({c}, {c}) for {c} class names, got {cm.shape}")
     # matplotlib is imported only when a figure is drawn (start-up cost); Agg renders without a display.
     import matplotlib
 
     matplotlib.use("Agg")
     from matplotlib.figure import Figure  # after matplotlib.use("Agg"): no display is needed
 
-    cm = np.asarray(cm)
-    c = len(class_names)
     norm = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)
-    size = max(4.0, 0.9 * c + 2.5)
+    size = min(_CONFUSION_MAX_INCHES, max(4.0, 0.9 * c + 2.5))
+    tick_font = min(8.0, max(3.0, 400.0 / c))  # about 60% of a cell's height on the 12-inch figure
+    labels = [n if len(n) <= 24 else n[:23] + "\u2026" for n in map(str, class_names)]
     fig = Figure(figsize=(size, size * 0.9))
     ax = fig.subplots()
-    im = ax.imshow(norm, vmin=0, vmax=1, cmap="Blues")
-    ax.set_xticks(range(c), labels=list(class_names), rotation=35, ha="right", fontsize=8)
-    ax.set_yticks(range(c), labels=list(class_names), fontsize=8)
+    im = ax.imshow(norm, vmin=0, vmax=1, cmap="Blues", interpolation="nearest")
+    ax.set_xticks(range(c), labels=labels, rotation=35 if c <= 12 else 90, ha="right" if c <= 12 else "center",
+                  fontsize=tick_font)
+    ax.set_yticks(range(c), labels=labels, fontsize=tick_font)
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
-    for i in range(c):
-        for j in range(c):
-            ax.text(j, i, str(int(cm[i, j])), ha="center", va="center",
-                    color="white" if norm[i, j] > 0.5 else "black", fontsize=8)
+    if c <= CONFUSION_TEXT_MAX_CLASSES:
+        cell_font = min(8.0, max(4.0, 240.0 / c))
+        for i in range(c):
+            for j in range(c):
+                ax.text(j, i, str(int(cm[i, j])), ha="center", va="center",
+                        color="white" if norm[i, j] > 0.5 else "black", fontsize=cell_font)
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="fraction of true class")
     if title:
         ax.set_title(title, fontsize=10)
     fig.tight_layout()
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
+    fig.savefig(buf, format="png", dpi=_CONFUSION_DPI)
     atomic_write_bytes(buf.getvalue(), path)
     return str(path)
 
@@ -146,8 +170,10 @@ def class_embeddings(model: Any, tokenizer: Any, classnames: Sequence[str], temp
     """
     if len(classnames) < 2:
         raise ConfigError("zero-shot classification needs at least 2 classes")
-    if not templates or any(t.count("{}") != 1 for t in templates):
-        raise ConfigError("each template must contain exactly one '{}'")
+    if not templates:
+        raise ConfigError("zero-shot classification needs at least one template")
+    for t in templates:
+        check_template(t)
     synonyms = synonyms or {}
     names = [list(synonyms.get(c, [c])) for c in classnames]
     if any(not n for n in names):
@@ -201,6 +227,8 @@ def zeroshot_classify(
     Labels come from ``labels`` or from the batches' "label" entries. ``synonyms`` maps a class name to
     several names whose prompts are averaged into that class's embedding (see ``class_embeddings``).
     """
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+        raise ConfigError(f"batch_size must be an integer >= 1, got {batch_size!r}")
     was_training = model.training
     model.eval()
     try:
