@@ -18,11 +18,15 @@ on they equal that tokenizer applied to ``clean_text(text)``. The choice is save
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import html
 import json
+import operator
 import os
+import tempfile
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import ftfy
@@ -31,14 +35,22 @@ from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, normalizers, pre_tokenizers, processors, trainers
 
 from bmclip.errors import ConfigError
-from bmclip.io import atomic_writer
+from bmclip.io import atomic_writer, fsync_dir
+from bmclip.io.atomic import _umask
 
-__all__ = ["SPECIAL_TOKENS", "Tokenizer", "clean_text", "get_tokenizer"]
+__all__ = ["MAX_CONTEXT_LENGTH", "MAX_VOCAB_SIZE", "SPECIAL_TOKENS", "Tokenizer", "check_context_length",
+           "check_save_folder", "check_train_options", "clean_text", "get_tokenizer"]
 
 # Order matters for trained vocabularies: ids 0..4 as in BERT/PubMedBERT ([PAD] = 0 is the model's pad id).
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 CONFIG_NAME = "bmclip_tokenizer.json"
 DEFAULT_CONTEXT_LENGTH = 256
+# Upper bounds of the integer options: far above any real use (BERT-style text towers have 512 positions, the
+# model config has no hard cap), and low enough that the Rust tokenizer's usize/u32 fields never overflow and a
+# padded batch of one text stays a few hundred KiB.
+MAX_CONTEXT_LENGTH = 65536
+MAX_VOCAB_SIZE = 1 << 24
+MAX_MIN_FREQUENCY = (1 << 32) - 1
 ASSETS = Path(__file__).resolve().parent / "assets"
 
 
@@ -52,17 +64,85 @@ def clean_text(text: str) -> str:
     return " ".join(text.split())
 
 
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def check_context_length(value, what: str = "context_length") -> int:
+    """``value`` as an int if it is an integer in [2, MAX_CONTEXT_LENGTH] ([CLS] and [SEP] need 2), else
+    ConfigError naming ``what``."""
+    n = None
+    if not isinstance(value, bool):
+        with contextlib.suppress(TypeError):
+            n = operator.index(value)  # int, numpy and torch integers
+    if n is None or not 2 <= n <= MAX_CONTEXT_LENGTH:
+        raise ConfigError(f"{what}={value!r} must be an integer from 2 ([CLS] and [SEP]) to {MAX_CONTEXT_LENGTH}")
+    return n
+
+
+def check_train_options(vocab_size, min_frequency, context_length, *, prefix: str = "") -> None:
+    """Validate ``Tokenizer.train``'s options (``prefix``: "--" to name them as command-line flags)."""
+    def name(n: str) -> str:
+        return prefix + (n.replace("_", "-") if prefix else n)
+
+    lo = len(SPECIAL_TOKENS) + 1
+    if not _is_int(vocab_size) or not lo <= vocab_size <= MAX_VOCAB_SIZE:
+        raise ConfigError(f"{name('vocab_size')}={vocab_size!r} must be an integer from {lo} to {MAX_VOCAB_SIZE}")
+    if not _is_int(min_frequency) or not 0 <= min_frequency <= MAX_MIN_FREQUENCY:
+        raise ConfigError(f"{name('min_frequency')}={min_frequency!r} must be an integer from 0 to "
+                          f"{MAX_MIN_FREQUENCY}")
+    check_context_length(context_length, name("context_length"))
+
+
 def _read_vocab(path: Path) -> dict[str, int]:
     # Same rule as the Rust WordPiece loader (tokenizers): one token per line, trailing whitespace
-    # trimmed, id = line number.
+    # trimmed, id = line number. A UTF-8 byte-order mark (Windows editors write one) is not part of the first
+    # token; a repeated token is refused (the loaders keep its last line, so its first id would never be produced
+    # and every special token after it would move).
     vocab: dict[str, int] = {}
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:
             for i, line in enumerate(f):
-                vocab[line.rstrip()] = i
-    except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError(f"cannot read vocabulary {path}: {e}") from None
+                tok = line.rstrip()
+                if tok in vocab:
+                    raise ConfigError(f"vocabulary {path}: token {tok!r} on line {i + 1} repeats line "
+                                      f"{vocab[tok] + 1}; every token must appear once")
+                vocab[tok] = i
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"cannot read vocabulary {path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except OSError as e:
+        raise ConfigError(f"cannot read vocabulary {path}: {e.strerror or e}") from None
     return vocab
+
+
+def check_save_folder(folder: str | os.PathLike) -> Path:
+    """Check that ``Tokenizer.save(folder)`` can put its files there (cheap: call it before training):
+    ``FileExistsError`` (EEXIST, naming it, as ``mkdir`` would raise) when ``folder`` or a parent is a file,
+    ConfigError when its ``vocab.txt`` or ``bmclip_tokenizer.json`` exists but is not a regular file."""
+    folder = Path(folder)
+    for p in (folder, *folder.parents):
+        if p.exists() or p.is_symlink():
+            if not p.is_dir():
+                raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(p))
+            break
+    for name in ("vocab.txt", CONFIG_NAME):
+        t = folder / name
+        if (t.exists() or t.is_symlink()) and not t.is_file():
+            raise ConfigError(f"cannot write {t}: it exists and is not a regular file (a folder?)")
+    return folder
+
+
+@contextlib.contextmanager
+def _temp_beside(path: Path) -> Iterator[tuple[object, str]]:
+    """A text temp file beside ``path`` (hidden, ``.tmp``), removed unless the caller renamed it."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        os.fchmod(fd, 0o666 & ~_umask())
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            yield f, tmp
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
 
 
 class Tokenizer:
@@ -71,8 +151,7 @@ class Tokenizer:
     def __init__(self, vocab: dict[str, int], context_length: int = DEFAULT_CONTEXT_LENGTH, clean: bool = True):
         if not isinstance(clean, bool):
             raise ConfigError(f"clean={clean!r} must be True or False")
-        if not isinstance(context_length, int) or context_length < 2:
-            raise ConfigError(f"context_length={context_length!r} must be an integer >= 2 ([CLS] and [SEP])")
+        context_length = check_context_length(context_length)
         for t in ("[PAD]", "[UNK]", "[CLS]", "[SEP]"):
             if t not in vocab:
                 raise ConfigError(f"vocabulary has no {t} token")
@@ -143,6 +222,7 @@ class Tokenizer:
         """
         path = Path(path)
         saved = {}
+        cfg = None
         if path.is_dir():
             cfg = path / CONFIG_NAME
             if cfg.is_file():
@@ -155,9 +235,21 @@ class Tokenizer:
             path = path / "vocab.txt"
         if not path.is_file():
             raise ConfigError(f"vocabulary file not found: {path}")
+        if "context_length" in saved and saved["context_length"] is not None:
+            check_context_length(saved["context_length"], f"{cfg}: context_length")
+        if "clean" in saved and not isinstance(saved["clean"], bool):
+            raise ConfigError(f"{cfg}: clean={saved['clean']!r} must be true or false")
+        vocab = _read_vocab(path)
+        want = saved.get("vocab_size")
+        if want is not None:
+            if not _is_int(want) or want < 1:
+                raise ConfigError(f"{cfg}: vocab_size={want!r} must be a positive integer")
+            if want != len(vocab):
+                raise ConfigError(f"{path} has {len(vocab)} tokens but {cfg} says vocab_size {want}: the two files "
+                                  "do not belong together (truncated or replaced vocab.txt?)")
         ctx = context_length if context_length is not None else (saved.get("context_length") or DEFAULT_CONTEXT_LENGTH)
         cl = clean if clean is not None else saved.get("clean", True)
-        return cls(_read_vocab(path), ctx, clean=cl)
+        return cls(vocab, ctx, clean=cl)
 
     @classmethod
     def train(
@@ -169,26 +261,17 @@ class Tokenizer:
         clean: bool = True,
     ) -> Tokenizer:
         """Train an uncased WordPiece vocabulary (at most ``vocab_size`` tokens) from an iterable of texts
-        (cleaned with ``clean_text`` first when ``clean``, as the returned tokenizer will clean its input)."""
-        if vocab_size < len(SPECIAL_TOKENS) + 1:
-            raise ConfigError(f"vocab_size={vocab_size} is too small")
-        hf = HFTokenizer(models.WordPiece(unk_token="[UNK]"))
-        hf.normalizer = normalizers.BertNormalizer(
-            clean_text=True, handle_chinese_chars=True, strip_accents=None, lowercase=True
-        )
-        hf.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-        trainer = trainers.WordPieceTrainer(
-            vocab_size=vocab_size,
-            min_frequency=min_frequency,
-            special_tokens=list(SPECIAL_TOKENS),
-            continuing_subword_prefix="##",
-            show_progress=False,
-        )
-        strs = (t for t in texts if isinstance(t, str))
-        if clean:
-            strs = (clean_text(t) for t in strs)
-        hf.train_from_iterator((t for t in strs if t.strip()), trainer)
-        vocab = hf.get_vocab()
+        (cleaned with ``clean_text`` first when ``clean``, as the returned tokenizer will clean its input).
+
+        The options are checked before any text is read. ``texts`` is read in this process and the Rust trainer
+        runs in a child process (see ``_train_in_worker``), so a KeyboardInterrupt (Ctrl-C, or bmclip's
+        SIGTERM handler) stops the call at once instead of when the trainer finishes; an exception raised by
+        ``texts`` propagates as it is.
+        """
+        check_train_options(vocab_size, min_frequency, context_length)
+        if not isinstance(clean, bool):
+            raise ConfigError(f"clean={clean!r} must be True or False")
+        vocab = _train_in_worker(texts, vocab_size, min_frequency, clean)
         if len(vocab) <= len(SPECIAL_TOKENS):
             raise ConfigError("tokenizer training saw no text")
         return cls(vocab, context_length, clean=clean)
@@ -211,9 +294,7 @@ class Tokenizer:
         for i, t in enumerate(texts):
             if not isinstance(t, str):
                 raise ConfigError(f"text {i} is a {type(t).__name__}, not a str")
-        length = self.context_length if context_length is None else int(context_length)
-        if length < 2:
-            raise ConfigError(f"context_length={length} must be >= 2")
+        length = self.context_length if context_length is None else check_context_length(context_length)
         if not texts:
             return torch.zeros(0, length, dtype=torch.long)
         encs = self._for_length(length).encode_batch(self._prepare(texts))
@@ -221,7 +302,7 @@ class Tokenizer:
 
     def encode_batch_lengths(self, texts: list[str], context_length: int | None = None) -> list[int]:
         """Unpadded token counts (with [CLS]/[SEP], after truncation to the context length)."""
-        length = self.context_length if context_length is None else int(context_length)
+        length = self.context_length if context_length is None else check_context_length(context_length)
         encs = self._for_length(length).encode_batch(self._prepare(list(texts)))
         return [sum(e.attention_mask) for e in encs]
 
@@ -254,10 +335,15 @@ class Tokenizer:
             f.write("".join(t + "\n" for t in self.vocab_lines()))
 
     def save(self, folder: str | os.PathLike) -> None:
-        """Write ``vocab.txt`` and ``bmclip_tokenizer.json`` (context length, casing, cleaning) into ``folder``."""
-        folder = Path(folder)
+        """Write ``vocab.txt`` and ``bmclip_tokenizer.json`` (context length, casing, cleaning) into ``folder``.
+
+        The two files are one set: both are written to temp files first (nothing is replaced when that fails),
+        then the old ``bmclip_tokenizer.json`` is removed, ``vocab.txt`` renamed into place and the json renamed
+        last. Whatever stops the save, the folder never holds a new vocab.txt beside an old json (at worst a new
+        vocab.txt without json, which ``from_vocab`` reads as a bare vocabulary).
+        """
+        folder = check_save_folder(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        self.save_vocab(folder / "vocab.txt")
         meta = {
             "format": "bmclip-wordpiece-1",
             "context_length": self.context_length,
@@ -266,8 +352,28 @@ class Tokenizer:
             "clean": self.clean,
             "special_tokens": list(SPECIAL_TOKENS),
         }
-        with atomic_writer(folder / CONFIG_NAME, "w") as f:
-            json.dump(meta, f, indent=2)
+        vocab_path, cfg_path = folder / "vocab.txt", folder / CONFIG_NAME
+        vocab_text = "".join(t + "\n" for t in self.vocab_lines())
+        with _temp_beside(vocab_path) as (fv, tmp_v), _temp_beside(cfg_path) as (fc, tmp_c):
+            for f, text, target in ((fv, vocab_text, vocab_path), (fc, json.dumps(meta, indent=2), cfg_path)):
+                try:
+                    f.write(text)
+                    f.flush()
+                    os.fsync(f.fileno())
+                except OSError as e:
+                    raise OSError(e.errno, e.strerror, str(target)) from None
+            fv.close()
+            fc.close()
+            for src, target in ((None, cfg_path), (tmp_v, vocab_path), (tmp_c, cfg_path)):
+                try:
+                    if src is None:
+                        if target.is_file() or target.is_symlink():
+                            target.unlink()
+                    else:
+                        os.replace(src, target)
+                except OSError as e:
+                    raise OSError(e.errno, e.strerror, str(target)) from None
+        fsync_dir(folder)
 
     def save_hf_files(self, folder: str | os.PathLike) -> None:
         """Write ``tokenizer_config.json`` + ``special_tokens_map.json`` beside ``vocab.txt`` (call ``save`` too),
@@ -284,6 +390,120 @@ class Tokenizer:
             json.dump(config, f, indent=2)
         with atomic_writer(folder / "special_tokens_map.json", "w") as f:
             json.dump(special, f, indent=2)
+
+
+def _new_trainer(vocab_size: int, min_frequency: int):
+    """(untrained HF WordPiece tokenizer, its WordPieceTrainer) with the BERT-uncased pipeline."""
+    hf = HFTokenizer(models.WordPiece(unk_token="[UNK]"))
+    hf.normalizer = normalizers.BertNormalizer(
+        clean_text=True, handle_chinese_chars=True, strip_accents=None, lowercase=True
+    )
+    hf.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    trainer = trainers.WordPieceTrainer(
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        special_tokens=list(SPECIAL_TOKENS),
+        continuing_subword_prefix="##",
+        show_progress=False,
+    )
+    return hf, trainer
+
+
+def _train_worker_main(result_fd: int) -> None:
+    """The training worker process (started by ``_train_in_worker``): reads the pickled options, then pickled
+    lists of texts up to ``None`` from stdin, trains, and writes ``{"vocab": ...}`` or ``{"error": ...}`` as
+    JSON to ``result_fd``. It runs in its own session and ignores SIGINT: the parent handles Ctrl-C and SIGTERM
+    and kills this process; if the parent dies, its end of the pipes closes and this process ends."""
+    import pickle
+    import signal
+    import sys
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    inp = sys.stdin.buffer
+    try:
+        opts = pickle.load(inp)
+        hf, trainer = _new_trainer(opts["vocab_size"], opts["min_frequency"])
+
+        def texts():
+            while (chunk := pickle.load(inp)) is not None:
+                for t in chunk:
+                    if opts["clean"]:
+                        t = clean_text(t)
+                    if t.strip():
+                        yield t
+
+        hf.train_from_iterator(texts(), trainer)
+        res = {"vocab": hf.get_vocab()}
+    except BaseException as e:  # reported to the parent, which raises
+        res = {"error": f"{type(e).__name__}: {e}"}
+    with os.fdopen(result_fd, "w", encoding="utf-8") as f:
+        json.dump(res, f)
+
+
+# The worker imports this very bmclip (argv[2], its parent folder, first on sys.path; not the current directory).
+_WORKER_CODE = ("import sys; sys.path[:] = [sys.argv[2]] + [p for p in sys.path if p]; "
+                "from bmclip.tokenizer import _train_worker_main; _train_worker_main(int(sys.argv[1]))")
+_CHUNK_TEXTS = 1024
+
+
+def _train_in_worker(texts: Iterable[str], vocab_size: int, min_frequency: int, clean: bool) -> dict[str, int]:
+    """Train in a child process fed through a pipe; returns the vocabulary.
+
+    The Rust trainer does not return to Python until it is done, so in this process a Ctrl-C or SIGTERM would
+    wait for it (seconds to minutes); and a thread running it cannot be abandoned safely (at interpreter exit
+    the thread is torn down inside Rust code and the process aborts). In a child process it is simply killed:
+    a KeyboardInterrupt (or bmclip's Terminated) raised here while texts are read or the result is awaited
+    kills the worker and propagates at once. The texts are read here (an exception from ``texts`` propagates
+    the same way) and cleaned in the worker, in parallel with the reading.
+    """
+    import pickle
+    import subprocess
+    import sys
+
+    root = str(Path(__file__).resolve().parent.parent)
+    r, w = os.pipe()
+    try:
+        # Its own session: a Ctrl-C at the terminal reaches only this process, which kills the worker.
+        proc = subprocess.Popen([sys.executable, "-c", _WORKER_CODE, str(w), root], stdin=subprocess.PIPE,
+                                stdout=subprocess.DEVNULL, pass_fds=(w,), start_new_session=True)
+    except BaseException:
+        os.close(r)
+        raise
+    finally:
+        os.close(w)
+    try:
+        with os.fdopen(r, "rb") as result:
+            try:
+                pickle.dump({"vocab_size": vocab_size, "min_frequency": min_frequency, "clean": clean}, proc.stdin)
+                chunk: list[str] = []
+                for t in texts:
+                    if isinstance(t, str):
+                        chunk.append(t)
+                        if len(chunk) >= _CHUNK_TEXTS:
+                            pickle.dump(chunk, proc.stdin, protocol=pickle.HIGHEST_PROTOCOL)
+                            chunk = []
+                if chunk:
+                    pickle.dump(chunk, proc.stdin, protocol=pickle.HIGHEST_PROTOCOL)
+                pickle.dump(None, proc.stdin)
+                proc.stdin.close()
+            except BrokenPipeError:
+                pass  # the worker is gone: its result, or its exit status, says why
+            data = result.read()
+        rc = proc.wait()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        with contextlib.suppress(OSError):
+            proc.stdin.close()
+    try:
+        res = json.loads(data) if data else {}
+    except ValueError:
+        res = {}
+    if "vocab" in res:
+        return res["vocab"]
+    why = res.get("error") or f"the worker process ended with exit status {rc} and no result"
+    raise ConfigError(f"tokenizer training failed: {why}")
 
 
 def bundled_vocab_path() -> Path:

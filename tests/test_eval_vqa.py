@@ -191,3 +191,127 @@ def test_finetune_encoders_updates_towers(vqa_rad_dir, one_thread):
     assert changed_text
     assert res["metrics"]["overall_n"] == 16 and len(res["predictions"]) == 16
     assert "purple" in res["vocab"] and res["metrics"]["test_answers_not_in_vocab"] == 0
+
+
+def test_reader_skips_null_fields_and_image_names_outside_the_folder(vqa_rad_dir, tmp_path):
+    """null question/answer are skipped (not the texts "None"/"none"); an absolute image path or one climbing
+    out of the image folder is refused even when the file exists; each skip names its question and kind."""
+    outside = vqa_rad_dir / "outside.png"  # a real image, beside the image folder rather than in it
+    Image.new("RGB", (8, 8)).save(outside)
+    recs = json.loads((vqa_rad_dir / "VQA_RAD Dataset Public.json").read_text())
+    train = [r for r in recs if not r["phrase_type"].startswith("test")]
+    bad = {0: {"answer": None}, 1: {"question": None}, 2: {"image_name": str(outside)},
+           3: {"image_name": "../outside.png"}, 4: {"answer": ["yes", "no"]}, 5: {"image_name": None},
+           6: {"answer": "  "}}
+    for i, change in bad.items():
+        train[i].update(change)
+    (vqa_rad_dir / "VQA_RAD Dataset Public.json").write_text(json.dumps(recs))
+    skipped = []
+    tr = read_vqa_rad(vqa_rad_dir, "train", skipped)
+    assert len(tr) == 240 - len(bad)
+    assert sorted(q for q, _ in skipped) == sorted(str(train[i]["qid"]) for i in bad)
+    reasons = {q: r for q, r in skipped}
+    kinds = {i: reasons[str(train[i]["qid"])].split(":")[0] for i in bad}
+    assert kinds == {0: "bad_field", 1: "bad_field", 2: "image_outside_folder", 3: "image_outside_folder",
+                     4: "bad_field", 5: "bad_field", 6: "bad_field"}
+    assert all(s.image.parent == vqa_rad_dir / "VQA_RAD Image Folder" for s in tr)
+    assert "none" not in {s.answer for s in tr} and "None" not in {s.question for s in tr}
+
+
+def test_missing_data_path_says_it_does_not_exist(tmp_path):
+    for fn in (load_vqa_splits, detect_format):
+        with pytest.raises(DataError, match="does not exist"):
+            fn(tmp_path / "nope")
+    with pytest.raises(DataError, match="does not exist"):
+        read_slake(tmp_path / "nope", "train")
+
+
+def _tiny_clip():
+    from bmclip.model import create_model
+    from bmclip.tokenizer import get_tokenizer
+
+    torch.manual_seed(0)
+    clip = create_model("tiny")
+    return clip, get_tokenizer(context_length=clip.config.text.context_length)
+
+
+def test_corrupt_image_is_a_counted_skip(vqa_rad_dir, one_thread):
+    img = vqa_rad_dir / "VQA_RAD Image Folder"
+    (img / "synpic_tr0.png").write_bytes(b"not a png")
+    p = img / "synpic_te1.png"
+    p.write_bytes(p.read_bytes()[:60])  # truncated
+    data = load_vqa_splits(vqa_rad_dir)
+    assert len(data["train"]) == 240 and len(data["test"]) == 80  # the files exist: the reader keeps them
+    clip, tok = _tiny_clip()
+    res = train_vqa(clip, tok, data["train"][:64], data["test"], epochs=1, batch_size=32, hidden=32, layers=1,
+                    features="pooled")
+    skipped = res["skipped"]
+    broken = {str(img / "synpic_tr0.png"), str(img / "synpic_te1.png")}
+    expect = sorted(s.qid for s in data["train"][:64] + data["test"] if str(s.image) in broken)
+    assert len(expect) == 4  # two questions per image
+    assert sorted(q for q, _ in skipped) == expect
+    assert all(r.startswith("corrupt_image: ") for _, r in skipped)
+    assert res["n_train"] == 62 and res["n_test"] == 78 and res["metrics"]["overall_n"] == 78
+
+
+def test_finetune_vqa_cli_checks_options_before_loading(vqa_rad_dir, tmp_path, capsys, monkeypatch):
+    import bmclip.eval.models
+    import bmclip.eval.vqa
+    from bmclip.cli import main
+
+    def boom(*a, **k):
+        raise AssertionError("data or model loaded before the options were checked")
+
+    monkeypatch.setattr(bmclip.eval.models, "load_model", boom)
+    monkeypatch.setattr(bmclip.eval.vqa, "load_vqa_splits", boom)
+    for extra, flag in ((["--heads", "3"], "--heads"), (["--heads", "0"], "--heads"), (["--hidden", "0"], "--hidden"),
+                        (["--hidden", "-8"], "--hidden"), (["--lr", "nan"], "--lr"), (["--lr", "inf"], "--lr"),
+                        (["--lr", "-1"], "--lr"), (["--encoder-lr", "nan"], "--encoder-lr"),
+                        (["--epochs", "0"], "--epochs"), (["--layers", "-1"], "--layers")):
+        rc = main(["finetune", "vqa", "tiny", "--data", str(vqa_rad_dir), "--out", str(tmp_path / "o"), *extra])
+        err = capsys.readouterr().err
+        assert rc == 2 and flag in err and err.count("\n") == 1, (extra, err)
+    assert not (tmp_path / "o").exists()
+
+
+def _cli(vqa_rad_dir, out, *extra):
+    from bmclip.cli import main
+
+    return main(["finetune", "vqa", "tiny", "--data", str(vqa_rad_dir), "--epochs", "1", "--hidden", "32",
+                 "--layers", "1", "--features", "pooled", "--device", "cpu", "--out", str(out), *extra])
+
+
+def test_finetune_vqa_cli_diverging_loss_writes_nothing(vqa_rad_dir, tmp_path, capsys, one_thread):
+    out = tmp_path / "vqa_out"
+    assert _cli(vqa_rad_dir, out, "--seed", "1") == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    capsys.readouterr()
+    assert _cli(vqa_rad_dir, out, "--lr", "1e30", "--epochs", "2") == 2  # finite, but the loss turns NaN
+    err = capsys.readouterr().err
+    assert "diverged" in err and "Traceback" not in err and err.count("\n") <= 3, err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # the previous set, untouched
+
+
+def test_finetune_vqa_cli_never_leaves_a_new_head_beside_an_old_report(vqa_rad_dir, tmp_path, monkeypatch,
+                                                                         one_thread):
+    import errno
+    import os
+
+    out = tmp_path / "vqa_out"
+    assert _cli(vqa_rad_dir, out, "--seed", "1") == 0
+    real = os.replace
+
+    def full_disk_at_the_report(src, dst):  # every atomic write ends in os.replace
+        if str(dst).endswith("vqa.json"):
+            raise OSError(errno.ENOSPC, "No space left on device", str(dst))
+        return real(src, dst)
+
+    monkeypatch.setattr(os, "replace", full_disk_at_the_report)
+    assert _cli(vqa_rad_dir, out, "--seed", "2") == 1  # the report cannot be written
+    monkeypatch.undo()
+    head = torch.load(out / "vqa_head.pt", weights_only=True)
+    if (out / "vqa.json").exists():
+        assert json.loads((out / "vqa.json").read_text())["config"]["seed"] == head["config"]["seed"]
+    else:  # the new run's files without a report: visibly incomplete, and nothing of the old run's set
+        assert head["config"]["seed"] == 2
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []

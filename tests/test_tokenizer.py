@@ -266,3 +266,71 @@ def test_train_config_tokenizer_clean_reaches_the_tokenizer(tmp_path):
     assert not _load_tokenizer(cfg, 32).clean
     cfg.data.tokenizer_clean = True
     assert _load_tokenizer(cfg, 32).clean
+
+
+def test_vocabulary_file_checks(tmp_path):
+    """A vocab.txt that does not match its bmclip_tokenizer.json, has a repeated token or starts with a UTF-8 BOM."""
+    tok = get_tokenizer(context_length=32)
+    tok.save(tmp_path / "tok")
+    lines = tok.vocab_lines()
+    vocab = tmp_path / "tok" / "vocab.txt"
+    vocab.write_text("".join(t + "\n" for t in lines[:500]), encoding="utf-8")  # truncated
+    with pytest.raises(ConfigError, match="vocab_size") as e:
+        Tokenizer.from_vocab(tmp_path / "tok")
+    assert str(vocab) in str(e.value) and "bmclip_tokenizer.json" in str(e.value)
+    # A repeated token: named, with both its lines (it used to be reported as "[PAD] at id N").
+    dup = tmp_path / "dup.txt"
+    dup.write_text("".join(t + "\n" for t in lines + ["[PAD]"]), encoding="utf-8")
+    with pytest.raises(ConfigError, match=rf"'\[PAD\]' on line {len(lines) + 1} repeats line 1"):
+        Tokenizer.from_vocab(dup)
+    # A BOM is not part of the first token: same ids as without it (transformers' reference on the clean file).
+    bom = tmp_path / "bom" / "vocab.txt"
+    bom.parent.mkdir()
+    bom.write_bytes(b"\xef\xbb\xbf" + "".join(t + "\n" for t in lines).encode("utf-8"))
+    texts = ["Fluorescence micrograph of HeLa cells", "CT scan of the liver"]
+    ref = _hf_ids(_fast(bundled_vocab_path(), tmp_path), texts, 32)
+    assert torch.equal(Tokenizer.from_vocab(bom, context_length=32, clean=False)(texts), ref)
+
+
+def test_option_bounds_are_config_errors():
+    vocab = get_tokenizer().vocab
+    for bad in (1, 10**20, 65537, 2.5, True):
+        with pytest.raises(ConfigError, match="context_length"):
+            Tokenizer(vocab, bad)
+    tok = get_tokenizer()
+    with pytest.raises(ConfigError, match="context_length"):
+        tok(["cells"], context_length=10**20)
+    assert tok(["cells"], context_length=65536).shape == (1, 65536)
+    for kw, name in (({"vocab_size": 10**20}, "vocab_size"), ({"min_frequency": -3}, "min_frequency"),
+                     ({"context_length": 1}, "context_length"), ({"context_length": 10**9}, "context_length")):
+        with pytest.raises(ConfigError, match=name):
+            Tokenizer.train(iter(["never read"] * 3), **kw)
+
+
+def test_save_never_mixes_a_new_vocab_with_an_old_config(tmp_path, monkeypatch):
+    """A save that fails before bmclip_tokenizer.json is in place leaves no old json beside the new vocab.txt."""
+    import json
+    import os
+
+    folder = tmp_path / "tok"
+    old = Tokenizer.train(["Fluorescence micrograph of HeLa cells"] * 5, vocab_size=100, context_length=16)
+    old.save(folder)
+    new = get_tokenizer(context_length=48)
+    real_replace = os.replace
+
+    def failing_replace(src, dst):
+        if str(dst).endswith("bmclip_tokenizer.json"):
+            raise OSError(28, "No space left on device")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", failing_replace)
+    with pytest.raises(OSError):
+        new.save(folder)
+    monkeypatch.undo()
+    cfg = folder / "bmclip_tokenizer.json"
+    vocab_lines = (folder / "vocab.txt").read_text(encoding="utf-8").splitlines()
+    if cfg.exists():  # still the old set, both files
+        assert json.loads(cfg.read_text())["vocab_size"] == old.vocab_size == len(vocab_lines)
+    else:  # the new vocabulary alone
+        assert vocab_lines == new.vocab_lines()
+    assert sorted(p.name for p in folder.iterdir() if p.name.startswith(".")) == []  # no temp files left

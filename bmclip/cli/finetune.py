@@ -1,21 +1,29 @@
 """``bmclip finetune vqa``: closed-set medical VQA (VQA-RAD / SLAKE) on top of a bmclip or open_clip model.
 
-Writes ``<out>/vqa.json`` (accuracy overall/open/closed, baseline, per-epoch loss), ``<out>/vqa.md`` and
-``<out>/vqa_head.pt`` ({"fusion": state dict of the fusion module and classifier, "answers": vocab,
-"config": hyper-parameters}; with --finetune-encoders also "encoders": the fine-tuned towers).
+Writes ``<out>/vqa.json`` (accuracy overall/open/closed, baseline, per-epoch loss, skipped questions by
+reason), ``<out>/vqa.md`` and ``<out>/vqa_head.pt`` ({"fusion": state dict of the fusion module and
+classifier, "answers": vocab, "config": hyper-parameters}; with --finetune-encoders also "encoders": the
+fine-tuned towers). The three are one set: when training has succeeded, the previous run's report files are
+removed, then the weights, the markdown and last vqa.json are written, so a folder holding vqa.json holds a
+complete set of one run; a failed or interrupted run leaves the previous set as it was, or no report at all.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
+import os
 import sys
 from pathlib import Path
 from typing import Any
 
 from bmclip.cli._text import plain_help
 from bmclip.cli.eval import _device
-from bmclip.eval.report import markdown_table, write_report
-from bmclip.io import atomic_torch_save
+from bmclip.errors import ConfigError
+from bmclip.eval.report import markdown_table, write_json
+from bmclip.io import atomic_torch_save, atomic_write_text
+
+OUTPUT_NAMES = ("vqa.json", "vqa.md", "vqa_head.pt")
 
 
 def register(subparsers: Any) -> None:
@@ -48,21 +56,55 @@ def register(subparsers: Any) -> None:
     v.set_defaults(func=run_vqa)
 
 
+def _check_out(out: Path) -> None:
+    """Check that ``out`` can take the output files (before any data or model is loaded): FileExistsError
+    (EEXIST, as mkdir would raise) when it or a parent is a file, ConfigError when an output name is taken by
+    something other than a regular file."""
+    for p in (out, *out.parents):
+        if p.exists() or p.is_symlink():
+            if not p.is_dir():
+                raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(p))
+            break
+    for name in OUTPUT_NAMES:
+        t = out / name
+        if (t.exists() or t.is_symlink()) and not t.is_file():
+            raise ConfigError(f"--out {out}: {t} exists and is not a regular file (a folder?)")
+
+
+def _by_reason(skipped: list) -> dict[str, int]:
+    from bmclip.eval.vqa import skip_kind
+
+    out: dict[str, int] = {}
+    for _, reason in skipped:
+        k = skip_kind(reason)
+        out[k] = out.get(k, 0) + 1
+    return out
+
+
 def run_vqa(args: argparse.Namespace) -> int:
     # start-up cost: `bmclip --help` imports no torch
     from bmclip.eval.models import load_model
-    from bmclip.eval.vqa import load_vqa_splits, train_vqa
+    from bmclip.eval.vqa import check_vqa_options, load_vqa_splits, train_vqa
 
+    # Cheap checks first: the options and the output folder, before the data, the model or any training.
+    check_vqa_options(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, encoder_lr=args.encoder_lr,
+                      hidden=args.hidden, layers=args.layers, heads=args.heads, features=args.features,
+                      answer_vocab=args.answer_vocab, flags=True)
+    if args.out is not None:
+        _check_out(Path(args.out))
     data = load_vqa_splits(args.data, args.format)
+    out = Path(args.out) if args.out else Path("eval_out") / f"vqa_{data['format']}"
+    _check_out(out)
     dev = _device(args.device)
     model, tok = load_model(args.model, device=dev)
+    skipped = list(data["skipped"])
     res = train_vqa(model, tok, data["train"], data["test"], epochs=args.epochs, batch_size=args.batch_size,
                     lr=args.lr, encoder_lr=args.encoder_lr, finetune_encoders=args.finetune_encoders,
                     hidden=args.hidden, layers=args.layers, heads=args.heads, features=args.features,
                     seed=args.seed, device=dev, log=lambda s: print(s, file=sys.stderr),
-                    answer_vocab=args.answer_vocab)
+                    answer_vocab=args.answer_vocab, skipped=skipped)
     m = res["metrics"]
-    out = Path(args.out) if args.out else Path("eval_out") / f"vqa_{data['format']}"
+    n_train, n_test = res["n_train"], res["n_test"]
     config = {k: getattr(args, k) for k in ("epochs", "batch_size", "lr", "encoder_lr", "finetune_encoders",
                                             "features", "hidden", "layers", "heads", "seed", "answer_vocab")}
     vqa_model = res["model"]
@@ -74,19 +116,29 @@ def run_vqa(args: argparse.Namespace) -> int:
     if args.finetune_encoders:
         blob["encoders"] = {k: v.detach().cpu() for k, v in vqa_model.clip.state_dict().items()}
     head = out / "vqa_head.pt"
-    atomic_torch_save(blob, head)
+    by_reason = _by_reason(skipped)
     result = {"model": str(args.model), "data": str(args.data), "format": data["format"],
-              "n_train": len(data["train"]), "n_test": len(data["test"]), "config": config, "metrics": m,
+              "n_train": n_train, "n_test": n_test, "config": config, "metrics": m,
               "history": res["history"],
-              "skipped": {"count": len(data["skipped"]), "examples": [list(s) for s in data["skipped"][:20]]},
+              "skipped": {"count": len(skipped), "by_reason": by_reason,
+                          "examples": [list(s) for s in skipped[:20]]},
               "weights": str(head)}
-    md = (f"# VQA ({data['format']}): {args.model}\n\n{len(data['train'])} training / {len(data['test'])} test "
+    skip_line = (f"Skipped {len(skipped)} question(s): "
+                 + ", ".join(f"{k} {n}" for k, n in sorted(by_reason.items())) + ".\n" if skipped else "")
+    md = (f"# VQA ({data['format']}): {args.model}\n\n{n_train} training / {n_test} test "
           f"questions, {m['n_answers']} answers, encoders {'fine-tuned' if args.finetune_encoders else 'frozen'}."
           "\n\n" + markdown_table([{"split": k, "n": m[f"{k}_n"], "accuracy": m[f"{k}_accuracy"]}
                                    for k in ("overall", "open", "closed")])
           + f"\nMajority answer `{m['majority_answer']}`: {m['majority_baseline']:.4f}. "
-          f"Test answers not in the training vocabulary: {m['test_answers_not_in_vocab']}.\n")
-    paths = write_report(out, "vqa", result, md)
+          f"Test answers not in the training vocabulary: {m['test_answers_not_in_vocab']}.\n" + skip_line)
+    # One set: the previous report goes first (never a new head beside an old report), vqa.json comes last.
+    report, markdown = out / "vqa.json", out / "vqa.md"
+    for old in (report, markdown):
+        if old.is_file() or old.is_symlink():
+            old.unlink()
+    atomic_torch_save(blob, head)
+    atomic_write_text(md, markdown)
+    write_json(report, result)
     print(md)
-    print(f"wrote {paths['json']}, {paths['markdown']} and {head}", file=sys.stderr)
+    print(f"wrote {report}, {markdown} and {head}", file=sys.stderr)
     return 0

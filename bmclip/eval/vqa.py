@@ -28,6 +28,7 @@ outputs are concatenated and classified by an MLP.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from dataclasses import dataclass
@@ -75,26 +76,92 @@ def _read_json_list(path: Path) -> list[dict[str, Any]]:
     return data
 
 
+# Reasons of skipped questions start with one of these kinds ("kind: detail"); reports count them by kind.
+SKIP_KINDS = ("missing_fields", "bad_field", "bad_answer_type", "image_outside_folder", "image_not_found",
+              "corrupt_image")
+
+
+def skip_kind(reason: str) -> str:
+    """The kind of a skip reason (its text up to the first colon)."""
+    return reason.split(":", 1)[0]
+
+
+def _image_name_problem(name: Any, image_dir: Path, key: str) -> str | None:
+    """Why ``name`` cannot name an image inside ``image_dir`` (a skip reason), or None when it can.
+
+    The check is on the name itself (absolute, or climbing out with ``..``); symbolic links inside the image
+    folder are the dataset owner's and are followed."""
+    if not isinstance(name, str):
+        what = "null" if name is None else f"a {type(name).__name__}, not a file name"
+        return f"bad_field: {key} is {what}"
+    if not name.strip():
+        return f"bad_field: {key} is empty"
+    if "\0" in name:
+        return f"bad_field: {key} {name!r} holds a NUL character"
+    if os.path.isabs(name):
+        return f"image_outside_folder: {key} {name!r} is an absolute path (must be relative to {image_dir})"
+    norm = os.path.normpath(name)
+    if norm == os.pardir or norm.startswith(os.pardir + os.sep):
+        return f"image_outside_folder: {key} {name!r} points outside the image folder {image_dir}"
+    return None
+
+
 def _make_samples(records, image_dir: Path, image_key: str, skipped: list, lang_filter: bool = False):
     out = []
     for i, r in enumerate(records):
         if lang_filter and r.get("q_lang", "en") != "en":
             continue
+        qid = str(r.get("qid", i))
         missing = [k for k in (image_key, "question", "answer", "answer_type") if k not in r]
         if missing:
-            skipped.append((str(r.get("qid", i)), f"missing fields {missing}"))
+            skipped.append((qid, f"missing_fields: missing fields {missing}"))
+            continue
+        q, a = r["question"], r["answer"]
+        if not isinstance(q, str):
+            what = "null" if q is None else f"a {type(q).__name__}, not text"
+            skipped.append((qid, f"bad_field: question is {what}"))
+            continue
+        if not q.strip():
+            skipped.append((qid, "bad_field: question is empty"))
+            continue
+        if isinstance(a, bool) or not isinstance(a, (str, int, float)):
+            what = "null" if a is None else f"a {type(a).__name__}, not one answer"
+            skipped.append((qid, f"bad_field: answer is {what}"))
+            continue
+        answer = normalise_answer(a)
+        if not answer:
+            skipped.append((qid, "bad_field: answer is empty"))
             continue
         at = str(r["answer_type"]).strip().upper()
         if at not in ("OPEN", "CLOSED"):
-            skipped.append((str(r.get("qid", i)), f"answer_type {r['answer_type']!r} is not OPEN/CLOSED"))
+            skipped.append((qid, f"bad_answer_type: answer_type {r['answer_type']!r} is not OPEN/CLOSED"))
             continue
-        img = image_dir / str(r[image_key])
+        problem = _image_name_problem(r[image_key], image_dir, image_key)
+        if problem is not None:
+            skipped.append((qid, problem))
+            continue
+        img = image_dir / r[image_key]
         if not img.is_file():
-            skipped.append((str(r.get("qid", i)), f"image {img} not found"))
+            skipped.append((qid, f"image_not_found: image {img} not found"))
             continue
-        out.append(VQASample(img, str(r["question"]).strip(), normalise_answer(r["answer"]), at,
-                             str(r.get("qid", i))))
+        out.append(VQASample(img, q.strip(), answer, at, qid))
     return out
+
+
+def _why_none(skipped: list) -> str:
+    """" (N skipped: kind n, ...; e.g. question Q: reason)" for a split that kept no question."""
+    if not skipped:
+        return " (no records)"
+    kinds: dict[str, int] = {}
+    for _, r in skipped:
+        kinds[skip_kind(r)] = kinds.get(skip_kind(r), 0) + 1
+    by = ", ".join(f"{k} {n}" for k, n in sorted(kinds.items()))
+    return f" ({len(skipped)} skipped: {by}; e.g. question {skipped[0][0]}: {skipped[0][1]})"
+
+
+def _must_exist(p: Path) -> None:
+    if not p.exists():
+        raise DataError(f"{p} does not exist (expected a VQA-RAD or SLAKE dataset folder)")
 
 
 def _first_dir(root: Path, names) -> Path:
@@ -110,6 +177,7 @@ def read_vqa_rad(path: str | os.PathLike, split: str, skipped: list | None = Non
         raise ConfigError(f"VQA-RAD split must be train or test, got {split!r}")
     skipped = [] if skipped is None else skipped
     p = Path(path)
+    _must_exist(p)
     official = p if p.is_file() else p / "VQA_RAD Dataset Public.json"
     if official.is_file():
         root = official.parent
@@ -124,9 +192,10 @@ def read_vqa_rad(path: str | os.PathLike, split: str, skipped: list | None = Non
             raise DataError(f"{p}: no 'VQA_RAD Dataset Public.json' nor {' / '.join(names)}")
         recs = _read_json_list(f)
     img_dir = _first_dir(root, ["VQA_RAD Image Folder", "images", "imgs"])
+    n0 = len(skipped)
     out = _make_samples(recs, img_dir, "image_name", skipped)
     if not out:
-        raise DataError(f"{p}: no usable VQA-RAD {split} questions ({len(skipped)} skipped)")
+        raise DataError(f"{p}: no usable VQA-RAD {split} questions{_why_none(skipped[n0:])}")
     return out
 
 
@@ -136,18 +205,21 @@ def read_slake(path: str | os.PathLike, split: str, skipped: list | None = None)
         raise ConfigError(f"SLAKE split must be train, validation or test, got {split!r}")
     skipped = [] if skipped is None else skipped
     root = Path(path)
+    _must_exist(root)
     f = root / f"{split}.json"
     if not f.is_file():
         raise DataError(f"{root}: SLAKE {split}.json not found")
+    n0 = len(skipped)
     out = _make_samples(_read_json_list(f), _first_dir(root, ["imgs"]), "img_name", skipped, lang_filter=True)
     if not out:
-        raise DataError(f"{root}: no usable English SLAKE {split} questions ({len(skipped)} skipped)")
+        raise DataError(f"{root}: no usable English SLAKE {split} questions{_why_none(skipped[n0:])}")
     return out
 
 
 def detect_format(path: str | os.PathLike) -> str:
     """"vqa-rad" or "slake" from the files present (and the field names of the records)."""
     p = Path(path)
+    _must_exist(p)
     if p.is_file() or (p / "VQA_RAD Dataset Public.json").is_file() or (p / "trainset.json").is_file():
         return "vqa-rad"
     f = p / "train.json"
@@ -161,7 +233,12 @@ def detect_format(path: str | os.PathLike) -> str:
 
 
 def load_vqa_splits(path: str | os.PathLike, fmt: str = "auto") -> dict[str, Any]:
-    """{"format", "train": [VQASample], "test": [...], "skipped": [(qid, reason)]} for a VQA dataset folder."""
+    """{"format", "train": [VQASample], "test": [...], "skipped": [(qid, reason)]} for a VQA dataset folder.
+
+    A question whose record is unusable (a missing or null field, an answer type other than OPEN/CLOSED, an
+    image name that is absolute or leaves the image folder, a missing image) is skipped, with a reason that
+    starts with its kind (``SKIP_KINDS``); images that do not decode are skipped later, by ``train_vqa``."""
+    _must_exist(Path(path))
     fmt = detect_format(path) if fmt == "auto" else fmt
     skipped: list = []
     if fmt == "vqa-rad":
@@ -173,12 +250,59 @@ def load_vqa_splits(path: str | os.PathLike, fmt: str = "auto") -> dict[str, Any
     return {"format": fmt, "train": tr, "test": te, "skipped": skipped}
 
 
+# ---------------------------------------------------------------- options
+
+MAX_HIDDEN = 65536
+MAX_LAYERS = 256
+
+
+def check_vqa_options(*, epochs: int = 20, batch_size: int = 32, lr: float = 1e-4, encoder_lr: float = 1e-5,
+                      hidden: int = 256, layers: int = 2, heads: int = 4, weight_decay: float = 0.01,
+                      dropout: float = 0.1, features: str = "tokens", answer_vocab: str = "train",
+                      flags: bool = False) -> None:
+    """Raise ConfigError naming the first invalid option of ``train_vqa`` / ``build_vqa_model`` (cheap; call it
+    before loading data or models). ``flags``: name the options as command-line flags (``--lr``)."""
+    def name(n: str) -> str:
+        return "--" + n.replace("_", "-") if flags else n
+
+    def integer(n: str, v: Any, lo: int, hi: int | None = None) -> None:
+        if isinstance(v, bool) or not isinstance(v, int) or v < lo or (hi is not None and v > hi):
+            rng = f"from {lo} to {hi}" if hi is not None else f">= {lo}"
+            raise ConfigError(f"{name(n)}={v!r} must be an integer {rng}")
+
+    def number(n: str, v: Any, positive: bool) -> None:
+        ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+        if not ok or (v <= 0 if positive else v < 0):
+            raise ConfigError(f"{name(n)}={v!r} must be a finite number {'> 0' if positive else '>= 0'}")
+
+    integer("epochs", epochs, 1)
+    integer("batch_size", batch_size, 1)
+    number("lr", lr, True)
+    number("encoder_lr", encoder_lr, True)
+    number("weight_decay", weight_decay, False)
+    integer("hidden", hidden, 1, MAX_HIDDEN)
+    integer("layers", layers, 0, MAX_LAYERS)
+    integer("heads", heads, 1, hidden)
+    if hidden % heads:
+        raise ConfigError(f"{name('hidden')}={hidden} is not divisible by {name('heads')}={heads} (attention "
+                          "heads split the width evenly)")
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
+        raise ConfigError(f"dropout={dropout!r} must be a number in [0, 1)")
+    if features not in ("tokens", "pooled"):
+        raise ConfigError(f"{name('features')} must be 'tokens' or 'pooled', got {features!r}")
+    if answer_vocab not in ("train", "all"):
+        raise ConfigError(f"{name('answer_vocab')} must be 'train' or 'all', got {answer_vocab!r}")
+
+
 # ---------------------------------------------------------------- model
 
 
 def build_vqa_model(clip_model: Any, n_answers: int, hidden: int = 256, layers: int = 2, heads: int = 4,
                     dropout: float = 0.1, features: str = "tokens"):
     """A VQAModel (torch.nn.Module) on top of ``clip_model``: logits (B, n_answers) from (images, input_ids)."""
+    check_vqa_options(hidden=hidden, layers=layers, heads=heads, dropout=dropout, features=features)
+    if isinstance(n_answers, bool) or not isinstance(n_answers, int) or n_answers < 1:
+        raise ConfigError(f"n_answers={n_answers!r} must be an integer >= 1")
     class CoAttentionLayer(nn.Module):
         """Self-attention, cross-attention to the other stream, MLP; for both streams (pre-LN, residual)."""
 
@@ -268,8 +392,18 @@ def vqa_accuracy(pred: list[str], samples: list[VQASample]) -> dict[str, Any]:
     return out
 
 
-def _load_images(model: Any, paths: list[Path]):
-    return to_model_input([load_image(p) for p in paths], model, device="cpu")
+def _load_images(model: Any, paths: list[Path], bad: dict[Path, str] | None = None):
+    """Model input of the images at ``paths`` (float NCHW on the CPU); an image that does not decode is left out
+    and its reason recorded in ``bad`` (raised as DataError when ``bad`` is None). None when none decodes."""
+    images = []
+    for p in paths:
+        try:
+            images.append(load_image(p))
+        except DataError as e:
+            if bad is None:
+                raise
+            bad[p] = str(e)
+    return to_model_input(images, model, device="cpu") if images else None
 
 
 def train_vqa(
@@ -291,20 +425,44 @@ def train_vqa(
     device: str = "cpu",
     log: Any = None,
     answer_vocab: str = "train",
+    *,
+    skipped: list | None = None,
 ) -> dict[str, Any]:
-    """Train answer classification on ``train`` and score ``test``. Returns metrics, history, the model and vocab.
+    """Train answer classification on ``train`` and score ``test``. Returns metrics, history, the model, vocab,
+    predictions, the questions used (``n_train``/``n_test``) and the questions skipped (``skipped``).
 
     With frozen encoders the encoder features are computed once per distinct image / question and cached
     (identical results, much faster); with ``finetune_encoders`` both towers train at ``encoder_lr``.
+    The options are checked first (ConfigError). A question whose image does not decode is skipped with a
+    ``corrupt_image`` reason, appended to ``skipped`` when a list is given and returned as ``skipped``. A
+    training loss that is not finite (NaN/inf: a learning rate far too high) stops with ConfigError.
     """
+    check_vqa_options(epochs=epochs, batch_size=batch_size, lr=lr, encoder_lr=encoder_lr, hidden=hidden,
+                      layers=layers, heads=heads, weight_decay=weight_decay, features=features,
+                      answer_vocab=answer_vocab)
     if not train or not test:
         raise DataError("VQA needs non-empty train and test sets")
-    if epochs < 1 or batch_size < 1:
-        raise ConfigError("epochs and batch_size must be >= 1")
+    skipped = [] if skipped is None else skipped
+    n_skipped_before = len(skipped)
+
+    # Decode every distinct image once; a question whose image does not decode is a counted skip.
+    img_paths = sorted({s.image for s in train + test})
+    bad: dict[Path, str] = {}
+    chunks = [_load_images(clip_model, img_paths[s : s + 64], bad) for s in range(0, len(img_paths), 64)]
+    if bad:
+        for s in train + test:
+            if s.image in bad:
+                skipped.append((s.qid, f"corrupt_image: {bad[s.image]}"))
+        img_paths = [p for p in img_paths if p not in bad]
+        train = [s for s in train if s.image not in bad]
+        test = [s for s in test if s.image not in bad]
+        if not train or not test:
+            which = "training" if not train else "test"
+            raise DataError(f"no usable VQA {which} questions: the images of all of them do not decode "
+                            f"({len(bad)} corrupt image(s), e.g. {next(iter(bad.values()))})")
+    pixels = torch.cat([c for c in chunks if c is not None])
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
-    if answer_vocab not in ("train", "all"):
-        raise ConfigError(f"answer_vocab must be 'train' or 'all', got {answer_vocab!r}")
     # "all" = train + test answers as the label space (the usual VQA-RAD/SLAKE classification set-up in
     # the METER / PubMedCLIP line of work; it reveals which answers exist in test, not which is right).
     vocab = sorted({s.answer for s in (train + test if answer_vocab == "all" else train)})
@@ -320,11 +478,9 @@ def train_vqa(
         groups.append({"params": list(clip_model.parameters()), "lr": encoder_lr})
     opt = torch.optim.AdamW(groups, weight_decay=weight_decay)
 
-    img_paths = sorted({s.image for s in train + test})
     img_index = {p: i for i, p in enumerate(img_paths)}
     questions = sorted({s.question for s in train + test})
     q_index = {q: i for i, q in enumerate(questions)}
-    pixels = torch.cat([_load_images(clip_model, img_paths[s : s + 64]) for s in range(0, len(img_paths), 64)])
     ids = tokenizer(questions).long()
 
     cache = None
@@ -356,6 +512,10 @@ def train_vqa(
         for s in range(0, len(order), batch_size):
             bi = order[s : s + batch_size]
             loss = F.cross_entropy(logits_for([train[i] for i in bi]), y_train[bi].to(device))
+            if not torch.isfinite(loss.detach()).item():
+                raise ConfigError(f"VQA training diverged: the loss is {float(loss.detach())} at epoch {ep + 1}, "
+                                  f"batch {nb + 1} (lr={lr}{f', encoder_lr={encoder_lr}' if finetune_encoders else ''}"
+                                  "); lower the learning rate")
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -380,4 +540,5 @@ def train_vqa(
     metrics["n_answers"] = len(vocab)
     metrics["answer_vocab"] = answer_vocab
     metrics["test_answers_not_in_vocab"] = sum(s.answer not in a2i for s in test)
-    return {"metrics": metrics, "history": history, "model": model, "vocab": vocab, "predictions": preds}
+    return {"metrics": metrics, "history": history, "model": model, "vocab": vocab, "predictions": preds,
+            "n_train": len(train), "n_test": len(test), "skipped": skipped[n_skipped_before:]}
