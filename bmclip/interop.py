@@ -25,6 +25,7 @@ from bmclip.data.images import IMAGE_MEAN, IMAGE_STD
 from bmclip.errors import CheckpointError, ConfigError
 from bmclip.io import atomic_write_text, fsync_dir
 from bmclip.io.model_file import load_state_dict, save_state_dict
+from bmclip.io.owner import remove_dead_owners
 from bmclip.model.clip import BiomedCLIP
 from bmclip.model.config import ModelConfig, TextConfig, VisionConfig
 
@@ -518,23 +519,9 @@ def check_export_folder(folder: str | os.PathLike) -> Path:
     return target
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # EPERM: another user's live process
-        return True
-    return True
-
-
 def _remove_stale_temps(target: Path) -> None:
     """Remove hidden temp dirs of ``target``'s earlier exports whose process is gone (killed mid-export)."""
-    rx = re.compile(rf"\.{re.escape(target.name)}\.export-(\d+)\..+\.tmp")
-    for name in os.listdir(target.parent):
-        m = rx.fullmatch(name)
-        if m and int(m.group(1)) != os.getpid() and not _pid_alive(int(m.group(1))):
-            shutil.rmtree(target.parent / name, ignore_errors=True)
+    remove_dead_owners(target.parent, rf"\.{re.escape(target.name)}\.export-(?P<pid>\d+)\..+\.tmp")
 
 
 def _exchange(a: Path, b: Path) -> bool:

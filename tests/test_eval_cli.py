@@ -460,3 +460,36 @@ def test_linear_probe_test_set_may_lack_a_training_class(tmp_path):
     # red test images scored as red (index 2 of the training classes), not as green (index 1 of the test folders)
     assert res["fractions"]["1"]["accuracy_mean"] >= 0.75
     assert main([*argv, "--train", str(tmp_path / "test"), "--test", str(tmp_path / "train")]) == 2
+
+
+def test_a_killed_runs_staging_folder_is_removed_by_the_next_run(tmp_path):
+    """A run killed outright (SIGKILL, power loss) cleans up nothing: its hidden staging folder stays in --out.
+    The next run of that command there removes it once its process is gone; a live process's folder, another
+    host's (whose processes cannot be judged from here) and another command's are left alone."""
+    import socket
+    import subprocess
+    import sys
+
+    from bmclip.eval.report import OutputSet
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    host = socket.gethostname()
+    names = {"dead": f".zeroshot.staging-{host}-{dead.pid}-k2j4x9q1", "live": f".zeroshot.staging-{host}-{live.pid}-a1",
+             "other host": f".zeroshot.staging-elsewhere-{dead.pid}-b2", "other command": f".retrieval.staging-{host}-"
+             f"{dead.pid}-c3"}
+    try:
+        for n in names.values():
+            (tmp_path / n).mkdir()
+            (tmp_path / n / "predictions.csv").write_text("x")
+        with OutputSet(tmp_path, "zeroshot") as o:
+            o.stage("predictions.csv").write_text("new")
+            o.commit({"accuracy": 1.0}, "# done\n")
+        left = {p.name for p in tmp_path.iterdir()}
+        assert names["dead"] not in left
+        assert {names["live"], names["other host"], names["other command"]} <= left
+        assert left - set(names.values()) == {"predictions.csv", "zeroshot.json", "zeroshot.md"}
+    finally:
+        live.kill()
+        live.wait()

@@ -10,6 +10,7 @@ import contextlib
 import json
 import math
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Sequence
@@ -18,6 +19,7 @@ from typing import Any
 
 from bmclip.io import atomic_write_text
 from bmclip.io.atomic import fsync_dir
+from bmclip.io.owner import owner_tag, remove_dead_owners
 
 
 def _jsonable(obj: Any) -> Any:
@@ -111,7 +113,10 @@ class OutputSet:
         missing = [q for q in (self.out, *self.out.parents) if not q.exists()]
         self.out.mkdir(parents=True, exist_ok=True)
         self._created = missing  # innermost first: removed again (when empty) if the run fails
-        self._stage = Path(tempfile.mkdtemp(prefix=f".{self.name}.staging-", dir=self.out))
+        # named after this process: a run killed outright (SIGKILL, power loss) leaves its staging folder, which
+        # the next run of this command there removes once that process is gone
+        remove_dead_owners(self.out, rf"\.{re.escape(self.name)}\.staging-(?P<host>.+)-(?P<pid>\d+)-[^-]+")
+        self._stage = Path(tempfile.mkdtemp(prefix=f".{self.name}.staging-{owner_tag()}-", dir=self.out))
         return self
 
     def stage(self, rel: str) -> Path:

@@ -30,6 +30,7 @@ from tqdm import tqdm
 
 from bmclip.errors import ConfigError
 from bmclip.io import atomic_write_text
+from bmclip.io.owner import pid_alive
 from bmclip.progress import format_duration, is_terminal
 
 LOCK_NAME = ".bmclip.lock"
@@ -155,16 +156,6 @@ class StopSignals:
 # ---------------------------------------------------------------------------------------------------
 # out_dir lock
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by someone else
-        return True
-    return True
-
-
 def _read_lock(path: Path) -> dict | None:
     try:
         d = json.loads(path.read_text(encoding="utf-8"))
@@ -215,7 +206,7 @@ class OutDirLock:
             host, pid = str(old.get("host", "?")), old.get("pid")
             since = old.get("started", "?")
             if host == self.host:
-                if isinstance(pid, int) and pid != self.pid and _pid_alive(pid):
+                if isinstance(pid, int) and pid != self.pid and pid_alive(pid):
                     if not self.break_lock:
                         raise ConfigError(
                             f"out_dir {where} is in use by a run on this host (pid {pid}, started {since}); wait "
