@@ -130,7 +130,8 @@ def test_a_damaged_model_file_is_caught_by_the_crcs_torch_save_recorded(tmp_path
     _flip(p, 0.5)
     silently = torch.load(p, weights_only=True)["model"]
     assert any(not torch.equal(silently[k], v) for k, v in sd.items())
-    with pytest.raises(CheckpointError, match=r"m\.pt is damaged: record '[^']+' fails its CRC32 \(.*copy error"):
+    with pytest.raises(CheckpointError,
+                       match=r"m\.pt is damaged: record '[^']+' fails the CRC32 torch\.save recorded for it \(.*copy"):
         read_model_file(p)
     with pytest.raises(CheckpointError, match="is damaged"):
         load_state_dict(p)  # the path open_clip weights take
@@ -142,7 +143,7 @@ def test_a_damaged_model_file_is_caught_by_the_crcs_torch_save_recorded(tmp_path
     i = b.index(b"\x80\x02", b.index(b"data.pkl"))
     b[i + 2] = 0xFE
     q.write_bytes(bytes(b))
-    with pytest.raises(CheckpointError, match=r"q\.pt is damaged: record '[^']*data\.pkl' fails its CRC32"):
+    with pytest.raises(CheckpointError, match=r"q\.pt is damaged: record '[^']*data\.pkl' fails the CRC32"):
         safe_torch_load(q)
     # torch's own CRCs switched off: nothing to check, no false alarm
     from torch.serialization import get_crc32_options, set_crc32_options
@@ -154,6 +155,40 @@ def test_a_damaged_model_file_is_caught_by_the_crcs_torch_save_recorded(tmp_path
     finally:
         set_crc32_options(old)
     assert torch.equal(safe_torch_load(tmp_path / "nocrc.pt")["w"], torch.arange(6.0))
+
+
+def test_a_damaged_safetensors_model_file_is_caught_by_the_crc_in_its_metadata(tmp_path):
+    """safetensors records no checksum, and its loader reads damaged tensor bytes without a word (the reference
+    below). bmclip writes the CRC32 of the tensor data into the metadata and checks it on load; a safetensors file
+    written by anyone else (no such key) loads as before."""
+    import json
+    import zlib
+
+    from safetensors.torch import load_file, save_file
+
+    from bmclip.io.model_file import SAFETENSORS_CRC_KEY, read_model_file, save_model_file
+
+    torch.manual_seed(4)
+    m = create_model("tiny")
+    sd = m.state_dict()
+    p = tmp_path / "m.safetensors"
+    save_model_file(sd, m.config.to_dict(), p)
+    raw = p.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    meta = json.loads(raw[8:8 + n])["__metadata__"]
+    assert meta[SAFETENSORS_CRC_KEY] == f"{zlib.crc32(raw[8 + n:]):08x}"  # the CRC of the data section
+    config, got = read_model_file(p)
+    assert config == m.config.to_dict() and all(torch.equal(got[k], v) for k, v in sd.items())
+    _flip(p, 0.6)
+    silently = load_file(str(p))
+    assert any(not torch.equal(silently[k], v) for k, v in sd.items())
+    with pytest.raises(CheckpointError, match=r"m\.safetensors is damaged: its tensor data has CRC32 [0-9a-f]{8}, "
+                                              r"not the [0-9a-f]{8} recorded in its metadata"):
+        read_model_file(p)
+    with pytest.raises(CheckpointError, match="is damaged"):
+        load_state_dict(p)
+    save_file({"w": torch.arange(4.0)}, str(tmp_path / "plain.safetensors"))  # no CRC key: nothing to check
+    assert torch.equal(load_state_dict(tmp_path / "plain.safetensors")["w"], torch.arange(4.0))
 
 
 def test_atomic_writer_leaves_old_file_on_failure(tmp_path):

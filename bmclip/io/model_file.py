@@ -21,6 +21,7 @@ import os
 import pickle
 import threading
 import zipfile
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +31,7 @@ from safetensors.torch import load_file as _st_load_file
 from safetensors.torch import save as _st_save
 
 from bmclip.errors import CheckpointError
-from bmclip.io.atomic import Crc32, atomic_torch_save, atomic_write_bytes
+from bmclip.io.atomic import Crc32, atomic_torch_save, atomic_writer
 
 __all__ = [
     "CONFIG_KEY",
@@ -48,6 +49,7 @@ WEIGHTS_KEY = "model"  # the state dict in a .pt model file
 CONFIG_KEY = "model_config"  # the ModelConfig dict in a .pt model file
 OLD_WEIGHTS_KEY = "state_dict"  # where earlier ``bmclip convert`` versions kept the state dict
 SAFETENSORS_CONFIG_KEY = "bmclip_model_config"  # the config (JSON) in a .safetensors file's metadata
+SAFETENSORS_CRC_KEY = "bmclip_data_crc32"  # CRC32 (hex) of a .safetensors file's tensor data, in its metadata
 
 
 def _is_safetensors(path: Path) -> bool:
@@ -74,14 +76,21 @@ def safe_torch_load(path: str | os.PathLike, map_location: Any = "cpu", *, verif
                               f"writes nor a pickle; it starts with {head!r})")
     if not (verify and head.startswith(b"PK\x03\x04")):
         return _torch_load(path, map_location)
+    return _load_checked(path, lambda: _torch_load(path, map_location), _zip_crc_damage)
+
+
+def _load_checked(path: Path, load, damage_of) -> Any:
+    """``load()``, with ``damage_of(path)`` (what is damaged, or None) run in a thread beside it: file reads and
+    zlib.crc32 release the GIL, so the check overlaps the load instead of adding a pass before it. Damage is the
+    error, also when the load failed on the damaged bytes (it explains that failure better than the loader)."""
     damage: list[str | None] = []
-    t = threading.Thread(target=lambda: damage.append(_zip_crc_damage(path)), name="bmclip-zip-crc", daemon=True)
+    t = threading.Thread(target=lambda: damage.append(damage_of(path)), name="bmclip-crc", daemon=True)
     t.start()
     try:
-        obj = _torch_load(path, map_location)
+        obj = load()
     except Exception:
         t.join()
-        if damage and damage[0]:  # the damage explains the load's failure: say that, not an unpickling detail
+        if damage and damage[0]:
             raise CheckpointError(_damaged(path, damage[0])) from None
         raise
     t.join()
@@ -91,8 +100,7 @@ def safe_torch_load(path: str | os.PathLike, map_location: Any = "cpu", *, verif
 
 
 def _damaged(path: Path, detail: str) -> str:
-    return (f"{path} is damaged: {detail} (the bytes differ from those torch.save wrote and recorded a CRC32 for: "
-            "a disk or copy error; use another copy)")
+    return f"{path} is damaged: {detail} (its bytes are not those written: a disk or copy error; use another copy)"
 
 
 def _zip_crc_damage(path: Path) -> str | None:
@@ -108,7 +116,9 @@ def _zip_crc_damage(path: Path) -> str | None:
                     while f.read(16 << 20):
                         pass
     except zipfile.BadZipFile as e:
-        return f"record {str(e).partition('for file ')[2] or '?'} fails its CRC32" if "CRC" in str(e) else None
+        if "CRC" not in str(e):
+            return None
+        return f"record {str(e).partition('for file ')[2] or '?'} fails the CRC32 torch.save recorded for it"
     except (OSError, EOFError, ValueError, NotImplementedError, RuntimeError):
         return None
     return None
@@ -152,11 +162,48 @@ def _clean_state_dict(sd: Any, path: Path) -> dict[str, torch.Tensor]:
     return sd
 
 
-def _load_safetensors(path: Path, map_location: Any) -> dict[str, torch.Tensor]:
+def _load_safetensors(path: Path, map_location: Any, verify: bool = True) -> dict[str, torch.Tensor]:
+    def load() -> dict[str, torch.Tensor]:
+        try:
+            return _st_load_file(str(path), device=str(map_location))
+        except Exception as e:  # safetensors raises its own SafetensorError for bad headers
+            raise CheckpointError(f"cannot read safetensors file {path}: {e}") from None
+
+    return _load_checked(path, load, _safetensors_damage) if verify else load()
+
+
+def _safetensors_header(path: Path) -> tuple[int, dict]:
+    """(data offset, header dict) of a safetensors file; (0, {}) when the header cannot be read (the loader
+    reports that)."""
     try:
-        return _st_load_file(str(path), device=str(map_location))
-    except Exception as e:  # safetensors raises its own SafetensorError for bad headers
-        raise CheckpointError(f"cannot read safetensors file {path}: {e}") from None
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            if not 2 <= n <= 100 << 20:
+                return 0, {}
+            header = json.loads(f.read(n))
+        return 8 + n, header if isinstance(header, dict) else {}
+    except (OSError, ValueError):
+        return 0, {}
+
+
+def _safetensors_damage(path: Path) -> str | None:
+    """Whether the tensor data of a safetensors file fails the CRC32 bmclip recorded in its metadata (files written
+    by bmclip since it does; safetensors itself records no checksum), or None."""
+    start, header = _safetensors_header(path)
+    want = (header.get("__metadata__") or {}).get(SAFETENSORS_CRC_KEY) if start else None
+    if not isinstance(want, str):
+        return None
+    crc = 0
+    try:
+        with open(path, "rb") as f:
+            f.seek(start)
+            while b := f.read(16 << 20):
+                crc = zlib.crc32(b, crc)
+    except OSError:
+        return None
+    if f"{crc:08x}" == want:
+        return None
+    return f"its tensor data has CRC32 {crc:08x}, not the {want} recorded in its metadata when it was written"
 
 
 def load_state_dict(path: str | os.PathLike, map_location: Any = "cpu") -> dict[str, torch.Tensor]:
@@ -184,16 +231,30 @@ def _cpu_copy(sd: dict[str, Any]) -> dict[str, Any]:
     return {k: v.detach().cpu() if isinstance(v, torch.Tensor) else v for k, v in sd.items()}
 
 
-def _safetensors_bytes(sd: dict[str, Any], metadata: dict[str, str] | None = None) -> bytes:
+def _write_safetensors(sd: dict[str, Any], path: Path, metadata: dict[str, str] | None = None, *,
+                       crc: Crc32 | None = None) -> int:
+    """Write ``sd`` as safetensors atomically, with the CRC32 of its tensor data in the metadata
+    (``SAFETENSORS_CRC_KEY``: the format has no checksum of its own); returns bytes."""
     # safetensors refuses tensors sharing storage: give each its own contiguous copy.
-    return _st_save({k: v.detach().cpu().contiguous().clone() for k, v in sd.items()}, metadata=metadata)
+    raw = _st_save({k: v.detach().cpu().contiguous().clone() for k, v in sd.items()}, metadata=metadata)
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8:8 + n])
+    data = memoryview(raw)[8 + n:]
+    header["__metadata__"] = {**(header.get("__metadata__") or {}), SAFETENSORS_CRC_KEY: f"{zlib.crc32(data):08x}"}
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)  # the format pads its header with spaces to 8 bytes
+    with atomic_writer(path, "wb", crc=crc) as f:
+        f.write(len(head).to_bytes(8, "little"))
+        f.write(head)
+        f.write(data)
+    return 8 + len(head) + len(data)
 
 
 def save_state_dict(sd: dict[str, Any], path: str | os.PathLike) -> None:
     """Atomically write a state dict {name: Tensor} (.safetensors by suffix, else torch.save format)."""
     path = Path(path)
     if _is_safetensors(path):
-        atomic_write_bytes(_safetensors_bytes(sd), path)
+        _write_safetensors(sd, path)
     else:
         atomic_torch_save(_cpu_copy(sd), path)
 
@@ -210,7 +271,7 @@ def save_model_file(state_dict: dict[str, Any], model_config: dict[str, Any], pa
         raise TypeError(f"model_config must be a dict (ModelConfig.to_dict()), got {type(model_config).__name__}")
     if _is_safetensors(path):
         meta = {SAFETENSORS_CONFIG_KEY: json.dumps(model_config)}
-        return atomic_write_bytes(_safetensors_bytes(state_dict, meta), path, crc=crc)
+        return _write_safetensors(state_dict, path, meta, crc=crc)
     return atomic_torch_save({WEIGHTS_KEY: _cpu_copy(state_dict), CONFIG_KEY: model_config}, path, crc=crc)
 
 
@@ -224,7 +285,8 @@ def read_model_file(path: str | os.PathLike, map_location: Any = "cpu", *,
                     verify: bool = True) -> tuple[dict[str, Any], dict[str, Any]]:
     """THE model-file reader: ``(model_config dict, state_dict)`` from a file ``save_model_file`` wrote
     (or the older ``{"model_config", "state_dict"}`` layout); anything else raises CheckpointError. ``verify``:
-    check the CRC32s torch.save recorded (see safe_torch_load; a .safetensors file records none)."""
+    check the CRC32s torch.save recorded (see safe_torch_load), or for a .safetensors file the one bmclip records in
+    its metadata."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"model file not found: {path}")
@@ -242,7 +304,7 @@ def read_model_file(path: str | os.PathLike, map_location: Any = "cpu", *,
             config = json.loads(meta[SAFETENSORS_CONFIG_KEY])
         except ValueError as e:
             raise CheckpointError(f"{path}: the {SAFETENSORS_CONFIG_KEY} metadata is not JSON ({e})") from None
-        return config, _clean_state_dict(_load_safetensors(path, map_location), path)
+        return config, _clean_state_dict(_load_safetensors(path, map_location, verify), path)
     obj = safe_torch_load(path, map_location, verify=verify)
     if isinstance(obj, dict) and CONFIG_KEY in obj:
         for key in (WEIGHTS_KEY, OLD_WEIGHTS_KEY):
