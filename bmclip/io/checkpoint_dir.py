@@ -18,13 +18,13 @@ import os
 import re
 import threading
 import zlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 from bmclip.errors import CheckpointError
 
 __all__ = ["FORMAT", "MODEL_FILE", "file_crc32", "is_valid", "latest_valid", "list_checkpoints", "read_meta",
-           "step_dir_name", "verify_files", "verifying"]
+           "step_dir_name", "check_beside", "verify_files", "verifying"]
 
 FORMAT = "bmclip-checkpoint-v1"
 MODEL_FILE = "model.pt"  # the model file inside a checkpoint dir (bmclip.io.model_file layout)
@@ -76,10 +76,11 @@ def read_meta(ckpt: str | os.PathLike) -> dict:
     return json.loads((ckpt / "meta.json").read_text())
 
 
-def file_crc32(path: str | os.PathLike, chunk: int = 16 << 20) -> int:
-    """CRC32 (zlib's) of a file's bytes, read in chunks."""
+def file_crc32(path: str | os.PathLike, chunk: int = 16 << 20, start: int = 0) -> int:
+    """CRC32 (zlib's) of a file's bytes from offset ``start`` to the end, read in chunks."""
     crc = 0
     with open(path, "rb") as f:
+        f.seek(start)
         while b := f.read(chunk):
             crc = zlib.crc32(b, crc)
     return crc
@@ -101,23 +102,29 @@ def verify_files(ckpt: str | os.PathLike, names: Iterable[str] | None = None, me
                                   "when it was written (a disk or copy error)")
 
 
-@contextlib.contextmanager
-def verifying(ckpt: str | os.PathLike, names: Iterable[str] | None = None, meta: dict | None = None) -> Iterator[None]:
-    """Run :func:`verify_files` in a background thread while the body loads the same files, and raise its
-    CheckpointError when the body ends: the CRC pass overlaps the load instead of adding a whole read before it
-    (``zlib.crc32`` and file reads release the GIL). A damaged file's error wins over the body's own, which is
-    often a confusing unpickling error on the same damaged bytes (it is chained as the cause). The body's result
-    must not be used when this raises. Ctrl-C does not wait for the check (the thread is a daemon)."""
+def verifying(ckpt: str | os.PathLike, names: Iterable[str] | None = None, meta: dict | None = None):
+    """:func:`verify_files` run beside the body that loads the same files (see :func:`check_beside`)."""
     names = list(names) if names is not None else None
+    return check_beside(lambda: verify_files(ckpt, names, meta))
+
+
+@contextlib.contextmanager
+def check_beside(check: Callable[[], None]) -> Iterator[None]:
+    """Run ``check()`` (which raises CheckpointError naming a damaged file) in a background thread while the body
+    loads the same bytes, and raise its error when the body ends: the check overlaps the load instead of adding a
+    whole read before it (file reads and ``zlib.crc32`` release the GIL). A damaged file's error wins over the
+    body's own, which is often a confusing unpickling error on the same damaged bytes (it is chained as the
+    cause). The body's result must not be used when this raises. Ctrl-C does not wait for the check (the thread
+    is a daemon)."""
     failed: list[BaseException] = []
 
-    def check() -> None:
+    def run() -> None:
         try:
-            verify_files(ckpt, names, meta)
+            check()
         except BaseException as e:  # handed to the caller's thread below
             failed.append(e)
 
-    t = threading.Thread(target=check, name="bmclip-checkpoint-crc", daemon=True)
+    t = threading.Thread(target=run, name="bmclip-checkpoint-crc", daemon=True)
     t.start()
     try:
         yield

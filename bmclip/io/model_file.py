@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import os
 import pickle
-import threading
 import zipfile
 import zlib
 from pathlib import Path
@@ -32,6 +31,7 @@ from safetensors.torch import save as _st_save
 
 from bmclip.errors import CheckpointError
 from bmclip.io.atomic import Crc32, atomic_torch_save, atomic_writer
+from bmclip.io.checkpoint_dir import check_beside, file_crc32
 
 __all__ = [
     "CONFIG_KEY",
@@ -80,23 +80,17 @@ def safe_torch_load(path: str | os.PathLike, map_location: Any = "cpu", *, verif
 
 
 def _load_checked(path: Path, load, damage_of) -> Any:
-    """``load()``, with ``damage_of(path)`` (what is damaged, or None) run in a thread beside it: file reads and
-    zlib.crc32 release the GIL, so the check overlaps the load instead of adding a pass before it. Damage is the
-    error, also when the load failed on the damaged bytes (it explains that failure better than the loader)."""
-    damage: list[str | None] = []
-    t = threading.Thread(target=lambda: damage.append(damage_of(path)), name="bmclip-crc", daemon=True)
-    t.start()
-    try:
-        obj = load()
-    except Exception:
-        t.join()
-        if damage and damage[0]:
-            raise CheckpointError(_damaged(path, damage[0])) from None
-        raise
-    t.join()
-    if damage and damage[0]:
-        raise CheckpointError(_damaged(path, damage[0]))
-    return obj
+    """``load()``, with ``damage_of(path)`` (what is damaged, or None) checked beside it
+    (:func:`bmclip.io.checkpoint_dir.check_beside`): damage is the error, also when the load failed on the damaged
+    bytes (it explains that failure better than the loader)."""
+
+    def check() -> None:
+        detail = damage_of(path)
+        if detail:
+            raise CheckpointError(_damaged(path, detail))
+
+    with check_beside(check):
+        return load()
 
 
 def _damaged(path: Path, detail: str) -> str:
@@ -193,12 +187,8 @@ def _safetensors_damage(path: Path) -> str | None:
     want = (header.get("__metadata__") or {}).get(SAFETENSORS_CRC_KEY) if start else None
     if not isinstance(want, str):
         return None
-    crc = 0
     try:
-        with open(path, "rb") as f:
-            f.seek(start)
-            while b := f.read(16 << 20):
-                crc = zlib.crc32(b, crc)
+        crc = file_crc32(path, start=start)
     except OSError:
         return None
     if f"{crc:08x}" == want:
