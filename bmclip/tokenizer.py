@@ -24,9 +24,8 @@ import html
 import json
 import operator
 import os
-import tempfile
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from pathlib import Path
 
 import ftfy
@@ -36,7 +35,7 @@ from tokenizers import decoders, models, normalizers, pre_tokenizers, processors
 
 from bmclip.errors import ConfigError
 from bmclip.io import atomic_writer, fsync_dir
-from bmclip.io.atomic import _umask
+from bmclip.io.atomic import temp_file_beside
 
 __all__ = ["MAX_CONTEXT_LENGTH", "MAX_VOCAB_SIZE", "SPECIAL_TOKENS", "Tokenizer", "check_context_length",
            "check_save_folder", "check_train_options", "clean_text", "get_tokenizer"]
@@ -130,19 +129,6 @@ def check_save_folder(folder: str | os.PathLike) -> Path:
         if (t.exists() or t.is_symlink()) and not t.is_file():
             raise ConfigError(f"cannot write {t}: it exists and is not a regular file (a folder?)")
     return folder
-
-
-@contextlib.contextmanager
-def _temp_beside(path: Path) -> Iterator[tuple[object, str]]:
-    """A text temp file beside ``path`` (hidden, ``.tmp``), removed unless the caller renamed it."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.fchmod(fd, 0o666 & ~_umask())
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            yield f, tmp
-    finally:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
 
 
 class Tokenizer:
@@ -354,7 +340,7 @@ class Tokenizer:
         }
         vocab_path, cfg_path = folder / "vocab.txt", folder / CONFIG_NAME
         vocab_text = "".join(t + "\n" for t in self.vocab_lines())
-        with _temp_beside(vocab_path) as (fv, tmp_v), _temp_beside(cfg_path) as (fc, tmp_c):
+        with temp_file_beside(vocab_path, "w") as (fv, tmp_v), temp_file_beside(cfg_path, "w") as (fc, tmp_c):
             for f, text, target in ((fv, vocab_text, vocab_path), (fc, json.dumps(meta, indent=2), cfg_path)):
                 try:
                     f.write(text)

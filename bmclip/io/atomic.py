@@ -16,7 +16,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
-__all__ = ["Crc32", "atomic_torch_save", "atomic_write_bytes", "atomic_write_text", "atomic_writer", "fsync_dir"]
+__all__ = ["Crc32", "atomic_torch_save", "atomic_write_bytes", "atomic_write_text", "atomic_writer", "fsync_dir",
+           "temp_file_beside"]
 
 
 class Crc32:
@@ -95,21 +96,32 @@ def atomic_writer(path: str | os.PathLike, mode: str = "wb", *, durable: bool = 
         raise ValueError("atomic_writer: crc= needs mode 'wb'")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    with temp_file_beside(path, mode) as (f, tmp):
+        yield f if crc is None else _CrcFile(f, crc)
+        f.flush()
+        if durable:
+            os.fsync(f.fileno())
+        f.close()
+        os.replace(tmp, path)
+    if durable:
+        fsync_dir(path.parent)
+
+
+@contextlib.contextmanager
+def temp_file_beside(path: str | os.PathLike, mode: str = "wb") -> Iterator[tuple[IO, str]]:
+    """``(file, name)`` of a new temporary file beside ``path`` (hidden, ``.NAME.*.tmp``, with the permissions
+    ``open()`` gives a new file), open in ``mode`` ("wb" or "w", UTF-8); removed when the block ends unless it was
+    renamed away by then. :func:`atomic_writer` is one file written through it; a writer of several files that must
+    land together (``Tokenizer.save``) writes them all first, then renames each."""
+    path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         os.fchmod(fd, 0o666 & ~_umask())  # mkstemp creates 0600
         with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
-            yield f if crc is None else _CrcFile(f, crc)
-            f.flush()
-            if durable:
-                os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
+            yield f, tmp
+    finally:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
-        raise
-    if durable:
-        fsync_dir(path.parent)
 
 
 def atomic_write_bytes(data: bytes, path: str | os.PathLike, *, crc: Crc32 | None = None) -> int:
