@@ -315,3 +315,28 @@ def test_finetune_vqa_cli_never_leaves_a_new_head_beside_an_old_report(vqa_rad_d
     else:  # the new run's files without a report: visibly incomplete, and nothing of the old run's set
         assert head["config"]["seed"] == 2
     assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []
+
+
+def test_finetune_vqa_cli_failed_head_write_keeps_the_previous_set(vqa_rad_dir, tmp_path, monkeypatch, one_thread):
+    import errno
+    import os
+
+    out = tmp_path / "vqa_out"
+    assert _cli(vqa_rad_dir, out, "--seed", "1") == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    real = os.replace
+
+    def full_disk_at_the_head(src, dst):
+        if str(dst).endswith("vqa_head.pt"):
+            raise OSError(errno.ENOSPC, "No space left on device", str(dst))
+        return real(src, dst)
+
+    monkeypatch.setattr(os, "replace", full_disk_at_the_head)
+    assert _cli(vqa_rad_dir, out, "--seed", "2") == 1
+    monkeypatch.undo()
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # the old set, whole; no staging left
+    fresh = tmp_path / "new" / "vqa_out"
+    monkeypatch.setattr(os, "replace", full_disk_at_the_head)
+    assert _cli(vqa_rad_dir, fresh, "--seed", "2") == 1
+    monkeypatch.undo()
+    assert not (tmp_path / "new").exists()  # the folders this run made are gone again

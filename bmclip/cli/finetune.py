@@ -3,9 +3,10 @@
 Writes ``<out>/vqa.json`` (accuracy overall/open/closed, baseline, per-epoch loss, skipped questions by
 reason), ``<out>/vqa.md`` and ``<out>/vqa_head.pt`` ({"fusion": state dict of the fusion module and
 classifier, "answers": vocab, "config": hyper-parameters}; with --finetune-encoders also "encoders": the
-fine-tuned towers). The three are one set: when training has succeeded, the previous run's report files are
-removed, then the weights, the markdown and last vqa.json are written, so a folder holding vqa.json holds a
-complete set of one run; a failed or interrupted run leaves the previous set as it was, or no report at all.
+fine-tuned towers). The three are one set (``report.OutputSet``): when training has succeeded, the previous
+run's files are removed, then the weights and the markdown are moved in and vqa.json is written last, so a
+folder holding vqa.json holds a complete set of one run; a failed or interrupted run leaves the previous set as
+it was.
 """
 
 from __future__ import annotations
@@ -20,8 +21,8 @@ from typing import Any
 from bmclip.cli._text import plain_help
 from bmclip.cli.eval import _device
 from bmclip.errors import ConfigError
-from bmclip.eval.report import markdown_table, write_json
-from bmclip.io import atomic_torch_save, atomic_write_text
+from bmclip.eval.report import OutputSet, markdown_table
+from bmclip.io import atomic_torch_save
 
 OUTPUT_NAMES = ("vqa.json", "vqa.md", "vqa_head.pt")
 
@@ -131,14 +132,12 @@ def run_vqa(args: argparse.Namespace) -> int:
                                    for k in ("overall", "open", "closed")])
           + f"\nMajority answer `{m['majority_answer']}`: {m['majority_baseline']:.4f}. "
           f"Test answers not in the training vocabulary: {m['test_answers_not_in_vocab']}.\n" + skip_line)
-    # One set: the previous report goes first (never a new head beside an old report), vqa.json comes last.
-    report, markdown = out / "vqa.json", out / "vqa.md"
-    for old in (report, markdown):
-        if old.is_file() or old.is_symlink():
-            old.unlink()
-    atomic_torch_save(blob, head)
-    atomic_write_text(md, markdown)
-    write_json(report, result)
+    # One set (report.OutputSet): the previous run's files go first, the new head and markdown are moved in,
+    # vqa.json comes last; a failure before the commit leaves the previous set as it was.
+    with OutputSet(out, "vqa", owned=["vqa_head.pt"]) as outputs:
+        atomic_torch_save(blob, outputs.stage("vqa_head.pt"))
+        paths = outputs.commit(result, md)
+    report, markdown = paths["json"], paths["markdown"]
     print(md)
     print(f"wrote {report}, {markdown} and {head}", file=sys.stderr)
     return 0
