@@ -1,12 +1,16 @@
-"""What every reader of images in bmclip agrees on: the normalisation constants and the file extensions.
+"""What every reader of images in bmclip agrees on: the normalisation constants, the file extensions, and how a
+PIL image of any mode becomes 8-bit RGB.
 
-Training (``ShardLoader``, DALI), evaluation and the benchmarks import these names; no other module
-declares its own copy.
+Training (``ShardLoader``, DALI), the dataset builder, evaluation and the benchmarks import these names; no
+other module declares its own copy.
 """
 
 from __future__ import annotations
 
-__all__ = ["DECODED_EXTENSIONS", "IMAGE_EXTENSIONS", "IMAGE_MEAN", "IMAGE_STD"]
+import numpy as np
+from PIL import Image
+
+__all__ = ["DECODED_EXTENSIONS", "IMAGE_EXTENSIONS", "IMAGE_MEAN", "IMAGE_STD", "minmax_to_uint8", "pil_to_rgb"]
 
 # BiomedCLIP's image normalisation (open_clip's OPENAI_DATASET_MEAN / OPENAI_DATASET_STD), per RGB channel,
 # for pixels scaled to [0, 1].
@@ -21,3 +25,30 @@ DECODED_EXTENSIONS = ("jpg", "jpeg", "png")
 # counted as skipped ("unsupported image format"), never dropped silently; the dataset builder accepts all of
 # them as inputs and re-encodes them.
 IMAGE_EXTENSIONS = DECODED_EXTENSIONS + ("webp", "tif", "tiff", "bmp", "gif")
+
+
+_HIGH_BIT_DEPTH = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
+
+
+def pil_to_rgb(im: Image.Image, background: tuple[int, int, int] | None = None) -> Image.Image:
+    """PIL image of any mode -> RGB.
+
+    16-bit/32-bit/float greyscale (CT, microscopy) is min/max scaled to 8 bits (PIL's ``convert("RGB")`` would
+    clip it). Transparency is dropped as ``convert("RGB")`` drops it (open_clip's transform, so evaluation sees
+    the pixels BiomedCLIP saw), unless ``background`` is given: then transparent pixels are composited over
+    that colour, as a page shows a figure (the dataset builder uses white).
+    """
+    if im.mode in _HIGH_BIT_DEPTH:
+        return Image.fromarray(minmax_to_uint8(np.asarray(im, dtype=np.float64))).convert("RGB")
+    if background is not None and (im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info)):
+        rgba = im.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, (*background, 255)), rgba).convert("RGB")
+    return im if im.mode == "RGB" else im.convert("RGB")
+
+
+def minmax_to_uint8(arr: np.ndarray) -> np.ndarray:
+    """Array of any range -> uint8 with its minimum at 0 and its maximum at 255 (all zeros when constant)."""
+    lo, hi = float(np.min(arr)), float(np.max(arr))
+    if hi <= lo:
+        return np.zeros(arr.shape, dtype=np.uint8)
+    return np.clip(np.round((arr - lo) / (hi - lo) * 255.0), 0, 255).astype(np.uint8)

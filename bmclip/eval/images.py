@@ -19,9 +19,8 @@ from typing import Any
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from bmclip.data.images import IMAGE_EXTENSIONS
+from bmclip.data.images import IMAGE_EXTENSIONS, minmax_to_uint8, pil_to_rgb
 from bmclip.errors import ConfigError, DataError
-from bmclip.model.transforms import minmax_to_uint8, pil_to_rgb
 
 __all__ = ["DICOM_EXTENSIONS", "decode_image_bytes", "decode_sample_image", "dicom_to_pil", "is_image_file",
            "load_image", "looks_like_dicom", "pil_to_rgb", "window_to_uint8"]

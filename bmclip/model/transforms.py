@@ -16,26 +16,11 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from bmclip.data.images import IMAGE_MEAN, IMAGE_STD
+from bmclip.data.images import IMAGE_MEAN, IMAGE_STD, minmax_to_uint8, pil_to_rgb
 from bmclip.data.normalize import normalize_images
 from bmclip.errors import DataError
 
 __all__ = ["load_image", "minmax_to_uint8", "pil_to_rgb", "preprocess_image", "resize_center_crop"]
-
-
-def pil_to_rgb(im: Image.Image) -> Image.Image:
-    """PIL image of any mode -> RGB; 16-bit/float greyscale is min/max scaled to 8 bits (PIL would clip)."""
-    if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
-        arr = np.asarray(im, dtype=np.float64)
-        return Image.fromarray(minmax_to_uint8(arr)).convert("RGB")
-    return im.convert("RGB")
-
-
-def minmax_to_uint8(arr: np.ndarray) -> np.ndarray:
-    lo, hi = float(np.min(arr)), float(np.max(arr))
-    if hi <= lo:
-        return np.zeros(arr.shape, dtype=np.uint8)
-    return np.clip(np.round((arr - lo) / (hi - lo) * 255.0), 0, 255).astype(np.uint8)
 
 
 _MAX_RESIZED_SQUARES = 16  # aspect ratio up to which the whole image is resized before the crop, as torchvision

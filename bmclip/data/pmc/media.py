@@ -23,12 +23,16 @@ from pathlib import PurePosixPath
 import numpy as np
 from PIL import Image, ImageFile
 
+from bmclip.data.images import pil_to_rgb
+
 try:  # the compiled extension is optional here: without it every image goes through Pillow
     import bmclip._C as _C
 except ImportError:
     _C = None
 
 __all__ = ["ImageSkip", "ProcessedImage", "dhash64", "process_image", "resolve_graphics", "thumb16"]
+
+_WHITE = (255, 255, 255)
 
 # Preference of source formats: full-size raster first, PMC's .gif thumbnails last.
 _EXT_RANK = {".jpg": 0, ".jpeg": 0, ".png": 1, ".tif": 2, ".tiff": 2, ".webp": 3, ".bmp": 4, ".gif": 9}
@@ -112,24 +116,6 @@ def dhash64(img: Image.Image) -> int:
     g = np.asarray(small.resize((9, 8), Image.Resampling.BILINEAR), dtype=np.int16)
     bits = (g[:, 1:] > g[:, :-1]).reshape(-1)
     return int(np.packbits(bits).view(">u8")[0])
-
-
-def _to_rgb(im: Image.Image) -> Image.Image:
-    mode = im.mode
-    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
-        # High bit depth (microscopy TIFFs): stretch the used range to 8 bits instead of clipping.
-        a = np.asarray(im, dtype=np.float64)
-        lo, hi = float(a.min()), float(a.max())
-        a = (a - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(a)
-        return Image.fromarray(np.clip(a + 0.5, 0, 255).astype(np.uint8), "L").convert("RGB")
-    if mode in ("RGBA", "LA", "PA") or (mode == "P" and "transparency" in im.info):
-        # Transparent figure backgrounds become white (as a page shows them), not black.
-        rgba = im.convert("RGBA")
-        bg = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(bg, rgba).convert("RGB")
-    if mode != "RGB":
-        return im.convert("RGB")
-    return im
 
 
 _NATIVE = None  # bmclip._C.Decoder(1) when the extension offers decode_fit, else False (looked up once)
@@ -273,7 +259,7 @@ def process_image(
                     # training time; reducing_gap=2 box-reduces by an integer factor first on big images.
                     # Greyscale is resized before the (pixel-identical) expansion to RGB: less work.
                     im = im.resize((tw, th), Image.Resampling.BILINEAR, reducing_gap=2.0)
-                im = _to_rgb(im)
+                im = pil_to_rgb(im, background=_WHITE)  # transparent figure backgrounds as a page shows them
                 if im.size != (tw, th):
                     im = im.resize((tw, th), Image.Resampling.BILINEAR, reducing_gap=2.0)
     except ImageSkip:
