@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from bmclip.data.images import IMAGE_MEAN, IMAGE_STD
-from bmclip.errors import CheckpointError, ConfigError
+from bmclip.errors import CheckpointError, ConfigError, is_int
 from bmclip.io import atomic_write_text, fsync_dir
 from bmclip.io.model_file import load_state_dict, save_state_dict
 from bmclip.io.owner import remove_dead_owners
@@ -151,9 +151,9 @@ def _obj(d: dict[str, Any], key: str, where: str, *, null_ok: bool = True) -> di
 
 
 def _int(v: Any, key: str, minimum: int = 1) -> int:
-    if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
+    if not is_int(v) or v < minimum:
         raise ConfigError(f"{key}={_show(v)} must be an integer >= {minimum}")
-    return v
+    return int(v)
 
 
 def _eps(v: Any, key: str) -> float:

@@ -33,7 +33,7 @@ import numpy as np
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, normalizers, pre_tokenizers, processors, trainers
 
-from bmclip.errors import ConfigError
+from bmclip.errors import ConfigError, is_int
 from bmclip.io import atomic_writer, fsync_dir
 from bmclip.io.atomic import temp_file_beside
 
@@ -63,10 +63,6 @@ def clean_text(text: str) -> str:
     return " ".join(text.split())
 
 
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
 def check_context_length(value, what: str = "context_length") -> int:
     """``value`` as an int if it is an integer in [2, MAX_CONTEXT_LENGTH] ([CLS] and [SEP] need 2), else
     ConfigError naming ``what``."""
@@ -85,9 +81,9 @@ def check_train_options(vocab_size, min_frequency, context_length, *, prefix: st
         return prefix + (n.replace("_", "-") if prefix else n)
 
     lo = len(SPECIAL_TOKENS) + 1
-    if not _is_int(vocab_size) or not lo <= vocab_size <= MAX_VOCAB_SIZE:
+    if not is_int(vocab_size) or not lo <= vocab_size <= MAX_VOCAB_SIZE:
         raise ConfigError(f"{name('vocab_size')}={vocab_size!r} must be an integer from {lo} to {MAX_VOCAB_SIZE}")
-    if not _is_int(min_frequency) or not 0 <= min_frequency <= MAX_MIN_FREQUENCY:
+    if not is_int(min_frequency) or not 0 <= min_frequency <= MAX_MIN_FREQUENCY:
         raise ConfigError(f"{name('min_frequency')}={min_frequency!r} must be an integer from 0 to "
                           f"{MAX_MIN_FREQUENCY}")
     check_context_length(context_length, name("context_length"))
@@ -228,7 +224,7 @@ class Tokenizer:
         vocab = _read_vocab(path)
         want = saved.get("vocab_size")
         if want is not None:
-            if not _is_int(want) or want < 1:
+            if not is_int(want) or want < 1:
                 raise ConfigError(f"{cfg}: vocab_size={want!r} must be a positive integer")
             if want != len(vocab):
                 raise ConfigError(f"{path} has {len(vocab)} tokens but {cfg} says vocab_size {want}: the two files "

@@ -59,7 +59,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bmclip.errors import ConfigError
+from bmclip.errors import ConfigError, check_int
 from bmclip.io import atomic_writer
 from bmclip.io.fs import filesystem, is_pipe, is_remote, protocol
 from bmclip.io.retry import RetryError, backoff_delay, retry
@@ -611,10 +611,8 @@ class ShardCache:
     @staticmethod
     def check_args(cache_bytes: int, prefetch_shards: int) -> None:
         """ConfigError for a cache size or prefetch depth that is not a non-negative integer."""
-        if not isinstance(cache_bytes, int) or isinstance(cache_bytes, bool) or cache_bytes < 0:
-            raise ConfigError(f"cache_bytes must be an integer >= 0, got {cache_bytes!r}")
-        if not isinstance(prefetch_shards, int) or isinstance(prefetch_shards, bool) or prefetch_shards < 0:
-            raise ConfigError(f"prefetch_shards must be an integer >= 0, got {prefetch_shards!r}")
+        check_int(cache_bytes, "cache_bytes", 0)
+        check_int(prefetch_shards, "prefetch_shards", 0)
 
     # -- public ------------------------------------------------------------------------------------
     def open(self, shard: int, ahead: Sequence[int], opener: Callable[[str], Any]):

@@ -18,7 +18,7 @@ import numpy as np
 
 from bmclip.data.shards import expand_urls
 from bmclip.data.tario import TAR_PROBLEMS, iter_shard_samples
-from bmclip.errors import ConfigError, DataError
+from bmclip.errors import DataError, check_int
 from bmclip.eval.datasets import ImageDataset
 from bmclip.eval.images import decode_sample_image
 from bmclip.model.transforms import resize_center_crop
@@ -41,9 +41,8 @@ def _decoded_chunks(chunks: Iterable[list[T]], decode: Callable[[T], R | None], 
 
 def _check_batching(batch_size: Any, workers: Any) -> None:
     """ConfigError unless batch_size >= 1 and workers >= 0 are integers (checked before any image is read)."""
-    for name, v, low in (("batch_size", batch_size, 1), ("workers", workers, 0)):
-        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < low:
-            raise ConfigError(f"{name} must be an integer >= {low}, got {v!r}")
+    check_int(batch_size, "batch_size", 1)
+    check_int(workers, "workers", 0)
 
 
 def iterate_batches(dataset: ImageDataset, image_size: int, batch_size: int = 64, workers: int = 4,

@@ -21,7 +21,7 @@ import torch
 
 from bmclip.data.images import IMAGE_MEAN, IMAGE_STD
 from bmclip.data.normalize import normalize_images
-from bmclip.errors import ConfigError, DataError
+from bmclip.errors import ConfigError, DataError, check_int
 from bmclip.io import atomic_writer
 from bmclip.model.transforms import resize_center_crop
 
@@ -244,8 +244,8 @@ def embed_pairs_to_disk(
 
     Returns {"image": path, "text": path, "n": N}. Nothing is left behind on error.
     """
-    if max_pairs is not None and (isinstance(max_pairs, bool) or not isinstance(max_pairs, int) or max_pairs < 1):
-        raise ConfigError(f"max_pairs must be an integer >= 1, got {max_pairs!r}")
+    if max_pairs is not None:
+        max_pairs = check_int(max_pairs, "max_pairs", 1)
     out = Path(out_dir)
     created = not out.exists()  # a folder this call makes is removed again when it fails
     writers: list[NpyStreamWriter] = []

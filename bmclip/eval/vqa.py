@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bmclip.errors import ConfigError, DataError
+from bmclip.errors import ConfigError, DataError, check_int, is_int
 from bmclip.eval.embed import to_model_input
 from bmclip.eval.images import load_image
 
@@ -266,7 +266,7 @@ def check_vqa_options(*, epochs: int = 20, batch_size: int = 32, lr: float = 1e-
         return "--" + n.replace("_", "-") if flags else n
 
     def integer(n: str, v: Any, lo: int, hi: int | None = None) -> None:
-        if isinstance(v, bool) or not isinstance(v, int) or v < lo or (hi is not None and v > hi):
+        if not is_int(v) or v < lo or (hi is not None and v > hi):
             rng = f"from {lo} to {hi}" if hi is not None else f">= {lo}"
             raise ConfigError(f"{name(n)}={v!r} must be an integer {rng}")
 
@@ -301,8 +301,7 @@ def build_vqa_model(clip_model: Any, n_answers: int, hidden: int = 256, layers: 
                     dropout: float = 0.1, features: str = "tokens"):
     """A VQAModel (torch.nn.Module) on top of ``clip_model``: logits (B, n_answers) from (images, input_ids)."""
     check_vqa_options(hidden=hidden, layers=layers, heads=heads, dropout=dropout, features=features)
-    if isinstance(n_answers, bool) or not isinstance(n_answers, int) or n_answers < 1:
-        raise ConfigError(f"n_answers={n_answers!r} must be an integer >= 1")
+    n_answers = check_int(n_answers, "n_answers", 1)
     class CoAttentionLayer(nn.Module):
         """Self-attention, cross-attention to the other stream, MLP; for both streams (pre-LN, residual)."""
 

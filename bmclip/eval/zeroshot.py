@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from bmclip.errors import ConfigError, DataError
+from bmclip.errors import ConfigError, DataError, check_int
 from bmclip.eval.embed import embed_image_batches, encode_texts
 from bmclip.eval.prompts import check_template
 from bmclip.io import atomic_write_bytes
@@ -227,8 +227,7 @@ def zeroshot_classify(
     Labels come from ``labels`` or from the batches' "label" entries. ``synonyms`` maps a class name to
     several names whose prompts are averaged into that class's embedding (see ``class_embeddings``).
     """
-    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
-        raise ConfigError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    batch_size = check_int(batch_size, "batch_size", 1)
     was_training = model.training
     model.eval()
     try:

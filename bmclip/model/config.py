@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from bmclip.config_dict import update_from_dict
-from bmclip.errors import ConfigError
+from bmclip.errors import ConfigError, is_int
 from bmclip.model.attention import check_backend
 
 # Attention backend of both towers unless a tower sets its own: "auto" (per tower and device, see
@@ -164,9 +164,10 @@ class ModelConfig:
 def _positive(obj: Any, prefix: str, names: tuple[str, ...]) -> None:
     for n in names:
         v = getattr(obj, n)
-        if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+        if not is_int(v) or v <= 0:
             key = f"{prefix}.{n}" if prefix else n
             raise ConfigError(f"{key}={v!r} must be a positive integer")
+        setattr(obj, n, int(v))
 
 
 # --------------------------------------------------------------------------------------------- presets

@@ -40,7 +40,7 @@ from bmclip.data.pmc.options import BuildOptions
 from bmclip.data.pmc.sources import InputReadError, Package, PackageError, discover_packages, read_package, slice_of
 from bmclip.data.pmc.staging import StagingDir, remove_partial_files
 from bmclip.data.pmc.subcaptions import split_subcaptions
-from bmclip.errors import ConfigError, DataError
+from bmclip.errors import ConfigError, DataError, is_int
 from bmclip.progress import Progress
 from bmclip.tokenizer import get_tokenizer
 
@@ -440,8 +440,7 @@ def stage(
     opts.validate()
     if num_slices < 1 or not 0 <= slice_index < num_slices:
         raise ConfigError(f"slice must be in [0, {num_slices}), got {slice_index}")
-    if num_workers is not None and (isinstance(num_workers, bool) or not isinstance(num_workers, int)
-                                    or num_workers < 0):
+    if num_workers is not None and (not is_int(num_workers) or num_workers < 0):
         raise ConfigError(f"workers must be an integer >= 0 (0: no worker processes), got {num_workers!r}")
     if not inputs:
         raise ConfigError("no inputs given")
