@@ -92,6 +92,34 @@ def test_missing_shard_and_bad_config(tmp_path):
         ShardLoader(urls, batch_size=2, image_size=S, augment="flip")
 
 
+@pytest.mark.parametrize("bad, match", [
+    ({"seed": 1.5}, "seed must be an integer"),  # was truncated to 1 silently
+    ({"seed": "x"}, "seed must be an integer"),  # was a ValueError from int()
+    ({"epoch": -1}, "epoch must be an integer >= 0"),
+    ({"num_threads": True}, "num_threads must be an integer"),  # True was one thread
+    ({"shuffle_buffer": True}, "shuffle_buffer must be an integer"),
+    ({"num_workers": "2", "worker_id": 0}, "num_workers must be an integer"),  # was a TypeError from <
+    ({"num_workers": 2, "worker_id": 1.5}, "worker_id must be in"),  # was a TypeError at the first batch
+    ({"scale": 0.5}, "scale must be a pair"),  # was "float object is not subscriptable"
+    ({"ratio": None}, "ratio must be a pair"),
+    ({"ratio": (1.0, float("inf"))}, "ratio must satisfy"),
+    ({"image_size": 100_000}, "image_size must be an integer from 1 to 8192"),  # was a 120 GB allocation
+    ({"batch_size": 10**9}, "GiB of pixels per batch, more than this machine's memory"),
+])
+def test_bad_options_are_one_config_error_at_construction(tmp_path, bad, match):
+    urls = write_shards(tmp_path, 1, 2)
+    kw = {"batch_size": 2, "image_size": S, **bad}
+    with pytest.raises(ConfigError, match=match):
+        ShardLoader(urls, **kw)
+
+
+def test_numpy_integers_are_integers(tmp_path):
+    urls = write_shards(tmp_path, 1, 4)
+    ld = ShardLoader(urls, batch_size=np.int32(2), image_size=np.int64(S), seed=np.uint8(3), num_threads=1)
+    assert ld.batch_size == 2 and type(ld.batch_size) is int and type(ld.seed) is int
+    assert sum(len(b["key"]) for b in ld) == 4
+
+
 @pytest.mark.parametrize("n_shards", [5, 2])
 @pytest.mark.parametrize("world_size", [1, 2, 3])
 @pytest.mark.parametrize("num_workers", [1, 2])

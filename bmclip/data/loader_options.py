@@ -2,23 +2,39 @@
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import torch
 
 from bmclip.data import remote
-from bmclip.errors import ConfigError
+from bmclip.errors import ConfigError, check_int, is_int
 
 __all__ = ["AUGMENTS", "LoaderOptions"]
 
 AUGMENTS = ("random_resized_crop", "center")
 
 
-def _is_int(v: Any) -> bool:
-    return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+# Output side length bound: far beyond any ViT input, small enough that one image's pixels are not the problem.
+MAX_IMAGE_SIZE = 8192
+
+
+def _physical_memory() -> int:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 1 << 62  # unknown: no bound
+
+
+def _pair(v: Any, name: str) -> tuple[float, float]:
+    """(lo, hi) as two floats; ConfigError naming ``name`` for anything else (a single number, None, strings)."""
+    try:
+        lo, hi = v
+        return float(lo), float(hi)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{name} must be a pair of numbers (lo, hi), got {v!r}") from None
 
 
 @dataclass
@@ -61,41 +77,48 @@ class LoaderOptions:
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "image_size", "world_size", "prefetch"):
-            v = getattr(self, name)
-            if not _is_int(v) or v < 1:
-                raise ConfigError(f"{name} must be an integer >= 1, got {v!r}")
-        if not _is_int(self.rank) or not 0 <= self.rank < self.world_size:
+            setattr(self, name, check_int(getattr(self, name), name, 1))
+        if self.image_size > MAX_IMAGE_SIZE:
+            raise ConfigError(f"image_size must be an integer from 1 to {MAX_IMAGE_SIZE}, got {self.image_size!r}")
+        batch_bytes = self.batch_size * self.image_size ** 2 * 3
+        if batch_bytes > _physical_memory():
+            raise ConfigError(f"batch_size={self.batch_size} at image_size={self.image_size} is "
+                              f"{batch_bytes / 2**30:.0f} GiB of pixels per batch, more than this machine's "
+                              f"memory ({_physical_memory() / 2**30:.0f} GiB)")
+        if not is_int(self.rank) or not 0 <= self.rank < self.world_size:
             raise ConfigError(f"rank must be in [0, world_size={self.world_size}), got {self.rank!r}")
+        if not is_int(self.seed):
+            raise ConfigError(f"seed must be an integer, got {self.seed!r}")
+        self.epoch = check_int(self.epoch, "epoch", 0)
         if self.augment not in AUGMENTS:
             raise ConfigError(f"augment must be one of {AUGMENTS}, got {self.augment!r}")
         if self.num_threads is None:
             self.num_threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-        if not isinstance(self.num_threads, int) or self.num_threads < 1:
-            raise ConfigError(f"num_threads must be an integer >= 1, got {self.num_threads!r}")
-        if not isinstance(self.shuffle_buffer, int) or self.shuffle_buffer < 0:
-            raise ConfigError(f"shuffle_buffer must be an integer >= 0, got {self.shuffle_buffer!r}")
+        self.num_threads = check_int(self.num_threads, "num_threads", 1)
+        self.shuffle_buffer = check_int(self.shuffle_buffer, "shuffle_buffer", 0)
         if (self.num_workers is None) != (self.worker_id is None):
             raise ConfigError("num_workers and worker_id are given together (or neither)")
-        if self.num_workers is not None and not 0 <= self.worker_id < self.num_workers:
-            raise ConfigError(f"worker_id must be in [0, num_workers={self.num_workers}), got {self.worker_id!r}")
+        if self.num_workers is not None:
+            self.num_workers = check_int(self.num_workers, "num_workers", 1)
+            if not is_int(self.worker_id) or not 0 <= self.worker_id < self.num_workers:
+                raise ConfigError(f"worker_id must be in [0, num_workers={self.num_workers}), got {self.worker_id!r}")
+            self.worker_id = int(self.worker_id)
         if self.pin_memory and not torch.cuda.is_available():
             raise ConfigError("pin_memory=True needs CUDA (torch.cuda.is_available() is False)")
+        self.scale, self.ratio = _pair(self.scale, "scale"), _pair(self.ratio, "ratio")
         if not (0 < self.scale[0] <= self.scale[1] <= 1.0):
             raise ConfigError(f"scale must satisfy 0 < lo <= hi <= 1, got {self.scale!r}")
-        if not (0 < self.ratio[0] <= self.ratio[1]):
-            raise ConfigError(f"ratio must satisfy 0 < lo <= hi, got {self.ratio!r}")
+        if not (0 < self.ratio[0] <= self.ratio[1] < math.inf):
+            raise ConfigError(f"ratio must satisfy 0 < lo <= hi < inf, got {self.ratio!r}")
         self.decode_options = dict(self.decode_options or {})
         clash = {"augment", "seed", "scale", "ratio"} & set(self.decode_options)
         if clash:
             raise ConfigError(f"decode_options may not set {sorted(clash)}: they are ShardLoader arguments")
-        for name in ("batch_size", "image_size", "seed", "epoch", "rank", "world_size", "prefetch"):
-            setattr(self, name, int(getattr(self, name)))
+        self.seed, self.rank = int(self.seed), int(self.rank)
         for name in ("shuffle", "resampled", "drop_last", "pin_memory", "decode"):
             setattr(self, name, bool(getattr(self, name)))
         # shuffle=False means stream order: the buffer would reorder samples, so it is off
-        self.shuffle_buffer = int(self.shuffle_buffer) if self.shuffle else 0
-        self.scale = (float(self.scale[0]), float(self.scale[1]))
-        self.ratio = (float(self.ratio[0]), float(self.ratio[1]))
+        self.shuffle_buffer = self.shuffle_buffer if self.shuffle else 0
         remote.ShardCache.check_args(self.cache_bytes, self.prefetch_shards)
         self.storage_options = dict(self.storage_options or {})
         self.fetch_options = remote.FetchOptions.coerce(self.fetch_options)
