@@ -118,6 +118,11 @@ def test_numpy_integers_are_integers(tmp_path):
     ld = ShardLoader(urls, batch_size=np.int32(2), image_size=np.int64(S), seed=np.uint8(3), num_threads=1)
     assert ld.batch_size == 2 and type(ld.batch_size) is int and type(ld.seed) is int
     assert sum(len(b["key"]) for b in ld) == 4
+    for bad in (-1, 1.5, "2"):
+        with pytest.raises(ConfigError, match="epoch must be an integer >= 0"):
+            ld.set_epoch(bad)
+    ld.set_epoch(np.int64(1))
+    assert ld.epoch == 1 and sum(len(b["key"]) for b in ld) == 4
 
 
 @pytest.mark.parametrize("n_shards", [5, 2])

@@ -72,7 +72,7 @@ from bmclip.data.loader_options import LoaderOptions
 from bmclip.data.producer import END, BatchAssembler, Pipe, make_ring
 from bmclip.data.shards import expand_urls, shard_names_digest, shard_order, split_shards, urls_digest
 from bmclip.data.text import BackgroundTokenizer
-from bmclip.errors import ConfigError, DataError
+from bmclip.errors import ConfigError, DataError, check_int
 from bmclip.io.fs import local_path
 
 __all__ = ["LoaderOptions", "ShardLoader"]
@@ -249,8 +249,9 @@ class ShardLoader(torch.utils.data.IterableDataset):
 
     def set_epoch(self, epoch: int) -> None:
         """Start the next iteration at the beginning of ``epoch`` (reshuffles shards and samples)."""
+        epoch = check_int(epoch, "epoch", 0)
         self._stop_active()
-        self.epoch = int(epoch)
+        self.epoch = epoch
         self._state = self._fresh_state(self.epoch, self._state.counters)
 
     @property
