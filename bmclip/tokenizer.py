@@ -25,7 +25,7 @@ import json
 import operator
 import os
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import ftfy
@@ -241,6 +241,7 @@ class Tokenizer:
         context_length: int = DEFAULT_CONTEXT_LENGTH,
         min_frequency: int = 2,
         clean: bool = True,
+        log: Callable[[str], None] | None = None,
     ) -> Tokenizer:
         """Train an uncased WordPiece vocabulary (at most ``vocab_size`` tokens) from an iterable of texts
         (cleaned with ``clean_text`` first when ``clean``, as the returned tokenizer will clean its input).
@@ -248,12 +249,12 @@ class Tokenizer:
         The options are checked before any text is read. ``texts`` is read in this process and the Rust trainer
         runs in a child process (see ``_train_in_worker``), so a KeyboardInterrupt (Ctrl-C, or bmclip's
         SIGTERM handler) stops the call at once instead of when the trainer finishes; an exception raised by
-        ``texts`` propagates as it is.
+        ``texts`` propagates as it is. ``log`` (optional) is told when the texts are read and the merges start.
         """
         check_train_options(vocab_size, min_frequency, context_length)
         if not isinstance(clean, bool):
             raise ConfigError(f"clean={clean!r} must be True or False")
-        vocab = _train_in_worker(texts, vocab_size, min_frequency, clean)
+        vocab = _train_in_worker(texts, vocab_size, min_frequency, clean, log)
         if len(vocab) <= len(SPECIAL_TOKENS):
             raise ConfigError("tokenizer training saw no text")
         return cls(vocab, context_length, clean=clean)
@@ -428,7 +429,8 @@ _WORKER_CODE = ("import sys; sys.path[:] = [sys.argv[2]] + [p for p in sys.path 
 _CHUNK_TEXTS = 1024
 
 
-def _train_in_worker(texts: Iterable[str], vocab_size: int, min_frequency: int, clean: bool) -> dict[str, int]:
+def _train_in_worker(texts: Iterable[str], vocab_size: int, min_frequency: int, clean: bool,
+                     log: Callable[[str], None] | None = None) -> dict[str, int]:
     """Train in a child process fed through a pipe; returns the vocabulary.
 
     The Rust trainer does not return to Python until it is done, so in this process a Ctrl-C or SIGTERM would
@@ -458,8 +460,10 @@ def _train_in_worker(texts: Iterable[str], vocab_size: int, min_frequency: int, 
             try:
                 pickle.dump({"vocab_size": vocab_size, "min_frequency": min_frequency, "clean": clean}, proc.stdin)
                 chunk: list[str] = []
+                n = 0
                 for t in texts:
                     if isinstance(t, str):
+                        n += 1
                         chunk.append(t)
                         if len(chunk) >= _CHUNK_TEXTS:
                             pickle.dump(chunk, proc.stdin, protocol=pickle.HIGHEST_PROTOCOL)
@@ -468,6 +472,8 @@ def _train_in_worker(texts: Iterable[str], vocab_size: int, min_frequency: int, 
                     pickle.dump(chunk, proc.stdin, protocol=pickle.HIGHEST_PROTOCOL)
                 pickle.dump(None, proc.stdin)
                 proc.stdin.close()
+                if log is not None:
+                    log(f"read {n} texts; training a WordPiece vocabulary of up to {vocab_size} tokens")
             except BrokenPipeError:
                 pass  # the worker is gone: its result, or its exit status, says why
             data = result.read()

@@ -4,11 +4,13 @@ the saved vocab.txt / bmclip_tokenizer.json stay one set; an interrupt stops tra
 import gzip
 import io
 import os
+import queue
 import random
 import signal
 import subprocess
 import sys
 import tarfile
+import threading
 import time
 from pathlib import Path
 
@@ -154,16 +156,28 @@ def test_interrupt_stops_training_promptly_and_writes_nothing(tmp_path, sig):
     p = subprocess.Popen([sys.executable, "-m", "bmclip", "tokenizer", "train", "--input", str(corpus),
                           "--vocab-size", "30000", "--min-frequency", "0", "--out", str(out)],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    time.sleep(1.5)
-    assert p.poll() is None, p.communicate()
+    lines: queue.Queue = queue.Queue()
+    reader = threading.Thread(target=lambda: [lines.put(x) for x in p.stderr], daemon=True)
+    reader.start()
+    seen = []
+    while not any("training a WordPiece vocabulary" in x for x in seen):  # the Rust merges have started
+        try:
+            seen.append(lines.get(timeout=60))
+        except queue.Empty:
+            p.kill()
+            raise AssertionError(f"no 'training' line within 60 s: {seen}") from None
+    time.sleep(0.5)
+    assert p.poll() is None, "training ended before the signal: this test needs a slower corpus"
     p.send_signal(sig)
     t0 = time.monotonic()
     try:
-        _, err = p.communicate(timeout=60)
+        p.wait(timeout=60)
     except subprocess.TimeoutExpired:
         p.kill()
         raise
     waited = time.monotonic() - t0
+    reader.join(10)
+    err = "".join(seen) + "".join(lines.queue)
     assert p.returncode == 128 + sig, err
     assert waited < 1.5, f"exited {waited:.1f}s after the signal"
     assert "Traceback" not in err and "FATAL" not in err, err

@@ -206,12 +206,18 @@ def _train(args: argparse.Namespace) -> int:
     inputs = check_inputs(args.input)
     counts: dict[str, int] = {}
     problems: list = []
+
+    def log(msg: str) -> None:  # what the run is doing, for an operator watching a long one
+        print(f"bmclip tokenizer: {msg}", file=sys.stderr, flush=True)
+
+    log(f"reading the captions of {len(inputs)} input(s)")
     try:
         tok = Tokenizer.train(
             _texts_of(inputs, counts, problems),
             vocab_size=args.vocab_size,
             context_length=args.context_length,
             min_frequency=args.min_frequency,
+            log=log,
         )
     except ConfigError:
         if counts.get("texts"):
