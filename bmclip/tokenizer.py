@@ -34,8 +34,8 @@ from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, normalizers, pre_tokenizers, processors, trainers
 
 from bmclip.errors import ConfigError, is_int
-from bmclip.io import atomic_writer, fsync_dir
-from bmclip.io.atomic import temp_file_beside
+from bmclip.io import atomic_writer
+from bmclip.io.atomic import replace_as_set, temp_file_beside
 
 __all__ = ["MAX_CONTEXT_LENGTH", "MAX_VOCAB_SIZE", "SPECIAL_TOKENS", "Tokenizer", "check_context_length",
            "check_save_folder", "check_train_options", "clean_text", "get_tokenizer"]
@@ -322,7 +322,7 @@ class Tokenizer:
 
         The two files are one set: both are written to temp files first (nothing is replaced when that fails),
         then the old ``bmclip_tokenizer.json`` is removed, ``vocab.txt`` renamed into place and the json renamed
-        last. Whatever stops the save, the folder never holds a new vocab.txt beside an old json (at worst a new
+        last (``bmclip.io.atomic.replace_as_set``). Whatever stops the save, the folder never holds a new vocab.txt beside an old json (at worst a new
         vocab.txt without json, which ``from_vocab`` reads as a bare vocabulary).
         """
         folder = check_save_folder(folder)
@@ -347,16 +347,7 @@ class Tokenizer:
                     raise OSError(e.errno, e.strerror, str(target)) from None
             fv.close()
             fc.close()
-            for src, target in ((None, cfg_path), (tmp_v, vocab_path), (tmp_c, cfg_path)):
-                try:
-                    if src is None:
-                        if target.is_file() or target.is_symlink():
-                            target.unlink()
-                    else:
-                        os.replace(src, target)
-                except OSError as e:
-                    raise OSError(e.errno, e.strerror, str(target)) from None
-        fsync_dir(folder)
+            replace_as_set([(tmp_v, vocab_path), (tmp_c, cfg_path)], marker=cfg_path)
 
     def save_hf_files(self, folder: str | os.PathLike) -> None:
         """Write ``tokenizer_config.json`` + ``special_tokens_map.json`` beside ``vocab.txt`` (call ``save`` too),

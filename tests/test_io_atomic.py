@@ -140,3 +140,56 @@ def test_written_files_get_the_permissions_open_gives(tmp_path):
     finally:
         os.umask(old)
     assert (tmp_path / "a.txt").stat().st_mode & 0o777 == (tmp_path / "b.txt").stat().st_mode & 0o777 == 0o640
+
+
+def _finished(folder, name, text):
+    # a kept temp file, as a writer of a set leaves it before the commit
+    p = folder / f".{name}.ready"
+    p.write_text(text)
+    return p
+
+
+def test_replace_as_set_lands_the_marker_last_and_removes_the_old_set(tmp_path, monkeypatch):
+    from bmclip.io.atomic import replace_as_set
+
+    (tmp_path / "sub").mkdir()
+    for name, text in (("a.txt", "old a"), ("stale.csv", "old"), ("set.json", "old")):
+        (tmp_path / name).write_text(text)
+    order = []
+    real = os.replace
+
+    def spy(src, dst):
+        order.append(os.path.basename(dst))
+        return real(src, dst)
+
+    moves = [(_finished(tmp_path, "set.json", "new"), tmp_path / "set.json"),
+             (_finished(tmp_path, "a.txt", "new a"), tmp_path / "a.txt"),
+             (_finished(tmp_path / "sub", "b.txt", "new b"), tmp_path / "sub" / "b.txt")]
+    monkeypatch.setattr(os, "replace", spy)
+    replace_as_set(moves, marker=tmp_path / "set.json", remove=[tmp_path / "stale.csv", tmp_path / "gone"])
+    monkeypatch.undo()
+    assert order[-1] == "set.json" and sorted(order[:-1]) == ["a.txt", "b.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt", "set.json", "sub"]
+    assert (tmp_path / "a.txt").read_text() == "new a" and (tmp_path / "set.json").read_text() == "new"
+
+
+def test_replace_as_set_stopped_midway_leaves_no_marker_and_names_the_target(tmp_path, monkeypatch):
+    from bmclip.io.atomic import replace_as_set
+
+    (tmp_path / "a.txt").write_text("old a")
+    (tmp_path / "set.json").write_text("old")
+    real = os.replace
+
+    def fail_on_b(src, dst):
+        if str(dst).endswith("b.txt"):
+            raise OSError(28, "No space left on device", str(src))
+        return real(src, dst)
+
+    monkeypatch.setattr(os, "replace", fail_on_b)
+    moves = [(_finished(tmp_path, "set.json", "new"), tmp_path / "set.json"),
+             (_finished(tmp_path, "a.txt", "new a"), tmp_path / "a.txt"),
+             (_finished(tmp_path, "b.txt", "new b"), tmp_path / "b.txt")]
+    with pytest.raises(OSError) as e:
+        replace_as_set(moves, marker=tmp_path / "set.json")
+    assert e.value.filename == str(tmp_path / "b.txt")  # the target, not the hidden temp name
+    assert not (tmp_path / "set.json").exists()  # old marker gone, new one never landed: the set is visibly incomplete

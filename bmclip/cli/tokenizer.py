@@ -208,7 +208,7 @@ def _train(args: argparse.Namespace) -> int:
     problems: list = []
 
     def log(msg: str) -> None:  # what the run is doing, for an operator watching a long one
-        print(f"bmclip tokenizer: {msg}", file=sys.stderr, flush=True)
+        print(f"[bmclip] tokenizer: {msg}", file=sys.stderr, flush=True)
 
     log(f"reading the captions of {len(inputs)} input(s)")
     try:

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from bmclip.io import atomic_write_text
-from bmclip.io.atomic import fsync_dir
+from bmclip.io.atomic import replace_as_set
 from bmclip.io.owner import owner_tag, remove_dead_owners
 
 
@@ -136,20 +136,16 @@ class OutputSet:
         if self._stage is None:
             raise RuntimeError("OutputSet.commit outside its with block")
         staged = sorted(str(q.relative_to(self._stage)) for q in self._stage.rglob("*") if q.is_file())
-        for rel in dict.fromkeys([*self.owned, *staged]):  # the report first: no JSON while the set is mixed
-            with contextlib.suppress(FileNotFoundError):
-                (self.out / rel).unlink()
+        report = {"markdown": f"{self.name}.md", "json": f"{self.name}.json"}
+        atomic_write_text(markdown, self._stage / report["markdown"])
+        write_json(self._stage / report["json"], result)
         for rel in staged:
-            dst = self.out / rel
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(self._stage / rel, dst)
-            if dst.parent != self.out:
-                fsync_dir(dst.parent)
-        fsync_dir(self.out)
-        paths = {rel: self.out / rel for rel in staged}
-        paths.update(write_report(self.out, self.name, result, markdown))
+            (self.out / rel).parent.mkdir(parents=True, exist_ok=True)
+        # the previous JSON goes first and the new one lands last: no JSON while the set is mixed
+        replace_as_set([(self._stage / rel, self.out / rel) for rel in [*staged, *report.values()]],
+                       marker=self.out / report["json"], remove=[self.out / rel for rel in self.owned])
         self._created = []
-        return paths
+        return {**{rel: self.out / rel for rel in staged}, **{k: self.out / rel for k, rel in report.items()}}
 
     def __exit__(self, *exc) -> None:
         if self._stage is not None:

@@ -12,12 +12,12 @@ import contextlib
 import os
 import tempfile
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import IO, Any
 
 __all__ = ["Crc32", "atomic_torch_save", "atomic_write_bytes", "atomic_write_text", "atomic_writer", "fsync_dir",
-           "temp_file_beside"]
+           "replace_as_set", "temp_file_beside"]
 
 
 class Crc32:
@@ -122,6 +122,46 @@ def temp_file_beside(path: str | os.PathLike, mode: str = "wb") -> Iterator[tupl
     finally:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
+
+
+def replace_as_set(moves: Sequence[tuple[str | os.PathLike, str | os.PathLike]], marker: str | os.PathLike,
+                   remove: Sequence[str | os.PathLike] = ()) -> None:
+    """Move finished files into place as one set, ``marker`` last: what several writers of "files that belong
+    together" share (``Tokenizer.save``, ``bmclip.eval.report.OutputSet``).
+
+    ``moves`` are (finished temp file, target) pairs, each temp file fsynced and on the target's file system; the
+    one whose target is ``marker`` is moved last. First the old ``marker`` is removed, then every path in
+    ``remove`` (the old set's other files; missing ones are fine), then the files are renamed into place and
+    their folders fsynced. Whatever stops it, a folder holding ``marker`` holds the set that came with it: a
+    reader that trusts a set only when its marker is there never sees old and new files mixed. An OSError names
+    the target it concerns.
+    """
+    marker = Path(marker)
+    pairs = [(Path(src), Path(dst)) for src, dst in moves]
+    rest, last = [m for m in pairs if m[1] != marker], [m for m in pairs if m[1] == marker]
+    for target in dict.fromkeys([marker, *map(Path, remove)]):  # the old marker first
+        with _naming(target):
+            if target.is_file() or target.is_symlink():
+                with contextlib.suppress(FileNotFoundError):
+                    target.unlink()
+    for src, target in rest:
+        with _naming(target):
+            os.replace(src, target)
+    for folder in dict.fromkeys(target.parent for _, target in rest):
+        fsync_dir(folder)  # the set is on disk before its marker is
+    for src, target in last:
+        with _naming(target):
+            os.replace(src, target)
+    fsync_dir(marker.parent)
+
+
+@contextlib.contextmanager
+def _naming(target: Path) -> Iterator[None]:
+    """An OSError inside names ``target`` (a rename's error would name the hidden temp file)."""
+    try:
+        yield
+    except OSError as e:
+        raise OSError(e.errno, e.strerror, str(target)) from None
 
 
 def atomic_write_bytes(data: bytes, path: str | os.PathLike, *, crc: Crc32 | None = None) -> int:
