@@ -322,8 +322,8 @@ class Tokenizer:
 
         The two files are one set: both are written to temp files first (nothing is replaced when that fails),
         then the old ``bmclip_tokenizer.json`` is removed, ``vocab.txt`` renamed into place and the json renamed
-        last (``bmclip.io.atomic.replace_as_set``). Whatever stops the save, the folder never holds a new vocab.txt beside an old json (at worst a new
-        vocab.txt without json, which ``from_vocab`` reads as a bare vocabulary).
+        last (``bmclip.io.atomic.replace_as_set``). Whatever stops the save, the folder never holds a new vocab.txt
+        beside an old json (at worst a new vocab.txt without json, which ``from_vocab`` reads as a bare vocabulary).
         """
         folder = check_save_folder(folder)
         folder.mkdir(parents=True, exist_ok=True)

@@ -70,3 +70,25 @@ def test_shard_names_digest_ignores_the_location_only():
         assert shard_names_digest(other) != shard_names_digest(local), other
     # a pipe: command has no location apart from its text
     assert shard_names_digest(["pipe:cat /a/x.tar"]) != shard_names_digest(["pipe:cat /b/x.tar"])
+
+
+def test_shards_moved_and_the_trainers_data_train_check_agree():
+    from bmclip.data.shards import shard_names_digest, shards_moved, urls_digest
+    from bmclip.train.trainer import _same_shards_moved
+
+    here = ["/data/train-000000.tar", "/data/train-000001.tar"]
+    saved = {"urls_sha1": urls_digest(here), "names_sha1": shard_names_digest(here)}
+    moved = ["s3://bucket/pmc/train-000000.tar", "s3://bucket/pmc/train-000001.tar"]
+    assert shards_moved(saved["urls_sha1"], saved["names_sha1"], moved)
+    assert not shards_moved(saved["urls_sha1"], saved["names_sha1"], here)  # not moved: the same URLs
+    assert not shards_moved(saved["urls_sha1"], saved["names_sha1"], moved[::-1])  # another order
+    assert not shards_moved(saved["urls_sha1"], "", moved)  # a state from before names were recorded
+
+    def ckpt(state):
+        return {"rank_state": {"loader": {"loader": state}}}
+
+    assert _same_shards_moved(ckpt(saved), "s3://bucket/pmc/train-{000000..000001}.tar")
+    assert _same_shards_moved(ckpt(saved), "/data/train-000000.tar::/data/train-000001.tar")  # respelled
+    assert not _same_shards_moved(ckpt(saved), "/data/train-{000000..000002}.tar")
+    assert not _same_shards_moved(ckpt(saved), "/data/train-{000001..000000}.tar")  # not a valid range
+    assert not _same_shards_moved(ckpt("not a dict"), "/data/train-000000.tar")

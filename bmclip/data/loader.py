@@ -70,7 +70,7 @@ from bmclip.data import remote
 from bmclip.data.cursor import SHARD_REASONS, Counters, Cursor, CursorState
 from bmclip.data.loader_options import LoaderOptions
 from bmclip.data.producer import END, BatchAssembler, Pipe, make_ring
-from bmclip.data.shards import expand_urls, shard_names_digest, shard_order, split_shards, urls_digest
+from bmclip.data.shards import expand_urls, shard_names_digest, shard_order, shards_moved, split_shards, urls_digest
 from bmclip.data.text import BackgroundTokenizer
 from bmclip.errors import ConfigError, DataError, check_int
 from bmclip.io.fs import local_path
@@ -226,8 +226,7 @@ class ShardLoader(torch.utils.data.IterableDataset):
         :attr:`moved_from_other_location` is True, and the state saved from here on names the new URLs.
         """
         st = CursorState.from_dict(state)
-        moved = (st.urls_sha1 != self._urls_digest and bool(st.names_sha1) and st.names_sha1 == self._names_digest
-                 and st.n_shards == len(self.urls))
+        moved = shards_moved(st.urls_sha1, st.names_sha1, self.urls) and st.n_shards == len(self.urls)
         for k, mine in (("urls_sha1", self._urls_digest), ("seed", self.seed), ("shuffle", self.shuffle),
                         ("resampled", self.resampled), ("shuffle_buffer", self.shuffle_buffer)):
             theirs = getattr(st, k)

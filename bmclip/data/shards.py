@@ -168,6 +168,14 @@ def shard_names_digest(urls: Sequence[str]) -> str:
     return hashlib.sha1("\n".join(_shard_name(u) for u in urls).encode()).hexdigest()
 
 
+def shards_moved(urls_sha1: str, names_sha1: str, urls: Sequence[str]) -> bool:
+    """A loader state saved for ``urls_sha1`` / ``names_sha1`` (its ``urls_digest`` and ``shard_names_digest``)
+    names the shards ``urls`` name, moved: other URLs, the same file names in the same order (an empty
+    ``names_sha1``, from a state saved before names were recorded, never matches). ``ShardLoader`` resumes such a
+    state; the trainer accepts a changed ``data.train`` for it."""
+    return bool(names_sha1) and urls_sha1 != urls_digest(urls) and names_sha1 == shard_names_digest(urls)
+
+
 def shard_order(n_shards: int, seed: int, epoch: int, shuffle: bool) -> list[int]:
     """Shard indices in the order of one epoch: a permutation seeded by (seed, epoch) when shuffling."""
     if not shuffle:

@@ -29,7 +29,7 @@ import yaml
 from bmclip.data import dali as dali_mod  # module attributes: tests replace DaliAugment / dali_available
 from bmclip.data.loader import ShardLoader
 from bmclip.data.normalize import normalize_images
-from bmclip.data.shards import expand_urls, shard_names_digest
+from bmclip.data.shards import expand_urls, shards_moved, urls_digest
 from bmclip.data.sources import DaliShardSource, ShardSource, SyntheticSource
 from bmclip.errors import BmclipError, CheckpointError, ConfigError
 from bmclip.interop import export_open_clip, open_clip_config
@@ -260,13 +260,15 @@ def _same_shards_moved(st: dict, train: str) -> bool:
     """The checkpoint's loader read shards with the same file names, in the same order, as ``train`` names now
     (the data set copied to another place: node-local scratch, another mount, an object store)."""
     state = ((st.get("rank_state") or {}).get("loader") or {}).get("loader") or {}
-    theirs = state.get("names_sha1") if isinstance(state, dict) else None
-    if not theirs:
-        return False  # saved before the names were recorded: only the same URLs resume
+    if not isinstance(state, dict):
+        return False
     try:
-        return theirs == shard_names_digest(expand_urls(train))
+        urls = expand_urls(train)
     except BmclipError:
         return False
+    urls_sha1 = str(state.get("urls_sha1") or "")
+    # the same URLs spelled another way (a brace pattern for a "::" list) are the same shards, not moved ones
+    return urls_sha1 == urls_digest(urls) or shards_moved(urls_sha1, str(state.get("names_sha1") or ""), urls)
 
 
 def _merge_data_stats(parts: list) -> dict | None:
