@@ -65,3 +65,30 @@ def test_one_backoff_schedule():
     opts = FetchOptions(backoff_s=0.5, backoff_max_s=6.0)
     for k in range(1, 8):  # the loader's download backoff is the same schedule with the same jitter draw
         assert opts.delay(k, random.Random(k)) == backoff_delay(k, 0.5, 6.0, random.Random(k))
+
+
+def test_one_transient_policy_for_every_remote_caller():
+    """Downloads, build inputs and uploads all retry on io.retry.is_transient: the same error gets the same
+    answer everywhere (they had three classifiers that disagreed on HTTP statuses, credentials and ImportError)."""
+    import errno
+
+    from bmclip.data.pmc import sources
+    from bmclip.data.remote import _transient as download_transient
+    from bmclip.errors import ConfigError
+    from bmclip.io.retry import is_transient
+
+    class HTTPish(OSError):
+        def __init__(self, status):
+            super().__init__(f"status {status}")
+            self.status = status
+
+    NoCredentialsError = type("NoCredentialsError", (Exception,), {})  # botocore's, by name
+    transient = [ConnectionResetError(), TimeoutError(), OSError(errno.EIO, "I/O error"), HTTPish(503),
+                 HTTPish(500), OSError("incomplete read: 10 of 20 bytes")]
+    permanent = [FileNotFoundError("s3://b/x"), PermissionError(), HTTPish(403), HTTPish(404),
+                 ModuleNotFoundError("s3fs"), ConfigError("bad"), NoCredentialsError(), TypeError("bug")]
+    for e in transient:
+        assert is_transient(e) and download_transient(e) and sources._transient(e), e
+    for e in permanent:
+        assert not is_transient(e) and not download_transient(e) and not sources._transient(e), e
+    assert not sources._transient(sources.PackageError("damaged", "x"))

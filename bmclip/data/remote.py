@@ -62,7 +62,7 @@ from typing import Any
 from bmclip.errors import ConfigError, check_int
 from bmclip.io import atomic_writer
 from bmclip.io.fs import filesystem, is_pipe, is_remote, protocol
-from bmclip.io.retry import RetryError, backoff_delay, retry
+from bmclip.io.retry import RetryError, backoff_delay, is_transient, retry
 
 __all__ = ["DEFAULT_CACHE_BYTES", "DEFAULT_PREFETCH_SHARDS", "FetchOptions", "ShardCache", "ShardFetchError",
            "check_remote_urls", "fetch_shard", "is_remote", "open_stream"]
@@ -73,8 +73,6 @@ DEFAULT_CACHE_BYTES = 4 << 30
 DEFAULT_PREFETCH_SHARDS = 2
 _DIR_PREFIX = "bmclip-shards-"
 _LOCK_NAME = ".lock"
-# HTTP statuses that a retry cannot fix
-_PERMANENT_STATUS = (400, 401, 403, 404, 405, 410)
 
 
 @dataclass(frozen=True)
@@ -281,13 +279,6 @@ def _download(url: str, dest: Path, opts: FetchOptions, storage_options: dict[st
         src.close()
 
 
-def _permanent(e: BaseException) -> bool:
-    if isinstance(e, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, ConfigError)):
-        return True
-    status = getattr(e, "status", None)
-    return isinstance(status, int) and status in _PERMANENT_STATUS
-
-
 def fetch_shard(url: str, dest: str | os.PathLike, *, fetch_options: FetchOptions | None = None,
                 storage_options: dict[str, Any] | None = None, cancelled: Callable[[], bool] | None = None,
                 rng: random.Random | None = None) -> tuple[int, int]:
@@ -315,9 +306,8 @@ def fetch_shard(url: str, dest: str | os.PathLike, *, fetch_options: FetchOption
 
 
 def _transient(e: BaseException) -> bool:
-    """A failure of a store or a command that another attempt may not see (not a missing backend, not a
-    missing object or refused permission, not a cancellation)."""
-    return not isinstance(e, (ImportError, _Cancelled)) and not _permanent(e)
+    """Another attempt of a download may succeed (``io.retry.is_transient``; a cancellation is final)."""
+    return is_transient(e, (_Cancelled,))
 
 
 class _StopFlag:

@@ -9,6 +9,10 @@ transiently (shard downloads of the training loader and the evaluation reader, b
 together do not retry together) and tries again. A failure ``retry_on`` refuses is raised at once; the last
 failure of ``attempts`` raises :class:`RetryError` naming ``what`` and the number of attempts, chained to the
 last error.
+
+``is_transient(e)`` is THE answer to "may another attempt succeed?" that every caller passes as ``retry_on``:
+I/O and connection errors yes; a missing object, a refused permission, a missing backend, a bad configuration
+or credentials, an HTTP status a retry cannot change, and programming errors no.
 """
 
 from __future__ import annotations
@@ -19,10 +23,33 @@ import time
 from collections.abc import Callable
 from typing import TypeVar
 
-__all__ = ["RetryError", "backoff_delay", "backoff_delays", "retry"]
+from bmclip.errors import BmclipError
+
+__all__ = ["PERMANENT_HTTP_STATUS", "RetryError", "backoff_delay", "backoff_delays", "is_transient", "retry"]
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
+
+
+# HTTP statuses that another attempt cannot change (fsspec's HTTP and aiohttp errors carry ``.status``)
+PERMANENT_HTTP_STATUS = frozenset({400, 401, 403, 404, 405, 410})
+_PERMANENT_TYPES = (
+    FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError,  # the object or the place
+    ImportError,  # a missing fsspec backend (s3fs, gcsfs): configuration, not a flaky store
+    BmclipError,  # bmclip's own verdicts (bad config, unusable data, an upload already given up)
+    TypeError, ValueError, KeyError, AttributeError, NotImplementedError,  # bugs and bad arguments
+)
+# botocore's configuration errors, by name (botocore is optional): no credentials or region appear by retrying
+_PERMANENT_NAMES = frozenset({"NoCredentialsError", "PartialCredentialsError", "NoRegionError"})
+
+
+def is_transient(e: BaseException, permanent: tuple[type[BaseException], ...] = ()) -> bool:
+    """Whether another attempt of a store, network or command operation that raised ``e`` may succeed (see the
+    module docstring); ``permanent``: the caller's own exception types that end the retries too."""
+    if isinstance(e, _PERMANENT_TYPES + tuple(permanent)) or type(e).__name__ in _PERMANENT_NAMES:
+        return False
+    status = getattr(e, "status", None)
+    return not (isinstance(status, int) and status in PERMANENT_HTTP_STATUS)
 
 
 class RetryError(RuntimeError):

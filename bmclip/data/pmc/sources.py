@@ -49,7 +49,7 @@ from typing import TypeVar
 from bmclip.data.images import IMAGE_EXTENSIONS
 from bmclip.errors import ConfigError, DataError
 from bmclip.io.fs import filesystem, is_remote, local_path, location_name
-from bmclip.io.retry import RetryError, retry
+from bmclip.io.retry import RetryError, is_transient, retry
 
 __all__ = [
     "InputReadError",
@@ -82,11 +82,8 @@ class InputReadError(DataError):
 
 
 def _transient(e: BaseException) -> bool:
-    """Failures worth another try: I/O and connection errors, not a missing object or a refused credential."""
-    if isinstance(e, (PackageError, PermissionError, FileNotFoundError, IsADirectoryError, NotADirectoryError,
-                      ConfigError)):
-        return False
-    return not isinstance(e, (TypeError, ValueError, KeyError, AttributeError, NotImplementedError))
+    """Another attempt of a remote read may succeed (``io.retry.is_transient``; an unusable package is final)."""
+    return is_transient(e, (PackageError,))
 
 
 def _remote_call(fn: Callable[[], T], what: str) -> T:

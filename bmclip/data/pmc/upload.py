@@ -32,7 +32,7 @@ from pathlib import Path
 
 from bmclip.errors import ConfigError, DataError
 from bmclip.io.fs import filesystem
-from bmclip.io.retry import RetryError, retry
+from bmclip.io.retry import RetryError, is_transient, retry
 
 __all__ = ["RemoteOutput", "UploadError"]
 
@@ -46,21 +46,8 @@ MAX_PENDING = 4  # finished shards waiting for their upload before the merge wai
 _ATOMIC_PUT = {"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss"}
 
 
-# botocore's configuration errors: no credentials or region will appear by trying again.
-_PERMANENT = {"NoCredentialsError", "PartialCredentialsError", "NoRegionError"}
-
-
 class UploadError(DataError):
     """An output file could not be uploaded (after retries): the build stops; a rerun redoes the merge."""
-
-
-def _transient(e: BaseException) -> bool:
-    """Upload failures worth another try: I/O and connection errors, not refused credentials or a missing bucket."""
-    if isinstance(e, (PermissionError, FileNotFoundError, IsADirectoryError, NotADirectoryError, UploadError)):
-        return False
-    if type(e).__name__ in _PERMANENT:
-        return False
-    return not isinstance(e, (TypeError, ValueError, KeyError, AttributeError, NotImplementedError))
 
 
 class RemoteOutput:
@@ -95,7 +82,7 @@ class RemoteOutput:
     def _call(self, fn, what: str, hint: str = "rerun the same command to redo the merge and its uploads"):
         try:
             return retry(fn, attempts=UPLOAD_ATTEMPTS, base_delay=UPLOAD_BASE_DELAY, max_delay=UPLOAD_MAX_DELAY,
-                         retry_on=_transient, what=what, sleep=self._sleep)
+                         retry_on=is_transient, what=what, sleep=self._sleep)
         except UploadError:
             raise
         except RetryError as e:
