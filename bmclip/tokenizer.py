@@ -50,6 +50,15 @@ DEFAULT_CONTEXT_LENGTH = 256
 MAX_CONTEXT_LENGTH = 65536
 MAX_VOCAB_SIZE = 1 << 24
 MAX_MIN_FREQUENCY = (1 << 32) - 1
+# Text is cut to a character budget before cleaning and encoding: cleaning and the Rust encoder take ~150 bytes
+# of memory per character, so one 40 MB caption in a shard aborted the process. The budget,
+# context_length * CHARS_PER_TOKEN_BOUND characters and at least MIN_TEXT_CHARS, keeps every token a context can
+# hold (a WordPiece token spans at most 100 characters of a word, plus the space after it) unless the text holds
+# whitespace runs or HTML entities of thousands of characters; untruncated counts (count_tokens, tokenize) look
+# at the first MAX_TEXT_CHARS.
+CHARS_PER_TOKEN_BOUND = 128
+MIN_TEXT_CHARS = 1 << 16
+MAX_TEXT_CHARS = 1 << 20
 ASSETS = Path(__file__).resolve().parent / "assets"
 
 
@@ -178,7 +187,10 @@ class Tokenizer:
                     self._per_length[length] = hf
         return hf
 
-    def _prepare(self, texts: list[str]) -> list[str]:
+    def _prepare(self, texts: list[str], length: int | None = None) -> list[str]:
+        """Texts cut to the character budget of ``length`` tokens (module constants), then cleaned."""
+        limit = MAX_TEXT_CHARS if length is None else max(MIN_TEXT_CHARS, length * CHARS_PER_TOKEN_BOUND)
+        texts = [t[:limit] for t in texts]
         return [clean_text(t) for t in texts] if self.clean else texts
 
     def __getstate__(self):  # picklable for DataLoader workers: the lock and per-length cache are rebuilt
@@ -280,21 +292,23 @@ class Tokenizer:
         length = self.context_length if context_length is None else check_context_length(context_length)
         if not texts:
             return torch.zeros(0, length, dtype=torch.long)
-        encs = self._for_length(length).encode_batch(self._prepare(texts))
+        encs = self._for_length(length).encode_batch(self._prepare(texts, length))
         return torch.from_numpy(np.array([e.ids for e in encs], dtype=np.int64))
 
     def encode_batch_lengths(self, texts: list[str], context_length: int | None = None) -> list[int]:
         """Unpadded token counts (with [CLS]/[SEP], after truncation to the context length)."""
         length = self.context_length if context_length is None else check_context_length(context_length)
-        encs = self._for_length(length).encode_batch(self._prepare(list(texts)))
+        encs = self._for_length(length).encode_batch(self._prepare(list(texts), length))
         return [sum(e.attention_mask) for e in encs]
 
     def count_tokens(self, text: str) -> int:
-        """Number of WordPiece tokens of one text, without special tokens or truncation (== len(tokenize(text)))."""
+        """Number of WordPiece tokens of one text (its first MAX_TEXT_CHARS characters), without special tokens or
+        truncation (== len(tokenize(text)))."""
         return len(self._base.encode(self._prepare([text])[0], add_special_tokens=False))
 
     def tokenize(self, text: str) -> list[str]:
-        """WordPiece tokens of one text, without special tokens or truncation."""
+        """WordPiece tokens of one text (its first MAX_TEXT_CHARS characters), without special tokens or
+        truncation."""
         return self._base.encode(self._prepare([text])[0], add_special_tokens=False).tokens
 
     def decode(self, ids) -> str:

@@ -334,3 +334,28 @@ def test_save_never_mixes_a_new_vocab_with_an_old_config(tmp_path, monkeypatch):
     else:  # the new vocabulary alone
         assert vocab_lines == new.vocab_lines()
     assert sorted(p.name for p in folder.iterdir() if p.name.startswith(".")) == []  # no temp files left
+
+
+def test_a_huge_caption_is_cut_to_what_the_context_can_hold():
+    """A 40 MB caption in a shard used to take > 4 GB in cleaning and the Rust encoder and abort the process
+    (SIGABRT); the text is now cut to a budget of characters that still holds every token of the context."""
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent("""
+        import resource
+        from bmclip.tokenizer import get_tokenizer
+        tok = get_tokenizer()
+        head = "the cell nucleus stains blue " * 200  # more tokens than the context holds
+        want = tok([head]).tolist()
+        vm = int(open("/proc/self/statm").read().split()[0]) * resource.getpagesize()
+        resource.setrlimit(resource.RLIMIT_AS, (vm + (1 << 30), resource.RLIM_INFINITY))  # 1 GiB more, no more
+        huge = head + "word " * 8_000_000  # 40 MB
+        assert tok([huge]).tolist() == want
+        assert tok.encode_batch_lengths([huge]) == [256]
+        assert tok.count_tokens(huge) > 200_000  # counts its first MAX_TEXT_CHARS characters
+        print("ok")
+    """)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", (r.returncode, r.stderr[-2000:])
