@@ -117,8 +117,9 @@ def _read_config(path: Path | None) -> dict[str, Any]:
         return {}
     try:
         d = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"cannot read {path}: {e}") from None
+    except (OSError, ValueError, RecursionError) as e:
+        why = "nested too deeply" if isinstance(e, RecursionError) else e
+        raise ConfigError(f"cannot read {path}: {why}") from None
     if not isinstance(d, dict):
         raise ConfigError(f"{path}: expected a JSON object")
     return d
@@ -175,7 +176,7 @@ def _is_bert_name(name: str) -> bool:
     cfg = Path(name) / "config.json"  # a local Hugging Face model folder: its declared architecture
     try:
         return cfg.is_file() and json.loads(cfg.read_text(encoding="utf-8")).get("model_type") == "bert"
-    except (OSError, ValueError, AttributeError):
+    except (OSError, ValueError, AttributeError, RecursionError):
         return False
 
 
@@ -489,7 +490,7 @@ def _not_an_export(folder: Path) -> str | None:
         return f"holds files that are not part of an open_clip export ({shown})"
     try:
         d = json.loads((folder / CONFIG_NAME).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         d = None
     if not (isinstance(d, dict) and isinstance(d.get("bmclip"), dict) and "model_config" in d["bmclip"]):
         return f"has no {CONFIG_NAME} written by a bmclip export (an interrupted or foreign export?)"

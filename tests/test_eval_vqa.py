@@ -340,3 +340,13 @@ def test_finetune_vqa_cli_failed_head_write_keeps_the_previous_set(vqa_rad_dir, 
     assert _cli(vqa_rad_dir, fresh, "--seed", "2") == 1
     monkeypatch.undo()
     assert not (tmp_path / "new").exists()  # the folders this run made are gone again
+
+
+@pytest.mark.parametrize("content, why", [(b"[" * 100_000 + b"]" * 100_000, "nested too deeply"),
+                                          (b'[{"q": "caf\xe9"}]', "utf-8")])
+def test_unreadable_question_json_is_one_data_error(tmp_path, content, why):
+    """A question file nested 100k deep raised RecursionError, one in Latin-1 a UnicodeDecodeError: tracebacks."""
+    (tmp_path / "imgs").mkdir()
+    (tmp_path / "train.json").write_bytes(content)
+    with pytest.raises(DataError, match=f"not valid JSON: .*{why}"):
+        read_slake(tmp_path, "train")

@@ -315,6 +315,22 @@ def test_corrupt_samples_skipped_and_counted(tmp_path):
     assert ld.stats["skipped_total"] == 18 and ld.stats["samples"] == 12
 
 
+def test_bad_json_members_are_counted_and_the_sample_kept(tmp_path):
+    """A json member that is malformed, not UTF-8, not an object or nested 100k deep (which raised RecursionError
+    out of the loader and ended training) is counted as bad_json; the sample itself is used, with json {}."""
+    p = tmp_path / "json.tar"
+    bad = [b"{not json", b"\xff\xfe{}", b"[1, 2]", b"[" * 100_000 + b"]" * 100_000]
+    with tarfile.open(p, "w", format=tarfile.USTAR_FORMAT) as tf:
+        for uid in range(6):
+            add_member(tf, f"s{uid:05d}.jpg", jpeg_bytes(uid))
+            add_member(tf, f"s{uid:05d}.txt", f"caption of sample {uid}".encode())
+            add_member(tf, f"s{uid:05d}.json", bad[uid] if uid < len(bad) else b'{"uid": %d}' % uid)
+    ld = ShardLoader([str(p)], batch_size=3, image_size=S, shuffle=False)
+    keys = collect(ld)
+    assert keys == [f"s{u:05d}" for u in range(6)]
+    assert ld.stats["bad_json"] == 4
+
+
 def image_bytes(uid: int, fmt: str) -> bytes:
     buf = io.BytesIO()
     Image.new("RGB", (24, 20), colour_of(uid)).save(buf, format=fmt, **({"lossless": True} if fmt == "WEBP" else {}))

@@ -704,3 +704,12 @@ def test_exported_tokenizer_length_is_the_models_context(tiny_export, tmp_path, 
     assert open_clip.get_tokenizer(f"local-dir:{out}")(["a chest x-ray"]).shape == (1, 64)
     assert Tokenizer.from_vocab(out).context_length == 64
     assert json.loads((out / CONFIG_NAME).read_text())["bmclip"]["tokenizer"]["context_length"] == 64
+
+
+def test_a_config_nested_beyond_the_parser_is_one_config_error(tmp_path):
+    from bmclip.interop import _read_config
+
+    cfg = tmp_path / "open_clip_config.json"
+    cfg.write_bytes(b"[" * 100_000 + b"]" * 100_000)  # raised RecursionError out of json.loads
+    with pytest.raises(ConfigError, match="nested too deeply"):
+        _read_config(cfg)

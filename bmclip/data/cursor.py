@@ -510,7 +510,7 @@ class Cursor:
                 js = json.loads(bytes(idx.read(*members["json"])))
                 if not isinstance(js, dict):
                     raise ValueError("not an object")
-            except (ValueError, UnicodeDecodeError):
+            except (ValueError, RecursionError):  # malformed, not UTF-8, or nested beyond the parser's depth
                 self.st.counters.bad_json += 1
                 js = {}
         return Sample(ref, key, idx.read(*img), text, js)

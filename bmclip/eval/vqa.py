@@ -69,8 +69,9 @@ def _read_json_list(path: Path) -> list[dict[str, Any]]:
         data = json.loads(path.read_text(encoding="utf-8"))
     except OSError as e:
         raise DataError(f"cannot read {path}: {e}") from e
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path} is not valid JSON: {e}") from e
+    except (ValueError, RecursionError) as e:  # malformed, not UTF-8, or nested beyond the parser's depth
+        what = "nested too deeply" if isinstance(e, RecursionError) else str(e)
+        raise DataError(f"{path} is not valid JSON: {what}") from None
     if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
         raise DataError(f"{path}: expected a JSON list of question records")
     return data
