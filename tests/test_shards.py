@@ -92,3 +92,15 @@ def test_shards_moved_and_the_trainers_data_train_check_agree():
     assert not _same_shards_moved(ckpt(saved), "/data/train-{000000..000002}.tar")
     assert not _same_shards_moved(ckpt(saved), "/data/train-{000001..000000}.tar")  # not a valid range
     assert not _same_shards_moved(ckpt("not a dict"), "/data/train-000000.tar")
+
+
+def test_a_pattern_naming_more_shards_than_any_data_set_is_refused_before_its_list_is_built():
+    """{000000000..999999999} built a billion-item list (5 GB after 17 s, then MemoryError or the OOM killer)."""
+    from bmclip.data.shards import MAX_SHARD_URLS
+
+    for pattern in ("x{000000000..999999999}.tar", "x{0..99999}-{0..99999}.tar", "{a,b}{0..9999999}.tar"):
+        with pytest.raises(ConfigError, match="more than the 10,000,000"):
+            expand_urls(pattern)
+    assert MAX_SHARD_URLS == 10_000_000
+    assert len(expand_urls("x{0..999}-{0..999}.tar")) == 1_000_000  # big, but plausible
+    assert expand_urls([b"/data/caf\xe9-{0..1}.tar"]) == ["/data/caf\udce9-0.tar", "/data/caf\udce9-1.tar"]

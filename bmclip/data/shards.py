@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import glob
 import hashlib
+import os
 import re
 from collections.abc import Iterable, Sequence
 from urllib.parse import urlsplit
@@ -82,6 +83,7 @@ def _range_items(body: str, pattern: str) -> list[str] | None:
         padded = any(len(s.lstrip("-")) > 1 and s.lstrip("-").startswith("0") for s in (a_s, b_s))
         width = max(len(a_s), len(b_s)) if padded else 0
         seq = range(a, b + 1, step) if a <= b else range(a, b - 1, -step)
+        _check_count(len(seq), pattern)
         return [(f"{v:0{width}d}" if width else str(v)) for v in seq]
     m = _ALPHA_RANGE.match(body)
     if m:
@@ -93,6 +95,17 @@ def _range_items(body: str, pattern: str) -> list[str] | None:
         seq = range(lo, hi + 1, step) if lo <= hi else range(lo, hi - 1, -step)
         return [chr(v) for v in seq]
     return None
+
+
+# More shard URLs than any data set has (LAION-5B is ~500k shards of 10k samples): a pattern naming more is a typo
+# ({0..999999999}), refused before its list (tens of GB) is built.
+MAX_SHARD_URLS = 10_000_000
+
+
+def _check_count(n: int, pattern: str) -> None:
+    if n > MAX_SHARD_URLS:
+        raise ConfigError(f"shard pattern {pattern!r} names {n:,} shards, more than the {MAX_SHARD_URLS:,} "
+                          "bmclip takes (a typo in a brace range?)")
 
 
 def braceexpand(pattern: str) -> list[str]:
@@ -112,6 +125,7 @@ def braceexpand(pattern: str) -> list[str]:
             )
         items = [x for alt in alts for x in braceexpand(alt)]
     tails = braceexpand(tail)
+    _check_count(len(items) * len(tails), pattern)
     return [head + item + t for item in items for t in tails]
 
 
@@ -137,12 +151,13 @@ def expand_urls(urls: str | Sequence[str] | Iterable[str]) -> list[str]:
         if hasattr(u, "__fspath__"):
             u = str(u)
         if isinstance(u, bytes):
-            u = u.decode()
+            u = os.fsdecode(u)
         if not isinstance(u, str):
             raise ConfigError(f"shard url must be a str or path, got {type(u).__name__}")
         for part in u.split("::"):
             if part:
                 out.extend(x for b in braceexpand(part) for x in _glob(b))
+                _check_count(len(out), part)
     if not out:
         raise ConfigError("no shards: the url list / pattern expands to nothing")
     return out
