@@ -477,3 +477,88 @@ def test_builtin_task_without_layout_reader_reads_its_root_by_format(tmp_path):
     assert ds.classes == ["none", "tumor infiltrating lymphocytes"] and ds.labels().tolist() == [0, 1, 1]
     with pytest.raises(DataError, match="not found"):
         datasets.open_dataset(str(tmp_path / "missing"))
+
+
+# ---------------------------------------------------------------------------------------------------
+# decompression bombs in time and memory
+
+
+def _many_scans_jpeg(n_scans: int) -> bytes:
+    """A small progressive JPEG whose last scan is repeated: n_scans SOS markers in all."""
+    b = io.BytesIO()
+    Image.new("RGB", (64, 48), (120, 130, 140)).save(b, "JPEG", progressive=True, quality=90)
+    d = b.getvalue()
+    last = d.rindex(b"\xff\xda")
+    have = d.count(b"\xff\xda")
+    return d[:last] + d[last:-2] * (n_scans - have + 1) + d[-2:]
+
+
+def test_a_jpeg_of_more_than_500_scans_is_refused_before_pillow_decodes_it(tmp_path):
+    """Pillow spent 95 s on one 2 MB JPEG of 20000 scans; the C++ loader refuses more than 500 (as TurboJPEG)."""
+    from bmclip.data.images import jpeg_scan_count
+
+    ok, bomb = _many_scans_jpeg(400), _many_scans_jpeg(501)
+    assert jpeg_scan_count(ok) == 400 and jpeg_scan_count(bomb) == 501
+    (tmp_path / "ok.jpg").write_bytes(ok)
+    (tmp_path / "bomb.jpg").write_bytes(bomb)
+    assert images.load_image(tmp_path / "ok.jpg").size == (64, 48)
+    with pytest.raises(DataError, match="bomb.jpg: more than 500 progressive scans"):
+        images.load_image(tmp_path / "bomb.jpg")
+    with pytest.raises(DataError, match="more than 500 progressive scans"):
+        images.decode_sample_image({"__key__": "k", "jpg": bomb})
+
+
+def test_a_dicom_larger_than_pillow_opens_is_refused_from_its_header(tmp_path, monkeypatch):
+    """A 778-byte deflated 20000 x 20000 DICOM decoded to 6 GB before the error; the header's Rows x Columns x
+    frames is now checked against Pillow's limit first."""
+    p = make_dicom(tmp_path / "big.dcm", np.zeros((3, 40, 50), dtype=np.uint16))
+    assert p.is_file()
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 2000)  # 3 x 40 x 50 = 6000 > 2 x 2000
+    import pydicom
+
+    monkeypatch.setattr(pydicom.dataset.Dataset, "pixel_array",
+                        property(lambda self: pytest.fail("pixels decoded despite the header")))
+    with pytest.raises(DataError, match="6,000 pixels .* more than the 4,000 that Pillow opens"):
+        images.load_image(tmp_path / "big.dcm")
+
+
+def test_high_bit_depth_conversions_are_exact_in_blocks_of_rows(monkeypatch):
+    from bmclip.data import images as shared
+
+    monkeypatch.setattr(shared, "_ROW_CHUNK_ELEMENTS", 7)  # many blocks, one partial
+    rng = np.random.default_rng(0)
+    for a in (rng.integers(0, 4096, (23, 5)).astype(np.uint16), rng.normal(size=(9, 4, 3)).astype(np.float32),
+              rng.integers(-5000, 5000, (1, 31)).astype(np.int32)):
+        x = a.astype(np.float64)
+        want = np.clip(np.round((x - x.min()) / (x.max() - x.min()) * 255.0), 0, 255).astype(np.uint8)
+        np.testing.assert_array_equal(shared.minmax_to_uint8(a), want)
+    x = rng.integers(0, 400, (17, 6)).astype(np.float64)
+    for fn in ("LINEAR", "LINEAR_EXACT", "SIGMOID"):
+        whole = images._window(x, 200.0, 101.0, fn)
+        np.testing.assert_array_equal(images.window_to_uint8(x, 200.0, 101.0, fn), whole)
+
+
+def test_a_large_16_bit_png_converts_within_bounded_memory(tmp_path):
+    """A 328 KB 13000 x 13000 16-bit PNG took 4.2 GB in float64 copies (x4 eval workers); a 6000 x 6000 one now
+    converts within 600 MB more address space (the float64 copies alone were 4 x 288 MB)."""
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent(f"""
+        import resource
+        import numpy as np
+        from PIL import Image
+        from bmclip.eval.images import load_image
+        a = np.zeros((6000, 6000), dtype=np.uint16)
+        a[::7, ::5] = 4095
+        Image.fromarray(a).save({str(tmp_path / "ct.png")!r})
+        del a
+        vm = int(open("/proc/self/statm").read().split()[0]) * resource.getpagesize()
+        resource.setrlimit(resource.RLIMIT_AS, (vm + (600 << 20), resource.RLIM_INFINITY))
+        g = np.asarray(load_image({str(tmp_path / "ct.png")!r}))
+        assert g.shape == (6000, 6000, 3) and g.max() == 255 and g.min() == 0
+        print("ok")
+    """)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", (r.returncode, r.stderr[-2000:])

@@ -7,10 +7,15 @@ other module declares its own copy.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 from PIL import Image
 
-__all__ = ["DECODED_EXTENSIONS", "IMAGE_EXTENSIONS", "IMAGE_MEAN", "IMAGE_STD", "minmax_to_uint8", "pil_to_rgb"]
+from bmclip.errors import DataError
+
+__all__ = ["DECODED_EXTENSIONS", "IMAGE_EXTENSIONS", "IMAGE_MEAN", "IMAGE_STD", "MAX_JPEG_SCANS", "check_jpeg_scans",
+           "jpeg_scan_count", "map_rows", "minmax_to_uint8", "pil_to_rgb"]
 
 # BiomedCLIP's image normalisation (open_clip's OPENAI_DATASET_MEAN / OPENAI_DATASET_STD), per RGB channel,
 # for pixels scaled to [0, 1].
@@ -28,6 +33,12 @@ IMAGE_EXTENSIONS = DECODED_EXTENSIONS + ("webp", "tif", "tiff", "bmp", "gif")
 
 
 _HIGH_BIT_DEPTH = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
+# Elements converted per step by map_rows: float64 temporaries of ~32 MB, however large the image (a 13000 px
+# square 16-bit PNG of 328 KB used to take 4 GB in float64 copies).
+_ROW_CHUNK_ELEMENTS = 1 << 22
+# The most JPEG scans a reader accepts, as the C++ decoder (kMaxJpegScans) and TurboJPEG's TJFLAG_LIMITSCANS: a
+# progressive JPEG of thousands of scans is a decompression bomb in time (95 s in Pillow for one 2 MB file).
+MAX_JPEG_SCANS = 500
 
 
 def pil_to_rgb(im: Image.Image, background: tuple[int, int, int] | None = None) -> Image.Image:
@@ -39,16 +50,45 @@ def pil_to_rgb(im: Image.Image, background: tuple[int, int, int] | None = None) 
     that colour, as a page shows a figure (the dataset builder uses white).
     """
     if im.mode in _HIGH_BIT_DEPTH:
-        return Image.fromarray(minmax_to_uint8(np.asarray(im, dtype=np.float64))).convert("RGB")
+        return Image.fromarray(minmax_to_uint8(np.asarray(im))).convert("RGB")
     if background is not None and (im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info)):
         rgba = im.convert("RGBA")
         return Image.alpha_composite(Image.new("RGBA", rgba.size, (*background, 255)), rgba).convert("RGB")
     return im if im.mode == "RGB" else im.convert("RGB")
 
 
+def map_rows(arr: np.ndarray, fn: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
+    """``fn`` (elementwise, to uint8) applied to ``arr`` a block of rows at a time: the same result as
+    ``fn(arr)`` with bounded temporaries."""
+    arr = np.asarray(arr)
+    out = np.empty(arr.shape, dtype=np.uint8)
+    if arr.ndim == 0 or arr.size == 0:
+        out[...] = fn(arr)
+        return out
+    rows = max(1, _ROW_CHUNK_ELEMENTS // max(1, arr[0].size))
+    for i in range(0, arr.shape[0], rows):
+        out[i:i + rows] = fn(arr[i:i + rows])
+    return out
+
+
 def minmax_to_uint8(arr: np.ndarray) -> np.ndarray:
     """Array of any range -> uint8 with its minimum at 0 and its maximum at 255 (all zeros when constant)."""
     lo, hi = float(np.min(arr)), float(np.max(arr))
     if hi <= lo:
-        return np.zeros(arr.shape, dtype=np.uint8)
-    return np.clip(np.round((arr - lo) / (hi - lo) * 255.0), 0, 255).astype(np.uint8)
+        return np.zeros(np.shape(arr), dtype=np.uint8)
+    return map_rows(arr, lambda a: np.clip(np.round((a.astype(np.float64) - lo) / (hi - lo) * 255.0), 0, 255)
+                    .astype(np.uint8))
+
+
+def jpeg_scan_count(data: bytes | memoryview) -> int:
+    """How many scans (SOS markers) a JPEG holds: an upper bound, as entropy-coded data cannot hold the marker
+    (a 0xFF byte there is stuffed) but metadata (an EXIF thumbnail) can. 0 for data that is not a JPEG."""
+    b = bytes(data[:2])
+    return bytes(data).count(b"\xff\xda") if b == b"\xff\xd8" else 0
+
+
+def check_jpeg_scans(data: bytes | memoryview, what: str) -> None:
+    """DataError when a JPEG holds more than MAX_JPEG_SCANS scans (see there)."""
+    n = jpeg_scan_count(data)
+    if n > MAX_JPEG_SCANS:
+        raise DataError(f"{what}: more than {MAX_JPEG_SCANS} progressive scans ({n}; a decompression bomb?)")

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from bmclip.data.images import IMAGE_EXTENSIONS, minmax_to_uint8, pil_to_rgb
+from bmclip.data.images import IMAGE_EXTENSIONS, check_jpeg_scans, map_rows, minmax_to_uint8, pil_to_rgb
 from bmclip.errors import ConfigError, DataError
 
 __all__ = ["DICOM_EXTENSIONS", "decode_image_bytes", "decode_sample_image", "dicom_to_pil", "is_image_file",
@@ -61,6 +61,10 @@ def load_image(path: str | os.PathLike, frame: str = "middle") -> Image.Image:
     if _suffix(p) in DICOM_EXTENSIONS or looks_like_dicom(p):
         return dicom_to_pil(p, frame=frame)
     try:
+        with open(p, "rb") as f:
+            head = f.read(2)
+            if head == b"\xff\xd8":  # a JPEG: its scans are counted before Pillow decodes them
+                check_jpeg_scans(head + f.read(), f"cannot read image {p}")
         with Image.open(p) as im:
             im.load()
             return pil_to_rgb(im)
@@ -72,6 +76,7 @@ def decode_image_bytes(data: bytes, ext: str, name: str = "image") -> Image.Imag
     """An image held in memory (``ext`` says DICOM or a PIL format) -> RGB PIL image; DataError if undecodable."""
     if ext in DICOM_EXTENSIONS:
         return dicom_to_pil(io.BytesIO(data), name=name)
+    check_jpeg_scans(data, f"cannot decode {name}")
     try:
         with Image.open(io.BytesIO(data)) as im:
             im.load()
@@ -96,21 +101,23 @@ def decode_sample_image(sample: dict[str, Any]) -> Image.Image:
 
 
 def window_to_uint8(arr: np.ndarray, center: float, width: float, function: str = "LINEAR") -> np.ndarray:
-    """DICOM VOI window (PS3.3 C.11.2.1.2: LINEAR, LINEAR_EXACT or SIGMOID) mapped to 0..255 uint8."""
-    x = np.asarray(arr, dtype=np.float64)
+    """DICOM VOI window (PS3.3 C.11.2.1.2: LINEAR, LINEAR_EXACT or SIGMOID) mapped to 0..255 uint8 (a block of
+    rows at a time: temporaries stay bounded however large the image)."""
     function = (function or "LINEAR").upper()
+    if function not in ("LINEAR", "LINEAR_EXACT", "SIGMOID"):
+        raise DataError(f"unknown DICOM VOILUTFunction {function!r}")
+    if function == "LINEAR" and width < 1:
+        raise DataError(f"DICOM window width must be >= 1, got {width}")
+    if function != "LINEAR" and width <= 0:
+        raise DataError(f"DICOM window width must be > 0, got {width}")
+    return map_rows(arr, lambda a: _window(np.asarray(a, dtype=np.float64), center, width, function))
+
+
+def _window(x: np.ndarray, center: float, width: float, function: str) -> np.ndarray:
     if function == "SIGMOID":
-        if width <= 0:
-            raise DataError(f"DICOM window width must be > 0, got {width}")
         return np.clip(np.round(255.0 / (1.0 + np.exp(-4.0 * (x - center) / width))), 0, 255).astype(np.uint8)
     if function == "LINEAR_EXACT":
-        if width <= 0:
-            raise DataError(f"DICOM window width must be > 0, got {width}")
         return np.clip(np.round(((x - center) / width + 0.5) * 255.0), 0, 255).astype(np.uint8)
-    if function != "LINEAR":
-        raise DataError(f"unknown DICOM VOILUTFunction {function!r}")
-    if width < 1:
-        raise DataError(f"DICOM window width must be >= 1, got {width}")
     if width == 1:
         return np.where(x < center - 0.5, 0, 255).astype(np.uint8)
     y = ((x - (center - 0.5)) / (width - 1) + 0.5) * 255.0
@@ -126,6 +133,25 @@ def _first(v: Any) -> float:
         return float(v[0])
     except TypeError:
         return float(v)
+
+
+def _row_blocks(arr: np.ndarray, elements: int = 1 << 22) -> list[np.ndarray]:
+    """Views of blocks of rows of a (rows, columns[, samples]) image, ``elements`` per block."""
+    rows = max(1, elements // max(1, arr[0].size))
+    return [arr[i:i + rows] for i in range(0, arr.shape[0], rows)]
+
+
+def _check_dicom_pixels(ds: Any, p: str) -> None:
+    """DataError for a DICOM whose pixel data would decode to more pixels than Pillow opens (a 778-byte deflated
+    20000 x 20000 file decoded to 6 GB before this check), from its header alone."""
+    try:
+        n = int(ds.Rows) * int(ds.Columns) * max(1, int(getattr(ds, "NumberOfFrames", 1) or 1))
+    except (AttributeError, TypeError, ValueError) as e:
+        raise DataError(f"DICOM {p} has no usable Rows/Columns/NumberOfFrames: {e}") from e
+    limit = 2 * (Image.MAX_IMAGE_PIXELS or 0) or None
+    if limit is not None and n > limit:
+        raise DataError(f"DICOM {p}: {n:,} pixels (Rows x Columns x frames), more than the {limit:,} that Pillow "
+                        "opens (a decompression bomb?)")
 
 
 def dicom_to_pil(source: str | os.PathLike | io.BytesIO, frame: str = "middle", name: str | None = None
@@ -153,6 +179,7 @@ def dicom_to_pil(source: str | os.PathLike | io.BytesIO, frame: str = "middle", 
         raise DataError(f"cannot read DICOM {p}: {e}") from e
     if "PixelData" not in ds:
         raise DataError(f"DICOM {p} has no pixel data (e.g. a waveform or structured report)")
+    _check_dicom_pixels(ds, p)
     try:
         arr = ds.pixel_array
     except Exception as e:  # missing codec (JPEG 2000 without pylibjpeg/openjpeg), corrupt stream
@@ -171,13 +198,23 @@ def dicom_to_pil(source: str | os.PathLike | io.BytesIO, frame: str = "middle", 
         if arr.dtype != np.uint8:
             arr = minmax_to_uint8(arr)
         return Image.fromarray(np.ascontiguousarray(arr), "RGB")
-    x = apply_rescale(arr, ds) if "RescaleSlope" in ds or "RescaleIntercept" in ds else arr
-    x = np.asarray(x, dtype=np.float64)
+    rescaled = "RescaleSlope" in ds or "RescaleIntercept" in ds
+
+    def modality(a: np.ndarray) -> np.ndarray:  # the modality LUT, a block of rows at a time
+        return np.asarray(apply_rescale(a, ds) if rescaled else a, dtype=np.float64)
+
     if "WindowCenter" in ds and "WindowWidth" in ds:
-        g = window_to_uint8(x, _first(ds.WindowCenter), _first(ds.WindowWidth),
-                            str(ds.get("VOILUTFunction", "LINEAR") or "LINEAR"))
+        center, width = _first(ds.WindowCenter), _first(ds.WindowWidth)
+        function = str(ds.get("VOILUTFunction", "LINEAR") or "LINEAR")
+        window_to_uint8(np.zeros(1), center, width, function)  # the window's own errors, before any pixel
+        g = map_rows(arr, lambda a: window_to_uint8(modality(a), center, width, function))
+    elif rescaled:
+        lo = min(float(np.min(modality(a))) for a in _row_blocks(arr))
+        hi = max(float(np.max(modality(a))) for a in _row_blocks(arr))
+        g = (map_rows(arr, lambda a: np.clip(np.round((modality(a) - lo) / (hi - lo) * 255.0), 0, 255)
+                      .astype(np.uint8)) if hi > lo else np.zeros(arr.shape, dtype=np.uint8))
     else:
-        g = minmax_to_uint8(x)
+        g = minmax_to_uint8(arr)
     if photometric == "MONOCHROME1":
         g = 255 - g
     return Image.fromarray(g, "L").convert("RGB")
