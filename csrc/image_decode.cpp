@@ -426,7 +426,7 @@ bool jpeg_run(JpegCtx& ctx) {
 
 struct PngCtx : DecodeCtx {
   size_t pos = 0;  // read position in data
-  std::vector<uint8_t> row, image;
+  std::vector<uint8_t> row, image, wide;  // wide: a 16-bit greyscale image before its min/max scaling
   std::vector<png_bytep> rows;
   char msg[256] = {0};
 };
@@ -462,8 +462,34 @@ void png_read_mem(png_structp png, png_bytep out, size_t n) {
   ctx->pos += n;
 }
 
+// 16-bit greyscale (big-endian samples, W x H) -> 8-bit RGB with the minimum at 0 and the maximum at 255, as
+// bmclip.data.images.minmax_to_uint8 computes it (the same float64 operations, rounded half to even by
+// nearbyint), so every reader of a 16-bit CT or microscopy PNG sees the same pixels; a constant image is black.
+void gray16_to_rgb(const uint8_t* wide, size_t n, uint8_t* out) {
+  unsigned lo = 65535, hi = 0;
+  for (size_t i = 0; i < n; ++i) {
+    const unsigned v = (static_cast<unsigned>(wide[2 * i]) << 8) | wide[2 * i + 1];
+    lo = std::min(lo, v);
+    hi = std::max(hi, v);
+  }
+  uint8_t lut[65536];
+  if (hi <= lo) {
+    memset(out, 0, n * 3);
+    return;
+  }
+  for (unsigned v = lo; v <= hi; ++v) {
+    const double t = std::nearbyint((static_cast<double>(v) - lo) / (static_cast<double>(hi) - lo) * 255.0);
+    lut[v] = static_cast<uint8_t>(std::min(255.0, std::max(0.0, t)));
+  }
+  for (size_t i = 0; i < n; ++i) {
+    const uint8_t g = lut[(static_cast<unsigned>(wide[2 * i]) << 8) | wide[2 * i + 1]];
+    out[3 * i] = out[3 * i + 1] = out[3 * i + 2] = g;
+  }
+}
+
 // Stage 1 (setjmp frame): header, transforms to 8-bit RGB like Pillow's convert("RGB") (alpha
-// dropped, palette expanded, gray replicated, 16-bit -> high byte), then rows.
+// dropped, palette expanded, gray replicated, 16-bit colour -> high byte; 16-bit greyscale min/max scaled as
+// bmclip's Python readers do, where Pillow would clip it), then rows.
 bool png_run(PngCtx& ctx) {
   png_structp png = png_create_read_struct(PNG_LIBPNG_VER_STRING, &ctx, png_on_error, png_on_warning);
   if (!png) {
@@ -500,22 +526,38 @@ bool png_run(PngCtx& ctx) {
   if (color == PNG_COLOR_TYPE_PALETTE) png_set_palette_to_rgb(png);
   if ((color == PNG_COLOR_TYPE_GRAY || color == PNG_COLOR_TYPE_GRAY_ALPHA) && depth < 8)
     png_set_expand_gray_1_2_4_to_8(png);
-  if (depth == 16) png_set_strip_16(png);
+  // 16-bit greyscale needs its minimum and maximum before any row is converted: read whole, then scaled.
+  const bool gray16 = color == PNG_COLOR_TYPE_GRAY && depth == 16;
+  if (depth == 16 && !gray16) png_set_strip_16(png);
   // Alpha (and palette tRNS, which png_set_palette_to_rgb expands to alpha) is dropped, as in
   // Pillow's convert("RGB").
   if ((color & PNG_COLOR_MASK_ALPHA) || png_get_valid(png, info, PNG_INFO_tRNS)) png_set_strip_alpha(png);
-  if (color == PNG_COLOR_TYPE_GRAY || color == PNG_COLOR_TYPE_GRAY_ALPHA) png_set_gray_to_rgb(png);
+  if (!gray16 && (color == PNG_COLOR_TYPE_GRAY || color == PNG_COLOR_TYPE_GRAY_ALPHA)) png_set_gray_to_rgb(png);
   int passes = png_set_interlace_handling(png);
   png_read_update_info(png, info);
   const size_t rowbytes = png_get_rowbytes(png, info);
   const size_t W = static_cast<size_t>(ctx.width), H = static_cast<size_t>(ctx.height);
-  if (rowbytes != W * 3 || png_get_channels(png, info) != 3 || png_get_bit_depth(png, info) != 8) {
+  const size_t channels = gray16 ? 1 : 3, sample_bytes = gray16 ? 2 : 1;
+  if (rowbytes != W * channels * sample_bytes || png_get_channels(png, info) != channels ||
+      png_get_bit_depth(png, info) != 8 * sample_bytes) {
     png_destroy_read_struct(&png, &info, nullptr);
     ctx.reason = "png: unsupported pixel layout";
     return false;
   }
 
-  if (ctx.mode == Mode::kFull || passes > 1) {
+  if (gray16) {
+    ctx.wide.resize(W * H * 2);
+    ctx.rows.resize(H);
+    for (size_t y = 0; y < H; ++y) ctx.rows[y] = ctx.wide.data() + y * W * 2;
+    png_read_image(png, ctx.rows.data());
+    png_destroy_read_struct(&png, &info, nullptr);
+    std::vector<uint8_t>& img = ctx.mode == Mode::kFull ? *ctx.full : ctx.image;
+    img.resize(W * H * 3 + (ctx.mode == Mode::kFull ? 0 : kRowPad));
+    gray16_to_rgb(ctx.wide.data(), W * H, img.data());
+    std::vector<uint8_t>().swap(ctx.wide);
+    if (ctx.mode == Mode::kFull) return true;
+    passes = 2;  // from here on, as an interlaced image: every row is in ctx.image
+  } else if (ctx.mode == Mode::kFull || passes > 1) {
     // Interlaced images only have final rows after the last pass: decode the whole image.
     std::vector<uint8_t>& img = ctx.mode == Mode::kFull ? *ctx.full : ctx.image;
     img.resize(W * H * 3 + (ctx.mode == Mode::kFull ? 0 : kRowPad));

@@ -104,6 +104,13 @@ def write_png(samples: np.ndarray, color_type: int, depth: int, interlace=False,
     return png + _chunk(b"IDAT", zlib.compress(raw)) + _chunk(b"IEND", b"")
 
 
+def minmax_ref(v: np.ndarray) -> np.ndarray:
+    """16-bit greyscale -> uint8, minimum at 0 and maximum at 255, in float64, rounded half to even: what every
+    bmclip reader gives (Pillow's convert("RGB") clips instead)."""
+    x = v.astype(np.float64)
+    return np.clip(np.round((x - x.min()) / (x.max() - x.min()) * 255.0), 0, 255).astype(np.uint8)
+
+
 def png_cases():
     """(name, png bytes, expected RGB uint8 [H, W, 3]) for every PNG colour type and depth."""
     rng = np.random.default_rng(7)
@@ -122,9 +129,10 @@ def png_cases():
         g = base[:, :, 1]
         cases.append((f"gray8{tag}", write_png(g, 0, 8, interlace), np.repeat(g[:, :, None], 3, 2)))
         g16 = g.astype(np.uint16) * 257 + 100
-        cases.append(
-            (f"gray16{tag}", write_png(g16, 0, 16, interlace), np.repeat((g16 >> 8)[:, :, None].astype(np.uint8), 3, 2))
-        )
+        cases.append((f"gray16{tag}", write_png(g16, 0, 16, interlace), np.repeat(minmax_ref(g16)[:, :, None], 3, 2)))
+        ties = (np.arange(h * w) % 511).reshape(h, w).astype(np.uint16) + 1000  # v / 510 * 255: half-way values
+        cases.append((f"gray16-ties{tag}", write_png(ties, 0, 16, interlace),
+                      np.repeat(minmax_ref(ties)[:, :, None], 3, 2)))
         for d in (1, 2, 4):
             gd = rng.integers(0, 2**d, (h, w))
             exp = (gd * 255 // (2**d - 1)).astype(np.uint8)
@@ -189,9 +197,13 @@ def test_decode_image_png(dec, name, data, expected):
     got = dec.decode_image(data)
     np.testing.assert_array_equal(got, expected)
     assert _C.image_info(data) == (expected.shape[1], expected.shape[0], "png")
-    if not name.startswith("gray16"):
-        # Pillow agrees everywhere except 16-bit gray, which it clips to 255 in convert("RGB")
-        # (I;16 -> L saturates) instead of keeping the high byte.
+    if name.startswith("gray16"):
+        # Pillow's convert("RGB") clips 16-bit gray to 255 (I;16 -> L saturates); bmclip's Python readers
+        # (evaluation, embed, the dataset builder) min/max scale it, and the C++ decoder gives the same pixels
+        from bmclip.data.images import pil_to_rgb
+
+        np.testing.assert_array_equal(np.asarray(pil_to_rgb(Image.open(io.BytesIO(data)))), expected)
+    else:
         np.testing.assert_array_equal(np.asarray(pil_rgb(data)), expected)
 
 
@@ -206,8 +218,8 @@ def test_pillow_written_pngs(dec):
         data = encode(im, "PNG")
         expected = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
         if mode == "I;16":
-            v = np.asarray(Image.open(io.BytesIO(data))).astype(np.uint32)
-            expected = np.repeat((v >> 8).astype(np.uint8)[:, :, None], 3, 2)
+            v = np.asarray(Image.open(io.BytesIO(data)))
+            expected = np.repeat(minmax_ref(v)[:, :, None], 3, 2)
         np.testing.assert_array_equal(dec.decode_image(data), expected, err_msg=mode)
 
 
