@@ -272,6 +272,25 @@ def test_resume_state_checks(tmp_path):
         iter(other_rank)
 
 
+@pytest.mark.parametrize("field, value", [
+    ("shard", 99), ("shard_pos", 99), ("buffer", [[99, 0]]), ("buffer", [[0, -1]]), ("epoch", "x"),
+    ("epoch", -1), ("sample_pos", 1.5), ("split", 5), ("rng", {"bit_generator": "MT19937"}), ("shuffle", "yes"),
+    ("urls_sha1", 7),
+])
+def test_a_damaged_state_is_refused_at_load_not_at_the_next_batch(tmp_path, field, value):
+    """Out-of-range shard indices, a string epoch or another generator's state used to load and then fail with an
+    IndexError or numpy ValueError at the first batch (or silently change the stream)."""
+    urls = write_shards(tmp_path, 2, 6)
+    ld = ShardLoader(urls, batch_size=2, image_size=S, shuffle_buffer=4)
+    it = iter(ld)
+    next(it)
+    st = json.loads(json.dumps(ld.state_dict()))
+    st[field] = value
+    fresh = ShardLoader(urls, batch_size=2, image_size=S, shuffle_buffer=4)
+    with pytest.raises(ConfigError, match=f"damaged ShardLoader state.*{field}"):
+        fresh.load_state_dict(st)
+
+
 def write_messy_shard(path: Path) -> dict[str, int]:
     """A shard with good samples and each kind of bad one; returns the expected skip counts."""
     with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tf:

@@ -30,7 +30,7 @@ import numpy as np
 
 from bmclip.data.images import DECODED_EXTENSIONS, IMAGE_EXTENSIONS
 from bmclip.data.shards import shard_order, split_shards
-from bmclip.errors import ConfigError, DataError
+from bmclip.errors import ConfigError, DataError, is_int
 
 __all__ = ["Counters", "Cursor", "CursorState", "PassTally", "Sample", "SHARD_REASONS", "STATE_VERSION",
            "TEXT_EXTENSIONS", "mix", "no_valid_message"]
@@ -219,9 +219,44 @@ class CursorState:
             # saved before the pass tallies existed: assume the epoch so far had valid samples
             kw["tally"] = PassTally.from_dict(d["pass"]) if "pass" in d else PassTally(good=1)
             kw["rng"], kw["shard_rng"] = copy.deepcopy(d["rng"]), copy.deepcopy(d["shard_rng"])
-            return cls(**kw)
+            st = cls(**kw)
+            st._check()
+            return st
         except (AttributeError, KeyError, TypeError, ValueError) as e:
             raise ConfigError(f"damaged ShardLoader state ({type(e).__name__}: {e})") from e
+
+    def _check(self) -> None:
+        """ValueError naming the first field out of its type or range (a state edited by hand, or another
+        program's): found here, not as an IndexError at the first batch after the resume."""
+        def integer(name: str, lo: int, hi: int | None = None) -> None:
+            v = getattr(self, name)
+            if not is_int(v) or v < lo or (hi is not None and v > hi):
+                raise ValueError(f"{name}={v!r} is not an integer in [{lo}, {'...' if hi is None else hi}]")
+
+        for name in ("urls_sha1", "names_sha1"):
+            if not isinstance(getattr(self, name), str):
+                raise ValueError(f"{name} is not a string")
+        for name in ("shuffle", "resampled"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} is not true or false")
+        if not is_int(self.seed):
+            raise ValueError(f"seed={self.seed!r} is not an integer")
+        integer("n_shards", 1)
+        integer("n_splits", 1)
+        integer("split", 0, self.n_splits - 1)
+        for name in ("shuffle_buffer", "epoch", "sample_pos", "batch"):
+            integer(name, 0)
+        integer("shard_pos", 0, self.n_shards if not self.resampled else None)
+        if self.shard is not None:
+            integer("shard", 0, self.n_shards - 1)
+        bad = next(((s, i) for s, i in self.buffer if not 0 <= s < self.n_shards or i < 0), None)
+        if bad is not None:
+            raise ValueError(f"buffer reference {bad} is outside the {self.n_shards} shards")
+        for name in ("rng", "shard_rng"):
+            try:
+                _generator(getattr(self, name))
+            except (KeyError, TypeError, ValueError) as e:
+                raise ValueError(f"{name} is not a PCG64 generator state ({e})") from None
 
 
 @dataclass(slots=True)
