@@ -2,9 +2,13 @@
 // per-file records, 'g' global records) extensions, mirroring what Python's tarfile accepts.
 #include "tar_index.h"
 
+#include <atomic>
 #include <cerrno>
+#include <csignal>
+#include <cstdlib>
 #include <cstring>
 #include <fcntl.h>
+#include <mutex>
 #include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -304,6 +308,92 @@ TarParseResult parse_tar(const uint8_t* data, size_t size) {
   return r;
 }
 
+namespace {
+
+// The live mappings, for the SIGBUS handler: a fixed table of atomics (a signal handler may not lock or allocate).
+constexpr int kMaxMappings = 4096;
+struct MappingSlot {
+  std::atomic<uintptr_t> begin{0}, end{0};
+  std::atomic<char*> path{nullptr};
+};
+MappingSlot g_mappings[kMaxMappings];
+struct sigaction g_previous_sigbus;
+std::once_flag g_sigbus_installed;
+
+void write_all(const char* s) {
+  size_t n = strlen(s);
+  while (n > 0) {
+    ssize_t w = ::write(2, s, n);
+    if (w <= 0) return;
+    s += w;
+    n -= static_cast<size_t>(w);
+  }
+}
+
+void on_sigbus(int sig, siginfo_t* info, void* context) {
+  const uintptr_t a = reinterpret_cast<uintptr_t>(info->si_addr);
+  for (auto& m : g_mappings) {
+    const uintptr_t b = m.begin.load(std::memory_order_acquire);
+    if (b != 0 && a >= b && a < m.end.load(std::memory_order_acquire)) {
+      const char* path = m.path.load(std::memory_order_acquire);
+      write_all("bmclip: SIGBUS reading shard ");
+      write_all(path ? path : "?");
+      write_all(": the file was truncated or rewritten while it was being read; shards must not change during a "
+                "run (write new shards under new names, or stop the run first)\n");
+      break;
+    }
+  }
+  if (g_previous_sigbus.sa_flags & SA_SIGINFO) {
+    if (g_previous_sigbus.sa_sigaction != nullptr) {
+      g_previous_sigbus.sa_sigaction(sig, info, context);
+      return;
+    }
+  } else if (g_previous_sigbus.sa_handler != SIG_DFL && g_previous_sigbus.sa_handler != SIG_IGN) {
+    g_previous_sigbus.sa_handler(sig);
+    return;
+  }
+  // The default action: returning re-runs the faulting read, which now kills the process with SIGBUS.
+  struct sigaction dfl;
+  memset(&dfl, 0, sizeof(dfl));
+  dfl.sa_handler = SIG_DFL;
+  sigemptyset(&dfl.sa_mask);
+  sigaction(SIGBUS, &dfl, nullptr);
+}
+
+int register_mapping(const void* data, size_t size, const std::string& path) {
+  std::call_once(g_sigbus_installed, [] {
+    struct sigaction sa;
+    memset(&sa, 0, sizeof(sa));
+    sa.sa_sigaction = on_sigbus;
+    sa.sa_flags = SA_SIGINFO | SA_NODEFER;
+    sigemptyset(&sa.sa_mask);
+    sigaction(SIGBUS, &sa, &g_previous_sigbus);
+  });
+  for (int i = 0; i < kMaxMappings; ++i) {
+    uintptr_t expected = 0;
+    MappingSlot& m = g_mappings[i];
+    // claim the slot with a placeholder begin, fill it, then publish the real range
+    if (m.begin.compare_exchange_strong(expected, 1, std::memory_order_acq_rel)) {
+      m.path.store(strdup(path.c_str()), std::memory_order_release);
+      m.end.store(reinterpret_cast<uintptr_t>(data) + size, std::memory_order_release);
+      m.begin.store(reinterpret_cast<uintptr_t>(data), std::memory_order_release);
+      return i;
+    }
+  }
+  return -1;  // more live mappings than the table holds: this one faults without the message
+}
+
+void unregister_mapping(int slot) {
+  if (slot < 0) return;
+  MappingSlot& m = g_mappings[slot];
+  m.begin.store(1, std::memory_order_release);  // still claimed, matches no address
+  m.end.store(0, std::memory_order_release);
+  free(m.path.exchange(nullptr, std::memory_order_acq_rel));
+  m.begin.store(0, std::memory_order_release);
+}
+
+}  // namespace
+
 MappedFile::MappedFile(const std::string& path) {
   int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
   if (fd < 0) throw FileError(errno, path, "cannot open " + path + ": " + strerror(errno));
@@ -328,11 +418,13 @@ MappedFile::MappedFile(const std::string& path) {
     // Members are read front to back by the loader.
     madvise(p, size_, MADV_SEQUENTIAL);
     data_ = static_cast<const uint8_t*>(p);
+    slot_ = register_mapping(p, size_, path);
   }
   ::close(fd);
 }
 
 MappedFile::~MappedFile() {
+  unregister_mapping(slot_);
   if (data_) munmap(const_cast<uint8_t*>(data_), size_);
 }
 

@@ -55,7 +55,10 @@ struct TarParseResult {
 };
 TarParseResult parse_tar(const uint8_t* data, size_t size);
 
-// Read-only memory map of a whole file (empty files map to nullptr/0).
+// Read-only memory map of a whole file (empty files map to nullptr/0). A file shortened while it is mapped makes
+// a read past its new end raise SIGBUS, which kills the process; while any MappedFile is alive a SIGBUS handler
+// first says which shard it was on stderr (then the signal takes its default course, or the handler that was
+// there before runs for a fault outside every mapping).
 class MappedFile {
  public:
   explicit MappedFile(const std::string& path);
@@ -68,6 +71,7 @@ class MappedFile {
  private:
   const uint8_t* data_ = nullptr;
   size_t size_ = 0;
+  int slot_ = -1;  // this mapping's entry in the SIGBUS handler's table (-1: not registered)
 };
 
 }  // namespace bmclip

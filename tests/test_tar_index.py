@@ -282,3 +282,27 @@ def test_damage_kind_and_lost_tail(tmp_path):
         got = (idx.damage, len(idx), idx.dropped, idx.lost_tail_bytes, idx.lost_tail_samples)
         assert got == expect[name], (name, got)
         assert idx.truncated == (name != "clean")
+
+
+def test_a_shard_truncated_while_mapped_dies_saying_which_shard(tmp_path):
+    """Rewriting a shard in place during a run (rsync --inplace, a rebuild under the same name) makes the next read
+    of the mapping raise SIGBUS: the process used to die with no word; now stderr names the shard and the cause."""
+    import signal
+    import subprocess
+    import sys
+    import textwrap
+
+    shard = write(tmp_path, make_tar([(f"k{i}.txt", b"x" * 5000) for i in range(8)]))
+    code = textwrap.dedent(f"""
+        import faulthandler, os
+        from bmclip import _C
+        faulthandler.disable()  # as outside pytest: only bmclip's handler
+        idx = _C.TarIndex({str(shard)!r})
+        off, size = idx.samples()[-1][1]["txt"]
+        os.truncate({str(shard)!r}, 512)
+        print(bytes(idx.read(off, size))[:1])
+    """)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == -signal.SIGBUS, (r.returncode, r.stderr[-2000:])
+    assert f"bmclip: SIGBUS reading shard {shard}: the file was truncated or rewritten while it was being read" \
+        in r.stderr, r.stderr
