@@ -72,6 +72,8 @@ def register(subparsers) -> None:
     g.add_argument("--max-aspect", type=float, default=10.0, help="drop images with long/short side above")
     g.add_argument("--max-pixels", type=int, default=89_478_485, help="decompression-bomb guard (w*h)")
     g.add_argument("--min-caption-chars", type=int, default=10)
+    g.add_argument("--max-caption-chars", type=int, default=50_000,
+                   help="skip figures whose caption is longer (caption_too_long), before it is tokenized or stored")
     g.add_argument("--use-gif", action="store_true", help="accept .gif files (PMC ships them as thumbnails)")
     g.add_argument("--no-subcaptions", action="store_true", help="do not split captions by panel labels")
     g.add_argument("--chunk-size", type=int, default=16, help="packages per staging chunk (resume unit)")
@@ -98,6 +100,7 @@ def _options(args):
         max_aspect=args.max_aspect,
         max_pixels=args.max_pixels,
         min_caption_chars=args.min_caption_chars,
+        max_caption_chars=args.max_caption_chars,
         chunk_size=args.chunk_size,
         subcaptions=not args.no_subcaptions,
         use_gif=args.use_gif,
@@ -140,6 +143,7 @@ def run(args) -> int:
 def _run(args) -> int:
     # The builder (PIL, numpy, tqdm) is imported when the command runs, not when `bmclip --help` lists it.
     from bmclip.data.pmc.build import build, merge_staging, stage
+    from bmclip.data.pmc.stage import check_apart_from_inputs
 
     opts = _options(args)
     if args.num_slices < 1 or not 0 <= args.slice < args.num_slices:
@@ -160,6 +164,8 @@ def _run(args) -> int:
         print(_summary(stats))
         print(f"wrote {args.output}/manifest.json and stats.json/png", file=sys.stderr)
         return _report(stats, args.output)
+    # Before any work: an output or staging dir among the inputs would be read back as packages by the next run.
+    check_apart_from_inputs(inputs, {"output folder": args.output, "staging dir": args.staging})
     if args.num_slices > 1 or (args.staging and not args.output):
         if not args.staging:
             raise ConfigError("--num-slices > 1 needs --staging DIR (one per slice)")

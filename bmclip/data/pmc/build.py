@@ -52,7 +52,7 @@ import os
 
 from bmclip.data.pmc.merge import merge_staging, split_of
 from bmclip.data.pmc.options import DEFAULT_TEST_FRACTION, DEFAULT_VAL_FRACTION, SPLITS, BuildOptions
-from bmclip.data.pmc.stage import sanitize_key, stage
+from bmclip.data.pmc.stage import check_apart_from_inputs, sanitize_key, stage
 from bmclip.data.pmc.staging import StagingDir
 from bmclip.data.pmc.stats import licence_code, summary_lines
 from bmclip.io.fs import is_remote, local_path
@@ -97,6 +97,8 @@ def build(
     """
     if staging is None:
         staging = f"{os.fspath(output).rstrip('/')}/_staging" if is_remote(output) else local_path(output) / "_staging"
+    # before anything is made: an output or staging dir among the inputs is refused (see check_apart_from_inputs)
+    check_apart_from_inputs(list(inputs), {"output folder": output, "staging dir": staging})
     in_so = {**(storage_options or {}), **(input_storage_options or {})}
     out_so = {**(storage_options or {}), **(output_storage_options or {})}
     with StagingDir(staging, out_so) as st:

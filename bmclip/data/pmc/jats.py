@@ -1,7 +1,8 @@
 """Safe JATS XML parsing: an article's figures (id, label, caption, graphic hrefs) and its identifiers.
 
-Security: a document containing ``<!ENTITY`` anywhere is parsed by the stdlib expat binding directly
-(the "safe path"), with
+Security: a document containing ``<!ENTITY`` anywhere, or not encoded in UTF-8 (UTF-16/32, or a declared
+encoding such as ISO-8859-1 or an EBCDIC code page, where the bytes of ``<!ENTITY`` need not appear), is parsed
+by the stdlib expat binding directly (the "safe path"), with
 
 - no DTD ever read (``SetParamEntityParsing(NEVER)``; ``UseForeignDTD`` only tells expat that an
   external subset *exists*, so undeclared entities are "skipped" instead of fatal — nothing is fetched);
@@ -11,8 +12,9 @@ Security: a document containing ``<!ENTITY`` anywhere is parsed by the stdlib ex
   by the character of the same HTML5/ISO name (``html.entities.html5``); an unknown name is a
   DataError naming the file and the entity (we never guess text).
 
-Every other document has nothing to expand, so the faster C ElementTree parser reads it (no external
-entity handler is installed, so no DTD or entity is ever opened; the same HTML5 names are mapped);
+Every other document (UTF-8 without ``<!ENTITY``) has nothing to expand, so the faster C ElementTree
+parser reads it (no external entity handler is installed, so no DTD or entity is ever opened; the same
+HTML5 names are mapped);
 whatever that parser rejects is re-parsed by the safe path, which then produces the error. Both paths
 give identical results (tested on all sample articles).
 
@@ -188,15 +190,37 @@ def _read_source(source) -> tuple[bytes, str]:
     raise TypeError(f"parse_jats: unsupported source type {type(source).__name__}")
 
 
+_UTF8_NAMES = (b"utf-8", b"utf8", b"us-ascii", b"ascii")
+_ENCODING_DECL = re.compile(rb"\sencoding\s*=\s*[\"']([^\"']*)[\"']")
+
+
+def _read_as_utf8(data: bytes) -> bool:
+    """True when expat reads ``data`` as UTF-8 (or ASCII): no UTF-16/32 byte order mark or NUL-padded start,
+    and an XML declaration, if any, that names no other encoding. Only then does ``<!ENTITY`` in the text mean
+    the bytes ``b"<!ENTITY"`` in the file."""
+    head = data[3:] if data[:3] == b"\xef\xbb\xbf" else data
+    if head[:2] in (b"\xff\xfe", b"\xfe\xff") or b"\x00" in head[:4]:
+        return False
+    if not head.startswith(b"<?xml"):
+        return True  # no declaration: XML says UTF-8, and so does expat
+    end = head.find(b"?>", 0, 4096)
+    if end < 0:
+        return False  # an unreadable declaration: the safe path decides
+    m = _ENCODING_DECL.search(head, 0, end)
+    return m is None or m.group(1).strip().lower() in _UTF8_NAMES
+
+
 def _parse_fast(data: bytes) -> ET.Element | None:
-    """The C ElementTree parser, for documents that declare no entities at all; None if it cannot be used.
+    """The C ElementTree parser, for UTF-8 documents that declare no entities at all; None if it cannot be used.
 
     Without any ``<!ENTITY`` declaration there is nothing to expand or fetch (expat never reads the
     external DTD: no external-entity handler is installed), and the named character entities come from
     the same HTML5 table as in the safe path. Anything unusual (undefined entity, unbound prefix,
     malformed) returns None and the safe path parses the document and produces the error.
     """
-    if b"<!ENTITY" in data:
+    if b"<!ENTITY" in data or not _read_as_utf8(data):
+        # Any other encoding (UTF-16, a declared 8-bit code page) hides the declaration from a byte search: the
+        # safe path refuses entity declarations in whatever encoding expat decodes.
         return None
     parser = ET.XMLParser()
     parser.entity.update(_ENTITIES)
@@ -237,6 +261,8 @@ def parse_xml_safely(data: bytes, name: str = "<bytes>") -> ET.Element:
         p.Parse(data, True)
     except expat.ExpatError as e:
         raise DataError(f"{name}: malformed XML: {e}") from e
+    except (ValueError, LookupError) as e:  # pyexpat on a declared encoding it cannot use or does not know
+        raise DataError(f"{name}: unsupported XML encoding: {e}") from e
     try:
         return b.tb.close()
     except Exception as e:  # TreeBuilder raises on an unclosed document
@@ -295,13 +321,34 @@ def _text(el: ET.Element, parts: list[str]) -> None:
         parts.append(" ")
 
 
+_WS_WINDOW = 1 << 16
+
+
+def _collapse_ws(text: str) -> str:
+    """``text`` with every whitespace run made one space and the ends stripped (``_WS.sub(" ", text).strip()``),
+    in windows of 64Ki characters: ``re.sub`` keeps one string object per piece until it joins them, so on a
+    200 MB caption of short words it took 4 GB. A window never ends inside a whitespace run (same result)."""
+    if len(text) <= _WS_WINDOW:
+        return _WS.sub(" ", text).strip()
+    out, pos, n = [], 0, len(text)
+    while pos < n:
+        end = min(pos + _WS_WINDOW, n)
+        m = _WS.match(text, end) if end < n else None
+        if m:
+            end = m.end()  # the run that starts at the boundary belongs to this window, whole
+        out.append(_WS.sub(" ", text[pos:end]))
+        pos = end
+    out[0], out[-1] = out[0].lstrip(), out[-1].rstrip()  # the ends stripped before the join: no extra copy
+    return "".join(out).strip()  # (a caption of spaces only: empty windows between the ends)
+
+
 def text_of(el: ET.Element | None) -> str:
     """All text of an element by the caption rules, whitespace collapsed (str, '' for None)."""
     if el is None:
         return ""
     parts: list[str] = []
     _text(el, parts)
-    return _WS.sub(" ", "".join(parts)).strip()
+    return _collapse_ws("".join(parts))
 
 
 def _first_child(el: ET.Element, name: str) -> ET.Element | None:

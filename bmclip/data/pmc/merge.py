@@ -32,7 +32,7 @@ from pathlib import Path
 from bmclip.data.pmc.dedup import Deduplicator
 from bmclip.data.pmc.options import SPLITS, BuildOptions
 from bmclip.data.pmc.shard_writer import SAMPLE_MEMBERS, ShardWriter
-from bmclip.data.pmc.stage import staging_stream
+from bmclip.data.pmc.stage import sanitize_key, staging_stream
 from bmclip.data.pmc.staging import LOCK_NAME, BuildLock, StagingDir, remove_partial_files
 from bmclip.data.pmc.stats import STATS_FORMAT, BuildStats, write_plots
 from bmclip.data.pmc.upload import RemoteOutput
@@ -65,9 +65,40 @@ def _read_plans(stagings: list[StagingDir]) -> list[dict]:
         if plan is None:
             raise DataError(f"{s} is not a staging dir (no plan.json)")
         plans.append(json.loads(plan))
-    if len({json.dumps(p["options"], sort_keys=True) for p in plans}) > 1:
+    # a plan written before a stage option existed is taken as made with its default (as a resumed stage does)
+    if len({json.dumps(BuildOptions.stage_dict_of_plan(p["options"]), sort_keys=True) for p in plans}) > 1:
         raise ConfigError("staging dirs were made with different stage options; they cannot be merged")
     return plans
+
+
+def _unique_key(key: str, article_id: str, used: set[str]) -> str:
+    """``key`` when no sample written so far has it, else a deterministic variant no sample has.
+
+    Two articles can sanitize to one key part (DOIs ``10.1000/x.y`` and ``10.1000/x_y`` both give
+    ``10_1000_x_y``): the later one's colliding samples get the first 8 hex digits of sha256 of its unsanitized
+    article ID after that part (``10_1000_x_y_<8 hex>_F2``). A staging dir of an earlier version may also repeat
+    a key within an article; any key still taken gets ``_<8 hex>`` of sha256(article ID, key, n) appended (n = 0,
+    1, ... until free). Without this a shard held two samples of one key (a webdataset reader keeps one) while
+    the counts said two. The merge order is global and fixed: the first sample keeps its key, and the renamed
+    ones get the same names on every run, resumed or not, whatever the slices.
+    """
+    if key not in used:
+        return key
+    part = sanitize_key(article_id.removeprefix("doi:"), 60)
+    if key.startswith(part + "_"):
+        new = f"{part}_{_hex8(article_id)}{key[len(part):]}"
+        if new not in used:
+            return new
+    n = 0
+    while True:
+        new = f"{key}_{_hex8(chr(10).join((article_id, key, str(n))))}"
+        if new not in used:
+            return new
+        n += 1
+
+
+def _hex8(s: str) -> str:
+    return hashlib.sha256(s.encode("utf-8", "surrogateescape")).hexdigest()[:8]
 
 
 def merge_staging(
@@ -173,6 +204,7 @@ def _merge_into(stagings: list[StagingDir], plans: list[dict], out: Path, remote
         for reason, n in p.get("discovery_skips", {}).items():
             stats.skip("package", reason, n)
     seen_articles: set[str] = set()
+    written_keys: set[str] = set()  # every sample key in the shards (~100 bytes each; dedup keeps ~0.7 KB)
     merged = heapq.merge(*(staging_stream(s) for s in stagings), key=lambda rb: rb[0]["key"])
     bar = Progress("merge", "pkg", total=sum(int(p.get("num_packages", 0)) for p in plans) or None,
                    enabled=progress, silent_if_empty=False)
@@ -202,6 +234,14 @@ def _merge_into(stagings: list[StagingDir], plans: list[dict], out: Path, remote
                     stats.skip("figure", reason)
                     continue
                 split = split_of(m["article_id"], opts.seed, opts.val_fraction, opts.test_fraction)
+                key = _unique_key(m["key"], m["article_id"], written_keys)
+                if key != m["key"]:
+                    stats.note(f"{rec['key']}: sample key {m['key']} (article {m['article_id']}) was taken by an "
+                               f"earlier sample; written as {key}")
+                    m["key"] = key
+                written_keys.add(key)
+                if m.get("license") is not None and not isinstance(m["license"], str):
+                    m["license"] = None  # a non-string PMC Cloud license_code staged by an earlier version
                 jpg = blob[s["offset"] : s["offset"] + s["length"]]
                 js = json.dumps(m, sort_keys=True, ensure_ascii=False).encode("utf-8")
                 writers[split].add(m["key"], jpg, js, s["caption"].encode("utf-8"))

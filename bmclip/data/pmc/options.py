@@ -28,6 +28,10 @@ class BuildOptions:
     max_aspect: float = 10.0
     max_pixels: int = 89_478_485
     min_caption_chars: int = 10
+    # Longer captions are skipped (caption_too_long) before they are tokenized or stored. Real PMC captions
+    # stay far below: the longest of the sample articles' 256 is 3,960 characters, long multi-panel legends
+    # run to a few thousand words; 50k is also under the tokenizer's 64 KiB text budget.
+    max_caption_chars: int = 50_000
     max_member_bytes: int = 256 << 20
     max_package_bytes: int = 16 << 30  # uncompressed; beyond it a package is refused (gzip bomb)
     chunk_size: int = 16
@@ -50,6 +54,7 @@ class BuildOptions:
         "max_aspect",
         "max_pixels",
         "min_caption_chars",
+        "max_caption_chars",
         "max_member_bytes",
         "max_package_bytes",
         "chunk_size",
@@ -76,10 +81,21 @@ class BuildOptions:
             raise ConfigError(f"near_dup_max_mad must be >= 0, got {self.near_dup_max_mad}")
         if self.min_caption_chars < 0:
             raise ConfigError(f"min_caption_chars must be >= 0, got {self.min_caption_chars}")
+        if self.max_caption_chars < 1:
+            raise ConfigError(f"max_caption_chars must be >= 1, got {self.max_caption_chars}")
 
     def stage_dict(self) -> dict:
         """The stage-time options as a plain dict."""
         return {k: getattr(self, k) for k in self.STAGE_KEYS}
+
+    @classmethod
+    def stage_dict_of_plan(cls, recorded: dict) -> dict:
+        """Stage-time options recorded in a staging plan, with the default filled in for each option that the
+        version which wrote the plan did not have yet (e.g. ``max_caption_chars``): such a staging dir is
+        taken as made with the default, so it resumes and merges under default options (and is refused,
+        as any other difference, under another value)."""
+        defaults = cls()
+        return {**{k: getattr(defaults, k) for k in cls.STAGE_KEYS if k not in recorded}, **recorded}
 
     @classmethod
     def from_kwargs(cls, **kw) -> BuildOptions:

@@ -35,16 +35,19 @@ from dataclasses import asdict
 from pathlib import Path
 
 from bmclip.data.pmc import jats
-from bmclip.data.pmc.media import ImageSkip, process_image, resolve_graphics
+from bmclip.data.pmc.media import ImageSkip, ProcessedImage, process_image, resolve_graphics
 from bmclip.data.pmc.options import BuildOptions
 from bmclip.data.pmc.sources import InputReadError, Package, PackageError, discover_packages, read_package, slice_of
 from bmclip.data.pmc.staging import StagingDir, remove_partial_files
+from bmclip.data.pmc.stats import printable
 from bmclip.data.pmc.subcaptions import split_subcaptions
 from bmclip.errors import ConfigError, DataError, is_int
+from bmclip.io.fs import is_remote, local_path
 from bmclip.progress import Progress
 from bmclip.tokenizer import get_tokenizer
 
-__all__ = ["process_package", "remove_partial_files", "sanitize_key", "stage", "staging_stream"]
+__all__ = ["check_apart_from_inputs", "process_package", "remove_partial_files", "sanitize_key", "stage",
+           "staging_stream"]
 
 _CHUNK_MAGIC = b"BMCHUNK1"
 _STAGING_VERSION = 3  # 2: JPEG pass-through, DCT-scale-exact resize box; 3: content-derived fallback article IDs
@@ -69,6 +72,17 @@ def sanitize_key(s: str, limit: int = 80) -> str:
     if len(k) > limit:
         k = k[: limit - 13] + "_" + hashlib.sha256(s.encode()).hexdigest()[:12]
     return k
+
+
+def _key_bytes(key: str) -> bytes:
+    """A package key as bytes, for hashing: its file name's own bytes (surrogateescape), UTF-8 for a valid one."""
+    return key.encode("utf-8", "surrogateescape")
+
+
+def _slice_of(key: str, num_slices: int) -> int:
+    """``sources.slice_of`` of a package key whose file names may hold undecodable bytes (the escaped form of
+    such a key is hashed; a valid key gets the same slice as ever)."""
+    return slice_of(printable(key), num_slices)
 
 
 def _token_counter() -> tuple[str, Callable[[str], int]]:
@@ -105,6 +119,63 @@ def _article_id(art: jats.Article, xml_sha: str, index: int, n_articles: int) ->
     return f"xml:{xml_sha}" if n_articles == 1 else f"xml:{xml_sha}#{index}"
 
 
+def _cloud_metadata(meta, skips: Counter) -> dict:
+    """PMC Cloud metadata as the builder uses it: a dict whose ``license_code``/``license`` are strings.
+
+    JSON that is not an object, or a licence field that is not a string (a number, an object), is counted once
+    as ``bad_cloud_metadata``; the unusable part is dropped (no licence from the metadata: ``unknown``).
+    """
+    if meta is None:
+        return {}
+    if not isinstance(meta, dict):
+        skips["bad_cloud_metadata"] += 1
+        return {}
+    bad = [k for k in ("license_code", "license") if meta.get(k) is not None and not isinstance(meta[k], str)]
+    if bad:
+        skips["bad_cloud_metadata"] += 1
+        meta = {k: v for k, v in meta.items() if k not in bad}
+    return meta
+
+
+def _figure_key(art_part: str, fig_id: str | None, fi: int, used: set[str]) -> str:
+    """The sample key of figure ``fi`` (0-based) of an article: ``{article}_{figure id}``, made unique among
+    ``used`` (the article's keys so far) by ``_{fi + 1}``, then ``_{fi + 1}_{n}`` (n = 2, 3, ...) if that is taken
+    too (ids ``A``, ``A_3``, ``A``). Deterministic: the same document gives the same keys on every run."""
+    key = f"{art_part}_{sanitize_key(fig_id or f'fig{fi + 1}', 40)}"
+    if key in used:
+        base = f"{key}_{fi + 1}"
+        key, n = base, 2
+        while key in used:
+            key, n = f"{base}_{n}", n + 1
+    return key
+
+
+class _MediaCache:
+    """Each media file of a package decoded and encoded once (many ``<fig>``s may point at one image): the
+    :class:`~bmclip.data.pmc.media.ProcessedImage` (shared by their samples, so its JPEG is held and staged
+    once) or the (reason, message) of the ImageSkip it raised, by file name."""
+
+    def __init__(self, media, opts: BuildOptions):
+        self.media, self.opts = media, opts
+        self.done: dict[str, ProcessedImage | tuple[str, str]] = {}
+
+    def get(self, name: str) -> ProcessedImage:
+        """The processed image of media file ``name``; raises ImageSkip (a new one each time) if it is refused."""
+        r = self.done.get(name)
+        if r is None:
+            o = self.opts
+            try:
+                r = process_image(self.media[name], max_side=o.max_side, quality=o.jpeg_quality,
+                                  max_pixels=o.max_pixels, min_side=o.min_side, max_aspect=o.max_aspect,
+                                  passthrough=o.jpeg_passthrough)
+            except ImageSkip as e:
+                r = (e.reason, str(e))
+            self.done[name] = r
+        if isinstance(r, tuple):
+            raise ImageSkip(*r)
+        return r
+
+
 def process_package(
     pkg: Package, opts: BuildOptions, count_tokens: Callable[[str], int], storage_options: dict | None = None
 ) -> dict:
@@ -125,7 +196,7 @@ def process_package(
     except PackageError as e:
         pkg_skips[e.reason] += 1
         rec["skips"] = {"package": dict(pkg_skips), "article": {}, "figure": {}}
-        rec["errors"] = [str(e)]
+        rec["errors"] = [printable(str(e))]
         return rec
     pkg_skips.update(content.skips)
     errors: list[str] = []
@@ -138,7 +209,7 @@ def process_package(
             continue
         except (DataError, RecursionError) as e:  # RecursionError: absurdly deep nesting
             pkg_skips["xml_error"] += 1
-            errors.append(f"{pkg.key}/{name}: {str(e).replace('<bytes>: ', '')}")
+            errors.append(printable(f"{pkg.key}/{name}: {str(e).replace('<bytes>: ', '')}"))
             continue
         parsed = parsed if isinstance(parsed, list) else [parsed]
         xml_sha = hashlib.sha256(data).hexdigest()[:16]
@@ -146,7 +217,9 @@ def process_package(
     if not content.xml:
         pkg_skips["no_xml"] += 1
     media_names = {n.lower(): n for n in content.media}
-    meta = content.meta or {}
+    images = _MediaCache(content.media, opts)
+    tokens: dict[str, int] = {}  # caption -> token count: figures repeating a caption are tokenized once
+    meta = _cloud_metadata(content.meta, pkg_skips)
     for art, xml_sha, ai, n_in_file in articles:
         aid = _article_id(art, xml_sha, ai, n_in_file)
         licence = art.license or meta.get("license_code") or meta.get("license")
@@ -169,6 +242,10 @@ def process_package(
             if len(caption) < opts.min_caption_chars:
                 fig_skips["short_caption"] += 1
                 continue
+            if len(caption) > opts.max_caption_chars:
+                # before anything costs memory in proportion to it (tokenizer, subcaptions, the staged chunk)
+                fig_skips["caption_too_long"] += 1
+                continue
             files = resolve_graphics(fig.graphics, media_names)
             if not files:
                 fig_skips["missing_image"] += 1
@@ -181,15 +258,7 @@ def process_package(
             img = first_skip = None
             for chosen in files:
                 try:
-                    img = process_image(
-                        content.media[chosen],
-                        max_side=opts.max_side,
-                        quality=opts.jpeg_quality,
-                        max_pixels=opts.max_pixels,
-                        min_side=opts.min_side,
-                        max_aspect=opts.max_aspect,
-                        passthrough=opts.jpeg_passthrough,
-                    )
+                    img = images.get(chosen)
                     break
                 except ImageSkip as e:
                     first_skip = first_skip or e.reason
@@ -198,10 +267,7 @@ def process_package(
             if img is None:
                 fig_skips[first_skip] += 1
                 continue
-            fig_part = sanitize_key(fig.id or f"fig{fi + 1}", 40)
-            key = f"{sanitize_key(aid.removeprefix('doi:'), 60)}_{fig_part}"
-            if key in used_keys:
-                key = f"{key}_{fi + 1}"
+            key = _figure_key(sanitize_key(aid.removeprefix("doi:"), 60), fig.id, fi, used_keys)
             used_keys.add(key)
             meta_out = {
                 "key": key,
@@ -217,6 +283,9 @@ def process_package(
                 "original_size": list(img.orig_size),
                 "size": list(img.size),
             }
+            n_tokens = tokens.get(caption)
+            if n_tokens is None:
+                n_tokens = tokens[caption] = count_tokens(caption)
             if opts.subcaptions:
                 sub = split_subcaptions(caption)
                 if sub is not None:
@@ -228,7 +297,7 @@ def process_package(
                     "sha": img.sha,
                     "dhash": img.dhash,
                     "thumb": base64.b64encode(img.thumb).decode("ascii"),
-                    "tokens": count_tokens(caption),
+                    "tokens": n_tokens,
                     "_jpeg": img.jpeg,
                 }
             )
@@ -258,7 +327,7 @@ def _process_package_guarded(
             "articles": [],
             "samples": [],
             "skips": {"package": {"internal_error": 1}, "article": {}, "figure": {}},
-            "errors": [f"{pkg.key}: internal error {type(e).__name__}: {e}"],
+            "errors": [printable(f"{pkg.key}: internal error {type(e).__name__}: {e}")],
         }
 
 
@@ -267,14 +336,19 @@ def _process_package_guarded(
 
 
 def _encode_chunk(index: int, records: list[dict]) -> bytes:
+    """The chunk file of ``records``; samples with equal JPEG bytes (figures sharing one image) share them."""
     blobs: list[bytes] = []
+    at: dict[bytes, int] = {}
     off = 0
     for r in records:
         for s in r["samples"]:
             jpg = s.pop("_jpeg")
-            s["offset"], s["length"] = off, len(jpg)
-            off += len(jpg)
-            blobs.append(jpg)
+            o = at.get(jpg)
+            if o is None:
+                o = at[jpg] = off
+                off += len(jpg)
+                blobs.append(jpg)
+            s["offset"], s["length"] = o, len(jpg)
     header = json.dumps({"version": _STAGING_VERSION, "chunk": index, "packages": records}, sort_keys=True)
     hb = header.encode("utf-8")
     return b"".join([_CHUNK_MAGIC, struct.pack("<QQ", len(hb), off), hb, *blobs])
@@ -410,10 +484,34 @@ def _terminate_pool(ex: ProcessPoolExecutor) -> None:
         p.join(timeout=5)
 
 
+def check_apart_from_inputs(inputs: list, places: dict[str, str | os.PathLike | None]) -> None:
+    """Raise ConfigError when a place the build writes (``places``: what -> path, e.g. ``{"output folder": ...,
+    "staging dir": ...}``; None and remote ones are not checked) is a local input, lies inside one, or holds one.
+
+    Inside an input, a later run (or a resumed one) would take the build's own shards (``train-000000.tar``) for
+    package tarballs; an input inside the output or the staging dir is not safe either: the merge deletes
+    shard-named files there and the staging dir is removed after a build. Paths are compared resolved
+    (symbolic links followed).
+    """
+    ins = [(i, local_path(i).resolve()) for i in inputs if not is_remote(i)]
+    for what, place in places.items():
+        if place is None or is_remote(place):
+            continue
+        p = local_path(place).resolve()
+        for given, i in ins:
+            if p == i or i in p.parents:
+                rel = "is" if p == i else "is inside"
+                raise ConfigError(printable(f"the {what} {place} {rel} the input {given}: a later run would read "
+                                            f"its files as packages; write it outside the inputs"))
+            if p in i.parents:
+                raise ConfigError(printable(f"the input {given} is inside the {what} {place}, which the build "
+                                            f"rewrites and deletes files in; move it, or write elsewhere"))
+
+
 def _plan_digest(keys: list[str]) -> str:
     h = hashlib.sha256()
     for k in keys:
-        h.update(k.encode("utf-8") + b"\n")
+        h.update(_key_bytes(k) + b"\n")
     return h.hexdigest()
 
 
@@ -444,11 +542,13 @@ def stage(
         raise ConfigError(f"workers must be an integer >= 0 (0: no worker processes), got {num_workers!r}")
     if not inputs:
         raise ConfigError("no inputs given")
+    if not isinstance(staging, StagingDir):
+        check_apart_from_inputs(list(inputs), {"staging dir": staging})
     passed_over: list[tuple[str, str]] = []
     packages, _ = discover_packages(list(inputs), passed_over, storage_options)
     if num_slices > 1:
-        packages = [p for p in packages if slice_of(p.key, num_slices) == slice_index]
-        passed_over = [(r, k) for r, k in passed_over if slice_of(k, num_slices) == slice_index]
+        packages = [p for p in packages if _slice_of(p.key, num_slices) == slice_index]
+        passed_over = [(r, k) for r, k in passed_over if _slice_of(k, num_slices) == slice_index]
     disc_skips = Counter(r for r, _k in passed_over)
     with StagingDir(staging, staging_storage_options) as st:
         return _stage(st, packages, disc_skips, opts, num_slices, slice_index, num_workers, progress,
@@ -471,6 +571,8 @@ def _stage(st: StagingDir, packages: list[Package], disc_skips: Counter, opts: B
     old_plan = st.read("plan.json")
     if old_plan is not None:
         old = json.loads(old_plan)
+        # a plan written before a stage option existed recorded none for it: the default (as the merge reads it)
+        old["options"] = BuildOptions.stage_dict_of_plan(old.get("options", {}))
         if old != plan:
             diff = sorted(k for k in plan if old.get(k) != plan[k])
             raise ConfigError(

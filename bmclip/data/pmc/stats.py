@@ -15,15 +15,26 @@ from pathlib import Path
 from bmclip.data.pmc.options import SPLITS, BuildOptions
 from bmclip.io import atomic_writer
 
-__all__ = ["BuildStats", "Histogram", "licence_code", "summary_lines", "write_plots"]
+__all__ = ["BuildStats", "Histogram", "licence_code", "printable", "summary_lines", "write_plots"]
 
 STATS_FORMAT = "bmclip-pmc-wds-1"
 TEXT_CONTEXT = 256  # captions longer than this many tokens are truncated by a context-256 text tower
 
 
+def printable(s: str) -> str:
+    """``s`` as valid UTF-8 text: a file name's undecodable bytes (``os.fsdecode`` gives them as lone surrogates,
+    which UTF-8 cannot encode) as ``\\xNN`` escapes, for messages and the JSON files; other text unchanged."""
+    try:
+        s.encode("utf-8")
+        return s
+    except UnicodeEncodeError:
+        return s.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 def licence_code(lic: str | None) -> str:
-    """Short licence class for statistics: 'CC BY', 'CC BY-NC-ND', 'CC0', 'public domain', 'other', 'unknown'."""
-    if not lic:
+    """Short licence class for statistics: 'CC BY', 'CC BY-NC-ND', 'CC0', 'public domain', 'other', 'unknown'
+    (also for a value that is not a string: an earlier version staged PMC Cloud metadata's as it came)."""
+    if not lic or not isinstance(lic, str):
         return "unknown"
     s = lic.lower()
     m = re.search(r"creativecommons\.org/licen[cs]es/([a-z-]+)", s)
@@ -86,9 +97,14 @@ class BuildStats:
         self.packages += 1
         for level in ("package", "article", "figure"):
             self.skips[level].update(rec["skips"][level])
-        self.errors.extend(rec.get("errors", ())[: self.MAX_ERRORS - len(self.errors)])
+        self.errors.extend(printable(e) for e in rec.get("errors", ())[: self.MAX_ERRORS - len(self.errors)])
         if self.tokenizer is None and rec["samples"]:
             self.tokenizer = rec.get("tokenizer")
+
+    def note(self, message: str) -> None:
+        """Record a message in ``first_errors`` (while there is room) without counting a skip."""
+        if len(self.errors) < self.MAX_ERRORS:
+            self.errors.append(printable(message))
 
     def add_pair(self, split: str, sample: dict, first_of_article: bool) -> None:
         """Count a written pair; ``first_of_article``: the first pair of its article in ``split``."""
