@@ -24,13 +24,20 @@ the consumer trains on batch n; the C++ decoder releases the GIL for the whole b
    sample (an epoch; with ``resampled``, every sample of every shard failed since the last valid one)
    raises ``DataError`` naming the cause (empty tar, bad tar header, undecodable images with an
    example reason, ...) instead of looping. Closing the iterator (or interpreter exit) stops the
-   producer between samples.
+   producer between samples. A loader runs one iteration at a time: ``iter(loader)`` (and ``set_epoch``,
+   ``load_state_dict``) stops the running one, which continues from its last batch handed out, and the
+   older iterator's ``next`` then raises RuntimeError saying it was superseded.
 5. **Decode.** ``bmclip._C.Decoder.decode_batch`` writes random-resized-crop (train) or
    resize+centre-crop (eval) pixels into a preallocated ``[N, S, S, 3]`` uint8 ring buffer (a torch
    tensor, pinned with ``pin_memory=True``, written through its numpy view) that becomes
    ``batch["image"]`` without a copy. The ring holds ``prefetch + 3`` batches, so batch k's buffer is
    reused only once the consumer takes batch k+2: an asynchronous host-to-device copy of batch k has
-   the whole of step k+1 to finish. ``.clone()`` the images if you keep them longer.
+   the whole of step k+1 to finish. ``.clone()`` the images if you keep them longer. Moving a batch to
+   shared memory (``.share_memory_()``, or sending it through ``torch.multiprocessing``) copies it out of
+   the ring, and the copy stays valid; a ``torch.multiprocessing.Queue`` pickles in a background thread,
+   so send a clone, or make sure it is sent before taking batch k+2. Inside a DataLoader worker
+   process each batch is instead decoded into a new buffer in shared memory, never reused: the main
+   process may keep DataLoader batches as long as it likes (``pin_memory`` is then the DataLoader's).
    ``decode=False`` skips decoding and hands out ``batch["image_bytes"]`` (zero-copy uint8 views of
    the encoded images, header-checked) for a DALI pipeline (``bmclip.data.dali``) to decode.
 6. **Text.** With ``tokenizer`` (a callable ``list[str] -> LongTensor [N, L]``), captions are
@@ -69,7 +76,7 @@ from bmclip._ext import load_ext
 from bmclip.data import remote
 from bmclip.data.cursor import SHARD_REASONS, Counters, Cursor, CursorState
 from bmclip.data.loader_options import LoaderOptions
-from bmclip.data.producer import END, BatchAssembler, Pipe, make_ring
+from bmclip.data.producer import END, BatchAssembler, Pipe, batch_slots
 from bmclip.data.shards import expand_urls, shard_names_digest, shard_order, shards_moved, split_shards, urls_digest
 from bmclip.data.text import BackgroundTokenizer
 from bmclip.errors import ConfigError, DataError, check_int
@@ -127,6 +134,7 @@ class ShardLoader(torch.utils.data.IterableDataset):
             prefetch_shards=prefetch_shards, storage_options=storage_options or {}, fetch_options=fetch_options)
         # every option is also a plain attribute (ld.batch_size, ld.scale, ld.epoch, ...), as LoaderOptions holds it
         vars(self).update(vars(o))
+        self._check_repeats()
         self.tokenizer = tokenizer
         self._tok = BackgroundTokenizer(tokenizer) if tokenizer is not None else None
         self._urls_digest = urls_digest(self.urls)
@@ -159,10 +167,33 @@ class ShardLoader(torch.utils.data.IterableDataset):
     # -- shards ----------------------------------------------------------------------------------
     def _check_shards(self) -> None:
         """DataError naming the shards that do not exist (checked once, when the loader is built)."""
-        missing = [u for u in self.urls if not remote.is_remote(u) and not os.path.isfile(local_path(u))]
+        local = [u for u in self.urls if not remote.is_remote(u)]
+        folders = [u for u in local if os.path.isdir(local_path(u))]
+        if folders:
+            raise DataError(f"shard {folders[0]} is a folder, not a .tar shard (pass the shards inside it, e.g. "
+                            f"{folders[0].rstrip('/')}/train-{{000000..000009}}.tar)")
+        missing = [u for u in local if not os.path.isfile(local_path(u))]
         if missing:
             more = f" (and {len(missing) - 3} more)" if len(missing) > 3 else ""
             raise DataError(f"{len(missing)} shard(s) not found: {', '.join(missing[:3])}{more}")
+
+    def _check_repeats(self) -> None:
+        """ConfigError naming a shard listed twice (local: the same file by any path; remote: the same URL).
+
+        An epoch reads each listed shard once, so a repeat would hand out its samples twice per epoch. With
+        ``resampled=True`` shards are drawn with replacement and a repeat only weights the draw: allowed.
+        """
+        if self.resampled:
+            return
+        seen: dict[str, str] = {}
+        for u in self.urls:
+            key = u if remote.is_remote(u) else os.path.realpath(local_path(u))
+            if key in seen:
+                what = (f"shard {u!r} is listed twice" if seen[key] == u else
+                        f"shards {seen[key]!r} and {u!r} are the same file ({key})")
+                raise ConfigError(f"{what}: each epoch would read its samples twice; list each shard once "
+                                  "(repeats only weight the draw, with resampled=True)")
+            seen[key] = u
 
     def _open_index(self, shard: int, ahead: Sequence[int] = ()):
         """The tar index of shard ``shard`` (``bmclip._C.TarIndex``, memory-mapped), None if it cannot open.
@@ -242,14 +273,14 @@ class ShardLoader(torch.utils.data.IterableDataset):
             st.urls_sha1 = self._urls_digest
         st.names_sha1 = self._names_digest
         self.moved_from_other_location = moved
-        self._stop_active()
+        self._stop_active("loader.load_state_dict()")
         self._state = st
         self.epoch = st.epoch
 
     def set_epoch(self, epoch: int) -> None:
         """Start the next iteration at the beginning of ``epoch`` (reshuffles shards and samples)."""
         epoch = check_int(epoch, "epoch", 0)
-        self._stop_active()
+        self._stop_active("loader.set_epoch()")
         self.epoch = epoch
         self._state = self._fresh_state(self.epoch, self._state.counters)
 
@@ -315,13 +346,15 @@ class ShardLoader(torch.utils.data.IterableDataset):
         return total
 
     # -- iteration -------------------------------------------------------------------------------
-    def _stop_active(self) -> None:
+    def _stop_active(self, by: str = "the loader stopping its producer") -> None:
+        """Stop the running iteration, if any; its iterator's ``next`` then raises RuntimeError naming ``by``."""
         pipe, self._active = self._active, None
         if pipe is not None:
+            pipe.superseded_by = by
             pipe.close()
 
     def __iter__(self):
-        self._stop_active()
+        self._stop_active("a newer iter(loader)")
         split, n_splits = self._split()
         st = self._state
         if (st.split, st.n_splits) != (split, n_splits):
@@ -340,7 +373,10 @@ class ShardLoader(torch.utils.data.IterableDataset):
         assembler = BatchAssembler(self.options, self._decoder, image_info, self._tok)
         cursor = Cursor(st.copy(), self.urls, self._open_index, prefetch_shards=self.prefetch_shards if self._remote
                         else 0, fetch_failure=self._fetch_failure)
-        pipe = Pipe(assembler, cursor, make_ring(self.options), self.prefetch)
+        # in a DataLoader worker every batch is pickled to the main process, which keeps it as long as it
+        # likes: a new shared-memory buffer per batch there, the reused ring here (see bmclip.data.producer)
+        in_worker = torch.utils.data.get_worker_info() is not None
+        pipe = Pipe(assembler, cursor, batch_slots(self.options, fresh_shared=in_worker), self.prefetch)
         self._active = pipe
         return _LoaderIter(self, pipe)
 
@@ -355,8 +391,14 @@ class _LoaderIter:
         return self
 
     def __next__(self) -> dict[str, Any]:
-        if self.pipe is None or self.L._active is not self.pipe:
+        if self.pipe is None:  # ended, or closed
             raise StopIteration
+        if self.L._active is not self.pipe:
+            # a loader runs one iteration at a time: ending this one quietly would lose data without a word
+            # (e.g. zip(iter(ld), iter(ld)) gave [])
+            raise RuntimeError(f"this ShardLoader iterator was superseded by {self.pipe.superseded_by}: a loader "
+                               "runs one iteration at a time (a newer one continues after the last batch handed "
+                               "out); take batches from the newest iterator")
         while True:
             try:
                 batch, state = self.pipe.q.get(timeout=1.0)

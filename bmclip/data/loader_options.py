@@ -19,6 +19,14 @@ AUGMENTS = ("random_resized_crop", "center")
 
 # Output side length bound: far beyond any ViT input, small enough that one image's pixels are not the problem.
 MAX_IMAGE_SIZE = 8192
+# Batches decoded ahead (the queue between producer and consumer): a few hide decode jitter; beyond this
+# they only hold memory (the ring holds prefetch + RING_EXTRA batches).
+MAX_PREFETCH = 64
+# Ring buffers besides the queued ones: the consumer's current batch, the one whose device copy may still
+# run, and the one the producer fills (see bmclip.data.producer.make_ring).
+RING_EXTRA = 3
+# bmclip._C.Decoder's own limit on its thread pool (csrc/bindings.cpp).
+MAX_THREADS = 256
 
 
 def _physical_memory() -> int:
@@ -41,8 +49,10 @@ def _pair(v: Any, name: str) -> tuple[float, float]:
 class LoaderOptions:
     """``ShardLoader``'s keyword options, checked (ConfigError) and normalised on construction.
 
-    ``num_threads=None`` becomes the cores this process may use; ``shuffle=False`` turns the sample
-    shuffle buffer off (the stream order is then the shard order).
+    ``num_threads=None`` becomes the cores this process may use (at most ``MAX_THREADS``, the decoder's
+    limit); ``shuffle=False`` turns the sample shuffle buffer off (the stream order is then the shard
+    order). ``prefetch`` is at most ``MAX_PREFETCH``, and the ring of ``prefetch + RING_EXTRA`` decoded
+    batches an iteration allocates must fit in physical memory.
     """
 
     batch_size: int
@@ -76,15 +86,13 @@ class LoaderOptions:
     fetch_options: remote.FetchOptions | dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
-        for name in ("batch_size", "image_size", "world_size", "prefetch"):
+        for name in ("batch_size", "image_size", "world_size"):
             setattr(self, name, check_int(getattr(self, name), name, 1))
+        self.prefetch = check_int(self.prefetch, "prefetch", 1, MAX_PREFETCH)
         if self.image_size > MAX_IMAGE_SIZE:
             raise ConfigError(f"image_size must be an integer from 1 to {MAX_IMAGE_SIZE}, got {self.image_size!r}")
-        batch_bytes = self.batch_size * self.image_size ** 2 * 3
-        if batch_bytes > _physical_memory():
-            raise ConfigError(f"batch_size={self.batch_size} at image_size={self.image_size} is "
-                              f"{batch_bytes / 2**30:.0f} GiB of pixels per batch, more than this machine's "
-                              f"memory ({_physical_memory() / 2**30:.0f} GiB)")
+        self.decode = bool(self.decode)
+        self._check_memory()
         if not is_int(self.rank) or not 0 <= self.rank < self.world_size:
             raise ConfigError(f"rank must be in [0, world_size={self.world_size}), got {self.rank!r}")
         if not is_int(self.seed):
@@ -92,9 +100,10 @@ class LoaderOptions:
         self.epoch = check_int(self.epoch, "epoch", 0)
         if self.augment not in AUGMENTS:
             raise ConfigError(f"augment must be one of {AUGMENTS}, got {self.augment!r}")
-        if self.num_threads is None:
-            self.num_threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-        self.num_threads = check_int(self.num_threads, "num_threads", 1)
+        if self.num_threads is None:  # the cores this process may use, within the decoder's limit
+            cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+            self.num_threads = min(cores or 1, MAX_THREADS)
+        self.num_threads = check_int(self.num_threads, "num_threads", 1, MAX_THREADS)
         self.shuffle_buffer = check_int(self.shuffle_buffer, "shuffle_buffer", 0)
         if (self.num_workers is None) != (self.worker_id is None):
             raise ConfigError("num_workers and worker_id are given together (or neither)")
@@ -122,3 +131,27 @@ class LoaderOptions:
         remote.ShardCache.check_args(self.cache_bytes, self.prefetch_shards)
         self.storage_options = dict(self.storage_options or {})
         self.fetch_options = remote.FetchOptions.coerce(self.fetch_options)
+
+    @property
+    def batch_bytes(self) -> int:
+        """Bytes of one batch's decoded pixels (uint8 ``[N, S, S, 3]``)."""
+        return self.batch_size * self.image_size ** 2 * 3
+
+    @property
+    def ring_slots(self) -> int:
+        """Batch buffers one iteration holds: ``prefetch + RING_EXTRA`` (none with ``decode=False``)."""
+        return self.prefetch + RING_EXTRA if self.decode else 0
+
+    def _check_memory(self) -> None:
+        """ConfigError when one batch, or the ring of batches an iteration allocates, exceeds physical memory."""
+        mem = _physical_memory()
+        what = f"batch_size={self.batch_size} at image_size={self.image_size}"
+        if self.batch_bytes > mem:
+            raise ConfigError(f"{what} is {self.batch_bytes / 2**30:.0f} GiB of pixels per batch, more than this "
+                              f"machine's memory ({mem / 2**30:.0f} GiB)")
+        ring = self.ring_slots * self.batch_bytes
+        if ring > mem:
+            raise ConfigError(f"{what} with prefetch={self.prefetch} needs a ring of {self.ring_slots} batch buffers "
+                              f"(prefetch + {RING_EXTRA}) = {ring / 2**30:.1f} GiB of pixels, more than this "
+                              f"machine's memory ({mem / 2**30:.1f} GiB); use a smaller batch_size, image_size "
+                              "or prefetch")

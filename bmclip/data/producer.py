@@ -9,14 +9,26 @@ and has the captions tokenised in a second thread while the images decode.
 after it)`` pairs to the consumer through a bounded queue of ``prefetch`` items; the ring holds
 ``prefetch + 3`` buffers (see :func:`make_ring`). Closing a pipe (or interpreter exit) stops its
 producer between samples.
+
+Where the pixels go (:func:`batch_slots`): in the consumer's own process, a ring of buffers reused in
+turn, and ``batch["image"]`` is a tensor made with ``torch.from_numpy`` over the ring's memory, so it owns
+no ring storage of its own: when it is moved to shared memory (``.share_memory_()``, or pickled by
+``torch.multiprocessing``) torch copies it out and the ring keeps its memory, which the decoder writes
+through a raw (numpy) view. Had the batch shared the ring's storage, the move would free the memory
+under the decoder (heap corruption). Inside a DataLoader worker every batch is pickled to the main
+process, which holds it for as long as it likes: there each batch is decoded straight into a new buffer
+in shared memory (never reused, never copied again when sent).
 """
 
 from __future__ import annotations
 
 import atexit
+import itertools
+import math
 import queue
 import threading
 import weakref
+from collections.abc import Iterator
 from concurrent.futures import Future
 from typing import Any
 
@@ -27,9 +39,11 @@ from bmclip.data.cursor import Cursor, CursorState, Sample, mix
 from bmclip.data.loader_options import LoaderOptions
 from bmclip.data.text import BackgroundTokenizer
 
-__all__ = ["BatchAssembler", "END", "Pipe", "Stopped", "make_ring"]
+__all__ = ["BatchAssembler", "END", "Pipe", "Stopped", "batch_slots", "make_ring", "shared_slot"]
 
-Slot = tuple[torch.Tensor, np.ndarray]
+# Where one batch is decoded: (the tensor handed out as batch["image"], or None to hand out a
+# torch.from_numpy view of the buffer; the buffer the decoder writes, a numpy array)
+Slot = tuple[torch.Tensor | None, np.ndarray]
 
 # Queue item that ends an epoch: (END, (state at the start of the next epoch, the finished pass's tallies))
 END = object()
@@ -40,22 +54,44 @@ class Stopped(Exception):
 
 
 def make_ring(opts: LoaderOptions) -> list[Slot | None]:
-    """``prefetch + 3`` uint8 ``[N, S, S, 3]`` buffers (pinned with ``pin_memory``), as (tensor, numpy view).
+    """``prefetch + 3`` uint8 ``[N, S, S, 3]`` buffers (pinned with ``pin_memory``), as (None, numpy view).
 
     The consumer holds 2 (the current batch and the one whose device copy may still run), the queue
     holds ``prefetch``, the producer fills 1: batch k's buffer is reused only once the consumer takes
-    batch k+2. ``decode=False`` needs no buffers.
+    batch k+2. ``decode=False`` needs no buffers. The ring's tensors live as long as the numpy views
+    (each view's base); a batch is handed out as ``torch.from_numpy`` of a view (see the module docstring).
     """
     if not opts.decode:
         return [None]
     shape = (opts.batch_size, opts.image_size, opts.image_size, 3)
     ring: list[Slot | None] = []
-    for _ in range(opts.prefetch + 3):
+    for _ in range(opts.ring_slots):
         t = torch.empty(shape, dtype=torch.uint8)
         if opts.pin_memory:
             t = t.pin_memory()
-        ring.append((t, t.numpy()))
+        ring.append((None, t.numpy()))
     return ring
+
+
+def shared_slot(opts: LoaderOptions) -> Slot:
+    """A new uint8 ``[N, S, S, 3]`` buffer in shared memory, handed out as itself (sending it copies nothing)."""
+    shape = (opts.batch_size, opts.image_size, opts.image_size, 3)
+    new_shared = getattr(torch.UntypedStorage, "_new_shared", None)
+    if new_shared is not None:  # allocated in shared memory (what default_collate does in workers)
+        t = torch.empty(0, dtype=torch.uint8).set_(new_shared(math.prod(shape))).view(shape)
+    else:
+        t = torch.empty(shape, dtype=torch.uint8).share_memory_()
+    return t, t.numpy()
+
+
+def batch_slots(opts: LoaderOptions, *, fresh_shared: bool) -> Iterator[Slot | None]:
+    """The slot of each batch in turn: the ring (:func:`make_ring`, allocated now) or, with
+    ``fresh_shared`` (DataLoader workers), a new :func:`shared_slot` per batch, allocated when it is decoded."""
+    if not opts.decode:
+        return itertools.repeat(None)
+    if fresh_shared:
+        return (shared_slot(opts) for _ in itertools.count())
+    return itertools.cycle(make_ring(opts))
 
 
 class BatchAssembler:
@@ -156,8 +192,8 @@ class BatchAssembler:
         st.counters.batches += 1
         st.batch += 1
         batch: dict[str, Any] = {"text": [s.text for s in got], "key": [s.key for s in got]}
-        if o.decode:
-            batch["image"] = out_t[:n]
+        if o.decode:  # a worker's shared buffer as itself; a ring slot as a tensor of its own over the ring's memory
+            batch["image"] = out_t[:n] if out_t is not None else torch.from_numpy(out[:n])
         else:  # zero-copy read-only views into the mapped shard (they keep the mapping alive)
             batch["image_bytes"] = [s.image for s in got]
         if any(s.json is not None for s in got):
@@ -194,10 +230,12 @@ class Pipe:
     next epoch, the pass tallies as a dict))``; on an error ``(exception, counters up to it or None)``.
     """
 
-    def __init__(self, assembler: BatchAssembler, cursor: Cursor, ring: list[Slot | None], prefetch: int):
-        self.assembler, self.cursor, self.ring = assembler, cursor, ring
+    def __init__(self, assembler: BatchAssembler, cursor: Cursor, slots: Iterator[Slot | None], prefetch: int):
+        self.assembler, self.cursor, self.slots = assembler, cursor, slots
         self.q: queue.Queue = queue.Queue(maxsize=prefetch)
         self.stop = threading.Event()
+        # why the loader stopped this pipe for a newer one (its iterator then says so instead of ending quietly)
+        self.superseded_by: str | None = None
         self.thread = threading.Thread(target=self._run, name="ShardLoader-producer", daemon=True)
         _LIVE_PIPES.add(self)
         self.thread.start()
@@ -212,17 +250,15 @@ class Pipe:
         return False
 
     def _run(self) -> None:
-        slot = 0
         try:
             while not self.stop.is_set():
-                batch = self.assembler.produce(self.cursor, self.ring[slot], self.stop)
+                batch = self.assembler.produce(self.cursor, next(self.slots), self.stop)
                 if batch is None:
                     snap = self.cursor.snapshot()
                     self._put((END, (snap.next_epoch(), snap.tally.to_dict())))
                     return
                 if not self._put(batch):
                     return
-                slot = (slot + 1) % len(self.ring)
         except Stopped:
             return
         except BaseException as e:  # surfaced in the consumer thread, never lost
