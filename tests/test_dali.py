@@ -156,3 +156,39 @@ def test_dali_gpu_matches_cpu_pipeline():
     std = torch.tensor(IMAGE_STD).view(1, 3, 1, 1) * 255.0
     diff = ((gpu.cpu() - cpu) * std).abs()  # in pixel units: nvJPEG vs libjpeg IDCT differ slightly
     assert diff.mean() < 2.0
+
+
+def test_raw_bytes_for_dali_are_header_checked_like_the_cpp_decoder_would_refuse(tmp_path):
+    """decode=False hands encoded bytes to DALI. A 65500 x 65500 header failed the whole DALI batch, and a JPEG cut
+    off mid-scan was decoded by DALI into flat grey and trained on: both are counted corrupt_image skips now, as
+    are a PNG without IEND and a JPEG of more than 500 scans (the C++ decoder refuses all four)."""
+    import struct
+
+    pytest.importorskip("bmclip._C", reason="bmclip._C not built")
+    from bmclip.data.loader import ShardLoader
+
+    good_jpg = encode(smooth_image(70, 60, 0)).tobytes()
+    good_png = encode(smooth_image(50, 40, 1), "PNG").tobytes()
+    sof = good_jpg.index(b"\xff\xc0")
+    huge = good_jpg[:sof + 5] + struct.pack(">HH", 65500, 65500) + good_jpg[sof + 9:]
+    sos = good_jpg.rindex(b"\xff\xda")
+    cut_jpg = good_jpg[:sos + (len(good_jpg) - sos) // 2]
+    cut_png = good_png[:good_png.rindex(b"IDAT") + 40]
+    b = io.BytesIO()
+    smooth_image(64, 48, 2).save(b, "JPEG", progressive=True)
+    prog = b.getvalue()
+    last = prog.rindex(b"\xff\xda")
+    scans = prog[:last] + prog[last:-2] * 600 + prog[-2:]
+    members = {"ok1.jpg": good_jpg, "ok2.png": good_png, "huge.jpg": huge, "cut.jpg": cut_jpg,
+               "cutp.png": cut_png, "scans.jpg": scans, "ok3.jpg": prog}
+    p = tmp_path / "s-000.tar"
+    with tarfile.open(p, "w") as tf:
+        for name, data in members.items():
+            for member, payload in ((name, data), (name.rsplit(".", 1)[0] + ".txt", b"a caption")):
+                ti = tarfile.TarInfo(member)
+                ti.size = len(payload)
+                tf.addfile(ti, io.BytesIO(payload))
+    ld = ShardLoader([str(p)], batch_size=8, image_size=S, decode=False, shuffle=False)
+    keys = [k for batch in ld for k in batch["key"]]
+    assert keys == ["ok1", "ok2", "ok3"]
+    assert ld.skipped == {"corrupt_image": 4}

@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 from bmclip.data.cursor import Cursor, CursorState, Sample, mix
+from bmclip.data.images import MAX_JPEG_SCANS, jpeg_scan_count
 from bmclip.data.loader_options import LoaderOptions
 from bmclip.data.text import BackgroundTokenizer
 
@@ -44,6 +45,9 @@ __all__ = ["BatchAssembler", "END", "Pipe", "Stopped", "batch_slots", "make_ring
 # Where one batch is decoded: (the tensor handed out as batch["image"], or None to hand out a
 # torch.from_numpy view of the buffer; the buffer the decoder writes, a numpy array)
 Slot = tuple[torch.Tensor | None, np.ndarray]
+
+# bmclip._C.Decoder's default pixel limit (Pillow's decompression-bomb error threshold), when no decoder is at hand
+DEFAULT_MAX_PIXELS = 178_956_970
 
 # Queue item that ends an epoch: (END, (state at the start of the next epoch, the finished pass's tallies))
 END = object()
@@ -108,14 +112,31 @@ class BatchAssembler:
         self.tok = tokenizer
 
     def _header_check(self, buf) -> str | None:
-        """decode=False: reject what the C++ header parser cannot identify (None = looks decodable)."""
+        """decode=False: reject what the C++ decoder would refuse before a DALI pipeline gets it (None = looks
+        decodable): an unidentified header, more pixels than the decoder's limit (DALI failed the whole batch
+        on a 65500 x 65500 header), more than MAX_JPEG_SCANS scans, and a JPEG cut off after its last scan
+        or a PNG without its IEND chunk (DALI decoded a cut JPEG into flat grey, silently)."""
         if self.image_info is None:
             return None
         try:
-            w, h = self.image_info(buf)[:2]
+            w, h, fmt = self.image_info(buf)[:3]
         except Exception as e:  # the parser's message is the skip reason
             return f"{type(e).__name__}: {e}"
-        return None if w > 0 and h > 0 else f"image header gives size {w}x{h}"
+        if not (w > 0 and h > 0):
+            return f"image header gives size {w}x{h}"
+        limit = getattr(self.decoder, "max_pixels", None) or DEFAULT_MAX_PIXELS
+        if w * h > limit:
+            return f"image too large: {w}x{h} pixels > limit {limit}"
+        data = bytes(buf)
+        if fmt == "jpeg":
+            scans = jpeg_scan_count(data)
+            if scans > MAX_JPEG_SCANS:
+                return f"more than {MAX_JPEG_SCANS} progressive scans"
+            if data.rfind(b"\xff\xd9") < data.rfind(b"\xff\xda"):  # entropy-coded data cannot hold FFD9
+                return "jpeg: premature end of data (no end-of-image marker after the last scan)"
+        elif fmt == "png" and data.rfind(b"IEND") < data.rfind(b"IDAT"):
+            return "png: premature end of data (no IEND chunk after the image data)"
+        return None
 
     def _tokenize(self, texts: list[str]) -> Future | None:
         return self.tok.submit(texts) if self.tok is not None else None
