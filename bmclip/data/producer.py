@@ -113,9 +113,11 @@ class BatchAssembler:
 
     def _header_check(self, buf) -> str | None:
         """decode=False: reject what the C++ decoder would refuse before a DALI pipeline gets it (None = looks
-        decodable): an unidentified header, more pixels than the decoder's limit (DALI failed the whole batch
-        on a 65500 x 65500 header), more than MAX_JPEG_SCANS scans, and a JPEG cut off after its last scan
-        or a PNG without its IEND chunk (DALI decoded a cut JPEG into flat grey, silently)."""
+        decodable): an unidentified header, more pixels than the decoder's limit, more than MAX_JPEG_SCANS
+        scans, a JPEG cut before its end-of-image marker, a PNG without its IEND chunk. DALI fails a whole
+        batch on each of these (its good samples lost too); here only the one sample is a counted skip. Not
+        caught without decoding: damaged entropy-coded data that still ends in its marker, which DALI decodes
+        (partly grey) where the C++ decoder refuses it."""
         if self.image_info is None:
             return None
         try:
