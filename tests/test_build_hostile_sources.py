@@ -301,3 +301,22 @@ def test_the_dot_directory_of_a_tar_made_with_dash_C_dir_dot_is_not_an_unsafe_me
     assert dict(content.skips) == {} and list(content.media) == ["a.jpg"]
     path.write_bytes(gzip.compress(_tar([("./P1.nxml", _xml("PMC1", [])), ("../evil.jpg", _jpeg(2))])))
     assert dict(_read(path).skips) == {"unsafe_member": 1}  # a member that climbs out still is one
+
+
+def test_a_jpeg_of_more_than_500_scans_is_refused_whichever_route_decodes_it(monkeypatch):
+    """The native transcode refused it, but Pillow (no extension, or a JPEG it does not transcode) spent
+    ~95 s on one such 2 MB file."""
+    from bmclip.data.pmc import media
+
+    b = io.BytesIO()
+    Image.fromarray(np.full((100, 120, 3), 128, np.uint8)).save(b, "JPEG", progressive=True)
+    d = b.getvalue()
+    last = d.rindex(b"\xff\xda")
+    bomb = d[:last] + d[last:-2] * 600 + d[-2:]
+    for native in (True, False):
+        if not native:
+            monkeypatch.setattr(media, "_NATIVE", False)  # as without the extension: Pillow decodes
+        with pytest.raises(media.ImageSkip, match="more than 500 progressive scans") as e:
+            media.process_image(bomb, min_side=1)
+        assert e.value.reason == "undecodable_image"
+    assert media.process_image(d, min_side=1).size == (120, 100)

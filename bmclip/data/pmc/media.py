@@ -23,7 +23,7 @@ from pathlib import PurePosixPath
 import numpy as np
 from PIL import Image, ImageFile
 
-from bmclip.data.images import pil_to_rgb
+from bmclip.data.images import MAX_JPEG_SCANS, jpeg_scan_count, pil_to_rgb
 
 try:  # the compiled extension is optional here: without it every image goes through Pillow
     import bmclip._C as _C
@@ -212,6 +212,8 @@ def process_image(
             raise ImageSkip("undecodable_image", f"cannot read {data}: {e}") from e
     if not data:
         raise ImageSkip("empty_image")
+    if jpeg_scan_count(data) > MAX_JPEG_SCANS:  # a bomb in time for Pillow (the native transcode refuses it too)
+        raise ImageSkip("undecodable_image", f"more than {MAX_JPEG_SCANS} progressive scans")
     # Truncated files must fail, not be padded with grey.
     ImageFile.LOAD_TRUNCATED_IMAGES = False
     try:
