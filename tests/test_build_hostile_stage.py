@@ -3,7 +3,6 @@ collide, many figures on one image, entity declarations in UTF-16, an output amo
 
 from __future__ import annotations
 
-import gzip
 import io
 import json
 import os
@@ -15,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from test_build_dataset import _write_tar  # the same gzip'd tar writer
 
 from bmclip.data.pmc import build_dataset, parse_jats
 from bmclip.data.pmc import stage as stage_mod
@@ -45,19 +45,9 @@ def _xml(figs: list[tuple[str, str, str]], pmcid: str | None = "PMC100", doi: st
             f"</article-meta></front><body>{body}</body></article>")
 
 
-def _tar_bytes(members: list[tuple[str, bytes]]) -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as tf:
-        for name, data in members:
-            ti = tarfile.TarInfo(name)
-            ti.size = len(data)
-            tf.addfile(ti, io.BytesIO(data))
-    return gzip.compress(buf.getvalue(), mtime=0)
-
-
 def _package(path: Path, xml: str | bytes, images: dict[str, bytes]) -> Path:
     xml_b = xml.encode() if isinstance(xml, str) else xml
-    path.write_bytes(_tar_bytes([("p/article.nxml", xml_b), *((f"p/{n}", d) for n, d in images.items())]))
+    _write_tar(path, [("p/article.nxml", xml_b), *((f"p/{n}", d) for n, d in images.items())])
     return path
 
 
@@ -230,7 +220,8 @@ def test_non_utf8_file_names_build_slice_and_are_reported_escaped(tmp_path):
     # plan digest and in slicing).
     src = tmp_path / "in"
     src.mkdir()
-    good = _tar_bytes([("p/a.nxml", _xml([("F1", "A caption of a figure.", "g1")]).encode()), ("p/g1.jpg", _jpeg(40))])
+    good = _write_tar(tmp_path / "good.tar.gz", [("p/a.nxml", _xml([("F1", "A caption of a figure.", "g1")]).encode()),
+                                                  ("p/g1.jpg", _jpeg(40))]).read_bytes()
     try:
         Path(os.fsdecode(os.fsencode(src) + b"/PMC\xff\xfe.tar.gz")).write_bytes(good)
         Path(os.fsdecode(os.fsencode(src) + b"/broken\xff.tar.gz")).write_bytes(b"not a tarball")
