@@ -75,7 +75,7 @@ def reference_pixels(urls: list[str], num_workers: int) -> dict[str, np.ndarray]
     return ref
 
 
-@pytest.mark.parametrize("context", ["fork", "spawn"])
+@pytest.mark.parametrize("context", ["fork", pytest.param("spawn", marks=pytest.mark.slow)])
 def test_dataloader_worker_batches_equal_the_single_process_ones(tmp_path, context):
     urls = write_shards(tmp_path, 2, 24)
     ref = reference_pixels(urls, 2)

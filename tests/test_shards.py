@@ -102,5 +102,5 @@ def test_a_pattern_naming_more_shards_than_any_data_set_is_refused_before_its_li
         with pytest.raises(ConfigError, match="more than the 10,000,000"):
             expand_urls(pattern)
     assert MAX_SHARD_URLS == 10_000_000
-    assert len(expand_urls("x{0..999}-{0..999}.tar")) == 1_000_000  # big, but plausible
+    assert len(expand_urls("x{0..99}-{0..999}.tar")) == 100_000  # big, but plausible
     assert expand_urls([b"/data/caf\xe9-{0..1}.tar"]) == ["/data/caf\udce9-0.tar", "/data/caf\udce9-1.tar"]

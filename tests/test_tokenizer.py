@@ -336,6 +336,7 @@ def test_save_never_mixes_a_new_vocab_with_an_old_config(tmp_path, monkeypatch):
     assert sorted(p.name for p in folder.iterdir() if p.name.startswith(".")) == []  # no temp files left
 
 
+@pytest.mark.slow  # a child process that imports torch
 def test_a_huge_caption_is_cut_to_what_the_context_can_hold():
     """A 40 MB caption in a shard used to take > 4 GB in cleaning and the Rust encoder and abort the process
     (SIGABRT); the text is now cut to a budget of characters that still holds every token of the context."""

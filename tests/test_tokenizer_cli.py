@@ -148,6 +148,7 @@ def _slow_corpus(path: Path, lines: int = 60000) -> None:
             f.write(" ".join("".join(r.choices(letters, k=r.randint(4, 12))) for _ in range(12)) + "\n")
 
 
+@pytest.mark.slow  # ~3.5 s each: several seconds of reading and merges before the signal
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_interrupt_stops_training_promptly_and_writes_nothing(tmp_path, sig):
     corpus = tmp_path / "rand.txt"
