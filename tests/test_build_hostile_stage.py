@@ -397,3 +397,21 @@ def test_an_output_or_staging_dir_among_the_inputs_is_refused_before_any_work(tm
     with pytest.raises(ConfigError, match="output folder .* inside the input"):  # staging elsewhere, output inside
         build_dataset([str(src)], src / "out", num_workers=0, progress=False, staging=tmp_path / "st2")
     assert sorted(p.name for p in src.rglob("*")) == before and not (tmp_path / "st2").exists()
+
+
+@pytest.mark.slow  # a whole build; the stage/merge modules keep their fast tests
+def test_an_article_repeated_within_its_package_keeps_its_first_copy(tmp_path):
+    """A <pmc-articleset> holding one article twice dropped the figures of both copies (the merge took the
+    repeat's ID as seen before, and every sample of that ID went): the first copy is now used, the repeat
+    counted."""
+    art = _xml([("F1", "A caption of a figure.", "g1"), ("F2", "Another caption here.", "g2")])
+    inner = art[art.index("<article "):]
+    xml = f"<pmc-articleset>{inner}{inner}</pmc-articleset>"
+    src = tmp_path / "in"
+    src.mkdir()
+    _package(src / "PMC100.tar.gz", xml, {"g1.jpg": _jpeg(1), "g2.jpg": _jpeg(2)})
+    stats = _build([src], tmp_path / "out")
+    assert stats["pairs_total"] == 2
+    assert stats["skips"]["article"] == {"duplicate_article": 1}
+    assert stats["skips"]["figure"] == {"duplicate_article": 2}
+    assert stats["figures"] == stats["pairs_total"] + sum(stats["skips"]["figure"].values())

@@ -216,6 +216,8 @@ def _merge_into(stagings: list[StagingDir], plans: list[dict], out: Path, remote
             for a in rec["articles"]:
                 stats.articles += 1
                 stats.figures += a["figures"]
+                if a.get("repeat"):  # a second copy within its package: skipped and counted at stage time
+                    continue
                 if a["id"] in seen_articles:
                     dup_articles.add(a["id"])
                     stats.skip("article", "duplicate_article")

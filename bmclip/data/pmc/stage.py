@@ -220,11 +220,18 @@ def process_package(
     images = _MediaCache(content.media, opts)
     tokens: dict[str, int] = {}  # caption -> token count: figures repeating a caption are tokenized once
     meta = _cloud_metadata(content.meta, pkg_skips)
+    ids_here: set[str] = set()
     for art, xml_sha, ai, n_in_file in articles:
         aid = _article_id(art, xml_sha, ai, n_in_file)
         licence = art.license or meta.get("license_code") or meta.get("license")
         arec = {"id": aid, "figures": len(art.figures)}
         rec["articles"].append(arec)
+        if aid in ids_here:  # the same article again in this package (an articleset repeating it): the first copy
+            arec["repeat"] = True  # is used, this one counted here (the merge only counts its figures)
+            art_skips["duplicate_article"] += 1
+            fig_skips["duplicate_article"] += len(art.figures)
+            continue
+        ids_here.add(aid)
         if meta.get("is_retracted") is True:
             art_skips["retracted"] += 1
             fig_skips["retracted"] += len(art.figures)
