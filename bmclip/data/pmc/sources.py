@@ -478,8 +478,8 @@ class _SpooledMedia(Mapping):
 
 
 def _drop_ambiguous(names: list[str], skips: Counter) -> list[str]:
-    """``names`` less those that another one equals but for case (media are looked up case-insensitively),
-    each left out counted as ``duplicate_media_name``."""
+    """``names`` less those that another one equals, or equals but for case (media are looked up
+    case-insensitively), each left out counted as ``duplicate_media_name``."""
     n_lower = Counter(n.lower() for n in names)
     kept = [n for n in names if n_lower[n.lower()] == 1]
     if len(kept) != len(names):
@@ -569,9 +569,7 @@ def _read_tar_stream(f, path: str, max_member_bytes: int, max_package_bytes: int
     skips: Counter = Counter()
     spool = _Spool(path)
     xml: list[tuple[str, int]] = []
-    media: dict[str, int] = {}  # file name -> spool key
-    by_lower: dict[str, str] = {}  # lower-cased file name -> the name in media
-    ambiguous: set[str] = set()  # lower-cased file names of two or more members: none of them is used
+    images: list[tuple[str, int]] = []  # (file name, spool key) of every image member
     try:
         stream = _Limited(_decompressed(f), max_package_bytes, path)
         with tarfile.open(fileobj=stream, mode="r|", tarinfo=_StrictTarInfo, bufsize=_TAR_BUFSIZE) as tf:
@@ -598,17 +596,6 @@ def _read_tar_stream(f, path: str, max_member_bytes: int, max_package_bytes: int
                 if m.size > max_member_bytes:
                     skips["member_too_large"] += 1
                     continue
-                name = PurePosixPath(safe).name
-                if not is_xml:
-                    lower = name.lower()
-                    if lower in ambiguous:
-                        skips["duplicate_media_name"] += 1
-                        continue
-                    if lower in by_lower:  # which of the two a graphic means is unknown: neither is used
-                        spool.drop(media.pop(by_lower.pop(lower)))
-                        ambiguous.add(lower)
-                        skips["duplicate_media_name"] += 2
-                        continue
                 fm = tf.extractfile(m)
                 key = spool.add(fm.read if fm is not None else (lambda n: b""), m.size)
                 if key is None:
@@ -616,8 +603,7 @@ def _read_tar_stream(f, path: str, max_member_bytes: int, max_package_bytes: int
                 if is_xml:
                     xml.append((safe, key))
                 else:
-                    media[name] = key
-                    by_lower[name.lower()] = name
+                    images.append((PurePosixPath(safe).name, key))
             if not getattr(tf, "bmclip_end_seen", False):
                 raise _CorruptTar("the archive ends without its end-of-archive block")
         # Read on to the end of the file: the gzip layer checks its CRC and length, and refuses bytes after
@@ -637,6 +623,14 @@ def _read_tar_stream(f, path: str, max_member_bytes: int, max_package_bytes: int
                 spool.drop(key)  # supplementary XML of a package that has its article's .nxml
         xml = nxml
     xml.sort(key=lambda x: x[0])
+    # which of two members sharing a file name a graphic means is unknown: neither is used (as in folders)
+    usable = set(_drop_ambiguous([name for name, _ in images], skips))
+    media = {}
+    for name, key in images:
+        if name in usable:
+            media[name] = key
+        else:
+            spool.drop(key)
     return PackageContent(xml=_SpooledXml(spool, xml), media=_SpooledMedia(spool, media), skips=skips)
 
 
