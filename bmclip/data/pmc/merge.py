@@ -32,7 +32,7 @@ from pathlib import Path
 from bmclip.data.pmc.dedup import Deduplicator
 from bmclip.data.pmc.options import SPLITS, BuildOptions
 from bmclip.data.pmc.shard_writer import SAMPLE_MEMBERS, ShardWriter
-from bmclip.data.pmc.stage import sanitize_key, staging_stream
+from bmclip.data.pmc.stage import article_key_part, staging_stream
 from bmclip.data.pmc.staging import LOCK_NAME, BuildLock, StagingDir, remove_partial_files
 from bmclip.data.pmc.stats import STATS_FORMAT, BuildStats, write_plots
 from bmclip.data.pmc.upload import RemoteOutput
@@ -84,7 +84,7 @@ def _unique_key(key: str, article_id: str, used: set[str]) -> str:
     """
     if key not in used:
         return key
-    part = sanitize_key(article_id.removeprefix("doi:"), 60)
+    part = article_key_part(article_id)
     if key.startswith(part + "_"):
         new = f"{part}_{_hex8(article_id)}{key[len(part):]}"
         if new not in used:

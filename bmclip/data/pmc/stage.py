@@ -74,6 +74,11 @@ def sanitize_key(s: str, limit: int = 80) -> str:
     return k
 
 
+def article_key_part(article_id: str) -> str:
+    """The article's part of its samples' keys (``PMC1234567``, a sanitized DOI, ...)."""
+    return sanitize_key(article_id.removeprefix("doi:"), 60)
+
+
 def _key_bytes(key: str) -> bytes:
     """A package key as bytes, for hashing: its file name's own bytes (surrogateescape), UTF-8 for a valid one."""
     return key.encode("utf-8", "surrogateescape")
@@ -274,7 +279,7 @@ def process_package(
             if img is None:
                 fig_skips[first_skip] += 1
                 continue
-            key = _figure_key(sanitize_key(aid.removeprefix("doi:"), 60), fig.id, fi, used_keys)
+            key = _figure_key(article_key_part(aid), fig.id, fi, used_keys)
             used_keys.add(key)
             meta_out = {
                 "key": key,
