@@ -32,9 +32,8 @@ def printable(s: str) -> str:
 
 
 def licence_code(lic: str | None) -> str:
-    """Short licence class for statistics: 'CC BY', 'CC BY-NC-ND', 'CC0', 'public domain', 'other', 'unknown'
-    (also for a value that is not a string: an earlier version staged PMC Cloud metadata's as it came)."""
-    if not lic or not isinstance(lic, str):
+    """Short licence class for statistics: 'CC BY', 'CC BY-NC-ND', 'CC0', 'public domain', 'other', 'unknown'."""
+    if not lic:
         return "unknown"
     s = lic.lower()
     m = re.search(r"creativecommons\.org/licen[cs]es/([a-z-]+)", s)
