@@ -86,11 +86,10 @@ class LoaderOptions:
     fetch_options: remote.FetchOptions | dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
-        for name in ("batch_size", "image_size", "world_size"):
-            setattr(self, name, check_int(getattr(self, name), name, 1))
+        self.batch_size = check_int(self.batch_size, "batch_size", 1)
+        self.image_size = check_int(self.image_size, "image_size", 1, MAX_IMAGE_SIZE)
+        self.world_size = check_int(self.world_size, "world_size", 1)
         self.prefetch = check_int(self.prefetch, "prefetch", 1, MAX_PREFETCH)
-        if self.image_size > MAX_IMAGE_SIZE:
-            raise ConfigError(f"image_size must be an integer from 1 to {MAX_IMAGE_SIZE}, got {self.image_size!r}")
         self.decode = bool(self.decode)
         self._check_memory()
         if not is_int(self.rank) or not 0 <= self.rank < self.world_size:
