@@ -562,3 +562,13 @@ def test_a_large_16_bit_png_converts_within_bounded_memory(tmp_path):
     """)
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and r.stdout.strip() == "ok", (r.returncode, r.stderr[-2000:])
+
+
+def test_dicom_rescale_without_window_is_min_max_scaled_in_blocks(tmp_path, monkeypatch):
+    from bmclip.data import images as shared
+
+    monkeypatch.setattr(shared, "_ROW_CHUNK_ELEMENTS", 2)  # a block per row
+    arr = np.array([[0, 500], [1000, 250]], dtype=np.uint16)  # slope -1: 1000, 500, 0, 750 after the LUT
+    p = make_dicom(tmp_path / "r.dcm", arr, slope=-1, intercept=1000)
+    g = np.asarray(images.load_image(p))[:, :, 0]
+    assert g.tolist() == [[255, 128], [0, 191]]  # 127.5 rounds half to even; 191.25 -> 191

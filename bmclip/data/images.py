@@ -7,6 +7,7 @@ other module declares its own copy.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import numpy as np
@@ -65,19 +66,37 @@ def map_rows(arr: np.ndarray, fn: Callable[[np.ndarray], np.ndarray]) -> np.ndar
     if arr.ndim == 0 or arr.size == 0:
         out[...] = fn(arr)
         return out
-    rows = max(1, _ROW_CHUNK_ELEMENTS // max(1, arr[0].size))
+    rows = _block_rows(arr)
     for i in range(0, arr.shape[0], rows):
         out[i:i + rows] = fn(arr[i:i + rows])
     return out
 
 
-def minmax_to_uint8(arr: np.ndarray) -> np.ndarray:
-    """Array of any range -> uint8 with its minimum at 0 and its maximum at 255 (all zeros when constant)."""
-    lo, hi = float(np.min(arr)), float(np.max(arr))
+def _block_rows(arr: np.ndarray) -> int:
+    """Rows per block of a (rows, ...) array, for ~_ROW_CHUNK_ELEMENTS elements a block."""
+    return max(1, _ROW_CHUNK_ELEMENTS // max(1, arr[0].size))
+
+
+def minmax_to_uint8(arr: np.ndarray, values: Callable[[np.ndarray], np.ndarray] | None = None) -> np.ndarray:
+    """Array of any range -> uint8 with its minimum at 0 and its maximum at 255 (all zeros when constant).
+
+    ``values``: an elementwise map to float64 applied first (e.g. a DICOM modality LUT), a block of rows at a
+    time: the min/max and the scaling are of its values, and no whole-image float64 copy is made."""
+    if values is None:
+        lo, hi = float(np.min(arr)), float(np.max(arr))
+        values = _as_float64
+    else:
+        rows, lo, hi = _block_rows(arr), math.inf, -math.inf
+        for i in range(0, arr.shape[0], rows):  # one block's values alive at a time
+            v = values(arr[i:i + rows])
+            lo, hi = min(lo, float(np.min(v))), max(hi, float(np.max(v)))
     if hi <= lo:
         return np.zeros(np.shape(arr), dtype=np.uint8)
-    return map_rows(arr, lambda a: np.clip(np.round((a.astype(np.float64) - lo) / (hi - lo) * 255.0), 0, 255)
-                    .astype(np.uint8))
+    return map_rows(arr, lambda a: np.clip(np.round((values(a) - lo) / (hi - lo) * 255.0), 0, 255).astype(np.uint8))
+
+
+def _as_float64(a: np.ndarray) -> np.ndarray:
+    return a.astype(np.float64)
 
 
 def jpeg_scan_count(data: bytes | memoryview) -> int:

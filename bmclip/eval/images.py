@@ -135,12 +135,6 @@ def _first(v: Any) -> float:
         return float(v)
 
 
-def _row_blocks(arr: np.ndarray, elements: int = 1 << 22) -> list[np.ndarray]:
-    """Views of blocks of rows of a (rows, columns[, samples]) image, ``elements`` per block."""
-    rows = max(1, elements // max(1, arr[0].size))
-    return [arr[i:i + rows] for i in range(0, arr.shape[0], rows)]
-
-
 def _check_dicom_pixels(ds: Any, p: str) -> None:
     """DataError for a DICOM whose pixel data would decode to more pixels than Pillow opens (a 778-byte deflated
     20000 x 20000 file decoded to 6 GB before this check), from its header alone."""
@@ -208,13 +202,8 @@ def dicom_to_pil(source: str | os.PathLike | io.BytesIO, frame: str = "middle", 
         function = str(ds.get("VOILUTFunction", "LINEAR") or "LINEAR")
         window_to_uint8(np.zeros(1), center, width, function)  # the window's own errors, before any pixel
         g = map_rows(arr, lambda a: window_to_uint8(modality(a), center, width, function))
-    elif rescaled:
-        lo = min(float(np.min(modality(a))) for a in _row_blocks(arr))
-        hi = max(float(np.max(modality(a))) for a in _row_blocks(arr))
-        g = (map_rows(arr, lambda a: np.clip(np.round((modality(a) - lo) / (hi - lo) * 255.0), 0, 255)
-                      .astype(np.uint8)) if hi > lo else np.zeros(arr.shape, dtype=np.uint8))
     else:
-        g = minmax_to_uint8(arr)
+        g = minmax_to_uint8(arr, modality if rescaled else None)
     if photometric == "MONOCHROME1":
         g = 255 - g
     return Image.fromarray(g, "L").convert("RGB")
