@@ -63,26 +63,30 @@ def load_image(path: str | os.PathLike, frame: str = "middle") -> Image.Image:
     try:
         with open(p, "rb") as f:
             head = f.read(2)
-            if head == b"\xff\xd8":  # a JPEG: its scans are counted before Pillow decodes them
-                check_jpeg_scans(head + f.read(), f"cannot read image {p}")
-        with Image.open(p) as im:
-            im.load()
-            return pil_to_rgb(im)
-    except _PIL_ERRORS as e:
+            # a JPEG is read whole to count its scans, then decoded from those bytes; other formats from the file
+            data = head + f.read() if head == b"\xff\xd8" else None
+    except OSError as e:
         raise DataError(f"cannot read image {p}: {e}") from e
+    return _pil_rgb(p if data is None else data, f"cannot read image {p}")
 
 
 def decode_image_bytes(data: bytes, ext: str, name: str = "image") -> Image.Image:
     """An image held in memory (``ext`` says DICOM or a PIL format) -> RGB PIL image; DataError if undecodable."""
     if ext in DICOM_EXTENSIONS:
         return dicom_to_pil(io.BytesIO(data), name=name)
-    check_jpeg_scans(data, f"cannot decode {name}")
+    return _pil_rgb(data, f"cannot decode {name}")
+
+
+def _pil_rgb(source: bytes | Path, what: str) -> Image.Image:
+    """A PIL format's bytes (a JPEG's scans counted first) or file -> RGB PIL image; DataError "``what``: reason"."""
+    if isinstance(source, bytes):
+        check_jpeg_scans(source, what)
     try:
-        with Image.open(io.BytesIO(data)) as im:
+        with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as im:
             im.load()
             return pil_to_rgb(im)
     except _PIL_ERRORS as e:
-        raise DataError(f"cannot decode {name}: {e}") from e
+        raise DataError(f"{what}: {e}") from e
 
 
 def decode_sample_image(sample: dict[str, Any]) -> Image.Image:
