@@ -1,8 +1,9 @@
 """Errors that bmclip reports to users as a clear message (the CLI prints them without a traceback), and the
-one integer check that options are held to."""
+integer and real-number checks that options are held to."""
 
 from __future__ import annotations
 
+import math
 import numbers
 from typing import Any
 
@@ -46,3 +47,13 @@ def check_int(v: Any, what: str, low: int | None = None, high: int | None = None
             rng = f" <= {high}" if high is not None else ""
         raise ConfigError(f"{what} must be an integer{rng}, got {v!r}")
     return int(v)
+
+
+def check_real(v: Any, what: str, low: float | None = None, *, above: bool = False) -> float:
+    """``v`` as a ``float`` if it is a finite real number (an integer or a float, not a bool or a string) that is
+    >= ``low`` (> ``low`` with ``above``), else ConfigError "``what`` must be a finite number >= low, got v"."""
+    ok = isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
+    if not ok or (low is not None and (v <= low if above else v < low)):
+        rng = "" if low is None else f" {'>' if above else '>='} {low:g}"
+        raise ConfigError(f"{what} must be a finite number{rng}, got {v!r}")
+    return float(v)

@@ -67,6 +67,25 @@ def test_one_backoff_schedule():
         assert opts.delay(k, random.Random(k)) == backoff_delay(k, 0.5, 6.0, random.Random(k))
 
 
+@pytest.mark.parametrize("bad, match", [
+    ({"attempts": True}, r"fetch attempts must be an integer >= 1, got True"),  # was accepted as 1 try
+    ({"attempts": 2.0}, r"fetch attempts must be an integer >= 1"),
+    ({"chunk_bytes": 0}, r"fetch chunk_bytes must be an integer >= 1, got 0"),
+    ({"backoff_s": "1"}, r"fetch backoff_s must be a finite number >= 0, got '1'"),  # was a TypeError
+    ({"backoff_max_s": float("inf")}, r"fetch backoff_max_s must be a finite number >= 0, got inf"),
+    ({"read_timeout_s": 0}, r"fetch read_timeout_s must be a finite number > 0, got 0"),
+    ({"connect_timeout_s": float("nan")}, r"fetch connect_timeout_s must be a finite number > 0, got nan"),
+    ({"connect_timeout_s": True}, r"fetch connect_timeout_s must be a finite number > 0, got True"),  # was 1 s
+])
+def test_fetch_options_refuse_what_is_not_a_value(bad, match):
+    from bmclip.data.remote import FetchOptions
+
+    with pytest.raises(ConfigError, match=match):
+        FetchOptions.coerce(bad)
+    ok = FetchOptions(backoff_s=0, read_timeout_s=2)  # integers are numbers; the fields hold floats
+    assert ok.backoff_s == 0.0 and isinstance(ok.read_timeout_s, float)
+
+
 def test_one_transient_policy_for_every_remote_caller():
     """Downloads, build inputs and uploads all retry on io.retry.is_transient: the same error gets the same
     answer everywhere (they had three classifiers that disagreed on HTTP statuses, credentials and ImportError)."""

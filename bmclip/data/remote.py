@@ -59,7 +59,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bmclip.errors import ConfigError, check_int
+from bmclip.errors import ConfigError, check_int, check_real
 from bmclip.io import atomic_writer
 from bmclip.io.fs import filesystem, is_pipe, is_remote, protocol
 from bmclip.io.retry import RetryError, backoff_delay, is_transient, retry
@@ -93,16 +93,12 @@ class FetchOptions:
     chunk_bytes: int = 4 << 20
 
     def __post_init__(self) -> None:
-        if not isinstance(self.attempts, int) or self.attempts < 1:
-            raise ConfigError(f"fetch attempts must be an integer >= 1, got {self.attempts!r}")
-        if not isinstance(self.chunk_bytes, int) or self.chunk_bytes < 1:
-            raise ConfigError(f"fetch chunk_bytes must be an integer >= 1, got {self.chunk_bytes!r}")
+        check_int(self.attempts, "fetch attempts", 1)
+        check_int(self.chunk_bytes, "fetch chunk_bytes", 1)
         for name in ("backoff_s", "backoff_max_s"):
-            if not getattr(self, name) >= 0:
-                raise ConfigError(f"fetch {name} must be >= 0, got {getattr(self, name)!r}")
+            object.__setattr__(self, name, check_real(getattr(self, name), f"fetch {name}", 0))
         for name in ("connect_timeout_s", "read_timeout_s"):
-            if not getattr(self, name) > 0:
-                raise ConfigError(f"fetch {name} must be > 0, got {getattr(self, name)!r}")
+            object.__setattr__(self, name, check_real(getattr(self, name), f"fetch {name}", 0, above=True))
 
     @classmethod
     def coerce(cls, value: FetchOptions | dict[str, Any] | None) -> FetchOptions:
