@@ -178,6 +178,66 @@ def test_split_without_samples_of_its_own_just_ends(tmp_path):
     assert sorted(got) == [0, 1]
 
 
+def _epoch_giving(split: int, shard: int, n_shards: int, n_splits: int, seed: int = 0) -> int:
+    """The first epoch whose shuffled plan gives ``split`` exactly the one shard ``shard``."""
+    from bmclip.data.shards import shard_order, split_shards
+
+    return next(e for e in range(64) if split_shards(shard_order(n_shards, seed, e, True), split, n_splits)[0]
+                == [shard])
+
+
+@pytest.mark.parametrize("cause", ["empty", "undecodable"])
+def test_a_ranks_empty_epoch_names_its_own_shards_and_moves_on(tmp_path, cause):
+    """2 ranks, one shard good and one bad: the rank dealt only the bad one for an epoch gets an EmptySplitEpoch
+    naming that shard (not the good one, not "every shard"), and its loader is already at the next epoch. (It named
+    all shards, as "every shard is an empty tar file" or "2 shards (good.tar, ...)", and stayed in the epoch.)"""
+    from bmclip.data.cursor import EmptySplitEpoch
+
+    make, pattern = CAUSES[cause]
+    urls = [make(tmp_path / "bad.tar"), good_tar(tmp_path / "good.tar", 8)]
+    e = _epoch_giving(1, 0, 2, 2)
+    ld = ShardLoader(urls, batch_size=4, image_size=S, num_threads=1, rank=1, world_size=2, epoch=e)
+    err = raises_within(lambda: drain(ld, limit=10**9), EmptySplitEpoch, pattern)
+    msg = str(err)
+    assert "bad.tar" in msg and "good.tar" not in msg and "its 1 shard" in msg
+    assert "split 1/2" in msg and err.reassigned
+    assert ld.epoch == e + 1 and ld.state_dict()["epoch"] == e + 1  # moved on, like an epoch end
+    # an epoch that deals this rank the good shard reads it whole
+    e2 = _epoch_giving(1, 1, 2, 2)
+    ld.set_epoch(e2)
+    assert drain(ld) == 2
+    # a single process reading both shards has data: no error at all (the bad shard is a counted skip)
+    assert drain(ShardLoader(urls, batch_size=4, image_size=S, num_threads=1, epoch=e)) == 2
+
+
+def test_training_source_goes_past_a_ranks_empty_epochs_and_gives_up_on_a_rank_that_never_has_data(
+        tmp_path, capfd):
+    from bmclip.data.sources import MAX_EMPTY_EPOCHS
+
+    urls = [empty_tar(tmp_path / "empty.tar"), good_tar(tmp_path / "good.tar", 8)]
+    e = _epoch_giving(1, 0, 2, 2)
+    src = ShardSource(ShardLoader(urls, batch_size=4, image_size=S, drop_last=True, tokenizer=tokenize,
+                                  num_threads=1, rank=1, world_size=2, epoch=e))
+    keys = [k for _ in range(4) for k in next(src)["key"]]  # two epochs' worth of the good shard
+    assert sorted(set(keys)) == [f"s{i:05d}" for i in range(8)] and len(keys) == 16
+    err = capfd.readouterr().err
+    assert f"[bmclip] rank 1: no samples in split 1/2 (epoch {e}): its 1 shard ({urls[0]})" in err
+    assert "going on with the next epoch" in err
+    # every shard empty: each epoch moves on, and after MAX_EMPTY_EPOCHS in a row the rank gives up, saying why
+    urls = [empty_tar(tmp_path / "e0.tar"), empty_tar(tmp_path / "e1.tar")]
+    ld = ShardLoader(urls, batch_size=4, image_size=S, drop_last=True, tokenizer=tokenize, num_threads=1, rank=0,
+                     world_size=2)
+    raises_within(lambda: next(ShardSource(ld)), DataError,
+                  rf"rank 0 of 2 got no valid sample from its shards \({MAX_EMPTY_EPOCHS} epochs in a row\): each "
+                  r"rank needs shards with valid samples of its own every epoch")
+    assert ld.epoch == MAX_EMPTY_EPOCHS
+    # without reshuffling (shards in a fixed order) the next epoch deals the same shards: the first one is final
+    ld = ShardLoader(urls, batch_size=4, image_size=S, drop_last=True, tokenizer=tokenize, num_threads=1, rank=0,
+                     world_size=2, shuffle=False)
+    raises_within(lambda: next(ShardSource(ld)), DataError, r"rank 0 of 2 got no valid sample from its shards: ")
+    assert ld.epoch == 1
+
+
 def test_data_stats_of_every_source(tmp_path):
     syn = SyntheticSource(size=8, global_batch=4, image_size=8, context_length=6, seed=0)
     next(syn)

@@ -32,8 +32,8 @@ from bmclip.data.images import DECODED_EXTENSIONS, IMAGE_EXTENSIONS
 from bmclip.data.shards import shard_order, split_shards
 from bmclip.errors import ConfigError, DataError, is_int
 
-__all__ = ["Counters", "Cursor", "CursorState", "PassTally", "Sample", "SHARD_REASONS", "STATE_VERSION",
-           "TEXT_EXTENSIONS", "mix", "no_valid_message"]
+__all__ = ["Counters", "Cursor", "CursorState", "EmptySplitEpoch", "PassTally", "Sample", "SHARD_REASONS",
+           "STATE_VERSION", "TEXT_EXTENSIONS", "mix", "no_valid_message"]
 
 STATE_VERSION = 1
 TEXT_EXTENSIONS = ("txt",)
@@ -447,11 +447,18 @@ class Cursor:
     def check_empty_pass(self) -> None:
         """End of an epoch without a single valid sample: raise DataError naming the cause.
 
-        A split that tried no sample while its shards hold some (more splits than samples) just ends.
+        With several splits (ranks x workers) the message names this split's shards of the epoch, and the error is
+        :class:`EmptySplitEpoch`: other splits may still have data, and (when the shards are shuffled per epoch)
+        this split may get other shards in the next one. A split that tried no sample while its shards hold some
+        (more splits than samples) just ends.
         """
-        p = self.st.tally
+        st, p = self.st, self.st.tally
         if p.tried > 0 or p.tar_samples == 0:
-            raise DataError(no_valid_message(self.urls, self.st, resampled=False))
+            if st.n_splits == 1:
+                raise DataError(no_valid_message(self.urls, st, resampled=False))
+            mine = [self.urls[i] for i in self.plan()[0]]
+            raise EmptySplitEpoch(no_valid_message(mine, st, resampled=False),
+                                  reassigned=st.shuffle and st.n_shards >= st.n_splits)
 
     # -- the stream ---------------------------------------------------------------------------
     def next_ref(self) -> tuple[int, int] | None:
@@ -551,34 +558,48 @@ class Cursor:
         return Sample(ref, key, idx.read(*img), text, js)
 
 
+class EmptySplitEpoch(DataError):
+    """One split's (rank x worker's) epoch gave no valid sample; other splits may have data. The loader's state has
+    moved on to the next epoch, so a new iteration continues there. ``reassigned``: the next epoch may give this
+    split other shards (they are shuffled per epoch and split whole), so trying it can help."""
+
+    def __init__(self, msg: str, *, reassigned: bool):
+        super().__init__(msg)
+        self.reassigned = reassigned
+
+
 def no_valid_message(urls: Sequence[str], st: CursorState, *, resampled: bool, distinct: int = 0) -> str:
-    """Why a whole pass over the data gave no valid sample, with the counts (one cause per message)."""
+    """Why a whole pass over the data gave no valid sample, with the counts (one cause per message). ``urls``: the
+    shards the pass read (a split's own shards of the epoch when there are several splits)."""
     p = st.tally
     n_urls = len(urls)
     where = f"{n_urls} shard{'s' if n_urls != 1 else ''} ({urls[0]}{', ...' if n_urls > 1 else ''})"
     what = "a whole pass over the data (resampled)" if resampled else "a whole epoch"
+    lead = "no samples: "
     if st.n_splits > 1 and not resampled:
         what += f" of split {st.split}/{st.n_splits}"
+        where = f"its {where}"
+        lead = f"no samples in split {st.split}/{st.n_splits} (epoch {st.epoch}): "
     if p.tried == 0 and p.tar_samples == 0:
         kinds = p.damage
         seen = p.shards_seen
         if set(kinds) == {"empty"} and kinds["empty"][0] == seen:
-            return f"no samples: {where}: every shard is an empty tar file (0 bytes)"
+            return f"{lead}{where}: every shard is an empty tar file (0 bytes)"
         if "bad_header" in kinds:
             n, err = kinds["bad_header"]
-            return f"no samples: bad tar header in {n} of {seen} shard(s) of {where} ({err}); is it a tar file?"
+            return f"{lead}bad tar header in {n} of {seen} shard(s) of {where} ({err}); is it a tar file?"
         if set(kinds) == {"unreadable"}:
-            return f"no samples: {where}: no shard could be opened ({kinds['unreadable'][1]})"
+            return f"{lead}{where}: no shard could be opened ({kinds['unreadable'][1]})"
         if "fetch_failed" in kinds and set(kinds) <= {"fetch_failed", "unreadable"}:
             n, err = kinds["fetch_failed"]
-            return f"no samples: {where}: {n} of {seen} shard(s) could not be downloaded ({err})"
+            return f"{lead}{where}: {n} of {seen} shard(s) could not be downloaded ({err})"
         if "truncated" in kinds:
-            return (f"no samples: {where}: the tar data ends before the first complete sample "
+            return (f"{lead}{where}: the tar data ends before the first complete sample "
                     f"({kinds['truncated'][1]})")
         if "empty" in kinds:
-            return (f"no samples: {where}: {kinds['empty'][0]} of {seen} shard(s) are empty tar files, "
+            return (f"{lead}{where}: {kinds['empty'][0]} of {seen} shard(s) are empty tar files, "
                     "the rest hold none")
-        return (f"no samples: {where} hold no webdataset members (files named <key>.<ext>, e.g. "
+        return (f"{lead}{where} hold no webdataset members (files named <key>.<ext>, e.g. "
                 "0001.jpg + 0001.txt)")
     if p.tried == 0:
         return f"no samples in {what} over {where}"

@@ -23,10 +23,13 @@ the consumer trains on batch n; the C++ decoder releases the GIL for the whole b
    and the batch is refilled from the stream so batches stay full. A whole pass that yields no valid
    sample (an epoch; with ``resampled``, every sample of every shard failed since the last valid one)
    raises ``DataError`` naming the cause (empty tar, bad tar header, undecodable images with an
-   example reason, ...) instead of looping. Closing the iterator (or interpreter exit) stops the
-   producer between samples. A loader runs one iteration at a time: ``iter(loader)`` (and ``set_epoch``,
-   ``load_state_dict``) stops the running one, which continues from its last batch handed out, and the
-   older iterator's ``next`` then raises RuntimeError saying it was superseded.
+   example reason, ...) instead of looping. With several splits (ranks x DataLoader workers) one split's
+   empty epoch raises ``bmclip.data.cursor.EmptySplitEpoch`` (a DataError naming that split's shards; other
+   splits may have data) after moving the loader's position to the next epoch. Closing the iterator (or
+   interpreter exit) stops the producer between samples. A loader runs one iteration at a time:
+   ``iter(loader)`` (and ``set_epoch``, ``load_state_dict``) stops the running one, which continues from
+   its last batch handed out, and the older iterator's ``next`` then raises RuntimeError saying it was
+   superseded.
 5. **Decode.** ``bmclip._C.Decoder.decode_batch`` writes random-resized-crop (train) or
    resize+centre-crop (eval) pixels into a preallocated ``[N, S, S, 3]`` uint8 ring buffer (a torch
    tensor, pinned with ``pin_memory=True``, written through its numpy view) that becomes
@@ -74,7 +77,7 @@ import torch
 
 from bmclip._ext import load_ext
 from bmclip.data import remote
-from bmclip.data.cursor import SHARD_REASONS, Counters, Cursor, CursorState
+from bmclip.data.cursor import SHARD_REASONS, Counters, Cursor, CursorState, EmptySplitEpoch
 from bmclip.data.loader_options import LoaderOptions
 from bmclip.data.producer import END, BatchAssembler, Pipe, batch_slots
 from bmclip.data.shards import expand_urls, shard_names_digest, shard_order, shards_moved, split_shards, urls_digest
@@ -416,7 +419,12 @@ class _LoaderIter:
             self._finish()
             raise StopIteration
         if isinstance(batch, BaseException):
-            if state is not None:  # counters of the failed pass (the position stays after the last batch)
+            if isinstance(batch, EmptySplitEpoch) and getattr(batch, "next_state", None) is not None:
+                # this split's epoch held no valid sample: the position moves on to the next epoch (as at an epoch
+                # end), so a new iteration continues there
+                self.L._state, self.L.last_pass = batch.next_state, batch.tally
+                self.L.epoch = batch.next_state.epoch
+            elif state is not None:  # counters of the failed pass (the position stays after the last batch)
                 self.L._state.counters = state
             self._finish()
             if isinstance(batch, DataError) and self.L._cache is not None:

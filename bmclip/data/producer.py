@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from bmclip.data.cursor import Cursor, CursorState, Sample, mix
+from bmclip.data.cursor import Cursor, CursorState, EmptySplitEpoch, Sample, mix
 from bmclip.data.images import MAX_JPEG_SCANS, jpeg_scan_count
 from bmclip.data.loader_options import LoaderOptions
 from bmclip.data.text import BackgroundTokenizer
@@ -284,6 +284,10 @@ class Pipe:
                     return
         except Stopped:
             return
+        except EmptySplitEpoch as e:  # this split's epoch had no valid sample: the position moves to the next one
+            snap = self.cursor.snapshot()
+            e.next_state, e.tally = snap.next_epoch(), snap.tally.to_dict()
+            self._put((e, snap.counters.copy()))
         except BaseException as e:  # surfaced in the consumer thread, never lost
             try:  # the skips that led to it, for stats()
                 counters = self.cursor.st.counters.copy()
