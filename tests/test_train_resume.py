@@ -161,3 +161,19 @@ def test_resume_after_the_shards_moved_to_another_place(shards, tmp_path):
     r = subprocess.run([sys.executable, "-m", "bmclip", "train", "tiny-cpu", f"--out_dir={killed}", *BASE, *common,
                         "--steps=8", f"--data.train={other}"], capture_output=True, text=True, timeout=600, env=env)
     assert r.returncode == 2 and "trained on different data" in r.stderr, r.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_resume_applies_this_runs_optimizer_settings(tmp_path):
+    """A resume with other optim.weight_decay / beta2 / eps trains with them, as config.yaml says, and says so
+    (the optimizer's load_state_dict brought the checkpoint's values back without a word)."""
+    out = tmp_path / "run"
+    _run(out, "--steps=2", "--optim.weight_decay=0.1", "--optim.beta2=0.98", "--optim.eps=1e-6")
+    r = _run(out, "--steps=3", "--optim.weight_decay=0.0", "--optim.beta2=0.5", "--optim.eps=1e-3")
+    assert ("[bmclip] resume: optim.beta2 0.98 -> 0.5, optim.eps 1e-06 -> 0.001, optim.weight_decay 0.1 -> 0.0 "
+            "(this run's config applies") in r.stderr
+    groups = C.load_checkpoint(out / "checkpoints" / "step_00000003")["train_state"]["optimizer"]["param_groups"]
+    assert len(groups) == 2
+    assert all(g["betas"] == (0.9, 0.5) and g["eps"] == 1e-3 and g["weight_decay"] == 0.0 for g in groups), groups
+    first = C.load_checkpoint(out / "checkpoints" / "step_00000002")["train_state"]["optimizer"]["param_groups"]
+    assert sorted(g["weight_decay"] for g in first) == [0.0, 0.1]  # the first run's, as saved

@@ -17,6 +17,7 @@ The uint8 batches become the model's input through :func:`bmclip.data.normalize.
 from __future__ import annotations
 
 import queue
+import sys
 import threading
 import weakref
 from collections.abc import Callable
@@ -24,11 +25,14 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from bmclip.data.cursor import SHARD_REASONS
+from bmclip.data.cursor import SHARD_REASONS, EmptySplitEpoch
 from bmclip.data.dali import random_resized_crop_windows
 from bmclip.errors import DataError
 
-__all__ = ["DaliShardSource", "ShardSource", "SyntheticSource", "synthetic_eval_set"]
+__all__ = ["DaliShardSource", "MAX_EMPTY_EPOCHS", "ShardSource", "SyntheticSource", "synthetic_eval_set"]
+
+# Epochs in a row that may hold no batch for this rank before the training source gives up (ShardSource)
+MAX_EMPTY_EPOCHS = 8
 
 _PALETTE = np.array([[230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200], [245, 130, 48],
                      [145, 30, 180], [70, 240, 240], [250, 250, 250]], dtype=np.float32)
@@ -141,8 +145,12 @@ class ShardSource:
     def __next__(self) -> dict:
         # The loader itself raises DataError naming the cause when a whole pass gives no valid sample
         # (empty tar, bad tar header, every image undecodable); an epoch that ends without a batch
-        # although it had valid samples means the batch is larger than the data.
-        for _ in range(2):
+        # although it had valid samples means the batch is larger than the data. With several ranks, shards
+        # shuffled per epoch give a rank other shards each epoch, so one rank's epoch may hold no batch (its
+        # shards that epoch are empty, damaged or small) while later ones do: up to MAX_EMPTY_EPOCHS such
+        # epochs in a row move on to the next one, each said on stderr; without reshuffling one is final.
+        limit = MAX_EMPTY_EPOCHS if self._reassigned() else 2
+        for tries in range(1, limit + 1):
             if self._it is None:
                 self._it = iter(self.loader)
             try:
@@ -151,10 +159,32 @@ class ShardSource:
                 # End of an epoch: the loader's state already points at the next epoch's start.
                 self._it = None
                 continue
+            except EmptySplitEpoch as e:  # the loader's position moved to the next epoch
+                self._it = None
+                if not e.reassigned or tries == limit:
+                    raise DataError(f"{e}{self._rank_advice(tries)}") from None
+                print(f"[bmclip] rank {self.loader.rank}: {e}; going on with the next epoch", file=sys.stderr,
+                      flush=True)
+                continue
             if "input_ids" not in batch:
                 raise DataError("the shard loader was built without a tokenizer (no input_ids)")
             return batch
         raise DataError(self._no_batch_message())
+
+    def _reassigned(self) -> bool:
+        """Whether the next epoch may give this rank other shards (several splits, shuffled whole shards)."""
+        ld = self.loader
+        n_splits = ld._split()[1]
+        return bool(ld.shuffle) and not ld.resampled and n_splits > 1 and len(ld.urls) >= n_splits
+
+    def _rank_advice(self, epochs: int) -> str:
+        ld = self.loader
+        if int(getattr(ld, "world_size", 1)) == 1:
+            return ""
+        row = f" ({epochs} epochs in a row)" if epochs > 1 else ""
+        return (f"; rank {ld.rank} of {ld.world_size} got no valid sample from its shards{row}: each rank needs "
+                "shards with valid samples of its own every epoch (drop the empty or damaged shards, use shards of "
+                "equal size, or --data.resampled=true)")
 
     def _no_batch_message(self) -> str:
         ld = self.loader
@@ -354,10 +384,11 @@ class DaliShardSource(ShardSource):
             stop.set()
 
     def data_stats(self) -> dict:
-        """``ShardSource.data_stats`` plus the samples of batches DALI failed to decode
-        (``skipped_by_reason["dali_decode_error"]``; the loader's counters run up to ``prefetch``
-        batches ahead while prefetching)."""
+        """``ShardSource.data_stats`` plus the batches and samples DALI failed to decode (``bad_batches``,
+        ``bad_samples``, and ``skipped_by_reason["dali_decode_error"]``; the loader's counters run up to
+        ``prefetch`` batches ahead while prefetching)."""
         d = ShardSource.data_stats(self)
+        d["bad_batches"], d["bad_samples"] = int(self.bad_batches), int(self.bad_samples)
         if self.bad_samples:
             d["skipped_by_reason"]["dali_decode_error"] = int(self.bad_samples)
             d["samples_skipped"] += int(self.bad_samples)

@@ -223,8 +223,9 @@ def _check_exportable(model) -> None:
         raise ConfigError(f"export_open_clip: {e} (set --export_open_clip=false)") from None
 
 
-def _check_resume_compatible(cfg: TrainConfig, st: dict, model, resume_from: Path, is_main: bool = True) -> None:
-    """One-line ConfigError when the checkpoint is of another model or was trained on other data."""
+def _check_resume_compatible(cfg: TrainConfig, st: dict, model, resume_from: Path, info: DistInfo) -> None:
+    """One-line ConfigError when the checkpoint is of another model or was trained on other data (every rank calls
+    it: the verdict on moved shards is rank 0's, whose loader state every checkpoint holds)."""
     ts = st.get("train_state") or {}
     saved = ts.get("config") or st["meta"].get("train_config") or {}
     step = st["meta"].get("step", "?")
@@ -245,15 +246,27 @@ def _check_resume_compatible(cfg: TrainConfig, st: dict, model, resume_from: Pat
     new_data = cfg.to_dict()["data"]
     keys = ["synthetic"] + (["synthetic_size"] if cfg.data.synthetic else ["train"])
     diffs = [k for k in keys if k in old_data and old_data[k] != new_data[k]]
-    if diffs == ["train"] and _same_shards_moved(st, cfg.data.train):
-        if is_main:
+    # (the same on every rank: the config and the checkpoint's config are, so every rank calls the collective)
+    if diffs == ["train"] and all_gather_objects(_same_shards_moved(st, cfg.data.train), info)[0]:
+        # a rank the checkpoint's run did not have holds no loader state of its own: rank 0's verdict is everyone's
+        if info.is_main:
+            same_world = st["meta"].get("world_size") == info.world_size
+            where = "resuming at the same position" if same_world else "resuming"  # (a line below says why not)
             print(f"[bmclip] data.train moved: {old_data['train']!r} there, {new_data['train']!r} here; the same "
-                  "shard file names in the same order, so resuming at the same position (if these are other shards "
+                  f"shard file names in the same order, so {where} (if these are other shards "
                   "under the same names, stop and use --resume=none)", file=sys.stderr, flush=True)
         return
     if diffs:
         detail = "; ".join(f"data.{k} {old_data[k]!r} there, {new_data[k]!r} here" for k in diffs)
         raise ConfigError(f"{where} trained on different data ({detail}); {hint}")
+
+
+def _optim_changes(st: dict, cfg: TrainConfig) -> str:
+    """The ``optim`` settings that differ from the checkpoint's run, as "optim.k a -> b, ..." ('' if none)."""
+    ts = st.get("train_state") or {}
+    saved = ((ts.get("config") or st["meta"].get("train_config") or {}).get("optim")) or {}
+    now = cfg.to_dict()["optim"]
+    return ", ".join(f"optim.{k} {saved[k]!r} -> {now[k]!r}" for k in now if k in saved and saved[k] != now[k])
 
 
 def _same_shards_moved(st: dict, train: str) -> bool:
@@ -281,6 +294,9 @@ def _merge_data_stats(parts: list) -> dict | None:
     for p in parts:
         for k in ("samples_read", "samples_skipped", "tar_errors", "bytes_fetched", "shards_fetch_failed"):
             out[k] += int(p.get(k) or 0)
+        for k in ("bad_batches", "bad_samples"):  # DALI: batches that failed to decode, on every rank
+            if k in p:
+                out[k] = out.get(k, 0) + int(p[k] or 0)
         # remote shards: the rank that waited longest for downloads is the one that held the others back
         out["fetch_wait_s"] = max(out["fetch_wait_s"], float(p.get("fetch_wait_s") or 0.0))
         for r, n in (p.get("skipped_by_reason") or {}).items():
@@ -410,7 +426,7 @@ class Trainer:
         if resume_from is not None:
             st, resume_from = self.ckpt.load_for_resume(
                 resume_from, cfg.resume == "auto", say=lambda m: print(m, file=sys.stderr, flush=True))
-            _check_resume_compatible(cfg, st, model, resume_from, info.is_main)
+            _check_resume_compatible(cfg, st, model, resume_from, info)
         fwd = torch.compile(model) if cfg.model.compile else model
         self.fwd_model = fwd = wrap_model(fwd, info, cfg.parallel, mixed_bf16=use_bf16)
         if info.initialized and info.is_main:
@@ -429,8 +445,19 @@ class Trainer:
 
         self.step, self.counters = 0, {"nonfinite_skipped": 0, "samples": 0}
         if st is not None:
+            # the optimizer's state (moments, step counts) comes from the checkpoint, its settings from this run's
+            # config: load_state_dict would bring back the saved run's weight decay, betas and eps, while
+            # config.yaml says otherwise (the learning rate is the schedule's, rebuilt from this config)
+            fresh = [{k: v for k, v in g.items() if k not in ("params", "lr", "initial_lr")}
+                     for g in self.optimizer.param_groups]
             self.step, counters, same_world = self.ckpt.restore(st, resume_from, fwd, self.optimizer, self.sched,
                                                                 self.source)
+            changed = _optim_changes(st, cfg)
+            for g, f in zip(self.optimizer.param_groups, fresh):
+                g.update(f)
+            if info.is_main and changed:
+                print(f"[bmclip] resume: {changed} (this run's config applies; the optimizer's moments are the "
+                      "checkpoint's)", file=sys.stderr, flush=True)
             self.counters.update(counters)
             if info.is_main and not same_world:
                 print(f"[bmclip] resume: world size changed ({st['meta']['world_size']} -> {info.world_size}); "
@@ -462,6 +489,7 @@ class Trainer:
         self.steps_run, self.last_loss = 0, float("nan")
         self.stop_early, self.stop_signum = False, 0  # time budget spent; the stop signal all ranks agreed on
         self.data_stats, self.skip_warned = None, False
+        self.skip_rows: list[dict] = []  # this rank's data_skip rows since the last log (rank 0 writes every rank's)
 
     @property
     def stopping(self) -> bool:
@@ -550,8 +578,8 @@ class Trainer:
         # an image that passed the loader's header check failed to decode in DALI: its batch was skipped (and
         # replaced by the next one); counted in the checkpointed source state
         src, rank = self.source, self.info.rank
-        self.logger.log({"step": self.step + 1, "kind": "data_skip", "rank": rank, "reason": src.last_error,
-                         "bad_batches": src.bad_batches, "bad_samples": src.bad_samples})
+        self.skip_rows.append({"step": self.step + 1, "kind": "data_skip", "rank": rank, "reason": src.last_error,
+                               "bad_batches": src.bad_batches, "bad_samples": src.bad_samples})
         msg = f"[bmclip] rank {rank}: skipped an undecodable batch ({src.last_error}); {src.bad_batches} so far"
         if self.info.is_main:
             self.console.say(msg, err=True)
@@ -589,9 +617,14 @@ class Trainer:
                **self.logit_scale.readout(self.model), "grad_norm": self.guard.grad_norm, **rates,
                "peak_mem_gb": peak_memory_gb(self.device), "nonfinite_skipped": self.guard.skipped,
                "world_size": info.world_size}
-        if isinstance(self.source, DaliShardSource):
-            rec["data_bad_batches"] = self.source.bad_batches  # rank 0's count (each rank skips its own)
         self.data_stats = ds = _data_stats(self.source, info)
+        if isinstance(self.source, DaliShardSource):  # the same source type on every rank: collectives match
+            # every rank's skipped batches: rank 0 writes the data_skip rows of all ranks, in step order
+            rows = [r for part in all_gather_objects(self.skip_rows, info) for r in part]
+            self.skip_rows = []
+            for r in sorted(rows, key=lambda r: (r["step"], r["rank"])):
+                self.logger.log(r)
+            rec["data_bad_batches"] = ds["bad_batches"]  # summed over ranks (each rank skips its own)
         if ds is not None:
             over = ds["skip_rate"] > cfg.data.max_skip_rate
             rec.update({"data_samples_read": ds["samples_read"], "data_samples_skipped": ds["samples_skipped"],
@@ -650,6 +683,8 @@ class Trainer:
                    "last_loss": self.last_loss, "nonfinite_skipped": self.guard.skipped,
                    "augment_backend": "dali" if isinstance(self.source, DaliShardSource) else "torch",
                    "data_bad_batches": getattr(self.source, "bad_batches", 0), "out_dir": str(out)}
+        if self.data_stats is not None and "bad_batches" in self.data_stats:  # every rank's (DALI)
+            summary["data_bad_batches"] = self.data_stats["bad_batches"]
         ds = self.data_stats
         if ds is not None:
             summary["data"] = {**ds, "skip_rate_exceeded": ds["skip_rate"] > cfg.data.max_skip_rate}
