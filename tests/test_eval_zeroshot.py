@@ -67,6 +67,28 @@ def test_binary_auroc_uses_score_difference():
     assert classification_metrics(y, scores)["auroc"] == 1.0
 
 
+def test_multiclass_auroc_is_one_vs_rest_on_the_softmax_probabilities():
+    """Macro OvR AUROC on p(class) as scikit-learn computes it (and as a user recomputes it from predictions.csv);
+    it was the mean of per-class AUROCs on the raw scores (0.6274 here, against 0.6614)."""
+    rng = np.random.default_rng(0)
+    n, c = 300, 3
+    y = rng.integers(0, c, n)
+    cos = rng.normal(0.2, 0.05, (n, c))
+    cos[np.arange(n), y] += 0.03
+    scores = cos * 100.0  # zero-shot's scores: cosine x logit scale
+    prob = torch.softmax(torch.from_numpy(scores), dim=1).numpy()
+
+    def pairwise_auroc(pos, val):  # P(positive > negative) + 0.5 P(tie), every pair counted
+        a, b = val[pos][:, None], val[~pos][None, :]
+        return ((a > b).sum() + 0.5 * (a == b).sum()) / (a.size * b.size)
+
+    ref = np.mean([pairwise_auroc(y == k, prob[:, k]) for k in range(c)])
+    got = classification_metrics(y, scores)["auroc_ovr_macro"]
+    assert got == pytest.approx(ref, abs=1e-12)
+    assert round(got, 4) == 0.6614  # scikit-learn 1.9.1 roc_auc_score(y, prob, multi_class="ovr", average="macro")
+    assert abs(np.mean([pairwise_auroc(y == k, scores[:, k]) for k in range(c)]) - got) > 0.03  # raw scores differ
+
+
 def test_confusion_png(tmp_path):
     p = save_confusion_png(np.array([[5, 1], [2, 7]]), ["normal lymph node", "lymph node metastasis"],
                            tmp_path / "cm.png", title="pcam")

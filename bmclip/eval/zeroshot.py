@@ -64,8 +64,10 @@ def confusion_matrix(y_true: Any, y_pred: Any, n_classes: int) -> np.ndarray:
 
 
 def classification_metrics(y_true: Any, scores: Any, class_names: Sequence[str] | None = None) -> dict[str, Any]:
-    """Metrics from labels (N,) and class scores (N, C): accuracy, balanced accuracy, per-class recall,
-    confusion matrix, AUROC (binary: score of class 1 minus class 0; multi-class: macro one-vs-rest).
+    """Metrics from labels (N,) and class scores (N, C; logits: zero-shot's scaled cosines, the linear probe's
+    outputs): accuracy, balanced accuracy, per-class recall, confusion matrix, AUROC (binary: score of class 1
+    minus class 0, the order of softmax p(1); multi-class: macro one-vs-rest on the softmax probabilities, as
+    scikit-learn's ``roc_auc_score(y, probs, multi_class="ovr")`` and the run's ``predictions.csv`` give it).
 
     Balanced accuracy averages recall over the classes that occur in ``y_true``.
     """
@@ -97,7 +99,11 @@ def classification_metrics(y_true: Any, scores: Any, class_names: Sequence[str] 
     if c == 2:
         out["auroc"] = auroc(y == 1, s[:, 1] - s[:, 0])
     else:
-        per = [auroc(y == k, s[:, k]) for k in range(c) if present[k] and (~(y == k)).any()]
+        # class k's column of the probabilities ranks the images differently from its raw score column (the
+        # softmax divides by every class's score): one-vs-rest AUROC is defined on the probabilities
+        z = s - s.max(axis=1, keepdims=True)
+        prob = np.exp(z) / np.exp(z).sum(axis=1, keepdims=True)
+        per = [auroc(y == k, prob[:, k]) for k in range(c) if present[k] and (~(y == k)).any()]
         out["auroc_ovr_macro"] = float(np.mean(per)) if per else float("nan")
     return out
 
