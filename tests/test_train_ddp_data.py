@@ -10,7 +10,6 @@ import sys
 import textwrap
 
 import pytest
-
 from test_data_failures import empty_tar, good_tar
 from test_train_ddp import _env, _why
 
