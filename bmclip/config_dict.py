@@ -6,6 +6,9 @@ a dotted key reaches into a sub-dataclass, a mapping updates one key by key, and
 dataclass type replaces it. An unknown key is a ConfigError that names it and lists the valid keys there.
 ``parse_strings=False`` (programmatic values, e.g. a model config read back from a checkpoint) refuses a string
 where the field is not a string instead of parsing it (``"yes"`` for a bool is then an error).
+A null (YAML ``key:``, ``~`` or ``null``; Python None) is None for an optional field; for a plain ``str`` field
+whose default is ``""`` (the "unset" value: no val shards, a temp cache folder, the bundled vocabulary) it is
+``""``, and for any other ``str`` field a ConfigError naming the key (it never becomes the string ``"None"``).
 The training config (``bmclip.train.config``), the model config (``ModelConfig.from_dict``) and
 ``create_model``'s overrides all go through it.
 """
@@ -27,6 +30,12 @@ __all__ = ["update_from_dict"]
 def _field_types(cls: type) -> dict[str, Any]:
     hints = typing.get_type_hints(cls)
     return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _field_default(cls: type, name: str) -> Any:
+    """The dataclass field's default value (None when it has only a factory or none)."""
+    f = next(f for f in dataclasses.fields(cls) if f.name == name)
+    return None if f.default is dataclasses.MISSING else f.default
 
 
 def _convert(value: Any, tp: Any, key: str) -> Any:
@@ -80,7 +89,7 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(f"{key}: expected a number, got {value!r}")
         return f
     if tp is str:
-        if isinstance(value, (dict, list)):
+        if value is None or isinstance(value, (dict, list)):
             raise ConfigError(f"{key}: expected a string, got {value!r}")
         return str(value)
     raise ConfigError(f"{key}: unsupported field type {tp!r}")  # pragma: no cover - programming error
@@ -106,6 +115,12 @@ def _set(obj: Any, dotted: str, value: Any, prefix: str = "", parse_strings: boo
         return
     if rest:
         raise ConfigError(f"unknown config key {prefix}{dotted!r}: {full!r} is not a section")
+    if value is None and tp is str:
+        default = _field_default(type(obj), head)
+        if default != "":
+            raise ConfigError(f"{full}: must not be null (an empty YAML value, ~ or null): give a string, or leave "
+                              f"the key out to keep {getattr(obj, head)!r}")
+        value = ""  # the field's "unset" value
     union = typing.get_origin(tp) in (typing.Union, types.UnionType)
     if not parse_strings and isinstance(value, str) and str not in (typing.get_args(tp) if union else (tp,)):
         raise ConfigError(f"{full}={value!r}: expected a {getattr(tp, '__name__', tp)}, not a string")

@@ -3,6 +3,7 @@
 from dataclasses import dataclass, field
 
 import pytest
+import yaml
 
 from bmclip.config_dict import update_from_dict
 from bmclip.errors import ConfigError
@@ -13,6 +14,7 @@ class Inner:
     n: int = 1
     rate: float | None = None
     names: list[str] = field(default_factory=list)
+    path: str = ""  # "" = unset
 
 
 @dataclass
@@ -54,3 +56,17 @@ def test_programmatic_values_refuse_strings_for_non_string_fields():
         update_from_dict(Outer(), {"inner": {"rate": "1"}}, parse_strings=False)
     o = update_from_dict(Outer(), {"name": "b", "inner": {"n": 2, "rate": 3}}, parse_strings=False)
     assert o == Outer(name="b", inner=Inner(n=2, rate=3.0))
+
+
+def test_null_for_a_string_field_is_its_unset_value_or_an_error_never_the_string_none():
+    """YAML `val:` (empty), `~` and `null` load as None; they used to become the string "None" (a shard, a cache
+    folder or an out_dir named None)."""
+    given = yaml.safe_load("inner:\n  path:\n  rate: ~\n")
+    o = update_from_dict(Outer(inner=Inner(path="/set/before")), given)
+    assert o.inner.path == "" and o.inner.rate is None  # the field's default "": unset
+    assert update_from_dict(Outer(), {"inner.path": None}, parse_strings=False).inner.path == ""
+    with pytest.raises(ConfigError, match=r"^name: must not be null .*leave the key out to keep 'b'"):
+        update_from_dict(Outer(name="b"), yaml.safe_load("name: null\n"))
+    with pytest.raises(ConfigError, match=r"inner\.names\[1\]: expected a string, got None"):
+        update_from_dict(Outer(), yaml.safe_load("inner: {names: [a, ~]}\n"))
+    assert update_from_dict(Outer(), {"name": "None"}).name == "None"  # a string stays what it says

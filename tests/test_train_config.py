@@ -21,7 +21,7 @@ def test_presets_biomedclip_recipe():
 
 
 def test_nested_overrides_are_typed():
-    c = load_config("tiny-cpu", ["--optim.lr=1e-4", "--steps", "7", "--data.synthetic=false",
+    c = load_config("tiny-cpu", ["--optim.lr=1e-4", "--steps", "7", "--optim.warmup_steps=7", "--data.synthetic=false",
                                  "--data.train=/x/{0..3}.tar", "--fault.nan_at_steps=[2,3]", "--model.compile=yes"])
     assert c.optim.lr == 1e-4 and isinstance(c.optim.lr, float)
     assert c.steps == 7 and isinstance(c.steps, int)
@@ -66,7 +66,7 @@ def test_override_syntax_errors():
 
 def test_yaml_file_with_preset_and_typo(tmp_path):
     good = tmp_path / "run.yaml"
-    good.write_text("preset: tiny-cpu\nsteps: 12\noptim:\n  lr: 3.0e-4\ndata:\n  batch_size: 32\n")
+    good.write_text("preset: tiny-cpu\nsteps: 12\noptim:\n  lr: 3.0e-4\n  warmup_steps: 2\ndata:\n  batch_size: 32\n")
     c = load_config(str(good), ["--optim.lr=1e-3"])
     assert (c.steps, c.optim.lr, c.data.batch_size, c.model.preset) == (12, 1e-3, 32, "tiny")
     bad = tmp_path / "bad.yaml"
@@ -133,8 +133,8 @@ def test_attn_backend_switches_reach_the_model():
     ("--loss.backend=cuda", "loss.backend: must be auto, triton or torch (got 'cuda')"),
     ("--optim.min_lr=-1", "optim.min_lr: must be in [0, optim.lr"),
     ("--optim.min_lr=1", "optim.min_lr: must be in [0, optim.lr"),
-    ("--optim.weight_decay=-0.1", "optim.weight_decay: must be >= 0"),
-    ("--optim.eps=0", "optim.eps: must be > 0"),
+    ("--optim.weight_decay=-0.1", "optim.weight_decay: must be a finite number >= 0, got -0.1"),
+    ("--optim.eps=0", "optim.eps: must be a finite number > 0, got 0.0"),
     ("--val_every=-1", "val_every: must be >= 0"),
     ("--num_threads=-2", "num_threads: must be >= 0"),
     ("--data.num_threads=0", "data.num_threads: must be >= 1"),

@@ -177,3 +177,18 @@ def test_resume_applies_this_runs_optimizer_settings(tmp_path):
     assert all(g["betas"] == (0.9, 0.5) and g["eps"] == 1e-3 and g["weight_decay"] == 0.0 for g in groups), groups
     first = C.load_checkpoint(out / "checkpoints" / "step_00000002")["train_state"]["optimizer"]["param_groups"]
     assert sorted(g["weight_decay"] for g in first) == [0.0, 0.1]  # the first run's, as saved
+
+
+@pytest.mark.slow
+def test_resume_with_the_other_weight_decay_grouping_is_one_line(tmp_path):
+    """AdamW's saved state fits only the groups it was saved with: a resume with the other optim.decay_embeddings
+    is a one-line ConfigError saying which value resumes it (it was torch's ValueError traceback)."""
+    out = tmp_path / "run"
+    _run(out, "--steps=2", "--optim.decay_embeddings=false")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-m", "bmclip", "train", "tiny-cpu", f"--out_dir={out}", *BASE, "--steps=3"],
+                       capture_output=True, text=True, timeout=600, env=env)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert "optim.decay_embeddings: the checkpoint's optimizer state was saved with optim.decay_embeddings=false" \
+        in r.stderr and "--optim.decay_embeddings=false" in r.stderr
+    _run(out, "--steps=3", "--optim.decay_embeddings=false")

@@ -80,7 +80,15 @@ from bmclip.data import remote
 from bmclip.data.cursor import SHARD_REASONS, Counters, Cursor, CursorState, EmptySplitEpoch
 from bmclip.data.loader_options import LoaderOptions
 from bmclip.data.producer import END, BatchAssembler, Pipe, batch_slots
-from bmclip.data.shards import expand_urls, shard_names_digest, shard_order, shards_moved, split_shards, urls_digest
+from bmclip.data.shards import (
+    check_local_shards,
+    expand_urls,
+    shard_names_digest,
+    shard_order,
+    shards_moved,
+    split_shards,
+    urls_digest,
+)
 from bmclip.data.text import BackgroundTokenizer
 from bmclip.errors import ConfigError, DataError, check_int
 from bmclip.io.fs import local_path
@@ -170,15 +178,7 @@ class ShardLoader(torch.utils.data.IterableDataset):
     # -- shards ----------------------------------------------------------------------------------
     def _check_shards(self) -> None:
         """DataError naming the shards that do not exist (checked once, when the loader is built)."""
-        local = [u for u in self.urls if not remote.is_remote(u)]
-        folders = [u for u in local if os.path.isdir(local_path(u))]
-        if folders:
-            raise DataError(f"shard {folders[0]} is a folder, not a .tar shard (pass the shards inside it, e.g. "
-                            f"{folders[0].rstrip('/')}/train-{{000000..000009}}.tar)")
-        missing = [u for u in local if not os.path.isfile(local_path(u))]
-        if missing:
-            more = f" (and {len(missing) - 3} more)" if len(missing) > 3 else ""
-            raise DataError(f"{len(missing)} shard(s) not found: {', '.join(missing[:3])}{more}")
+        check_local_shards(self.urls)
 
     def _check_repeats(self) -> None:
         """ConfigError naming a shard listed twice (local: the same file by any path; remote: the same URL).

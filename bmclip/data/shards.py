@@ -26,9 +26,11 @@ from urllib.parse import urlsplit
 
 import numpy as np
 
-from bmclip.errors import ConfigError
+from bmclip.errors import ConfigError, DataError
+from bmclip.io.fs import is_remote, local_path
 
-__all__ = ["expand_urls", "braceexpand", "split_shards", "shard_order", "shard_names_digest", "urls_digest"]
+__all__ = ["check_local_shards", "expand_urls", "braceexpand", "split_shards", "shard_order", "shard_names_digest",
+           "urls_digest"]
 
 _NUM_RANGE = re.compile(r"^(-?\d+)\.\.(-?\d+)(?:\.\.(-?\d+))?$")
 _ALPHA_RANGE = re.compile(r"^([A-Za-z])\.\.([A-Za-z])(?:\.\.(-?\d+))?$")
@@ -212,3 +214,18 @@ def split_shards(order: Sequence[int], split: int, n_splits: int) -> tuple[list[
     if len(order) >= n_splits:
         return list(order[split::n_splits]), 1, 0
     return list(order), n_splits, split
+
+
+def check_local_shards(urls: Sequence[str], example_name: str = "train") -> None:
+    """DataError naming the local shards of ``urls`` that are folders or do not exist (one stat per shard, no file
+    opened; remote shards are fetched when read, not looked up). ``example_name``: the file-name stem of the
+    example pattern suggested for a folder."""
+    local = [u for u in urls if not is_remote(u)]
+    folders = [u for u in local if os.path.isdir(local_path(u))]
+    if folders:
+        raise DataError(f"shard {folders[0]} is a folder, not a .tar shard (pass the shards inside it, e.g. "
+                        f"{folders[0].rstrip('/')}/{example_name}-{{000000..000009}}.tar)")
+    missing = [u for u in local if not os.path.isfile(local_path(u))]
+    if missing:
+        more = f" (and {len(missing) - 3} more)" if len(missing) > 3 else ""
+        raise DataError(f"{len(missing)} of {len(urls)} shard(s) not found: {', '.join(missing[:3])}{more}")

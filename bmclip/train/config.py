@@ -19,7 +19,7 @@ from typing import Any
 import yaml
 
 from bmclip.config_dict import update_from_dict
-from bmclip.errors import ConfigError
+from bmclip.errors import ConfigError, DataError, check_int, check_real
 
 
 @dataclass
@@ -80,7 +80,11 @@ class OptimSection:
     beta2: float = 0.98
     eps: float = 1e-6
     weight_decay: float = 0.2
-    warmup_steps: int = 2000
+    # true (open_clip_train's rule, which trained BiomedCLIP): decay every parameter of 2+ dims, embedding tables,
+    # ViT position embedding and class token included (gains, biases, logit scale/bias: never); false: also exempt
+    # those embeddings (timm-style)
+    decay_embeddings: bool = True
+    warmup_steps: int = 2000  # linear warm-up to lr over these steps (more than ``steps``: a warning, lr never reached)
     min_lr: float = 0.0
     grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
     fused: bool = True  # fused AdamW kernel on CUDA (ignored on CPU)
@@ -119,7 +123,7 @@ class TrainConfig:
     fault: FaultSection = field(default_factory=FaultSection)
     steps: int = 1000  # optimizer steps in total
     max_seconds: float = 0.0  # stop (with a checkpoint) after this much training wall time; 0 = no limit
-    seed: int = 0
+    seed: int = 0  # 0 to 2**32 - 1
     out_dir: str = "runs/bmclip"
     precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32
     device: str = "auto"  # auto | cpu | cuda
@@ -145,20 +149,25 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     def validate(self) -> TrainConfig:
-        """Check cross-field constraints; raises ConfigError naming the key."""
+        """Check every value's range and the cross-field constraints, and that the local ``data.val`` shards exist
+        (:func:`check_local_shards`); raises ConfigError naming the key."""
         # start-up cost: torch, models and kernels load on validation, not on import (`bmclip --help` imports this)
         from bmclip.model import available_backends
         from bmclip.train.losses import get_loss
 
         _check(self.steps >= 1, "steps", "must be >= 1")
-        _check(self.max_seconds >= 0, "max_seconds", "must be >= 0 (0 = no limit)")
+        _real(self.max_seconds, "max_seconds", 0, note="0 = no limit")
+        _integer(self.seed, "seed", 0, 2**32 - 1)
+        _check(bool(self.out_dir.strip()), "out_dir", "must not be empty (the run's folder)")
+        _real(self.peak_tflops, "peak_tflops", 0, note="the bf16 peak TFLOP/s per device for MFU; 0 = from the "
+              "device table")
         _check(self.data.batch_size >= 1, "data.batch_size", "must be >= 1")
         _check(self.data.grad_accum >= 1, "data.grad_accum", "must be >= 1")
         _check(self.precision in ("auto", "bf16", "fp32"), "precision", "must be auto, bf16 or fp32")
         _check(self.device in ("auto", "cpu", "cuda"), "device", "must be auto, cpu or cuda")
         _check(self.parallel in ("ddp", "fsdp"), "parallel", "must be ddp or fsdp")
         get_loss(self.loss.kind)  # an unknown name is a ConfigError listing the registered losses
-        _check(self.loss.max_logit_scale > 0, "loss.max_logit_scale", "must be > 0")
+        _real(self.loss.max_logit_scale, "loss.max_logit_scale", 0, above=True)
         _check(self.loss.backend in ("auto", "triton", "torch"), "loss.backend",
                f"must be auto, triton or torch (got {self.loss.backend!r})")
         _check(0.0 <= self.model.patch_dropout < 1.0, "model.patch_dropout", "must be in [0, 1)")
@@ -169,14 +178,14 @@ class TrainConfig:
             if key != "attn_backend" and value is None:
                 continue
             _check(value in names, f"model.{key}", f"must be one of {', '.join(names)} (got {value!r})")
-        _check(self.optim.lr > 0, "optim.lr", "must be > 0")
-        _check(0 <= self.optim.min_lr <= self.optim.lr, "optim.min_lr",
-               f"must be in [0, optim.lr = {self.optim.lr:g}] (the schedule's floor)")
-        _check(self.optim.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
-        _check(self.optim.eps > 0, "optim.eps", "must be > 0")
-        _check(self.optim.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
-        _check(0 <= self.optim.beta1 < 1 and 0 <= self.optim.beta2 < 1, "optim.beta1", "betas in [0, 1)")
-        _check(self.optim.grad_clip >= 0, "optim.grad_clip", "must be >= 0 (0 disables)")
+        o = self.optim
+        _real(o.lr, "optim.lr", 0, above=True)
+        _check(0 <= o.min_lr <= o.lr, "optim.min_lr", f"must be in [0, optim.lr = {o.lr:g}] (the schedule's floor)")
+        _real(o.weight_decay, "optim.weight_decay", 0)
+        _real(o.eps, "optim.eps", 0, above=True)
+        _check(o.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
+        _check(0 <= o.beta1 < 1 and 0 <= o.beta2 < 1, "optim.beta1", "betas in [0, 1)")
+        _real(o.grad_clip, "optim.grad_clip", 0, note="the max global grad norm; 0 disables clipping")
         _check(self.log_every >= 1, "log_every", "must be >= 1")
         _check(self.val_every >= 0, "val_every", "must be >= 0 (0 = only at the end)")
         _check(self.num_threads >= 0, "num_threads", "must be >= 0 (0 = torch's default)")
@@ -187,8 +196,8 @@ class TrainConfig:
         _check(self.ckpt_every >= 0, "ckpt_every", "must be >= 0 (0 = only at the end)")
         _check(self.keep_last >= 1, "keep_last", "must be >= 1")
         _check(self.fault.max_nonfinite >= 1, "fault.max_nonfinite", "must be >= 1")
-        _check(self.fault.step_sleep_s >= 0, "fault.step_sleep_s", "must be >= 0")
-        _check(self.fault.data_sleep_s >= 0, "fault.data_sleep_s", "must be >= 0")
+        _real(self.fault.step_sleep_s, "fault.step_sleep_s", 0)
+        _real(self.fault.data_sleep_s, "fault.data_sleep_s", 0)
         _check(self.data.augment in ("random_resized_crop", "center"), "data.augment",
                "must be random_resized_crop or center")
         _check(self.on_usr1 in ("checkpoint", "stop"), "on_usr1", "must be checkpoint or stop")
@@ -204,12 +213,58 @@ class TrainConfig:
                f"is true, so {' and '.join(f'{k}={v!r}' for k, v in shards.items())} would be ignored (synthetic pairs "
                "are generated in memory; the tiny-cpu preset starts synthetic): add --data.synthetic=false to read "
                "the shards")
+        if self.data.val and not self.data.synthetic:
+            # data.train is checked when its loader is built at start-up; the val loader is built only when the
+            # first validation runs (at the end by default), too late to find a typo
+            check_local_shards("data.val", self.data.val)
         return self
+
+
+def config_warnings(cfg: TrainConfig) -> list[str]:
+    """Values that are valid but probably not what was meant, one line each (the trainer prints them on stderr):
+    a warm-up longer than the run (allowed, as open_clip allows it: a short smoke run of a long recipe)."""
+    o, out = cfg.optim, []
+    if o.warmup_steps > cfg.steps:
+        out.append(f"optim.warmup_steps={o.warmup_steps} is more than steps={cfg.steps}: the learning rate rises for "
+                   f"the whole run and peaks at only lr*steps/warmup_steps = {o.lr * cfg.steps / o.warmup_steps:.3g} "
+                   f"instead of optim.lr={o.lr:g}, with no cosine decay (e.g. --optim.warmup_steps="
+                   f"{max(cfg.steps // 10, 1)}, a tenth of the run)")
+    return out
+
+
+def check_local_shards(key: str, pattern: str) -> None:
+    """ConfigError naming ``key`` when the shard pattern does not expand or one of its local shards is missing or a
+    folder (:func:`bmclip.data.shards.check_local_shards`: one stat per local shard; remote ones are not looked up)."""
+    from bmclip.data import shards  # start-up cost: numpy (`bmclip --help` imports this module)
+
+    try:
+        shards.check_local_shards(shards.expand_urls(pattern), example_name=key.rsplit(".", 1)[-1])
+    except (ConfigError, DataError) as e:
+        raise ConfigError(f"{key}: {e}") from None
 
 
 def _check(ok: bool, key: str, msg: str) -> None:
     if not ok:
         raise ConfigError(f"{key}: {msg}")
+
+
+def _real(v: Any, key: str, low: float, *, above: bool = False, note: str = "") -> None:
+    """ConfigError "key: must be a finite number >= low (note), got v" unless ``v`` is one (``errors.check_real``:
+    an int or float, not a bool, not inf or NaN)."""
+    try:
+        check_real(v, key, low, above=above)
+    except ConfigError:
+        extra = f" ({note})" if note else ""
+        raise ConfigError(f"{key}: must be a finite number {'>' if above else '>='} {low:g}{extra}, got {v!r}") \
+            from None
+
+
+def _integer(v: Any, key: str, low: int, high: int) -> None:
+    """ConfigError "key: must be an integer from low to high, got v" unless ``v`` is one (``errors.check_int``)."""
+    try:
+        check_int(v, key, low, high)
+    except ConfigError:
+        raise ConfigError(f"{key}: must be an integer from {low} to {high}, got {v!r}") from None
 
 
 def _preset_biomedclip() -> TrainConfig:

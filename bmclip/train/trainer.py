@@ -40,7 +40,7 @@ from bmclip.resolve import load_weights_into
 from bmclip.tokenizer import Tokenizer, bundled_vocab_path, get_tokenizer
 from bmclip.train import checkpoint as ckpt_mod
 from bmclip.train.checkpoint import CheckpointManager
-from bmclip.train.config import TrainConfig
+from bmclip.train.config import TrainConfig, config_warnings
 from bmclip.train.distributed import (
     DistInfo,
     all_gather_objects,
@@ -67,7 +67,7 @@ from bmclip.train.metrics import (
     read_jsonl,
     trim_jsonl,
 )
-from bmclip.train.optim import CosineSchedule, build_optimizer
+from bmclip.train.optim import CosineSchedule, build_optimizer, check_resume_grouping
 from bmclip.train.runctl import Console, DataWaitInterrupted, OutDirLock, StopSignals
 from bmclip.train.runctl import resume_hint as runctl_resume_hint
 from bmclip.train.validation import Validator, validate
@@ -242,6 +242,7 @@ def _check_resume_compatible(cfg: TrainConfig, st: dict, model, resume_from: Pat
         detail = (f"{k}: {theirs.get(k, 'absent')} there, {ours.get(k, 'absent')} here")
         raise ConfigError(f"{where} of a different model (model.preset {old_preset!r} there, {cfg.model.preset!r} "
                           f"here; {detail}); {hint}")
+    check_resume_grouping(saved, cfg.optim)  # AdamW's state fits only the weight-decay groups it was saved with
     old_data = saved.get("data") or {}
     new_data = cfg.to_dict()["data"]
     keys = ["synthetic"] + (["synthetic_size"] if cfg.data.synthetic else ["train"])
@@ -472,6 +473,8 @@ class Trainer:
                       "run)", flush=True)
             atomic_write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), out / "config.yaml")
             print(_banner(cfg, info, mcfg, n_params, self.step, resume_from, use_bf16), flush=True)
+            for w in config_warnings(cfg):
+                print(f"[bmclip] WARNING: {w}", file=sys.stderr, flush=True)
 
         self.logger = MetricsLogger(out, enabled=info.is_main, tensorboard=cfg.tensorboard)
         cleanup.append(self.logger.close)

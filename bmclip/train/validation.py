@@ -1,10 +1,10 @@
 """Validation during training: retrieval R@1/5/10 (both directions) on held-out pairs.
 
-The held-out pairs are the synthetic evaluation set (``data.synthetic``) or the ``data.val`` shards read in
-order, at most ``data.val_max_samples`` of them, the same every time. :class:`Validator` decides when to run
-(every ``val_every`` steps and at the end; not when a signal stops the run early: a scheduler's grace period
-is for the checkpoint) and runs it as a collective: rank 0 evaluates the bare model while the others wait, or
-under FSDP every rank runs the same sharded forward.
+The held-out pairs are the first ``data.val_max_samples`` of the synthetic evaluation set (``data.synthetic``;
+generated a batch at a time) or of the ``data.val`` shards read in order, the same every time.
+:class:`Validator` decides when to run (every ``val_every`` steps and at the end; not when a signal stops the
+run early: a scheduler's grace period is for the checkpoint) and runs it as a collective: rank 0 evaluates the
+bare model while the others wait, or under FSDP every rank runs the same sharded forward.
 """
 
 from __future__ import annotations
@@ -12,11 +12,12 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterator
 
+import numpy as np
 import torch
 
 from bmclip.data.loader import ShardLoader
 from bmclip.data.normalize import normalize_images
-from bmclip.data.sources import synthetic_eval_set
+from bmclip.data.sources import synthetic_attributes, synthetic_images, synthetic_input_ids
 from bmclip.eval.retrieval import retrieval_metrics
 from bmclip.train.distributed import DistInfo, barrier
 
@@ -45,10 +46,14 @@ def val_batches(data, seed: int, image_size: int, context_length: int, tokenizer
     """Held-out (image uint8, input_ids) batches of the ``data`` config section (the same every call)."""
     n_max = data.val_max_samples
     if data.synthetic:
-        n = min(n_max, 512)
-        ev = synthetic_eval_set(n, image_size, context_length, seed=seed + 1000)
-        for i in range(0, n, VAL_BATCH):
-            yield ev["image"][i:i + VAL_BATCH], ev["input_ids"][i:i + VAL_BATCH]
+        # all data.val_max_samples pairs of the held-out set, drawn one batch at a time (the batches of
+        # synthetic_eval_set(n_max, ...), without holding n_max images in memory)
+        val_seed = seed + 1000
+        attrs = synthetic_attributes(n_max, val_seed)
+        for i in range(0, n_max, VAL_BATCH):
+            idx = np.arange(i, min(i + VAL_BATCH, n_max))
+            yield (torch.from_numpy(synthetic_images(attrs, idx, image_size, val_seed)),
+                   synthetic_input_ids(attrs, idx, context_length))
         return
     loader = ShardLoader(data.val, batch_size=VAL_BATCH, image_size=image_size, num_threads=data.num_threads,
                          augment="center", shuffle=False, resampled=False, drop_last=False, tokenizer=tokenizer,
