@@ -493,3 +493,42 @@ def test_a_killed_runs_staging_folder_is_removed_by_the_next_run(tmp_path):
     finally:
         live.kill()
         live.wait()
+
+
+@pytest.mark.parametrize("rule", ["competitor", "match"])
+def test_eval_retrieval_counts_duplicates_and_can_take_them_as_matches(tmp_path, rule):
+    """12 images, each stored with 2 captions, one caption text used twice: the report counts the repeats, and
+    --duplicates=match scores a copy of the ground truth as a right answer (recomputed here from the stored
+    embeddings with the groups the test knows)."""
+    from bmclip.eval.retrieval import retrieval_metrics
+
+    colours = [(20 * i, 255 - 20 * i, 90) for i in range(12)]
+    captions = [f"panel {j} of figure {i}" for i in range(12) for j in range(2)]
+    captions[5] = captions[16]
+    with tarfile.open(tmp_path / "shard-000000.tar", "w") as tf:
+        for k, cap in enumerate(captions):
+            for ext, data in (("png", _png_bytes(colours[k // 2])), ("txt", cap.encode())):
+                ti = tarfile.TarInfo(f"k{k:04d}.{ext}")
+                ti.size = len(data)
+                tf.addfile(ti, io.BytesIO(data))
+    out = tmp_path / "out"
+    rc = main(["eval", "retrieval", "tiny", "--shards", str(tmp_path / "shard-000000.tar"), "--out", str(out),
+               "--batch-size", "5", "--block", "7", "--reader", "python", "--device", "cpu", "--duplicates", rule,
+               "--storage-dtype", "float32", "--no-progress"])
+    assert rc == 0
+    res = json.loads((out / "retrieval.json").read_text())
+    assert (res["n"], res["duplicate_images"], res["duplicate_texts"], res["duplicates"]) == (24, 12, 1, rule)
+    md = (out / "retrieval.md").read_text()
+    assert "12 image(s) and 1 caption(s) repeat an earlier one" in md
+    img = np.load(out / "embeddings" / "image_emb.npy")
+    txt = np.load(out / "embeddings" / "text_emb.npy")
+    groups = {}
+    if rule == "match":
+        tg = np.arange(24)
+        tg[5] = 16
+        groups = {"image_groups": np.arange(24) // 2, "text_groups": tg}
+    ref = retrieval_metrics(img, txt, **groups)
+    for k in ("image_to_text_R@1", "text_to_image_R@1", "text_to_image_R@5", "image_to_text_median_rank"):
+        assert res[k] == ref[k], k
+    if rule == "competitor":  # each image ties with its own copy, which is ranked above it: never R@1
+        assert res["text_to_image_R@1"] == 0.0

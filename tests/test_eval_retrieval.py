@@ -13,8 +13,10 @@ from bmclip.eval.retrieval import (
 )
 
 
-def dense_retrieval_ranks(image_emb: np.ndarray, text_emb: np.ndarray, tie_tol: float = 1e-5):
-    """Reference ranks from the full (N, N) float64 similarity matrix (the definition, without blocks)."""
+def dense_retrieval_ranks(image_emb: np.ndarray, text_emb: np.ndarray, tie_tol: float = 1e-5, image_groups=None,
+                          text_groups=None):
+    """Reference ranks from the full (N, N) float64 similarity matrix (the definition, without blocks); with groups,
+    a candidate in the ground truth's group is no competitor."""
     a = np.asarray(image_emb, dtype=np.float64)
     b = np.asarray(text_emb, dtype=np.float64)
     a = a / np.linalg.norm(a, axis=1, keepdims=True)
@@ -25,6 +27,13 @@ def dense_retrieval_ranks(image_emb: np.ndarray, text_emb: np.ndarray, tie_tol: 
     ge_cols = s >= (d[None, :] - tie_tol)
     np.fill_diagonal(ge_rows, False)
     np.fill_diagonal(ge_cols, False)
+    n = len(d)
+    for i in range(n):
+        for j in range(n):
+            if text_groups is not None and text_groups[j] == text_groups[i]:
+                ge_rows[i, j] = False  # image i: text j is a copy of its ground truth, text i
+            if image_groups is not None and image_groups[i] == image_groups[j]:
+                ge_cols[i, j] = False  # text j: image i is a copy of its ground truth, image j
     return ge_rows.sum(axis=1), ge_cols.sum(axis=0)
 
 
@@ -68,6 +77,37 @@ def test_blockwise_equals_dense_with_ties_and_odd_blocks():
         np.testing.assert_array_equal(t2i, ref_t2i)
     # Pessimistic ties: image 5's ground truth (text 5) has an exact duplicate (text 60) ranked with it.
     assert ref_i2t[5] >= 1 and ref_i2t[60] >= 1
+
+
+def test_duplicates_as_matches_blockwise_equals_dense():
+    """Several captions per image (each image stored once per caption) and repeated captions: with groups, a copy
+    of the ground truth is not a competitor. Without them, a COCO-style set of 5 captions per image scores R@1 = 0
+    however good the model."""
+    from bmclip.eval.retrieval import content_groups, duplicate_count
+
+    rng = np.random.default_rng(3)
+    n_img, per, d = 19, 3, 16
+    base = rng.standard_normal((n_img, d)).astype(np.float32)
+    img = np.repeat(base, per, axis=0)  # image k stored once per caption
+    txt = img + 0.3 * rng.standard_normal(img.shape).astype(np.float32)
+    txt[7] = txt[40]  # one caption text repeated under another image
+    img_keys = np.repeat(np.arange(n_img) * 1000 + 17, per)
+    txt_keys = np.arange(len(txt)) * 7 + 1
+    txt_keys[7] = txt_keys[40]
+    ig, tg = content_groups(img_keys), content_groups(txt_keys)
+    assert duplicate_count(img_keys) == n_img * (per - 1) and duplicate_count(txt_keys) == 1
+    assert ig[0] == ig[1] == ig[2] != ig[3] and tg[7] == tg[40]
+    ref = dense_retrieval_ranks(img, txt, image_groups=ig, text_groups=tg)
+    for block in (1, 4, 13, 57, 100):
+        got = retrieval_ranks(img, txt, block=block, image_groups=ig, text_groups=tg)
+        np.testing.assert_array_equal(got[0], ref[0])
+        np.testing.assert_array_equal(got[1], ref[1])
+    # text -> image: the copies of the right image tie with it; as competitors they push every rank to >= per - 1
+    assert (retrieval_ranks(img, txt)[1] >= per - 1).all()
+    assert retrieval_metrics(img, txt, image_groups=ig, text_groups=tg)["text_to_image_R@1"] > 0.9
+    assert retrieval_metrics(img, txt)["text_to_image_R@1"] == 0.0
+    with pytest.raises(DataError, match=r"image_groups must have one id per pair, shape \(57,\)"):
+        retrieval_ranks(img, txt, image_groups=ig[:-1])
 
 
 def test_hand_checked_ranks():

@@ -55,6 +55,10 @@ def register(subparsers: Any) -> None:
     r.add_argument("--max-pairs", type=int, default=None, help="evaluate only the first N pairs")
     r.add_argument("--storage-dtype", choices=["float16", "float32"], default="float16",
                    help="dtype of the embeddings streamed to <out>/embeddings [float16]")
+    r.add_argument("--duplicates", choices=["competitor", "match"], default="competitor",
+                   help="a copy of the ground truth elsewhere in the set (identical pixels or caption text): "
+                        "competitor = it counts against the ground truth (each pair is its own item), match = it is "
+                        "as right as the ground truth (several captions per image, repeated images) [competitor]")
     r.add_argument("--reader", choices=["auto", "loader", "python"], default="auto",
                    help="loader = the C++ ShardLoader, python = bmclip.data.tario + PIL; auto = loader if built")
     r.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE",
@@ -204,7 +208,7 @@ def run_retrieval(args: argparse.Namespace) -> int:
         with Progress("embed pairs", "pairs", args.max_pairs, enabled=not args.no_progress) as bar:
             res = evaluate_retrieval(model, tok, bar.wrap(batches, _batch_len), outputs.stage("embeddings"),
                                      ks=args.ks, block=args.block, device=dev, storage_dtype=args.storage_dtype,
-                                     amp=args.amp, max_pairs=args.max_pairs)
+                                     amp=args.amp, max_pairs=args.max_pairs, duplicates=args.duplicates)
         res["embeddings"].update(image=str(outputs.final(emb[0])), text=str(outputs.final(emb[1])))
         res, md = _retrieval_report(args, res, reader, loader, skipped)
         paths = outputs.commit(res, md)
@@ -231,8 +235,15 @@ def _retrieval_report(args, res, reader, loader, skipped):
         row["median rank"] = res[f"{d}_median_rank"]
         rows.append(row)
     rows.append({"direction": "chance", **{f"R@{k}": res[f"chance_R@{k}"] for k in args.ks}})
-    md = (f"# Retrieval: {args.model}\n\nShards `{args.shards}`, n = {res['n']} pairs, ties: {res['tie_rule']}.\n\n"
-          + markdown_table(rows))
+    di, dt = res["duplicate_images"], res["duplicate_texts"]
+    dup = ""
+    if di or dt:
+        rule = ("count against the ground truth (--duplicates=match counts them as right answers)"
+                if res["duplicates"] == "competitor" else "count as right answers (--duplicates=match)")
+        dup = (f" {di} image(s) and {dt} caption(s) repeat an earlier one (identical pixels / text); such copies of "
+               f"a ground truth {rule}.")
+    md = (f"# Retrieval: {args.model}\n\nShards `{args.shards}`, n = {res['n']} pairs, ties: {res['tie_rule']}.{dup}"
+          "\n\n" + markdown_table(rows))
     return res, md
 
 

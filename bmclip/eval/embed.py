@@ -10,6 +10,7 @@ model's mean/std.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import struct
 from collections.abc import Iterable, Iterator, Sequence
@@ -230,6 +231,16 @@ def _iter_pairs(batches: Iterable[dict[str, Any]]) -> Iterator[tuple[Any, list[s
         yield b["image"], texts
 
 
+def content_key(data: Any) -> int:
+    """A 64-bit key of an image's pixels (array or tensor) or of a caption's text: equal content, equal key."""
+    if isinstance(data, str):
+        raw = data.encode("utf-8", "surrogatepass")
+    else:
+        arr = data.numpy() if isinstance(data, torch.Tensor) else np.asarray(data)
+        raw = np.ascontiguousarray(arr).tobytes()
+    return int.from_bytes(hashlib.blake2b(raw, digest_size=8).digest(), "little")
+
+
 def embed_pairs_to_disk(
     model: Any,
     tokenizer: Any,
@@ -239,22 +250,29 @@ def embed_pairs_to_disk(
     storage_dtype: str = "float16",
     amp: bool = False,
     max_pairs: int | None = None,
+    content_keys: bool = False,
 ) -> dict[str, Any]:
     """Embed paired batches and stream them to ``out_dir/image_emb.npy`` and ``text_emb.npy`` (N, D).
 
-    Returns {"image": path, "text": path, "n": N}. Nothing is left behind on error.
+    Returns {"image": path, "text": path, "n": N}; with ``content_keys`` also "image_keys" / "text_keys": (N,)
+    uint64 arrays of :func:`content_key` (the same key for the same pixels / the same caption text), which tell
+    duplicates apart for retrieval. Nothing is left behind on error.
     """
     if max_pairs is not None:
         max_pairs = check_int(max_pairs, "max_pairs", 1)
     out = Path(out_dir)
     created = not out.exists()  # a folder this call makes is removed again when it fails
     writers: list[NpyStreamWriter] = []
+    keys: tuple[list[int], list[int]] = ([], [])
     n = 0
     try:
         for images, texts in _iter_pairs(batches):
             if max_pairs is not None and n + len(texts) > max_pairs:
                 keep = max_pairs - n
                 images, texts = images[:keep], texts[:keep]
+            if content_keys:
+                keys[0].extend(content_key(im) for im in images)
+                keys[1].extend(content_key(t) for t in texts)
             ie = encode_images(model, images, amp=amp)
             te = encode_texts(model, tokenizer, texts, batch_size=max(1, len(texts)), amp=amp)
             if not writers:
@@ -269,7 +287,11 @@ def embed_pairs_to_disk(
                 break  # not one batch more read (and decoded) than needed
         if not writers:
             raise DataError("no (image, text) pairs were read")
-        return {"image": writers[0].close(), "text": writers[1].close(), "n": n}
+        out_paths = {"image": writers[0].close(), "text": writers[1].close(), "n": n}
+        if content_keys:
+            out_paths["image_keys"] = np.array(keys[0], dtype=np.uint64)
+            out_paths["text_keys"] = np.array(keys[1], dtype=np.uint64)
+        return out_paths
     except BaseException:
         for w in writers:
             w.abort()

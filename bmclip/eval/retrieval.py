@@ -3,7 +3,10 @@
 Definitions (used everywhere in bmclip, including the trainer's validation):
 
 - Pair ``i`` is (image ``i``, text ``i``). Its ground truth is index ``i`` only: a duplicate caption
-  or image elsewhere in the set is a *different* item and counts as a competitor.
+  or image elsewhere in the set is a *different* item and counts as a competitor (``duplicates="competitor"``,
+  the default). With ``duplicates="match"`` (groups of identical content: the same pixels, the same caption
+  text) a candidate identical to the ground truth is not a competitor: it is as good an answer. The report
+  counts the duplicates either way.
 - Similarity is the cosine (both sides are L2-normalised here, so raw embeddings are fine).
 - The rank of a query is the number of *other* candidates whose similarity is ``>= s_ii - tie_tol``.
   Ties are therefore resolved pessimistically (a candidate scoring the same as the ground truth is
@@ -61,10 +64,14 @@ def retrieval_ranks(
     device: str | None = None,
     tie_tol: float = 1e-5,
     compute_dtype: Any = None,
+    image_groups: Any = None,
+    text_groups: Any = None,
 ):
     """0-based ranks of each pair's ground truth: returns (image_to_text (N,), text_to_image (N,)) int64 arrays.
 
     ``image_emb``/``text_emb``: (N, D) numpy arrays, np.memmap or torch tensors (any float dtype).
+    ``image_groups``/``text_groups``: optional (N,) integer ids; a candidate text (image) in the same group as the
+    query's ground-truth text (image) is not counted as a competitor (see :func:`content_groups`).
     """
     if block < 1:
         raise ConfigError(f"block must be >= 1, got {block}")
@@ -89,6 +96,14 @@ def retrieval_ranks(
     if device is None:
         device = str(image_emb.device) if isinstance(image_emb, torch.Tensor) else "cpu"
     dtype = compute_dtype or torch.float32
+    groups = []
+    for name, g in (("image_groups", image_groups), ("text_groups", text_groups)):
+        if g is not None:
+            g = torch.as_tensor(np.asarray(g, dtype=np.int64), device=device)
+            if g.shape != (n,):
+                raise DataError(f"{name} must have one id per pair, shape ({n},), got {tuple(g.shape)}")
+        groups.append(g)
+    img_g, txt_g = groups
     with torch.no_grad():
         img = _load_normalised(image_emb, device, dtype)
         txt = _load_normalised(text_emb, device, dtype)
@@ -114,6 +129,10 @@ def retrieval_ranks(
                     idx = torch.arange(lo, hi, device=device)
                     ge_row[idx - r0, idx - c0] = False
                     ge_col[idx - r0, idx - c0] = False
+                if txt_g is not None:  # image r's ground truth is text r: a copy of it is no competitor
+                    ge_row &= txt_g[c0:c1][None, :] != txt_g[r0:r1, None]
+                if img_g is not None:  # text c's ground truth is image c
+                    ge_col &= img_g[r0:r1, None] != img_g[c0:c1][None, :]
                 i2t[r0:r1] += ge_row.sum(dim=1)
                 t2i[c0:c1] += ge_col.sum(dim=0)
     return i2t.cpu().numpy(), t2i.cpu().numpy()
@@ -143,6 +162,20 @@ def _check_ks(ks: Iterable[int]) -> tuple[int, ...]:
     return ks
 
 
+def content_groups(keys: Any) -> np.ndarray:
+    """Group ids (N,) from content keys (N,): equal keys, equal id (e.g. ``embed_pairs_to_disk``'s image_keys)."""
+    return np.unique(np.asarray(keys), return_inverse=True)[1].reshape(-1).astype(np.int64)
+
+
+def duplicate_count(keys: Any) -> int:
+    """How many items repeat the content of an earlier one (0: all distinct)."""
+    keys = np.asarray(keys)
+    return int(len(keys) - len(np.unique(keys)))
+
+
+DUPLICATE_RULES = ("competitor", "match")
+
+
 def retrieval_metrics(
     image_emb: Any,
     text_emb: Any,
@@ -150,13 +183,17 @@ def retrieval_metrics(
     block: int = 4096,
     device: str | None = None,
     tie_tol: float = 1e-5,
+    image_groups: Any = None,
+    text_groups: Any = None,
 ) -> dict[str, Any]:
     """Recall@K both directions for paired (N, D) embeddings; keys ``image_to_text_R@1``..., ``n``, ``chance_R@K``.
 
-    See the module docstring for the ground-truth and tie rules. Memory O(N*D + block^2).
+    See the module docstring for the ground-truth, duplicate (``image_groups``/``text_groups``) and tie rules.
+    Memory O(N*D + block^2).
     """
     ks = _check_ks(ks)
-    i2t, t2i = retrieval_ranks(image_emb, text_emb, block=block, device=device, tie_tol=tie_tol)
+    i2t, t2i = retrieval_ranks(image_emb, text_emb, block=block, device=device, tie_tol=tie_tol,
+                               image_groups=image_groups, text_groups=text_groups)
     out = metrics_from_ranks(i2t, t2i, ks)
     out["tie_rule"] = f"pessimistic, tol={tie_tol:g}"
     return out
@@ -173,20 +210,34 @@ def evaluate_retrieval(
     storage_dtype: str = "float16",
     amp: bool = False,
     max_pairs: int | None = None,
+    duplicates: str = "competitor",
 ) -> dict[str, Any]:
     """Embed (image, text) batches to ``work_dir/{image,text}_emb.npy`` (streamed) and compute retrieval metrics.
 
     ``batches`` yields dicts with "image" (uint8 NHWC at the model's image size, or float NCHW already
     normalised) and "text" (list[str]); the embeddings never live in RAM as a whole during embedding.
+    ``duplicates``: "competitor" (a copy of the ground truth elsewhere in the set counts against it) or "match"
+    (it counts as the right answer); ``duplicate_images`` / ``duplicate_texts`` in the result say how many items
+    repeat an earlier one (identical pixels as read, identical caption text).
     """
     ks = _check_ks(ks)
+    if duplicates not in DUPLICATE_RULES:
+        raise ConfigError(f"duplicates must be one of {', '.join(DUPLICATE_RULES)}, got {duplicates!r}")
     work = Path(work_dir)
     paths = embed_pairs_to_disk(
-        model, tokenizer, batches, work, device=device, storage_dtype=storage_dtype, amp=amp, max_pairs=max_pairs
+        model, tokenizer, batches, work, device=device, storage_dtype=storage_dtype, amp=amp, max_pairs=max_pairs,
+        content_keys=True,
     )
     img = np.load(paths["image"], mmap_mode="r")
     txt = np.load(paths["text"], mmap_mode="r")
-    out = retrieval_metrics(img, txt, ks=ks, block=block, device=device)
+    groups = {}
+    if duplicates == "match":
+        groups = {"image_groups": content_groups(paths["image_keys"]),
+                  "text_groups": content_groups(paths["text_keys"])}
+    out = retrieval_metrics(img, txt, ks=ks, block=block, device=device, **groups)
+    out["duplicates"] = duplicates
+    out["duplicate_images"] = duplicate_count(paths["image_keys"])
+    out["duplicate_texts"] = duplicate_count(paths["text_keys"])
     out["embeddings"] = {"image": str(paths["image"]), "text": str(paths["text"]), "dtype": storage_dtype}
     out["skipped"] = paths.get("skipped", 0)
     return out
