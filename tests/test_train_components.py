@@ -172,6 +172,7 @@ def test_meter_mfu_against_a_hand_computed_value():
     assert r["data_wait_frac"] == pytest.approx(0.5 / 7)
     t[0] = 12.0  # a new window: nothing counted yet
     assert meter.mean_loss is None and meter.read()["tflops_per_gpu"] == 0.0
+    assert (meter.total_s, meter.total_samples) == (9.0, 4)  # both windows' training time, the pause left out
     assert ThroughputMeter(mcfg, global_batch=4).read()["mfu"] is None  # unknown peak: no MFU
 
 

@@ -41,6 +41,8 @@ def test_tiny_training_learns(tmp_path):
         assert key in r
     assert r["logit_scale"] <= 100.0 and 0 <= r["data_wait_frac"] <= 1 and r["tflops_per_gpu"] > 0
     assert s["steps"] == 40 and (tmp_path / "loss.png").is_file() and (tmp_path / "recall.png").is_file()
+    # the summary's training-time rate leaves the two validations and the checkpoint out; the wall-clock one not
+    assert 0 < s["train_seconds"] < s["seconds"] and s["train_samples_per_s"] > s["samples_per_s"]
     assert C.is_valid(tmp_path / "checkpoints" / "step_00000040")
 
 

@@ -126,7 +126,8 @@ class ThroughputMeter:
     ``global_batch`` logit columns) and, for an applied update, its loss (:meth:`add_loss`). Time spent in
     :meth:`paused` blocks (validation, checkpoints) is not training time. :meth:`read` returns samples/s
     (global batches: every rank runs the same steps), the data-wait fraction, model TFLOP/s of this rank and
-    MFU against ``peak_tflops`` (None when unknown), then starts a new window.
+    MFU against ``peak_tflops`` (None when unknown), then starts a new window; ``total_s`` / ``total_samples``
+    add up the windows read so far.
     """
 
     def __init__(self, model_config, *, global_batch: int, world_size: int = 1, patch_dropout: float = 0.0,
@@ -136,6 +137,8 @@ class ThroughputMeter:
         self.patch_dropout = patch_dropout
         self.peak_tflops = peak_tflops or None
         self.clock = clock
+        self.total_s = 0.0  # training time of every window read so far (the run's, pauses excluded)
+        self.total_samples = 0
         self.reset()
 
     def reset(self) -> None:
@@ -175,6 +178,8 @@ class ThroughputMeter:
     def read(self) -> dict:
         """The window's rates (see the class docstring); starts a new window."""
         dt = max(self.clock() - self.t0, 1e-12)
+        self.total_s += dt
+        self.total_samples += self.samples
         sps = self.samples / dt
         tflops = self.flops / dt / 1e12
         out = {"samples_per_s": sps, "samples_per_s_per_gpu": sps / self.world_size,

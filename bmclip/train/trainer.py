@@ -683,6 +683,10 @@ class Trainer:
         summary = {"steps": step, "steps_this_run": self.steps_run, "seconds": seconds,
                    "stopped_early": self.stop_early,
                    "samples_per_s": self.steps_run * cfg.data.batch_size / seconds if seconds > 0 else None,
+                   # the train lines' rate over the whole run: validation and checkpoint time left out
+                   "train_seconds": self.meter.total_s,
+                   "train_samples_per_s": (self.meter.total_samples / self.meter.total_s
+                                           if self.meter.total_s > 0 else None),
                    "last_loss": self.last_loss, "nonfinite_skipped": self.guard.skipped,
                    "augment_backend": "dali" if isinstance(self.source, DaliShardSource) else "torch",
                    "data_bad_batches": getattr(self.source, "bad_batches", 0), "out_dir": str(out)}
