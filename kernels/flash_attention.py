@@ -78,6 +78,9 @@ def _check_inputs(q, k, v, cu_seqlens, max_seqlen, causal, softmax_scale, backen
     if softmax_scale is not None and not (isinstance(softmax_scale, (int, float)) and math.isfinite(softmax_scale)
                                           and softmax_scale > 0):
         raise ValueError(f"flash_attention: softmax_scale must be a positive finite number, got {softmax_scale!r}")
+    if q.dim() in (3, 4) and q.shape[-1] < 1:  # other ranks get the layout error below
+        raise ValueError(f"flash_attention: head dim (q's last dimension) must be at least 1, got shape "
+                         f"{tuple(q.shape)}")
     if cu_seqlens is None:
         if q.dim() != 4:
             raise ValueError("flash_attention: without cu_seqlens q must be (batch, seqlen, nheads, headdim), got "
@@ -138,6 +141,9 @@ def _flash_triton(q, k, v, cu_seqlens, max_seqlen, causal, scale):
         o = _TritonFlashAttention.apply(*flat, None, batch, seqlen, seqlen, causal, scale)
         return o.view(batch, seqlen, nheads, head_dim)
     batch = cu_seqlens.numel() - 1
+    # The kernels read sequence bounds at CU + b: a strided 1-D view (validated on its true values) must not
+    # reach them as-is.
+    cu_seqlens = cu_seqlens.contiguous()
     return _TritonFlashAttention.apply(q, k, v, cu_seqlens, batch, 0, max_seqlen, causal, scale)
 
 
@@ -162,7 +168,10 @@ def _flash_sdpa(q, k, v, cu_seqlens, max_seqlen, causal, scale):
     total, nheads, head_dim = q.shape
     batch = cu_seqlens.numel() - 1
     if total == 0 or max_seqlen == 0:
-        return q.new_zeros(q.shape)
+        # Nothing to attend over (no tokens, or rows beyond max_seqlen, which are not computed): zeros that stay
+        # on the autograd graph of q, k and v, as the Triton path's output does (masked_fill, not * 0: no NaN
+        # from non-finite inputs, and zero gradients).
+        return (q + k + v).masked_fill(torch.ones((), dtype=torch.bool, device=q.device), 0)
     flat_index, valid = _varlen_pad_index(cu_seqlens, max_seqlen)
 
     def pad(t):

@@ -475,7 +475,9 @@ def forward(q, k, v, cu_seqlens, batch: int, padded_seqlen: int, max_seqlen: int
     if total == 0:
         return o, lse
     varlen = cu_seqlens is not None
-    cu = cu_seqlens if varlen else q  # a dummy pointer when padded (never read: VARLEN is constexpr)
+    # CU + b in the kernels: unit stride (a no-op copy for the usual contiguous cu_seqlens). A dummy pointer
+    # when padded (never read: VARLEN is constexpr).
+    cu = cu_seqlens.contiguous() if varlen else q
     consts = dict(_constexprs(head_dim, varlen, causal), ONE_LOOP=one_loop(max_seqlen, causal))
     args = (q, k, v, o, lse, cu,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
@@ -500,7 +502,7 @@ def backward(do, q, k, v, o, lse, cu_seqlens, batch: int, padded_seqlen: int, ma
     if total == 0:
         return dq, dk, dv
     varlen = cu_seqlens is not None
-    cu = cu_seqlens if varlen else q
+    cu = cu_seqlens.contiguous() if varlen else q  # see forward()
     consts = _constexprs(head_dim, varlen, causal)
     atomic = dq_mode == "atomic"
     interp = is_interpreted(_attn_bwd_dkdv_kernel)

@@ -61,6 +61,10 @@ def _rows2d(t: torch.Tensor) -> torch.Tensor:
 class _LayerNormFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, residual, weight, bias, eps):
+        # The kernels read weight/bias at unit stride: a strided (N,) view (e.g. a column of a (N, 2) parameter)
+        # is copied once here and saved so; autograd still hands the (N,) gradients back to the view.
+        weight = weight.contiguous() if weight is not None else None
+        bias = bias.contiguous() if bias is not None else None
         shape = x.shape
         x2 = _rows2d(x)
         r2 = _rows2d(residual) if residual is not None else None
@@ -181,6 +185,7 @@ def layer_norm(x, weight, bias, eps=1e-5, *, residual=None, backend="auto"):
 class _BiasGeluFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, bias, approx_tanh):
+        bias = bias.contiguous()  # read at unit stride by the kernels (see _LayerNormFn.forward)
         shape = x.shape
         x2 = _rows2d(x)
         y = _fot.bias_gelu_forward(x2, bias, approx_tanh)

@@ -1,8 +1,10 @@
 """Triton kernels of the fused ops (LayerNorm with an optional residual add, bias + GELU), their launch shapes and
 launchers. ``bmclip.kernels.fused_ops`` holds the dispatch, the autograd Functions and the torch path.
 
-Statistics and arithmetic are fp32 whatever the storage dtype. Exact GELU uses ``tl.math.erf`` (libdevice's
-``erff`` on the GPU, ``math.erf`` under TRITON_INTERPRET=1).
+Statistics and arithmetic are fp32 whatever the storage dtype; LayerNorm takes them of each row shifted by its
+first element, so a constant row normalises to exactly 0 (y = bias) and a row whose mean dwarfs its spread keeps
+its digits, even at eps = 1e-12. Weight/bias are read at unit stride (the launchers make them contiguous).
+Exact GELU uses ``tl.math.erf`` (libdevice's ``erff`` on the GPU, ``math.erf`` under TRITON_INTERPRET=1).
 """
 
 from __future__ import annotations
@@ -43,6 +45,17 @@ _INTERPRET_BWD_PROGRAMS = 2
 if HAS_TRITON:
 
     @triton.jit
+    def _ln_pivot(X, R, S, rows, row_ok, stride_x, stride_r, HAS_RES: tl.constexpr):
+        # Each row's first element as the forward reads it (with a residual: x + r rounded to S's dtype, as
+        # the row itself), in fp32; 0 for rows past M.
+        r64 = rows.to(tl.int64)
+        p = tl.load(X + r64 * stride_x, mask=row_ok, other=0.0).to(tl.float32)
+        if HAS_RES:
+            p = (p + tl.load(R + r64 * stride_r, mask=row_ok, other=0.0).to(tl.float32)).to(S.dtype.element_ty)
+            p = p.to(tl.float32)
+        return p
+
+    @triton.jit
     def _ln_fwd_kernel(X, R, W, B, Y, S, MEAN, RSTD, M, N, stride_x, stride_r, stride_y, stride_s, eps,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_RES: tl.constexpr,
                        HAS_W: tl.constexpr, HAS_B: tl.constexpr):
@@ -60,9 +73,15 @@ if HAS_TRITON:
             s = (x + r).to(S.dtype.element_ty)
             tl.store(S + r64 * stride_s + cols[None, :], s, mask=mask)
             x = s.to(tl.float32)
-        mean = tl.sum(x, axis=1) / N
+        # Statistics of the row shifted by its first element p (the pivot): a constant row gives d = 0, hence
+        # mean_d = 0 and xc = 0 exactly (y = bias, as torch), where sum(x) / N is off c by an ulp that rstd
+        # (1e6 at eps = 1e-12) would amplify; rows with |mean| >> std keep their digits the same way. MEAN
+        # holds mean_d, the mean relative to p: the backward reloads p and repeats this arithmetic exactly.
+        p = _ln_pivot(X, R, S, rows, row_ok, stride_x, stride_r, HAS_RES)
+        d = tl.where(mask, x - p[:, None], 0.0)
+        mean = tl.sum(d, axis=1) / N
         # Two-pass variance on the row held in registers (no E[x^2] - E[x]^2 cancellation).
-        xc = tl.where(mask, x - mean[:, None], 0.0)
+        xc = tl.where(mask, d - mean[:, None], 0.0)
         var = tl.sum(xc * xc, axis=1) / N
         rstd = 1.0 / tl.sqrt(var + eps)
         y = xc * rstd[:, None]
@@ -96,9 +115,11 @@ if HAS_TRITON:
             r64 = rows.to(tl.int64)[:, None]
             x = tl.load(S + r64 * stride_s + cols[None, :], mask=mask, other=0.0).to(tl.float32)
             dy = tl.load(DY + r64 * stride_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            # xhat exactly as the forward had it: (x - p) - mean, p the row's first element (see the forward).
+            p = tl.load(S + r64 * stride_s, mask=row_ok[:, None], other=0.0).to(tl.float32)
             mean = tl.load(MEAN + rows, mask=row_ok, other=0.0)
             rstd = tl.load(RSTD + rows, mask=row_ok, other=0.0)
-            xhat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
+            xhat = tl.where(mask, ((x - p) - mean[:, None]) * rstd[:, None], 0.0)
             if HAS_W:
                 wdy = dy * w[None, :]
             else:
@@ -233,8 +254,19 @@ def _bwd_programs(row_blocks: int, col_blocks: int, device: torch.device, interp
 # ----------------------------------------------------------------------------------------------------
 # LayerNorm
 # ----------------------------------------------------------------------------------------------------
+def _unit(t):
+    """A (N,) parameter with unit stride (the kernels read it at ``W + cols``), or None."""
+    return t.contiguous() if t is not None else None
+
+
 def ln_forward(x2, r2, weight, bias, eps, s_dtype):
-    """(y, s or None, mean, rstd) of rows x2 (M, N) (+ r2), s rounded to ``s_dtype``."""
+    """(y, s or None, mean, rstd) of rows x2 (M, N) (+ r2), s rounded to ``s_dtype``.
+
+    ``mean`` is each row's mean relative to its first element (that of s with a residual): what
+    ``ln_backward`` expects, so that it recomputes the forward's normalised row bit for bit.
+    x2/r2 need a unit column stride (any row stride); weight/bias may be strided (N,) views.
+    """
+    weight, bias = _unit(weight), _unit(bias)
     M, N = x2.shape
     dev = x2.device
     y = torch.empty((M, N), dtype=x2.dtype, device=dev)
@@ -256,7 +288,9 @@ def ln_forward(x2, r2, weight, bias, eps, s_dtype):
 
 
 def ln_backward(dy2, ds2, s2, weight, mean, rstd, x_dtype, r_dtype, need_dw, need_db):
-    """(dx, dr or None, dw or None, db or None) of the LayerNorm of rows s2 (fp32 dW/dB)."""
+    """(dx, dr or None, dw or None, db or None) of the LayerNorm of rows s2 (fp32 dW/dB); mean, rstd: from
+    ``ln_forward`` of the same rows."""
+    weight = _unit(weight)
     M, N = s2.shape
     dev = s2.device
     dx = torch.empty((M, N), dtype=x_dtype, device=dev)
@@ -296,6 +330,7 @@ def _gelu_blocks(M: int, N: int, interp: bool, backward: bool) -> tuple[int, int
 
 def bias_gelu_forward(x2, bias, approx_tanh: bool):
     """GELU(x2 + bias) of rows x2 (M, N) in x2's dtype."""
+    bias = _unit(bias)
     M, N = x2.shape
     y = torch.empty((M, N), dtype=x2.dtype, device=x2.device)
     if M > 0:
@@ -309,6 +344,7 @@ def bias_gelu_forward(x2, bias, approx_tanh: bool):
 
 def bias_gelu_backward(dy2, x2, bias, approx_tanh: bool, need_db: bool):
     """(dx, db in bias's dtype or None) of GELU(x2 + bias) for the upstream gradient rows dy2."""
+    bias = _unit(bias)
     M, N = x2.shape
     dx = torch.empty((M, N), dtype=x2.dtype, device=x2.device)
     interp = is_interpreted(_bias_gelu_bwd_kernel)
