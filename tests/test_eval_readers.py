@@ -557,7 +557,7 @@ def test_a_large_16_bit_png_converts_within_bounded_memory(tmp_path):
         vm = int(open("/proc/self/statm").read().split()[0]) * resource.getpagesize()
         resource.setrlimit(resource.RLIMIT_AS, (vm + (600 << 20), resource.RLIM_INFINITY))
         g = np.asarray(load_image({str(tmp_path / "ct.png")!r}))
-        assert g.shape == (6000, 6000, 3) and g.max() == 255 and g.min() == 0
+        assert g.shape == (6000, 6000) and g.max() == 255 and g.min() == 0  # 8-bit "L", RGB after the resize
         print("ok")
     """)
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
@@ -572,3 +572,38 @@ def test_dicom_rescale_without_window_is_min_max_scaled_in_blocks(tmp_path, monk
     p = make_dicom(tmp_path / "r.dcm", arr, slope=-1, intercept=1000)
     g = np.asarray(images.load_image(p))[:, :, 0]
     assert g.tolist() == [[255, 128], [0, 191]]  # 127.5 rounds half to even; 191.25 -> 191
+
+
+def test_a_float_image_with_nan_or_inf_pixels_scales_its_finite_values(tmp_path):
+    """One NaN pixel in a 32-bit float TIFF made the whole image black (min/max of NaN), with only a numpy
+    warning: the range is now that of the finite values, NaN and -inf go to 0 and +inf to 255; an image without a
+    finite value is a DataError (a counted skip in the readers)."""
+    import warnings
+
+    from bmclip.data.images import minmax_to_uint8
+    from bmclip.eval.images import load_image
+
+    a = np.linspace(-1.0, 3.0, 64 * 48, dtype=np.float32).reshape(48, 64)
+    ref = np.asarray(load_image(_save_tiff(tmp_path / "clean.tif", a)))
+    assert len(np.unique(ref)) > 200
+    b = a.copy()
+    b[0, 1], b[5, 5], b[7, 7] = np.nan, np.inf, -np.inf
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "invalid value encountered in cast"
+        got = np.asarray(load_image(_save_tiff(tmp_path / "nan.tif", b)))
+    keep = np.isfinite(b)
+    np.testing.assert_array_equal(got[keep], ref[keep])
+    assert (got[0, 1], got[5, 5], got[7, 7]) == (0, 255, 0)
+    with pytest.raises(DataError, match="no finite pixel value"):
+        load_image(_save_tiff(tmp_path / "all_nan.tif", np.full((4, 4), np.nan, dtype=np.float32)))
+    # the shared helper, with a LUT (DICOM) as without: constant finite values stay all zeros
+    assert minmax_to_uint8(np.array([[2.0, 2.0, np.inf]])).tolist() == [[0, 0, 255]]
+    lut = minmax_to_uint8(np.array([[0, 1, 2]]), values=lambda x: np.where(x == 1, np.nan, x * 10.0))
+    assert lut.tolist() == [[0, 0, 255]]
+
+
+def _save_tiff(path, arr):
+    im = Image.fromarray(arr)
+    assert im.mode == "F"
+    im.save(path)
+    return path

@@ -299,7 +299,8 @@ def test_zeroshot_on_real_bundled_images_matches_manual_reference(tmp_path):
         nw, nh = (size, int(size * h / w)) if w <= h else (int(size * w / h), size)
         im = im.resize((nw, nh), Image.BICUBIC)
         left, top = int(round((nw - size) / 2)), int(round((nh - size) / 2))
-        a = np.asarray(im.crop((left, top, left + size, top + size)), dtype=np.float64) / 255.0
+        # open_clip's order: the geometry in the image's own mode, RGB last
+        a = np.asarray(im.crop((left, top, left + size, top + size)).convert("RGB"), dtype=np.float64) / 255.0
         a = (a - np.array(IMAGE_MEAN)) / np.array(IMAGE_STD)
         rows.append(a.transpose(2, 0, 1))
     with torch.no_grad():

@@ -290,6 +290,65 @@ def test_preprocess_matches_open_clip_val_transform(name):
     torch.testing.assert_close(ours, ref, atol=1e-5, rtol=0)
 
 
+def _mode_images():
+    """A real figure in every 8-bit mode an evaluation image comes in, at a size that needs resizing, with
+    transparency where the mode has it (half transparent, the hidden half a saturated colour)."""
+    from pathlib import Path
+
+    from PIL import Image
+
+    path = Path(__file__).resolve().parent.parent / "bmclip" / "assets" / "samples" / "pone0056489-g001.jpg"
+    with Image.open(path) as im:
+        rgb = im.convert("RGB").resize((300, 500))
+    alpha = Image.new("L", rgb.size, 255)
+    alpha.paste(0, (0, 0, 150, 500))
+    rgba = rgb.copy()
+    rgba.paste((255, 0, 0), (0, 0, 150, 500))
+    rgba.putalpha(alpha)
+    la = rgb.convert("L")
+    la.putalpha(alpha)
+    return {"RGBA": rgba, "LA": la, "P": rgb.convert("P"), "P+transparency": rgba.convert("P"),
+            "1": rgb.convert("1"), "L": rgb.convert("L"), "CMYK": rgb.convert("CMYK")}
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "LA", "P", "P+transparency", "1", "L", "CMYK"])
+def test_preprocess_matches_open_clip_for_every_image_mode(mode):
+    """The geometry runs in the image's own mode and RGB comes last, as open_clip's transform does: Pillow resizes
+    RGBA/LA with premultiplied alpha (transparent pixels go black) and P/1 with nearest neighbour. bmclip
+    converted to RGB first: a transparent red half came out red (open_clip: black), a palette image bicubic."""
+    pytest.importorskip("torchvision")
+    from open_clip.transform import image_transform
+
+    from bmclip.model.transforms import preprocess_image
+
+    im = _mode_images()[mode]
+    ref_tf = image_transform(224, is_train=False, mean=RELEASED_CONFIG["preprocess_cfg"]["mean"],
+                             std=RELEASED_CONFIG["preprocess_cfg"]["std"])  # fmt: skip
+    torch.testing.assert_close(preprocess_image(im, 224), ref_tf(im), atol=1e-5, rtol=0)
+
+
+def test_eval_readers_keep_the_mode_for_the_transform(tmp_path):
+    """The evaluation readers hand the transform the image in its own mode (a PNG's RGBA, a GIF's palette), so a
+    file evaluates as open_clip evaluates it: bmclip.eval.images.load_image + resize_center_crop equal
+    open_clip's transform of the file opened with PIL."""
+    pytest.importorskip("torchvision")
+    from open_clip.transform import image_transform
+    from PIL import Image
+
+    from bmclip.eval.images import load_image
+    from bmclip.model.transforms import preprocess_image
+
+    ims = _mode_images()
+    ref_tf = image_transform(224, is_train=False, mean=RELEASED_CONFIG["preprocess_cfg"]["mean"],
+                             std=RELEASED_CONFIG["preprocess_cfg"]["std"])  # fmt: skip
+    for name, im in (("a.png", ims["RGBA"]), ("b.gif", ims["P"]), ("c.png", ims["LA"])):
+        im.save(tmp_path / name)
+        with Image.open(tmp_path / name) as f:
+            ref = ref_tf(f)
+        torch.testing.assert_close(preprocess_image(load_image(tmp_path / name), 224), ref, atol=1e-5, rtol=0,
+                                   msg=name)
+
+
 @pytest.mark.slow
 def test_export_config_per_preset():
     from bmclip.interop import open_clip_config

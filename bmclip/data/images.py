@@ -42,6 +42,12 @@ _ROW_CHUNK_ELEMENTS = 1 << 22
 MAX_JPEG_SCANS = 500
 
 
+def pil_to_8bit(im: Image.Image) -> Image.Image:
+    """16-bit/32-bit/float greyscale min/max scaled to 8-bit "L" (see :func:`pil_to_rgb`); any other mode as it is
+    (RGBA, P, LA, 1, CMYK, ...: for a resize in the image's own mode, as open_clip's transform does)."""
+    return Image.fromarray(minmax_to_uint8(np.asarray(im))) if im.mode in _HIGH_BIT_DEPTH else im
+
+
 def pil_to_rgb(im: Image.Image, background: tuple[int, int, int] | None = None) -> Image.Image:
     """PIL image of any mode -> RGB.
 
@@ -51,7 +57,7 @@ def pil_to_rgb(im: Image.Image, background: tuple[int, int, int] | None = None) 
     that colour, as a page shows a figure (the dataset builder uses white).
     """
     if im.mode in _HIGH_BIT_DEPTH:
-        return Image.fromarray(minmax_to_uint8(np.asarray(im))).convert("RGB")
+        return pil_to_8bit(im).convert("RGB")
     if background is not None and (im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info)):
         rgba = im.convert("RGBA")
         return Image.alpha_composite(Image.new("RGBA", rgba.size, (*background, 255)), rgba).convert("RGB")
@@ -80,19 +86,33 @@ def _block_rows(arr: np.ndarray) -> int:
 def minmax_to_uint8(arr: np.ndarray, values: Callable[[np.ndarray], np.ndarray] | None = None) -> np.ndarray:
     """Array of any range -> uint8 with its minimum at 0 and its maximum at 255 (all zeros when constant).
 
-    ``values``: an elementwise map to float64 applied first (e.g. a DICOM modality LUT), a block of rows at a
-    time: the min/max and the scaling are of its values, and no whole-image float64 copy is made."""
-    if values is None:
-        lo, hi = float(np.min(arr)), float(np.max(arr))
+    The minimum and maximum are those of the finite values: NaN and -inf become 0, +inf 255 (one NaN pixel of a
+    float TIFF made the whole image black); an array with no finite value is a DataError. ``values``: an
+    elementwise map to float64 applied first (e.g. a DICOM modality LUT), a block of rows at a time: the min/max
+    and the scaling are of its values, and no whole-image float64 copy is made."""
+    arr = np.asarray(arr)
+    raw = values is None  # the array's own values: integers need no float copy to find their range
+    if raw:
         values = _as_float64
-    else:
-        rows, lo, hi = _block_rows(arr), math.inf, -math.inf
-        for i in range(0, arr.shape[0], rows):  # one block's values alive at a time
-            v = values(arr[i:i + rows])
+    lo, hi = math.inf, -math.inf
+    rows = _block_rows(arr) if arr.ndim and arr.size else 1
+    for i in range(0, max(arr.shape[0] if arr.ndim else 1, 1), rows):  # one block's values alive at a time
+        block = arr[i:i + rows] if arr.ndim else arr
+        v = block if raw and arr.dtype.kind in "biu" else values(block)
+        if v.dtype.kind == "f":
+            v = v[np.isfinite(v)]
+        if v.size:
             lo, hi = min(lo, float(np.min(v))), max(hi, float(np.max(v)))
-    if hi <= lo:
-        return np.zeros(np.shape(arr), dtype=np.uint8)
-    return map_rows(arr, lambda a: np.clip(np.round((values(a) - lo) / (hi - lo) * 255.0), 0, 255).astype(np.uint8))
+    if arr.size and lo > hi:
+        raise DataError("image has no finite pixel value (all NaN or infinite)")
+    if not hi > lo:
+        return map_rows(arr, lambda a: np.where(values(a) == math.inf, 255, 0).astype(np.uint8))
+
+    def scale(a: np.ndarray) -> np.ndarray:
+        y = np.clip(np.round((values(a) - lo) / (hi - lo) * 255.0), 0, 255)
+        return np.where(np.isnan(y), 0, y).astype(np.uint8)
+
+    return map_rows(arr, scale)
 
 
 def _as_float64(a: np.ndarray) -> np.ndarray:

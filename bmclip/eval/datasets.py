@@ -1,4 +1,4 @@
-"""Evaluation datasets: a classification dataset yields ``(RGB PIL image, int label)`` and has ``classes``.
+"""Evaluation datasets: a classification dataset yields ``(PIL image, int label)`` and has ``classes``.
 
 ``open_dataset(spec, data_root, split, task)`` resolves a dataset SPEC through two tables:
 

@@ -1,4 +1,8 @@
-"""Image decoding for evaluation: files and shard members to RGB PIL images (PIL formats and DICOM).
+"""Image decoding for evaluation: files and shard members to 8-bit PIL images (PIL formats and DICOM).
+
+An image keeps its own mode (RGBA, P, LA, 1, L, CMYK, RGB; high bit depth greyscale is min/max scaled to "L"):
+``bmclip.model.transforms.resize_center_crop`` resizes and crops it in that mode and converts to RGB last, as
+open_clip's transform does (Pillow resizes RGBA/LA with premultiplied alpha and P/1 with nearest neighbour).
 
 Evaluation decodes with PIL, so it accepts every extension of ``bmclip.data.images.IMAGE_EXTENSIONS``
 (JPEG, PNG, WebP, TIFF, BMP, GIF), plus DICOM (``.dcm``/``.dicom``, or a file without extension that holds
@@ -19,7 +23,14 @@ from typing import Any
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from bmclip.data.images import IMAGE_EXTENSIONS, check_jpeg_scans, map_rows, minmax_to_uint8, pil_to_rgb
+from bmclip.data.images import (
+    IMAGE_EXTENSIONS,
+    check_jpeg_scans,
+    map_rows,
+    minmax_to_uint8,
+    pil_to_8bit,
+    pil_to_rgb,
+)
 from bmclip.errors import ConfigError, DataError
 
 __all__ = ["DICOM_EXTENSIONS", "decode_image_bytes", "decode_sample_image", "dicom_to_pil", "is_image_file",
@@ -56,7 +67,8 @@ def is_image_file(p: Path) -> bool:
 
 
 def load_image(path: str | os.PathLike, frame: str = "middle") -> Image.Image:
-    """Read an image file (PIL formats or DICOM) as an RGB PIL image; raises DataError if unreadable."""
+    """Read an image file (PIL formats or DICOM) as an 8-bit PIL image (see the module docstring); raises DataError
+    if unreadable."""
     p = Path(path)
     if _suffix(p) in DICOM_EXTENSIONS or looks_like_dicom(p):
         return dicom_to_pil(p, frame=frame)
@@ -67,30 +79,32 @@ def load_image(path: str | os.PathLike, frame: str = "middle") -> Image.Image:
             data = head + f.read() if head == b"\xff\xd8" else None
     except OSError as e:
         raise DataError(f"cannot read image {p}: {e}") from e
-    return _pil_rgb(p if data is None else data, f"cannot read image {p}")
+    return _pil_image(p if data is None else data, f"cannot read image {p}")
 
 
 def decode_image_bytes(data: bytes, ext: str, name: str = "image") -> Image.Image:
-    """An image held in memory (``ext`` says DICOM or a PIL format) -> RGB PIL image; DataError if undecodable."""
+    """An image held in memory (``ext`` says DICOM or a PIL format) -> 8-bit PIL image; DataError if undecodable."""
     if ext in DICOM_EXTENSIONS:
         return dicom_to_pil(io.BytesIO(data), name=name)
-    return _pil_rgb(data, f"cannot decode {name}")
+    return _pil_image(data, f"cannot decode {name}")
 
 
-def _pil_rgb(source: bytes | Path, what: str) -> Image.Image:
-    """A PIL format's bytes (a JPEG's scans counted first) or file -> RGB PIL image; DataError "``what``: reason"."""
+def _pil_image(source: bytes | Path, what: str) -> Image.Image:
+    """A PIL format's bytes (a JPEG's scans counted first) or file -> 8-bit PIL image in its own mode (high bit
+    depth min/max scaled: ``pil_to_8bit``); DataError "``what``: reason"."""
     if isinstance(source, bytes):
         check_jpeg_scans(source, what)
     try:
         with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as im:
             im.load()
-            return pil_to_rgb(im)
+            out = pil_to_8bit(im)
+            return out.copy() if out is im else out  # (closing the file releases a loaded image's pixels too)
     except _PIL_ERRORS as e:
         raise DataError(f"{what}: {e}") from e
 
 
 def decode_sample_image(sample: dict[str, Any]) -> Image.Image:
-    """The RGB PIL image of a shard sample (its first member in IMAGE_EXTENSIONS, then DICOM).
+    """The 8-bit PIL image of a shard sample (its first member in IMAGE_EXTENSIONS, then DICOM).
 
     DataError when the sample has no image member, or "sample <key>: corrupt <ext>: ..." when it does not decode.
     """

@@ -2,9 +2,13 @@
 
 The one copy used everywhere an image is prepared for a model outside training (``bmclip embed``, every
 ``bmclip eval`` command, VQA): shorter side resized to S (bicubic), centre crop to S x S, RGB, scaled to
-[0, 1], normalised per channel. ``resize_center_crop`` is the geometric half (uint8 batches for the
-evaluation readers); the numeric half is the trainer's own ``bmclip.data.normalize.normalize_images``, so a
-model sees the same numbers in training and in evaluation. ``preprocess_image`` chains them.
+[0, 1], normalised per channel. The geometry runs in the image's own mode and the RGB conversion last, in
+open_clip's order, so the pixels are open_clip's for every mode (Pillow resizes RGBA/LA with premultiplied alpha,
+so transparent pixels go black, and palette/1-bit images with nearest neighbour); the one deviation is high bit
+depth greyscale (16-bit, float: CT, microscopy), min/max scaled to 8 bits first where ``convert("RGB")`` clips.
+``resize_center_crop`` is the geometric half (uint8 batches for the evaluation readers); the numeric half is
+the trainer's own ``bmclip.data.normalize.normalize_images``, so a model sees the same numbers in training and in
+evaluation. ``preprocess_image`` chains them.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from bmclip.data.images import IMAGE_MEAN, IMAGE_STD, minmax_to_uint8, pil_to_rgb
+from bmclip.data.images import IMAGE_MEAN, IMAGE_STD, minmax_to_uint8, pil_to_8bit, pil_to_rgb
 from bmclip.data.normalize import normalize_images
 from bmclip.errors import DataError
 
@@ -27,10 +31,14 @@ _MAX_RESIZED_SQUARES = 16  # aspect ratio up to which the whole image is resized
 
 
 def resize_center_crop(image: Image.Image, size: int) -> Image.Image:
-    """PIL image -> RGB PIL image of ``size x size``: shorter side resized to ``size`` (bicubic), centre crop."""
+    """PIL image -> RGB PIL image of ``size x size``: shorter side resized to ``size`` (bicubic), centre crop, in the
+    image's own mode, then RGB (open_clip's order: see the module docstring)."""
     if not isinstance(image, Image.Image):
         raise DataError(f"expected a PIL image, got {type(image).__name__}")
-    image = pil_to_rgb(image)
+    return pil_to_rgb(_resize_center_crop(pil_to_8bit(image), size))
+
+
+def _resize_center_crop(image: Image.Image, size: int) -> Image.Image:
     w, h = image.size
     if w < 1 or h < 1:
         raise DataError(f"empty image of size {image.size}")
