@@ -97,7 +97,7 @@ def run_vqa(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else Path("eval_out") / f"vqa_{data['format']}"
     _check_out(out)
     dev = _device(args.device)
-    model, tok = load_model(args.model, device=dev)
+    model, tok = load_model(args.model, device=dev, seed=args.seed)  # a preset's random init from --seed too
     skipped = list(data["skipped"])
     res = train_vqa(model, tok, data["train"], data["test"], epochs=args.epochs, batch_size=args.batch_size,
                     lr=args.lr, encoder_lr=args.encoder_lr, finetune_encoders=args.finetune_encoders,

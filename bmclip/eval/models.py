@@ -21,6 +21,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from bmclip.errors import CheckpointError, ConfigError
 from bmclip.model import create_model, list_presets
 from bmclip.resolve import ModelSource, resolve_model
@@ -55,14 +57,19 @@ def model_tokenizer(model: Any, source: ModelSource | None, vocab: str | os.Path
     return tok
 
 
-def load_model(spec: str | os.PathLike, device: str = "cpu") -> tuple[Any, Any]:
-    """MODEL spec -> (model in eval mode on ``device``, tokenizer callable texts -> LongTensor (B, L))."""
+def load_model(spec: str | os.PathLike, device: str = "cpu", seed: int = 0) -> tuple[Any, Any]:
+    """MODEL spec -> (model in eval mode on ``device``, tokenizer callable texts -> LongTensor (B, L)).
+
+    A preset name is that architecture's random initialisation drawn from ``seed`` (the same weights every time;
+    the global torch random state is left as it was)."""
     if Path(spec).exists():
         resolved = resolve_model(spec)
         model = resolved.model
         return model.to(device).eval(), model_tokenizer(model, resolved.source)
     if str(spec) in list_presets():
-        model = create_model(str(spec))
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = create_model(str(spec))
         return model.to(device).eval(), model_tokenizer(model, None)
     raise CheckpointError(
         f"MODEL {spec!r} is not an open_clip folder, a bmclip checkpoint, or a preset ({', '.join(list_presets())})"
