@@ -36,7 +36,7 @@ from bmclip.interop import export_open_clip, open_clip_config
 from bmclip.io import atomic_write_text
 from bmclip.model import create_model
 from bmclip.model.config import get_preset as get_model_preset
-from bmclip.resolve import load_weights_into
+from bmclip.resolve import load_weights_into, locate_model
 from bmclip.tokenizer import Tokenizer, bundled_vocab_path, get_tokenizer
 from bmclip.train import checkpoint as ckpt_mod
 from bmclip.train.checkpoint import CheckpointManager
@@ -124,9 +124,38 @@ def _load_init_weights(model, path: str) -> None:
         raise CheckpointError(f"model.init_checkpoint: {e}") from None
 
 
-def _check_tokenizer_choice(cfg: TrainConfig) -> None:
-    """Refuse the bundled small vocabulary for a model whose text tower expects a larger one."""
-    if cfg.data.synthetic or cfg.data.tokenizer:
+def _init_checkpoint_vocab(cfg: TrainConfig) -> Path | None:
+    """The folder of the vocab.txt shipped with ``model.init_checkpoint`` (None: none, or no init checkpoint)."""
+    if not cfg.model.init_checkpoint:
+        return None
+    try:
+        return locate_model(cfg.model.init_checkpoint).tokenizer_dir
+    except CheckpointError as e:
+        raise CheckpointError(f"model.init_checkpoint: {e}") from None
+
+
+def _check_tokenizer_choice(cfg: TrainConfig, is_main: bool = True) -> None:
+    """Take the tokenizer shipped with ``model.init_checkpoint`` when ``data.tokenizer`` is unset (its weights were
+    trained with it: the bundled vocabulary would give its embeddings other words), warn when ``data.tokenizer``
+    is another vocabulary than the one shipped, and refuse the bundled small vocabulary for a model whose text
+    tower expects a larger one."""
+    if cfg.data.synthetic:
+        return
+    shipped = _init_checkpoint_vocab(cfg)
+    if shipped is not None and not cfg.data.tokenizer:
+        cfg.data.tokenizer = str(shipped)
+        if is_main:
+            print(f"[bmclip] data.tokenizer: not set, so the vocabulary shipped with model.init_checkpoint: "
+                  f"{shipped / 'vocab.txt'}", file=sys.stderr, flush=True)
+    elif shipped is not None and is_main:
+        given = Path(cfg.data.tokenizer)
+        given = given / "vocab.txt" if given.is_dir() else given
+        with contextlib.suppress(OSError):
+            if given.read_bytes() != (shipped / "vocab.txt").read_bytes():
+                print(f"[bmclip] WARNING: data.tokenizer {given} is not the vocabulary model.init_checkpoint was "
+                      f"trained with ({shipped / 'vocab.txt'}): its token embeddings will be read as other words",
+                      file=sys.stderr, flush=True)
+    if cfg.data.tokenizer:
         return
     want = get_model_preset(cfg.model.preset).text.vocab_size
     have = get_tokenizer().vocab_size
@@ -392,7 +421,7 @@ class Trainer:
         self.resume_hint = resume_hint or runctl_resume_hint(cfg.resume)
         self.device = device = info.device
         self.out = out = Path(cfg.out_dir)
-        _check_tokenizer_choice(cfg)
+        _check_tokenizer_choice(cfg, info.is_main)
         self._lock_out_dir(cleanup)
         self.hooks = FaultInjector(cfg.fault, out, info.rank).install(Hooks())
         self.ckpt = CheckpointManager(out, info, keep_last=cfg.keep_last, every=cfg.ckpt_every,
