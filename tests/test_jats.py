@@ -218,6 +218,65 @@ def test_alternatives_math_kept_once_and_tex_dropped():
     assert parse_jats(xml).figures[0].caption == "Rate k on is high."
 
 
+def _caption_with_math(math: str) -> str:
+    xml = _doc(f'<fig id="F"><caption><p>Value <inline-formula><mml:math>{math}</mml:math></inline-formula> shown'
+               '</p></caption><graphic xlink:href="f"/></fig>')
+    return parse_jats(xml).figures[0].caption
+
+
+def test_mfenced_brackets_and_separators_kept():
+    # <mfenced> renders its open and close brackets and separators (MathML defaults "(", ")", ","): the caption
+    # text lost them ("f x" for f(x)).
+    f_of_x = "<mml:mi>f</mml:mi><mml:mfenced><mml:mi>x</mml:mi></mml:mfenced>"
+    assert _caption_with_math(f_of_x) == "Value f ( x ) shown"
+    assert _caption_with_math('<mml:mi>exp</mml:mi><mml:mfenced open="[" close="]"><mml:mi>x</mml:mi><mml:mi>y</mml:mi>'
+                              "</mml:mfenced>") == "Value exp [ x , y ] shown"
+    # one separator per gap, the last one repeated; none at all; nesting and non-token children
+    assert _caption_with_math('<mml:mfenced separators="; |"><mml:mi>a</mml:mi><mml:mi>b</mml:mi><mml:mi>c</mml:mi>'
+                              "<mml:mi>d</mml:mi></mml:mfenced>") == "Value ( a ; b | c | d ) shown"
+    assert _caption_with_math('<mml:mfenced open="{" close="" separators=""><mml:mi>a</mml:mi><mml:mi>b</mml:mi>'
+                              "</mml:mfenced>") == "Value { a b shown"
+    assert _caption_with_math('<mml:mfenced><mml:msup><mml:mi>x</mml:mi><mml:mn>2</mml:mn></mml:msup>'
+                              '<mml:mfenced open="|" close="|"><mml:mi>y</mml:mi></mml:mfenced></mml:mfenced>'
+                              ) == "Value ( x 2 , | y | ) shown"
+    # the MathML of a real caption (PMC7417471, Nano Convergence 7:27 (2020), CC BY 4.0, Fig. 6): the
+    # ferricyanide couple, whose TeX rendering reads L^{-1} [Fe(CN)_6]^{3-/4-}
+    real = ('<mml:mrow><mml:msup><mml:mrow><mml:mtext>L</mml:mtext></mml:mrow><mml:mrow><mml:mo>-</mml:mo>'
+            '<mml:mn>1</mml:mn></mml:mrow></mml:msup><mml:mrow><mml:mo stretchy="false">[</mml:mo>'
+            '<mml:mtext>Fe</mml:mtext></mml:mrow><mml:msup><mml:mfenced close="]" open="("><mml:msub><mml:mrow>'
+            '<mml:mtext>CN</mml:mtext><mml:mo stretchy="false">)</mml:mo></mml:mrow><mml:mn>6</mml:mn></mml:msub>'
+            "</mml:mfenced><mml:mrow><mml:mn>3</mml:mn><mml:mo>-</mml:mo><mml:mo stretchy=\"false\">/</mml:mo>"
+            "<mml:mn>4</mml:mn><mml:mo>-</mml:mo></mml:mrow></mml:msup></mml:mrow>")
+    assert _caption_with_math(real) == "Value L - 1 [ Fe ( CN ) 6 ] 3 - / 4 - shown"
+
+
+def test_shared_samples_mfenced_captions(pmc_samples):
+    a = parse_jats(pmc_samples / "PMC7417471" / "PMC7417471.nxml")
+    fig6 = next(f for f in a.figures if f.id == "Fig6")
+    assert "in a 5 mmol L - 1 [ Fe ( CN ) 6 ] 3 - / 4 - solution" in fig6.caption
+    b = parse_jats(pmc_samples / "europepmc_PMC4101712" / "fulltext.xml")
+    assert "via RH = exp ( 17.27 ( D - 32 ) 5 / 9" in next(f for f in b.figures if f.id == "F5").caption
+
+
+def test_formula_caption_and_table_graphics_are_not_the_figure_image():
+    # A <graphic> in the caption, in a display or inline formula, or in a table inside the <fig> is not the
+    # figure's image: it came first in document order and a formula image was stored as the figure.
+    xml = _doc(
+        '<fig id="F"><label>Figure 1</label><caption><p>Fit of <disp-formula><graphic xlink:href="e001"/>'
+        '<label>(1)</label></disp-formula> and <inline-formula><alternatives><mml:math><mml:mi>x</mml:mi>'
+        '</mml:math><graphic xlink:href="i001"/></alternatives></inline-formula>.</p><graphic xlink:href="c001"/>'
+        '</caption><disp-formula><graphic xlink:href="e002"/></disp-formula>'
+        '<table-wrap><caption><p>t</p></caption><graphic xlink:href="t001"/></table-wrap>'
+        '<alternatives><graphic xlink:href="g001.jpg"/><graphic xlink:href="g001.gif"/></alternatives></fig>'
+        '<fig id="G"><caption><p>Only a formula image here.</p><disp-formula><graphic xlink:href="e003"/>'
+        "</disp-formula></caption></fig>"
+    )
+    f, g = parse_jats(xml).figures
+    assert f.graphics == ["g001.jpg", "g001.gif"]
+    assert f.caption == "Fit of (1) and x."
+    assert g.graphics == []  # no image of its own: the builder counts it as no_graphic
+
+
 def test_named_entities_without_dtd_and_file_objects():
     xml = (
         b'<!DOCTYPE article PUBLIC "-//NLM//DTD JATS" "http://127.0.0.1:9/never-fetched.dtd">'

@@ -79,8 +79,11 @@ def register(subparsers) -> None:
     g.add_argument("--chunk-size", type=int, default=16, help="packages per staging chunk (resume unit)")
     m = p.add_argument_group("dedup, splits and shards (merge time)")
     m.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
-    m.add_argument("--near-dup-threshold", type=int, default=3, help="dHash Hamming radius; -1 disables")
-    m.add_argument("--near-dup-max-mad", type=float, default=2.5, help="max 16x16 thumbnail mean abs difference")
+    m.add_argument("--near-dup-threshold", type=int, default=7,
+                   help="dHash Hamming radius of near-duplicate candidates; -1 disables near-duplicate removal")
+    m.add_argument("--near-dup-max-mad", type=float, default=2.0,
+                   help="a candidate is a near duplicate when the 16x16 thumbnails' mean abs difference (grey "
+                        "levels) is at most this")
     m.add_argument("--no-dedup", action="store_true", help="keep exact and near duplicate images")
     m.add_argument("--val-fraction", type=float, default=None, help="default: PMC-15M's 13.6k/15.28M")
     m.add_argument("--test-fraction", type=float, default=None, help="default: PMC-15M's 725,739/15.28M")

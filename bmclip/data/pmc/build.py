@@ -114,7 +114,7 @@ def build_dataset(inputs: list[str | os.PathLike], output: str | os.PathLike, **
     """Build webdataset shards from PMC inputs into ``output`` (stage + merge); returns the stats dict.
 
     Options: any :class:`BuildOptions` field (``max_side=512, shard_size=1000, min_caption_chars=10,
-    min_side=64, max_aspect=10.0, near_dup_threshold=3, val_fraction, test_fraction, seed=0, ...``) plus
+    min_side=64, max_aspect=10.0, near_dup_threshold=7, val_fraction, test_fraction, seed=0, ...``) plus
     ``num_workers`` (default: all cores; 0/1 = in process), ``staging`` (default ``output/_staging``; a local
     path or a remote prefix), ``keep_staging`` (default False), ``progress`` (default True) and
     ``storage_options`` / ``input_storage_options`` / ``output_storage_options`` (fsspec options for remote

@@ -25,7 +25,9 @@ Caption text rules (what ``Figure.caption`` holds):
 - block elements (title, p, list-item, ...) are separated by one space, inline markup is joined as is
   ("CO<sub>2</sub>" -> "CO2"); then whitespace runs collapse to one space and the ends are stripped;
 - MathML keeps the text of its token elements (``mi``, ``mn``, ``mo``, ``mtext``, ``ms``), one space
-  between tokens (``log CV = − 0.5 log Frequency + 2``);
+  between tokens (``log CV = − 0.5 log Frequency + 2``); ``<mfenced>`` gives its brackets and separators
+  (``open``, default "(", the children separated by ``separators``, default ",", then ``close``, default ")"):
+  ``f ( x )``, ``exp [ x , y ]``;
 - inside ``<alternatives>`` only the first textual rendering is kept (MathML before TeX), and MathML
   ``<annotation>`` (TeX source) is dropped, so a formula is not repeated;
 - the ``<label>`` of the figure is excluded (it is returned separately as ``Figure.label``).
@@ -270,16 +272,36 @@ def parse_xml_safely(data: bytes, name: str = "<bytes>") -> ET.Element:
 
 
 def _math_tokens(el: ET.Element, out: list[str]) -> None:
+    """Append the tokens of MathML element ``el``'s children to ``out``."""
     for k in el:
-        n = _local(k.tag)
-        if n in _SKIP_TEXT:
-            continue
-        if n in _MATH_TOKENS:
-            t = "".join(k.itertext()).strip()
-            if t:
-                out.append(t)
-        else:
-            _math_tokens(k, out)
+        _math_token(k, out)
+
+
+def _math_token(k: ET.Element, out: list[str]) -> None:
+    """Append the tokens of one MathML element (a token element, an ``<mfenced>`` or a container)."""
+    n = _local(k.tag)
+    if n in _SKIP_TEXT:
+        return
+    if n in _MATH_TOKENS:
+        t = "".join(k.itertext()).strip()
+        if t:
+            out.append(t)
+    elif n == "mfenced":
+        # as MathML renders it: open (default "("), the children separated by separators (default ","; whitespace
+        # ignored; the last one repeats when there are more children, none when empty), then close (default ")")
+        opening, closing = k.get("open", "(").strip(), k.get("close", ")").strip()
+        seps = "".join(k.get("separators", ",").split())
+        if opening:
+            out.append(opening)
+        kids = [c for c in k if _local(c.tag) not in _SKIP_TEXT]
+        for i, c in enumerate(kids):
+            if i and seps:
+                out.append(seps[min(i - 1, len(seps) - 1)])
+            _math_token(c, out)
+        if closing:
+            out.append(closing)
+    else:
+        _math_tokens(k, out)
 
 
 def _text(el: ET.Element, parts: list[str]) -> None:
@@ -358,16 +380,31 @@ def _first_child(el: ET.Element, name: str) -> ET.Element | None:
     return None
 
 
+# A <graphic> inside these, within a <fig>, is not the figure's image: a formula image in the caption or the
+# figure (PLOS puts display formulas in as <disp-formula><graphic/>), a table's image, or a nested figure's.
+_NOT_FIGURE_IMAGE = frozenset({"caption", "disp-formula", "inline-formula", "table-wrap", "fig"})
+
+
+def _figure_graphics(fe: ET.Element) -> list[ET.Element]:
+    """The <graphic> elements of <fig> ``fe`` that are its image, in document order (see _NOT_FIGURE_IMAGE)."""
+    out: list[ET.Element] = []
+    stack = list(reversed(fe))
+    while stack:
+        el = stack.pop()
+        name = _local(el.tag) if isinstance(el.tag, str) else ""
+        if name == "graphic":
+            out.append(el)
+        elif name not in _NOT_FIGURE_IMAGE:
+            stack.extend(reversed(el))
+    return out
+
+
 def _collect_figures(root: ET.Element) -> list[Figure]:
-    """Every <fig> under root in document order; each graphic goes to its nearest <fig> ancestor."""
+    """Every <fig> under root in document order; each graphic goes to its nearest <fig> ancestor, and graphics
+    inside the caption, a formula or a table are not the figure's (_NOT_FIGURE_IMAGE)."""
     figs: list[Figure] = []
     for fe in root.iter("fig"):
-        graphics = list(fe.iter("graphic"))
-        nested = [f for f in fe.iter("fig") if f is not fe]
-        if nested:
-            inner = {id(g) for f in nested for g in f.iter("graphic")}
-            graphics = [g for g in graphics if id(g) not in inner]
-        hrefs = [h.strip() for h in (_href(g) for g in graphics) if h]
+        hrefs = [h.strip() for h in (_href(g) for g in _figure_graphics(fe)) if h]
         figs.append(
             Figure(
                 id=fe.get("id"),

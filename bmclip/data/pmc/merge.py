@@ -1,9 +1,11 @@
 """Merge: complete staging dirs -> deduplicated, split webdataset shards, stats, sizes and manifest.
 
 One or many staging dirs (slices) are read as one stream in global package-key order (k-way merge), so the
-output does not depend on the number of workers or slices: duplicate articles (same PMCID/DOI in two
-packages) keep the first, exact and near-duplicate images keep the first (:mod:`~bmclip.data.pmc.dedup`),
-each article goes to one split by ``sha256(seed:PMCID)``, and samples go to ``{split}-{000000..}.tar``
+output does not depend on the number of workers or slices: duplicate articles (a copy sharing any identifier,
+PMCID, DOI or PMID, with an earlier one) keep the first, every copy of an article that any copy says is retracted
+is skipped (the staging dirs' complete.json list them, so order does not matter), exact and near-duplicate images
+keep the first (:mod:`~bmclip.data.pmc.dedup`), each article goes to one split by ``sha256(seed:split_key)``
+(:func:`split_key`: the DOI first), and samples go to ``{split}-{000000..}.tar``
 webdataset shards of ``shard_size`` samples (:mod:`~bmclip.data.pmc.shard_writer`), then ``stats.json``
 (+ ``stats.png``), ``sizes.json`` (shard name -> samples, what open_clip_train reads) and ``manifest.json``.
 
@@ -32,7 +34,7 @@ from pathlib import Path
 from bmclip.data.pmc.dedup import Deduplicator
 from bmclip.data.pmc.options import SPLITS, BuildOptions
 from bmclip.data.pmc.shard_writer import SAMPLE_MEMBERS, ShardWriter
-from bmclip.data.pmc.stage import article_key_part, staging_stream
+from bmclip.data.pmc.stage import article_identifiers, article_key_part, staging_stream
 from bmclip.data.pmc.staging import LOCK_NAME, BuildLock, StagingDir, remove_partial_files
 from bmclip.data.pmc.stats import STATS_FORMAT, BuildStats, write_plots
 from bmclip.data.pmc.upload import RemoteOutput
@@ -41,14 +43,34 @@ from bmclip.io import atomic_write_bytes
 from bmclip.io.fs import is_remote, local_path
 from bmclip.progress import Progress
 
-__all__ = ["merge_staging", "split_of"]
+__all__ = ["merge_staging", "split_key", "split_of"]
 
 _SHARD_FILE = re.compile(r"^(train|val|test)-\d{6}\.(tar|idx)$")
 _FINAL_FILES = ("stats.json", "stats.png", "sizes.json", "manifest.json")  # written in this order
 
 
+def split_key(pmcid: str | None, doi: str | None, pmid: str | None, article_id: str) -> str:
+    """What an article's split is drawn from: ``doi:<normalised DOI>`` when it has a DOI, else its PMCID, else
+    ``pmid:<PMID>``, else its ``article_id`` (``xml:...``).
+
+    The DOI first because it is the identifier that every copy of an article is most likely to carry: the PMC
+    package (PMCID, DOI, PMID), PMC Cloud, Europe PMC, and the publisher's or preprint server's own JATS (DOI
+    only). Copies with disjoint identifiers (an old PMC article without a DOI, and a publisher copy with one) are
+    still one article for dedup when they share another identifier, but two builds that keep different copies
+    may then draw different splits for it.
+    """
+    ids = article_identifiers(pmcid, doi, pmid)
+    for prefix in ("doi:", "PMC", "pmid:"):
+        for i in ids:
+            if i.startswith(prefix):
+                return i
+    return article_id
+
+
 def split_of(article_id: str, seed: int, val_fraction: float, test_fraction: float) -> str:
-    """Split of an article from sha256(f'{seed}:{article_id}') mapped to [0, 1): test, then val, then train."""
+    """Split of an article from sha256(f'{seed}:{article_id}') mapped to [0, 1): test, then val, then train.
+
+    The merge passes the article's :func:`split_key` as ``article_id``."""
     h = hashlib.sha256(f"{seed}:{article_id}".encode()).digest()
     u = int.from_bytes(h[:8], "big") / 2.0**64
     if u < test_fraction:
@@ -68,7 +90,23 @@ def _read_plans(stagings: list[StagingDir]) -> list[dict]:
     # a plan written before a stage option existed is taken as made with its default (as a resumed stage does)
     if len({json.dumps(BuildOptions.stage_dict_of_plan(p["options"]), sort_keys=True) for p in plans}) > 1:
         raise ConfigError("staging dirs were made with different stage options; they cannot be merged")
+    versions = sorted({int(p.get("version", 0)) for p in plans})
+    if len(versions) > 1:
+        # their fingerprints, captions and figure images are made differently: restage the older ones
+        raise ConfigError(f"staging dirs were made by different builder versions (staging formats "
+                          f"{', '.join(map(str, versions))}); they cannot be merged: restage the older ones")
     return plans
+
+
+def _retracted(stagings: list[StagingDir]) -> set[str]:
+    """The identifiers of retracted articles that the staging dirs' stages found (none from a stage of a version
+    before 4, which did not list them: there only the copy carrying the flag is skipped)."""
+    out: set[str] = set()
+    for s in stagings:
+        complete = s.read("complete.json")
+        if complete is not None:
+            out.update(json.loads(complete).get("retracted", ()))
+    return out
 
 
 def _unique_key(key: str, article_id: str, used: set[str]) -> str:
@@ -184,6 +222,41 @@ def _merge(stagings: list[StagingDir], plans: list[dict], output, remote: Remote
             lock.release()
 
 
+def _article_copies(rec: dict, stats: BuildStats, retracted: set[str], seen_ids: set[str]) -> dict[str, str]:
+    """Count a staging record's articles and decide each copy: kept, ``retracted`` (any copy of it, in any package,
+    is flagged: ``retracted`` holds their identifiers) or ``duplicate_article`` (it shares an identifier with an
+    earlier copy). Returns article_id -> the reason its staged samples are dropped; each copy is counted once,
+    under one reason."""
+    dropped: dict[str, str] = {}
+    for a in rec["articles"]:
+        stats.articles += 1
+        stats.figures += a["figures"]
+        ids = a.get("ids") or [a["id"]]  # a staging dir of version < 4 has the article ID only
+        if a.get("retracted"):  # the flagged copy: skipped and counted at stage time
+            retracted.update(ids)
+            seen_ids.update(ids)
+            continue
+        is_retracted = not retracted.isdisjoint(ids)
+        if is_retracted:
+            retracted.update(ids)  # a third copy sharing another of this copy's identifiers is the same article
+        if a.get("repeat"):  # a second copy within its package: skipped and counted at stage time
+            if is_retracted:  # as a duplicate there; it is a retracted article's copy
+                stats.skip("article", "duplicate_article", -1)
+                stats.skip("article", "retracted")
+                stats.skip("figure", "duplicate_article", -a["figures"])
+                stats.skip("figure", "retracted", a["figures"])
+            seen_ids.update(ids)
+            continue
+        if is_retracted:
+            dropped[a["id"]] = "retracted"
+        elif not seen_ids.isdisjoint(ids):
+            dropped[a["id"]] = "duplicate_article"
+        seen_ids.update(ids)
+        if a["id"] in dropped:
+            stats.skip("article", dropped[a["id"]])
+    return dropped
+
+
 def _merge_into(stagings: list[StagingDir], plans: list[dict], out: Path, remote: RemoteOutput | None,
                 opts: BuildOptions, progress: bool) -> dict:
     for name in ("sizes.json", "manifest.json"):
@@ -203,8 +276,9 @@ def _merge_into(stagings: list[StagingDir], plans: list[dict], out: Path, remote
     for p in plans:
         for reason, n in p.get("discovery_skips", {}).items():
             stats.skip("package", reason, n)
-    seen_articles: set[str] = set()
-    written_keys: set[str] = set()  # every sample key in the shards (~100 bytes each; dedup keeps ~0.7 KB)
+    retracted = _retracted(stagings)  # identifiers of retracted articles, grown by their other copies' identifiers
+    seen_ids: set[str] = set()  # every identifier of every article copy so far
+    written_keys: set[str] = set()  # every sample key in the shards (~100 bytes each; dedup keeps ~0.4 KB)
     merged = heapq.merge(*(staging_stream(s) for s in stagings), key=lambda rb: rb[0]["key"])
     bar = Progress("merge", "pkg", total=sum(int(p.get("num_packages", 0)) for p in plans) or None,
                    enabled=progress, silent_if_empty=False)
@@ -212,22 +286,13 @@ def _merge_into(stagings: list[StagingDir], plans: list[dict], out: Path, remote
         for rec, blob in merged:
             bar.update(1)
             stats.add_package(rec)
-            dup_articles = set()
-            for a in rec["articles"]:
-                stats.articles += 1
-                stats.figures += a["figures"]
-                if a.get("repeat"):  # a second copy within its package: skipped and counted at stage time
-                    continue
-                if a["id"] in seen_articles:
-                    dup_articles.add(a["id"])
-                    stats.skip("article", "duplicate_article")
-                    continue
-                seen_articles.add(a["id"])
+            dropped = _article_copies(rec, stats, retracted, seen_ids)  # article_id -> why its samples are dropped
             split_seen = set()
             for s in rec["samples"]:
                 m = s["meta"]
-                if m["article_id"] in dup_articles:
-                    stats.skip("figure", "duplicate_article")
+                why = dropped.get(m["article_id"])
+                if why is not None:
+                    stats.skip("figure", why)
                     continue
                 reason = None
                 if dedup is not None:
@@ -235,7 +300,8 @@ def _merge_into(stagings: list[StagingDir], plans: list[dict], out: Path, remote
                 if reason:
                     stats.skip("figure", reason)
                     continue
-                split = split_of(m["article_id"], opts.seed, opts.val_fraction, opts.test_fraction)
+                drawn_from = split_key(m.get("pmcid"), m.get("doi"), m.get("pmid"), m["article_id"])
+                split = split_of(drawn_from, opts.seed, opts.val_fraction, opts.test_fraction)
                 key = _unique_key(m["key"], m["article_id"], written_keys)
                 if key != m["key"]:
                     stats.note(f"{rec['key']}: sample key {m['key']} (article {m['article_id']}) was taken by an "

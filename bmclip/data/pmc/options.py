@@ -40,8 +40,8 @@ class BuildOptions:
     # merge time
     shard_size: int = 1000
     dedup: bool = True  # exact + near duplicate image removal
-    near_dup_threshold: int = 3  # dHash Hamming radius of near-duplicate candidates
-    near_dup_max_mad: float = 2.5  # and their 16x16 thumbnails' mean abs difference (grey levels)
+    near_dup_threshold: int = 7  # dHash Hamming radius of near-duplicate candidates (copies: <= 4 bits measured)
+    near_dup_max_mad: float = 2.0  # decides: their 16x16 thumbnails' mean abs difference (grey levels)
     val_fraction: float = DEFAULT_VAL_FRACTION
     test_fraction: float = DEFAULT_TEST_FRACTION
     seed: int = 0

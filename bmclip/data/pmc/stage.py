@@ -46,16 +46,24 @@ from bmclip.io.fs import is_remote, local_path
 from bmclip.progress import Progress
 from bmclip.tokenizer import get_tokenizer
 
-__all__ = ["check_apart_from_inputs", "process_package", "remove_partial_files", "sanitize_key", "stage",
-           "staging_stream"]
+__all__ = ["article_identifiers", "check_apart_from_inputs", "normalize_doi", "process_package",
+           "remove_partial_files", "sanitize_key", "stage", "staging_stream"]
 
 _CHUNK_MAGIC = b"BMCHUNK1"
-_STAGING_VERSION = 3  # 2: JPEG pass-through, DCT-scale-exact resize box; 3: content-derived fallback article IDs
+# 2: JPEG pass-through, DCT-scale-exact resize box; 3: content-derived fallback article IDs; 4: dHash of exact
+# area means, no formula/caption/table graphic as a figure's image, <mfenced> brackets in captions, every article's
+# identifiers ("ids") and the retracted ones (complete.json "retracted", chunks/retracted-NNNNNN.json)
+_STAGING_VERSION = 4
 
 
 def chunk_name(index: int) -> str:
     """The name of staging chunk ``index`` inside its staging dir."""
     return f"chunks/chunk-{index:06d}.bin"
+
+
+def retracted_name(index: int) -> str:
+    """The name of the list of retracted articles' identifiers of staging chunk ``index`` (only when it has any)."""
+    return f"chunks/retracted-{index:06d}.json"
 
 
 def chunk_path(staging: Path, index: int) -> Path:
@@ -111,16 +119,42 @@ def _token_counter() -> tuple[str, Callable[[str], int]]:
 # per-package processing (runs in worker processes)
 
 
+_DOI_PREFIX = re.compile(r"^(?:https?://(?:dx\.)?doi\.org/|doi:\s*)", re.IGNORECASE)
+
+
+def normalize_doi(doi: str | None) -> str | None:
+    """A DOI as one spelling (str, None for none): whitespace stripped, a ``https://doi.org/`` (``dx.``, ``http``)
+    or ``doi:`` prefix dropped, lower-cased (DOIs are case-insensitive)."""
+    if not doi:
+        return None
+    d = _DOI_PREFIX.sub("", doi.strip()).strip().lower()
+    return d or None
+
+
+def article_identifiers(pmcid: str | None, doi: str | None, pmid: str | None) -> list[str]:
+    """The identifiers an article carries, normalised, in this order: ``PMC1234567``, ``doi:<normalize_doi>``,
+    ``pmid:<digits>`` (those it has; PMID leading zeros dropped). Two copies of an article given by different
+    sources (a PMC package with PMCID and DOI, the preprint server's own JATS with the DOI only) share one."""
+    ids = []
+    if pmcid and pmcid.strip():
+        ids.append(pmcid.strip())
+    d = normalize_doi(doi)
+    if d:
+        ids.append("doi:" + d)
+    if pmid and pmid.strip():
+        p = pmid.strip()
+        ids.append("pmid:" + ((p.lstrip("0") or "0") if p.isdigit() else p))
+    return ids
+
+
 def _article_id(art: jats.Article, xml_sha: str, index: int, n_articles: int) -> str:
-    """The article's identity for splitting and article-level dedup: PMCID, else DOI, else PMID, else a hash of
+    """The article's ID (its samples' ``article_id`` and key part): PMCID, else DOI, else PMID, else a hash of
     its XML file (``xml:<16 hex>``, ``#i`` for the i-th article of an articleset). Never the package's path, so
-    the same article given as a folder, a tarball or in PMC Cloud layout gets one ID (one split, one copy)."""
-    if art.pmcid:
-        return art.pmcid
-    if art.doi:
-        return "doi:" + art.doi.lower()
-    if art.pmid:
-        return "pmid:" + art.pmid
+    the same article given as a folder, a tarball or in PMC Cloud layout gets one ID. Article-level dedup uses
+    all of its identifiers (:func:`article_identifiers`), and the split its DOI first (merge.split_key)."""
+    ids = article_identifiers(art.pmcid, art.doi, art.pmid)
+    if ids:
+        return ids[0]
     return f"xml:{xml_sha}" if n_articles == 1 else f"xml:{xml_sha}#{index}"
 
 
@@ -228,20 +262,25 @@ def process_package(
     ids_here: set[str] = set()
     for art, xml_sha, ai, n_in_file in articles:
         aid = _article_id(art, xml_sha, ai, n_in_file)
+        ids = article_identifiers(art.pmcid, art.doi, art.pmid) or [aid]
         licence = art.license or meta.get("license_code") or meta.get("license")
-        arec = {"id": aid, "figures": len(art.figures)}
+        arec = {"id": aid, "ids": ids, "figures": len(art.figures)}
         rec["articles"].append(arec)
-        if aid in ids_here:  # the same article again in this package (an articleset repeating it): the first copy
-            arec["repeat"] = True  # is used, this one counted here (the merge only counts its figures)
-            art_skips["duplicate_article"] += 1
-            fig_skips["duplicate_article"] += len(art.figures)
-            continue
-        ids_here.add(aid)
         if meta.get("is_retracted") is True:
+            # every copy of a retracted article is skipped as such (the merge also skips its copies in other
+            # packages, whatever their order: complete.json lists the identifiers of retracted articles)
             art_skips["retracted"] += 1
             fig_skips["retracted"] += len(art.figures)
             arec["retracted"] = True
+            ids_here.update(ids)
             continue
+        if not ids_here.isdisjoint(ids):  # the same article again in this package (an articleset repeating it,
+            arec["repeat"] = True  # by any identifier): the first copy is used, this one counted here (the merge
+            art_skips["duplicate_article"] += 1  # only counts its figures)
+            fig_skips["duplicate_article"] += len(art.figures)
+            ids_here.update(ids)
+            continue
+        ids_here.update(ids)
         used_keys: set[str] = set()
         for fi, fig in enumerate(art.figures):
             if not fig.graphics:
@@ -420,10 +459,18 @@ def _chunk_task_impl(args) -> tuple[int, int, dict]:
     for r in records:
         r["tokenizer"] = _WORKER_TOKENS[0]
     n = sum(len(r["samples"]) for r in records)
+    retracted = _retracted_ids(records)
     with StagingDir(staging, staging_storage_options) as st:
+        if retracted:  # before the chunk, whose existence says the chunk (and this list) is done
+            st.write(retracted_name(index), json.dumps({"ids": retracted}).encode())
         st.write(chunk_name(index), _encode_chunk(index, records))
     errors = [e for r in records for e in r.get("errors", ())]
-    return index, n, {"packages": len(packages), "errors": errors[:5]}
+    return index, n, {"packages": len(packages), "errors": errors[:5], "retracted": retracted}
+
+
+def _retracted_ids(records: list[dict]) -> list[str]:
+    """The identifiers of the articles that records flag as retracted (sorted, unique)."""
+    return sorted({i for r in records for a in r["articles"] if a.get("retracted") for i in a.get("ids", ())})
 
 
 def _worker_init(parent_pid: int) -> None:
@@ -596,9 +643,14 @@ def _stage(st: StagingDir, packages: list[Package], disc_skips: Counter, opts: B
     st.remove_partial()  # a killed run's half-written chunk
     cs = opts.chunk_size
     chunks = [packages[i : i + cs] for i in range(0, len(packages), cs)]
-    existing = st.chunk_names()
-    pending = [i for i in range(len(chunks)) if chunk_name(i).rsplit("/", 1)[-1] not in existing]
+    names = st.chunk_dir_names()
+    pending = [i for i in range(len(chunks)) if chunk_name(i).rsplit("/", 1)[-1] not in names]
     done_before = len(chunks) - len(pending)
+    retracted: set[str] = set()  # identifiers of retracted articles, of every chunk (complete.json "retracted")
+    waiting = set(pending)
+    for i in range(len(chunks)):
+        if i not in waiting and retracted_name(i).rsplit("/", 1)[-1] in names:  # a chunk a killed run finished
+            retracted.update(json.loads(st.read(retracted_name(i)))["ids"])
     location = st.url if st.remote else str(st.path)
     tasks = [(i, chunks[i], location, asdict(opts), storage_options, st.storage_options) for i in pending]
     workers = num_workers if num_workers is not None else (os.cpu_count() or 1)
@@ -616,6 +668,7 @@ def _stage(st: StagingDir, packages: list[Package], disc_skips: Counter, opts: B
         _i, n, info = result
         samples += n
         errors.extend(info["errors"])
+        retracted.update(info["retracted"])
         bar.set_postfix(pairs=samples)
         bar.update(info["packages"])
 
@@ -635,6 +688,6 @@ def _stage(st: StagingDir, packages: list[Package], disc_skips: Counter, opts: B
         "samples_staged_now": samples,
         "first_errors": errors[:20],
     }
-    complete = json.dumps({"chunks": len(chunks), **plan}, sort_keys=True).encode()
+    complete = json.dumps({"chunks": len(chunks), **plan, "retracted": sorted(retracted)}, sort_keys=True).encode()
     st.write("complete.json", complete)
     return summary

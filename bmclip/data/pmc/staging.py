@@ -185,14 +185,18 @@ class StagingDir:
         if self.path is not None:
             (self.path / "chunks").mkdir(parents=True, exist_ok=True)
 
-    def chunk_names(self) -> set[str]:
-        """The names of the complete chunk files (``chunk-NNNNNN.bin``)."""
+    def chunk_dir_names(self) -> set[str]:
+        """The names of the complete files in ``chunks/`` (chunks, and the retracted articles' lists of some)."""
         if self._store is not None:
             names = self._store.names("chunks")
         else:
             d = self.path / "chunks"
             names = {p.name for p in d.iterdir()} if d.is_dir() else set()
-        return {n for n in names if not _is_partial(n) and n.startswith("chunk-") and n.endswith(".bin")}
+        return {n for n in names if not _is_partial(n)}
+
+    def chunk_names(self) -> set[str]:
+        """The names of the complete chunk files (``chunk-NNNNNN.bin``)."""
+        return {n for n in self.chunk_dir_names() if n.startswith("chunk-") and n.endswith(".bin")}
 
     def remove_partial(self) -> None:
         """Delete the temporary files/objects that an interrupted write of a chunk or plan left."""

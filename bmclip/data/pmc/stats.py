@@ -127,7 +127,9 @@ class BuildStats:
             "pairs": {s: self.pairs[s] for s in SPLITS},
             "pairs_total": sum(self.pairs.values()),
             "articles_per_split": {s: self.articles_per_split[s] for s in SPLITS},
-            "skips": {level: dict(sorted(self.skips[level].items())) for level in ("figure", "article", "package")},
+            # (a count moved to another reason by the merge can leave a 0: not a reason that occurred)
+            "skips": {level: {k: n for k, n in sorted(self.skips[level].items()) if n}
+                      for level in ("figure", "article", "package")},
             "licenses": dict(sorted(self.licences.items(), key=lambda kv: (-kv[1], kv[0]))),
             "caption_tokens": {
                 "tokenizer": self.tokenizer or "(no captions)",
