@@ -66,8 +66,9 @@ MEASURED_SAMPLES_PER_S = 45.0
 SIZES = {
     # The README's command: ~3.5 min of training + ~1 min of corpus, shards and evaluation on 2 busy cores.
     "small": DemoSize(articles=400, steps=300, batch_size=32, max_train_seconds=1800.0),
-    # The test suite's.
-    "ci": DemoSize(articles=70, steps=180, batch_size=32, max_train_seconds=900.0),
+    # The test suite's. 70 articles (~130 training pairs) left the held-out zero-shot accuracy at the mercy of the
+    # split (0.24 to 0.78 over splits of one corpus, 2026-12-03); with 100 it measured 0.47-0.56 over seeds 0-2.
+    "ci": DemoSize(articles=100, steps=180, batch_size=32, max_train_seconds=900.0),
 }
 
 
