@@ -379,13 +379,14 @@ def _convert_in(sd: dict[str, Any], cfg) -> dict[str, Any]:
     return out
 
 
-def load_open_clip(path: str | os.PathLike):
+def load_open_clip(path: str | os.PathLike, map_location: Any = "cpu"):
     """Load open_clip BiomedCLIP weights (folder with open_clip_pytorch_model.bin + open_clip_config.json,
     or the .bin itself) into a native ``BiomedCLIP`` (eval mode) with identical encode_image/encode_text
     outputs. Tolerates BERT pooler weights and position_ids buffers; any other unknown or missing key
-    raises CheckpointError naming it, a bad or unsupported config value ConfigError naming the file and key."""
+    raises CheckpointError naming it, a bad or unsupported config value ConfigError naming the file and key.
+    ``map_location``: where the weights go, as for ``torch.load`` (also for a ``.safetensors`` weights file)."""
     weights, cfg_path = _locate(path)
-    sd = load_state_dict(weights)
+    sd = load_state_dict(weights, map_location)
     oc = _read_config(cfg_path)
     try:
         cfg = config_from_open_clip(sd, oc)

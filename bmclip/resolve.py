@@ -11,12 +11,16 @@ A model argument may be:
   BiomedCLIP) or its weights file, loaded by ``bmclip.interop.load_open_clip``.
 
 A folder's ``vocab.txt`` (a training checkpoint holds its tokenizer; so may an open_clip folder or the
-folder of a model file) is reported as ``tokenizer_dir``. Anything else is a CheckpointError naming the
-path and what was expected.
+folder of a model file) is reported as ``tokenizer_dir``; ``resolve_model`` also reads that tokenizer while it
+loads the weights (``ModelSource.tokenizer``), so the two come from the same checkpoint even when a running
+training prunes it right after. A run dir whose newest checkpoint disappears (pruned) or stops being valid
+while it is being read is located again (``RUN_DIR_ATTEMPTS`` times at most). Anything else is a
+CheckpointError naming the path and what was expected.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from dataclasses import dataclass
@@ -25,13 +29,17 @@ from typing import Any
 
 import torch
 
-from bmclip.errors import CheckpointError
+from bmclip.errors import CheckpointError, ConfigError
 from bmclip.interop import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME, load_open_clip
 from bmclip.io.checkpoint_dir import MODEL_FILE, is_valid, latest_valid, list_checkpoints, verify_files
 from bmclip.model.clip import BiomedCLIP
 from bmclip.model.file import load_model
+from bmclip.tokenizer import CONFIG_NAME as TOKENIZER_CONFIG_NAME
+from bmclip.tokenizer import Tokenizer
 
-__all__ = ["ModelSource", "ResolvedModel", "load_weights_into", "locate_model", "resolve_model"]
+__all__ = ["ModelSource", "ResolvedModel", "load_weights_into", "locate_model", "model_input_paths", "resolve_model"]
+
+RUN_DIR_ATTEMPTS = 5  # how often resolve_model locates a run dir's newest checkpoint when the chosen one vanishes
 
 _EXPECTED = (
     "expected a model file (.pt/.safetensors from bmclip train or bmclip convert), a training checkpoint dir "
@@ -48,6 +56,9 @@ class ModelSource:
     path: Path  # the file that is read (model file, model.pt), or the open_clip folder / weights file
     tokenizer_dir: Path | None  # a folder with the vocab.txt shipped with the model, if any
     description: str  # one line for logs and reports, e.g. "checkpoint OUT/checkpoints/step_00000100 (step 100)"
+    # The tokenizer in tokenizer_dir, read by resolve_model together with the weights (at the model's context
+    # length); None from locate_model, when there is none, or when it could not be read (using it reports why).
+    tokenizer: Tokenizer | None = dataclasses.field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True)
@@ -64,6 +75,11 @@ class ResolvedModel:
     @property
     def tokenizer_dir(self) -> Path | None:
         return self.source.tokenizer_dir
+
+    @property
+    def tokenizer(self) -> Tokenizer | None:
+        """The tokenizer shipped with the model (read from ``tokenizer_dir`` while the model was loaded), or None."""
+        return self.source.tokenizer
 
 
 def _vocab_dir(folder: Path) -> Path | None:
@@ -93,6 +109,56 @@ def _is_open_clip_dir(p: Path) -> bool:
     return any((p / n).is_file() for n in (CONFIG_NAME, WEIGHTS_NAME, SAFETENSORS_WEIGHTS_NAME))
 
 
+def _is_run_dir(p: Path) -> bool:
+    """Whether the existing folder ``p`` is read as a run dir (or a run's checkpoints dir): its newest valid
+    checkpoint, which a running training may prune at any moment."""
+    return p.is_dir() and not _is_open_clip_dir(p) and not (p / "meta.json").exists() and not (p / MODEL_FILE).is_file()
+
+
+def _newest_checkpoint(p: Path) -> Path | None:
+    for root in (p / "checkpoints", p):
+        latest = latest_valid(root)
+        if latest is not None:
+            return latest
+    return None
+
+
+def model_input_paths(path: str | os.PathLike) -> tuple[list[Path], list[Path]]:
+    """(folders, files) that reading the model argument ``path`` reads, or that decide what it means, as absolute
+    paths (symlinks both as given and resolved), without reading any model: a command that writes (``bmclip
+    convert``) must not write into one of the folders nor onto one of the files. The folders are an open_clip
+    folder (weights, config, vocab.txt), a checkpoint dir, or a whole run dir (any file written in it could change
+    which model it means, and the trainer prunes its checkpoints); for a model file, the file and the tokenizer
+    files beside it (its own folder is not part of the model)."""
+    p = Path(path)
+    folders: list[Path] = []
+    files: list[Path] = []
+    if p.is_file():
+        folder = p.parent
+        files.append(p)
+        in_checkpoint = p.name == MODEL_FILE and (folder / "meta.json").exists()
+        if p.name in (WEIGHTS_NAME, SAFETENSORS_WEIGHTS_NAME) or in_checkpoint:
+            folders.append(folder)  # an open_clip folder / a checkpoint dir
+        else:
+            files += [folder / "vocab.txt", folder / TOKENIZER_CONFIG_NAME]
+    elif p.is_dir() and not _is_open_clip_dir(p) and not (p / "meta.json").exists() and (p / MODEL_FILE).is_file():
+        files += [p / MODEL_FILE, p / "vocab.txt", p / TOKENIZER_CONFIG_NAME]
+    elif p.is_dir():
+        folders.append(p)
+    else:
+        files.append(p)
+
+    def both(paths: list[Path]) -> list[Path]:
+        out: list[Path] = []
+        for q in paths:
+            for v in (Path(os.path.abspath(q)), q.resolve()):
+                if v not in out:
+                    out.append(v)
+        return out
+
+    return both(folders), both(files)
+
+
 def locate_model(path: str | os.PathLike) -> ModelSource:
     """Which file a model argument means (see the module docstring); CheckpointError when none fits."""
     p = Path(path)
@@ -113,10 +179,9 @@ def locate_model(path: str | os.PathLike) -> ModelSource:
         return _checkpoint(p)
     if (p / MODEL_FILE).is_file():
         return ModelSource("model file", p / MODEL_FILE, _vocab_dir(p), f"model file {p / MODEL_FILE}")
-    for root in (p / "checkpoints", p):
-        latest = latest_valid(root)
-        if latest is not None:
-            return _checkpoint(latest, f"newest valid checkpoint of run {p}:")
+    latest = _newest_checkpoint(p)
+    if latest is not None:
+        return _checkpoint(latest, f"newest valid checkpoint of run {p}:")
     partial = list_checkpoints(p / "checkpoints") + list_checkpoints(p)
     if partial:
         raise CheckpointError(f"{p}: none of its {len(partial)} checkpoint dir(s) is complete (newest "
@@ -124,14 +189,44 @@ def locate_model(path: str | os.PathLike) -> ModelSource:
     raise CheckpointError(f"{p}: no bmclip model found in this folder ({_EXPECTED})")
 
 
-def resolve_model(path: str | os.PathLike, map_location: Any = "cpu") -> ResolvedModel:
-    """Load the model a model argument means (see ``locate_model``) as a ``BiomedCLIP`` in eval mode."""
-    src = locate_model(path)
+def _load(src: ModelSource, map_location: Any, chosen: Path | None) -> ResolvedModel:
+    """The model of ``src`` with the tokenizer shipped beside it, read right after the weights. ``chosen``: the
+    checkpoint a run dir was resolved to; a tokenizer that cannot be read because that checkpoint is going away
+    raises (resolve_model then locates again), one that cannot be read otherwise is left to whoever uses it."""
     if src.kind == "open_clip":
-        model = load_open_clip(src.path)
+        model = load_open_clip(src.path, map_location)
     else:  # a checkpoint dir's model.pt was checked against its meta.json by locate_model
         model = load_model(src.path, map_location, verify=src.kind != "checkpoint")
-    return ResolvedModel(model.eval(), src)
+    tok = None
+    if src.tokenizer_dir is not None:
+        try:
+            tok = Tokenizer.from_vocab(src.tokenizer_dir, context_length=int(model.config.text.context_length))
+        except ConfigError:
+            if chosen is not None and not is_valid(chosen):
+                raise
+    return ResolvedModel(model.eval(), dataclasses.replace(src, tokenizer=tok))
+
+
+def resolve_model(path: str | os.PathLike, map_location: Any = "cpu") -> ResolvedModel:
+    """Load the model a model argument means (see ``locate_model``) as a ``BiomedCLIP`` in eval mode, with the
+    tokenizer shipped with it (``ResolvedModel.tokenizer``). ``map_location`` as for ``torch.load``, on every route
+    (model files of either format, checkpoints, open_clip folders).
+
+    A run dir means its newest valid checkpoint at the time it is read: when the checkpoint chosen disappears or
+    stops being valid while it is read (a running training pruning it after committing a newer one), the newest
+    is located again and read, ``RUN_DIR_ATTEMPTS`` times at most. An error on a checkpoint that is still there and
+    valid (damaged bytes) is raised at once."""
+    p = Path(path)
+    attempts = RUN_DIR_ATTEMPTS if _is_run_dir(p) else 1
+    for attempt in range(attempts):
+        chosen = _newest_checkpoint(p) if attempts > 1 else None
+        try:
+            src = locate_model(p) if chosen is None else _checkpoint(chosen, f"newest valid checkpoint of run {p}:")
+            return _load(src, map_location, chosen)
+        except (CheckpointError, ConfigError, OSError):
+            if chosen is None or attempt == attempts - 1 or is_valid(chosen):
+                raise
+    raise AssertionError("unreachable")
 
 
 def load_weights_into(model: torch.nn.Module, path: str | os.PathLike) -> ModelSource:

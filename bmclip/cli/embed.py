@@ -101,6 +101,27 @@ def embed(args) -> dict:
     return {"images": images, "captions": captions, "similarity": sim.cpu(), "probs": probs.cpu(), "model": model}
 
 
+def row_labels(paths) -> list[str]:
+    """A label per image path: the shortest path suffix (file name, then its folder, ...) that no other path in
+    ``paths`` ends with, so ``a/fig1.png`` and ``b/fig1.png`` are told apart (the same path twice gets one label)."""
+    parts = [Path(p).parts or (str(p),) for p in paths]
+    k = [1] * len(parts)
+    while True:
+        labels = [str(Path(*ps[-n:])) for ps, n in zip(parts, k)]
+        seen: dict[str, list[int]] = {}
+        for i, label in enumerate(labels):
+            seen.setdefault(label, []).append(i)
+        grown = False
+        for group in seen.values():
+            if len({parts[i] for i in group}) > 1:  # the same path twice is one image: no need to tell it apart
+                for i in group:
+                    if k[i] < len(parts[i]):
+                        k[i] += 1
+                        grown = True
+        if not grown:
+            return labels
+
+
 def print_matrix(res: dict) -> None:
     """Print the similarity and probability matrices with short row/column labels."""
     model = res["model"]
@@ -112,12 +133,13 @@ def print_matrix(res: dict) -> None:
     for j, c in enumerate(res["captions"]):
         print(f"  T{j}: {c[:100]}{'...' if len(c) > 100 else ''}")
     header = "".join(f"{f'T{j}':>9}" for j in range(len(res["captions"])))
+    labels = row_labels(res["images"])
+    width = max([26, *map(len, labels)])  # whole labels: a cut one could lose what tells two images apart
     for title, mat in (("cosine similarity", res["similarity"]), ("P(caption | image)", res["probs"])):
         print(f"{title}:")
-        print(f"{'':28}{header}")
-        for i, p in enumerate(res["images"]):
-            name = Path(p).name[:26]
-            print(f"  {name:26}" + "".join(f"{v:9.4f}" for v in mat[i].tolist()))
+        print(f"{'':{width + 2}}{header}")
+        for label, row in zip(labels, mat.tolist()):
+            print(f"  {label:{width}}" + "".join(f"{v:9.4f}" for v in row))
 
 
 def run(args: argparse.Namespace) -> int:

@@ -26,7 +26,7 @@ import torch
 from bmclip.errors import CheckpointError, ConfigError
 from bmclip.model import create_model, list_presets
 from bmclip.resolve import ModelSource, resolve_model
-from bmclip.tokenizer import get_tokenizer
+from bmclip.tokenizer import Tokenizer, get_tokenizer
 
 
 def _note(msg: str) -> None:
@@ -38,9 +38,16 @@ def model_tokenizer(model: Any, source: ModelSource | None, vocab: str | os.Path
     """The tokenizer for ``model`` loaded from ``source`` (None: a preset): ``vocab`` (a vocab.txt or a folder with
     one) when given, else the vocab.txt shipped with the model, else the bundled one. An open_clip folder with no
     vocab.txt is refused (its tokenizer is BiomedBERT's or another the folder does not name, never the bundled
-    one); for a model file or checkpoint without one, ``note`` says that the bundled tokenizer is used, since a
+    one); the shipped tokenizer is the one ``resolve_model`` read beside the weights (``source.tokenizer``) when it
+    did; for a model file or checkpoint without one, ``note`` says that the bundled tokenizer is used, since a
     wrong tokenizer gives plausible-looking but meaningless scores. A tokenizer with more ids than the model's
     embedding table is refused."""
+    ctx = int(model.config.text.context_length)
+    shipped = getattr(source, "tokenizer", None) if vocab is None else None
+    if shipped is not None:
+        # read by resolve_model beside the weights (the checkpoint may be gone by now: a pruned run dir checkpoint)
+        tok = shipped if shipped.context_length == ctx else Tokenizer(shipped.vocab, ctx, clean=shipped.clean)
+        return _check_fits(tok, model)
     if vocab is None and source is not None:
         vocab = source.tokenizer_dir
         if vocab is None:
@@ -50,7 +57,10 @@ def model_tokenizer(model: Any, source: ModelSource | None, vocab: str | os.Path
                                   "(e.g. BiomedBERT's vocab.txt)")
             note(f"{source.description} ships no vocab.txt (none beside it in {folder}): using the bundled "
                  "tokenizer; if the model was trained with another, put its vocab.txt there (or pass --vocab)")
-    tok = get_tokenizer(vocab, context_length=int(model.config.text.context_length))
+    return _check_fits(get_tokenizer(vocab, context_length=ctx), model)
+
+
+def _check_fits(tok, model):
     if tok.vocab_size > model.config.text.vocab_size:
         raise ConfigError(
             f"tokenizer has {tok.vocab_size} ids but the model's text.vocab_size is {model.config.text.vocab_size}")

@@ -29,7 +29,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file as _st_load_file
 from safetensors.torch import save as _st_save
 
-from bmclip.errors import CheckpointError
+from bmclip.errors import CheckpointError, ConfigError
 from bmclip.io.atomic import Crc32, atomic_torch_save, atomic_writer
 from bmclip.io.checkpoint_dir import check_beside, file_crc32
 
@@ -74,6 +74,7 @@ def safe_torch_load(path: str | os.PathLike, map_location: Any = "cpu", *, verif
     if not (head.startswith(b"PK\x03\x04") or head.startswith(b"\x80")):
         raise CheckpointError(f"cannot read checkpoint {path}: not a torch file (neither the zip archive torch.save "
                               f"writes nor a pickle; it starts with {head!r})")
+    _restore_location(map_location)  # a bad argument is refused here, not reported as a damaged file
     if not (verify and head.startswith(b"PK\x03\x04")):
         return _torch_load(path, map_location)
     return _load_checked(path, lambda: _torch_load(path, map_location), _zip_crc_damage)
@@ -156,14 +157,69 @@ def _clean_state_dict(sd: Any, path: Path) -> dict[str, torch.Tensor]:
     return sd
 
 
+def _restore_location(map_location: Any) -> Any:
+    """``map_location`` as torch.load reads it, for tensors whose saved location is ``"cpu"`` (safetensors records
+    no device: every tensor loads on the CPU first): None (leave them there), a ``torch.device``, or a callable
+    ``(storage, "cpu") -> storage | None``. ConfigError for a form torch.load does not take (a bad argument, not a
+    bad file)."""
+    if map_location is None:
+        return None
+    if isinstance(map_location, dict):  # {saved location: new location}; a safetensors tensor's is "cpu"
+        target = map_location.get("cpu", "cpu")
+        if not isinstance(target, str):
+            raise ConfigError(f"map_location={map_location!r}: the location {target!r} it maps 'cpu' to is not a "
+                              "device name (str)")
+        return _restore_location(target)
+    if isinstance(map_location, (str, bytes, torch.device)):
+        name = map_location.decode() if isinstance(map_location, bytes) else map_location
+        try:
+            return torch.device(name)
+        except (RuntimeError, ValueError, TypeError) as e:
+            raise ConfigError(f"map_location={map_location!r} is not a device: {str(e).splitlines()[0]}") from None
+    if callable(map_location):
+        return map_location
+    raise ConfigError(f"map_location={map_location!r}: expected what torch.load takes (a device name, a "
+                      f"torch.device, a dict of locations or a callable), not a {type(map_location).__name__}")
+
+
+def _map_tensors(sd: dict[str, torch.Tensor], map_location: Any) -> dict[str, torch.Tensor]:
+    """Apply ``map_location`` (see :func:`_restore_location`) to CPU tensors as torch.load would: a device moves
+    every tensor there; a callable is given each tensor's storage with the location ``"cpu"`` and returns the
+    storage to use (None: keep it on the CPU)."""
+    restore = _restore_location(map_location)
+    if restore is None or (isinstance(restore, torch.device) and restore.type == "cpu"):
+        return sd
+    try:
+        if isinstance(restore, torch.device):
+            return {k: v.to(restore) for k, v in sd.items()}
+        out = {}
+        for k, v in sd.items():
+            got = restore(v.untyped_storage(), "cpu")
+            if got is None:
+                out[k] = v
+                continue
+            if isinstance(got, torch.TypedStorage):
+                got = got.untyped()
+            if not isinstance(got, torch.UntypedStorage):
+                raise ConfigError(f"map_location={map_location!r} returned a {type(got).__name__}, not a storage")
+            out[k] = torch.empty(0, dtype=v.dtype, device=got.device).set_(got, v.storage_offset(), v.size(),
+                                                                            v.stride())
+        return out
+    except (RuntimeError, AssertionError) as e:  # e.g. a CUDA device on a machine without one
+        raise ConfigError(f"map_location={map_location!r}: cannot put the tensors there: "
+                          f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}") from None
+
+
 def _load_safetensors(path: Path, map_location: Any, verify: bool = True) -> dict[str, torch.Tensor]:
+    _restore_location(map_location)  # a bad argument is refused before the file is read, and never blames it
+
     def load() -> dict[str, torch.Tensor]:
         try:
-            return _st_load_file(str(path), device=str(map_location))
+            return _st_load_file(str(path), device="cpu")
         except Exception as e:  # safetensors raises its own SafetensorError for bad headers
             raise CheckpointError(f"cannot read safetensors file {path}: {e}") from None
 
-    return _load_checked(path, load, _safetensors_damage) if verify else load()
+    return _map_tensors(_load_checked(path, load, _safetensors_damage) if verify else load(), map_location)
 
 
 def _safetensors_header(path: Path) -> tuple[int, dict]:
@@ -217,6 +273,14 @@ def load_state_dict(path: str | os.PathLike, map_location: Any = "cpu") -> dict[
     return _clean_state_dict(sd, path)
 
 
+def _check_has_data(sd: dict[str, Any], path: Path) -> None:
+    """A meta-device tensor has a shape but no values: refuse it before anything is written."""
+    meta = next((k for k, v in sd.items() if isinstance(v, torch.Tensor) and v.is_meta), None)
+    if meta is not None:
+        raise ConfigError(f"cannot write {path}: {meta!r} is on the meta device (a shape without values): load or "
+                          "initialise the weights before saving them")
+
+
 def _cpu_copy(sd: dict[str, Any]) -> dict[str, Any]:
     return {k: v.detach().cpu() if isinstance(v, torch.Tensor) else v for k, v in sd.items()}
 
@@ -243,6 +307,7 @@ def _write_safetensors(sd: dict[str, Any], path: Path, metadata: dict[str, str] 
 def save_state_dict(sd: dict[str, Any], path: str | os.PathLike) -> None:
     """Atomically write a state dict {name: Tensor} (.safetensors by suffix, else torch.save format)."""
     path = Path(path)
+    _check_has_data(sd, path)
     if _is_safetensors(path):
         _write_safetensors(sd, path)
     else:
@@ -259,6 +324,7 @@ def save_model_file(state_dict: dict[str, Any], model_config: dict[str, Any], pa
     path = Path(path)
     if not isinstance(model_config, dict):
         raise TypeError(f"model_config must be a dict (ModelConfig.to_dict()), got {type(model_config).__name__}")
+    _check_has_data(state_dict, path)
     if _is_safetensors(path):
         meta = {SAFETENSORS_CONFIG_KEY: json.dumps(model_config)}
         return _write_safetensors(state_dict, path, meta, crc=crc)
