@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_open_clip_interop import _tiny_open_clip_config
 
 from bmclip import interop
 from bmclip.cli import main
@@ -23,7 +24,7 @@ from bmclip.interop import (
     open_clip_state_dict,
 )
 from bmclip.io.model_file import read_model_file, save_model, save_state_dict
-from bmclip.model import IMAGE_MEAN, IMAGE_STD, create_model
+from bmclip.model import create_model
 from bmclip.tokenizer import SPECIAL_TOKENS, Tokenizer, bundled_vocab_path, get_tokenizer
 from bmclip.train.checkpoint import CheckpointWriter
 
@@ -208,22 +209,6 @@ def test_a_model_file_that_cannot_be_written_leaves_no_tokenizer_behind(tmp_path
     monkeypatch.setattr(model_file, "atomic_torch_save", fail)
     assert main(["convert", "--from-open-clip", str(oc), "--out", str(tmp_path / "out" / "m.pt")]) == 1
     assert list((tmp_path / "out").iterdir()) == []
-
-
-def _tiny_open_clip_config(model):
-    """open_clip_config.json of a tiny model (no timm twin: its head counts come from the bmclip section)."""
-    return {
-        "model_cfg": {
-            "embed_dim": model.config.embed_dim,
-            "vision_cfg": {"timm_model_name": "vit_tiny_custom", "timm_model_pretrained": False, "timm_pool": "",
-                           "timm_proj": "linear", "image_size": model.config.vision.image_size},
-            "text_cfg": {"hf_model_name": BIOMEDBERT, "hf_tokenizer_name": BIOMEDBERT, "hf_proj_type": "mlp",
-                         "hf_pooler_type": "cls_last_hidden_state_pooler",
-                         "context_length": model.config.text.context_length},
-        },
-        "preprocess_cfg": {"mean": list(IMAGE_MEAN), "std": list(IMAGE_STD)},
-        "bmclip": {"model_config": model.config.to_dict()},
-    }
 
 
 @pytest.fixture
