@@ -120,7 +120,13 @@ def make_packages(dst: Path, repeat: int, hires: bool = False) -> list[Path]:
             with tarfile.open(fileobj=buf, mode="w") as tf:
                 for name, data in files:
                     if name.endswith("xml"):
+                        # a distinct article by every identifier: the builder takes copies sharing a DOI or a
+                        # PMID for one article (a PMC and a publisher copy) and keeps the first
                         data = re.sub(rb'(pub-id-type="pmc">)\d+<', rb"\g<1>" + new[3:].encode() + b"<", data)
+                        data = re.sub(rb'(pub-id-type="doi">)([^<]+)<', rb"\g<1>\g<2>.r" + str(r).encode() + b"<",
+                                      data)
+                        data = re.sub(rb'(pub-id-type="pmid">)(\d+)<', rb"\g<1>\g<2>0" + str(r).encode() + b"<",
+                                      data)
                     ti = tarfile.TarInfo(f"{new}/{name}")
                     ti.size = len(data)
                     tf.addfile(ti, io.BytesIO(data))
