@@ -96,7 +96,10 @@ def build_open_clip(mcfg, timm_model: str | None = None):
                                    num_hidden_layers=mcfg.text.layers, num_attention_heads=mcfg.text.heads,
                                    intermediate_size=mcfg.text.mlp_dim, max_position_embeddings=mcfg.text.max_positions,
                                    type_vocab_size=mcfg.text.type_vocab_size, layer_norm_eps=mcfg.text.ln_eps,
-                                   pad_token_id=0)
+                                   pad_token_id=0,
+                                   # the same work as bmclip's tower: its dropout, and no attention dropout (HF's
+                                   # defaults of 0.1 each gave the baseline 12 layers of dropout bmclip does not run)
+                                   hidden_dropout_prob=mcfg.text.dropout, attention_probs_dropout_prob=0.0)
     name = "microsoft/BiomedNLP-BiomedBERT-base-uncased-abstract"
     cfg = {
         "embed_dim": mcfg.embed_dim,

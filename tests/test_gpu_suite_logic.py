@@ -262,6 +262,9 @@ def test_open_clip_baseline_checkpointing_is_what_the_row_says():
     bt = _load("bench_train")
     cfg = get_preset("tiny")
     oc = bt.build_open_clip(cfg, timm_model="vit_tiny_patch16_224")  # small towers, same classes as the real one
+    # the same work as bmclip's text tower: its dropout, no attention dropout (HF's defaults are 0.1 each)
+    bert = oc.text.transformer.config
+    assert (bert.hidden_dropout_prob, bert.attention_probs_dropout_prob) == (cfg.text.dropout, 0.0)
     assert bt.set_checkpointing(oc, False) == {"visual": False, "text": False}
     assert bt.set_checkpointing(oc, True) == {"visual": True, "text": True}
     oc = bt.build_open_clip(cfg, timm_model="vit_tiny_patch16_224")
