@@ -20,7 +20,7 @@ import queue
 import sys
 import threading
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import torch
@@ -29,7 +29,8 @@ from bmclip.data.cursor import SHARD_REASONS, EmptySplitEpoch
 from bmclip.data.dali import random_resized_crop_windows
 from bmclip.errors import DataError
 
-__all__ = ["DaliShardSource", "MAX_EMPTY_EPOCHS", "ShardSource", "SyntheticSource", "synthetic_eval_set"]
+__all__ = ["DaliShardSource", "MAX_EMPTY_EPOCHS", "ShardSource", "SyntheticSource", "synthetic_eval_batches",
+           "synthetic_eval_set"]
 
 # Epochs in a row that may hold no batch for this rank before the training source gives up (ShardSource)
 MAX_EMPTY_EPOCHS = 8
@@ -126,10 +127,23 @@ class SyntheticSource:
 
 def synthetic_eval_set(n: int, image_size: int, context_length: int, seed: int) -> dict:
     """A fixed held-out synthetic set: {"image": uint8 (n,S,S,3), "input_ids": (n,L)}."""
+    image, ids = _synthetic_pairs(synthetic_attributes(n, seed), np.arange(n), image_size, context_length, seed)
+    return {"image": image, "input_ids": ids}
+
+
+def synthetic_eval_batches(n: int, batch_size: int, image_size: int, context_length: int,
+                           seed: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The pairs of ``synthetic_eval_set(n, ...)`` as (image, input_ids) batches of ``batch_size``, each generated
+    when it is asked for (n images are never held at once)."""
     attrs = synthetic_attributes(n, seed)
-    idx = np.arange(n)
-    return {"image": torch.from_numpy(synthetic_images(attrs, idx, image_size, seed)),
-            "input_ids": synthetic_input_ids(attrs, idx, context_length)}
+    for i in range(0, n, batch_size):
+        yield _synthetic_pairs(attrs, np.arange(i, min(i + batch_size, n)), image_size, context_length, seed)
+
+
+def _synthetic_pairs(attrs, idx: np.ndarray, image_size: int, context_length: int,
+                     seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.from_numpy(synthetic_images(attrs, idx, image_size, seed)), synthetic_input_ids(attrs, idx,
+                                                                                                 context_length)
 
 
 class ShardSource:

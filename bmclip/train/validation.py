@@ -12,12 +12,11 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterator
 
-import numpy as np
 import torch
 
 from bmclip.data.loader import ShardLoader
 from bmclip.data.normalize import normalize_images
-from bmclip.data.sources import synthetic_attributes, synthetic_images, synthetic_input_ids
+from bmclip.data.sources import synthetic_eval_batches
 from bmclip.eval.retrieval import retrieval_metrics
 from bmclip.train.distributed import DistInfo, barrier
 
@@ -46,14 +45,8 @@ def val_batches(data, seed: int, image_size: int, context_length: int, tokenizer
     """Held-out (image uint8, input_ids) batches of the ``data`` config section (the same every call)."""
     n_max = data.val_max_samples
     if data.synthetic:
-        # all data.val_max_samples pairs of the held-out set, drawn one batch at a time (the batches of
-        # synthetic_eval_set(n_max, ...), without holding n_max images in memory)
-        val_seed = seed + 1000
-        attrs = synthetic_attributes(n_max, val_seed)
-        for i in range(0, n_max, VAL_BATCH):
-            idx = np.arange(i, min(i + VAL_BATCH, n_max))
-            yield (torch.from_numpy(synthetic_images(attrs, idx, image_size, val_seed)),
-                   synthetic_input_ids(attrs, idx, context_length))
+        # all data.val_max_samples pairs of the held-out set, one batch at a time
+        yield from synthetic_eval_batches(n_max, VAL_BATCH, image_size, context_length, seed + 1000)
         return
     loader = ShardLoader(data.val, batch_size=VAL_BATCH, image_size=image_size, num_threads=data.num_threads,
                          augment="center", shuffle=False, resampled=False, drop_last=False, tokenizer=tokenizer,
