@@ -109,10 +109,19 @@ def _is_open_clip_dir(p: Path) -> bool:
     return any((p / n).is_file() for n in (CONFIG_NAME, WEIGHTS_NAME, SAFETENSORS_WEIGHTS_NAME))
 
 
+def _folder_kind(p: Path) -> str:
+    """How the folder ``p`` is read: "open_clip", "checkpoint", "model file" (a folder holding ``model.pt``), or
+    "run" (a run dir or a run's checkpoints dir: its newest valid checkpoint, which a running training may prune
+    at any moment)."""
+    if _is_open_clip_dir(p):
+        return "open_clip"
+    if (p / "meta.json").exists():
+        return "checkpoint"
+    return "model file" if (p / MODEL_FILE).is_file() else "run"
+
+
 def _is_run_dir(p: Path) -> bool:
-    """Whether the existing folder ``p`` is read as a run dir (or a run's checkpoints dir): its newest valid
-    checkpoint, which a running training may prune at any moment."""
-    return p.is_dir() and not _is_open_clip_dir(p) and not (p / "meta.json").exists() and not (p / MODEL_FILE).is_file()
+    return p.is_dir() and _folder_kind(p) == "run"
 
 
 def _newest_checkpoint(p: Path) -> Path | None:
@@ -141,7 +150,7 @@ def model_input_paths(path: str | os.PathLike) -> tuple[list[Path], list[Path]]:
             folders.append(folder)  # an open_clip folder / a checkpoint dir
         else:
             files += [folder / "vocab.txt", folder / TOKENIZER_CONFIG_NAME]
-    elif p.is_dir() and not _is_open_clip_dir(p) and not (p / "meta.json").exists() and (p / MODEL_FILE).is_file():
+    elif p.is_dir() and _folder_kind(p) == "model file":
         files += [p / MODEL_FILE, p / "vocab.txt", p / TOKENIZER_CONFIG_NAME]
     elif p.is_dir():
         folders.append(p)
@@ -173,11 +182,12 @@ def locate_model(path: str | os.PathLike) -> ModelSource:
         return ModelSource("model file", p, _vocab_dir(folder), f"model file {p}")
     if not p.is_dir():
         raise CheckpointError(f"{p} is neither a file nor a folder ({_EXPECTED})")
-    if _is_open_clip_dir(p):
+    kind = _folder_kind(p)
+    if kind == "open_clip":
         return ModelSource("open_clip", p, _vocab_dir(p), f"open_clip folder {p}")
-    if (p / "meta.json").exists():
+    if kind == "checkpoint":
         return _checkpoint(p)
-    if (p / MODEL_FILE).is_file():
+    if kind == "model file":
         return ModelSource("model file", p / MODEL_FILE, _vocab_dir(p), f"model file {p / MODEL_FILE}")
     latest = _newest_checkpoint(p)
     if latest is not None:
